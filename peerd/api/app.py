@@ -1,0 +1,141 @@
+"""Starlette application for the local API.
+
+Only `/health` is open; everything else needs `Authorization: Bearer <token>`, the
+token kept in the data dir (0600). Bad requests get a JSON error that says what to
+do; nothing a client sends can take the daemon down.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from peerd.node import Node
+
+OPEN_PATHS = {"/health"}
+SSE_KEEPALIVE_S = 15.0
+MAX_BODY_BYTES = 64 * 1024
+
+
+def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_}}, status_code=status)
+
+
+class BearerAuth:
+    """ASGI middleware: constant-time bearer token check on all but OPEN_PATHS."""
+
+    def __init__(self, app: ASGIApp, token: str, on_reject: Callable[[str], None]) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+            self.on_reject("missing token" if not header else "wrong token")
+            response = error(401, "missing or wrong bearer token; the CLI reads it from "
+                             "<data dir>/api_token", "authentication_error")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_app(node: Node, token: str) -> ASGIApp:
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True, "peer_id": node.peer_id, "name": node.name})
+
+    async def status(request: Request) -> Response:
+        return JSONResponse({**node.status(), "api": str(request.base_url).rstrip("/")})
+
+    async def peers(request: Request) -> Response:
+        return JSONResponse(node.peers())
+
+    async def ledger(request: Request) -> Response:
+        return JSONResponse(node.ledger_view())
+
+    async def metrics(request: Request) -> Response:
+        return Response(node.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def capabilities(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, Response):
+            return body
+        skills = body.get("skills") if isinstance(body, dict) else None
+        if (not isinstance(skills, list) or len(skills) > 64
+                or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in skills)):
+            return error(400, '"skills" must be a list of at most 64 non-empty strings '
+                         "of at most 200 characters")
+        entry = node.set_skills(skills)
+        return JSONResponse({"peer_id": node.peer_id, "seq": entry.seq,
+                             "skills": list(entry.skills)})
+
+    async def events(request: Request) -> Response:
+        try:
+            replay = max(0, min(256, int(request.query_params.get("replay", "0"))))
+        except ValueError:
+            return error(400, "replay must be an integer")
+        types = {t for t in request.query_params.get("types", "").split(",") if t}
+        return StreamingResponse(_sse(node, replay, types), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    app = Starlette(routes=[
+        Route("/health", health),
+        Route("/status", status),
+        Route("/peers", peers),
+        Route("/ledger", ledger),
+        Route("/metrics", metrics),
+        Route("/events", events),
+        Route("/capabilities", capabilities, methods=["POST"]),
+    ])
+
+    def on_reject(reason: str) -> None:
+        node.metrics.rejections.labels("api_unauthorized").inc()
+
+    return BearerAuth(app, token, on_reject)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            return error(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return error(400, f"request body is not valid JSON: {exc}")
+
+
+async def _sse(node: Node, replay: int, types: set[str]) -> AsyncIterator[str]:
+    yield ": peerd events\n\n"
+    async with node.events.subscribe(replay=replay) as stream:
+        iterator = stream.__aiter__()
+        while True:
+            event = None
+            with trio.move_on_after(SSE_KEEPALIVE_S):
+                event = await iterator.__anext__()
+            if event is None:
+                yield ": keep-alive\n\n"
+                continue
+            if types and event.type not in types:
+                continue
+            yield (f"id: {event.id}\nevent: {event.type}\n"
+                   f"data: {json.dumps(event.to_json(), separators=(',', ':'))}\n\n")
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]

@@ -1,0 +1,213 @@
+"""Settings: defaults < TOML config file < environment (PEERD_*) < command-line flags.
+
+Every value is validated once, here; a bad value raises `ConfigError` naming the
+setting and where it came from, and the CLI turns that into a one-line error with
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+DEFAULT_API = "127.0.0.1:4100"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value. `str(err)` is a complete one-line message."""
+
+    def __init__(self, setting: str, source: str, problem: str) -> None:
+        self.setting = setting
+        self.source = source
+        super().__init__(f"invalid {setting} ({source}): {problem}")
+
+
+def default_data_dir() -> Path:
+    home = os.environ.get("PEERD_HOME")
+    if home:
+        return Path(home).expanduser()
+    return Path.home() / ".local" / "share" / "peerd"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    data_dir: Path = field(default_factory=default_data_dir)
+    # libp2p listen addresses (TCP only: QUIC measured at ~2 MB/s in py-libp2p).
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    # Addresses to advertise instead of the listen addresses (e.g. behind a proxy/NAT).
+    announce: tuple[str, ...] = ()
+    # Peers to dial at start and to redial whenever we have no connections.
+    bootstrap: tuple[str, ...] = ()
+    # Local HTTP API as HOST:PORT; 127.0.0.1 unless the user says otherwise.
+    api: str = DEFAULT_API
+    # Human-readable name shown in tables; defaults to the short peer id.
+    name: str = ""
+    log_level: str = "info"
+    # Free-text agent skills advertised in the ledger.
+    skills: tuple[str, ...] = ()
+    # Ledger heartbeat: our entry is re-published every heartbeat; entries expire
+    # after ttl_heartbeats heartbeats without a refresh.
+    heartbeat_s: float = 10.0
+    ttl_heartbeats: int = 3
+    # Connectivity: keep at least this many peers connected, dialing ledger peers.
+    target_peers: int = 8
+
+    @property
+    def api_host(self) -> str:
+        return self.api.rsplit(":", 1)[0]
+
+    @property
+    def api_port(self) -> int:
+        return int(self.api.rsplit(":", 1)[1])
+
+    @property
+    def ttl_s(self) -> float:
+        return self.heartbeat_s * self.ttl_heartbeats
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a raw value (TOML, env string or flag) into the field's type."""
+    if name in _LIST_FIELDS:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(name, source, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    if name == "data_dir":
+        if not isinstance(value, str | Path) or not str(value):
+            raise ConfigError(name, source, f"expected a path, got {value!r}")
+        return Path(value).expanduser()
+    if name == "heartbeat_s":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, source, f"expected a number, got {value!r}") from None
+    if name in ("ttl_heartbeats", "target_peers"):
+        if isinstance(value, bool):
+            raise ConfigError(name, source, f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, source, f"expected an integer, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(name, source, f"expected a string, got {value!r}")
+    return value
+
+
+def _check(cfg: Config, sources: Mapping[str, str]) -> None:
+    def bad(name: str, problem: str) -> ConfigError:
+        return ConfigError(name, sources.get(name, "default"), problem)
+
+    for name in ("listen", "announce", "bootstrap"):
+        for addr in getattr(cfg, name):
+            try:
+                ma = multiaddr.Multiaddr(addr)
+            except Exception as exc:
+                raise bad(name, f"{addr!r} is not a multiaddr ({exc})") from None
+            protos = [p.name for p in ma.protocols()]
+            if "tcp" not in protos:
+                raise bad(name, f"{addr!r} has no /tcp/ part; peerd speaks TCP only")
+            if name == "bootstrap" and "p2p" not in protos:
+                raise bad(name, f"{addr!r} lacks /p2p/<peer id>; copy it from `peerd id`")
+    if not cfg.listen:
+        raise bad("listen", "at least one listen address is needed")
+    host, sep, port = cfg.api.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise bad("api", f"{cfg.api!r} is not HOST:PORT")
+    if cfg.log_level not in LOG_LEVELS:
+        raise bad("log_level", f"{cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if not 0.05 <= cfg.heartbeat_s <= 3600:
+        raise bad("heartbeat_s", f"{cfg.heartbeat_s} is outside 0.05..3600 seconds")
+    if not 1 <= cfg.ttl_heartbeats <= 100:
+        raise bad("ttl_heartbeats", f"{cfg.ttl_heartbeats} is outside 1..100")
+    if not 1 <= cfg.target_peers <= 1000:
+        raise bad("target_peers", f"{cfg.target_peers} is outside 1..1000")
+    if len(cfg.name) > 64:
+        raise bad("name", "longer than 64 characters")
+    if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):
+        raise bad("skills", "at most 64 skills of at most 200 characters each")
+
+
+def env_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """PEERD_<SETTING> variables (PEERD_HOME is the data dir)."""
+    out: dict[str, str] = {}
+    for name in _FIELDS:
+        key = "PEERD_" + name.upper()
+        if key in environ:
+            out[name] = environ[key]
+    if "PEERD_HOME" in environ and "data_dir" not in out:
+        out["data_dir"] = environ["PEERD_HOME"]
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("config", str(path), f"cannot read the file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("config", str(path), f"not valid TOML: {exc}") from None
+    # Accept both a flat file and one with a [peerd] table.
+    if isinstance(data.get("peerd"), dict):
+        data = data["peerd"]
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(unknown[0], str(path), f"unknown setting; known: {', '.join(_FIELDS)}")
+    return data
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve settings: flags > environment > TOML file > defaults.
+
+    `flags` holds only what the user actually passed (None values are ignored).
+    Without `config_file`, `<data dir>/config.toml` is read when it exists.
+    """
+    environ = os.environ if environ is None else environ
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+    env = env_settings(environ)
+
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file is None:
+        data_dir_guess = flags.get("data_dir") or env.get("data_dir") or default_data_dir()
+        candidate = Path(data_dir_guess).expanduser() / "config.toml"
+        if candidate.exists():
+            config_file = candidate
+    if config_file is not None:
+        layers.append((str(config_file), read_config_file(config_file)))
+    layers.append(("environment", {k: v for k, v in env.items()}))
+    layers.append(("flag", flags))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for source, layer in layers:
+        for name, raw in layer.items():
+            if name not in _FIELDS:
+                raise ConfigError(name, source, "unknown setting")
+            label = f"PEERD_{name.upper()}" if source == "environment" else source
+            if source == "flag":
+                label = "--" + name.replace("_", "-")
+            values[name] = _coerce(name, raw, label)
+            sources[name] = label
+    cfg = Config(**values)
+    _check(cfg, sources)
+    return cfg

@@ -1,0 +1,129 @@
+"""`peerd start`: bring a peer up in the foreground and take it down cleanly.
+
+Start-up checks what a user can get wrong (ports in use, unreadable key or
+database) before anything runs, and reports it in one line. SIGINT/SIGTERM close
+the API, leave gossip, flush the ledger and exit 0 within two seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+
+from peerd.api.app import create_app
+from peerd.api.server import ApiBindError, bind, serve
+from peerd.config import Config
+from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
+from peerd.ledger import LedgerStoreError
+from peerd.node import open_node
+
+log = logging.getLogger("peerd")
+
+RUNTIME_FILE = "daemon.json"
+SHUTDOWN_GRACE_S = 1.5
+
+
+class StartupError(RuntimeError):
+    """Something the user must fix before the peer can start; the message says what."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    if level != "debug":
+        # py-libp2p logs routine churn (failed dials, resets) at warning and above.
+        logging.getLogger("libp2p").setLevel(logging.ERROR)
+        logging.getLogger("multiaddr").setLevel(logging.ERROR)
+        logging.getLogger("async_service").setLevel(logging.ERROR)
+
+
+def check_listen_ports(listen: tuple[str, ...]) -> None:
+    for addr in listen:
+        ma = multiaddr.Multiaddr(addr)
+        port = int(ma.value_for_protocol("tcp"))
+        if port == 0:
+            continue
+        try:
+            ip = ma.value_for_protocol("ip4")
+            family = socket.AF_INET
+        except Exception:
+            ip = ma.value_for_protocol("ip6")
+            family = socket.AF_INET6
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((ip, port))
+            except OSError as exc:
+                raise StartupError(
+                    f"listen address {addr} is not available ({exc.strerror}); another peerd "
+                    "may be running — pass --listen /ip4/0.0.0.0/tcp/PORT with a free port"
+                ) from None
+
+
+def write_runtime_file(data_dir: Path, info: dict[str, Any]) -> None:
+    path = data_dir / RUNTIME_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)
+
+
+def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((data_dir / RUNTIME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run(config: Config, *, announce: Any = print) -> int:
+    """Run the daemon until a signal; returns the exit code."""
+    setup_logging(config.log_level)
+    try:
+        ensure_data_dir(config.data_dir)
+        key_pair = load_or_create_key(config.data_dir)
+        token = load_or_create_token(config.data_dir)
+        check_listen_ports(config.listen)
+        api_config, sockets = bind(config.api_host, config.api_port)
+    except (IdentityError, ApiBindError) as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        trio.run(_main, config, key_pair, token, api_config, sockets, announce)
+    except LedgerStoreError as exc:
+        raise StartupError(str(exc)) from None
+    finally:
+        (config.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+    return 0
+
+
+async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sockets: Any,
+                announce: Any) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_node(config, key_pair) as node:
+            shutdown = trio.Event()
+            api_url = f"http://{config.api_host}:{config.api_port}"
+            info = {"peer_id": node.peer_id, "name": node.name, "pid": os.getpid(),
+                    "api": api_url, "addrs": node.addrs(), "started_at": time.time()}
+            write_runtime_file(config.data_dir, info)
+            announce(info)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve, create_app(node, token), api_config, sockets,
+                                   shutdown)
+                async for signum in signals:
+                    log.info("%s received; shutting down", signal.Signals(signum).name)
+                    break
+                shutdown.set()
+                # Give the API a moment to finish in-flight responses, then stop everything.
+                nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S / 3
+    log.info("stopped")

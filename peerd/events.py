@@ -1,0 +1,81 @@
+"""In-process event bus behind `GET /events` (Server-Sent Events).
+
+Publishing never blocks the daemon: each subscriber has a bounded queue, and a
+subscriber that falls behind loses its oldest events (it is told how many). A short
+history lets a new subscriber see what just happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+HISTORY = 256
+SUBSCRIBER_QUEUE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    type: str  # e.g. "peer.connected", "ledger.accepted", "ledger.rejected"
+    ts: float
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "ts": self.ts, **self.data}
+
+
+class _Subscriber:
+    def __init__(self) -> None:
+        self.queue: deque[Event] = deque(maxlen=SUBSCRIBER_QUEUE)
+        self.dropped = 0
+        self.wakeup = trio.Event()
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._history: deque[Event] = deque(maxlen=HISTORY)
+        self._subscribers: set[_Subscriber] = set()
+
+    def publish(self, type: str, **data: Any) -> Event:
+        event = Event(next(self._ids), type, time.time(), data)
+        self._history.append(event)
+        for sub in self._subscribers:
+            if len(sub.queue) == sub.queue.maxlen:
+                sub.dropped += 1
+            sub.queue.append(event)
+            sub.wakeup.set()
+        return event
+
+    def recent(self, limit: int = HISTORY) -> list[Event]:
+        return list(self._history)[-limit:]
+
+    @asynccontextmanager
+    async def subscribe(self, replay: int = 0) -> AsyncIterator[AsyncIterator[Event]]:
+        """`async with bus.subscribe() as events: async for ev in events: ...`"""
+        sub = _Subscriber()
+        sub.queue.extend(self.recent(replay) if replay else [])
+        self._subscribers.add(sub)
+
+        async def stream() -> AsyncIterator[Event]:
+            while True:
+                while sub.queue:
+                    if sub.dropped:
+                        n, sub.dropped = sub.dropped, 0
+                        yield Event(0, "events.dropped", time.time(), {"count": n})
+                    yield sub.queue.popleft()
+                sub.wakeup = trio.Event()
+                await sub.wakeup.wait()
+
+        try:
+            yield stream()
+        finally:
+            self._subscribers.discard(sub)

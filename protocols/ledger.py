@@ -1,0 +1,110 @@
+"""The capability ledger on the wire (Symphony's signed capability ledger).
+
+A `LedgerEntry` describes one peer: where to reach it, its hardware, what models it
+serves, its skills and load. The peer signs the canonical msgpack bytes of the entry
+(`SignedEntry.body`) with its libp2p ed25519 key; whoever re-serves the entry re-sends
+those exact bytes, so any receiver can verify the originator's signature against the
+public key embedded in the peer id.
+
+Gossip topic `peerd/ledger/1` carries `SignedEntry` messages; a late joiner pulls a
+snapshot over the `/peerd/ledger-sync/1.0.0` stream protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from protocols.codec import Message
+from protocols.spec import RequestResponse
+
+TOPIC = "peerd/ledger/1"
+
+MAX_ENTRY_BYTES = 64 * 1024  # one signed entry; gossip RPCs are capped at 1 MiB
+MAX_SNAPSHOT_ENTRIES = 4096
+MAX_CLOCK_SKEW_S = 60.0  # a timestamp further in the future than this is refused
+MIN_TTL_S = 0.1
+MAX_TTL_S = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware(Message):
+    STRICT = False
+    device: str = "cpu"  # "cpu" | "cuda" | "mps"
+    memory_bytes: int = 0  # RAM (cpu) or accelerator memory available for work
+    cpu_count: int = 0
+    accelerator: str = ""  # e.g. "NVIDIA H100 80GB HBM3"; empty on CPU
+
+
+@dataclass(frozen=True, slots=True)
+class ModelServed(Message):
+    STRICT = False
+    model_id: str
+    layer_start: int
+    layer_end: int  # exclusive: the shard serves decoder layers [start, end)
+    dtype: str
+    tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Load(Message):
+    STRICT = False
+    sessions: int = 0
+    queue: int = 0
+    cpu_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry(Message):
+    """What a peer says about itself. Long-lived record: decodes tolerantly."""
+
+    KIND = "ledger.entry"
+    STRICT = False
+    peer_id: str
+    seq: int  # strictly increasing per peer; last writer wins
+    timestamp: float  # unix seconds when signed
+    ttl_s: float  # the entry is void after timestamp + ttl_s without a refresh
+    name: str = ""
+    addrs: tuple[str, ...] = ()
+    hardware: Hardware = field(default_factory=Hardware)
+    models: tuple[ModelServed, ...] = ()
+    skills: tuple[str, ...] = ()
+    load: Load = field(default_factory=Load)
+    # Observations this peer made of others: peer id -> score in [0, 1].
+    reputation: dict[str, float] = field(default_factory=dict)
+    software: str = ""
+
+    @property
+    def expires_at(self) -> float:
+        return self.timestamp + self.ttl_s
+
+
+@dataclass(frozen=True, slots=True)
+class SignedEntry(Message):
+    """An entry's canonical bytes and the originator's signature over them."""
+
+    KIND = "ledger.signed"
+    body: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRequest(Message):
+    KIND = "ledger.sync.req"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResponse(Message):
+    KIND = "ledger.sync.resp"
+    entries: tuple[SignedEntry, ...]
+
+
+SYNC = RequestResponse(
+    id="/peerd/ledger-sync/1.0.0",
+    request=SyncRequest,
+    response=SyncResponse,
+    max_request_bytes=1024,
+    max_response_bytes=MAX_SNAPSHOT_ENTRIES * MAX_ENTRY_BYTES // 16,  # 16 MiB
+    timeout_s=10.0,
+    max_concurrent=16,
+    max_concurrent_per_peer=2,
+)

@@ -82,6 +82,7 @@ class Node:
         self._removed: set[str] = set()
         self._synced_at: dict[str, float] = {}
         self._dial_backoff: dict[str, tuple[float, float]] = {}  # peer -> (next try, delay)
+        self._ping_streams: dict[str, Any] = {}
         self._publish_now = trio.Event()
         self._connected_peers: trio.MemorySendChannel[str]
         self._nursery: trio.Nursery | None = None
@@ -205,7 +206,7 @@ class Node:
 
     # ---- services ------------------------------------------------------------------
 
-    async def _run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             send, recv = trio.open_memory_channel[str](256)
@@ -386,29 +387,24 @@ class Node:
                     nursery.start_soon(self._probe_rtt, pid)
 
     async def _probe_rtt(self, pid: str) -> None:
-        """Round trip over libp2p's ping protocol on a fresh stream, in ms (EWMA)."""
-        payload = secrets.token_bytes(32)
+        """Round trip over libp2p's ping protocol, in ms (EWMA of the best of 3).
+
+        The probe stream stays open between probes (the remote idles it out after
+        10 s; we probe every 5 s), so a probe measures the link, not stream set-up.
+        """
         try:
             with trio.fail_after(PING_TIMEOUT_S):
-                stream = await self.host.new_stream(ID.from_base58(pid), [PING_PROTOCOL_ID])
-                try:
-                    best = float("inf")
-                    for _ in range(2):  # the first round trip may include a cold path
-                        t0 = time.perf_counter()
-                        await stream.write(payload)
-                        got = b""
-                        while len(got) < len(payload):
-                            chunk = await stream.read(len(payload) - len(got))
-                            if not chunk:
-                                raise WireError("ping stream closed")
-                            got += chunk
-                        best = min(best, (time.perf_counter() - t0) * 1000)
-                    if got != payload:
-                        raise WireError("ping payload mismatch")
-                finally:
-                    await stream.reset()
+                stream = self._ping_streams.get(pid)
+                if stream is None:
+                    stream = await self.host.new_stream(ID.from_base58(pid), [PING_PROTOCOL_ID])
+                    self._ping_streams[pid] = stream
+                best = min([await _ping_once(stream) for _ in range(3)])
         except Exception as exc:
             log.debug("RTT probe to %s failed: %r", pid, exc)
+            stream = self._ping_streams.pop(pid, None)
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.reset()
             return
         old = self.rtt_ms.get(pid)
         self.rtt_ms[pid] = best if old is None else 0.7 * old + 0.3 * best
@@ -444,6 +440,7 @@ class Node:
         self.metrics.connections.labels("disconnected").inc()
         self.metrics.peers.set(len(self.host.get_network().connections))
         self.rtt_ms.pop(pid, None)
+        self._ping_streams.pop(pid, None)
         self._synced_at.pop(pid, None)
         self.events.publish("peer.disconnected", peer_id=pid)
 
@@ -481,6 +478,21 @@ class _Notifee:
 
     async def listen_close(self, network: Any, maddr: Any) -> None:
         return None
+
+
+async def _ping_once(stream: Any) -> float:
+    payload = secrets.token_bytes(32)
+    t0 = time.perf_counter()
+    await stream.write(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = await stream.read(len(payload) - len(got))
+        if not chunk:
+            raise WireError("ping stream closed")
+        got += chunk
+    if got != payload:
+        raise WireError("ping payload mismatch")
+    return (time.perf_counter() - t0) * 1000
 
 
 def _capabilities_changed(old: LedgerEntry | None, new: LedgerEntry) -> bool:

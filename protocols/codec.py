@@ -56,7 +56,7 @@ class Message:
                 raise UnsupportedVersion(
                     f"{cls.KIND}: version {version} not supported (we speak {cls.VERSION})"
                 )
-        hints = _hints(cls)
+        hints = _hints(cls)  # type: ignore[arg-type]
         known = set(hints)
         if cls.STRICT:
             extra = set(obj) - known - {"t", "v"}

@@ -1,0 +1,148 @@
+"""Routing: the cheapest chain of shard peers covering all decoder layers.
+
+Pure functions over what the ledger says (who serves which layers, how fast) and
+what we measured (round-trip time to each peer). Petals' Dijkstra, Parallax's DP:
+
+    nodes  = layer boundaries 0..L
+    edge   = a peer serving [s, e) can run any [a, b) with s <= a < b <= e
+    cost   = rtt_ms(peer) + 1000 * (b - a) / layers_per_s(peer)
+
+where layers_per_s = advertised tokens/s x the span it advertised (a token through
+a span of k layers costs k layer-steps). A peer's RTT as the entry peer measured it
+stands in for the hop cost; the ledger does not carry the pairwise matrix.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+DEFAULT_MS_PER_LAYER = 2.0  # for a peer that has not measured its throughput yet
+DEFAULT_RTT_MS = 5.0  # for a peer we have not probed yet
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One peer's advertised span of one model."""
+
+    peer_id: str
+    start: int
+    end: int  # exclusive
+    tokens_per_s: float = 0.0
+    rtt_ms: float | None = None
+
+    def ms_per_layer(self) -> float:
+        if self.tokens_per_s <= 0 or not math.isfinite(self.tokens_per_s):
+            return DEFAULT_MS_PER_LAYER
+        return 1000.0 / (self.tokens_per_s * (self.end - self.start))
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    peer_id: str
+    start: int
+    end: int
+    cost_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    spans: tuple[Span, ...]
+    cost_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class NoRoute:
+    """The usable servers leave these layer ranges uncovered."""
+
+    missing: tuple[tuple[int, int], ...]
+
+    def describe(self) -> str:
+        return ", ".join(f"[{a}, {b})" for a, b in self.missing)
+
+
+def coverage_gaps(servers: Iterable[Server], num_layers: int) -> list[tuple[int, int]]:
+    covered = [False] * num_layers
+    for s in servers:
+        for i in range(max(0, s.start), min(num_layers, s.end)):
+            covered[i] = True
+    gaps: list[tuple[int, int]] = []
+    i = 0
+    while i < num_layers:
+        if covered[i]:
+            i += 1
+            continue
+        j = i
+        while j < num_layers and not covered[j]:
+            j += 1
+        gaps.append((i, j))
+        i = j
+    return gaps
+
+
+def find_route(servers: Iterable[Server], num_layers: int,
+               exclude: frozenset[str] = frozenset()) -> Route | NoRoute:
+    """Cheapest chain over [0, num_layers); deterministic on ties (by peer id)."""
+    usable = sorted((s for s in servers
+                     if s.peer_id not in exclude and 0 <= s.start < s.end <= num_layers),
+                    key=lambda s: (s.peer_id, s.start, s.end))
+    gaps = coverage_gaps(usable, num_layers)
+    if gaps:
+        return NoRoute(tuple(gaps))
+    boundaries = sorted({0, num_layers} | {b for s in usable for b in (s.start, s.end)})
+    best: dict[int, float] = {0: 0.0}
+    back: dict[int, tuple[int, Span]] = {}
+    heap: list[tuple[float, int]] = [(0.0, 0)]
+    while heap:
+        cost, at = heapq.heappop(heap)
+        if at == num_layers:
+            break
+        if cost > best.get(at, math.inf):
+            continue
+        for s in usable:
+            if not s.start <= at < s.end:
+                continue
+            rtt = DEFAULT_RTT_MS if s.rtt_ms is None else s.rtt_ms
+            for b in boundaries:
+                if at < b <= s.end:
+                    step = rtt + (b - at) * s.ms_per_layer()
+                    if cost + step < best.get(b, math.inf) - 1e-9:
+                        best[b] = cost + step
+                        back[b] = (at, Span(s.peer_id, at, b, step))
+                        heapq.heappush(heap, (cost + step, b))
+    spans: list[Span] = []
+    at = num_layers
+    while at != 0:
+        prev, span = back[at]
+        spans.append(span)
+        at = prev
+    spans.reverse()
+    return Route(tuple(spans), best[num_layers])
+
+
+@dataclass
+class BanList:
+    """Peers that failed recently, banned with exponential back-off (sans-I/O: the
+    caller passes the time)."""
+
+    base_s: float = 5.0
+    max_s: float = 300.0
+    _until: dict[str, float] = field(default_factory=dict)
+    _strikes: dict[str, int] = field(default_factory=dict)
+
+    def ban(self, peer_id: str, now: float) -> float:
+        strikes = self._strikes.get(peer_id, 0) + 1
+        self._strikes[peer_id] = strikes
+        duration = min(self.max_s, self.base_s * 2 ** (strikes - 1))
+        self._until[peer_id] = now + duration
+        return duration
+
+    def banned(self, now: float) -> frozenset[str]:
+        return frozenset(p for p, t in self._until.items() if t > now)
+
+    def forgive(self, peer_id: str) -> None:
+        """A peer that served well again starts from a clean slate."""
+        self._until.pop(peer_id, None)
+        self._strikes.pop(peer_id, None)

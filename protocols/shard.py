@@ -1,0 +1,148 @@
+"""The shard pipeline on the wire: `/peerd/shard/1.0.0`.
+
+A session is a chain of persistent streams: the entry peer (which holds the
+embeddings and lm_head) opens a stream to the first shard with OPEN; every shard
+opens the next hop's stream itself (the route travels in OPEN); the last shard
+returns hidden states straight to the entry peer over `/peerd/shard-return/1.0.0`.
+That is N+1 hops per step, not the 2N of a star.
+
+FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H]
+and `keep`: the KV length every shard truncates its cache to before appending.
+Speculative decoding rides its rollback on the next FORWARD this way, with no extra
+round trip. Tensors travel as raw little-endian bytes + dtype + shape, never pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from protocols.codec import Message
+from protocols.errors import WireError
+
+SHARD_PROTOCOL = "/peerd/shard/1.0.0"
+RETURN_PROTOCOL = "/peerd/shard-return/1.0.0"
+
+# One FORWARD frame: SmolLM2 hidden 576 x float32 x 2048 positions is 4.5 MiB; a
+# 4096-wide model prefilling 2048 positions in float16 is 16 MiB. Anything larger is
+# refused before it is read.
+MAX_FRAME_BYTES = 32 * 2**20
+MAX_CONTROL_BYTES = 64 * 1024
+MAX_ROUTE_HOPS = 64
+MAX_POSITIONS = 1 << 17
+OPEN_TIMEOUT_S = 30.0
+STEP_TIMEOUT_S = 60.0
+
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class WireTensor(Message):
+    """A dense tensor: row-major little-endian bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def check(self, *, rank: int | None = None) -> None:
+        """Raise WireError unless dtype, shape and byte length agree."""
+        if self.dtype not in DTYPES:
+            raise WireError(f"tensor dtype {self.dtype!r} not one of {sorted(DTYPES)}")
+        if rank is not None and len(self.shape) != rank:
+            raise WireError(f"tensor of rank {len(self.shape)}, expected {rank}")
+        if any(d < 0 for d in self.shape):
+            raise WireError(f"negative tensor dimension in {self.shape}")
+        expected = math.prod(self.shape) * DTYPES[self.dtype]
+        if expected != len(self.data):
+            raise WireError(f"tensor {self.dtype}{list(self.shape)} needs {expected} bytes, "
+                            f"got {len(self.data)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Hop(Message):
+    """One span of the route: `peer_id` runs decoder layers [start, end)."""
+
+    peer_id: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Open(Message):
+    KIND = "shard.open"
+    session: str  # chosen by the entry peer, unique per generation
+    model_id: str
+    route: tuple[Hop, ...]  # the whole chain, first hop first
+    hop: int  # index in `route` of the peer receiving this OPEN
+    entry_peer: str  # where the last hop returns hidden states
+    max_length: int  # positions the session may reach (KV cache budget)
+    dtype: str  # wire dtype of hidden states
+
+
+@dataclass(frozen=True, slots=True)
+class Opened(Message):
+    KIND = "shard.opened"
+    session: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forward(Message):
+    KIND = "shard.forward"
+    session: str
+    step: int  # increases by one per FORWARD in a session
+    start_pos: int
+    keep: int  # truncate KV to this length first; -1 = keep everything
+    hidden: WireTensor  # [1, T, H]
+
+
+@dataclass(frozen=True, slots=True)
+class HopTiming(Message):
+    peer_id: str
+    compute_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    """From the last hop to the entry peer."""
+
+    KIND = "shard.result"
+    session: str
+    step: int
+    hidden: WireTensor
+    timings: tuple[HopTiming, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(Message):
+    """A hop could not process `step` (or reach the next hop); sent to the entry peer."""
+
+    KIND = "shard.failed"
+    session: str
+    step: int
+    peer_id: str  # the peer at fault: the reporter itself, or its next hop
+    code: str  # "bad_request" | "unreachable" | "overloaded" | "internal" | ...
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Message):
+    KIND = "shard.close"
+    session: str
+
+
+def check_route(route: tuple[Hop, ...], num_layers: int) -> None:
+    """The route must cover [0, num_layers) with contiguous, non-empty spans."""
+    if not route:
+        raise WireError("empty route")
+    if len(route) > MAX_ROUTE_HOPS:
+        raise WireError(f"route of {len(route)} hops exceeds {MAX_ROUTE_HOPS}")
+    at = 0
+    for i, hop in enumerate(route):
+        if hop.start != at:
+            raise WireError(f"route hop {i} starts at layer {hop.start}, expected {at}: the "
+                            "route skips or repeats layers")
+        if hop.end <= hop.start:
+            raise WireError(f"route hop {i} has an empty span [{hop.start}, {hop.end})")
+        at = hop.end
+    if at != num_layers:
+        raise WireError(f"route ends at layer {at}, the model has {num_layers}")

@@ -1,0 +1,94 @@
+"""Routing and ban list: pure, no network."""
+
+from __future__ import annotations
+
+import pytest
+
+from peerd.inference.routing import BanList, NoRoute, Route, Server, coverage_gaps, find_route
+from protocols.errors import WireError
+from protocols.shard import Hop, check_route
+
+
+def route_of(result: Route | NoRoute) -> list[tuple[str, int, int]]:
+    assert isinstance(result, Route), result
+    return [(s.peer_id, s.start, s.end) for s in result.spans]
+
+
+def test_single_server_covers_everything() -> None:
+    assert route_of(find_route([Server("a", 0, 30)], 30)) == [("a", 0, 30)]
+
+
+def test_chain_of_three_stages() -> None:
+    servers = [Server("c", 20, 30), Server("a", 0, 10), Server("b", 10, 20)]
+    assert route_of(find_route(servers, 30)) == [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
+
+
+def test_fewer_hops_win_when_rtt_dominates() -> None:
+    servers = [Server("a", 0, 15, rtt_ms=20), Server("b", 15, 30, rtt_ms=20),
+               Server("full", 0, 30, rtt_ms=20)]
+    assert route_of(find_route(servers, 30)) == [("full", 0, 30)]
+
+
+def test_faster_replica_is_chosen() -> None:
+    servers = [Server("slow", 0, 10, tokens_per_s=5, rtt_ms=1),
+               Server("fast", 0, 10, tokens_per_s=500, rtt_ms=1)]
+    assert route_of(find_route(servers, 10)) == [("fast", 0, 10)]
+
+
+def test_nearer_replica_is_chosen() -> None:
+    servers = [Server("far", 0, 10, rtt_ms=50), Server("near", 0, 10, rtt_ms=2)]
+    assert route_of(find_route(servers, 10)) == [("near", 0, 10)]
+
+
+def test_overlapping_spans_are_cut_at_boundaries() -> None:
+    servers = [Server("a", 0, 20, rtt_ms=1), Server("b", 10, 30, rtt_ms=1)]
+    route = route_of(find_route(servers, 30))
+    assert route[0][0] == "a" and route[-1] == ("b", route[-1][1], 30)
+    assert route[0][2] == route[1][1]  # contiguous
+
+
+def test_ties_break_by_peer_id() -> None:
+    servers = [Server("z", 0, 10, rtt_ms=1), Server("m", 0, 10, rtt_ms=1)]
+    assert route_of(find_route(servers, 10)) == [("m", 0, 10)]
+
+
+def test_gap_reports_missing_ranges() -> None:
+    result = find_route([Server("a", 0, 10), Server("b", 20, 30)], 30)
+    assert isinstance(result, NoRoute)
+    assert result.missing == ((10, 20),)
+    assert result.describe() == "[10, 20)"
+
+
+def test_excluded_peer_reroutes_to_replica() -> None:
+    servers = [Server("a", 0, 15), Server("b", 15, 30, rtt_ms=1), Server("b2", 15, 30, rtt_ms=9)]
+    assert route_of(find_route(servers, 30, frozenset({"b"}))) == [("a", 0, 15), ("b2", 15, 30)]
+    assert isinstance(find_route(servers, 30, frozenset({"b", "b2"})), NoRoute)
+
+
+def test_coverage_gaps() -> None:
+    assert coverage_gaps([], 4) == [(0, 4)]
+    assert coverage_gaps([Server("a", 1, 2)], 4) == [(0, 1), (2, 4)]
+
+
+def test_ban_list_backs_off_exponentially() -> None:
+    bans = BanList(base_s=5, max_s=30)
+    assert bans.ban("p", now=0) == 5
+    assert bans.banned(4.9) == {"p"} and bans.banned(5.1) == frozenset()
+    assert bans.ban("p", now=10) == 10
+    assert bans.ban("p", now=20) == 20
+    assert bans.ban("p", now=40) == 30  # capped
+    bans.forgive("p")
+    assert bans.banned(41) == frozenset()
+    assert bans.ban("p", now=50) == 5
+
+
+def test_check_route_refuses_skips_and_overlaps() -> None:
+    check_route((Hop("a", 0, 2), Hop("b", 2, 4)), 4)
+    with pytest.raises(WireError, match="skips"):
+        check_route((Hop("a", 0, 2), Hop("b", 3, 4)), 4)
+    with pytest.raises(WireError, match="skips"):
+        check_route((Hop("a", 0, 3), Hop("b", 2, 4)), 4)
+    with pytest.raises(WireError, match="ends at layer"):
+        check_route((Hop("a", 0, 2),), 4)
+    with pytest.raises(WireError, match="empty"):
+        check_route((Hop("a", 0, 0), Hop("b", 0, 4)), 4)

@@ -117,8 +117,7 @@ class Client:
             r = httpx.request(method, self.api + path, headers=self._headers(), json=body,
                               timeout=10.0)
         except httpx.HTTPError as exc:
-            fail(f"no peerd daemon answers at {self.api} ({type(exc).__name__}); start one "
-                 "with `peerd start`, or point at it with --api/--data-dir")
+            self._unreachable(exc)
         if r.status_code == 401:
             fail(f"the daemon at {self.api} refused the token; pass --token or --data-dir "
                  "of that daemon")
@@ -130,6 +129,10 @@ class Client:
             fail(f"{method} {path} failed ({r.status_code}): {message}")
         return r.json()
 
+    def _unreachable(self, exc: Exception) -> NoReturn:
+        fail(f"no peerd daemon answers at {self.api} ({type(exc).__name__}); start one "
+             "with `peerd start`, or point at it with --api/--data-dir")
+
     def stream_events(self, types: str, replay: int) -> Iterator[dict[str, Any]]:
         params = {"replay": str(replay), **({"types": types} if types else {})}
         try:
@@ -140,6 +143,8 @@ class Client:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         yield json.loads(line[6:])
+        except httpx.ConnectError as exc:  # nothing listens: same advice as request()
+            self._unreachable(exc)
         except httpx.HTTPError as exc:
             fail(f"lost the event stream from {self.api} ({type(exc).__name__})")
 

@@ -91,12 +91,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(name, source, f"expected a path, got {value!r}")
         return Path(value).expanduser()
     if name == "heartbeat_s":
+        if isinstance(value, bool):  # float(True) would quietly mean 1 s
+            raise ConfigError(name, source, f"expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(name, source, f"expected a number, got {value!r}") from None
     if name in ("ttl_heartbeats", "target_peers"):
-        if isinstance(value, bool):
+        if isinstance(value, bool | float):  # int(2.5) would quietly truncate
             raise ConfigError(name, source, f"expected an integer, got {value!r}")
         try:
             return int(value)

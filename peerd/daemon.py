@@ -112,7 +112,9 @@ async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sock
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config, key_pair) as node:
             shutdown = trio.Event()
-            api_url = f"http://{config.api_host}:{config.api_port}"
+            # The bound port, not the configured one: `--api 127.0.0.1:0` picks a free port.
+            api_port = sockets.insecure_sockets[0].getsockname()[1]
+            api_url = f"http://{config.api_host}:{api_port}"
             info = {"peer_id": node.peer_id, "name": node.name, "pid": os.getpid(),
                     "api": api_url, "addrs": node.addrs(), "started_at": time.time()}
             write_runtime_file(config.data_dir, info)

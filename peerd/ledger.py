@@ -196,7 +196,11 @@ class LedgerStore:
         loaded = 0
         for peer_id, body, sig in rows:
             try:
-                ledger.offer(SignedEntry(body=bytes(body), sig=bytes(sig)), now)
+                # SQLite keeps whatever type was written; a hand-edited row may hold text.
+                if not isinstance(body, bytes) or not isinstance(sig, bytes):
+                    raise LedgerReject(f"stored row of {peer_id!r:.60} is not a signed entry",
+                                       reason="malformed")
+                ledger.offer(SignedEntry(body=body, sig=sig), now)
                 loaded += 1
             except LedgerReject as exc:
                 if on_reject is not None and exc.reason != "expired":

@@ -54,7 +54,7 @@ GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 LEDGER_DB = "ledger.sqlite"
 DIAL_TIMEOUT_S = 5.0
 PING_TIMEOUT_S = 3.0
-PING_INTERVAL_S = 5.0
+PING_INTERVAL_S = 8.0  # under the 10 s after which the remote idles a ping stream out
 SYNC_INTERVAL_S = 30.0  # don't re-pull a snapshot from the same peer more often
 MAX_DIAL_BACKOFF_S = 60.0
 
@@ -285,20 +285,28 @@ class Node:
     async def _flush_loop(self) -> None:
         while True:
             await trio.sleep(1.0)
-            await trio.to_thread.run_sync(self.flush)
+            if self._dirty or self._removed:
+                items, removed = self._take_changes()
+                await trio.to_thread.run_sync(self._write, items, removed)
 
-    def flush(self) -> None:
-        """Write changed entries to SQLite (also called once at shutdown)."""
+    def _take_changes(self) -> tuple[list[tuple[LedgerEntry, SignedEntry]], set[str]]:
+        """Changed entries since the last flush, collected on the event loop."""
         dirty, self._dirty = self._dirty, set()
         removed, self._removed = self._removed, set()
         items = []
         for pid in dirty:
-            entry = self.ledger.get(pid)
-            signed = self.ledger.signed(pid)
+            entry, signed = self.ledger.get(pid), self.ledger.signed(pid)
             if entry is not None and signed is not None:
                 items.append((entry, signed))
+        return items, removed
+
+    def _write(self, items: list[tuple[LedgerEntry, SignedEntry]], removed: set[str]) -> None:
         self.store.save(items)
         self.store.delete(removed)
+
+    def flush(self) -> None:
+        """Write changed entries to SQLite now (at shutdown)."""
+        self._write(*self._take_changes())
 
     # -- connectivity
 
@@ -495,6 +503,18 @@ async def _ping_once(stream: Any) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+def _guarded_stream_handler(inner: Any) -> Any:
+    async def handler(stream: Any) -> None:
+        try:
+            await inner(stream)
+        except Exception as exc:
+            log.debug("pubsub stream handler failed: %r", exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+    return handler
+
+
 def _capabilities_changed(old: LedgerEntry | None, new: LedgerEntry) -> bool:
     if old is None:
         return True
@@ -546,6 +566,11 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
         max_messages_per_topic_per_second=100.0,
     )
     pubsub = Pubsub(host, router, strict_signing=True)
+    # Pubsub's stream handler runs in the host's nursery and raises once the Pubsub
+    # service has stopped (a peer's RPC arriving during shutdown): guard it so it
+    # cannot end host.run() (LIBP2P_NOTES.md trap 1).
+    for proto in router.get_protocols():
+        host.set_stream_handler(proto, _guarded_stream_handler(pubsub.stream_handler))
     node = Node(config, key_pair, host, pubsub)
     node.store.load_into(node.ledger, time.time(),
                          on_reject=lambda reason: node.metrics.rejections.labels(reason).inc())

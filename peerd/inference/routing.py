@@ -135,7 +135,7 @@ class BanList:
     def ban(self, peer_id: str, now: float) -> float:
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
-        duration = min(self.max_s, self.base_s * 2 ** (strikes - 1))
+        duration = float(min(self.max_s, self.base_s * 2.0 ** (strikes - 1)))
         self._until[peer_id] = now + duration
         return duration
 

@@ -46,7 +46,15 @@ from peerd.rpc import call, stream_handler
 from protocols import ledger as wire
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
-from protocols.ledger import Hardware, LedgerEntry, Load, SignedEntry, SyncRequest, SyncResponse
+from protocols.ledger import (
+    Hardware,
+    LedgerEntry,
+    Load,
+    ModelServed,
+    SignedEntry,
+    SyncRequest,
+    SyncResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,8 @@ class Node:
         self.offences: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.rtt_ms: dict[str, float] = {}
         self._skills = tuple(config.skills)
+        self._models: tuple[ModelServed, ...] = ()
+        self._load = Load()
         self._seq = 0
         self._dirty: set[str] = set()
         self._removed: set[str] = set()
@@ -144,6 +154,21 @@ class Node:
         self._skills = tuple(skills)
         return self._refresh_own_entry()
 
+    def set_models(self, models: tuple[ModelServed, ...]) -> LedgerEntry:
+        """Change the model spans we advertise; gossiped at once."""
+        self._models = models
+        return self._refresh_own_entry()
+
+    def set_load(self, sessions: int, queue: int) -> None:
+        """Recorded for the next heartbeat (load changes too often to gossip each)."""
+        self._load = Load(sessions=sessions, queue=queue)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The node's own nursery: services attached to the node run their tasks here."""
+        assert self._nursery is not None, "node is not running"
+        return self._nursery
+
     def offence(self, peer: str, reason: str, detail: str) -> None:
         """Count input refused from `peer` (metrics, events, per-peer tally)."""
         self.offences[peer][reason] += 1
@@ -165,9 +190,9 @@ class Node:
             addrs=tuple(self.addrs()),
             hardware=Hardware(device="cpu", memory_bytes=int(vm.available),
                               cpu_count=os.cpu_count() or 0),
-            models=(),
+            models=self._models,
             skills=self._skills,
-            load=Load(sessions=0, queue=0, cpu_percent=psutil.cpu_percent(interval=None)),
+            load=replace(self._load, cpu_percent=psutil.cpu_percent(interval=None)),
             reputation={},
             software=f"peerd/{__version__}",
         )
@@ -406,7 +431,7 @@ class Node:
                 if stream is None:
                     stream = await self.host.new_stream(ID.from_base58(pid), [PING_PROTOCOL_ID])
                     self._ping_streams[pid] = stream
-                best = min([await _ping_once(stream) for _ in range(3)])
+                best = min([await ping_once(stream) for _ in range(3)])
         except Exception as exc:
             log.debug("RTT probe to %s failed: %r", pid, exc)
             stream = self._ping_streams.pop(pid, None)
@@ -488,7 +513,7 @@ class _Notifee:
         return None
 
 
-async def _ping_once(stream: Any) -> float:
+async def ping_once(stream: Any) -> float:
     payload = secrets.token_bytes(32)
     t0 = time.perf_counter()
     await stream.write(payload)

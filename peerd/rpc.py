@@ -67,7 +67,7 @@ def stream_handler(
     limiter = _PeerLimiter(spec.max_concurrent, spec.max_concurrent_per_peer)
 
     async def handler(stream: Any) -> None:
-        peer = _remote_peer(stream)
+        peer = remote_peer(stream)
         token = object()
         entered = False
         try:
@@ -97,7 +97,7 @@ def stream_handler(
         finally:
             if entered:
                 limiter.leave(peer, token)
-            await _close(stream)
+            await close_stream(stream)
 
     return handler
 
@@ -123,10 +123,10 @@ async def call(
                 raise RemoteError(reply.code, reply.message)
             return reply
         finally:
-            await _close(stream)
+            await close_stream(stream)
 
 
-def _remote_peer(stream: Any) -> str:
+def remote_peer(stream: Any) -> str:
     try:
         return str(stream.muxed_conn.peer_id)
     except Exception:
@@ -148,7 +148,7 @@ async def _reply_error(stream: Any, code: str, message: str) -> None:
             pass
 
 
-async def _close(stream: Any) -> None:
+async def close_stream(stream: Any) -> None:
     with trio.move_on_after(1.0) as scope:
         try:
             await stream.close()

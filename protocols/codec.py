@@ -159,7 +159,17 @@ def encode(msg: Message) -> bytes:
     return packb(msg.to_wire())
 
 
-def decode(data: bytes, *expected: type[M]) -> M:
+M2 = TypeVar("M2", bound="Message")
+M3 = TypeVar("M3", bound="Message")
+
+
+@typing.overload
+def decode(data: bytes, a: type[M], /) -> M: ...
+@typing.overload
+def decode(data: bytes, a: type[M], b: type[M2], /) -> M | M2: ...
+@typing.overload
+def decode(data: bytes, a: type[M], b: type[M2], c: type[M3], /) -> M | M2 | M3: ...
+def decode(data: bytes, *expected: type[Message]) -> Message:
     """Decode one message that must be of one of the `expected` types."""
     obj = unpackb(data)
     if not isinstance(obj, Mapping):

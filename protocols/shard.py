@@ -86,6 +86,12 @@ class Opened(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class HopTiming(Message):
+    peer_id: str
+    compute_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class Forward(Message):
     KIND = "shard.forward"
     session: str
@@ -93,12 +99,7 @@ class Forward(Message):
     start_pos: int
     keep: int  # truncate KV to this length first; -1 = keep everything
     hidden: WireTensor  # [1, T, H]
-
-
-@dataclass(frozen=True, slots=True)
-class HopTiming(Message):
-    peer_id: str
-    compute_ms: float
+    timings: tuple[HopTiming, ...] = ()  # compute time of the hops before this one
 
 
 @dataclass(frozen=True, slots=True)

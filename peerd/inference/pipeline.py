@@ -1,0 +1,282 @@
+"""The entry peer's side of a pipeline session.
+
+`Pipeline.open(route)` sends OPEN to the first hop; the hops chain the session on
+among themselves and the last hop dials back here on `/peerd/shard-return/1.0.0`.
+`PipelineSession.step(hidden, start_pos, keep)` writes one FORWARD to the first hop
+and reads one RESULT from the last: N+1 hops per step.
+
+When a step fails, the session finds out who is at fault, in this order: a FAILED
+report from a hop ("I could not reach my next hop"), a route peer we are no longer
+connected to, a route peer that does not answer a ping. `PipelineFailure.culprit`
+names it (or None) so generation can ban it, re-route and replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL_ID
+from libp2p.peer.id import ID
+
+from peerd.inference.routing import Route
+from peerd.inference.tensors import from_wire, to_wire
+from peerd.node import Node, ping_once
+from peerd.rpc import close_stream, remote_peer
+from protocols.codec import decode, encode
+from protocols.errors import PeerError, WireError
+from protocols.framing import StreamClosed, read_frame, write_frame
+from protocols.shard import (
+    MAX_CONTROL_BYTES,
+    MAX_FRAME_BYTES,
+    OPEN_TIMEOUT_S,
+    RETURN_PROTOCOL,
+    SHARD_PROTOCOL,
+    STEP_TIMEOUT_S,
+    Close,
+    Failed,
+    Forward,
+    Hop,
+    HopTiming,
+    Open,
+    Opened,
+    Result,
+)
+from protocols.spec import ErrorReply
+
+log = logging.getLogger(__name__)
+
+REPORT_GRACE_S = 0.5  # after a broken stream, how long to wait for a hop's FAILED report
+PROBE_TIMEOUT_S = 2.0
+
+
+class PipelineFailure(Exception):
+    """A session could not be opened or a step failed; `culprit` is the peer at fault."""
+
+    def __init__(self, culprit: str | None, code: str, message: str) -> None:
+        super().__init__(message)
+        self.culprit = culprit
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    hidden: Any  # torch.Tensor [1, T, H]
+    timings: tuple[HopTiming, ...]
+    wall_ms: float
+
+    @property
+    def compute_ms(self) -> float:
+        return sum(t.compute_ms for t in self.timings)
+
+
+@dataclass(eq=False)
+class PipelineSession:
+    pipeline: Pipeline
+    id: str
+    route: tuple[Hop, ...]
+    dtype: str
+    first: Any = None  # stream to the first hop
+    returned: trio.Event = field(default_factory=trio.Event)
+    return_stream: Any = None
+    failed: trio.Event = field(default_factory=trio.Event)
+    reports: list[Failed] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    step_no: int = 0
+
+    @property
+    def peers(self) -> list[str]:
+        return [h.peer_id for h in self.route]
+
+    async def step(self, hidden: Any, start_pos: int, keep: int = -1) -> StepResult:
+        """Run positions start_pos.. through the whole route; the last hop's output."""
+        if self.done.is_set():
+            raise PipelineFailure(None, "closed", "session is closed")
+        self.step_no += 1
+        msg = Forward(session=self.id, step=self.step_no, start_pos=start_pos, keep=keep,
+                      hidden=to_wire(hidden, self.dtype))
+        t0 = time.perf_counter()
+        result: Result | None = None
+        error: BaseException | None = None
+
+        async def exchange(cancel: trio.CancelScope) -> None:
+            nonlocal result, error
+            try:
+                await write_frame(self.first, encode(msg), MAX_FRAME_BYTES)
+                while result is None:
+                    raw = await read_frame(self.return_stream, MAX_FRAME_BYTES)
+                    reply = decode(raw, Result)
+                    if reply.session != self.id or reply.step > self.step_no:
+                        raise WireError(f"result for session {reply.session} step {reply.step}")
+                    if reply.step == self.step_no:
+                        result = reply
+            except Exception as exc:
+                error = exc
+            cancel.cancel()
+
+        async def watch(cancel: trio.CancelScope) -> None:
+            await self.failed.wait()
+            cancel.cancel()
+
+        with trio.move_on_after(STEP_TIMEOUT_S) as deadline:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(exchange, nursery.cancel_scope)
+                nursery.start_soon(watch, nursery.cancel_scope)
+        if result is not None:
+            hidden_out = from_wire(result.hidden, dtype=hidden.dtype)
+            return StepResult(hidden_out, result.timings, (time.perf_counter() - t0) * 1e3)
+        if deadline.cancelled_caught:
+            error = trio.TooSlowError(f"step took over {STEP_TIMEOUT_S} s")
+        raise await self._diagnose(error)
+
+    async def _diagnose(self, error: BaseException | None) -> PipelineFailure:
+        """Who broke the chain? A hop's report, a lost connection, a failed ping."""
+        self.done.set()
+        if not self.reports:
+            with trio.move_on_after(REPORT_GRACE_S):
+                await self.failed.wait()
+        detail = f"{type(error).__name__}: {error}" if error else "a hop reported a failure"
+        if self.reports:
+            r = self.reports[0]
+            return PipelineFailure(r.peer_id, r.code, f"{r.message} ({detail})")
+        refusal = await self._first_hop_refusal()
+        if refusal is not None:  # the first hop refused what we sent: our own bug
+            return PipelineFailure(None, refusal.code, f"{self.route[0].peer_id} refused the "
+                                   f"step: {refusal.message}")
+        node = self.pipeline.node
+        for pid in self.peers:
+            if not await node_reachable(node, pid):
+                return PipelineFailure(pid, "unreachable", f"{pid} is unreachable ({detail})")
+        if isinstance(error, PeerError):
+            return PipelineFailure(self.route[-1].peer_id, error.reason, detail)
+        return PipelineFailure(None, "failed", f"pipeline step failed ({detail})")
+
+    async def _first_hop_refusal(self) -> ErrorReply | None:
+        with trio.move_on_after(0.2):
+            try:
+                reply = decode(await read_frame(self.first, MAX_CONTROL_BYTES), ErrorReply)
+                return reply
+            except Exception:
+                return None
+        return None
+
+    async def close(self) -> None:
+        if self.first is not None and not self.done.is_set():
+            with trio.move_on_after(1.0):
+                try:
+                    await write_frame(self.first, encode(Close(self.id)), MAX_CONTROL_BYTES)
+                except Exception:
+                    pass
+        self.done.set()
+        self.pipeline.sessions.pop(self.id, None)
+        if self.first is not None:
+            await close_stream(self.first)
+
+
+class Pipeline:
+    """Entry-peer side of `/peerd/shard`: open sessions, receive results and reports."""
+
+    def __init__(self, node: Node, model_id: str) -> None:
+        self.node = node
+        self.model_id = model_id
+        self.sessions: dict[str, PipelineSession] = {}
+
+    def register(self) -> None:
+        self.node.host.set_stream_handler(TProtocol(RETURN_PROTOCOL), self._handle_return)
+
+    async def open(self, route: Route, max_length: int, dtype: str = "float32"
+                   ) -> PipelineSession:
+        hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
+        s = PipelineSession(self, secrets.token_hex(16), hops, dtype)
+        self.sessions[s.id] = s
+        first = hops[0].peer_id
+        request = Open(session=s.id, model_id=self.model_id, route=hops, hop=0,
+                       entry_peer=self.node.peer_id, max_length=max_length, dtype=dtype)
+        try:
+            with trio.fail_after(OPEN_TIMEOUT_S):
+                try:
+                    s.first = await self.node.host.new_stream(ID.from_base58(first),
+                                                              [TProtocol(SHARD_PROTOCOL)])
+                    await write_frame(s.first, encode(request), MAX_CONTROL_BYTES)
+                    raw = await read_frame(s.first, MAX_CONTROL_BYTES)
+                except (PeerError, StreamClosed) as exc:
+                    raise PipelineFailure(first, "unreachable", f"{first}: {exc}") from None
+                except (trio.Cancelled, trio.TooSlowError):
+                    raise
+                except Exception as exc:
+                    raise PipelineFailure(first, "unreachable",
+                                          f"cannot reach {first}: {type(exc).__name__}") from None
+                reply = decode(raw, Opened, Failed, ErrorReply)
+                if isinstance(reply, Failed):
+                    raise PipelineFailure(reply.peer_id, reply.code, reply.message)
+                if isinstance(reply, ErrorReply):
+                    raise PipelineFailure(first, reply.code, f"{first} refused: {reply.message}")
+                await s.returned.wait()
+        except trio.TooSlowError:
+            await s.close()
+            raise PipelineFailure(None, "timeout", f"opening the session took over "
+                                  f"{OPEN_TIMEOUT_S} s") from None
+        except BaseException:
+            await s.close()
+            raise
+        return s
+
+    async def _handle_return(self, stream: Any) -> None:
+        """The last hop's return stream (kept for the session), or a hop's report."""
+        peer = remote_peer(stream)
+        try:
+            with trio.fail_after(10.0):
+                raw = await read_frame(stream, MAX_CONTROL_BYTES)
+            msg = decode(raw, Opened, Failed)
+            s = self.sessions.get(msg.session)
+            if s is None:
+                raise WireError(f"no session {msg.session!r:.40} here")
+            if isinstance(msg, Failed):
+                if peer not in s.peers:
+                    raise WireError("failure report from a peer outside the route")
+                s.reports.append(msg)
+                s.failed.set()
+                return
+            if peer != s.route[-1].peer_id or s.return_stream is not None:
+                raise WireError("return stream from a peer that is not the route's last hop")
+            await write_frame(stream, encode(Opened(s.id)), MAX_CONTROL_BYTES)
+            s.return_stream = stream
+            s.returned.set()
+            await s.done.wait()
+        except PeerError as exc:
+            self.node.offence(peer, exc.reason, f"shard-return: {exc}")
+            with trio.move_on_after(1.0):
+                try:
+                    await write_frame(stream, encode(ErrorReply(exc.reason, str(exc))),
+                                      MAX_CONTROL_BYTES)
+                except Exception:
+                    pass
+        except Exception as exc:
+            log.debug("return stream from %s failed: %r", peer, exc)
+        finally:
+            await close_stream(stream)
+
+
+async def node_reachable(node: Node, peer_id: str) -> bool:
+    """Connected and answering a ping within PROBE_TIMEOUT_S."""
+    if peer_id == node.peer_id:
+        return True
+    pid = ID.from_base58(peer_id)
+    if pid not in node.host.get_network().connections:
+        return False
+    with trio.move_on_after(PROBE_TIMEOUT_S):
+        try:
+            stream = await node.host.new_stream(pid, [PING_PROTOCOL_ID])
+            try:
+                await ping_once(stream)
+                return True
+            finally:
+                await close_stream(stream)
+        except Exception:
+            return False
+    return False

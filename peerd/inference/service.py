@@ -1,0 +1,337 @@
+"""The shard server: runs this peer's decoder layers for pipeline sessions.
+
+A session arrives as a stream on `/peerd/shard/1.0.0` that opens with OPEN and then
+carries FORWARDs until CLOSE or EOF. For each session this peer opens the next hop's
+stream itself (the route is in OPEN), or, as the last hop, a return stream to the
+entry peer; every FORWARD it computes goes on down the chain, so a step costs N+1
+hops. A session's KV cache lives here until CLOSE, EOF, idle ttl or a refusal.
+
+Whatever an upstream peer sends that breaks the rules (a FORWARD for another
+session, a wrong shape or dtype, positions out of range, an oversized frame, a
+route that skips layers) is refused with an error reply and counted against it; the
+session ends and the peer keeps serving every other session. When the next hop
+cannot be reached, this peer reports it to the entry peer (FAILED over the return
+protocol) so the entry can ban it and re-route.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from peerd.inference.tensors import TORCH_DTYPES, from_wire, to_wire
+from peerd.node import Node
+from peerd.rpc import close_stream, remote_peer
+from protocols.codec import decode, encode
+from protocols.errors import PeerError, WireError
+from protocols.framing import StreamClosed, read_frame, write_frame
+from protocols.shard import (
+    DTYPES,
+    MAX_CONTROL_BYTES,
+    MAX_FRAME_BYTES,
+    OPEN_TIMEOUT_S,
+    RETURN_PROTOCOL,
+    SHARD_PROTOCOL,
+    STEP_TIMEOUT_S,
+    Close,
+    Failed,
+    Forward,
+    HopTiming,
+    Open,
+    Opened,
+    Result,
+    check_route,
+)
+from protocols.spec import ErrorReply
+
+log = logging.getLogger(__name__)
+
+
+class Block(Protocol):
+    """What the server needs of the compute layer (peerd.inference.shard.ShardBlock)."""
+
+    model_id: str
+    start: int
+    end: int
+    num_layers: int  # of the whole model
+    hidden_size: int
+
+    def new_cache(self) -> Any: ...
+    def forward(self, hidden: Any, start_pos: int, cache: Any, keep: int | None = None,
+                span: tuple[int, int] | None = None) -> Any: ...
+    def cache_len(self, cache: Any) -> int: ...
+    def kv_bytes_per_position(self, span: tuple[int, int] | None = None) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ShardLimits:
+    max_sessions: int = 32
+    max_kv_bytes: int = 2 * 2**30  # KV reserved for all sessions' max_length together
+    max_length: int = 8192  # positions one session may reach
+    session_ttl_s: float = 300.0  # a session idle this long is closed
+
+
+class Refused(Exception):
+    """OPEN refused for capacity (not misbehaviour): not counted as an offence."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _Session:
+    id: str
+    open: Open
+    span: tuple[int, int]
+    cache: Any
+    reserved_bytes: int
+    downstream: Any = None  # stream to the next hop, or the return stream to the entry
+    is_last: bool = False
+    step: int = -1
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+class ShardServer:
+    """Serves `block` on `node`; create, then `register()` before the node runs tasks."""
+
+    def __init__(self, node: Node, block: Block, limits: ShardLimits | None = None,
+                 compute: trio.CapacityLimiter | None = None) -> None:
+        self.node = node
+        self.block = block
+        self.limits = limits or ShardLimits()
+        # One forward at a time per model: torch already uses every intra-op thread.
+        self.compute = compute or trio.CapacityLimiter(1)
+        self.sessions: dict[str, _Session] = {}
+        self.reserved_bytes = 0
+
+    def register(self) -> None:
+        self.node.host.set_stream_handler(TProtocol(SHARD_PROTOCOL), self._handle)
+
+    # ---- one session's stream ------------------------------------------------------
+
+    async def _handle(self, stream: Any) -> None:
+        """Stream handler: never raises (LIBP2P_NOTES.md trap 1)."""
+        upstream = remote_peer(stream)
+        session: _Session | None = None
+        try:
+            with trio.fail_after(OPEN_TIMEOUT_S):
+                raw = await read_frame(stream, MAX_CONTROL_BYTES)
+                request = decode(raw, Open)
+                session = await self._open(request)
+            await write_frame(stream, encode(Opened(session=session.id)), MAX_CONTROL_BYTES)
+            await self._serve(session, stream, upstream)
+        except StreamClosed:
+            pass
+        except Refused as exc:
+            await _reply(stream, Failed(session="", step=-1, peer_id=self.node.peer_id,
+                                        code=exc.code, message=str(exc)))
+        except PeerError as exc:
+            self.node.offence(upstream, exc.reason, f"shard: {exc}")
+            await _reply(stream, ErrorReply(code=exc.reason, message=str(exc)))
+        except trio.TooSlowError:
+            self.node.offence(upstream, "timeout", "shard: OPEN not completed in time")
+        except Exception as exc:
+            if type(exc).__name__ in ("StreamReset", "StreamEOF", "StreamClosed"):
+                log.debug("shard stream from %s ended: %r", upstream, exc)
+            else:
+                log.exception("shard session from %s failed", upstream)
+                await _reply(stream, ErrorReply(code="internal", message="internal error"))
+        finally:
+            if session is not None:
+                await self._drop(session)
+            await close_stream(stream)
+
+    async def _open(self, req: Open) -> _Session:
+        b = self.block
+        if req.model_id != b.model_id:
+            raise WireError(f"this peer serves {b.model_id!r}, not {req.model_id!r}")
+        check_route(req.route, b.num_layers)
+        if not 0 <= req.hop < len(req.route):
+            raise WireError(f"hop index {req.hop} outside the route")
+        hop = req.route[req.hop]
+        if hop.peer_id != self.node.peer_id:
+            raise WireError(f"route hop {req.hop} names {hop.peer_id}, not this peer")
+        if not b.start <= hop.start < hop.end <= b.end:
+            raise WireError(f"route asks this peer for layers [{hop.start}, {hop.end}); it "
+                            f"serves [{b.start}, {b.end})")
+        if req.dtype not in DTYPES:
+            raise WireError(f"wire dtype {req.dtype!r} not one of {sorted(DTYPES)}")
+        if not 1 <= req.max_length <= self.limits.max_length:
+            raise WireError(f"max_length {req.max_length} outside 1..{self.limits.max_length}")
+        if req.session in self.sessions or not 8 <= len(req.session) <= 128:
+            raise WireError("session id reused or not 8..128 characters")
+        try:
+            ID.from_base58(req.entry_peer)
+        except Exception:
+            raise WireError(f"entry peer {req.entry_peer!r:.60} is not a peer id") from None
+        span = (hop.start, hop.end)
+        need = b.kv_bytes_per_position(span) * req.max_length
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise Refused("overloaded", f"{self.node.peer_id} has {len(self.sessions)} sessions,"
+                          " its maximum")
+        if self.reserved_bytes + need > self.limits.max_kv_bytes:
+            raise Refused("overloaded", f"{self.node.peer_id} cannot reserve {need} bytes of KV "
+                          f"cache ({self.reserved_bytes} of {self.limits.max_kv_bytes} in use)")
+        session = _Session(req.session, req, span, b.new_cache(), need,
+                           is_last=req.hop == len(req.route) - 1)
+        self.sessions[session.id] = session
+        self.reserved_bytes += need
+        self._report_load()
+        try:
+            session.downstream = await self._connect_downstream(req)
+        except BaseException:
+            await self._drop(session)
+            raise
+        self.node.events.publish("shard.session.opened", session=session.id,
+                                 entry=req.entry_peer, layers=list(span))
+        return session
+
+    async def _connect_downstream(self, req: Open) -> Any:
+        """Open the next hop's stream (forwarding OPEN), or the return stream."""
+        if req.hop == len(req.route) - 1:
+            target, protocol, first = req.entry_peer, RETURN_PROTOCOL, encode(Opened(req.session))
+        else:
+            target, protocol = req.route[req.hop + 1].peer_id, SHARD_PROTOCOL
+            first = encode(Open(session=req.session, model_id=req.model_id, route=req.route,
+                                hop=req.hop + 1, entry_peer=req.entry_peer,
+                                max_length=req.max_length, dtype=req.dtype))
+        try:
+            stream = await self.node.host.new_stream(ID.from_base58(target), [TProtocol(protocol)])
+            await write_frame(stream, first, MAX_CONTROL_BYTES)
+            raw = await read_frame(stream, MAX_CONTROL_BYTES)
+        except (PeerError, StreamClosed) as exc:
+            raise Refused("unreachable", f"{target} broke the session set-up: {exc}") from None
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise Refused("unreachable", f"{self.node.peer_id} cannot reach {target}: "
+                          f"{type(exc).__name__}") from None
+        reply = decode(raw, Opened, Failed, ErrorReply)
+        if isinstance(reply, Opened) and reply.session == req.session:
+            return stream
+        await close_stream(stream)
+        if isinstance(reply, Failed):  # a refusal further down: pass it on as it is
+            raise Refused(reply.code, reply.message)
+        detail = reply.message if isinstance(reply, ErrorReply) else "wrong session"
+        raise Refused("unreachable", f"{target} refused the session: {detail}")
+
+    async def _serve(self, s: _Session, stream: Any, upstream: str) -> None:
+        while True:
+            with trio.move_on_after(self.limits.session_ttl_s) as idle:
+                raw = await read_frame(stream, MAX_FRAME_BYTES)
+            if idle.cancelled_caught:
+                log.info("session %s idle for %.0f s; closing", s.id, self.limits.session_ttl_s)
+                return
+            msg = decode(raw, Forward, Close)
+            if isinstance(msg, Close):
+                if msg.session != s.id:
+                    raise WireError(f"CLOSE for unknown session {msg.session!r:.40}")
+                return
+            self._check_forward(s, msg)
+            t0 = time.perf_counter()
+            async with self.compute:
+                hidden = await trio.to_thread.run_sync(self._compute, s, msg)
+            timing = HopTiming(peer_id=self.node.peer_id,
+                               compute_ms=round((time.perf_counter() - t0) * 1e3, 3))
+            s.step = msg.step
+            timings = (*msg.timings, timing)
+            out = to_wire(hidden, s.open.dtype)
+            if s.is_last:
+                reply: Forward | Result = Result(session=s.id, step=msg.step, hidden=out,
+                                                 timings=timings)
+            else:
+                reply = Forward(session=s.id, step=msg.step, start_pos=msg.start_pos,
+                                keep=msg.keep, hidden=out, timings=timings)
+            try:
+                with trio.fail_after(STEP_TIMEOUT_S):
+                    await write_frame(s.downstream, encode(reply), MAX_FRAME_BYTES)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                await self._report_unreachable(s, msg.step, exc)
+                return
+
+    def _check_forward(self, s: _Session, msg: Forward) -> None:
+        if msg.session != s.id:
+            raise WireError(f"FORWARD for unknown session {msg.session!r:.40} on session "
+                            f"{s.id}'s stream")
+        if msg.step <= s.step:
+            raise WireError(f"FORWARD step {msg.step} after step {s.step}")
+        h = msg.hidden
+        h.check(rank=3)
+        if h.dtype != s.open.dtype:
+            raise WireError(f"hidden states in {h.dtype}, the session agreed on {s.open.dtype}")
+        if h.shape[0] != 1 or h.shape[2] != self.block.hidden_size or h.shape[1] < 1:
+            raise WireError(f"hidden states of shape {list(h.shape)}; expected "
+                            f"[1, T>=1, {self.block.hidden_size}]")
+        have = self.block.cache_len(s.cache)
+        if not -1 <= msg.keep <= have:
+            raise WireError(f"keep={msg.keep} but the session holds {have} positions")
+        expected = have if msg.keep < 0 else msg.keep
+        if msg.start_pos != expected:
+            raise WireError(f"start_pos {msg.start_pos} but the cache will hold {expected} "
+                            "positions: positions must be contiguous")
+        if msg.start_pos + h.shape[1] > s.open.max_length:
+            raise WireError(f"positions up to {msg.start_pos + h.shape[1]} exceed the session's"
+                            f" max_length {s.open.max_length}")
+
+    def _compute(self, s: _Session, msg: Forward) -> Any:
+        """Worker thread: one forward through this peer's span."""
+        hidden = from_wire(msg.hidden, dtype=self.block_dtype())
+        keep = None if msg.keep < 0 else msg.keep
+        return self.block.forward(hidden, msg.start_pos, s.cache, keep, span=s.span)
+
+    def block_dtype(self) -> Any:
+        return getattr(self.block, "dtype", TORCH_DTYPES["float32"])
+
+    async def _report_unreachable(self, s: _Session, step: int, exc: Exception) -> None:
+        """The next hop (or the entry) is gone: tell the entry peer who is at fault."""
+        culprit = s.open.entry_peer if s.is_last else s.open.route[s.open.hop + 1].peer_id
+        log.info("session %s: cannot reach %s (%r)", s.id, culprit, exc)
+        if s.is_last:
+            return  # the entry itself is unreachable: nobody to tell
+        report = Failed(session=s.id, step=step, peer_id=culprit, code="unreachable",
+                        message=f"{self.node.peer_id} could not forward to {culprit}")
+        try:
+            with trio.fail_after(5.0):
+                stream = await self.node.host.new_stream(ID.from_base58(s.open.entry_peer),
+                                                         [TProtocol(RETURN_PROTOCOL)])
+                try:
+                    await write_frame(stream, encode(report), MAX_CONTROL_BYTES)
+                finally:
+                    await close_stream(stream)
+        except Exception as report_exc:
+            log.debug("could not report to the entry peer: %r", report_exc)
+
+    async def _drop(self, s: _Session) -> None:
+        if self.sessions.pop(s.id, None) is None:
+            return
+        self.reserved_bytes -= s.reserved_bytes
+        self._report_load()
+        if s.downstream is not None:
+            if not s.is_last:
+                with trio.move_on_after(1.0):
+                    try:
+                        await write_frame(s.downstream, encode(Close(s.id)), MAX_CONTROL_BYTES)
+                    except Exception:
+                        pass
+            await close_stream(s.downstream)
+        self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
+
+    def _report_load(self) -> None:
+        self.node.set_load(sessions=len(self.sessions), queue=self.compute.borrowed_tokens)
+
+
+async def _reply(stream: Any, msg: Any) -> None:
+    with trio.move_on_after(1.0):
+        try:
+            await write_frame(stream, encode(msg), MAX_CONTROL_BYTES)
+        except Exception:
+            pass

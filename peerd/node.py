@@ -41,6 +41,7 @@ from peerd import __version__
 from peerd.config import Config
 from peerd.events import EventBus
 from peerd.ledger import Accepted, Ledger, LedgerReject, LedgerStore, sign_entry
+from peerd.loopback import loopback_pair
 from peerd.metrics import Metrics
 from peerd.rpc import call, stream_handler
 from protocols import ledger as wire
@@ -93,6 +94,7 @@ class Node:
         self._synced_at: dict[str, float] = {}
         self._dial_backoff: dict[str, tuple[float, float]] = {}  # peer -> (next try, delay)
         self._ping_streams: dict[str, Any] = {}
+        self._handlers: dict[str, Any] = {}
         self._publish_now = trio.Event()
         self._connected_peers: trio.MemorySendChannel[str]
         self._nursery: trio.Nursery | None = None
@@ -162,6 +164,22 @@ class Node:
     def set_load(self, sessions: int, queue: int) -> None:
         """Recorded for the next heartbeat (load changes too often to gossip each)."""
         self._load = Load(sessions=sessions, queue=queue)
+
+    def set_stream_handler(self, protocol: str, handler: Any) -> None:
+        """Serve `protocol` to other peers and to ourselves (see `new_stream`)."""
+        self._handlers[protocol] = handler
+        self.host.set_stream_handler(TProtocol(protocol), handler)
+
+    async def new_stream(self, peer_id: str, protocol: str) -> Any:
+        """A stream to `peer_id` speaking `protocol`; to ourselves, an in-process one."""
+        if peer_id == self.peer_id:
+            handler = self._handlers.get(protocol)
+            if handler is None:
+                raise ConnectionRefusedError(f"this peer does not serve {protocol}")
+            ours, theirs = loopback_pair(self.peer_id)
+            self.nursery.start_soon(handler, theirs)
+            return ours
+        return await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
 
     @property
     def nursery(self) -> trio.Nursery:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.peer.id import ID
 
@@ -187,7 +186,7 @@ class Pipeline:
         self.sessions: dict[str, PipelineSession] = {}
 
     def register(self) -> None:
-        self.node.host.set_stream_handler(TProtocol(RETURN_PROTOCOL), self._handle_return)
+        self.node.set_stream_handler(RETURN_PROTOCOL, self._handle_return)
 
     async def open(self, route: Route, max_length: int, dtype: str = "float32"
                    ) -> PipelineSession:
@@ -200,8 +199,7 @@ class Pipeline:
         try:
             with trio.fail_after(OPEN_TIMEOUT_S):
                 try:
-                    s.first = await self.node.host.new_stream(ID.from_base58(first),
-                                                              [TProtocol(SHARD_PROTOCOL)])
+                    s.first = await self.node.new_stream(first, SHARD_PROTOCOL)
                     await write_frame(s.first, encode(request), MAX_CONTROL_BYTES)
                     raw = await read_frame(s.first, MAX_CONTROL_BYTES)
                 except (PeerError, StreamClosed) as exc:

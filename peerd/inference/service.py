@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
-from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from peerd.inference.tensors import TORCH_DTYPES, from_wire, to_wire
@@ -112,7 +111,7 @@ class ShardServer:
         self.reserved_bytes = 0
 
     def register(self) -> None:
-        self.node.host.set_stream_handler(TProtocol(SHARD_PROTOCOL), self._handle)
+        self.node.set_stream_handler(SHARD_PROTOCOL, self._handle)
 
     # ---- one session's stream ------------------------------------------------------
 
@@ -203,7 +202,7 @@ class ShardServer:
                                 hop=req.hop + 1, entry_peer=req.entry_peer,
                                 max_length=req.max_length, dtype=req.dtype))
         try:
-            stream = await self.node.host.new_stream(ID.from_base58(target), [TProtocol(protocol)])
+            stream = await self.node.new_stream(target, protocol)
             await write_frame(stream, first, MAX_CONTROL_BYTES)
             raw = await read_frame(stream, MAX_CONTROL_BYTES)
         except (PeerError, StreamClosed) as exc:
@@ -301,8 +300,7 @@ class ShardServer:
                         message=f"{self.node.peer_id} could not forward to {culprit}")
         try:
             with trio.fail_after(5.0):
-                stream = await self.node.host.new_stream(ID.from_base58(s.open.entry_peer),
-                                                         [TProtocol(RETURN_PROTOCOL)])
+                stream = await self.node.new_stream(s.open.entry_peer, RETURN_PROTOCOL)
                 try:
                     await write_frame(stream, encode(report), MAX_CONTROL_BYTES)
                 finally:

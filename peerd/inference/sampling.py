@@ -1,0 +1,50 @@
+"""Choosing the next token from logits: greedy, temperature, nucleus (top-p).
+
+Deterministic for a given seed: the generator lives with the request, so a replay
+after a shard failure continues the same random sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens <= 1 << 16:
+            raise ValueError("max_tokens must be between 1 and 65536")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise ValueError("temperature must be between 0 and 10")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if len(self.stop) > 8 or any(not s or len(s) > 200 for s in self.stop):
+            raise ValueError("stop takes at most 8 non-empty strings of at most 200 characters")
+
+
+def make_generator(params: SamplingParams) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed(params.seed if params.seed is not None else torch.seed())
+    return g
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """logits: [V] (any float dtype). Returns a token id."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits).item())
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [V]
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)  # [V], [V]
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # [V] bool
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)  # [V]
+    return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -1,0 +1,59 @@
+"""Token ids to streamed text, with stop strings. Pure: no model, no I/O.
+
+Text is re-decoded from all generated ids each time (BPE merges and multi-byte
+characters make per-token decoding wrong) and released only when it is final: not
+ending in an incomplete character, and not a possible start of a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TextStream:
+    decode: Callable[[Sequence[int]], str]
+    stop: Sequence[str] = ()
+    ids: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the decoded text already released
+    stopped: bool = False
+
+    def push(self, token_id: int) -> str:
+        """Add one token; the text that is now safe to show (maybe empty)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        for s in self.stop:
+            at = text.find(s, max(0, self.emitted - len(s) + 1))
+            if at != -1:
+                self.stopped = True
+                return self._release(text, at)
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            safe = len(text.rstrip("\ufffd"))
+        for s in self.stop:  # hold back a tail that may grow into a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[safe - k:safe] == s[:k]:
+                    safe = min(safe, len(text[:safe]) - k)
+                    break
+        return self._release(text, safe)
+
+    def flush(self) -> str:
+        """At the end: whatever is left (held-back text was not a stop string after all)."""
+        if self.stopped:
+            return ""
+        return self._release(self.decode(self.ids), None)
+
+    def text(self) -> str:
+        full = self.decode(self.ids)
+        return full[: self.emitted] if self.stopped else full
+
+    def _release(self, text: str, upto: int | None) -> str:
+        end = len(text) if upto is None else upto
+        if end <= self.emitted:
+            return ""
+        out = text[self.emitted:end]
+        self.emitted = end
+        return out

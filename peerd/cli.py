@@ -21,6 +21,7 @@ from rich.table import Table
 
 from peerd import __version__
 from peerd.config import DEFAULT_API, ConfigError, default_data_dir, load_config
+from peerd.datadir import read_runtime_file, read_token
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
@@ -161,9 +162,6 @@ def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def make_client(data_dir: Path | None, api: str | None, token: str | None) -> Client:
-    from peerd.daemon import read_runtime_file
-    from peerd.identity import read_token
-
     data_dir = data_dir or default_data_dir()
     if api is None:
         runtime = read_runtime_file(data_dir)

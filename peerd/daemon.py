@@ -7,14 +7,12 @@ the API, leave gossip, flush the ledger and exit 0 within two seconds.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import multiaddr
@@ -23,13 +21,18 @@ import trio
 from peerd.api.app import create_app
 from peerd.api.server import ApiBindError, bind, serve
 from peerd.config import Config
+from peerd.datadir import (
+    RUNTIME_FILE,
+    DataDirInUse,
+    lock_data_dir,
+    write_runtime_file,
+)
 from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
 from peerd.ledger import LedgerStoreError
 from peerd.node import open_node
 
 log = logging.getLogger("peerd")
 
-RUNTIME_FILE = "daemon.json"
 SHUTDOWN_GRACE_S = 1.5
 
 
@@ -72,31 +75,17 @@ def check_listen_ports(listen: tuple[str, ...]) -> None:
                 ) from None
 
 
-def write_runtime_file(data_dir: Path, info: dict[str, Any]) -> None:
-    path = data_dir / RUNTIME_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
-
-
-def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((data_dir / RUNTIME_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def run(config: Config, *, announce: Any = print) -> int:
     """Run the daemon until a signal; returns the exit code."""
     setup_logging(config.log_level)
     try:
         ensure_data_dir(config.data_dir)
+        lock_data_dir(config.data_dir)
         key_pair = load_or_create_key(config.data_dir)
         token = load_or_create_token(config.data_dir)
         check_listen_ports(config.listen)
         api_config, sockets = bind(config.api_host, config.api_port)
-    except (IdentityError, ApiBindError) as exc:
+    except (IdentityError, ApiBindError, DataDirInUse) as exc:
         raise StartupError(str(exc)) from None
     try:
         trio.run(_main, config, key_pair, token, api_config, sockets, announce)

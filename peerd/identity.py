@@ -15,8 +15,9 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.identity_utils import load_identity, save_identity
 from libp2p.peer.id import ID
 
-KEY_FILE = "identity.key"
-TOKEN_FILE = "api_token"
+from peerd.datadir import KEY_FILE as KEY_FILE
+from peerd.datadir import TOKEN_FILE as TOKEN_FILE
+from peerd.datadir import read_token as read_token
 
 
 class IdentityError(RuntimeError):
@@ -77,11 +78,3 @@ def load_or_create_token(data_dir: Path) -> str:
     finally:
         os.close(fd)
     return token
-
-
-def read_token(data_dir: Path) -> str | None:
-    path = data_dir / TOKEN_FILE
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None

@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -171,6 +172,8 @@ class LedgerStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        if not path.exists():  # SQLite gives its journal files the database's mode
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -639,6 +639,10 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
                     yield node
                 finally:
                     nursery.cancel_scope.cancel()
+                    with trio.move_on_after(0.5) as leave:
+                        leave.shield = True
+                        with contextlib.suppress(Exception):
+                            await pubsub.unsubscribe(wire.TOPIC)  # leave gossip politely
     finally:
         with contextlib.suppress(Exception):
             node.flush()

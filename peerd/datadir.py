@@ -1,0 +1,62 @@
+"""The data dir's layout, and the light readers the CLI needs (no libp2p import).
+
+    identity.key   ed25519 key, 0600: fixes the peer id
+    api_token      bearer token for the local API, 0600
+    ledger.sqlite  the capability ledger, 0600
+    daemon.json    while a daemon runs: pid, API URL, addresses
+    lock           held (flock) by the running daemon: one daemon per data dir
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+KEY_FILE = "identity.key"
+TOKEN_FILE = "api_token"
+LEDGER_DB = "ledger.sqlite"
+RUNTIME_FILE = "daemon.json"
+LOCK_FILE = "lock"
+
+
+class DataDirInUse(RuntimeError):
+    pass
+
+
+def read_token(data_dir: Path) -> str | None:
+    try:
+        return (data_dir / TOKEN_FILE).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((data_dir / RUNTIME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_runtime_file(data_dir: Path, info: dict[str, Any]) -> None:
+    path = data_dir / RUNTIME_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data dir for this process; the lock dies with it. Returns the fd."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        running = read_runtime_file(data_dir) or {}
+        pid = f" (pid {running['pid']})" if "pid" in running else ""
+        raise DataDirInUse(f"another peerd{pid} is running with data dir {data_dir}; stop it "
+                           "or pass another --data-dir") from None
+    return fd

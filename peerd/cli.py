@@ -23,7 +23,8 @@ from peerd import __version__
 from peerd.config import DEFAULT_API, ConfigError, default_data_dir, load_config
 from peerd.datadir import read_runtime_file, read_token
 
-console = Console(soft_wrap=True)
+# Piped output gets a wide fixed width: rich would squeeze tables into 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 

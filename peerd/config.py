@@ -63,11 +63,15 @@ class Config:
 
     @property
     def api_host(self) -> str:
-        return self.api.rsplit(":", 1)[0]
+        return self.api.rsplit(":", 1)[0].strip("[]")  # "[::1]:4100" -> "::1"
 
     @property
     def api_port(self) -> int:
         return int(self.api.rsplit(":", 1)[1])
+
+    def api_url(self, port: int | None = None) -> str:
+        host = f"[{self.api_host}]" if ":" in self.api_host else self.api_host
+        return f"http://{host}:{self.api_port if port is None else port}"
 
     @property
     def ttl_s(self) -> float:

@@ -103,7 +103,7 @@ async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sock
             shutdown = trio.Event()
             # The bound port, not the configured one: `--api 127.0.0.1:0` picks a free port.
             api_port = sockets.insecure_sockets[0].getsockname()[1]
-            api_url = f"http://{config.api_host}:{api_port}"
+            api_url = config.api_url(api_port)
             info = {"peer_id": node.peer_id, "name": node.name, "pid": os.getpid(),
                     "api": api_url, "addrs": node.addrs(), "started_at": time.time()}
             write_runtime_file(config.data_dir, info)

@@ -1,0 +1,307 @@
+"""The local HTTP API of real `peerd` processes: two daemons, B bootstrapped to A.
+
+The pair is shared by the module; tests that change state (skills) only check what
+they changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixture)
+    Daemon,
+    connected_pair,
+    daemon_logs_on_failure,
+    metric_value,
+    running,
+    wait_for,
+)
+
+PROTECTED = [("GET", "/status"), ("GET", "/peers"), ("GET", "/ledger"), ("GET", "/metrics"),
+             ("GET", "/events"), ("POST", "/capabilities"), ("GET", "/no-such-path")]
+STATUS_FIELDS = {"peer_id", "name", "addrs", "uptime_s", "peers", "ledger_size", "seq",
+                 "skills", "version", "data_dir", "api"}
+PEER_FIELDS = {"peer_id", "name", "addrs", "rtt_ms", "connections", "offences"}
+LEDGER_FIELDS = {"peer_id", "seq", "timestamp", "ttl_s", "name", "addrs", "hardware",
+                 "models", "skills", "load", "reputation", "software", "expires_in_s",
+                 "received_at", "self"}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Daemon]]:
+    a, b = connected_pair(tmp_path_factory.mktemp("api"))
+    with running(a, b):
+        yield a, b
+
+
+def sse_events(daemon: Daemon, query: str, want: set[str], timeout_s: float = 15.0,
+               ) -> list[tuple[str, dict[str, Any]]]:
+    """Read `GET /events?QUERY` until every type in `want` was seen; (event, data) pairs.
+
+    Also checks each SSE block's framing: `id:`, `event:` and `data:` lines that agree.
+    """
+    seen: list[tuple[str, dict[str, Any]]] = []
+    block: dict[str, str] = {}
+    headers = {"Authorization": f"Bearer {daemon.token}"}
+    try:
+        with httpx.stream("GET", f"{daemon.url}/events?{query}", headers=headers,
+                          timeout=httpx.Timeout(5.0, read=timeout_s)) as r:
+            assert r.status_code == 200, r.read()
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith(":"):
+                    continue
+                if line:
+                    field, _, value = line.partition(": ")
+                    block[field] = value
+                    continue
+                if not block:
+                    continue
+                data = json.loads(block["data"])
+                assert block["event"] == data["type"], block
+                assert int(block["id"]) == data["id"], block
+                assert isinstance(data["ts"], float)
+                seen.append((block["event"], data))
+                block = {}
+                if want <= {e for e, _ in seen}:
+                    break
+    except httpx.ReadTimeout:
+        pass
+    missing = want - {e for e, _ in seen}
+    assert not missing, f"no {sorted(missing)} event on /events?{query}; got {seen}" \
+        f"{daemon.describe()}"
+    return seen
+
+
+# ---- authentication ------------------------------------------------------------------
+
+
+def test_health_is_open_and_names_the_peer(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    r = a.request("GET", "/health", token=None)
+    assert r.status_code == 200
+    assert r.json() == {"ok": True, "peer_id": a.peer_id, "name": "alpha"}
+
+
+def test_token_file_is_private(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    mode = stat.S_IMODE((a.data_dir / "api_token").stat().st_mode)
+    assert mode == 0o600, oct(mode)
+    assert len(a.token) >= 32
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-token-0123456789", "Basic dXNlcjpwYXNz",
+                                  "Bearer", "Token {token}", "{token}"],
+                         ids=["none", "wrong", "basic", "empty", "other-scheme", "no-scheme"])
+def test_everything_but_health_needs_the_token(pair: tuple[Daemon, Daemon],
+                                               auth: str | None) -> None:
+    a, _ = pair
+    before = a.metric("peerd_rejections_total", reason="api_unauthorized")
+    for method, path in PROTECTED:
+        headers = {"Authorization": auth.format(token=a.token)} if auth is not None else {}
+        r = httpx.request(method, a.url + path, headers=headers, json={"skills": ["evil"]},
+                          timeout=5.0)
+        assert r.status_code == 401, (method, path, r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error"
+        assert "api_token" in r.json()["error"]["message"]
+    after = a.metric("peerd_rejections_total", reason="api_unauthorized")
+    assert after == before + len(PROTECTED)
+    assert "evil" not in a.get("/status")["skills"]
+
+
+def test_a_token_with_a_prefix_or_suffix_is_refused(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    for token in (a.token + "x", a.token[:-1], "x" + a.token):
+        assert a.request("GET", "/status", token=token).status_code == 401
+
+
+def test_the_scheme_is_case_insensitive(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    r = httpx.get(a.url + "/status", headers={"Authorization": f"bearer {a.token}"})
+    assert r.status_code == 200, r.text
+
+
+# ---- queries -------------------------------------------------------------------------
+
+
+def test_status_has_the_documented_fields(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    s = a.get("/status")
+    assert set(s) >= STATUS_FIELDS, STATUS_FIELDS - set(s)
+    assert s["peer_id"] == a.peer_id
+    assert s["name"] == "alpha"
+    assert a.p2p_addr in s["addrs"]
+    assert s["api"] == a.url
+    assert Path(s["data_dir"]) == a.data_dir
+    assert s["peers"] == 1
+    assert s["ledger_size"] == 2
+    assert s["uptime_s"] > 0
+    assert isinstance(s["skills"], list)
+    assert isinstance(s["version"], str) and s["version"]
+
+
+def test_each_peer_lists_the_other_with_a_round_trip_time(
+        pair: tuple[Daemon, Daemon]) -> None:
+    def measured(x: Daemon) -> list[dict[str, Any]]:
+        return [r for r in x.get("/peers") if r["rtt_ms"] is not None]
+
+    for x, y in (pair, pair[::-1]):
+        rows = wait_for(functools.partial(measured, x), 15.0,
+                        f"an RTT measurement on {x.peer_id}", pair)
+        assert [r["peer_id"] for r in rows] == [y.peer_id]
+        row = rows[0]
+        assert set(row) >= PEER_FIELDS
+        assert row["name"] == ("beta" if y is pair[1] else "alpha")
+        assert 0 < row["rtt_ms"] < 1000
+        assert row["connections"] >= 1
+        assert row["offences"] == 0
+        assert y.p2p_addr in row["addrs"]
+
+
+def test_each_ledger_holds_both_entries(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    for x in pair:
+        rows = {r["peer_id"]: r for r in x.get("/ledger")}
+        assert set(rows) == {a.peer_id, b.peer_id}
+        for pid, row in rows.items():
+            assert set(row) >= LEDGER_FIELDS, LEDGER_FIELDS - set(row)
+            assert row["self"] is (pid == x.peer_id)
+            assert 0 < row["expires_in_s"] <= row["ttl_s"]
+            assert row["hardware"]["cpu_count"] >= 1
+            assert row["software"].startswith("peerd/")
+        assert rows[a.peer_id]["name"] == "alpha"
+        assert rows[b.peer_id]["name"] == "beta"
+        assert a.p2p_addr in rows[a.peer_id]["addrs"]
+
+
+# ---- changes -------------------------------------------------------------------------
+
+
+def test_new_skills_reach_the_other_peer(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    skills = ["x", f"skill-{uuid.uuid4().hex[:8]}"]
+    seq_before = a.get("/status")["seq"]
+    r = a.request("POST", "/capabilities", json={"skills": skills})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body == {"peer_id": a.peer_id, "seq": body["seq"], "skills": skills}
+    assert body["seq"] > seq_before
+    assert a.get("/status")["skills"] == skills
+
+    def a_as_b_sees_it() -> dict[str, Any] | None:
+        row = next(r for r in b.get("/ledger") if r["peer_id"] == a.peer_id)
+        return row if row["skills"] == skills else None
+
+    row = wait_for(a_as_b_sees_it, 10.0, "B to learn A's new skills", pair)
+    assert row["seq"] >= body["seq"]
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b"\xff\xfe\x00", b"", b"null", b"[]", b'"skills"', b"{}",
+    b'{"skills": "x"}', b'{"skills": [1]}', b'{"skills": [""]}', b'{"skills": {"a": 1}}',
+    json.dumps({"skills": ["s"] * 65}).encode(), json.dumps({"skills": ["s" * 201]}).encode(),
+], ids=["broken", "not-utf8", "empty", "null", "list", "string", "no-skills", "str-skills",
+        "int-skill", "empty-skill", "dict-skills", "too-many", "too-long"])
+def test_bad_capabilities_are_refused_and_the_daemon_keeps_serving(
+        pair: tuple[Daemon, Daemon], body: bytes) -> None:
+    a, _ = pair
+    skills_before = a.get("/status")["skills"]
+    r = a.request("POST", "/capabilities", content=body,
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]
+    assert a.request("GET", "/health", token=None).status_code == 200
+    assert a.get("/status")["skills"] == skills_before
+
+
+def test_an_oversized_body_is_refused(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    big = json.dumps({"skills": ["s"], "pad": "x" * 100_000}).encode()
+    r = a.request("POST", "/capabilities", content=big,
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert "bytes" in r.json()["error"]["message"]
+    assert a.get("/status")["peer_id"] == a.peer_id
+
+
+def test_capabilities_is_post_only(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    assert a.request("GET", "/capabilities").status_code == 405
+
+
+# ---- events and metrics ----------------------------------------------------------------
+
+
+def test_events_replay_the_connection_and_the_ledger(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    seen = sse_events(a, "replay=50", {"peer.connected", "ledger.accepted"})
+    connected = [d for e, d in seen if e == "peer.connected"]
+    accepted = [d for e, d in seen if e == "ledger.accepted"]
+    assert b.peer_id in {d["peer_id"] for d in connected}
+    assert b.peer_id in {d["peer_id"] for d in accepted}
+    first = next(d for d in accepted if d["peer_id"] == b.peer_id)
+    assert first["name"] == "beta"
+    assert first["new"] is True
+    assert first["via"] in ("gossip", "sync")
+
+
+def test_events_filter_by_type(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    seen = sse_events(a, "replay=50&types=ledger.accepted", {"ledger.accepted"})
+    assert {e for e, _ in seen} == {"ledger.accepted"}
+
+
+def test_events_stream_live_changes(pair: tuple[Daemon, Daemon]) -> None:
+    """A change made while a subscriber is attached arrives on its stream."""
+    a, b = pair
+    skills = [f"live-{uuid.uuid4().hex[:8]}"]
+    headers = {"Authorization": f"Bearer {a.token}"}
+    with httpx.stream("GET", f"{a.url}/events?types=ledger.accepted", headers=headers,
+                      timeout=httpx.Timeout(5.0, read=15.0)) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith(":")  # the stream is open: subscribed
+        assert b.request("POST", "/capabilities", json={"skills": skills}).status_code == 200
+        for line in lines:
+            if line.startswith("data: "):
+                data = json.loads(line[6:])
+                if data["peer_id"] == b.peer_id and data["changed"]:
+                    break
+        else:
+            pytest.fail(f"the stream ended without B's change{a.describe()}")
+    assert a.get("/status")["peer_id"] == a.peer_id
+
+
+def test_events_refuse_a_bad_replay(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    r = a.request("GET", "/events?replay=lots")
+    assert r.status_code == 400
+    assert "replay" in r.json()["error"]["message"]
+
+
+def test_metrics_are_prometheus_text(pair: tuple[Daemon, Daemon]) -> None:
+    a, _ = pair
+    r = a.request("GET", "/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name, kind in (("peerd_peers", "gauge"), ("peerd_ledger_entries", "gauge"),
+                       ("peerd_messages_total", "counter"),
+                       ("peerd_rejections_total", "counter")):
+        assert f"# TYPE {name} {kind}" in text, name
+    assert metric_value(text, "peerd_peers") == 1
+    assert metric_value(text, "peerd_ledger_entries") == 2
+    assert metric_value(text, "peerd_messages_total", direction="in",
+                        kind="ledger.gossip") >= 1
+    assert metric_value(text, "peerd_messages_total", direction="out",
+                        kind="ledger.gossip") >= 1

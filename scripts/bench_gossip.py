@@ -148,7 +148,7 @@ def main() -> int:
         "changes_per_size": args.changes,
         "results": rows,
     }, indent=2))
-    console.print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    console.print(f"wrote {args.out}")
     return 0
 
 

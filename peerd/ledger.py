@@ -173,7 +173,11 @@ class LedgerStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         if not path.exists():  # SQLite gives its journal files the database's mode
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as exc:
+                raise LedgerStoreError(
+                    f"cannot create ledger database {path}: {exc.strerror}") from None
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

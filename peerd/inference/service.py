@@ -235,8 +235,14 @@ class ShardServer:
                 return
             self._check_forward(s, msg)
             t0 = time.perf_counter()
-            async with self.compute:
-                hidden = await trio.to_thread.run_sync(self._compute, s, msg)
+            try:
+                async with self.compute:
+                    hidden = await trio.to_thread.run_sync(self._compute, s, msg)
+            except Exception as exc:  # our failure, not the sender's: own up to the entry
+                log.exception("session %s: forward failed on this peer", s.id)
+                await self._report(s, msg.step, self.node.peer_id, "internal",
+                                   f"{self.node.peer_id} failed to compute: {exc!r:.200}")
+                raise
             timing = HopTiming(peer_id=self.node.peer_id,
                                compute_ms=round((time.perf_counter() - t0) * 1e3, 3))
             s.step = msg.step
@@ -254,7 +260,11 @@ class ShardServer:
             except trio.Cancelled:
                 raise
             except Exception as exc:
-                await self._report_unreachable(s, msg.step, exc)
+                nxt = s.open.entry_peer if s.is_last else s.open.route[s.open.hop + 1].peer_id
+                log.info("session %s: cannot reach %s (%r)", s.id, nxt, exc)
+                if not s.is_last:  # (if the entry itself is gone there is nobody to tell)
+                    await self._report(s, msg.step, nxt, "unreachable",
+                                       f"{self.node.peer_id} could not forward to {nxt}")
                 return
 
     def _check_forward(self, s: _Session, msg: Forward) -> None:
@@ -290,14 +300,10 @@ class ShardServer:
     def block_dtype(self) -> Any:
         return getattr(self.block, "dtype", TORCH_DTYPES["float32"])
 
-    async def _report_unreachable(self, s: _Session, step: int, exc: Exception) -> None:
-        """The next hop (or the entry) is gone: tell the entry peer who is at fault."""
-        culprit = s.open.entry_peer if s.is_last else s.open.route[s.open.hop + 1].peer_id
-        log.info("session %s: cannot reach %s (%r)", s.id, culprit, exc)
-        if s.is_last:
-            return  # the entry itself is unreachable: nobody to tell
-        report = Failed(session=s.id, step=step, peer_id=culprit, code="unreachable",
-                        message=f"{self.node.peer_id} could not forward to {culprit}")
+    async def _report(self, s: _Session, step: int, culprit: str, code: str,
+                      message: str) -> None:
+        """Tell the entry peer which peer broke the session, over the return protocol."""
+        report = Failed(session=s.id, step=step, peer_id=culprit, code=code, message=message)
         try:
             with trio.fail_after(5.0):
                 stream = await self.node.new_stream(s.open.entry_peer, RETURN_PROTOCOL)
@@ -305,8 +311,8 @@ class ShardServer:
                     await write_frame(stream, encode(report), MAX_CONTROL_BYTES)
                 finally:
                     await close_stream(stream)
-        except Exception as report_exc:
-            log.debug("could not report to the entry peer: %r", report_exc)
+        except Exception as exc:
+            log.debug("could not report to the entry peer: %r", exc)
 
     async def _drop(self, s: _Session) -> None:
         if self.sessions.pop(s.id, None) is None:

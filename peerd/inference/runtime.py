@@ -1,0 +1,176 @@
+"""One model on one peer: load it, serve a span of its layers, generate through the swarm.
+
+`ModelRuntime.start(node, options)` resolves the model, picks the layers (the user's
+`--layers`, else the least-served window that fits memory, read from the ledger),
+loads the shard and the head in worker threads, measures the shard's throughput,
+registers the shard server and the entry-side pipeline, and advertises
+`ModelServed(model_id, layers, dtype, tokens/s)` in the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+import trio
+
+from peerd.inference.generate import Generator
+from peerd.inference.head import Head
+from peerd.inference.pipeline import Pipeline
+from peerd.inference.placement import choose_layers, window_size
+from peerd.inference.service import ShardLimits, ShardServer
+from peerd.inference.shard import ShardBlock, set_torch_threads
+from peerd.inference.source import ModelSource, load_config, load_tokenizer, resolve
+from peerd.inference.tensors import DTYPE_NAMES, TORCH_DTYPES
+from peerd.node import Node
+from protocols.ledger import ModelServed
+
+log = logging.getLogger(__name__)
+
+PLACEMENT_WAIT_S = 3.0  # how long a new peer listens to the ledger before choosing layers
+MEMORY_FRACTION = 0.6  # of available memory a peer may fill with layers
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOptions:
+    spec: str
+    layers: tuple[int, int] | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    torch_threads: int = 0  # 0: torch's default
+    limits: ShardLimits = field(default_factory=ShardLimits)
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype != "auto":
+        return TORCH_DTYPES[dtype]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU matmuls in half precision are slow and lossy
+
+
+Progress = Callable[[str], None]
+
+
+class ModelRuntime:
+    def __init__(self, node: Node, source: ModelSource, block: ShardBlock, head: Head,
+                 tokenizer: Any, generator: Generator, server: ShardServer,
+                 tokens_per_s: float) -> None:
+        self.node = node
+        self.source = source
+        self.block = block
+        self.head = head
+        self.tokenizer = tokenizer
+        self.generator = generator
+        self.server = server
+        self.tokens_per_s = tokens_per_s
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    @classmethod
+    async def start(cls, node: Node, options: ModelOptions,
+                    progress: Progress = lambda phase: None) -> ModelRuntime:
+        if options.torch_threads:
+            set_torch_threads(options.torch_threads)
+        device = pick_device(options.device)
+        dtype = pick_dtype(options.dtype, device)
+        progress(f"resolving {options.spec}")
+        source = await trio.to_thread.run_sync(resolve, options.spec)
+        config = await trio.to_thread.run_sync(load_config, source)
+        num_layers = int(config.num_hidden_layers)
+        layers = options.layers or await cls._place(node, source.model_id, num_layers, config,
+                                                    dtype)
+        start, end = layers
+        if not 0 <= start < end <= num_layers:
+            raise ValueError(f"--layers {start}:{end} is outside the model's 0:{num_layers}")
+        progress(f"loading layers [{start}, {end}) of {source.model_id} ({device}, "
+                 f"{DTYPE_NAMES[dtype]})")
+        block = await trio.to_thread.run_sync(
+            lambda: ShardBlock(source, start, end, device=device, dtype=dtype, config=config))
+        progress("loading embeddings and lm_head")
+        head = await trio.to_thread.run_sync(
+            lambda: Head(source, device=device, dtype=dtype, config=config))
+        tokenizer = await trio.to_thread.run_sync(load_tokenizer, source)
+        progress("measuring throughput")
+        tokens_per_s = await trio.to_thread.run_sync(measure_tokens_per_s, block)
+
+        compute = trio.CapacityLimiter(1)
+        server = ShardServer(node, block, options.limits, compute)
+        server.register()
+        pipeline = Pipeline(node, source.model_id)
+        pipeline.register()
+        generator = Generator(node, pipeline, head, model_id=source.model_id,
+                              num_layers=num_layers, eos_ids=eos_ids(tokenizer, config),
+                              compute=compute, wire_dtype=DTYPE_NAMES[dtype])
+        node.set_models((ModelServed(model_id=source.model_id, layer_start=start,
+                                     layer_end=end, dtype=DTYPE_NAMES[dtype],
+                                     tokens_per_s=round(tokens_per_s, 2)),))
+        progress(f"serving layers [{start}, {end}) at {tokens_per_s:.1f} tokens/s")
+        return cls(node, source, block, head, tokenizer, generator, server, tokens_per_s)
+
+    @staticmethod
+    async def _place(node: Node, model_id: str, num_layers: int, config: Any,
+                     dtype: torch.dtype) -> tuple[int, int]:
+        """Least-served window that fits memory, after listening to the ledger a while."""
+        with trio.move_on_after(PLACEMENT_WAIT_S):
+            while not node.connected_peers() or len(node.ledger) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.1)  # (the ledger has no change event to wait on)
+        await trio.sleep(0.2)  # let the first snapshots land
+        servers = [s for s in _ledger_servers(node, model_id) if s.peer_id != node.peer_id]
+        budget = int(psutil.virtual_memory().available * MEMORY_FRACTION)
+        window = window_size(num_layers, layer_bytes(config, dtype), budget)
+        return choose_layers(servers, num_layers, window)
+
+
+def _ledger_servers(node: Node, model_id: str) -> list[Any]:
+    from peerd.inference.routing import Server
+
+    return [Server(e.peer_id, m.layer_start, m.layer_end, m.tokens_per_s)
+            for e in node.ledger.entries() for m in e.models if m.model_id == model_id]
+
+
+def layer_bytes(config: Any, dtype: torch.dtype) -> int:
+    """Approximate weight bytes of one decoder layer (attention + MLP)."""
+    h = int(config.hidden_size)
+    inter = int(config.intermediate_size)
+    kv = int(config.num_key_value_heads) * int(getattr(config, "head_dim", h // int(
+        config.num_attention_heads)))
+    params = h * h * 2 + h * kv * 2 + 3 * h * inter
+    return params * torch.empty((), dtype=dtype).element_size()
+
+
+def eos_ids(tokenizer: Any, config: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def measure_tokens_per_s(block: ShardBlock, steps: int = 8) -> float:
+    """Single-token decode steps through the whole block after a short prefill."""
+    cache = block.new_cache()
+    hidden = torch.randn(1, 16, block.hidden_size, dtype=block.dtype, device=block.device)
+    block.forward(hidden, 0, cache)
+    one = hidden[:, :1, :]
+    t0 = time.perf_counter()
+    for i in range(steps):
+        block.forward(one, 16 + i, cache)
+    return steps / max(time.perf_counter() - t0, 1e-9)

@@ -1,0 +1,57 @@
+"""Shared fixtures. The in-process network harness lives in tests/harness.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Test modules import helpers as `tests.harness`; that needs the repository root on
+# sys.path under plain `pytest` too, not only under `python -m pytest`.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_peerd_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A developer's PEERD_* variables (PEERD_HOME above all) must not leak into tests;
+    a test that wants one sets it with monkeypatch."""
+    for name in list(os.environ):
+        if name.startswith("PEERD_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_libp2p() -> None:
+    # py-libp2p logs routine churn at INFO (some modules, e.g. the auto-connector,
+    # set their own logger's level, so the parent's level is not enough). Errors stay.
+    import peerd.node  # noqa: F401  (imports the libp2p modules that create loggers)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("libp2p", "multiaddr", "async_service"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Trio nests failures in exception groups deeper than pytest prints (each
+    libp2p service adds a level): append the leaf exceptions to the report."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    exc = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(exc, BaseExceptionGroup):
+        text = "\n".join("".join(traceback.format_exception(leaf)) for leaf in _leaves(exc))
+        report.sections.append(("exception group leaves", text))

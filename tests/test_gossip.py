@@ -1,0 +1,137 @@
+"""The ledger over real libp2p hosts on loopback: gossip, late-joiner sync, expiry,
+warm restart."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import trio
+
+from peerd.node import LEDGER_DB, Node
+from tests.harness import (
+    connect,
+    converged,
+    events,
+    gossip_window_empty,
+    has_entry,
+    is_connected,
+    open_test_node,
+    swarm,
+    wait_for,
+)
+
+
+async def test_swarm_nodes_listen_on_real_ports(tmp_path: Path) -> None:
+    async with swarm(2, tmp_path, connect="none") as (a, b):
+        for node in (a, b):
+            addr = node.addrs()[0]
+            assert addr.startswith("/ip4/127.0.0.1/tcp/") and "/tcp/0/" not in addr
+            assert addr.endswith(f"/p2p/{node.peer_id}")
+        assert a.peer_id != b.peer_id
+        assert not is_connected(a.host, b.peer_id)
+        # Each node holds its own freshly signed entry from the start.
+        assert [e.peer_id for e in a.ledger.entries()] == [a.peer_id]
+
+
+async def test_line_of_four_converges_and_a_change_crosses_it(tmp_path: Path) -> None:
+    # target_peers=1: nobody dials ledger peers on their own, so the line stays a
+    # line and the change at one end must cross three hops of gossip.
+    async with swarm(4, tmp_path, heartbeat_s=1.0, ttl_heartbeats=10,
+                     target_peers=1) as nodes:
+        first, last = nodes[0], nodes[-1]
+        await wait_for(lambda: converged(nodes), 20, "every ledger holds all 4 entries")
+        for node in nodes:
+            assert len(node.ledger) == 4
+        assert first.connected_peers() == [nodes[1].peer_id]
+        assert last.connected_peers() == [nodes[2].peer_id]
+
+        first.set_skills(["rust", "review"])
+        await wait_for(lambda: has_entry(last, first.peer_id, skills=("rust", "review")), 10,
+                       "the skills change reaches the far end")
+        seen = events(last, "ledger.accepted", peer_id=first.peer_id, changed=True, via="gossip")
+        assert seen, "the far end heard the change over gossip"
+        assert seen[-1].data["source"] == first.peer_id  # authored by first, relayed
+        assert not is_connected(last.host, first.peer_id)
+
+        # Everyone else got it too, and the entry is the very bytes first signed.
+        await wait_for(lambda: all(has_entry(n, first.peer_id, skills=("rust", "review"))
+                                   for n in nodes), 10)
+        own = first.ledger.signed(first.peer_id)
+        assert all(n.ledger.signed(first.peer_id) == own for n in nodes)
+
+
+async def test_star_converges(tmp_path: Path) -> None:
+    async with swarm(3, tmp_path, heartbeat_s=1.0, ttl_heartbeats=10, connect="star",
+                     target_peers=1) as nodes:
+        hub, *leaves = nodes
+        assert sorted(hub.connected_peers()) == sorted(n.peer_id for n in leaves)
+        await wait_for(lambda: converged(nodes), 20, "the leaves learn each other via the hub")
+
+
+async def test_late_joiner_gets_the_ledger_by_sync_before_any_heartbeat(
+    tmp_path: Path,
+) -> None:
+    # With a 30 s heartbeat nobody re-publishes during the test, and once b's gossip
+    # window is empty it cannot replay a's last publish (IHAVE/IWANT) either: what
+    # the late joiner learns about `a` it can only have pulled over ledger-sync.
+    async with swarm(2, tmp_path, heartbeat_s=30.0) as (a, b):
+        await wait_for(lambda: converged([a, b]), 10)
+        await wait_for(lambda: gossip_window_empty(b), 15, "b's gossip window to empty")
+        async with open_test_node(tmp_path / "late", heartbeat_s=30.0) as late:
+            started = trio.current_time()
+            await connect(late, b)
+            await wait_for(lambda: has_entry(late, a.peer_id) and has_entry(late, b.peer_id),
+                           10, "the late joiner holds a's and b's entries")
+            took = trio.current_time() - started
+            assert took < 10.0  # well before the 30 s heartbeat
+            via_a = events(late, "ledger.accepted", peer_id=a.peer_id)
+            assert via_a and via_a[0].data["via"] == "sync"
+            assert via_a[0].data["source"] == b.peer_id  # b re-served a's signed entry
+            assert late.ledger.signed(a.peer_id) == a.ledger.signed(a.peer_id)
+            # And b learnt the newcomer in the same exchange.
+            await wait_for(lambda: has_entry(b, late.peer_id), 10)
+
+
+async def test_entry_expires_everywhere_after_its_peer_stops(tmp_path: Path) -> None:
+    heartbeat = 0.3  # ttl = 3 heartbeats = 0.9 s
+    async with swarm(2, tmp_path, heartbeat_s=heartbeat) as (a, b):
+        async with open_test_node(tmp_path / "leaver", heartbeat_s=heartbeat) as leaver:
+            await connect(leaver, a)
+            await wait_for(lambda: converged([a, b, leaver]), 10)
+            gone = leaver.peer_id
+            assert leaver.config.ttl_s == 3 * heartbeat
+        await wait_for(lambda: gone not in a.ledger and gone not in b.ledger, 10,
+                       "the stopped peer's entry expires on both nodes")
+        for node in (a, b):
+            assert events(node, "ledger.expired", peer_id=gone)
+        # The live peers keep refreshing each other.
+        await trio.sleep(3 * heartbeat)
+        await wait_for(lambda: has_entry(a, b.peer_id) and has_entry(b, a.peer_id), 10)
+        # The expiry reaches SQLite too (flushed within a second or so).
+        await wait_for(lambda: gone not in stored_peers(a), 10, "the row is deleted")
+
+
+async def test_restarted_node_starts_warm_with_the_same_peer_id(tmp_path: Path) -> None:
+    async with swarm(2, tmp_path, heartbeat_s=30.0) as (a, b):
+        await wait_for(lambda: converged([a, b]), 10)
+        a_id, b_id = a.peer_id, b.peer_id
+        a_entry = b.ledger.signed(a_id)
+        b_seq = b.ledger.get(b_id).seq  # type: ignore[union-attr]
+    # Both are down; b's data dir alone must bring back its identity and ledger.
+    async with open_test_node(tmp_path / "n1", heartbeat_s=30.0) as b2:
+        assert b2.peer_id == b_id
+        assert b2.ledger.signed(a_id) == a_entry  # loaded from SQLite, still live
+        assert has_entry(b2, a_id)
+        own = b2.ledger.get(b_id)
+        assert own is not None and own.seq > b_seq  # a freshly signed entry of its own
+        assert b2.status()["ledger_size"] == 2
+
+
+def stored_peers(node: Node) -> set[str]:
+    """Peer ids with a row in the node's SQLite file (read through a second handle)."""
+    con = sqlite3.connect(node.config.data_dir / LEDGER_DB)
+    try:
+        return {row[0] for row in con.execute("SELECT peer_id FROM entries")}
+    finally:
+        con.close()

@@ -1,0 +1,148 @@
+"""The shard pipeline over real in-process libp2p hosts, against single-process
+transformers: a tiny random Llama split 1, 2 and 3 ways; fault tolerance; bad input."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from peerd.inference.runtime import ModelOptions, ModelRuntime
+from peerd.inference.sampling import SamplingParams
+from peerd.inference.source import reference_model, resolve
+from peerd.node import Node
+from tests.harness import swarm, wait_for
+from tests.models import tiny_llama_dir
+
+LOGIT_ATOL = 1e-4  # float32 everywhere: the chain must match one process this closely
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path) -> torch.nn.Module:
+    return reference_model(resolve(str(tiny)))
+
+
+PROMPT = [5, 17, 33, 101, 7, 250, 12, 64, 3, 99]
+
+
+def reference_tokens(model: torch.nn.Module, prompt: Sequence[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([list(prompt)]), do_sample=False,  # type: ignore[operator]
+                             max_new_tokens=n, min_new_tokens=n)
+    return [int(t) for t in out[0, len(prompt):]]
+
+
+@contextlib.asynccontextmanager
+async def model_swarm(tmp_path: Path, spec: Path, splits: Sequence[tuple[int, int]],
+                      extra_nodes: int = 0) -> AsyncIterator[tuple[list[Node],
+                                                                   list[ModelRuntime]]]:
+    """One node per split (plus `extra_nodes` without a model), all connected."""
+    async with swarm(len(splits) + extra_nodes, tmp_path, connect="star",
+                     heartbeat_s=2.0) as nodes:
+        runtimes = [await ModelRuntime.start(node, ModelOptions(str(spec), layers=split))
+                    for node, split in zip(nodes, splits, strict=False)]
+        ids = {n.peer_id for n in nodes}
+        await wait_for(lambda: all({e.peer_id for e in n.ledger.entries() if e.models}
+                                   >= {r.node.peer_id for r in runtimes} for n in nodes),
+                       15, "every ledger to list every shard")
+        await wait_for(lambda: all(set(n.connected_peers()) >= ids - {n.peer_id}
+                                   for n in nodes), 15, "a full mesh")
+        yield nodes, runtimes
+
+
+async def generate(runtime: ModelRuntime, prompt: Sequence[int], n: int = NEW_TOKENS,
+                   on_token: object = None) -> tuple[list[int], dict[str, object]]:
+    tokens: list[int] = []
+
+    async def collect(token: int) -> bool:
+        tokens.append(token)
+        if callable(on_token):
+            await on_token(len(tokens))
+        return True
+
+    stats = await runtime.generator.generate(list(prompt), SamplingParams(max_tokens=n),
+                                             collect)
+    return tokens, stats.to_json()
+
+
+@pytest.mark.parametrize("splits", [[(0, 4)], [(0, 2), (2, 4)], [(0, 1), (1, 3), (3, 4)]],
+                         ids=["1-way", "2-way", "3-way"])
+async def test_split_matches_single_process(tmp_path: Path, tiny: Path,
+                                           reference: torch.nn.Module,
+                                           splits: list[tuple[int, int]]) -> None:
+    expected = reference_tokens(reference, PROMPT, NEW_TOKENS)
+    async with model_swarm(tmp_path, tiny, splits) as (_, runtimes):
+        entry = runtimes[-1]  # the entry serves the last span: the route starts elsewhere
+        tokens, info = await generate(entry, PROMPT)
+        assert tokens == expected
+        assert [hop["layers"] for hop in info["route"]] == [list(s) for s in splits]  # type: ignore[index, union-attr]
+
+        # Per-position logits of the prompt through the pipeline vs one process.
+        route = entry.generator.route()
+        session = await entry.generator.pipeline.open(route, 64)  # type: ignore[arg-type]
+        try:
+            with torch.inference_mode():
+                hidden = entry.head.embed(torch.tensor([PROMPT]))
+            result = await session.step(hidden, 0)
+        finally:
+            await session.close()
+        with torch.inference_mode():
+            ours = entry.head.logits(result.hidden)[0]  # [T, V]
+            theirs = reference(torch.tensor([PROMPT])).logits[0]  # type: ignore[operator]
+        diff = (ours - theirs).abs().max().item()
+        print(f"{len(splits)}-way: max |logit diff| = {diff:.2e} (tolerance {LOGIT_ATOL})")
+        assert diff < LOGIT_ATOL
+
+
+async def test_failed_shard_is_rerouted_and_replayed(tmp_path: Path, tiny: Path,
+                                                     reference: torch.nn.Module) -> None:
+    """Two replicas of [2, 4): the serving one fails mid-generation; the request
+    completes through the other with the same tokens. (The process-level crash, a
+    SIGKILLed peer, is tested on the testnet.)"""
+    expected = reference_tokens(reference, PROMPT, 12)
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4)]) as (_, runtimes):
+        entry = runtimes[0]
+        route = entry.generator.route()
+        serving = route.spans[-1].peer_id  # type: ignore[union-attr]
+        victim = next(r for r in runtimes if r.node.peer_id == serving)
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("simulated GPU failure")
+
+        async def fail_after_five(produced: int) -> None:
+            if produced == 5:
+                victim.block.forward = broken  # type: ignore[method-assign]
+
+        tokens, info = await generate(entry, PROMPT, 12, fail_after_five)
+        assert tokens == expected
+        assert info["reroutes"] == 1
+        assert info["route"][-1]["peer_id"] != serving  # type: ignore[index]
+        assert any(e.type == "inference.ban" and e.data["peer_id"] == serving
+                   for e in entry.node.events.recent())
+
+
+async def test_no_coverage_names_the_missing_layers(tmp_path: Path, tiny: Path) -> None:
+    from peerd.inference.generate import NoCoverage
+
+    async with model_swarm(tmp_path, tiny, [(0, 1), (3, 4)]) as (_, runtimes):
+        with pytest.raises(NoCoverage, match=r"\[1, 3\)"):
+            await generate(runtimes[0], PROMPT)
+
+
+async def test_entry_alone_with_the_whole_model(tmp_path: Path, tiny: Path,
+                                                reference: torch.nn.Module) -> None:
+    """A single peer serving every layer routes through itself (loopback streams)."""
+    async with model_swarm(tmp_path, tiny, [(0, 4)]) as (_, runtimes):
+        with trio.fail_after(30):
+            tokens, _ = await generate(runtimes[0], PROMPT)
+    assert tokens == reference_tokens(reference, PROMPT, NEW_TOKENS)

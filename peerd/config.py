@@ -31,8 +31,8 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {setting} ({source}): {problem}")
 
 
-def default_data_dir() -> Path:
-    home = os.environ.get("PEERD_HOME")
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    home = (os.environ if environ is None else environ).get("PEERD_HOME")
     if home:
         return Path(home).expanduser()
     return Path.home() / ".local" / "share" / "peerd"
@@ -194,7 +194,7 @@ def load_config(
 
     layers: list[tuple[str, Mapping[str, Any]]] = []
     if config_file is None:
-        data_dir_guess = flags.get("data_dir") or env.get("data_dir") or default_data_dir()
+        data_dir_guess = flags.get("data_dir") or env.get("data_dir") or default_data_dir(environ)
         candidate = Path(data_dir_guess).expanduser() / "config.toml"
         if candidate.exists():
             config_file = candidate
@@ -214,6 +214,7 @@ def load_config(
                 label = "--" + name.replace("_", "-")
             values[name] = _coerce(name, raw, label)
             sources[name] = label
+    values.setdefault("data_dir", default_data_dir(environ))
     cfg = Config(**values)
     _check(cfg, sources)
     return cfg

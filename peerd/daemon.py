@@ -46,10 +46,12 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     if level != "debug":
-        # py-libp2p logs routine churn (failed dials, resets) at warning and above.
-        logging.getLogger("libp2p").setLevel(logging.ERROR)
-        logging.getLogger("multiaddr").setLevel(logging.ERROR)
-        logging.getLogger("async_service").setLevel(logging.ERROR)
+        # py-libp2p logs routine churn (failed dials, resets) at info and warning, and
+        # some of its modules set their own logger's level, so quiet each one.
+        for name in ["libp2p", "multiaddr", "async_service",
+                     *logging.root.manager.loggerDict]:
+            if name.split(".")[0] in ("libp2p", "multiaddr", "async_service"):
+                logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def check_listen_ports(listen: tuple[str, ...]) -> None:

@@ -40,7 +40,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from peerd import __version__
 from peerd.config import Config
 from peerd.events import EventBus
-from peerd.ledger import Accepted, Ledger, LedgerReject, LedgerStore, sign_entry
+from peerd.ledger import Accepted, Ledger, LedgerReject, LedgerStore, sign_entry, verify_entry
 from peerd.loopback import loopback_pair
 from peerd.metrics import Metrics
 from peerd.rpc import call, stream_handler
@@ -66,6 +66,7 @@ PING_TIMEOUT_S = 3.0
 PING_INTERVAL_S = 8.0  # under the 10 s after which the remote idles a ping stream out
 SYNC_INTERVAL_S = 30.0  # don't re-pull a snapshot from the same peer more often
 MAX_DIAL_BACKOFF_S = 60.0
+MAX_OFFENDERS_TRACKED = 4096
 
 
 class Node:
@@ -189,10 +190,15 @@ class Node:
 
     def offence(self, peer: str, reason: str, detail: str) -> None:
         """Count input refused from `peer` (metrics, events, per-peer tally)."""
-        self.offences[peer][reason] += 1
+        self._tally(peer, reason)
         self.metrics.rejections.labels(reason).inc()
         log.info("refused input from %s: %s (%s)", peer, reason, detail)
         self.events.publish("peer.offence", peer_id=peer, reason=reason, detail=detail[:300])
+
+    def _tally(self, peer: str, reason: str) -> None:
+        if peer not in self.offences and len(self.offences) >= MAX_OFFENDERS_TRACKED:
+            del self.offences[next(iter(self.offences))]  # forget the oldest offender
+        self.offences[peer][reason] += 1
 
     # ---- the ledger ----------------------------------------------------------------
 
@@ -222,16 +228,26 @@ class Node:
         self._publish_now.set()
         return entry
 
+    def _reject_entry(self, source: str, reason: str, detail: str, via: str, *,
+                      offence: bool = True) -> None:
+        self.metrics.rejections.labels(reason).inc()
+        if offence:
+            self._tally(source, reason)
+        self.events.publish("ledger.rejected", peer_id=source, reason=reason,
+                            detail=detail[:300], via=via)
+        log.info("ledger entry from %s refused (%s): %s", source, reason, detail)
+
     def _merge(self, signed: SignedEntry, *, source: str, origin: str) -> bool:
         """Offer one entry to the ledger; True when it was new. Never raises PeerError."""
         try:
             outcome = self.ledger.offer(signed, time.time())
         except LedgerReject as exc:
-            self.metrics.rejections.labels(exc.reason).inc()
-            self.offences[source][exc.reason] += 1
-            self.events.publish("ledger.rejected", peer_id=source, reason=exc.reason,
-                                detail=str(exc)[:300], via=origin)
-            log.info("ledger entry from %s refused (%s): %s", source, exc.reason, exc)
+            if exc.reason in ("stale_seq", "expired"):
+                # A snapshot (or a gossip copy that raced ours) may honestly carry an
+                # older entry of a third peer; the gossip validator catches replays.
+                self.metrics.rejections.labels("late_copy").inc()
+            else:
+                self._reject_entry(source, exc.reason, str(exc), origin)
             return False
         if not isinstance(outcome, Accepted):
             return False
@@ -280,12 +296,37 @@ class Node:
             self._merge(signed, source=source, origin="gossip")
 
     def _validate_gossip(self, forwarder: Any, msg: Any) -> bool:
-        """Topic validator: must never raise (LIBP2P_NOTES.md trap 2)."""
+        """Topic validator: must never raise (LIBP2P_NOTES.md trap 2).
+
+        Only authentic, current entries travel on. Honest peers publish only their own
+        entry, so an entry published by another peer (strict signing authenticates the
+        publisher) that is stale or expired is a deliberate replay: an offence. The
+        author's own late copies are gossip's normal catch-up: dropped quietly.
+        """
         try:
+            publisher = str(ID(msg.from_id)) if msg.from_id else str(forwarder)
             if len(msg.data) > wire.MAX_ENTRY_BYTES + 1024:
-                self.offence(str(forwarder), "oversized", f"{len(msg.data)} byte gossip message")
+                self.offence(publisher, "oversized", f"{len(msg.data)} byte gossip message")
                 return False
-            decode(msg.data, SignedEntry)
+            signed = decode(msg.data, SignedEntry)
+            try:
+                entry = verify_entry(signed)
+            except LedgerReject as exc:
+                self._reject_entry(publisher, exc.reason, str(exc), "gossip", offence=True)
+                return False
+            own = publisher == entry.peer_id
+            held = self.ledger.get(entry.peer_id)
+            if held is not None and entry.seq < held.seq:
+                if own:
+                    self.metrics.rejections.labels("late_copy").inc()
+                else:
+                    self._reject_entry(publisher, "stale_seq", f"replay of {entry.peer_id}'s "
+                                       f"seq {entry.seq} (we hold {held.seq})", "gossip")
+                return False
+            if entry.expires_at <= time.time():
+                self._reject_entry(publisher, "expired", f"entry of {entry.peer_id} expired",
+                                   "gossip", offence=not own)
+                return False
             return True
         except PeerError as exc:
             self.offence(str(forwarder), exc.reason, str(exc))
@@ -426,7 +467,14 @@ class Node:
 
     async def _serve_sync(self, peer: str, request: SyncRequest) -> SyncResponse:
         self.metrics.messages.labels("out", "ledger.sync").inc()
-        return SyncResponse(entries=tuple(self.ledger.signed_entries()))
+        budget = wire.SYNC.max_response_bytes - 4096  # room for framing and map overhead
+        entries = []
+        for signed in self.ledger.signed_entries()[: wire.MAX_SNAPSHOT_ENTRIES]:
+            budget -= len(signed.body) + len(signed.sig) + 32
+            if budget < 0:
+                break
+            entries.append(signed)
+        return SyncResponse(entries=tuple(entries))
 
     # -- RTT probes
 

@@ -78,6 +78,15 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log verbosity [info].")
 @click.option("--heartbeat-s", type=float, help="Ledger heartbeat in seconds [10].")
+@click.option("--model", metavar="SPEC", help="Serve a model: smollm2, a .gguf file, a model "
+              "directory or a cached Hugging Face repo id.")
+@click.option("--layers", metavar="A:B", help="Serve decoder layers [A, B) [the least-served "
+              "window that fits memory].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Compute dtype [auto: float32 on CPU, bfloat16/float16 on CUDA].")
+@click.option("--torch-threads", type=int, help="torch intra-op threads [all cores]; set it "
+              "when several peers share a machine.")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run
@@ -96,8 +105,12 @@ def start(config_file: Path | None, **flags: Any) -> None:
         console.print(f"  data dir {config.data_dir}", highlight=False)
         console.file.flush()
 
+    def progress(phase: str) -> None:
+        console.print(f"  [cyan]model[/]    {phase}", highlight=False)
+        console.file.flush()
+
     try:
-        code = run(config, announce=announce)
+        code = run(config, announce=announce, progress=progress)
     except StartupError as exc:
         fail(str(exc), 1)
     sys.exit(code)

@@ -20,6 +20,8 @@ import multiaddr
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API = "127.0.0.1:4100"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -60,6 +62,25 @@ class Config:
     ttl_heartbeats: int = 3
     # Connectivity: keep at least this many peers connected, dialing ledger peers.
     target_peers: int = 8
+    # Inference. `model` is a SPEC: the alias smollm2, a .gguf file, a local model
+    # directory or a cached Hugging Face repo id; empty: this peer serves no model.
+    model: str = ""
+    # "A:B" serves decoder layers [A, B); empty: the least-served window that fits memory.
+    layers: str = ""
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # torch intra-op threads; 0 = torch's default (all cores). Set it when several
+    # peers share one machine.
+    torch_threads: int = 0
+    max_sessions: int = 32  # pipeline sessions this peer holds KV caches for
+    kv_cache_mb: int = 2048  # KV cache memory all those sessions may reserve together
+
+    @property
+    def layer_range(self) -> tuple[int, int] | None:
+        if not self.layers:
+            return None
+        a, b = self.layers.split(":")
+        return int(a), int(b)
 
     @property
     def api_host(self) -> str:
@@ -101,7 +122,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(name, source, f"expected a number, got {value!r}") from None
-    if name in ("ttl_heartbeats", "target_peers"):
+    if name in ("ttl_heartbeats", "target_peers", "torch_threads", "max_sessions",
+                "kv_cache_mb"):
         if isinstance(value, bool | float):  # int(2.5) would quietly truncate
             raise ConfigError(name, source, f"expected an integer, got {value!r}")
         try:
@@ -141,6 +163,22 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
         raise bad("ttl_heartbeats", f"{cfg.ttl_heartbeats} is outside 1..100")
     if not 1 <= cfg.target_peers <= 1000:
         raise bad("target_peers", f"{cfg.target_peers} is outside 1..1000")
+    if cfg.layers:
+        a, sep, b = cfg.layers.partition(":")
+        if not sep or not a.isdigit() or not b.isdigit() or int(a) >= int(b):
+            raise bad("layers", f"{cfg.layers!r} is not A:B with A < B (e.g. 0:15)")
+        if not cfg.model:
+            raise bad("layers", "--layers needs --model")
+    if cfg.device not in DEVICES:
+        raise bad("device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}")
+    if cfg.dtype not in DTYPES:
+        raise bad("dtype", f"{cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if not 0 <= cfg.torch_threads <= 1024:
+        raise bad("torch_threads", f"{cfg.torch_threads} is outside 0..1024")
+    if not 1 <= cfg.max_sessions <= 10_000:
+        raise bad("max_sessions", f"{cfg.max_sessions} is outside 1..10000")
+    if not 1 <= cfg.kv_cache_mb <= 10_000_000:
+        raise bad("kv_cache_mb", f"{cfg.kv_cache_mb} is outside 1..10000000")
     if len(cfg.name) > 64:
         raise bad("name", "longer than 64 characters")
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):

@@ -28,6 +28,8 @@ from peerd.datadir import (
     write_runtime_file,
 )
 from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
+from peerd.inference.host import ModelHost, ModelOptions, ShardLimits
+from peerd.inference.source import ModelError, resolve
 from peerd.ledger import LedgerStoreError
 from peerd.node import open_node
 
@@ -77,7 +79,7 @@ def check_listen_ports(listen: tuple[str, ...]) -> None:
                 ) from None
 
 
-def run(config: Config, *, announce: Any = print) -> int:
+def run(config: Config, *, announce: Any = print, progress: Any = None) -> int:
     """Run the daemon until a signal; returns the exit code."""
     setup_logging(config.log_level)
     try:
@@ -87,10 +89,13 @@ def run(config: Config, *, announce: Any = print) -> int:
         token = load_or_create_token(config.data_dir)
         check_listen_ports(config.listen)
         api_config, sockets = bind(config.api_host, config.api_port)
-    except (IdentityError, ApiBindError, DataDirInUse) as exc:
+        if config.model:
+            resolve(config.model)  # a wrong SPEC fails now, in words, not after start-up
+    except (IdentityError, ApiBindError, DataDirInUse, ModelError) as exc:
         raise StartupError(str(exc)) from None
     try:
-        trio.run(_main, config, key_pair, token, api_config, sockets, announce)
+        trio.run(_main, config, key_pair, token, api_config, sockets, announce,
+                 progress or (lambda phase: log.info("model: %s", phase)))
     except LedgerStoreError as exc:
         raise StartupError(str(exc)) from None
     finally:
@@ -98,8 +103,18 @@ def run(config: Config, *, announce: Any = print) -> int:
     return 0
 
 
+def model_options(config: Config) -> ModelOptions | None:
+    if not config.model:
+        return None
+    limits = ShardLimits(max_sessions=config.max_sessions,
+                         max_kv_bytes=config.kv_cache_mb * 2**20)
+    return ModelOptions(spec=config.model, layers=config.layer_range, device=config.device,
+                        dtype=config.dtype, torch_threads=config.torch_threads, limits=limits)
+
+
 async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sockets: Any,
-                announce: Any) -> None:
+                announce: Any, progress: Any) -> None:
+    models = ModelHost(model_options(config))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config, key_pair) as node:
             shutdown = trio.Event()
@@ -111,8 +126,10 @@ async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sock
             write_runtime_file(config.data_dir, info)
             announce(info)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve, create_app(node, token), api_config, sockets,
-                                   shutdown)
+                nursery.start_soon(serve, create_app(node, token, models), api_config,
+                                   sockets, shutdown)
+                if models.options is not None:
+                    nursery.start_soon(models.load, node, progress)
                 async for signum in signals:
                     log.info("%s received; shutting down", signal.Signals(signum).name)
                     break

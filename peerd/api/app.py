@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from peerd.inference.host import ModelHost
 from peerd.node import Node
 
 OPEN_PATHS = {"/health"}
@@ -54,12 +55,15 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(node: Node, token: str) -> ASGIApp:
+def create_app(node: Node, token: str, models: ModelHost | None = None) -> ASGIApp:
+    models = models or ModelHost(None)
+
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "peer_id": node.peer_id, "name": node.name})
 
     async def status(request: Request) -> Response:
-        return JSONResponse({**node.status(), "api": str(request.base_url).rstrip("/")})
+        return JSONResponse({**node.status(), "api": str(request.base_url).rstrip("/"),
+                             "model": models.to_json()})
 
     async def peers(request: Request) -> Response:
         return JSONResponse(node.peers())

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -21,9 +19,10 @@ import trio
 
 from peerd.inference.generate import Generator
 from peerd.inference.head import Head
+from peerd.inference.host import ModelOptions, Progress
 from peerd.inference.pipeline import Pipeline
 from peerd.inference.placement import choose_layers, window_size
-from peerd.inference.service import ShardLimits, ShardServer
+from peerd.inference.service import ShardServer
 from peerd.inference.shard import ShardBlock, set_torch_threads
 from peerd.inference.source import ModelSource, load_config, load_tokenizer, resolve
 from peerd.inference.tensors import DTYPE_NAMES, TORCH_DTYPES
@@ -34,16 +33,6 @@ log = logging.getLogger(__name__)
 
 PLACEMENT_WAIT_S = 3.0  # how long a new peer listens to the ledger before choosing layers
 MEMORY_FRACTION = 0.6  # of available memory a peer may fill with layers
-
-
-@dataclass(frozen=True, slots=True)
-class ModelOptions:
-    spec: str
-    layers: tuple[int, int] | None = None
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    torch_threads: int = 0  # 0: torch's default
-    limits: ShardLimits = field(default_factory=ShardLimits)
 
 
 def pick_device(device: str) -> str:
@@ -60,9 +49,6 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32  # CPU matmuls in half precision are slow and lossy
-
-
-Progress = Callable[[str], None]
 
 
 class ModelRuntime:
@@ -174,3 +160,4 @@ def measure_tokens_per_s(block: ShardBlock, steps: int = 8) -> float:
     for i in range(steps):
         block.forward(one, 16 + i, cache)
     return steps / max(time.perf_counter() - t0, 1e-9)
+

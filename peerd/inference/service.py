@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import trio
 from libp2p.peer.id import ID
 
+from peerd.inference.host import ShardLimits
 from peerd.inference.tensors import TORCH_DTYPES, from_wire, to_wire
 from peerd.node import Node
 from peerd.rpc import close_stream, remote_peer
@@ -66,14 +67,6 @@ class Block(Protocol):
                 span: tuple[int, int] | None = None) -> Any: ...
     def cache_len(self, cache: Any) -> int: ...
     def kv_bytes_per_position(self, span: tuple[int, int] | None = None) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ShardLimits:
-    max_sessions: int = 32
-    max_kv_bytes: int = 2 * 2**30  # KV reserved for all sessions' max_length together
-    max_length: int = 8192  # positions one session may reach
-    session_ttl_s: float = 300.0  # a session idle this long is closed
 
 
 class Refused(Exception):

@@ -43,6 +43,7 @@ class ModelServed(Message):
     layer_end: int  # exclusive: the shard serves decoder layers [start, end)
     dtype: str
     tokens_per_s: float = 0.0
+    num_layers: int = 0  # of the whole model, so anyone can tell what is missing
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,8 @@ class ModelRuntime:
                               compute=compute, wire_dtype=DTYPE_NAMES[dtype])
         node.set_models((ModelServed(model_id=source.model_id, layer_start=start,
                                      layer_end=end, dtype=DTYPE_NAMES[dtype],
-                                     tokens_per_s=round(tokens_per_s, 2)),))
+                                     tokens_per_s=round(tokens_per_s, 2),
+                                     num_layers=num_layers),))
         progress(f"serving layers [{start}, {end}) at {tokens_per_s:.1f} tokens/s")
         return cls(node, source, block, head, tokenizer, generator, server, tokens_per_s)
 

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from peerd.api.openai import routes as openai_routes
 from peerd.inference.host import ModelHost
 from peerd.node import Node
 
@@ -105,6 +106,7 @@ def create_app(node: Node, token: str, models: ModelHost | None = None) -> ASGIA
         Route("/metrics", metrics),
         Route("/events", events),
         Route("/capabilities", capabilities, methods=["POST"]),
+        *openai_routes(node, models),
     ])
 
     def on_reject(reason: str) -> None:

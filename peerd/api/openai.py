@@ -1,0 +1,371 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models.
+
+Any peer that holds the model's head (every model peer does) takes a request,
+routes it through the swarm's shards and answers in OpenAI's format, streamed as
+Server-Sent Events when asked. Each response also carries a `peerd` object: the
+route, tokens/s and where the time went. Errors use OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from peerd.inference.host import ModelHost
+from peerd.inference.routing import NoRoute, Server, find_route
+from peerd.node import Node
+
+MAX_BODY_BYTES = 1 << 20
+MAX_PROMPT_CHARS = 200_000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.body()}, status_code=self.status)
+
+    def body(self) -> dict[str, Any]:
+        return {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A validated request, chat or plain."""
+
+    chat: bool
+    model: str
+    messages: list[dict[str, str]]
+    prompt: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def parse(body: Any, *, chat: bool) -> Completion:
+    """Validate an OpenAI request body; ApiError(400) names the bad parameter."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required (see GET /v1/models)", param="model")
+    messages: list[dict[str, str]] = []
+    prompt = ""
+    if chat:
+        raw = body.get("messages")
+        if not isinstance(raw, list) or not raw:
+            raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant",
+                               param="messages")
+            messages.append({"role": m["role"], "content": _content(m.get("content"), i)})
+        size = sum(len(m["content"]) for m in messages)
+    else:
+        raw_prompt = body.get("prompt")
+        if isinstance(raw_prompt, list) and len(raw_prompt) == 1:
+            raw_prompt = raw_prompt[0]
+        if not isinstance(raw_prompt, str) or not raw_prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+        prompt = raw_prompt
+        size = len(prompt)
+    if size > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"the prompt is over {MAX_PROMPT_CHARS} characters")
+    default_max = 256 if chat else 16
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
+    max_tokens = default_max if max_tokens is None else max_tokens
+    if not _is_int(max_tokens) or not 1 <= max_tokens <= 8192:
+        raise ApiError(400, "'max_tokens' must be an integer in 1..8192", param="max_tokens")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise ApiError(400, "'top_p' must be above 0", param="top_p")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+        raise ApiError(400, "'seed' must be a non-negative integer", param="seed")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ApiError(400, "'stop' takes up to 4 non-empty strings", param="stop")
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    return Completion(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
+                      stops, stream, include_usage)
+
+
+def _content(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if all(isinstance(p, str) for p in parts) and len(parts) == len(content):
+            return "".join(parts)  # type: ignore[arg-type]
+    raise ApiError(400, f"messages[{i}].content must be text", param="messages")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name, default)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+            or not lo <= v <= hi:
+        raise ApiError(400, f"'{name}' must be a number in {lo}..{hi}", param=name)
+    return float(v)
+
+
+def swarm_models(node: Node) -> dict[str, list[Server]]:
+    """model id -> the servers the ledger lists for it."""
+    out: dict[str, list[Server]] = {}
+    for e in node.ledger.entries():
+        for m in e.models:
+            out.setdefault(m.model_id, []).append(Server(e.peer_id, m.layer_start, m.layer_end,
+                                                         m.tokens_per_s))
+    return out
+
+
+def model_layers(node: Node, model_id: str) -> int:
+    return max((m.num_layers for e in node.ledger.entries() for m in e.models
+                if m.model_id == model_id), default=0)
+
+
+def routes(node: Node, models: ModelHost) -> list[Route]:
+    async def list_models(request: Request) -> Response:
+        data = []
+        for model_id, servers in sorted(swarm_models(node).items()):
+            layers = model_layers(node, model_id)
+            if layers and not isinstance(find_route(servers, layers), NoRoute):
+                data.append({"id": model_id, "object": "model", "created": 0,
+                             "owned_by": "peerd", "peerd": {"num_layers": layers,
+                                                             "servers": len(servers)}})
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(request: Request) -> Response:
+        return await _complete(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await _complete(request, chat=False)
+
+    async def _complete(request: Request, *, chat: bool) -> Response:
+        try:
+            body = await _json(request)
+            req = parse(body, chat=chat)
+            runtime = _runtime(models, req.model)
+            prepared = await _prepare(runtime, req)
+        except ApiError as exc:
+            return exc.response()
+        if req.stream:
+            return StreamingResponse(_stream(runtime, req, prepared),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            text, stats = await _run(runtime, req, prepared, None)
+        except ApiError as exc:
+            return exc.response()
+        return JSONResponse(_final(runtime, req, text, stats))
+
+    return [
+        Route("/v1/models", list_models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+
+
+async def _json(request: Request) -> Any:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def _runtime(models: ModelHost, model: str) -> Any:
+    if models.state == "none":
+        raise ApiError(503, "this peer serves no model; ask a peer started with --model, or "
+                       "restart this one with --model SPEC", "service_unavailable")
+    if models.state == "loading":
+        raise ApiError(503, f"the model is still loading ({models.phase}); try again shortly",
+                       "service_unavailable")
+    if models.state == "failed" or models.runtime is None:
+        raise ApiError(503, f"the model failed to load: {models.error}", "service_unavailable")
+    runtime = models.runtime
+    assert models.options is not None
+    if model not in (runtime.model_id, models.options.spec):
+        raise ApiError(404, f"model {model!r} is not served here; this peer serves "
+                       f"{runtime.model_id!r}", code="model_not_found", param="model")
+    return runtime
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    ids: list[int]
+    params: Any  # SamplingParams
+
+
+async def _prepare(runtime: Any, req: Completion) -> _Prepared:
+    """Tokenise, check the length and that the swarm covers the model (503 if not)."""
+    from peerd.inference.sampling import SamplingParams
+
+    tok = runtime.tokenizer
+    if req.chat:
+        text = await trio.to_thread.run_sync(
+            lambda: tok.apply_chat_template(req.messages, add_generation_prompt=True,
+                                            tokenize=False))
+    else:
+        text = req.prompt
+    ids = await trio.to_thread.run_sync(
+        lambda: list(tok(text, add_special_tokens=not req.chat)["input_ids"]))
+    limit = runtime.server.limits.max_length
+    if len(ids) + req.max_tokens > limit:
+        raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceed "
+                       f"the context of {limit} positions", param="max_tokens")
+    route = runtime.generator.route()
+    if isinstance(route, NoRoute):
+        raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: no peer "
+                       f"serves layers {route.describe()}", "service_unavailable",
+                       code="missing_layers")
+    params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
+                            top_p=req.top_p, seed=req.seed, stop=req.stop)
+    return _Prepared(ids, params)
+
+
+Emit = Callable[[str], Awaitable[bool]]
+
+
+async def _run(runtime: Any, req: Completion, prepared: _Prepared, emit: Emit | None
+               ) -> tuple[str, Any]:
+    """Generate; `emit(text_delta)` for streaming (returns False when the client left)."""
+    from peerd.inference.generate import GenerationFailed, NoCoverage
+    from peerd.inference.text import TextStream
+
+    tok = runtime.tokenizer
+    text = TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True), req.stop)
+
+    async def on_token(token: int) -> bool:
+        delta = text.push(token)
+        if delta and emit is not None and not await emit(delta):
+            return False
+        return not text.stopped
+
+    try:
+        stats = await runtime.generator.generate(prepared.ids, prepared.params, on_token)
+    except NoCoverage as exc:
+        raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: {exc}",
+                       "service_unavailable", code="missing_layers") from None
+    except GenerationFailed as exc:
+        raise ApiError(503, str(exc), "service_unavailable", code="pipeline_failed") from None
+    rest = text.flush()
+    if rest and emit is not None:
+        await emit(rest)
+    return text.text(), stats
+
+
+def _ids(req: Completion) -> tuple[str, str, str]:
+    if req.chat:
+        return "chatcmpl-" + secrets.token_hex(12), "chat.completion", "chat.completion.chunk"
+    return "cmpl-" + secrets.token_hex(12), "text_completion", "text_completion"
+
+
+def _usage(stats: Any) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+
+
+def _final(runtime: Any, req: Completion, text: str, stats: Any) -> dict[str, Any]:
+    cid, obj, _ = _ids(req)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": stats.finish_reason}
+    if req.chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice.update(text=text, logprobs=None)
+    return {"id": cid, "object": obj, "created": int(time.time()), "model": runtime.model_id,
+            "choices": [choice], "usage": _usage(stats), "peerd": stats.to_json()}
+
+
+async def _stream(runtime: Any, req: Completion, prepared: _Prepared) -> AsyncIterator[str]:
+    """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Generation runs in the
+    node's nursery and hands text over a channel, so a client that disconnects stops it."""
+    cid, _, chunk_obj = _ids(req)
+    created = int(time.time())
+    send, recv = trio.open_memory_channel[tuple[str, Any]](64)
+
+    def chunk(delta: dict[str, Any] | str | None, finish: str | None = None,
+              **extra: Any) -> str:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+        if req.chat:
+            choice["delta"] = delta if isinstance(delta, dict) else (
+                {"content": delta} if delta else {})
+        else:
+            choice.update(text=delta if isinstance(delta, str) else "", logprobs=None)
+        body = {"id": cid, "object": chunk_obj, "created": created, "model": runtime.model_id,
+                "choices": [choice], **extra}
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    async def produce() -> None:
+        async with send:
+            async def emit(delta: str) -> bool:
+                try:
+                    await send.send(("text", delta))
+                    return True
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return False
+
+            try:
+                _, stats = await _run(runtime, req, prepared, emit)
+                await send.send(("done", stats))
+            except ApiError as exc:
+                await send.send(("error", exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    runtime.node.nursery.start_soon(produce)
+    async with recv:
+        if req.chat:
+            yield chunk({"role": "assistant", "content": ""})
+        async for kind, value in recv:
+            if kind == "text":
+                yield chunk(value)
+            elif kind == "error":
+                yield f"data: {json.dumps({'error': value.body()})}\n\n"
+            else:
+                extra: dict[str, Any] = {"peerd": value.to_json()}
+                if req.include_usage:
+                    extra["usage"] = _usage(value)
+                yield chunk(None, value.finish_reason, **extra)
+        yield "data: [DONE]\n\n"

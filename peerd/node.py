@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import secrets
 import time
 from collections import Counter, defaultdict
@@ -27,6 +28,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
@@ -67,6 +69,7 @@ PING_INTERVAL_S = 8.0  # under the 10 s after which the remote idles a ping stre
 SYNC_INTERVAL_S = 30.0  # don't re-pull a snapshot from the same peer more often
 MAX_DIAL_BACKOFF_S = 60.0
 MAX_OFFENDERS_TRACKED = 4096
+CONNECT_SETTLE_S = 0.5
 
 
 class Node:
@@ -278,6 +281,7 @@ class Node:
             nursery.start_soon(self._connectivity_loop)
             nursery.start_soon(self._on_connect_loop, recv)
             nursery.start_soon(self._rtt_loop)
+            nursery.start_soon(self._anti_entropy_loop)
             nursery.start_soon(self._peerstore_cleanup_loop)
             task_status.started()
 
@@ -398,7 +402,26 @@ class Node:
         await trio.sleep(0.05)
         while True:
             await self._fill_connections()
+            self._repair_gossip_streams()
             await trio.sleep(2.0)
+
+    def _repair_gossip_streams(self) -> None:
+        """Re-open the gossip stream to every connected peer that lost it.
+
+        py-libp2p registers a peer with pubsub on the connection event only; when
+        two connections to one peer race and the one carrying the pubsub stream
+        closes, the peer stays connected but out of the mesh for good. (Pubsub
+        has the retry for this; it just is not triggered in that case.)
+        """
+        retry = getattr(self.pubsub, "_schedule_peer_stream_retry", None)
+        if retry is None:
+            return
+        for pid in self.host.get_network().connections:
+            if pid not in self.pubsub.peers:
+                try:
+                    retry(pid)
+                except Exception:
+                    log.debug("gossip stream repair for %s failed", pid, exc_info=True)
 
     async def _fill_connections(self) -> None:
         connected = set(self.connected_peers())
@@ -447,9 +470,31 @@ class Node:
                 if last is not None and trio.current_time() - last < SYNC_INTERVAL_S:
                     continue
                 self._synced_at[pid] = trio.current_time()
-                nursery.start_soon(self._pull_snapshot, pid)
-                nursery.start_soon(self._probe_rtt, pid)
-                self._publish_now.set()  # let the newcomer hear our entry soon
+                nursery.start_soon(self._welcome, pid)
+
+    async def _welcome(self, pid: str) -> None:
+        """A new connection: pull the peer's ledger (both sides do, so each learns the
+        other's entry within a round trip) and measure the link.
+
+        Waits a moment first, and opens one stream at a time: streams opened while
+        py-libp2p is still running identify and setting up gossip on a fresh
+        connection stall its protocol negotiation (seen: the gossip stream never
+        came up, leaving the peer outside the mesh)."""
+        await trio.sleep(CONNECT_SETTLE_S)
+        await self._pull_snapshot(pid)
+        await self._probe_rtt(pid)
+
+    async def _anti_entropy_loop(self) -> None:
+        """Every half heartbeat, pull the ledger from one random neighbour.
+
+        Gossip is fast but lossy under load; this push-pull backstop keeps every
+        ledger converging (and refreshed before entries expire) regardless."""
+        rng = random.Random()
+        while True:
+            await trio.sleep(max(0.5, self.config.heartbeat_s / 2))
+            peers = self.connected_peers()
+            if peers:
+                await self._pull_snapshot(rng.choice(peers))
 
     async def _pull_snapshot(self, pid: str) -> None:
         """Late-joiner sync: pull the peer's whole ledger over /peerd/ledger-sync."""
@@ -637,12 +682,20 @@ def make_host(config: Config, key_pair: KeyPair) -> Any:
     """TCP + Noise only + yamux only (LIBP2P_NOTES.md trap 4)."""
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
     announce = [multiaddr.Multiaddr(a) for a in config.announce] or None
+    # Our connectivity loop keeps `target_peers` connections from the ledger; py-libp2p's
+    # own auto-connector (aiming at ~200 peerstore peers) would race it with duplicate
+    # connections, whose closing silently drops the pubsub stream to that peer.
+    connections = ConnectionConfig(min_connections=0, low_watermark=0,
+                                   high_watermark=max(64, 4 * config.target_peers),
+                                   max_connections=max(128, 8 * config.target_peers),
+                                   max_connections_per_peer=1)
     return new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
         announce_addrs=announce,
+        connection_config=connections,
     )
 
 

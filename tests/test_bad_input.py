@@ -65,6 +65,7 @@ def assert_counted(node: Node, peer: str, reason: str, event: str) -> None:
 
 
 async def assert_still_serves_sync(node: Node, other: Node) -> None:
+    await wait_for(lambda: has_entry(node, other.peer_id), what="the connection's own sync")
     response = await call(other.host, node.peer_id, SYNC, SyncRequest())
     assert isinstance(response, SyncResponse)
     served = set(response.entries)

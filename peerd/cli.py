@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from peerd import __version__
@@ -312,6 +313,334 @@ def advertise(data_dir: Path | None, api: str | None, token: str | None, as_json
                                                   {"skills": list(skills)})
     emit(r, as_json, lambda d: console.print(
         f"advertising {', '.join(d['skills'])} (seq {d['seq']})", highlight=False))
+
+
+# ---- generation through the local daemon's OpenAI API ----------------------------------
+
+GENERATE_TIMEOUT_S = 600.0  # a whole non-streamed answer from a slow swarm
+CHUNK_TIMEOUT_S = 300.0  # between two streamed chunks (the first waits for the prefill)
+
+
+class CompletionFailed(Exception):
+    """The API refused or broke off a completion; the message is one line."""
+
+
+def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Like client_options, for commands that print no data (so take no --json)."""
+    fn = click.option("--token", envvar="PEERD_TOKEN", help="API bearer token "
+                      "[<data dir>/api_token].")(fn)
+    fn = click.option("--api", "api", envvar="PEERD_API_URL", metavar="URL",
+                      help="API base URL [from <data dir>/daemon.json].")(fn)
+    fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                      help="The daemon's data dir [$PEERD_HOME or ~/.local/share/peerd].")(fn)
+    return fn
+
+
+def _api_error(c: Client, path: str, r: httpx.Response) -> CompletionFailed:
+    if r.status_code == 401:
+        return CompletionFailed(f"the daemon at {c.api} refused the token; pass --token or "
+                                "--data-dir of that daemon")
+    try:
+        message = r.json()["error"]["message"]
+    except Exception:
+        message = r.text[:200]
+    return CompletionFailed(f"POST {path} failed ({r.status_code}): {message}")
+
+
+def post_completion(c: Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One non-streamed completion: the OpenAI response object."""
+    try:
+        r = httpx.post(c.api + path, headers=c._headers(), json=body,
+                       timeout=httpx.Timeout(10.0, read=GENERATE_TIMEOUT_S))
+    except httpx.ConnectError as exc:
+        c._unreachable(exc)
+    except httpx.HTTPError as exc:
+        raise CompletionFailed(f"lost the connection to {c.api} ({type(exc).__name__})"
+                               ) from None
+    if r.status_code != 200:
+        raise _api_error(c, path, r)
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def stream_completion(c: Client, path: str, body: dict[str, Any],
+                      on_text: Callable[[str], None]) -> dict[str, Any]:
+    """A streamed completion: `on_text` gets each piece of text as it arrives; returns
+    the response object assembled from the chunks (text, finish reason, usage, peerd)."""
+    chat = path.endswith("/chat/completions")
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    parts: list[str] = []
+    final: dict[str, Any] = {}  # id, model, finish_reason, usage, peerd: wherever they came
+    try:
+        with httpx.stream("POST", c.api + path, headers=c._headers(), json=body,
+                          timeout=httpx.Timeout(10.0, read=CHUNK_TIMEOUT_S)) as r:
+            if r.status_code != 200:
+                r.read()
+                raise _api_error(c, path, r)
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    message = chunk["error"].get("message", "unknown error")
+                    raise CompletionFailed(f"the answer broke off: {message}")
+                final.update({k: chunk[k] for k in ("id", "created", "model", "usage", "peerd")
+                              if chunk.get(k) is not None})
+                for part in chunk.get("choices", []):
+                    piece = (part.get("delta", {}).get("content") if chat
+                             else part.get("text")) or ""
+                    if piece:
+                        parts.append(piece)
+                        on_text(piece)
+                    if part.get("finish_reason"):
+                        final["finish_reason"] = part["finish_reason"]
+    except httpx.ConnectError as exc:
+        c._unreachable(exc)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        raise CompletionFailed(f"lost the stream from {c.api} ({type(exc).__name__})"
+                               ) from None
+    if "finish_reason" not in final:
+        raise CompletionFailed(f"the stream from {c.api} ended before the answer did")
+    text = "".join(parts)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": final["finish_reason"]}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice.update(text=text, logprobs=None)
+    return {"id": final.get("id"), "object": "chat.completion" if chat else "text_completion",
+            "created": final.get("created"), "model": final.get("model"), "choices": [choice],
+            "usage": final.get("usage"), "peerd": final.get("peerd", {})}
+
+
+def served_model(c: Client) -> str:
+    """The model the local daemon serves; one line and exit 1 if none is ready."""
+    m = c.request("GET", "/status").get("model") or {}
+    state = m.get("state", "none")
+    if state == "ready" and m.get("model_id"):
+        return str(m["model_id"])
+    if state == "loading":
+        fail(f"the daemon at {c.api} is still loading {m.get('spec', 'its model')} "
+             f"({m.get('phase') or 'starting'}); try again shortly")
+    if state == "failed":
+        fail(f"the daemon at {c.api} failed to load its model ({m.get('error', '?')}); see "
+             "its log, or restart it with another --model")
+    fail(f"the daemon at {c.api} serves no model; restart it with `peerd start --model SPEC` "
+         "(e.g. --model smollm2)")
+
+
+def answer_text(response: dict[str, Any]) -> str:
+    choice = (response.get("choices") or [{}])[0]
+    if "message" in choice:
+        return str(choice["message"].get("content") or "")
+    return str(choice.get("text") or "")
+
+
+def route_line(c: Client, response: dict[str, Any]) -> str:
+    """route alpha [0, 2) -> beta [2, 4) · 41.3 tokens/s · 5 tokens"""
+    info = response.get("peerd") or {}
+    names: dict[str, str] = {}
+    try:  # names are a nicety: the answer is already out, so never fail over them
+        r = httpx.get(c.api + "/ledger", headers=c._headers(), timeout=5.0)
+        if r.status_code == 200:
+            names = {row["peer_id"]: row.get("name") or "" for row in r.json()}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        pass
+    hops = " -> ".join(f"{names.get(h['peer_id']) or h['peer_id'][-8:]} "
+                       f"[{h['layers'][0]}, {h['layers'][1]})"
+                       for h in info.get("route", []))
+    tokens = (response.get("usage") or {}).get("completion_tokens", "?")
+    finish = (response.get("choices") or [{}])[0].get("finish_reason")
+    return (f"route {hops or '?'} | {info.get('tokens_per_s', 0.0):.1f} tokens/s | "
+            f"{tokens} tokens" + (f" ({finish})" if finish else ""))
+
+
+def note(text: str) -> None:
+    """A dim line on stderr, so that stdout carries the answer alone."""
+    err_console.print(text, style="dim", highlight=False, markup=False, soft_wrap=True)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@main.command()
+@client_options
+@click.argument("prompt")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1, 8192),
+              help="Most tokens to generate.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2),
+              help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True),
+              help="Nucleus sampling mass [1].")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Sampling seed [random].")
+@click.option("--stop", multiple=True, help="Stop before this text (repeatable, up to 4).")
+@click.option("--stream/--no-stream", default=False, help="Print tokens as they arrive.")
+@click.option("--raw", is_flag=True, help="Send the prompt as is (/v1/completions), "
+              "not as a chat message.")
+@click.option("--model", "model_id", metavar="ID", help="[the model the daemon serves]")
+def generate(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+             prompt: str, max_tokens: int, temperature: float, top_p: float | None,
+             seed: int | None, stop: tuple[str, ...], stream: bool, raw: bool,
+             model_id: str | None) -> None:
+    """Generate text from PROMPT through the swarm."""
+    c = make_client(data_dir, api, token)
+    body: dict[str, Any] = {"model": model_id or served_model(c), "max_tokens": max_tokens,
+                            "temperature": temperature}
+    if top_p is not None:
+        body["top_p"] = top_p
+    if seed is not None:
+        body["seed"] = seed
+    if stop:
+        body["stop"] = list(stop)
+    if raw:
+        path, body["prompt"] = "/v1/completions", prompt
+    else:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
+    try:
+        if stream:
+            response = stream_completion(c, path, body, (lambda _: None) if as_json else _write)
+            if not as_json:
+                _write("\n")
+        else:
+            response = post_completion(c, path, body)
+            if not as_json:
+                click.echo(answer_text(response))
+    except CompletionFailed as exc:
+        if stream and not as_json:
+            _write("\n")
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(response, indent=2, sort_keys=True))
+    else:
+        note(route_line(c, response))
+
+
+@main.command()
+@connection_options
+@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(1, 8192),
+              help="Most tokens per answer.")
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0, 2))
+@click.option("--system", metavar="TEXT", help="A system message to start with.")
+@click.option("--model", "model_id", metavar="ID", help="[the model the daemon serves]")
+def chat(data_dir: Path | None, api: str | None, token: str | None, max_tokens: int,
+         temperature: float, system: str | None, model_id: str | None) -> None:
+    """Talk with the model; /reset forgets the conversation, /exit, Ctrl-D or Ctrl-C
+    leave."""
+    c = make_client(data_dir, api, token)
+    model = model_id or served_model(c)
+    note(f"chatting with {model} at {c.api}; /reset forgets, /exit leaves")
+    interactive = sys.stdin.isatty()  # piped: no prompt, stdout is the answers alone
+    try:
+        _converse(c, model, system, max_tokens, temperature, "> " if interactive else "")
+    except (EOFError, KeyboardInterrupt):
+        if interactive:
+            _write("\n")
+
+
+def _converse(c: Client, model: str, system: str | None, max_tokens: int,
+              temperature: float, prompt: str) -> None:
+    """Read a line, stream the answer, repeat; returns on /exit or Ctrl-C during an answer
+    (raises EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C at the prompt)."""
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    shown: list[str] = []  # of the answer being streamed
+
+    def show(piece: str) -> None:
+        shown.append(piece)
+        _write(piece)
+
+    while True:
+        line = input(prompt).strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = list(start)
+            note("(history cleared)")
+            continue
+        history.append({"role": "user", "content": line})
+        body = {"model": model, "messages": history, "max_tokens": max_tokens,
+                "temperature": temperature}
+        shown.clear()
+        try:
+            response = stream_completion(c, "/v1/chat/completions", body, show)
+        except CompletionFailed as exc:
+            history.pop()  # the user can ask again
+            if shown:
+                _write("\n")
+            err_console.print(f"[bold red]peerd:[/] {escape(str(exc))}", highlight=False,
+                              soft_wrap=True)
+            continue
+        except KeyboardInterrupt:  # leaving mid-answer: end its line, then leave
+            if shown:
+                _write("\n")
+            return
+        _write("\n")
+        history.append({"role": "assistant", "content": answer_text(response)})
+        note(route_line(c, response))
+
+
+# ---- which peers serve which layers ------------------------------------------------------
+
+
+def shard_map(ledger_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{model_id: {num_layers, servers (by layer start), missing}} from GET /ledger;
+    `missing` is None when no peer advertises the model's layer count."""
+    from peerd.inference.routing import Server, coverage_gaps  # pure: no torch
+
+    out: dict[str, dict[str, Any]] = {}
+    for row in ledger_rows:
+        for m in row.get("models", []):
+            entry = out.setdefault(m["model_id"], {"num_layers": 0, "servers": []})
+            entry["num_layers"] = max(entry["num_layers"], int(m.get("num_layers") or 0))
+            entry["servers"].append({
+                "peer_id": row["peer_id"], "name": row.get("name", ""),
+                "layer_start": m["layer_start"], "layer_end": m["layer_end"],
+                "dtype": m.get("dtype", ""), "tokens_per_s": m.get("tokens_per_s", 0.0)})
+    for entry in out.values():
+        entry["servers"].sort(key=lambda s: (s["layer_start"], s["layer_end"], s["name"],
+                                             s["peer_id"]))
+        spans = [Server(s["peer_id"], s["layer_start"], s["layer_end"])
+                 for s in entry["servers"]]
+        entry["missing"] = ([list(gap) for gap in coverage_gaps(spans, entry["num_layers"])]
+                            if entry["num_layers"] else None)
+    return dict(sorted(out.items()))
+
+
+def coverage_text(entry: dict[str, Any]) -> str:
+    layers = entry["num_layers"]
+    if entry["missing"] is None:
+        return "coverage unknown: no peer advertises the model's layer count"
+    if not entry["missing"]:
+        return f"complete: layers 0..{layers - 1} covered"
+    gaps = ", ".join(f"[{a}, {b})" for a, b in entry["missing"])
+    return f"missing layers {gaps} of {layers}"
+
+
+@main.command()
+@client_options
+def shards(data_dir: Path | None, api: str | None, token: str | None, as_json: bool) -> None:
+    """Which peers serve which layers of which model, and what is missing."""
+    data = shard_map(make_client(data_dir, api, token).request("GET", "/ledger"))
+
+    def render(d: dict[str, dict[str, Any]]) -> None:
+        if not d:
+            console.print("no peer in the swarm serves a model")
+        for model_id, entry in d.items():
+            t = Table(title=f"{escape(model_id)} ({entry['num_layers'] or '?'} layers)")
+            for col in ("peer", "peer id", "layers", "dtype", "tokens/s"):
+                t.add_column(col)
+            for s in entry["servers"]:
+                t.add_row(escape(s["name"] or "?"), s["peer_id"][-12:],
+                          f"[{s['layer_start']}, {s['layer_end']})", s["dtype"] or "?",
+                          f"{s['tokens_per_s']:.1f}")
+            console.print(t)
+            style = "green" if entry["missing"] == [] else "yellow"
+            console.print(coverage_text(entry), style=style, highlight=False)
+
+    emit(data, as_json, render)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_}}, status_code=status)
+    """OpenAI's error shape, used by every endpoint."""
+    return JSONResponse({"error": {"message": message, "type": type_, "param": None,
+                                   "code": None}}, status_code=status)
 
 
 class BearerAuth:

@@ -9,6 +9,7 @@ route, tokens/s and where the time went. Errors use OpenAI's error shape.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 import time
@@ -25,8 +26,11 @@ from peerd.inference.host import ModelHost
 from peerd.inference.routing import NoRoute, Server, find_route
 from peerd.node import Node
 
+log = logging.getLogger(__name__)
+
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 200_000
+MAX_STOP_CHARS = 200  # what SamplingParams accepts
 
 
 class ApiError(Exception):
@@ -109,8 +113,9 @@ def parse(body: Any, *, chat: bool) -> Completion:
         stops = tuple(stop)
     else:
         raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    if len(stops) > 4 or any(not s for s in stops):
-        raise ApiError(400, "'stop' takes up to 4 non-empty strings", param="stop")
+    if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"'stop' takes up to 4 non-empty strings of at most "
+                       f"{MAX_STOP_CHARS} characters", param="stop")
     n = body.get("n", 1)
     if n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
@@ -140,8 +145,9 @@ def _is_int(v: Any) -> bool:
 def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
     v = body.get(name, default)
     v = default if v is None else v
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
-            or not lo <= v <= hi:
+    # The range test comes first: math.isfinite overflows on a huge JSON integer.
+    if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi \
+            or not math.isfinite(v):
         raise ApiError(400, f"'{name}' must be a number in {lo}..{hi}", param=name)
     return float(v)
 
@@ -244,9 +250,13 @@ async def _prepare(runtime: Any, req: Completion) -> _Prepared:
 
     tok = runtime.tokenizer
     if req.chat:
-        text = await trio.to_thread.run_sync(
-            lambda: tok.apply_chat_template(req.messages, add_generation_prompt=True,
-                                            tokenize=False))
+        try:
+            text = await trio.to_thread.run_sync(
+                lambda: tok.apply_chat_template(req.messages, add_generation_prompt=True,
+                                                tokenize=False))
+        except Exception as exc:  # templates may raise on what they do not accept
+            raise ApiError(400, f"the model's chat template refused these messages: {exc}",
+                           param="messages") from None
     else:
         text = req.prompt
     ids = await trio.to_thread.run_sync(
@@ -294,6 +304,14 @@ async def _run(runtime: Any, req: Completion, prepared: _Prepared, emit: Emit | 
     if rest and emit is not None:
         await emit(rest)
     return text.text(), stats
+
+
+async def _send_quietly(send: trio.MemorySendChannel[tuple[str, Any]],
+                        item: tuple[str, Any]) -> None:
+    try:
+        await send.send(item)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def _ids(req: Completion) -> tuple[str, str, str]:
@@ -350,9 +368,13 @@ async def _stream(runtime: Any, req: Completion, prepared: _Prepared) -> AsyncIt
                 _, stats = await _run(runtime, req, prepared, emit)
                 await send.send(("done", stats))
             except ApiError as exc:
-                await send.send(("error", exc))
+                await _send_quietly(send, ("error", exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            except Exception:  # runs in the node's nursery: must never escape
+                log.exception("streamed generation failed")
+                await _send_quietly(send, ("error", ApiError(
+                    500, "generation failed on this peer; see its log", "server_error")))
 
     runtime.node.nursery.start_soon(produce)
     async with recv:

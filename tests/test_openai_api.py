@@ -1,0 +1,371 @@
+"""The OpenAI-compatible API of real `peerd start` processes serving a tiny random Llama.
+
+A two-peer swarm splits the model [0, 2) + [2, 4). The official `openai` client talks
+to it unchanged, and its greedy output is held against single-process transformers
+for the same prompt ids. Errors come in OpenAI's shape; a swarm that cannot cover the
+model, and a peer without a model, answer 503 saying why; a client that leaves in the
+middle of a stream costs the daemon nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixture)
+    Daemon,
+    daemon_logs_on_failure,
+    running,
+    start_daemon,
+    wait_for,
+)
+from models import tiny_llama_dir
+from openai.types.chat import ChatCompletionMessageParam
+
+from peerd.inference.source import load_tokenizer, reference_model, resolve
+
+READY_TIMEOUT_S = 60.0  # model load + ledger gossip on a loaded CI box
+HELLO: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}]
+
+
+@dataclass
+class Swarm:
+    a: Daemon  # layers [0, 2): the entry peer the client talks to
+    b: Daemon  # layers [2, 4)
+    partial: Daemon  # alone in its own swarm with layers [0, 2) of another model
+    bare: Daemon  # in A's swarm, serving no model
+    model_id: str
+
+    def client(self, daemon: Daemon | None = None, **kwargs: Any) -> openai.OpenAI:
+        d = daemon or self.a
+        return openai.OpenAI(base_url=d.url + "/v1", api_key=d.token, max_retries=0,
+                             timeout=60.0, **kwargs)
+
+
+def model_flags(model: Path, layers: str) -> tuple[str, ...]:
+    return ("--model", str(model), "--layers", layers, "--torch-threads", "1")
+
+
+def model_state(d: Daemon) -> dict[str, Any]:
+    state: dict[str, Any] = d.get("/status")["model"]
+    return state
+
+
+def model_peers(d: Daemon) -> set[str]:
+    return {row["peer_id"] for row in d.get("/ledger") if row.get("models")}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Swarm]:
+    tmp = tmp_path_factory.mktemp("openai")
+    other = tiny_llama_dir(tmp_path_factory, seed=1)  # different weights, different id
+    with contextlib.ExitStack() as stack:
+        a = start_daemon(tmp / "a", "--name", "alpha", *model_flags(tiny, "0:2"))
+        stack.enter_context(running(a))
+        # The other three start side by side: a daemon's start-up is mostly imports.
+        with ThreadPoolExecutor(3) as pool:
+            futures = [
+                pool.submit(start_daemon, tmp / "b", "--name", "beta", "--bootstrap",
+                            a.p2p_addr, *model_flags(tiny, "2:4")),
+                pool.submit(start_daemon, tmp / "partial", "--name", "partial",
+                            *model_flags(other, "0:2")),
+                pool.submit(start_daemon, tmp / "bare", "--name", "bare", "--bootstrap",
+                            a.p2p_addr),
+            ]
+        for future in futures:  # stop whatever started, even if another failed
+            with contextlib.suppress(Exception):
+                stack.enter_context(running(future.result()))
+        b, partial, bare = (future.result() for future in futures)  # re-raises a failure
+        everyone = (a, b, partial, bare)
+        wait_for(lambda: all(model_state(d)["state"] == "ready" for d in (a, b, partial)),
+                 READY_TIMEOUT_S, "the three model peers to load", everyone)
+        wait_for(lambda: all(model_peers(d) >= {a.peer_id, b.peer_id} for d in (a, b)),
+                 READY_TIMEOUT_S, "A and B to list both model peers", everyone)
+        yield Swarm(a, b, partial, bare, model_state(a)["model_id"])
+
+
+# ---- the reference: the whole model in this process -------------------------------------
+
+
+@dataclass
+class Reference:
+    model: Any  # LlamaForCausalLM
+    tokenizer: Any
+
+    def chat_ids(self, messages: Any) -> list[int]:
+        """What the server does to a chat request."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def greedy(self, ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+        """Generated ids (stopping after EOS, as the server does) and their text."""
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), do_sample=False,
+                                      max_new_tokens=max_tokens)
+        new = [int(t) for t in out[0, len(ids):]]
+        return new, self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path) -> Reference:
+    source = resolve(str(tiny))
+    return Reference(reference_model(source), load_tokenizer(source))
+
+
+# ---- the official client against the two-peer swarm --------------------------------------
+
+
+def test_models_lists_the_tiny_model(swarm: Swarm) -> None:
+    models = swarm.client().models.list()
+    assert [m.id for m in models.data] == [swarm.model_id]
+    assert models.data[0].owned_by == "peerd"
+    # A swarm that covers only part of a model does not offer it.
+    assert swarm.client(swarm.partial).models.list().data == []
+
+
+def test_chat_matches_single_process_transformers(swarm: Swarm, reference: Reference) -> None:
+    ids = reference.chat_ids(HELLO)
+    tokens, text = reference.greedy(ids, 8)
+    r = swarm.client().chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                               max_tokens=8, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.model == swarm.model_id
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == ("stop" if len(tokens) < 8 else "length")
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == len(tokens) <= 8
+    assert r.usage.total_tokens == len(ids) + len(tokens)
+    peerd = r.model_extra["peerd"]  # type: ignore[index]
+    assert [(hop["peer_id"], hop["layers"]) for hop in peerd["route"]] == [
+        (swarm.a.peer_id, [0, 2]), (swarm.b.peer_id, [2, 4])]
+    assert peerd["steps"] == len(tokens)
+
+
+def test_stream_concatenates_to_the_same_text(swarm: Swarm) -> None:
+    client = swarm.client()
+    whole = client.chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                           max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=swarm.model_id, messages=HELLO, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert last.usage is not None and whole.usage is not None
+    assert last.usage.completion_tokens == whole.usage.completion_tokens
+    assert [hop["layers"] for hop in last.model_extra["peerd"]["route"]] == [[0, 2], [2, 4]]  # type: ignore[index]
+
+
+def test_completions_match_single_process_transformers(swarm: Swarm,
+                                                       reference: Reference) -> None:
+    prompt = "The quick brown fox"
+    ids = reference.prompt_ids(prompt)
+    tokens, text = reference.greedy(ids, 8)
+    client = swarm.client()
+    r = client.completions.create(model=swarm.model_id, prompt=prompt, max_tokens=8,
+                                  temperature=0)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == text
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(tokens))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=swarm.model_id, prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert streamed == text
+
+
+def test_a_seed_makes_sampling_repeatable(swarm: Swarm) -> None:
+    client = swarm.client()
+
+    def sample(seed: int) -> str | None:
+        r = client.chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                           max_tokens=12, temperature=0.8, seed=seed)
+        return r.choices[0].message.content
+
+    first = sample(1234)
+    assert first
+    assert sample(1234) == first
+
+
+def test_a_stop_string_cuts_the_text_before_it(swarm: Swarm) -> None:
+    client = swarm.client()
+    free = client.completions.create(model=swarm.model_id, prompt="The quick brown fox",
+                                     max_tokens=16, temperature=0).choices[0].text
+    # A printable ASCII character first seen past the start (a stop at 0 would leave
+    # nothing to compare; a multi-byte character could be split across tokens).
+    stop = next((ch for i, ch in enumerate(free)
+                 if i > 0 and ch.isascii() and ch.isprintable() and free.index(ch) == i), None)
+    assert stop is not None, f"pick another prompt: no ASCII character in {free!r}"
+    expected = free[:free.index(stop)]
+    r = client.completions.create(model=swarm.model_id, prompt="The quick brown fox",
+                                  max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == expected
+    assert r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=swarm.model_id, prompt="The quick brown fox", max_tokens=16, temperature=0,
+        stop=stop, stream=True))
+    assert streamed == expected
+
+
+# ---- errors in OpenAI's shape -------------------------------------------------------------
+
+
+def openai_error(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+GOOD_CHAT = {"messages": HELLO, "max_tokens": 4, "temperature": 0}
+BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
+    ("max_tokens=0", {**GOOD_CHAT, "max_tokens": 0}, "max_tokens"),
+    ("max_tokens=x", {**GOOD_CHAT, "max_tokens": "x"}, "max_tokens"),
+    ("temperature=5", {**GOOD_CHAT, "temperature": 5}, "temperature"),
+    ("top_p=0", {**GOOD_CHAT, "top_p": 0}, "top_p"),
+    ("n=2", {**GOOD_CHAT, "n": 2}, "n"),
+    ("no messages", {"max_tokens": 4}, "messages"),
+    ("empty messages", {**GOOD_CHAT, "messages": []}, "messages"),
+    ("bad role", {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "hi"}]},
+     "messages"),
+    ("5 stop strings", {**GOOD_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("a long stop string", {**GOOD_CHAT, "stop": "x" * 201}, "stop"),
+    ("a huge integer", {**GOOD_CHAT, "temperature": 10**400}, "temperature"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), [(b, p) for _, b, p in BAD_CHAT],
+                         ids=[name for name, _, _ in BAD_CHAT])
+def test_a_bad_parameter_is_a_400_naming_it(swarm: Swarm, body: dict[str, Any],
+                                            param: str) -> None:
+    r = swarm.a.request("POST", "/v1/chat/completions",
+                        json={"model": swarm.model_id, **body})
+    error = openai_error(r, 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_a_completion_without_a_prompt_is_a_400(swarm: Swarm) -> None:
+    r = swarm.a.request("POST", "/v1/completions", json={"model": swarm.model_id})
+    assert openai_error(r, 400)["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError):
+        swarm.client().completions.create(model=swarm.model_id, prompt="", max_tokens=4)
+
+
+@pytest.mark.parametrize("content", [b'{"model": "x", "messages": [', b"\xff\xfe", b"[1, 2]",
+                                     b'"a string"', b"null"],
+                         ids=["truncated", "not utf-8", "a list", "a string", "null"])
+def test_a_body_that_is_not_a_json_object_is_a_400(swarm: Swarm, content: bytes) -> None:
+    r = swarm.a.request("POST", "/v1/chat/completions", content=content,
+                        headers={"Content-Type": "application/json"})
+    assert openai_error(r, 400)["type"] == "invalid_request_error"
+
+
+def test_an_unknown_model_is_a_404(swarm: Swarm) -> None:
+    r = swarm.a.request("POST", "/v1/chat/completions",
+                        json={**GOOD_CHAT, "model": "no-such-model"})
+    error = openai_error(r, 404)
+    assert error["code"] == "model_not_found"
+    assert swarm.model_id in error["message"]  # says what is served instead
+    with pytest.raises(openai.NotFoundError):
+        swarm.client().chat.completions.create(model="no-such-model", messages=HELLO,
+                                               max_tokens=4)
+
+
+def test_a_missing_or_wrong_token_is_a_401(swarm: Swarm) -> None:
+    for token in (None, "not-the-token"):
+        r = swarm.a.request("POST", "/v1/chat/completions", token=token,
+                            json={**GOOD_CHAT, "model": swarm.model_id})
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error"
+    wrong = openai.OpenAI(base_url=swarm.a.url + "/v1", api_key="not-the-token",
+                          max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model=swarm.model_id, messages=HELLO, max_tokens=4)
+
+
+def test_a_swarm_missing_layers_is_a_503_naming_them(swarm: Swarm) -> None:
+    model_id = model_state(swarm.partial)["model_id"]
+    assert model_id != swarm.model_id
+    for stream in (False, True):
+        r = swarm.partial.request("POST", "/v1/chat/completions",
+                                  json={**GOOD_CHAT, "model": model_id, "stream": stream})
+        error = openai_error(r, 503)
+        assert error["code"] == "missing_layers"
+        assert "[2, 4)" in error["message"]
+    with pytest.raises(openai.InternalServerError, match=r"\[2, 4\)"):
+        swarm.client(swarm.partial).completions.create(model=model_id, prompt="hi",
+                                                       max_tokens=4)
+
+
+def test_a_peer_without_a_model_is_a_503_with_advice(swarm: Swarm) -> None:
+    r = swarm.bare.request("POST", "/v1/chat/completions",
+                           json={**GOOD_CHAT, "model": swarm.model_id})
+    error = openai_error(r, 503)
+    assert "serves no model" in error["message"]
+    assert "--model" in error["message"]
+
+
+def test_the_daemon_still_answers_after_bad_requests(swarm: Swarm) -> None:
+    for body in [b for _, b, _ in BAD_CHAT] + [{"stream": True, "messages": "hi"}]:
+        swarm.a.request("POST", "/v1/chat/completions", json={"model": swarm.model_id, **body})
+    r = swarm.client().chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                               max_tokens=4, temperature=0)
+    assert r.usage is not None and r.usage.completion_tokens >= 1
+    assert swarm.a.alive() and swarm.b.alive()
+
+
+# ---- a client that leaves in the middle of a stream ---------------------------------------
+
+
+def test_a_client_leaving_mid_stream_frees_its_session(swarm: Swarm) -> None:
+    """8000 tokens (greedy: no EOS in sight) take the tiny model over half a minute even
+    on an idle machine, so sessions that drop to 0 within seconds mean the generation
+    stopped when the client left."""
+    body = {"model": swarm.model_id, "messages": HELLO, "max_tokens": 8000,
+            "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {swarm.a.token}"}
+    with httpx.stream("POST", swarm.a.url + "/v1/chat/completions", json=body,
+                      headers=headers, timeout=30.0) as r:
+        assert r.status_code == 200
+        data = (line for line in r.iter_lines() if line.startswith("data: "))
+        first, second = json.loads(next(data)[6:]), json.loads(next(data)[6:])
+        assert first["choices"][0]["delta"]["role"] == "assistant"
+        assert "choices" in second
+        assert model_state(swarm.a)["sessions"] == 1  # generating while we left
+    wait_for(lambda: model_state(swarm.a)["sessions"] == 0
+             and model_state(swarm.b)["sessions"] == 0, 10.0,
+             "the abandoned stream's sessions to close", (swarm.a, swarm.b))
+    r2 = swarm.client().chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                                max_tokens=4, temperature=0)
+    assert r2.choices[0].finish_reason in ("stop", "length")
+    assert swarm.a.alive() and swarm.b.alive()

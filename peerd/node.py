@@ -91,6 +91,7 @@ class Node:
         self.rtt_ms: dict[str, float] = {}
         self._skills = tuple(config.skills)
         self._models: tuple[ModelServed, ...] = ()
+        self._accelerator: Hardware | None = None  # set when a model runs on one
         self._load = Load()
         self._seq = 0
         self._dirty: set[str] = set()
@@ -165,6 +166,11 @@ class Node:
         self._models = models
         return self._refresh_own_entry()
 
+    def set_accelerator(self, device: str, name: str, memory_bytes: int) -> None:
+        """Advertise the accelerator a model runs on (from the next entry on)."""
+        self._accelerator = Hardware(device=device, memory_bytes=memory_bytes,
+                                     cpu_count=os.cpu_count() or 0, accelerator=name)
+
     def set_load(self, sessions: int, queue: int) -> None:
         """Recorded for the next heartbeat (load changes too often to gossip each)."""
         self._load = Load(sessions=sessions, queue=queue)
@@ -215,8 +221,8 @@ class Node:
             ttl_s=self.config.ttl_s,
             name=self.name,
             addrs=tuple(self.addrs()),
-            hardware=Hardware(device="cpu", memory_bytes=int(vm.available),
-                              cpu_count=os.cpu_count() or 0),
+            hardware=self._accelerator or Hardware(device="cpu", memory_bytes=int(vm.available),
+                                                   cpu_count=os.cpu_count() or 0),
             models=self._models,
             skills=self._skills,
             load=replace(self._load, cpu_percent=psutil.cpu_percent(interval=None)),

@@ -75,6 +75,9 @@ class ModelRuntime:
             set_torch_threads(options.torch_threads)
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
+        if device == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            node.set_accelerator("cuda", props.name, int(props.total_memory))
         progress(f"resolving {options.spec}")
         source = await trio.to_thread.run_sync(resolve, options.spec)
         config = await trio.to_thread.run_sync(load_config, source)

@@ -100,6 +100,11 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_RANGES: dict[str, tuple[float, float]] = {
+    "heartbeat_s": (0.05, 3600), "ttl_heartbeats": (1, 100), "target_peers": (1, 1000),
+    "torch_threads": (0, 1024), "max_sessions": (1, 10_000), "kv_cache_mb": (1, 10_000_000),
+}
+_CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES}
 _LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
 
 
@@ -155,30 +160,19 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
     host, sep, port = cfg.api.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise bad("api", f"{cfg.api!r} is not HOST:PORT")
-    if cfg.log_level not in LOG_LEVELS:
-        raise bad("log_level", f"{cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    if not 0.05 <= cfg.heartbeat_s <= 3600:
-        raise bad("heartbeat_s", f"{cfg.heartbeat_s} is outside 0.05..3600 seconds")
-    if not 1 <= cfg.ttl_heartbeats <= 100:
-        raise bad("ttl_heartbeats", f"{cfg.ttl_heartbeats} is outside 1..100")
-    if not 1 <= cfg.target_peers <= 1000:
-        raise bad("target_peers", f"{cfg.target_peers} is outside 1..1000")
+    for name, (lo, hi) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not lo <= value <= hi:
+            raise bad(name, f"{value} is outside {lo}..{hi}")
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise bad(name, f"{getattr(cfg, name)!r} is not one of {', '.join(choices)}")
     if cfg.layers:
         a, sep, b = cfg.layers.partition(":")
         if not sep or not a.isdigit() or not b.isdigit() or int(a) >= int(b):
             raise bad("layers", f"{cfg.layers!r} is not A:B with A < B (e.g. 0:15)")
         if not cfg.model:
             raise bad("layers", "--layers needs --model")
-    if cfg.device not in DEVICES:
-        raise bad("device", f"{cfg.device!r} is not one of {', '.join(DEVICES)}")
-    if cfg.dtype not in DTYPES:
-        raise bad("dtype", f"{cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-    if not 0 <= cfg.torch_threads <= 1024:
-        raise bad("torch_threads", f"{cfg.torch_threads} is outside 0..1024")
-    if not 1 <= cfg.max_sessions <= 10_000:
-        raise bad("max_sessions", f"{cfg.max_sessions} is outside 1..10000")
-    if not 1 <= cfg.kv_cache_mb <= 10_000_000:
-        raise bad("kv_cache_mb", f"{cfg.kv_cache_mb} is outside 1..10000000")
     if len(cfg.name) > 64:
         raise bad("name", "longer than 64 characters")
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import trio
 from starlette.applications import Starlette
@@ -19,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from peerd.api.openai import ApiError, read_json
 from peerd.api.openai import routes as openai_routes
 from peerd.inference.host import ModelHost
 from peerd.node import Node
@@ -30,8 +30,7 @@ MAX_BODY_BYTES = 64 * 1024
 
 def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
     """OpenAI's error shape, used by every endpoint."""
-    return JSONResponse({"error": {"message": message, "type": type_, "param": None,
-                                   "code": None}}, status_code=status)
+    return ApiError(status, message, type_).response()
 
 
 class BearerAuth:
@@ -79,9 +78,10 @@ def create_app(node: Node, token: str, models: ModelHost | None = None) -> ASGIA
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def capabilities(request: Request) -> Response:
-        body = await _json_body(request)
-        if isinstance(body, Response):
-            return body
+        try:
+            body = await read_json(request, MAX_BODY_BYTES)
+        except ApiError as exc:
+            return exc.response()
         skills = body.get("skills") if isinstance(body, dict) else None
         if (not isinstance(skills, list) or len(skills) > 64
                 or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in skills)):
@@ -115,18 +115,6 @@ def create_app(node: Node, token: str, models: ModelHost | None = None) -> ASGIA
         node.metrics.rejections.labels("api_unauthorized").inc()
 
     return BearerAuth(app, token, on_reject)
-
-
-async def _json_body(request: Request) -> Any:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            return error(413, f"request body over {MAX_BODY_BYTES} bytes")
-    try:
-        return json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        return error(400, f"request body is not valid JSON: {exc}")
 
 
 async def _sse(node: Node, replay: int, types: set[str]) -> AsyncIterator[str]:

@@ -186,7 +186,7 @@ def routes(node: Node, models: ModelHost) -> list[Route]:
 
     async def _complete(request: Request, *, chat: bool) -> Response:
         try:
-            body = await _json(request)
+            body = await read_json(request)
             req = parse(body, chat=chat)
             runtime = _runtime(models, req.model)
             prepared = await _prepare(runtime, req)
@@ -209,12 +209,13 @@ def routes(node: Node, models: ModelHost) -> list[Route]:
     ]
 
 
-async def _json(request: Request) -> Any:
+async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The request body as JSON, read with a size cap; ApiError(413/400) otherwise."""
     raw = b""
     async for chunk in request.stream():
         raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if len(raw) > max_bytes:
+            raise ApiError(413, f"request body over {max_bytes} bytes")
     try:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:

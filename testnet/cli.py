@@ -90,6 +90,31 @@ def main() -> None:
     show_default=True,
     help="How long peers get to answer GET /health.",
 )
+@click.option(
+    "--model",
+    metavar="SPEC",
+    default=None,
+    help="Serve this model (e.g. smollm2) as a pipeline: peer i serves stage i mod S.",
+)
+@click.option(
+    "--stages",
+    type=click.IntRange(1),
+    default=None,
+    help="Split the model's layers into S contiguous stages [default: --peers].",
+)
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch threads per peer [default: cores // peers, at least 1].",
+)
+@click.option(
+    "--model-timeout-s",
+    type=click.FloatRange(min=1),
+    default=launcher.MODEL_TIMEOUT_S,
+    show_default=True,
+    help="With --model: how long peers get to load it and see every stage in their ledgers.",
+)
 @json_option
 @_user_errors
 def up(
@@ -100,12 +125,26 @@ def up(
     heartbeat_s: float | None,
     log_level: str,
     start_timeout_s: float,
+    model: str | None,
+    stages: int | None,
+    torch_threads: int | None,
+    model_timeout_s: float,
     as_json: bool,
 ) -> None:
-    """Start N peers bootstrapped to each other; return once all are healthy."""
+    """Start N peers bootstrapped to each other; return once all are healthy.
+
+    With --model, also wait until every peer has loaded its stage of the model and
+    every peer's ledger lists every stage.
+    """
+    if model is not None and not as_json:
+        Console(stderr=True).print(
+            f"starting {n} peers serving {model}; loading can take minutes", highlight=False
+        )
     infos = launcher.up(
         n, run_dir, base_port, latency_ms,
         heartbeat_s=heartbeat_s, log_level=log_level, start_timeout_s=start_timeout_s,
+        model=model, stages=stages, torch_threads=torch_threads,
+        model_timeout_s=model_timeout_s,
     )  # fmt: skip
     _print(infos, as_json)
 
@@ -181,11 +220,13 @@ def _print(infos: list[PeerInfo], as_json: bool) -> None:
         click.echo(json.dumps([info.to_json() for info in infos], indent=2))
         return
     table = Table(title=f"testnet: {sum(p.alive for p in infos)}/{len(infos)} peers alive")
-    for column in ("name", "alive", "pid", "peer id", "api", "announce", "peers", "rtt ms"):
+    with_model = any(p.layers is not None for p in infos)
+    columns = ["name", "alive", "pid", "peer id", "api", "announce", "peers", "rtt ms"]
+    for column in columns + (["layers", "model"] if with_model else []):
         table.add_column(column)
     for p in infos:
         rtts = " ".join(f"{other}={ms:.1f}" for other, ms in sorted(p.rtt_ms.items()))
-        table.add_row(
+        row = [
             p.name,
             "[green]yes[/green]" if p.alive else "[red]no[/red]",
             str(p.pid),
@@ -194,5 +235,16 @@ def _print(infos: list[PeerInfo], as_json: bool) -> None:
             p.announce,
             str(len(p.connected)) if p.alive and not p.error else (p.error or "-"),
             rtts or "-",
-        )
+        ]
+        if with_model:
+            row.append(f"{p.layers[0]}:{p.layers[1]}" if p.layers else "-")
+            row.append(_MODEL_STATE_STYLE.get(p.model_state or "", p.model_state or "-"))
+        table.add_row(*row)
     Console().print(table)
+
+
+_MODEL_STATE_STYLE = {
+    "ready": "[green]ready[/green]",
+    "loading": "[yellow]loading[/yellow]",
+    "failed": "[red]failed[/red]",
+}

@@ -9,6 +9,11 @@ process) so the full bootstrap graph is known, then starts all peers at once and
 waits until each answers `GET /health`. If one dies or stays silent, everything
 started is stopped again and the error carries the tail of that peer's log.
 
+With a model (`up(..., model="smollm2")`) each peer serves one stage of its layers
+(`testnet.plan`), and `up` returns only once every peer has loaded its stage and
+every peer's ledger lists every stage: from then on any peer can be the entry of a
+request that crosses the whole pipeline.
+
 Data: `down` keeps `RUN_DIR/peers/*` (logs, ledgers) for post-mortems and marks the
 run as down; the next `up` in that run dir wipes `RUN_DIR/peers/` and starts from
 fresh identities, so runs never inherit each other's ledgers.
@@ -17,17 +22,14 @@ fresh identities, so runs never inherit each other's ledgers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -38,7 +40,9 @@ from peerd.identity import (
     peer_id_of,
     read_token,
 )
-from testnet import procs
+from testnet import procs, serving
+from testnet.peer_api import api_get, api_request, http_client, map_peers
+from testnet.plan import ModelPlan, plan_model
 from testnet.procs import Proc
 from testnet.state import (
     DEFAULT_BASE_PORT,
@@ -53,11 +57,14 @@ from testnet.state import (
     port_layout,
 )
 
-T = TypeVar("T")
-R = TypeVar("R")
+__all__ = [
+    "DEFAULT_BASE_PORT", "MODEL_TIMEOUT_S", "PeerInfo", "api_get", "api_request", "down", "kill",
+    "map_peers", "status", "up",
+]  # fmt: skip
 
 STOP_GRACE_S = 5.0
 PROXY_START_TIMEOUT_S = 15.0
+MODEL_TIMEOUT_S = 240.0  # loading takes 5-15 s a peer, far more when many share 2 cores
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,10 @@ class PeerInfo:
     rtt_ms: dict[str, float]  # other peer name -> round trip measured by this peer
     connected: list[str]  # names (or ids, if not in this testnet) of connected peers
     error: str | None = None  # why /peers could not be read, if it could not
+    layers: list[int] | None = None  # [start, end) of the decoder layers served; no model: None
+    # The model slot's state from GET /status: "loading", "ready", "failed" ("none"
+    # without a model); None if the peer is down or did not answer.
+    model_state: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +102,10 @@ def up(
     log_level: str = "info",
     start_timeout_s: float = 60.0,
     settle_s: float = 10.0,
+    model: str | None = None,
+    stages: int | None = None,
+    torch_threads: int | None = None,
+    model_timeout_s: float = MODEL_TIMEOUT_S,
 ) -> list[PeerInfo]:
     """Start `n` peers (through a latency proxy if `latency_ms` > 0); return their status.
 
@@ -98,7 +113,14 @@ def up(
     measured the RTT to min(n-1, 2) others. Raises `TestnetError` (after stopping
     whatever it started) if the run dir is in use, a port is taken, or a peer dies
     or does not come up within `start_timeout_s`.
+
+    With `model`, peer i serves stage i mod `stages` (default n) of the model's layers
+    with `torch_threads` torch threads (default cores // n), and `up` also waits, up to
+    `model_timeout_s`, until every peer's model is ready and every peer's ledger lists
+    every peer's stage; a peer whose model fails to load fails `up` with its log tail.
     """
+    if model is None and (stages is not None or torch_threads is not None):
+        raise TestnetError("--stages and --torch-threads only apply with --model SPEC")
     run_dir = (run_dir or default_run_dir()).resolve()
     _refuse_if_running(run_dir)
     layout = port_layout(n, base_port, latency_ms > 0)
@@ -108,6 +130,7 @@ def up(
         if latency_ms > 0:
             roles[announce] = f"peer{i} proxy"
     check_ports_free(roles)
+    plan = plan_model(model, n, stages, torch_threads) if model is not None else None
 
     peers_dir = run_dir / PEERS_DIR
     if peers_dir.exists() and not (run_dir / STATE_FILE).exists():
@@ -124,18 +147,26 @@ def up(
             load_or_create_token(data_dir)
         except IdentityError as exc:
             raise TestnetError(f"cannot create peer{i}'s identity: {exc}") from None
+        layers = plan.layers[i] if plan else None
         records.append(
-            PeerRecord(f"peer{i}", peer_id, str(data_dir), api, listen, announce, Proc(0, 0.0))
-        )
-    state = RunState(str(run_dir), base_port, latency_ms, heartbeat_s, list(records))
+            PeerRecord(f"peer{i}", peer_id, str(data_dir), api, listen, announce,
+                       Proc(0, 0.0), layers)
+        )  # fmt: skip
+    state = RunState(str(run_dir), base_port, latency_ms, heartbeat_s, list(records),
+                     model=plan.spec if plan else None,
+                     model_id=plan.model_id if plan else None)  # fmt: skip
     try:
         if latency_ms > 0:
             state.proxy = _start_proxy(run_dir, records, latency_ms)
         for i, rec in enumerate(records):  # recorded one by one: `_stop` sees each
-            proc = _spawn_peer(rec, records, i, heartbeat_s, log_level)
+            proc = _spawn_peer(rec, records, i, heartbeat_s, log_level, plan)
             state.peers[i] = dataclasses.replace(rec, proc=proc)
         state.save()  # from here on `down` can clean up even if we are killed
         _wait_healthy(state, start_timeout_s)
+        if plan is not None:
+            deadline = time.monotonic() + model_timeout_s
+            serving.wait_models_ready(state, plan, deadline, model_timeout_s)
+            serving.wait_ledgers_list_models(state, plan, deadline, model_timeout_s)
     except BaseException:
         _stop(state)
         raise
@@ -165,49 +196,6 @@ def down(run_dir: Path | None = None) -> int:
     """Stop all peers and the proxy (SIGTERM, then SIGKILL); return how many ran."""
     state = _load(run_dir)
     return _stop(state)
-
-
-def api_request(
-    peer: PeerInfo,
-    method: str,
-    path: str,
-    *,
-    json: Any = None,
-    timeout_s: float = 10.0,
-) -> Any:
-    """Call a peer's HTTP API with its bearer token; the decoded JSON reply.
-
-    Raises `httpx.HTTPStatusError` on a non-2xx reply and `httpx.TransportError`
-    if the peer does not answer.
-    """
-    reply = _http().request(
-        method,
-        peer.api + path,
-        json=json,
-        headers={"Authorization": f"Bearer {peer.token}"},
-        timeout=timeout_s,
-    )
-    reply.raise_for_status()
-    return reply.json()
-
-
-def api_get(peer: PeerInfo, path: str, *, timeout_s: float = 10.0) -> Any:
-    return api_request(peer, "GET", path, timeout_s=timeout_s)
-
-
-def map_peers(items: Sequence[T], fn: Callable[[T], R]) -> list[R]:
-    """`fn` over every item concurrently (threads; HTTP waits dominate), in order."""
-    if not items:
-        return []
-    with ThreadPoolExecutor(max_workers=min(32, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
-@functools.cache
-def _http() -> httpx.Client:
-    """One client for the process: a fresh one per call costs an SSL context's worth
-    of CPU, which a status of 32 busy peers on 2 cores cannot spare. Thread-safe."""
-    return httpx.Client(limits=httpx.Limits(max_connections=64))
 
 
 def _load(run_dir: Path | None) -> RunState:
@@ -257,6 +245,7 @@ def _spawn_peer(
     i: int,
     heartbeat_s: float | None,
     log_level: str,
+    plan: ModelPlan | None,
 ) -> Proc:
     argv = [
         *_peerd_command(), "start",
@@ -271,6 +260,16 @@ def _spawn_peer(
         argv += ["--bootstrap", records[j].dial_addr]
     if heartbeat_s is not None:
         argv += ["--heartbeat-s", str(heartbeat_s)]
+    if plan is not None and rec.layers is not None:
+        start, end = rec.layers
+        argv += [
+            "--model",
+            plan.spec,
+            "--layers",
+            f"{start}:{end}",
+            "--torch-threads",
+            str(plan.torch_threads),
+        ]
     return procs.spawn(argv, rec.log_path)
 
 
@@ -314,7 +313,7 @@ def _wait_healthy(state: RunState, timeout_s: float) -> None:
 
 def _healthy(rec: PeerRecord) -> bool:
     try:
-        reply = _http().get(rec.api + "/health", timeout=2.0)
+        reply = http_client().get(rec.api + "/health", timeout=2.0)
     except httpx.TransportError:
         return False
     try:
@@ -355,9 +354,17 @@ def _peer_info(rec: PeerRecord, names: dict[str, str]) -> PeerInfo:
         announce=rec.announce,
         rtt_ms={},
         connected=[],
+        layers=list(rec.layers) if rec.layers else None,
     )
     if not info.alive:
         return info
+    if rec.layers is None:
+        info = dataclasses.replace(info, model_state="none")
+    else:
+        model = serving.model_status(rec)
+        info = dataclasses.replace(
+            info, model_state=model.get("state"), layers=model.get("layers") or info.layers
+        )
     try:
         peers: list[dict[str, Any]] = api_get(info, "/peers", timeout_s=3.0)
     except (httpx.HTTPError, ValueError) as exc:

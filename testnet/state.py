@@ -51,6 +51,7 @@ class PeerRecord:
     listen_port: int
     announce_port: int  # the proxy's port with latency, else the listen port
     proc: Proc
+    layers: tuple[int, int] | None = None  # decoder layers [start, end) it serves, if any
 
     @property
     def api(self) -> str:
@@ -86,6 +87,8 @@ class RunState:
     proxy: Proc | None = None
     up: bool = True
     started_at: float = field(default_factory=time.time)
+    model: str | None = None  # the SPEC every peer serves a stage of, if any
+    model_id: str | None = None  # what the peers advertise for it in the ledger
 
     def peer(self, name: str) -> PeerRecord:
         for record in self.peers:
@@ -109,7 +112,16 @@ class RunState:
         path = run_dir / STATE_FILE
         try:
             raw: dict[str, Any] = json.loads(path.read_text())
-            raw["peers"] = [PeerRecord(**{**p, "proc": Proc(**p["proc"])}) for p in raw["peers"]]
+            raw["peers"] = [
+                PeerRecord(
+                    **{
+                        **p,
+                        "proc": Proc(**p["proc"]),
+                        "layers": tuple(p["layers"]) if p.get("layers") else None,
+                    }
+                )
+                for p in raw["peers"]
+            ]
             raw["proxy"] = Proc(**raw["proxy"]) if raw["proxy"] else None
             return cls(**raw)
         except FileNotFoundError:

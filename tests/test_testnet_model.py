@@ -1,0 +1,266 @@
+"""A model served by a testnet of real `peerd` processes, through the OpenAI API.
+
+The distributed path is held against single-process transformers: a greedy chat
+completion through a 3-stage pipeline of 3 processes gives the same tokens as
+`model.generate` on the whole model. Fault tolerance: with a replicated stage, killing
+the replica that serves a streaming request mid-way re-routes it to the other one and
+the text is the same as undisturbed.
+
+The `slow` tests start real daemons in a run dir under tmp_path, on ports drawn at
+random and checked free, and always call `down`. Model loading on a shared 2-core
+machine is slow, hence the generous timeouts: they catch hangs, they time nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from testnet import PeerInfo, TestnetError, api_request, down, kill, status, up
+from testnet.plan import default_torch_threads, stage_layers
+from testnet.state import PROXY_OFFSET, check_ports_free, port_layout
+
+MODEL = "smollm2"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION_TOKENS = 24
+# Long enough an answer that 40 tokens come before end-of-sequence.
+STORY = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
+STORY_TOKENS = 40
+KILL_AFTER_CHUNKS = 5
+TESTNET_TIMEOUT_S = 600  # per test: three to four model loads on two shared cores
+REQUEST_TIMEOUT_S = 300.0
+
+
+def free_base_port(n: int) -> int:
+    """A base port in 20000..29999 whose API, libp2p and proxy ports are all free."""
+    for _ in range(50):
+        base = random.randrange(20000, 30000 - PROXY_OFFSET - n, 10)
+        ports = [p for layout in port_layout(n, base, True) for p in layout]
+        try:
+            check_ports_free({p: "test" for p in ports})
+        except TestnetError:
+            continue
+        return base
+    raise RuntimeError("no free port range found in 20000..29999")
+
+
+# ---- the stage split, without processes ------------------------------------------------
+
+
+def test_stage_split_is_contiguous_and_as_equal_as_possible() -> None:
+    assert stage_layers(30, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert stage_layers(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert stage_layers(30, 1) == [(0, 30)]
+    assert stage_layers(3, 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(TestnetError, match="--stages"):
+        stage_layers(30, 31)
+    with pytest.raises(TestnetError, match="--stages"):
+        stage_layers(30, 0)
+
+
+def test_torch_threads_share_the_cores() -> None:
+    assert default_torch_threads(1, cores=2) == 2
+    assert default_torch_threads(3, cores=2) == 1
+    assert default_torch_threads(4, cores=16) == 4
+
+
+def test_model_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(TestnetError, match="only apply with --model"):
+        up(2, tmp_path / "a", free_base_port(2), stages=2)
+    with pytest.raises(TestnetError, match="needs at least 3 peers"):
+        up(2, tmp_path / "b", free_base_port(2), model=MODEL, stages=3)
+    with pytest.raises(TestnetError, match="cannot serve --model"):
+        up(1, tmp_path / "c", free_base_port(1), model=str(tmp_path / "missing.gguf"))
+    assert not (tmp_path / "c" / "peers").exists()
+
+
+# ---- a served model ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Greedy:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int  # the end-of-sequence token included, as the server counts
+
+
+@pytest.fixture(scope="module")
+def reference() -> Greedy:
+    """Single-process transformers, greedy, on QUESTION: what the swarm must reproduce.
+
+    Computed before any testnet starts (they would share the two cores) and the model
+    is dropped afterwards."""
+    import torch
+
+    from peerd.inference.runtime import eos_ids
+    from peerd.inference.source import load_tokenizer, reference_model, resolve
+
+    source = resolve(MODEL)
+    tokenizer = load_tokenizer(source)
+    model = reference_model(source)
+    prompt = tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            **prompt,
+            do_sample=False,
+            max_new_tokens=QUESTION_TOKENS,
+            eos_token_id=sorted(eos_ids(tokenizer, model.config)),  # stop where the server does
+        )
+    n_prompt = int(prompt["input_ids"].shape[1])
+    new = out[0, n_prompt:].tolist()  # [completion tokens]
+    del model
+    gc.collect()
+    return Greedy(tokenizer.decode(new, skip_special_tokens=True), n_prompt, len(new))
+
+
+@pytest.fixture(scope="module")
+def pipeline3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """3 peers serving smollm2 in 3 stages; the run dir."""
+    run_dir = tmp_path_factory.mktemp("pipeline3") / "run"
+    try:
+        up(3, run_dir, free_base_port(3), model=MODEL, stages=3)
+        yield run_dir
+    finally:
+        down(run_dir)
+
+
+def chat(peer: PeerInfo, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    reply: dict[str, Any] = api_request(
+        peer, "POST", "/v1/chat/completions", json=body, timeout_s=REQUEST_TIMEOUT_S
+    )
+    return reply
+
+
+def names_by_id(run_dir: Path) -> dict[str, str]:
+    return {p.peer_id: p.name for p in status(run_dir)}
+
+
+def route_of(reply: dict[str, Any], names: dict[str, str]) -> list[tuple[str, list[int]]]:
+    return [(names[hop["peer_id"]], hop["layers"]) for hop in reply["peerd"]["route"]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TESTNET_TIMEOUT_S)
+def test_greedy_chat_through_three_stages_matches_transformers(
+    reference: Greedy, pipeline3: Path
+) -> None:
+    entry = status(pipeline3)[0]
+    reply = chat(entry, QUESTION, QUESTION_TOKENS)
+
+    assert reply["choices"][0]["message"]["content"] == reference.text
+    assert reply["usage"]["prompt_tokens"] == reference.prompt_tokens
+    assert reply["usage"]["completion_tokens"] == reference.completion_tokens
+    route = route_of(reply, names_by_id(pipeline3))
+    assert [layers for _, layers in route] == [[0, 10], [10, 20], [20, 30]], route
+    assert reply["peerd"]["reroutes"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TESTNET_TIMEOUT_S)
+def test_status_json_shows_each_peers_stage(pipeline3: Path) -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "testnet", "status", "--json", "--run-dir", str(pipeline3)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    rows = json.loads(listed.stdout)
+    assert [(r["name"], r["layers"], r["model_state"]) for r in rows] == [
+        ("peer0", [0, 10], "ready"),
+        ("peer1", [10, 20], "ready"),
+        ("peer2", [20, 30], "ready"),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TESTNET_TIMEOUT_S)
+def test_killing_a_replica_mid_stream_reroutes_to_the_other(tmp_path: Path) -> None:
+    # 4 peers, 3 stages: peer0 and peer3 both serve [0, 10). The entry, peer1, is not
+    # one of them, so killing the one on its route leaves the entry and a replica up.
+    run_dir = tmp_path / "run"
+    try:
+        up(4, run_dir, free_base_port(4), model=MODEL, stages=3)
+        peers = {p.name: p for p in status(run_dir)}
+        assert peers["peer0"].layers == peers["peer3"].layers == [0, 10]
+        entry = peers["peer1"]
+        names = names_by_id(run_dir)
+
+        undisturbed = chat(entry, STORY, STORY_TOKENS)
+        expected = undisturbed["choices"][0]["message"]["content"]
+        assert undisturbed["usage"]["completion_tokens"] == STORY_TOKENS, (
+            "the story ended before the kill could land; pick a longer prompt"
+        )
+        assert undisturbed["peerd"]["reroutes"] == 0
+        replicas = [peers["peer0"], peers["peer3"]]
+        killed: list[str] = []
+
+        def kill_the_serving_replica(chunks: int) -> None:
+            # The replica with an open shard session is the one on this request's route.
+            if chunks != KILL_AFTER_CHUNKS:
+                return
+            sessions = [serving_sessions(p) for p in replicas]
+            assert sorted(sessions) == [0, 1], f"sessions on peer0, peer3: {sessions}"
+            victim = replicas[sessions.index(1)].name
+            assert kill(run_dir, victim), f"{victim} was not running"
+            killed.append(victim)
+
+        text, final = stream_chat(entry, STORY, STORY_TOKENS, kill_the_serving_replica)
+        assert killed, "the stream ended before the kill"
+        assert not {p.name: p for p in status(run_dir)}[killed[0]].alive
+        assert text == expected
+        assert final["peerd"]["reroutes"] >= 1
+        survivor = {"peer0": "peer3", "peer3": "peer0"}[killed[0]]
+        assert (survivor, [0, 10]) in route_of(final, names)
+    finally:
+        down(run_dir)
+
+
+def serving_sessions(peer: PeerInfo) -> int:
+    """Pipeline sessions open on the peer's shard now (GET /status)."""
+    return int(api_request(peer, "GET", "/status")["model"]["sessions"])
+
+
+def stream_chat(
+    peer: PeerInfo,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    on_chunk: Callable[[int], None],
+) -> tuple[str, dict[str, Any]]:
+    """POST a streaming chat completion, calling `on_chunk(n)` after the n-th chunk of
+    content. Returns the concatenated text and the final chunk (the one with "peerd")."""
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}  # fmt: skip
+    parts: list[str] = []
+    final: dict[str, Any] | None = None
+    with httpx.stream(
+        "POST", peer.api + "/v1/chat/completions", json=body,
+        headers={"Authorization": f"Bearer {peer.token}"}, timeout=REQUEST_TIMEOUT_S,
+    ) as reply:  # fmt: skip
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            assert "error" not in event, event["error"]
+            delta = event["choices"][0].get("delta", {}).get("content")
+            if delta:
+                parts.append(delta)
+                on_chunk(len(parts))
+            if "peerd" in event:
+                final = event
+    assert final is not None, "the stream ended without its final chunk"
+    return "".join(parts), final

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -175,3 +176,17 @@ def _bindable(port: int) -> bool:
                 return False
             raise
     return True
+
+
+def free_base_port(n: int, lo: int = 20000, hi: int = 30000) -> int:
+    """A base port in lo..hi whose API, libp2p and proxy ports for `n` peers are all
+    free (for tests and benchmarks that must not clash with a running testnet)."""
+    for _ in range(50):
+        base = random.randrange(lo, hi - PROXY_OFFSET - n, 10)
+        ports = [p for layout in port_layout(n, base, True) for p in layout]
+        try:
+            check_ports_free({p: "probe" for p in ports})
+        except TestnetError:
+            continue
+        return base
+    raise TestnetError(f"no free port range found in {lo}..{hi}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -25,23 +24,12 @@ from testnet import TestnetError, api_get, down, kill, status, up
 from testnet import procs as procs_mod
 from testnet.cli import main as cli_main
 from testnet.procs import Proc
-from testnet.state import PROXY_OFFSET, RunState, check_ports_free, port_layout
+from testnet.state import RunState, check_ports_free, free_base_port, port_layout
 
 STATUS_FIELDS = {"name", "peer_id", "pid", "alive", "api", "token", "data_dir", "listen",
                  "announce", "rtt_ms"}  # fmt: skip
 
 
-def free_base_port(n: int) -> int:
-    """A base port in 20000..29999 whose API, libp2p and proxy ports are all free."""
-    for _ in range(50):
-        base = random.randrange(20000, 30000 - PROXY_OFFSET - n, 10)
-        ports = [p for layout in port_layout(n, base, True) for p in layout]
-        try:
-            check_ports_free({p: "test" for p in ports})
-        except TestnetError:
-            continue
-        return base
-    raise RuntimeError("no free port range found in 20000..29999")
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import random
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import pytest
 
 from testnet import PeerInfo, TestnetError, api_request, down, kill, status, up
 from testnet.plan import default_torch_threads, stage_layers
-from testnet.state import PROXY_OFFSET, check_ports_free, port_layout
+from testnet.state import free_base_port
 
 MODEL = "smollm2"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -41,17 +40,6 @@ TESTNET_TIMEOUT_S = 600  # per test: three to four model loads on two shared cor
 REQUEST_TIMEOUT_S = 300.0
 
 
-def free_base_port(n: int) -> int:
-    """A base port in 20000..29999 whose API, libp2p and proxy ports are all free."""
-    for _ in range(50):
-        base = random.randrange(20000, 30000 - PROXY_OFFSET - n, 10)
-        ports = [p for layout in port_layout(n, base, True) for p in layout]
-        try:
-            check_ports_free({p: "test" for p in ports})
-        except TestnetError:
-            continue
-        return base
-    raise RuntimeError("no free port range found in 20000..29999")
 
 
 # ---- the stage split, without processes ------------------------------------------------

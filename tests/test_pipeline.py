@@ -11,7 +11,9 @@ import pytest
 import torch
 import trio
 
-from peerd.inference.runtime import ModelOptions, ModelRuntime
+from peerd.inference.host import ModelOptions
+from peerd.inference.routing import NoRoute
+from peerd.inference.runtime import ModelRuntime
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.source import reference_model, resolve
 from peerd.node import Node
@@ -145,4 +147,24 @@ async def test_entry_alone_with_the_whole_model(tmp_path: Path, tiny: Path,
     async with model_swarm(tmp_path, tiny, [(0, 4)]) as (_, runtimes):
         with trio.fail_after(30):
             tokens, _ = await generate(runtimes[0], PROMPT)
+    assert tokens == reference_tokens(reference, PROMPT, NEW_TOKENS)
+
+
+async def test_a_peer_without_layers_takes_the_least_served_window(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placement end to end: with room for two layers, a newcomer next to a peer
+    serving [0, 2) takes [2, 4), and together they serve the model."""
+    import peerd.inference.runtime as runtime_mod
+
+    monkeypatch.setattr(runtime_mod, "window_size", lambda *args: 2)
+    async with swarm(2, tmp_path, connect="star", heartbeat_s=2.0) as (a, b):
+        first = await ModelRuntime.start(a, ModelOptions(str(tiny), layers=(0, 2)))
+        await wait_for(lambda: any(e.models for e in b.ledger.entries()), 10,
+                       "the newcomer to see the first shard")
+        newcomer = await ModelRuntime.start(b, ModelOptions(str(tiny)))
+        assert (newcomer.block.start, newcomer.block.end) == (2, 4)
+        await wait_for(lambda: not isinstance(first.generator.route(), NoRoute), 10,
+                       "the first peer to see the newcomer's shard")
+        tokens, _ = await generate(first, PROMPT)
     assert tokens == reference_tokens(reference, PROMPT, NEW_TOKENS)

@@ -170,8 +170,8 @@ class Client:
             fail(f"lost the event stream from {self.api} ({type(exc).__name__})")
 
 
-def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the daemon is: --data-dir, or --api and --token."""
     fn = click.option("--token", envvar="PEERD_TOKEN", help="API bearer token "
                       "[<data dir>/api_token].")(fn)
     fn = click.option("--api", "api", envvar="PEERD_API_URL", metavar="URL",
@@ -179,6 +179,12 @@ def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                       help="The daemon's data dir [$PEERD_HOME or ~/.local/share/peerd].")(fn)
     return fn
+
+
+def client_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """connection_options plus --json, for commands that print data."""
+    return connection_options(click.option("--json", "as_json", is_flag=True,
+                                           help="Print JSON.")(fn))
 
 
 def make_client(data_dir: Path | None, api: str | None, token: str | None) -> Client:
@@ -328,17 +334,6 @@ CHUNK_TIMEOUT_S = 300.0  # between two streamed chunks (the first waits for the 
 
 class CompletionFailed(Exception):
     """The API refused or broke off a completion; the message is one line."""
-
-
-def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Like client_options, for commands that print no data (so take no --json)."""
-    fn = click.option("--token", envvar="PEERD_TOKEN", help="API bearer token "
-                      "[<data dir>/api_token].")(fn)
-    fn = click.option("--api", "api", envvar="PEERD_API_URL", metavar="URL",
-                      help="API base URL [from <data dir>/daemon.json].")(fn)
-    fn = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-                      help="The daemon's data dir [$PEERD_HOME or ~/.local/share/peerd].")(fn)
-    return fn
 
 
 def _api_error(c: Client, path: str, r: httpx.Response) -> CompletionFailed:

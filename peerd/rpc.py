@@ -140,10 +140,14 @@ def _is_stream_failure(exc: Exception) -> bool:
 
 
 async def _reply_error(stream: Any, code: str, message: str) -> None:
-    reply = encode(ErrorReply(code=code, message=message[:1000]))
+    await send_quietly(stream, ErrorReply(code=code, message=message[:1000]), _ERROR_REPLY_MAX)
+
+
+async def send_quietly(stream: Any, msg: Message, max_size: int) -> None:
+    """Best effort, within a second: a reply or notice to a peer that may be gone."""
     with trio.move_on_after(1.0):
         try:
-            await write_frame(stream, reply, _ERROR_REPLY_MAX)
+            await write_frame(stream, encode(msg), max_size)
         except Exception:
             pass
 

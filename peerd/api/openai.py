@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from peerd.inference.host import ModelHost
-from peerd.inference.routing import NoRoute, Server, find_route
+from peerd.inference.routing import NoRoute, find_route, servers_by_model
 from peerd.node import Node
 
 log = logging.getLogger(__name__)
@@ -152,16 +152,6 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     return float(v)
 
 
-def swarm_models(node: Node) -> dict[str, list[Server]]:
-    """model id -> the servers the ledger lists for it."""
-    out: dict[str, list[Server]] = {}
-    for e in node.ledger.entries():
-        for m in e.models:
-            out.setdefault(m.model_id, []).append(Server(e.peer_id, m.layer_start, m.layer_end,
-                                                         m.tokens_per_s))
-    return out
-
-
 def model_layers(node: Node, model_id: str) -> int:
     return max((m.num_layers for e in node.ledger.entries() for m in e.models
                 if m.model_id == model_id), default=0)
@@ -170,7 +160,7 @@ def model_layers(node: Node, model_id: str) -> int:
 def routes(node: Node, models: ModelHost) -> list[Route]:
     async def list_models(request: Request) -> Response:
         data = []
-        for model_id, servers in sorted(swarm_models(node).items()):
+        for model_id, servers in sorted(servers_by_model(node.ledger.entries()).items()):
             layers = model_layers(node, model_id)
             if layers and not isinstance(find_route(servers, layers), NoRoute):
                 data.append({"id": model_id, "object": "model", "created": 0,

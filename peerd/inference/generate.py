@@ -19,7 +19,7 @@ import torch
 import trio
 
 from peerd.inference.pipeline import Pipeline, PipelineFailure, PipelineSession
-from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route
+from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route, servers_by_model
 from peerd.inference.sampling import SamplingParams, make_generator, next_token
 from peerd.node import Node
 
@@ -91,13 +91,8 @@ class Generator:
 
     def servers(self) -> list[Server]:
         """Who serves which layers of our model, from the ledger and our RTT probes."""
-        out = []
-        for e in self.node.ledger.entries():
-            for m in e.models:
-                if m.model_id == self.model_id:
-                    rtt = 0.0 if e.peer_id == self.node.peer_id else self.node.rtt_ms.get(e.peer_id)
-                    out.append(Server(e.peer_id, m.layer_start, m.layer_end, m.tokens_per_s, rtt))
-        return out
+        rtt = {**self.node.rtt_ms, self.node.peer_id: 0.0}
+        return servers_by_model(self.node.ledger.entries(), rtt).get(self.model_id, [])
 
     def route(self) -> Route | NoRoute:
         return find_route(self.servers(), self.num_layers, self.bans.banned(time.monotonic()))

@@ -26,7 +26,7 @@ from libp2p.peer.id import ID
 from peerd.inference.routing import Route
 from peerd.inference.tensors import from_wire, to_wire
 from peerd.node import Node, ping_once
-from peerd.rpc import close_stream, remote_peer
+from peerd.rpc import close_stream, remote_peer, send_quietly
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
@@ -166,11 +166,7 @@ class PipelineSession:
 
     async def close(self) -> None:
         if self.first is not None and not self.done.is_set():
-            with trio.move_on_after(1.0):
-                try:
-                    await write_frame(self.first, encode(Close(self.id)), MAX_CONTROL_BYTES)
-                except Exception:
-                    pass
+            await send_quietly(self.first, Close(self.id), MAX_CONTROL_BYTES)
         self.done.set()
         self.pipeline.sessions.pop(self.id, None)
         if self.first is not None:
@@ -248,12 +244,7 @@ class Pipeline:
             await s.done.wait()
         except PeerError as exc:
             self.node.offence(peer, exc.reason, f"shard-return: {exc}")
-            with trio.move_on_after(1.0):
-                try:
-                    await write_frame(stream, encode(ErrorReply(exc.reason, str(exc))),
-                                      MAX_CONTROL_BYTES)
-                except Exception:
-                    pass
+            await send_quietly(stream, ErrorReply(exc.reason, str(exc)[:1000]), MAX_CONTROL_BYTES)
         except Exception as exc:
             log.debug("return stream from %s failed: %r", peer, exc)
         finally:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from protocols.ledger import LedgerEntry
 
 DEFAULT_MS_PER_LAYER = 2.0  # for a peer that has not measured its throughput yet
 DEFAULT_RTT_MS = 5.0  # for a peer we have not probed yet
@@ -61,6 +63,18 @@ class NoRoute:
 
     def describe(self) -> str:
         return ", ".join(f"[{a}, {b})" for a, b in self.missing)
+
+
+def servers_by_model(entries: Iterable[LedgerEntry],
+                     rtt_ms: Mapping[str, float] | None = None) -> dict[str, list[Server]]:
+    """model id -> the spans the ledger advertises for it, with our measured RTTs."""
+    out: dict[str, list[Server]] = {}
+    for e in entries:
+        for m in e.models:
+            rtt = None if rtt_ms is None else rtt_ms.get(e.peer_id)
+            out.setdefault(m.model_id, []).append(
+                Server(e.peer_id, m.layer_start, m.layer_end, m.tokens_per_s, rtt))
+    return out
 
 
 def coverage_gaps(servers: Iterable[Server], num_layers: int) -> list[tuple[int, int]]:

@@ -22,6 +22,7 @@ from peerd.inference.head import Head
 from peerd.inference.host import ModelOptions, Progress
 from peerd.inference.pipeline import Pipeline
 from peerd.inference.placement import choose_layers, window_size
+from peerd.inference.routing import servers_by_model
 from peerd.inference.service import ShardServer
 from peerd.inference.shard import ShardBlock, set_torch_threads
 from peerd.inference.source import ModelSource, load_config, load_tokenizer, resolve
@@ -121,17 +122,11 @@ class ModelRuntime:
             while not node.connected_peers() or len(node.ledger) < 2:  # noqa: ASYNC110
                 await trio.sleep(0.1)  # (the ledger has no change event to wait on)
         await trio.sleep(0.2)  # let the first snapshots land
-        servers = [s for s in _ledger_servers(node, model_id) if s.peer_id != node.peer_id]
+        listed = servers_by_model(node.ledger.entries()).get(model_id, [])
+        servers = [s for s in listed if s.peer_id != node.peer_id]
         budget = int(psutil.virtual_memory().available * MEMORY_FRACTION)
         window = window_size(num_layers, layer_bytes(config, dtype), budget)
         return choose_layers(servers, num_layers, window)
-
-
-def _ledger_servers(node: Node, model_id: str) -> list[Any]:
-    from peerd.inference.routing import Server
-
-    return [Server(e.peer_id, m.layer_start, m.layer_end, m.tokens_per_s)
-            for e in node.ledger.entries() for m in e.models if m.model_id == model_id]
 
 
 def layer_bytes(config: Any, dtype: torch.dtype) -> int:

@@ -25,9 +25,9 @@ import trio
 from libp2p.peer.id import ID
 
 from peerd.inference.host import ShardLimits
-from peerd.inference.tensors import TORCH_DTYPES, from_wire, to_wire
+from peerd.inference.tensors import from_wire, to_wire
 from peerd.node import Node
-from peerd.rpc import close_stream, remote_peer
+from peerd.rpc import close_stream, remote_peer, send_quietly
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
@@ -61,6 +61,7 @@ class Block(Protocol):
     end: int
     num_layers: int  # of the whole model
     hidden_size: int
+    dtype: Any  # torch.dtype of the compute
 
     def new_cache(self) -> Any: ...
     def forward(self, hidden: Any, start_pos: int, cache: Any, keep: int | None = None,
@@ -122,11 +123,13 @@ class ShardServer:
         except StreamClosed:
             pass
         except Refused as exc:
-            await _reply(stream, Failed(session="", step=-1, peer_id=self.node.peer_id,
-                                        code=exc.code, message=str(exc)))
+            refusal = Failed(session="", step=-1, peer_id=self.node.peer_id, code=exc.code,
+                             message=str(exc)[:1000])
+            await send_quietly(stream, refusal, MAX_CONTROL_BYTES)
         except PeerError as exc:
             self.node.offence(upstream, exc.reason, f"shard: {exc}")
-            await _reply(stream, ErrorReply(code=exc.reason, message=str(exc)))
+            await send_quietly(stream, ErrorReply(code=exc.reason, message=str(exc)[:1000]),
+                               MAX_CONTROL_BYTES)
         except trio.TooSlowError:
             self.node.offence(upstream, "timeout", "shard: OPEN not completed in time")
         except Exception as exc:
@@ -134,7 +137,8 @@ class ShardServer:
                 log.debug("shard stream from %s ended: %r", upstream, exc)
             else:
                 log.exception("shard session from %s failed", upstream)
-                await _reply(stream, ErrorReply(code="internal", message="internal error"))
+                await send_quietly(stream, ErrorReply(code="internal", message="internal error"),
+                                   MAX_CONTROL_BYTES)
         finally:
             if session is not None:
                 await self._drop(session)
@@ -286,12 +290,9 @@ class ShardServer:
 
     def _compute(self, s: _Session, msg: Forward) -> Any:
         """Worker thread: one forward through this peer's span."""
-        hidden = from_wire(msg.hidden, dtype=self.block_dtype())
+        hidden = from_wire(msg.hidden, dtype=self.block.dtype)
         keep = None if msg.keep < 0 else msg.keep
         return self.block.forward(hidden, msg.start_pos, s.cache, keep, span=s.span)
-
-    def block_dtype(self) -> Any:
-        return getattr(self.block, "dtype", TORCH_DTYPES["float32"])
 
     async def _report(self, s: _Session, step: int, culprit: str, code: str,
                       message: str) -> None:
@@ -314,21 +315,10 @@ class ShardServer:
         self._report_load()
         if s.downstream is not None:
             if not s.is_last:
-                with trio.move_on_after(1.0):
-                    try:
-                        await write_frame(s.downstream, encode(Close(s.id)), MAX_CONTROL_BYTES)
-                    except Exception:
-                        pass
+                await send_quietly(s.downstream, Close(s.id), MAX_CONTROL_BYTES)
             await close_stream(s.downstream)
         self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
 
     def _report_load(self) -> None:
         self.node.set_load(sessions=len(self.sessions), queue=self.compute.borrowed_tokens)
 
-
-async def _reply(stream: Any, msg: Any) -> None:
-    with trio.move_on_after(1.0):
-        try:
-            await write_frame(stream, encode(msg), MAX_CONTROL_BYTES)
-        except Exception:
-            pass

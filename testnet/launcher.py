@@ -290,13 +290,7 @@ def _wait_healthy(state: RunState, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(state.peers)
     while pending:
-        procs.reap()
-        for rec in pending:
-            if not rec.proc.alive:
-                raise TestnetError(
-                    f"{rec.name} exited during start-up; last lines of {rec.log_path}:\n"
-                    f"{procs.tail(rec.log_path)}"
-                )
+        serving.raise_if_exited(pending, "during start-up")
         if state.proxy and not state.proxy.alive:
             log_path = Path(state.run_dir) / PROXY_LOG
             raise TestnetError(f"the latency proxy died:\n{procs.tail(log_path)}")

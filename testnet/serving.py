@@ -25,18 +25,21 @@ POLL_S = 0.5
 Stage = tuple[str, int, int]  # (peer id, layer_start, layer_end) as a ledger lists it
 
 
+def raise_if_exited(records: list[PeerRecord], doing: str) -> None:
+    """TestnetError with the log tail of the first of `records` whose process is gone."""
+    procs.reap()
+    for rec in records:
+        if not rec.proc.alive:
+            raise TestnetError(f"{rec.name} exited {doing}; last lines of {rec.log_path}:\n"
+                               f"{procs.tail(rec.log_path)}")
+
+
 def wait_models_ready(state: RunState, plan: ModelPlan, deadline: float, timeout_s: float) -> None:
     """Until every peer's model slot is "ready"; TestnetError on "failed", on a peer
     that exits, or at `deadline` (`timeout_s` is what the message reports)."""
     pending = list(state.peers)
     while pending:
-        procs.reap()
-        for rec in pending:
-            if not rec.proc.alive:
-                raise TestnetError(
-                    f"{rec.name} exited while loading {plan.spec}; last lines of "
-                    f"{rec.log_path}:\n{procs.tail(rec.log_path)}"
-                )
+        raise_if_exited(pending, f"while loading {plan.spec}")
         models = map_peers(pending, model_status)
         for rec, model in zip(pending, models, strict=True):
             if model.get("state") == "failed":

@@ -89,6 +89,10 @@ def main() -> None:
               help="Compute dtype [auto: float32 on CPU, bfloat16/float16 on CUDA].")
 @click.option("--torch-threads", type=int, help="torch intra-op threads [all cores]; set it "
               "when several peers share a machine.")
+@click.option("--speculative", metavar="DRAFT[,VERIFY[,GAMMA]]",
+              help="Decode speculatively by default: DRAFT is ngram, eagle, eagle:PATH or "
+              "model:SPEC; VERIFY greedy, sample or adaptive [auto]; GAMMA 1-16 [auto]. "
+              "Requests may override it.")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

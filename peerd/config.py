@@ -17,6 +17,8 @@ from typing import Any
 
 import multiaddr
 
+from peerd.inference.host import SpeculativeOptions
+
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API = "127.0.0.1:4100"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -74,6 +76,9 @@ class Config:
     torch_threads: int = 0
     max_sessions: int = 32  # pipeline sessions this peer holds KV caches for
     kv_cache_mb: int = 2048  # KV cache memory all those sessions may reserve together
+    # Speculative decoding by default for requests that do not say: DRAFT[,VERIFY[,GAMMA]]
+    # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/host.py).
+    speculative: str = "none"
 
     @property
     def layer_range(self) -> tuple[int, int] | None:
@@ -173,6 +178,12 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
             raise bad("layers", f"{cfg.layers!r} is not A:B with A < B (e.g. 0:15)")
         if not cfg.model:
             raise bad("layers", "--layers needs --model")
+    try:
+        SpeculativeOptions.parse_flag(cfg.speculative)
+    except ValueError as exc:
+        raise bad("speculative", str(exc)) from None
+    if cfg.speculative != "none" and not cfg.model:
+        raise bad("speculative", "--speculative needs --model")
     if len(cfg.name) > 64:
         raise bad("name", "longer than 64 characters")
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):

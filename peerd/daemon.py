@@ -28,7 +28,7 @@ from peerd.datadir import (
     write_runtime_file,
 )
 from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
-from peerd.inference.host import ModelHost, ModelOptions, ShardLimits
+from peerd.inference.host import ModelHost, ModelOptions, ShardLimits, SpeculativeOptions
 from peerd.inference.source import ModelError, resolve
 from peerd.ledger import LedgerStoreError
 from peerd.node import open_node
@@ -109,7 +109,8 @@ def model_options(config: Config) -> ModelOptions | None:
     limits = ShardLimits(max_sessions=config.max_sessions,
                          max_kv_bytes=config.kv_cache_mb * 2**20)
     return ModelOptions(spec=config.model, layers=config.layer_range, device=config.device,
-                        dtype=config.dtype, torch_threads=config.torch_threads, limits=limits)
+                        dtype=config.dtype, torch_threads=config.torch_threads, limits=limits,
+                        speculative=SpeculativeOptions.parse_flag(config.speculative))
 
 
 async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sockets: Any,

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from peerd.inference.host import ModelHost
+from peerd.inference.host import MAX_GAMMA, ModelHost, SpeculativeOptions
 from peerd.inference.routing import NoRoute, find_route, servers_by_model
 from peerd.node import Node
 
@@ -61,6 +61,7 @@ class Completion:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    speculative: SpeculativeOptions | None = None  # None: the peer's default
 
 
 def parse(body: Any, *, chat: bool) -> Completion:
@@ -125,7 +126,29 @@ def parse(body: Any, *, chat: bool) -> Completion:
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return Completion(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
-                      stops, stream, include_usage)
+                      stops, stream, include_usage, _speculative(body.get("speculative")))
+
+
+def _speculative(raw: Any) -> SpeculativeOptions | None:
+    """peerd's extension: {"draft": ..., "verify": ..., "gamma": int | "auto"}."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"draft", "verify", "gamma"}:
+        raise ApiError(400, "'speculative' must be an object with draft, verify and gamma "
+                       "(e.g. {\"draft\": \"eagle\", \"verify\": \"greedy\", \"gamma\": \"auto\"})",
+                       param="speculative")
+    draft, verify, gamma = raw.get("draft", "none"), raw.get("verify", "auto"), \
+        raw.get("gamma", "auto")
+    if not isinstance(draft, str) or not isinstance(verify, str):
+        raise ApiError(400, "speculative.draft and speculative.verify must be strings",
+                       param="speculative")
+    if gamma != "auto" and not _is_int(gamma):
+        raise ApiError(400, f"speculative.gamma must be an integer in 1..{MAX_GAMMA} or "
+                       "\"auto\"", param="speculative")
+    try:
+        return SpeculativeOptions(draft, verify, None if gamma == "auto" else gamma)
+    except ValueError as exc:
+        raise ApiError(400, f"speculative: {exc}", param="speculative") from None
 
 
 def _content(content: Any, i: int) -> str:
@@ -233,10 +256,13 @@ def _runtime(models: ModelHost, model: str) -> Any:
 class _Prepared:
     ids: list[int]
     params: Any  # SamplingParams
+    speculative: SpeculativeOptions
 
 
 async def _prepare(runtime: Any, req: Completion) -> _Prepared:
     """Tokenise, check the length and that the swarm covers the model (503 if not)."""
+    from peerd.inference.drafters import DraftError
+    from peerd.inference.generate import verify_mode
     from peerd.inference.sampling import SamplingParams
 
     tok = runtime.tokenizer
@@ -263,7 +289,13 @@ async def _prepare(runtime: Any, req: Completion) -> _Prepared:
                        code="missing_layers")
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                             top_p=req.top_p, seed=req.seed, stop=req.stop)
-    return _Prepared(ids, params)
+    spec = req.speculative or runtime.generator.default_speculative
+    try:  # before any streaming starts: a drafter that cannot be had is the caller's 400
+        verify_mode(spec, params)
+        await runtime.generator.drafter(spec)
+    except DraftError as exc:
+        raise ApiError(400, f"speculative: {exc}", param="speculative") from None
+    return _Prepared(ids, params, spec)
 
 
 Emit = Callable[[str], Awaitable[bool]]
@@ -285,7 +317,8 @@ async def _run(runtime: Any, req: Completion, prepared: _Prepared, emit: Emit | 
         return not text.stopped
 
     try:
-        stats = await runtime.generator.generate(prepared.ids, prepared.params, on_token)
+        stats = await runtime.generator.generate(prepared.ids, prepared.params, on_token,
+                                                 prepared.speculative)
     except NoCoverage as exc:
         raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: {exc}",
                        "service_unavailable", code="missing_layers") from None

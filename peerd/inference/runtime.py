@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 import torch
 import trio
 
+from peerd.inference.acceptance import TokenClasses
+from peerd.inference.drafters import DrafterCatalog
 from peerd.inference.generate import Generator
 from peerd.inference.head import Head
 from peerd.inference.host import ModelOptions, Progress
@@ -104,9 +107,16 @@ class ModelRuntime:
         server.register()
         pipeline = Pipeline(node, source.model_id)
         pipeline.register()
+        drafters = DrafterCatalog(head, tokenizer, device=device, dtype=dtype)
         generator = Generator(node, pipeline, head, model_id=source.model_id,
                               num_layers=num_layers, eos_ids=eos_ids(tokenizer, config),
-                              compute=compute, wire_dtype=DTYPE_NAMES[dtype])
+                              compute=compute, wire_dtype=DTYPE_NAMES[dtype],
+                              drafters=drafters,
+                              token_classes=token_classes_of(tokenizer, head.vocab_size),
+                              default_speculative=options.speculative)
+        if options.speculative.enabled:
+            progress(f"loading the drafter ({options.speculative.draft})")
+            await generator.drafter(options.speculative)
         node.set_models((ModelServed(model_id=source.model_id, layer_start=start,
                                      layer_end=end, dtype=DTYPE_NAMES[dtype],
                                      tokens_per_s=round(tokens_per_s, 2),
@@ -127,6 +137,19 @@ class ModelRuntime:
         budget = int(psutil.virtual_memory().available * MEMORY_FRACTION)
         window = window_size(num_layers, layer_bytes(config, dtype), budget)
         return choose_layers(servers, num_layers, window)
+
+
+def token_classes_of(tokenizer: Any, vocab_size: int) -> Callable[[], TokenClasses]:
+    """The vocabulary's importance classes for adaptive verification, built on first use
+    (decoding every token takes a second or two) and kept."""
+    built: list[TokenClasses] = []
+
+    def get() -> TokenClasses:
+        if not built:
+            built.append(TokenClasses.from_tokenizer(tokenizer, vocab_size))
+        return built[0]
+
+    return get
 
 
 def layer_bytes(config: Any, dtype: torch.dtype) -> int:

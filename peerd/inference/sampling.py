@@ -36,10 +36,9 @@ def make_generator(params: SamplingParams) -> torch.Generator:
     return g
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """logits: [V] (any float dtype). Returns a token id."""
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits).item())
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [V] -> the distribution sampling draws from [V] float32 (temperature > 0):
+    softmax at the temperature, cut to the nucleus and renormalised."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [V]
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)  # [V], [V]
@@ -47,4 +46,12 @@ def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # [V] bool
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)  # [V]
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+        probs = probs / probs.sum()
+    return probs
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """logits: [V] (any float dtype). Returns a token id."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits).item())
+    return int(torch.multinomial(distribution(logits, params), 1, generator=gen).item())

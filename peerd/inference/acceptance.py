@@ -1,0 +1,157 @@
+"""Verification of a speculative round: which drafted tokens the target keeps.
+
+Pure functions over the target's logits at the γ+1 positions of one pipeline pass
+(row i scores the token after draft token i-1; row 0 follows the last committed
+token). Each returns how many draft tokens are accepted and the one token the target
+adds after them (a correction where it disagreed, or a bonus after a full accept),
+so a round always commits between 1 and γ+1 tokens.
+
+- `greedy`: the longest prefix where the draft equals the target's argmax, then the
+  target's argmax. Output identical to non-speculative greedy decoding.
+- `sample`: speculative rejection sampling (Leviathan et al. 2023; Chen et al.
+  2023). Draft token d_i drawn from q_i is accepted with probability
+  min(1, p_i(d_i) / q_i(d_i)); on the first rejection the token is drawn from
+  norm(max(p_i - q_i, 0)); after a full accept the bonus is drawn from p_γ. The
+  committed tokens are distributed exactly as the target's own sampling. A
+  deterministic drafter (prompt lookup, greedy heads) has q_i = one-hot(d_i).
+- `adaptive`: opt-in, lossy relaxation of greedy by token-level importance:
+
+      τ_i = 0                                 if p_i(t_i) ≥ CONFIDENT   (target sure)
+      τ_i = min(τ[class(d_i)], τ[class(t_i)])  otherwise
+      accept d_i  ⇔  d_i = t_i  or  (rank_i(d_i) < TOP_K  and  p_i(d_i) ≥ (1 − τ_i)·p_i(t_i))
+
+  where t_i is the target's argmax at position i and p_i its softmax. class() sorts
+  a token by its text: `strict` (digits, operators, brackets and quotes, identifiers
+  with _ or capitals, i.e. names and entities: τ = 0), `word` (other words: a small
+  τ that only admits near-ties), `function` (function words) and `punct` /
+  `space` (more relaxed). Taking the min over the draft's and the target's class
+  means a digit is never swapped for anything, nor anything for a digit.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+VERIFY_MODES = ("greedy", "sample", "adaptive")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    accepted: int  # draft tokens kept, a prefix of the draft
+    token: int  # the target's own token after them (correction or bonus)
+
+    def committed(self, draft: Sequence[int]) -> list[int]:
+        return [*draft[:self.accepted], self.token]
+
+
+def verify_greedy(logits: torch.Tensor, draft: Sequence[int]) -> Verdict:
+    """logits [γ+1, V]; draft: γ token ids."""
+    _check(logits, draft)
+    best = torch.argmax(logits, dim=-1).tolist()  # [γ+1]
+    n = 0
+    while n < len(draft) and draft[n] == best[n]:
+        n += 1
+    return Verdict(n, int(best[n]))
+
+
+def verify_sample(probs: torch.Tensor, draft: Sequence[int], draft_probs: torch.Tensor | None,
+                  rng: torch.Generator) -> Verdict:
+    """probs [γ+1, V]: the target's sampling distributions (sampling.distribution);
+    draft_probs [γ, V]: what each draft token was drawn from, None for one-hots."""
+    _check(probs, draft)
+    if draft_probs is not None and draft_probs.shape[0] < len(draft):
+        raise ValueError("draft_probs must have one row per draft token")
+    for i, d in enumerate(draft):
+        p = probs[i]  # [V]
+        q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
+        r = float(torch.rand((), generator=rng))
+        if q_d > 0 and r * q_d < float(p[d]):  # r < p/q, without dividing by zero
+            continue
+        if draft_probs is None:
+            residual = p.clone()  # max(p - onehot(d), 0) = p with d removed (p(d) ≤ 1)
+            residual[d] = 0.0
+        else:
+            residual = torch.clamp(p - draft_probs[i], min=0.0)  # [V]
+        if float(residual.sum()) <= 0.0:  # p == q up to rounding: nothing to correct
+            residual = p
+        return Verdict(i, int(torch.multinomial(residual, 1, generator=rng)))
+    return Verdict(len(draft), int(torch.multinomial(probs[len(draft)], 1, generator=rng)))
+
+
+# ---- adaptive ---------------------------------------------------------------------------
+
+CONFIDENT = 0.9  # the target's top probability at or above which a position is strict
+TOP_K = 3  # a relaxed accept must still be among the target's top candidates
+TAU = {"strict": 0.0, "word": 0.2, "function": 0.4, "punct": 0.5, "space": 0.6}
+
+FUNCTION_WORDS = frozenset([
+    "a", "an", "the", "and", "or", "but", "nor", "so", "yet", "of", "to", "in", "on", "at",
+    "by", "for", "with", "from", "into", "onto", "over", "under", "about", "as", "than",
+    "then", "that", "this", "these", "those", "there", "here", "it", "its", "is", "are", "was",
+    "were", "be", "been", "being", "am", "do", "does", "did", "have", "has", "had", "will",
+    "would", "shall", "should", "can", "could", "may", "might", "must", "i", "you", "he",
+    "she", "we", "they", "me", "him", "her", "us", "them", "my", "your", "his", "our", "their",
+    "which", "who", "whom", "whose", "what", "when", "where", "why", "how", "not", "no", "if",
+    "also", "just", "very", "too", "all", "any", "some", "each", "both", "either", "neither",
+    "such", "only", "own", "same", "other", "more", "most", "much", "many", "few", "one's",
+    "let", "let's", "well",
+])
+_PUNCT = set(".,;:!?…") | {"...", "--", "—", "–"}
+_STRICT_CHARS = set(string.digits) | set("+-*/=<>%^&|~()[]{}\"'`$#@\\_")
+
+
+def token_class(text: str) -> str:
+    """The importance class of a token from its decoded text (see the module doc)."""
+    core = text.strip()
+    if not core:
+        return "space"
+    if any(c in _STRICT_CHARS for c in core) or any(c.isupper() for c in core):
+        return "strict"
+    if core in _PUNCT or all(c in _PUNCT for c in core):
+        return "punct"
+    if not any(c.isalpha() for c in core):
+        return "strict"  # other symbols: treat as syntax
+    return "function" if core.lower() in FUNCTION_WORDS else "word"
+
+
+class TokenClasses:
+    """token id -> importance τ, computed once per vocabulary from decoded texts."""
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.tau = torch.tensor([TAU[token_class(t)] for t in texts],
+                                dtype=torch.float32)  # [V]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: object, vocab_size: int) -> TokenClasses:
+        decode = tokenizer.decode  # type: ignore[attr-defined]
+        return cls([decode([i]) for i in range(vocab_size)])
+
+
+def verify_adaptive(logits: torch.Tensor, draft: Sequence[int],
+                    classes: TokenClasses) -> Verdict:
+    """logits [γ+1, V]; the relaxed greedy rule in the module doc."""
+    _check(logits, draft)
+    probs = torch.softmax(logits.float(), dim=-1)  # [γ+1, V]
+    top_p, top = torch.topk(probs, TOP_K, dim=-1)  # [γ+1, K] each
+    n = 0
+    while n < len(draft):
+        d, t = draft[n], int(top[n, 0])
+        if d != t:
+            p_t = float(top_p[n, 0])
+            tau = 0.0 if p_t >= CONFIDENT else min(float(classes.tau[d]),
+                                                   float(classes.tau[t]))
+            in_top = d in top[n].tolist()
+            if not (in_top and float(probs[n, d]) >= (1.0 - tau) * p_t and tau > 0):
+                break
+        n += 1
+    return Verdict(n, int(top[n, 0]))
+
+
+def _check(scores: torch.Tensor, draft: Sequence[int]) -> None:
+    if scores.dim() != 2 or scores.shape[0] != len(draft) + 1:
+        raise ValueError(f"need [γ+1, V] scores for a draft of {len(draft)}, got "
+                         f"{list(scores.shape)}")

@@ -1,0 +1,205 @@
+"""Verification rules and γ = auto, as pure functions (acceptance.py, gamma.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peerd.inference.acceptance import (
+    TAU,
+    TokenClasses,
+    Verdict,
+    token_class,
+    verify_adaptive,
+    verify_greedy,
+    verify_sample,
+)
+from peerd.inference.drafters import lookup
+from peerd.inference.gamma import GammaController, best_gamma, expected_tokens
+from peerd.inference.host import SpeculativeOptions
+
+# ---- greedy -------------------------------------------------------------------------------
+
+
+def onehot_logits(best: list[int], vocab: int = 10) -> torch.Tensor:
+    logits = torch.zeros(len(best), vocab)
+    for i, b in enumerate(best):
+        logits[i, b] = 5.0
+    return logits
+
+
+def test_greedy_keeps_the_agreeing_prefix_and_adds_the_targets_token() -> None:
+    logits = onehot_logits([3, 4, 5, 6])  # the target's argmax at each of γ+1 = 4 rows
+    assert verify_greedy(logits, [3, 4, 5]) == Verdict(3, 6)  # all accepted + bonus
+    assert verify_greedy(logits, [3, 9, 5]) == Verdict(1, 4)  # correction at position 1
+    assert verify_greedy(logits, [7, 4, 5]) == Verdict(0, 3)
+    assert verify_greedy(onehot_logits([2]), []) == Verdict(0, 2)  # plain decoding
+    assert Verdict(1, 4).committed([3, 9, 5]) == [3, 4]
+    with pytest.raises(ValueError, match="γ"):
+        verify_greedy(logits, [1])
+
+
+# ---- sample: the committed tokens are distributed as the target's ------------------------
+
+# 99.9% quantiles of chi-square for 7 degrees of freedom: a correct sampler fails the test
+# once in a thousand runs; the seeds below are fixed, so the test is deterministic.
+CHI2_999_DF7 = 24.32
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("drafter", ["sampled", "deterministic"])
+def test_rejection_sampling_reproduces_the_target_distribution(drafter: str) -> None:
+    """γ = 2 over a vocabulary of 8: the first and second committed tokens follow the
+    target's p0 and p1 (rows are independent of history here), whatever q is."""
+    gen = torch.Generator().manual_seed(1234)
+    V, N = 8, 20_000
+    p = torch.softmax(torch.randn(3, V, generator=gen) * 1.5, dim=-1)  # target [γ+1, V]
+    q = torch.softmax(torch.randn(2, V, generator=gen) * 1.5, dim=-1)  # drafter [γ, V]
+    first, second = torch.zeros(V), torch.zeros(V)
+    n_second = 0
+    accepted_total = 0
+    for _ in range(N):
+        if drafter == "sampled":
+            draft = [int(torch.multinomial(q[i], 1, generator=gen)) for i in range(2)]
+            verdict = verify_sample(p, draft, q, gen)
+        else:
+            draft = [2, 5]  # a deterministic drafter: q = one-hot
+            verdict = verify_sample(p, draft, None, gen)
+        tokens = verdict.committed(draft)
+        accepted_total += verdict.accepted
+        first[tokens[0]] += 1
+        if len(tokens) > 1:
+            second[tokens[1]] += 1
+            n_second += 1
+    chi_first = chi_square(first, p[0])
+    chi_second = chi_square(second, p[1])
+    print(f"{drafter}: chi2 first {chi_first:.1f}, second {chi_second:.1f} (99.9% bound "
+          f"{CHI2_999_DF7}); {accepted_total / N:.2f} accepted per round")
+    assert chi_first < CHI2_999_DF7
+    assert n_second > 1000 and chi_second < CHI2_999_DF7
+    assert accepted_total > 0
+
+
+def test_rejection_sampling_accepts_everything_when_draft_equals_target() -> None:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(3, 6, generator=gen), dim=-1)
+    for _ in range(200):
+        draft = [int(torch.multinomial(p[i], 1, generator=gen)) for i in range(2)]
+        assert verify_sample(p, draft, p[:2], gen).accepted == 2
+
+
+# ---- adaptive ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "cls"), [
+    (" ", "space"), ("\n", "space"), (",", "punct"), (" .", "punct"), ("...", "punct"),
+    (" the", "function"), (" of", "function"), (" apples", "word"), ("ing", "word"),
+    (" 42", "strict"), ("7", "strict"), (" +", "strict"), ("(", "strict"), ("_id", "strict"),
+    (" Paris", "strict"), ("camelCase", "strict"), (" $", "strict"), ("=", "strict"),
+])
+def test_token_classes(text: str, cls: str) -> None:
+    assert token_class(text) == cls
+
+
+def probs_logits(rows: list[dict[int, float]], vocab: int = 6) -> torch.Tensor:
+    """Logits whose softmax puts the given mass on the given tokens (rest spread)."""
+    out = torch.empty(len(rows), vocab)
+    for i, row in enumerate(rows):
+        rest = (1.0 - sum(row.values())) / (vocab - len(row))
+        p = torch.full((vocab,), rest)
+        for t, m in row.items():
+            p[t] = m
+        out[i] = p.log()
+    return out
+
+
+# token ids of a toy vocabulary: 0 " the", 1 " a", 2 " 7", 3 " 9", 4 ",", 5 " apples"
+TOY = TokenClasses([" the", " a", " 7", " 9", ",", " apples"])
+
+
+def test_adaptive_relaxes_function_words_near_ties_but_never_digits() -> None:
+    # row 0: the target slightly prefers " the" over " a": function words, near-tie
+    # row 1: " 7" vs " 9": digits, always strict
+    logits = probs_logits([{0: 0.45, 1: 0.40}, {2: 0.45, 3: 0.40}, {4: 0.9}])
+    assert verify_adaptive(logits, [1, 3], TOY) == Verdict(1, 2)  # " a" kept, " 9" not
+    assert verify_greedy(logits, [1, 3]) == Verdict(0, 0)  # greedy keeps neither
+
+
+def test_adaptive_is_strict_where_the_target_is_confident_or_far_apart() -> None:
+    confident = probs_logits([{0: 0.92, 1: 0.05}, {4: 0.9}])
+    assert verify_adaptive(confident, [1], TOY) == Verdict(0, 0)
+    far = probs_logits([{0: 0.6, 1: 0.2}, {4: 0.9}])  # 0.2 < (1 - 0.4) * 0.6
+    assert verify_adaptive(far, [1], TOY) == Verdict(0, 0)
+    # a digit may not replace a word, nor a word a digit (min over both classes)
+    mixed = probs_logits([{0: 0.45, 2: 0.44}, {4: 0.9}])
+    assert verify_adaptive(mixed, [2], TOY) == Verdict(0, 0)
+    assert TAU["strict"] == 0.0
+
+
+def test_adaptive_agrees_with_greedy_when_drafts_match() -> None:
+    logits = onehot_logits([1, 2, 3], vocab=6)
+    assert verify_adaptive(logits, [1, 2], TOY) == verify_greedy(logits, [1, 2])
+
+
+# ---- prompt lookup ------------------------------------------------------------------------
+
+
+def test_lookup_proposes_what_followed_the_latest_match() -> None:
+    seq = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2, 3]
+    assert lookup(seq, 3) == [7, 8, 1]  # the latest earlier "1 2 3" was followed by 7 8 1
+    assert lookup([5, 6, 7], 4) == []
+    assert lookup([4, 4, 4], 2) == [4]  # only what exists before the tail's own position
+
+
+# ---- γ = auto -----------------------------------------------------------------------------
+
+
+def test_expected_tokens() -> None:
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-9
+
+
+def test_best_gamma_grows_with_acceptance_and_link_latency() -> None:
+    # slow links (large fixed cost) and a good drafter: draft long
+    assert best_gamma(0.9, fixed_ms=200, per_token_ms=5) >= 10
+    # a poor drafter: short drafts
+    assert best_gamma(0.2, fixed_ms=200, per_token_ms=5) <= 2
+    # compute-bound (each position as dear as the round): γ stays small
+    assert best_gamma(0.8, fixed_ms=10, per_token_ms=10) <= 3
+    assert best_gamma(0.9, 200, 5) > best_gamma(0.9, 20, 5)
+
+
+def test_gamma_controller_follows_the_session() -> None:
+    fixed = GammaController(fixed=5)
+    fixed.observe(5, 0, 100.0)
+    assert fixed.next() == 5
+    auto = GammaController()
+    assert auto.next() == 4  # before any measurement
+    for g in (4, 6, 8, 5, 7, 6, 8):  # every draft fully accepted; slow rounds
+        auto.observe(g, g, 150.0 + 2.0 * g)
+    a, b = auto.cost()
+    assert 140 < a < 160 and 1.0 < b < 3.0  # the fit recovers T = 150 + 2γ
+    assert auto.next() >= 10
+    for _ in range(12):  # now the drafter keeps missing at once
+        auto.observe(auto.next(), 0, 150.0 + 2.0 * auto.next())
+    assert auto.next() <= 2
+
+
+# ---- the speculative option ---------------------------------------------------------------
+
+
+def test_speculative_options() -> None:
+    assert SpeculativeOptions.parse_flag("eagle,adaptive") == SpeculativeOptions(
+        "eagle", "adaptive")
+    assert SpeculativeOptions.parse_flag("ngram,greedy,4").gamma == 4
+    assert SpeculativeOptions.parse_flag("model:smollm2").draft == "model:smollm2"
+    assert not SpeculativeOptions().enabled
+    for bad in ("magic", "model:", "ngram:x", "eagle,fast", "ngram,greedy,0", "ngram,greedy,99",
+                "ngram,greedy,x", "a,b,c,d"):
+        with pytest.raises(ValueError):
+            SpeculativeOptions.parse_flag(bad)

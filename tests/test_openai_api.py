@@ -258,6 +258,29 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("5 stop strings", {**GOOD_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("a long stop string", {**GOOD_CHAT, "stop": "x" * 201}, "stop"),
     ("a huge integer", {**GOOD_CHAT, "temperature": 10**400}, "temperature"),
+    # DSD: peerd's "speculative" extension
+    ("speculative not an object", {**GOOD_CHAT, "speculative": "eagle"}, "speculative"),
+    ("speculative unknown key", {**GOOD_CHAT, "speculative": {"drafts": "ngram"}},
+     "speculative"),
+    ("unknown drafter", {**GOOD_CHAT, "speculative": {"draft": "magic"}}, "speculative"),
+    ("unknown verify", {**GOOD_CHAT, "speculative": {"draft": "ngram", "verify": "fast"}},
+     "speculative"),
+    ("gamma 0", {**GOOD_CHAT, "speculative": {"draft": "ngram", "gamma": 0}}, "speculative"),
+    ("gamma 99", {**GOOD_CHAT, "speculative": {"draft": "ngram", "gamma": 99}}, "speculative"),
+    ("gamma x", {**GOOD_CHAT, "speculative": {"draft": "ngram", "gamma": "x"}}, "speculative"),
+    ("gamma true", {**GOOD_CHAT, "speculative": {"draft": "ngram", "gamma": True}},
+     "speculative"),
+    ("adaptive when sampling", {**GOOD_CHAT, "temperature": 0.7,
+                                "speculative": {"draft": "ngram", "verify": "adaptive"}},
+     "speculative"),
+    ("no head for this model", {**GOOD_CHAT, "speculative": {"draft": "eagle"}},
+     "speculative"),
+    ("a head file that is not there", {**GOOD_CHAT,
+                                       "speculative": {"draft": "eagle:/no/such/head"}},
+     "speculative"),
+    ("a draft model that is not there", {**GOOD_CHAT,
+                                         "speculative": {"draft": "model:/no/such/model"}},
+     "speculative"),
 ]
 
 
@@ -333,6 +356,42 @@ def test_a_peer_without_a_model_is_a_503_with_advice(swarm: Swarm) -> None:
     error = openai_error(r, 503)
     assert "serves no model" in error["message"]
     assert "--model" in error["message"]
+
+
+def test_speculative_decoding_gives_the_same_text_and_reports_its_rounds(
+        swarm: Swarm, tiny: Path) -> None:
+    client = swarm.client()
+    plain = client.chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                           max_tokens=12, temperature=0)
+    for draft in ("ngram", f"model:{tiny}"):
+        r = client.chat.completions.create(
+            model=swarm.model_id, messages=HELLO, max_tokens=12, temperature=0,
+            extra_body={"speculative": {"draft": draft, "verify": "greedy", "gamma": 4}})
+        assert r.choices[0].message.content == plain.choices[0].message.content
+        spec = r.model_extra["peerd"]["speculative"]  # type: ignore[index]
+        assert spec["draft"] == draft and spec["verify"] == "greedy"
+        assert spec["rounds"] >= 1 and spec["drafted_tokens"] >= 0
+        assert {"tokens_per_round", "accepted_per_round", "draft_ms", "pipeline_ms",
+                "acceptance_by_position"} <= set(spec)
+    # the target drafting for itself: everything accepted, far fewer rounds than tokens
+    assert spec["tokens_per_round"] > 2
+
+
+@pytest.mark.parametrize("what", ["corrupt head", "other vocabulary"])
+def test_a_drafter_that_cannot_serve_this_model_is_a_400(
+        swarm: Swarm, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+        what: str) -> None:
+    if what == "corrupt head":
+        path = tmp_path / "head.safetensors"
+        path.write_bytes(b"\x00\x01 not a safetensors file" * 10)
+        draft, words = f"eagle:{path}", "EAGLE"
+    else:
+        draft = f"model:{tiny_llama_dir(tmp_path_factory, vocab=300, layers=1)}"
+        words = "vocabulary"
+    r = swarm.a.request("POST", "/v1/chat/completions", json={
+        "model": swarm.model_id, **GOOD_CHAT, "speculative": {"draft": draft}})
+    error = openai_error(r, 400)
+    assert error["param"] == "speculative" and words in error["message"]
 
 
 def test_the_daemon_still_answers_after_bad_requests(swarm: Swarm) -> None:

@@ -61,7 +61,7 @@ class Completion:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
-    speculative: SpeculativeOptions | None = None  # None: the peer's default
+    speculative: Any = None  # the raw "speculative" object; _prepare resolves it
 
 
 def parse(body: Any, *, chat: bool) -> Completion:
@@ -126,19 +126,20 @@ def parse(body: Any, *, chat: bool) -> Completion:
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return Completion(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
-                      stops, stream, include_usage, _speculative(body.get("speculative")))
+                      stops, stream, include_usage, body.get("speculative"))
 
 
-def _speculative(raw: Any) -> SpeculativeOptions | None:
-    """peerd's extension: {"draft": ..., "verify": ..., "gamma": int | "auto"}."""
+def _speculative(raw: Any, default: SpeculativeOptions) -> SpeculativeOptions:
+    """peerd's extension {"draft", "verify", "gamma": int | "auto"}; what it leaves out
+    comes from the peer's default (`peerd start --speculative`)."""
     if raw is None:
-        return None
+        return default
     if not isinstance(raw, dict) or set(raw) - {"draft", "verify", "gamma"}:
         raise ApiError(400, "'speculative' must be an object with draft, verify and gamma "
                        "(e.g. {\"draft\": \"eagle\", \"verify\": \"greedy\", \"gamma\": \"auto\"})",
                        param="speculative")
-    draft, verify, gamma = raw.get("draft", "none"), raw.get("verify", "auto"), \
-        raw.get("gamma", "auto")
+    draft, verify = raw.get("draft", default.draft), raw.get("verify", default.verify)
+    gamma = raw.get("gamma", "auto" if default.gamma is None else default.gamma)
     if not isinstance(draft, str) or not isinstance(verify, str):
         raise ApiError(400, "speculative.draft and speculative.verify must be strings",
                        param="speculative")
@@ -289,7 +290,7 @@ async def _prepare(runtime: Any, req: Completion) -> _Prepared:
                        code="missing_layers")
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                             top_p=req.top_p, seed=req.seed, stop=req.stop)
-    spec = req.speculative or runtime.generator.default_speculative
+    spec = _speculative(req.speculative, runtime.generator.default_speculative)
     try:  # before any streaming starts: a drafter that cannot be had is the caller's 400
         verify_mode(spec, params)
         await runtime.generator.drafter(spec)

@@ -186,8 +186,25 @@ def test_gamma_controller_follows_the_session() -> None:
     assert 140 < a < 160 and 1.0 < b < 3.0  # the fit recovers T = 150 + 2γ
     assert auto.next() >= 10
     for _ in range(12):  # now the drafter keeps missing at once
-        auto.observe(auto.next(), 0, 150.0 + 2.0 * auto.next())
+        g = auto.next()
+        auto.observe(g, 0, 150.0 + 2.0 * g)
     assert auto.next() <= 2
+
+
+def test_gamma_auto_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> None:
+    """Compute-bound (no link latency) with a drafter that always misses: each drafted
+    position costs as much as the round, so plain rounds (γ = 0) win; every
+    PROBE_EVERY-th round still drafts, to notice a drafter that starts hitting."""
+    auto = GammaController()
+    choices = []
+    for _ in range(40):
+        g = auto.next()
+        choices.append(g)
+        auto.observe(g, 0, 50.0 + 40.0 * g)
+    tail = choices[16:]
+    assert tail.count(0) >= len(tail) * 3 // 4
+    assert any(g > 0 for g in tail)
+    assert best_gamma(0.0, 50, 40, min_gamma=0) == 0
 
 
 # ---- the speculative option ---------------------------------------------------------------

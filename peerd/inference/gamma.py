@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 MAX_GAMMA = 16
 DECAY = 0.3  # weight of the newest round in every estimate
+PROBE_EVERY = 8  # when drafting does not pay, still draft every this many rounds
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -30,10 +31,11 @@ def expected_tokens(alpha: float, gamma: int) -> float:
 
 
 def best_gamma(alpha: float, fixed_ms: float, per_token_ms: float,
-               max_gamma: int = MAX_GAMMA) -> int:
-    """argmax over γ in 1..max_gamma of E[γ] / (fixed_ms + per_token_ms·γ); ties → smaller."""
-    best, best_rate = 1, -1.0
-    for g in range(1, max_gamma + 1):
+               max_gamma: int = MAX_GAMMA, min_gamma: int = 1) -> int:
+    """argmax over γ in min_gamma..max_gamma of E[γ] / (fixed_ms + per_token_ms·γ); ties
+    → smaller. γ = 0 is a plain round (1 token for fixed_ms)."""
+    best, best_rate = min_gamma, -1.0
+    for g in range(min_gamma, max_gamma + 1):
         rate = expected_tokens(alpha, g) / max(fixed_ms + per_token_ms * g, 1e-6)
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = g, rate
@@ -46,11 +48,14 @@ class GammaController:
 
     a and b come from a decayed least-squares fit of round time on tokens drafted
     (γ varies from round to round: auto moves it, prompt lookup finds runs of any
-    length); until the rounds span two different γ, b is a tenth of the round."""
+    length); until the rounds span two different γ, b is a tenth of the round, and
+    while γ holds still the last fitted b stays."""
 
     fixed: int | None = None
     max_gamma: int = MAX_GAMMA
     alpha: float = 0.6  # prior: a fair drafter
+    _plain_rounds: int = 0  # rounds in a row auto chose not to draft
+    _slope: float | None = None  # the last fitted b
     _n: float = 0.0  # decayed sums for the fit: weight, Σγ, ΣT, Σγ², ΣγT
     _sg: float = 0.0
     _st: float = 0.0
@@ -58,19 +63,29 @@ class GammaController:
     _sgt: float = 0.0
 
     def next(self) -> int:
+        """γ for the next round; 0 (a plain round) when drafting does not pay here, with
+        a probe every PROBE_EVERY rounds so that a drafter that starts hitting is seen."""
         if self.fixed is not None:
             return self.fixed
         if self._n == 0:
             return 4  # nothing measured yet
         fixed_ms, per_token_ms = self.cost()
-        return best_gamma(self.alpha, fixed_ms, per_token_ms, self.max_gamma)
+        g = best_gamma(self.alpha, fixed_ms, per_token_ms, self.max_gamma, min_gamma=0)
+        if g == 0:
+            self._plain_rounds += 1
+            if self._plain_rounds >= PROBE_EVERY:
+                self._plain_rounds = 0
+                return best_gamma(self.alpha, fixed_ms, per_token_ms, self.max_gamma)
+        return g
 
     def cost(self) -> tuple[float, float]:
         """(a, b) of T(γ) = a + b·γ in ms, from the rounds seen so far."""
         mean_g, mean_t = self._sg / self._n, self._st / self._n
         var = self._sgg / self._n - mean_g ** 2
         if var > 0.25:
-            b = max((self._sgt / self._n - mean_g * mean_t) / var, 0.0)
+            b = self._slope = max((self._sgt / self._n - mean_g * mean_t) / var, 0.0)
+        elif self._slope is not None:  # γ has held still: keep the last fitted slope
+            b = self._slope
         else:
             b = 0.1 * mean_t / (1 + mean_g)
         return max(mean_t - b * mean_g, 1e-3), b

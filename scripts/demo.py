@@ -2,8 +2,10 @@
 
 The peers find each other and their ledgers converge, a capability change reaches
 every peer, then a question goes through the swarm (streaming chat completion on one
-peer, its layers spread over all three), and the testnet shuts down cleanly.
-Run through `scripts/demo`.
+peer, its layers spread over all three), once decoded plainly and once with
+speculative decoding (DSD: the entry peer drafts with the shipped EAGLE head and the
+pipeline verifies every draft in one pass), over links with injected latency; then
+the testnet shuts down cleanly. Run through `scripts/demo`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def ledgers(peers: list[launcher.PeerInfo]) -> list[list[dict[str, Any]]]:
     return launcher.map_peers(peers, lambda p: launcher.api_get(p, "/ledger"))
 
 
-def start(n: int, stages: int, base_port: int, run_dir: Path) -> list[launcher.PeerInfo]:
+def start(n: int, stages: int, base_port: int, run_dir: Path,
+          latency_ms: float) -> list[launcher.PeerInfo]:
     """`launcher.up` with a spinner that shows each peer's model state while it loads.
 
     `up` runs in a daemon thread so that Ctrl-C reaches this one at once; `main` then
@@ -58,8 +61,8 @@ def start(n: int, stages: int, base_port: int, run_dir: Path) -> list[launcher.P
 
     def run_up() -> None:
         try:
-            result.append(launcher.up(n, run_dir, base_port, model=MODEL, stages=stages,
-                                      settle_s=5.0))  # fmt: skip
+            result.append(launcher.up(n, run_dir, base_port, latency_ms, model=MODEL,
+                                      stages=stages, settle_s=5.0))  # fmt: skip
         except BaseException as exc:  # handed to the main thread
             failure.append(exc)
 
@@ -120,13 +123,18 @@ def capability_change(peers: list[launcher.PeerInfo]) -> None:
 
 
 def ask(entry: launcher.PeerInfo, peers: list[launcher.PeerInfo], question: str,
-        max_tokens: int) -> None:
-    """Stream a chat completion from `entry`, printing the answer as it comes."""
-    console.rule(f"[bold]asking {entry.name} (the swarm serves the layers)")
+        max_tokens: int, speculative: dict[str, Any] | None = None,
+        title: str = "") -> tuple[str, dict[str, Any]]:
+    """Stream a chat completion from `entry`, printing the answer as it comes; the text
+    and the final chunk."""
+    console.rule(f"[bold]asking {entry.name} {title or '(the swarm serves the layers)'}")
     console.print(f"[bold]Q:[/] {question}")
     body = {"model": MODEL, "messages": [{"role": "user", "content": question}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
+    if speculative is not None:
+        body["speculative"] = speculative
+    text: list[str] = []
     final: dict[str, Any] | None = None
     spinner = console.status("waiting for the first token")
     spinner.start()
@@ -148,6 +156,7 @@ def ask(entry: launcher.PeerInfo, peers: list[launcher.PeerInfo], question: str,
                     raise SystemExit(f"generation failed: {event['error']['message']}")
                 delta = event["choices"][0].get("delta", {}).get("content")
                 if delta:
+                    text.append(delta)
                     if not answering:
                         spinner.stop()
                         console.print("[bold]A:[/] ", end="")
@@ -174,6 +183,26 @@ def ask(entry: launcher.PeerInfo, peers: list[launcher.PeerInfo], question: str,
                   f"({stats['steps']} pipeline steps, {stats['compute_ms']:.0f} ms of "
                   f"{stats['wall_ms']:.0f} ms computing in shards, {stats['reroutes']} "
                   "re-routes)")
+    return "".join(text), final
+
+
+def compare(plain: tuple[str, dict[str, Any]], dsd: tuple[str, dict[str, Any]],
+            latency_ms: float) -> None:
+    table = Table(title=f"plain vs speculative decoding, {latency_ms:g} ms per link")
+    for col in ("decoding", "tokens", "tokens/s", "pipeline passes", "tokens per pass",
+                "draft ms", "same text"):
+        table.add_column(col, justify="right")
+    for name, (text, final) in (("plain", plain), ("DSD eagle/greedy", dsd)):
+        stats, spec = final["peerd"], final["peerd"]["speculative"]
+        table.add_row(name, str(final.get("usage", {}).get("completion_tokens", "?")),
+                      f"{stats['tokens_per_s']:.1f}", str(spec["rounds"]),
+                      f"{spec['tokens_per_round']:.2f}", f"{spec['draft_ms']:.0f}",
+                      "-" if name == "plain" else ("yes" if text == plain[0] else "no"))
+    console.print(table)
+    speedup = dsd[1]["peerd"]["tokens_per_s"] / max(plain[1]["peerd"]["tokens_per_s"], 1e-9)
+    console.print(f"speculative decoding: {speedup:.2f}x the plain speed, "
+                  f"{dsd[1]['peerd']['speculative']['tokens_per_round']:.2f} tokens accepted "
+                  "per pass through the pipeline (greedy verification: the same answer)")
 
 
 def main() -> int:
@@ -182,19 +211,25 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--question", default=QUESTION)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--latency-ms", type=float, default=20.0,
+                    help="latency injected on every peer-to-peer link")
     ap.add_argument("--base-port", type=int, default=launcher.DEFAULT_BASE_PORT)
     ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "demo")
     args = ap.parse_args()
     n = args.peers
 
     console.rule(f"[bold]peerd demo: {n} peers on 127.0.0.1 serving {MODEL} in "
-                 f"{args.stages} stages")
+                 f"{args.stages} stages, {args.latency_ms:g} ms per link")
     stopped = 0
     try:
-        peers = start(n, args.stages, args.base_port, args.run_dir)
+        peers = start(n, args.stages, args.base_port, args.run_dir, args.latency_ms)
         show_swarm(launcher.status(args.run_dir))
         capability_change(peers)
-        ask(peers[0], peers, args.question, args.max_tokens)
+        plain = ask(peers[0], peers, args.question, args.max_tokens)
+        dsd = ask(peers[0], peers, args.question, args.max_tokens,
+                  {"draft": "eagle", "verify": "greedy"},
+                  "again, decoding speculatively (EAGLE drafts, the pipeline verifies)")
+        compare(plain, dsd, args.latency_ms)
     except TestnetError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 1

@@ -156,6 +156,56 @@ def test_greedy_chat_through_three_stages_matches_transformers(
     assert reply["peerd"]["reroutes"] == 0
 
 
+def first_divergence_gap(messages: list[dict[str, str]], expected: str, got: str) -> float:
+    """Where two greedy answers part, the reference's top-2 logit gap after the common
+    prefix (token ids re-derived from the texts)."""
+    import torch
+
+    from peerd.inference.source import load_tokenizer, reference_model, resolve
+
+    source = resolve(MODEL)
+    tokenizer = load_tokenizer(source)
+    a = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    b = tokenizer(got, add_special_tokens=False)["input_ids"]
+    i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a),
+                                                                                     len(b)))
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + a[:i]
+    model = reference_model(source)
+    with torch.inference_mode():
+        top2 = torch.topk(model(torch.tensor([ids])).logits[0, -1], 2).values
+    del model
+    gc.collect()
+    return float(top2[0] - top2[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TESTNET_TIMEOUT_S)
+@pytest.mark.parametrize("draft", ["ngram", "eagle"])
+def test_greedy_dsd_through_three_stages_matches_transformers(
+    reference: Greedy, pipeline3: Path, draft: str
+) -> None:
+    """Lossless: greedy speculative decoding gives plain greedy's answer. A divergence
+    is excused only where the target's top two logits were within 1e-4 (verifying
+    several positions in one pass may flip such a tie), and it is reported."""
+    entry = status(pipeline3)[0]
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": QUESTION_TOKENS,
+            "temperature": 0, "speculative": {"draft": draft, "verify": "greedy"}}
+    reply = api_request(entry, "POST", "/v1/chat/completions", json=body,
+                        timeout_s=REQUEST_TIMEOUT_S)
+    text = reply["choices"][0]["message"]["content"]
+    spec = reply["peerd"]["speculative"]
+    print(f"{draft}: {spec['rounds']} rounds, {spec['tokens_per_round']} tokens/round")
+    assert spec["draft"] == draft and spec["rounds"] >= 1
+    if text != reference.text:
+        gap = first_divergence_gap(QUESTION, reference.text, text)
+        print(f"{draft}: diverged where the top-2 logit gap was {gap:.2e}")
+        assert gap < 1e-4, (text, reference.text)
+    else:
+        assert reply["usage"]["completion_tokens"] == reference.completion_tokens
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(TESTNET_TIMEOUT_S)
 def test_status_json_shows_each_peers_stage(pipeline3: Path) -> None:

@@ -142,6 +142,20 @@ def test_generate_options_reach_the_api(swarm: Swarm) -> None:
     assert text("--temperature", "0", "--stop", stop) == free[:free.index(stop)]
 
 
+def test_generate_speculative_options_reach_the_api(swarm: Swarm) -> None:
+    plain = ok(cli(swarm.full, "generate", "hi", "--max-tokens", "12", "--temperature", "0"))
+    r = cli(swarm.full, "generate", "hi", "--max-tokens", "12", "--temperature", "0",
+            "--draft", "ngram", "--verify", "greedy", "--gamma", "3")
+    assert ok(r) == plain  # greedy DSD is lossless
+    assert "ngram/greedy:" in r.stderr and "tokens/round" in r.stderr, r.stderr
+    data = json.loads(ok(cli(swarm.full, "generate", "hi", "--max-tokens", "12",
+                             "--temperature", "0", "--draft", "ngram", "--json")))
+    assert data["peerd"]["speculative"]["draft"] == "ngram"
+    bad = cli(swarm.full, "generate", "hi", "--draft", "magic")
+    assert bad.returncode != 0 and "unknown drafter" in bad.stderr
+    assert cli(swarm.full, "generate", "hi", "--gamma", "x").returncode == 2
+
+
 def test_chat_answers_through_stdin_and_exits(swarm: Swarm) -> None:
     expected = ok(cli(swarm.full, "generate", "hello", *GREEDY))
     r = chat(swarm.full, "hello\n/exit\n", *GREEDY)

@@ -4,6 +4,7 @@ transformers: a tiny random Llama split 1, 2 and 3 ways; fault tolerance; bad in
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -139,6 +140,32 @@ async def test_no_coverage_names_the_missing_layers(tmp_path: Path, tiny: Path) 
     async with model_swarm(tmp_path, tiny, [(0, 1), (3, 4)]) as (_, runtimes):
         with pytest.raises(NoCoverage, match=r"\[1, 3\)"):
             await generate(runtimes[0], PROMPT)
+
+
+async def test_a_finished_session_is_reused_by_the_next_request(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module) -> None:
+    """The next request on the same route takes the idle session (no OPEN round trips)
+    and truncates its caches with keep=0: same tokens. A pooled session that the
+    shards dropped meanwhile is replaced by a fresh one, and nobody is blamed."""
+    expected = reference_tokens(reference, PROMPT, NEW_TOKENS)
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4)]) as (_, runtimes):
+        entry, other = runtimes
+        assert (await generate(entry, PROMPT))[0] == expected
+        assert entry.generator.pipeline.pooled == 1
+        first = next(iter(other.server.sessions))
+        tokens, info = await generate(entry, PROMPT[:4])
+        assert tokens == reference_tokens(reference, PROMPT[:4], NEW_TOKENS)
+        assert list(other.server.sessions) == [first]  # the same session served both
+        assert (await generate(entry, PROMPT))[0] == expected
+        # the shards forget the idle session (a restart, a ttl): the next request opens
+        # a new one without banning anyone
+        for r in runtimes:
+            for session in list(r.server.sessions.values()):
+                await r.server._drop(session)
+        tokens, info = await generate(entry, PROMPT)
+        assert tokens == expected and info["reroutes"] == 0
+        assert not entry.generator.bans.banned(time.monotonic())
+        assert list(other.server.sessions) != [first]
 
 
 async def test_entry_alone_with_the_whole_model(tmp_path: Path, tiny: Path,

@@ -28,7 +28,7 @@ from peerd.inference.acceptance import (
 from peerd.inference.drafters import Draft, Drafter, DrafterCatalog, DraftError
 from peerd.inference.gamma import MAX_GAMMA, GammaController
 from peerd.inference.host import SpeculativeOptions
-from peerd.inference.pipeline import Pipeline, PipelineFailure, PipelineSession
+from peerd.inference.pipeline import Pipeline, PipelineFailure, PipelineSession, pooled_length
 from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route, servers_by_model
 from peerd.inference.sampling import SamplingParams, distribution, make_generator
 from peerd.node import Node
@@ -144,7 +144,8 @@ class Generator:
                  num_layers: int, eos_ids: set[int], compute: trio.CapacityLimiter,
                  wire_dtype: str = "float32", drafters: DrafterCatalog | None = None,
                  token_classes: Callable[[], TokenClasses] | None = None,
-                 default_speculative: SpeculativeOptions | None = None) -> None:
+                 default_speculative: SpeculativeOptions | None = None,
+                 max_session_length: int = 8192) -> None:
         self.node = node
         self.pipeline = pipeline
         self.head = head
@@ -156,6 +157,7 @@ class Generator:
         self.drafters = drafters
         self.token_classes = token_classes
         self.default_speculative = default_speculative or SpeculativeOptions()
+        self.max_session_length = max_session_length  # positions a shard session may hold
         self.bans = BanList()
 
     def servers(self) -> list[Server]:
@@ -197,16 +199,21 @@ class Generator:
         fed = 0  # positions whose features the drafter has
         kv = 0  # committed positions the pipeline's caches hold
         held = 0  # positions they hold in all: kv + last round's rejected drafts
-        max_length = len(prompt_ids) + params.max_tokens + (MAX_GAMMA if drafter else 0)
+        # drafts may run up to MAX_GAMMA positions past the last committed token
+        max_length = min(len(prompt_ids) + params.max_tokens + (MAX_GAMMA if drafter else 0),
+                         self.max_session_length)
         failures = 0
         session: PipelineSession | None = None
+        fresh = True  # the session was opened for this request (not taken from the pool)
+        finished = False
         try:
-            while stats.completion_tokens < params.max_tokens:
+            while not finished:
                 if session is None:
-                    session = await self._open(max_length, stats)
-                    kv = held = 0  # (re)play the whole history
+                    session, fresh = await self._open(max_length, stats)
+                    kv, held = 0, session.held  # (re)play the whole history
                 pending = history[kv:]  # committed, not yet in the caches
-                room = params.max_tokens - stats.completion_tokens - 1
+                room = min(params.max_tokens - stats.completion_tokens - 1,
+                           max_length - len(history))
                 rng_state = rng.get_state()  # a failed round is redrafted identically
                 draft = Draft([])
                 t0 = t_round = time.perf_counter()
@@ -222,14 +229,16 @@ class Generator:
                 try:
                     result = await session.step(hidden, kv, keep=kv if held > kv else -1)
                 except PipelineFailure as failure:
-                    failures += 1
-                    self._blame(failure, failures)
                     await session.close()
                     session = None
-                    stats.reroutes += 1
                     rng.set_state(rng_state)
+                    if not fresh and stats.steps == 0:
+                        continue  # a pooled session that went stale: open a fresh one
+                    failures += 1
+                    self._blame(failure, failures)
+                    stats.reroutes += 1
                     continue
-                held = kv + len(ids)
+                held = session.held = kv + len(ids)
                 stats.steps += 1
                 stats.pipeline_ms += result.wall_ms
                 stats.compute_ms += result.compute_ms
@@ -250,32 +259,44 @@ class Generator:
                     stats.completion_tokens += 1
                     if token in self.eos_ids or not await on_token(token):
                         stats.finish_reason = "stop"
-                        return stats
+                        finished = True
+                        break
                     if stats.completion_tokens >= params.max_tokens:
-                        return stats
-                if drafting is not None:
+                        finished = True
+                        break
+                if drafting is not None and not finished:
                     await self._in_thread(drafting.extend, history[told:], features)
                     told, fed = len(history), kv
         finally:
             if session is not None:
                 with trio.CancelScope(shield=True):
-                    await session.close()
+                    if finished:  # a clean end: the next request may reuse the session
+                        await self.pipeline.release(session)
+                    else:
+                        await session.close()
             stats.wall_ms = (time.perf_counter() - t_start) * 1e3
         return stats
 
-    async def _open(self, max_length: int, stats: GenerationStats) -> PipelineSession:
+    async def _open(self, max_length: int, stats: GenerationStats
+                    ) -> tuple[PipelineSession, bool]:
+        """A session on the best route: an idle one from the pool, else a new one (long
+        enough for most later requests too); True if it is new."""
         for attempt in range(1, MAX_FAILURES + 1):
             route = self.route()
             if isinstance(route, NoRoute):
                 raise NoCoverage(self.model_id, route)
+            stats.route = [{"peer_id": s.peer_id, "layers": [s.start, s.end]}
+                           for s in route.spans]
+            pooled = self.pipeline.take(route, max_length)
+            if pooled is not None:
+                return pooled, False
             try:
-                session = await self.pipeline.open(route, max_length, self.wire_dtype)
+                length = min(pooled_length(max_length), self.max_session_length)
+                session = await self.pipeline.open(route, length, self.wire_dtype)
             except PipelineFailure as failure:
                 self._blame(failure, attempt)
                 continue
-            stats.route = [{"peer_id": s.peer_id, "layers": [s.start, s.end]}
-                           for s in route.spans]
-            return session
+            return session, True
         raise GenerationFailed(f"could not open a pipeline session in {MAX_FAILURES} tries")
 
     def _blame(self, failure: PipelineFailure, failures: int) -> None:

@@ -132,5 +132,7 @@ class ModelHost:
             out.update(model_id=r.model_id, layers=[r.block.start, r.block.end],
                        num_layers=r.block.num_layers, device=str(r.block.device),
                        dtype=str(r.block.dtype).removeprefix("torch."),
-                       tokens_per_s=round(r.tokens_per_s, 2), sessions=len(r.server.sessions))
+                       tokens_per_s=round(r.tokens_per_s, 2), sessions=len(r.server.sessions),
+                       # of our own requests' sessions, those idle for the next request
+                       pooled_sessions=r.generator.pipeline.pooled)
         return out

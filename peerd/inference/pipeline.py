@@ -52,6 +52,19 @@ log = logging.getLogger(__name__)
 
 REPORT_GRACE_S = 0.5  # after a broken stream, how long to wait for a hop's FAILED report
 PROBE_TIMEOUT_S = 2.0
+# A finished request's session stays open this long for the next request on the same
+# route: opening one costs ~20 one-way link latencies (a stream negotiated per hop,
+# the return stream, acks), 1 s at 50 ms per link. The next request's first FORWARD
+# truncates the caches with keep=0.
+POOL_IDLE_S = 30.0
+POOL_PER_ROUTE = 2
+LENGTH_STEP = 256  # session lengths round up to this, so a session fits later requests
+
+
+def pooled_length(max_length: int) -> int:
+    """The length to open a session with: a little slack for the next request (the KV
+    cache each shard reserves grows with it, so only a little)."""
+    return -(-max_length // LENGTH_STEP) * LENGTH_STEP
 
 
 class PipelineFailure(Exception):
@@ -87,6 +100,9 @@ class PipelineSession:
     reports: list[Failed] = field(default_factory=list)
     done: trio.Event = field(default_factory=trio.Event)
     step_no: int = 0
+    max_length: int = 0
+    held: int = 0  # positions the route's caches hold (the user keeps it up to date)
+    idle_since: float = 0.0  # when it went back to the pool
 
     @property
     def peers(self) -> list[str]:
@@ -180,14 +196,55 @@ class Pipeline:
         self.node = node
         self.model_id = model_id
         self.sessions: dict[str, PipelineSession] = {}
+        self.pool: dict[tuple[Hop, ...], list[PipelineSession]] = {}
 
     def register(self) -> None:
         self.node.set_stream_handler(RETURN_PROTOCOL, self._handle_return)
+        self.node.nursery.start_soon(self._sweep_pool)
+
+    # ---- the pool of idle sessions ---------------------------------------------------
+
+    def take(self, route: Route, max_length: int) -> PipelineSession | None:
+        """An idle session on exactly this route, long enough; None if there is none."""
+        hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
+        idle = self.pool.get(hops, [])
+        for s in reversed(idle):  # the most recently used first
+            if s.max_length >= max_length and not s.done.is_set():
+                idle.remove(s)
+                return s
+        return None
+
+    async def release(self, s: PipelineSession) -> None:
+        """A request is done with `s`: keep it for the next one on its route, or close it."""
+        if s.done.is_set() or s.failed.is_set():
+            await s.close()
+            return
+        s.idle_since = time.monotonic()
+        idle = self.pool.setdefault(s.route, [])
+        idle.append(s)
+        while len(idle) > POOL_PER_ROUTE:
+            await idle.pop(0).close()
+
+    @property
+    def pooled(self) -> int:
+        return sum(len(v) for v in self.pool.values())
+
+    async def _sweep_pool(self) -> None:
+        while True:
+            await trio.sleep(POOL_IDLE_S / 4)
+            now = time.monotonic()
+            for route, idle in list(self.pool.items()):
+                for s in [s for s in idle if now - s.idle_since > POOL_IDLE_S or
+                          s.done.is_set()]:
+                    idle.remove(s)
+                    await s.close()
+                if not idle:
+                    self.pool.pop(route, None)
 
     async def open(self, route: Route, max_length: int, dtype: str = "float32"
                    ) -> PipelineSession:
         hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
-        s = PipelineSession(self, secrets.token_hex(16), hops, dtype)
+        s = PipelineSession(self, secrets.token_hex(16), hops, dtype, max_length=max_length)
         self.sessions[s.id] = s
         first = hops[0].peer_id
         request = Open(session=s.id, model_id=self.model_id, route=hops, hop=0,

@@ -113,7 +113,8 @@ class ModelRuntime:
                               compute=compute, wire_dtype=DTYPE_NAMES[dtype],
                               drafters=drafters,
                               token_classes=token_classes_of(tokenizer, head.vocab_size),
-                              default_speculative=options.speculative)
+                              default_speculative=options.speculative,
+                              max_session_length=options.limits.max_length)
         if options.speculative.enabled:
             progress(f"loading the drafter ({options.speculative.draft})")
             await generator.drafter(options.speculative)

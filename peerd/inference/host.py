@@ -123,6 +123,7 @@ class ModelHost:
         out: dict[str, Any] = {"state": self.state}
         if self.options is not None:
             out["spec"] = self.options.spec
+            out["speculative"] = self.options.speculative.to_json()
         if self.state == "loading":
             out["phase"] = self.phase
         if self.error:

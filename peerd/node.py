@@ -93,6 +93,7 @@ class Node:
         self._models: tuple[ModelServed, ...] = ()
         self._accelerator: Hardware | None = None  # set when a model runs on one
         self._load = Load()
+        self._reputation: dict[str, float] = {}
         self._seq = 0
         self._dirty: set[str] = set()
         self._removed: set[str] = set()
@@ -175,6 +176,10 @@ class Node:
         """Recorded for the next heartbeat (load changes too often to gossip each)."""
         self._load = Load(sessions=sessions, queue=queue)
 
+    def set_reputation(self, scores: dict[str, float]) -> None:
+        """Our observations of other peers (Symphony), published from the next heartbeat."""
+        self._reputation = {p: s for p, s in scores.items() if p != self.peer_id}
+
     def set_stream_handler(self, protocol: str, handler: Any) -> None:
         """Serve `protocol` to other peers and to ourselves (see `new_stream`)."""
         self._handlers[protocol] = handler
@@ -226,7 +231,7 @@ class Node:
             models=self._models,
             skills=self._skills,
             load=replace(self._load, cpu_percent=psutil.cpu_percent(interval=None)),
-            reputation={},
+            reputation=dict(self._reputation),
             software=f"peerd/{__version__}",
         )
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req", bound=Message)
 Handler = Callable[[str, Any], Awaitable[Message]]
 OffenceHook = Callable[[str, str, str], None]  # (peer id, reason, detail)
+Dial = Callable[[str, str], Awaitable[Any]]  # (peer id, protocol id) -> stream
 
 _ERROR_REPLY_MAX = 4096
 
@@ -104,13 +105,18 @@ def stream_handler(
 
 async def call(
     host: Any, peer_id: str, spec: RequestResponse, request: Message,
-    timeout_s: float | None = None,
+    timeout_s: float | None = None, *, dial: Dial | None = None,
 ) -> Any:
     """One request/response exchange with a deadline. Raises PeerError when the
     peer answers garbage, RemoteError when it answers with an error reply,
-    trio.TooSlowError on the deadline, and the transport's errors otherwise."""
+    trio.TooSlowError on the deadline, and the transport's errors otherwise.
+    `dial` opens the stream instead of the host (`Node.new_stream` reaches ourselves
+    too)."""
     with trio.fail_after(timeout_s or spec.timeout_s):
-        stream = await host.new_stream(ID.from_base58(peer_id), [spec.id])
+        if dial is not None:
+            stream = await dial(peer_id, spec.id)
+        else:
+            stream = await host.new_stream(ID.from_base58(peer_id), [spec.id])
         try:
             await write_frame(stream, encode(request), spec.max_request_bytes)
             await stream.close_write()

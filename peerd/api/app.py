@@ -18,8 +18,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from peerd.agents.service import Symphony
 from peerd.api.openai import ApiError, read_json
 from peerd.api.openai import routes as openai_routes
+from peerd.api.tasks import routes as task_routes
 from peerd.inference.host import ModelHost
 from peerd.node import Node
 
@@ -57,7 +59,8 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(node: Node, token: str, models: ModelHost | None = None) -> ASGIApp:
+def create_app(node: Node, token: str, models: ModelHost | None = None,
+               symphony: Symphony | None = None) -> ASGIApp:
     models = models or ModelHost(None)
 
     async def health(request: Request) -> Response:
@@ -109,6 +112,7 @@ def create_app(node: Node, token: str, models: ModelHost | None = None) -> ASGIA
         Route("/events", events),
         Route("/capabilities", capabilities, methods=["POST"]),
         *openai_routes(node, models),
+        *task_routes(symphony),
     ])
 
     def on_reject(reason: str) -> None:

@@ -1,0 +1,9 @@
+"""Agents: Symphony's beacon election of task workers, chain-of-thought voting and
+reputation.
+
+Pure parts (no I/O, tested with a fake clock): `answers` (extraction and
+normalisation), `election` (ranking, seats, fallbacks), `voting` (weighted argmax),
+`reputation` (EWMA records and how reports combine), `skills` (match scores).
+The I/O lives in `service` (gossip, streams, the task lifecycle) and `solver`
+(chain-of-thought generation with the peer's model).
+"""

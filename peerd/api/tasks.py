@@ -1,0 +1,120 @@
+"""Symphony over HTTP: `POST /v1/tasks` runs a task, `GET /v1/tasks/{id}` shows it.
+
+POST takes {"question", "workers" (default 3), "requirement" (default: the question),
+"deadline_s" (each worker's, default 120), "answer_format" ("number" | "choice" |
+"text", default "text")} and optionally "max_tokens" (per chain, default 256) and
+"bid_window_s" (default 2). It returns when the vote is in:
+
+    {"id", "answer", "votes": [{"peer_id", "answer", "confidence", "weight", "cot"}],
+     "elected": [peer ids], "fallbacks": [{"seat", "peer_id", "reason", "replacement"}],
+     "timings": {"beacon_ms", "solve_ms", "total_ms"}}
+
+`answer` and each vote's `answer` are normalised (answers.py). GET returns the same
+object: 200 once the task is over, 202 while it runs (votes so far). Progress streams
+on /events as `task.*` events. Errors use OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from peerd.agents.service import NoWorkers, Symphony, TaskSpec
+from peerd.api.openai import ApiError, read_json
+from protocols.beacon import ANSWER_FORMATS, MAX_BID_WINDOW_S, MAX_DEADLINE_S, MAX_WORKERS
+from protocols.task import MAX_QUESTION_CHARS, MAX_TASK_TOKENS
+
+MAX_BODY_BYTES = 256 * 1024
+FIELDS = {"question", "workers", "requirement", "deadline_s", "answer_format", "max_tokens",
+          "bid_window_s"}
+
+
+def parse(body: Any) -> TaskSpec:
+    """Validate a POST /v1/tasks body; ApiError(400) names the bad parameter."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: "
+                       f"{', '.join(sorted(FIELDS))}", param=unknown[0])
+    question = body.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ApiError(400, "'question' must be a non-empty string", param="question")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ApiError(400, f"'question' is over {MAX_QUESTION_CHARS} characters",
+                       param="question")
+    workers = _int(body, "workers", 3, 1, MAX_WORKERS)
+    requirement = body.get("requirement")
+    if requirement is None:
+        requirement = ""
+    if not isinstance(requirement, str) or len(requirement) > 2000:
+        raise ApiError(400, "'requirement' must be a string of at most 2000 characters",
+                       param="requirement")
+    answer_format = body.get("answer_format", "text")
+    if answer_format not in ANSWER_FORMATS:
+        raise ApiError(400, f"'answer_format' must be one of {', '.join(ANSWER_FORMATS)}",
+                       param="answer_format")
+    return TaskSpec(
+        question=question, workers=workers, requirement=requirement.strip(),
+        deadline_s=_number(body, "deadline_s", 120.0, MAX_DEADLINE_S),
+        answer_format=answer_format,
+        max_tokens=_int(body, "max_tokens", 256, 1, MAX_TASK_TOKENS),
+        bid_window_s=_number(body, "bid_window_s", 2.0, MAX_BID_WINDOW_S),
+    )
+
+
+def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    v = body.get(name, default)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ApiError(400, f"'{name}' must be an integer in {lo}..{hi}", param=name)
+    return v
+
+
+def _number(body: dict[str, Any], name: str, default: float, hi: float) -> float:
+    v = body.get(name, default)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= hi \
+            or not math.isfinite(v):
+        raise ApiError(400, f"'{name}' must be a number of seconds in (0, {hi}]", param=name)
+    return float(v)
+
+
+def routes(symphony: Symphony | None) -> list[Route]:
+    def service() -> Symphony:
+        if symphony is None:
+            raise ApiError(503, "this peer does not run the task service",
+                           "service_unavailable")
+        return symphony
+
+    async def create(request: Request) -> Response:
+        try:
+            tasks = service()
+            spec = parse(await read_json(request, MAX_BODY_BYTES))
+            record = await tasks.run_task(spec)
+        except ApiError as exc:
+            return exc.response()
+        except NoWorkers as exc:
+            return ApiError(503, str(exc), "service_unavailable", code="no_workers").response()
+        return JSONResponse(record.to_json())
+
+    async def show(request: Request) -> Response:
+        try:
+            tasks = service()
+        except ApiError as exc:
+            return exc.response()
+        record = tasks.records.get(request.path_params["task_id"])
+        if record is None:
+            return ApiError(404, "no such task on this peer (tasks are kept in memory, the "
+                            "last 256)", code="task_not_found").response()
+        return JSONResponse(record.to_json(), status_code=202 if record.status == "running"
+                            else 200)
+
+    return [
+        Route("/v1/tasks", create, methods=["POST"]),
+        Route("/v1/tasks/{task_id}", show),
+    ]

@@ -1,0 +1,105 @@
+"""Helpers for Symphony tests over real in-process hosts: fake solvers (no model),
+matchers that claim what a test needs, and running a `Symphony` on each node."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+from libp2p.peer.id import ID
+
+from peerd.agents.service import Symphony
+from peerd.agents.skills import SkillMatcher
+from peerd.agents.solver import Solution, Solver
+from peerd.node import Node
+from protocols.beacon import TOPIC
+from protocols.task import TaskRequest
+from tests.harness import has_entry, wait_for
+
+
+def true_sum(question: str) -> str:
+    """The answer to "What is A + B?" (the questions these tests ask)."""
+    a, b = map(int, re.findall(r"\d+", question)[:2])
+    return str(a + b)
+
+
+@dataclass
+class FakeSolver:
+    """Answers `answer(question)` after `delay_s`, with a chain that states it."""
+
+    answer: Callable[[str], str] = true_sum
+    confidence: float = 0.5
+    delay_s: float = 0.0
+    able: bool = True
+    solved: int = 0
+
+    def capable(self) -> bool:
+        return self.able
+
+    async def solve(self, request: TaskRequest) -> Solution:
+        await trio.sleep(self.delay_s)
+        self.solved += 1
+        said = self.answer(request.question)
+        return Solution(said, f"Adding the two numbers gives {said}.\nAnswer: {said}",
+                        self.confidence, tokens=12)
+
+
+def liar(question: str) -> str:
+    return str(int(true_sum(question)) + 1)
+
+
+@dataclass
+class FixedMatcher:
+    """Claims the same match for every requirement (a liar claims 1.0)."""
+
+    score: float
+    name: str = "fixed"
+
+    def match(self, requirement: str, skills: Sequence[str]) -> float:
+        return self.score
+
+
+@dataclass
+class SlowMatcher:
+    """A matcher that takes `delay_s` (it runs in a worker thread): its bids come late."""
+
+    delay_s: float
+    name: str = "slow"
+
+    def match(self, requirement: str, skills: Sequence[str]) -> float:
+        import time
+
+        time.sleep(self.delay_s)
+        return 0.0
+
+
+@contextlib.asynccontextmanager
+async def symphonies(nodes: Sequence[Node], solvers: Sequence[Solver | None],
+                     matchers: Sequence[SkillMatcher | None] | None = None,
+                     ) -> AsyncIterator[list[Symphony]]:
+    """A running Symphony on each node; cancelled before the nodes close."""
+    matchers = matchers or [None] * len(nodes)
+    services = [Symphony(n, s, m) for n, s, m in zip(nodes, solvers, matchers, strict=True)]
+    async with trio.open_nursery() as nursery:
+        for service in services:
+            await nursery.start(service.run)
+        yield services
+        nursery.cancel_scope.cancel()
+
+
+def in_beacon_mesh(node: Node, peers: Sequence[Node]) -> bool:
+    mesh = node.pubsub.router.mesh.get(TOPIC, set())
+    return all(ID.from_base58(p.peer_id) in mesh for p in peers)
+
+
+async def ready_to_elect(requester: Node, workers: Sequence[Node]) -> None:
+    """The requester's beacons reach every worker, and it expects their bids."""
+    await wait_for(lambda: in_beacon_mesh(requester, workers), 15,
+                   "every worker in the requester's beacon mesh")
+    await wait_for(lambda: all(has_entry(requester, w.peer_id) and
+                               (requester.ledger.get(w.peer_id).skills  # type: ignore[union-attr]
+                                or requester.ledger.get(w.peer_id).models)  # type: ignore[union-attr]
+                               for w in workers), 15, "the workers' skills in the ledger")

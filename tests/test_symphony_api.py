@@ -1,0 +1,121 @@
+"""POST /v1/tasks and GET /v1/tasks/{id} on the real app of an in-process node whose
+task service elects a fake-solver worker: the response shape, 202 while running, and
+400s in OpenAI's error shape for bad requests."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import trio
+
+from peerd.agents.service import Symphony
+from peerd.api.app import create_app
+from tests.harness import swarm, wait_for
+from tests.symphony import FakeSolver, ready_to_elect, symphonies
+
+TOKEN = "t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.asynccontextmanager
+async def api(tmp_path: Path, solver: FakeSolver | None = None,
+              ) -> AsyncIterator[httpx.AsyncClient]:
+    """A's API; B is a worker with `solver` (a prompt fake by default)."""
+    async with swarm(2, tmp_path, connect="star") as (a, b):
+        b.set_skills(["arithmetic"])
+        async with symphonies([a, b], [None, solver or FakeSolver()]) as (service, _):
+            await ready_to_elect(a, [b])
+            app = create_app(a, TOKEN, None, service)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://peerd",
+                                         headers=AUTH, timeout=30.0) as client:
+                client.service = service  # type: ignore[attr-defined]
+                yield client
+
+
+async def test_post_runs_the_task_and_get_returns_it(tmp_path: Path) -> None:
+    async with api(tmp_path) as client:
+        r = await client.post("/v1/tasks", json={
+            "question": "What is 40 + 2?", "workers": 1, "answer_format": "number",
+            "deadline_s": 10, "bid_window_s": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"id", "answer", "votes", "elected", "fallbacks", "timings"}
+        assert body["answer"] == "42"
+        (vote,) = body["votes"]
+        assert set(vote) == {"peer_id", "answer", "confidence", "weight", "cot"}
+        assert vote["answer"] == "42" and "Answer: 42" in vote["cot"]
+        assert body["elected"] == [vote["peer_id"]]
+        assert set(body["timings"]) == {"beacon_ms", "solve_ms", "total_ms"}
+        again = await client.get(f"/v1/tasks/{body['id']}")
+        assert again.status_code == 200 and again.json() == body
+        missing = await client.get("/v1/tasks/nope")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "task_not_found"
+
+
+async def test_get_shows_a_running_task_with_202(tmp_path: Path) -> None:
+    async with api(tmp_path, FakeSolver(delay_s=1.0)) as client, \
+            trio.open_nursery() as nursery:
+        service: Symphony = client.service  # type: ignore[attr-defined]
+        results: list[httpx.Response] = []
+
+        async def post() -> None:
+            results.append(await client.post("/v1/tasks", json={
+                "question": "What is 1 + 1?", "workers": 1, "answer_format": "number"}))
+
+        nursery.start_soon(post)
+        await wait_for(lambda: service.records, 10, "the task to start")
+        (task_id,) = service.records
+        r = await client.get(f"/v1/tasks/{task_id}")
+        assert r.status_code == 202
+        assert r.json()["answer"] is None and r.json()["id"] == task_id
+        await wait_for(lambda: results, 10, "the POST to return")
+        assert results[0].status_code == 200
+        done = await client.get(f"/v1/tasks/{task_id}")
+        assert done.status_code == 200 and done.json()["answer"] == "2"
+
+
+BAD = [
+    ({}, "question"),
+    ({"question": ""}, "question"),
+    ({"question": 42}, "question"),
+    ({"question": "q", "workers": 0}, "workers"),
+    ({"question": "q", "workers": 17}, "workers"),
+    ({"question": "q", "workers": "3"}, "workers"),
+    ({"question": "q", "workers": True}, "workers"),
+    ({"question": "q", "answer_format": "poem"}, "answer_format"),
+    ({"question": "q", "deadline_s": 0}, "deadline_s"),
+    ({"question": "q", "deadline_s": 1e9}, "deadline_s"),
+    ({"question": "q", "max_tokens": 0}, "max_tokens"),
+    ({"question": "q", "requirement": ["x"]}, "requirement"),
+    ({"question": "q", "wokers": 3}, "wokers"),
+    ([], None),
+]
+
+
+async def test_bad_requests_get_400_in_openai_shape(tmp_path: Path) -> None:
+    async with api(tmp_path) as client:
+        for body, param in BAD:
+            r = await client.post("/v1/tasks", json=body)
+            assert r.status_code == 400, (body, r.text)
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error", body
+            assert error["param"] == param, body
+            assert error["message"]
+        r = await client.post("/v1/tasks", content=b"{not json")
+        assert r.status_code == 400
+        r = await client.post("/v1/tasks", json={"question": "q"},
+                              headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+
+
+async def test_a_task_nobody_can_work_on_is_503(tmp_path: Path) -> None:
+    async with api(tmp_path, FakeSolver(able=False)) as client:
+        r = await client.post("/v1/tasks", json={"question": "What is 1 + 1?",
+                                                 "bid_window_s": 0.3})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "no_workers"

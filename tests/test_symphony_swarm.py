@@ -1,0 +1,143 @@
+"""Symphony over real in-process hosts: beacons on gossip, signed bids and answers on
+streams, with fake solvers in place of models. One confident liar among honest
+workers: outvoted every time, its reputation sinks, and it stops being elected."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+
+from peerd.agents.reputation import ReputationBook
+from peerd.agents.service import REPUTATION_FILE, NoWorkers, TaskSpec
+from tests.harness import events, swarm, wait_for
+from tests.symphony import FakeSolver, FixedMatcher, liar, ready_to_elect, symphonies
+
+SKILL = "arithmetic word problems"
+
+
+async def test_a_task_is_elected_solved_and_voted(tmp_path: Path) -> None:
+    async with swarm(4, tmp_path, connect="star") as nodes:
+        requester, *workers = nodes
+        for w in workers:
+            w.set_skills([SKILL])
+        solvers = [None, FakeSolver(), FakeSolver(), FakeSolver(answer=liar)]
+        async with symphonies(nodes, solvers) as (service, *_):
+            await ready_to_elect(requester, workers)
+            spec = TaskSpec("What is 20 + 22?", workers=3, requirement="arithmetic",
+                            answer_format="number", deadline_s=10.0, bid_window_s=5.0)
+            record = await service.run_task(spec)
+            body = record.to_json()
+            assert set(body) == {"id", "answer", "votes", "elected", "fallbacks", "timings"}
+            assert body["answer"] == "42"
+            assert sorted(body["elected"]) == sorted(w.peer_id for w in workers)
+            assert body["fallbacks"] == []
+            assert {v["answer"] for v in body["votes"]} == {"42", "43"}
+            assert all(set(v) == {"peer_id", "answer", "confidence", "weight", "cot"}
+                       for v in body["votes"])
+            assert set(body["timings"]) == {"beacon_ms", "solve_ms", "total_ms"}
+            # Elected as soon as all three expected bids were in, not at the window's end.
+            assert body["timings"]["beacon_ms"] < 5000
+            assert service.records[record.id] is record
+            for kind in ("task.beacon", "task.bid", "task.elected", "task.answer", "task.done"):
+                assert events(requester, kind, task_id=record.id), kind
+            assert events(workers[0], "task.solved", task_id=record.id)
+
+
+async def test_a_late_worker_is_replaced_by_the_next_bidder(tmp_path: Path) -> None:
+    async with swarm(3, tmp_path, connect="star") as nodes:
+        requester, slow, spare = nodes
+        slow.set_skills([SKILL])
+        spare.set_skills(["poetry"])
+        solvers = [None, FakeSolver(delay_s=3600.0), FakeSolver()]
+        async with symphonies(nodes, solvers) as (service, *_):
+            await ready_to_elect(requester, [slow, spare])
+            spec = TaskSpec("What is 1 + 2?", workers=1, requirement=SKILL,
+                            answer_format="number", deadline_s=0.5, bid_window_s=5.0)
+            record = await service.run_task(spec)
+            assert record.elected == [slow.peer_id]  # the better match
+            assert [(f.peer_id, f.reason, f.replacement) for f in record.fallbacks] == [
+                (slow.peer_id, "deadline", spare.peer_id)]
+            assert record.answer == "3"
+            assert [v.peer_id for v in record.votes] == [spare.peer_id]
+            # The late worker loses reputation; the one that answered gains. The book is
+            # kept in the data dir, so a restarted requester remembers.
+            assert service.book.own()[slow.peer_id] < 0.5 < service.book.own()[spare.peer_id]
+            saved = json.loads((requester.config.data_dir / REPUTATION_FILE).read_text())
+            assert ReputationBook.from_json(requester.peer_id, saved).own() == \
+                service.book.own()
+
+
+async def test_the_requester_works_on_its_own_beacon_only_when_nobody_else_can(
+        tmp_path: Path) -> None:
+    async with swarm(2, tmp_path, connect="star") as nodes:
+        requester, other = nodes
+        requester.set_skills([SKILL])
+        other.set_skills(["poetry"])
+        mine, theirs = FakeSolver(), FakeSolver(able=False)
+        async with symphonies(nodes, [mine, theirs]) as (service, _):
+            spec = TaskSpec("What is 2 + 2?", workers=1, answer_format="number",
+                            deadline_s=5.0, bid_window_s=0.3)
+            record = await service.run_task(spec)
+            assert record.elected == [requester.peer_id]
+            assert record.answer == "4" and mine.solved == 1
+            theirs.able = True
+            await ready_to_elect(requester, [other])
+            record = await service.run_task(spec)
+            assert record.elected == [other.peer_id]
+            assert mine.solved == 1 and theirs.solved == 1
+
+
+async def test_nobody_bids(tmp_path: Path) -> None:
+    async with swarm(1, tmp_path) as nodes, symphonies(nodes, [None]) as (service,):
+        spec = TaskSpec("What is 2 + 2?", bid_window_s=0.2)
+        with trio.fail_after(5):
+            try:
+                await service.run_task(spec)
+            except NoWorkers as exc:
+                assert "no peer bid" in str(exc)
+            else:
+                raise AssertionError("a task without bidders succeeded")
+        (record,) = service.records.values()
+        assert record.status == "failed" and record.to_json()["answer"] is None
+
+
+async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path) -> None:
+    async with swarm(6, tmp_path, connect="star") as nodes:
+        requester, *workers = nodes
+        for w in workers:
+            w.set_skills([SKILL])
+        honest = [FakeSolver(confidence=c) for c in (0.2, 0.4, 0.5, 0.3)]
+        lying = FakeSolver(answer=liar, confidence=1.0)
+        solvers = [None, *honest, lying]
+        # The liar also claims a perfect skill match; the honest match lexically.
+        matchers = [None, None, None, None, None, FixedMatcher(1.0)]
+        liar_id = workers[-1].peer_id
+        async with symphonies(nodes, solvers, matchers) as (service, *_):
+            await ready_to_elect(requester, workers)
+            for i in range(10):
+                question = f"What is {100 + 7 * i} + {23 * i}?"
+                truth = str(100 + 7 * i + 23 * i)
+                record = await service.run_task(TaskSpec(
+                    question, workers=5, requirement="arithmetic", answer_format="number",
+                    deadline_s=10.0, bid_window_s=5.0))
+                assert liar_id in record.elected
+                assert record.answer == truth, f"task {i}: {record.to_json()}"
+            scores = service.book.own()
+            assert all(scores[liar_id] < scores[w.peer_id] for w in workers[:-1]), scores
+            record = await service.run_task(TaskSpec(
+                "What is 5 + 6?", workers=3, requirement="arithmetic", answer_format="number",
+                deadline_s=10.0, bid_window_s=5.0))
+            assert liar_id not in record.elected
+            assert record.answer == "11"
+            # The requester publishes what it saw; others read it from its ledger entry.
+            other = workers[0]
+
+            def published() -> dict[str, float]:
+                entry = other.ledger.get(requester.peer_id)
+                return dict(entry.reputation) if entry else {}
+
+            await wait_for(lambda: liar_id in published(), 10,
+                           "the requester's reputation report in another peer's ledger")
+            assert published()[liar_id] < min(published()[w.peer_id] for w in workers[:-1])

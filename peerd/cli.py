@@ -557,9 +557,9 @@ def chat(data_dir: Path | None, api: str | None, token: str | None, max_tokens: 
     leave."""
     c = make_client(data_dir, api, token)
     model = model_id or served_model(c)
-    note(f"chatting with {model} at {c.api}; /reset forgets, /exit leaves")
     interactive = sys.stdin.isatty()  # piped: no prompt, stdout is the answers alone
-    try:
+    try:  # from the first line out: Ctrl-C any time after it is a clean exit
+        note(f"chatting with {model} at {c.api}; /reset forgets, /exit leaves")
         _converse(c, model, system, max_tokens, temperature, "> " if interactive else "")
     except (EOFError, KeyboardInterrupt):
         if interactive:

@@ -4,8 +4,10 @@ The peers find each other and their ledgers converge, a capability change reache
 every peer, then a question goes through the swarm (streaming chat completion on one
 peer, its layers spread over all three), once decoded plainly and once with
 speculative decoding (DSD: the entry peer drafts with the shipped EAGLE head and the
-pipeline verifies every draft in one pass), over links with injected latency; then
-the testnet shuts down cleanly. Run through `scripts/demo`.
+pipeline verifies every draft in one pass), over links with injected latency. Then a
+task goes to workers elected by beacon, each answering with a chain of thought, and
+the answer is settled by a reputation-weighted vote (Symphony). Finally the testnet
+shuts down cleanly. Run through `scripts/demo`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from demo_task import demo_task  # noqa: E402
 
 from testnet import launcher  # noqa: E402
 from testnet.state import RunState, TestnetError  # noqa: E402
@@ -230,6 +235,9 @@ def main() -> int:
                   {"draft": "eagle", "verify": "greedy"},
                   "again, decoding speculatively (EAGLE drafts, the pipeline verifies)")
         compare(plain, dsd, args.latency_ms)
+        console.rule("[bold]Symphony: a task for workers elected by beacon, settled by vote")
+        if not demo_task(peers, console, max_tokens=64):
+            return 1
     except TestnetError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 1

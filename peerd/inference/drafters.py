@@ -43,6 +43,31 @@ class Draft:
     probs: torch.Tensor | None = None
 
 
+class DraftBuilder:
+    """Collects a draft token by token from the drafter's logits: the argmax when
+    decoding greedily, else a sample from the request's distribution (kept for
+    rejection sampling)."""
+
+    def __init__(self, params: SamplingParams, rng: torch.Generator) -> None:
+        self.params, self.rng = params, rng
+        self.tokens: list[int] = []
+        self.probs: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor) -> int:
+        """logits [V] -> the next draft token."""
+        if self.params.temperature == 0.0:
+            token = int(torch.argmax(logits))
+        else:
+            p = distribution(logits, self.params)  # [V]
+            token = int(torch.multinomial(p, 1, generator=self.rng))
+            self.probs.append(p)
+        self.tokens.append(token)
+        return token
+
+    def build(self) -> Draft:
+        return Draft(self.tokens, torch.stack(self.probs) if self.probs else None)  # [γ, V]
+
+
 class DraftSession(Protocol):
     def extend(self, tokens: Sequence[int], features: torch.Tensor | None) -> None: ...
     def propose(self, gamma: int, params: SamplingParams,
@@ -147,19 +172,13 @@ class ModelSession:
         self._forget()
         logits = self._logits(self.tokens[self.cached:])
         self.cached = len(self.tokens)
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
+        draft = DraftBuilder(params, rng)
         for i in range(gamma):
-            if params.temperature == 0.0:
-                tokens.append(int(torch.argmax(logits)))
-            else:
-                p = distribution(logits, params)  # [V]
-                tokens.append(int(torch.multinomial(p, 1, generator=rng)))
-                probs.append(p)
+            token = draft.add(logits)
             if i + 1 < gamma:
-                logits = self._logits(tokens[-1:])
+                logits = self._logits([token])
         self._forget()  # the guesses
-        return Draft(tokens, torch.stack(probs) if probs else None)
+        return draft.build()
 
 
 # ---- the entry peer's drafters, built on first use ----------------------------------------

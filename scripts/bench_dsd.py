@@ -69,6 +69,10 @@ CONFIGS: dict[str, dict[str, Any] | None] = {  # name -> the request's "speculat
     "eagle/greedy": {"draft": "eagle", "verify": "greedy", "gamma": "auto"},
     "eagle/adaptive": {"draft": "eagle", "verify": "adaptive", "gamma": "auto"},
     "ngram/adaptive": {"draft": "ngram", "verify": "adaptive", "gamma": "auto"},
+    # The target drafting for itself (a second copy at the entry peer): what the network
+    # side of DSD gives when drafts are always right, at the cost of a full local decode
+    # per drafted token. In practice: a 1B drafting for a 70B.
+    "model:smollm2/greedy": {"draft": "model:smollm2", "verify": "greedy", "gamma": "auto"},
 }
 
 
@@ -266,7 +270,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latencies", type=float, nargs="*", default=[0.0, 10.0, 20.0, 50.0])
     ap.add_argument("--configs", nargs="*", default=["plain", "ngram/greedy", "eagle/greedy",
-                                                     "eagle/adaptive"], choices=list(CONFIGS))
+                                                     "eagle/adaptive", "model:smollm2/greedy"],
+                    choices=list(CONFIGS))
     ap.add_argument("--quality-configs", nargs="*", choices=list(CONFIGS),
                     default=["plain", "eagle/greedy", "eagle/adaptive", "ngram/adaptive"])
     ap.add_argument("--gsm8k", type=int, default=40, help="GSM8K prompts for quality")

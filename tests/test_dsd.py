@@ -74,6 +74,18 @@ def check_same_or_near_tie(model: torch.nn.Module, prompt: Sequence[int], got: l
     assert gap < NEAR_TIE, f"output diverged at token {i} with a top-2 gap of {gap:.2e}"
 
 
+def untrained_eagle(runtime: ModelRuntime, path: Path) -> Path:
+    """An EAGLE head for the tiny target, random weights: wrong most of the time, which
+    exercises rejection and rollback as much as a good one exercises acceptance."""
+    from peerd.inference.eagle import EagleConfig, EagleHead, save_eagle
+    from peerd.inference.source import load_config
+
+    torch.manual_seed(0)
+    eagle = EagleHead(EagleConfig.from_target(load_config(runtime.source)))
+    save_eagle(eagle, runtime.head, path)
+    return path
+
+
 async def test_greedy_dsd_equals_plain_greedy_with_every_drafter(
         tmp_path: Path, tiny: Path, other_tiny: Path, reference: torch.nn.Module) -> None:
     expected = reference_tokens(reference, PROMPT, N)
@@ -83,7 +95,9 @@ async def test_greedy_dsd_equals_plain_greedy_with_every_drafter(
         entry = runtimes[0]
         plain, stats = await run(entry, None)
         assert plain == expected and stats.rounds[0].drafted == 0
-        for draft, gamma in [("ngram", None), (f"model:{other_tiny}", 3),
+        head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
+        for draft, gamma in [("ngram", None), (f"eagle:{head}", 4), (f"eagle:{head}", None),
+                             (f"model:{other_tiny}", 3),
                              (f"model:{tiny}", None), (f"model:{tiny}", 8)]:
             spec = SpeculativeOptions(draft, "greedy", gamma)
             for prompt, want in [(PROMPT, expected), (repeat_prompt, expected_repeat)]:

@@ -1,0 +1,310 @@
+"""EAGLE: a one-layer draft head that extrapolates the target's own features.
+
+The pipeline hands the entry peer the target's final-layer feature f_q (the last
+shard's output, before the final norm) for every position q it runs. EAGLE (Li et al.,
+2024) drafts from those: slot q of the head takes concat(f_q, e(x_{q+1})), the feature
+at q and the embedding of the token that followed it, and predicts f_{q+1}; the
+target's own norm and lm_head turn that into logits for x_{q+2}. To draft further the
+head feeds itself: its predicted feature and the token drawn from it. One small
+decoder layer per draft token, against the whole model per pipeline round.
+
+    slot (rotary position)   q                  q+1 (drafting)
+    input                    f_q, e(x_{q+1})    f̂_{q+1}, e(x̂_{q+2})
+    output                   f̂_{q+1}           f̂_{q+2}
+
+The head owns fc (2H -> H), one Llama decoder layer with its rotary embedding, and an
+RMSNorm on its feature input; it borrows the embeddings, the final norm and lm_head
+from the target's `Head`. Why the extra norm: SmolLM2's pre-norm features have norms
+~600 with single dimensions past 4000, its embeddings norms ~3; and the target's
+logits see only a feature's direction (the final RMSNorm divides the scale out), so
+normalising the input loses nothing the draft needs.
+
+A head file is fp16 safetensors whose header names the target it was trained for
+(model_id, shapes, and a fingerprint of the embedding matrix); `load_eagle` refuses
+it for any other model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+from peerd.inference.drafters import Draft, DraftBuilder, DraftError
+from peerd.inference.head import Head
+from peerd.inference.sampling import SamplingParams
+
+FORMAT = "peerd-eagle"
+FORMAT_VERSION = "1"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# model_id -> the head shipped in peerd/data for it (see scripts/train_eagle_smollm2.sh)
+SHIPPED = {"SmolLM2-135M-Instruct.Q4_1": "eagle-smollm2.safetensors"}
+
+
+@dataclass(frozen=True, slots=True)
+class EagleConfig:
+    """Shape of the head; `from_target` copies the target's layer geometry. The
+    defaults are SmolLM2-135M's."""
+
+    hidden_size: int = 576  # the target's H: features, embeddings and output are H wide
+    intermediate_size: int = 1536  # MLP width of the one decoder layer
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0  # plain RoPE whatever the target's scaling: the head is
+    max_position_embeddings: int = 8192  # trained with it, and only sees its own slots
+
+    @classmethod
+    def from_target(cls, config: Any) -> EagleConfig:
+        rope = getattr(config, "rope_parameters", None) or {}
+        hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
+        return cls(
+            hidden_size=hidden, intermediate_size=int(config.intermediate_size),
+            num_attention_heads=heads,
+            num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or hidden // heads),
+            rms_norm_eps=float(config.rms_norm_eps),
+            rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))),
+            max_position_embeddings=int(config.max_position_embeddings))
+
+    def layer_config(self) -> LlamaConfig:
+        """The transformers config of the one decoder layer (and of its DynamicCache)."""
+        config = LlamaConfig(
+            vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None,  # none
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=1, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        config._attn_implementation = "sdpa"
+        return config
+
+
+class EagleHead(nn.Module):
+    """fc(concat(norm(f), e)) -> one decoder layer -> predicted next feature."""
+
+    def __init__(self, config: EagleConfig) -> None:
+        super().__init__()
+        H = config.hidden_size
+        self.config = config
+        self.layer_config = config.layer_config()
+        self.feature_norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
+        self.fc = nn.Linear(2 * H, H, bias=True)
+        self.layer = LlamaDecoderLayer(self.layer_config, layer_idx=0)
+        self.rotary_emb = LlamaRotaryEmbedding(config=self.layer_config)
+
+    def forward(self, features: torch.Tensor, embeds: torch.Tensor,
+                position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: DynamicCache | None = None) -> torch.Tensor:
+        """features [B, T, H] (f_q), embeds [B, T, H] (e(x_{q+1})), position_ids [B|1, T]
+        -> predicted features [B, T, H] (f̂_{q+1}). With no mask the T slots attend
+        causally among themselves (no cache) or to all of the cache (T = 1)."""
+        f = self.feature_norm(features.to(embeds.dtype))  # [B, T, H]
+        x = self.fc(torch.cat([f, embeds], dim=-1))  # [B, T, 2H] -> [B, T, H]
+        cos_sin = self.rotary_emb(x, position_ids=position_ids)  # 2 x [B|1, T, head_dim]
+        out: torch.Tensor = self.layer(x, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache,
+                                       use_cache=cache is not None,
+                                       position_embeddings=cos_sin)  # [B, T, H]
+        return out
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.layer_config)
+
+    def extend(self, features: torch.Tensor, embeds: torch.Tensor,
+               cache: DynamicCache) -> torch.Tensor:
+        """Append T slots [1, T, H] after the cache's; returns their outputs [1, T, H]."""
+        start = cache.get_seq_length()
+        T = features.shape[1]
+        position_ids = torch.arange(start, start + T, device=embeds.device).unsqueeze(0)  # [1, T]
+        # None for a lone slot or an empty cache, else the [1, 1, T, start+T] causal
+        # mask: SDPA's is_causal alone would misalign T queries against a longer cache.
+        mask = create_causal_mask(config=self.layer_config, inputs_embeds=embeds,
+                                  attention_mask=None, cache=cache,
+                                  position_ids=position_ids, layer_idx=0)
+        out: torch.Tensor = self(features, embeds, position_ids, mask, cache)  # [1, T, H]
+        return out
+
+
+# ---- drafting ---------------------------------------------------------------------------
+
+
+class EagleDrafter:
+    """Drafts with `eagle` over the target's `head` (whose embeddings and lm_head it
+    borrows). Inference only: the head is put in eval mode without gradients."""
+
+    def __init__(self, head: Head, eagle: EagleHead, name: str = "eagle") -> None:
+        if eagle.config.hidden_size != head.hidden_size:
+            raise DraftError(f"EAGLE head of width {eagle.config.hidden_size} cannot draft "
+                             f"for {head.model_id} (hidden size {head.hidden_size})")
+        self.head = head
+        self.eagle = eagle.eval().requires_grad_(False)
+        self.name = name
+
+    def start(self) -> EagleSession:
+        return EagleSession(self.head, self.eagle)
+
+
+class EagleSession:
+    """One request's draft state: the head's KV cache over the committed slots and the
+    head's prediction for the last committed position."""
+
+    def __init__(self, head: Head, eagle: EagleHead) -> None:
+        self.head, self.eagle = head, eagle
+        self.param = next(eagle.parameters())  # where and in what dtype the head computes
+        self.cache = eagle.new_cache()
+        self.tokens: list[int] = []
+        self.slots = 0  # committed slots in the cache = features received
+        self.pending: torch.Tensor | None = None  # [1, 1, H]: f̂ of the last committed position
+
+    @torch.inference_mode()
+    def extend(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
+        if features is None:
+            raise DraftError("the eagle drafter needs the target's features with every "
+                             "committed token (the pipeline's last hidden states)")
+        f = features.unsqueeze(0) if features.dim() == 2 else features  # [1, n, H]
+        if f.dim() != 3 or f.shape[0] != 1 or f.shape[-1] != self.head.hidden_size:
+            raise DraftError(f"features of shape {list(features.shape)}; expected "
+                             f"[n, {self.head.hidden_size}] or [1, n, {self.head.hidden_size}]")
+        n = f.shape[1]
+        if self.slots + n != len(self.tokens) + len(tokens) - 1:
+            raise DraftError(f"{self.slots + n} features for {len(self.tokens) + len(tokens)} "
+                             "committed tokens: the eagle drafter needs one for each but "
+                             "the last")
+        self.tokens.extend(tokens)
+        if n == 0:
+            return
+        # slot q pairs f_q with x_{q+1}: the tokens after each new feature's position
+        ids = torch.tensor([self.tokens[self.slots + 1:self.slots + n + 1]])  # [1, n]
+        embeds = self.head.embed(ids).to(self.param)  # [1, n, H]
+        out = self.eagle.extend(f.to(self.param), embeds, self.cache)  # [1, n, H]
+        self.slots += n
+        self.pending = out[:, -1:]  # [1, 1, H]
+
+    @torch.inference_mode()
+    def propose(self, gamma: int, params: SamplingParams, rng: torch.Generator) -> Draft:
+        if gamma < 1 or self.pending is None:
+            return Draft([])
+        feature = self.pending  # [1, 1, H]
+        draft = DraftBuilder(params, rng)
+        try:
+            for i in range(gamma):
+                token = draft.add(self.head.logits(feature)[0, -1])  # logits [V] float32
+                if i + 1 < gamma:  # a draft slot: the head's own feature and token
+                    ids = torch.tensor([[token]])  # [1, 1]
+                    embeds = self.head.embed(ids).to(self.param)  # [1, 1, H]
+                    feature = self.eagle.extend(feature, embeds, self.cache)  # [1, 1, H]
+        finally:  # forget the draft slots: committed state only
+            drafted = self.cache.get_seq_length() - self.slots
+            if drafted > 0:
+                self.cache.crop(-drafted)  # transformers 5: negative = remove that many
+        return draft.build()
+
+
+# ---- files ------------------------------------------------------------------------------
+
+
+def fingerprint(head: Head) -> str:
+    """sha256 of the signs of 64 embedding rows spread over the vocabulary. Signs, not
+    values: they survive loading the target in float32, bfloat16 or float16 alike, and
+    4096 bits of them tell two trained (or two random) models apart."""
+    weight = head.embed_tokens.weight
+    rows = torch.linspace(0, weight.shape[0] - 1, 64).long()  # [64]
+    signs = (weight[rows].float() > 0).flatten().to(torch.uint8)  # [64 * H] of 0/1
+    h = hashlib.sha256(f"{weight.shape[0]}x{weight.shape[1]}:".encode())
+    h.update(bytes(signs.tolist()))
+    return h.hexdigest()
+
+
+def target_metadata(head: Head) -> dict[str, str]:
+    """What a head file records about the model it drafts for."""
+    return {"model_id": head.model_id, "hidden_size": str(head.hidden_size),
+            "vocab_size": str(head.vocab_size), "num_layers": str(head.num_layers),
+            "embed_fingerprint": fingerprint(head)}
+
+
+def save_eagle(eagle: EagleHead, head: Head, path: Path,
+               extra: dict[str, Any] | None = None) -> None:
+    """Write `eagle` as fp16 safetensors, for the target `head`; `extra` (how it was
+    trained) goes into the header as JSON."""
+    from safetensors.torch import save_file
+
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, **target_metadata(head),
+            "config": json.dumps(asdict(eagle.config)),
+            "training": json.dumps(extra or {}, sort_keys=True)}
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous()
+               for k, v in eagle.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # whole or absent
+
+
+def read_eagle_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header metadata and tensors of a head file; DraftError if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise DraftError(f"{path} is not a peerd EAGLE head: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise DraftError(f"{path} is not a peerd EAGLE head: its header has no "
+                         f"format={FORMAT!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise DraftError(f"{path}: EAGLE head format version {meta.get('version')!r}; this "
+                         f"peerd reads version {FORMAT_VERSION}")
+    return meta, tensors
+
+
+def load_eagle(path: Path, head: Head, name: str = "eagle") -> EagleDrafter:
+    """The head in `path` as a drafter for `head`'s model, on head's device, in float32
+    (bfloat16 where the head is): refused with a DraftError naming both models when it
+    was trained for another one."""
+    path = Path(path)
+    meta, tensors = read_eagle_file(path)
+    mine = target_metadata(head)
+    differs = [k for k in ("hidden_size", "vocab_size", "embed_fingerprint")
+               if meta.get(k) != mine[k]]
+    if differs:
+        raise DraftError(
+            f"{path} is an EAGLE head for {meta.get('model_id', '?')!r}, not for "
+            f"{head.model_id!r}: the models differ in {', '.join(differs)} (train one for "
+            f"this model: peerd draft train --model ...)")
+    try:
+        known = {f.name for f in fields(EagleConfig)}
+        config = EagleConfig(**{k: v for k, v in json.loads(meta["config"]).items()
+                                if k in known})
+        eagle = EagleHead(config)
+        eagle.load_state_dict(tensors, strict=True)  # into float32 parameters
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise DraftError(f"{path} is not a peerd EAGLE head: {exc}") from exc
+    eagle.to(head.device)
+    if head.dtype == torch.bfloat16:  # the weights only: RoPE frequencies stay float32
+        for module in (eagle.feature_norm, eagle.fc, eagle.layer):
+            module.to(torch.bfloat16)
+    return EagleDrafter(head, eagle, name=name)
+
+
+def default_eagle_path(model_id: str) -> Path | None:
+    """The head shipped with peerd for `model_id`, or None when there is none."""
+    name = SHIPPED.get(model_id)
+    if name is None or not (DATA_DIR / name).is_file():
+        return None
+    return DATA_DIR / name

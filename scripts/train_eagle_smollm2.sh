@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Reproduce peerd/data/eagle-smollm2.safetensors, the EAGLE draft head shipped for
+# SmolLM2-135M-Instruct (Q4_1): SmolLM2's greedy answers to peerd's own chat and code
+# prompts and to GSM8K *train* questions (MIT licence, (c) 2021 OpenAI; ../shared/data/
+# gsm8k/LICENSE), never the GSM8K test set or HumanEval. CPU only, 2 threads: about 25
+# minutes of generation and 10 of training on an idle 2-core machine.
+# Extra arguments go to `peerd draft train`, e.g. --data /tmp/smollm2-answers.pt to
+# keep the generated answers for another run.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+exec .venv/bin/peerd draft train --model smollm2 \
+    --out peerd/data/eagle-smollm2.safetensors \
+    --prompts peerd/data/draft_prompts.jsonl \
+    --prompts ../shared/data/gsm8k/train.jsonl \
+    --per-file 400 --holdout 24 --max-new-tokens 160 --steps 600 --threads 2 "$@"

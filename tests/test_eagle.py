@@ -1,0 +1,252 @@
+"""The EAGLE draft head: training, files, and the DraftSession contract, on tiny models;
+and the head shipped for smollm2."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from peerd.inference.drafters import DraftError
+from peerd.inference.eagle import (
+    EagleConfig,
+    EagleDrafter,
+    EagleHead,
+    EagleSession,
+    default_eagle_path,
+    load_eagle,
+    save_eagle,
+)
+from peerd.inference.eagle_train import (
+    Example,
+    Prompt,
+    TrainConfig,
+    generate_examples,
+    make_batch,
+    measure,
+    train_head,
+    unrolled,
+    unrolled_loss,
+)
+from peerd.inference.head import Head
+from peerd.inference.sampling import SamplingParams
+from peerd.inference.shard import ShardBlock
+from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve
+from tests.models import tiny_llama_dir
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPTS = [Prompt("t", p) for p in (
+    "What is the capital of France?", "def add(a, b):", "The quick brown fox",
+    "Each shard runs a range of layers.", "0 1 2 3 4 5", "A peer-to-peer daemon")]
+CFG = TrainConfig(steps=12, batch_size=3, lr=3e-3, unroll=2, noise=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def head(tiny: Path) -> Head:
+    return Head(resolve(str(tiny)))
+
+
+@pytest.fixture(scope="module")
+def examples(tiny: Path) -> list[Example]:
+    source = resolve(str(tiny))
+    return generate_examples(reference_model(source), load_tokenizer(source), PROMPTS,
+                             max_new_tokens=20, batch_size=4)
+
+
+def fresh_eagle(tiny: Path, seed: int = 0) -> EagleHead:
+    torch.manual_seed(seed)
+    return EagleHead(EagleConfig.from_target(load_config(resolve(str(tiny)))))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny: Path, head: Head, examples: list[Example]) -> EagleHead:
+    eagle = fresh_eagle(tiny)
+    train_head(eagle, head, examples, CFG)
+    with torch.no_grad():  # fp16 weights, as a file holds them: a reload is the same head
+        for p in eagle.parameters():
+            p.copy_(p.half().float())
+    return eagle.eval()
+
+
+def session(head: Head, eagle: EagleHead, e: Example, upto: int) -> EagleSession:
+    """A session that has committed e.tokens[:upto] (the prompt and then some)."""
+    s = EagleDrafter(head, eagle).start()
+    s.extend(e.tokens[:upto].tolist(), e.features[:upto - 1])
+    return s
+
+
+def test_generated_features_are_what_the_pipeline_returns(
+        tiny: Path, head: Head, examples: list[Example]) -> None:
+    # batched, left-padded generation records the same features as an unpadded
+    # ShardBlock over all layers (what the last peer sends back to the entry peer)
+    source = resolve(str(tiny))
+    block = ShardBlock(source, 0, load_config(source).num_hidden_layers)
+    for e in examples:
+        assert len(e.tokens) > e.prompt_len and e.features.shape == (len(e.tokens) - 1, 64)
+        f = block(head.embed(e.tokens[None]), 0, block.new_cache())[0, :-1]  # [N-1, H]
+        torch.testing.assert_close(e.features, f, atol=1e-4, rtol=1e-4)
+
+
+def test_training_lowers_the_loss(tiny: Path, head: Head, examples: list[Example]) -> None:
+    eagle = fresh_eagle(tiny)
+    batch = make_batch(examples)
+    with torch.no_grad():
+        before, _ = unrolled_loss(eagle, head, batch, 2, CFG.ce_weight, 0.0)
+    train_head(eagle, head, examples, CFG)
+    with torch.no_grad():
+        after, _ = unrolled_loss(eagle, head, batch, 2, CFG.ce_weight, 0.0)
+    assert float(after) < 0.7 * float(before)
+
+
+def test_the_training_unroll_sees_what_drafting_sees(head: Head, trained: EagleHead,
+                                                    examples: list[Example]) -> None:
+    # depth d at slot j of the parallel unroll = a session committed up to slot j-d,
+    # then fed its own features d-1 times (with the true tokens)
+    e = examples[2]
+    batch = make_batch([e])
+    embeds = head.embed_tokens(batch.next_ids)  # [1, S, H]
+    with torch.no_grad():
+        preds = unrolled(trained, batch.features, embeds, 3, bf16=False)  # 3 x [1, S, H]
+    for c in (e.prompt_len - 2, e.prompt_len + 3):  # the last committed slot
+        s = session(head, trained, e, c + 2)  # features f_0..f_c
+        assert s.pending is not None
+        feature = s.pending  # [1, 1, H]
+        torch.testing.assert_close(feature[0, 0], preds[0][0, c], atol=1e-4, rtol=1e-4)
+        with torch.inference_mode():
+            for d in (1, 2):
+                x = embeds[:, c + d:c + d + 1]  # [1, 1, H]: e(x_{c+d+1})
+                feature = trained.extend(feature, x, s.cache)  # [1, 1, H]
+                torch.testing.assert_close(feature[0, 0], preds[d][0, c + d], atol=1e-4,
+                                           rtol=1e-4)
+
+
+def test_save_and_load_give_the_same_drafts(tmp_path: Path, head: Head, trained: EagleHead,
+                                            examples: list[Example]) -> None:
+    path = tmp_path / "eagle.safetensors"
+    save_eagle(trained, head, path)
+    loaded = load_eagle(path, head)
+    for e in examples:
+        a = session(head, trained, e, e.prompt_len + 1)
+        b = loaded.start()
+        b.extend(e.tokens[:e.prompt_len + 1].tolist(), e.features[:e.prompt_len])
+        assert a.pending is not None and b.pending is not None
+        torch.testing.assert_close(a.pending, b.pending, atol=0.0, rtol=0.0)
+        rng = torch.Generator()
+        assert a.propose(6, GREEDY, rng) == b.propose(6, GREEDY, rng)
+
+
+def test_a_head_for_another_model_is_refused(tmp_path_factory: pytest.TempPathFactory,
+                                             tmp_path: Path, head: Head,
+                                             trained: EagleHead) -> None:
+    other_dir = tiny_llama_dir(tmp_path_factory, seed=1)  # same shapes, other weights
+    other = Head(resolve(str(other_dir)))
+    path = tmp_path / "eagle.safetensors"
+    save_eagle(trained, head, path)
+    with pytest.raises(DraftError, match="embed_fingerprint") as info:
+        load_eagle(path, other)
+    assert head.model_id in str(info.value) and other.model_id in str(info.value)
+
+
+def test_a_corrupt_file_is_refused(tmp_path: Path, head: Head, trained: EagleHead) -> None:
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_eagle(trained, head, good)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    foreign = tmp_path / "foreign.safetensors"  # a safetensors file, not a head
+    save_file({"x": torch.zeros(3)}, str(foreign))
+    for path in (truncated, garbage, foreign, tmp_path / "missing.safetensors"):
+        with pytest.raises(DraftError, match="is not a peerd EAGLE head"):
+            load_eagle(path, head)
+
+
+def test_proposing_changes_nothing_committed(head: Head, trained: EagleHead,
+                                            examples: list[Example]) -> None:
+    e = examples[0]
+    s = session(head, trained, e, e.prompt_len + 1)
+    slots = s.cache.get_seq_length()
+    first = s.propose(5, GREEDY, torch.Generator())
+    assert len(first.tokens) == 5 and first.probs is None
+    assert s.propose(5, GREEDY, torch.Generator()) == first
+    assert s.cache.get_seq_length() == slots == e.prompt_len
+    # sampling: the distributions come along, and a seeded generator repeats itself
+    hot = SamplingParams(temperature=0.8, top_p=0.9)
+    a = s.propose(4, hot, torch.Generator().manual_seed(1))
+    b = s.propose(4, hot, torch.Generator().manual_seed(1))
+    assert a.tokens == b.tokens and a.probs is not None and b.probs is not None
+    assert a.probs.shape == (4, head.vocab_size)
+    torch.testing.assert_close(a.probs.sum(-1), torch.ones(4))
+    assert all(float(a.probs[i, t]) > 0 for i, t in enumerate(a.tokens))
+    assert s.propose(5, GREEDY, torch.Generator()) == first
+
+
+def test_extending_in_one_call_or_one_token_at_a_time_agree(
+        head: Head, trained: EagleHead, examples: list[Example]) -> None:
+    e = examples[1]
+    n = len(e.tokens)
+    whole = session(head, trained, e, n)
+    steps = EagleDrafter(head, trained).start()
+    steps.extend(e.tokens[:1].tolist(), e.features[:0])
+    for q in range(1, n):
+        steps.extend([int(e.tokens[q])], e.features[q - 1:q][None])  # [1, 1, H] works too
+    assert whole.pending is not None and steps.pending is not None
+    torch.testing.assert_close(whole.pending, steps.pending, atol=1e-5, rtol=1e-5)
+    assert whole.propose(6, GREEDY, torch.Generator()) == steps.propose(
+        6, GREEDY, torch.Generator())
+
+
+def test_extend_wants_a_feature_for_every_committed_token_but_the_last(
+        head: Head, trained: EagleHead, examples: list[Example]) -> None:
+    e = examples[0]
+    s = EagleDrafter(head, trained).start()
+    with pytest.raises(DraftError, match="needs the target's features"):
+        s.extend(e.tokens[:3].tolist(), None)
+    with pytest.raises(DraftError, match="one for each but the last"):
+        s.extend(e.tokens[:3].tolist(), e.features[:3])
+    assert s.propose(3, GREEDY, torch.Generator()).tokens == []  # nothing committed yet
+
+
+def test_replay_counts_rounds(head: Head, trained: EagleHead,
+                              examples: list[Example]) -> None:
+    result = measure(EagleDrafter(head, trained), examples, 3)
+    assert result.rounds > 0 and 1.0 <= result.tokens_per_round <= 4.0
+    assert result.attempts[0] == result.rounds
+    assert all(0.0 <= r <= 1.0 for r in result.rates())
+
+
+def test_the_shipped_smollm2_head_loads_and_drafts() -> None:
+    """A few seconds: reads SmolLM2's head and all its layers."""
+    source = resolve("smollm2")
+    head = Head(source)
+    path = default_eagle_path(head.model_id)
+    assert path is not None and path.stat().st_size < 20e6
+    drafter = load_eagle(path, head)
+    assert default_eagle_path("some-other-model") is None
+    tokenizer = load_tokenizer(source)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Count from 1 to 20."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    block = ShardBlock(source, 0, head.num_layers)
+    features = block(head.embed(torch.tensor([ids])), 0, block.new_cache())  # [1, P, H]
+    first = int(torch.argmax(head.logits(features)[0, -1]))
+    s = drafter.start()
+    s.extend([*ids, first], features)
+    draft = s.propose(5, GREEDY, torch.Generator())
+    assert len(draft.tokens) == 5 and all(0 <= t < head.vocab_size for t in draft.tokens)
+
+
+def test_a_wider_head_cannot_draft_for_a_narrower_model(tiny: Path, head: Head) -> None:
+    config = replace(EagleConfig.from_target(load_config(resolve(str(tiny)))), hidden_size=32,
+                     num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(DraftError, match="width 32"):
+        EagleDrafter(head, EagleHead(config))

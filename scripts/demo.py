@@ -36,7 +36,10 @@ from testnet.state import RunState, TestnetError  # noqa: E402
 
 console = Console()
 MODEL = "smollm2"
-QUESTION = "In two sentences: why do people build peer-to-peer networks?"
+# A word problem: the shipped EAGLE head was trained on such answers (GSM8K *train*
+# questions and peerd's own prompts), so its drafts are accepted more often than on prose.
+QUESTION = ("A baker makes 12 loaves of bread a day and sells each for $3. How much money "
+            "does she make in a week? Think step by step.")
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout_s: float) -> float:
@@ -215,7 +218,7 @@ def main() -> int:
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--question", default=QUESTION)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--latency-ms", type=float, default=20.0,
                     help="latency injected on every peer-to-peer link")
     ap.add_argument("--base-port", type=int, default=launcher.DEFAULT_BASE_PORT)

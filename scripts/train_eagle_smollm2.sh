@@ -2,8 +2,9 @@
 # Reproduce peerd/data/eagle-smollm2.safetensors, the EAGLE draft head shipped for
 # SmolLM2-135M-Instruct (Q4_1): SmolLM2's greedy answers to peerd's own chat and code
 # prompts and to GSM8K *train* questions (MIT licence, (c) 2021 OpenAI; ../shared/data/
-# gsm8k/LICENSE), never the GSM8K test set or HumanEval. CPU only, 2 threads: about 25
-# minutes of generation and 10 of training on an idle 2-core machine.
+# gsm8k/LICENSE), never the GSM8K test set or HumanEval. CPU only, 2 threads: on the
+# shared 2-core machine it took 26 min of generation, 18 of training and 5 of measuring
+# (about half that when the machine is idle).
 # Extra arguments go to `peerd draft train`, e.g. --data /tmp/smollm2-answers.pt to
 # keep the generated answers for another run.
 set -euo pipefail

@@ -251,6 +251,7 @@ def save_eagle(eagle: EagleHead, head: Head, path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
+    tmp.chmod(0o644)  # safetensors writes 0600; the shipped head is package data
     tmp.replace(path)  # whole or absent
 
 

@@ -198,7 +198,6 @@ class Generator:
         told = 0  # history[:told] has been given to the drafter
         fed = 0  # positions whose features the drafter has
         kv = 0  # committed positions the pipeline's caches hold
-        held = 0  # positions they hold in all: kv + last round's rejected drafts
         # drafts may run up to MAX_GAMMA positions past the last committed token
         max_length = min(len(prompt_ids) + params.max_tokens + (MAX_GAMMA if drafter else 0),
                          self.max_session_length)
@@ -210,7 +209,7 @@ class Generator:
             while not finished:
                 if session is None:
                     session, fresh = await self._open(max_length, stats)
-                    kv, held = 0, session.held  # (re)play the whole history
+                    kv = 0  # (re)play the whole history
                 pending = history[kv:]  # committed, not yet in the caches
                 room = min(params.max_tokens - stats.completion_tokens - 1,
                            max_length - len(history))
@@ -227,7 +226,7 @@ class Generator:
                 hidden = await self._in_thread(self._embed, ids)
                 stats.head_ms += (time.perf_counter() - t0) * 1e3
                 try:
-                    result = await session.step(hidden, kv, keep=kv if held > kv else -1)
+                    result = await session.step(hidden, kv, keep=kv if session.held > kv else -1)
                 except PipelineFailure as failure:
                     await session.close()
                     session = None
@@ -238,7 +237,7 @@ class Generator:
                     self._blame(failure, failures)
                     stats.reroutes += 1
                     continue
-                held = session.held = kv + len(ids)
+                session.held = kv + len(ids)  # committed + this round's drafts
                 stats.steps += 1
                 stats.pipeline_ms += result.wall_ms
                 stats.compute_ms += result.compute_ms

@@ -458,8 +458,9 @@ def route_line(c: Client, response: dict[str, Any]) -> str:
     spec = info.get("speculative") or {}
     drafted = ""
     if spec.get("draft", "none") != "none":
+        shape = f", trees of {spec.get('mean_nodes', 0.0):.0f} nodes" if spec.get("tree") else ""
         drafted = (f" | {spec['draft']}/{spec.get('verify')}: {spec.get('rounds', 0)} rounds, "
-                   f"{spec.get('tokens_per_round', 0.0):.2f} tokens/round, "
+                   f"{spec.get('tokens_per_round', 0.0):.2f} tokens/round{shape}, "
                    f"{spec.get('draft_ms', 0.0):.0f} ms drafting")
     return (f"route {hops or '?'} | {info.get('tokens_per_s', 0.0):.1f} tokens/s | "
             f"{tokens} tokens" + (f" ({finish})" if finish else "") + drafted)
@@ -494,17 +495,20 @@ def _write(text: str) -> None:
               "eagle:PATH or model:SPEC [the daemon's --speculative].")
 @click.option("--verify", type=click.Choice(["auto", "greedy", "sample", "adaptive"]),
               help="How drafts are verified [auto: greedy at temperature 0, else sample].")
-@click.option("--gamma", metavar="N|auto", help="Tokens drafted per round, 1-16 [auto].")
+@click.option("--gamma", metavar="N|auto", help="Tokens drafted per round (a tree's "
+              "depth), 1-16 [auto].")
+@click.option("--tree/--chain", default=None, help="Draft a token tree (eagle, greedy or "
+              "adaptive) or a single chain [tree].")
 def generate(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
              prompt: str, max_tokens: int, temperature: float, top_p: float | None,
              seed: int | None, stop: tuple[str, ...], stream: bool, raw: bool,
              model_id: str | None, draft: str | None, verify: str | None,
-             gamma: str | None) -> None:
+             gamma: str | None, tree: bool | None) -> None:
     """Generate text from PROMPT through the swarm."""
     c = make_client(data_dir, api, token)
     body: dict[str, Any] = {"model": model_id or served_model(c), "max_tokens": max_tokens,
                             "temperature": temperature}
-    if draft is not None or verify is not None or gamma is not None:
+    if draft is not None or verify is not None or gamma is not None or tree is not None:
         if gamma not in (None, "auto") and not gamma.isdigit():
             fail("--gamma takes an integer 1-16 or auto", 2)
         spec: dict[str, Any] = {}  # what is left out, the daemon's default fills in
@@ -514,6 +518,8 @@ def generate(data_dir: Path | None, api: str | None, token: str | None, as_json:
             spec["verify"] = verify
         if gamma is not None:
             spec["gamma"] = gamma if gamma == "auto" else int(gamma)
+        if tree is not None:
+            spec["tree"] = tree
         body["speculative"] = spec
     if top_p is not None:
         body["top_p"] = top_p

@@ -10,6 +10,14 @@ FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H]
 and `keep`: the KV length every shard truncates its cache to before appending.
 Speculative decoding rides its rollback on the next FORWARD this way, with no extra
 round trip. Tensors travel as raw little-endian bytes + dtype + shape, never pickle.
+
+A FORWARD may carry a token tree instead of a chain (`tree`, the parent of each of
+its T positions): speculative decoding verifies several candidate continuations in
+one pass. Position j then sits at rotary position start_pos + depth(j) and attends
+to the whole cache, its ancestors and itself; its KV lands in cache slot
+start_pos + j, so the next FORWARD's `keep` must cut the cache back to a prefix
+whose slots are a chain (the entry peer's job: it orders the tree so that the
+likeliest branch comes first).
 """
 
 from __future__ import annotations
@@ -100,6 +108,9 @@ class Forward(Message):
     keep: int  # truncate KV to this length first; -1 = keep everything
     hidden: WireTensor  # [1, T, H]
     timings: tuple[HopTiming, ...] = ()  # compute time of the hops before this one
+    # parent of each of the T positions: an index < j into this FORWARD, or -1 for
+    # the last cached position; () is a chain (position j's parent is j - 1)
+    tree: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +140,23 @@ class Failed(Message):
 class Close(Message):
     KIND = "shard.close"
     session: str
+
+
+def tree_depths(tree: tuple[int, ...], positions: int) -> list[int]:
+    """Depth of each of a FORWARD's `positions` below the cache (0: a child of the last
+    cached position); WireError unless `tree` is () or a parent list of that length
+    whose every parent comes before its child."""
+    if not tree:
+        return list(range(positions))
+    if len(tree) != positions:
+        raise WireError(f"tree of {len(tree)} parents for {positions} positions")
+    depths: list[int] = []
+    for j, parent in enumerate(tree):
+        if not -1 <= parent < j:
+            raise WireError(f"tree position {j} has parent {parent}: a parent must be an "
+                            "earlier position or -1 (the cache)")
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    return depths
 
 
 def check_route(route: tuple[Hop, ...], num_layers: int) -> None:

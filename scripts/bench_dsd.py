@@ -66,7 +66,9 @@ HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 CONFIGS: dict[str, dict[str, Any] | None] = {  # name -> the request's "speculative"
     "plain": None,
     "ngram/greedy": {"draft": "ngram", "verify": "greedy", "gamma": "auto"},
-    "eagle/greedy": {"draft": "eagle", "verify": "greedy", "gamma": "auto"},
+    "eagle-chain/greedy": {"draft": "eagle", "verify": "greedy", "gamma": "auto",
+                           "tree": False},
+    "eagle/greedy": {"draft": "eagle", "verify": "greedy", "gamma": "auto"},  # token trees
     "eagle/adaptive": {"draft": "eagle", "verify": "adaptive", "gamma": "auto"},
     "ngram/adaptive": {"draft": "ngram", "verify": "adaptive", "gamma": "auto"},
     # The target drafting for itself (a second copy at the entry peer): what the network
@@ -178,6 +180,9 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
         "k_tokens_per_round": round((accepted + rounds) / rounds, 3) if rounds else 1.0,
         "drafted_per_round": round(sum(s.get("drafted_tokens", 0) for s in spec) / rounds, 3)
         if rounds else 0.0,
+        # tokens sent per round (a tree's nodes; a chain's length)
+        "nodes_per_round": round(sum(s.get("mean_nodes", 0.0) * s.get("rounds", 0)
+                                     for s in spec) / rounds, 3) if rounds else 0.0,
         "draft_ms_per_round": round(sum(s.get("draft_ms", 0.0) for s in spec) / rounds, 3)
         if rounds else 0.0,
         "pipeline_ms_per_round": round(sum(r.peerd["pipeline_ms"] for r in res) / rounds, 3)
@@ -269,7 +274,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latencies", type=float, nargs="*", default=[0.0, 10.0, 20.0, 50.0])
-    ap.add_argument("--configs", nargs="*", default=["plain", "ngram/greedy", "eagle/greedy",
+    ap.add_argument("--configs", nargs="*", default=["plain", "ngram/greedy",
+                                                     "eagle-chain/greedy", "eagle/greedy",
                                                      "eagle/adaptive", "model:smollm2/greedy"],
                     choices=list(CONFIGS))
     ap.add_argument("--quality-configs", nargs="*", choices=list(CONFIGS),
@@ -342,7 +348,7 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]])
               "target (adaptive: lossy)")
     for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "decode speedup",
                 "k tokens/round",
-                "drafted/round", "draft ms/round", "net ms/token saved (pred. N-1 / links)",
+                "depth/round", "nodes/round", "draft ms/round", "net ms/token saved (pred. N-1 / links)",
                 "same as plain"):
         t.add_column(col, justify="right")
     for r in rows:
@@ -351,6 +357,7 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]])
             f"{r['speedup']:.2f}x" if "speedup" in r else "-",
             f"{r['decode_speedup']:.2f}x" if "speedup" in r else "-",
             f"{r['k_tokens_per_round']:.2f}", f"{r['drafted_per_round']:.2f}",
+            f"{r.get('nodes_per_round', r['drafted_per_round']):.1f}",
             f"{r['draft_ms_per_round']:.1f}",
             f"{r['network_ms_saved_per_token']:.1f} ({r['predicted_saved_issue_formula']:.1f}"
             f" / {r['predicted_saved_links']:.1f})" if "speedup" in r else "-",

@@ -145,7 +145,7 @@ def test_generate_options_reach_the_api(swarm: Swarm) -> None:
 def test_generate_speculative_options_reach_the_api(swarm: Swarm) -> None:
     plain = ok(cli(swarm.full, "generate", "hi", "--max-tokens", "12", "--temperature", "0"))
     r = cli(swarm.full, "generate", "hi", "--max-tokens", "12", "--temperature", "0",
-            "--draft", "ngram", "--verify", "greedy", "--gamma", "3")
+            "--draft", "ngram", "--verify", "greedy", "--gamma", "3", "--chain")
     assert ok(r) == plain  # greedy DSD is lossless
     assert "ngram/greedy:" in r.stderr and "tokens/round" in r.stderr, r.stderr
     data = json.loads(ok(cli(swarm.full, "generate", "hi", "--max-tokens", "12",

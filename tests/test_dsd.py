@@ -96,17 +96,20 @@ async def test_greedy_dsd_equals_plain_greedy_with_every_drafter(
         plain, stats = await run(entry, None)
         assert plain == expected and stats.rounds[0].drafted == 0
         head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
-        for draft, gamma in [("ngram", None), (f"eagle:{head}", 4), (f"eagle:{head}", None),
-                             (f"model:{other_tiny}", 3),
-                             (f"model:{tiny}", None), (f"model:{tiny}", 8)]:
-            spec = SpeculativeOptions(draft, "greedy", gamma)
+        for draft, gamma, tree in [("ngram", None, True), (f"eagle:{head}", 4, True),
+                                   (f"eagle:{head}", None, True), (f"eagle:{head}", 4, False),
+                                   (f"model:{other_tiny}", 3, True),
+                                   (f"model:{tiny}", None, True), (f"model:{tiny}", 8, True)]:
+            spec = SpeculativeOptions(draft, "greedy", gamma, tree)
             for prompt, want in [(PROMPT, expected), (repeat_prompt, expected_repeat)]:
                 tokens, stats = await run(entry, spec, prompt=prompt)
                 check_same_or_near_tie(reference, prompt, tokens, want)
                 info = stats.speculative_json()
-                print(f"{draft.split('/')[-1]} γ={gamma or 'auto'}: {info['rounds']} rounds, "
-                      f"{info['tokens_per_round']} tokens/round")
+                print(f"{draft.split('/')[-1]} γ={gamma or 'auto'} tree={tree}: "
+                      f"{info['rounds']} rounds, {info['tokens_per_round']} tokens/round")
                 assert info["rounds"] == len(stats.rounds) >= 1
+                trees = [r for r in stats.rounds if r.nodes > r.drafted]
+                assert bool(trees) == (tree and draft.startswith("eagle"))
         # the target drafting for itself is accepted (almost) always: few rounds
         _, stats = await run(entry, SpeculativeOptions(f"model:{tiny}", "greedy", 8))
         assert stats.speculative_json()["tokens_per_round"] > 4
@@ -122,8 +125,8 @@ async def test_caches_hold_exactly_the_committed_positions(
     forward = ShardBlock.forward
 
     def recording(self: ShardBlock, hidden: torch.Tensor, start_pos: int, cache: Any,
-                  keep: int | None = None, span: Any = None) -> torch.Tensor:
-        out = forward(self, hidden, start_pos, cache, keep, span)
+                  keep: int | None = None, span: Any = None, tree: Any = ()) -> torch.Tensor:
+        out = forward(self, hidden, start_pos, cache, keep, span, tree)
         seen.append((start_pos, committed[0], self.cache_len(cache) - hidden.shape[1]))
         return out
 
@@ -147,6 +150,50 @@ async def test_caches_hold_exactly_the_committed_positions(
     for start_pos, before, cache_before in decode:
         # before: tokens committed so far (prompt + generated); the newest is in flight
         assert start_pos == before - 1 == cache_before
+
+
+async def test_tree_rounds_keep_only_a_chain_prefix_and_resend_the_rest(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With token trees, each FORWARD starts where the caches' valid chain ends: what
+    the tree accepted off its first chain of slots is sent again with the next round,
+    and the output is still plain greedy's."""
+    committed = [0]
+    seen: list[tuple[int, int, int, int]] = []  # (start_pos, committed, cache after keep, T)
+    forward = ShardBlock.forward
+
+    def recording(self: ShardBlock, hidden: torch.Tensor, start_pos: int, cache: Any,
+                  keep: int | None = None, span: Any = None, tree: Any = ()) -> torch.Tensor:
+        out = forward(self, hidden, start_pos, cache, keep, span, tree)
+        seen.append((start_pos, committed[0], self.cache_len(cache) - hidden.shape[1],
+                     len(tree)))
+        return out
+
+    monkeypatch.setattr(ShardBlock, "forward", recording)
+    prompt = PROMPT * 3
+    async with model_swarm(tmp_path, tiny, SPLITS) as (_, runtimes):
+        entry = runtimes[0]
+        head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
+        tokens: list[int] = []
+
+        async def count(token: int) -> bool:
+            committed[0] += 1
+            tokens.append(token)
+            return True
+
+        committed[0] = len(prompt)
+        seen.clear()
+        stats = await entry.generator.generate(
+            list(prompt), SamplingParams(max_tokens=N), count,
+            SpeculativeOptions(f"eagle:{head}", "greedy", 4))
+    check_same_or_near_tie(reference, prompt, tokens, reference_tokens(reference, prompt, N))
+    decode = [s for s in seen if s[0] > 0]
+    assert len(decode) == 3 * len(stats.rounds)
+    assert any(t > 0 for *_, t in decode), "the rounds should have sent trees"
+    for start_pos, before, cache_before, _ in decode:
+        assert start_pos == cache_before <= before - 1  # a valid chain prefix, no more
+    resent = [s for s in decode if s[0] < s[1] - 1]
+    print(f"{len(stats.rounds)} rounds, {len(resent) // 3} resent accepted tokens")
 
 
 def second_token_marginal(model: torch.nn.Module, prompt: list[int]) -> torch.Tensor:

@@ -357,3 +357,39 @@ def test_smollm2_two_shards_match_reference(smollm2: ModelSource, smollm2_ref: A
           f"positions, greedy margin {margin(want_logits):.3f}, text {text!r}")
     assert tokens == want_tokens
     assert diff <= ATOL_SMOLLM2
+
+
+def test_a_token_tree_in_one_forward_equals_each_branch_as_a_chain(
+        tiny: ModelSource, tiny_head: Head, tiny_ids: torch.Tensor) -> None:
+    """Every node of a tree, run in one FORWARD below a cached prefix, gets the hidden
+    state its root-to-node path gets as a plain chain; `keep` then rolls the cache back
+    to a chain prefix and decoding continues as if the tree had never been there."""
+    block = ShardBlock(tiny, 1, 3)
+    gen = torch.Generator().manual_seed(0)
+    prefix = tiny_head.embed(tiny_ids)  # [1, P, H]
+    P = prefix.shape[1]
+    parents = (-1, 0, 1, 0, -1, 4, 3)
+    nodes = torch.randn(1, len(parents), block.hidden_size, generator=gen)  # [1, 7, H]
+    cache = block.new_cache()
+    block.forward(prefix, 0, cache)
+    out = block.forward(nodes, P, cache, tree=parents)  # [1, 7, H]
+    assert block.cache_len(cache) == P + len(parents)
+    for j in range(len(parents)):
+        path = [j]
+        while parents[path[0]] >= 0:
+            path.insert(0, parents[path[0]])
+        chain = block.new_cache()
+        block.forward(prefix, 0, chain)
+        want = block.forward(nodes[:, path], P, chain)[:, -1]  # [1, H]
+        diff = float((out[:, j] - want).abs().max())
+        assert diff <= ATOL, f"node {j} (path {path}): max |diff| {diff:.2e}"
+    # keep the chain 0 -> 1 -> 2, then one more token: as if only the chain had run
+    nxt = torch.randn(1, 1, block.hidden_size, generator=gen)
+    after = block.forward(nxt, P + 3, cache, keep=P + 3)
+    chain = block.new_cache()
+    block.forward(prefix, 0, chain)
+    block.forward(nodes[:, [0, 1, 2]], P, chain)
+    want = block.forward(nxt, P + 3, chain)
+    assert float((after - want).abs().max()) <= ATOL
+    with pytest.raises(ValueError, match="parent"):
+        block.forward(nodes[:, :2], P + 4, cache, tree=(-1, 1))

@@ -270,6 +270,8 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("gamma x", {**GOOD_CHAT, "speculative": {"draft": "ngram", "gamma": "x"}}, "speculative"),
     ("gamma true", {**GOOD_CHAT, "speculative": {"draft": "ngram", "gamma": True}},
      "speculative"),
+    ("tree not a bool", {**GOOD_CHAT, "speculative": {"draft": "ngram", "tree": "yes"}},
+     "speculative"),
     ("adaptive when sampling", {**GOOD_CHAT, "temperature": 0.7,
                                 "speculative": {"draft": "ngram", "verify": "adaptive"}},
      "speculative"),

@@ -130,24 +130,27 @@ def parse(body: Any, *, chat: bool) -> Completion:
 
 
 def _speculative(raw: Any, default: SpeculativeOptions) -> SpeculativeOptions:
-    """peerd's extension {"draft", "verify", "gamma": int | "auto"}; what it leaves out
-    comes from the peer's default (`peerd start --speculative`)."""
+    """peerd's extension {"draft", "verify", "gamma": int | "auto", "tree": bool}; what
+    it leaves out comes from the peer's default (`peerd start --speculative`)."""
     if raw is None:
         return default
-    if not isinstance(raw, dict) or set(raw) - {"draft", "verify", "gamma"}:
-        raise ApiError(400, "'speculative' must be an object with draft, verify and gamma "
-                       "(e.g. {\"draft\": \"eagle\", \"verify\": \"greedy\", \"gamma\": \"auto\"})",
-                       param="speculative")
+    if not isinstance(raw, dict) or set(raw) - {"draft", "verify", "gamma", "tree"}:
+        raise ApiError(400, "'speculative' must be an object with draft, verify, gamma and "
+                       "tree (e.g. {\"draft\": \"eagle\", \"verify\": \"greedy\", "
+                       "\"gamma\": \"auto\"})", param="speculative")
     draft, verify = raw.get("draft", default.draft), raw.get("verify", default.verify)
     gamma = raw.get("gamma", "auto" if default.gamma is None else default.gamma)
+    tree = raw.get("tree", default.tree)
     if not isinstance(draft, str) or not isinstance(verify, str):
         raise ApiError(400, "speculative.draft and speculative.verify must be strings",
                        param="speculative")
     if gamma != "auto" and not _is_int(gamma):
         raise ApiError(400, f"speculative.gamma must be an integer in 1..{MAX_GAMMA} or "
                        "\"auto\"", param="speculative")
+    if not isinstance(tree, bool):
+        raise ApiError(400, "speculative.tree must be true or false", param="speculative")
     try:
-        return SpeculativeOptions(draft, verify, None if gamma == "auto" else gamma)
+        return SpeculativeOptions(draft, verify, None if gamma == "auto" else gamma, tree)
     except ValueError as exc:
         raise ApiError(400, f"speculative: {exc}", param="speculative") from None
 

@@ -26,15 +26,20 @@ so a round always commits between 1 and γ+1 tokens.
   τ that only admits near-ties), `function` (function words) and `punct` /
   `space` (more relaxed). Taking the min over the draft's and the target's class
   means a digit is never swapped for anything, nor anything for a digit.
+
+A tree draft (tree.py) is verified by `verify_tree`: greedy or adaptive along the
+tree, from the root down to the child the target accepts at each node.
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from peerd.inference.tree import TokenTree
 
 VERIFY_MODES = ("greedy", "sample", "adaptive")
 
@@ -131,24 +136,73 @@ class TokenClasses:
         return cls([decode([i]) for i in range(vocab_size)])
 
 
+class Relaxed:
+    """The adaptive rule at one position, from the target's logits there [V]."""
+
+    def __init__(self, logits: torch.Tensor, classes: TokenClasses) -> None:
+        self.probs = torch.softmax(logits.float(), dim=-1)  # [V]
+        top_p, top = torch.topk(self.probs, TOP_K)  # [K] each
+        self.target = int(top[0])  # t_i
+        self.p_target = float(top_p[0])
+        self.top = top.tolist()
+        self.classes = classes
+
+    def accepts(self, d: int) -> bool:
+        if d == self.target:
+            return True
+        if self.p_target >= CONFIDENT or d not in self.top:
+            return False
+        tau = min(float(self.classes.tau[d]), float(self.classes.tau[self.target]))
+        return tau > 0 and float(self.probs[d]) >= (1.0 - tau) * self.p_target
+
+
 def verify_adaptive(logits: torch.Tensor, draft: Sequence[int],
                     classes: TokenClasses) -> Verdict:
     """logits [γ+1, V]; the relaxed greedy rule in the module doc."""
     _check(logits, draft)
-    probs = torch.softmax(logits.float(), dim=-1)  # [γ+1, V]
-    top_p, top = torch.topk(probs, TOP_K, dim=-1)  # [γ+1, K] each
     n = 0
-    while n < len(draft):
-        d, t = draft[n], int(top[n, 0])
-        if d != t:
-            p_t = float(top_p[n, 0])
-            tau = 0.0 if p_t >= CONFIDENT else min(float(classes.tau[d]),
-                                                   float(classes.tau[t]))
-            in_top = d in top[n].tolist()
-            if not (in_top and float(probs[n, d]) >= (1.0 - tau) * p_t and tau > 0):
-                break
+    while n < len(draft) and Relaxed(logits[n], classes).accepts(draft[n]):
         n += 1
-    return Verdict(n, int(top[n, 0]))
+    return Verdict(n, int(torch.argmax(logits[n])))
+
+
+# ---- trees ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TreeVerdict:
+    path: list[int]  # accepted nodes, root to leaf
+    token: int  # the target's own token after them
+
+    def committed(self, tree: TokenTree) -> list[int]:
+        return [*(tree.tokens[n] for n in self.path), self.token]
+
+
+def verify_tree(tree: TokenTree, logits_at: Callable[[int], torch.Tensor],
+                classes: TokenClasses | None = None) -> TreeVerdict:
+    """Walk down `tree` along the target's choices: from the root (node -1, the last
+    committed token) to the child the target accepts, until none does; then the
+    target's argmax. `logits_at(node)` gives the target's logits [V] after a node, and
+    is called only for the nodes walked (k + 1 of them). Greedy (`classes` None): the
+    child equal to the argmax, so the output is plain greedy decoding's. Adaptive: that
+    child if present, else the first child (in slot order, the drafter's best first)
+    the relaxed rule accepts."""
+    node, path = -1, list[int]()
+    while True:
+        logits = logits_at(node)  # [V]
+        kids = tree.children(node)
+        if classes is None:
+            best = int(torch.argmax(logits))
+            chosen = next((c for c in kids if tree.tokens[c] == best), None)
+        else:
+            rule = Relaxed(logits, classes)
+            best = rule.target
+            chosen = next((c for c in kids if tree.tokens[c] == best),
+                          next((c for c in kids if rule.accepts(tree.tokens[c])), None))
+        if chosen is None:
+            return TreeVerdict(path, best)
+        path.append(chosen)
+        node = chosen
 
 
 def _check(scores: torch.Tensor, draft: Sequence[int]) -> None:

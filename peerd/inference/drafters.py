@@ -14,6 +14,8 @@ committed sequence:
 - `propose(gamma, params, rng)`: up to γ draft tokens continuing the committed
   sequence, and for sampling the distribution each was drawn from. Proposing never
   changes what is committed.
+- `propose_tree(depth)` (optional, `TreeDraftSession`): a token tree of candidates
+  for greedy or adaptive verification.
 
 Drafters here: `ngram` (prompt lookup: no model) and `model:<SPEC>` (a small causal
 LM with the target's tokenizer). `eagle` lives in eagle.py.
@@ -24,11 +26,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from peerd.inference.sampling import SamplingParams, distribution
+from peerd.inference.tree import TokenTree
 
 
 class DraftError(ValueError):
@@ -72,6 +75,14 @@ class DraftSession(Protocol):
     def extend(self, tokens: Sequence[int], features: torch.Tensor | None) -> None: ...
     def propose(self, gamma: int, params: SamplingParams,
                 rng: torch.Generator) -> Draft: ...
+
+
+@runtime_checkable
+class TreeDraftSession(DraftSession, Protocol):
+    """A session that can also grow a token tree of candidates, up to `depth` deep, for
+    greedy or adaptive verification (tree.py)."""
+
+    def propose_tree(self, depth: int) -> TokenTree: ...
 
 
 class Drafter(Protocol):

@@ -43,15 +43,19 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from peerd.inference.drafters import Draft, DraftBuilder, DraftError
+from peerd.inference.drafters import Draft, DraftBuilder, DraftError, lookup
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
+from peerd.inference.tree import TokenTree, TreeBuilder
 
 FORMAT = "peerd-eagle"
 FORMAT_VERSION = "1"
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # model_id -> the head shipped in peerd/data for it (see scripts/train_eagle_smollm2.sh)
 SHIPPED = {"SmolLM2-135M-Instruct.Q4_1": "eagle-smollm2.safetensors"}
+TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
+TREE_NODES = 24  # head candidates kept in a tree (the lookup branch comes on top)
+LOOKUP_SCORE = -1e4  # the lookup branch's own nodes come last in slot order
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +217,76 @@ class EagleSession:
             if drafted > 0:
                 self.cache.crop(-drafted)  # transformers 5: negative = remove that many
         return draft.build()
+
+
+    @torch.inference_mode()
+    def propose_tree(self, depth: int, width: int = TREE_WIDTH,
+                     nodes: int = TREE_NODES) -> TokenTree:
+        """A token tree up to `depth` deep for greedy or adaptive verification
+        (EAGLE-2's expansion): at each depth the `width` best nodes so far, by the
+        head's cumulative log-probability, are run through the head together (each
+        attending to the committed slots and its own ancestors) and their `width` best
+        children become candidates; the tree is the `nodes` best candidates, plus the
+        prompt-lookup continuation (drafters.lookup) as one more branch, since the head
+        is weakest exactly where an answer copies its prompt."""
+        builder = TreeBuilder()
+        if depth < 1 or self.pending is None:
+            return builder.build()
+        feature: dict[int, torch.Tensor] = {}  # node -> f̂ after it [H], once expanded
+        slot: dict[int, int] = {}  # node -> its slot in the head's cache, once expanded
+        frontier = self._children(builder, [-1], self.pending, width)
+        try:
+            for _ in range(depth - 1):
+                expand = sorted(frontier, key=lambda n: -builder.scores[n])[:width]
+                base = self.cache.get_seq_length()
+                parents = [builder.parents[n] for n in expand]
+                inputs = torch.stack([self.pending[0, -1] if p < 0 else feature[p]
+                                      for p in parents])[None]  # [1, w, H]
+                embeds = self.head.embed(torch.tensor([[builder.tokens[n] for n in expand]])
+                                         ).to(self.param)  # [1, w, H]
+                positions = torch.tensor([[self.slots + self._depth(builder, n)
+                                           for n in expand]], device=embeds.device)  # [1, w]
+                # the committed slots, the expanded ancestors' slots, itself
+                mask = torch.zeros(1, 1, len(expand), base + len(expand), dtype=torch.bool,
+                                   device=embeds.device)  # [1, 1, w, base+w]
+                mask[..., :self.slots] = True
+                for i, n in enumerate(expand):
+                    mask[0, 0, i, base + i] = True
+                    a = builder.parents[n]
+                    while a >= 0:
+                        mask[0, 0, i, slot[a]] = True
+                        a = builder.parents[a]
+                out = self.eagle(inputs, embeds, positions, mask, self.cache)  # [1, w, H]
+                for i, n in enumerate(expand):
+                    slot[n], feature[n] = base + i, out[0, i]
+                frontier = self._children(builder, expand, out, width)
+        finally:  # forget the draft slots: committed state only
+            drafted = self.cache.get_seq_length() - self.slots
+            if drafted > 0:
+                self.cache.crop(-drafted)
+        best = sorted(range(len(builder)), key=lambda n: -builder.scores[n])[:nodes]
+        before = len(builder)
+        builder.add_chain(lookup(self.tokens, depth), LOOKUP_SCORE)
+        return builder.build([*best, *range(before, len(builder))])
+
+    def _children(self, builder: TreeBuilder, parents: list[int], features: torch.Tensor,
+                  width: int) -> list[int]:
+        """Add the head's `width` likeliest tokens after each of `features` [1, n, H]
+        under the matching node of `parents` (-1: the root); one lm_head call for all."""
+        logp = torch.log_softmax(self.head.logits(features)[0], dim=-1)  # [n, V]
+        top_p, top = torch.topk(logp, width, dim=-1)  # [n, width] each
+        added = []
+        for parent, ps, ts in zip(parents, top_p.tolist(), top.tolist(), strict=True):
+            score = builder.scores[parent] if parent >= 0 else 0.0
+            added += [builder.add(parent, t, score + p) for p, t in zip(ps, ts, strict=True)]
+        return added
+
+    @staticmethod
+    def _depth(builder: TreeBuilder, node: int) -> int:
+        d = 0
+        while builder.parents[node] >= 0:
+            node, d = builder.parents[node], d + 1
+        return d
 
 
 # ---- files ------------------------------------------------------------------------------

@@ -20,17 +20,17 @@ import trio
 
 from peerd.inference.acceptance import (
     TokenClasses,
-    Verdict,
-    verify_adaptive,
-    verify_greedy,
+    TreeVerdict,
     verify_sample,
+    verify_tree,
 )
-from peerd.inference.drafters import Draft, Drafter, DrafterCatalog, DraftError
+from peerd.inference.drafters import Drafter, DrafterCatalog, DraftError, TreeDraftSession
 from peerd.inference.gamma import MAX_GAMMA, GammaController
 from peerd.inference.host import SpeculativeOptions
 from peerd.inference.pipeline import Pipeline, PipelineFailure, PipelineSession, pooled_length
 from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route, servers_by_model
 from peerd.inference.sampling import SamplingParams, distribution, make_generator
+from peerd.inference.tree import TokenTree, chain_prefix
 from peerd.node import Node
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,11 @@ class GenerationFailed(Exception):
 class Round:
     """One decoding round: drafted γ, kept `accepted`, where its time went."""
 
-    drafted: int
+    drafted: int  # the draft's depth (its length, for a chain)
     accepted: int
     draft_ms: float
     pipeline_ms: float
+    nodes: int = 0  # draft tokens sent (more than `drafted` for a tree)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class GenerationStats:
     finish_reason: str = "length"
     draft: str = "none"
     verify: str = "greedy"
+    tree: bool = False  # drafts were token trees
     rounds: list[Round] = field(default_factory=list)  # decoding rounds (not the prompt's)
 
     @property
@@ -106,6 +108,8 @@ class GenerationStats:
             "acceptance_by_position": [round(a / t, 3) if t else 0.0
                                        for a, t in zip(by_position, tried, strict=True)],
             "mean_gamma": round(drafted / n, 3) if n else 0.0,
+            "tree": self.tree,  # then gamma is the depth, and nodes what was sent
+            "mean_nodes": round(sum(r.nodes for r in self.rounds) / n, 3) if n else 0.0,
             "draft_ms": round(self.draft_ms, 3), "pipeline_ms": round(self.pipeline_ms, 3),
         }
 
@@ -194,6 +198,10 @@ class Generator:
         rng = make_generator(params)
         gamma = GammaController(fixed=spec.gamma)
         drafting = drafter.start() if drafter is not None else None
+        # token trees where the drafter grows them and verification is greedy or adaptive
+        tree_drafting = drafting if (spec.tree and mode != "sample" and isinstance(
+            drafting, TreeDraftSession)) else None
+        stats.tree = tree_drafting is not None
         history = list(prompt_ids)  # committed tokens
         told = 0  # history[:told] has been given to the drafter
         fed = 0  # positions whose features the drafter has
@@ -214,19 +222,29 @@ class Generator:
                 room = min(params.max_tokens - stats.completion_tokens - 1,
                            max_length - len(history))
                 rng_state = rng.get_state()  # a failed round is redrafted identically
-                draft = Draft([])
+                draft = TokenTree([], [])
+                probs: torch.Tensor | None = None  # what a sampled chain was drawn from
                 t0 = t_round = time.perf_counter()
                 if drafting is not None and kv > 0 and room > 0:
-                    draft = await self._in_thread(drafting.propose, min(gamma.next(), room),
-                                                  params, rng)
+                    depth = min(gamma.next(), room)
+                    if tree_drafting is not None and depth > 0:
+                        draft = await self._in_thread(tree_drafting.propose_tree, depth)
+                    else:
+                        chain = await self._in_thread(drafting.propose, depth, params, rng)
+                        draft, probs = TokenTree.chain(chain.tokens), chain.probs
                 draft_ms = (time.perf_counter() - t0) * 1e3
                 stats.draft_ms += draft_ms
                 t0 = time.perf_counter()
                 ids = pending + draft.tokens
                 hidden = await self._in_thread(self._embed, ids)
                 stats.head_ms += (time.perf_counter() - t0) * 1e3
+                # a chain needs no parents; a tree hangs below the last pending token
+                tree = () if draft.is_chain() else (
+                    *range(-1, len(pending) - 1),
+                    *(p + len(pending) if p >= 0 else len(pending) - 1 for p in draft.parents))
                 try:
-                    result = await session.step(hidden, kv, keep=kv if session.held > kv else -1)
+                    result = await session.step(hidden, kv, keep=kv if session.held > kv else -1,
+                                                tree=tree)
                 except PipelineFailure as failure:
                     await session.close()
                     session = None
@@ -243,17 +261,23 @@ class Generator:
                 stats.compute_ms += result.compute_ms
                 t0 = time.perf_counter()
                 verdict = await self._in_thread(self._verify, mode, result.hidden,
-                                                len(pending), draft, params, rng, classes)
+                                                len(pending), draft, probs, params, rng,
+                                                classes)
                 stats.head_ms += (time.perf_counter() - t0) * 1e3
-                committed_to = kv + len(pending) + verdict.accepted  # positions now valid
-                features = result.hidden[0, max(fed, kv) - kv:committed_to - kv]  # [n, H]
-                kv = committed_to
+                # the slots of the committed positions this pass ran: the pending tokens,
+                # then the accepted path (all of it valid; only a prefix of slots that is
+                # a chain stays in the caches, the rest is sent again next round)
+                slots = [*range(len(pending)), *(len(pending) + n for n in verdict.path)]
+                ran_to = kv + len(slots)  # committed positions with features now
+                features = result.hidden[0, slots[max(fed, kv) - kv:]]  # [n, H]
+                kv += len(pending) + chain_prefix(verdict.path)
+                fed = ran_to
                 if kv > len(prompt_ids):  # a decoding round, not the prompt's pass
-                    stats.rounds.append(Round(len(draft.tokens), verdict.accepted, draft_ms,
-                                              result.wall_ms))
-                    gamma.observe(len(draft.tokens), verdict.accepted,
+                    stats.rounds.append(Round(draft.depth(), len(verdict.path), draft_ms,
+                                              result.wall_ms, len(draft)))
+                    gamma.observe(draft.depth(), len(verdict.path),
                                   (time.perf_counter() - t_round) * 1e3)
-                for token in verdict.committed(draft.tokens):
+                for token in verdict.committed(draft):
                     history.append(token)
                     stats.completion_tokens += 1
                     if token in self.eos_ids or not await on_token(token):
@@ -265,7 +289,7 @@ class Generator:
                         break
                 if drafting is not None and not finished:
                     await self._in_thread(drafting.extend, history[told:], features)
-                    told, fed = len(history), kv
+                    told = len(history)
         finally:
             if session is not None:
                 with trio.CancelScope(shield=True):
@@ -318,16 +342,25 @@ class Generator:
         with torch.inference_mode():
             return self.head.embed(torch.tensor([ids], dtype=torch.long))  # [1, T, H]
 
-    def _verify(self, mode: str, hidden: torch.Tensor, pending: int, draft: Draft,
-                params: SamplingParams, rng: torch.Generator,
-                classes: TokenClasses | None) -> Verdict:
-        """hidden [1, pending + γ, H] from the pipeline -> what this round commits."""
+    def _verify(self, mode: str, hidden: torch.Tensor, pending: int, draft: TokenTree,
+                draft_probs: torch.Tensor | None, params: SamplingParams,
+                rng: torch.Generator, classes: TokenClasses | None) -> TreeVerdict:
+        """hidden [1, pending + nodes, H] from the pipeline -> what this round commits."""
         with torch.inference_mode():
-            logits = self.head.logits(hidden[:, pending - 1:, :])[0]  # [γ+1, V]
-        if mode == "greedy":
-            return verify_greedy(logits, draft.tokens)
-        if mode == "adaptive":
-            assert classes is not None
-            return verify_adaptive(logits, draft.tokens, classes)
-        probs = torch.stack([distribution(row, params) for row in logits])  # [γ+1, V]
-        return verify_sample(probs, draft.tokens, draft.probs, rng)
+            if mode == "sample":  # a chain: rejection sampling
+                logits = self.head.logits(hidden[:, pending - 1:, :])[0]  # [γ+1, V]
+                probs = torch.stack([distribution(row, params) for row in logits])  # [γ+1, V]
+                verdict = verify_sample(probs, draft.tokens, draft_probs, rng)
+                return TreeVerdict(list(range(verdict.accepted)), verdict.token)
+
+            # The root and the first chain of slots (the drafter's best guess) in one
+            # lm_head call, which costs about what one row does; other nodes on demand.
+            first = pending + draft.first_chain()
+            rows = self.head.logits(hidden[:, pending - 1:first, :])[0]  # [1 + chain, V]
+
+            def logits_at(node: int) -> torch.Tensor:  # the target's logits after a node [V]
+                if node + 1 < rows.shape[0]:
+                    return rows[node + 1]
+                return self.head.logits(hidden[:, pending + node:pending + node + 1, :])[0, 0]
+
+            return verify_tree(draft, logits_at, classes if mode == "adaptive" else None)

@@ -41,6 +41,9 @@ class SpeculativeOptions:
     draft: str = "none"  # none | ngram | eagle | eagle:<PATH> | model:<SPEC>
     verify: str = "auto"  # auto: greedy at temperature 0, else sample; or adaptive
     gamma: int | None = None  # None: auto, chosen per session from measured rounds
+    # draft a token tree (several candidates per position, one pass) where the drafter
+    # can (eagle) and verification is greedy or adaptive; else a chain
+    tree: bool = True
 
     def __post_init__(self) -> None:
         kind, _, arg = self.draft.partition(":")
@@ -54,6 +57,8 @@ class SpeculativeOptions:
         if self.gamma is not None and (isinstance(self.gamma, bool)
                                        or not 1 <= self.gamma <= MAX_GAMMA):
             raise ValueError(f"gamma must be an integer in 1..{MAX_GAMMA} or auto")
+        if not isinstance(self.tree, bool):
+            raise ValueError("tree must be true or false")
 
     @property
     def enabled(self) -> bool:
@@ -74,7 +79,7 @@ class SpeculativeOptions:
 
     def to_json(self) -> dict[str, Any]:
         return {"draft": self.draft, "verify": self.verify,
-                "gamma": "auto" if self.gamma is None else self.gamma}
+                "gamma": "auto" if self.gamma is None else self.gamma, "tree": self.tree}
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,13 +109,15 @@ class PipelineSession:
     def peers(self) -> list[str]:
         return [h.peer_id for h in self.route]
 
-    async def step(self, hidden: Any, start_pos: int, keep: int = -1) -> StepResult:
-        """Run positions start_pos.. through the whole route; the last hop's output."""
+    async def step(self, hidden: Any, start_pos: int, keep: int = -1,
+                   tree: Sequence[int] = ()) -> StepResult:
+        """Run positions start_pos.. (a chain, or a token `tree`: protocols.shard)
+        through the whole route; the last hop's output."""
         if self.done.is_set():
             raise PipelineFailure(None, "closed", "session is closed")
         self.step_no += 1
         msg = Forward(session=self.id, step=self.step_no, start_pos=start_pos, keep=keep,
-                      hidden=to_wire(hidden, self.dtype))
+                      hidden=to_wire(hidden, self.dtype), tree=tuple(tree))
         t0 = time.perf_counter()
         result: Result | None = None
         error: BaseException | None = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +48,7 @@ from protocols.shard import (
     Opened,
     Result,
     check_route,
+    tree_depths,
 )
 from protocols.spec import ErrorReply
 
@@ -65,7 +67,7 @@ class Block(Protocol):
 
     def new_cache(self) -> Any: ...
     def forward(self, hidden: Any, start_pos: int, cache: Any, keep: int | None = None,
-                span: tuple[int, int] | None = None) -> Any: ...
+                span: tuple[int, int] | None = None, tree: Sequence[int] = ()) -> Any: ...
     def cache_len(self, cache: Any) -> int: ...
     def kv_bytes_per_position(self, span: tuple[int, int] | None = None) -> int: ...
 
@@ -250,7 +252,7 @@ class ShardServer:
                                                  timings=timings)
             else:
                 reply = Forward(session=s.id, step=msg.step, start_pos=msg.start_pos,
-                                keep=msg.keep, hidden=out, timings=timings)
+                                keep=msg.keep, hidden=out, timings=timings, tree=msg.tree)
             try:
                 with trio.fail_after(STEP_TIMEOUT_S):
                     await write_frame(s.downstream, encode(reply), MAX_FRAME_BYTES)
@@ -284,6 +286,7 @@ class ShardServer:
         if msg.start_pos != expected:
             raise WireError(f"start_pos {msg.start_pos} but the cache will hold {expected} "
                             "positions: positions must be contiguous")
+        tree_depths(msg.tree, h.shape[1])
         if msg.start_pos + h.shape[1] > s.open.max_length:
             raise WireError(f"positions up to {msg.start_pos + h.shape[1]} exceed the session's"
                             f" max_length {s.open.max_length}")
@@ -292,7 +295,8 @@ class ShardServer:
         """Worker thread: one forward through this peer's span."""
         hidden = from_wire(msg.hidden, dtype=self.block.dtype)
         keep = None if msg.keep < 0 else msg.keep
-        return self.block.forward(hidden, msg.start_pos, s.cache, keep, span=s.span)
+        return self.block.forward(hidden, msg.start_pos, s.cache, keep, span=s.span,
+                                  tree=msg.tree)
 
     async def _report(self, s: _Session, step: int, culprit: str, code: str,
                       message: str) -> None:

@@ -19,6 +19,7 @@ is bound to the span of its first forward and refuses another.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,10 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from peerd.inference.source import ModelSource, architecture, load_config
+from peerd.inference.tree import attention_mask
 from peerd.inference.weights import read_tensors
+from protocols.errors import WireError
+from protocols.shard import tree_depths
 
 # transformers picks SDPA for the reference model on CPU and CUDA alike; the shard
 # uses the same kernel (and the same causal-mask shortcuts) so numerics match.
@@ -130,11 +134,14 @@ class ShardBlock(nn.Module):
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, start_pos: int, cache: ShardCache,
-                keep: int | None = None, span: tuple[int, int] | None = None
-                ) -> torch.Tensor:
+                keep: int | None = None, span: tuple[int, int] | None = None,
+                tree: Sequence[int] = ()) -> torch.Tensor:
         """hidden [B, T, H] at positions start_pos..start_pos+T-1 -> hidden [B, T, H]
         after layers `span` (default: all of this block), attending causally over the
-        cache (first truncated to `keep` positions) and the T new positions."""
+        cache (first truncated to `keep` positions) and the T new positions. With a
+        `tree` (the parent of each new position, -1 for the cache's last; see
+        protocols.shard) position j sits at start_pos + depth(j) and attends to the
+        cache, its ancestors and itself."""
         # Every check before any change: a refused request leaves the session as it was.
         a, b = self._check_span(span)
         if cache.span is not None and cache.span != (a, b):
@@ -149,19 +156,28 @@ class ShardBlock(nn.Module):
         if hidden.dim() != 3 or hidden.shape[1] < 1 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden states of shape {list(hidden.shape)}; expected "
                              f"[B, T>=1, {self.hidden_size}]")
+        try:
+            depths = tree_depths(tuple(tree), hidden.shape[1])
+        except WireError as exc:
+            raise ValueError(str(exc)) from None
         if keep is not None:
             self.truncate(cache, keep)
         cache.span = (a, b)
 
         x = hidden.to(device=self.device, dtype=self.dtype)  # [B, T, H]
         T = x.shape[1]
-        positions = torch.arange(start_pos, start_pos + T, device=self.device)  # [T]
-        position_ids = positions.unsqueeze(0)  # [1, T], broadcast over the batch
-        # None for plain prefill and single-token decode (SDPA's is_causal / no mask),
-        # else a boolean [B, 1, T, have+T] mask, exactly as LlamaModel builds it.
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None,
-                                  cache=cache.kv, position_ids=position_ids,
-                                  layer_idx=a - self.start)
+        if tree:
+            position_ids = torch.tensor([[start_pos + d for d in depths]],
+                                        device=self.device)  # [1, T]
+            mask: torch.Tensor | None = attention_mask(tree, start_pos, self.device)
+        else:
+            positions = torch.arange(start_pos, start_pos + T, device=self.device)  # [T]
+            position_ids = positions.unsqueeze(0)  # [1, T], broadcast over the batch
+            # None for plain prefill and single-token decode (SDPA's is_causal / no
+            # mask), else a boolean [B, 1, T, have+T] mask, exactly as LlamaModel builds it.
+            mask = create_causal_mask(config=self.config, inputs_embeds=x,
+                                      attention_mask=None, cache=cache.kv,
+                                      position_ids=position_ids, layer_idx=a - self.start)
         cos_sin = self.rotary_emb(x, position_ids=position_ids)  # 2 x [1, T, head_dim]
         for layer in self.layers[a - self.start:b - self.start]:
             x = layer(x, attention_mask=mask, position_ids=position_ids, cache=cache.kv,

@@ -1,0 +1,141 @@
+"""Token trees for speculative decoding, as pure functions: layout, masks, the wire's
+parent lists, and greedy / adaptive verification along a tree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peerd.inference.acceptance import TokenClasses, verify_greedy, verify_tree
+from peerd.inference.tree import TokenTree, TreeBuilder, attention_mask, chain_prefix
+from protocols.errors import WireError
+from protocols.shard import tree_depths
+
+V = 10
+
+
+def logits_for(choice: dict[int, int], second: dict[int, int] | None = None
+               ) -> dict[int, torch.Tensor]:
+    """node -> logits [V] whose argmax is choice[node] (and runner-up second[node])."""
+    rows = {}
+    for node, best in choice.items():
+        row = torch.zeros(V)
+        row[best] = 5.0
+        if second and node in second:
+            row[second[node]] = 4.9
+        rows[node] = row
+    return rows
+
+
+def test_builder_merges_equal_children_and_lays_out_best_first() -> None:
+    b = TreeBuilder()
+    a = b.add(-1, 7, -0.5)
+    c = b.add(-1, 3, -0.1)  # the better root child
+    assert b.add(-1, 7, -0.2) == a  # same token under the same parent: one node, best score
+    b.add(a, 1, -0.9)
+    b.add(c, 2, -0.3)
+    b.add(c, 4, -0.2)  # c's best child
+    b.add_chain([3, 4, 5], -1e4)  # merges into c -> 4, adds 5 under it
+    tree = b.build()
+    # depth first, best child first: 3, 4, 5, 2, 7, 1
+    assert tree.tokens == [3, 4, 5, 2, 7, 1]
+    assert tree.parents == [-1, 0, 1, 0, -1, 4]
+    assert tree.depth() == 3 and tree.children(-1) == [0, 4] and tree.children(0) == [1, 3]
+    assert tree.first_chain() == 3 and not tree.is_chain()
+
+
+def test_builder_keeps_ancestors_of_kept_nodes() -> None:
+    b = TreeBuilder()
+    r = b.add(-1, 1, -1.0)
+    m = b.add(r, 2, -2.0)
+    leaf = b.add(m, 3, -3.0)
+    b.add(-1, 9, -0.1)
+    tree = b.build([leaf])  # its parent and grandparent come along; the other root not
+    assert tree.tokens == [1, 2, 3] and tree.is_chain() and tree.first_chain() == 3
+    assert b.build([]).tokens == []
+
+
+def test_tree_rejects_bad_parents() -> None:
+    with pytest.raises(ValueError):
+        TokenTree([1, 2], [-1, 1])  # a parent must come first
+    with pytest.raises(ValueError):
+        TokenTree([1], [-1, 0])
+
+
+def test_attention_mask_sees_the_cache_ancestors_and_itself() -> None:
+    mask = attention_mask([-1, 0, -1, 2, 1], past=3)
+    assert mask.shape == (1, 1, 5, 8) and mask.dtype == torch.bool
+    m = mask[0, 0]
+    assert bool(m[:, :3].all())  # every position sees every cached one
+    own = m[:, 3:].int().tolist()
+    assert own == [[1, 0, 0, 0, 0],
+                   [1, 1, 0, 0, 0],
+                   [0, 0, 1, 0, 0],
+                   [0, 0, 1, 1, 0],
+                   [1, 1, 0, 0, 1]]
+
+
+def test_wire_tree_depths_and_refusals() -> None:
+    assert tree_depths((), 3) == [0, 1, 2]
+    assert tree_depths((-1, 0, 0, 1, -1), 5) == [0, 1, 1, 2, 0]
+    for bad in [(-1, 0), (0,), (-1, 1, 0), (-2, 0)]:
+        with pytest.raises(WireError):
+            tree_depths(bad, 2 if len(bad) != 2 else 3)
+    with pytest.raises(WireError):
+        tree_depths((-1, 2, 0), 3)  # forward reference
+
+
+def test_chain_prefix() -> None:
+    assert chain_prefix([0, 1, 2]) == 3
+    assert chain_prefix([0, 3]) == 1
+    assert chain_prefix([4, 5]) == 0
+    assert chain_prefix([]) == 0
+
+
+def test_greedy_tree_walks_the_targets_choices() -> None:
+    #       root
+    #      /    \
+    #   0:3      3:8
+    #   / \        \
+    # 1:4  2:6     4:2
+    tree = TokenTree([3, 4, 6, 8, 2], [-1, 0, 0, -1, 3])
+    rows = logits_for({-1: 8, 3: 2, 4: 5})  # target: 8, then 2, then 5 (not drafted)
+    asked: list[int] = []
+
+    def at(node: int) -> torch.Tensor:
+        asked.append(node)
+        return rows[node]
+
+    verdict = verify_tree(tree, at)
+    assert verdict.path == [3, 4] and verdict.token == 5
+    assert verdict.committed(tree) == [8, 2, 5]
+    assert asked == [-1, 3, 4]  # logits only along the walk
+
+    miss = verify_tree(tree, lambda n: logits_for({-1: 9})[n])
+    assert miss.path == [] and miss.token == 9
+
+
+def test_greedy_tree_on_a_chain_equals_chain_verification() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        logits = torch.randn(5, V, generator=gen)  # [γ+1, V]
+        best = torch.argmax(logits, dim=-1).tolist()
+        draft = [best[0], best[1], int(torch.randint(V, (), generator=gen)), best[3]]
+        chain = verify_greedy(logits, draft)
+        tree = verify_tree(TokenTree.chain(draft), lambda n, rows=logits: rows[n + 1])
+        assert tree.path == list(range(chain.accepted)) and tree.token == chain.token
+
+
+def test_adaptive_tree_takes_the_exact_child_first_then_a_relaxed_one() -> None:
+    texts = [" the", " a", "7", "8", ",", ".", " cat", " dog", " and", " or"]
+    classes = TokenClasses(texts)
+    # target prefers " the" (0) narrowly over " a" (1): function words, a near-tie
+    tree = TokenTree([1, 0], [-1, -1])
+    rows = logits_for({-1: 0, 1: 6}, second={-1: 1})
+    exact = verify_tree(tree, lambda n: rows[n], classes)
+    assert exact.path == [1]  # " the" was drafted too: the exact child wins
+    relaxed = verify_tree(TokenTree([1], [-1]), lambda n: rows.get(n, rows[1]), classes)
+    assert relaxed.path == [0]  # only " a": accepted by the relaxed rule
+    digits = logits_for({-1: 2}, second={-1: 3})
+    strict = verify_tree(TokenTree([3], [-1]), lambda n: digits[n], classes)
+    assert strict.path == [] and strict.token == 2  # a digit is never swapped

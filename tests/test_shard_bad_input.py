@@ -88,6 +88,10 @@ BAD_FORWARDS = {
                                    "contiguous"),
     "keep beyond the cache": (lambda s, h: Forward(s.id, 1, 0, 5, hidden_of((1, 3, h))),
                               "keep=5"),
+    "tree parent after its child": (
+        lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h)), tree=(-1, 2, 0)), "parent"),
+    "tree of the wrong length": (
+        lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h)), tree=(-1, 0)), "tree of 2"),
     "past max_length": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 70, h))),
                         "max_length"),
     "bytes that lie about their shape": (

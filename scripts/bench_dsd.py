@@ -347,8 +347,8 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]])
     t = Table(title=f"DSD on SmolLM2-135M, {PEERS} peers (1 torch thread each), greedy "
               "target (adaptive: lossy)")
     for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "decode speedup",
-                "k tokens/round",
-                "depth/round", "nodes/round", "draft ms/round", "net ms/token saved (pred. N-1 / links)",
+                "k tokens/round", "depth/round", "nodes/round", "draft ms/round",
+                "net ms/token saved (pred. N-1 / links)",
                 "same as plain"):
         t.add_column(col, justify="right")
     for r in rows:

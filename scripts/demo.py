@@ -198,13 +198,16 @@ def compare(plain: tuple[str, dict[str, Any]], dsd: tuple[str, dict[str, Any]],
             latency_ms: float) -> None:
     table = Table(title=f"plain vs speculative decoding, {latency_ms:g} ms per link")
     for col in ("decoding", "tokens", "tokens/s", "pipeline passes", "tokens per pass",
-                "draft ms", "same text"):
+                "draft tokens per pass", "draft ms", "same text"):
         table.add_column(col, justify="right")
     for name, (text, final) in (("plain", plain), ("DSD eagle/greedy", dsd)):
         stats, spec = final["peerd"], final["peerd"]["speculative"]
         table.add_row(name, str(final.get("usage", {}).get("completion_tokens", "?")),
                       f"{stats['tokens_per_s']:.1f}", str(spec["rounds"]),
-                      f"{spec['tokens_per_round']:.2f}", f"{spec['draft_ms']:.0f}",
+                      f"{spec['tokens_per_round']:.2f}",
+                      f"{spec.get('mean_nodes', 0.0):.1f}"
+                      + (" (tree)" if spec.get("tree") else ""),
+                      f"{spec['draft_ms']:.0f}",
                       "-" if name == "plain" else ("yes" if text == plain[0] else "no"))
     console.print(table)
     speedup = dsd[1]["peerd"]["tokens_per_s"] / max(plain[1]["peerd"]["tokens_per_s"], 1e-9)

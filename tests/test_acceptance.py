@@ -14,7 +14,7 @@ from peerd.inference.acceptance import (
     verify_greedy,
     verify_sample,
 )
-from peerd.inference.drafters import lookup
+from peerd.inference.drafters import NgramDrafter, lookup, lookups
 from peerd.inference.gamma import GammaController, best_gamma, expected_tokens
 from peerd.inference.host import SpeculativeOptions
 
@@ -153,6 +153,19 @@ def test_lookup_proposes_what_followed_the_latest_match() -> None:
     assert lookup(seq, 3) == [7, 8, 1]  # the latest earlier "1 2 3" was followed by 7 8 1
     assert lookup([5, 6, 7], 4) == []
     assert lookup([4, 4, 4], 2) == [4]  # only what exists before the tail's own position
+
+
+def test_lookups_give_distinct_continuations_latest_and_longest_first() -> None:
+    seq = [1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 6, 2, 3]
+    # "2 3" (n=2) was followed by 7 8 6 (latest), then 4 5 9; then "3" alone adds nothing
+    assert lookups(seq, 3) == [[7, 8, 6], [4, 5, 9]]
+    assert lookups(seq, 3, branches=1) == [lookup(seq, 3)]
+    # a continuation that merely repeats the start of an earlier one adds nothing
+    assert lookups([1, 1, 1, 1], 2) == [[1], [1, 1]]
+    tree = NgramDrafter().start()
+    tree.extend(seq, None)
+    drafted = tree.propose_tree(3)
+    assert drafted.tokens == [7, 8, 6, 4, 5, 9] and drafted.parents == [-1, 0, 1, -1, 3, 4]
 
 
 # ---- γ = auto -----------------------------------------------------------------------------

@@ -31,7 +31,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from peerd.inference.sampling import SamplingParams, distribution
-from peerd.inference.tree import TokenTree
+from peerd.inference.tree import TokenTree, TreeBuilder
+
+LOOKUP_BRANCHES = 3  # prompt-lookup continuations a token tree carries
 
 
 class DraftError(ValueError):
@@ -119,19 +121,39 @@ class NgramSession:
     def propose(self, gamma: int, params: SamplingParams, rng: torch.Generator) -> Draft:
         return Draft(lookup(self.tokens, gamma, self.max_n, self.min_n))
 
+    def propose_tree(self, depth: int) -> TokenTree:
+        """The LOOKUP_BRANCHES best continuations at once, the latest match first."""
+        builder = TreeBuilder()
+        found = lookups(self.tokens, depth, self.max_n, self.min_n, LOOKUP_BRANCHES)
+        for i, follow in enumerate(found):
+            builder.add_chain(follow, -float(i))
+        return builder.build()
+
 
 def lookup(seq: Sequence[int], gamma: int, max_n: int = 4, min_n: int = 1) -> list[int]:
     """Up to `gamma` tokens that followed the latest earlier match of seq's last n tokens,
     trying the longest n first. [] when nothing matches."""
+    found = lookups(seq, gamma, max_n, min_n, 1)
+    return found[0] if found else []
+
+
+def lookups(seq: Sequence[int], gamma: int, max_n: int = 4, min_n: int = 1,
+            branches: int = 3) -> list[list[int]]:
+    """Up to `branches` different continuations (up to `gamma` tokens each) of seq's
+    last n tokens' earlier matches: longest n first, then the latest match first.
+    The first is `lookup`'s; the others are runners-up for a token tree."""
     L = len(seq)
+    found: list[list[int]] = []
     for n in range(min(max_n, L - 1), min_n - 1, -1):
         tail = list(seq[L - n:])
         for start in range(L - n - 1, -1, -1):  # latest first; never the tail itself
             if list(seq[start:start + n]) == tail:
                 follow = list(seq[start + n:start + n + gamma])
-                if follow:
-                    return follow
-    return []
+                if follow and not any(f[:len(follow)] == follow for f in found):
+                    found.append(follow)
+                    if len(found) >= branches:
+                        return found
+    return found
 
 
 # ---- model:<SPEC>: a small causal LM with the same tokenizer ------------------------------

@@ -43,7 +43,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from peerd.inference.drafters import Draft, DraftBuilder, DraftError, lookup
+from peerd.inference.drafters import LOOKUP_BRANCHES, Draft, DraftBuilder, DraftError, lookups
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.tree import TokenTree, TreeBuilder
@@ -55,7 +55,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = {"SmolLM2-135M-Instruct.Q4_1": "eagle-smollm2.safetensors"}
 TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
 TREE_NODES = 16  # head candidates kept in a tree (the lookup branch comes on top)
-LOOKUP_SCORE = -1e4  # the lookup branch's own nodes come last in slot order
+LOOKUP_SCORE = -1e4  # the lookup branches' own nodes come last in slot order
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,9 +250,9 @@ class EagleSession:
         (EAGLE-2's expansion): at each depth the `width` best nodes so far, by the
         head's cumulative log-probability, are run through the head together (each
         attending to the committed slots and its own ancestors) and their `width` best
-        children become candidates; the tree is the `nodes` best candidates, plus the
-        prompt-lookup continuation (drafters.lookup) as one more branch, since the head
-        is weakest exactly where an answer copies its prompt."""
+        children become candidates; the tree is the `nodes` best candidates, plus up to
+        LOOKUP_BRANCHES prompt-lookup continuations (drafters.lookups) as more branches,
+        since the head is weakest exactly where an answer copies its prompt."""
         builder = TreeBuilder()
         if depth < 1 or self.pending is None:
             return builder.build()
@@ -290,7 +290,8 @@ class EagleSession:
                 self.cache.crop(-drafted)
         best = sorted(range(len(builder)), key=lambda n: -builder.scores[n])[:nodes]
         before = len(builder)
-        builder.add_chain(lookup(self.tokens, depth), LOOKUP_SCORE)
+        for i, follow in enumerate(lookups(self.tokens, depth, branches=LOOKUP_BRANCHES)):
+            builder.add_chain(follow, LOOKUP_SCORE - i)
         return builder.build([*best, *range(before, len(builder))])
 
     def _children(self, builder: TreeBuilder, parents: list[int], features: torch.Tensor,

@@ -258,11 +258,14 @@ async def test_sampling_dsd_follows_the_targets_distribution(
     assert stat["speculative"] < CHI2_999_DF10
 
 
+@pytest.mark.parametrize("drafter", ["model", "eagle tree"])
 async def test_failed_shard_mid_round_replays_without_changing_the_output(
-        tmp_path: Path, tiny: Path, reference: torch.nn.Module) -> None:
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module, drafter: str) -> None:
     expected = reference_tokens(reference, PROMPT, N)
     async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4)]) as (_, runtimes):
         entry = runtimes[0]
+        draft = (f"model:{tiny}" if drafter == "model"
+                 else f"eagle:{untrained_eagle(entry, tmp_path / 'eagle.safetensors')}")
         route = entry.generator.route()
         serving = route.spans[-1].peer_id  # type: ignore[union-attr]
         victim = next(r for r in runtimes if r.node.peer_id == serving)
@@ -280,8 +283,9 @@ async def test_failed_shard_mid_round_replays_without_changing_the_output(
 
         stats = await entry.generator.generate(
             list(PROMPT), SamplingParams(max_tokens=N), collect,
-            SpeculativeOptions(f"model:{tiny}", "greedy", 4))
+            SpeculativeOptions(draft, "greedy", 4))
         assert stats.reroutes >= 1
+        assert stats.tree == (drafter == "eagle tree")
         check_same_or_near_tie(reference, PROMPT, tokens, expected)
 
 

@@ -1,0 +1,280 @@
+"""Symphony's worker side: follow beacons, bid, solve what we bid on.
+
+For each beacon of another peer (checked by the gossip validator first: publisher =
+requester, sane counts and deadlines), if our model can answer and our skills match
+the requirement, send the requester a signed bid over `/peerd/bid/1.0.0`; answer the
+tasks we bid on over `/peerd/task/1.0.0` (and only those, and only to the peer whose
+beacon it was) with a chain of thought (solver.py), signed.
+
+Test-only knob: PEERD_TEST_TASK_DELAY_S makes a worker wait that many seconds after
+announcing `task.solving` and before solving, so a test can kill it mid-task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from peerd.agents.election import Candidate
+from peerd.agents.sealing import seal
+from peerd.agents.skills import LexicalMatcher, SkillMatcher
+from peerd.agents.solver import Solver
+from peerd.node import Node
+from peerd.rpc import Busy, call, stream_handler
+from protocols.beacon import (
+    BID,
+    MAX_BEACON_BYTES,
+    TOPIC,
+    Beacon,
+    Bid,
+    BidReply,
+    SignedBid,
+    StaleBeacon,
+)
+from protocols.codec import decode
+from protocols.errors import PeerError
+from protocols.task import MAX_ANSWER_CHARS, MAX_COT_CHARS, TASK, Answer, SignedAnswer, TaskRequest
+
+log = logging.getLogger(__name__)
+
+TEST_DELAY_ENV = "PEERD_TEST_TASK_DELAY_S"
+MAX_LOAD_TO_BID = 4  # tasks in hand: a busier peer does not bid
+MAX_SOLVING = 2  # tasks solved at once; the rest queue
+MAX_PROMISES = 4096  # tasks we bid on and may still be asked to solve
+MAX_CONSIDERING = 32  # beacons being considered for a bid at once
+PROMISE_ROUNDS = 4  # a promise lasts the bid window plus this many worker deadlines
+LATENCY_EWMA = 0.3
+
+
+@dataclass(slots=True)
+class _Promise:
+    """A task we bid on: only its requester may ask us to solve it, once."""
+
+    requester: str
+    expires_at: float  # unix seconds
+    started: bool = False
+
+
+class Unavailable(Busy):
+    """We cannot solve this task after all (no model, our deadline, a generation that
+    failed): the requester is told, nothing is counted against it."""
+
+    reason = "unavailable"
+
+
+class TaskWorker:
+    def __init__(self, node: Node, solver: Solver | None, matcher: SkillMatcher) -> None:
+        self.node = node
+        self.solver = solver
+        self.matcher = matcher
+        self._promises: OrderedDict[str, _Promise] = OrderedDict()
+        self._solving = trio.CapacityLimiter(MAX_SOLVING)
+        self._in_hand = 0  # tasks accepted to solve, queued or running
+        self._latency_s = 0.0  # EWMA of our solve times: the latency we bid with
+        self._considering = 0  # beacons being considered for a bid now
+        self._test_delay_s = float(os.environ.get(TEST_DELAY_ENV) or 0.0)
+
+    def register(self) -> None:
+        """The beacon validator and the task protocol's handler."""
+        self.node.pubsub.set_topic_validator(TOPIC, self._validate_beacon, False)
+        self.node.set_stream_handler(TASK.id, stream_handler(TASK, self._serve_task,
+                                                             self.node.offence))
+
+    def capable(self) -> bool:
+        return self.solver is not None and self.solver.capable()
+
+    def skills(self) -> tuple[str, ...]:
+        entry = self.node.ledger.get(self.node.peer_id)
+        return entry.skills if entry is not None else ()
+
+    async def warm_up(self) -> None:
+        """Load the skill matcher's model before the first beacon needs it, once our own
+        model is up: loading both at once races inside transformers' lazy imports."""
+        warm = getattr(self.matcher, "warm_up", None)
+        if warm is None or self.solver is None:
+            return
+        while not (self.solver.capable() and self.skills()):  # noqa: ASYNC110
+            await trio.sleep(0.5)  # (neither the model slot nor the ledger has an event)
+        try:
+            await trio.to_thread.run_sync(warm)
+        except Exception:
+            log.warning("loading the skill matcher failed; bids will score 0", exc_info=True)
+
+    async def own_bid(self, task_id: str, requirement: str, min_match: float,
+                      bid_window_s: float, deadline_s: float) -> Candidate | None:
+        """Our bid on a task of our own (the requester's reserve), promised; None when we
+        cannot answer it or our skills fall short of `min_match`."""
+        if not self.capable():
+            return None
+        match, _ = await self.match(requirement)
+        if match < min_match:
+            return None
+        self.promise(task_id, self.node.peer_id, bid_window_s, deadline_s)
+        return Candidate(self.node.peer_id, match, self._in_hand, self._latency_s)
+
+    # ---- beacons and bids ----------------------------------------------------------------
+
+    def _validate_beacon(self, forwarder: Any, msg: Any) -> bool:
+        """Gossip validator: must never raise (LIBP2P_NOTES.md trap 2)."""
+        try:
+            publisher = str(ID(msg.from_id)) if msg.from_id else str(forwarder)
+            if len(msg.data) > MAX_BEACON_BYTES:
+                self.node.offence(publisher, "oversized", f"{len(msg.data)} byte beacon")
+                return False
+            beacon = decode(msg.data, Beacon)
+            if beacon.requester != publisher:
+                raise PeerError(f"beacon of {beacon.requester} published by {publisher}",
+                                reason="impersonation")
+            beacon.check(time.time())
+            return True
+        except StaleBeacon:  # honest but late (only the requester may publish it)
+            self.node.metrics.rejections.labels("stale_beacon").inc()
+            return False
+        except PeerError as exc:
+            self.node.offence(publisher, exc.reason, f"beacon: {exc}")
+            return False
+        except Exception:
+            log.exception("beacon validator failed")
+            return False
+
+    async def follow(self, subscription: Any) -> None:
+        """Consider every beacon of another peer for a bid, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                msg = await subscription.get()
+                self.node.metrics.messages.labels("in", "beacon").inc()
+                try:
+                    beacon = decode(msg.data, Beacon)  # the validator passed it
+                except PeerError:
+                    continue
+                if beacon.requester == self.node.peer_id:
+                    continue
+                if self._considering >= MAX_CONSIDERING:
+                    continue  # a flood of beacons: skip rather than queue
+                self._considering += 1
+                nursery.start_soon(self._consider, beacon)
+
+    async def _consider(self, beacon: Beacon) -> None:
+        try:
+            await self._maybe_bid(beacon)
+        except Exception:
+            log.exception("bidding on task %s failed", beacon.task_id)
+        finally:
+            self._considering -= 1
+
+    async def _maybe_bid(self, beacon: Beacon) -> None:
+        if not self.capable():
+            return
+        if beacon.task_id in self._promises or self._in_hand >= MAX_LOAD_TO_BID:
+            return
+        match, scorer = await self.match(beacon.requirement)
+        if match < beacon.min_match:
+            return
+        left = beacon.issued_at + beacon.bid_window_s - time.time()
+        if left <= 0:
+            return
+        bid = Bid(task_id=beacon.task_id, requester=beacon.requester,
+                  bidder=self.node.peer_id, match=match, load=self._in_hand,
+                  expected_latency_s=round(self._latency_s, 3), scorer=scorer)
+        body, sig = seal(bid, self.node.key_pair.private_key)
+        self.promise(beacon.task_id, beacon.requester, beacon.bid_window_s, beacon.deadline_s)
+        try:
+            reply: BidReply = await call(self.node.host, beacon.requester, BID,
+                                         SignedBid(body=body, sig=sig),
+                                         timeout_s=min(BID.timeout_s, left + 1.0))
+        except PeerError as exc:
+            self.node.offence(beacon.requester, exc.reason, f"bid reply: {exc}")
+            self._promises.pop(beacon.task_id, None)
+            return
+        except Exception as exc:
+            log.debug("bid on %s to %s failed: %r", beacon.task_id, beacon.requester, exc)
+            self._promises.pop(beacon.task_id, None)
+            return
+        if not reply.accepted:
+            self._promises.pop(beacon.task_id, None)
+        self.node.metrics.messages.labels("out", "bid").inc()
+        self.node.events.publish("task.bid_sent", task_id=beacon.task_id,
+                            requester=beacon.requester, match=round(match, 4),
+                            accepted=reply.accepted, reason=reply.reason)
+
+    async def match(self, requirement: str) -> tuple[float, str]:
+        """How well our skills match `requirement`, in [0, 1], and which scorer said so."""
+        skills = self.skills()
+        if not skills:
+            return 0.0, "none"
+        if isinstance(self.matcher, LexicalMatcher):
+            score = self.matcher.match(requirement, skills)
+        else:
+            try:
+                score = await trio.to_thread.run_sync(self.matcher.match, requirement, skills)
+            except Exception:
+                log.warning("skill matching failed; scoring lexically", exc_info=True)
+                return LexicalMatcher().match(requirement, skills), "lexical"
+        return (score if math.isfinite(score) else 0.0), self.matcher.name
+
+    def promise(self, task_id: str, requester: str, bid_window_s: float,
+                deadline_s: float) -> None:
+        """Remember that we bid on `task_id`: only `requester` may have us solve it."""
+        now = time.time()
+        while self._promises:  # drop expired promises, oldest first
+            oldest = next(iter(self._promises.values()))
+            if oldest.expires_at > now and len(self._promises) < MAX_PROMISES:
+                break
+            self._promises.popitem(last=False)
+        self._promises[task_id] = _Promise(
+            requester, now + bid_window_s + PROMISE_ROUNDS * deadline_s + 30.0)
+
+    # ---- solving -------------------------------------------------------------------------
+
+    async def _serve_task(self, peer: str, request: TaskRequest) -> SignedAnswer:
+        request.check()
+        promise = self._promises.get(request.task_id)
+        if promise is None or promise.requester != peer or promise.expires_at < time.time():
+            raise PeerError(f"task {request.task_id!r:.70}: we made {peer} no bid on it",
+                            reason="unknown_task")
+        if promise.started:
+            raise PeerError(f"task {request.task_id} asked for twice", reason="duplicate_task")
+        promise.started = True
+        solver = self.solver
+        if solver is None or not solver.capable():
+            raise Unavailable("this peer cannot solve tasks right now")
+        self._in_hand += 1
+        t0 = time.perf_counter()
+        try:
+            self.node.events.publish("task.solving", task_id=request.task_id, requester=peer)
+            with trio.move_on_after(request.deadline_s) as scope:
+                if self._test_delay_s > 0:
+                    await trio.sleep(self._test_delay_s)
+                async with self._solving:
+                    solution = await solver.solve(request)
+            if scope.cancelled_caught:
+                raise Unavailable(f"task {request.task_id} not solved within "
+                                  f"{request.deadline_s} s")
+        except Unavailable:
+            raise
+        except Exception as exc:  # the model or the swarm failed us: not the requester's doing
+            log.warning("solving task %s failed: %r", request.task_id, exc, exc_info=True)
+            raise Unavailable(f"solving failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._in_hand -= 1
+        elapsed = time.perf_counter() - t0
+        self._latency_s = (elapsed if self._latency_s == 0.0
+                           else (1 - LATENCY_EWMA) * self._latency_s + LATENCY_EWMA * elapsed)
+        answer = Answer(task_id=request.task_id, requester=peer, worker=self.node.peer_id,
+                        answer=solution.answer[:MAX_ANSWER_CHARS],
+                        cot=solution.cot[:MAX_COT_CHARS],
+                        confidence=min(1.0, max(0.0, solution.confidence)),
+                        tokens=solution.tokens, elapsed_s=round(elapsed, 3))
+        body, sig = seal(answer, self.node.key_pair.private_key)
+        self.node.events.publish("task.solved", task_id=request.task_id, requester=peer,
+                            answer=answer.answer[:200], elapsed_s=answer.elapsed_s)
+        return SignedAnswer(body=body, sig=sig)
+

@@ -190,6 +190,26 @@ def test_proposing_changes_nothing_committed(head: Head, trained: EagleHead,
     assert s.propose(5, GREEDY, torch.Generator()) == first
 
 
+def test_a_tree_holds_the_heads_best_chain_and_changes_nothing_committed(
+        head: Head, trained: EagleHead, examples: list[Example]) -> None:
+    from peerd.inference.eagle import TREE_NODES, TREE_WIDTH
+
+    e = examples[0]
+    s = session(head, trained, e, e.prompt_len + 1)
+    slots = s.cache.get_seq_length()
+    chain = s.propose(5, GREEDY, torch.Generator()).tokens
+    tree = s.propose_tree(5)
+    assert s.cache.get_seq_length() == slots  # the draft slots are gone again
+    assert 1 <= tree.depth() <= 5 and len(tree) <= TREE_NODES + 3 * 5
+    assert len(tree.children(-1)) >= min(TREE_WIDTH, 2)
+    # the first slots hold the head's greedy chain (as far as the expansion kept it)
+    n = tree.first_chain()
+    assert n >= 1 and tree.tokens[:n] == chain[:n]
+    assert s.propose_tree(5) == tree  # deterministic, nothing committed moved
+    assert s.propose(5, GREEDY, torch.Generator()).tokens == chain
+    assert s.propose_tree(0).tokens == []
+
+
 def test_extending_in_one_call_or_one_token_at_a_time_agree(
         head: Head, trained: EagleHead, examples: list[Example]) -> None:
     e = examples[1]

@@ -197,16 +197,15 @@ def ask(entry: launcher.PeerInfo, peers: list[launcher.PeerInfo], question: str,
 def compare(plain: tuple[str, dict[str, Any]], dsd: tuple[str, dict[str, Any]],
             latency_ms: float) -> None:
     table = Table(title=f"plain vs speculative decoding, {latency_ms:g} ms per link")
-    for col in ("decoding", "tokens", "tokens/s", "pipeline passes", "tokens per pass",
-                "draft tokens per pass", "draft ms", "same text"):
+    for col in ("decoding", "tokens", "tok/s", "passes", "tok/pass", "sent/pass",
+                "draft ms", "same"):
         table.add_column(col, justify="right")
-    for name, (text, final) in (("plain", plain), ("DSD eagle/greedy", dsd)):
+    for name, (text, final) in (("plain", plain), ("DSD eagle", dsd)):
         stats, spec = final["peerd"], final["peerd"]["speculative"]
         table.add_row(name, str(final.get("usage", {}).get("completion_tokens", "?")),
                       f"{stats['tokens_per_s']:.1f}", str(spec["rounds"]),
                       f"{spec['tokens_per_round']:.2f}",
-                      f"{spec.get('mean_nodes', 0.0):.1f}"
-                      + (" (tree)" if spec.get("tree") else ""),
+                      f"{spec.get('mean_nodes', 0.0):.1f}" + (" tree" if spec.get("tree") else ""),
                       f"{spec['draft_ms']:.0f}",
                       "-" if name == "plain" else ("yes" if text == plain[0] else "no"))
     console.print(table)

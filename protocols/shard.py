@@ -38,6 +38,7 @@ MAX_FRAME_BYTES = 32 * 2**20
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_ROUTE_HOPS = 64
 MAX_POSITIONS = 1 << 17
+MAX_TREE_POSITIONS = 1024  # a tree is a draft: a few dozen positions; its mask is T x T
 OPEN_TIMEOUT_S = 30.0
 STEP_TIMEOUT_S = 60.0
 
@@ -150,6 +151,8 @@ def tree_depths(tree: tuple[int, ...], positions: int) -> list[int]:
         return list(range(positions))
     if len(tree) != positions:
         raise WireError(f"tree of {len(tree)} parents for {positions} positions")
+    if positions > MAX_TREE_POSITIONS:
+        raise WireError(f"tree of {positions} positions exceeds {MAX_TREE_POSITIONS}")
     depths: list[int] = []
     for j, parent in enumerate(tree):
         if not -1 <= parent < j:

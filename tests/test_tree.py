@@ -9,7 +9,7 @@ import torch
 from peerd.inference.acceptance import TokenClasses, verify_greedy, verify_tree
 from peerd.inference.tree import TokenTree, TreeBuilder, attention_mask, chain_prefix
 from protocols.errors import WireError
-from protocols.shard import tree_depths
+from protocols.shard import MAX_TREE_POSITIONS, tree_depths
 
 V = 10
 
@@ -83,6 +83,9 @@ def test_wire_tree_depths_and_refusals() -> None:
             tree_depths(bad, 2 if len(bad) != 2 else 3)
     with pytest.raises(WireError):
         tree_depths((-1, 2, 0), 3)  # forward reference
+    big = tuple(range(-1, MAX_TREE_POSITIONS))  # a chain one longer than allowed
+    with pytest.raises(WireError, match="exceeds"):
+        tree_depths(big, len(big))
 
 
 def test_chain_prefix() -> None:

@@ -288,11 +288,10 @@ class EagleSession:
             drafted = self.cache.get_seq_length() - self.slots
             if drafted > 0:
                 self.cache.crop(-drafted)
-        best = sorted(range(len(builder)), key=lambda n: -builder.scores[n])[:nodes]
-        before = len(builder)
+        keep = sorted(range(len(builder)), key=lambda n: -builder.scores[n])[:nodes]
         for i, follow in enumerate(lookups(self.tokens, depth, branches=LOOKUP_BRANCHES)):
-            builder.add_chain(follow, LOOKUP_SCORE - i)
-        return builder.build([*best, *range(before, len(builder))])
+            keep += builder.add_chain(follow, LOOKUP_SCORE - i)
+        return builder.build(keep)
 
     def _children(self, builder: TreeBuilder, parents: list[int], features: torch.Tensor,
                   width: int) -> list[int]:

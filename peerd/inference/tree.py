@@ -110,11 +110,14 @@ class TreeBuilder:
             self.scores[node] = max(self.scores[node], score)
         return node
 
-    def add_chain(self, tokens: Sequence[int], score: float) -> None:
-        """A whole candidate continuation (e.g. a prompt-lookup match) under the root."""
-        parent = -1
+    def add_chain(self, tokens: Sequence[int], score: float) -> list[int]:
+        """A whole candidate continuation (e.g. a prompt-lookup match) under the root;
+        its nodes, existing or new."""
+        parent, nodes = -1, []
         for token in tokens:
             parent = self.add(parent, token, score)
+            nodes.append(parent)
+        return nodes
 
     def build(self, keep: Sequence[int] | None = None) -> TokenTree:
         """The tree of `keep` (default all nodes; ancestors of a kept node are kept

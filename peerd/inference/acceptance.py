@@ -54,13 +54,8 @@ class Verdict:
 
 
 def verify_greedy(logits: torch.Tensor, draft: Sequence[int]) -> Verdict:
-    """logits [γ+1, V]; draft: γ token ids."""
-    _check(logits, draft)
-    best = torch.argmax(logits, dim=-1).tolist()  # [γ+1]
-    n = 0
-    while n < len(draft) and draft[n] == best[n]:
-        n += 1
-    return Verdict(n, int(best[n]))
+    """logits [γ+1, V]; draft: γ token ids. (verify_tree's walk along a chain.)"""
+    return _verify_chain(logits, draft, None)
 
 
 def verify_sample(probs: torch.Tensor, draft: Sequence[int], draft_probs: torch.Tensor | None,
@@ -159,11 +154,14 @@ class Relaxed:
 def verify_adaptive(logits: torch.Tensor, draft: Sequence[int],
                     classes: TokenClasses) -> Verdict:
     """logits [γ+1, V]; the relaxed greedy rule in the module doc."""
+    return _verify_chain(logits, draft, classes)
+
+
+def _verify_chain(logits: torch.Tensor, draft: Sequence[int],
+                  classes: TokenClasses | None) -> Verdict:
     _check(logits, draft)
-    n = 0
-    while n < len(draft) and Relaxed(logits[n], classes).accepts(draft[n]):
-        n += 1
-    return Verdict(n, int(torch.argmax(logits[n])))
+    verdict = verify_tree(TokenTree.chain(draft), lambda node: logits[node + 1], classes)
+    return Verdict(len(verdict.path), verdict.token)
 
 
 # ---- trees ------------------------------------------------------------------------------

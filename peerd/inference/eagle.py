@@ -190,9 +190,9 @@ class EagleSession:
     """One request's draft state: the head's KV cache over the committed slots and the
     head's prediction for the last committed position."""
 
-    def __init__(self, head: Head, eagle: EagleHead, logits: DraftLogits | None = None) -> None:
+    def __init__(self, head: Head, eagle: EagleHead, logits: DraftLogits) -> None:
         self.head, self.eagle = head, eagle
-        self.logits = logits or DraftLogits(head)
+        self.logits = logits  # the drafter's, shared by its sessions
         self.param = next(eagle.parameters())  # where and in what dtype the head computes
         self.cache = eagle.new_cache()
         self.tokens: list[int] = []

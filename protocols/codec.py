@@ -32,11 +32,17 @@ class Message:
     KIND: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
     STRICT: ClassVar[bool] = True
+    # fields added to a request after it shipped: left off the wire while they hold
+    # their default, so a peer that does not know them still accepts the message
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset()
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _to_plain(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name in self.OPTIONAL and value == f.default:
+                continue
+            out[f.name] = _to_plain(value)
         if self.KIND:
             out["t"] = self.KIND
             out["v"] = self.VERSION

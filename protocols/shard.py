@@ -103,6 +103,7 @@ class HopTiming(Message):
 @dataclass(frozen=True, slots=True)
 class Forward(Message):
     KIND = "shard.forward"
+    OPTIONAL = frozenset({"tree"})  # a chain's FORWARD is what tree-less peers speak
     session: str
     step: int  # increases by one per FORWARD in a session
     start_pos: int

@@ -255,3 +255,17 @@ def test_wire_errors_are_peer_errors() -> None:
     assert issubclass(WireError, PeerError)
     assert issubclass(WrongMessageType, WireError)
     assert issubclass(UnsupportedVersion, WireError)
+
+
+def test_an_optional_field_at_its_default_stays_off_the_wire() -> None:
+    """A chain's FORWARD encodes as it did before trees existed, so a peer that does not
+    know `tree` (strict decoding) still serves it; a tree's FORWARD carries it."""
+    from protocols.shard import Forward, WireTensor
+
+    hidden = WireTensor(dtype="float32", shape=(1, 1, 2), data=b"\0" * 8)
+    chain = Forward(session="s", step=1, start_pos=0, keep=-1, hidden=hidden)
+    assert "tree" not in unpackb(encode(chain))
+    assert decode(encode(chain), Forward) == chain
+    tree = dataclasses.replace(chain, tree=(-1,))
+    assert unpackb(encode(tree))["tree"] == [-1]
+    assert decode(encode(tree), Forward) == tree

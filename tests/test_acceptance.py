@@ -15,7 +15,15 @@ from peerd.inference.acceptance import (
     verify_sample,
 )
 from peerd.inference.drafters import NgramDrafter, lookup, lookups
-from peerd.inference.gamma import GammaController, best_gamma, expected_tokens
+from peerd.inference.gamma import (
+    PROBE_EVERY,
+    TREE_NODES,
+    GammaController,
+    TreeBudget,
+    best_gamma,
+    best_tree_size,
+    expected_tokens,
+)
 from peerd.inference.host import SpeculativeOptions
 
 # ---- greedy -------------------------------------------------------------------------------
@@ -218,6 +226,60 @@ def test_gamma_auto_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> N
     assert tail.count(0) >= len(tail) * 3 // 4
     assert any(g > 0 for g in tail)
     assert best_gamma(0.0, 50, 40, min_gamma=0) == 0
+
+
+# ---- tree size ----------------------------------------------------------------------------
+
+
+def test_best_tree_size_buys_candidates_while_they_pay_for_their_position() -> None:
+    probs = [0.9, 0.6, 0.3, 0.1, 0.05, 0.02, 0.01]
+    # slow links: a round costs 200 ms and a position 5: keep every candidate whose
+    # chance beats what the round's rate earns in 5 ms
+    slow = best_tree_size(probs, fixed_ms=200, per_node_ms=5)
+    rate = (1 + sum(probs[:slow])) / (200 + 5 * slow)
+    assert all(p > rate * 5 for p in probs[:slow]) and probs[slow] <= rate * 5 * 1.01
+    assert slow >= 4
+    # compute-bound: a position costs as much as the round: nothing but sure bets
+    assert best_tree_size(probs, fixed_ms=20, per_node_ms=20) <= 1
+    assert best_tree_size(probs, 200, 5) > best_tree_size(probs, 20, 5)
+    # a head that is right a quarter as often as it believes buys a smaller tree
+    assert best_tree_size(probs, 200, 5, calibration=0.25) < slow
+    assert best_tree_size([], 200, 5) == 0
+    assert best_tree_size([0.0, 0.0], 10, 1) == 0
+    assert best_tree_size([0.0, 0.0], 10, 1, min_nodes=1) == 1
+
+
+def test_tree_budget_follows_the_session() -> None:
+    probs = sorted([0.9, 0.8, 0.7, 0.5, 0.4, 0.3, 0.2, 0.1] * 4, reverse=True)
+    assert TreeBudget(fixed=5).choose(probs) == 5
+    assert TreeBudget(fixed=5).choose(probs[:2]) == 2
+    budget = TreeBudget()
+    assert budget.choose(probs) == TREE_NODES  # before any measurement
+    assert budget.calibration == 1.0
+    for n in (16, 8, 24, 12, 20):  # slow rounds, cheap positions, the head right as it says
+        budget.observe(n, sum(probs[:n]), round(sum(probs[:n])), 200.0 + 5.0 * n)
+    a, b = budget.fit.cost()
+    assert 190 < a < 210 and 4.5 < b < 5.5
+    assert 0.9 < budget.calibration < 1.1
+    big = budget.choose(probs)
+    assert big >= 20
+    for _ in range(10):  # the head now gets a tenth of what it predicts
+        budget.observe(big, sum(probs[:big]), 1, 200.0 + 5.0 * big)
+    assert budget.calibration < 0.2
+    assert budget.choose(probs) < big
+
+
+def test_tree_budget_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> None:
+    budget = TreeBudget()
+    probs = [0.05] * 16
+    choices = []
+    for _ in range(40):
+        n = budget.choose(probs)
+        choices.append(n)
+        budget.observe(n, sum(probs[:n]), 0, 50.0 + 20.0 * n)
+    tail = choices[16:]
+    assert tail.count(0) >= len(tail) * 3 // 4
+    assert any(n > 0 for n in tail) and len(set(tail[:PROBE_EVERY * 2])) > 1
 
 
 # ---- the speculative option ---------------------------------------------------------------

@@ -192,7 +192,8 @@ def test_proposing_changes_nothing_committed(head: Head, trained: EagleHead,
 
 def test_a_tree_holds_the_heads_best_chain_and_changes_nothing_committed(
         head: Head, trained: EagleHead, examples: list[Example]) -> None:
-    from peerd.inference.eagle import TREE_NODES, TREE_WIDTH
+    from peerd.inference.eagle import TREE_WIDTH
+    from peerd.inference.gamma import TREE_NODES
 
     e = examples[0]
     s = session(head, trained, e, e.prompt_len + 1)

@@ -3,6 +3,9 @@ parent lists, and greedy / adaptive verification along a tree."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import pytest
 import torch
 
@@ -53,6 +56,33 @@ def test_builder_keeps_ancestors_of_kept_nodes() -> None:
     tree = b.build([leaf])  # its parent and grandparent come along; the other root not
     assert tree.tokens == [1, 2, 3] and tree.is_chain() and tree.first_chain() == 3
     assert b.build([]).tokens == []
+
+
+def test_builder_keeps_the_best_by_count_or_by_budget_and_records_estimates() -> None:
+    b = TreeBuilder()
+    x = b.add(-1, 10, math.log(0.8))
+    b.add(x, 11, math.log(0.8 * 0.5))
+    b.add(-1, 20, math.log(0.1))
+    b.add_chain([30, 31], -1e4)  # unscored (a lookup branch)
+    assert b.best(2) == [0, 1]
+    seen: list[list[float]] = []
+
+    def budget(probs: Sequence[float]) -> int:
+        seen.append(list(probs))
+        return 1
+
+    assert b.best(budget) == [0]
+    assert [round(p, 6) for p in seen[0]] == [0.8, 0.4, 0.1, 0.0, 0.0]
+    tree = b.build()
+    assert tree.tokens == [10, 11, 20, 30, 31]
+    assert [round(e, 6) for e in tree.estimates] == [0.8, 0.4, 0.1, 0.0, 0.0]
+    # predicted 1.3 tokens; the accepted path 10 11 had two scored nodes, 30 31 none
+    assert tree.estimated([0, 1])[1] == 2 and abs(tree.estimated([0, 1])[0] - 1.3) < 1e-9
+    assert tree.estimated([3, 4])[1] == 0
+    assert TokenTree.chain([1, 2]).estimated([0]) == (0.0, 0)
+    head = tree.head(3)
+    assert (head.tokens, head.parents, len(head.estimates)) == ([10, 11, 20], [-1, 0, -1], 3)
+    assert tree.head(99) is tree and len(tree.head(-1)) == 0
 
 
 def test_tree_rejects_bad_parents() -> None:

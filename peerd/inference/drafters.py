@@ -14,7 +14,7 @@ committed sequence:
 - `propose(gamma, params, rng)`: up to γ draft tokens continuing the committed
   sequence, and for sampling the distribution each was drawn from. Proposing never
   changes what is committed.
-- `propose_tree(depth)` (optional, `TreeDraftSession`): a token tree of candidates
+- `propose_tree(depth, nodes)` (optional, `TreeDraftSession`): a token tree of candidates
   for greedy or adaptive verification.
 
 Drafters here: `ngram` (prompt lookup: no model) and `model:<SPEC>` (a small causal
@@ -30,10 +30,14 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from peerd.inference.gamma import TREE_NODES
 from peerd.inference.sampling import SamplingParams, distribution
-from peerd.inference.tree import TokenTree, TreeBuilder
+from peerd.inference.tree import NodeBudget, TokenTree, TreeBuilder
 
 LOOKUP_BRANCHES = 3  # prompt-lookup continuations a token tree carries
+# a lookup branch's own nodes: after every scored candidate in slot order, and with no
+# estimate of their chance (exp(-1e4) is 0)
+LOOKUP_SCORE = -1e4
 
 
 class DraftError(ValueError):
@@ -84,7 +88,10 @@ class TreeDraftSession(DraftSession, Protocol):
     """A session that can also grow a token tree of candidates, up to `depth` deep, for
     greedy or adaptive verification (tree.py)."""
 
-    def propose_tree(self, depth: int) -> TokenTree: ...
+    def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES) -> TokenTree:
+        """`nodes`: how many scored candidates to keep, or a function of their
+        estimated chances (likeliest first) that says how many (gamma.TreeBudget)."""
+        ...
 
 
 class Drafter(Protocol):
@@ -121,12 +128,13 @@ class NgramSession:
     def propose(self, gamma: int, params: SamplingParams, rng: torch.Generator) -> Draft:
         return Draft(lookup(self.tokens, gamma, self.max_n, self.min_n))
 
-    def propose_tree(self, depth: int) -> TokenTree:
-        """The LOOKUP_BRANCHES best continuations at once, the latest match first."""
+    def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES) -> TokenTree:
+        """The LOOKUP_BRANCHES best continuations at once, the latest match first
+        (unscored: `nodes` does not apply)."""
         builder = TreeBuilder()
         found = lookups(self.tokens, depth, self.max_n, self.min_n, LOOKUP_BRANCHES)
         for i, follow in enumerate(found):
-            builder.add_chain(follow, -float(i))
+            builder.add_chain(follow, LOOKUP_SCORE - i)
         return builder.build()
 
 

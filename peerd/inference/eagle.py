@@ -43,10 +43,18 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from peerd.inference.drafters import LOOKUP_BRANCHES, Draft, DraftBuilder, DraftError, lookups
+from peerd.inference.drafters import (
+    LOOKUP_BRANCHES,
+    LOOKUP_SCORE,
+    Draft,
+    DraftBuilder,
+    DraftError,
+    lookups,
+)
+from peerd.inference.gamma import TREE_NODES
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
-from peerd.inference.tree import TokenTree, TreeBuilder
+from peerd.inference.tree import NodeBudget, TokenTree, TreeBuilder
 
 FORMAT = "peerd-eagle"
 FORMAT_VERSION = "1"
@@ -54,8 +62,6 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # model_id -> the head shipped in peerd/data for it (see scripts/train_eagle_smollm2.sh)
 SHIPPED = {"SmolLM2-135M-Instruct.Q4_1": "eagle-smollm2.safetensors"}
 TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
-TREE_NODES = 16  # head candidates kept in a tree (the lookup branch comes on top)
-LOOKUP_SCORE = -1e4  # the lookup branches' own nodes come last in slot order
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +250,8 @@ class EagleSession:
 
 
     @torch.inference_mode()
-    def propose_tree(self, depth: int, width: int = TREE_WIDTH,
-                     nodes: int = TREE_NODES) -> TokenTree:
+    def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES,
+                     width: int = TREE_WIDTH) -> TokenTree:
         """A token tree up to `depth` deep for greedy or adaptive verification
         (EAGLE-2's expansion): at each depth the `width` best nodes so far, by the
         head's cumulative log-probability, are run through the head together (each
@@ -288,7 +294,7 @@ class EagleSession:
             drafted = self.cache.get_seq_length() - self.slots
             if drafted > 0:
                 self.cache.crop(-drafted)
-        keep = sorted(range(len(builder)), key=lambda n: -builder.scores[n])[:nodes]
+        keep = builder.best(nodes)
         for i, follow in enumerate(lookups(self.tokens, depth, branches=LOOKUP_BRANCHES)):
             keep += builder.add_chain(follow, LOOKUP_SCORE - i)
         return builder.build(keep)

@@ -1,6 +1,7 @@
-"""γ = auto: how many tokens to draft next round, from what this session measured.
+"""How much to draft next round, from what this session measured: γ (the depth of a
+chain or a tree) and, for a token tree, how many candidates it keeps.
 
-Model (as in Leviathan et al. 2023): each draft token is accepted independently with
+γ, after Leviathan et al. 2023: each draft token is accepted independently with
 probability α, so a round that drafts γ tokens commits on average
 
     E[γ] = (1 − α^(γ+1)) / (1 − α)        tokens (accepted prefix + 1 target token)
@@ -9,16 +10,28 @@ and costs T(γ) = a + b·γ: `a` is the round's fixed cost (the trip through eve
 and back, one position of compute) and `b` the cost of one more position (drafting
 it plus verifying it in every shard). γ maximises E[γ] / T(γ) over 1..max_gamma.
 
-α, a and b are exponentially weighted estimates, so γ follows the session: long
-accepted runs and slow links push it up, a drafter that keeps missing or a compute-
-bound pipeline pulls it down. Pure: the caller passes measured times in.
+Tree size, after EAGLE-2 (Li et al. 2024): the draft head's cumulative probability p_i
+of a candidate estimates the chance that the target accepts it, and the accepted path
+is the set of accepted nodes, so a tree of the n likeliest candidates commits on
+average E[n] = 1 + c·(p_1 + … + p_n) tokens, where c calibrates the head (observed
+accepted / predicted, decayed). A round of n nodes costs T(n) = a + b·n; n maximises
+E[n] / T(n). A slow link (large a) buys a big tree, a compute-bound pipeline (large b,
+as on CPUs) a small one, and when no candidate pays for its position the round drafts
+nothing.
+
+α, c, a and b are exponentially weighted estimates, so both follow the session: long
+accepted runs and slow links push them up, a drafter that keeps missing or a compute-
+bound pipeline pulls them down. Pure: the caller passes measured times in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 MAX_GAMMA = 16
+MAX_TREE_NODES = 64  # head candidates a tree may keep (lookup branches come on top)
+TREE_NODES = 16  # ... before anything is measured
 DECAY = 0.3  # weight of the newest round in every estimate
 PROBE_EVERY = 8  # when drafting does not pay, still draft every this many rounds
 
@@ -42,34 +55,80 @@ def best_gamma(alpha: float, fixed_ms: float, per_token_ms: float,
     return best
 
 
+def best_tree_size(probs: Sequence[float], fixed_ms: float, per_node_ms: float,
+                   calibration: float = 1.0, min_nodes: int = 0) -> int:
+    """argmax over n in min_nodes..len(probs) of (1 + calibration·Σ_{i<n} probs[i]) /
+    (fixed_ms + per_node_ms·n), with `probs` the candidates' estimated chances of being
+    accepted, likeliest first; ties → smaller."""
+    best, best_rate, value = min_nodes, -1.0, 1.0
+    for n in range(len(probs) + 1):
+        if n > 0:
+            value += calibration * probs[n - 1]
+        if n < min_nodes:
+            continue
+        rate = value / max(fixed_ms + per_node_ms * n, 1e-6)
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = n, rate
+    return best
+
+
+@dataclass
+class CostFit:
+    """T(x) = a + b·x, a decayed least-squares fit of round time T on draft size x (x
+    varies from round to round: auto moves it, prompt lookup finds runs of any length).
+    Until the rounds span two different sizes, b is a tenth of the round; while the size
+    holds still the last fitted b stays."""
+
+    _slope: float | None = None  # the last fitted b
+    _n: float = 0.0  # decayed sums: weight, Σx, ΣT, Σx², ΣxT
+    _sx: float = 0.0
+    _st: float = 0.0
+    _sxx: float = 0.0
+    _sxt: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return self._n == 0
+
+    def cost(self) -> tuple[float, float]:
+        """(a, b) in ms, from the rounds seen so far (observe at least one first)."""
+        mean_x, mean_t = self._sx / self._n, self._st / self._n
+        var = self._sxx / self._n - mean_x ** 2
+        if var > 0.25:
+            b = self._slope = max((self._sxt / self._n - mean_x * mean_t) / var, 0.0)
+        elif self._slope is not None:
+            b = self._slope
+        else:
+            b = 0.1 * mean_t / (1 + mean_x)
+        return max(mean_t - b * mean_x, 1e-3), b
+
+    def observe(self, size: float, round_ms: float) -> None:
+        keep = 1 - DECAY
+        self._n = keep * self._n + 1
+        self._sx = keep * self._sx + size
+        self._st = keep * self._st + round_ms
+        self._sxx = keep * self._sxx + size * size
+        self._sxt = keep * self._sxt + size * round_ms
+
+
 @dataclass
 class GammaController:
-    """Per-session γ. `fixed` set: always that; else auto from observed rounds.
-
-    a and b come from a decayed least-squares fit of round time on tokens drafted
-    (γ varies from round to round: auto moves it, prompt lookup finds runs of any
-    length); until the rounds span two different γ, b is a tenth of the round, and
-    while γ holds still the last fitted b stays."""
+    """Per-session γ. `fixed` set: always that; else auto from observed rounds."""
 
     fixed: int | None = None
     max_gamma: int = MAX_GAMMA
     alpha: float = 0.6  # prior: a fair drafter
+    fit: CostFit = field(default_factory=CostFit)
     _plain_rounds: int = 0  # rounds in a row auto chose not to draft
-    _slope: float | None = None  # the last fitted b
-    _n: float = 0.0  # decayed sums for the fit: weight, Σγ, ΣT, Σγ², ΣγT
-    _sg: float = 0.0
-    _st: float = 0.0
-    _sgg: float = 0.0
-    _sgt: float = 0.0
 
     def next(self) -> int:
         """γ for the next round; 0 (a plain round) when drafting does not pay here, with
         a probe every PROBE_EVERY rounds so that a drafter that starts hitting is seen."""
         if self.fixed is not None:
             return self.fixed
-        if self._n == 0:
+        if self.fit.empty:
             return 4  # nothing measured yet
-        fixed_ms, per_token_ms = self.cost()
+        fixed_ms, per_token_ms = self.fit.cost()
         g = best_gamma(self.alpha, fixed_ms, per_token_ms, self.max_gamma, min_gamma=0)
         if g == 0:
             self._plain_rounds += 1
@@ -80,15 +139,7 @@ class GammaController:
 
     def cost(self) -> tuple[float, float]:
         """(a, b) of T(γ) = a + b·γ in ms, from the rounds seen so far."""
-        mean_g, mean_t = self._sg / self._n, self._st / self._n
-        var = self._sgg / self._n - mean_g ** 2
-        if var > 0.25:
-            b = self._slope = max((self._sgt / self._n - mean_g * mean_t) / var, 0.0)
-        elif self._slope is not None:  # γ has held still: keep the last fitted slope
-            b = self._slope
-        else:
-            b = 0.1 * mean_t / (1 + mean_g)
-        return max(mean_t - b * mean_g, 1e-3), b
+        return self.fit.cost()
 
     def observe(self, drafted: int, accepted: int, round_ms: float) -> None:
         """A round drafted `drafted` tokens, kept `accepted` and took `round_ms` in all
@@ -97,9 +148,52 @@ class GammaController:
             # trials: every accepted token, plus the one that was rejected (if any)
             trials = accepted + (1 if accepted < drafted else 0)
             self.alpha = (1 - DECAY) * self.alpha + DECAY * min(accepted / trials, 0.99)
-        keep = 1 - DECAY
-        self._n = keep * self._n + 1
-        self._sg = keep * self._sg + drafted
-        self._st = keep * self._st + round_ms
-        self._sgg = keep * self._sgg + drafted * drafted
-        self._sgt = keep * self._sgt + drafted * round_ms
+        self.fit.observe(drafted, round_ms)
+
+
+@dataclass
+class TreeBudget:
+    """Per-session tree size: how many of the head's candidates a tree keeps. `fixed`
+    set: always that many; else best_tree_size from observed rounds, with a probe of
+    `probe` nodes every PROBE_EVERY rounds when no candidate pays."""
+
+    fixed: int | None = None
+    max_nodes: int = MAX_TREE_NODES
+    probe: int = 4
+    fit: CostFit = field(default_factory=CostFit)
+    _accepted: float = 0.0  # decayed Σ accepted and Σ predicted, for the calibration
+    _expected: float = 0.0
+    _plain_rounds: int = 0
+
+    @property
+    def calibration(self) -> float:
+        """Observed accepted / predicted (1 until something is measured), within [0.1, 3]."""
+        if self._expected <= 0:
+            return 1.0
+        return min(max(self._accepted / self._expected, 0.1), 3.0)
+
+    def choose(self, probs: Sequence[float]) -> int:
+        """How many of `probs` (the candidates' estimated chances, likeliest first) to
+        keep."""
+        probs = probs[:self.max_nodes]
+        if self.fixed is not None:
+            n = min(self.fixed, len(probs))
+        elif self.fit.empty:
+            n = min(TREE_NODES, len(probs))
+        else:
+            fixed_ms, per_node_ms = self.fit.cost()
+            n = best_tree_size(probs, fixed_ms, per_node_ms, self.calibration)
+            if n == 0:
+                self._plain_rounds += 1
+                if self._plain_rounds >= PROBE_EVERY:
+                    self._plain_rounds, n = 0, min(self.probe, len(probs))
+        return n
+
+    def observe(self, sent: int, predicted: float, accepted: int, round_ms: float) -> None:
+        """A round sent `sent` draft positions in all, of which head candidates predicted
+        to commit `predicted` tokens, accepted `accepted` and took `round_ms`."""
+        if predicted > 0:
+            keep = 1 - DECAY
+            self._accepted = keep * self._accepted + accepted
+            self._expected = keep * self._expected + predicted
+        self.fit.observe(sent, round_ms)

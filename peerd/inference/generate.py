@@ -24,8 +24,14 @@ from peerd.inference.acceptance import (
     verify_sample,
     verify_tree,
 )
-from peerd.inference.drafters import Drafter, DrafterCatalog, DraftError, TreeDraftSession
-from peerd.inference.gamma import MAX_GAMMA, GammaController
+from peerd.inference.drafters import (
+    LOOKUP_BRANCHES,
+    Drafter,
+    DrafterCatalog,
+    DraftError,
+    TreeDraftSession,
+)
+from peerd.inference.gamma import MAX_GAMMA, MAX_TREE_NODES, GammaController, TreeBudget
 from peerd.inference.host import SpeculativeOptions
 from peerd.inference.pipeline import Pipeline, PipelineFailure, PipelineSession, pooled_length
 from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route, servers_by_model
@@ -197,6 +203,7 @@ class Generator:
         t_start = time.perf_counter()
         rng = make_generator(params)
         gamma = GammaController(fixed=spec.gamma)
+        budget = TreeBudget()
         drafting = drafter.start() if drafter is not None else None
         # token trees where the drafter grows them and verification is greedy or adaptive
         tree_drafting = drafting if (spec.tree and mode != "sample" and isinstance(
@@ -206,9 +213,11 @@ class Generator:
         told = 0  # history[:told] has been given to the drafter
         fed = 0  # positions whose features the drafter has
         kv = 0  # committed positions the pipeline's caches hold
-        # drafts may run up to MAX_GAMMA positions past the last committed token
-        max_length = min(len(prompt_ids) + params.max_tokens + (MAX_GAMMA if drafter else 0),
-                         self.max_session_length)
+        # drafts may run up to MAX_GAMMA positions past the last committed token (a
+        # tree: its candidates and lookup branches)
+        slack = 0 if drafter is None else MAX_GAMMA if tree_drafting is None else (
+            MAX_TREE_NODES + LOOKUP_BRANCHES * MAX_GAMMA)
+        max_length = min(len(prompt_ids) + params.max_tokens + slack, self.max_session_length)
         failures = 0
         session: PipelineSession | None = None
         fresh = True  # the session was opened for this request (not taken from the pool)
@@ -228,7 +237,10 @@ class Generator:
                 if drafting is not None and kv > 0 and room > 0:
                     depth = min(gamma.next(), room)
                     if tree_drafting is not None and depth > 0:
-                        draft = await self._in_thread(tree_drafting.propose_tree, depth)
+                        draft = await self._in_thread(tree_drafting.propose_tree, depth,
+                                                      budget.choose)
+                        # every position this FORWARD writes must fit the session
+                        draft = draft.head(max_length - len(history))
                     else:
                         chain = await self._in_thread(drafting.propose, depth, params, rng)
                         draft, probs = TokenTree.chain(chain.tokens), chain.probs
@@ -275,8 +287,10 @@ class Generator:
                 if kv > len(prompt_ids):  # a decoding round, not the prompt's pass
                     stats.rounds.append(Round(draft.depth(), len(verdict.path), draft_ms,
                                               result.wall_ms, len(draft)))
-                    gamma.observe(draft.depth(), len(verdict.path),
-                                  (time.perf_counter() - t_round) * 1e3)
+                    round_ms = (time.perf_counter() - t_round) * 1e3
+                    gamma.observe(draft.depth(), len(verdict.path), round_ms)
+                    if tree_drafting is not None:
+                        budget.observe(len(draft), *draft.estimated(verdict.path), round_ms)
                 for token in verdict.committed(draft):
                     history.append(token)
                     stats.completion_tokens += 1

@@ -14,20 +14,30 @@ shards wrote for it stays valid and nothing is recomputed (`chain_prefix`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+# how many scored candidates a tree keeps: a count, or a function of their estimated
+# chances, likeliest first, that says how many (gamma.TreeBudget.choose)
+NodeBudget = int | Callable[[Sequence[float]], int]
 
 
 @dataclass(frozen=True, slots=True)
 class TokenTree:
     tokens: list[int]
     parents: list[int]  # parents[j] < j, or -1: a child of the last committed token
+    # the drafter's estimate of each node's chance to be accepted, where it has one
+    # (a draft head's cumulative probability); 0 for a node it did not score
+    estimates: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
             raise ValueError("a tree needs one parent per token")
+        if self.estimates and len(self.estimates) != len(self.tokens):
+            raise ValueError("a tree's estimates need one value per token")
         if any(not -1 <= p < j for j, p in enumerate(self.parents)):
             raise ValueError("every parent must be an earlier node or -1")
 
@@ -54,6 +64,21 @@ class TokenTree:
 
     def is_chain(self) -> bool:
         return self.first_chain() == len(self)
+
+    def head(self, n: int) -> TokenTree:
+        """The first `n` nodes: a tree again, as every parent comes before its child."""
+        if n >= len(self):
+            return self
+        n = max(n, 0)
+        return TokenTree(self.tokens[:n], self.parents[:n], self.estimates[:n])
+
+    def estimated(self, path: Sequence[int] | None = None) -> tuple[float, int]:
+        """(Σ estimates over the tree, how many nodes of `path` were estimated): what
+        the drafter predicted this round would accept and what it got, for calibration."""
+        if not self.estimates:
+            return 0.0, 0
+        hits = sum(1 for n in path or () if self.estimates[n] > 0)
+        return float(sum(self.estimates)), hits
 
     @classmethod
     def chain(cls, tokens: Sequence[int]) -> TokenTree:
@@ -90,7 +115,7 @@ class TreeBuilder:
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.parents: list[int] = []
-        self.scores: list[float] = []
+        self.scores: list[float] = []  # log of an estimated chance to be accepted
         self._index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
 
     def __len__(self) -> int:
@@ -119,6 +144,14 @@ class TreeBuilder:
             nodes.append(parent)
         return nodes
 
+    def best(self, nodes: NodeBudget) -> list[int]:
+        """The candidates a tree keeps: the `nodes` best by score (as a function: as
+        many as it says, given every candidate's estimate, best first)."""
+        ranked = sorted(range(len(self.tokens)), key=lambda n: -self.scores[n])
+        n = nodes if isinstance(nodes, int) else nodes(
+            [math.exp(min(self.scores[i], 0.0)) for i in ranked])
+        return ranked[:max(n, 0)]
+
     def build(self, keep: Sequence[int] | None = None) -> TokenTree:
         """The tree of `keep` (default all nodes; ancestors of a kept node are kept
         too) in depth-first, best-child-first order."""
@@ -133,14 +166,16 @@ class TreeBuilder:
             children.setdefault(self.parents[node], []).append(node)
         tokens: list[int] = []
         parents: list[int] = []
+        estimates: list[float] = []
         stack = [(-1, c) for c in sorted(children.get(-1, []), key=self._rank)]
         while stack:  # depth first; the best child is popped first
             new_parent, node = stack.pop()
             tokens.append(self.tokens[node])
             parents.append(new_parent)
+            estimates.append(math.exp(min(self.scores[node], 0.0)))
             mine = len(tokens) - 1
             stack.extend((mine, c) for c in sorted(children.get(node, []), key=self._rank))
-        return TokenTree(tokens, parents)
+        return TokenTree(tokens, parents, estimates)
 
     def _rank(self, node: int) -> tuple[float, int]:
         # ascending: the best child (higher score, then the earlier node) is pushed last

@@ -43,8 +43,9 @@ async def test_post_runs_the_task_and_get_returns_it(tmp_path: Path) -> None:
             "deadline_s": 10, "bid_window_s": 3})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"id", "answer", "votes", "elected", "fallbacks", "timings"}
-        assert body["answer"] == "42"
+        assert set(body) == {"id", "status", "answer", "votes", "elected", "fallbacks",
+                             "timings"}
+        assert body["answer"] == "42" and body["status"] == "done"
         (vote,) = body["votes"]
         assert set(vote) == {"peer_id", "answer", "confidence", "weight", "cot"}
         assert vote["answer"] == "42" and "Answer: 42" in vote["cot"]
@@ -55,6 +56,10 @@ async def test_post_runs_the_task_and_get_returns_it(tmp_path: Path) -> None:
         missing = await client.get("/v1/tasks/nope")
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "task_not_found"
+        # a restarted daemon (a new service on the same data directory) still has it
+        service: Symphony = client.service  # type: ignore[attr-defined]
+        restarted = Symphony(service.node)
+        assert restarted.records == {} and restarted.task(body["id"]) == body
 
 
 async def test_get_shows_a_running_task_with_202(tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ async def test_a_task_is_elected_solved_and_voted(tmp_path: Path) -> None:
                             answer_format="number", deadline_s=10.0, bid_window_s=5.0)
             record = await service.run_task(spec)
             body = record.to_json()
-            assert set(body) == {"id", "answer", "votes", "elected", "fallbacks", "timings"}
+            assert set(body) == {"id", "status", "answer", "votes", "elected", "fallbacks",
+                                 "timings"}
             assert body["answer"] == "42"
             assert sorted(body["elected"]) == sorted(w.peer_id for w in workers)
             assert body["fallbacks"] == []

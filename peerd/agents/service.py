@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from peerd.agents.answers import normalise
+from peerd.agents.archive import ARCHIVE_FILE, TaskArchive
 from peerd.agents.election import (
     Candidate,
     Election,
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 
 REPUTATION_FILE = "reputation.json"
 TEMPERATURES = (0.0, 0.7, 0.9, 0.5, 1.0, 0.8, 0.6, 0.4)  # seat i: TEMPERATURES[i % 8]
-MAX_RECORDS = 256  # finished tasks kept for GET /v1/tasks/{id}
+MAX_RECORDS = 256  # tasks kept in memory (finished ones are archived on disk too)
 MAX_CLOSED = 4096  # recently closed task ids: a late bid is not an offence
 MAX_RUNNING = 16  # tasks this peer requests at once
 
@@ -124,6 +125,8 @@ class TaskRecord:
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "status": self.status,
+            **({"error": self.error} if self.error else {}),
             "answer": self.answer,
             "votes": [{"peer_id": v.peer_id, "answer": v.answer,
                        "confidence": round(v.confidence, 4), "weight": round(v.weight, 6),
@@ -158,7 +161,8 @@ class Symphony:
         self.worker = TaskWorker(node, solver, matcher or LexicalMatcher())
         self.warm_up = warm_up
         self.book = _load_book(node)
-        self.records: OrderedDict[str, TaskRecord] = OrderedDict()
+        self.records: OrderedDict[str, TaskRecord] = OrderedDict()  # recent, live
+        self.archive = TaskArchive(Path(node.config.data_dir) / ARCHIVE_FILE)
         self._open: dict[str, _Open] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._running = trio.CapacityLimiter(MAX_RUNNING)
@@ -194,9 +198,16 @@ class Symphony:
                 record.error = record.error or f"{type(exc).__name__}: {exc}"
                 raise
             finally:
+                self.archive.put(record.id, record.to_json())
                 self._publish_event("task.done", task_id=record.id, status=record.status,
                                     answer=record.answer, total_ms=round(record.total_ms, 1))
             return record
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        """What GET /v1/tasks/{id} shows: a task of ours, live or finished (also before
+        this daemon last restarted); None if it is not ours or long gone."""
+        record = self.records.get(task_id)
+        return record.to_json() if record is not None else self.archive.get(task_id)
 
     async def _run(self, record: TaskRecord) -> None:
         spec = record.spec

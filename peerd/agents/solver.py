@@ -1,7 +1,7 @@
 """Solving a task with the peer's model: a chain-of-thought prompt, generation, the
 final answer pulled out of the chain.
 
-The prompt is short and shows one worked example per answer format ending in
+The prompt shows worked examples of the answer format, each ending in
 "Answer: <answer>", a pattern even a 135M-parameter model follows; generation stops
 at the end of the first answer line. Confidence is a heuristic, as there are no
 log-probabilities at the entry peer: 0.9 for a marked answer that normalises, 0.4 for
@@ -27,16 +27,37 @@ if TYPE_CHECKING:
 
 SYSTEM = ("You solve problems step by step. Write a short chain of reasoning, then the "
           "final answer alone on the last line as 'Answer: <answer>'.")
-EXAMPLES = {
-    "number": ("A baker bakes 4 trays of 6 muffins and sells 9 of them. How many muffins "
-               "are left?",
-               "4 trays of 6 muffins is 4 * 6 = 24 muffins. She sells 9, so 24 - 9 = 15 "
-               "muffins are left.\nAnswer: 15"),
-    "choice": ("Which animal is a mammal? (A) shark (B) dolphin (C) trout (D) octopus",
-               "A shark and a trout are fish, an octopus is a mollusc. A dolphin breathes "
-               "air and feeds its young milk, so it is a mammal.\nAnswer: (B)"),
-    "text": ("What is the capital city of Japan?",
-             "Japan's government and emperor sit in Tokyo, its largest city.\nAnswer: Tokyo"),
+# Worked examples per answer format, each ending in "Answer: <answer>". The number
+# examples are four short GSM8K *train* problems (MIT licence, (c) 2021 OpenAI; ../shared
+# /data/gsm8k/LICENSE), their solutions as the dataset writes them without the calculator
+# marks: with them SmolLM2-135M answers 8% of the Symphony benchmark's arithmetic set
+# greedily, with one made-up example 4%.
+EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "number": (
+        ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+         "clips in May. How many clips did Natalia sell altogether in April and May?",
+         "Natalia sold 48 / 2 = 24 clips in May.\nNatalia sold 48 + 24 = 72 clips "
+         "altogether in April and May.\nAnswer: 72"),
+        ("Tim has 30 less apples than Martha, and Harry has half as many apples as Tim. If "
+         "Martha has 68 apples, how many apples does Harry have?",
+         "Tim has 68 - 30 = 38 apples.\nHarry has 38 / 2 = 19 apples.\nAnswer: 19"),
+        ("John writes 20 pages a day. How long will it take him to write 3 books that are "
+         "400 pages each?",
+         "He wants to write 3 * 400 = 1200 pages.\nSo it will take him 1200 / 20 = 60 days."
+         "\nAnswer: 60"),
+        ("James buys 5 packs of beef that are 4 pounds each. The price of beef is $5.50 per "
+         "pound. How much did he pay?",
+         "He bought 5 * 4 = 20 pounds of beef.\nSo he paid 20 * 5.5 = $110.\nAnswer: 110"),
+    ),
+    "choice": (
+        ("Which animal is a mammal? (A) shark (B) dolphin (C) trout (D) octopus",
+         "A shark and a trout are fish, an octopus is a mollusc. A dolphin breathes air and "
+         "feeds its young milk, so it is a mammal.\nAnswer: (B)"),
+    ),
+    "text": (
+        ("What is the capital city of Japan?",
+         "Japan's government and emperor sit in Tokyo, its largest city.\nAnswer: Tokyo"),
+    ),
 }
 _ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:\uff1a]\s*\S[^\n]*\n", re.IGNORECASE)
 
@@ -58,11 +79,11 @@ class Solver(Protocol):
 
 
 def messages(question: str, answer_format: str) -> list[dict[str, str]]:
-    example_q, example_a = EXAMPLES[answer_format]
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": example_q},
-            {"role": "assistant", "content": example_a},
-            {"role": "user", "content": question}]
+    chat = [{"role": "system", "content": SYSTEM}]
+    for example_q, example_a in EXAMPLES[answer_format]:
+        chat += [{"role": "user", "content": example_q},
+                 {"role": "assistant", "content": example_a}]
+    return [*chat, {"role": "user", "content": question}]
 
 
 def confidence_of(cot: str, answer_format: str) -> tuple[str, float]:

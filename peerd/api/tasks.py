@@ -107,12 +107,12 @@ def routes(symphony: Symphony | None) -> list[Route]:
             tasks = service()
         except ApiError as exc:
             return exc.response()
-        record = tasks.records.get(request.path_params["task_id"])
-        if record is None:
-            return ApiError(404, "no such task on this peer (tasks are kept in memory, the "
-                            "last 256)", code="task_not_found").response()
-        return JSONResponse(record.to_json(), status_code=202 if record.status == "running"
-                            else 200)
+        task = tasks.task(request.path_params["task_id"])  # SQLite by key: sub-ms
+        if task is None:
+            return ApiError(404, "no such task on this peer: a peer keeps the tasks it "
+                            "requested itself (the last 4096 finished)",
+                            code="task_not_found").response()
+        return JSONResponse(task, status_code=202 if task.get("status") == "running" else 200)
 
     return [
         Route("/v1/tasks", create, methods=["POST"]),

@@ -1,0 +1,83 @@
+"""Finished tasks on disk, so that GET /v1/tasks/{id} still answers after a restart.
+
+One SQLite table in the data directory: a row per finished task (done or failed), its
+JSON as the API shows it, oldest dropped past `keep`. Tasks still running live only
+in memory (service.py); a restart ends them anyway.
+
+A database that cannot be read is moved aside (`tasks.db.corrupt-<time>`, nothing is
+deleted) and a fresh one started: the archive is a convenience, never a reason for
+the daemon not to start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_FILE = "tasks.db"
+KEEP = 4096  # finished tasks kept
+
+
+class TaskArchive:
+    def __init__(self, path: Path, keep: int = KEEP) -> None:
+        self.path, self.keep = path, keep
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            log.warning("task archive %s is unreadable (%s); moved to %s, starting a new one",
+                        path, exc, aside)
+            os.replace(path, aside)
+            self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        if not self.path.exists():  # SQLite gives its journal files the database's mode
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS tasks (n INTEGER PRIMARY KEY AUTOINCREMENT,"
+                       " id TEXT UNIQUE NOT NULL, body TEXT NOT NULL)")
+            db.execute("SELECT count(*) FROM tasks").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    def put(self, task_id: str, body: dict[str, Any]) -> None:
+        """Store a finished task (a second put of the same id replaces it). A failing
+        disk is logged, not raised: the task's caller already has its answer."""
+        try:
+            self._db.execute("INSERT OR REPLACE INTO tasks (id, body) VALUES (?, ?)",
+                             (task_id, json.dumps(body)))
+            self._db.execute("DELETE FROM tasks WHERE n NOT IN (SELECT n FROM tasks ORDER BY"
+                             " n DESC LIMIT ?)", (self.keep,))
+        except sqlite3.Error as exc:
+            log.error("could not archive task %s in %s: %s", task_id, self.path, exc)
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        try:
+            row = self._db.execute("SELECT body FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("could not read task %s from %s: %s", task_id, self.path, exc)
+            return None
+        if row is None:
+            return None
+        try:
+            body = json.loads(row[0])
+        except (TypeError, ValueError):  # a hand-edited row
+            return None
+        return body if isinstance(body, dict) else None
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT count(*) FROM tasks").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()

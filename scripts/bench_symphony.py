@@ -188,6 +188,12 @@ def summarise(outcomes: list[Outcome], seats: int) -> dict[str, Any]:
             "single_worker_pct": accuracy(rows, lambda o: (o.votes(1) or [{}])[0].get("answer")),
             "vote_3_pct": accuracy(rows, lambda o: vote(o.votes(3))),
             f"vote_{seats}_pct": accuracy(rows, lambda o: o.result.get("answer")),
+            # the ceiling of any vote: a task where no chain is right cannot be won
+            "any_chain_right_pct": accuracy(rows, lambda o: o.item.gold if any(
+                v.get("answer") == o.item.gold for v in o.votes()) else None),
+            "chains_right_pct": 100.0 * sum(v.get("answer") == o.item.gold for o in rows
+                                            for v in o.votes())
+            / max(sum(len(o.votes()) for o in rows), 1),
         }
     done = [o for o in outcomes if not o.error]
     beacon = [o.result["timings"]["beacon_ms"] for o in done]
@@ -210,13 +216,15 @@ def summarise(outcomes: list[Outcome], seats: int) -> dict[str, Any]:
 def print_tables(summary: dict[str, Any], seats: int) -> None:
     t = Table(title="Symphony accuracy (SmolLM2-135M, answer = number)")
     for col in ("set", "questions", "single worker (seat 0)", "3-worker vote (seats 0-2)",
-                f"{seats}-worker vote (task answer)", "failed tasks"):
+                f"{seats}-worker vote (task answer)", "any chain right", "chains right",
+                "failed tasks"):
         t.add_column(col)
     for name in ("arithmetic", "gsm8k"):
         s = summary.get(name)
         if s:
             t.add_row(name, str(s["questions"]), f"{s['single_worker_pct']:.1f}%",
                       f"{s['vote_3_pct']:.1f}%", f"{s[f'vote_{seats}_pct']:.1f}%",
+                      f"{s['any_chain_right_pct']:.1f}%", f"{s['chains_right_pct']:.1f}%",
                       str(s["failed_tasks"]))
     console.print(t)
     lat = summary["latency_ms"]

@@ -270,16 +270,30 @@ def test_tree_budget_follows_the_session() -> None:
 
 
 def test_tree_budget_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> None:
+    """Compute-bound, a head whose candidates are all long shots: after the first
+    rounds it stops growing trees (plain rounds), and every PROBE_EVERY rounds grows
+    one and sends a few nodes, to notice a head that starts hitting."""
     budget = TreeBudget()
     probs = [0.05] * 16
-    choices = []
-    for _ in range(40):
+    rounds: list[int | None] = []  # nodes sent; None: no tree grown
+    for _ in range(60):
+        if not budget.drafting():
+            rounds.append(None)
+            continue
         n = budget.choose(probs)
-        choices.append(n)
+        rounds.append(n)
         budget.observe(n, sum(probs[:n]), 0, 50.0 + 20.0 * n)
-    tail = choices[16:]
-    assert tail.count(0) >= len(tail) * 3 // 4
-    assert any(n > 0 for n in tail) and len(set(tail[:PROBE_EVERY * 2])) > 1
+    tail = rounds[20:]
+    assert tail.count(None) >= len(tail) * 3 // 4
+    probes = [n for n in tail if n is not None and n > 0]
+    assert probes and all(n == budget.probe for n in probes)
+    assert len(probes) >= len(tail) // (PROBE_EVERY + 1) - 1
+    # and once the head hits, trees come back
+    for _ in range(PROBE_EVERY + 1):
+        if budget.drafting():
+            n = budget.choose([0.95] * 16)
+            budget.observe(n, 0.95 * n, n, 50.0 + 2.0 * n)
+    assert budget.drafting() and budget.choose([0.95] * 16) > 0
 
 
 # ---- the speculative option ---------------------------------------------------------------

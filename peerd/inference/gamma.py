@@ -154,16 +154,19 @@ class GammaController:
 @dataclass
 class TreeBudget:
     """Per-session tree size: how many of the head's candidates a tree keeps. `fixed`
-    set: always that many; else best_tree_size from observed rounds, with a probe of
-    `probe` nodes every PROBE_EVERY rounds when no candidate pays."""
+    set: always that many; else best_tree_size from observed rounds. When no
+    candidate pays for its position the following rounds do not draft at all
+    (`drafting()`: growing a tree costs head time even if none of it is sent), until
+    a probe of `probe` nodes every PROBE_EVERY rounds."""
 
     fixed: int | None = None
     max_nodes: int = MAX_TREE_NODES
     probe: int = 4
-    fit: CostFit = field(default_factory=CostFit)
+    fit: CostFit = field(default_factory=CostFit)  # rounds that drafted, on nodes sent
     _accepted: float = 0.0  # decayed Σ accepted and Σ predicted, for the calibration
     _expected: float = 0.0
-    _plain_rounds: int = 0
+    _idle: int = 0  # rounds since a tree found nothing worth sending (0: drafting)
+    _probing: bool = False
 
     @property
     def calibration(self) -> float:
@@ -172,26 +175,36 @@ class TreeBudget:
             return 1.0
         return min(max(self._accepted / self._expected, 0.1), 3.0)
 
+    def drafting(self) -> bool:
+        """Whether to grow a tree this round (else a plain round)."""
+        if self._idle == 0:
+            return True
+        self._idle += 1
+        if self._idle > PROBE_EVERY:
+            self._idle, self._probing = 0, True
+            return True
+        return False
+
     def choose(self, probs: Sequence[float]) -> int:
         """How many of `probs` (the candidates' estimated chances, likeliest first) to
         keep."""
         probs = probs[:self.max_nodes]
         if self.fixed is not None:
-            n = min(self.fixed, len(probs))
-        elif self.fit.empty:
-            n = min(TREE_NODES, len(probs))
-        else:
-            fixed_ms, per_node_ms = self.fit.cost()
-            n = best_tree_size(probs, fixed_ms, per_node_ms, self.calibration)
-            if n == 0:
-                self._plain_rounds += 1
-                if self._plain_rounds >= PROBE_EVERY:
-                    self._plain_rounds, n = 0, min(self.probe, len(probs))
+            return min(self.fixed, len(probs))
+        if self.fit.empty:
+            return min(TREE_NODES, len(probs))
+        fixed_ms, per_node_ms = self.fit.cost()
+        n = best_tree_size(probs, fixed_ms, per_node_ms, self.calibration)
+        if self._probing:
+            self._probing, n = False, max(n, min(self.probe, len(probs)))
+        elif n == 0:
+            self._idle = 1
         return n
 
     def observe(self, sent: int, predicted: float, accepted: int, round_ms: float) -> None:
-        """A round sent `sent` draft positions in all, of which head candidates predicted
-        to commit `predicted` tokens, accepted `accepted` and took `round_ms`."""
+        """A round that drafted sent `sent` draft positions in all, of which head
+        candidates predicted to commit `predicted` tokens, accepted `accepted` and took
+        `round_ms`."""
         if predicted > 0:
             keep = 1 - DECAY
             self._accepted = keep * self._accepted + accepted

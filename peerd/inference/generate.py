@@ -233,14 +233,17 @@ class Generator:
                 rng_state = rng.get_state()  # a failed round is redrafted identically
                 draft = TokenTree([], [])
                 probs: torch.Tensor | None = None  # what a sampled chain was drawn from
+                grown = False  # a tree was grown this round (its size is then observed)
                 t0 = t_round = time.perf_counter()
                 if drafting is not None and kv > 0 and room > 0:
                     depth = min(gamma.next(), room)
-                    if tree_drafting is not None and depth > 0:
-                        draft = await self._in_thread(tree_drafting.propose_tree, depth,
-                                                      budget.choose)
-                        # every position this FORWARD writes must fit the session
-                        draft = draft.head(max_length - len(history))
+                    if tree_drafting is not None:
+                        grown = depth > 0 and budget.drafting()
+                        if grown:
+                            draft = await self._in_thread(tree_drafting.propose_tree, depth,
+                                                          budget.choose)
+                            # every position this FORWARD writes must fit the session
+                            draft = draft.head(max_length - len(history))
                     else:
                         chain = await self._in_thread(drafting.propose, depth, params, rng)
                         draft, probs = TokenTree.chain(chain.tokens), chain.probs
@@ -289,7 +292,7 @@ class Generator:
                                               result.wall_ms, len(draft)))
                     round_ms = (time.perf_counter() - t_round) * 1e3
                     gamma.observe(draft.depth(), len(verdict.path), round_ms)
-                    if tree_drafting is not None:
+                    if tree_drafting is not None and grown:
                         budget.observe(len(draft), *draft.estimated(verdict.path), round_ms)
                 for token in verdict.committed(draft):
                     history.append(token)

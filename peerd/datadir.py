@@ -3,6 +3,7 @@
     identity.key   ed25519 key, 0600: fixes the peer id
     api_token      bearer token for the local API, 0600
     ledger.sqlite  the capability ledger, 0600
+    tasks.db       finished Symphony tasks this peer requested, 0600
     daemon.json    while a daemon runs: pid, API URL, addresses
     lock           held (flock) by the running daemon: one daemon per data dir
 """
@@ -12,18 +13,35 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 KEY_FILE = "identity.key"
 TOKEN_FILE = "api_token"
 LEDGER_DB = "ledger.sqlite"
+TASKS_DB = "tasks.db"
 RUNTIME_FILE = "daemon.json"
 LOCK_FILE = "lock"
 
 
 class DataDirInUse(RuntimeError):
     pass
+
+
+def connect_private_db(path: Path) -> sqlite3.Connection:
+    """A SQLite database of the data dir: created owner-only if missing (SQLite gives
+    its journal files the database's mode), autocommit, WAL. OSError when it cannot be
+    created; sqlite3.DatabaseError when the file is not a database."""
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
 
 
 def read_token(data_dir: Path) -> str | None:

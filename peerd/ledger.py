@@ -16,7 +16,6 @@ Rules:
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
+from peerd.datadir import connect_private_db
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.ledger import (
@@ -172,21 +172,17 @@ class LedgerStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        if not path.exists():  # SQLite gives its journal files the database's mode
-            try:
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            except OSError as exc:
-                raise LedgerStoreError(
-                    f"cannot create ledger database {path}: {exc.strerror}") from None
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = connect_private_db(path)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS entries (peer_id TEXT PRIMARY KEY, seq INTEGER"
                 " NOT NULL, body BLOB NOT NULL, sig BLOB NOT NULL, expires_at REAL NOT NULL)"
             )
             self._db.execute("SELECT count(*) FROM entries").fetchone()
+        except OSError as exc:
+            raise LedgerStoreError(
+                f"cannot create ledger database {path}: {exc.strerror}") from None
         except sqlite3.DatabaseError as exc:
             raise LedgerStoreError(
                 f"ledger database {path} is corrupt or unreadable ({exc}). Move it aside "

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peerd.datadir import connect_private_db
+
 log = logging.getLogger(__name__)
 
-ARCHIVE_FILE = "tasks.db"
 KEEP = 4096  # finished tasks kept
 
 
@@ -38,11 +39,8 @@ class TaskArchive:
             self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
-        if not self.path.exists():  # SQLite gives its journal files the database's mode
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db = connect_private_db(self.path)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS tasks (n INTEGER PRIMARY KEY AUTOINCREMENT,"
                        " id TEXT UNIQUE NOT NULL, body TEXT NOT NULL)")
             db.execute("SELECT count(*) FROM tasks").fetchone()

@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from peerd.agents.answers import normalise
-from peerd.agents.archive import ARCHIVE_FILE, TaskArchive
+from peerd.agents.archive import TaskArchive
 from peerd.agents.election import (
     Candidate,
     Election,
@@ -49,6 +49,7 @@ from peerd.agents.skills import LexicalMatcher, SkillMatcher
 from peerd.agents.solver import Solver
 from peerd.agents.voting import Ballot, tally
 from peerd.agents.worker import TaskWorker
+from peerd.datadir import TASKS_DB
 from peerd.node import Node
 from peerd.rpc import call, stream_handler
 from protocols.beacon import (
@@ -162,7 +163,7 @@ class Symphony:
         self.warm_up = warm_up
         self.book = _load_book(node)
         self.records: OrderedDict[str, TaskRecord] = OrderedDict()  # recent, live
-        self.archive = TaskArchive(Path(node.config.data_dir) / ARCHIVE_FILE)
+        self.archive = TaskArchive(Path(node.config.data_dir) / TASKS_DB)
         self._open: dict[str, _Open] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._running = trio.CapacityLimiter(MAX_RUNNING)

@@ -292,7 +292,7 @@ class Generator:
                                               result.wall_ms, len(draft)))
                     round_ms = (time.perf_counter() - t_round) * 1e3
                     gamma.observe(draft.depth(), len(verdict.path), round_ms)
-                    if tree_drafting is not None and grown:
+                    if grown:
                         budget.observe(len(draft), *draft.estimated(verdict.path), round_ms)
                 for token in verdict.committed(draft):
                     history.append(token)

@@ -148,9 +148,12 @@ class TreeBuilder:
         """The candidates a tree keeps: the `nodes` best by score (as a function: as
         many as it says, given every candidate's estimate, best first)."""
         ranked = sorted(range(len(self.tokens)), key=lambda n: -self.scores[n])
-        n = nodes if isinstance(nodes, int) else nodes(
-            [math.exp(min(self.scores[i], 0.0)) for i in ranked])
+        n = nodes if isinstance(nodes, int) else nodes([self.estimate(i) for i in ranked])
         return ranked[:max(n, 0)]
+
+    def estimate(self, node: int) -> float:
+        """The node's estimated chance to be accepted: exp(score), at most 1."""
+        return math.exp(min(self.scores[node], 0.0))
 
     def build(self, keep: Sequence[int] | None = None) -> TokenTree:
         """The tree of `keep` (default all nodes; ancestors of a kept node are kept
@@ -172,7 +175,7 @@ class TreeBuilder:
             new_parent, node = stack.pop()
             tokens.append(self.tokens[node])
             parents.append(new_parent)
-            estimates.append(math.exp(min(self.scores[node], 0.0)))
+            estimates.append(self.estimate(node))
             mine = len(tokens) - 1
             stack.extend((mine, c) for c in sorted(children.get(node, []), key=self._rank))
         return TokenTree(tokens, parents, estimates)

@@ -24,6 +24,7 @@ from rich.table import Table
 from peerd import __version__
 from peerd.config import DEFAULT_API, ConfigError, default_data_dir, load_config
 from peerd.datadir import read_runtime_file, read_token
+from peerd.inference.vocab import DRAFT_VOCAB_SIZE
 
 # Piped output gets a wide fixed width: rich would squeeze tables into 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -682,7 +683,8 @@ def shards(data_dir: Path | None, api: str | None, token: str | None, as_json: b
 
 @main.group()
 def draft() -> None:
-    """Drafters for speculative decoding: train an EAGLE draft head."""
+    """Drafters for speculative decoding: train an EAGLE draft head, set its draft
+    vocabulary."""
 
 
 @draft.command("train")
@@ -706,10 +708,14 @@ def draft() -> None:
               help="Keep the generated answers here, and reuse them when it exists.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
               help="torch threads.")
+@click.option("--vocab-size", default=DRAFT_VOCAB_SIZE, show_default=True,
+              type=click.IntRange(1), metavar="N",
+              help="Draft over the N tokens most frequent in the training answers (the "
+                   "model's vocabulary size or more: all of them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int,
                 per_file: int | None, holdout: int, max_new_tokens: int, data: Path | None,
-                threads: int, as_json: bool) -> None:
+                threads: int, vocab_size: int, as_json: bool) -> None:
     """Train an EAGLE draft head on the target's own greedy answers (CPU, minutes), and
     measure its acceptance on held-out prompts against prompt lookup."""
     from peerd.inference.eagle_train import TrainConfig, train_eagle
@@ -719,7 +725,7 @@ def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int
     try:
         report = train_eagle(spec, out, files, TrainConfig(steps=steps), per_file=per_file,
                              holdout=holdout, max_new_tokens=max_new_tokens, data=data,
-                             threads=threads)
+                             threads=threads, vocab_size=vocab_size)
     except (ModelError, ValueError, OSError) as exc:
         fail(str(exc))
 
@@ -745,6 +751,62 @@ def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int
                       highlight=False)
 
     emit(report, as_json, render)
+
+
+@draft.command("vocab")
+@click.option("--model", "spec", required=True, metavar="SPEC",
+              help="The target the head drafts for (its tokenizer counts the text).")
+@click.option("--head", "head_file", required=True, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The EAGLE head file to rewrite.")
+@click.option("--text", "text_files", multiple=True, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text to count tokens in (repeatable): .jsonl (every string value) or "
+                   "any text file.")
+@click.option("--size", default=DRAFT_VOCAB_SIZE, show_default=True, type=click.IntRange(1),
+              help="Ids to keep (the model's vocabulary size or more: all of them).")
+@click.option("--none", "clear", is_flag=True, help="Remove the draft vocabulary instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def draft_vocab(spec: str, head_file: Path, text_files: tuple[Path, ...], size: int,
+                clear: bool, as_json: bool) -> None:
+    """Give an EAGLE head a draft vocabulary: its drafts are scored over the SIZE tokens
+    most frequent in the text (plus the request's own context tokens), not the whole
+    vocabulary; one lm_head call is most of a draft step. Verification is unchanged."""
+    from peerd.inference.drafters import DraftError
+    from peerd.inference.eagle import set_vocab
+    from peerd.inference.eagle_train import progress_bar
+    from peerd.inference.head import Head
+    from peerd.inference.source import ModelError, load_tokenizer, resolve
+    from peerd.inference.vocab import VocabError, count_files, coverage, pick
+
+    if not clear and not text_files:
+        fail("give --text FILE (repeatable) to count tokens in, or --none to remove the "
+             "draft vocabulary")
+    try:
+        source = resolve(spec)
+        head = Head(source)
+        if clear:
+            set_vocab(head_file, head, None)
+            emit({"head": str(head_file), "size": head.vocab_size, "removed": True},
+                 as_json, lambda r: console.print(f"{r['head']}: drafts over the whole "
+                                                  f"vocabulary ({r['size']})"))
+            return
+        tokenizer = load_tokenizer(source)
+        with progress_bar(not as_json) as bar:
+            task = bar.add_task("counting", total=len(text_files), info="")
+            counts = count_files(
+                text_files, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"],
+                lambda _: bar.update(task, advance=1))
+        ids = pick(counts, head.vocab_size, size, always=tokenizer.all_special_ids)
+        info = {"counted": f"{len(text_files)} text files", "tokens": sum(counts.values()),
+                "coverage": round(coverage(ids, counts), 4)}
+        set_vocab(head_file, head, ids, info)
+    except (ModelError, DraftError, VocabError, OSError, UnicodeDecodeError) as exc:
+        fail(str(exc))
+    report = {"head": str(head_file), "size": len(ids), "vocab_size": head.vocab_size, **info}
+    emit(report, as_json, lambda r: console.print(
+        f"{r['head']}: drafts over {r['size']} of {r['vocab_size']} tokens, covering "
+        f"{100 * r['coverage']:.2f}% of the {r['tokens']} counted", highlight=False))
 
 
 # ---- Symphony: a task for elected workers -------------------------------------------------

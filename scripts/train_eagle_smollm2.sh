@@ -7,9 +7,21 @@
 # (about half that when the machine is idle).
 # Extra arguments go to `peerd draft train`, e.g. --data /tmp/smollm2-answers.pt to
 # keep the generated answers for another run.
+# `peerd draft train` picks the head's draft vocabulary (vocab.py) from the target's
+# training answers. The shipped head predates that: its 16384 ids were counted with
+#   scripts/train_eagle_smollm2.sh --vocab-only
+# on GSM8K train, peerd's draft prompts, Python's standard library (*.py) and the
+# METADATA (READMEs: prose and markdown) of the packages scripts/setup installs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+if [[ "${1:-}" == "--vocab-only" ]]; then
+    stdlib="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
+    texts=(../shared/data/gsm8k/train.jsonl peerd/data/draft_prompts.jsonl "$stdlib"/*.py
+           .venv/lib/python*/site-packages/*.dist-info/METADATA)
+    exec .venv/bin/peerd draft vocab --model smollm2 --size 16384 \
+        --head peerd/data/eagle-smollm2.safetensors "${texts[@]/#/--text=}"
+fi
 exec .venv/bin/peerd draft train --model smollm2 \
     --out peerd/data/eagle-smollm2.safetensors \
     --prompts peerd/data/draft_prompts.jsonl \

@@ -74,7 +74,8 @@ def check_same_or_near_tie(model: torch.nn.Module, prompt: Sequence[int], got: l
     assert gap < NEAR_TIE, f"output diverged at token {i} with a top-2 gap of {gap:.2e}"
 
 
-def untrained_eagle(runtime: ModelRuntime, path: Path) -> Path:
+def untrained_eagle(runtime: ModelRuntime, path: Path,
+                    vocab: list[int] | None = None) -> Path:
     """An EAGLE head for the tiny target, random weights: wrong most of the time, which
     exercises rejection and rollback as much as a good one exercises acceptance."""
     from peerd.inference.eagle import EagleConfig, EagleHead, save_eagle
@@ -82,7 +83,7 @@ def untrained_eagle(runtime: ModelRuntime, path: Path) -> Path:
 
     torch.manual_seed(0)
     eagle = EagleHead(EagleConfig.from_target(load_config(runtime.source)))
-    save_eagle(eagle, runtime.head, path)
+    save_eagle(eagle, runtime.head, path, vocab=vocab)
     return path
 
 
@@ -96,8 +97,12 @@ async def test_greedy_dsd_equals_plain_greedy_with_every_drafter(
         plain, stats = await run(entry, None)
         assert plain == expected and stats.rounds[0].drafted == 0
         head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
+        # drafting over the odd token ids only (and the context's own tokens)
+        odd = untrained_eagle(entry, tmp_path / "odd.safetensors",
+                              vocab=list(range(1, entry.head.vocab_size, 2)))
         for draft, gamma, tree in [("ngram", None, True), (f"eagle:{head}", 4, True),
                                    (f"eagle:{head}", None, True), (f"eagle:{head}", 4, False),
+                                   (f"eagle:{odd}", None, True), (f"eagle:{odd}", 4, False),
                                    (f"model:{other_tiny}", 3, True),
                                    (f"model:{tiny}", None, True), (f"model:{tiny}", 8, True)]:
             spec = SpeculativeOptions(draft, "greedy", gamma, tree)

@@ -18,6 +18,7 @@ from peerd.inference.eagle import (
     default_eagle_path,
     load_eagle,
     save_eagle,
+    set_vocab,
 )
 from peerd.inference.eagle_train import (
     Example,
@@ -264,6 +265,105 @@ def test_the_shipped_smollm2_head_loads_and_drafts() -> None:
     s.extend([*ids, first], features)
     draft = s.propose(5, GREEDY, torch.Generator())
     assert len(draft.tokens) == 5 and all(0 <= t < head.vocab_size for t in draft.tokens)
+
+
+def test_a_draft_vocabulary_scores_its_ids_and_the_contexts(
+        head: Head, trained: EagleHead, examples: list[Example]) -> None:
+    V = head.vocab_size
+    e = examples[0]
+    context = set(e.tokens[:e.prompt_len + 1].tolist())
+    vocab = list(range(0, V, 3))  # a third of the ids
+    allowed = set(vocab) | context
+    whole, part = EagleDrafter(head, trained), EagleDrafter(head, trained, vocab=vocab)
+    assert whole.logits.size == V and part.logits.size == len(vocab)
+    s = part.start()
+    s.extend(e.tokens[:e.prompt_len + 1].tolist(), e.features[:e.prompt_len])
+    assert set(s.extra) == context - set(vocab) and s.extra_rows is not None
+    # the columns are the whole vocabulary's logits for those ids
+    assert s.pending is not None
+    sub, ids = s._logits(s.pending)  # [1, 1, K + m]
+    full, none = whole.logits(s.pending)  # [1, 1, V]
+    assert none is None and ids is not None and sorted(ids.tolist()) == sorted(allowed)
+    torch.testing.assert_close(sub[0, 0], full[0, 0, ids], atol=1e-3, rtol=1e-3)
+    # drafts only ever hold those ids; a chain's distributions are 0 off them
+    hot = SamplingParams(temperature=1.0)
+    for params in (GREEDY, hot):
+        d = s.propose(6, params, torch.Generator().manual_seed(3))
+        assert len(d.tokens) == 6 and set(d.tokens) <= allowed
+    d = s.propose(4, hot, torch.Generator().manual_seed(3))
+    assert d.probs is not None
+    off = torch.ones(V, dtype=torch.bool)
+    off[sorted(allowed)] = False
+    assert float(d.probs[:, off].sum()) == 0.0
+    torch.testing.assert_close(d.probs.sum(-1), torch.ones(4))
+    tree = s.propose_tree(4)
+    assert len(tree) > 1 and set(tree.tokens) <= allowed
+    # tokens committed later that the vocabulary leaves out become draftable too
+    rare = next(t for t in range(V) if t not in allowed)
+    s.extend([rare], e.features[e.prompt_len:e.prompt_len + 1])
+    assert rare in s.extra and s.extra_rows is not None and len(s.extra_rows) == len(s.extra)
+    # a vocabulary of every id is no vocabulary
+    assert EagleDrafter(head, trained, vocab=list(range(V))).logits.ids is None
+    with pytest.raises(DraftError, match="outside"):
+        EagleDrafter(head, trained, vocab=[0, V])
+
+
+def test_a_draft_vocabulary_is_saved_set_and_removed(tmp_path: Path, head: Head,
+                                                     trained: EagleHead) -> None:
+    from safetensors import safe_open
+
+    path = tmp_path / "eagle.safetensors"
+    save_eagle(trained, head, path, vocab=[4, 2, 9], vocab_info={"counted": "test"})
+    loaded = load_eagle(path, head)
+    assert loaded.logits.ids is not None and loaded.logits.ids.tolist() == [2, 4, 9]
+
+    def weights(p: Path) -> dict[str, torch.Tensor]:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k != "draft_vocab"}  # noqa: SIM118
+
+    before = weights(path)
+    set_vocab(path, head, list(range(0, head.vocab_size, 2)), {"counted": "again"})
+    assert load_eagle(path, head).logits.size == len(range(0, head.vocab_size, 2))
+    set_vocab(path, head, None)
+    assert load_eagle(path, head).logits.ids is None
+    after = weights(path)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+    with pytest.raises(DraftError, match="outside"):
+        set_vocab(path, head, [head.vocab_size + 5])
+    assert load_eagle(path, head).logits.ids is None  # the failed write left it alone
+
+
+def test_a_broken_draft_vocabulary_or_format_version_is_refused(
+        tmp_path: Path, head: Head, trained: EagleHead) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_eagle(trained, head, good)
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    def variant(name: str, extra: dict[str, torch.Tensor], **header: str) -> Path:
+        path = tmp_path / name
+        save_file({**tensors, **extra}, str(path), metadata={**meta, **header})
+        return path
+
+    old = variant("v1.safetensors", {}, version="1")  # heads written before vocabularies
+    assert load_eagle(old, head).logits.ids is None
+    for path, match in [
+            (variant("float.safetensors", {"draft_vocab": torch.zeros(3)}), "not a list"),
+            (variant("2d.safetensors", {"draft_vocab": torch.zeros(2, 2, dtype=torch.int32)}),
+             "not a list"),
+            (variant("range.safetensors",
+                     {"draft_vocab": torch.tensor([1, head.vocab_size + 1], dtype=torch.int32)}),
+             "outside"),
+            (variant("dup.safetensors", {"draft_vocab": torch.tensor([1, 1], dtype=torch.int32)}),
+             "repeats"),
+            (variant("v9.safetensors", {}, version="9"), "reads versions 1, 2")]:
+        with pytest.raises(DraftError, match=match):
+            load_eagle(path, head)
 
 
 def test_a_wider_head_cannot_draft_for_a_narrower_model(tiny: Path, head: Head) -> None:

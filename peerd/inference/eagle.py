@@ -55,9 +55,12 @@ from peerd.inference.gamma import TREE_NODES
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.tree import NodeBudget, TokenTree, TreeBuilder
+from peerd.inference.vocab import VocabError, validate
 
 FORMAT = "peerd-eagle"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: an optional draft vocabulary
+READS_VERSIONS = ("1", "2")
+VOCAB_TENSOR = "draft_vocab"  # int32 [K]: the ids drafts are scored over (vocab.py)
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # model_id -> the head shipped in peerd/data for it (see scripts/train_eagle_smollm2.sh)
 SHIPPED = {"SmolLM2-135M-Instruct.Q4_1": "eagle-smollm2.safetensors"}
@@ -155,41 +158,82 @@ class EagleHead(nn.Module):
 
 class EagleDrafter:
     """Drafts with `eagle` over the target's `head` (whose embeddings and lm_head it
-    borrows). Inference only: the head is put in eval mode without gradients."""
+    borrows), scoring drafts over `vocab` (ascending token ids; None: the whole
+    vocabulary). Inference only: the head is put in eval mode without gradients."""
 
-    def __init__(self, head: Head, eagle: EagleHead, name: str = "eagle") -> None:
+    def __init__(self, head: Head, eagle: EagleHead, name: str = "eagle",
+                 vocab: Sequence[int] | None = None) -> None:
         if eagle.config.hidden_size != head.hidden_size:
             raise DraftError(f"EAGLE head of width {eagle.config.hidden_size} cannot draft "
                              f"for {head.model_id} (hidden size {head.hidden_size})")
         self.head = head
         self.eagle = eagle.eval().requires_grad_(False)
         self.name = name
-        self.logits = DraftLogits(head)
+        self.logits = DraftLogits(head, vocab)
 
     def start(self) -> EagleSession:
         return EagleSession(self.head, self.eagle, self.logits)
 
 
 class DraftLogits:
-    """The target's final norm and lm_head, for drafting. On a float32 CPU head the
-    lm_head matrix is also kept in bfloat16 (SmolLM2: 56 MB more) and drafts are
-    scored with that: one lm_head call is most of a draft step, and in bfloat16 it
-    runs ~3x faster on a CPU with AVX-512 BF16. A draft only has to be a good guess;
-    verification always uses the target's own precision."""
+    """The target's final norm and lm_head, for drafting, over a draft vocabulary (see
+    vocab.py: its rows of lm_head only) plus, per session, the rows of the context's
+    tokens outside it (`rows`). On a float32 CPU head the rows are kept in bfloat16
+    (SmolLM2's whole matrix: 56 MB more): one lm_head call is most of a draft step,
+    and in bfloat16 it runs ~3x faster on a CPU with AVX-512 BF16. A draft only has
+    to be a good guess; verification always uses the target's own precision and
+    whole vocabulary."""
 
-    def __init__(self, head: Head) -> None:
+    def __init__(self, head: Head, vocab: Sequence[int] | None = None) -> None:
         self.head = head
-        self.weight: torch.Tensor | None = None
-        if head.device.type == "cpu" and head.dtype == torch.float32:
-            self.weight = head.lm_head.weight.detach().to(torch.bfloat16)  # [V, H]
+        self.dtype = (torch.bfloat16 if head.device.type == "cpu"
+                      and head.dtype == torch.float32 else head.dtype)
+        weight = head.lm_head.weight.detach()  # [V, H]
+        self.member: torch.Tensor | None = None  # [V] bool: in the draft vocabulary
+        self.ids: torch.Tensor | None = None  # [K]: the draft vocabulary's token ids
+        if vocab is not None and len(vocab) < head.vocab_size:
+            try:
+                validate(vocab, head.vocab_size)
+            except VocabError as exc:
+                raise DraftError(str(exc)) from exc
+            self.ids = torch.tensor(sorted(vocab), dtype=torch.long, device=head.device)
+            self.member = torch.zeros(head.vocab_size, dtype=torch.bool, device=head.device)
+            self.member[self.ids] = True
+            weight = weight[self.ids]  # [K, H]
+        self.weight = weight.to(self.dtype)  # [K, H]; lm_head itself when nothing changes
+
+    @property
+    def size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def outside(self, tokens: Sequence[int]) -> list[int]:
+        """Those of `tokens` that the draft vocabulary leaves out."""
+        if self.member is None or not tokens:
+            return []
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.member.device)
+        return [int(t) for t in ids[~self.member[ids]].tolist()]
+
+    def rows(self, tokens: Sequence[int]) -> torch.Tensor:
+        """lm_head rows [n, H] of `tokens`, in the drafting dtype."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.head.device)
+        return self.head.lm_head.weight.detach()[ids].to(self.dtype)
 
     @torch.inference_mode()
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """features [B, T, H] -> logits [B, T, V] float32."""
-        if self.weight is None:
-            return self.head.logits(features)
-        x = self.head.norm(features.to(self.head.dtype))  # [B, T, H]
-        return nn.functional.linear(x.to(torch.bfloat16), self.weight).float()  # [B, T, V]
+    def __call__(self, features: torch.Tensor, extra: tuple[list[int], torch.Tensor] | None
+                 = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """features [B, T, H] -> (logits [B, T, K'] float32, their token ids [K'] or None
+        when the columns are the whole vocabulary in order); `extra` = (token ids,
+        their `rows`) appended as more columns."""
+        x = self.head.norm(features.to(self.head.dtype)).to(self.dtype)  # [B, T, H]
+        logits = nn.functional.linear(x, self.weight).float()  # [B, T, K]
+        ids = self.ids
+        if extra is not None and extra[0]:
+            more = nn.functional.linear(x, extra[1]).float()  # [B, T, m]
+            logits = torch.cat([logits, more], dim=-1)  # [B, T, K + m]
+            base = ids if ids is not None else torch.arange(self.size, device=more.device)
+            ids = torch.cat([base, torch.tensor(extra[0], dtype=torch.long,
+                                                device=base.device)])  # [K + m]
+        return logits, ids
 
 
 class EagleSession:
@@ -204,6 +248,10 @@ class EagleSession:
         self.tokens: list[int] = []
         self.slots = 0  # committed slots in the cache = features received
         self.pending: torch.Tensor | None = None  # [1, 1, H]: f̂ of the last committed position
+        # the context's tokens outside the draft vocabulary, and their lm_head rows [m, H]:
+        # an answer often repeats a rare token of its prompt (a code identifier, a name)
+        self.extra: list[int] = []
+        self.extra_rows: torch.Tensor | None = None
 
     @torch.inference_mode()
     def extend(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
@@ -220,6 +268,12 @@ class EagleSession:
                              "committed tokens: the eagle drafter needs one for each but "
                              "the last")
         self.tokens.extend(tokens)
+        new = [t for t in dict.fromkeys(self.logits.outside(tokens)) if t not in self.extra]
+        if new:
+            rows = self.logits.rows(new)  # [len(new), H]
+            self.extra += new
+            self.extra_rows = (rows if self.extra_rows is None
+                               else torch.cat([self.extra_rows, rows]))  # [m, H]
         if n == 0:
             return
         # slot q pairs f_q with x_{q+1}: the tokens after each new feature's position
@@ -237,7 +291,7 @@ class EagleSession:
         draft = DraftBuilder(params, rng)
         try:
             for i in range(gamma):
-                token = draft.add(self.logits(feature)[0, -1])  # logits [V] float32
+                token = draft.add(self._full_logits(feature))  # [V] float32
                 if i + 1 < gamma:  # a draft slot: the head's own feature and token
                     ids = torch.tensor([[token]])  # [1, 1]
                     embeds = self.head.embed(ids).to(self.param)  # [1, 1, H]
@@ -299,12 +353,28 @@ class EagleSession:
             keep += builder.add_chain(follow, LOOKUP_SCORE - i)
         return builder.build(keep)
 
+    def _logits(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """features [1, n, H] -> (logits [1, n, K'], token ids [K'] or None: see DraftLogits)."""
+        extra = (self.extra, self.extra_rows) if self.extra_rows is not None else None
+        return self.logits(features, extra)
+
+    def _full_logits(self, feature: torch.Tensor) -> torch.Tensor:
+        """feature [1, 1, H] -> logits [V] float32 (-inf off the draft vocabulary)."""
+        logits, ids = self._logits(feature)  # [1, 1, K']
+        if ids is None:
+            return logits[0, -1]
+        full = torch.full((self.head.vocab_size,), float("-inf"), device=logits.device)
+        return full.index_copy_(0, ids, logits[0, -1])  # [V]
+
     def _children(self, builder: TreeBuilder, parents: list[int], features: torch.Tensor,
                   width: int) -> list[int]:
         """Add the head's `width` likeliest tokens after each of `features` [1, n, H]
         under the matching node of `parents` (-1: the root); one lm_head call for all."""
-        logp = torch.log_softmax(self.logits(features)[0], dim=-1)  # [n, V]
+        logits, ids = self._logits(features)  # [1, n, K']
+        logp = torch.log_softmax(logits[0], dim=-1)  # [n, K']
         top_p, top = torch.topk(logp, width, dim=-1)  # [n, width] each
+        if ids is not None:
+            top = ids[top]  # columns -> token ids
         added = []
         for parent, ps, ts in zip(parents, top_p.tolist(), top.tolist(), strict=True):
             score = builder.scores[parent] if parent >= 0 else 0.0
@@ -342,16 +412,34 @@ def target_metadata(head: Head) -> dict[str, str]:
 
 
 def save_eagle(eagle: EagleHead, head: Head, path: Path,
-               extra: dict[str, Any] | None = None) -> None:
-    """Write `eagle` as fp16 safetensors, for the target `head`; `extra` (how it was
-    trained) goes into the header as JSON."""
-    from safetensors.torch import save_file
-
+               extra: dict[str, Any] | None = None, vocab: Sequence[int] | None = None,
+               vocab_info: dict[str, Any] | None = None) -> None:
+    """Write `eagle` as fp16 safetensors, for the target `head`, with its draft `vocab`
+    if any; `extra` (how it was trained) and `vocab_info` (where the vocabulary came
+    from) go into the header as JSON."""
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **target_metadata(head),
             "config": json.dumps(asdict(eagle.config)),
             "training": json.dumps(extra or {}, sort_keys=True)}
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous()
                for k, v in eagle.state_dict().items()}
+    _write(path, meta, tensors, head, vocab, vocab_info)
+
+
+def _write(path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], head: Head,
+           vocab: Sequence[int] | None, vocab_info: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+
+    meta, tensors = dict(meta), dict(tensors)
+    meta.pop(VOCAB_TENSOR, None)
+    tensors.pop(VOCAB_TENSOR, None)
+    if vocab is not None:
+        try:
+            validate(vocab, head.vocab_size)
+        except VocabError as exc:
+            raise DraftError(str(exc)) from exc
+        tensors[VOCAB_TENSOR] = torch.tensor(sorted(vocab), dtype=torch.int32)
+        meta[VOCAB_TENSOR] = json.dumps({"size": len(vocab), **(vocab_info or {})},
+                                        sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata=meta)
@@ -372,9 +460,9 @@ def read_eagle_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]
     if meta.get("format") != FORMAT:
         raise DraftError(f"{path} is not a peerd EAGLE head: its header has no "
                          f"format={FORMAT!r}")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READS_VERSIONS:
         raise DraftError(f"{path}: EAGLE head format version {meta.get('version')!r}; this "
-                         f"peerd reads version {FORMAT_VERSION}")
+                         f"peerd reads versions {', '.join(READS_VERSIONS)}")
     return meta, tensors
 
 
@@ -392,6 +480,10 @@ def load_eagle(path: Path, head: Head, name: str = "eagle") -> EagleDrafter:
             f"{path} is an EAGLE head for {meta.get('model_id', '?')!r}, not for "
             f"{head.model_id!r}: the models differ in {', '.join(differs)} (train one for "
             f"this model: peerd draft train --model ...)")
+    vocab = tensors.pop(VOCAB_TENSOR, None)
+    if vocab is not None and (vocab.dim() != 1 or vocab.dtype.is_floating_point):
+        raise DraftError(f"{path}: its {VOCAB_TENSOR} is not a list of token ids "
+                         f"({vocab.dtype}, shape {list(vocab.shape)})")
     try:
         known = {f.name for f in fields(EagleConfig)}
         config = EagleConfig(**{k: v for k, v in json.loads(meta["config"]).items()
@@ -404,7 +496,21 @@ def load_eagle(path: Path, head: Head, name: str = "eagle") -> EagleDrafter:
     if head.dtype == torch.bfloat16:  # the weights only: RoPE frequencies stay float32
         for module in (eagle.feature_norm, eagle.fc, eagle.layer):
             module.to(torch.bfloat16)
-    return EagleDrafter(head, eagle, name=name)
+    ids = None if vocab is None else [int(t) for t in vocab.tolist()]
+    try:
+        return EagleDrafter(head, eagle, name=name, vocab=ids)
+    except DraftError as exc:
+        raise DraftError(f"{path}: {exc}") from exc
+
+
+def set_vocab(path: Path, head: Head, vocab: Sequence[int] | None,
+              info: dict[str, Any] | None = None) -> None:
+    """Rewrite the head file `path` with draft vocabulary `vocab` (None: none, draft
+    over the whole vocabulary); its weights (as stored) and header stay."""
+    path = Path(path)
+    load_eagle(path, head)  # refuses a head for another model, or a broken file
+    meta, tensors = read_eagle_file(path)
+    _write(path, {**meta, "version": FORMAT_VERSION}, tensors, head, vocab, info)
 
 
 def default_eagle_path(model_id: str) -> Path | None:

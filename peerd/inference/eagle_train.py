@@ -49,6 +49,7 @@ from peerd.inference.eagle import EagleConfig, EagleDrafter, EagleHead, save_eag
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve
+from peerd.inference.vocab import DRAFT_VOCAB_SIZE, count_tokens, coverage, pick
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -390,12 +391,14 @@ def measure(drafter: Drafter, examples: Sequence[Example], gamma: int) -> Accept
 
 
 def compare(head: Head, eagle: EagleHead, examples: Sequence[Example],
-            gammas: Sequence[int]) -> dict[str, dict[str, Any]]:
-    """Held-out acceptance of the head and of prompt lookup, overall ("eagle@5") and per
-    prompt source ("eagle@5:gsm8k")."""
+            gammas: Sequence[int], vocab: Sequence[int] | None = None
+            ) -> dict[str, dict[str, Any]]:
+    """Held-out acceptance of the head (drafting over `vocab`) and of prompt lookup,
+    overall ("eagle@5") and per prompt source ("eagle@5:gsm8k")."""
     sources = sorted({e.source for e in examples})
     report: dict[str, dict[str, Any]] = {}
-    for name, drafter in (("eagle", EagleDrafter(head, eagle)), ("ngram", NgramDrafter())):
+    for name, drafter in (("eagle", EagleDrafter(head, eagle, vocab=vocab)),
+                          ("ngram", NgramDrafter())):
         for gamma in gammas:
             parts = {src: measure(drafter, [e for e in examples if e.source == src], gamma)
                      for src in sources}
@@ -419,7 +422,7 @@ def sum_acceptance(gamma: int, parts: Iterable[Acceptance]) -> Acceptance:
 
 
 @contextmanager
-def _progress(show: bool) -> Iterator[Progress]:
+def progress_bar(show: bool) -> Iterator[Progress]:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
@@ -431,9 +434,10 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
                 *, per_file: int | None = None, holdout: int = 24,
                 max_new_tokens: int = 160, gen_batch: int = 32, threads: int | None = 2,
                 data: Path | None = None, gammas: Sequence[int] = (3, 5, 8),
-                progress: bool = True) -> dict[str, Any]:
+                vocab_size: int = DRAFT_VOCAB_SIZE, progress: bool = True) -> dict[str, Any]:
     """Generate the data (or read it from `data`, written there the first time), train,
-    measure on the held-out prompts, save the head to `out`; returns a report."""
+    pick a draft vocabulary of `vocab_size` ids from the training answers, measure on
+    the held-out prompts, save the head to `out`; returns a report."""
     cfg = cfg or TrainConfig()
     began = time.monotonic()
     if threads is not None:
@@ -449,7 +453,7 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         tokenizer = load_tokenizer(source)
         model = reference_model(source)
         everything = train_prompts + held_prompts
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task("generating", total=len(everything), info="")
             made = [0]
 
@@ -466,7 +470,7 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
     generated_s = time.monotonic() - began
 
     eagle = EagleHead(EagleConfig.from_target(load_config(source)))
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
 
         def report(step: int, stats: list[dict[str, float]]) -> None:
@@ -476,7 +480,13 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         final = train_head(eagle, head, train_set, cfg, report)
     trained_s = time.monotonic() - began - generated_s
 
-    acceptance = compare(head, eagle, held_set, gammas)
+    answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in train_set)
+    held_answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in held_set)
+    vocab = pick(answers, head.vocab_size, vocab_size,
+                 always=load_tokenizer(source).all_special_ids)
+    vocab_info = {"counted": "the training answers",
+                  "held_out_coverage": round(coverage(vocab, held_answers), 4)}
+    acceptance = compare(head, eagle, held_set, gammas, vocab)
 
     summary = {
         "model_id": head.model_id, "out": str(out),
@@ -487,7 +497,8 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         "max_new_tokens": max_new_tokens, "final_losses": final,
         "data_s": round(generated_s, 1), "train_s": round(trained_s, 1),
     }
-    save_eagle(eagle, head, out, extra=summary)
+    save_eagle(eagle, head, out, extra=summary, vocab=vocab, vocab_info=vocab_info)
+    summary["draft_vocab"] = {"size": len(vocab), **vocab_info}
     summary["acceptance"] = acceptance
     summary["bytes"] = out.stat().st_size
     summary["total_s"] = round(time.monotonic() - began, 1)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 import click
 import httpx
@@ -814,7 +815,9 @@ def draft_vocab(spec: str, head_file: Path, text_files: tuple[Path, ...], size: 
 
 @main.command()
 @client_options
-@click.argument("question")
+@click.argument("question", required=False)
+@click.option("--get", "task_id", metavar="ID", help="Show task ID (one this peer asked, "
+              "running or finished) instead of asking a question.")
 @click.option("--workers", default=3, show_default=True, type=click.IntRange(1, 16),
               help="How many peers to elect.")
 @click.option("--requirement", metavar="TEXT", help="What the workers' skills should match "
@@ -827,22 +830,27 @@ def draft_vocab(spec: str, head_file: Path, text_files: tuple[Path, ...], size: 
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, 2048),
               help="Most tokens per chain of thought.")
 def task(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
-         question: str, workers: int, requirement: str | None, answer_format: str,
-         deadline_s: float, max_tokens: int) -> None:
+         question: str | None, task_id: str | None, workers: int, requirement: str | None,
+         answer_format: str, deadline_s: float, max_tokens: int) -> None:
     """Ask the swarm QUESTION: elected peers answer with chains of thought, and a
-    reputation-weighted vote settles the answer."""
+    reputation-weighted vote settles the answer. With --get ID, show an earlier task."""
+    if (question is None) == (task_id is None):
+        fail("give a QUESTION to ask, or --get ID to show an earlier task (not both)")
     c = make_client(data_dir, api, token)
-    body: dict[str, Any] = {"question": question, "workers": workers,
-                            "answer_format": answer_format, "deadline_s": deadline_s,
-                            "max_tokens": max_tokens}
-    if requirement:
-        body["requirement"] = requirement
-    # The vote can take every worker's deadline, twice over when workers are replaced.
-    try:
-        result = post_completion(c, "/v1/tasks", body,
-                                 read_timeout_s=3 * deadline_s + 30.0)
-    except CompletionFailed as exc:
-        fail(str(exc))
+    if task_id is not None:
+        result = c.request("GET", f"/v1/tasks/{quote(task_id, safe='')}")
+    else:
+        body: dict[str, Any] = {"question": question, "workers": workers,
+                                "answer_format": answer_format, "deadline_s": deadline_s,
+                                "max_tokens": max_tokens}
+        if requirement:
+            body["requirement"] = requirement
+        # The vote can take every worker's deadline, twice over when workers are replaced.
+        try:
+            result = post_completion(c, "/v1/tasks", body,
+                                     read_timeout_s=3 * deadline_s + 30.0)
+        except CompletionFailed as exc:
+            fail(str(exc))
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
@@ -851,7 +859,15 @@ def task(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
     def name(peer: str | None) -> str:
         return "nobody" if peer is None else escape(names.get(peer) or peer[-8:])
 
-    console.print(f"[bold]{escape(str(result['answer']))}[/]", highlight=False)
+    status = result.get("status", "done")
+    if status == "done":
+        console.print(f"[bold]{escape(str(result['answer']))}[/]", highlight=False)
+    elif status == "failed":
+        console.print(f"[red]failed: {escape(result.get('error') or 'no answer')}[/]",
+                      highlight=False)
+    else:
+        console.print(f"[yellow]{escape(status)}[/] (ask again with --get {result['id']})",
+                      highlight=False)
     t = Table(title=f"task {result['id']}: {len(result['votes'])} votes")
     for col in ("peer", "answer", "confidence", "weight", "chain of thought"):
         t.add_column(col)

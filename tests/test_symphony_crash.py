@@ -144,3 +144,14 @@ def test_peerd_task_prints_the_vote_and_who_was_elected(
     assert "weight" in out.stdout and "chain of thought" in out.stdout  # the vote table
     bad = run_cli("task", "q", "--workers", "99", *conn)
     assert bad.returncode == 2 and "--workers" in bad.stderr
+    # an earlier task, by id: the same JSON as POST gave, and the same table
+    shown = run_cli("task", "--get", result["id"], "--json", *conn)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == result
+    shown = run_cli("task", "--get", result["id"], *conn)
+    assert shown.returncode == 0 and "elected gamma" in shown.stdout, shown.stderr
+    missing = run_cli("task", "--get", "nosuchtask", *conn)
+    assert missing.returncode != 0 and "no such task" in missing.stderr
+    for args in ((), ("q", "--get", result["id"])):
+        both = run_cli("task", *args, *conn)
+        assert both.returncode != 0 and "--get ID" in both.stderr

@@ -104,7 +104,8 @@ class TaskWorker:
         while not (self.solver.capable() and self.skills()):  # noqa: ASYNC110
             await trio.sleep(0.5)  # (neither the model slot nor the ledger has an event)
         try:
-            await trio.to_thread.run_sync(warm)
+            # a shutdown need not wait for it (mypy: see inference.runtime._loading)
+            await trio.to_thread.run_sync(warm, abandon_on_cancel=True)  # type: ignore[call-arg]
         except Exception:
             log.warning("loading the skill matcher failed; bids will score 0", exc_info=True)
 

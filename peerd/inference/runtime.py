@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import torch
@@ -34,9 +34,18 @@ from peerd.node import Node
 from protocols.ledger import ModelServed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PLACEMENT_WAIT_S = 3.0  # how long a new peer listens to the ledger before choosing layers
 MEMORY_FRACTION = 0.6  # of available memory a peer may fill with layers
+
+
+async def _loading(fn: Callable[..., T], *args: Any) -> T:
+    """Run a loading step (reading weights, a tokenizer, a warm-up) in a thread that a
+    shutdown abandons instead of waiting for: it changes nothing but its own result,
+    and a shard of a big model can take minutes to read."""
+    # (mypy reads trio 0.35's run_sync as taking no keywords: a TypeVarTuple quirk)
+    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]
 
 
 def pick_device(device: str) -> str:
@@ -83,8 +92,8 @@ class ModelRuntime:
             props = torch.cuda.get_device_properties(0)
             node.set_accelerator("cuda", props.name, int(props.total_memory))
         progress(f"resolving {options.spec}")
-        source = await trio.to_thread.run_sync(resolve, options.spec)
-        config = await trio.to_thread.run_sync(load_config, source)
+        source = await _loading(resolve, options.spec)
+        config = await _loading(load_config, source)
         num_layers = int(config.num_hidden_layers)
         layers = options.layers or await cls._place(node, source.model_id, num_layers, config,
                                                     dtype)
@@ -93,14 +102,13 @@ class ModelRuntime:
             raise ValueError(f"--layers {start}:{end} is outside the model's 0:{num_layers}")
         progress(f"loading layers [{start}, {end}) of {source.model_id} ({device}, "
                  f"{DTYPE_NAMES[dtype]})")
-        block = await trio.to_thread.run_sync(
+        block = await _loading(
             lambda: ShardBlock(source, start, end, device=device, dtype=dtype, config=config))
         progress("loading embeddings and lm_head")
-        head = await trio.to_thread.run_sync(
-            lambda: Head(source, device=device, dtype=dtype, config=config))
-        tokenizer = await trio.to_thread.run_sync(load_tokenizer, source)
+        head = await _loading(lambda: Head(source, device=device, dtype=dtype, config=config))
+        tokenizer = await _loading(load_tokenizer, source)
         progress("measuring throughput")
-        tokens_per_s = await trio.to_thread.run_sync(measure_tokens_per_s, block)
+        tokens_per_s = await _loading(measure_tokens_per_s, block)
 
         compute = trio.CapacityLimiter(1)
         server = ShardServer(node, block, options.limits, compute)

@@ -222,6 +222,19 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
     return out
 
 
+def flat_verify_speedup(row: dict[str, Any], plain: dict[str, Any]) -> float:
+    """A projection, not a measurement: the speedup if verifying a round's positions
+    cost the shards what one position costs (on a GPU a pipeline step of a few dozen
+    positions takes about as long as one), keeping the measured network time, drafting
+    time and k. On this CPU each position adds its full compute (a tree of ~20 nodes
+    ~20x), which is what the measured speedup pays for."""
+    k = row["k_tokens_per_round"]
+    plain_round = plain["pipeline_ms_per_round"]
+    plain_compute = plain_round - plain["network_ms_per_token"]  # k = 1
+    flat_round = row["network_ms_per_token"] * k + plain_compute + row["draft_ms_per_round"]
+    return round(k * plain_round / flat_round, 3)
+
+
 def decode_tps(results: list[Result]) -> float:
     """Tokens per second of decoding proper: rounds through the pipeline, the head and
     drafting at the entry, as the entry peer timed them."""
@@ -314,6 +327,11 @@ def main() -> int:
     links = links_with_latency("entry", [{"peer_id": "entry"}, {"peer_id": "p1"},
                                          {"peer_id": "p2"}])
     rows = [summarise(c, plain_of(speed, c), links) for c in speed]
+    for row in rows:
+        if "speedup" in row:
+            base = next(r for r in rows
+                        if r["latency_ms"] == row["latency_ms"] and r["config"] == "plain")
+            row["flat_verify_speedup"] = flat_verify_speedup(row, base)
     quality_rows = []
     for cell in quality_cells:
         q = quality(cell)
@@ -349,7 +367,7 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]])
     for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "decode speedup",
                 "k tokens/round", "depth/round", "nodes/round", "draft ms/round",
                 "net ms/token saved (pred. N-1 / links)",
-                "same as plain"):
+                "same as plain", "flat-verify speedup (projected)"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
@@ -361,7 +379,8 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]])
             f"{r['draft_ms_per_round']:.1f}",
             f"{r['network_ms_saved_per_token']:.1f} ({r['predicted_saved_issue_formula']:.1f}"
             f" / {r['predicted_saved_links']:.1f})" if "speedup" in r else "-",
-            f"{100 * r['identical_to_plain']:.0f}%" if "identical_to_plain" in r else "-")
+            f"{100 * r['identical_to_plain']:.0f}%" if "identical_to_plain" in r else "-",
+            f"{r['flat_verify_speedup']:.2f}x" if "flat_verify_speedup" in r else "-")
     console.print(t)
     q = Table(title="Quality, every prompt, 1 peer (greedy target; adaptive is lossy)")
     for col in ("config", "GSM8K accuracy %", "HumanEval pass@1 %", "same as plain",

@@ -774,7 +774,7 @@ def draft_vocab(spec: str, head_file: Path, text_files: tuple[Path, ...], size: 
     most frequent in the text (plus the request's own context tokens), not the whole
     vocabulary; one lm_head call is most of a draft step. Verification is unchanged."""
     from peerd.inference.drafters import DraftError
-    from peerd.inference.eagle import set_vocab
+    from peerd.inference.eagle_file import set_vocab
     from peerd.inference.eagle_train import progress_bar
     from peerd.inference.head import Head
     from peerd.inference.source import ModelError, load_tokenizer, resolve

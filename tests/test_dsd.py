@@ -78,7 +78,8 @@ def untrained_eagle(runtime: ModelRuntime, path: Path,
                     vocab: list[int] | None = None) -> Path:
     """An EAGLE head for the tiny target, random weights: wrong most of the time, which
     exercises rejection and rollback as much as a good one exercises acceptance."""
-    from peerd.inference.eagle import EagleConfig, EagleHead, save_eagle
+    from peerd.inference.eagle import EagleConfig, EagleHead
+    from peerd.inference.eagle_file import save_eagle
     from peerd.inference.source import load_config
 
     torch.manual_seed(0)

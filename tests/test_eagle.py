@@ -15,11 +15,8 @@ from peerd.inference.eagle import (
     EagleDrafter,
     EagleHead,
     EagleSession,
-    default_eagle_path,
-    load_eagle,
-    save_eagle,
-    set_vocab,
 )
+from peerd.inference.eagle_file import default_eagle_path, load_eagle, save_eagle, set_vocab
 from peerd.inference.eagle_train import (
     Example,
     Prompt,

@@ -247,7 +247,7 @@ class DrafterCatalog:
         if kind == "ngram":
             return NgramDrafter()
         if kind == "eagle":
-            from peerd.inference.eagle import default_eagle_path, load_eagle
+            from peerd.inference.eagle_file import default_eagle_path, load_eagle
 
             model_id = str(getattr(self.head, "model_id", "?"))
             path = Path(arg).expanduser() if arg else default_eagle_path(model_id)

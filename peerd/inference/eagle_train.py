@@ -45,7 +45,8 @@ from rich.progress import (
 )
 
 from peerd.inference.drafters import Drafter, DraftSession, NgramDrafter
-from peerd.inference.eagle import EagleConfig, EagleDrafter, EagleHead, save_eagle
+from peerd.inference.eagle import EagleConfig, EagleDrafter, EagleHead
+from peerd.inference.eagle_file import save_eagle
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve

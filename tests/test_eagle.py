@@ -368,3 +368,39 @@ def test_a_wider_head_cannot_draft_for_a_narrower_model(tiny: Path, head: Head) 
                      num_attention_heads=2, num_key_value_heads=2, head_dim=16)
     with pytest.raises(DraftError, match="width 32"):
         EagleDrafter(head, EagleHead(config))
+
+
+def test_peerd_draft_vocab_sets_and_removes_a_heads_vocabulary(
+        tmp_path: Path, tiny: Path, head: Head, trained: EagleHead,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from peerd.cli import main
+
+    path = tmp_path / "eagle.safetensors"
+    save_eagle(trained, head, path)
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"prompt": "The quick brown fox", "answer": "def add(a, b):"}\n')
+    run = CliRunner().invoke
+    args = ["draft", "vocab", "--model", str(tiny), "--head", str(path)]
+    r = run(main, [*args, "--text", str(text), "--size", "40", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["size"] == 40 and report["coverage"] == 1.0 and report["tokens"] > 0
+    assert load_eagle(path, head).logits.size == 40
+    r = run(main, [*args, "--none", "--json"])
+    assert r.exit_code == 0 and load_eagle(path, head).logits.ids is None, r.output
+    # bad input: nothing to count; a head for another model; a broken text file
+    r = run(main, args)
+    assert r.exit_code == 1 and "--text FILE" in r.output
+    other = tiny_llama_dir(tmp_path_factory, seed=1)
+    r = run(main, ["draft", "vocab", "--model", str(other), "--head", str(path),
+                   "--text", str(text)])
+    assert r.exit_code == 1 and "embed_fingerprint" in r.output
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    r = run(main, [*args, "--text", str(broken)])
+    assert r.exit_code == 1 and "broken.jsonl:1: not JSON" in r.output
+    assert load_eagle(path, head).logits.ids is None  # untouched by the failures

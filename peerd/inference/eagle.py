@@ -206,22 +206,27 @@ class DraftLogits:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.head.device)
         return self.head.lm_head.weight.detach()[ids].to(self.dtype)
 
+    def columns(self, extra: Sequence[int]) -> torch.Tensor | None:
+        """The token id of each logit column when `extra` tokens' rows are appended
+        [K + m]; None when the columns are the whole vocabulary in order."""
+        if self.ids is None and not extra:
+            return None
+        base = self.ids if self.ids is not None else torch.arange(self.size,
+                                                                  device=self.head.device)
+        return torch.cat([base, torch.tensor(list(extra), dtype=torch.long,
+                                             device=base.device)])  # [K + m]
+
     @torch.inference_mode()
-    def __call__(self, features: torch.Tensor, extra: tuple[list[int], torch.Tensor] | None
-                 = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """features [B, T, H] -> (logits [B, T, K'] float32, their token ids [K'] or None
-        when the columns are the whole vocabulary in order); `extra` = (token ids,
-        their `rows`) appended as more columns."""
+    def __call__(self, features: torch.Tensor,
+                 extra_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """features [B, T, H] -> logits [B, T, K (+ m)] float32: a column per draft
+        vocabulary id, then one per row of `extra_rows` [m, H] (see `columns`)."""
         x = self.head.norm(features.to(self.head.dtype)).to(self.dtype)  # [B, T, H]
         logits = nn.functional.linear(x, self.weight).float()  # [B, T, K]
-        ids = self.ids
-        if extra is not None and extra[0]:
-            more = nn.functional.linear(x, extra[1]).float()  # [B, T, m]
-            logits = torch.cat([logits, more], dim=-1)  # [B, T, K + m]
-            base = ids if ids is not None else torch.arange(self.size, device=more.device)
-            ids = torch.cat([base, torch.tensor(extra[0], dtype=torch.long,
-                                                device=base.device)])  # [K + m]
-        return logits, ids
+        if extra_rows is None:
+            return logits
+        more = nn.functional.linear(x, extra_rows).float()  # [B, T, m]
+        return torch.cat([logits, more], dim=-1)  # [B, T, K + m]
 
 
 class EagleSession:
@@ -240,6 +245,7 @@ class EagleSession:
         # an answer often repeats a rare token of its prompt (a code identifier, a name)
         self.extra: list[int] = []
         self.extra_rows: torch.Tensor | None = None
+        self.columns = logits.columns(())  # [K (+ m)] token id per logit column, or None
 
     @torch.inference_mode()
     def extend(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
@@ -262,6 +268,7 @@ class EagleSession:
             self.extra += new
             self.extra_rows = (rows if self.extra_rows is None
                                else torch.cat([self.extra_rows, rows]))  # [m, H]
+            self.columns = self.logits.columns(self.extra)
         if n == 0:
             return
         # slot q pairs f_q with x_{q+1}: the tokens after each new feature's position
@@ -343,8 +350,7 @@ class EagleSession:
 
     def _logits(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features [1, n, H] -> (logits [1, n, K'], token ids [K'] or None: see DraftLogits)."""
-        extra = (self.extra, self.extra_rows) if self.extra_rows is not None else None
-        return self.logits(features, extra)
+        return self.logits(features, self.extra_rows), self.columns
 
     def _full_logits(self, feature: torch.Tensor) -> torch.Tensor:
         """feature [1, 1, H] -> logits [V] float32 (-inf off the draft vocabulary)."""

@@ -105,6 +105,7 @@ def up(
     model: str | None = None,
     stages: int | None = None,
     torch_threads: int | None = None,
+    dtype: str = "auto",
     model_timeout_s: float = MODEL_TIMEOUT_S,
 ) -> list[PeerInfo]:
     """Start `n` peers (through a latency proxy if `latency_ms` > 0); return their status.
@@ -115,12 +116,12 @@ def up(
     or does not come up within `start_timeout_s`.
 
     With `model`, peer i serves stage i mod `stages` (default n) of the model's layers
-    with `torch_threads` torch threads (default cores // n), and `up` also waits, up to
+    with `torch_threads` torch threads (default cores // n) in `dtype`, and `up` also waits, up to
     `model_timeout_s`, until every peer's model is ready and every peer's ledger lists
     every peer's stage; a peer whose model fails to load fails `up` with its log tail.
     """
-    if model is None and (stages is not None or torch_threads is not None):
-        raise TestnetError("--stages and --torch-threads only apply with --model SPEC")
+    if model is None and (stages is not None or torch_threads is not None or dtype != "auto"):
+        raise TestnetError("--stages, --torch-threads and --dtype only apply with --model SPEC")
     run_dir = (run_dir or default_run_dir()).resolve()
     _refuse_if_running(run_dir)
     layout = port_layout(n, base_port, latency_ms > 0)
@@ -130,7 +131,7 @@ def up(
         if latency_ms > 0:
             roles[announce] = f"peer{i} proxy"
     check_ports_free(roles)
-    plan = plan_model(model, n, stages, torch_threads) if model is not None else None
+    plan = plan_model(model, n, stages, torch_threads, dtype) if model is not None else None
 
     peers_dir = run_dir / PEERS_DIR
     if peers_dir.exists() and not (run_dir / STATE_FILE).exists():
@@ -269,6 +270,8 @@ def _spawn_peer(
             f"{start}:{end}",
             "--torch-threads",
             str(plan.torch_threads),
+            "--dtype",
+            plan.dtype,
         ]
     return procs.spawn(argv, rec.log_path)
 

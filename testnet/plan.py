@@ -28,6 +28,7 @@ class ModelPlan:
     stages: list[Layers]
     layers: list[Layers]  # per peer: stages[i % len(stages)]
     torch_threads: int  # per peer
+    dtype: str = "auto"  # what `peerd start --dtype` gets
 
 
 def stage_layers(num_layers: int, stages: int) -> list[Layers]:
@@ -62,7 +63,11 @@ def default_torch_threads(peers: int, cores: int | None = None) -> int:
 
 
 def plan_model(
-    spec: str, peers: int, stages: int | None = None, torch_threads: int | None = None
+    spec: str,
+    peers: int,
+    stages: int | None = None,
+    torch_threads: int | None = None,
+    dtype: str = "auto",
 ) -> ModelPlan:
     """Resolve `spec` (offline; reads the model's config, a few seconds) and split it.
 
@@ -76,6 +81,10 @@ def plan_model(
         )
     if torch_threads is not None and torch_threads < 1:
         raise TestnetError(f"--torch-threads must be at least 1, got {torch_threads}")
+    from peerd.config import DTYPES
+
+    if dtype not in DTYPES:
+        raise TestnetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # transformers loads here, not at import: `python -m testnet status` stays quick.
     from peerd.inference.source import ModelError, num_layers, resolve
 
@@ -97,4 +106,5 @@ def plan_model(
         stages=split,
         layers=[split[i % stages] for i in range(peers)],
         torch_threads=torch_threads or default_torch_threads(peers),
+        dtype=dtype,
     )

@@ -65,6 +65,10 @@ def test_torch_threads_share_the_cores() -> None:
 def test_model_options_are_checked_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(TestnetError, match="only apply with --model"):
         up(2, tmp_path / "a", free_base_port(2), stages=2)
+    with pytest.raises(TestnetError, match="only apply with --model"):
+        up(2, tmp_path / "a", free_base_port(2), dtype="bfloat16")
+    with pytest.raises(TestnetError, match="--dtype must be one of auto, float32"):
+        up(1, tmp_path / "a", free_base_port(1), model=MODEL, dtype="int8")
     with pytest.raises(TestnetError, match="needs at least 3 peers"):
         up(2, tmp_path / "b", free_base_port(2), model=MODEL, stages=3)
     with pytest.raises(TestnetError, match="cannot serve --model"):

@@ -27,6 +27,11 @@ DSD; next to it the model's prediction (N-1)·t1·(k-1)/k (the issue's formula, 
 peers) and links·t1·(k-1)/k with the links one round actually crosses (3 here: entry
 -> peer1 -> peer2 -> entry; the entry's own stage is local).
 
+Shard passes: first, in this process, what one stage (10 of SmolLM2's 30 layers, 1
+torch thread, 200 tokens cached) costs per pass by the number of positions it carries
+(1 = plain decoding; a tree's nodes otherwise), in float32 and bfloat16. On a CPU that
+is what a verification round costs beyond the network; `--dtype` picks the peers'.
+
 Prints a table and writes bench/results/dsd.json. Not a test: no thresholds.
 """
 
@@ -259,11 +264,12 @@ def quality(cell: Cell) -> dict[str, Any]:
 
 
 def run_testnet(peers: int, latency: float, configs: list[str], prompts: list[Prompt],
-                max_tokens: dict[str, int], base_port: int, run_dir: Path) -> list[Cell]:
+                max_tokens: dict[str, int], base_port: int, run_dir: Path,
+                dtype: str) -> list[Cell]:
     """Every config over every prompt on a fresh testnet of `peers` stages."""
     t0 = time.monotonic()
     up = launcher.up(peers, run_dir, base_port, latency, model=MODEL, stages=peers,
-                     torch_threads=max(1, 2 // peers), settle_s=0.0)
+                     torch_threads=max(1, 2 // peers), dtype=dtype, settle_s=0.0)
     console.print(f"[bold]{peers} peer(s), {latency:g} ms/link[/]: up in "
                   f"{time.monotonic() - t0:.0f} s")
     cells = []
@@ -299,6 +305,10 @@ def main() -> int:
                     help="prompts of each set per latency on the 3-peer testnet")
     ap.add_argument("--gsm8k-tokens", type=int, default=128)
     ap.add_argument("--humaneval-tokens", type=int, default=96)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the peers' compute dtype [float32]")
+    ap.add_argument("--no-shard-passes", action="store_true",
+                    help="skip measuring a stage's pass cost by positions")
     ap.add_argument("--base-port", type=int, default=18300)
     ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "bench_dsd")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dsd.json")
@@ -312,14 +322,17 @@ def main() -> int:
     started = time.monotonic()
     speed: list[Cell] = []
     quality_cells: list[Cell] = []
+    passes = [] if args.no_shard_passes else shard_pass_ms()
+    if passes:
+        print_shard_passes(passes)
     try:
         if args.quality_configs:  # decoding quality does not depend on the topology
             quality_cells = run_testnet(1, 0.0, args.quality_configs, gsm + he, max_tokens,
-                                        args.base_port, args.run_dir)
+                                        args.base_port, args.run_dir, args.dtype)
         for latency in args.latencies:
             speed += run_testnet(PEERS, latency, args.configs,
                                  gsm[:args.speed_prompts] + he[:args.speed_prompts],
-                                 max_tokens, args.base_port, args.run_dir)
+                                 max_tokens, args.base_port, args.run_dir, args.dtype)
     except TestnetError as exc:
         console.print(f"[red]{exc}[/]")
         return 1
@@ -337,11 +350,11 @@ def main() -> int:
         q = quality(cell)
         q.update(summarise(cell, plain_of(quality_cells, cell), 0))
         quality_rows.append(q)
-    print_tables(rows, quality_rows)
+    print_tables(rows, quality_rows, args.dtype)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "dsd", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine(), "model": MODEL, "speed_peers": PEERS,
+        "machine": machine(), "model": MODEL, "dtype": args.dtype, "speed_peers": PEERS,
         "speed_torch_threads_per_peer": 1, "quality_peers": 1, "quality_torch_threads": 2,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -349,7 +362,7 @@ def main() -> int:
         "max_tokens": max_tokens,
         "prompts": {"gsm8k": len(gsm), "humaneval": len(he),
                     "speed_prompts_per_set": args.speed_prompts},
-        "speed": rows, "quality": quality_rows,
+        "shard_pass_ms": passes, "speed": rows, "quality": quality_rows,
         "answers": {c.config: [{"id": r.prompt.id, "tokens": r.tokens, "text": r.text}
                                for r in c.results] for c in quality_cells},
     }, indent=1) + "\n")
@@ -357,13 +370,58 @@ def main() -> int:
     return 0
 
 
+def shard_pass_ms(positions: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32),
+                  dtypes: tuple[str, ...] = ("float32", "bfloat16"), context: int = 200,
+                  reps: int = 15) -> list[dict[str, Any]]:
+    """Median ms of one stage's pass over n new positions after `context` cached ones."""
+    import torch
+
+    from peerd.inference.shard import ShardBlock
+    from peerd.inference.source import resolve
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source = resolve(MODEL)
+    rows = []
+    try:
+        with torch.inference_mode():
+            for dtype in dtypes:
+                block = ShardBlock(source, 10, 20, dtype=getattr(torch, dtype))
+                cache = block.new_cache()
+                block(torch.randn(1, context, block.hidden_size), 0, cache)
+                for n in positions:
+                    x = torch.randn(1, n, block.hidden_size)
+                    times = []
+                    for _ in range(reps):
+                        t = time.perf_counter()
+                        block(x, context, cache, keep=context)
+                        times.append(1000 * (time.perf_counter() - t))
+                    rows.append({"dtype": dtype, "positions": n,
+                                 "ms": round(statistics.median(times[2:]), 2)})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def print_shard_passes(rows: list[dict[str, Any]]) -> None:
+    positions = sorted({r["positions"] for r in rows})
+    t = Table(title="One stage's pass (10 layers, 1 thread, 200 cached), ms by positions")
+    for col in ("dtype", *map(str, positions)):
+        t.add_column(col, justify="right")
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        ms = {r["positions"]: r["ms"] for r in rows if r["dtype"] == dtype}
+        t.add_row(dtype, *(f"{ms[n]:.1f}" for n in positions))
+    console.print(t)
+
+
 def plain_of(cells: list[Cell], cell: Cell) -> Cell:
     return next(c for c in cells if c.latency_ms == cell.latency_ms and c.config == "plain")
 
 
-def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]]) -> None:
-    t = Table(title=f"DSD on SmolLM2-135M, {PEERS} peers (1 torch thread each), greedy "
-              "target (adaptive: lossy)")
+def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]],
+                 dtype: str) -> None:
+    t = Table(title=f"DSD on SmolLM2-135M ({dtype}), {PEERS} peers (1 torch thread each), "
+              "greedy target (adaptive: lossy)")
     for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "decode speedup",
                 "k tokens/round", "depth/round", "nodes/round", "draft ms/round",
                 "net ms/token saved (pred. N-1 / links)",

@@ -3,6 +3,7 @@ and the head shipped for smollm2."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from peerd.inference.eagle_train import (
     Example,
     Prompt,
     TrainConfig,
+    chat_ids,
     generate_examples,
+    load_prompts,
     make_batch,
     measure,
     train_head,
@@ -90,6 +93,25 @@ def test_generated_features_are_what_the_pipeline_returns(
         assert len(e.tokens) > e.prompt_len and e.features.shape == (len(e.tokens) - 1, 64)
         f = block(head.embed(e.tokens[None]), 0, block.new_cache())[0, :-1]  # [N-1, H]
         torch.testing.assert_close(e.features, f, atol=1e-4, rtol=1e-4)
+
+
+def test_completion_prompts_are_continued_raw_chat_prompts_under_the_template(
+        tmp_path: Path, tiny: Path) -> None:
+    stub = 'def add(a, b):\n    """The sum."""\n'
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(f'{{"prompt": " hi "}}\n\n{{"question": "2+2?"}}\n'
+                    f'{json.dumps({"completion": stub})}\n')
+    prompts = load_prompts(path)
+    assert [(p.text, p.raw) for p in prompts] == [("hi", False), ("2+2?", False), (stub, True)]
+    source = resolve(str(tiny))
+    tok = load_tokenizer(source)
+    chat, raw = generate_examples(reference_model(source), tok, [prompts[0], prompts[2]],
+                                  max_new_tokens=4, batch_size=2)
+    assert chat.tokens[:chat.prompt_len].tolist() == chat_ids(tok, "hi")
+    assert raw.tokens[:raw.prompt_len].tolist() == tok(stub)["input_ids"]  # as /v1/completions
+    path.write_text('{"completion": "  "}\n')
+    with pytest.raises(ValueError, match=r"mixed\.jsonl:1"):
+        load_prompts(path)
 
 
 def test_training_lowers_the_loss(tiny: Path, head: Head, examples: list[Example]) -> None:

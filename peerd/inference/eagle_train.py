@@ -16,7 +16,10 @@
    verification: the longest draft prefix the target agrees with, plus the target's
    own next token), against prompt lookup on the same answers.
 
-Prompts are JSONL, one object per line with "prompt" (or "question", as GSM8K has).
+Prompts are JSONL, one object per line with "prompt" (or "question", as GSM8K has),
+sent under the chat template as /v1/chat/completions does, or "completion": raw text
+the target continues as /v1/completions does (a function stub, say: the head then
+learns code as HumanEval-style completions see it, not only chat answers).
 `scripts/train_eagle_smollm2.sh` is the command that made the shipped head.
 """
 
@@ -59,6 +62,7 @@ GREEDY = SamplingParams(temperature=0.0)
 class Prompt:
     source: str  # the prompt file's stem: acceptance is reported per source
     text: str
+    raw: bool = False  # a completion (no chat template), kept exactly as written
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +126,12 @@ def load_prompts(path: Path) -> list[Prompt]:
         if not line.strip():
             continue
         row = json.loads(line)
-        text = row.get("prompt") or row.get("question")
+        raw = "completion" in row
+        text = row["completion"] if raw else row.get("prompt") or row.get("question")
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}:{i}: no \"prompt\" or \"question\" string")
-        prompts.append(Prompt(source, text.strip()))
+            raise ValueError(f"{path}:{i}: no \"prompt\", \"question\" or \"completion\" "
+                             "string")
+        prompts.append(Prompt(source, text if raw else text.strip(), raw))
     return prompts
 
 
@@ -150,13 +156,21 @@ def chat_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
 
 
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """The prompt's tokens as the API would send them: a completion as /v1/completions
+    tokenises it, anything else under the chat template."""
+    if prompt.raw:
+        return list(tokenizer(prompt.text, add_special_tokens=True)["input_ids"])
+    return chat_ids(tokenizer, prompt.text)
+
+
 @torch.inference_mode()
 def generate_examples(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
                       max_new_tokens: int = 160, batch_size: int = 32,
                       on_batch: Callable[[int, int], None] | None = None) -> list[Example]:
     """The target's greedy answers to `prompts`, with its features; batches of prompts
     of similar length, left-padded. `on_batch(prompts, tokens)` after each batch."""
-    ids = [chat_ids(tokenizer, p.text) for p in prompts]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)

@@ -1,0 +1,70 @@
+"""Function stubs from Python's standard library, as completion prompts for
+`peerd draft train`: the signature and the docstring of public top-level functions,
+which the target continues as it continues a HumanEval task (a raw completion, no
+chat template). Made from the local installation each time rather than shipped; the
+same Python gives the same file (files sorted, a seeded sample).
+
+    python scripts/code_prompts.py --out /tmp/code_prompts.jsonl --n 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import random
+import sys
+import sysconfig
+from pathlib import Path
+
+
+def stubs(path: Path) -> list[str]:
+    """`def name(...):` and its docstring, for each public, undecorated top-level
+    function of `path` with a docstring of 2-30 lines (the module's imports first,
+    as a HumanEval prompt has them)."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    imports = [ast.get_source_segment(source, n) or "" for n in tree.body
+               if isinstance(n, ast.Import | ast.ImportFrom)][:4]
+    head = "\n".join(i for i in imports if "\n" not in i)
+    found = []
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") \
+                or node.decorator_list:
+            continue
+        doc = node.body[0] if node.body else None
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)) or doc.end_lineno is None:
+            continue
+        if not 2 <= doc.end_lineno - doc.lineno + 1 <= 30 or len(node.body) < 2:
+            continue  # a one-line docstring says too little; no body, nothing to write
+        stub = "\n".join(lines[node.lineno - 1:doc.end_lineno]) + "\n"
+        found.append((head + "\n\n\n" if head else "") + stub)
+    return found
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    ap.add_argument("--n", type=int, default=400, help="stubs to keep [400]")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in [*lib.glob("*.py"), *lib.glob("*/*.py")]
+                   if not any(part.startswith(("test", "idle", "site-packages"))
+                              for part in f.relative_to(lib).parts))
+    found = [s for f in files for s in stubs(f)]
+    random.Random(args.seed).shuffle(found)
+    kept = found[:args.n]
+    args.out.write_text("".join(json.dumps({"completion": s}) + "\n" for s in kept))
+    print(f"{len(kept)} of {len(found)} stubs from {lib} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,7 +23,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from peerd import __version__
-from peerd.config import DEFAULT_API, ConfigError, default_data_dir, load_config
+from peerd.config import (
+    DEFAULT_API,
+    DEVICES,
+    DTYPES,
+    ConfigError,
+    default_data_dir,
+    load_config,
+)
 from peerd.datadir import read_runtime_file, read_token
 from peerd.inference.vocab import DRAFT_VOCAB_SIZE
 
@@ -86,8 +93,8 @@ def main() -> None:
               "directory or a cached Hugging Face repo id.")
 @click.option("--layers", metavar="A:B", help="Serve decoder layers [A, B) [the least-served "
               "window that fits memory].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[auto]")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+@click.option("--device", type=click.Choice(DEVICES), help="[auto]")
+@click.option("--dtype", type=click.Choice(DTYPES),
               help="Compute dtype [auto: float32 on CPU, bfloat16/float16 on CUDA].")
 @click.option("--torch-threads", type=int, help="torch intra-op threads [all cores]; set it "
               "when several peers share a machine.")

@@ -36,7 +36,7 @@ def stubs(path: Path) -> list[str]:
         if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") \
                 or node.decorator_list:
             continue
-        doc = node.body[0] if node.body else None
+        doc = node.body[0]  # a function's body is never empty
         if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
                 and isinstance(doc.value.value, str)) or doc.end_lineno is None:
             continue

@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from peerd.config import DTYPES
 from testnet import launcher, proxy
 from testnet.launcher import PeerInfo
 from testnet.state import DEFAULT_BASE_PORT, TestnetError
@@ -110,7 +111,7 @@ def main() -> None:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(DTYPES),
     default="auto",
     show_default=True,
     help="The peers' compute dtype (peerd start --dtype); bfloat16 makes many-position "

@@ -115,10 +115,11 @@ def up(
     whatever it started) if the run dir is in use, a port is taken, or a peer dies
     or does not come up within `start_timeout_s`.
 
-    With `model`, peer i serves stage i mod `stages` (default n) of the model's layers
-    with `torch_threads` torch threads (default cores // n) in `dtype`, and `up` also waits, up to
-    `model_timeout_s`, until every peer's model is ready and every peer's ledger lists
-    every peer's stage; a peer whose model fails to load fails `up` with its log tail.
+    With `model`, peer i serves stage i mod `stages` (default n) of the model's layers,
+    computing in `dtype` with `torch_threads` torch threads (default cores // n), and
+    `up` also waits, up to `model_timeout_s`, until every peer's model is ready and every
+    peer's ledger lists every peer's stage; a peer whose model fails to load fails `up`
+    with its log tail.
     """
     if model is None and (stages is not None or torch_threads is not None or dtype != "auto"):
         raise TestnetError("--stages, --torch-threads and --dtype only apply with --model SPEC")

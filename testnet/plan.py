@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from peerd.config import DTYPES
 from testnet.state import TestnetError
 
 Layers = tuple[int, int]  # decoder layers [start, end)
@@ -81,8 +82,6 @@ def plan_model(
         )
     if torch_threads is not None and torch_threads < 1:
         raise TestnetError(f"--torch-threads must be at least 1, got {torch_threads}")
-    from peerd.config import DTYPES
-
     if dtype not in DTYPES:
         raise TestnetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # transformers loads here, not at import: `python -m testnet status` stays quick.

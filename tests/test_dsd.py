@@ -124,6 +124,28 @@ async def test_greedy_dsd_equals_plain_greedy_with_every_drafter(
         assert stats.speculative_json()["tokens_per_round"] > 4
 
 
+async def test_greedy_dsd_in_bfloat16_equals_plain_bit_for_bit(tmp_path: Path,
+                                                                 tiny: Path) -> None:
+    """In bfloat16 on CPU the shards' attention is exact (attention.py): every drafter
+    reproduces plain bfloat16 greedy decoding token for token, with no near-tie excused,
+    though bfloat16 logits tie far more often than float32 ones."""
+    repeat_prompt = PROMPT * 3
+    async with model_swarm(tmp_path, tiny, SPLITS, dtype="bfloat16") as (_, runtimes):
+        entry = runtimes[0]
+        assert entry.head.dtype == torch.bfloat16
+        expected = {tuple(p): (await run(entry, None, prompt=p))[0]
+                    for p in (PROMPT, repeat_prompt)}
+        head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
+        for draft, gamma, tree in [("ngram", None, True), (f"eagle:{head}", None, True),
+                                   (f"eagle:{head}", 4, False), (f"model:{tiny}", 8, True)]:
+            for prompt, want in expected.items():
+                tokens, stats = await run(entry, SpeculativeOptions(draft, "greedy", gamma, tree),
+                                          prompt=prompt)
+                print(f"bfloat16 {draft.split('/')[-1]} γ={gamma or 'auto'}: "
+                      f"{stats.speculative_json()['tokens_per_round']} tokens/round")
+                assert tokens == want, f"{draft} γ={gamma}: diverged from plain greedy"
+
+
 async def test_caches_hold_exactly_the_committed_positions(
         tmp_path: Path, tiny: Path, other_tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every FORWARD after the prompt's starts where the committed sequence ends (the

@@ -47,12 +47,13 @@ def reference_tokens(model: torch.nn.Module, prompt: Sequence[int], n: int) -> l
 
 @contextlib.asynccontextmanager
 async def model_swarm(tmp_path: Path, spec: Path, splits: Sequence[tuple[int, int]],
-                      extra_nodes: int = 0) -> AsyncIterator[tuple[list[Node],
-                                                                   list[ModelRuntime]]]:
+                      extra_nodes: int = 0, dtype: str = "auto"
+                      ) -> AsyncIterator[tuple[list[Node], list[ModelRuntime]]]:
     """One node per split (plus `extra_nodes` without a model), all connected."""
     async with swarm(len(splits) + extra_nodes, tmp_path, connect="star",
                      heartbeat_s=2.0) as nodes:
-        runtimes = [await ModelRuntime.start(node, ModelOptions(str(spec), layers=split))
+        runtimes = [await ModelRuntime.start(node, ModelOptions(str(spec), layers=split,
+                                                                dtype=dtype))
                     for node, split in zip(nodes, splits, strict=False)]
         ids = {n.peer_id for n in nodes}
         await wait_for(lambda: all({e.peer_id for e in n.ledger.entries() if e.models}

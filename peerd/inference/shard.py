@@ -28,15 +28,12 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from peerd.inference.attention import attention_for
 from peerd.inference.source import ModelSource, architecture, load_config
 from peerd.inference.tree import attention_mask
 from peerd.inference.weights import read_tensors
 from protocols.errors import WireError
 from protocols.shard import tree_depths
-
-# transformers picks SDPA for the reference model on CPU and CUDA alike; the shard
-# uses the same kernel (and the same causal-mask shortcuts) so numerics match.
-ATTN_IMPLEMENTATION = "sdpa"
 
 
 def set_torch_threads(n: int | None) -> int:
@@ -72,7 +69,9 @@ class ShardBlock(nn.Module):
         # `num_hidden_layers` sizes the DynamicCache of a session.
         config = copy.deepcopy(model_config)
         config.num_hidden_layers = end - start
-        config._attn_implementation = ATTN_IMPLEMENTATION
+        # transformers' SDPA, as the reference model uses; in bfloat16 on CPU, padded
+        # so that a verified position rounds as it would alone (see attention.py)
+        config._attn_implementation = attention_for(torch.device(device), dtype)
 
         self.source = source
         self.model_id = source.model_id

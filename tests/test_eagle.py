@@ -109,9 +109,11 @@ def test_completion_prompts_are_continued_raw_chat_prompts_under_the_template(
                                   max_new_tokens=4, batch_size=2)
     assert chat.tokens[:chat.prompt_len].tolist() == chat_ids(tok, "hi")
     assert raw.tokens[:raw.prompt_len].tolist() == tok(stub)["input_ids"]  # as /v1/completions
-    path.write_text('{"completion": "  "}\n')
-    with pytest.raises(ValueError, match=r"mixed\.jsonl:1"):
-        load_prompts(path)
+    for bad, why in [('{"completion": "  "}', "no \"prompt\""), ('["hi"]', "a list, not an object"),
+                     ('{"prompt": "hi"', "not JSON")]:
+        path.write_text(f'{{"prompt": "fine"}}\n{bad}\n')
+        with pytest.raises(ValueError, match=rf"mixed\.jsonl:2: {why}"):
+            load_prompts(path)
 
 
 def test_training_lowers_the_loss(tiny: Path, head: Head, examples: list[Example]) -> None:

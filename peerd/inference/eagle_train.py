@@ -125,7 +125,14 @@ def load_prompts(path: Path) -> list[Prompt]:
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i}: not JSON ({exc.msg}); each line must be one "
+                             "object") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: a {type(row).__name__}, not an object with a "
+                             "\"prompt\", \"question\" or \"completion\"")
         raw = "completion" in row
         text = row["completion"] if raw else row.get("prompt") or row.get("question")
         if not isinstance(text, str) or not text.strip():

@@ -27,6 +27,11 @@ decoding would compute it.
 
 The cost, for a pass that needs it: scores for the whole pass (T x S per head, kept
 in float32, in chunks of ROWS queries) and one gather per side-branch query.
+
+Still open: in real SmolLM2 runs a few rows still differ from the position decoded
+alone. Over 6 prompts of 96 tokens, 1 row differed with 1 thread per host and 8 with
+2 threads. Random trees do not reproduce it. See the README's DSD section.
+
 float32 keeps plain SDPA. There, MKL's float32 products themselves change with the
 number of rows, so this would cost time and buy nothing. Verification in float32 is
 exact to float rounding, and the tests excuse a flip only at a near-tie.

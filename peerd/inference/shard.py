@@ -69,8 +69,8 @@ class ShardBlock(nn.Module):
         # `num_hidden_layers` sizes the DynamicCache of a session.
         config = copy.deepcopy(model_config)
         config.num_hidden_layers = end - start
-        # transformers' SDPA, as the reference model uses; in bfloat16 on CPU, padded
-        # so that a verified position rounds as it would alone (see attention.py)
+        # transformers' SDPA, as the reference model uses; in bfloat16 on CPU, exact
+        # attention, so a verified position rounds as it would alone (attention.py)
         config._attn_implementation = attention_for(torch.device(device), dtype)
 
         self.source = source

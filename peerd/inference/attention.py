@@ -81,11 +81,12 @@ def exact_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     prefix = torch.arange(S, device=query.device) < counts[..., None]  # [B, T, S]
     bs, ts = (allowed != prefix).any(-1).nonzero(as_tuple=True)  # R side-branch queries
     if len(bs):
-        n = int(counts[bs, ts].max())
-        mine = allowed[bs, ts]  # [R, S]
+        attended = counts[bs, ts]  # [R]
+        n = int(attended.max())
         # the attended columns in order, first (a stable sort puts True before False)
-        cols = torch.sort((~mine).to(torch.uint8), dim=-1, stable=True).indices[:, :n]  # [R, n]
-        valid = torch.arange(n, device=query.device) < counts[bs, ts][:, None]  # [R, n]
+        cols = torch.sort((~allowed[bs, ts]).to(torch.uint8), dim=-1,
+                          stable=True).indices[:, :n]  # [R, n]
+        valid = torch.arange(n, device=query.device) < attended[:, None]  # [R, n]
         k = key[bs[:, None], :, cols].transpose(1, 2)  # [R, KV, n, D]
         v = value[bs[:, None], :, cols].transpose(1, 2)  # [R, KV, n, Dv]
         scores = torch.matmul(qg[bs, :, :, ts], k.transpose(-1, -2))  # [R, KV, G, n]

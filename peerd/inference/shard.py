@@ -65,13 +65,14 @@ class ShardBlock(nn.Module):
             raise ValueError(f"layers [{start}, {end}) are not a non-empty range of the "
                              f"model's {total} layers")
         arch = architecture(model_config)
+        self.device = torch.device(device)
         # The block's own config: its layers are numbered 0..n-1 (cache indices), and
         # `num_hidden_layers` sizes the DynamicCache of a session.
         config = copy.deepcopy(model_config)
         config.num_hidden_layers = end - start
         # transformers' SDPA, as the reference model uses; in bfloat16 on CPU, exact
         # attention, so a verified position rounds as it would alone (attention.py)
-        config._attn_implementation = attention_for(torch.device(device), dtype)
+        config._attn_implementation = attention_for(self.device, dtype)
 
         self.source = source
         self.model_id = source.model_id
@@ -79,7 +80,6 @@ class ShardBlock(nn.Module):
         self.num_layers = total  # of the whole model
         self.hidden_size = int(config.hidden_size)
         self.dtype = dtype
-        self.device = torch.device(device)
         self.config = config
         self._kv_width = int(config.num_key_value_heads) * int(config.head_dim)
 

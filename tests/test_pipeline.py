@@ -13,11 +13,13 @@ import torch
 import trio
 
 from peerd.inference.host import ModelOptions
-from peerd.inference.routing import NoRoute
+from peerd.inference.pipeline import Pipeline, PipelineSession
+from peerd.inference.routing import NoRoute, Route, Span
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.source import reference_model, resolve
 from peerd.node import Node
+from protocols.shard import Hop
 from tests.harness import swarm, wait_for
 from tests.models import tiny_llama_dir
 
@@ -167,6 +169,60 @@ async def test_a_finished_session_is_reused_by_the_next_request(
         assert tokens == expected and info["reroutes"] == 0
         assert not entry.generator.bans.banned(time.monotonic())
         assert list(other.server.sessions) != [first]
+
+
+async def test_a_pooled_session_serves_a_shared_prefix_from_its_caches(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module) -> None:
+    """reuse_prefix: a request that extends what the pooled session's caches hold
+    (a chain resumed after a tool call) computes only its new tokens, via keep, and
+    still decodes what one process does; a request that parts early reuses only the
+    shared tokens; without reuse_prefix nothing is reused."""
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4)]) as (_, runtimes):
+        entry = runtimes[0]
+
+        async def run(prompt: list[int], reuse: bool) -> tuple[list[int], int]:
+            out: list[int] = []
+
+            async def collect(token: int) -> bool:
+                out.append(token)
+                return True
+
+            stats = await entry.generator.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS),
+                                                   collect, reuse_prefix=reuse)
+            return out, stats.cached_tokens
+
+        first, cached = await run(PROMPT, True)
+        assert cached == 0  # nothing pooled yet
+        # the caches hold PROMPT and the first 7 generated tokens; resume after 4 of
+        # them plus a token of our own (what a calculator's result looks like)
+        resumed = [*PROMPT, *first[:4], 42]
+        tokens, cached = await run(resumed, True)
+        assert cached == len(PROMPT) + 4
+        assert tokens == reference_tokens(reference, resumed, NEW_TOKENS)
+        parted = [PROMPT[0], PROMPT[1], 77, *PROMPT[3:]]
+        tokens, cached = await run(parted, True)
+        assert cached == 2
+        assert tokens == reference_tokens(reference, parted, NEW_TOKENS)
+        tokens, cached = await run(parted, False)
+        assert cached == 0
+        assert tokens == reference_tokens(reference, parted, NEW_TOKENS)
+
+
+def test_the_pool_hands_out_the_session_caching_the_longest_prefix() -> None:
+    pipeline = Pipeline(None, "m")  # type: ignore[arg-type]  # take() needs no node
+    route = Route((Span("p", 0, 4, 1.0),), 1.0)
+    hops = (Hop("p", 0, 4),)
+    a, b, c = (PipelineSession(pipeline, name, hops, "float32", max_length=256)
+               for name in "abc")
+    a.cached, b.cached, c.cached = (1, 2, 3, 4), (1, 2, 9), (1, 2, 3)
+    pipeline.pool[hops] = [a, b, c]
+    assert pipeline.take(route, 300, [1, 2, 3, 4, 5]) is None  # none long enough
+    assert pipeline.take(route, 128, [1, 2, 3, 4, 5]) is a
+    assert pipeline.take(route, 128, [1, 2, 3, 4, 5]) is c  # 3 shared beat 2
+    assert pipeline.take(route, 128, [7]) is b
+    assert pipeline.take(route, 128, [7]) is None
+    pipeline.pool[hops] = [a, b]
+    assert pipeline.take(route, 128, [8]) is b  # equals: the most recently pooled
 
 
 async def test_entry_alone_with_the_whole_model(tmp_path: Path, tiny: Path,

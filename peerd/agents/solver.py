@@ -3,7 +3,11 @@ final answer pulled out of the chain.
 
 The prompt shows worked examples of the answer format, each ending in
 "Answer: <answer>", a pattern even a 135M-parameter model follows; generation stops
-at the end of the first answer line. Confidence is a heuristic, as there are no
+at the end of the first answer line. Number tasks have a calculator in the loop
+(calculator.py): when the chain ends in "<arithmetic> =", generation pauses, the
+result is written into the chain, and the model goes on from it; the pooled pipeline
+session still holds the chain's KV, so resuming computes only the new tokens.
+Confidence is a heuristic, as there are no
 log-probabilities at the entry peer: 0.9 for a marked answer that normalises, 0.4 for
 an answer we had to guess from the chain, 0.3 for a marked answer that does not
 parse, 0 for none. The vote bounds what a claimed confidence can do (voting.py).
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from peerd.agents import calculator
 from peerd.agents.answers import extract, normalise
 from protocols.task import TaskRequest
 
@@ -68,6 +73,7 @@ class Solution:
     cot: str
     confidence: float
     tokens: int = 0
+    calculations: int = 0  # results the calculator wrote into the chain
 
 
 class Solver(Protocol):
@@ -125,17 +131,47 @@ class ModelSolver:
             lambda: tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
         ids = await trio.to_thread.run_sync(
             lambda: list(tok(prompt, add_special_tokens=False)["input_ids"]))
-        params = SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
-                                top_p=0.95 if request.temperature > 0 else 1.0,
-                                seed=request.seed)
+        use_calculator = request.answer_format == "number"
         generated: list[int] = []
+        result: list[int] = []  # the calculator's tokens, when it paused the chain
+        calculations = 0
 
         async def on_token(token: int) -> bool:
             generated.append(token)
+            text = tok.decode(generated, skip_special_tokens=True)
             # Stop once an answer line has ended: what follows is a new, invented question.
-            return _ANSWER_LINE.search(tok.decode(generated, skip_special_tokens=True)) is None
+            if _ANSWER_LINE.search(text) is not None:
+                return False
+            if use_calculator and (value := calculated(text)) is not None:
+                result.extend(tok(" " + value, add_special_tokens=False)["input_ids"])
+                return False  # paused: the result goes in, then the chain resumes
+            return True
 
-        stats = await runtime.generator.generate(ids, params, on_token)
+        # segment by segment: the model writes until it asks for a calculation (or
+        # finishes); the result is appended and generation resumes from the pooled
+        # session's cached chain, with the rest of the token budget
+        for segment in range(request.max_tokens):
+            params = SamplingParams(
+                max_tokens=request.max_tokens - len(generated),
+                temperature=request.temperature,
+                top_p=0.95 if request.temperature > 0 else 1.0,
+                seed=(request.seed + segment) % 2**63)
+            result.clear()
+            await runtime.generator.generate(ids + generated, params, on_token,
+                                             reuse_prefix=True)
+            if not result:
+                break
+            calculations += 1
+            generated += result[:request.max_tokens - len(generated)]
+            if len(generated) >= request.max_tokens:
+                break
         cot = tok.decode(generated, skip_special_tokens=True).strip()
         answer, confidence = confidence_of(cot, request.answer_format)
-        return Solution(answer, cot, confidence, stats.completion_tokens)
+        return Solution(answer, cot, confidence, len(generated), calculations)
+
+
+def calculated(text: str) -> str | None:
+    """The calculator's result when `text` has just asked for one ("48 / 2 ="), else
+    None (no arithmetic before the "=", or none it can compute)."""
+    expression = calculator.pending(text)
+    return None if expression is None else calculator.evaluate(expression)

@@ -33,7 +33,13 @@ from peerd.inference.drafters import (
 )
 from peerd.inference.gamma import MAX_GAMMA, MAX_TREE_NODES, GammaController, TreeBudget
 from peerd.inference.host import SpeculativeOptions
-from peerd.inference.pipeline import Pipeline, PipelineFailure, PipelineSession, pooled_length
+from peerd.inference.pipeline import (
+    Pipeline,
+    PipelineFailure,
+    PipelineSession,
+    common_prefix,
+    pooled_length,
+)
 from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route, servers_by_model
 from peerd.inference.sampling import SamplingParams, distribution, make_generator
 from peerd.inference.tree import TokenTree, chain_prefix
@@ -83,6 +89,7 @@ class GenerationStats:
     draft_ms: float = 0.0  # drafting at the entry peer
     wall_ms: float = 0.0
     steps: int = 0  # pipeline passes (the prompt's included)
+    cached_tokens: int = 0  # prompt tokens whose KV a pooled session already held
     reroutes: int = 0
     finish_reason: str = "length"
     draft: str = "none"
@@ -125,6 +132,7 @@ class GenerationStats:
             "pipeline_ms": round(self.pipeline_ms, 3), "compute_ms": round(self.compute_ms, 3),
             "head_ms": round(self.head_ms, 3), "draft_ms": round(self.draft_ms, 3),
             "wall_ms": round(self.wall_ms, 3), "steps": self.steps, "reroutes": self.reroutes,
+            "cached_tokens": self.cached_tokens,
             "speculative": self.speculative_json(),
         }
 
@@ -189,12 +197,18 @@ class Generator:
             return await trio.to_thread.run_sync(catalog.get, spec.draft)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       on_token: OnToken, spec: SpeculativeOptions | None = None
-                       ) -> GenerationStats:
+                       on_token: OnToken, spec: SpeculativeOptions | None = None,
+                       *, reuse_prefix: bool = False) -> GenerationStats:
         """Decode up to params.max_tokens tokens after prompt_ids, in rounds: each round
         runs the uncached committed tokens plus a draft (if speculating) through the
         pipeline in one pass, then verification commits 1..γ+1 tokens. Plain decoding
-        is the round without a draft. DraftError if `spec` cannot be honoured."""
+        is the round without a draft. DraftError if `spec` cannot be honoured.
+
+        reuse_prefix: take the pooled session whose caches hold the longest prefix of
+        prompt_ids and compute only the rest (a fixed few-shot prompt, a chain resumed
+        after a tool call). Its KV was computed in other passes, so its logits may
+        differ from a fresh prefill's in the last bits: greedy output can part at a
+        near-tie. Plain decoding only (a drafter needs the whole prompt's features)."""
         spec = self.default_speculative if spec is None else spec
         mode = verify_mode(spec, params)
         drafter = await self.drafter(spec)
@@ -225,8 +239,13 @@ class Generator:
         try:
             while not finished:
                 if session is None:
-                    session, fresh = await self._open(max_length, stats)
+                    session, fresh = await self._open(max_length, stats, history)
                     kv = 0  # (re)play the whole history
+                    if reuse_prefix and not fresh and drafting is None:
+                        # keep what the caches already hold; the last token is always
+                        # run, for the logits that choose the next one
+                        kv = max(0, min(common_prefix(session.cached, history), len(history) - 1))
+                        stats.cached_tokens = kv
                 pending = history[kv:]  # committed, not yet in the caches
                 room = min(params.max_tokens - stats.completion_tokens - 1,
                            max_length - len(history))
@@ -311,23 +330,25 @@ class Generator:
             if session is not None:
                 with trio.CancelScope(shield=True):
                     if finished:  # a clean end: the next request may reuse the session
+                        session.cached = tuple(history[:kv])
                         await self.pipeline.release(session)
                     else:
                         await session.close()
             stats.wall_ms = (time.perf_counter() - t_start) * 1e3
         return stats
 
-    async def _open(self, max_length: int, stats: GenerationStats
+    async def _open(self, max_length: int, stats: GenerationStats, tokens: list[int]
                     ) -> tuple[PipelineSession, bool]:
-        """A session on the best route: an idle one from the pool, else a new one (long
-        enough for most later requests too); True if it is new."""
+        """A session on the best route: an idle one from the pool (caching the longest
+        prefix of `tokens`), else a new one (long enough for most later requests too);
+        True if it is new."""
         for attempt in range(1, MAX_FAILURES + 1):
             route = self.route()
             if isinstance(route, NoRoute):
                 raise NoCoverage(self.model_id, route)
             stats.route = [{"peer_id": s.peer_id, "layers": [s.start, s.end]}
                            for s in route.spans]
-            pooled = self.pipeline.take(route, max_length)
+            pooled = self.pipeline.take(route, max_length, tokens)
             if pooled is not None:
                 return pooled, False
             try:

@@ -56,7 +56,8 @@ PROBE_TIMEOUT_S = 2.0
 # A finished request's session stays open this long for the next request on the same
 # route: opening one costs ~20 one-way link latencies (a stream negotiated per hop,
 # the return stream, acks), 1 s at 50 ms per link. The next request's first FORWARD
-# truncates the caches with keep=0.
+# truncates the caches with keep=0, or (a request that asks to reuse a prefix) with
+# keep = the tokens it shares with what they hold.
 POOL_IDLE_S = 30.0
 POOL_PER_ROUTE = 2
 LENGTH_STEP = 256  # session lengths round up to this, so a session fits later requests
@@ -66,6 +67,16 @@ def pooled_length(max_length: int) -> int:
     """The length to open a session with: a little slack for the next request (the KV
     cache each shard reserves grows with it, so only a little)."""
     return -(-max_length // LENGTH_STEP) * LENGTH_STEP
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class PipelineFailure(Exception):
@@ -103,6 +114,9 @@ class PipelineSession:
     step_no: int = 0
     max_length: int = 0
     held: int = 0  # positions the route's caches hold (the user keeps it up to date)
+    # committed token ids whose KV fills the caches' first positions, as the last
+    # request left them: a pooled session's reusable prefix (the user keeps it)
+    cached: tuple[int, ...] = ()
     idle_since: float = 0.0  # when it went back to the pool
 
     @property
@@ -207,15 +221,19 @@ class Pipeline:
 
     # ---- the pool of idle sessions ---------------------------------------------------
 
-    def take(self, route: Route, max_length: int) -> PipelineSession | None:
-        """An idle session on exactly this route, long enough; None if there is none."""
+    def take(self, route: Route, max_length: int, tokens: Sequence[int] = ()
+             ) -> PipelineSession | None:
+        """An idle session on exactly this route, long enough; None if there is none.
+        Of several, the one whose cached tokens share the longest prefix with `tokens`,
+        then the most recently used."""
         hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
         idle = self.pool.get(hops, [])
-        for s in reversed(idle):  # the most recently used first
-            if s.max_length >= max_length and not s.done.is_set():
-                idle.remove(s)
-                return s
-        return None
+        fits = [s for s in reversed(idle) if s.max_length >= max_length and not s.done.is_set()]
+        if not fits:
+            return None
+        best = max(fits, key=lambda s: common_prefix(s.cached, tokens))  # first of equals
+        idle.remove(best)
+        return best
 
     async def release(self, s: PipelineSession) -> None:
         """A request is done with `s`: keep it for the next one on its route, or close it."""

@@ -23,6 +23,7 @@ MAX_QUESTION_CHARS = 16_000
 MAX_COT_CHARS = 16_000  # a chain of thought longer than this is refused
 MAX_ANSWER_CHARS = 1_000
 MAX_TASK_TOKENS = 2048
+MAX_PROMPT_SETS = 64
 MAX_ANSWER_FRAME_BYTES = 96 * 1024  # the signed answer, whatever its characters
 
 
@@ -40,6 +41,11 @@ class TaskRequest(Message):
     seed: int
     max_tokens: int
     deadline_s: float  # the worker stops and fails after this long
+    # which of the worker's worked-example sets to prompt with (the requester asks seat
+    # i for set i; the worker takes it modulo the sets it has): chains from different
+    # examples differ without sampling's loss of accuracy. Added after 1.0.0 shipped.
+    prompt: int = 0
+    OPTIONAL = frozenset({"prompt"})
 
     def check(self) -> None:
         if not 0 < len(self.task_id) <= MAX_TASK_ID_CHARS:
@@ -57,6 +63,8 @@ class TaskRequest(Message):
             raise WireError(f"max_tokens {self.max_tokens} outside 1..{MAX_TASK_TOKENS}")
         if not (math.isfinite(self.deadline_s) and 0 < self.deadline_s <= MAX_DEADLINE_S):
             raise WireError(f"deadline {self.deadline_s} s outside (0, {MAX_DEADLINE_S}]")
+        if not 0 <= self.prompt < MAX_PROMPT_SETS:
+            raise WireError(f"prompt set {self.prompt} outside 0..{MAX_PROMPT_SETS - 1}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ a Byzantine simulation over the real election, voting and reputation code."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -366,3 +367,47 @@ def test_one_confident_liar_never_outvotes_four_honest_and_loses_its_seat() -> N
         elected, accepted = simulate_task(book, bidders, 3, truth, float(task))
         assert "liar" not in elected
         assert accepted == truth
+
+
+# ---- the task request's prompt set --------------------------------------------------------
+
+
+def test_a_task_requests_prompt_set_stays_off_the_wire_at_zero_and_is_bounded() -> None:
+    from protocols.codec import decode, encode, packb
+    from protocols.errors import WireError
+    from protocols.task import MAX_PROMPT_SETS, TaskRequest
+
+    request = TaskRequest(task_id="t", question="1 + 1?", answer_format="number",
+                          temperature=0.0, seed=1, max_tokens=16, deadline_s=5.0)
+    assert "prompt" not in request.to_wire()  # what a 1.0.0 worker decodes strictly
+    again = decode(encode(request), TaskRequest)
+    assert again == request and again.prompt == 0
+    third = dataclasses.replace(request, prompt=3)
+    assert decode(encode(third), TaskRequest).prompt == 3
+    for bad in (-1, MAX_PROMPT_SETS, 2**40):
+        wire = {**request.to_wire(), "prompt": bad}
+        with pytest.raises(WireError, match="prompt set"):
+            decode(packb(wire), TaskRequest).check()  # as the worker checks it
+
+
+def test_seats_decode_greedily_from_their_own_example_sets_then_sample() -> None:
+    from peerd.agents.service import TEMPERATURES, seat_sampling
+    from peerd.agents.solver import EXAMPLES, PROMPT_SETS, messages, prompt_sets
+
+    sets = prompt_sets("number")
+    assert sets >= 3
+    assert [seat_sampling(s, "number") for s in range(sets)] == [(0.0, s) for s in range(sets)]
+    later = [seat_sampling(s, "number") for s in range(sets, sets + 9)]
+    assert all(t > 0 for t, _ in later)  # no second greedy chain from the same set
+    assert [t for t, _ in later[:7]] == list(TEMPERATURES[1:])
+    assert [p for _, p in later] == [s % sets for s in range(sets, sets + 9)]
+    # one set only (choice, text): seat 0 greedy, then the temperatures as they were
+    assert [seat_sampling(s, "choice") for s in range(4)] == [
+        (0.0, 0), (0.7, 0), (0.9, 0), (0.5, 0)]
+    # every set is distinct and names real examples; the prompt shows them in order
+    for answer_format, chosen in PROMPT_SETS.items():
+        assert len(set(chosen)) == len(chosen)
+        assert all(0 <= i < len(EXAMPLES[answer_format]) for s in chosen for i in s)
+    shown = [m["content"] for m in messages("Q?", "number", 1) if m["role"] == "user"]
+    assert shown == [EXAMPLES["number"][i][0] for i in PROMPT_SETS["number"][1]] + ["Q?"]
+    assert messages("Q?", "number", sets) == messages("Q?", "number", 0)  # modulo the sets

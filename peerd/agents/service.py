@@ -3,9 +3,10 @@
 As a requester (`run_task`, here): publish a `Beacon` on gossip, collect signed bids
 over `/peerd/bid/1.0.0` until every peer expected to bid has (or the bid window
 closes), elect the best bidders (election.py), send each the question over
-`/peerd/task/1.0.0` with its own temperature and seed, replace any worker that fails
-or misses its deadline with the next bidder, verify each signed answer, vote
-(voting.py), update reputation (reputation.py) and publish it in our ledger entry.
+`/peerd/task/1.0.0` with its own temperature, seed and prompt set, replace any worker
+that fails or misses its deadline with the next bidder, verify each signed answer,
+vote (voting.py), update reputation (reputation.py) and publish it in our ledger
+entry.
 
 As a worker (worker.py): bid on other peers' beacons where our model can answer and
 our skills match, and answer the tasks we bid on.
@@ -46,7 +47,7 @@ from peerd.agents.election import (
 from peerd.agents.reputation import ReputationBook, view
 from peerd.agents.sealing import unseal
 from peerd.agents.skills import LexicalMatcher, SkillMatcher
-from peerd.agents.solver import Solver
+from peerd.agents.solver import Solver, prompt_sets
 from peerd.agents.voting import Ballot, tally
 from peerd.agents.worker import TaskWorker
 from peerd.datadir import TASKS_DB
@@ -63,12 +64,12 @@ from protocols.beacon import (
 )
 from protocols.codec import encode
 from protocols.errors import PeerError, RemoteError
-from protocols.task import TASK, Answer, SignedAnswer, TaskRequest
+from protocols.task import MAX_PROMPT_SETS, TASK, Answer, SignedAnswer, TaskRequest
 
 log = logging.getLogger(__name__)
 
 REPUTATION_FILE = "reputation.json"
-TEMPERATURES = (0.0, 0.7, 0.9, 0.5, 1.0, 0.8, 0.6, 0.4)  # seat i: TEMPERATURES[i % 8]
+TEMPERATURES = (0.0, 0.7, 0.9, 0.5, 1.0, 0.8, 0.6, 0.4)  # seat_sampling
 MAX_RECORDS = 256  # tasks kept in memory (finished ones are archived on disk too)
 MAX_CLOSED = 4096  # recently closed task ids: a late bid is not an offence
 MAX_RUNNING = 16  # tasks this peer requests at once
@@ -310,13 +311,14 @@ class Symphony:
                       reputation: float) -> Vote:
         """Have `worker` solve the task in `seat`; its verified vote, or WorkFailed."""
         spec = record.spec
+        temperature, prompt = seat_sampling(seat, spec.answer_format)
         request = TaskRequest(task_id=record.id, question=spec.question,
-                              answer_format=spec.answer_format,
-                              temperature=TEMPERATURES[seat % len(TEMPERATURES)],
+                              answer_format=spec.answer_format, temperature=temperature,
                               seed=seat_seed(record.id, seat), max_tokens=spec.max_tokens,
-                              deadline_s=spec.deadline_s)
+                              deadline_s=spec.deadline_s, prompt=prompt)
         self._publish_event("task.assigned", task_id=record.id, seat=seat,
-                            peer_id=worker.peer_id, temperature=request.temperature)
+                            peer_id=worker.peer_id, temperature=request.temperature,
+                            prompt=request.prompt)
         t0 = time.perf_counter()
         try:
             signed: SignedAnswer = await call(self.node.host, worker.peer_id, TASK, request,
@@ -404,6 +406,17 @@ class Symphony:
 
     def _publish_event(self, type_: str, **data: Any) -> None:
         self.node.events.publish(type_, **data)
+
+
+def seat_sampling(seat: int, answer_format: str) -> tuple[float, int]:
+    """(temperature, prompt set) for a seat. While the format has example sets to go
+    round, each seat decodes greedily from its own set (chains that differ, each as
+    good as a greedy chain); the seats after them sample at TEMPERATURES[1:] in turn."""
+    sets = prompt_sets(answer_format)
+    if seat < sets:
+        return 0.0, seat % MAX_PROMPT_SETS
+    extra = 1 + (seat - sets) % (len(TEMPERATURES) - 1)
+    return TEMPERATURES[extra], seat % sets % MAX_PROMPT_SETS
 
 
 def seat_seed(task_id: str, seat: int) -> int:

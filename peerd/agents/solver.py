@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 SYSTEM = ("You solve problems step by step. Write a short chain of reasoning, then the "
           "final answer alone on the last line as 'Answer: <answer>'.")
 # Worked examples per answer format, each ending in "Answer: <answer>". The number
-# examples are four short GSM8K *train* problems (MIT licence, (c) 2021 OpenAI; ../shared
-# /data/gsm8k/LICENSE), their solutions as the dataset writes them without the calculator
-# marks: with them SmolLM2-135M answers 8% of the Symphony benchmark's arithmetic set
-# greedily, with one made-up example 4%.
+# examples are short GSM8K *train* problems (MIT licence, (c) 2021 OpenAI; ../shared/data
+# /gsm8k/LICENSE), their solutions as the dataset writes them without the calculator
+# marks (the last four a little shortened): with the first four SmolLM2-135M answers 8% of
+# the Symphony benchmark's arithmetic set greedily, with one made-up example 4%.
 EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     "number": (
         ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
@@ -53,6 +53,21 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("James buys 5 packs of beef that are 4 pounds each. The price of beef is $5.50 per "
          "pound. How much did he pay?",
          "He bought 5 * 4 = 20 pounds of beef.\nSo he paid 20 * 5.5 = $110.\nAnswer: 110"),
+        ("During one day, there are 4 boat trips through the lake. The boat can take up to "
+         "12 people during one trip. How many people can the boat transport in 2 days?",
+         "During 4 boat trips, the boat can take 4 * 12 = 48 people.\nDuring two days it "
+         "can transport 48 * 2 = 96 people.\nAnswer: 96"),
+        ("Herbert is 10 years younger than Kris. If Kris is 24 years old now, how old will "
+         "Herbert be next year?",
+         "Herbert is 24 - 10 = 14 years old now.\nSo Herbert will be 14 + 1 = 15 years old "
+         "next year.\nAnswer: 15"),
+        ("Five coaster vans are used to transport students for their field trip. Each van "
+         "carries 28 students, 60 of which are boys. How many are girls?",
+         "There are 5 * 28 = 140 students.\nIf 60 are boys, then 140 - 60 = 80 of them are "
+         "girls.\nAnswer: 80"),
+        ("Tommy wants to earn enough money to buy 8 new books. Each book costs $5. If Tommy "
+         "already has $13, how much does he need to save up?",
+         "The books will cost 8 * 5 = $40.\nHe needs to save up 40 - 13 = $27.\nAnswer: 27"),
     ),
     "choice": (
         ("Which animal is a mammal? (A) shark (B) dolphin (C) trout (D) octopus",
@@ -63,6 +78,16 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
         ("What is the capital city of Japan?",
          "Japan's government and emperor sit in Tokyo, its largest city.\nAnswer: Tokyo"),
     ),
+}
+# Prompt sets: which examples each set shows, in order. A task's seats ask for different
+# sets (TaskRequest.prompt), so their chains differ while each decodes greedily: on
+# SmolLM2 a sampled chain is right less often than a greedy one. The number sets are the
+# two halves of the pool and pairs of their pairs, fixed by construction (not tuned on
+# any benchmark); set 0 is the original four.
+PROMPT_SETS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "number": ((0, 1, 2, 3), (4, 5, 6, 7), (0, 1, 4, 5), (2, 3, 6, 7), (0, 2, 4, 6)),
+    "choice": ((0,),),
+    "text": ((0,),),
 }
 _ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:\uff1a]\s*\S[^\n]*\n", re.IGNORECASE)
 
@@ -84,9 +109,18 @@ class Solver(Protocol):
     async def solve(self, request: TaskRequest) -> Solution: ...
 
 
-def messages(question: str, answer_format: str) -> list[dict[str, str]]:
+def prompt_sets(answer_format: str) -> int:
+    """How many different example sets a task in this format can be prompted with."""
+    return len(PROMPT_SETS[answer_format])
+
+
+def messages(question: str, answer_format: str, prompt: int = 0) -> list[dict[str, str]]:
+    """The chat: system prompt, the worked examples of set `prompt` (modulo the sets
+    there are), the question."""
     chat = [{"role": "system", "content": SYSTEM}]
-    for example_q, example_a in EXAMPLES[answer_format]:
+    sets = PROMPT_SETS[answer_format]
+    for index in sets[prompt % len(sets)]:
+        example_q, example_a = EXAMPLES[answer_format][index]
         chat += [{"role": "user", "content": example_q},
                  {"role": "assistant", "content": example_a}]
     return [*chat, {"role": "user", "content": question}]
@@ -126,7 +160,7 @@ class ModelSolver:
         if runtime is None:
             raise RuntimeError("the model is not ready")
         tok = runtime.tokenizer
-        chat = messages(request.question, request.answer_format)
+        chat = messages(request.question, request.answer_format, request.prompt)
         prompt = await trio.to_thread.run_sync(
             lambda: tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
         ids = await trio.to_thread.run_sync(

@@ -1,0 +1,99 @@
+"""A worker's solver on SmolLM2 with the calculator in the loop: the chain pauses at
+"<arithmetic> =", the exact result goes in, and generation resumes from the pooled
+pipeline session's cached chain. Held against one process doing the same with plain
+transformers: the same tokens (a divergence only at a near-tie of the target's top
+two logits, reported), and every calculation in the chain right."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peerd.agents.answers import normalise_number
+from peerd.agents.calculator import evaluate
+from peerd.agents.solver import _ANSWER_LINE, ModelSolver, calculated, messages
+from peerd.inference.host import ModelHost, ModelOptions
+from peerd.inference.source import load_tokenizer, reference_model, resolve
+from protocols.task import TaskRequest
+from tests.harness import swarm
+from tests.test_inference_model import needs_smollm2
+
+QUESTION = ("A baker makes 14 loaves of bread a day for 6 days and then sells 9 of them. "
+            "How many loaves does he have left?")
+MAX_TOKENS = 96
+NEAR_TIE = 1e-4
+# "<arithmetic> = <number>": a calculation as the chain states it
+_EQUATION = re.compile(r"((?:\d[\d.,]*\s*[-+*/x]\s*)+\d[\d.,]*)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
+
+
+def reference_chain(question: str) -> tuple[list[int], list[float], int]:
+    """What one process writes with the calculator: tokens, the top-two logit gap at
+    each token the model chose, and how many results the calculator wrote in."""
+    source = resolve("smollm2")
+    model: Any = reference_model(source)
+    tok = load_tokenizer(source)
+    prompt = tok.apply_chat_template(messages(question, "number"),
+                                     add_generation_prompt=True, tokenize=False)
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    out: list[int] = []
+    gaps: list[float] = []
+    calculations = 0
+    step = torch.tensor([ids])
+    past = None
+    with torch.inference_mode():
+        while len(out) < MAX_TOKENS:
+            result = model(step, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            top = result.logits[0, -1].float().topk(2)
+            token = int(top.indices[0])
+            if token == tok.eos_token_id:
+                break
+            out.append(token)
+            gaps.append(float(top.values[0] - top.values[1]))
+            text = tok.decode(out, skip_special_tokens=True)
+            if _ANSWER_LINE.search(text):
+                break
+            value = calculated(text)
+            forced = [] if value is None else list(
+                tok(" " + value, add_special_tokens=False)["input_ids"])
+            forced = forced[:MAX_TOKENS - len(out)]
+            calculations += bool(forced)
+            out += forced
+            gaps += [float("inf")] * len(forced)  # written in, not chosen
+            step = torch.tensor([[token, *forced]])
+    return out, gaps, calculations
+
+
+@needs_smollm2
+async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path) -> None:
+    want, gaps, want_calculations = reference_chain(QUESTION)
+    async with swarm(1, tmp_path) as (node,):
+        host = ModelHost(ModelOptions("smollm2", torch_threads=1))
+        await host.load(node)
+        assert host.runtime is not None, host.error
+        solver = ModelSolver(host)
+        solution = await solver.solve(TaskRequest(
+            task_id="t1", question=QUESTION, answer_format="number", temperature=0.0,
+            seed=0, max_tokens=MAX_TOKENS, deadline_s=120.0))
+        # every segment after a calculation resumed on the one pooled session
+        assert len(host.runtime.server.sessions) == 1
+        tok = host.runtime.tokenizer
+
+    print(f"\nchain ({solution.calculations} calculations): {solution.cot!r}")
+    assert solution.calculations >= 1
+    equations = _EQUATION.findall(solution.cot)
+    assert equations, "the chain states no calculation"
+    for expression, value in equations:
+        assert evaluate(expression) == normalise_number(value), (expression, value)
+
+    if solution.cot != tok.decode(want, skip_special_tokens=True).strip():
+        # the first reference token whose text the chain does not continue with
+        parted = next(i for i in range(len(want)) if not solution.cot.startswith(
+            tok.decode(want[:i + 1], skip_special_tokens=True).strip()))
+        print(f"parted from the reference at token {parted}, top-two gap {gaps[parted]:.2e}")
+        assert gaps[parted] < NEAR_TIE, "the chain parted from one process away from a tie"
+    else:
+        assert solution.calculations == want_calculations

@@ -13,8 +13,9 @@ peers; the requester itself takes the last seat, as a reserve), answer_format
   numbers, drawn with random.Random(--seed).
 
 Accuracy per set, from each task's own votes (no extra generation):
-- single worker: the chain in seat 0, the first elected (the top-ranked bidder; seat 0
-  always decodes greedily, the others sample at temperatures 0.7, 0.9, 0.5, ...);
+- single worker: the chain in seat 0, the first elected (the top-ranked bidder; it
+  decodes greedily with the original four worked examples; seats 1-4 decode greedily
+  with the other example sets, and number tasks use the calculator in every seat);
 - 3-worker vote: the weighted vote over the chains in seats 0-2 only, with the weights
   the requester gave them (the same argmax and tie-break as the daemon's vote);
 - 5-worker vote: the task's answer, over all seats.
@@ -310,7 +311,7 @@ def main() -> int:
         "seed": args.seed,
         "torch_threads_per_peer": 1,
         "requester": "peer0 (also serves the model; takes the last seat as a reserve)",
-        "single_worker": "seat 0 of each task (first elected, greedy)",
+        "single_worker": "seat 0 of each task (first elected, greedy, example set 0)",
         "vote_3": "weighted vote over seats 0-2 of each task, with the task's weights",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_1min": load},

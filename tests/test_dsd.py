@@ -334,3 +334,69 @@ async def test_bad_speculative_requests_are_refused_clearly(
             await run(entry, SpeculativeOptions("ngram", "greedy"), temperature=0.7)
         tokens, _ = await run(entry, SpeculativeOptions("ngram"))  # still serving
         assert len(tokens) == N
+
+
+class Told:
+    """Wraps a real drafter: records what each of its sessions is told."""
+
+    def __init__(self, drafter: Any) -> None:
+        self.drafter = drafter
+        self.name = drafter.name
+        self.tokens: list[int] = []
+        self.features: list[torch.Tensor] = []
+
+    def start(self) -> Any:
+        session = self.drafter.start()
+        self.tokens, self.features = [], []
+        extend = session.extend
+
+        def told(tokens: Sequence[int], features: torch.Tensor | None) -> None:
+            self.tokens += list(tokens)
+            if features is not None:
+                self.features.append(features.reshape(-1, features.shape[-1]).clone())
+            extend(tokens, features)
+
+        session.extend = told
+        return session
+
+
+async def test_a_speculative_request_reuses_a_pooled_prefix_with_its_features(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module) -> None:
+    """reuse_prefix under DSD: the pooled session kept the target's features for the
+    positions its caches hold, so the drafter is told the same tokens and features as
+    when everything is computed afresh, and greedy output is still plain greedy's."""
+    async with model_swarm(tmp_path, tiny, SPLITS) as (_, runtimes):
+        entry = runtimes[0]
+        head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
+        spec = SpeculativeOptions(f"eagle:{head}", "greedy", 4, False)
+        assert entry.generator.drafters is not None
+        spy = Told(entry.generator.drafters.get(spec.draft))
+        entry.generator.drafters._built[spec.draft] = spy
+
+        async def told(prompt: list[int], reuse: bool) -> tuple[list[int], int, torch.Tensor]:
+            tokens: list[int] = []
+
+            async def collect(token: int) -> bool:
+                tokens.append(token)
+                return True
+
+            stats = await entry.generator.generate(prompt, SamplingParams(max_tokens=8),
+                                                   collect, spec, reuse_prefix=reuse)
+            check_same_or_near_tie(reference, prompt, tokens,
+                                   reference_tokens(reference, prompt, 8))
+            assert spy.tokens == prompt + tokens[:-1]  # all but the last, never drafted on
+            return tokens, stats.cached_tokens, torch.cat(spy.features)
+
+        first, cached, _ = await told(PROMPT, True)
+        assert cached == 0
+        resumed = [*PROMPT, *first[:4], 42]
+        _, cached, features = await told(resumed, True)
+        assert cached == len(PROMPT) + 4
+        _, cached, fresh = await told(resumed, False)
+        assert cached == 0
+        assert features.shape == fresh.shape
+        assert torch.allclose(features, fresh, atol=1e-4)
+        # a plain request pools no features: a speculative one after it reuses nothing
+        await run(entry, None, n=4, prompt=resumed)
+        _, cached, _ = await told(resumed, True)
+        assert cached == 0

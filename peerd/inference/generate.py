@@ -29,6 +29,7 @@ from peerd.inference.drafters import (
     Drafter,
     DrafterCatalog,
     DraftError,
+    DraftSession,
     TreeDraftSession,
 )
 from peerd.inference.gamma import MAX_GAMMA, MAX_TREE_NODES, GammaController, TreeBudget
@@ -208,7 +209,9 @@ class Generator:
         prompt_ids and compute only the rest (a fixed few-shot prompt, a chain resumed
         after a tool call). Its KV was computed in other passes, so its logits may
         differ from a fresh prefill's in the last bits: greedy output can part at a
-        near-tie. Plain decoding only (a drafter needs the whole prompt's features)."""
+        near-tie. A drafter is given the reused positions' features as the pooled
+        session kept them (a session pooled by a plain request has none: then a
+        speculative one reuses nothing)."""
         spec = self.default_speculative if spec is None else spec
         mode = verify_mode(spec, params)
         drafter = await self.drafter(spec)
@@ -226,6 +229,10 @@ class Generator:
         history = list(prompt_ids)  # committed tokens
         told = 0  # history[:told] has been given to the drafter
         fed = 0  # positions whose features the drafter has
+        # features of committed positions 0..fed-1 in order, pooled with the session for
+        # the next request's drafter (only while drafting)
+        collected: list[torch.Tensor] = []
+        reused: torch.Tensor | None = None  # the pooled session's, for positions < kv
         kv = 0  # committed positions the pipeline's caches hold
         # drafts may run up to MAX_GAMMA positions past the last committed token (a
         # tree: its candidates and lookup branches)
@@ -241,11 +248,13 @@ class Generator:
                 if session is None:
                     session, fresh = await self._open(max_length, stats, history)
                     kv = 0  # (re)play the whole history
-                    if reuse_prefix and not fresh and drafting is None:
-                        # keep what the caches already hold; the last token is always
-                        # run, for the logits that choose the next one
-                        kv = max(0, min(common_prefix(session.cached, history), len(history) - 1))
+                    if reuse_prefix and not fresh and told == 0:
+                        kv = await self._reuse(session, history, drafting)
                         stats.cached_tokens = kv
+                        if kv and drafting is not None:
+                            reused = session.features
+                            told, fed = kv, kv - 1
+                            collected = [session.features[:fed]]
                 pending = history[kv:]  # committed, not yet in the caches
                 room = min(params.max_tokens - stats.completion_tokens - 1,
                            max_length - len(history))
@@ -254,7 +263,8 @@ class Generator:
                 probs: torch.Tensor | None = None  # what a sampled chain was drawn from
                 grown = False  # a tree was grown this round (its size is then observed)
                 t0 = t_round = time.perf_counter()
-                if drafting is not None and kv > 0 and room > 0:
+                # a drafter drafts after the last committed token: once it knows them all
+                if drafting is not None and kv > 0 and told == len(history) and room > 0:
                     depth = min(gamma.next(), room)
                     if tree_drafting is not None:
                         grown = depth > 0 and budget.drafting()
@@ -304,6 +314,10 @@ class Generator:
                 slots = [*range(len(pending)), *(len(pending) + n for n in verdict.path)]
                 ran_to = kv + len(slots)  # committed positions with features now
                 features = result.hidden[0, slots[max(fed, kv) - kv:]]  # [n, H]
+                if fed < kv and reused is not None:  # the last reused position's first
+                    features = torch.cat([reused[fed:kv], features])  # [n, H]
+                if drafting is not None:
+                    collected.append(features)
                 kv += len(pending) + chain_prefix(verdict.path)
                 fed = ran_to
                 if kv > len(prompt_ids):  # a decoding round, not the prompt's pass
@@ -331,11 +345,28 @@ class Generator:
                 with trio.CancelScope(shield=True):
                     if finished:  # a clean end: the next request may reuse the session
                         session.cached = tuple(history[:kv])
+                        session.features = torch.cat(collected)[:kv] if collected else None
                         await self.pipeline.release(session)
                     else:
                         await session.close()
             stats.wall_ms = (time.perf_counter() - t_start) * 1e3
         return stats
+
+    async def _reuse(self, session: PipelineSession, history: list[int],
+                     drafting: DraftSession | None) -> int:
+        """How many leading tokens of `history` a pooled session's caches already hold
+        for us (0 if none); a drafter is told those tokens with their features."""
+        # the last token is always run: its logits choose the next one
+        shared = max(0, min(common_prefix(session.cached, history), len(history) - 1))
+        if drafting is None:
+            return shared
+        stored = session.features
+        if stored is None or shared < 2:
+            return 0
+        shared = min(shared, int(stored.shape[0]))
+        # features for all but the last told token, as DraftSession.extend wants
+        await self._in_thread(drafting.extend, history[:shared], stored[:shared - 1])
+        return shared
 
     async def _open(self, max_length: int, stats: GenerationStats, tokens: list[int]
                     ) -> tuple[PipelineSession, bool]:

@@ -117,6 +117,8 @@ class PipelineSession:
     # committed token ids whose KV fills the caches' first positions, as the last
     # request left them: a pooled session's reusable prefix (the user keeps it)
     cached: tuple[int, ...] = ()
+    features: Any = None  # torch.Tensor [len(cached), H]: the target's last hidden states
+    # at those positions, kept for a drafter when a speculative request pooled it
     idle_since: float = 0.0  # when it went back to the pool
 
     @property

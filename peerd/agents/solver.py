@@ -7,10 +7,10 @@ at the end of the first answer line. Number tasks have a calculator in the loop
 (calculator.py): when the chain ends in "<arithmetic> =", generation pauses, the
 result is written into the chain, and the model goes on from it; the pooled pipeline
 session still holds the chain's KV, so resuming computes only the new tokens.
-Confidence is a heuristic, as there are no
-log-probabilities at the entry peer: 0.9 for a marked answer that normalises, 0.4 for
-an answer we had to guess from the chain, 0.3 for a marked answer that does not
-parse, 0 for none. The vote bounds what a claimed confidence can do (voting.py).
+Confidence is a heuristic, as there are no log-probabilities at the entry peer: 0.9
+for a marked answer that normalises, 0.4 for an answer we had to guess from the
+chain, 0.3 for a marked answer that does not parse, 0 for none. The vote bounds what
+a claimed confidence can do (voting.py).
 
 `Solver` is what the task service needs; tests give it fakes.
 """

@@ -102,6 +102,10 @@ def main() -> None:
               help="Decode speculatively by default: DRAFT is ngram, eagle, eagle:PATH or "
               "model:SPEC; VERIFY greedy, sample or adaptive [auto]; GAMMA 1-16 [auto]. "
               "Requests may override it.")
+@click.option("--prompt-cache/--no-prompt-cache", default=None,
+              help="API requests reuse the KV a pooled pipeline session holds of their prompt "
+              "(earlier chat turns) [off; greedy output may then part from a fresh "
+              "prefill's at a near-tie].")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

@@ -84,6 +84,11 @@ class Config:
     # Speculative decoding by default for requests that do not say: DRAFT[,VERIFY[,GAMMA]]
     # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/host.py).
     speculative: str = "none"
+    # API requests reuse what a pooled pipeline session's caches already hold of their
+    # prompt (the earlier turns of a chat) and compute only the rest. The reused KV was
+    # computed in other passes: greedy output may part from a fresh prefill's at a
+    # near-tie of the top two logits, so it is off unless asked for.
+    prompt_cache: bool = False
 
     @property
     def layer_range(self) -> tuple[int, int] | None:
@@ -117,6 +122,9 @@ _RANGES: dict[str, tuple[float, float]] = {
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS}
 _LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
+_BOOL_FIELDS = {"prompt_cache"}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+               "false": False, "0": False, "no": False, "off": False}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -146,6 +154,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(name, source, f"expected an integer, got {value!r}") from None
+    if name in _BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise ConfigError(name, source, f"expected true or false, got {value!r}")
     if not isinstance(value, str):
         raise ConfigError(name, source, f"expected a string, got {value!r}")
     return value
@@ -190,6 +204,8 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
         raise bad("speculative", str(exc)) from None
     if cfg.speculative != "none" and not cfg.model:
         raise bad("speculative", "--speculative needs --model")
+    if cfg.prompt_cache and not cfg.model:
+        raise bad("prompt_cache", "--prompt-cache needs --model")
     if len(cfg.name) > 64:
         raise bad("name", "longer than 64 characters")
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):

@@ -113,7 +113,8 @@ def model_options(config: Config) -> ModelOptions | None:
                          max_kv_bytes=config.kv_cache_mb * 2**20)
     return ModelOptions(spec=config.model, layers=config.layer_range, device=config.device,
                         dtype=config.dtype, torch_threads=config.torch_threads, limits=limits,
-                        speculative=SpeculativeOptions.parse_flag(config.speculative))
+                        speculative=SpeculativeOptions.parse_flag(config.speculative),
+                        prompt_cache=config.prompt_cache)
 
 
 async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sockets: Any,

@@ -118,6 +118,17 @@ def test_numbers_from_env_strings(tmp_path: Path) -> None:
     assert cfg.heartbeat_s == 0.5 and cfg.target_peers == 12
 
 
+def test_prompt_cache_is_a_switch_from_any_source(tmp_path: Path) -> None:
+    home = {"PEERD_HOME": str(tmp_path), "PEERD_MODEL": "smollm2"}
+    assert load_config(environ=home).prompt_cache is False
+    for word, want in [("true", True), ("On", True), ("1", True), ("no", False)]:
+        assert load_config(environ={**home, "PEERD_PROMPT_CACHE": word}).prompt_cache is want
+    toml = write_toml(tmp_path / "c.toml", "prompt_cache = true\n")
+    assert load_config(config_file=toml, environ=home).prompt_cache is True
+    assert load_config({"prompt_cache": False}, config_file=toml,
+                       environ=home).prompt_cache is False  # the flag wins
+
+
 # ---- errors name the setting and the source -------------------------------------
 
 
@@ -188,6 +199,8 @@ def test_listen_must_be_tcp(tmp_path: Path) -> None:
     ("PEERD_TARGET_PEERS", "many", "target_peers"),
     ("PEERD_LOG_LEVEL", "loud", "log_level"),
     ("PEERD_NAME", "n" * 65, "name"),
+    ("PEERD_PROMPT_CACHE", "maybe", "prompt_cache"),
+    ("PEERD_PROMPT_CACHE", "true", "prompt_cache"),  # without a model to cache for
 ])
 def test_bad_env_values(tmp_path: Path, var: str, value: str, setting: str) -> None:
     err = config_error(environ={"PEERD_HOME": str(tmp_path), var: value})
@@ -202,6 +215,8 @@ def test_bad_env_values(tmp_path: Path, var: str, value: str, setting: str) -> N
     ('heartbeat_s = "soon"\n', "heartbeat_s"),
     ("heartbeat_s = true\n", "heartbeat_s"),  # not silently 1.0 s
     ("ttl_heartbeats = 2.5\n", "ttl_heartbeats"),  # not silently truncated to 2
+    ('prompt_cache = "sometimes"\n', "prompt_cache"),
+    ("prompt_cache = 1\n", "prompt_cache"),
 ])
 def test_bad_types_in_toml(tmp_path: Path, text: str, setting: str) -> None:
     toml = write_toml(tmp_path / "c.toml", text)

@@ -44,6 +44,7 @@ class Swarm:
     b: Daemon  # layers [2, 4)
     partial: Daemon  # alone in its own swarm with layers [0, 2) of another model
     bare: Daemon  # in A's swarm, serving no model
+    cached: Daemon  # alone with the whole model, --prompt-cache
     model_id: str
 
     def client(self, daemon: Daemon | None = None, **kwargs: Any) -> openai.OpenAI:
@@ -77,8 +78,8 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Swar
     with contextlib.ExitStack() as stack:
         a = start_daemon(tmp / "a", "--name", "alpha", *model_flags(tiny, "0:2"))
         stack.enter_context(running(a))
-        # The other three start side by side: a daemon's start-up is mostly imports.
-        with ThreadPoolExecutor(3) as pool:
+        # The others start side by side: a daemon's start-up is mostly imports.
+        with ThreadPoolExecutor(4) as pool:
             futures = [
                 pool.submit(start_daemon, tmp / "b", "--name", "beta", "--bootstrap",
                             a.p2p_addr, *model_flags(tiny, "2:4")),
@@ -86,17 +87,19 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Swar
                             *model_flags(other, "0:2")),
                 pool.submit(start_daemon, tmp / "bare", "--name", "bare", "--bootstrap",
                             a.p2p_addr),
+                pool.submit(start_daemon, tmp / "cached", "--name", "cached",
+                            *model_flags(tiny, "0:4"), "--prompt-cache"),
             ]
         for future in futures:  # stop whatever started, even if another failed
             with contextlib.suppress(Exception):
                 stack.enter_context(running(future.result()))
-        b, partial, bare = (future.result() for future in futures)  # re-raises a failure
-        everyone = (a, b, partial, bare)
-        wait_for(lambda: all(model_state(d)["state"] == "ready" for d in (a, b, partial)),
-                 READY_TIMEOUT_S, "the three model peers to load", everyone)
+        b, partial, bare, cached = (future.result() for future in futures)  # re-raises
+        everyone = (a, b, partial, bare, cached)
+        wait_for(lambda: all(model_state(d)["state"] == "ready" for d in (a, b, partial, cached)),
+                 READY_TIMEOUT_S, "the four model peers to load", everyone)
         wait_for(lambda: all(model_peers(d) >= {a.peer_id, b.peer_id} for d in (a, b)),
                  READY_TIMEOUT_S, "A and B to list both model peers", everyone)
-        yield Swarm(a, b, partial, bare, model_state(a)["model_id"])
+        yield Swarm(a, b, partial, bare, cached, model_state(a)["model_id"])
 
 
 # ---- the reference: the whole model in this process -------------------------------------
@@ -160,6 +163,33 @@ def test_chat_matches_single_process_transformers(swarm: Swarm, reference: Refer
     assert [(hop["peer_id"], hop["layers"]) for hop in peerd["route"]] == [
         (swarm.a.peer_id, [0, 2]), (swarm.b.peer_id, [2, 4])]
     assert peerd["steps"] == len(tokens)
+
+
+def test_prompt_cache_computes_only_the_new_turn(swarm: Swarm, reference: Reference) -> None:
+    """--prompt-cache: the second turn of a chat reuses the KV the first left in the
+    pooled session (OpenAI's usage.prompt_tokens_details.cached_tokens says how much)
+    and still decodes what one process does; a peer without it reuses nothing."""
+    assert model_state(swarm.cached)["prompt_cache"] is True
+    assert model_state(swarm.a)["prompt_cache"] is False
+    for daemon, reuses in [(swarm.cached, True), (swarm.a, False)]:
+        client = swarm.client(daemon)
+        first = client.chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                               max_tokens=8, temperature=0)
+        turn = [*HELLO, {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And of Italy?"}]
+        ids = reference.chat_ids(turn)
+        _, text = reference.greedy(ids, 8)
+        r = client.chat.completions.create(model=swarm.model_id, messages=turn, max_tokens=8,
+                                           temperature=0)
+        assert r.choices[0].message.content == text
+        assert r.usage is not None and r.usage.prompt_tokens == len(ids)
+        details = r.usage.prompt_tokens_details
+        assert details is not None
+        if reuses:
+            assert len(reference.chat_ids(HELLO)) <= details.cached_tokens < len(ids)
+        else:
+            assert details.cached_tokens == 0
+        assert r.model_extra["peerd"]["cached_tokens"] == details.cached_tokens  # type: ignore[index]
 
 
 def test_stream_concatenates_to_the_same_text(swarm: Swarm) -> None:

@@ -322,7 +322,8 @@ async def _run(runtime: Any, req: Completion, prepared: _Prepared, emit: Emit | 
 
     try:
         stats = await runtime.generator.generate(prepared.ids, prepared.params, on_token,
-                                                 prepared.speculative)
+                                                 prepared.speculative,
+                                                 reuse_prefix=runtime.generator.prompt_cache)
     except NoCoverage as exc:
         raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: {exc}",
                        "service_unavailable", code="missing_layers") from None
@@ -348,9 +349,11 @@ def _ids(req: Completion) -> tuple[str, str, str]:
     return "cmpl-" + secrets.token_hex(12), "text_completion", "text_completion"
 
 
-def _usage(stats: Any) -> dict[str, int]:
+def _usage(stats: Any) -> dict[str, Any]:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens}
+            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+            # as OpenAI reports its prompt caching: prompt tokens not computed again
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
 def _final(runtime: Any, req: Completion, text: str, stats: Any) -> dict[str, Any]:

@@ -164,7 +164,7 @@ class Generator:
                  wire_dtype: str = "float32", drafters: DrafterCatalog | None = None,
                  token_classes: Callable[[], TokenClasses] | None = None,
                  default_speculative: SpeculativeOptions | None = None,
-                 max_session_length: int = 8192) -> None:
+                 max_session_length: int = 8192, prompt_cache: bool = False) -> None:
         self.node = node
         self.pipeline = pipeline
         self.head = head
@@ -177,6 +177,7 @@ class Generator:
         self.token_classes = token_classes
         self.default_speculative = default_speculative or SpeculativeOptions()
         self.max_session_length = max_session_length  # positions a shard session may hold
+        self.prompt_cache = prompt_cache  # API requests ask for reuse_prefix
         self.bans = BanList()
 
     def servers(self) -> list[Server]:

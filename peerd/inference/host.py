@@ -91,6 +91,7 @@ class ModelOptions:
     torch_threads: int = 0  # 0: torch's default
     limits: ShardLimits = field(default_factory=ShardLimits)
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
+    prompt_cache: bool = False  # API requests reuse a pooled session's prompt prefix
 
 
 class ModelHost:
@@ -129,6 +130,7 @@ class ModelHost:
         if self.options is not None:
             out["spec"] = self.options.spec
             out["speculative"] = self.options.speculative.to_json()
+            out["prompt_cache"] = self.options.prompt_cache
         if self.state == "loading":
             out["phase"] = self.phase
         if self.error:

@@ -122,7 +122,8 @@ class ModelRuntime:
                               drafters=drafters,
                               token_classes=token_classes_of(tokenizer, head.vocab_size),
                               default_speculative=options.speculative,
-                              max_session_length=options.limits.max_length)
+                              max_session_length=options.limits.max_length,
+                              prompt_cache=options.prompt_cache)
         if options.speculative.enabled:
             progress(f"loading the drafter ({options.speculative.draft})")
             await generator.drafter(options.speculative)

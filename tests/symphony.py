@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from libp2p.peer.id import ID
@@ -35,11 +35,13 @@ class FakeSolver:
     delay_s: float = 0.0
     able: bool = True
     solved: int = 0
+    requests: list[TaskRequest] = field(default_factory=list)  # as they arrived
 
     def capable(self) -> bool:
         return self.able
 
     async def solve(self, request: TaskRequest) -> Solution:
+        self.requests.append(request)
         await trio.sleep(self.delay_s)
         self.solved += 1
         said = self.answer(request.question)

@@ -44,6 +44,9 @@ async def test_a_task_is_elected_solved_and_voted(tmp_path: Path) -> None:
             for kind in ("task.beacon", "task.bid", "task.elected", "task.answer", "task.done"):
                 assert events(requester, kind, task_id=record.id), kind
             assert events(workers[0], "task.solved", task_id=record.id)
+            # each seat decoded greedily from its own set of worked examples
+            seen = [(r.temperature, r.prompt) for s in solvers if s for r in s.requests]
+            assert sorted(seen) == [(0.0, 0), (0.0, 1), (0.0, 2)]
 
 
 async def test_a_late_worker_is_replaced_by_the_next_bidder(tmp_path: Path) -> None:

@@ -82,8 +82,8 @@ EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
 # Prompt sets: which examples each set shows, in order. A task's seats ask for different
 # sets (TaskRequest.prompt), so their chains differ while each decodes greedily: on
 # SmolLM2 a sampled chain is right less often than a greedy one. The number sets are the
-# two halves of the pool and pairs of their pairs, fixed by construction (not tuned on
-# any benchmark); set 0 is the original four.
+# two halves of the pool and pairs of their pairs, fixed by construction (not picked by
+# their scores on any benchmark); set 0 is the original four.
 PROMPT_SETS: dict[str, tuple[tuple[int, ...], ...]] = {
     "number": ((0, 1, 2, 3), (4, 5, 6, 7), (0, 1, 4, 5), (2, 3, 6, 7), (0, 2, 4, 6)),
     "choice": ((0,),),

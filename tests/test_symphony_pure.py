@@ -393,6 +393,7 @@ def test_a_task_requests_prompt_set_stays_off_the_wire_at_zero_and_is_bounded() 
 def test_seats_decode_greedily_from_their_own_example_sets_then_sample() -> None:
     from peerd.agents.service import TEMPERATURES, seat_sampling
     from peerd.agents.solver import EXAMPLES, PROMPT_SETS, messages, prompt_sets
+    from protocols.task import MAX_PROMPT_SETS
 
     sets = prompt_sets("number")
     assert sets >= 3
@@ -406,7 +407,7 @@ def test_seats_decode_greedily_from_their_own_example_sets_then_sample() -> None
         (0.0, 0), (0.7, 0), (0.9, 0), (0.5, 0)]
     # every set is distinct and names real examples; the prompt shows them in order
     for answer_format, chosen in PROMPT_SETS.items():
-        assert len(set(chosen)) == len(chosen)
+        assert len(set(chosen)) == len(chosen) <= MAX_PROMPT_SETS  # what a worker accepts
         assert all(0 <= i < len(EXAMPLES[answer_format]) for s in chosen for i in s)
     shown = [m["content"] for m in messages("Q?", "number", 1) if m["role"] == "user"]
     assert shown == [EXAMPLES["number"][i][0] for i in PROMPT_SETS["number"][1]] + ["Q?"]

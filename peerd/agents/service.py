@@ -64,7 +64,7 @@ from protocols.beacon import (
 )
 from protocols.codec import encode
 from protocols.errors import PeerError, RemoteError
-from protocols.task import MAX_PROMPT_SETS, TASK, Answer, SignedAnswer, TaskRequest
+from protocols.task import TASK, Answer, SignedAnswer, TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -414,9 +414,8 @@ def seat_sampling(seat: int, answer_format: str) -> tuple[float, int]:
     good as a greedy chain); the seats after them sample at TEMPERATURES[1:] in turn."""
     sets = prompt_sets(answer_format)
     if seat < sets:
-        return 0.0, seat % MAX_PROMPT_SETS
-    extra = 1 + (seat - sets) % (len(TEMPERATURES) - 1)
-    return TEMPERATURES[extra], seat % sets % MAX_PROMPT_SETS
+        return 0.0, seat
+    return TEMPERATURES[1 + (seat - sets) % (len(TEMPERATURES) - 1)], seat % sets
 
 
 def seat_seed(task_id: str, seat: int) -> int:

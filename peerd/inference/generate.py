@@ -250,12 +250,11 @@ class Generator:
                     session, fresh = await self._open(max_length, stats, history)
                     kv = 0  # (re)play the whole history
                     if reuse_prefix and not fresh and told == 0:
-                        kv = await self._reuse(session, history, drafting)
+                        kv, reused = await self._reuse(session, history, drafting)
                         stats.cached_tokens = kv
-                        if kv and drafting is not None:
-                            reused = session.features
+                        if reused is not None:  # the drafter knows history[:kv] now
                             told, fed = kv, kv - 1
-                            collected = [session.features[:fed]]
+                            collected = [reused[:fed]]
                 pending = history[kv:]  # committed, not yet in the caches
                 room = min(params.max_tokens - stats.completion_tokens - 1,
                            max_length - len(history))
@@ -354,20 +353,21 @@ class Generator:
         return stats
 
     async def _reuse(self, session: PipelineSession, history: list[int],
-                     drafting: DraftSession | None) -> int:
+                     drafting: DraftSession | None) -> tuple[int, torch.Tensor | None]:
         """How many leading tokens of `history` a pooled session's caches already hold
-        for us (0 if none); a drafter is told those tokens with their features."""
+        for us (0 if none), and, when drafting, the features the session kept for them
+        (the drafter has been told those tokens with all but the last one's)."""
         # the last token is always run: its logits choose the next one
         shared = max(0, min(common_prefix(session.cached, history), len(history) - 1))
         if drafting is None:
-            return shared
+            return shared, None
         stored = session.features
         if stored is None or shared < 2:
-            return 0
+            return 0, None
         shared = min(shared, int(stored.shape[0]))
         # features for all but the last told token, as DraftSession.extend wants
         await self._in_thread(drafting.extend, history[:shared], stored[:shared - 1])
-        return shared
+        return shared, stored
 
     async def _open(self, max_length: int, stats: GenerationStats, tokens: list[int]
                     ) -> tuple[PipelineSession, bool]:

@@ -9,6 +9,7 @@ middle of a stream costs the daemon nothing.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 from collections.abc import Iterator
@@ -261,6 +262,74 @@ def test_a_stop_string_cuts_the_text_before_it(swarm: Swarm) -> None:
     assert streamed == expected
 
 
+LOGPROB_TOL = 1e-4  # float32 through two peers vs one process
+
+
+def test_logprobs_in_openais_shape_match_one_process(swarm: Swarm,
+                                                     reference: Reference) -> None:
+    client = swarm.client()
+    ids = reference.chat_ids(HELLO)
+    r = client.chat.completions.create(model=swarm.model_id, messages=HELLO, max_tokens=8,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    text = r.choices[0].message.content
+    found = r.choices[0].logprobs
+    assert found is not None and found.content is not None and r.usage is not None
+    content = found.content
+    assert len(content) == r.usage.completion_tokens  # (no EOS within 8 tokens)
+    assert "".join(t.token for t in content) == text
+    assert b"".join(bytes(t.bytes or []) for t in content).decode() == text
+    tokens = [reference.tokenizer.convert_tokens_to_ids(
+        reference.tokenizer.convert_ids_to_tokens(reference.tokenizer.encode(
+            t.token, add_special_tokens=False)))[0] for t in content[:1]]
+    generated, _ = reference.greedy(ids, len(content))
+    assert tokens[0] == generated[0]
+    with torch.inference_mode():
+        logits = reference.model(torch.tensor([ids + generated])).logits[0]
+    want = torch.log_softmax(logits[len(ids) - 1:-1].float(), dim=-1)  # [n, V]
+    for i, (t, g) in enumerate(zip(content, generated, strict=True)):
+        assert abs(t.logprob - float(want[i, g])) < LOGPROB_TOL, i
+        assert len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].token == t.token  # greedy: the most likely one
+        assert abs(t.top_logprobs[0].logprob - t.logprob) < 1e-6
+        assert t.top_logprobs[1].logprob <= t.logprob
+    # streamed: the chunks carry the same entries, each with the text it came with
+    chunks = list(client.chat.completions.create(
+        model=swarm.model_id, messages=HELLO, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=2, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content or []]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert all(abs(a.logprob - b.logprob) < LOGPROB_TOL for a, b in zip(streamed, content,
+                                                                      strict=True))
+    # not asked for: none
+    plain = client.chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                           max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+    # the legacy completions shape: parallel lists, offsets into the text
+    prompt = "The quick brown fox"
+    done = client.completions.create(model=swarm.model_id, prompt=prompt, max_tokens=8,
+                                     temperature=0, logprobs=2)
+    legacy = done.choices[0].logprobs
+    assert legacy is not None and legacy.tokens and legacy.token_logprobs
+    assert legacy.top_logprobs is not None and legacy.text_offset is not None
+    # a token holding part of a character shows its bytes as \xNN, as OpenAI does
+    raw = b"".join(codecs.escape_decode(t.encode())[0] for t in legacy.tokens)  # type: ignore[attr-defined]
+    assert raw.decode(errors="replace") == done.choices[0].text
+    assert legacy.text_offset == [len("".join(legacy.tokens[:i]))
+                                  for i in range(len(legacy.tokens))]
+    assert all(len(top) == 2 and max(top.values()) == pytest.approx(lp, abs=1e-6)
+               for top, lp in zip(legacy.top_logprobs, legacy.token_logprobs, strict=True))
+    pieces = [c.choices[0].logprobs for c in client.completions.create(
+        model=swarm.model_id, prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+        stream=True) if c.choices[0].logprobs is not None]
+    assert [t for p in pieces for t in p.tokens or []] == legacy.tokens
+    assert [o for p in pieces for o in p.text_offset or []] == legacy.text_offset
+    bad = swarm.a.request("POST", "/v1/completions", json={
+        "model": swarm.model_id, "prompt": prompt, "logprobs": 6})
+    assert openai_error(bad, 400)["param"] == "logprobs"
+
+
 # ---- errors in OpenAI's shape -------------------------------------------------------------
 
 
@@ -288,6 +357,9 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("5 stop strings", {**GOOD_CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("a long stop string", {**GOOD_CHAT, "stop": "x" * 201}, "stop"),
     ("a huge integer", {**GOOD_CHAT, "temperature": 10**400}, "temperature"),
+    ("logprobs not a bool", {**GOOD_CHAT, "logprobs": "yes"}, "logprobs"),
+    ("top_logprobs 21", {**GOOD_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("top_logprobs without logprobs", {**GOOD_CHAT, "top_logprobs": 2}, "top_logprobs"),
     # DSD: peerd's "speculative" extension
     ("speculative not an object", {**GOOD_CHAT, "speculative": "eagle"}, "speculative"),
     ("speculative unknown key", {**GOOD_CHAT, "speculative": {"drafts": "ngram"}},

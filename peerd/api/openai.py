@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 200_000
 MAX_STOP_CHARS = 200  # what SamplingParams accepts
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows (and Logprobs accepts)
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' logprobs
 
 
 class ApiError(Exception):
@@ -62,6 +64,7 @@ class Completion:
     stream: bool
     include_usage: bool
     speculative: Any = None  # the raw "speculative" object; _prepare resolves it
+    logprobs: int | None = None  # None: none reported; else alternatives per token
 
 
 def parse(body: Any, *, chat: bool) -> Completion:
@@ -126,7 +129,28 @@ def parse(body: Any, *, chat: bool) -> Completion:
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return Completion(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
-                      stops, stream, include_usage, body.get("speculative"))
+                      stops, stream, include_usage, body.get("speculative"),
+                      _logprobs(body, chat=chat))
+
+
+def _logprobs(body: dict[str, Any], *, chat: bool) -> int | None:
+    """How many alternatives per token to report, None for no log-probabilities. Chat:
+    "logprobs": bool and "top_logprobs": 0..20; completions: "logprobs": 0..5."""
+    if not chat:
+        top = body.get("logprobs")
+        if top is not None and (not _is_int(top) or not 0 <= top <= MAX_COMPLETION_LOGPROBS):
+            raise ApiError(400, f"'logprobs' must be an integer in 0..{MAX_COMPLETION_LOGPROBS}",
+                           param="logprobs")
+        return top
+    wanted, top = body.get("logprobs") or False, body.get("top_logprobs")
+    if not isinstance(wanted, bool):
+        raise ApiError(400, "'logprobs' must be true or false", param="logprobs")
+    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, f"'top_logprobs' must be an integer in 0..{MAX_TOP_LOGPROBS}",
+                       param="top_logprobs")
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _speculative(raw: Any, default: SpeculativeOptions) -> SpeculativeOptions:
@@ -214,10 +238,10 @@ def routes(node: Node, models: ModelHost) -> list[Route]:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            text, stats = await _run(runtime, req, prepared, None)
+            text, stats, logprobs = await _run(runtime, req, prepared, None)
         except ApiError as exc:
             return exc.response()
-        return JSONResponse(_final(runtime, req, text, stats))
+        return JSONResponse(_final(runtime, req, text, stats, logprobs))
 
     return [
         Route("/v1/models", list_models),
@@ -302,37 +326,79 @@ async def _prepare(runtime: Any, req: Completion) -> _Prepared:
     return _Prepared(ids, params, spec)
 
 
-Emit = Callable[[str], Awaitable[bool]]
+Emit = Callable[[str, list[Any]], Awaitable[bool]]
 
 
 async def _run(runtime: Any, req: Completion, prepared: _Prepared, emit: Emit | None
-               ) -> tuple[str, Any]:
-    """Generate; `emit(text_delta)` for streaming (returns False when the client left)."""
+               ) -> tuple[str, Any, list[Any]]:
+    """Generate: (text, stats, log-probabilities of its tokens). `emit(text_delta,
+    entries)` streams (returns False when the client left), each delta with the entries
+    of the tokens not yet sent. The token that completed a stop string is not reported:
+    its text is cut."""
     from peerd.inference.generate import GenerationFailed, NoCoverage
+    from peerd.inference.sampling import Logprobs, TokenLogprob
     from peerd.inference.text import TextStream
 
     tok = runtime.tokenizer
     text = TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True), req.stop)
+    logprobs = None if req.logprobs is None else Logprobs(top=req.logprobs)
+    reported: list[TokenLogprob] = []
+    unsent = 0  # reported[unsent:] has not been streamed yet
 
     async def on_token(token: int) -> bool:
+        nonlocal unsent
         delta = text.push(token)
-        if delta and emit is not None and not await emit(delta):
-            return False
+        if logprobs is not None and not text.stopped:
+            reported.append(logprobs.entries[-1])
+        if delta and emit is not None:
+            if not await emit(delta, reported[unsent:]):
+                return False
+            unsent = len(reported)
         return not text.stopped
 
     try:
         stats = await runtime.generator.generate(prepared.ids, prepared.params, on_token,
                                                  prepared.speculative,
-                                                 reuse_prefix=runtime.generator.prompt_cache)
+                                                 reuse_prefix=runtime.generator.prompt_cache,
+                                                 logprobs=logprobs)
     except NoCoverage as exc:
         raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: {exc}",
                        "service_unavailable", code="missing_layers") from None
     except GenerationFailed as exc:
         raise ApiError(503, str(exc), "service_unavailable", code="pipeline_failed") from None
     rest = text.flush()
-    if rest and emit is not None:
-        await emit(rest)
-    return text.text(), stats
+    if (rest or unsent < len(reported)) and emit is not None:
+        await emit(rest, reported[unsent:])
+    return text.text(), stats, reported
+
+
+def _logprobs_json(tok: Any, entries: list[Any], *, chat: bool, offset: int = 0
+                   ) -> dict[str, Any]:
+    """Log-probabilities in OpenAI's shape: chat's {"content": [{token, logprob, bytes,
+    top_logprobs}]}, or the legacy completion's parallel lists (text_offset counted
+    from the completion's start, `offset` characters in)."""
+    from peerd.inference.text import token_bytes, token_text
+
+    def piece(token: int) -> tuple[str, bytes]:
+        data = token_bytes(tok, token)
+        return token_text(data), data
+
+    if chat:
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            string, data = piece(token)
+            return {"token": string, "logprob": logprob, "bytes": list(data)}
+
+        return {"content": [{**one(e.token, e.logprob),
+                             "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+    tokens = [piece(e.token)[0] for e in entries]
+    offsets = []
+    for string in tokens:
+        offsets.append(offset)
+        offset += len(string)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{piece(t)[0]: lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 async def _send_quietly(send: trio.MemorySendChannel[tuple[str, Any]],
@@ -356,13 +422,16 @@ def _usage(stats: Any) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
-def _final(runtime: Any, req: Completion, text: str, stats: Any) -> dict[str, Any]:
+def _final(runtime: Any, req: Completion, text: str, stats: Any, logprobs: list[Any]
+           ) -> dict[str, Any]:
     cid, obj, _ = _ids(req)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": stats.finish_reason}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": stats.finish_reason,
+                              "logprobs": None if req.logprobs is None else _logprobs_json(
+                                  runtime.tokenizer, logprobs, chat=req.chat)}
     if req.chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
-        choice.update(text=text, logprobs=None)
+        choice["text"] = text
     return {"id": cid, "object": obj, "created": int(time.time()), "model": runtime.model_id,
             "choices": [choice], "usage": _usage(stats), "peerd": stats.to_json()}
 
@@ -374,29 +443,37 @@ async def _stream(runtime: Any, req: Completion, prepared: _Prepared) -> AsyncIt
     created = int(time.time())
     send, recv = trio.open_memory_channel[tuple[str, Any]](64)
 
+    offset = 0  # characters of the tokens reported so far (the legacy text_offset)
+
     def chunk(delta: dict[str, Any] | str | None, finish: str | None = None,
-              **extra: Any) -> str:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+              logprobs: list[Any] | None = None, **extra: Any) -> str:
+        nonlocal offset
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if logprobs is not None and req.logprobs is not None:
+            choice["logprobs"] = found = _logprobs_json(runtime.tokenizer, logprobs,
+                                                        chat=req.chat, offset=offset)
+            if found.get("tokens"):
+                offset = found["text_offset"][-1] + len(found["tokens"][-1])
         if req.chat:
             choice["delta"] = delta if isinstance(delta, dict) else (
                 {"content": delta} if delta else {})
         else:
-            choice.update(text=delta if isinstance(delta, str) else "", logprobs=None)
+            choice["text"] = delta if isinstance(delta, str) else ""
         body = {"id": cid, "object": chunk_obj, "created": created, "model": runtime.model_id,
                 "choices": [choice], **extra}
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
     async def produce() -> None:
         async with send:
-            async def emit(delta: str) -> bool:
+            async def emit(delta: str, logprobs: list[Any]) -> bool:
                 try:
-                    await send.send(("text", delta))
+                    await send.send(("text", (delta, logprobs)))
                     return True
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return False
 
             try:
-                _, stats = await _run(runtime, req, prepared, emit)
+                _, stats, _ = await _run(runtime, req, prepared, emit)
                 await send.send(("done", stats))
             except ApiError as exc:
                 await _send_quietly(send, ("error", exc))
@@ -413,7 +490,8 @@ async def _stream(runtime: Any, req: Completion, prepared: _Prepared) -> AsyncIt
             yield chunk({"role": "assistant", "content": ""})
         async for kind, value in recv:
             if kind == "text":
-                yield chunk(value)
+                delta, logprobs = value
+                yield chunk(delta, logprobs=logprobs)
             elif kind == "error":
                 yield f"data: {json.dumps({'error': value.body()})}\n\n"
             else:

@@ -42,7 +42,14 @@ from peerd.inference.pipeline import (
     pooled_length,
 )
 from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route, servers_by_model
-from peerd.inference.sampling import SamplingParams, distribution, make_generator
+from peerd.inference.sampling import (
+    Logprobs,
+    SamplingParams,
+    TokenLogprob,
+    distribution,
+    make_generator,
+    token_logprobs,
+)
 from peerd.inference.tree import TokenTree, chain_prefix
 from peerd.node import Node
 
@@ -200,7 +207,8 @@ class Generator:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        on_token: OnToken, spec: SpeculativeOptions | None = None,
-                       *, reuse_prefix: bool = False) -> GenerationStats:
+                       *, reuse_prefix: bool = False,
+                       logprobs: Logprobs | None = None) -> GenerationStats:
         """Decode up to params.max_tokens tokens after prompt_ids, in rounds: each round
         runs the uncached committed tokens plus a draft (if speculating) through the
         pipeline in one pass, then verification commits 1..γ+1 tokens. Plain decoding
@@ -212,7 +220,11 @@ class Generator:
         differ from a fresh prefill's in the last bits: greedy output can part at a
         near-tie. A drafter is given the reused positions' features as the pooled
         session kept them (a session pooled by a plain request has none: then a
-        speculative one reuses nothing)."""
+        speculative one reuses nothing).
+
+        logprobs: report each token's log-probability under the target (the logits
+        verification saw for its position, whatever the drafter proposed) there,
+        before on_token gets the token."""
         spec = self.default_speculative if spec is None else spec
         mode = verify_mode(spec, params)
         drafter = await self.drafter(spec)
@@ -304,9 +316,9 @@ class Generator:
                 stats.pipeline_ms += result.wall_ms
                 stats.compute_ms += result.compute_ms
                 t0 = time.perf_counter()
-                verdict = await self._in_thread(self._verify, mode, result.hidden,
-                                                len(pending), draft, probs, params, rng,
-                                                classes)
+                verdict, scored = await self._in_thread(
+                    self._verify, mode, result.hidden, len(pending), draft, probs, params, rng,
+                    classes, logprobs.top if logprobs is not None else None)
                 stats.head_ms += (time.perf_counter() - t0) * 1e3
                 # the slots of the committed positions this pass ran: the pending tokens,
                 # then the accepted path (all of it valid; only a prefix of slots that is
@@ -327,10 +339,13 @@ class Generator:
                     gamma.observe(draft.depth(), len(verdict.path), round_ms)
                     if grown:
                         budget.observe(len(draft), *draft.estimated(verdict.path), round_ms)
-                for token in verdict.committed(draft):
+                for i, token in enumerate(verdict.committed(draft)):
                     history.append(token)
                     stats.completion_tokens += 1
-                    if token in self.eos_ids or not await on_token(token):
+                    eos = token in self.eos_ids
+                    if logprobs is not None and not eos:
+                        logprobs.entries.append(scored[i])
+                    if eos or not await on_token(token):
                         stats.finish_reason = "stop"
                         finished = True
                         break
@@ -414,14 +429,19 @@ class Generator:
 
     def _verify(self, mode: str, hidden: torch.Tensor, pending: int, draft: TokenTree,
                 draft_probs: torch.Tensor | None, params: SamplingParams,
-                rng: torch.Generator, classes: TokenClasses | None) -> TreeVerdict:
-        """hidden [1, pending + nodes, H] from the pipeline -> what this round commits."""
+                rng: torch.Generator, classes: TokenClasses | None, top: int | None
+                ) -> tuple[TreeVerdict, list[TokenLogprob]]:
+        """hidden [1, pending + nodes, H] from the pipeline -> what this round commits,
+        and (`top` not None) the committed tokens' log-probabilities."""
         with torch.inference_mode():
             if mode == "sample":  # a chain: rejection sampling
                 logits = self.head.logits(hidden[:, pending - 1:, :])[0]  # [γ+1, V]
                 probs = torch.stack([distribution(row, params) for row in logits])  # [γ+1, V]
-                verdict = verify_sample(probs, draft.tokens, draft_probs, rng)
-                return TreeVerdict(list(range(verdict.accepted)), verdict.token)
+                chain = verify_sample(probs, draft.tokens, draft_probs, rng)
+                verdict = TreeVerdict(list(range(chain.accepted)), chain.token)
+                # committed token i was chosen at row i
+                return verdict, [] if top is None else token_logprobs(
+                    logits, verdict.committed(draft), top)
 
             # The root and the first chain of slots (the drafter's best guess) in one
             # lm_head call, which costs about what one row does; other nodes on demand.
@@ -433,4 +453,9 @@ class Generator:
                     return rows[node + 1]
                 return self.head.logits(hidden[:, pending + node:pending + node + 1, :])[0, 0]
 
-            return verify_tree(draft, logits_at, classes if mode == "adaptive" else None)
+            verdict = verify_tree(draft, logits_at, classes if mode == "adaptive" else None)
+            if top is None:
+                return verdict, []
+            # committed token i was chosen after the root (i = 0) or path node i - 1
+            rows = torch.stack([logits_at(n) for n in (-1, *verdict.path)])  # [k + 1, V]
+            return verdict, token_logprobs(rows, verdict.committed(draft), top)

@@ -6,9 +6,11 @@ after a shard failure continues the same random sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+MAX_TOP_LOGPROBS = 20  # alternatives per position, as OpenAI allows
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,3 +57,40 @@ def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
     if params.temperature == 0.0:
         return int(torch.argmax(logits).item())
     return int(torch.multinomial(distribution(logits, params), 1, generator=gen).item())
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A committed token's log-probability under the model's own distribution (its
+    logits' log-softmax: before temperature and top-p, as vLLM reports them by
+    default), and the `top` most likely tokens at that position, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Logprobs:
+    """Where a generation reports its tokens' log-probabilities: one entry per token
+    handed to on_token, appended just before the call (so a streaming caller reads
+    entries[-1]). `top` alternatives per position, 0..MAX_TOP_LOGPROBS."""
+
+    top: int = 0
+    entries: list[TokenLogprob] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.top <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top log-probabilities must be between 0 and {MAX_TOP_LOGPROBS}")
+
+
+def token_logprobs(rows: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """rows [n, V] logits, row i the position that chose tokens[i] -> their entries."""
+    lp = torch.log_softmax(rows[:len(tokens)].float(), dim=-1)  # [n, V]
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0]  # [n]
+    if top == 0:
+        return [TokenLogprob(t, float(v)) for t, v in zip(tokens, chosen.tolist(), strict=True)]
+    values, ids = lp.topk(top, dim=-1)  # [n, top]
+    return [TokenLogprob(t, float(v), tuple(zip(i, w, strict=True)))
+            for t, v, i, w in zip(tokens, chosen.tolist(), ids.tolist(), values.tolist(),
+                                  strict=True)]

@@ -7,8 +7,10 @@ ending in an incomplete character, and not a possible start of a stop string.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -57,3 +59,45 @@ class TextStream:
         out = text[self.emitted:end]
         self.emitted = end
         return out
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte
+    (bytes that print stand for themselves; the rest are shifted past 255)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes one token stands for (a token may hold part of a UTF-8 character,
+    which decoding it alone would turn into U+FFFD)."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        if piece and all(c in BYTE_LEVEL for c in piece) and _byte_level(tokenizer):
+            return bytes(BYTE_LEVEL[c] for c in piece)
+        if (m := _BYTE_TOKEN.fullmatch(piece)) is not None:
+            return bytes([int(m.group(1), 16)])
+    return str(tokenizer.decode([token_id])).encode()
+
+
+def token_text(data: bytes) -> str:
+    """A token's bytes as text; bytes of an unfinished character as \\xNN (as OpenAI
+    shows them)."""
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def _byte_level(tokenizer: Any) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"

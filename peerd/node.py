@@ -58,6 +58,7 @@ from protocols.ledger import (
     SyncRequest,
     SyncResponse,
 )
+from protocols.task import FEATURES as TASK_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class Node:
         self.offences: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.rtt_ms: dict[str, float] = {}
         self._skills = tuple(config.skills)
+        # optional wire fields we understand, told to others in our ledger entry
+        self.features: tuple[str, ...] = TASK_FEATURES
         self._models: tuple[ModelServed, ...] = ()
         self._accelerator: Hardware | None = None  # set when a model runs on one
         self._load = Load()
@@ -233,6 +236,7 @@ class Node:
             load=replace(self._load, cpu_percent=psutil.cpu_percent(interval=None)),
             reputation=dict(self._reputation),
             software=f"peerd/{__version__}",
+            features=self.features,
         )
 
     def _refresh_own_entry(self) -> LedgerEntry:

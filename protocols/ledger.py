@@ -73,6 +73,10 @@ class LedgerEntry(Message):
     # Observations this peer made of others: peer id -> score in [0, 1].
     reputation: dict[str, float] = field(default_factory=dict)
     software: str = ""
+    # Optional wire fields this peer's software understands (protocols.*.FEATURE_*): a
+    # peer sends one only to peers that list it, so an older peer that decodes requests
+    # strictly is never sent a field it would refuse.
+    features: tuple[str, ...] = ()
 
     @property
     def expires_at(self) -> float:

@@ -25,6 +25,9 @@ MAX_ANSWER_CHARS = 1_000
 MAX_TASK_TOKENS = 2048
 MAX_PROMPT_SETS = 64
 MAX_ANSWER_FRAME_BYTES = 96 * 1024  # the signed answer, whatever its characters
+# listed in a worker's ledger entry (LedgerEntry.features) when it takes TaskRequest.prompt
+FEATURE_PROMPT_SETS = "task.prompt"
+FEATURES = (FEATURE_PROMPT_SETS,)
 
 
 class OversizedAnswer(PeerError):
@@ -43,7 +46,8 @@ class TaskRequest(Message):
     deadline_s: float  # the worker stops and fails after this long
     # which of the worker's worked-example sets to prompt with (the requester asks seat
     # i for set i; the worker takes it modulo the sets it has): chains from different
-    # examples differ without sampling's loss of accuracy. Added after 1.0.0 shipped.
+    # examples differ without sampling's loss of accuracy. Added after 1.0.0 shipped:
+    # sent (non-zero) only to workers whose ledger entry lists FEATURE_PROMPT_SETS.
     prompt: int = 0
     OPTIONAL = frozenset({"prompt"})
 

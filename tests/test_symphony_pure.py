@@ -402,6 +402,9 @@ def test_seats_decode_greedily_from_their_own_example_sets_then_sample() -> None
     assert all(t > 0 for t, _ in later)  # no second greedy chain from the same set
     assert [t for t, _ in later[:7]] == list(TEMPERATURES[1:])
     assert [p for _, p in later] == [s % sets for s in range(sets, sets + 9)]
+    # a worker that takes no prompt sets: set 0, greedy then sampled, as before them
+    assert [seat_sampling(s, "number", takes_prompt=False) for s in range(4)] == [
+        (0.0, 0), (0.7, 0), (0.9, 0), (0.5, 0)]
     # one set only (choice, text): seat 0 greedy, then the temperatures as they were
     assert [seat_sampling(s, "choice") for s in range(4)] == [
         (0.0, 0), (0.7, 0), (0.9, 0), (0.5, 0)]

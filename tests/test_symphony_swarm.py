@@ -49,6 +49,37 @@ async def test_a_task_is_elected_solved_and_voted(tmp_path: Path) -> None:
             assert sorted(seen) == [(0.0, 0), (0.0, 1), (0.0, 2)]
 
 
+async def test_a_worker_that_predates_prompt_sets_is_sent_none(tmp_path: Path) -> None:
+    """A worker whose ledger entry does not list FEATURE_PROMPT_SETS (older software,
+    which refuses a request carrying `prompt`) gets set 0 and the old sampling; the
+    others still get their own sets."""
+    from peerd.agents.service import TEMPERATURES
+
+    async with swarm(4, tmp_path, connect="star") as nodes:
+        requester, *workers = nodes
+        old = workers[1]
+        old.features = ()
+        for w in workers:
+            w.set_skills([SKILL])
+        solvers = [None, FakeSolver(), FakeSolver(), FakeSolver()]
+        async with symphonies(nodes, solvers) as (service, *_):
+            await ready_to_elect(requester, workers)
+            await wait_for(lambda: requester.ledger.get(old.peer_id).features == (),  # type: ignore[union-attr]
+                           15, "the old worker's entry without features")
+            spec = TaskSpec("What is 20 + 22?", workers=3, requirement="arithmetic",
+                            answer_format="number", deadline_s=10.0, bid_window_s=5.0)
+            record = await service.run_task(spec)
+            assert record.answer == "42"
+            assigned = [e.data for e in events(requester, "task.assigned", task_id=record.id)]
+            assert len(assigned) == 3
+            for e in assigned:
+                if e["peer_id"] == old.peer_id:
+                    assert (e["temperature"], e["prompt"]) == (TEMPERATURES[e["seat"]], 0)
+                else:
+                    assert (e["temperature"], e["prompt"]) == (0.0, e["seat"])
+            assert [r.prompt for r in solvers[2].requests] == [0]  # type: ignore[union-attr]
+
+
 async def test_a_late_worker_is_replaced_by_the_next_bidder(tmp_path: Path) -> None:
     async with swarm(3, tmp_path, connect="star") as nodes:
         requester, slow, spare = nodes

@@ -64,7 +64,7 @@ from protocols.beacon import (
 )
 from protocols.codec import encode
 from protocols.errors import PeerError, RemoteError
-from protocols.task import TASK, Answer, SignedAnswer, TaskRequest
+from protocols.task import FEATURE_PROMPT_SETS, TASK, Answer, SignedAnswer, TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,10 @@ class Symphony:
                       reputation: float) -> Vote:
         """Have `worker` solve the task in `seat`; its verified vote, or WorkFailed."""
         spec = record.spec
-        temperature, prompt = seat_sampling(seat, spec.answer_format)
+        entry = self.node.ledger.get(worker.peer_id)
+        temperature, prompt = seat_sampling(
+            seat, spec.answer_format,
+            takes_prompt=entry is not None and FEATURE_PROMPT_SETS in entry.features)
         request = TaskRequest(task_id=record.id, question=spec.question,
                               answer_format=spec.answer_format, temperature=temperature,
                               seed=seat_seed(record.id, seat), max_tokens=spec.max_tokens,
@@ -408,10 +411,15 @@ class Symphony:
         self.node.events.publish(type_, **data)
 
 
-def seat_sampling(seat: int, answer_format: str) -> tuple[float, int]:
+def seat_sampling(seat: int, answer_format: str, *, takes_prompt: bool = True
+                  ) -> tuple[float, int]:
     """(temperature, prompt set) for a seat. While the format has example sets to go
     round, each seat decodes greedily from its own set (chains that differ, each as
-    good as a greedy chain); the seats after them sample at TEMPERATURES[1:] in turn."""
+    good as a greedy chain); the seats after them sample at TEMPERATURES[1:] in turn.
+    A worker that takes no prompt sets (`takes_prompt` False: its software predates
+    TaskRequest.prompt) gets set 0, greedy in seat 0 and sampled in the others."""
+    if not takes_prompt:
+        return TEMPERATURES[seat % len(TEMPERATURES)], 0
     sets = prompt_sets(answer_format)
     if seat < sets:
         return 0.0, seat

@@ -10,11 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from peerd.agents.answers import normalise_number
 from peerd.agents.calculator import evaluate
-from peerd.agents.solver import _ANSWER_LINE, ModelSolver, calculated, messages
+from peerd.agents.solver import _ANSWER_LINE, ModelSolver, calculated, likelihood, messages
 from peerd.inference.host import ModelHost, ModelOptions
 from peerd.inference.source import load_tokenizer, reference_model, resolve
 from protocols.task import TaskRequest
@@ -29,9 +30,10 @@ NEAR_TIE = 1e-4
 _EQUATION = re.compile(r"((?:\d[\d.,]*\s*[-+*/x]\s*)+\d[\d.,]*)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
 
 
-def reference_chain(question: str) -> tuple[list[int], list[float], int]:
+def reference_chain(question: str) -> tuple[list[int], list[float], int, list[float]]:
     """What one process writes with the calculator: tokens, the top-two logit gap at
-    each token the model chose, and how many results the calculator wrote in."""
+    each token the model chose, how many results the calculator wrote in, and the
+    log-probability of each token the model chose."""
     source = resolve("smollm2")
     model: Any = reference_model(source)
     tok = load_tokenizer(source)
@@ -40,6 +42,7 @@ def reference_chain(question: str) -> tuple[list[int], list[float], int]:
     ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
     out: list[int] = []
     gaps: list[float] = []
+    chosen: list[float] = []
     calculations = 0
     step = torch.tensor([ids])
     past = None
@@ -53,6 +56,7 @@ def reference_chain(question: str) -> tuple[list[int], list[float], int]:
                 break
             out.append(token)
             gaps.append(float(top.values[0] - top.values[1]))
+            chosen.append(float(torch.log_softmax(result.logits[0, -1].float(), -1)[token]))
             text = tok.decode(out, skip_special_tokens=True)
             if _ANSWER_LINE.search(text):
                 break
@@ -64,12 +68,12 @@ def reference_chain(question: str) -> tuple[list[int], list[float], int]:
             out += forced
             gaps += [float("inf")] * len(forced)  # written in, not chosen
             step = torch.tensor([[token, *forced]])
-    return out, gaps, calculations
+    return out, gaps, calculations, chosen
 
 
 @needs_smollm2
 async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path) -> None:
-    want, gaps, want_calculations = reference_chain(QUESTION)
+    want, gaps, want_calculations, chosen = reference_chain(QUESTION)
     async with swarm(1, tmp_path) as (node,):
         host = ModelHost(ModelOptions("smollm2", torch_threads=1))
         await host.load(node)
@@ -97,3 +101,6 @@ async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path)
         assert gaps[parted] < NEAR_TIE, "the chain parted from one process away from a tie"
     else:
         assert solution.calculations == want_calculations
+        # confidence: the likelihood of the model's own tokens (the answer is marked)
+        assert solution.confidence == pytest.approx(likelihood(chosen), rel=1e-4)
+    assert 0.0 < solution.confidence <= 1.0

@@ -415,3 +415,17 @@ def test_seats_decode_greedily_from_their_own_example_sets_then_sample() -> None
     shown = [m["content"] for m in messages("Q?", "number", 1) if m["role"] == "user"]
     assert shown == [EXAMPLES["number"][i][0] for i in PROMPT_SETS["number"][1]] + ["Q?"]
     assert messages("Q?", "number", sets) == messages("Q?", "number", 0)  # modulo the sets
+
+
+def test_a_chains_confidence_is_its_likelihood_scaled_by_how_its_answer_came_out() -> None:
+    from peerd.agents.solver import confidence_of, likelihood
+
+    assert likelihood([]) == 0.0
+    assert likelihood([math.log(0.5)] * 3) == pytest.approx(0.5)
+    assert likelihood([math.log(0.9), math.log(0.4)]) == pytest.approx(0.6)  # geometric
+    assert confidence_of("3 * 4 = 12.\nAnswer: 12", "number", 0.8) == ("12", 0.8)
+    answer, guessed = confidence_of("so he has 12 apples", "number", 0.8)
+    assert answer == "12" and guessed == pytest.approx(0.36)
+    answer, unparsed = confidence_of("Answer: many", "number", 0.8)
+    assert answer == "many" and unparsed == pytest.approx(0.28)
+    assert confidence_of("no idea", "number", 0.8) == ("", 0.0)

@@ -8,6 +8,7 @@ says how to start one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -389,6 +390,7 @@ def stream_completion(c: Client, path: str, body: dict[str, Any],
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     parts: list[str] = []
     final: dict[str, Any] = {}  # id, model, finish_reason, usage, peerd: wherever they came
+    logprobs: dict[str, list[Any]] = {}  # the chunks' logprobs, list by list
     try:
         with httpx.stream("POST", c.api + path, headers=c._headers(), json=body,
                           timeout=httpx.Timeout(10.0, read=CHUNK_TIMEOUT_S)) as r:
@@ -410,6 +412,9 @@ def stream_completion(c: Client, path: str, body: dict[str, Any],
                     if piece:
                         parts.append(piece)
                         on_text(piece)
+                    for key, values in (part.get("logprobs") or {}).items():
+                        if isinstance(values, list):
+                            logprobs.setdefault(key, []).extend(values)
                     if part.get("finish_reason"):
                         final["finish_reason"] = part["finish_reason"]
     except httpx.ConnectError as exc:
@@ -420,11 +425,12 @@ def stream_completion(c: Client, path: str, body: dict[str, Any],
     if "finish_reason" not in final:
         raise CompletionFailed(f"the stream from {c.api} ended before the answer did")
     text = "".join(parts)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": final["finish_reason"]}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": final["finish_reason"],
+                              "logprobs": logprobs or None}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
-        choice.update(text=text, logprobs=None)
+        choice["text"] = text
     return {"id": final.get("id"), "object": "chat.completion" if chat else "text_completion",
             "created": final.get("created"), "model": final.get("model"), "choices": [choice],
             "usage": final.get("usage"), "peerd": final.get("peerd", {})}
@@ -512,12 +518,17 @@ def _write(text: str) -> None:
               "depth), 1-16 [auto].")
 @click.option("--tree/--chain", default=None, help="Draft a token tree (eagle, greedy or "
               "adaptive) or a single chain [tree].")
+@click.option("--logprobs", "top", type=click.IntRange(0, 20), metavar="N",
+              help="Show each token's log-probability and its N most likely alternatives "
+              "(0-20; with --raw 0-5).")
 def generate(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
              prompt: str, max_tokens: int, temperature: float, top_p: float | None,
              seed: int | None, stop: tuple[str, ...], stream: bool, raw: bool,
              model_id: str | None, draft: str | None, verify: str | None,
-             gamma: str | None, tree: bool | None) -> None:
+             gamma: str | None, tree: bool | None, top: int | None) -> None:
     """Generate text from PROMPT through the swarm."""
+    if raw and top is not None and top > 5:
+        fail("with --raw, --logprobs takes 0-5 (the completions API's limit)", 2)
     c = make_client(data_dir, api, token)
     body: dict[str, Any] = {"model": model_id or served_model(c), "max_tokens": max_tokens,
                             "temperature": temperature}
@@ -540,6 +551,8 @@ def generate(data_dir: Path | None, api: str | None, token: str | None, as_json:
         body["seed"] = seed
     if stop:
         body["stop"] = list(stop)
+    if top is not None:
+        body.update({"logprobs": top} if raw else {"logprobs": True, "top_logprobs": top})
     if raw:
         path, body["prompt"] = "/v1/completions", prompt
     else:
@@ -560,7 +573,34 @@ def generate(data_dir: Path | None, api: str | None, token: str | None, as_json:
     if as_json:
         click.echo(json.dumps(response, indent=2, sort_keys=True))
     else:
+        if top is not None:
+            console.print(logprobs_table(response))
         note(route_line(c, response))
+
+
+def token_rows(logprobs: dict[str, Any] | None) -> list[tuple[str, float, dict[str, float]]]:
+    """(token, log-probability, alternatives) from either API's logprobs object."""
+    if not logprobs:
+        return []
+    if "content" in logprobs:  # chat
+        return [(e["token"], e["logprob"], {a["token"]: a["logprob"]
+                                              for a in e.get("top_logprobs") or []})
+                for e in logprobs["content"] or []]
+    return [(t, lp, alts or {}) for t, lp, alts in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"],
+        strict=True)]
+
+
+def logprobs_table(response: dict[str, Any]) -> Table:
+    choice = (response.get("choices") or [{}])[0]
+    rows = token_rows(choice.get("logprobs"))
+    t = Table(title=f"{len(rows)} tokens: log-probability, probability, alternatives")
+    for column in ("token", "logprob", "p", "alternatives"):
+        t.add_column(column, justify="right" if column in ("logprob", "p") else "left")
+    for token, logprob, alternatives in rows:
+        t.add_row(escape(repr(token)), f"{logprob:.3f}", f"{math.exp(logprob):.3f}",
+                  escape("  ".join(f"{a!r} {lp:.2f}" for a, lp in alternatives.items())))
+    return t
 
 
 @main.command()

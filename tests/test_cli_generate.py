@@ -156,6 +156,28 @@ def test_generate_speculative_options_reach_the_api(swarm: Swarm) -> None:
     assert cli(swarm.full, "generate", "hi", "--gamma", "x").returncode == 2
 
 
+def test_generate_logprobs_shows_each_token_and_its_alternatives(swarm: Swarm) -> None:
+    data = json.loads(ok(cli(swarm.full, "generate", "hi", *GREEDY, "--logprobs", "2",
+                             "--json")))
+    content = data["choices"][0]["logprobs"]["content"]
+    assert len(content) == data["usage"]["completion_tokens"]
+    assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in content)
+    # streamed, the chunks' entries add up to the same list
+    streamed = json.loads(ok(cli(swarm.full, "generate", "hi", *GREEDY, "--logprobs", "2",
+                                 "--stream", "--json")))
+    assert [e["token"] for e in streamed["choices"][0]["logprobs"]["content"]] == [
+        e["token"] for e in content]
+    table = ok(cli(swarm.full, "generate", "hi", *GREEDY, "--logprobs", "1"))
+    assert f"{len(content)} tokens: log-probability" in table
+    assert f"{content[0]['logprob']:.3f}" in table
+    raw = json.loads(ok(cli(swarm.full, "generate", "The quick", *GREEDY, "--raw",
+                            "--logprobs", "3", "--json")))
+    legacy = raw["choices"][0]["logprobs"]
+    assert "".join(legacy["tokens"]) and len(legacy["top_logprobs"][0]) == 3
+    assert cli(swarm.full, "generate", "hi", "--raw", "--logprobs", "6").returncode == 2
+    assert cli(swarm.full, "generate", "hi", "--logprobs", "21").returncode == 2
+
+
 def test_chat_answers_through_stdin_and_exits(swarm: Swarm) -> None:
     expected = ok(cli(swarm.full, "generate", "hello", *GREEDY))
     r = chat(swarm.full, "hello\n/exit\n", *GREEDY)

@@ -177,6 +177,18 @@ def accuracy(outcomes: list[Outcome], pick: Any) -> float:
         / len(outcomes)
 
 
+def gain_ci95(rows: list[Outcome], resamples: int = 2000) -> tuple[float, float]:
+    """95% interval of (vote - single worker) accuracy in points, by a paired bootstrap
+    over the questions: how far one draw of questions can move the gain."""
+    pairs = [(int(not o.error and o.result.get("answer") == o.item.gold),
+              int(not o.error and (o.votes(1) or [{}])[0].get("answer") == o.item.gold))
+             for o in rows]
+    rng = random.Random(0)
+    gains = sorted(100.0 * sum(v - s for v, s in rng.choices(pairs, k=len(pairs))) / len(pairs)
+                   for _ in range(resamples))
+    return gains[int(0.025 * resamples)], gains[int(0.975 * resamples) - 1]
+
+
 def summarise(outcomes: list[Outcome], seats: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("arithmetic", "gsm8k"):
@@ -195,7 +207,11 @@ def summarise(outcomes: list[Outcome], seats: int) -> dict[str, Any]:
             "chains_right_pct": 100.0 * sum(v.get("answer") == o.item.gold for o in rows
                                             for v in o.votes())
             / max(sum(len(o.votes()) for o in rows), 1),
+            # right chains by seat (seat i: example set i while there are sets)
+            "right_by_seat": [sum(len(o.votes()) > i and o.votes()[i].get("answer")
+                                  == o.item.gold for o in rows) for i in range(seats)],
         }
+        out[name]["gain_ci95_points"] = list(gain_ci95(rows))
     done = [o for o in outcomes if not o.error]
     beacon = [o.result["timings"]["beacon_ms"] for o in done]
     total = [o.result["timings"]["total_ms"] for o in done]
@@ -217,16 +233,19 @@ def summarise(outcomes: list[Outcome], seats: int) -> dict[str, Any]:
 def print_tables(summary: dict[str, Any], seats: int) -> None:
     t = Table(title="Symphony accuracy (SmolLM2-135M, answer = number)")
     for col in ("set", "questions", "single worker (seat 0)", "3-worker vote (seats 0-2)",
-                f"{seats}-worker vote (task answer)", "any chain right", "chains right",
-                "failed tasks"):
+                f"{seats}-worker vote (task answer)", "vote - single (95% CI)",
+                "any chain right", "chains right", "right by seat", "failed tasks"):
         t.add_column(col)
     for name in ("arithmetic", "gsm8k"):
         s = summary.get(name)
         if s:
+            lo, hi = s["gain_ci95_points"]
+            gain = s[f"vote_{seats}_pct"] - s["single_worker_pct"]
             t.add_row(name, str(s["questions"]), f"{s['single_worker_pct']:.1f}%",
                       f"{s['vote_3_pct']:.1f}%", f"{s[f'vote_{seats}_pct']:.1f}%",
+                      f"{gain:+.1f} ({lo:+.0f}..{hi:+.0f})",
                       f"{s['any_chain_right_pct']:.1f}%", f"{s['chains_right_pct']:.1f}%",
-                      str(s["failed_tasks"]))
+                      " ".join(map(str, s["right_by_seat"])), str(s["failed_tasks"]))
     console.print(t)
     lat = summary["latency_ms"]
     t = Table(title="Symphony latency (requester peer0, loopback)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peerd.inference.sampling import SamplingParams, make_generator, next_token
-from peerd.inference.text import TextStream
+from peerd.inference.text import BYTE_LEVEL, TextStream, token_bytes, token_text
 
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "END", 7: "E", 8: "ND!"}
 
@@ -84,3 +84,37 @@ def test_top_p_keeps_only_the_nucleus() -> None:
 def test_bad_params_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_tokens_bytes_come_back_whole_even_when_it_splits_a_character() -> None:
+    from tests.models import _tiny_tokenizer
+
+    assert sorted(BYTE_LEVEL.values()) == list(range(256))  # one character per byte
+    tok = _tiny_tokenizer(384)
+    text = "add(2, 3) \u2014 \u00e9\u00d74"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [token_bytes(tok, i) for i in ids]
+    assert b"".join(pieces).decode() == text
+    # a token holding part of a character shows its bytes, not U+FFFD
+    partial = [p for p in pieces if not _decodes(p)]
+    assert partial, "pick a text whose characters the tiny vocabulary splits"
+    assert all("\\x" in token_text(p) and "\ufffd" not in token_text(p) for p in partial)
+
+    class SentencePiece:  # byte fallback tokens, as Llama's tokenizer writes them
+        def convert_ids_to_tokens(self, token_id: int) -> str:
+            return {1: "<0xE2>", 2: "\u2581the", 3: "<s>"}[token_id]
+
+        def decode(self, ids: list[int]) -> str:
+            return {2: "the", 3: "<s>"}[ids[0]]
+
+    assert token_bytes(SentencePiece(), 1) == b"\xe2"
+    assert token_bytes(SentencePiece(), 2) == b" the"  # decoded alone it loses its space
+    assert token_bytes(SentencePiece(), 3) == b"<s>"
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -89,6 +89,8 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
             return bytes(BYTE_LEVEL[c] for c in piece)
         if (m := _BYTE_TOKEN.fullmatch(piece)) is not None:
             return bytes([int(m.group(1), 16)])
+        if "\u2581" in piece:  # SentencePiece's word-start mark: decoding alone drops it
+            return piece.replace("\u2581", " ").encode()
     return str(tokenizer.decode([token_id])).encode()
 
 

@@ -31,8 +31,8 @@ STATUS_FIELDS = {"peer_id", "name", "addrs", "uptime_s", "peers", "ledger_size",
                  "skills", "version", "data_dir", "api"}
 PEER_FIELDS = {"peer_id", "name", "addrs", "rtt_ms", "connections", "offences"}
 LEDGER_FIELDS = {"peer_id", "seq", "timestamp", "ttl_s", "name", "addrs", "hardware",
-                 "models", "skills", "load", "reputation", "software", "expires_in_s",
-                 "received_at", "self"}
+                 "models", "skills", "load", "reputation", "software", "features",
+                 "expires_in_s", "received_at", "self"}
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,7 @@ def test_each_ledger_holds_both_entries(pair: tuple[Daemon, Daemon]) -> None:
         for pid, row in rows.items():
             assert set(row) >= LEDGER_FIELDS, LEDGER_FIELDS - set(row)
             assert row["self"] is (pid == x.peer_id)
+            assert "task.prompt" in row["features"]  # optional wire fields it takes
             assert 0 < row["expires_in_s"] <= row["ttl_s"]
             assert row["hardware"]["cpu_count"] >= 1
             assert row["software"].startswith("peerd/")

@@ -1,7 +1,8 @@
 """Speculative decoding across the pipeline (DSD) over real in-process hosts: a tiny
 random Llama split 3 ways. Greedy DSD must reproduce plain greedy with every drafter;
 the shards' caches must hold exactly the committed positions; sampling must follow
-the target's distribution; a failing shard mid-round must not change the output."""
+the target's distribution; a failing shard mid-round must not change the output; the
+tokens' log-probabilities, plain or speculative, must be one process's."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from peerd.inference.drafters import DraftError
 from peerd.inference.generate import GenerationStats
 from peerd.inference.host import SpeculativeOptions
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.sampling import SamplingParams, distribution
+from peerd.inference.sampling import Logprobs, SamplingParams, distribution, token_logprobs
 from peerd.inference.shard import ShardBlock
 from peerd.inference.source import reference_model, resolve
 from tests.models import tiny_llama_dir
@@ -26,6 +27,9 @@ SPLITS = [(0, 1), (1, 3), (3, 4)]
 NEAR_TIE = 1e-4  # a divergence is excused only where the target's top two were this close
 N = 24
 TEMPERATURE = 0.15  # concentrates the tiny model's next token on a handful of candidates
+SCORED = 16  # tokens generated with their log-probabilities reported
+TOP = 3  # alternatives reported per token
+LOGPROB_TOL = 1e-4  # float32 through 3 shards vs one process
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +404,82 @@ async def test_a_speculative_request_reuses_a_pooled_prefix_with_its_features(
         await run(entry, None, n=4, prompt=resumed)
         _, cached, _ = await told(resumed, True)
         assert cached == 0
+
+
+# ---- log-probabilities: what verification saw, against one process ----------------------
+
+
+def reference_logprobs(model: torch.nn.Module, prompt: Sequence[int], tokens: list[int]
+                       ) -> torch.Tensor:
+    """[len(tokens), V]: the reference's log-softmax at the position of each token."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([[*prompt, *tokens]])).logits[0]  # type: ignore[operator]
+    return torch.log_softmax(logits[len(prompt) - 1:-1].float(), dim=-1)  # [n, V]
+
+
+async def run_scored(runtime: ModelRuntime, spec: SpeculativeOptions | None, **sampling: float
+              ) -> tuple[list[int], Logprobs]:
+    tokens: list[int] = []
+    logprobs = Logprobs(top=TOP)
+
+    async def collect(token: int) -> bool:
+        # a streaming caller finds the token's entry already there
+        assert logprobs.entries[-1].token == token and len(logprobs.entries) == len(tokens) + 1
+        tokens.append(token)
+        return True
+
+    params = SamplingParams(max_tokens=SCORED, seed=7, **sampling)  # type: ignore[arg-type]
+    await runtime.generator.generate(list(PROMPT), params, collect, spec, logprobs=logprobs)
+    return tokens, logprobs
+
+
+def check_logprobs(reference: torch.nn.Module, tokens: list[int], logprobs: Logprobs) -> None:
+    assert len(tokens) == SCORED and [e.token for e in logprobs.entries] == tokens
+    want = reference_logprobs(reference, PROMPT, tokens)  # [SCORED, V]
+    for i, entry in enumerate(logprobs.entries):
+        assert abs(entry.logprob - float(want[i, entry.token])) < LOGPROB_TOL, i
+        values, ids = want[i].topk(TOP + 1)
+        assert len(entry.top) == TOP
+        for k, (token, logprob) in enumerate(entry.top):
+            assert abs(logprob - float(values[k])) < LOGPROB_TOL, (i, k)
+            if float(values[k] - values[k + 1]) > LOGPROB_TOL and (
+                    k == 0 or float(values[k - 1] - values[k]) > LOGPROB_TOL):
+                assert token == int(ids[k]), (i, k)  # the order, where it is not a tie
+
+
+async def test_logprobs_match_one_process_plain_and_speculative(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module) -> None:
+    async with model_swarm(tmp_path, tiny, SPLITS) as (_, runtimes):
+        entry = runtimes[0]
+        plain, logprobs = await run_scored(entry, None)
+        check_logprobs(reference, plain, logprobs)
+        greedy = [e.top[0][0] for e in logprobs.entries]
+        assert greedy == plain, "greedy decoding commits the most likely token"
+        head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
+        for spec, sampling in [
+                (SpeculativeOptions(f"eagle:{head}", "greedy", None, True), {}),
+                (SpeculativeOptions("ngram", "greedy", 4, False), {}),
+                (SpeculativeOptions(f"model:{tiny}", "sample", 4, False),
+                 {"temperature": TEMPERATURE}),
+                (SpeculativeOptions(f"model:{tiny}", "adaptive", 4, True), {})]:
+            tokens, logprobs = await run_scored(entry, spec, **sampling)
+            print(spec.draft.split("/")[-1], spec.verify, [round(e.logprob, 3)
+                                                           for e in logprobs.entries[:4]])
+            check_logprobs(reference, tokens, logprobs)
+        # without a sink nothing is computed and nothing changes
+        again, _ = await run_scored(entry, None)
+        assert again == plain
+
+
+def test_token_logprobs_is_the_log_softmax_at_each_row() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(4, 50)
+    entries = token_logprobs(rows, [3, 9, 0], 2)  # a 4th row (a rejected tail) unused
+    assert len(entries) == 3
+    for i, e in enumerate(entries):
+        lp = torch.log_softmax(rows[i], -1)
+        assert e.logprob == pytest.approx(float(lp[e.token]), abs=1e-6)
+        assert [t for t, _ in e.top] == lp.topk(2).indices.tolist()
+    assert token_logprobs(rows, [1], 0)[0].top == ()
+    with pytest.raises(ValueError, match="between 0 and 20"):
+        Logprobs(top=21)

@@ -1,7 +1,7 @@
 """DSD benchmark: speculative decoding across a 3-peer SmolLM2 pipeline.
 
-A 3-process testnet (one stage per peer, 1 torch thread each, the request entering
-at peer0, which serves stage 0 and drafts) at 0, 10, 20 and 50 ms per link. For each
+A 3-process testnet (one stage per peer, 1 torch thread each unless --torch-threads
+says otherwise, the request entering at peer0, which serves stage 0 and drafts) at 0, 10, 20 and 50 ms per link. For each
 latency and each decoding config (plain, prompt lookup + greedy, EAGLE + greedy,
 EAGLE + adaptive, ...) it measures, client side, tokens/s over the same prompts;
 from each response's `peerd` object it takes the rounds, the tokens committed per
@@ -265,11 +265,13 @@ def quality(cell: Cell) -> dict[str, Any]:
 
 def run_testnet(peers: int, latency: float, configs: list[str], prompts: list[Prompt],
                 max_tokens: dict[str, int], base_port: int, run_dir: Path,
-                dtype: str) -> list[Cell]:
-    """Every config over every prompt on a fresh testnet of `peers` stages."""
+                dtype: str, torch_threads: int | None = None) -> list[Cell]:
+    """Every config over every prompt on a fresh testnet of `peers` stages, each peer
+    with `torch_threads` threads (default: the 2 cores split between them)."""
     t0 = time.monotonic()
     up = launcher.up(peers, run_dir, base_port, latency, model=MODEL, stages=peers,
-                     torch_threads=max(1, 2 // peers), dtype=dtype, settle_s=0.0)
+                     torch_threads=torch_threads or max(1, 2 // peers), dtype=dtype,
+                     settle_s=0.0)
     console.print(f"[bold]{peers} peer(s), {latency:g} ms/link[/]: up in "
                   f"{time.monotonic() - t0:.0f} s")
     cells = []
@@ -307,6 +309,9 @@ def main() -> int:
     ap.add_argument("--humaneval-tokens", type=int, default=96)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="the peers' compute dtype [float32]")
+    ap.add_argument("--torch-threads", type=int, metavar="N",
+                    help="torch threads per speed-run peer [2 cores split: 1]; the stages "
+                    "of one request run one after another, so each may use every core")
     ap.add_argument("--no-shard-passes", action="store_true",
                     help="skip measuring a stage's pass cost by positions")
     ap.add_argument("--base-port", type=int, default=18300)
@@ -332,7 +337,8 @@ def main() -> int:
         for latency in args.latencies:
             speed += run_testnet(PEERS, latency, args.configs,
                                  gsm[:args.speed_prompts] + he[:args.speed_prompts],
-                                 max_tokens, args.base_port, args.run_dir, args.dtype)
+                                 max_tokens, args.base_port, args.run_dir, args.dtype,
+                                 args.torch_threads)
     except TestnetError as exc:
         console.print(f"[red]{exc}[/]")
         return 1
@@ -350,12 +356,13 @@ def main() -> int:
         q = quality(cell)
         q.update(summarise(cell, plain_of(quality_cells, cell), 0))
         quality_rows.append(q)
-    print_tables(rows, quality_rows, args.dtype)
+    print_tables(rows, quality_rows, args.dtype, args.torch_threads or 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "dsd", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(), "model": MODEL, "dtype": args.dtype, "speed_peers": PEERS,
-        "speed_torch_threads_per_peer": 1, "quality_peers": 1, "quality_torch_threads": 2,
+        "speed_torch_threads_per_peer": args.torch_threads or 1, "quality_peers": 1,
+        "quality_torch_threads": 2,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "minutes": round((time.monotonic() - started) / 60, 1),
@@ -419,9 +426,9 @@ def plain_of(cells: list[Cell], cell: Cell) -> Cell:
 
 
 def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]],
-                 dtype: str) -> None:
-    t = Table(title=f"DSD on SmolLM2-135M ({dtype}), {PEERS} peers (1 torch thread each), "
-              "greedy target (adaptive: lossy)")
+                 dtype: str, threads: int = 1) -> None:
+    t = Table(title=f"DSD on SmolLM2-135M ({dtype}), {PEERS} peers ({threads} torch "
+              f"thread{'s' if threads > 1 else ''} each), greedy target (adaptive: lossy)")
     for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "decode speedup",
                 "k tokens/round", "depth/round", "nodes/round", "draft ms/round",
                 "net ms/token saved (pred. N-1 / links)",

@@ -256,6 +256,13 @@ def test_a_stop_string_cuts_the_text_before_it(swarm: Swarm) -> None:
                                   max_tokens=16, temperature=0, stop=[stop])
     assert r.choices[0].text == expected
     assert r.choices[0].finish_reason == "stop"
+    # log-probabilities stop with the text: the token that completed the stop is left out
+    scored = client.completions.create(model=swarm.model_id, prompt="The quick brown fox",
+                                       max_tokens=16, temperature=0, stop=[stop], logprobs=0)
+    found = scored.choices[0].logprobs
+    assert found is not None and found.tokens is not None
+    joined = b"".join(codecs.escape_decode(t.encode())[0] for t in found.tokens)  # type: ignore[attr-defined]
+    assert expected.startswith(joined.decode(errors="replace")) and len(found.tokens) < 16
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=swarm.model_id, prompt="The quick brown fox", max_tokens=16, temperature=0,
         stop=stop, stream=True))

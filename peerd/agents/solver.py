@@ -13,7 +13,7 @@ tokens the model chose (the calculator's are not its choices), times how cleanly
 answer came out: 1 for a marked answer that normalises, 0.45 for one we had to guess
 from the chain, 0.35 for a marked answer that does not parse, 0 for none. On
 SmolLM2's arithmetic chains the likelihood tells right chains from wrong ones with an
-AUC of about 0.75, where the answer tokens' own probability does not (about 0.5: once
+AUC of about 0.77, where the answer tokens' own probability does not (about 0.5: once
 the chain is written, the answer follows from it). The vote bounds what a claimed
 confidence can do (voting.py).
 

@@ -87,7 +87,8 @@ class Logprobs:
 def token_logprobs(rows: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
     """rows [n, V] logits, row i the position that chose tokens[i] -> their entries."""
     lp = torch.log_softmax(rows[:len(tokens)].float(), dim=-1)  # [n, V]
-    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0]  # [n]
+    index = torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None]  # [n, 1]
+    chosen = lp.gather(1, index)[:, 0]  # [n]
     if top == 0:
         return [TokenLogprob(t, float(v)) for t, v in zip(tokens, chosen.tolist(), strict=True)]
     values, ids = lp.topk(top, dim=-1)  # [n, top]

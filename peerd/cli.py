@@ -920,12 +920,13 @@ def task(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
         console.print(f"[yellow]{escape(status)}[/] (ask again with --get {result['id']})",
                       highlight=False)
     t = Table(title=f"task {result['id']}: {len(result['votes'])} votes")
-    for col in ("peer", "answer", "confidence", "weight", "chain of thought"):
+    for col in ("peer", "answer", "confidence", "measured", "weight", "chain of thought"):
         t.add_column(col)
     for v in sorted(result["votes"], key=lambda v: -v["weight"]):
         cot = " ".join(v["cot"].split())
         t.add_row(name(v["peer_id"]), escape(str(v["answer"])), f"{v['confidence']:.2f}",
-                  f"{v['weight']:.3f}", escape(cot[:80] + ("…" if len(cot) > 80 else "")))
+                  _measured(v), f"{v['weight']:.3f}",
+                  escape(cot[:80] + ("…" if len(cot) > 80 else "")))
     console.print(t)
     console.print(f"elected {', '.join(name(p) for p in result['elected'])}", highlight=False)
     for f in result["fallbacks"]:
@@ -934,6 +935,11 @@ def task(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
     timings = result["timings"]
     console.print(f"beacon {timings['beacon_ms']:.0f} ms | solve {timings['solve_ms']:.0f} ms"
                   f" | total {timings['total_ms']:.0f} ms", highlight=False)
+
+
+def _measured(vote: dict[str, Any]) -> str:
+    """The requester's own measure of a chain ("-": it had no model to measure with)."""
+    return "-" if vote.get("measured") is None else f"{vote['measured']:.2f}"
 
 
 def _peer_names(c: Client) -> dict[str, str]:

@@ -342,7 +342,8 @@ def main() -> int:
                    "elected": o.result.get("elected"), "fallbacks": o.result.get("fallbacks"),
                    "timings": o.result.get("timings"),
                    "votes": [{k: v[k] for k in ("peer_id", "answer", "confidence", "weight")}
-                             | {"cot": v["cot"][:400]} for v in o.votes()]}
+                             | {"measured": v.get("measured")}
+                             | {"cot": v["cot"]} for v in o.votes()]}
                   for o in outcomes],
     }, indent=1))
     console.print(f"wrote {args.out}", highlight=False)

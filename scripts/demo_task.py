@@ -60,12 +60,14 @@ def demo_task(peers: list[Any], console: Console, question: str = QUESTION,
     console.print("elected: " + ", ".join(names.get(p, p[-8:]) for p in result["elected"]),
                   highlight=False)
     t = Table(title=f"votes (answer: {result['answer']})")
-    for col in ("peer", "answer", "confidence", "weight", "chain of thought"):
+    for col in ("peer", "answer", "confidence", "measured", "weight", "chain of thought"):
         t.add_column(col)
     for v in sorted(result["votes"], key=lambda v: -v["weight"]):
         cot = " ".join(v["cot"].split())
         t.add_row(names.get(v["peer_id"], v["peer_id"][-8:]), str(v["answer"]),
-                  f"{v['confidence']:.2f}", f"{v['weight']:.3f}",
+                  f"{v['confidence']:.2f}",
+                  "-" if v.get("measured") is None else f"{v['measured']:.2f}",
+                  f"{v['weight']:.3f}",
                   cot[:90] + ("…" if len(cot) > 90 else ""))
     console.print(t)
     for f in result["fallbacks"]:

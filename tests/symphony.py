@@ -34,6 +34,8 @@ class FakeSolver:
     confidence: float = 0.5
     delay_s: float = 0.0
     able: bool = True
+    # what measuring a chain gives as a requester (None: this peer cannot measure)
+    measures: Callable[[TaskRequest, str], float | None] = lambda request, cot: None
     solved: int = 0
     requests: list[TaskRequest] = field(default_factory=list)  # as they arrived
 
@@ -47,6 +49,9 @@ class FakeSolver:
         said = self.answer(request.question)
         return Solution(said, f"Adding the two numbers gives {said}.\nAnswer: {said}",
                         self.confidence, tokens=12)
+
+    async def measure(self, request: TaskRequest, cot: str) -> float | None:
+        return self.measures(request, cot)
 
 
 def liar(question: str) -> str:

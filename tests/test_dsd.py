@@ -469,6 +469,16 @@ async def test_logprobs_match_one_process_plain_and_speculative(
         # without a sink nothing is computed and nothing changes
         again, _ = await run_scored(entry, None)
         assert again == plain
+        # scoring a given continuation: all of it in one pass, against one process
+        want = reference_logprobs(reference, PROMPT, plain)  # [SCORED, V]
+        for _ in range(2):  # the second reuses the first's pooled prefix
+            scored = await entry.generator.score(list(PROMPT), plain)
+            assert len(scored) == len(plain)
+            for i, (token, logprob) in enumerate(zip(plain, scored, strict=True)):
+                assert abs(logprob - float(want[i, token])) < LOGPROB_TOL, i
+        assert await entry.generator.score(list(PROMPT), []) == []
+        with pytest.raises(ValueError, match="more than a session holds"):
+            await entry.generator.score(list(PROMPT), [1] * entry.generator.max_session_length)
 
 
 def test_token_logprobs_is_the_log_softmax_at_each_row() -> None:

@@ -15,7 +15,15 @@ import torch
 
 from peerd.agents.answers import normalise_number
 from peerd.agents.calculator import evaluate
-from peerd.agents.solver import _ANSWER_LINE, ModelSolver, calculated, likelihood, messages
+from peerd.agents.solver import (
+    _ANSWER_LINE,
+    ModelSolver,
+    authors,
+    calculated,
+    confidence_of,
+    likelihood,
+    messages,
+)
 from peerd.inference.host import ModelHost, ModelOptions
 from peerd.inference.source import load_tokenizer, reference_model, resolve
 from protocols.task import TaskRequest
@@ -71,6 +79,26 @@ def reference_chain(question: str) -> tuple[list[int], list[float], int, list[fl
     return out, gaps, calculations, chosen
 
 
+def reference_measure(question: str, cot: str) -> float:
+    """One process's confidence in `cot` as written, under the prompt for `question`."""
+    source = resolve("smollm2")
+    model: Any = reference_model(source)
+    tok = load_tokenizer(source)
+    prompt = tok.apply_chat_template(messages(question, "number"),
+                                     add_generation_prompt=True, tokenize=False)
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    chain: list[int] = []
+    mine: list[bool] = []  # the model's own tokens, not the calculator's
+    for text, by_calculator in authors(cot):
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        chain += piece
+        mine += [not by_calculator] * len(piece)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids + chain])).logits[0, len(ids) - 1:-1].float()
+    chosen = torch.log_softmax(logits, -1).gather(1, torch.tensor(chain)[:, None])[:, 0]
+    return confidence_of(cot, "number", likelihood(chosen[torch.tensor(mine)].tolist()))[1]
+
+
 @needs_smollm2
 async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path) -> None:
     want, gaps, want_calculations, chosen = reference_chain(QUESTION)
@@ -79,12 +107,20 @@ async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path)
         await host.load(node)
         assert host.runtime is not None, host.error
         solver = ModelSolver(host)
-        solution = await solver.solve(TaskRequest(
-            task_id="t1", question=QUESTION, answer_format="number", temperature=0.0,
-            seed=0, max_tokens=MAX_TOKENS, deadline_s=120.0))
+        request = TaskRequest(task_id="t1", question=QUESTION, answer_format="number",
+                              temperature=0.0, seed=0, max_tokens=MAX_TOKENS, deadline_s=120.0)
+        solution = await solver.solve(request)
         # every segment after a calculation resumed on the one pooled session
         assert len(host.runtime.server.sessions) == 1
         tok = host.runtime.tokenizer
+        # As a requester: the chain measured as written (the calculator's tokens too),
+        # against one process scoring the same text; a chain far past the budget is 0.
+        measured = await solver.measure(request, solution.cot)
+        assert measured == pytest.approx(reference_measure(QUESTION, solution.cot), rel=1e-4)
+        # the chain as its worker measured it: the same tokens, the calculator's left out
+        assert measured == pytest.approx(solution.confidence, rel=1e-4)
+        assert await solver.measure(request, "1 + 1 = 2. " * 2 * MAX_TOKENS) == 0.0
+        assert await solver.measure(request, "") == 0.0
 
     print(f"\nchain ({solution.calculations} calculations): {solution.cot!r}")
     assert solution.calculations >= 1

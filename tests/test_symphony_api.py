@@ -47,10 +47,11 @@ async def test_post_runs_the_task_and_get_returns_it(tmp_path: Path) -> None:
                              "timings"}
         assert body["answer"] == "42" and body["status"] == "done"
         (vote,) = body["votes"]
-        assert set(vote) == {"peer_id", "answer", "confidence", "weight", "cot"}
+        assert set(vote) == {"peer_id", "answer", "confidence", "measured", "weight", "cot"}
+        assert vote["measured"] is None  # A has no model to measure chains with
         assert vote["answer"] == "42" and "Answer: 42" in vote["cot"]
         assert body["elected"] == [vote["peer_id"]]
-        assert set(body["timings"]) == {"beacon_ms", "solve_ms", "total_ms"}
+        assert set(body["timings"]) == {"beacon_ms", "solve_ms", "measure_ms", "total_ms"}
         again = await client.get(f"/v1/tasks/{body['id']}")
         assert again.status_code == 200 and again.json() == body
         missing = await client.get("/v1/tasks/nope")

@@ -116,6 +116,57 @@ def test_weight_grows_with_reputation_confidence_and_match() -> None:
     assert voting.weight(ballot("a", "1", math.nan, 0.5, 0.0)) > 0
 
 
+def sure(peer: str, answer: str | None, measured: float, match: float = 0.5,
+         confidence: float = 0.5, rep: float = PRIOR) -> Ballot:
+    """A ballot whose chain the requester measured."""
+    return Ballot(peer, answer, confidence, match, rep, measured)
+
+
+def test_measured_chains_weigh_by_how_sure_the_model_is_of_them_relative_to_the_surest(
+        ) -> None:
+    # the chain the model is clearly surest of outweighs two agreeing, less likely ones
+    t = tally([sure("a", "7", 0.80), sure("b", "12", 0.60), sure("c", "12", 0.60)])
+    assert t.answer == "7"
+    assert t.weights["b"] == pytest.approx(t.weights["a"] * voting.FLOOR)
+    # close measures leave it to the majority
+    assert tally([sure("a", "7", 0.80), sure("b", "12", 0.79), sure("c", "12", 0.79)]
+                 ).answer == "12"
+    # relative: scaling every measure changes no weight
+    for scale in (0.5, 0.1):
+        scaled = tally([sure("a", "7", 0.8 * scale), sure("b", "12", 0.6 * scale)])
+        assert scaled.weights == pytest.approx(tally([sure("a", "7", 0.8),
+                                                      sure("b", "12", 0.6)]).weights)
+    # once measured, what a worker claims about its chain counts for nothing
+    t = tally([sure("liar", "7", 0.5, confidence=1.0), sure("h", "12", 0.8, confidence=0.0)])
+    assert t.answer == "12"
+    # reputation still multiplies
+    assert tally([sure("a", "7", 0.8, rep=0.05), sure("b", "12", 0.6, rep=0.9)]).answer == "12"
+    # nothing the model finds likely at all: the measures tell the chains apart by nothing
+    assert voting.certainty(0.0, 0.0) == 1.0
+
+
+def test_agreeing_measured_chains_outweigh_any_one_however_sure_from_one_over_floor() -> None:
+    # At the least match term (0.75), four agreeing chains at the floor weigh what one
+    # perfect chain does, and a tie goes to more chains: four honest workers always win
+    # against one liar, however likely its chain and whatever match it claims.
+    liar = sure("liar", "666", 1.0, match=1.0, confidence=1.0)
+    honest = [sure(f"h{i}", "42", 0.01, match=0.0, confidence=0.0) for i in range(4)]
+    assert tally([liar, *honest]).answer == "42"
+    assert tally([liar, *honest[:3]]).answer == "666"  # the bound is tight
+
+
+def test_claims_stand_in_unless_every_chain_with_an_answer_was_measured() -> None:
+    liar = sure("liar", "666", 1.0, match=1.0, confidence=1.0)
+    honest = [sure("h1", "42", 0.01, confidence=0.0), ballot("h2", "42", 0.0)]
+    t = tally([liar, *honest])  # h2 unmeasured: claimed, two agreeing chains win
+    assert t.answer == "42"
+    assert t.weights["liar"] == pytest.approx(voting.weight(ballot("liar", "666", 1.0, 1.0)))
+    # a chain without an answer needs no measure
+    measured = tally([sure("a", "7", 0.8), sure("b", "12", 0.6), sure("c", "12", 0.6),
+                      ballot("d", None)])
+    assert measured.answer == "7"
+
+
 def test_ties_break_deterministically_whatever_the_order() -> None:
     ballots = [ballot("a", "x"), ballot("b", "y"), ballot("c", "z", 0.3), ballot("d", "z", 0.0)]
     results = set()
@@ -321,9 +372,11 @@ async def test_a_seat_stays_empty_when_no_bidder_is_left(
 
 
 def simulate_task(book: ReputationBook, bidders: dict[str, tuple[float, str, float]],
-                  wanted: int, truth: str, now: float) -> tuple[list[str], str | None]:
+                  wanted: int, truth: str, now: float, measured: bool = False
+                  ) -> tuple[list[str], str | None]:
     """One task over the real election, voting and reputation code. `bidders`: peer ->
-    (claimed match, answer, claimed confidence). Returns (elected, accepted answer)."""
+    (claimed match, answer, confidence: claimed, or `measured` by the requester).
+    Returns (elected, accepted answer)."""
     own = book.own()
 
     def rep(peer: str) -> float:
@@ -338,14 +391,17 @@ def simulate_task(book: ReputationBook, bidders: dict[str, tuple[float, str, flo
     for c in seats:
         _, said, confidence = bidders[c.peer_id]
         ballots.append(Ballot(c.peer_id, answers.normalise_number(said), confidence,
-                              c.match, rep(c.peer_id)))
+                              c.match, rep(c.peer_id), confidence if measured else None))
     accepted = tally(ballots).answer
     for b in ballots:
         book.observe(b.peer_id, agreed=b.answer == accepted, punctual=True, now=now)
     return [c.peer_id for c in seats], accepted
 
 
-def test_one_confident_liar_never_outvotes_four_honest_and_loses_its_seat() -> None:
+@pytest.mark.parametrize("measured", [False, True], ids=["claimed", "measured"])
+def test_one_confident_liar_never_outvotes_four_honest_and_loses_its_seat(
+        measured: bool) -> None:
+    # measured: the liar's chains are the ones the requester's model is surest of
     rng = random.Random(7)
     book = ReputationBook("requester")
     for task in range(10):
@@ -354,7 +410,7 @@ def test_one_confident_liar_never_outvotes_four_honest_and_loses_its_seat() -> N
         bidders = {f"honest{i}": (rng.uniform(0.2, 0.6), honest_say[i], rng.uniform(0.1, 0.7))
                    for i in range(4)}
         bidders["liar"] = (1.0, str(int(truth) + 1), 1.0)  # claims a perfect match, too
-        elected, accepted = simulate_task(book, bidders, 5, truth, float(task))
+        elected, accepted = simulate_task(book, bidders, 5, truth, float(task), measured)
         assert "liar" in elected  # five seats, five bidders
         assert accepted == truth, f"task {task}: the liar's answer won"
     scores = book.own()
@@ -364,7 +420,7 @@ def test_one_confident_liar_never_outvotes_four_honest_and_loses_its_seat() -> N
         truth = str(rng.randrange(10, 1000))
         bidders = {f"honest{i}": (rng.uniform(0.2, 0.6), truth, 0.5) for i in range(4)}
         bidders["liar"] = (1.0, "0", 1.0)
-        elected, accepted = simulate_task(book, bidders, 3, truth, float(task))
+        elected, accepted = simulate_task(book, bidders, 3, truth, float(task), measured)
         assert "liar" not in elected
         assert accepted == truth
 

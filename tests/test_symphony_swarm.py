@@ -7,12 +7,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import trio
 
 from peerd.agents.reputation import ReputationBook
 from peerd.agents.service import REPUTATION_FILE, NoWorkers, TaskSpec
+from protocols.task import TaskRequest
 from tests.harness import events, swarm, wait_for
-from tests.symphony import FakeSolver, FixedMatcher, liar, ready_to_elect, symphonies
+from tests.symphony import (
+    FakeSolver,
+    FixedMatcher,
+    liar,
+    ready_to_elect,
+    symphonies,
+    true_sum,
+)
 
 SKILL = "arithmetic word problems"
 
@@ -35,9 +44,9 @@ async def test_a_task_is_elected_solved_and_voted(tmp_path: Path) -> None:
             assert sorted(body["elected"]) == sorted(w.peer_id for w in workers)
             assert body["fallbacks"] == []
             assert {v["answer"] for v in body["votes"]} == {"42", "43"}
-            assert all(set(v) == {"peer_id", "answer", "confidence", "weight", "cot"}
-                       for v in body["votes"])
-            assert set(body["timings"]) == {"beacon_ms", "solve_ms", "total_ms"}
+            assert all(set(v) == {"peer_id", "answer", "confidence", "measured", "weight",
+                                  "cot"} for v in body["votes"])
+            assert set(body["timings"]) == {"beacon_ms", "solve_ms", "measure_ms", "total_ms"}
             # Elected as soon as all three expected bids were in, not at the window's end.
             assert body["timings"]["beacon_ms"] < 5000
             assert service.records[record.id] is record
@@ -138,14 +147,23 @@ async def test_nobody_bids(tmp_path: Path) -> None:
         assert record.status == "failed" and record.to_json()["answer"] is None
 
 
-async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path) -> None:
+def liars_chains_surest(request: TaskRequest, cot: str) -> float:
+    """A requester's model that is far surer of the liar's chains than of honest ones."""
+    return 0.3 if f"gives {true_sum(request.question)}." in cot else 0.95
+
+
+@pytest.mark.parametrize("measures", [False, True], ids=["claimed", "measured"])
+async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path,
+                                                                 measures: bool) -> None:
     async with swarm(6, tmp_path, connect="star") as nodes:
         requester, *workers = nodes
         for w in workers:
             w.set_skills([SKILL])
         honest = [FakeSolver(confidence=c) for c in (0.2, 0.4, 0.5, 0.3)]
         lying = FakeSolver(answer=liar, confidence=1.0)
-        solvers = [None, *honest, lying]
+        # measured: the requester weighs chains by its own model's measure, not claims
+        own = FakeSolver(measures=liars_chains_surest) if measures else None
+        solvers = [own, *honest, lying]
         # The liar also claims a perfect skill match; the honest match lexically.
         matchers = [None, None, None, None, None, FixedMatcher(1.0)]
         liar_id = workers[-1].peer_id
@@ -159,6 +177,8 @@ async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path)
                     deadline_s=10.0, bid_window_s=5.0))
                 assert liar_id in record.elected
                 assert record.answer == truth, f"task {i}: {record.to_json()}"
+                shown = {v["peer_id"]: v["measured"] for v in record.to_json()["votes"]}
+                assert shown[liar_id] == (0.95 if measures else None)
             scores = service.book.own()
             assert all(scores[liar_id] < scores[w.peer_id] for w in workers[:-1]), scores
             record = await service.run_task(TaskSpec(

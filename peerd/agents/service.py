@@ -5,8 +5,8 @@ over `/peerd/bid/1.0.0` until every peer expected to bid has (or the bid window
 closes), elect the best bidders (election.py), send each the question over
 `/peerd/task/1.0.0` with its own temperature, seed and prompt set, replace any worker
 that fails or misses its deadline with the next bidder, verify each signed answer,
-vote (voting.py), update reputation (reputation.py) and publish it in our ledger
-entry.
+measure each chain with our own model when we have one (solver.py), vote (voting.py),
+update reputation (reputation.py) and publish it in our ledger entry.
 
 As a worker (worker.py): bid on other peers' beacons where our model can answer and
 our skills match, and answer the tasks we bid on.
@@ -73,6 +73,7 @@ TEMPERATURES = (0.0, 0.7, 0.9, 0.5, 1.0, 0.8, 0.6, 0.4)  # seat_sampling
 MAX_RECORDS = 256  # tasks kept in memory (finished ones are archived on disk too)
 MAX_CLOSED = 4096  # recently closed task ids: a late bid is not an offence
 MAX_RUNNING = 16  # tasks this peer requests at once
+MEASURE_TIMEOUT_S = 120.0  # measuring a chain (local work); past it, the task votes on claims
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,9 @@ class Vote:
     reputation: float
     cot: str
     elapsed_s: float
+    request: TaskRequest  # what the worker was asked: its chain is measured against it
     weight: float = 0.0
+    measured: float | None = None  # our own model's confidence in the chain
 
 
 @dataclass(slots=True)
@@ -122,6 +125,7 @@ class TaskRecord:
     bids: dict[str, Candidate] = field(default_factory=dict)
     beacon_ms: float = 0.0
     solve_ms: float = 0.0
+    measure_ms: float = 0.0
     total_ms: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -131,13 +135,16 @@ class TaskRecord:
             **({"error": self.error} if self.error else {}),
             "answer": self.answer,
             "votes": [{"peer_id": v.peer_id, "answer": v.answer,
-                       "confidence": round(v.confidence, 4), "weight": round(v.weight, 6),
-                       "cot": v.cot} for v in sorted(self.votes, key=lambda v: v.seat)],
+                       "confidence": round(v.confidence, 4),
+                       "measured": None if v.measured is None else round(v.measured, 4),
+                       "weight": round(v.weight, 6), "cot": v.cot}
+                      for v in sorted(self.votes, key=lambda v: v.seat)],
             "elected": list(self.elected),
             "fallbacks": [{"seat": f.seat, "peer_id": f.peer_id, "reason": f.reason,
                            "replacement": f.replacement} for f in self.fallbacks],
             "timings": {"beacon_ms": round(self.beacon_ms, 3),
                         "solve_ms": round(self.solve_ms, 3),
+                        "measure_ms": round(self.measure_ms, 3),
                         "total_ms": round(self.total_ms, 3)},
         }
 
@@ -160,6 +167,7 @@ class Symphony:
     def __init__(self, node: Node, solver: Solver | None = None,
                  matcher: SkillMatcher | None = None, *, warm_up: bool = False) -> None:
         self.node = node
+        self.solver = solver  # also measures the chains of our own tasks (voting.py)
         self.worker = TaskWorker(node, solver, matcher or LexicalMatcher())
         self.warm_up = warm_up
         self.book = _load_book(node)
@@ -228,35 +236,42 @@ class Symphony:
         self._open[record.id] = _Open(record, send)
         results: list[SeatResult[Vote]] = []
         try:
-            async with trio.open_nursery() as nursery:
-                await self._announce(record)
-                await self._bid_on_own(record, send)
-                seats = await run_election(election, recv, nursery)
-                record.beacon_ms = (time.perf_counter() - t0) * 1e3
-                record.elected = [c.peer_id for c in seats]
-                self._publish_event("task.elected", task_id=record.id, elected=record.elected,
-                                    bids=len(record.bids), beacon_ms=round(record.beacon_ms, 3))
-                if not seats:
-                    nursery.cancel_scope.cancel()
-                    return_early = True
-                else:
-                    return_early = False
-                t1 = time.perf_counter()
+            # our own model measures each chain as it arrives, while other seats work
+            async with trio.open_nursery() as measuring:
+                async with trio.open_nursery() as nursery:
+                    await self._announce(record)
+                    await self._bid_on_own(record, send)
+                    seats = await run_election(election, recv, nursery)
+                    record.beacon_ms = (time.perf_counter() - t0) * 1e3
+                    record.elected = [c.peer_id for c in seats]
+                    self._publish_event("task.elected", task_id=record.id,
+                                        elected=record.elected, bids=len(record.bids),
+                                        beacon_ms=round(record.beacon_ms, 3))
+                    if not seats:
+                        nursery.cancel_scope.cancel()
+                        return_early = True
+                    else:
+                        return_early = False
+                    t1 = time.perf_counter()
 
-                async def work(seat: int, c: Candidate) -> Vote:
-                    return await self._assign(record, seat, c, reputation(c.peer_id))
+                    async def work(seat: int, c: Candidate) -> Vote:
+                        vote = await self._assign(record, seat, c, reputation(c.peer_id))
+                        measuring.start_soon(self._measure, vote)  # not on the worker's clock
+                        return vote
 
-                def on_fallback(f: Fallback) -> None:
-                    record.fallbacks.append(f)
-                    self._publish_event("task.fallback", task_id=record.id, seat=f.seat,
-                                        peer_id=f.peer_id, reason=f.reason,
-                                        replacement=f.replacement)
+                    def on_fallback(f: Fallback) -> None:
+                        record.fallbacks.append(f)
+                        self._publish_event("task.fallback", task_id=record.id, seat=f.seat,
+                                            peer_id=f.peer_id, reason=f.reason,
+                                            replacement=f.replacement)
 
-                if not return_early:
-                    results, _ = await fill_seats(election, seats, work, spec.deadline_s,
-                                                  on_fallback)
-                    record.solve_ms = (time.perf_counter() - t1) * 1e3
-                nursery.cancel_scope.cancel()  # the bid collector
+                    if not return_early:
+                        results, _ = await fill_seats(election, seats, work, spec.deadline_s,
+                                                      on_fallback)
+                        record.solve_ms = (time.perf_counter() - t1) * 1e3
+                    nursery.cancel_scope.cancel()  # the bid collector
+                answered = time.perf_counter()
+            record.measure_ms = (time.perf_counter() - answered) * 1e3  # after the last answer
         finally:
             self._open.pop(record.id, None)
             self._closed[record.id] = None
@@ -346,7 +361,7 @@ class Symphony:
             raise WorkFailed("unreachable", type(exc).__name__) from None
         vote = Vote(seat, worker.peer_id, normalise(answer.answer, spec.answer_format),
                     answer.answer, answer.confidence, worker.match, reputation, answer.cot,
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, request)
         record.votes.append(vote)
         self.node.metrics.messages.labels("in", "task.answer").inc()
         self._publish_event("task.answer", task_id=record.id, seat=seat,
@@ -354,10 +369,18 @@ class Symphony:
                             confidence=vote.confidence, elapsed_s=round(vote.elapsed_s, 3))
         return vote
 
+    async def _measure(self, vote: Vote) -> None:
+        """Our own model's confidence in a chain that reached an answer (the vote weighs
+        chains by it, voting.py), when we have a model that can measure it."""
+        if vote.answer is None or self.solver is None or not self.solver.capable():
+            return
+        with trio.move_on_after(MEASURE_TIMEOUT_S):
+            vote.measured = await self.solver.measure(vote.request, vote.cot)
+
     def _settle(self, record: TaskRecord, results: list[SeatResult[Vote]]) -> None:
         """Vote, then score every worker that held a seat."""
-        result = tally(Ballot(v.peer_id, v.answer, v.confidence, v.match, v.reputation)
-                       for v in record.votes)
+        result = tally(Ballot(v.peer_id, v.answer, v.confidence, v.match, v.reputation,
+                              v.measured) for v in record.votes)
         for v in record.votes:
             v.weight = result.weights.get(v.peer_id, 0.0)
         record.answer = result.answer

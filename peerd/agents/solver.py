@@ -14,14 +14,19 @@ answer came out: 1 for a marked answer that normalises, 0.45 for one we had to g
 from the chain, 0.35 for a marked answer that does not parse, 0 for none. On
 SmolLM2's arithmetic chains the likelihood tells right chains from wrong ones with an
 AUC of about 0.77, where the answer tokens' own probability does not (about 0.5: once
-the chain is written, the answer follows from it). The vote bounds what a claimed
-confidence can do (voting.py).
+the chain is written, the answer follows from it).
+
+A requester measures every chain of its task the same way with its own model
+(`measure`: one pass over the chain as written, the calculator's results told apart by
+`authors`), and the vote weighs chains by that measure (voting.py), not by the
+confidence a worker claims.
 
 `Solver` is what the task service needs; tests give it fakes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -37,6 +42,11 @@ from protocols.task import TaskRequest
 if TYPE_CHECKING:
     from peerd.inference.host import ModelHost
 
+log = logging.getLogger(__name__)
+
+# A chain of more tokens than this many times the task's budget was not written within
+# it: measured as 0 without running it (the work a requester does stays bounded).
+MEASURED_TOKENS_PER_BUDGET = 2
 SYSTEM = ("You solve problems step by step. Write a short chain of reasoning, then the "
           "final answer alone on the last line as 'Answer: <answer>'.")
 # Worked examples per answer format, each ending in "Answer: <answer>". The number
@@ -115,6 +125,12 @@ class Solver(Protocol):
 
     async def solve(self, request: TaskRequest) -> Solution: ...
 
+    async def measure(self, request: TaskRequest, cot: str) -> float | None:
+        """The confidence our own model gives a chain someone else wrote for `request`
+        (confidence_of over its likelihood under the prompt the worker was given); None
+        when we cannot measure it (no model, no route)."""
+        ...
+
 
 def prompt_sets(answer_format: str) -> int:
     """How many different example sets a task in this format can be prompted with."""
@@ -173,11 +189,7 @@ class ModelSolver:
         if runtime is None:
             raise RuntimeError("the model is not ready")
         tok = runtime.tokenizer
-        chat = messages(request.question, request.answer_format, request.prompt)
-        prompt = await trio.to_thread.run_sync(
-            lambda: tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
-        ids = await trio.to_thread.run_sync(
-            lambda: list(tok(prompt, add_special_tokens=False)["input_ids"]))
+        ids = await _prompt_ids(tok, request)
         use_calculator = request.answer_format == "number"
         generated: list[int] = []
         result: list[int] = []  # the calculator's tokens, when it paused the chain
@@ -217,6 +229,56 @@ class ModelSolver:
         answer, confidence = confidence_of(cot, request.answer_format, likelihood(
             [e.logprob for e in logprobs.entries]))
         return Solution(answer, cot, confidence, len(generated), calculations)
+
+    async def measure(self, request: TaskRequest, cot: str) -> float | None:
+        if not self.capable():
+            return None
+        runtime = self._runtime()
+        tok = runtime.tokenizer
+        ids = await _prompt_ids(tok, request)
+        parts = authors(cot) if request.answer_format == "number" else [(cot, False)]
+        # each part tokenised alone, as the worker's model and calculator wrote them
+        pieces = await trio.to_thread.run_sync(
+            lambda: [tok(text, add_special_tokens=False)["input_ids"] for text, _ in parts])
+        chain = [t for piece in pieces for t in piece]
+        if len(chain) > MEASURED_TOKENS_PER_BUDGET * request.max_tokens:
+            return 0.0  # not a chain written within the task's budget
+        try:
+            logprobs = await runtime.generator.score(ids, chain)
+        except Exception as exc:  # no route now, a pipeline that failed every try
+            log.info("could not measure a chain of task %s: %r", request.task_id, exc)
+            return None
+        calculated_by = [c for piece, (_, c) in zip(pieces, parts, strict=True) for _ in piece]
+        model_chose = [lp for lp, c in zip(logprobs, calculated_by, strict=True) if not c]
+        return confidence_of(cot, request.answer_format, likelihood(model_chose))[1]
+
+
+async def _prompt_ids(tok: Any, request: TaskRequest) -> list[int]:
+    """The prompt a worker solves `request` from, as token ids."""
+    chat = messages(request.question, request.answer_format, request.prompt)
+    prompt = await trio.to_thread.run_sync(
+        lambda: tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    return await trio.to_thread.run_sync(
+        lambda: list(tok(prompt, add_special_tokens=False)["input_ids"]))
+
+
+def authors(cot: str) -> list[tuple[str, bool]]:
+    """A number chain split into what its model wrote (False) and the results the
+    calculator wrote into it (True): wherever the text up to a "=" asks for a
+    calculation and the chain goes on with its result, as `ModelSolver.solve` writes
+    it. With the calculator in the loop, every such result is the calculator's."""
+    parts: list[tuple[str, bool]] = []
+    start = 0
+    for m in re.finditer("=", cot):
+        end = m.end()
+        if end <= start:
+            continue
+        value = calculated(cot[:end])
+        if value is not None and cot.startswith(" " + value, end):
+            parts += [(cot[start:end], False), (" " + value, True)]
+            start = end + 1 + len(value)
+    parts.append((cot[start:], False))
+    return [p for p in parts if p[0]]
 
 
 def calculated(text: str) -> str | None:

@@ -367,6 +367,46 @@ class Generator:
             stats.wall_ms = (time.perf_counter() - t_start) * 1e3
         return stats
 
+    async def score(self, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+        """log p(tokens[i] | prompt_ids + tokens[:i]) under the target, all of them from
+        one pass through the pipeline; a pooled session's cached prefix of the prompt is
+        not recomputed (the reused KV may move the last bits, as in `generate`). How a
+        requester measures a chain of thought someone else wrote."""
+        if not prompt_ids:
+            raise ValueError("scoring needs at least one prompt token")
+        history = prompt_ids + tokens
+        if len(history) > self.max_session_length:
+            raise ValueError(f"{len(history)} tokens to score, more than a session holds "
+                             f"({self.max_session_length})")
+        if not tokens:
+            return []
+        stats = GenerationStats(prompt_tokens=len(history))
+        for failures in range(1, MAX_FAILURES + 1):
+            session, fresh = await self._open(len(history), stats, history)
+            kv = 0
+            if not fresh:  # the logits that score tokens[0] come after the prompt's last
+                kv = min((await self._reuse(session, history, None))[0], len(prompt_ids) - 1)
+            done = False
+            try:
+                hidden = await self._in_thread(self._embed, history[kv:])
+                result = await session.step(hidden, kv, keep=kv if session.held > kv else -1)
+                session.held = len(history)
+                rows = result.hidden[:, len(prompt_ids) - 1 - kv:-1, :]  # [1, len(tokens), H]
+                scored: list[float] = await self._in_thread(self._logprobs, rows, tokens)
+                done = True
+                return scored
+            except PipelineFailure as failure:
+                if fresh:  # a pooled session that went stale is no one's fault
+                    self._blame(failure, failures)
+            finally:
+                with trio.CancelScope(shield=True):
+                    if done:
+                        session.cached, session.features = tuple(history), None
+                        await self.pipeline.release(session)
+                    else:
+                        await session.close()
+        raise GenerationFailed(f"could not score in {MAX_FAILURES} tries")
+
     async def _reuse(self, session: PipelineSession, history: list[int],
                      drafting: DraftSession | None) -> tuple[int, torch.Tensor | None]:
         """How many leading tokens of `history` a pooled session's caches already hold
@@ -426,6 +466,11 @@ class Generator:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         with torch.inference_mode():
             return self.head.embed(torch.tensor([ids], dtype=torch.long))  # [1, T, H]
+
+    def _logprobs(self, hidden: torch.Tensor, tokens: list[int]) -> list[float]:
+        """hidden [1, n, H], row i the position before tokens[i] -> log p(tokens[i])."""
+        with torch.inference_mode():
+            return [e.logprob for e in token_logprobs(self.head.logits(hidden)[0], tokens, 0)]
 
     def _verify(self, mode: str, hidden: torch.Tensor, pending: int, draft: TokenTree,
                 draft_probs: torch.Tensor | None, params: SamplingParams,

@@ -485,3 +485,17 @@ def test_a_chains_confidence_is_its_likelihood_scaled_by_how_its_answer_came_out
     answer, unparsed = confidence_of("Answer: many", "number", 0.8)
     assert answer == "many" and unparsed == pytest.approx(0.28)
     assert confidence_of("no idea", "number", 0.8) == ("", 0.0)
+
+
+def test_a_chain_splits_into_what_its_model_and_its_calculator_wrote() -> None:
+    from peerd.agents.solver import authors
+
+    cot = ("Tom has 9 + 3 = 12 apples.\nHe gives away 1, so 12 - 1 = 11 remain. "
+           "That is 11 = 11.\nAnswer: 11")
+    parts = authors(cot)
+    assert "".join(text for text, _ in parts) == cot  # nothing lost, nothing added
+    assert [text for text, calculated in parts if calculated] == [" 12", " 11"]
+    # a stated result the calculator would not have written is the model's own
+    wrong = "He has 9 + 3 = 13 apples.\nAnswer: 13"
+    assert authors(wrong) == [(wrong, False)]
+    assert authors("") == []

@@ -17,11 +17,12 @@ where `measured` is the chain's confidence as the requester measured it with its
 model (solver.py: the chain's likelihood under the prompt its worker was given) and
 `best` the highest of those among the task's chains. A small model's chains scatter
 over many answers, and the chain it is surest of is right far more often than the
-plurality (DeepConf, Fu et al. 2025, weights votes by the same signal); SHARPNESS
-says how much surer counts, FLOOR bounds it: at equal reputation, four agreeing chains
+plurality (DeepConf, Fu et al. 2025, weights votes by the same signal). SHARPNESS
+says how much surer counts; FLOOR bounds it: at equal reputation, four agreeing chains
 always win against one (a tie goes to more chains), however sure the model is of that
-one and whatever match it claims. A measurement is the requester's own, so a worker cannot raise
-its weight by saying it is sure; it could only write a chain the model finds likely.
+one and whatever match it claims. A measurement is the requester's own, so a worker
+cannot raise its weight by saying it is sure; it could only write a chain the model
+finds likely.
 
 When the requester could not measure every chain (it serves no model of its own), the
 workers' claimed confidences stand in, bounded as match is: certainty = 0.75 + 0.25 *

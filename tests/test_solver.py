@@ -38,16 +38,21 @@ NEAR_TIE = 1e-4
 _EQUATION = re.compile(r"((?:\d[\d.,]*\s*[-+*/x]\s*)+\d[\d.,]*)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
 
 
-def reference_chain(question: str) -> tuple[list[int], list[float], int, list[float]]:
-    """What one process writes with the calculator: tokens, the top-two logit gap at
-    each token the model chose, how many results the calculator wrote in, and the
-    log-probability of each token the model chose."""
+def reference_prompt(question: str) -> tuple[Any, Any, list[int]]:
+    """SmolLM2 as one process loads it, its tokenizer, and the task prompt's ids."""
     source = resolve("smollm2")
     model: Any = reference_model(source)
     tok = load_tokenizer(source)
     prompt = tok.apply_chat_template(messages(question, "number"),
                                      add_generation_prompt=True, tokenize=False)
-    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    return model, tok, list(tok(prompt, add_special_tokens=False)["input_ids"])
+
+
+def reference_chain(question: str) -> tuple[list[int], list[float], int, list[float]]:
+    """What one process writes with the calculator: tokens, the top-two logit gap at
+    each token the model chose, how many results the calculator wrote in, and the
+    log-probability of each token the model chose."""
+    model, tok, ids = reference_prompt(question)
     out: list[int] = []
     gaps: list[float] = []
     chosen: list[float] = []
@@ -81,12 +86,7 @@ def reference_chain(question: str) -> tuple[list[int], list[float], int, list[fl
 
 def reference_measure(question: str, cot: str) -> float:
     """One process's confidence in `cot` as written, under the prompt for `question`."""
-    source = resolve("smollm2")
-    model: Any = reference_model(source)
-    tok = load_tokenizer(source)
-    prompt = tok.apply_chat_template(messages(question, "number"),
-                                     add_generation_prompt=True, tokenize=False)
-    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    model, tok, ids = reference_prompt(question)
     chain: list[int] = []
     mine: list[bool] = []  # the model's own tokens, not the calculator's
     for text, by_calculator in authors(cot):

@@ -919,15 +919,8 @@ def task(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
     else:
         console.print(f"[yellow]{escape(status)}[/] (ask again with --get {result['id']})",
                       highlight=False)
-    t = Table(title=f"task {result['id']}: {len(result['votes'])} votes")
-    for col in ("peer", "answer", "confidence", "measured", "weight", "chain of thought"):
-        t.add_column(col)
-    for v in sorted(result["votes"], key=lambda v: -v["weight"]):
-        cot = " ".join(v["cot"].split())
-        t.add_row(name(v["peer_id"]), escape(str(v["answer"])), f"{v['confidence']:.2f}",
-                  _measured(v), f"{v['weight']:.3f}",
-                  escape(cot[:80] + ("…" if len(cot) > 80 else "")))
-    console.print(t)
+    console.print(vote_table(result["votes"], name,
+                             f"task {result['id']}: {len(result['votes'])} votes"))
     console.print(f"elected {', '.join(name(p) for p in result['elected'])}", highlight=False)
     for f in result["fallbacks"]:
         console.print(f"seat {f['seat']}: {name(f['peer_id'])} dropped ({f['reason']}), "
@@ -937,9 +930,20 @@ def task(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
                   f" | total {timings['total_ms']:.0f} ms", highlight=False)
 
 
-def _measured(vote: dict[str, Any]) -> str:
-    """The requester's own measure of a chain ("-": it had no model to measure with)."""
-    return "-" if vote.get("measured") is None else f"{vote['measured']:.2f}"
+def vote_table(votes: list[dict[str, Any]], name: Callable[[str], str], title: str
+               ) -> Table:
+    """A task's votes (as /v1/tasks gives them), heaviest first; `name` shows a peer.
+    "measured" is the requester's own measure of a chain ("-": it had no model)."""
+    t = Table(title=title)
+    for col in ("peer", "answer", "confidence", "measured", "weight", "chain of thought"):
+        t.add_column(col)
+    for v in sorted(votes, key=lambda v: -v["weight"]):
+        cot = " ".join(v["cot"].split())
+        measured = "-" if v.get("measured") is None else f"{v['measured']:.2f}"
+        t.add_row(name(v["peer_id"]), escape(str(v["answer"])), f"{v['confidence']:.2f}",
+                  measured, f"{v['weight']:.3f}",
+                  escape(cot[:80] + ("…" if len(cot) > 80 else "")))
+    return t
 
 
 def _peer_names(c: Client) -> dict[str, str]:

@@ -319,6 +319,7 @@ def main() -> int:
     ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "bench_dsd")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dsd.json")
     args = ap.parse_args()
+    speed_threads = args.torch_threads or max(1, 2 // PEERS)  # the 2 cores split
     for configs in (args.configs, args.quality_configs):
         if configs and "plain" not in configs:
             configs.insert(0, "plain")
@@ -339,7 +340,7 @@ def main() -> int:
             speed += run_testnet(PEERS, latency, args.configs,
                                  gsm[:args.speed_prompts] + he[:args.speed_prompts],
                                  max_tokens, args.base_port, args.run_dir, args.dtype,
-                                 args.torch_threads)
+                                 speed_threads)
     except TestnetError as exc:
         console.print(f"[red]{exc}[/]")
         return 1
@@ -357,12 +358,12 @@ def main() -> int:
         q = quality(cell)
         q.update(summarise(cell, plain_of(quality_cells, cell), 0))
         quality_rows.append(q)
-    print_tables(rows, quality_rows, args.dtype, args.torch_threads or 1)
+    print_tables(rows, quality_rows, args.dtype, speed_threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "dsd", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(), "model": MODEL, "dtype": args.dtype, "speed_peers": PEERS,
-        "speed_torch_threads_per_peer": args.torch_threads or 1, "quality_peers": 1,
+        "speed_torch_threads_per_peer": speed_threads, "quality_peers": 1,
         "quality_torch_threads": 2,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],

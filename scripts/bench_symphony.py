@@ -341,9 +341,9 @@ def main() -> int:
                    "client_s": round(o.client_s, 3),
                    "elected": o.result.get("elected"), "fallbacks": o.result.get("fallbacks"),
                    "timings": o.result.get("timings"),
-                   "votes": [{k: v[k] for k in ("peer_id", "answer", "confidence", "weight")}
-                             | {"measured": v.get("measured")}
-                             | {"cot": v["cot"]} for v in o.votes()]}
+                   "votes": [{k: v.get(k) for k in ("peer_id", "answer", "confidence",
+                                                    "measured", "weight", "cot")}
+                             for v in o.votes()]}
                   for o in outcomes],
     }, indent=1))
     console.print(f"wrote {args.out}", highlight=False)

@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.table import Table
+
+from peerd.cli import vote_table
 
 SKILLS = ["arithmetic word problems", "grade school math"]
 QUESTION = ("Tom has 3 boxes with 4 apples in each box. He eats 2 apples. "
@@ -59,17 +60,8 @@ def demo_task(peers: list[Any], console: Console, question: str = QUESTION,
     result: dict[str, Any] = r.json()
     console.print("elected: " + ", ".join(names.get(p, p[-8:]) for p in result["elected"]),
                   highlight=False)
-    t = Table(title=f"votes (answer: {result['answer']})")
-    for col in ("peer", "answer", "confidence", "measured", "weight", "chain of thought"):
-        t.add_column(col)
-    for v in sorted(result["votes"], key=lambda v: -v["weight"]):
-        cot = " ".join(v["cot"].split())
-        t.add_row(names.get(v["peer_id"], v["peer_id"][-8:]), str(v["answer"]),
-                  f"{v['confidence']:.2f}",
-                  "-" if v.get("measured") is None else f"{v['measured']:.2f}",
-                  f"{v['weight']:.3f}",
-                  cot[:90] + ("…" if len(cot) > 90 else ""))
-    console.print(t)
+    console.print(vote_table(result["votes"], lambda p: names.get(p, p[-8:]),
+                             f"votes (answer: {result['answer']})"))
     for f in result["fallbacks"]:
         console.print(f"seat {f['seat']}: {names.get(f['peer_id'], f['peer_id'])} dropped "
                       f"({f['reason']}) -> {names.get(f['replacement'] or '', 'nobody')}",

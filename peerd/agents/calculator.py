@@ -28,6 +28,7 @@ from fractions import Fraction
 MAX_EXPRESSION_CHARS = 80
 MAX_MAGNITUDE = Fraction(10) ** 12  # operands and every intermediate result
 MAX_OPERATORS = 8
+TAIL_CHARS = MAX_EXPRESSION_CHARS + 8  # what `pending` reads of a text: its end
 
 # The text just before a trailing "=": digits, operators, parentheses, spaces, "$" and
 # thousands commas; it must hold two numbers joined by an operator.
@@ -37,8 +38,9 @@ _BINARY = re.compile(rf"\d\s*[{_OPERATOR}]\s*\(?\s*\$?\s*\d")
 
 
 def pending(text: str) -> str | None:
-    """The arithmetic expression `text` ends by asking for ("... = "), or None."""
-    m = _TAIL.search(text[-(MAX_EXPRESSION_CHARS + 8):])
+    """The arithmetic expression `text` ends by asking for ("... = "), or None. Only
+    its last TAIL_CHARS characters matter."""
+    m = _TAIL.search(text[-TAIL_CHARS:])
     if m is None:
         return None
     # a sentence or clause may end just before it ("In 2020, 3 * 4 =", "So 12. 3 * 4 =")

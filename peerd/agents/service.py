@@ -372,8 +372,8 @@ class Symphony:
     async def _measure(self, vote: Vote) -> None:
         """Our own model's confidence in a chain that reached an answer (the vote weighs
         chains by it, voting.py), when we have a model that can measure it."""
-        if vote.answer is None or self.solver is None or not self.solver.capable():
-            return
+        if vote.answer is None or self.solver is None:
+            return  # (a solver that cannot measure now says so: None)
         with trio.move_on_after(MEASURE_TIMEOUT_S):
             vote.measured = await self.solver.measure(vote.request, vote.cot)
 

@@ -236,7 +236,9 @@ class ModelSolver:
         runtime = self._runtime()
         tok = runtime.tokenizer
         ids = await _prompt_ids(tok, request)
-        parts = authors(cot) if request.answer_format == "number" else [(cot, False)]
+        parts = [(cot, False)]
+        if request.answer_format == "number":
+            parts = await trio.to_thread.run_sync(authors, cot)
         # each part tokenised alone, as the worker's model and calculator wrote them
         pieces = await trio.to_thread.run_sync(
             lambda: [tok(text, add_special_tokens=False)["input_ids"] for text, _ in parts])
@@ -273,7 +275,7 @@ def authors(cot: str) -> list[tuple[str, bool]]:
         end = m.end()
         if end <= start:
             continue
-        value = calculated(cot[:end])
+        value = calculated(cot[max(0, end - calculator.TAIL_CHARS):end])  # O(len) in all
         if value is not None and cot.startswith(" " + value, end):
             parts += [(cot[start:end], False), (" " + value, True)]
             start = end + 1 + len(value)

@@ -764,21 +764,35 @@ def draft() -> None:
               type=click.IntRange(1), metavar="N",
               help="Draft over the N tokens most frequent in the training answers (the "
                    "model's vocabulary size or more: all of them).")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              metavar="FILE", help="Fine-tune this head (one for the same model) instead "
+                                   "of training a new one.")
+@click.option("--unroll", default=1, show_default=True, type=click.IntRange(1, 8),
+              metavar="D", help="Draft depths trained per position: depth 2 and deeper "
+                                "feed the head its own features, as drafting does (each "
+                                "depth costs a step).")
+@click.option("--lr", default=1e-3, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True), help="Peak learning rate.")
+@click.option("--batch-size", default=8, show_default=True,
+              type=click.IntRange(1), help="Answers per step.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int,
                 per_file: int | None, holdout: int, max_new_tokens: int, data: Path | None,
-                threads: int, vocab_size: int, as_json: bool) -> None:
+                threads: int, vocab_size: int, init: Path | None, unroll: int, lr: float,
+                batch_size: int, as_json: bool) -> None:
     """Train an EAGLE draft head on the target's own greedy answers (CPU, minutes), and
     measure its acceptance on held-out prompts against prompt lookup."""
+    from peerd.inference.drafters import DraftError
     from peerd.inference.eagle_train import TrainConfig, train_eagle
     from peerd.inference.source import ModelError
 
     files = list(prompt_files) or [Path(__file__).parent / "data" / "draft_prompts.jsonl"]
+    cfg = TrainConfig(steps=steps, unroll=unroll, lr=lr, batch_size=batch_size)
     try:
-        report = train_eagle(spec, out, files, TrainConfig(steps=steps), per_file=per_file,
-                             holdout=holdout, max_new_tokens=max_new_tokens, data=data,
-                             threads=threads, vocab_size=vocab_size)
-    except (ModelError, ValueError, OSError) as exc:
+        report = train_eagle(spec, out, files, cfg, per_file=per_file, holdout=holdout,
+                             max_new_tokens=max_new_tokens, data=data, threads=threads,
+                             vocab_size=vocab_size, init=init)
+    except (ModelError, DraftError, ValueError, OSError) as exc:
         fail(str(exc))
 
     def render(r: dict[str, Any]) -> None:
@@ -797,7 +811,11 @@ def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int
                            f"top-1 {s['top1']:.2f}" for d, s in enumerate(r["final_losses"]))
         console.print(f"{r['train_examples']} answers ({r['train_tokens']} tokens) of "
                       f"{r['model_id']}, {r['held_out_examples']} held out; "
-                      f"{r['config']['steps']} steps; final {losses}", highlight=False)
+                      f"{r['config']['steps']} steps"
+                      + (f", {r['config']['unroll']} depths unrolled"
+                         if r["config"]["unroll"] > 1 else "")
+                      + (f", fine-tuned from {r['init']['path']}" if r["init"] else "")
+                      + f"; final {losses}", highlight=False)
         console.print(f"data {r['data_s']:.0f} s, training {r['train_s']:.0f} s, total "
                       f"{r['total_s']:.0f} s; wrote {r['out']} ({r['bytes'] / 1e6:.1f} MB)",
                       highlight=False)

@@ -429,3 +429,76 @@ def test_peerd_draft_vocab_sets_and_removes_a_heads_vocabulary(
     r = run(main, [*args, "--text", str(broken)])
     assert r.exit_code == 1 and "broken.jsonl:1: not JSON" in r.output
     assert load_eagle(path, head).logits.ids is None  # untouched by the failures
+
+
+def test_a_draft_vocabulary_loss_is_the_loss_over_those_columns(
+        tiny: Path, head: Head, examples: list[Example]) -> None:
+    import torch.nn.functional as F
+
+    eagle = fresh_eagle(tiny, seed=3)
+    batch = make_batch(examples)
+    everything = torch.arange(head.vocab_size)
+    with torch.no_grad():
+        whole, whole_stats = unrolled_loss(eagle, head, batch, 1, 1.0, 0.0)
+        same, same_stats = unrolled_loss(eagle, head, batch, 1, 1.0, 0.0, vocab=everything)
+        torch.testing.assert_close(same, whole)
+        assert same_stats == whole_stats
+        # a subset: the CE over its columns, next tokens outside it ignored (and missed)
+        m = batch.mask
+        targets = batch.target_ids[m]  # [M]
+        vocab = torch.tensor(sorted(set(targets.tolist()[::2]) | {0, 1}))  # [K]
+        _, stats = unrolled_loss(eagle, head, batch, 1, 1.0, 0.0, vocab=vocab)
+        pred = unrolled(eagle, batch.features, head.embed_tokens(batch.next_ids), 1)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = F.linear(head.norm(pred[m]), head.lm_head.weight[vocab]).float()
+        inside = torch.isin(targets, vocab)  # [M]
+        column = torch.searchsorted(vocab, targets[inside])
+        ce = F.cross_entropy(logits[inside], column)
+        hits = (vocab[logits.argmax(-1)] == targets).float().mean()
+    assert 0 < int(inside.sum()) < len(targets)
+    assert stats[0]["ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert stats[0]["top1"] == pytest.approx(float(hits), rel=1e-6)
+
+
+def test_peerd_draft_train_trains_then_fine_tunes_a_head(
+        tmp_path: Path, tiny: Path, head: Head,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from peerd.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS))
+    data, first, tuned = (tmp_path / n for n in ("answers.pt", "a.safetensors",
+                                                 "b.safetensors"))
+    common = ["draft", "train", "--model", str(tiny), "--prompts", str(prompts),
+              "--holdout", "2", "--max-new-tokens", "12", "--data", str(data),
+              "--threads", "1", "--vocab-size", "64", "--json"]
+    run = CliRunner().invoke
+    r = run(main, [*common, "--out", str(first), "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["train_examples"] == 4 and report["init"] is None
+    assert report["config"]["unroll"] == 1 and report["draft_vocab"]["size"] == 64
+    assert data.is_file()  # the answers are kept, and the second run reuses them
+    r = run(main, [*common, "--out", str(tuned), "--steps", "3", "--init", str(first),
+                   "--unroll", "3", "--lr", "0.002", "--batch-size", "2"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["init"]["path"] == str(first)
+    assert report["init"]["training"]["config"]["steps"] == 4  # the lineage is recorded
+    assert report["config"] == {**report["config"], "unroll": 3, "lr": 0.002,
+                                "batch_size": 2, "steps": 3}
+    assert len(report["final_losses"]) == 3  # one entry per trained depth
+    with safe_open(str(first), "pt") as a, safe_open(str(tuned), "pt") as b:
+        moved = [k for k in a.keys() if not torch.equal(a.get_tensor(k), b.get_tensor(k))]  # noqa: SIM118
+        assert "training" in b.metadata()
+    assert "fc.weight" in moved  # fine-tuned from the first head, not left as it was
+    load_eagle(tuned, head)
+    # bad input: a head for another model is refused before any work, nothing written
+    other = tiny_llama_dir(tmp_path_factory, seed=1)
+    broken = tmp_path / "c.safetensors"
+    r = run(main, ["draft", "train", "--model", str(other), "--out", str(broken),
+                   "--prompts", str(prompts), "--init", str(first), "--steps", "1"])
+    assert r.exit_code == 1 and "embed_fingerprint" in r.output and not broken.exists()

@@ -49,7 +49,7 @@ from rich.progress import (
 
 from peerd.inference.drafters import Drafter, DraftSession, NgramDrafter
 from peerd.inference.eagle import EagleConfig, EagleDrafter, EagleHead
-from peerd.inference.eagle_file import save_eagle
+from peerd.inference.eagle_file import load_eagle, read_eagle_file, save_eagle
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve
@@ -305,11 +305,20 @@ def unrolled(eagle: EagleHead, features: torch.Tensor, embeds: torch.Tensor, dep
 
 
 def unrolled_loss(eagle: EagleHead, head: Head, batch: Batch, unroll: int, ce_weight: float,
-                  noise: float, gen: torch.Generator | None = None
+                  noise: float, gen: torch.Generator | None = None,
+                  vocab: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """The mean over draft depths of smooth-L1(norm f̂, norm f) + ce_weight * CE, and
-    per depth: those two losses and the top-1 agreement with the target's next token."""
+    per depth: those two losses and the top-1 agreement with the target's next token.
+    With a draft `vocab` (ascending ids [K]) the CE and top-1 are over those ids alone,
+    as drafting scores them (a third of the lm_head work on SmolLM2); a next token
+    outside it counts as a miss and adds no CE."""
     S = batch.features.shape[1]
+    weight = head.lm_head.weight if vocab is None else head.lm_head.weight[vocab]  # [K, H]
+    column = None  # [V]: each token id's logit column, -100 (ignored) outside the vocab
+    if vocab is not None:
+        column = torch.full((head.vocab_size,), -100, dtype=torch.long)
+        column[vocab] = torch.arange(len(vocab))
     f = batch.features  # [B, S, H]
     if noise > 0:  # EAGLE's augmentation: the head must tolerate imperfect features
         rms = f.pow(2).mean(-1, keepdim=True).sqrt()  # [B, S, 1]
@@ -324,10 +333,12 @@ def unrolled_loss(eagle: EagleHead, head: Head, batch: Batch, unroll: int, ce_we
         m = batch.mask & (torch.arange(S) >= d)[None]  # [B, S]
         p = head.norm(pred[m])  # [M, H]
         reg = F.smooth_l1_loss(p, target[m])
-        ids = batch.target_ids[m]  # [M]
+        ids = batch.target_ids[m]  # [M] token ids
+        if column is not None:
+            ids = column[ids]  # [M] logit columns
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = head.lm_head(p).float()  # [M, V]
-        ce = F.cross_entropy(logits, ids)
+            logits = F.linear(p, weight).float()  # [M, K]
+        ce = F.cross_entropy(logits, ids, ignore_index=-100)
         total = total + (reg + ce_weight * ce) / unroll
         with torch.no_grad():
             top1 = (logits.argmax(-1) == ids).float().mean()
@@ -336,12 +347,14 @@ def unrolled_loss(eagle: EagleHead, head: Head, batch: Batch, unroll: int, ce_we
 
 
 def train_head(eagle: EagleHead, head: Head, examples: Sequence[Example], cfg: TrainConfig,
-               on_step: Callable[[int, list[dict[str, float]]], None] | None = None
-               ) -> list[dict[str, float]]:
-    """Train `eagle` in place; returns the last step's per-depth stats."""
+               on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
+               vocab: Sequence[int] | None = None) -> list[dict[str, float]]:
+    """Train `eagle` in place, its next-token loss over the draft `vocab` it will
+    draft with (None: the whole vocabulary); returns the last step's per-depth stats."""
+    columns = None if vocab is None else torch.tensor(sorted(vocab), dtype=torch.long)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    eagle.train()
+    eagle.train().requires_grad_(True)  # a loaded head (fine-tuning) comes frozen
     head.requires_grad_(False)
     opt = torch.optim.AdamW(eagle.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
@@ -365,7 +378,7 @@ def train_head(eagle: EagleHead, head: Head, examples: Sequence[Example], cfg: T
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss, stats = unrolled_loss(eagle, head, batch, cfg.unroll, cfg.ce_weight, cfg.noise,
-                                    gen)
+                                    gen, columns)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(eagle.parameters(), 1.0)
@@ -456,8 +469,10 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
                 *, per_file: int | None = None, holdout: int = 24,
                 max_new_tokens: int = 160, gen_batch: int = 32, threads: int | None = 2,
                 data: Path | None = None, gammas: Sequence[int] = (3, 5, 8),
-                vocab_size: int = DRAFT_VOCAB_SIZE, progress: bool = True) -> dict[str, Any]:
-    """Generate the data (or read it from `data`, written there the first time), train,
+                vocab_size: int = DRAFT_VOCAB_SIZE, init: Path | None = None,
+                progress: bool = True) -> dict[str, Any]:
+    """Generate the data (or read it from `data`, written there the first time), train
+    a new head (or fine-tune the head file `init`, which must be for this target),
     pick a draft vocabulary of `vocab_size` ids from the training answers, measure on
     the held-out prompts, save the head to `out`; returns a report."""
     cfg = cfg or TrainConfig()
@@ -467,6 +482,8 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
     torch.manual_seed(cfg.seed)
     source = resolve(spec)
     head = Head(source)
+    # before the data: a head for another model is refused in seconds, not after an hour
+    start = load_eagle(init, head) if init is not None else None
     train_prompts, held_prompts = split_prompts(prompts, per_file, holdout, cfg.seed)
 
     if data is not None and data.is_file():
@@ -491,7 +508,15 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
     train_set, held_set = examples[:len(train_prompts)], examples[len(train_prompts):]
     generated_s = time.monotonic() - began
 
-    eagle = EagleHead(EagleConfig.from_target(load_config(source)))
+    answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in train_set)
+    held_answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in held_set)
+    vocab = pick(answers, head.vocab_size, vocab_size,
+                 always=load_tokenizer(source).all_special_ids)
+    vocab_info = {"counted": "the training answers",
+                  "held_out_coverage": round(coverage(vocab, held_answers), 4)}
+
+    eagle = (EagleHead(EagleConfig.from_target(load_config(source))) if start is None
+             else start.eagle)
     with progress_bar(progress) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
 
@@ -499,15 +524,9 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
             top1 = " ".join(f"{s['top1']:.2f}" for s in stats)
             bar.update(task, advance=1, info=f"ce {stats[0]['ce']:.2f} top1 by depth {top1}")
 
-        final = train_head(eagle, head, train_set, cfg, report)
+        final = train_head(eagle, head, train_set, cfg, report,
+                           vocab if len(vocab) < head.vocab_size else None)
     trained_s = time.monotonic() - began - generated_s
-
-    answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in train_set)
-    held_answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in held_set)
-    vocab = pick(answers, head.vocab_size, vocab_size,
-                 always=load_tokenizer(source).all_special_ids)
-    vocab_info = {"counted": "the training answers",
-                  "held_out_coverage": round(coverage(vocab, held_answers), 4)}
     acceptance = compare(head, eagle, held_set, gammas, vocab)
 
     summary = {
@@ -517,6 +536,10 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         "held_out_examples": len(held_set),
         "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
         "max_new_tokens": max_new_tokens, "final_losses": final,
+        # what it was fine-tuned from, with that head's own training record
+        "init": None if init is None else {"path": str(init),
+                                           "training": json.loads(
+                                               read_eagle_file(init)[0].get("training", "{}"))},
         "data_s": round(generated_s, 1), "train_s": round(trained_s, 1),
     }
     save_eagle(eagle, head, out, extra=summary, vocab=vocab, vocab_info=vocab_info)

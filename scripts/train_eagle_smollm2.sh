@@ -3,13 +3,16 @@
 # SmolLM2-135M-Instruct (Q4_1): SmolLM2's greedy answers to peerd's own chat and code
 # prompts, to GSM8K *train* questions (MIT licence, (c) 2021 OpenAI; ../shared/data/
 # gsm8k/LICENSE) and its raw completions of function stubs from the local Python
-# standard library (scripts/code_prompts.py); never the GSM8K test set or HumanEval.
-# CPU only, 2 threads. Then its draft vocabulary (vocab.py): the 16384 ids most
+# standard library and installed packages (scripts/code_prompts.py); never the GSM8K
+# test set or HumanEval. CPU only, 2 threads, in two phases:
+#   1. a new head, teacher-forced, 1000 steps over 1144 answers;
+#   2. that head fine-tuned for 600 steps over 3168 answers (those and more), unrolled 3
+#      draft tokens deep so that it learns from its own features, as drafting feeds them.
+# Then its draft vocabulary (vocab.py): the 16384 ids most
 # frequent in GSM8K train, peerd's draft prompts, Python's standard library (*.py) and
 # the METADATA (READMEs: prose and markdown) of the packages scripts/setup installs,
 # a wider count than the training answers `peerd draft train` picks from.
-# Extra arguments go to `peerd draft train`, e.g. --data /tmp/smollm2-answers.pt to
-# keep the generated answers for another run.
+# Extra arguments go to both `peerd draft train` runs (--threads 4, say).
 #   scripts/train_eagle_smollm2.sh --vocab-only   only sets the shipped head's vocabulary
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,10 +31,17 @@ if [[ "${1:-}" == "--vocab-only" ]]; then
 fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-.venv/bin/python scripts/code_prompts.py --out "$work/code_prompts.jsonl" --n 400
-.venv/bin/peerd draft train --model smollm2 --out "$head" \
-    --prompts peerd/data/draft_prompts.jsonl \
-    --prompts ../shared/data/gsm8k/train.jsonl \
-    --prompts "$work/code_prompts.jsonl" \
+mkdir "$work/1" "$work/2"  # the stubs' file name is their source's name: the same twice
+.venv/bin/python scripts/code_prompts.py --out "$work/1/code_prompts.jsonl" --n 400
+.venv/bin/python scripts/code_prompts.py --out "$work/2/code_prompts.jsonl" --n 624
+.venv/bin/python scripts/code_prompts.py --out "$work/2/pkg_prompts.jsonl" --n 824 \
+    --site-packages
+chat=(--prompts peerd/data/draft_prompts.jsonl --prompts ../shared/data/gsm8k/train.jsonl)
+.venv/bin/peerd draft train --model smollm2 --out "$work/phase1.safetensors" "${chat[@]}" \
+    --prompts "$work/1/code_prompts.jsonl" \
     --per-file 400 --holdout 24 --max-new-tokens 160 --steps 1000 --threads 2 "$@"
+.venv/bin/peerd draft train --model smollm2 --out "$head" "${chat[@]}" \
+    --prompts "$work/2/code_prompts.jsonl" --prompts "$work/2/pkg_prompts.jsonl" \
+    --init "$work/phase1.safetensors" --unroll 3 --lr 3e-4 \
+    --per-file 1400 --holdout 24 --max-new-tokens 160 --steps 600 --threads 2 "$@"
 vocab

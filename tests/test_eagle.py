@@ -502,3 +502,18 @@ def test_peerd_draft_train_trains_then_fine_tunes_a_head(
     r = run(main, ["draft", "train", "--model", str(other), "--out", str(broken),
                    "--prompts", str(prompts), "--init", str(first), "--steps", "1"])
     assert r.exit_code == 1 and "embed_fingerprint" in r.output and not broken.exists()
+
+
+def test_long_work_reports_progress_in_a_log(capsys: pytest.CaptureFixture[str]) -> None:
+    from peerd.inference.eagle_train import progress_bar
+
+    with progress_bar(True) as bar:  # stderr is captured: not a terminal
+        task = bar.add_task("training", total=20, info="")
+        for i in range(20):
+            bar.update(task, advance=1, info=f"top1 {i}")
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("training ")]
+    assert [x.split()[1] for x in lines[:10]] == [f"{2 * i}/20" for i in range(1, 11)]
+    assert "top1 19" in lines[9]
+    with progress_bar(False) as bar:  # --json: nothing at all
+        bar.update(bar.add_task("training", total=5, info=""), advance=5)
+    assert capsys.readouterr().err == ""

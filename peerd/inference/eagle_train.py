@@ -43,6 +43,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -459,11 +460,29 @@ def sum_acceptance(gamma: int, parts: Iterable[Acceptance]) -> Acceptance:
 # ---- the whole recipe ----------------------------------------------------------------------
 
 
+class LoggedProgress(Progress):
+    """A rich progress bar that, on a console that is not a terminal (a log file, CI),
+    where rich draws nothing until the end, prints a plain line at every tenth of a
+    task instead: an hour of training shows how it goes in its log."""
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        before = self._tasks[task_id].completed
+        super().update(task_id, **kwargs)
+        task = self._tasks[task_id]
+        if self.console.is_terminal or self.disable or not task.total:
+            return
+        if int(10 * task.completed / task.total) > int(10 * before / task.total):
+            info = task.fields.get("info", "")
+            self.console.print(f"{task.description} {task.completed:g}/{task.total:g} "
+                               f"{info} ({task.elapsed or 0.0:.0f} s)", highlight=False)
+
+
 @contextmanager
 def progress_bar(show: bool) -> Iterator[Progress]:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                        TimeRemainingColumn(), console=Console(stderr=True), disable=not show)
+    progress = LoggedProgress(TextColumn("{task.description}"), BarColumn(),
+                              MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                              TimeElapsedColumn(), TimeRemainingColumn(),
+                              console=Console(stderr=True), disable=not show)
     with progress:
         yield progress
 

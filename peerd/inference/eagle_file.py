@@ -102,6 +102,23 @@ def read_eagle_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]
     return meta, tensors
 
 
+def training_record(path: Path) -> Any:
+    """How the head in `path` was trained: its header's record as `save_eagle` wrote it
+    ({} when it has none; the text itself when that is not JSON). The header alone is
+    read, not the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("training", "{}")
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise DraftError(f"{path} is not a peerd EAGLE head: {exc}") from exc
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def load_eagle(path: Path, head: Head, name: str = "eagle") -> EagleDrafter:
     """The head in `path` as a drafter for `head`'s model, on head's device, in float32
     (bfloat16 where the head is): refused with a DraftError naming both models when it

@@ -51,7 +51,7 @@ from rich.progress import (
 
 from peerd.inference.drafters import Drafter, DraftSession, NgramDrafter
 from peerd.inference.eagle import EagleConfig, EagleDrafter, EagleHead
-from peerd.inference.eagle_file import load_eagle, read_eagle_file, save_eagle
+from peerd.inference.eagle_file import load_eagle, save_eagle, training_record
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve
@@ -504,8 +504,12 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
     torch.manual_seed(cfg.seed)
     source = resolve(spec)
     head = Head(source)
-    # before the data: a head for another model is refused in seconds, not after an hour
-    start = load_eagle(init, head) if init is not None else None
+    # before the data: a head for another model is refused in seconds, not after an
+    # hour, and nothing about the head it starts from is left to fail after training
+    start = lineage = None
+    if init is not None:
+        start = load_eagle(init, head)
+        lineage = {"path": str(init), "training": training_record(init)}
     train_prompts, held_prompts = split_prompts(prompts, per_file, holdout, cfg.seed)
 
     if data is not None and data.is_file():
@@ -558,10 +562,7 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         "held_out_examples": len(held_set),
         "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
         "max_new_tokens": max_new_tokens, "final_losses": final,
-        # what it was fine-tuned from, with that head's own training record
-        "init": None if init is None else {"path": str(init),
-                                           "training": json.loads(
-                                               read_eagle_file(init)[0].get("training", "{}"))},
+        "init": lineage,  # what it was fine-tuned from, with that head's own record
         "data_s": round(generated_s, 1), "train_s": round(trained_s, 1),
     }
     save_eagle(eagle, head, out, extra=summary, vocab=vocab, vocab_info=vocab_info)

@@ -269,6 +269,34 @@ def test_tree_budget_follows_the_session() -> None:
     assert budget.choose(probs) < big
 
 
+def test_tree_budget_grows_a_level_while_its_candidates_pay_for_its_time() -> None:
+    budget = TreeBudget()
+    assert budget.rate == 0.0
+    assert budget.deeper([0.001], 50.0)  # nothing measured: grow
+    for _ in range(20):  # 3 tokens per 300 ms round: 0.01 tokens per ms
+        budget.observe(10, 2.0, 2, 300.0, committed=3)
+    assert budget.rate == pytest.approx(0.01)
+    assert budget.calibration == pytest.approx(1.0)
+    # a 5 ms level is worth 0.05 tokens here
+    assert budget.deeper([0.04, 0.02], 5.0)
+    assert not budget.deeper([0.03, 0.01], 5.0)
+    assert not budget.deeper([0.04, 0.02], 10.0)  # a slower head: the same level does not
+    # a fast pipeline (20 tokens per 300 ms) prices a level's time higher
+    for _ in range(20):
+        budget.observe(10, 2.0, 2, 300.0, committed=20)
+    assert not budget.deeper([0.04, 0.02], 5.0)
+    assert budget.deeper([0.3, 0.1], 5.0)
+    # a head right half as often as it believes counts its candidates at half
+    for _ in range(30):
+        budget.observe(10, 4.0, 2, 300.0, committed=20)
+    assert budget.calibration == pytest.approx(0.5, abs=0.01)
+    assert not budget.deeper([0.3, 0.1], 5.0)
+    # committed defaults to the accepted tokens plus the target's own
+    other = TreeBudget()
+    other.observe(10, 2.0, 4, 100.0)
+    assert other.rate == pytest.approx(0.05)
+
+
 def test_tree_budget_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> None:
     """Compute-bound, a head whose candidates are all long shots: after the first
     rounds it stops growing trees (plain rounds), and every PROBE_EVERY rounds grows

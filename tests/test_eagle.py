@@ -4,6 +4,7 @@ and the head shipped for smollm2."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
 from peerd.inference.shard import ShardBlock
 from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve
+from peerd.inference.tree import DepthBudget, TokenTree
 from tests.models import tiny_llama_dir
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -231,6 +233,46 @@ def test_a_tree_holds_the_heads_best_chain_and_changes_nothing_committed(
     assert s.propose_tree(5) == tree  # deterministic, nothing committed moved
     assert s.propose(5, GREEDY, torch.Generator()).tokens == chain
     assert s.propose_tree(0).tokens == []
+
+
+def head_depth(tree: TokenTree) -> int:
+    """Tokens on the longest path of the head's own nodes (lookup-only nodes have no
+    estimate)."""
+    depths: list[int] = []
+    for p in tree.parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return max((d for d, x in zip(depths, tree.estimates, strict=True) if x > 0), default=0)
+
+
+def test_a_tree_stops_growing_where_deeper_says(
+        head: Head, trained: EagleHead, examples: list[Example]) -> None:
+    from peerd.inference.eagle import TREE_WIDTH
+
+    e = examples[0]
+    s = session(head, trained, e, e.prompt_len + 1)
+    slots = s.cache.get_seq_length()
+    asked: list[tuple[list[float], float]] = []
+
+    def levels(n: int) -> DepthBudget:
+        def deeper(best: Sequence[float], level_ms: float) -> bool:
+            asked.append((list(best), level_ms))
+            return len(asked) < n
+        return deeper
+
+    full = s.propose_tree(6, 1000)  # every candidate kept
+    assert s.propose_tree(6, 1000, lambda best, ms: True) == full  # never stopped
+    asked.clear()
+    short = s.propose_tree(6, 1000, levels(2))
+    assert s.cache.get_seq_length() == slots
+    # the root's children, then two expanded levels: asked after each, stopped at the 2nd
+    assert len(asked) == 2
+    assert head_depth(short) == 3 and head_depth(full) == 6
+    for best, ms in asked:
+        assert 1 <= len(best) <= TREE_WIDTH and ms > 0
+        assert all(0 < p <= 1 for p in best) and best == sorted(best, reverse=True)
+    assert asked[1][0][0] <= asked[0][0][0]  # cumulative chances fall with depth
+    # what it kept of the head's tree is what the full tree kept at those depths
+    assert short.tokens[:short.first_chain()] == full.tokens[:short.first_chain()]
 
 
 def test_extending_in_one_call_or_one_token_at_a_time_agree(

@@ -23,6 +23,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
+from peerd import compute
 from peerd.agents.election import Candidate
 from peerd.agents.sealing import seal
 from peerd.agents.skills import LexicalMatcher, SkillMatcher
@@ -215,7 +216,7 @@ class TaskWorker:
             score = self.matcher.match(requirement, skills)
         else:
             try:
-                score = await trio.to_thread.run_sync(self.matcher.match, requirement, skills)
+                score = await compute.run(self.matcher.match, requirement, skills)
             except Exception:
                 log.warning("skill matching failed; scoring lexically", exc_info=True)
                 return LexicalMatcher().match(requirement, skills), "lexical"

@@ -14,7 +14,7 @@ committed sequence:
 - `propose(gamma, params, rng)`: up to γ draft tokens continuing the committed
   sequence, and for sampling the distribution each was drawn from. Proposing never
   changes what is committed.
-- `propose_tree(depth, nodes)` (optional, `TreeDraftSession`): a token tree of candidates
+- `propose_tree(depth, nodes, deeper)` (optional, `TreeDraftSession`): a token tree of candidates
   for greedy or adaptive verification.
 
 Drafters here: `ngram` (prompt lookup: no model) and `model:<SPEC>` (a small causal
@@ -32,7 +32,7 @@ import torch
 
 from peerd.inference.gamma import TREE_NODES
 from peerd.inference.sampling import SamplingParams, distribution
-from peerd.inference.tree import NodeBudget, TokenTree, TreeBuilder
+from peerd.inference.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
 
 LOOKUP_BRANCHES = 3  # prompt-lookup continuations a token tree carries
 # a lookup branch's own nodes: after every scored candidate in slot order, and with no
@@ -88,9 +88,15 @@ class TreeDraftSession(DraftSession, Protocol):
     """A session that can also grow a token tree of candidates, up to `depth` deep, for
     greedy or adaptive verification (tree.py)."""
 
-    def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES) -> TokenTree:
+    # whether the tree grows level by level with scored candidates (a draft head):
+    # then `deeper` can stop it short of `depth`; else `depth` is its depth
+    levels: bool
+
+    def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES,
+                     deeper: DepthBudget | None = None) -> TokenTree:
         """`nodes`: how many scored candidates to keep, or a function of their
-        estimated chances (likeliest first) that says how many (gamma.TreeBudget)."""
+        estimated chances (likeliest first) that says how many (gamma.TreeBudget);
+        `deeper`: whether to grow another level (gamma.TreeBudget.deeper)."""
         ...
 
 
@@ -128,9 +134,12 @@ class NgramSession:
     def propose(self, gamma: int, params: SamplingParams, rng: torch.Generator) -> Draft:
         return Draft(lookup(self.tokens, gamma, self.max_n, self.min_n))
 
-    def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES) -> TokenTree:
+    levels = False
+
+    def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES,
+                     deeper: DepthBudget | None = None) -> TokenTree:
         """The LOOKUP_BRANCHES best continuations at once, the latest match first
-        (unscored: `nodes` does not apply)."""
+        (unscored: `nodes` and `deeper` do not apply)."""
         builder = TreeBuilder()
         found = lookups(self.tokens, depth, self.max_n, self.min_n, LOOKUP_BRANCHES)
         for i, follow in enumerate(found):

@@ -24,6 +24,7 @@ Head files: eagle_file.py.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,7 @@ from peerd.inference.drafters import (
 from peerd.inference.gamma import TREE_NODES
 from peerd.inference.head import Head
 from peerd.inference.sampling import SamplingParams
-from peerd.inference.tree import NodeBudget, TokenTree, TreeBuilder
+from peerd.inference.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
 from peerd.inference.vocab import VocabError, validate
 
 TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
@@ -298,16 +299,24 @@ class EagleSession:
         return draft.build()
 
 
+    levels = True
+
     @torch.inference_mode()
     def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES,
-                     width: int = TREE_WIDTH) -> TokenTree:
+                     deeper: DepthBudget | None = None, width: int = TREE_WIDTH
+                     ) -> TokenTree:
         """A token tree up to `depth` deep for greedy or adaptive verification
         (EAGLE-2's expansion): at each depth the `width` best nodes so far, by the
         head's cumulative log-probability, are run through the head together (each
         attending to the committed slots and its own ancestors) and their `width` best
         children become candidates; the tree is the `nodes` best candidates, plus up to
         LOOKUP_BRANCHES prompt-lookup continuations (drafters.lookups) as more branches,
-        since the head is weakest exactly where an answer copies its prompt."""
+        since the head is weakest exactly where an answer copies its prompt.
+
+        `deeper`, when given, is asked after each level past the first whether to grow
+        another: with the estimates of the `width` best candidates that level added and
+        its cost in ms. Cumulative chances only fall with depth, so a level that did not
+        pay says the next would not either: the tree stops there, short of `depth`."""
         builder = TreeBuilder()
         if depth < 1 or self.pending is None:
             return builder.build()
@@ -316,6 +325,7 @@ class EagleSession:
         frontier = self._children(builder, [-1], self.pending, width)
         try:
             for _ in range(depth - 1):
+                t0 = time.perf_counter()
                 expand = sorted(frontier, key=lambda n: -builder.scores[n])[:width]
                 base = self.cache.get_seq_length()
                 parents = [builder.parents[n] for n in expand]
@@ -339,6 +349,10 @@ class EagleSession:
                 for i, n in enumerate(expand):
                     slot[n], feature[n] = base + i, out[0, i]
                 frontier = self._children(builder, expand, out, width)
+                if deeper is not None:
+                    best = sorted((builder.estimate(n) for n in frontier), reverse=True)
+                    if not deeper(best[:width], (time.perf_counter() - t0) * 1e3):
+                        break
         finally:  # forget the draft slots: committed state only
             drafted = self.cache.get_seq_length() - self.slots
             if drafted > 0:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 MAX_GAMMA = 16
 MAX_TREE_NODES = 64  # head candidates a tree may keep (lookup branches come on top)
 TREE_NODES = 16  # ... before anything is measured
+TREE_DEPTH = 8  # an auto tree's depth: its lookup branches' length, the head's deepest
 DECAY = 0.3  # weight of the newest round in every estimate
 PROBE_EVERY = 8  # when drafting does not pay, still draft every this many rounds
 
@@ -153,11 +154,21 @@ class GammaController:
 
 @dataclass
 class TreeBudget:
-    """Per-session tree size: how many of the head's candidates a tree keeps. `fixed`
-    set: always that many; else best_tree_size from observed rounds. When no
+    """Per-session tree shape. Size: how many of the head's candidates a tree keeps;
+    `fixed` set: always that many; else best_tree_size from observed rounds. When no
     candidate pays for its position the following rounds do not draft at all
     (`drafting()`: growing a tree costs head time even if none of it is sent), until
-    a probe of `probe` nodes every PROBE_EVERY rounds."""
+    a probe of `probe` nodes every PROBE_EVERY rounds.
+
+    Depth (`deeper`): a level of the head costs drafting time, not pipeline positions
+    (the candidates it adds are paid for only if `choose` keeps them), so the head
+    grows another level while the last one added candidates worth what it cost:
+
+        calibration · Σ (estimates of the level's best candidates)  ≥  r · level_ms
+
+    with r this session's tokens per ms (committed tokens / round time, decayed). A
+    level's candidates are its best continuations, whose cumulative chances only fall
+    with depth; once a level does not pay, deeper ones would not either."""
 
     fixed: int | None = None
     max_nodes: int = MAX_TREE_NODES
@@ -165,8 +176,21 @@ class TreeBudget:
     fit: CostFit = field(default_factory=CostFit)  # rounds that drafted, on nodes sent
     _accepted: float = 0.0  # decayed Σ accepted and Σ predicted, for the calibration
     _expected: float = 0.0
+    _committed: float = 0.0  # decayed Σ committed tokens and Σ round ms: the rate r
+    _round_ms: float = 0.0
     _idle: int = 0  # rounds since a tree found nothing worth sending (0: drafting)
     _probing: bool = False
+
+    @property
+    def rate(self) -> float:
+        """Committed tokens per ms over the rounds that drafted (0 until one is seen)."""
+        return self._committed / self._round_ms if self._round_ms > 0 else 0.0
+
+    def deeper(self, best: Sequence[float], level_ms: float) -> bool:
+        """Whether the head grows another level, after one that added candidates with
+        estimates `best` (its best few) and took `level_ms`; yes until a round is
+        measured."""
+        return self.calibration * sum(best) >= self.rate * level_ms
 
     @property
     def calibration(self) -> float:
@@ -201,12 +225,17 @@ class TreeBudget:
             self._idle = 1
         return n
 
-    def observe(self, sent: int, predicted: float, accepted: int, round_ms: float) -> None:
+    def observe(self, sent: int, predicted: float, accepted: int, round_ms: float,
+                committed: int | None = None) -> None:
         """A round that drafted sent `sent` draft positions in all, of which head
-        candidates predicted to commit `predicted` tokens, accepted `accepted` and took
+        candidates predicted to commit `predicted` tokens, accepted `accepted`; it
+        committed `committed` tokens in all (default accepted + 1) and took
         `round_ms`."""
+        keep = 1 - DECAY
         if predicted > 0:
-            keep = 1 - DECAY
             self._accepted = keep * self._accepted + accepted
             self._expected = keep * self._expected + predicted
+        self._committed = keep * self._committed + (
+            accepted + 1 if committed is None else committed)
+        self._round_ms = keep * self._round_ms + round_ms
         self.fit.observe(sent, round_ms)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 import trio
 
+from peerd import compute
 from peerd.inference.acceptance import (
     TokenClasses,
     TreeVerdict,
@@ -32,7 +33,13 @@ from peerd.inference.drafters import (
     DraftSession,
     TreeDraftSession,
 )
-from peerd.inference.gamma import MAX_GAMMA, MAX_TREE_NODES, GammaController, TreeBudget
+from peerd.inference.gamma import (
+    MAX_GAMMA,
+    MAX_TREE_NODES,
+    TREE_DEPTH,
+    GammaController,
+    TreeBudget,
+)
 from peerd.inference.host import SpeculativeOptions
 from peerd.inference.pipeline import (
     Pipeline,
@@ -203,7 +210,7 @@ class Generator:
             raise DraftError("this peer cannot draft (no drafter catalog)")
         catalog = self.drafters
         async with self.compute:
-            return await trio.to_thread.run_sync(catalog.get, spec.draft)
+            return await compute.run(catalog.get, spec.draft)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        on_token: OnToken, spec: SpeculativeOptions | None = None,
@@ -277,15 +284,20 @@ class Generator:
                 t0 = t_round = time.perf_counter()
                 # a drafter drafts after the last committed token: once it knows them all
                 if drafting is not None and kv > 0 and told == len(history) and room > 0:
-                    depth = min(gamma.next(), room)
                     if tree_drafting is not None:
+                        # auto with a head: TREE_DEPTH deep (its lookup branches), the
+                        # head's levels stopping where they stop paying (deeper)
+                        levels = tree_drafting.levels and gamma.fixed is None
+                        depth = min(TREE_DEPTH if levels else gamma.next(), room)
                         grown = depth > 0 and budget.drafting()
                         if grown:
-                            draft = await self._in_thread(tree_drafting.propose_tree, depth,
-                                                          budget.choose)
+                            draft = await self._in_thread(
+                                tree_drafting.propose_tree, depth, budget.choose,
+                                budget.deeper if levels else None)
                             # every position this FORWARD writes must fit the session
                             draft = draft.head(max_length - len(history))
                     else:
+                        depth = min(gamma.next(), room)
                         chain = await self._in_thread(drafting.propose, depth, params, rng)
                         draft, probs = TokenTree.chain(chain.tokens), chain.probs
                 draft_ms = (time.perf_counter() - t0) * 1e3
@@ -338,7 +350,8 @@ class Generator:
                     round_ms = (time.perf_counter() - t_round) * 1e3
                     gamma.observe(draft.depth(), len(verdict.path), round_ms)
                     if grown:
-                        budget.observe(len(draft), *draft.estimated(verdict.path), round_ms)
+                        budget.observe(len(draft), *draft.estimated(verdict.path), round_ms,
+                                       committed=len(verdict.path) + 1)
                 for i, token in enumerate(verdict.committed(draft)):
                     history.append(token)
                     stats.completion_tokens += 1
@@ -461,7 +474,7 @@ class Generator:
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self.compute:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await compute.run(fn, *args)
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         with torch.inference_mode():

@@ -18,6 +18,7 @@ import psutil
 import torch
 import trio
 
+from peerd import compute
 from peerd.inference.acceptance import TokenClasses
 from peerd.inference.drafters import DrafterCatalog
 from peerd.inference.generate import Generator
@@ -41,11 +42,10 @@ MEMORY_FRACTION = 0.6  # of available memory a peer may fill with layers
 
 
 async def _loading(fn: Callable[..., T], *args: Any) -> T:
-    """Run a loading step (reading weights, a tokenizer, a warm-up) in a thread that a
-    shutdown abandons instead of waiting for: it changes nothing but its own result,
-    and a shard of a big model can take minutes to read."""
-    # (mypy reads trio 0.35's run_sync as taking no keywords: a TypeVarTuple quirk)
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)  # type: ignore[call-arg]
+    """Run a loading step (reading weights, a tokenizer, a warm-up) on the compute
+    thread, abandoned by a shutdown instead of waited for: it changes nothing but its
+    own result, and a shard of a big model can take minutes to read."""
+    return await compute.run(fn, *args, abandon_on_cancel=True)
 
 
 def pick_device(device: str) -> str:
@@ -85,7 +85,7 @@ class ModelRuntime:
     async def start(cls, node: Node, options: ModelOptions,
                     progress: Progress = lambda phase: None) -> ModelRuntime:
         if options.torch_threads:
-            set_torch_threads(options.torch_threads)
+            await compute.run(set_torch_threads, options.torch_threads)
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
         if device == "cuda":
@@ -110,15 +110,15 @@ class ModelRuntime:
         progress("measuring throughput")
         tokens_per_s = await _loading(measure_tokens_per_s, block)
 
-        compute = trio.CapacityLimiter(1)
-        server = ShardServer(node, block, options.limits, compute)
+        turns = trio.CapacityLimiter(1)  # the shard's and the generator's compute
+        server = ShardServer(node, block, options.limits, turns)
         server.register()
         pipeline = Pipeline(node, source.model_id)
         pipeline.register()
         drafters = DrafterCatalog(head, tokenizer, device=device, dtype=dtype)
         generator = Generator(node, pipeline, head, model_id=source.model_id,
                               num_layers=num_layers, eos_ids=eos_ids(tokenizer, config),
-                              compute=compute, wire_dtype=DTYPE_NAMES[dtype],
+                              compute=turns, wire_dtype=DTYPE_NAMES[dtype],
                               drafters=drafters,
                               token_classes=token_classes_of(tokenizer, head.vocab_size),
                               default_speculative=options.speculative,

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import trio
 from libp2p.peer.id import ID
 
+from peerd import compute
 from peerd.inference.host import ShardLimits
 from peerd.inference.tensors import from_wire, to_wire
 from peerd.node import Node
@@ -236,7 +237,7 @@ class ShardServer:
             t0 = time.perf_counter()
             try:
                 async with self.compute:
-                    hidden = await trio.to_thread.run_sync(self._compute, s, msg)
+                    hidden = await compute.run(self._compute, s, msg)
             except Exception as exc:  # our failure, not the sender's: own up to the entry
                 log.exception("session %s: forward failed on this peer", s.id)
                 await self._report(s, msg.step, self.node.peer_id, "internal",

@@ -23,6 +23,10 @@ import torch
 # how many scored candidates a tree keeps: a count, or a function of their estimated
 # chances, likeliest first, that says how many (gamma.TreeBudget.choose)
 NodeBudget = int | Callable[[Sequence[float]], int]
+# whether a tree grows one more level: given the estimated chances of the best
+# candidates the last level added (likeliest first) and what that level cost in ms
+# (gamma.TreeBudget.deeper)
+DepthBudget = Callable[[Sequence[float], float], bool]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,15 +5,18 @@ worker threads for every thread that ever ran a parallel region. Once a process 
 more such threads than it has cores, libgomp stops spinning between parallel regions and
 puts its workers to sleep at once, so every small op pays a wake-up. trio's
 `to_thread.run_sync` takes whichever cached thread is idle, so over a daemon's life
-several threads run torch, each with its own team, and every forward after that runs
-throttled. Measured on 2 cores with 2 torch threads (EAGLE tree drafting, depth 4,
-16 nodes): 8.4 ms per tree when one thread ran all the work, 14.5 ms on a second
-thread after the first had run torch, the same as a single torch thread.
+several threads can come to run torch, each with its own team, and every forward after
+that runs throttled. Measured on 2 cores with 2 torch threads (EAGLE tree drafting,
+depth 4, 16 nodes): 8.4 ms per tree when one thread ran all the work, 14.5 ms on a
+second thread after the first had run torch, the same as a single torch thread. (In
+the benchmark runs before this, trio happened to reuse one thread: a peer there had one
+OpenMP team, and this changed none of their figures. It makes that the rule.)
 
 So every torch call of a peer (loading, shard forwards, drafting, verification,
 embeddings) goes through `run`: a FIFO served by one long-lived thread. It serialises
 that work, which a peer did anyway (one CapacityLimiter guards its compute); what it
-changes is only which thread runs it.
+changes is only which thread runs it. Keep torch work off the event loop's thread too:
+a parallel op there would start a second team.
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ class NgramDrafter:
 
 
 class NgramSession:
+    levels = False  # its tree is whole lookup branches, `depth` long
     def __init__(self, max_n: int, min_n: int) -> None:
         self.max_n, self.min_n = max_n, min_n
         self.tokens: list[int] = []
@@ -133,8 +134,6 @@ class NgramSession:
 
     def propose(self, gamma: int, params: SamplingParams, rng: torch.Generator) -> Draft:
         return Draft(lookup(self.tokens, gamma, self.max_n, self.min_n))
-
-    levels = False
 
     def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES,
                      deeper: DepthBudget | None = None) -> TokenTree:

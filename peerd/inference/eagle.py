@@ -234,6 +234,8 @@ class EagleSession:
     """One request's draft state: the head's KV cache over the committed slots and the
     head's prediction for the last committed position."""
 
+    levels = True  # its trees grow a level per head step: `deeper` can stop them
+
     def __init__(self, head: Head, eagle: EagleHead, logits: DraftLogits) -> None:
         self.head, self.eagle = head, eagle
         self.logits = logits  # the drafter's, shared by its sessions
@@ -297,9 +299,6 @@ class EagleSession:
             if drafted > 0:
                 self.cache.crop(-drafted)  # transformers 5: negative = remove that many
         return draft.build()
-
-
-    levels = True
 
     @torch.inference_mode()
     def propose_tree(self, depth: int, nodes: NodeBudget = TREE_NODES,

@@ -1,5 +1,6 @@
-"""How much to draft next round, from what this session measured: γ (the depth of a
-chain or a tree) and, for a token tree, how many candidates it keeps.
+"""How much to draft next round, from what this session measured: γ (the length of a
+chain, the depth of an `ngram` tree) and, for a token tree, how many candidates it
+keeps and how deep a draft head grows it (TreeBudget).
 
 γ, after Leviathan et al. 2023: each draft token is accepted independently with
 probability α, so a round that drafts γ tokens commits on average

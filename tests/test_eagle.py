@@ -523,11 +523,13 @@ def test_peerd_draft_train_trains_then_fine_tunes_a_head(
     report = json.loads(r.stdout)
     assert report["train_examples"] == 4 and report["init"] is None
     assert report["config"]["unroll"] == 1 and report["draft_vocab"]["size"] == 64
+    assert report["answers"] == {"generated": 6, "reused": 0}
     assert data.is_file()  # the answers are kept, and the second run reuses them
     r = run(main, [*common, "--out", str(tuned), "--steps", "3", "--init", str(first),
                    "--unroll", "3", "--lr", "0.002", "--batch-size", "2"])
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
+    assert report["answers"] == {"generated": 0, "reused": 6}
     assert report["init"]["path"] == str(first)
     assert report["init"]["training"]["config"]["steps"] == 4  # the lineage is recorded
     assert report["config"] == {**report["config"], "unroll": 3, "lr": 0.002,
@@ -544,6 +546,49 @@ def test_peerd_draft_train_trains_then_fine_tunes_a_head(
     r = run(main, ["draft", "train", "--model", str(other), "--out", str(broken),
                    "--prompts", str(prompts), "--init", str(first), "--steps", "1"])
     assert r.exit_code == 1 and "embed_fingerprint" in r.output and not broken.exists()
+
+
+def test_draft_train_data_grows_with_new_prompts_and_refuses_a_mismatch(
+        tmp_path: Path, tiny: Path) -> None:
+    from click.testing import CliRunner
+
+    from peerd.cli import main
+    from peerd.inference.eagle_train import read_answers
+
+    first, more = tmp_path / "first.jsonl", tmp_path / "more.jsonl"
+    first.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS[:4]))
+    more.write_text("".join(json.dumps({"completion": p.text}) + "\n" for p in PROMPTS[3:]))
+    data = tmp_path / "answers.pt"
+    common = ["draft", "train", "--model", str(tiny), "--holdout", "1", "--data", str(data),
+              "--max-new-tokens", "10", "--threads", "1", "--steps", "1", "--json"]
+    run = CliRunner().invoke
+    r = run(main, [*common, "--prompts", str(first), "--out", str(tmp_path / "a.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["answers"] == {"generated": 4, "reused": 0}
+    header, kept = read_answers(data)
+    assert header == {"model_id": tiny.name, "max_new_tokens": 10} and len(kept) == 4
+    # a second file: its 3 completions are new (raw text, no chat template: other tokens
+    # than the chat prompt of the same text), the first file's 4 answers are reused
+    r = run(main, [*common, "--prompts", str(first), "--prompts", str(more),
+                   "--out", str(tmp_path / "b.safetensors")])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["answers"] == {"generated": 3, "reused": 4}
+    assert report["train_examples"] + report["held_out_examples"] == 7
+    again = read_answers(data)[1]
+    assert len(again) == 7 and all(torch.equal(a.tokens, b.tokens)
+                                   for a, b in zip(kept, again[:4], strict=True))
+    # bad input: answers of another length, or not answers at all: refused, kept as they are
+    before = data.read_bytes()
+    r = run(main, [*common[:8], "--max-new-tokens", "12", "--threads", "1", "--steps", "1",
+                   "--prompts", str(first), "--out", str(tmp_path / "c.safetensors")])
+    assert r.exit_code == 1 and "max_new_tokens 10, not 12" in r.output
+    assert data.read_bytes() == before and not (tmp_path / "c.safetensors").exists()
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    r = run(main, [*common[:7], str(junk), *common[8:], "--prompts", str(first),
+                   "--out", str(tmp_path / "d.safetensors")])
+    assert r.exit_code == 1 and "is not a file of answers" in r.output
 
 
 def test_long_work_reports_progress_in_a_log(capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -223,13 +224,83 @@ def generate_examples(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
     return [done[i] for i in range(len(prompts))]
 
 
-def save_examples(examples: Sequence[Example], path: Path) -> None:
-    torch.save([(e.source, e.tokens, e.features.half(), e.prompt_len) for e in examples], path)
+ANSWERS_VERSION = 2  # 1: a bare list of rows, no header (read as it is)
+
+
+def save_examples(examples: Sequence[Example], path: Path, *, model_id: str | None = None,
+                  max_new_tokens: int | None = None) -> None:
+    """Write answers (features in float16) with what made them, all at once: an
+    interrupted write leaves the previous file whole."""
+    rows = [(e.source, e.tokens, e.features.half(), e.prompt_len) for e in examples]
+    part = path.with_name(path.name + ".part")
+    torch.save({"version": ANSWERS_VERSION, "model_id": model_id,
+                "max_new_tokens": max_new_tokens, "examples": rows}, part)
+    part.replace(path)
+
+
+def read_answers(path: Path) -> tuple[dict[str, Any], list[Example]]:
+    """(header: model_id and max_new_tokens where recorded, the answers) of a file
+    save_examples wrote."""
+    try:
+        data = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path} is not a file of answers (peerd draft train --data): "
+                         f"{exc}") from None
+    if isinstance(data, list):  # version 1
+        data = {"version": 1, "examples": data}
+    if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
+        raise ValueError(f"{path} is not a file of answers (peerd draft train --data)")
+    header = {k: data.get(k) for k in ("model_id", "max_new_tokens")}
+    return header, [Example(s, t, f.float(), int(p)) for s, t, f, p in data["examples"]]
 
 
 def load_examples(path: Path) -> list[Example]:
-    rows = torch.load(path, weights_only=True)
-    return [Example(s, t, f.float(), int(p)) for s, t, f, p in rows]
+    return read_answers(path)[1]
+
+
+def answer(model: Callable[[], Any], tokenizer: Any, prompts: Sequence[Prompt],
+           max_new_tokens: int, batch_size: int, data: Path | None, model_id: str,
+           progress: bool) -> tuple[list[Example], dict[str, int]]:
+    """The target's answers to `prompts`, in order, and how many were generated and
+    reused. With `data`, the answers already there (to the same prompt tokens) are
+    reused and the file grows by the new ones, written every few batches so that an
+    interrupted run keeps what it made; `model()` loads the target only when some
+    prompt is new."""
+    known: dict[tuple[int, ...], Example] = {}
+    kept: list[Example] = []
+    if data is not None and data.is_file():
+        header, kept = read_answers(data)
+        for key, want in (("model_id", model_id), ("max_new_tokens", max_new_tokens)):
+            if header[key] is not None and header[key] != want:
+                raise ValueError(f"{data} holds answers made with {key} {header[key]!r}, "
+                                 f"not {want!r}: pass another --data file")
+        known = {tuple(e.tokens[:e.prompt_len].tolist()): e for e in kept}
+    keys = [tuple(prompt_ids(tokenizer, p)) for p in prompts]
+    new = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in known}.values())
+    if new:
+        target = model()
+        new.sort(key=lambda p: len(prompt_ids(tokenizer, p)))  # batches of similar length
+        chunk = batch_size * 8
+        with progress_bar(progress) as bar:
+            task = bar.add_task("generating", total=len(new), info="")
+            made = [0]
+
+            def advance(n: int, tokens: int) -> None:
+                made[0] += tokens
+                bar.update(task, advance=n, info=f"{made[0]} tokens")
+
+            for c in range(0, len(new), chunk):
+                done = generate_examples(target, tokenizer, new[c:c + chunk], max_new_tokens,
+                                         batch_size, advance)
+                kept += done
+                known.update((tuple(e.tokens[:e.prompt_len].tolist()), e) for e in done)
+                if data is not None:
+                    save_examples(kept, data, model_id=model_id,
+                                  max_new_tokens=max_new_tokens)
+    # an answer is filed under the prompt file that asks for it now
+    examples = [Example(p.source, e.tokens, e.features, e.prompt_len)
+                for p, e in ((p, known[k]) for p, k in zip(prompts, keys, strict=True))]
+    return examples, {"generated": len(new), "reused": len(set(keys)) - len(new)}
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -493,7 +564,7 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
                 data: Path | None = None, gammas: Sequence[int] = (3, 5, 8),
                 vocab_size: int = DRAFT_VOCAB_SIZE, init: Path | None = None,
                 progress: bool = True) -> dict[str, Any]:
-    """Generate the data (or read it from `data`, written there the first time), train
+    """Generate the data (with `data`: reuse the answers it holds, add the new ones), train
     a new head (or fine-tune the head file `init`, which must be for this target),
     pick a draft vocabulary of `vocab_size` ids from the training answers, measure on
     the held-out prompts, save the head to `out`; returns a report."""
@@ -512,32 +583,17 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         lineage = {"path": str(init), "training": training_record(init)}
     train_prompts, held_prompts = split_prompts(prompts, per_file, holdout, cfg.seed)
 
-    if data is not None and data.is_file():
-        examples = load_examples(data)
-    else:
-        tokenizer = load_tokenizer(source)
-        model = reference_model(source)
-        everything = train_prompts + held_prompts
-        with progress_bar(progress) as bar:
-            task = bar.add_task("generating", total=len(everything), info="")
-            made = [0]
-
-            def advance(n: int, tokens: int) -> None:
-                made[0] += tokens
-                bar.update(task, advance=n, info=f"{made[0]} tokens")
-
-            examples = generate_examples(model, tokenizer, everything, max_new_tokens,
-                                         gen_batch, advance)
-        del model
-        if data is not None:
-            save_examples(examples, data)
+    tokenizer = load_tokenizer(source)
+    examples, made = answer(lambda: reference_model(source), tokenizer,
+                               train_prompts + held_prompts, max_new_tokens, gen_batch, data,
+                               head.model_id, progress)
     train_set, held_set = examples[:len(train_prompts)], examples[len(train_prompts):]
     generated_s = time.monotonic() - began
 
     answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in train_set)
     held_answers = count_tokens(e.tokens[e.prompt_len:].tolist() for e in held_set)
     vocab = pick(answers, head.vocab_size, vocab_size,
-                 always=load_tokenizer(source).all_special_ids)
+                 always=tokenizer.all_special_ids)
     vocab_info = {"counted": "the training answers",
                   "held_out_coverage": round(coverage(vocab, held_answers), 4)}
 
@@ -559,7 +615,7 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         "model_id": head.model_id, "out": str(out),
         "prompts": {p.stem: str(p) for p in prompts}, "train_examples": len(train_set),
         "train_tokens": sum(len(e.tokens) - e.prompt_len for e in train_set),
-        "held_out_examples": len(held_set),
+        "held_out_examples": len(held_set), "answers": made,
         "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
         "max_new_tokens": max_new_tokens, "final_losses": final,
         "init": lineage,  # what it was fine-tuned from, with that head's own record

@@ -108,7 +108,19 @@ class Cell:
     results: list[Result] = field(default_factory=list)
 
     def tokens_per_s(self) -> float:
-        return sum(r.tokens for r in self.results) / sum(r.seconds for r in self.results)
+        return tokens_per_s(self.results)
+
+
+def tokens_per_s(results: list[Result]) -> float:
+    return sum(r.tokens for r in results) / sum(r.seconds for r in results)
+
+
+def k_per_round(results: list[Result]) -> float:
+    """Committed tokens per speculative round (1.0 without speculation)."""
+    spec = [r.peerd.get("speculative", {}) for r in results]
+    rounds = sum(s.get("rounds", 0) for s in spec)
+    accepted = sum(s.get("accepted_tokens", 0) for s in spec)
+    return (accepted + rounds) / rounds if rounds else 1.0
 
 
 def gsm8k_prompts(n: int) -> list[Prompt]:
@@ -177,13 +189,12 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
     tokens = sum(r.tokens for r in res)
     spec = [r.peerd.get("speculative", {}) for r in res]
     rounds = sum(s.get("rounds", 0) for s in spec)
-    accepted = sum(s.get("accepted_tokens", 0) for s in spec)
     net_ms = sum(r.peerd["pipeline_ms"] - r.peerd["compute_ms"] for r in res) / tokens
     out: dict[str, Any] = {
         "latency_ms": cell.latency_ms, "config": cell.config, "requests": len(res),
         "tokens": tokens, "seconds": round(sum(r.seconds for r in res), 3),
         "tokens_per_s": round(cell.tokens_per_s(), 3),
-        "k_tokens_per_round": round((accepted + rounds) / rounds, 3) if rounds else 1.0,
+        "k_tokens_per_round": round(k_per_round(res), 3),
         "drafted_per_round": round(sum(s.get("drafted_tokens", 0) for s in spec) / rounds, 3)
         if rounds else 0.0,
         # tokens sent per round (a tree's nodes; a chain's length)
@@ -212,8 +223,16 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
     if plain is not None and plain is not cell:
         ids = {r.prompt.id for r in res}
         base = [r for r in plain.results if r.prompt.id in ids]
-        base_tps = sum(r.tokens for r in base) / sum(r.seconds for r in base)
-        out["speedup"] = round(cell.tokens_per_s() / base_tps, 3)
+        out["speedup"] = round(cell.tokens_per_s() / tokens_per_s(base), 3)
+        # each prompt set on its own (the targets hold for both)
+        out["by_set"] = {}
+        for name in sorted({r.prompt.set for r in res}):
+            mine = [r for r in res if r.prompt.set == name]
+            theirs = [r for r in base if r.prompt.set == name]
+            out["by_set"][name] = {
+                "requests": len(mine), "tokens_per_s": round(tokens_per_s(mine), 3),
+                "speedup": round(tokens_per_s(mine) / tokens_per_s(theirs), 3),
+                "k_tokens_per_round": round(k_per_round(mine), 3)}
         out["decode_speedup"] = round(decode_tps(res) / decode_tps(base), 3)
         base_net = sum(r.peerd["pipeline_ms"] - r.peerd["compute_ms"] for r in base) / sum(
             r.tokens for r in base)
@@ -432,8 +451,8 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]],
     t = Table(title=f"DSD on SmolLM2-135M ({dtype}), {PEERS} peers ({threads} torch "
               f"thread{'s' if threads > 1 else ''} each), greedy target (adaptive: lossy)")
     for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "decode speedup",
-                "k tokens/round", "depth/round", "nodes/round", "draft ms/round",
-                "net ms/token saved (pred. N-1 / links)",
+                "by set: GSM8K / HumanEval", "k tokens/round", "depth/round",
+                "nodes/round", "draft ms/round", "net ms/token saved (pred. N-1 / links)",
                 "same as plain", "flat-verify speedup (projected)"):
         t.add_column(col, justify="right")
     for r in rows:
@@ -441,6 +460,8 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]],
             f"{r['latency_ms']:g}", r["config"], str(r["requests"]), f"{r['tokens_per_s']:.2f}",
             f"{r['speedup']:.2f}x" if "speedup" in r else "-",
             f"{r['decode_speedup']:.2f}x" if "speedup" in r else "-",
+            " / ".join(f"{r['by_set'][n]['speedup']:.2f}x" if n in r.get("by_set", {})
+                       else "-" for n in ("gsm8k", "humaneval")),
             f"{r['k_tokens_per_round']:.2f}", f"{r['drafted_per_round']:.2f}",
             f"{r.get('nodes_per_round', r['drafted_per_round']):.1f}",
             f"{r['draft_ms_per_round']:.1f}",

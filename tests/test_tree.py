@@ -164,11 +164,34 @@ def test_adaptive_tree_takes_the_exact_child_first_then_a_relaxed_one() -> None:
     classes = TokenClasses(texts)
     # target prefers " the" (0) narrowly over " a" (1): function words, a near-tie
     tree = TokenTree([1, 0], [-1, -1])
-    rows = logits_for({-1: 0, 1: 6}, second={-1: 1})
+    rows = logits_for({-1: 0, 0: 6, 1: 6}, second={-1: 1})
     exact = verify_tree(tree, lambda n: rows[n], classes)
-    assert exact.path == [1]  # " the" was drafted too: the exact child wins
+    assert exact.path == [1]  # " the" was drafted too: the exact child wins the tie
     relaxed = verify_tree(TokenTree([1], [-1]), lambda n: rows.get(n, rows[1]), classes)
     assert relaxed.path == [0]  # only " a": accepted by the relaxed rule
     digits = logits_for({-1: 2}, second={-1: 3})
     strict = verify_tree(TokenTree([3], [-1]), lambda n: digits[n], classes)
     assert strict.path == [] and strict.token == 2  # a digit is never swapped
+
+
+def test_adaptive_tree_takes_the_longest_accepted_path() -> None:
+    texts = [" the", " a", "7", "8", ",", ".", " cat", " dog", " and", " or"]
+    classes = TokenClasses(texts)
+    #        root                 target at the root: " the" (0), " a" (1) a near-tie
+    #       /    \
+    #   0:" the"  1:" a"          after " the": "7" (not drafted); after " a": " cat"
+    #               \
+    #              2:" cat"       after " cat": ","
+    tree = TokenTree([0, 1, 6], [-1, -1, 1])
+    rows = logits_for({-1: 0, 0: 2, 1: 6, 2: 4}, second={-1: 1})
+    asked: list[int] = []
+
+    def at(node: int) -> torch.Tensor:
+        asked.append(node)
+        return rows[node]
+
+    longest = verify_tree(tree, at, classes)
+    assert longest.path == [1, 2] and longest.token == 4  # " a cat," beats " the 7"
+    assert sorted(asked) == [-1, 0, 1, 2]  # only the accepted nodes were scored
+    greedy = verify_tree(tree, lambda n: rows[n])
+    assert greedy.path == [0] and greedy.token == 2  # greedy keeps the target's own path

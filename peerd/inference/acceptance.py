@@ -22,8 +22,9 @@ so a round always commits between 1 and γ+1 tokens.
 
   where t_i is the target's argmax at position i and p_i its softmax. class() sorts
   a token by its text: `strict` (digits, operators, brackets and quotes, identifiers
-  with _ or capitals, i.e. names and entities: τ = 0), `word` (other words: a small
-  τ that only admits near-ties), `function` (function words) and `punct` /
+  with _ or capitals, i.e. names and entities; the words that carry logic: negation,
+  connectives, quantifiers, comparison; indentation: τ = 0), `word` (other words: a
+  small τ that only admits near-ties), `function` (function words) and `punct` /
   `space` (more relaxed). Taking the min over the draft's and the target's class
   means a digit is never swapped for anything, nor anything for a digit.
 
@@ -86,19 +87,27 @@ def verify_sample(probs: torch.Tensor, draft: Sequence[int], draft_probs: torch.
 
 CONFIDENT = 0.9  # the target's top probability at or above which a position is strict
 TOP_K = 3  # a relaxed accept must still be among the target's top candidates
-TAU = {"strict": 0.0, "word": 0.2, "function": 0.4, "punct": 0.5, "space": 0.6}
+TAU = {"strict": 0.0, "word": 0.4, "function": 0.6, "punct": 0.7, "space": 0.8}
 
 FUNCTION_WORDS = frozenset([
-    "a", "an", "the", "and", "or", "but", "nor", "so", "yet", "of", "to", "in", "on", "at",
-    "by", "for", "with", "from", "into", "onto", "over", "under", "about", "as", "than",
-    "then", "that", "this", "these", "those", "there", "here", "it", "its", "is", "are", "was",
+    "a", "an", "the", "so", "yet", "of", "to", "on", "at", "by", "for", "with", "from",
+    "into", "onto", "over", "under", "about", "as", "then", "that", "this", "these",
+    "those", "there", "here", "it", "its", "are", "was",
     "were", "be", "been", "being", "am", "do", "does", "did", "have", "has", "had", "will",
     "would", "shall", "should", "can", "could", "may", "might", "must", "i", "you", "he",
     "she", "we", "they", "me", "him", "her", "us", "them", "my", "your", "his", "our", "their",
-    "which", "who", "whom", "whose", "what", "when", "where", "why", "how", "not", "no", "if",
-    "also", "just", "very", "too", "all", "any", "some", "each", "both", "either", "neither",
-    "such", "only", "own", "same", "other", "more", "most", "much", "many", "few", "one's",
+    "which", "who", "whom", "whose", "what", "when", "where", "why", "how",
+    "also", "just", "very", "too", "such", "own", "same", "other", "one's",
     "let", "let's", "well",
+])
+# Small words that carry the logic of a sentence (or are Python's operators): negation,
+# connectives, conditions, quantifiers and comparison. Swapping one for a neighbour
+# ("and" for "or", "more" for "less") changes what is said, so they are strict.
+LOGIC_WORDS = frozenset([
+    "not", "no", "nor", "never", "none", "nothing", "and", "or", "but", "if", "unless",
+    "else", "elif", "all", "any", "some", "each", "every", "both", "either", "neither",
+    "only", "more", "most", "less", "least", "fewer", "much", "many", "few", "than",
+    "is", "in", "true", "false",
 ])
 _PUNCT = set(".,;:!?…") | {"...", "--", "—", "–"}
 _STRICT_CHARS = set(string.digits) | set("+-*/=<>%^&|~()[]{}\"'`$#@\\_")
@@ -107,13 +116,14 @@ _STRICT_CHARS = set(string.digits) | set("+-*/=<>%^&|~()[]{}\"'`$#@\\_")
 def token_class(text: str) -> str:
     """The importance class of a token from its decoded text (see the module doc)."""
     core = text.strip()
-    if not core:
-        return "space"
+    if not core:  # indentation is syntax in Python: spaces after a newline, or a run of them
+        indent = text.replace("\n", "") != "" and ("\n" in text or len(text) > 1)
+        return "strict" if indent else "space"
     if any(c in _STRICT_CHARS for c in core) or any(c.isupper() for c in core):
         return "strict"
     if core in _PUNCT or all(c in _PUNCT for c in core):
         return "punct"
-    if not any(c.isalpha() for c in core):
+    if not any(c.isalpha() for c in core) or core.lower() in LOGIC_WORDS:
         return "strict"  # other symbols: treat as syntax
     return "function" if core.lower() in FUNCTION_WORDS else "word"
 
@@ -178,29 +188,41 @@ class TreeVerdict:
 
 def verify_tree(tree: TokenTree, logits_at: Callable[[int], torch.Tensor],
                 classes: TokenClasses | None = None) -> TreeVerdict:
-    """Walk down `tree` along the target's choices: from the root (node -1, the last
-    committed token) to the child the target accepts, until none does; then the
-    target's argmax. `logits_at(node)` gives the target's logits [V] after a node, and
-    is called only for the nodes walked (k + 1 of them). Greedy (`classes` None): the
-    child equal to the argmax, so the output is plain greedy decoding's. Adaptive: that
-    child if present, else the first child (in slot order, the drafter's best first)
-    the relaxed rule accepts."""
-    node, path = -1, list[int]()
-    while True:
-        logits = logits_at(node)  # [V]
-        kids = tree.children(node)
-        if classes is None:
-            best = int(torch.argmax(logits))
-            chosen = next((c for c in kids if tree.tokens[c] == best), None)
-        else:
-            rule = Relaxed(logits, classes)
-            best = rule.target
-            chosen = next((c for c in kids if tree.tokens[c] == best),
-                          next((c for c in kids if rule.accepts(tree.tokens[c])), None))
-        if chosen is None:
-            return TreeVerdict(path, best)
-        path.append(chosen)
-        node = chosen
+    """The longest path down `tree` that the target accepts, from the root (node -1,
+    the last committed token), then the target's token after it. `logits_at(node)`
+    gives the target's logits [V] after a node.
+
+    Greedy (`classes` None): at each node the child equal to the argmax, so the output
+    is plain greedy decoding's; there is one such path, and `logits_at` is called for
+    its k + 1 nodes only. Adaptive: every child the relaxed rule accepts is explored
+    and the longest accepted path wins; on equal length the one found first, which
+    takes the argmax child before the others and the others in slot order (the
+    drafter's best first). Called for the accepted nodes only."""
+    if classes is None:
+        node, path = -1, list[int]()
+        while True:
+            best = int(torch.argmax(logits_at(node)))
+            chosen = next((c for c in tree.children(node) if tree.tokens[c] == best), None)
+            if chosen is None:
+                return TreeVerdict(path, best)
+            path.append(chosen)
+            node = chosen
+    return _longest_relaxed(tree, -1, logits_at, classes)
+
+
+def _longest_relaxed(tree: TokenTree, node: int, logits_at: Callable[[int], torch.Tensor],
+                     classes: TokenClasses) -> TreeVerdict:
+    rule = Relaxed(logits_at(node), classes)
+    kids = tree.children(node)
+    ordered = [c for c in kids if tree.tokens[c] == rule.target] + [
+        c for c in kids if tree.tokens[c] != rule.target]
+    best = TreeVerdict([], rule.target)
+    for c in ordered:
+        if rule.accepts(tree.tokens[c]):
+            below = _longest_relaxed(tree, c, logits_at, classes)
+            if len(below.path) + 1 > len(best.path):
+                best = TreeVerdict([c, *below.path], below.token)
+    return best
 
 
 def _check(scores: torch.Tensor, draft: Sequence[int]) -> None:

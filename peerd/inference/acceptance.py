@@ -197,7 +197,8 @@ def verify_tree(tree: TokenTree, logits_at: Callable[[int], torch.Tensor],
     its k + 1 nodes only. Adaptive: every child the relaxed rule accepts is explored
     and the longest accepted path wins; on equal length the one found first, which
     takes the argmax child before the others and the others in slot order (the
-    drafter's best first). Called for the accepted nodes only."""
+    drafter's best first). `logits_at` is called for the root and every node the
+    rule accepts, on the chosen path or not."""
     if classes is None:
         node, path = -1, list[int]()
         while True:

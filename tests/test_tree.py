@@ -192,6 +192,6 @@ def test_adaptive_tree_takes_the_longest_accepted_path() -> None:
 
     longest = verify_tree(tree, at, classes)
     assert longest.path == [1, 2] and longest.token == 4  # " a cat," beats " the 7"
-    assert sorted(asked) == [-1, 0, 1, 2]  # only the accepted nodes were scored
+    assert sorted(asked) == [-1, 0, 1, 2]  # the root and the accepted nodes, once each
     greedy = verify_tree(tree, lambda n: rows[n])
     assert greedy.path == [0] and greedy.token == 2  # greedy keeps the target's own path

@@ -214,11 +214,9 @@ def verify_tree(tree: TokenTree, logits_at: Callable[[int], torch.Tensor],
 def _longest_relaxed(tree: TokenTree, node: int, logits_at: Callable[[int], torch.Tensor],
                      classes: TokenClasses) -> TreeVerdict:
     rule = Relaxed(logits_at(node), classes)
-    kids = tree.children(node)
-    ordered = [c for c in kids if tree.tokens[c] == rule.target] + [
-        c for c in kids if tree.tokens[c] != rule.target]
     best = TreeVerdict([], rule.target)
-    for c in ordered:
+    # the target's own child first (a stable sort keeps the others in slot order)
+    for c in sorted(tree.children(node), key=lambda c: tree.tokens[c] != rule.target):
         if rule.accepts(tree.tokens[c]):
             below = _longest_relaxed(tree, c, logits_at, classes)
             if len(below.path) + 1 > len(best.path):

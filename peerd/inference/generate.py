@@ -505,15 +505,19 @@ class Generator:
             # lm_head call, which costs about what one row does; other nodes on demand.
             first = pending + draft.first_chain()
             rows = self.head.logits(hidden[:, pending - 1:first, :])[0]  # [1 + chain, V]
+            scored: dict[int, torch.Tensor] = {}  # nodes off that chain, once each
 
             def logits_at(node: int) -> torch.Tensor:  # the target's logits after a node [V]
                 if node + 1 < rows.shape[0]:
                     return rows[node + 1]
-                return self.head.logits(hidden[:, pending + node:pending + node + 1, :])[0, 0]
+                if node not in scored:
+                    scored[node] = self.head.logits(
+                        hidden[:, pending + node:pending + node + 1, :])[0, 0]
+                return scored[node]
 
             verdict = verify_tree(draft, logits_at, classes if mode == "adaptive" else None)
             if top is None:
                 return verdict, []
             # committed token i was chosen after the root (i = 0) or path node i - 1
-            rows = torch.stack([logits_at(n) for n in (-1, *verdict.path)])  # [k + 1, V]
-            return verdict, token_logprobs(rows, verdict.committed(draft), top)
+            chosen = torch.stack([logits_at(n) for n in (-1, *verdict.path)])  # [k + 1, V]
+            return verdict, token_logprobs(chosen, verdict.committed(draft), top)

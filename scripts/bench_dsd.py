@@ -256,6 +256,16 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
                 "speedup": round(tokens_per_s(mine) / tokens_per_s(theirs), 3),
                 "k_tokens_per_round": round(k_per_round(mine), 3)}
         out["decode_speedup"] = round(decode_tps(res) / decode_tps(base), 3)
+        # the spread over prompts: each prompt's tokens/s against plain's on it
+        theirs_by_id = {r.prompt.id: r for r in base}
+        each = sorted((r.tokens / r.seconds) / (theirs_by_id[r.prompt.id].tokens
+                                                 / theirs_by_id[r.prompt.id].seconds)
+                      for r in res if r.prompt.id in theirs_by_id)
+        if len(each) >= 2:
+            deciles = statistics.quantiles(each, n=10)
+            out["speedup_per_prompt"] = {"median": round(statistics.median(each), 3),
+                                         "p10": round(deciles[0], 3),
+                                         "p90": round(deciles[-1], 3)}
         base_net = sum(r.peerd["pipeline_ms"] - r.peerd["compute_ms"] for r in base) / sum(
             r.tokens for r in base)
         k = out["k_tokens_per_round"]
@@ -421,6 +431,10 @@ def main() -> int:
         "shard_pass_ms": passes, "speed": rows, "quality": quality_rows,
         "answers": {c.config: [{"id": r.prompt.id, "tokens": r.tokens, "text": r.text}
                                for r in c.results] for c in quality_cells},
+        "speed_requests": {f"{c.latency_ms:g}/{c.config}": [
+            {"id": r.prompt.id, "tokens": r.tokens, "seconds": round(r.seconds, 3),
+             "k_tokens_per_round": round(k_per_round([r]), 3)} for r in c.results]
+            for c in speed},
     }, indent=1) + "\n")
     console.print(f"wrote {args.out}")
     return 0
@@ -479,15 +493,18 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]],
     t = Table(title=f"DSD on SmolLM2-135M ({dtype}), {PEERS} peers ({threads} torch "
               f"thread{'s' if threads > 1 else ''} each), greedy target (adaptive: lossy)")
     for col in ("ms/link", "config", "requests", "tokens/s", "speedup", "decode speedup",
-                "by set: GSM8K / HumanEval", "k tokens/round", "depth/round",
-                "nodes/round", "draft ms/round", "net ms/token saved (pred. N-1 / links)",
-                "same as plain", "flat-verify speedup (projected)"):
+                "per prompt: median (p10-p90)", "by set: GSM8K / HumanEval",
+                "k tokens/round", "depth/round", "nodes/round", "draft ms/round",
+                "net ms/token saved (pred. N-1 / links)", "same as plain",
+                "flat-verify speedup (projected)"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(
             f"{r['latency_ms']:g}", r["config"], str(r["requests"]), f"{r['tokens_per_s']:.2f}",
             f"{r['speedup']:.2f}x" if "speedup" in r else "-",
             f"{r['decode_speedup']:.2f}x" if "speedup" in r else "-",
+            "{median:.2f}x ({p10:.2f}-{p90:.2f})".format(**r["speedup_per_prompt"])
+            if "speedup_per_prompt" in r else "-",
             " / ".join(f"{r['by_set'][n]['speedup']:.2f}x" if n in r.get("by_set", {})
                        else "-" for n in ("gsm8k", "humaneval")),
             f"{r['k_tokens_per_round']:.2f}", f"{r['drafted_per_round']:.2f}",
@@ -497,7 +514,10 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]],
             f" / {r['predicted_saved_links']:.1f})" if "speedup" in r else "-",
             f"{100 * r['identical_to_plain']:.0f}%" if "identical_to_plain" in r else "-",
             f"{r['flat_verify_speedup']:.2f}x" if "flat_verify_speedup" in r else "-")
-    console.print(t)
+    if rows:
+        console.print(t)
+    if not quality_rows:
+        return
     q = Table(title="Quality, every prompt, 1 peer (greedy target; adaptive is lossy)")
     for col in ("config", "GSM8K accuracy %", "HumanEval pass@1 %", "same as plain",
                 "k tokens/round", "acceptance by draft position"):

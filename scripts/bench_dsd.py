@@ -358,7 +358,7 @@ def main() -> int:
     ap.add_argument("--humaneval", type=int, default=40, help="HumanEval prompts for quality")
     ap.add_argument("--speed-prompts", type=int, default=40,
                     help="prompts of each set per latency and config on the 3-peer "
-                    "testnet [40: every prompt; on 2 CPU cores ~45 min a latency for "
+                    "testnet [40: every prompt; on 2 CPU cores 35-50 min a latency for "
                     "plain, eagle/greedy and eagle/adaptive]")
     ap.add_argument("--gsm8k-tokens", type=int, default=128)
     ap.add_argument("--humaneval-tokens", type=int, default=160)

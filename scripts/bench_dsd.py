@@ -257,10 +257,8 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
                 "k_tokens_per_round": round(k_per_round(mine), 3)}
         out["decode_speedup"] = round(decode_tps(res) / decode_tps(base), 3)
         # the spread over prompts: each prompt's tokens/s against plain's on it
-        theirs_by_id = {r.prompt.id: r for r in base}
-        each = sorted((r.tokens / r.seconds) / (theirs_by_id[r.prompt.id].tokens
-                                                 / theirs_by_id[r.prompt.id].seconds)
-                      for r in res if r.prompt.id in theirs_by_id)
+        plain_by_id = {r.prompt.id: r for r in base}
+        each = [tokens_per_s([r]) / tokens_per_s([plain_by_id[r.prompt.id]]) for r in res]
         if len(each) >= 2:
             deciles = statistics.quantiles(each, n=10)
             out["speedup_per_prompt"] = {"median": round(statistics.median(each), 3),

@@ -33,7 +33,7 @@ from peerd.config import (
     load_config,
 )
 from peerd.datadir import read_runtime_file, read_token
-from peerd.inference.vocab import DRAFT_VOCAB_SIZE
+from peerd.inference.speculative.vocab import DRAFT_VOCAB_SIZE
 
 # Piped output gets a wide fixed width: rich would squeeze tables into 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -675,7 +675,7 @@ def _converse(c: Client, model: str, system: str | None, max_tokens: int,
 def shard_map(ledger_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{model_id: {num_layers, servers (by layer start), missing}} from GET /ledger;
     `missing` is None when no peer advertises the model's layer count."""
-    from peerd.inference.routing import Server, coverage_gaps  # pure: no torch
+    from peerd.inference.swarm.routing import Server, coverage_gaps  # pure: no torch
 
     out: dict[str, dict[str, Any]] = {}
     for row in ledger_rows:
@@ -782,9 +782,9 @@ def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int
                 batch_size: int, as_json: bool) -> None:
     """Train an EAGLE draft head on the target's own greedy answers (CPU, minutes), and
     measure its acceptance on held-out prompts against prompt lookup."""
-    from peerd.inference.drafters import DraftError
-    from peerd.inference.eagle_train import TrainConfig, train_eagle
-    from peerd.inference.source import ModelError
+    from peerd.inference.model.source import ModelError
+    from peerd.inference.speculative.drafters import DraftError
+    from peerd.inference.speculative.eagle_train import TrainConfig, train_eagle
 
     files = list(prompt_files) or [Path(__file__).parent / "data" / "draft_prompts.jsonl"]
     cfg = TrainConfig(steps=steps, unroll=unroll, lr=lr, batch_size=batch_size)
@@ -842,12 +842,12 @@ def draft_vocab(spec: str, head_file: Path, text_files: tuple[Path, ...], size: 
     """Give an EAGLE head a draft vocabulary: its drafts are scored over the SIZE tokens
     most frequent in the text (plus the request's own context tokens), not the whole
     vocabulary; one lm_head call is most of a draft step. Verification is unchanged."""
-    from peerd.inference.drafters import DraftError
-    from peerd.inference.eagle_file import set_vocab
-    from peerd.inference.eagle_train import progress_bar
-    from peerd.inference.head import Head
-    from peerd.inference.source import ModelError, load_tokenizer, resolve
-    from peerd.inference.vocab import VocabError, count_files, coverage, pick
+    from peerd.inference.model.head import Head
+    from peerd.inference.model.source import ModelError, load_tokenizer, resolve
+    from peerd.inference.speculative.drafters import DraftError
+    from peerd.inference.speculative.eagle_file import set_vocab
+    from peerd.inference.speculative.eagle_train import progress_bar
+    from peerd.inference.speculative.vocab import VocabError, count_files, coverage, pick
 
     if not clear and not text_files:
         fail("give --text FILE (repeatable) to count tokens in, or --none to remove the "

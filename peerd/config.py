@@ -17,7 +17,7 @@ from typing import Any
 
 import multiaddr
 
-from peerd.inference.host import SpeculativeOptions
+from peerd.inference.slot import SpeculativeOptions
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API = "127.0.0.1:4100"
@@ -82,7 +82,7 @@ class Config:
     max_sessions: int = 32  # pipeline sessions this peer holds KV caches for
     kv_cache_mb: int = 2048  # KV cache memory all those sessions may reserve together
     # Speculative decoding by default for requests that do not say: DRAFT[,VERIFY[,GAMMA]]
-    # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/host.py).
+    # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/slot.py).
     speculative: str = "none"
     # API requests reuse what a pooled pipeline session's caches already hold of their
     # prompt (the earlier turns of a chat) and compute only the rest. The reused KV was

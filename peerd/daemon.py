@@ -18,7 +18,7 @@ from typing import Any
 import multiaddr
 import trio
 
-from peerd.agents.service import Symphony
+from peerd.agents.requester import Symphony
 from peerd.agents.skills import make_matcher
 from peerd.agents.solver import ModelSolver
 from peerd.api.app import create_app
@@ -31,9 +31,9 @@ from peerd.datadir import (
     write_runtime_file,
 )
 from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
-from peerd.inference.host import ModelHost, ModelOptions, ShardLimits, SpeculativeOptions
-from peerd.inference.source import ModelError, resolve
-from peerd.ledger import LedgerStoreError
+from peerd.inference.model.source import ModelError, resolve
+from peerd.inference.slot import ModelOptions, ModelSlot, ShardLimits, SpeculativeOptions
+from peerd.ledger.store import LedgerStoreError
 from peerd.node import open_node
 
 log = logging.getLogger("peerd")
@@ -119,7 +119,7 @@ def model_options(config: Config) -> ModelOptions | None:
 
 async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sockets: Any,
                 announce: Any, progress: Any) -> None:
-    models = ModelHost(model_options(config))
+    models = ModelSlot(model_options(config))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config, key_pair) as node:
             shutdown = trio.Event()

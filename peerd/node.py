@@ -42,7 +42,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from peerd import __version__
 from peerd.config import Config
 from peerd.events import EventBus
-from peerd.ledger import Accepted, Ledger, LedgerReject, LedgerStore, sign_entry, verify_entry
+from peerd.ledger.book import Accepted, Ledger, LedgerReject, sign_entry, verify_entry
+from peerd.ledger.store import LedgerStore
 from peerd.loopback import loopback_pair
 from peerd.metrics import Metrics
 from peerd.rpc import call, stream_handler

@@ -446,8 +446,8 @@ def shard_pass_ms(positions: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32),
     """Median ms of one stage's pass over n new positions after `context` cached ones."""
     import torch
 
-    from peerd.inference.shard import ShardBlock
-    from peerd.inference.source import resolve
+    from peerd.inference.model.shard import ShardBlock
+    from peerd.inference.model.source import resolve
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

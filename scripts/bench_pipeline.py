@@ -107,8 +107,8 @@ def reference(prompts: list[str], max_tokens: int, threads: int) -> Run:
     """transformers `generate`, greedy, on the whole model in this process."""
     import torch
 
+    from peerd.inference.model.source import load_tokenizer, reference_model, resolve
     from peerd.inference.runtime import eos_ids
-    from peerd.inference.source import load_tokenizer, reference_model, resolve
 
     torch.set_num_threads(threads)
     source = resolve(MODEL)

@@ -85,7 +85,7 @@ def plan_model(
     if dtype not in DTYPES:
         raise TestnetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # transformers loads here, not at import: `python -m testnet status` stays quick.
-    from peerd.inference.source import ModelError, num_layers, resolve
+    from peerd.inference.model.source import ModelError, num_layers, resolve
 
     try:
         source = resolve(spec)

@@ -39,7 +39,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from peerd.config import Config
 from peerd.events import Event
 from peerd.identity import ensure_data_dir, load_or_create_key
-from peerd.ledger import sign_entry
+from peerd.ledger.book import sign_entry
 from peerd.node import GOSSIP_PROTOCOLS, Node, make_host, open_node
 from protocols import ledger as wire
 from protocols.codec import decode

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.peer.id import ID
 
-from peerd.agents.service import Symphony
+from peerd.agents.requester import Symphony
 from peerd.agents.skills import SkillMatcher
 from peerd.agents.solver import Solution, Solver
 from peerd.node import Node

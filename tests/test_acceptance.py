@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peerd.inference.acceptance import (
+from peerd.inference.slot import SpeculativeOptions
+from peerd.inference.speculative.acceptance import (
     TAU,
     TokenClasses,
     Verdict,
@@ -14,8 +15,8 @@ from peerd.inference.acceptance import (
     verify_greedy,
     verify_sample,
 )
-from peerd.inference.drafters import NgramDrafter, lookup, lookups
-from peerd.inference.gamma import (
+from peerd.inference.speculative.drafters import NgramDrafter, lookup, lookups
+from peerd.inference.speculative.gamma import (
     PROBE_EVERY,
     TREE_NODES,
     GammaController,
@@ -24,7 +25,6 @@ from peerd.inference.gamma import (
     best_tree_size,
     expected_tokens,
 )
-from peerd.inference.host import SpeculativeOptions
 
 # ---- greedy -------------------------------------------------------------------------------
 

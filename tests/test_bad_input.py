@@ -13,7 +13,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from peerd.ledger import verify_entry
+from peerd.ledger.book import verify_entry
 from peerd.node import Node
 from peerd.rpc import call
 from protocols.codec import decode, encode, unpackb

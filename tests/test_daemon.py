@@ -31,7 +31,8 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.identity_utils import save_identity
 from libp2p.peer.id import ID
 
-from peerd.ledger import LedgerStore, sign_entry
+from peerd.ledger.book import sign_entry
+from peerd.ledger.store import LedgerStore
 from protocols.ledger import LedgerEntry, SignedEntry
 
 SHUTDOWN_LIMIT_S = 2.0  # the daemon's promise: exit 0 within two seconds of a signal

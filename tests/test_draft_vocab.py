@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peerd.inference.vocab import (
+from peerd.inference.speculative.vocab import (
     VocabError,
     count_files,
     count_tokens,

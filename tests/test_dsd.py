@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import torch
 
-from peerd.inference.drafters import DraftError
 from peerd.inference.generate import GenerationStats
-from peerd.inference.host import SpeculativeOptions
+from peerd.inference.model.shard import ShardBlock
+from peerd.inference.model.source import reference_model, resolve
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.sampling import Logprobs, SamplingParams, distribution, token_logprobs
-from peerd.inference.shard import ShardBlock
-from peerd.inference.source import reference_model, resolve
+from peerd.inference.slot import SpeculativeOptions
+from peerd.inference.speculative.drafters import DraftError
 from tests.models import tiny_llama_dir
 from tests.test_pipeline import PROMPT, model_swarm, reference_tokens
 
@@ -82,9 +82,9 @@ def untrained_eagle(runtime: ModelRuntime, path: Path,
                     vocab: list[int] | None = None) -> Path:
     """An EAGLE head for the tiny target, random weights: wrong most of the time, which
     exercises rejection and rollback as much as a good one exercises acceptance."""
-    from peerd.inference.eagle import EagleConfig, EagleHead
-    from peerd.inference.eagle_file import save_eagle
-    from peerd.inference.source import load_config
+    from peerd.inference.model.source import load_config
+    from peerd.inference.speculative.eagle import EagleConfig, EagleHead
+    from peerd.inference.speculative.eagle_file import save_eagle
 
     torch.manual_seed(0)
     eagle = EagleHead(EagleConfig.from_target(load_config(runtime.source)))

@@ -11,15 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from peerd.inference.drafters import DraftError
-from peerd.inference.eagle import (
+from peerd.inference.model.head import Head
+from peerd.inference.model.shard import ShardBlock
+from peerd.inference.model.source import load_config, load_tokenizer, reference_model, resolve
+from peerd.inference.sampling import SamplingParams
+from peerd.inference.speculative.drafters import DraftError
+from peerd.inference.speculative.eagle import (
     EagleConfig,
     EagleDrafter,
     EagleHead,
     EagleSession,
 )
-from peerd.inference.eagle_file import default_eagle_path, load_eagle, save_eagle, set_vocab
-from peerd.inference.eagle_train import (
+from peerd.inference.speculative.eagle_file import (
+    default_eagle_path,
+    load_eagle,
+    save_eagle,
+    set_vocab,
+)
+from peerd.inference.speculative.eagle_train import (
     Example,
     Prompt,
     TrainConfig,
@@ -32,11 +41,7 @@ from peerd.inference.eagle_train import (
     unrolled,
     unrolled_loss,
 )
-from peerd.inference.head import Head
-from peerd.inference.sampling import SamplingParams
-from peerd.inference.shard import ShardBlock
-from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve
-from peerd.inference.tree import DepthBudget, TokenTree
+from peerd.inference.speculative.tree import DepthBudget, TokenTree
 from tests.models import tiny_llama_dir
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -216,8 +221,8 @@ def test_proposing_changes_nothing_committed(head: Head, trained: EagleHead,
 
 def test_a_tree_holds_the_heads_best_chain_and_changes_nothing_committed(
         head: Head, trained: EagleHead, examples: list[Example]) -> None:
-    from peerd.inference.eagle import TREE_WIDTH
-    from peerd.inference.gamma import TREE_NODES
+    from peerd.inference.speculative.eagle import TREE_WIDTH
+    from peerd.inference.speculative.gamma import TREE_NODES
 
     e = examples[0]
     s = session(head, trained, e, e.prompt_len + 1)
@@ -246,7 +251,7 @@ def head_depth(tree: TokenTree) -> int:
 
 def test_a_tree_stops_growing_where_deeper_says(
         head: Head, trained: EagleHead, examples: list[Example]) -> None:
-    from peerd.inference.eagle import TREE_WIDTH
+    from peerd.inference.speculative.eagle import TREE_WIDTH
 
     e = examples[0]
     s = session(head, trained, e, e.prompt_len + 1)
@@ -553,7 +558,7 @@ def test_draft_train_data_grows_with_new_prompts_and_refuses_a_mismatch(
     from click.testing import CliRunner
 
     from peerd.cli import main
-    from peerd.inference.eagle_train import read_answers
+    from peerd.inference.speculative.eagle_train import read_answers
 
     first, more = tmp_path / "first.jsonl", tmp_path / "more.jsonl"
     first.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS[:4]))
@@ -592,7 +597,7 @@ def test_draft_train_data_grows_with_new_prompts_and_refuses_a_mismatch(
 
 
 def test_long_work_reports_progress_in_a_log(capsys: pytest.CaptureFixture[str]) -> None:
-    from peerd.inference.eagle_train import progress_bar
+    from peerd.inference.speculative.eagle_train import progress_bar
 
     with progress_bar(True) as bar:  # stderr is captured: not a terminal
         task = bar.add_task("training", total=20, info="")

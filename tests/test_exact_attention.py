@@ -1,4 +1,4 @@
-"""Exact attention (peerd.inference.attention) in bfloat16 on CPU.
+"""Exact attention (peerd.inference.model.attention) in bfloat16 on CPU.
 
 It computes what SDPA computes, to bfloat16 rounding. And a position's result does not
 depend on the pass it is in, bit for bit: a chain row or a side-branch row of a token
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peerd.inference.attention import EXACT, SDPA, attention_for, exact_attention
-from peerd.inference.shard import ShardBlock, ShardCache
-from peerd.inference.source import ModelSource, resolve
-from peerd.inference.tree import attention_mask
+from peerd.inference.model.attention import EXACT, SDPA, attention_for, exact_attention
+from peerd.inference.model.shard import ShardBlock, ShardCache
+from peerd.inference.model.source import ModelSource, resolve
+from peerd.inference.speculative.tree import attention_mask
 from tests.models import tiny_llama_dir
 
 

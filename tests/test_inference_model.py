@@ -22,9 +22,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 
-from peerd.inference.head import Head
-from peerd.inference.shard import ShardBlock
-from peerd.inference.source import (
+from peerd.inference.model.head import Head
+from peerd.inference.model.shard import ShardBlock
+from peerd.inference.model.source import (
     ModelError,
     ModelSource,
     load_config,

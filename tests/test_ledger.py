@@ -16,16 +16,15 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.secp256k1 import create_new_key_pair as new_secp256k1_key_pair
 from libp2p.peer.id import ID
 
-from peerd.ledger import (
+from peerd.ledger.book import (
     Accepted,
     Duplicate,
     Ledger,
     LedgerReject,
-    LedgerStore,
-    LedgerStoreError,
     sign_entry,
     verify_entry,
 )
+from peerd.ledger.store import LedgerStore, LedgerStoreError
 from protocols.codec import encode
 from protocols.errors import PeerError
 from protocols.ledger import (

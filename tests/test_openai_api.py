@@ -32,7 +32,7 @@ from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixtu
 from models import tiny_llama_dir
 from openai.types.chat import ChatCompletionMessageParam
 
-from peerd.inference.source import load_tokenizer, reference_model, resolve
+from peerd.inference.model.source import load_tokenizer, reference_model, resolve
 
 READY_TIMEOUT_S = 60.0  # model load + ledger gossip on a loaded CI box
 HELLO: list[ChatCompletionMessageParam] = [

@@ -12,12 +12,12 @@ import pytest
 import torch
 import trio
 
-from peerd.inference.host import ModelOptions
-from peerd.inference.pipeline import Pipeline, PipelineSession
-from peerd.inference.routing import NoRoute, Route, Span
+from peerd.inference.model.source import reference_model, resolve
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.sampling import SamplingParams
-from peerd.inference.source import reference_model, resolve
+from peerd.inference.slot import ModelOptions
+from peerd.inference.swarm.pipeline import Pipeline, PipelineSession
+from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
 from protocols.shard import Hop
 from tests.harness import swarm, wait_for

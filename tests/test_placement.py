@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from peerd.inference.placement import choose_layers, coverage, window_size
-from peerd.inference.routing import Server
+from peerd.inference.swarm.placement import choose_layers, coverage, window_size
+from peerd.inference.swarm.routing import Server
 
 
 def test_first_peer_starts_at_zero() -> None:

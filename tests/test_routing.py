@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.inference.routing import BanList, NoRoute, Route, Server, coverage_gaps, find_route
+from peerd.inference.swarm.routing import BanList, NoRoute, Route, Server, coverage_gaps, find_route
 from protocols.errors import WireError
 from protocols.shard import Hop, check_route
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from peerd.inference.host import ModelOptions, ShardLimits
-from peerd.inference.pipeline import PipelineSession
-from peerd.inference.routing import Route, Span
+from peerd.inference.model.tensors import to_wire
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.sampling import SamplingParams
-from peerd.inference.tensors import to_wire
+from peerd.inference.slot import ModelOptions, ShardLimits
+from peerd.inference.swarm.pipeline import PipelineSession
+from peerd.inference.swarm.routing import Route, Span
 from protocols.codec import decode, encode
 from protocols.framing import encode_uvarint, read_frame, write_frame
 from protocols.shard import (

@@ -24,8 +24,8 @@ from peerd.agents.solver import (
     likelihood,
     messages,
 )
-from peerd.inference.host import ModelHost, ModelOptions
-from peerd.inference.source import load_tokenizer, reference_model, resolve
+from peerd.inference.model.source import load_tokenizer, reference_model, resolve
+from peerd.inference.slot import ModelOptions, ModelSlot
 from protocols.task import TaskRequest
 from tests.harness import swarm
 from tests.test_inference_model import needs_smollm2
@@ -103,7 +103,7 @@ def reference_measure(question: str, cot: str) -> float:
 async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path) -> None:
     want, gaps, want_calculations, chosen = reference_chain(QUESTION)
     async with swarm(1, tmp_path) as (node,):
-        host = ModelHost(ModelOptions("smollm2", torch_threads=1))
+        host = ModelSlot(ModelOptions("smollm2", torch_threads=1))
         await host.load(node)
         assert host.runtime is not None, host.error
         solver = ModelSolver(host)

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from peerd.agents.service import Symphony
+from peerd.agents.requester import Symphony
 from peerd.api.app import create_app
 from tests.harness import swarm, wait_for
 from tests.symphony import FakeSolver, ready_to_elect, symphonies

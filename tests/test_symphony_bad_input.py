@@ -16,8 +16,8 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from peerd.agents.requester import Symphony, TaskRecord, TaskSpec
 from peerd.agents.sealing import seal
-from peerd.agents.service import Symphony, TaskRecord, TaskSpec
 from peerd.node import Node
 from peerd.rpc import call
 from protocols.beacon import BID, TOPIC, Beacon, Bid, BidReply, SignedBid

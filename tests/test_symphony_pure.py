@@ -447,7 +447,7 @@ def test_a_task_requests_prompt_set_stays_off_the_wire_at_zero_and_is_bounded() 
 
 
 def test_seats_decode_greedily_from_their_own_example_sets_then_sample() -> None:
-    from peerd.agents.service import TEMPERATURES, seat_sampling
+    from peerd.agents.requester import TEMPERATURES, seat_sampling
     from peerd.agents.solver import EXAMPLES, PROMPT_SETS, messages, prompt_sets
     from protocols.task import MAX_PROMPT_SETS
 

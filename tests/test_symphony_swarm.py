@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from peerd.agents.reputation import ReputationBook
-from peerd.agents.service import REPUTATION_FILE, NoWorkers, TaskSpec
+from peerd.agents.requester import REPUTATION_FILE, NoWorkers, TaskSpec
 from protocols.task import TaskRequest
 from tests.harness import events, swarm, wait_for
 from tests.symphony import (
@@ -62,7 +62,7 @@ async def test_a_worker_that_predates_prompt_sets_is_sent_none(tmp_path: Path) -
     """A worker whose ledger entry does not list FEATURE_PROMPT_SETS (older software,
     which refuses a request carrying `prompt`) gets set 0 and the old sampling; the
     others still get their own sets."""
-    from peerd.agents.service import TEMPERATURES
+    from peerd.agents.requester import TEMPERATURES
 
     async with swarm(4, tmp_path, connect="star") as nodes:
         requester, *workers = nodes

@@ -94,8 +94,8 @@ def reference() -> Greedy:
     is dropped afterwards."""
     import torch
 
+    from peerd.inference.model.source import load_tokenizer, reference_model, resolve
     from peerd.inference.runtime import eos_ids
-    from peerd.inference.source import load_tokenizer, reference_model, resolve
 
     source = resolve(MODEL)
     tokenizer = load_tokenizer(source)
@@ -165,7 +165,7 @@ def first_divergence_gap(messages: list[dict[str, str]], expected: str, got: str
     prefix (token ids re-derived from the texts)."""
     import torch
 
-    from peerd.inference.source import load_tokenizer, reference_model, resolve
+    from peerd.inference.model.source import load_tokenizer, reference_model, resolve
 
     source = resolve(MODEL)
     tokenizer = load_tokenizer(source)

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from peerd.inference.acceptance import TokenClasses, verify_greedy, verify_tree
-from peerd.inference.tree import TokenTree, TreeBuilder, attention_mask, chain_prefix
+from peerd.inference.speculative.acceptance import TokenClasses, verify_greedy, verify_tree
+from peerd.inference.speculative.tree import TokenTree, TreeBuilder, attention_mask, chain_prefix
 from protocols.errors import WireError
 from protocols.shard import MAX_TREE_POSITIONS, tree_depths
 

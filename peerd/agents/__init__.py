@@ -4,6 +4,7 @@ reputation.
 Pure parts (no I/O, tested with a fake clock): `answers` (extraction and
 normalisation), `election` (ranking, seats, fallbacks), `voting` (weighted argmax),
 `reputation` (EWMA records and how reports combine), `skills` (match scores).
-The I/O lives in `service` (gossip, streams, the task lifecycle) and `solver`
+The I/O lives in `requester` (this peer's tasks: beacons, bids, seats, votes),
+`worker` (bidding on and answering other peers' tasks) and `solver`
 (chain-of-thought generation with the peer's model).
 """

@@ -40,7 +40,7 @@ from peerd.agents.answers import extract, normalise
 from protocols.task import TaskRequest
 
 if TYPE_CHECKING:
-    from peerd.inference.host import ModelHost
+    from peerd.inference.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +170,14 @@ class ModelSolver:
     """Solves with whatever the peer can generate with: its own model end to end, or
     the swarm's pipeline behind its model's head."""
 
-    def __init__(self, models: ModelHost) -> None:
+    def __init__(self, models: ModelSlot) -> None:
         self.models = models
 
     def _runtime(self) -> Any:
         return self.models.runtime if self.models.state == "ready" else None
 
     def capable(self) -> bool:
-        from peerd.inference.routing import NoRoute
+        from peerd.inference.swarm.routing import NoRoute
 
         runtime = self._runtime()
         return runtime is not None and not isinstance(runtime.generator.route(), NoRoute)

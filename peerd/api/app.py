@@ -18,11 +18,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from peerd.agents.service import Symphony
+from peerd.agents.requester import Symphony
 from peerd.api.openai import ApiError, read_json
 from peerd.api.openai import routes as openai_routes
 from peerd.api.tasks import routes as task_routes
-from peerd.inference.host import ModelHost
+from peerd.inference.slot import ModelSlot
 from peerd.node import Node
 
 OPEN_PATHS = {"/health"}
@@ -59,9 +59,9 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(node: Node, token: str, models: ModelHost | None = None,
+def create_app(node: Node, token: str, models: ModelSlot | None = None,
                symphony: Symphony | None = None) -> ASGIApp:
-    models = models or ModelHost(None)
+    models = models or ModelSlot(None)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "peer_id": node.peer_id, "name": node.name})

@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from peerd.inference.host import MAX_GAMMA, ModelHost, SpeculativeOptions
-from peerd.inference.routing import NoRoute, find_route, servers_by_model
+from peerd.inference.slot import MAX_GAMMA, ModelSlot, SpeculativeOptions
+from peerd.inference.swarm.routing import NoRoute, find_route, servers_by_model
 from peerd.node import Node
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def model_layers(node: Node, model_id: str) -> int:
                 if m.model_id == model_id), default=0)
 
 
-def routes(node: Node, models: ModelHost) -> list[Route]:
+def routes(node: Node, models: ModelSlot) -> list[Route]:
     async def list_models(request: Request) -> Response:
         data = []
         for model_id, servers in sorted(servers_by_model(node.ledger.entries()).items()):
@@ -263,7 +263,7 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
 
-def _runtime(models: ModelHost, model: str) -> Any:
+def _runtime(models: ModelSlot, model: str) -> Any:
     if models.state == "none":
         raise ApiError(503, "this peer serves no model; ask a peer started with --model, or "
                        "restart this one with --model SPEC", "service_unavailable")
@@ -289,9 +289,9 @@ class _Prepared:
 
 async def _prepare(runtime: Any, req: Completion) -> _Prepared:
     """Tokenise, check the length and that the swarm covers the model (503 if not)."""
-    from peerd.inference.drafters import DraftError
     from peerd.inference.generate import verify_mode
     from peerd.inference.sampling import SamplingParams
+    from peerd.inference.speculative.drafters import DraftError
 
     tok = runtime.tokenizer
     if req.chat:

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from peerd.agents.service import NoWorkers, Symphony, TaskSpec
+from peerd.agents.requester import NoWorkers, Symphony, TaskSpec
 from peerd.api.openai import ApiError, read_json
 from protocols.beacon import ANSWER_FORMATS, MAX_BID_WINDOW_S, MAX_DEADLINE_S, MAX_WORKERS
 from protocols.task import MAX_QUESTION_CHARS, MAX_TASK_TOKENS

@@ -1,10 +1,14 @@
-"""The compute side of pipelined inference (no networking here).
+"""Serving a model across the swarm: sharded inference and speculative decoding.
 
-    source.py   a model SPEC -> ModelSource; its config, tokenizer, reference model
-    weights.py  read named tensors (only those) from safetensors or a GGUF file
-    shard.py    ShardBlock: decoder layers [start, end) with a per-session KV cache
-    head.py     Head: embeddings, final norm and lm_head, kept by the entry peer
+    slot.py         this daemon's model slot (none, loading, ready, failed); light
+    runtime.py      one model on one peer: load, place, serve, generate
+    generate.py     decoding at the entry peer, plain and speculative, with failover
+    sampling.py     choosing the next token; log-probabilities
+    text.py         token ids to streamed text, with stop strings
+    model/          the model on one peer: source, weights, shard block, head
+    swarm/          routing, placement, the pipeline client and the shard server
+    speculative/    drafters, EAGLE, token trees, acceptance, γ
 
-This file imports nothing on purpose: `peerd.inference.routing` and friends are pure
-and must not pay for importing torch and transformers.
+This file imports nothing on purpose: the pure modules (routing, placement,
+acceptance) must not pay for importing torch and transformers.
 """

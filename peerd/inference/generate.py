@@ -19,36 +19,6 @@ import torch
 import trio
 
 from peerd import compute
-from peerd.inference.acceptance import (
-    TokenClasses,
-    TreeVerdict,
-    verify_sample,
-    verify_tree,
-)
-from peerd.inference.drafters import (
-    LOOKUP_BRANCHES,
-    Drafter,
-    DrafterCatalog,
-    DraftError,
-    DraftSession,
-    TreeDraftSession,
-)
-from peerd.inference.gamma import (
-    MAX_GAMMA,
-    MAX_TREE_NODES,
-    TREE_DEPTH,
-    GammaController,
-    TreeBudget,
-)
-from peerd.inference.host import SpeculativeOptions
-from peerd.inference.pipeline import (
-    Pipeline,
-    PipelineFailure,
-    PipelineSession,
-    common_prefix,
-    pooled_length,
-)
-from peerd.inference.routing import BanList, NoRoute, Route, Server, find_route, servers_by_model
 from peerd.inference.sampling import (
     Logprobs,
     SamplingParams,
@@ -57,7 +27,44 @@ from peerd.inference.sampling import (
     make_generator,
     token_logprobs,
 )
-from peerd.inference.tree import TokenTree, chain_prefix
+from peerd.inference.slot import SpeculativeOptions
+from peerd.inference.speculative.acceptance import (
+    TokenClasses,
+    TreeVerdict,
+    verify_sample,
+    verify_tree,
+)
+from peerd.inference.speculative.drafters import (
+    LOOKUP_BRANCHES,
+    Drafter,
+    DrafterCatalog,
+    DraftError,
+    DraftSession,
+    TreeDraftSession,
+)
+from peerd.inference.speculative.gamma import (
+    MAX_GAMMA,
+    MAX_TREE_NODES,
+    TREE_DEPTH,
+    GammaController,
+    TreeBudget,
+)
+from peerd.inference.speculative.tree import TokenTree, chain_prefix
+from peerd.inference.swarm.pipeline import (
+    Pipeline,
+    PipelineFailure,
+    PipelineSession,
+    common_prefix,
+    pooled_length,
+)
+from peerd.inference.swarm.routing import (
+    BanList,
+    NoRoute,
+    Route,
+    Server,
+    find_route,
+    servers_by_model,
+)
 from peerd.node import Node
 
 log = logging.getLogger(__name__)

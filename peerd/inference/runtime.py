@@ -19,18 +19,18 @@ import torch
 import trio
 
 from peerd import compute
-from peerd.inference.acceptance import TokenClasses
-from peerd.inference.drafters import DrafterCatalog
 from peerd.inference.generate import Generator
-from peerd.inference.head import Head
-from peerd.inference.host import ModelOptions, Progress
-from peerd.inference.pipeline import Pipeline
-from peerd.inference.placement import choose_layers, window_size
-from peerd.inference.routing import servers_by_model
-from peerd.inference.service import ShardServer
-from peerd.inference.shard import ShardBlock, set_torch_threads
-from peerd.inference.source import ModelSource, load_config, load_tokenizer, resolve
-from peerd.inference.tensors import DTYPE_NAMES, TORCH_DTYPES
+from peerd.inference.model.head import Head
+from peerd.inference.model.shard import ShardBlock, set_torch_threads
+from peerd.inference.model.source import ModelSource, load_config, load_tokenizer, resolve
+from peerd.inference.model.tensors import DTYPE_NAMES, TORCH_DTYPES
+from peerd.inference.slot import ModelOptions, Progress
+from peerd.inference.speculative.acceptance import TokenClasses
+from peerd.inference.speculative.drafters import DrafterCatalog
+from peerd.inference.swarm.pipeline import Pipeline
+from peerd.inference.swarm.placement import choose_layers, window_size
+from peerd.inference.swarm.routing import servers_by_model
+from peerd.inference.swarm.server import ShardServer
 from peerd.node import Node
 from protocols.ledger import ModelServed
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peerd.inference.source import ModelSource, architecture, load_config
-from peerd.inference.weights import read_tensors
+from peerd.inference.model.source import ModelSource, architecture, load_config
+from peerd.inference.model.weights import read_tensors
 
 
 class Head(nn.Module):

@@ -94,7 +94,7 @@ class ModelOptions:
     prompt_cache: bool = False  # API requests reuse a pooled session's prompt prefix
 
 
-class ModelHost:
+class ModelSlot:
     """A daemon's model slot: none, loading, ready or failed. The API reads it."""
 
     def __init__(self, options: ModelOptions | None) -> None:

@@ -50,13 +50,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from peerd.inference.drafters import Drafter, DraftSession, NgramDrafter
-from peerd.inference.eagle import EagleConfig, EagleDrafter, EagleHead
-from peerd.inference.eagle_file import load_eagle, save_eagle, training_record
-from peerd.inference.head import Head
+from peerd.inference.model.head import Head
+from peerd.inference.model.source import load_config, load_tokenizer, reference_model, resolve
 from peerd.inference.sampling import SamplingParams
-from peerd.inference.source import load_config, load_tokenizer, reference_model, resolve
-from peerd.inference.vocab import DRAFT_VOCAB_SIZE, count_tokens, coverage, pick
+from peerd.inference.speculative.drafters import Drafter, DraftSession, NgramDrafter
+from peerd.inference.speculative.eagle import EagleConfig, EagleDrafter, EagleHead
+from peerd.inference.speculative.eagle_file import load_eagle, save_eagle, training_record
+from peerd.inference.speculative.vocab import DRAFT_VOCAB_SIZE, count_tokens, coverage, pick
 
 GREEDY = SamplingParams(temperature=0.0)
 

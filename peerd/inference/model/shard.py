@@ -28,10 +28,10 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from peerd.inference.attention import attention_for
-from peerd.inference.source import ModelSource, architecture, load_config
-from peerd.inference.tree import attention_mask
-from peerd.inference.weights import read_tensors
+from peerd.inference.model.attention import attention_for
+from peerd.inference.model.source import ModelSource, architecture, load_config
+from peerd.inference.model.weights import read_tensors
+from peerd.inference.speculative.tree import attention_mask
 from protocols.errors import WireError
 from protocols.shard import tree_depths
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from peerd.inference.routing import Server
+from peerd.inference.swarm.routing import Server
 
 
 def coverage(servers: Iterable[Server], num_layers: int) -> list[int]:

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from peerd.inference.drafters import DraftError
-from peerd.inference.eagle import EagleConfig, EagleDrafter, EagleHead
-from peerd.inference.head import Head
-from peerd.inference.vocab import VocabError, validate
+from peerd.inference.model.head import Head
+from peerd.inference.speculative.drafters import DraftError
+from peerd.inference.speculative.eagle import EagleConfig, EagleDrafter, EagleHead
+from peerd.inference.speculative.vocab import VocabError, validate
 
 FORMAT = "peerd-eagle"
 FORMAT_VERSION = "2"  # 2: an optional draft vocabulary

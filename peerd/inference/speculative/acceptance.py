@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peerd.inference.tree import TokenTree
+from peerd.inference.speculative.tree import TokenTree
 
 VERIFY_MODES = ("greedy", "sample", "adaptive")
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peerd.inference.source import ModelError, ModelSource
+from peerd.inference.model.source import ModelError, ModelSource
 
 
 def read_tensors(source: ModelSource, config: Any, names: Sequence[str], *,

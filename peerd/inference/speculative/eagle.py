@@ -39,7 +39,9 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from peerd.inference.drafters import (
+from peerd.inference.model.head import Head
+from peerd.inference.sampling import SamplingParams
+from peerd.inference.speculative.drafters import (
     LOOKUP_BRANCHES,
     LOOKUP_SCORE,
     Draft,
@@ -47,11 +49,9 @@ from peerd.inference.drafters import (
     DraftError,
     lookups,
 )
-from peerd.inference.gamma import TREE_NODES
-from peerd.inference.head import Head
-from peerd.inference.sampling import SamplingParams
-from peerd.inference.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
-from peerd.inference.vocab import VocabError, validate
+from peerd.inference.speculative.gamma import TREE_NODES
+from peerd.inference.speculative.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
+from peerd.inference.speculative.vocab import VocabError, validate
 
 TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
 

@@ -26,8 +26,8 @@ import trio
 from libp2p.peer.id import ID
 
 from peerd import compute
-from peerd.inference.host import ShardLimits
-from peerd.inference.tensors import from_wire, to_wire
+from peerd.inference.model.tensors import from_wire, to_wire
+from peerd.inference.slot import ShardLimits
 from peerd.node import Node
 from peerd.rpc import close_stream, remote_peer, send_quietly
 from protocols.codec import decode, encode
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 
 class Block(Protocol):
-    """What the server needs of the compute layer (peerd.inference.shard.ShardBlock)."""
+    """What the server needs of the compute layer (peerd.inference.model.shard.ShardBlock)."""
 
     model_id: str
     start: int

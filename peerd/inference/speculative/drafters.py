@@ -30,9 +30,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from peerd.inference.gamma import TREE_NODES
 from peerd.inference.sampling import SamplingParams, distribution
-from peerd.inference.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
+from peerd.inference.speculative.gamma import TREE_NODES
+from peerd.inference.speculative.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
 
 LOOKUP_BRANCHES = 3  # prompt-lookup continuations a token tree carries
 # a lookup branch's own nodes: after every scored candidate in slot order, and with no
@@ -256,7 +256,7 @@ class DrafterCatalog:
         if kind == "ngram":
             return NgramDrafter()
         if kind == "eagle":
-            from peerd.inference.eagle_file import default_eagle_path, load_eagle
+            from peerd.inference.speculative.eagle_file import default_eagle_path, load_eagle
 
             model_id = str(getattr(self.head, "model_id", "?"))
             path = Path(arg).expanduser() if arg else default_eagle_path(model_id)
@@ -271,7 +271,7 @@ class DrafterCatalog:
         raise DraftError(f"unknown drafter {draft!r}")
 
     def _draft_model(self, spec: str) -> ModelDrafter:
-        from peerd.inference.source import (
+        from peerd.inference.model.source import (
             ModelError,
             load_config,
             load_tokenizer,

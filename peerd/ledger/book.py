@@ -1,8 +1,8 @@
-"""The capability ledger: verify, merge, expire, persist, query.
+"""The capability ledger's book: verify, merge, expire, query.
 
 `Ledger` is sans-I/O: it is handed signed entries and the current time and answers
-accept or reject-with-reason. The node feeds it from gossip and sync; `LedgerStore`
-persists it in SQLite so a restarted peer starts warm.
+accept or reject-with-reason. The gossip service (gossip.py) feeds it from gossip and
+sync; `LedgerStore` (store.py) persists it in SQLite so a restarted peer starts warm.
 
 Rules:
 - the signature must verify against the public key embedded in the entry's peer id;
@@ -16,15 +16,11 @@ Rules:
 from __future__ import annotations
 
 import math
-import sqlite3
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from libp2p.crypto.keys import PrivateKey
 from libp2p.peer.id import ID
 
-from peerd.datadir import connect_private_db
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.ledger import (
@@ -161,75 +157,3 @@ class Ledger:
 
     def signed_entries(self) -> list[SignedEntry]:
         return [self._held[k].signed for k in sorted(self._held)]
-
-
-class LedgerStoreError(RuntimeError):
-    """The SQLite file is corrupt or unreadable; the message names it."""
-
-
-class LedgerStore:
-    """SQLite persistence: one row per peer, the signed bytes as received."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._db = connect_private_db(path)
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS entries (peer_id TEXT PRIMARY KEY, seq INTEGER"
-                " NOT NULL, body BLOB NOT NULL, sig BLOB NOT NULL, expires_at REAL NOT NULL)"
-            )
-            self._db.execute("SELECT count(*) FROM entries").fetchone()
-        except OSError as exc:
-            raise LedgerStoreError(
-                f"cannot create ledger database {path}: {exc.strerror}") from None
-        except sqlite3.DatabaseError as exc:
-            raise LedgerStoreError(
-                f"ledger database {path} is corrupt or unreadable ({exc}). Move it aside "
-                "(the peer re-learns the ledger from its neighbours) and start again."
-            ) from None
-
-    def load_into(self, ledger: Ledger, now: float,
-                  on_reject: Callable[[str], None] | None = None) -> int:
-        """Re-verify every stored entry; expired or tampered rows are dropped."""
-        try:
-            rows = self._db.execute("SELECT peer_id, body, sig FROM entries").fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise LedgerStoreError(f"ledger database {self.path} is unreadable: {exc}") from None
-        loaded = 0
-        for peer_id, body, sig in rows:
-            try:
-                # SQLite keeps whatever type was written; a hand-edited row may hold text.
-                if not isinstance(body, bytes) or not isinstance(sig, bytes):
-                    raise LedgerReject(f"stored row of {peer_id!r:.60} is not a signed entry",
-                                       reason="malformed")
-                ledger.offer(SignedEntry(body=body, sig=sig), now)
-                loaded += 1
-            except LedgerReject as exc:
-                if on_reject is not None and exc.reason != "expired":
-                    on_reject(exc.reason)
-                self.delete([peer_id])
-        return loaded
-
-    def save(self, items: Iterable[tuple[LedgerEntry, SignedEntry]]) -> None:
-        rows = [(e.peer_id, e.seq, s.body, s.sig, e.expires_at) for e, s in items]
-        if rows:
-            self._write("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)", rows)
-
-    def delete(self, peer_ids: Iterable[str]) -> None:
-        ids = [(p,) for p in peer_ids]
-        if ids:
-            self._write("DELETE FROM entries WHERE peer_id = ?", ids)
-
-    def _write(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
-        self._db.execute("BEGIN")
-        try:
-            self._db.executemany(sql, rows)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        self._db.close()
-

@@ -18,9 +18,9 @@ from typing import Any
 import multiaddr
 import trio
 
-from peerd.agents.requester import Symphony
 from peerd.agents.skills import make_matcher
 from peerd.agents.solver import ModelSolver
+from peerd.agents.symphony import Symphony
 from peerd.api.app import create_app
 from peerd.api.server import ApiBindError, bind, serve
 from peerd.config import Config
@@ -32,9 +32,11 @@ from peerd.datadir import (
 )
 from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
 from peerd.inference.model.source import ModelError, resolve
-from peerd.inference.slot import ModelOptions, ModelSlot, ShardLimits, SpeculativeOptions
+from peerd.inference.slot import ModelOptions, ModelSlot, Progress, ShardLimits, SpeculativeOptions
+from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
-from peerd.node import open_node
+from peerd.node import Node, open_node
+from peerd.service import Service
 
 log = logging.getLogger("peerd")
 
@@ -99,8 +101,11 @@ def run(config: Config, *, announce: Any = print, progress: Any = None) -> int:
     try:
         trio.run(_main, config, key_pair, token, api_config, sockets, announce,
                  progress or (lambda phase: log.info("model: %s", phase)))
-    except LedgerStoreError as exc:
-        raise StartupError(str(exc)) from None
+    except* LedgerStoreError as group:  # opening the store, inside the node's nursery
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        raise StartupError(str(error)) from None
     finally:
         (config.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
     return 0
@@ -117,11 +122,24 @@ def model_options(config: Config) -> ModelOptions | None:
                         prompt_cache=config.prompt_cache)
 
 
+def build_services(node: Node, config: Config, progress: Progress) -> list[Service]:
+    """The systems this peer runs, in start order: one line each. A system that needs
+    another is given it here."""
+    ledger = LedgerGossip(node)
+    model = ModelSlot(node, ledger, model_options(config), progress)
+    # Only a peer that can work bids, so only it needs the skill matcher.
+    solver = ModelSolver(model) if model.options is not None else None
+    symphony = Symphony(node, ledger, solver, make_matcher(config.skill_matcher),
+                        skills=config.skills, warm_up=solver is not None)
+    return [ledger, model, symphony]
+
+
 async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sockets: Any,
-                announce: Any, progress: Any) -> None:
-    models = ModelSlot(model_options(config))
+                announce: Any, progress: Progress) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config, key_pair) as node:
+            for service in build_services(node, config, progress):
+                await node.start(service)
             shutdown = trio.Event()
             # The bound port, not the configured one: `--api 127.0.0.1:0` picks a free port.
             api_port = sockets.insecure_sockets[0].getsockname()[1]
@@ -131,15 +149,8 @@ async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sock
             write_runtime_file(config.data_dir, info)
             announce(info)
             async with trio.open_nursery() as nursery:
-                # Only a peer that can work bids, so only it needs the skill matcher.
-                solver = ModelSolver(models) if models.options is not None else None
-                symphony = Symphony(node, solver, make_matcher(config.skill_matcher),
-                                    warm_up=solver is not None)
-                await nursery.start(symphony.run)
-                nursery.start_soon(serve, create_app(node, token, models, symphony),
-                                   api_config, sockets, shutdown)
-                if models.options is not None:
-                    nursery.start_soon(models.load, node, progress)
+                nursery.start_soon(serve, create_app(node, token), api_config, sockets,
+                                   shutdown)
                 async for signum in signals:
                     log.info("%s received; shutting down", signal.Signals(signum).name)
                     break

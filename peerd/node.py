@@ -1,115 +1,117 @@
-"""Node: the libp2p host, gossip, the capability ledger and the services around them.
+"""Node: the kernel of a peer. The libp2p host, streams, a nursery, connectivity, RTT
+and offences; nothing of any system.
 
 `open_node(config, key)` is an async context manager. It enters the host, Pubsub and
 GossipSub with one AsyncExitStack in the calling task and leaves them in reverse
-order (LIBP2P_NOTES.md trap 5), then runs the node's own services in a nursery it
-owns: heartbeat, gossip intake, expiry, connectivity, RTT probes, peerstore clean-up
-and store flushes. Leaving the context cancels them, flushes the ledger and closes.
+order (LIBP2P_NOTES.md trap 5), then runs the kernel's own loops in a nursery it owns:
+connectivity (dialing towards `target_peers`), the welcome of each new connection,
+RTT probes and peerstore clean-up. Systems plug in as services (service.py) started in
+that nursery with `Node.start`; leaving the context cancels them and closes the host.
+
+Two hooks let services take part without the kernel knowing them: `add_dial_source`
+(whom to dial: the ledger's addresses) and `on_connect` (what to do with a new
+connection: the ledger pulls a snapshot).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import random
-import secrets
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
-from dataclasses import replace
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import multiaddr
-import psutil
 import trio
-from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
-from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
-from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
-from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from peerd import __version__
 from peerd.config import Config
 from peerd.events import EventBus
-from peerd.ledger.book import Accepted, Ledger, LedgerReject, sign_entry, verify_entry
-from peerd.ledger.store import LedgerStore
+from peerd.host import count_insecure_handshakes, make_host, make_pubsub, ping_once
 from peerd.loopback import loopback_pair
 from peerd.metrics import Metrics
-from peerd.rpc import call, stream_handler
-from protocols import ledger as wire
-from protocols.codec import decode, encode
-from protocols.errors import PeerError, WireError
-from protocols.ledger import (
-    Hardware,
-    LedgerEntry,
-    Load,
-    ModelServed,
-    SignedEntry,
-    SyncRequest,
-    SyncResponse,
-)
-from protocols.task import FEATURES as TASK_FEATURES
+from peerd.service import Service
 
 log = logging.getLogger(__name__)
 
+S = TypeVar("S", bound=Service)
+DialSource = Callable[[], Iterable[tuple[str, Sequence[str]]]]  # -> (peer id, addrs)
+ConnectHook = Callable[[str], Awaitable[None]]  # (peer id); must not raise
+
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
-LEDGER_DB = "ledger.sqlite"
 DIAL_TIMEOUT_S = 5.0
 PING_TIMEOUT_S = 3.0
 PING_INTERVAL_S = 8.0  # under the 10 s after which the remote idles a ping stream out
-SYNC_INTERVAL_S = 30.0  # don't re-pull a snapshot from the same peer more often
+WELCOME_INTERVAL_S = 30.0  # don't welcome the same peer again sooner (a flapping link)
 MAX_DIAL_BACKOFF_S = 60.0
 MAX_OFFENDERS_TRACKED = 4096
 CONNECT_SETTLE_S = 0.5
 
 
 class Node:
-    """A running peer. Create with `open_node`; all methods run on the trio loop."""
+    """A running peer's kernel. Create with `open_node`; all methods run on the trio
+    loop."""
 
     def __init__(self, config: Config, key_pair: KeyPair, host: Any, pubsub: Pubsub) -> None:
         self.config = config
         self.key_pair = key_pair
         self.host = host
-        self.pubsub = pubsub
+        self.pubsub = pubsub  # shared by the services' gossip topics
         self.peer_id = str(host.get_id())
         self.name = config.name or self.peer_id[-8:]
         self.started_at = time.time()
         self.events = EventBus()
         self.metrics = Metrics()
-        self.ledger = Ledger()
-        self.store = LedgerStore(config.data_dir / LEDGER_DB)
         self.offences: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.rtt_ms: dict[str, float] = {}
-        self._skills = tuple(config.skills)
-        # optional wire fields we understand, told to others in our ledger entry
-        self.features: tuple[str, ...] = TASK_FEATURES
-        self._models: tuple[ModelServed, ...] = ()
-        self._accelerator: Hardware | None = None  # set when a model runs on one
-        self._load = Load()
-        self._reputation: dict[str, float] = {}
-        self._seq = 0
-        self._dirty: set[str] = set()
-        self._removed: set[str] = set()
-        self._synced_at: dict[str, float] = {}
+        self.services: list[Service] = []  # started, in order
+        self._dial_sources: list[DialSource] = []
+        self._connect_hooks: list[ConnectHook] = []
+        self._welcomed_at: dict[str, float] = {}
         self._dial_backoff: dict[str, tuple[float, float]] = {}  # peer -> (next try, delay)
         self._ping_streams: dict[str, Any] = {}
         self._handlers: dict[str, Any] = {}
-        self._publish_now = trio.Event()
         self._connected_peers: trio.MemorySendChannel[str]
         self._nursery: trio.Nursery | None = None
 
-    # ---- queries (used by the API) -------------------------------------------------
+    # ---- services ------------------------------------------------------------------
+
+    async def start(self, service: Service) -> None:
+        """Start `service` in the node's nursery; returns once it is serving. It is
+        one of `services` from the start, so its own first `refresh()` of the ledger
+        entry already carries its fields."""
+        self.services.append(service)
+        try:
+            await self.nursery.start(service.run)
+        except BaseException:
+            self.services.remove(service)
+            raise
+
+    def service(self, kind: type[S]) -> S:
+        """The started service of this type (LookupError if none)."""
+        for service in self.services:
+            if isinstance(service, kind):
+                return service
+        raise LookupError(f"no {kind.__name__} service on this node")
+
+    def add_dial_source(self, source: DialSource) -> None:
+        """Peers worth dialing, and where (asked each time connections run short)."""
+        self._dial_sources.append(source)
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        """Run `hook(peer_id)` for each new connection, one hook at a time, before the
+        first RTT probe (at most once per WELCOME_INTERVAL_S per peer)."""
+        self._connect_hooks.append(hook)
+
+    # ---- queries -------------------------------------------------------------------
 
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
@@ -124,9 +126,6 @@ class Node:
             "addrs": self.addrs(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "peers": len(self.connected_peers()),
-            "ledger_size": len(self.ledger),
-            "seq": self._seq,
-            "skills": list(self._skills),
             "version": __version__,
             "data_dir": str(self.config.data_dir),
         }
@@ -134,55 +133,16 @@ class Node:
     def peers(self) -> list[dict[str, Any]]:
         out = []
         for pid in self.connected_peers():
-            entry = self.ledger.get(pid)
             conns = self.host.get_network().connections.get(ID.from_base58(pid), [])
             out.append({
                 "peer_id": pid,
-                "name": entry.name if entry else "",
-                "addrs": list(entry.addrs) if entry else [],
                 "rtt_ms": round(self.rtt_ms[pid], 3) if pid in self.rtt_ms else None,
                 "connections": len(conns),
                 "offences": sum(self.offences[pid].values()) if pid in self.offences else 0,
             })
         return out
 
-    def ledger_view(self) -> list[dict[str, Any]]:
-        now = time.time()
-        out = []
-        for e in self.ledger.entries():
-            row = e.to_wire()
-            row.pop("t", None)
-            row.pop("v", None)
-            row["expires_in_s"] = round(e.expires_at - now, 3)
-            row["received_at"] = self.ledger.received_at(e.peer_id)
-            row["self"] = e.peer_id == self.peer_id
-            out.append(row)
-        return out
-
-    # ---- changes -------------------------------------------------------------------
-
-    def set_skills(self, skills: list[str]) -> LedgerEntry:
-        """Change our advertised skills; the new entry goes out on gossip at once."""
-        self._skills = tuple(skills)
-        return self._refresh_own_entry()
-
-    def set_models(self, models: tuple[ModelServed, ...]) -> LedgerEntry:
-        """Change the model spans we advertise; gossiped at once."""
-        self._models = models
-        return self._refresh_own_entry()
-
-    def set_accelerator(self, device: str, name: str, memory_bytes: int) -> None:
-        """Advertise the accelerator a model runs on (from the next entry on)."""
-        self._accelerator = Hardware(device=device, memory_bytes=memory_bytes,
-                                     cpu_count=os.cpu_count() or 0, accelerator=name)
-
-    def set_load(self, sessions: int, queue: int) -> None:
-        """Recorded for the next heartbeat (load changes too often to gossip each)."""
-        self._load = Load(sessions=sessions, queue=queue)
-
-    def set_reputation(self, scores: dict[str, float]) -> None:
-        """Our observations of other peers (Symphony), published from the next heartbeat."""
-        self._reputation = {p: s for p, s in scores.items() if p != self.peer_id}
+    # ---- streams -------------------------------------------------------------------
 
     def set_stream_handler(self, protocol: str, handler: Any) -> None:
         """Serve `protocol` to other peers and to ourselves (see `new_stream`)."""
@@ -202,215 +162,37 @@ class Node:
 
     @property
     def nursery(self) -> trio.Nursery:
-        """The node's own nursery: services attached to the node run their tasks here."""
+        """The node's own nursery: services and their tasks run here."""
         assert self._nursery is not None, "node is not running"
         return self._nursery
 
+    # ---- offences ------------------------------------------------------------------
+
     def offence(self, peer: str, reason: str, detail: str) -> None:
         """Count input refused from `peer` (metrics, events, per-peer tally)."""
-        self._tally(peer, reason)
+        self.tally(peer, reason)
         self.metrics.rejections.labels(reason).inc()
         log.info("refused input from %s: %s (%s)", peer, reason, detail)
         self.events.publish("peer.offence", peer_id=peer, reason=reason, detail=detail[:300])
 
-    def _tally(self, peer: str, reason: str) -> None:
+    def tally(self, peer: str, reason: str) -> None:
+        """Count an offence of `peer` only (the caller reports it its own way)."""
         if peer not in self.offences and len(self.offences) >= MAX_OFFENDERS_TRACKED:
             del self.offences[next(iter(self.offences))]  # forget the oldest offender
         self.offences[peer][reason] += 1
 
-    # ---- the ledger ----------------------------------------------------------------
-
-    def _own_entry(self) -> LedgerEntry:
-        self._seq = max(self._seq + 1, int(time.time() * 1000))
-        vm = psutil.virtual_memory()
-        return LedgerEntry(
-            peer_id=self.peer_id,
-            seq=self._seq,
-            timestamp=time.time(),
-            ttl_s=self.config.ttl_s,
-            name=self.name,
-            addrs=tuple(self.addrs()),
-            hardware=self._accelerator or Hardware(device="cpu", memory_bytes=int(vm.available),
-                                                   cpu_count=os.cpu_count() or 0),
-            models=self._models,
-            skills=self._skills,
-            load=replace(self._load, cpu_percent=psutil.cpu_percent(interval=None)),
-            reputation=dict(self._reputation),
-            software=f"peerd/{__version__}",
-            features=self.features,
-        )
-
-    def _refresh_own_entry(self) -> LedgerEntry:
-        entry = self._own_entry()
-        signed = sign_entry(entry, self.key_pair.private_key)
-        self._merge(signed, source=self.peer_id, origin="self")
-        self._publish_now.set()
-        return entry
-
-    def _reject_entry(self, source: str, reason: str, detail: str, via: str, *,
-                      offence: bool = True) -> None:
-        self.metrics.rejections.labels(reason).inc()
-        if offence:
-            self._tally(source, reason)
-        self.events.publish("ledger.rejected", peer_id=source, reason=reason,
-                            detail=detail[:300], via=via)
-        log.info("ledger entry from %s refused (%s): %s", source, reason, detail)
-
-    def _merge(self, signed: SignedEntry, *, source: str, origin: str) -> bool:
-        """Offer one entry to the ledger; True when it was new. Never raises PeerError."""
-        try:
-            outcome = self.ledger.offer(signed, time.time())
-        except LedgerReject as exc:
-            if exc.reason in ("stale_seq", "expired"):
-                # A snapshot (or a gossip copy that raced ours) may honestly carry an
-                # older entry of a third peer; the gossip validator catches replays.
-                self.metrics.rejections.labels("late_copy").inc()
-            else:
-                self._reject_entry(source, exc.reason, str(exc), origin)
-            return False
-        if not isinstance(outcome, Accepted):
-            return False
-        entry = outcome.entry
-        self._dirty.add(entry.peer_id)
-        self._removed.discard(entry.peer_id)
-        self.metrics.ledger_entries.set(len(self.ledger))
-        if entry.peer_id != self.peer_id:
-            self.events.publish(
-                "ledger.accepted", peer_id=entry.peer_id, name=entry.name, seq=entry.seq,
-                via=origin, source=source, new=outcome.previous is None,
-                changed=_capabilities_changed(outcome.previous, entry),
-            )
-        return True
-
-    # ---- services ------------------------------------------------------------------
+    # ---- the kernel's loops --------------------------------------------------------
 
     async def _run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             send, recv = trio.open_memory_channel[str](256)
             self._connected_peers = send
-            subscription = await self.pubsub.subscribe(wire.TOPIC)
-            nursery.start_soon(self._gossip_intake, subscription)
-            nursery.start_soon(self._heartbeat)
-            nursery.start_soon(self._expiry_loop)
-            nursery.start_soon(self._flush_loop)
             nursery.start_soon(self._connectivity_loop)
             nursery.start_soon(self._on_connect_loop, recv)
             nursery.start_soon(self._rtt_loop)
-            nursery.start_soon(self._anti_entropy_loop)
             nursery.start_soon(self._peerstore_cleanup_loop)
             task_status.started()
-
-    async def _gossip_intake(self, subscription: Any) -> None:
-        while True:
-            msg = await subscription.get()
-            source = str(ID(msg.from_id)) if msg.from_id else "unknown"
-            self.metrics.messages.labels("in", "ledger.gossip").inc()
-            if source == self.peer_id:
-                continue
-            try:
-                signed = decode(msg.data, SignedEntry)
-            except WireError as exc:  # the validator already refused these; be safe
-                self.offence(source, exc.reason, str(exc))
-                continue
-            self._merge(signed, source=source, origin="gossip")
-
-    def _validate_gossip(self, forwarder: Any, msg: Any) -> bool:
-        """Topic validator: must never raise (LIBP2P_NOTES.md trap 2).
-
-        Only authentic, current entries travel on. Honest peers publish only their own
-        entry, so an entry published by another peer (strict signing authenticates the
-        publisher) that is stale or expired is a deliberate replay: an offence. The
-        author's own late copies are gossip's normal catch-up: dropped quietly.
-        """
-        try:
-            publisher = str(ID(msg.from_id)) if msg.from_id else str(forwarder)
-            if len(msg.data) > wire.MAX_ENTRY_BYTES + 1024:
-                self.offence(publisher, "oversized", f"{len(msg.data)} byte gossip message")
-                return False
-            signed = decode(msg.data, SignedEntry)
-            try:
-                entry = verify_entry(signed)
-            except LedgerReject as exc:
-                self._reject_entry(publisher, exc.reason, str(exc), "gossip", offence=True)
-                return False
-            own = publisher == entry.peer_id
-            held = self.ledger.get(entry.peer_id)
-            if held is not None and entry.seq < held.seq:
-                if own:
-                    self.metrics.rejections.labels("late_copy").inc()
-                else:
-                    self._reject_entry(publisher, "stale_seq", f"replay of {entry.peer_id}'s "
-                                       f"seq {entry.seq} (we hold {held.seq})", "gossip")
-                return False
-            if entry.expires_at <= time.time():
-                self._reject_entry(publisher, "expired", f"entry of {entry.peer_id} expired",
-                                   "gossip", offence=not own)
-                return False
-            return True
-        except PeerError as exc:
-            self.offence(str(forwarder), exc.reason, str(exc))
-            return False
-        except Exception:
-            log.exception("gossip validator failed")
-            return False
-
-    async def _heartbeat(self) -> None:
-        while True:
-            entry = self.ledger.get(self.peer_id)
-            stale = entry is None or time.time() - entry.timestamp >= self.config.heartbeat_s
-            if stale:
-                self._refresh_own_entry()
-            if self._publish_now.is_set():
-                self._publish_now = trio.Event()
-                await self._publish_own()
-            with trio.move_on_after(self.config.heartbeat_s):
-                await self._publish_now.wait()
-
-    async def _publish_own(self) -> None:
-        signed = self.ledger.signed(self.peer_id)
-        if signed is None:
-            return
-        try:
-            await self.pubsub.publish(wire.TOPIC, encode(signed))
-            self.metrics.messages.labels("out", "ledger.gossip").inc()
-        except Exception:
-            log.warning("publishing our ledger entry failed", exc_info=True)
-
-    async def _expiry_loop(self) -> None:
-        while True:
-            await trio.sleep(min(1.0, self.config.heartbeat_s / 4))
-            for entry in self.ledger.expire(time.time()):
-                self._removed.add(entry.peer_id)
-                self._dirty.discard(entry.peer_id)
-                self.events.publish("ledger.expired", peer_id=entry.peer_id, name=entry.name)
-            self.metrics.ledger_entries.set(len(self.ledger))
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await trio.sleep(1.0)
-            if self._dirty or self._removed:
-                items, removed = self._take_changes()
-                await trio.to_thread.run_sync(self._write, items, removed)
-
-    def _take_changes(self) -> tuple[list[tuple[LedgerEntry, SignedEntry]], set[str]]:
-        """Changed entries since the last flush, collected on the event loop."""
-        dirty, self._dirty = self._dirty, set()
-        removed, self._removed = self._removed, set()
-        items = []
-        for pid in dirty:
-            entry, signed = self.ledger.get(pid), self.ledger.signed(pid)
-            if entry is not None and signed is not None:
-                items.append((entry, signed))
-        return items, removed
-
-    def _write(self, items: list[tuple[LedgerEntry, SignedEntry]], removed: set[str]) -> None:
-        self.store.save(items)
-        self.store.delete(removed)
-
-    def flush(self) -> None:
-        """Write changed entries to SQLite now (at shutdown)."""
-        self._write(*self._take_changes())
 
     # -- connectivity
 
@@ -445,13 +227,13 @@ class Node:
         if want <= 0:
             return
         now = trio.current_time()
-        candidates: list[tuple[str, list[str]]] = []
-        for addr in self.config.bootstrap:
-            pid = addr.rsplit("/p2p/", 1)[-1]
-            candidates.append((pid, [addr]))
-        for e in self.ledger.entries():
-            candidates.append((e.peer_id, [a if "/p2p/" in a else f"{a}/p2p/{e.peer_id}"
-                                           for a in e.addrs]))
+        candidates: list[tuple[str, Sequence[str]]] = [
+            (addr.rsplit("/p2p/", 1)[-1], [addr]) for addr in self.config.bootstrap]
+        for source in self._dial_sources:
+            try:
+                candidates.extend(source())
+            except Exception:
+                log.warning("a dial source failed", exc_info=True)
         seen: set[str] = set()
         chosen = []
         for pid, addrs in candidates:
@@ -465,7 +247,7 @@ class Node:
             for pid, addrs in chosen[:want]:
                 nursery.start_soon(self._dial, pid, addrs)
 
-    async def _dial(self, pid: str, addrs: list[str]) -> None:
+    async def _dial(self, pid: str, addrs: Sequence[str]) -> None:
         for addr in addrs:
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
@@ -482,60 +264,27 @@ class Node:
     async def _on_connect_loop(self, recv: trio.MemoryReceiveChannel[str]) -> None:
         async with trio.open_nursery() as nursery:
             async for pid in recv:
-                last = self._synced_at.get(pid)
-                if last is not None and trio.current_time() - last < SYNC_INTERVAL_S:
+                last = self._welcomed_at.get(pid)
+                if last is not None and trio.current_time() - last < WELCOME_INTERVAL_S:
                     continue
-                self._synced_at[pid] = trio.current_time()
+                self._welcomed_at[pid] = trio.current_time()
                 nursery.start_soon(self._welcome, pid)
 
     async def _welcome(self, pid: str) -> None:
-        """A new connection: pull the peer's ledger (both sides do, so each learns the
-        other's entry within a round trip) and measure the link.
+        """A new connection: the services' hooks (the ledger pulls the peer's snapshot),
+        then the first RTT probe.
 
         Waits a moment first, and opens one stream at a time: streams opened while
         py-libp2p is still running identify and setting up gossip on a fresh
         connection stall its protocol negotiation (seen: the gossip stream never
         came up, leaving the peer outside the mesh)."""
         await trio.sleep(CONNECT_SETTLE_S)
-        await self._pull_snapshot(pid)
+        for hook in self._connect_hooks:
+            try:
+                await hook(pid)
+            except Exception:
+                log.warning("a connection hook failed for %s", pid, exc_info=True)
         await self._probe_rtt(pid)
-
-    async def _anti_entropy_loop(self) -> None:
-        """Every half heartbeat, pull the ledger from one random neighbour.
-
-        Gossip is fast but lossy under load; this push-pull backstop keeps every
-        ledger converging (and refreshed before entries expire) regardless."""
-        rng = random.Random()
-        while True:
-            await trio.sleep(max(0.5, self.config.heartbeat_s / 2))
-            peers = self.connected_peers()
-            if peers:
-                await self._pull_snapshot(rng.choice(peers))
-
-    async def _pull_snapshot(self, pid: str) -> None:
-        """Late-joiner sync: pull the peer's whole ledger over /peerd/ledger-sync."""
-        try:
-            response: SyncResponse = await call(self.host, pid, wire.SYNC, SyncRequest())
-        except PeerError as exc:
-            self.offence(pid, exc.reason, f"ledger sync reply: {exc}")
-            return
-        except Exception as exc:
-            log.debug("ledger sync from %s failed: %r", pid, exc)
-            return
-        self.metrics.messages.labels("in", "ledger.sync").inc()
-        for signed in response.entries:
-            self._merge(signed, source=pid, origin="sync")
-
-    async def _serve_sync(self, peer: str, request: SyncRequest) -> SyncResponse:
-        self.metrics.messages.labels("out", "ledger.sync").inc()
-        budget = wire.SYNC.max_response_bytes - 4096  # room for framing and map overhead
-        entries = []
-        for signed in self.ledger.signed_entries()[: wire.MAX_SNAPSHOT_ENTRIES]:
-            budget -= len(signed.body) + len(signed.sig) + 32
-            if budget < 0:
-                break
-            entries.append(signed)
-        return SyncResponse(entries=tuple(entries))
 
     # -- RTT probes
 
@@ -601,7 +350,7 @@ class Node:
         self.metrics.peers.set(len(self.host.get_network().connections))
         self.rtt_ms.pop(pid, None)
         self._ping_streams.pop(pid, None)
-        self._synced_at.pop(pid, None)
+        self._welcomed_at.pop(pid, None)
         self.events.publish("peer.disconnected", peer_id=pid)
 
     def _on_insecure_attempt(self, detail: str) -> None:
@@ -640,128 +389,22 @@ class _Notifee:
         return None
 
 
-async def ping_once(stream: Any) -> float:
-    payload = secrets.token_bytes(32)
-    t0 = time.perf_counter()
-    await stream.write(payload)
-    got = b""
-    while len(got) < len(payload):
-        chunk = await stream.read(len(payload) - len(got))
-        if not chunk:
-            raise WireError("ping stream closed")
-        got += chunk
-    if got != payload:
-        raise WireError("ping payload mismatch")
-    return (time.perf_counter() - t0) * 1000
-
-
-def _guarded_stream_handler(inner: Any) -> Any:
-    async def handler(stream: Any) -> None:
-        try:
-            await inner(stream)
-        except Exception as exc:
-            log.debug("pubsub stream handler failed: %r", exc)
-            with contextlib.suppress(Exception):
-                await stream.reset()
-
-    return handler
-
-
-def _capabilities_changed(old: LedgerEntry | None, new: LedgerEntry) -> bool:
-    if old is None:
-        return True
-    keep = {"seq": 0, "timestamp": 0.0, "load": Load(), "hardware": Hardware()}
-    return replace(old, **keep) != replace(new, **keep)  # type: ignore[arg-type]
-
-
-def _count_insecure_handshakes(host: Any, node: Node) -> None:
-    """Count inbound connections that failed to agree on Noise (e.g. plaintext).
-
-    py-libp2p logs these at debug level and offers no hook, so we wrap the
-    upgrader's bound method on this host's own swarm instance.
-    """
-    upgrader = host.get_network().upgrader
-    inner = upgrader.upgrade_security
-
-    async def upgrade_security(raw_conn: Any, is_initiator: bool, peer_id: Any = None) -> Any:
-        try:
-            return await inner(raw_conn, is_initiator, peer_id)
-        except Exception as exc:
-            if not is_initiator:
-                node._on_insecure_attempt(f"{type(exc).__name__}: {exc}")
-            raise
-
-    upgrader.upgrade_security = upgrade_security
-
-
-def make_host(config: Config, key_pair: KeyPair) -> Any:
-    """TCP + Noise only + yamux only (LIBP2P_NOTES.md trap 4)."""
-    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
-    announce = [multiaddr.Multiaddr(a) for a in config.announce] or None
-    # Our connectivity loop keeps `target_peers` connections from the ledger; py-libp2p's
-    # own auto-connector (aiming at ~200 peerstore peers) would race it with duplicate
-    # connections, whose closing silently drops the pubsub stream to that peer.
-    connections = ConnectionConfig(min_connections=0, low_watermark=0,
-                                   high_watermark=max(64, 4 * config.target_peers),
-                                   max_connections=max(128, 8 * config.target_peers),
-                                   max_connections_per_peer=1)
-    return new_host(
-        key_pair=key_pair,
-        sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-        listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
-        announce_addrs=announce,
-        connection_config=connections,
-    )
-
-
 @contextlib.asynccontextmanager
 async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
     host = make_host(config, key_pair)
-    router = GossipSub(
-        GOSSIP_PROTOCOLS, degree=6, degree_low=4, degree_high=12,
-        heartbeat_interval=1,
-        # Every testnet peer is 127.0.0.1; IP-diversity rules would starve the mesh.
-        eclipse_protection_enabled=False,
-        max_messages_per_topic_per_second=100.0,
-    )
-    pubsub = Pubsub(host, router, strict_signing=True)
-    # Pubsub's stream handler runs in the host's nursery and raises once the Pubsub
-    # service has stopped (a peer's RPC arriving during shutdown): guard it so it
-    # cannot end host.run() (LIBP2P_NOTES.md trap 1).
-    for proto in router.get_protocols():
-        host.set_stream_handler(proto, _guarded_stream_handler(pubsub.stream_handler))
+    pubsub, router = make_pubsub(host)
     node = Node(config, key_pair, host, pubsub)
-    node.store.load_into(node.ledger, time.time(),
-                         on_reject=lambda reason: node.metrics.rejections.labels(reason).inc())
-    # The warm start must not resurrect our own old entry: we re-sign a fresh one.
-    node.ledger.remove(node.peer_id)
-    node.metrics.ledger_entries.set(len(node.ledger))
-    pubsub.set_topic_validator(wire.TOPIC, node._validate_gossip, False)
-    host.set_stream_handler(TProtocol(wire.SYNC.id),
-                            stream_handler(wire.SYNC, node._serve_sync, node.offence))
     host.get_network().register_notifee(_Notifee(node))
-    _count_insecure_handshakes(host, node)
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(
-                host.run([multiaddr.Multiaddr(a) for a in config.listen]))
-            await stack.enter_async_context(background_trio_service(pubsub))
-            await stack.enter_async_context(background_trio_service(router))
-            await pubsub.wait_until_ready()
-            node._refresh_own_entry()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(node._run)
-                try:
-                    yield node
-                finally:
-                    nursery.cancel_scope.cancel()
-                    with trio.move_on_after(0.5) as leave:
-                        leave.shield = True
-                        with contextlib.suppress(Exception):
-                            await pubsub.unsubscribe(wire.TOPIC)  # leave gossip politely
-    finally:
-        with contextlib.suppress(Exception):
-            node.flush()
-        node.store.close()
-
+    count_insecure_handshakes(host, node._on_insecure_attempt)
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            host.run([multiaddr.Multiaddr(a) for a in config.listen]))
+        await stack.enter_async_context(background_trio_service(pubsub))
+        await stack.enter_async_context(background_trio_service(router))
+        await pubsub.wait_until_ready()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node._run)
+            try:
+                yield node
+            finally:
+                nursery.cancel_scope.cancel()

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import multiaddr
 import trio
@@ -35,17 +35,25 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+from trio_typing import TaskStatus
 
 from peerd.config import Config
 from peerd.events import Event
+from peerd.host import GOSSIP_PROTOCOLS, make_host
 from peerd.identity import ensure_data_dir, load_or_create_key
-from peerd.ledger.book import sign_entry
-from peerd.node import GOSSIP_PROTOCOLS, Node, make_host, open_node
+from peerd.inference.slot import ModelOptions, ModelSlot
+from peerd.ledger.book import Ledger, sign_entry
+from peerd.ledger.gossip import LedgerGossip
+from peerd.node import Node, open_node
+from peerd.service import EntryFields, Service
 from protocols import ledger as wire
 from protocols.codec import decode
 from protocols.framing import StreamClosed, read_frame
 from protocols.ledger import LedgerEntry, SignedEntry
 from protocols.spec import ErrorReply
+
+if TYPE_CHECKING:
+    from peerd.inference.runtime import ModelRuntime
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 DEFAULT_TIMEOUT_S = 10.0
@@ -81,11 +89,62 @@ def node_config(data_dir: Path, **overrides: Any) -> Config:
 @contextlib.asynccontextmanager
 async def open_test_node(data_dir: Path, **overrides: Any) -> AsyncIterator[Node]:
     """One peerd node whose identity lives in `data_dir` (as the daemon keeps it), so
-    reopening the same directory restarts the same peer."""
+    reopening the same directory restarts the same peer. It runs the ledger's gossip,
+    as every daemon does; other services are the test's to start."""
     ensure_data_dir(data_dir)
     key_pair = load_or_create_key(data_dir)
     async with open_node(node_config(data_dir, **overrides), key_pair) as node:
+        await node.start(LedgerGossip(node))
         yield node
+
+
+def gossip(node: Node) -> LedgerGossip:
+    """The node's ledger service."""
+    return node.service(LedgerGossip)
+
+
+def book(node: Node) -> Ledger:
+    """The node's ledger: every live entry it holds."""
+    return gossip(node).book
+
+
+class Advertiser(Service):
+    """A stand-in for a system that advertises skills in the ledger (Symphony does),
+    for tests of the ledger itself."""
+
+    name = "advertiser"
+
+    def __init__(self) -> None:
+        self.skills: tuple[str, ...] = ()
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+
+    def entry_fields(self) -> EntryFields:
+        return {"skills": self.skills}
+
+
+async def advertise(node: Node, skills: Sequence[str]) -> LedgerEntry:
+    """Change the skills `node` advertises; its new entry goes out on gossip at once."""
+    try:
+        advertiser = node.service(Advertiser)
+    except LookupError:
+        advertiser = Advertiser()
+        await node.start(advertiser)
+    advertiser.skills = tuple(skills)
+    return gossip(node).refresh()
+
+
+async def serve_model(node: Node, options: ModelOptions) -> ModelRuntime:
+    """Start the model service on `node` (as `peerd start --model` does) and return its
+    runtime once loaded and advertised."""
+    slot = ModelSlot(node, gossip(node), options)
+    await node.start(slot)
+    await slot.settled.wait()
+    if slot.runtime is None:
+        raise AssertionError(f"the model failed to load: {slot.error}")
+    return slot.runtime
 
 
 @contextlib.asynccontextmanager
@@ -145,13 +204,13 @@ connect = connect_nodes
 
 def has_entry(node: Node, peer_id: str, **fields: Any) -> bool:
     """`node` holds a live entry of `peer_id` whose attributes equal `fields`."""
-    entry = node.ledger.get(peer_id)
+    entry = book(node).get(peer_id)
     return entry is not None and all(getattr(entry, k) == v for k, v in fields.items())
 
 
 def converged(nodes: Sequence[Node]) -> bool:
     everyone = {n.peer_id for n in nodes}
-    return all({e.peer_id for e in n.ledger.entries()} >= everyone for n in nodes)
+    return all({e.peer_id for e in book(n).entries()} >= everyone for n in nodes)
 
 
 # ---- observing a node ------------------------------------------------------------

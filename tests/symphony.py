@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.peer.id import ID
 
-from peerd.agents.requester import Symphony
 from peerd.agents.skills import SkillMatcher
 from peerd.agents.solver import Solution, Solver
+from peerd.agents.symphony import Symphony
 from peerd.node import Node
 from protocols.beacon import TOPIC
 from protocols.task import TaskRequest
-from tests.harness import has_entry, wait_for
+from tests.harness import book, gossip, has_entry, wait_for
 
 
 def true_sum(question: str) -> str:
@@ -86,15 +86,17 @@ class SlowMatcher:
 @contextlib.asynccontextmanager
 async def symphonies(nodes: Sequence[Node], solvers: Sequence[Solver | None],
                      matchers: Sequence[SkillMatcher | None] | None = None,
+                     skills: Sequence[Sequence[str]] | None = None,
                      ) -> AsyncIterator[list[Symphony]]:
-    """A running Symphony on each node; cancelled before the nodes close."""
+    """A running Symphony on each node, advertising `skills` (one list per node, as
+    `peerd start --skill` gives them); they stop with their nodes."""
     matchers = matchers or [None] * len(nodes)
-    services = [Symphony(n, s, m) for n, s, m in zip(nodes, solvers, matchers, strict=True)]
-    async with trio.open_nursery() as nursery:
-        for service in services:
-            await nursery.start(service.run)
-        yield services
-        nursery.cancel_scope.cancel()
+    skills = skills or [()] * len(nodes)
+    services = [Symphony(n, gossip(n), s, m, skills=k)
+                for n, s, m, k in zip(nodes, solvers, matchers, skills, strict=True)]
+    for node, service in zip(nodes, services, strict=True):
+        await node.start(service)
+    yield services
 
 
 def in_beacon_mesh(node: Node, peers: Sequence[Node]) -> bool:
@@ -107,6 +109,6 @@ async def ready_to_elect(requester: Node, workers: Sequence[Node]) -> None:
     await wait_for(lambda: in_beacon_mesh(requester, workers), 15,
                    "every worker in the requester's beacon mesh")
     await wait_for(lambda: all(has_entry(requester, w.peer_id) and
-                               (requester.ledger.get(w.peer_id).skills  # type: ignore[union-attr]
-                                or requester.ledger.get(w.peer_id).models)  # type: ignore[union-attr]
+                               (book(requester).get(w.peer_id).skills  # type: ignore[union-attr]
+                                or book(requester).get(w.peer_id).models)  # type: ignore[union-attr]
                                for w in workers), 15, "the workers' skills in the ledger")

@@ -28,6 +28,8 @@ from protocols.ledger import (
 from protocols.spec import ErrorReply
 from tests.harness import (
     Rogue,
+    advertise,
+    book,
     dial,
     error_code,
     events,
@@ -69,8 +71,8 @@ async def assert_still_serves_sync(node: Node, other: Node) -> None:
     response = await call(other.host, node.peer_id, SYNC, SyncRequest())
     assert isinstance(response, SyncResponse)
     served = set(response.entries)
-    assert node.ledger.signed(node.peer_id) in served
-    assert node.ledger.signed(other.peer_id) in served
+    assert book(node).signed(node.peer_id) in served
+    assert book(node).signed(other.peer_id) in served
 
 
 # ---- /peerd/ledger-sync/1.0.0 -----------------------------------------------------
@@ -161,7 +163,7 @@ async def test_bad_sync_reply_is_counted_against_the_server(tmp_path: Path, case
         await wait_for(lambda: a.offences[rogue.peer_id][reason] >= 1, 10,
                        f"a counts {reason} against the rogue")
         assert_counted(a, rogue.peer_id, reason, "peer.offence")
-        assert [e.peer_id for e in a.ledger.entries()] == [a.peer_id]
+        assert [e.peer_id for e in book(a).entries()] == [a.peer_id]
 
 
 async def test_forged_entry_in_a_sync_reply_is_refused_the_rest_accepted(
@@ -170,14 +172,14 @@ async def test_forged_entry_in_a_sync_reply_is_refused_the_rest_accepted(
     async with swarm(2, tmp_path, heartbeat_s=30.0, target_peers=1) as (a, b), \
             rogue_host(tmp_path) as rogue:
         await wait_for(lambda: has_entry(a, b.peer_id))
-        before = a.ledger.signed(b.peer_id)
+        before = book(a).signed(b.peer_id)
         forged = signed_by(rogue.key_pair, peer_id=b.peer_id, seq=2**62, name="hijacked")
         honest = signed_by(rogue.key_pair, name="rogue-itself")
         rogue.answer(SYNC.id, frame(encode(SyncResponse(entries=(forged, honest)))))
         await dial(rogue.host, a)
         await wait_for(lambda: has_entry(a, rogue.peer_id, name="rogue-itself"), 10)
         await wait_for(lambda: a.offences[rogue.peer_id]["bad_signature"] >= 1, 10)
-        assert a.ledger.signed(b.peer_id) == before
+        assert book(a).signed(b.peer_id) == before
         rejected = events(a, "ledger.rejected", peer_id=rogue.peer_id, reason="bad_signature")
         assert rejected and rejected[-1].data["via"] == "sync"
         assert rejections(a).get("bad_signature", 0) >= 1
@@ -188,13 +190,13 @@ async def test_forged_entry_in_a_sync_reply_is_refused_the_rest_accepted(
 
 async def test_forged_entry_on_gossip_is_refused(tmp_path: Path) -> None:
     async with node_pair_and_rogue(tmp_path, pubsub=True) as (a, b, rogue):
-        before = a.ledger.signed(b.peer_id)
+        before = book(a).signed(b.peer_id)
         # An entry claiming to be b's, with a seq that would win, signed by the rogue.
         forged = signed_by(rogue.key_pair, peer_id=b.peer_id, seq=2**62, name="hijacked",
                            addrs=("/ip4/6.6.6.6/tcp/666",))
         await rogue.publish(encode(forged))
         await wait_for(lambda: a.offences[rogue.peer_id]["bad_signature"] >= 1)
-        assert a.ledger.signed(b.peer_id) == before
+        assert book(a).signed(b.peer_id) == before
         assert_counted(a, rogue.peer_id, "bad_signature", "ledger.rejected")
         await assert_keeps_accepting(a, b, rogue)
 
@@ -206,7 +208,7 @@ async def test_replayed_older_entry_on_gossip_is_refused(tmp_path: Path) -> None
         old = next(s for s in snapshot.entries if verify_entry(s).peer_id == b.peer_id)
         old_seq = verify_entry(old).seq
         # b moves on; wait until a holds the newer entry.
-        newer = b.set_skills(["moved-on"])
+        newer = await advertise(b, ["moved-on"])
         await wait_for(lambda: has_entry(a, b.peer_id, seq=newer.seq))
         assert newer.seq > old_seq
         await rogue.publish(encode(old))
@@ -218,12 +220,12 @@ async def test_replayed_older_entry_on_gossip_is_refused(tmp_path: Path) -> None
 
 async def test_expired_entry_on_gossip_is_refused(tmp_path: Path) -> None:
     async with node_pair_and_rogue(tmp_path, pubsub=True) as (a, b, rogue):
-        before = a.ledger.signed(b.peer_id)
+        before = book(a).signed(b.peer_id)
         # Genuinely signed by b and with a higher seq, but dated an hour ago.
         stale = signed_by(b.key_pair, seq=2**62, timestamp=time.time() - 3600, ttl_s=30.0)
         await rogue.publish(encode(stale))
         await wait_for(lambda: a.offences[rogue.peer_id]["expired"] >= 1)
-        assert a.ledger.signed(b.peer_id) == before
+        assert book(a).signed(b.peer_id) == before
         assert_counted(a, rogue.peer_id, "expired", "ledger.rejected")
         await assert_keeps_accepting(a, b, rogue)
 
@@ -238,12 +240,12 @@ async def test_expired_entry_on_gossip_is_refused(tmp_path: Path) -> None:
 async def test_garbage_on_gossip_is_refused(tmp_path: Path, garbage: bytes,
                                             reason: str) -> None:
     async with node_pair_and_rogue(tmp_path, pubsub=True) as (a, b, rogue):
-        size = len(a.ledger)
+        size = len(book(a))
         await rogue.publish(garbage)
         await wait_for(lambda: sum(a.offences[rogue.peer_id].values()) >= 1)
         assert dict(a.offences[rogue.peer_id]) == {reason: 1}
         assert_counted(a, rogue.peer_id, reason, "peer.offence")
-        assert len(a.ledger) == size
+        assert len(book(a)) == size
         await assert_keeps_accepting(a, b, rogue)
 
 
@@ -259,7 +261,7 @@ async def test_gossip_garbage_is_not_forwarded(tmp_path: Path) -> None:
 async def assert_keeps_accepting(a: Node, b: Node, rogue: Rogue) -> None:
     """After refusing bad input, `a` still takes good entries: a change from its
     honest neighbour, and a well-formed entry the rogue publishes about itself."""
-    newer = b.set_skills(["still-here"])
+    newer = await advertise(b, ["still-here"])
     await wait_for(lambda: has_entry(a, b.peer_id, seq=newer.seq, skills=("still-here",)),
                    10, "a accepts b's newer entry")
     await rogue.publish(encode(signed_by(rogue.key_pair, seq=1, name="reformed")))

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import trio
 
-from peerd.node import LEDGER_DB, Node
+from peerd.ledger.gossip import LEDGER_DB
+from peerd.node import Node
 from tests.harness import (
+    advertise,
+    book,
     connect,
     converged,
     events,
+    gossip,
     gossip_window_empty,
     has_entry,
     is_connected,
@@ -31,7 +35,7 @@ async def test_swarm_nodes_listen_on_real_ports(tmp_path: Path) -> None:
         assert a.peer_id != b.peer_id
         assert not is_connected(a.host, b.peer_id)
         # Each node holds its own freshly signed entry from the start.
-        assert [e.peer_id for e in a.ledger.entries()] == [a.peer_id]
+        assert [e.peer_id for e in book(a).entries()] == [a.peer_id]
 
 
 async def test_line_of_four_converges_and_a_change_crosses_it(tmp_path: Path) -> None:
@@ -42,11 +46,11 @@ async def test_line_of_four_converges_and_a_change_crosses_it(tmp_path: Path) ->
         first, last = nodes[0], nodes[-1]
         await wait_for(lambda: converged(nodes), 20, "every ledger holds all 4 entries")
         for node in nodes:
-            assert len(node.ledger) == 4
+            assert len(book(node)) == 4
         assert first.connected_peers() == [nodes[1].peer_id]
         assert last.connected_peers() == [nodes[2].peer_id]
 
-        first.set_skills(["rust", "review"])
+        await advertise(first, ["rust", "review"])
         await wait_for(lambda: has_entry(last, first.peer_id, skills=("rust", "review")), 10,
                        "the skills change reaches the far end")
         seen = events(last, "ledger.accepted", peer_id=first.peer_id, changed=True, via="gossip")
@@ -57,8 +61,8 @@ async def test_line_of_four_converges_and_a_change_crosses_it(tmp_path: Path) ->
         # Everyone else got it too, and the entry is the very bytes first signed.
         await wait_for(lambda: all(has_entry(n, first.peer_id, skills=("rust", "review"))
                                    for n in nodes), 10)
-        own = first.ledger.signed(first.peer_id)
-        assert all(n.ledger.signed(first.peer_id) == own for n in nodes)
+        own = book(first).signed(first.peer_id)
+        assert all(book(n).signed(first.peer_id) == own for n in nodes)
 
 
 async def test_star_converges(tmp_path: Path) -> None:
@@ -88,7 +92,7 @@ async def test_late_joiner_gets_the_ledger_by_sync_before_any_heartbeat(
             via_a = events(late, "ledger.accepted", peer_id=a.peer_id)
             assert via_a and via_a[0].data["via"] == "sync"
             assert via_a[0].data["source"] == b.peer_id  # b re-served a's signed entry
-            assert late.ledger.signed(a.peer_id) == a.ledger.signed(a.peer_id)
+            assert book(late).signed(a.peer_id) == book(a).signed(a.peer_id)
             # And b learnt the newcomer in the same exchange.
             await wait_for(lambda: has_entry(b, late.peer_id), 10)
 
@@ -101,7 +105,7 @@ async def test_entry_expires_everywhere_after_its_peer_stops(tmp_path: Path) -> 
             await wait_for(lambda: converged([a, b, leaver]), 10)
             gone = leaver.peer_id
             assert leaver.config.ttl_s == 3 * heartbeat
-        await wait_for(lambda: gone not in a.ledger and gone not in b.ledger, 10,
+        await wait_for(lambda: gone not in book(a) and gone not in book(b), 10,
                        "the stopped peer's entry expires on both nodes")
         for node in (a, b):
             assert events(node, "ledger.expired", peer_id=gone)
@@ -116,16 +120,16 @@ async def test_restarted_node_starts_warm_with_the_same_peer_id(tmp_path: Path) 
     async with swarm(2, tmp_path, heartbeat_s=30.0) as (a, b):
         await wait_for(lambda: converged([a, b]), 10)
         a_id, b_id = a.peer_id, b.peer_id
-        a_entry = b.ledger.signed(a_id)
-        b_seq = b.ledger.get(b_id).seq  # type: ignore[union-attr]
+        a_entry = book(b).signed(a_id)
+        b_seq = book(b).get(b_id).seq  # type: ignore[union-attr]
     # Both are down; b's data dir alone must bring back its identity and ledger.
     async with open_test_node(tmp_path / "n1", heartbeat_s=30.0) as b2:
         assert b2.peer_id == b_id
-        assert b2.ledger.signed(a_id) == a_entry  # loaded from SQLite, still live
+        assert book(b2).signed(a_id) == a_entry  # loaded from SQLite, still live
         assert has_entry(b2, a_id)
-        own = b2.ledger.get(b_id)
+        own = book(b2).get(b_id)
         assert own is not None and own.seq > b_seq  # a freshly signed entry of its own
-        assert b2.status()["ledger_size"] == 2
+        assert gossip(b2).status()["ledger_size"] == 2
 
 
 def stored_peers(node: Node) -> set[str]:

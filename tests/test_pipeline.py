@@ -20,7 +20,7 @@ from peerd.inference.swarm.pipeline import Pipeline, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
 from protocols.shard import Hop
-from tests.harness import swarm, wait_for
+from tests.harness import book, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
 LOGIT_ATOL = 1e-4  # float32 everywhere: the chain must match one process this closely
@@ -54,11 +54,10 @@ async def model_swarm(tmp_path: Path, spec: Path, splits: Sequence[tuple[int, in
     """One node per split (plus `extra_nodes` without a model), all connected."""
     async with swarm(len(splits) + extra_nodes, tmp_path, connect="star",
                      heartbeat_s=2.0) as nodes:
-        runtimes = [await ModelRuntime.start(node, ModelOptions(str(spec), layers=split,
-                                                                dtype=dtype))
+        runtimes = [await serve_model(node, ModelOptions(str(spec), layers=split, dtype=dtype))
                     for node, split in zip(nodes, splits, strict=False)]
         ids = {n.peer_id for n in nodes}
-        await wait_for(lambda: all({e.peer_id for e in n.ledger.entries() if e.models}
+        await wait_for(lambda: all({e.peer_id for e in book(n).entries() if e.models}
                                    >= {r.node.peer_id for r in runtimes} for n in nodes),
                        15, "every ledger to list every shard")
         await wait_for(lambda: all(set(n.connected_peers()) >= ids - {n.peer_id}
@@ -243,10 +242,10 @@ async def test_a_peer_without_layers_takes_the_least_served_window(
 
     monkeypatch.setattr(runtime_mod, "window_size", lambda *args: 2)
     async with swarm(2, tmp_path, connect="star", heartbeat_s=2.0) as (a, b):
-        first = await ModelRuntime.start(a, ModelOptions(str(tiny), layers=(0, 2)))
-        await wait_for(lambda: any(e.models for e in b.ledger.entries()), 10,
+        first = await serve_model(a, ModelOptions(str(tiny), layers=(0, 2)))
+        await wait_for(lambda: any(e.models for e in book(b).entries()), 10,
                        "the newcomer to see the first shard")
-        newcomer = await ModelRuntime.start(b, ModelOptions(str(tiny)))
+        newcomer = await serve_model(b, ModelOptions(str(tiny)))
         assert (newcomer.block.start, newcomer.block.end) == (2, 4)
         await wait_for(lambda: not isinstance(first.generator.route(), NoRoute), 10,
                        "the first peer to see the newcomer's shard")

@@ -29,7 +29,7 @@ from protocols.shard import (
     Open,
 )
 from protocols.spec import ErrorReply
-from tests.harness import swarm, wait_for
+from tests.harness import book, gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
 
@@ -43,11 +43,10 @@ async def shard_and_entry(tmp_path: Path, tiny: Path, limits: ShardLimits | None
                           ) -> AsyncIterator[tuple[ModelRuntime, ModelRuntime]]:
     """`shard` serves the whole tiny model; `entry` serves it too but routes via `shard`."""
     async with swarm(2, tmp_path, connect="star", heartbeat_s=2.0) as (shard_node, entry_node):
-        shard = await ModelRuntime.start(
-            shard_node, ModelOptions(str(tiny), layers=(0, 4),
-                                     limits=limits or ShardLimits()))
-        entry = await ModelRuntime.start(entry_node, ModelOptions(str(tiny), layers=(0, 4)))
-        await wait_for(lambda: all(len([e for e in n.ledger.entries() if e.models]) == 2
+        shard = await serve_model(shard_node, ModelOptions(str(tiny), layers=(0, 4),
+                                                           limits=limits or ShardLimits()))
+        entry = await serve_model(entry_node, ModelOptions(str(tiny), layers=(0, 4)))
+        await wait_for(lambda: all(len([e for e in book(n).entries() if e.models]) == 2
                                    for n in (shard_node, entry_node)), 15, "both shards listed")
         yield shard, entry
 
@@ -165,10 +164,8 @@ async def test_a_full_shard_refuses_open_and_the_router_goes_elsewhere(tmp_path:
             return isinstance(route, Route) and route.spans[0].peer_id == shard.node.peer_id
 
         # ...by making the entry's own copy look slow: tokens/s is what the route weighs
-        own = entry.node.ledger.get(entry.node.peer_id)
-        assert own is not None
-        entry.node.set_models(tuple(dataclasses.replace(m, tokens_per_s=0.001)
-                                    for m in own.models))
+        entry.served = dataclasses.replace(entry.served, tokens_per_s=0.001)
+        gossip(entry.node).refresh()
         assert cheapest_is_full()
         tokens: list[int] = []
 

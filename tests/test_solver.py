@@ -27,7 +27,7 @@ from peerd.agents.solver import (
 from peerd.inference.model.source import load_tokenizer, reference_model, resolve
 from peerd.inference.slot import ModelOptions, ModelSlot
 from protocols.task import TaskRequest
-from tests.harness import swarm
+from tests.harness import gossip, swarm
 from tests.test_inference_model import needs_smollm2
 
 QUESTION = ("A baker makes 14 loaves of bread a day for 6 days and then sells 9 of them. "
@@ -103,8 +103,9 @@ def reference_measure(question: str, cot: str) -> float:
 async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path) -> None:
     want, gaps, want_calculations, chosen = reference_chain(QUESTION)
     async with swarm(1, tmp_path) as (node,):
-        host = ModelSlot(ModelOptions("smollm2", torch_threads=1))
-        await host.load(node)
+        host = ModelSlot(node, gossip(node), ModelOptions("smollm2", torch_threads=1))
+        await node.start(host)
+        await host.settled.wait()
         assert host.runtime is not None, host.error
         solver = ModelSolver(host)
         request = TaskRequest(task_id="t1", question=QUESTION, answer_format="number",

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from peerd.agents.requester import Symphony
+from peerd.agents.symphony import Symphony
 from peerd.api.app import create_app
 from tests.harness import swarm, wait_for
 from tests.symphony import FakeSolver, ready_to_elect, symphonies
@@ -24,16 +24,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 async def api(tmp_path: Path, solver: FakeSolver | None = None,
               ) -> AsyncIterator[httpx.AsyncClient]:
     """A's API; B is a worker with `solver` (a prompt fake by default)."""
-    async with swarm(2, tmp_path, connect="star") as (a, b):
-        b.set_skills(["arithmetic"])
-        async with symphonies([a, b], [None, solver or FakeSolver()]) as (service, _):
-            await ready_to_elect(a, [b])
-            app = create_app(a, TOKEN, None, service)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://peerd",
-                                         headers=AUTH, timeout=30.0) as client:
-                client.service = service  # type: ignore[attr-defined]
-                yield client
+    async with swarm(2, tmp_path, connect="star") as (a, b), \
+            symphonies([a, b], [None, solver or FakeSolver()],
+                       skills=[[], ["arithmetic"]]) as (service, _):
+        await ready_to_elect(a, [b])
+        app = create_app(a, TOKEN)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://peerd",
+                                     headers=AUTH, timeout=30.0) as client:
+            client.service = service  # type: ignore[attr-defined]
+            yield client
 
 
 async def test_post_runs_the_task_and_get_returns_it(tmp_path: Path) -> None:
@@ -59,8 +59,9 @@ async def test_post_runs_the_task_and_get_returns_it(tmp_path: Path) -> None:
         assert missing.json()["error"]["code"] == "task_not_found"
         # a restarted daemon (a new service on the same data directory) still has it
         service: Symphony = client.service  # type: ignore[attr-defined]
-        restarted = Symphony(service.node)
-        assert restarted.records == {} and restarted.task(body["id"]) == body
+        restarted = Symphony(service.node, service.ledger)
+        assert restarted.requester.records == {}
+        assert await restarted.task(body["id"]) == body
 
 
 async def test_get_shows_a_running_task_with_202(tmp_path: Path) -> None:
@@ -74,8 +75,8 @@ async def test_get_shows_a_running_task_with_202(tmp_path: Path) -> None:
                 "question": "What is 1 + 1?", "workers": 1, "answer_format": "number"}))
 
         nursery.start_soon(post)
-        await wait_for(lambda: service.records, 10, "the task to start")
-        (task_id,) = service.records
+        await wait_for(lambda: service.requester.records, 10, "the task to start")
+        (task_id,) = service.requester.records
         r = await client.get(f"/v1/tasks/{task_id}")
         assert r.status_code == 202
         assert r.json()["answer"] is None and r.json()["id"] == task_id

@@ -16,8 +16,9 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from peerd.agents.requester import Symphony, TaskRecord, TaskSpec
+from peerd.agents.requester import TaskRecord, TaskSpec
 from peerd.agents.sealing import seal
+from peerd.agents.symphony import Symphony
 from peerd.node import Node
 from peerd.rpc import call
 from protocols.beacon import BID, TOPIC, Beacon, Bid, BidReply, SignedBid
@@ -38,13 +39,12 @@ async def requester_worker_rogue(
 ) -> AsyncIterator[tuple[Symphony, Node, Node, Rogue]]:
     """Requester A (no model), honest worker B, and a rogue host connected to A."""
     async with swarm(2, tmp_path, connect="line") as (a, b), \
-            rogue_host(tmp_path, pubsub=pubsub) as rogue:
-        b.set_skills([SKILL])
-        async with symphonies([a, b], [None, FakeSolver()], [None, worker_matcher]) \
-                as (service, _):
-            await ready_to_elect(a, [b])
-            await dial(rogue.host, a)
-            yield service, a, b, rogue
+            rogue_host(tmp_path, pubsub=pubsub) as rogue, \
+            symphonies([a, b], [None, FakeSolver()], [None, worker_matcher],
+                       [[], [SKILL]]) as (service, _):
+        await ready_to_elect(a, [b])
+        await dial(rogue.host, a)
+        yield service, a, b, rogue
 
 
 def assert_counted(node: Node, peer: str, reason: str) -> None:
@@ -55,7 +55,7 @@ def assert_counted(node: Node, peer: str, reason: str) -> None:
 
 async def start_task(service: Symphony, nursery: trio.Nursery, **spec: Any) -> trio.Event:
     """Run a task in the background; returns when its beacon is out. The event is set
-    when the task is over (its record is the newest in service.records)."""
+    when the task is over (its record is the newest in service.requester.records)."""
     done = trio.Event()
     settings: dict[str, Any] = {"workers": 1, "requirement": SKILL, "answer_format": "number",
                                 "deadline_s": 10.0, "bid_window_s": 3.0} | spec
@@ -66,14 +66,14 @@ async def start_task(service: Symphony, nursery: trio.Nursery, **spec: Any) -> t
         finally:
             done.set()
 
-    before = len(service.records)
+    before = len(service.requester.records)
     nursery.start_soon(run)
-    await wait_for(lambda: len(service.records) > before, 5, "the task to start")
+    await wait_for(lambda: len(service.requester.records) > before, 5, "the task to start")
     return done
 
 
 def newest(service: Symphony) -> TaskRecord:
-    return next(reversed(service.records.values()))
+    return next(reversed(service.requester.records.values()))
 
 
 async def still_serves(service: Symphony, worker: Node) -> None:
@@ -253,7 +253,7 @@ async def test_bad_answers_are_refused_counted_and_the_seat_falls_back(
             (rogue.peer_id, reason, b.peer_id)]
         assert record.answer == "42" and [v.peer_id for v in record.votes] == [b.peer_id]
         assert_counted(a, rogue.peer_id, reason)
-        assert service.book.own()[rogue.peer_id] < 0.5
+        assert service.requester.book.own()[rogue.peer_id] < 0.5
 
 
 async def test_a_task_nobody_bid_on_is_refused_by_the_worker(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ import trio
 
 from peerd.agents.reputation import ReputationBook
 from peerd.agents.requester import REPUTATION_FILE, NoWorkers, TaskSpec
+from peerd.agents.symphony import Symphony
 from protocols.task import TaskRequest
-from tests.harness import events, swarm, wait_for
+from tests.harness import book, events, gossip, swarm, wait_for
 from tests.symphony import (
     FakeSolver,
     FixedMatcher,
@@ -29,10 +30,8 @@ SKILL = "arithmetic word problems"
 async def test_a_task_is_elected_solved_and_voted(tmp_path: Path) -> None:
     async with swarm(4, tmp_path, connect="star") as nodes:
         requester, *workers = nodes
-        for w in workers:
-            w.set_skills([SKILL])
         solvers = [None, FakeSolver(), FakeSolver(), FakeSolver(answer=liar)]
-        async with symphonies(nodes, solvers) as (service, *_):
+        async with symphonies(nodes, solvers, skills=[[]] + [[SKILL]] * 3) as (service, *_):
             await ready_to_elect(requester, workers)
             spec = TaskSpec("What is 20 + 22?", workers=3, requirement="arithmetic",
                             answer_format="number", deadline_s=10.0, bid_window_s=5.0)
@@ -49,7 +48,7 @@ async def test_a_task_is_elected_solved_and_voted(tmp_path: Path) -> None:
             assert set(body["timings"]) == {"beacon_ms", "solve_ms", "measure_ms", "total_ms"}
             # Elected as soon as all three expected bids were in, not at the window's end.
             assert body["timings"]["beacon_ms"] < 5000
-            assert service.records[record.id] is record
+            assert service.requester.records[record.id] is record
             for kind in ("task.beacon", "task.bid", "task.elected", "task.answer", "task.done"):
                 assert events(requester, kind, task_id=record.id), kind
             assert events(workers[0], "task.solved", task_id=record.id)
@@ -67,13 +66,13 @@ async def test_a_worker_that_predates_prompt_sets_is_sent_none(tmp_path: Path) -
     async with swarm(4, tmp_path, connect="star") as nodes:
         requester, *workers = nodes
         old = workers[1]
-        old.features = ()
-        for w in workers:
-            w.set_skills([SKILL])
         solvers = [None, FakeSolver(), FakeSolver(), FakeSolver()]
-        async with symphonies(nodes, solvers) as (service, *_):
+        async with symphonies(nodes, solvers, skills=[[]] + [[SKILL]] * 3) as (service, *_):
+            old_service = old.service(Symphony)
+            old_service.features = ()
+            gossip(old).refresh()
             await ready_to_elect(requester, workers)
-            await wait_for(lambda: requester.ledger.get(old.peer_id).features == (),  # type: ignore[union-attr]
+            await wait_for(lambda: book(requester).get(old.peer_id).features == (),  # type: ignore[union-attr]
                            15, "the old worker's entry without features")
             spec = TaskSpec("What is 20 + 22?", workers=3, requirement="arithmetic",
                             answer_format="number", deadline_s=10.0, bid_window_s=5.0)
@@ -92,10 +91,9 @@ async def test_a_worker_that_predates_prompt_sets_is_sent_none(tmp_path: Path) -
 async def test_a_late_worker_is_replaced_by_the_next_bidder(tmp_path: Path) -> None:
     async with swarm(3, tmp_path, connect="star") as nodes:
         requester, slow, spare = nodes
-        slow.set_skills([SKILL])
-        spare.set_skills(["poetry"])
         solvers = [None, FakeSolver(delay_s=3600.0), FakeSolver()]
-        async with symphonies(nodes, solvers) as (service, *_):
+        async with symphonies(nodes, solvers, skills=[[], [SKILL], ["poetry"]]) \
+                as (service, *_):
             await ready_to_elect(requester, [slow, spare])
             spec = TaskSpec("What is 1 + 2?", workers=1, requirement=SKILL,
                             answer_format="number", deadline_s=0.5, bid_window_s=5.0)
@@ -107,20 +105,20 @@ async def test_a_late_worker_is_replaced_by_the_next_bidder(tmp_path: Path) -> N
             assert [v.peer_id for v in record.votes] == [spare.peer_id]
             # The late worker loses reputation; the one that answered gains. The book is
             # kept in the data dir, so a restarted requester remembers.
-            assert service.book.own()[slow.peer_id] < 0.5 < service.book.own()[spare.peer_id]
+            scores = service.requester.book.own()
+            assert scores[slow.peer_id] < 0.5 < scores[spare.peer_id]
             saved = json.loads((requester.config.data_dir / REPUTATION_FILE).read_text())
             assert ReputationBook.from_json(requester.peer_id, saved).own() == \
-                service.book.own()
+                service.requester.book.own()
 
 
 async def test_the_requester_works_on_its_own_beacon_only_when_nobody_else_can(
         tmp_path: Path) -> None:
     async with swarm(2, tmp_path, connect="star") as nodes:
         requester, other = nodes
-        requester.set_skills([SKILL])
-        other.set_skills(["poetry"])
         mine, theirs = FakeSolver(), FakeSolver(able=False)
-        async with symphonies(nodes, [mine, theirs]) as (service, _):
+        async with symphonies(nodes, [mine, theirs], skills=[[SKILL], ["poetry"]]) \
+                as (service, _):
             spec = TaskSpec("What is 2 + 2?", workers=1, answer_format="number",
                             deadline_s=5.0, bid_window_s=0.3)
             record = await service.run_task(spec)
@@ -143,7 +141,7 @@ async def test_nobody_bids(tmp_path: Path) -> None:
                 assert "no peer bid" in str(exc)
             else:
                 raise AssertionError("a task without bidders succeeded")
-        (record,) = service.records.values()
+        (record,) = service.requester.records.values()
         assert record.status == "failed" and record.to_json()["answer"] is None
 
 
@@ -157,8 +155,6 @@ async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path,
                                                                  measures: bool) -> None:
     async with swarm(6, tmp_path, connect="star") as nodes:
         requester, *workers = nodes
-        for w in workers:
-            w.set_skills([SKILL])
         honest = [FakeSolver(confidence=c) for c in (0.2, 0.4, 0.5, 0.3)]
         lying = FakeSolver(answer=liar, confidence=1.0)
         # measured: the requester weighs chains by its own model's measure, not claims
@@ -167,7 +163,8 @@ async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path,
         # The liar also claims a perfect skill match; the honest match lexically.
         matchers = [None, None, None, None, None, FixedMatcher(1.0)]
         liar_id = workers[-1].peer_id
-        async with symphonies(nodes, solvers, matchers) as (service, *_):
+        async with symphonies(nodes, solvers, matchers, [[]] + [[SKILL]] * 5) \
+                as (service, *_):
             await ready_to_elect(requester, workers)
             for i in range(10):
                 question = f"What is {100 + 7 * i} + {23 * i}?"
@@ -179,7 +176,7 @@ async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path,
                 assert record.answer == truth, f"task {i}: {record.to_json()}"
                 shown = {v["peer_id"]: v["measured"] for v in record.to_json()["votes"]}
                 assert shown[liar_id] == (0.95 if measures else None)
-            scores = service.book.own()
+            scores = service.requester.book.own()
             assert all(scores[liar_id] < scores[w.peer_id] for w in workers[:-1]), scores
             record = await service.run_task(TaskSpec(
                 "What is 5 + 6?", workers=3, requirement="arithmetic", answer_format="number",
@@ -190,7 +187,7 @@ async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path,
             other = workers[0]
 
             def published() -> dict[str, float]:
-                entry = other.ledger.get(requester.peer_id)
+                entry = book(other).get(requester.peer_id)
                 return dict(entry.reputation) if entry else {}
 
             await wait_for(lambda: liar_id in published(), 10,

@@ -1,20 +1,18 @@
-"""Symphony on a running node: beacons, bids, elected workers, votes, reputation.
+"""Symphony's requester side: this peer's tasks, from beacon to vote.
 
-As a requester (`run_task`, here): publish a `Beacon` on gossip, collect signed bids
+`Requester.run_task`: publish a `Beacon` on gossip, collect signed bids
 over `/peerd/bid/1.0.0` until every peer expected to bid has (or the bid window
 closes), elect the best bidders (election.py), send each the question over
 `/peerd/task/1.0.0` with its own temperature, seed and prompt set, replace any worker
 that fails or misses its deadline with the next bidder, verify each signed answer,
 measure each chain with our own model when we have one (solver.py), vote (voting.py),
-update reputation (reputation.py) and publish it in our ledger entry.
+update reputation (reputation.py), which Symphony (symphony.py) publishes in our
+ledger entry. The worker side (worker.py) bids on other peers' beacons and answers.
 
-As a worker (worker.py): bid on other peers' beacons where our model can answer and
-our skills match, and answer the tasks we bid on.
-
-Everything a peer sends is checked before it is used: beacons in the gossip validator
-(publisher = requester, sane counts and deadlines), bids and answers by signature,
+Everything a peer sends is checked before it is used: bids and answers by signature,
 task and requester. Refused input is counted against the sender (`Node.offence`).
-Progress goes to the node's event bus (`task.*` events on /events).
+Progress goes to the node's event bus (`task.*` events on /events). The reputation
+book (JSON) and the task archive (SQLite) are written off the event loop.
 """
 
 from __future__ import annotations
@@ -46,11 +44,11 @@ from peerd.agents.election import (
 )
 from peerd.agents.reputation import ReputationBook, view
 from peerd.agents.sealing import unseal
-from peerd.agents.skills import LexicalMatcher, SkillMatcher
 from peerd.agents.solver import Solver, prompt_sets
 from peerd.agents.voting import Ballot, tally
 from peerd.agents.worker import TaskWorker
 from peerd.datadir import TASKS_DB
+from peerd.ledger.book import Ledger
 from peerd.node import Node
 from peerd.rpc import call, stream_handler
 from protocols.beacon import (
@@ -161,37 +159,31 @@ class NoWorkers(Exception):
     """Nobody bid, or nobody answered; the message says which."""
 
 
-class Symphony:
-    """Both sides of Symphony on one node: this peer's tasks (here) and its worker."""
+class Requester:
+    """The tasks this peer requests: elections, seats, votes and the reputation they
+    earn the workers."""
 
-    def __init__(self, node: Node, solver: Solver | None = None,
-                 matcher: SkillMatcher | None = None, *, warm_up: bool = False) -> None:
+    def __init__(self, node: Node, ledger: Ledger, solver: Solver | None,
+                 worker: TaskWorker) -> None:
         self.node = node
+        self.ledger = ledger
         self.solver = solver  # also measures the chains of our own tasks (voting.py)
-        self.worker = TaskWorker(node, solver, matcher or LexicalMatcher())
-        self.warm_up = warm_up
-        self.book = _load_book(node)
+        self.worker = worker  # bids on our own tasks too, as a reserve
+        self.book_path = Path(node.config.data_dir) / REPUTATION_FILE
+        self.book = _load_book(node.peer_id, self.book_path)
         self.records: OrderedDict[str, TaskRecord] = OrderedDict()  # recent, live
         self.archive = TaskArchive(Path(node.config.data_dir) / TASKS_DB)
         self._open: dict[str, _Open] = {}
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._running = trio.CapacityLimiter(MAX_RUNNING)
-        node.set_reputation(self.book.published())
 
-    # ---- lifecycle ---------------------------------------------------------------------
-
-    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve the protocols and follow beacons until cancelled."""
-        self.worker.register()
+    def register(self) -> None:
+        """The bid protocol's handler."""
         self.node.set_stream_handler(BID.id, stream_handler(BID, self._serve_bid,
                                                             self.node.offence))
-        subscription = await self.node.pubsub.subscribe(TOPIC)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.worker.follow, subscription)
-            if self.warm_up:
-                nursery.start_soon(self.worker.warm_up)
-            task_status.started()
-            await trio.sleep_forever()
+
+    def close(self) -> None:
+        self.archive.close()
 
     # ---- requester: one task, end to end -------------------------------------------------
 
@@ -208,22 +200,26 @@ class Symphony:
                 record.error = record.error or f"{type(exc).__name__}: {exc}"
                 raise
             finally:
-                self.archive.put(record.id, record.to_json())
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.archive.put, record.id,
+                                                  record.to_json())
                 self._publish_event("task.done", task_id=record.id, status=record.status,
                                     answer=record.answer, total_ms=round(record.total_ms, 1))
             return record
 
-    def task(self, task_id: str) -> dict[str, Any] | None:
+    async def task(self, task_id: str) -> dict[str, Any] | None:
         """What GET /v1/tasks/{id} shows: a task of ours, live or finished (also before
         this daemon last restarted); None if it is not ours or long gone."""
         record = self.records.get(task_id)
-        return record.to_json() if record is not None else self.archive.get(task_id)
+        if record is not None:
+            return record.to_json()
+        return await trio.to_thread.run_sync(self.archive.get, task_id)
 
     async def _run(self, record: TaskRecord) -> None:
         spec = record.spec
         t0 = time.perf_counter()
         own = self.book.own()
-        reports = {e.peer_id: e.reputation for e in self.node.ledger.entries()}
+        reports = {e.peer_id: e.reputation for e in self.ledger.entries()}
 
         def reputation(peer: str) -> float:
             return view(peer, self.node.peer_id, own, reports)
@@ -285,6 +281,7 @@ class Symphony:
             raise NoWorkers(record.error)
         self._settle(record, results)
         record.total_ms = (time.perf_counter() - t0) * 1e3
+        await trio.to_thread.run_sync(_save_book, self.book_path, self.book.to_json())
         if not record.votes:
             record.status = "failed"
             record.error = f"none of the {len(record.bids)} bidders answered"
@@ -319,14 +316,14 @@ class Symphony:
 
     def _expected_bidders(self) -> int:
         """Peers in our ledger that could bid: they advertise a model or skills."""
-        return sum(1 for e in self.node.ledger.entries()
+        return sum(1 for e in self.ledger.entries()
                    if e.peer_id != self.node.peer_id and (e.models or e.skills))
 
     async def _assign(self, record: TaskRecord, seat: int, worker: Candidate,
                       reputation: float) -> Vote:
         """Have `worker` solve the task in `seat`; its verified vote, or WorkFailed."""
         spec = record.spec
-        entry = self.node.ledger.get(worker.peer_id)
+        entry = self.ledger.get(worker.peer_id)
         temperature, prompt = seat_sampling(
             seat, spec.answer_format,
             takes_prompt=entry is not None and FEATURE_PROMPT_SETS in entry.features)
@@ -392,8 +389,6 @@ class Symphony:
                 agreed = (answered and result.answer is not None
                           and seat.result is not None and seat.result.answer == result.answer)
                 self.book.observe(peer, agreed=agreed, punctual=answered, now=now)
-        self.node.set_reputation(self.book.published())
-        _save_book(self.node, self.book)
 
     # ---- requester: bids ---------------------------------------------------------------
 
@@ -453,19 +448,17 @@ def seat_seed(task_id: str, seat: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{task_id}:{seat}".encode()).digest()[:7], "big")
 
 
-def _load_book(node: Node) -> ReputationBook:
-    path = Path(node.config.data_dir) / REPUTATION_FILE
+def _load_book(owner: str, path: Path) -> ReputationBook:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = None
-    return ReputationBook.from_json(node.peer_id, data)
+    return ReputationBook.from_json(owner, data)
 
 
-def _save_book(node: Node, book: ReputationBook) -> None:
-    """Small and rare (once a task): written in place, atomically."""
-    path = Path(node.config.data_dir) / REPUTATION_FILE
+def _save_book(path: Path, data: dict[str, Any]) -> None:
+    """Small and rare (once a task): written in place, atomically (worker thread)."""
     tmp = path.with_suffix(".tmp")
     with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps(book.to_json()))
+        tmp.write_text(json.dumps(data))
         os.replace(tmp, path)

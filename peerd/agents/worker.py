@@ -17,6 +17,7 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,10 +73,12 @@ class Unavailable(Busy):
 
 
 class TaskWorker:
-    def __init__(self, node: Node, solver: Solver | None, matcher: SkillMatcher) -> None:
+    def __init__(self, node: Node, solver: Solver | None, matcher: SkillMatcher,
+                 skills: Callable[[], tuple[str, ...]] = tuple) -> None:
         self.node = node
         self.solver = solver
         self.matcher = matcher
+        self.skills = skills  # what we advertise, as the match scores it
         self._promises: OrderedDict[str, _Promise] = OrderedDict()
         self._solving = trio.CapacityLimiter(MAX_SOLVING)
         self._in_hand = 0  # tasks accepted to solve, queued or running
@@ -91,10 +94,6 @@ class TaskWorker:
 
     def capable(self) -> bool:
         return self.solver is not None and self.solver.capable()
-
-    def skills(self) -> tuple[str, ...]:
-        entry = self.node.ledger.get(self.node.peer_id)
-        return entry.skills if entry is not None else ()
 
     async def warm_up(self) -> None:
         """Load the skill matcher's model before the first beacon needs it, once our own

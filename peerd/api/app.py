@@ -1,4 +1,5 @@
-"""Starlette application for the local API.
+"""Starlette application for the local API: the node's own routes (health, status,
+metrics, events) and every service's.
 
 Only `/health` is open; everything else needs `Authorization: Bearer <token>`, the
 token kept in the data dir (0600). Bad requests get a JSON error that says what to
@@ -18,16 +19,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from peerd.agents.requester import Symphony
-from peerd.api.openai import ApiError, read_json
-from peerd.api.openai import routes as openai_routes
-from peerd.api.tasks import routes as task_routes
-from peerd.inference.slot import ModelSlot
+from peerd.api.openai import ApiError
 from peerd.node import Node
 
 OPEN_PATHS = {"/health"}
 SSE_KEEPALIVE_S = 15.0
-MAX_BODY_BYTES = 64 * 1024
 
 
 def error(status: int, message: str, type_: str = "invalid_request_error") -> JSONResponse:
@@ -59,40 +55,21 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(node: Node, token: str, models: ModelSlot | None = None,
-               symphony: Symphony | None = None) -> ASGIApp:
-    models = models or ModelSlot(None)
+def create_app(node: Node, token: str) -> ASGIApp:
+    """The node's own routes, and every started service's (service.py)."""
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "peer_id": node.peer_id, "name": node.name})
 
     async def status(request: Request) -> Response:
-        return JSONResponse({**node.status(), "api": str(request.base_url).rstrip("/"),
-                             "model": models.to_json()})
-
-    async def peers(request: Request) -> Response:
-        return JSONResponse(node.peers())
-
-    async def ledger(request: Request) -> Response:
-        return JSONResponse(node.ledger_view())
+        body = {**node.status(), "api": str(request.base_url).rstrip("/")}
+        for service in node.services:
+            body.update(service.status())
+        return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:
         return Response(node.metrics.render(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def capabilities(request: Request) -> Response:
-        try:
-            body = await read_json(request, MAX_BODY_BYTES)
-        except ApiError as exc:
-            return exc.response()
-        skills = body.get("skills") if isinstance(body, dict) else None
-        if (not isinstance(skills, list) or len(skills) > 64
-                or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in skills)):
-            return error(400, '"skills" must be a list of at most 64 non-empty strings '
-                         "of at most 200 characters")
-        entry = node.set_skills(skills)
-        return JSONResponse({"peer_id": node.peer_id, "seq": entry.seq,
-                             "skills": list(entry.skills)})
 
     async def events(request: Request) -> Response:
         try:
@@ -106,13 +83,9 @@ def create_app(node: Node, token: str, models: ModelSlot | None = None,
     app = Starlette(routes=[
         Route("/health", health),
         Route("/status", status),
-        Route("/peers", peers),
-        Route("/ledger", ledger),
         Route("/metrics", metrics),
         Route("/events", events),
-        Route("/capabilities", capabilities, methods=["POST"]),
-        *openai_routes(node, models),
-        *task_routes(symphony),
+        *(route for service in node.services for route in service.routes()),
     ])
 
     def on_reject(reason: str) -> None:

@@ -13,7 +13,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from peerd.inference.slot import MAX_GAMMA, ModelSlot, SpeculativeOptions
 from peerd.inference.swarm.routing import NoRoute, find_route, servers_by_model
-from peerd.node import Node
+from protocols.ledger import LedgerEntry
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +203,17 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     return float(v)
 
 
-def model_layers(node: Node, model_id: str) -> int:
-    return max((m.num_layers for e in node.ledger.entries() for m in e.models
-                if m.model_id == model_id), default=0)
+def model_layers(entries: Sequence[LedgerEntry], model_id: str) -> int:
+    return max((m.num_layers for e in entries for m in e.models if m.model_id == model_id),
+               default=0)
 
 
-def routes(node: Node, models: ModelSlot) -> list[Route]:
+def routes(models: ModelSlot) -> list[Route]:
     async def list_models(request: Request) -> Response:
         data = []
-        for model_id, servers in sorted(servers_by_model(node.ledger.entries()).items()):
-            layers = model_layers(node, model_id)
+        entries = models.ledger.book.entries()
+        for model_id, servers in sorted(servers_by_model(entries).items()):
+            layers = model_layers(entries, model_id)
             if layers and not isinstance(find_route(servers, layers), NoRoute):
                 data.append({"id": model_id, "object": "model", "created": 0,
                              "owned_by": "peerd", "peerd": {"num_layers": layers,

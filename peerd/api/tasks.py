@@ -1,4 +1,5 @@
-"""Symphony over HTTP: `POST /v1/tasks` runs a task, `GET /v1/tasks/{id}` shows it.
+"""Symphony over HTTP: `POST /v1/tasks` runs a task, `GET /v1/tasks/{id}` shows it,
+`POST /capabilities` changes the skills this peer advertises.
 
 POST takes {"question", "workers" (default 3), "requirement" (default: the question),
 "deadline_s" (each worker's, default 120), "answer_format" ("number" | "choice" |
@@ -17,18 +18,24 @@ on /events as `task.*` events. Errors use OpenAI's error shape.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from peerd.agents.requester import NoWorkers, Symphony, TaskSpec
+from peerd.agents.requester import NoWorkers, TaskSpec
 from peerd.api.openai import ApiError, read_json
 from protocols.beacon import ANSWER_FORMATS, MAX_BID_WINDOW_S, MAX_DEADLINE_S, MAX_WORKERS
 from protocols.task import MAX_QUESTION_CHARS, MAX_TASK_TOKENS
 
+if TYPE_CHECKING:
+    from peerd.agents.symphony import Symphony
+
 MAX_BODY_BYTES = 256 * 1024
+MAX_SKILLS_BODY_BYTES = 64 * 1024
+MAX_SKILLS = 64
+MAX_SKILL_CHARS = 200
 FIELDS = {"question", "workers", "requirement", "deadline_s", "answer_format", "max_tokens",
           "bid_window_s"}
 
@@ -84,18 +91,11 @@ def _number(body: dict[str, Any], name: str, default: float, hi: float) -> float
     return float(v)
 
 
-def routes(symphony: Symphony | None) -> list[Route]:
-    def service() -> Symphony:
-        if symphony is None:
-            raise ApiError(503, "this peer does not run the task service",
-                           "service_unavailable")
-        return symphony
-
+def routes(symphony: Symphony) -> list[Route]:
     async def create(request: Request) -> Response:
         try:
-            tasks = service()
             spec = parse(await read_json(request, MAX_BODY_BYTES))
-            record = await tasks.run_task(spec)
+            record = await symphony.run_task(spec)
         except ApiError as exc:
             return exc.response()
         except NoWorkers as exc:
@@ -103,18 +103,30 @@ def routes(symphony: Symphony | None) -> list[Route]:
         return JSONResponse(record.to_json())
 
     async def show(request: Request) -> Response:
-        try:
-            tasks = service()
-        except ApiError as exc:
-            return exc.response()
-        task = tasks.task(request.path_params["task_id"])  # SQLite by key: sub-ms
+        task = await symphony.task(request.path_params["task_id"])
         if task is None:
             return ApiError(404, "no such task on this peer: a peer keeps the tasks it "
                             "requested itself (the last 4096 finished)",
                             code="task_not_found").response()
         return JSONResponse(task, status_code=202 if task.get("status") == "running" else 200)
 
+    async def capabilities(request: Request) -> Response:
+        try:
+            body = await read_json(request, MAX_SKILLS_BODY_BYTES)
+        except ApiError as exc:
+            return exc.response()
+        skills = body.get("skills") if isinstance(body, dict) else None
+        if (not isinstance(skills, list) or len(skills) > MAX_SKILLS
+                or not all(isinstance(s, str) and 0 < len(s) <= MAX_SKILL_CHARS
+                           for s in skills)):
+            return ApiError(400, f'"skills" must be a list of at most {MAX_SKILLS} non-empty '
+                            f"strings of at most {MAX_SKILL_CHARS} characters").response()
+        entry = symphony.set_skills(skills)
+        return JSONResponse({"peer_id": symphony.node.peer_id, "seq": entry.seq,
+                             "skills": list(entry.skills)})
+
     return [
         Route("/v1/tasks", create, methods=["POST"]),
         Route("/v1/tasks/{task_id}", show),
+        Route("/capabilities", capabilities, methods=["POST"]),
     ]

@@ -65,6 +65,7 @@ from peerd.inference.swarm.routing import (
     find_route,
     servers_by_model,
 )
+from peerd.ledger.book import Ledger
 from peerd.node import Node
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,15 @@ def verify_mode(spec: SpeculativeOptions, params: SamplingParams) -> str:
 
 
 class Generator:
-    def __init__(self, node: Node, pipeline: Pipeline, head: Head, *, model_id: str,
-                 num_layers: int, eos_ids: set[int], compute: trio.CapacityLimiter,
+    def __init__(self, node: Node, ledger: Ledger, pipeline: Pipeline, head: Head, *,
+                 model_id: str, num_layers: int, eos_ids: set[int],
+                 compute: trio.CapacityLimiter,
                  wire_dtype: str = "float32", drafters: DrafterCatalog | None = None,
                  token_classes: Callable[[], TokenClasses] | None = None,
                  default_speculative: SpeculativeOptions | None = None,
                  max_session_length: int = 8192, prompt_cache: bool = False) -> None:
         self.node = node
+        self.ledger = ledger  # who serves which layers
         self.pipeline = pipeline
         self.head = head
         self.model_id = model_id
@@ -204,7 +207,7 @@ class Generator:
     def servers(self) -> list[Server]:
         """Who serves which layers of our model, from the ledger and our RTT probes."""
         rtt = {**self.node.rtt_ms, self.node.peer_id: 0.0}
-        return servers_by_model(self.node.ledger.entries(), rtt).get(self.model_id, [])
+        return servers_by_model(self.ledger.entries(), rtt).get(self.model_id, [])
 
     def route(self) -> Route | NoRoute:
         return find_route(self.servers(), self.num_layers, self.bans.banned(time.monotonic()))

@@ -3,13 +3,14 @@
 `ModelRuntime.start(node, options)` resolves the model, picks the layers (the user's
 `--layers`, else the least-served window that fits memory, read from the ledger),
 loads the shard and the head in worker threads, measures the shard's throughput,
-registers the shard server and the entry-side pipeline, and advertises
-`ModelServed(model_id, layers, dtype, tokens/s)` in the ledger.
+registers the shard server and the entry-side pipeline. The model slot (slot.py)
+advertises what it serves, `served` (model id, layers, dtype, tokens/s), in the ledger.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -31,8 +32,9 @@ from peerd.inference.swarm.pipeline import Pipeline
 from peerd.inference.swarm.placement import choose_layers, window_size
 from peerd.inference.swarm.routing import servers_by_model
 from peerd.inference.swarm.server import ShardServer
+from peerd.ledger.book import Ledger
 from peerd.node import Node
-from protocols.ledger import ModelServed
+from protocols.ledger import Hardware, ModelServed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,7 +69,7 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 class ModelRuntime:
     def __init__(self, node: Node, source: ModelSource, block: ShardBlock, head: Head,
                  tokenizer: Any, generator: Generator, server: ShardServer,
-                 tokens_per_s: float) -> None:
+                 tokens_per_s: float, hardware: Hardware | None) -> None:
         self.node = node
         self.source = source
         self.block = block
@@ -76,27 +78,34 @@ class ModelRuntime:
         self.generator = generator
         self.server = server
         self.tokens_per_s = tokens_per_s
+        self.hardware = hardware  # the accelerator, if the model runs on one
+        self.served = ModelServed(model_id=source.model_id, layer_start=block.start,
+                                  layer_end=block.end, dtype=DTYPE_NAMES[block.dtype],
+                                  tokens_per_s=round(tokens_per_s, 2),
+                                  num_layers=block.num_layers)
 
     @property
     def model_id(self) -> str:
         return self.source.model_id
 
     @classmethod
-    async def start(cls, node: Node, options: ModelOptions,
+    async def start(cls, node: Node, ledger: Ledger, options: ModelOptions,
                     progress: Progress = lambda phase: None) -> ModelRuntime:
         if options.torch_threads:
             await compute.run(set_torch_threads, options.torch_threads)
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
+        hardware = None
         if device == "cuda":
             props = torch.cuda.get_device_properties(0)
-            node.set_accelerator("cuda", props.name, int(props.total_memory))
+            hardware = Hardware(device="cuda", memory_bytes=int(props.total_memory),
+                                cpu_count=os.cpu_count() or 0, accelerator=props.name)
         progress(f"resolving {options.spec}")
         source = await _loading(resolve, options.spec)
         config = await _loading(load_config, source)
         num_layers = int(config.num_hidden_layers)
-        layers = options.layers or await cls._place(node, source.model_id, num_layers, config,
-                                                    dtype)
+        layers = options.layers or await cls._place(node, ledger, source.model_id, num_layers,
+                                                    config, dtype)
         start, end = layers
         if not 0 <= start < end <= num_layers:
             raise ValueError(f"--layers {start}:{end} is outside the model's 0:{num_layers}")
@@ -116,7 +125,7 @@ class ModelRuntime:
         pipeline = Pipeline(node, source.model_id)
         pipeline.register()
         drafters = DrafterCatalog(head, tokenizer, device=device, dtype=dtype)
-        generator = Generator(node, pipeline, head, model_id=source.model_id,
+        generator = Generator(node, ledger, pipeline, head, model_id=source.model_id,
                               num_layers=num_layers, eos_ids=eos_ids(tokenizer, config),
                               compute=turns, wire_dtype=DTYPE_NAMES[dtype],
                               drafters=drafters,
@@ -127,22 +136,18 @@ class ModelRuntime:
         if options.speculative.enabled:
             progress(f"loading the drafter ({options.speculative.draft})")
             await generator.drafter(options.speculative)
-        node.set_models((ModelServed(model_id=source.model_id, layer_start=start,
-                                     layer_end=end, dtype=DTYPE_NAMES[dtype],
-                                     tokens_per_s=round(tokens_per_s, 2),
-                                     num_layers=num_layers),))
-        progress(f"serving layers [{start}, {end}) at {tokens_per_s:.1f} tokens/s")
-        return cls(node, source, block, head, tokenizer, generator, server, tokens_per_s)
+        return cls(node, source, block, head, tokenizer, generator, server, tokens_per_s,
+                   hardware)
 
     @staticmethod
-    async def _place(node: Node, model_id: str, num_layers: int, config: Any,
+    async def _place(node: Node, ledger: Ledger, model_id: str, num_layers: int, config: Any,
                      dtype: torch.dtype) -> tuple[int, int]:
         """Least-served window that fits memory, after listening to the ledger a while."""
         with trio.move_on_after(PLACEMENT_WAIT_S):
-            while not node.connected_peers() or len(node.ledger) < 2:  # noqa: ASYNC110
+            while not node.connected_peers() or len(ledger) < 2:  # noqa: ASYNC110
                 await trio.sleep(0.1)  # (the ledger has no change event to wait on)
         await trio.sleep(0.2)  # let the first snapshots land
-        listed = servers_by_model(node.ledger.entries()).get(model_id, [])
+        listed = servers_by_model(ledger.entries()).get(model_id, [])
         servers = [s for s in listed if s.peer_id != node.peer_id]
         budget = int(psutil.virtual_memory().available * MEMORY_FRACTION)
         window = window_size(num_layers, layer_bytes(config, dtype), budget)

@@ -1,4 +1,11 @@
-"""A daemon's model slot and the options it was started with.
+"""A daemon's model slot, the inference system's service, and the options it was
+started with.
+
+The slot is none (the peer serves no model), loading, ready or failed. As a service
+it loads the model in the background once started (the API answers 503 "still
+loading" meanwhile), then owns the model's part of our ledger entry: the layers we
+serve, the accelerator they run on and the shard sessions' load. It serves the
+OpenAI-compatible `/v1` routes.
 
 Light on purpose: the daemon and the API import this whether or not the peer serves
 a model; torch and transformers load only when a model does.
@@ -7,12 +14,21 @@ a model; torch and transformers load only when a model does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import trio
+from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
+
+from peerd.service import EntryFields, Service
+from protocols.ledger import Load
+
 if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
     from peerd.inference.runtime import ModelRuntime
+    from peerd.ledger.gossip import LedgerGossip
     from peerd.node import Node
 
 log = logging.getLogger(__name__)
@@ -94,36 +110,78 @@ class ModelOptions:
     prompt_cache: bool = False  # API requests reuse a pooled session's prompt prefix
 
 
-class ModelSlot:
+class ModelSlot(Service):
     """A daemon's model slot: none, loading, ready or failed. The API reads it."""
 
-    def __init__(self, options: ModelOptions | None) -> None:
+    name = "model"
+
+    def __init__(self, node: Node, ledger: LedgerGossip, options: ModelOptions | None,
+                 progress: Progress = lambda phase: None) -> None:
+        self.node = node
+        self.ledger = ledger
         self.options = options
+        self.progress = progress
         self.state = "none" if options is None else "loading"
         self.phase = ""
         self.error = ""
         self.runtime: ModelRuntime | None = None
+        self.settled = trio.Event()  # ready or failed (set at once when there is no model)
 
-    async def load(self, node: Node, progress: Progress = lambda phase: None) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve at once; load the model (if any) in the background."""
+        task_status.started()
+        if self.options is None:
+            self.settled.set()
+            return
+        try:
+            await self.load()
+        finally:
+            self.settled.set()
+
+    async def load(self) -> None:
         """Load the model; on failure record why and keep the peer running."""
         assert self.options is not None
 
         def step(phase: str) -> None:
             self.phase = phase
-            progress(phase)
+            self.progress(phase)
 
         try:
             from peerd.inference.runtime import ModelRuntime  # torch: only when needed
 
-            self.runtime = await ModelRuntime.start(node, self.options, step)
+            self.runtime = await ModelRuntime.start(self.node, self.ledger.book, self.options,
+                                                    step)
             self.state = "ready"
         except Exception as exc:
             log.exception("loading %s failed", self.options.spec)
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-            node.events.publish("model.failed", spec=self.options.spec, error=self.error)
+            self.node.events.publish("model.failed", spec=self.options.spec, error=self.error)
             return
-        node.events.publish("model.ready", model_id=self.runtime.model_id,
-                            layers=[self.runtime.block.start, self.runtime.block.end])
+        r = self.runtime
+        self.ledger.refresh()  # the layers we serve, at once
+        step(f"serving layers [{r.block.start}, {r.block.end}) at {r.tokens_per_s:.1f} "
+             "tokens/s")
+        self.node.events.publish("model.ready", model_id=r.model_id,
+                                 layers=[r.block.start, r.block.end])
+
+    def entry_fields(self) -> EntryFields:
+        r = self.runtime
+        if r is None:
+            return {}
+        fields: EntryFields = {"models": (r.served,), "load": Load(
+            sessions=len(r.server.sessions), queue=r.server.compute.borrowed_tokens)}
+        if r.hardware is not None:
+            fields["hardware"] = r.hardware
+        return fields
+
+    def routes(self) -> Sequence[BaseRoute]:
+        from peerd.api.openai import routes  # (it imports this module's options)
+
+        return routes(self)
+
+    def status(self) -> dict[str, Any]:
+        return {"model": self.to_json()}
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state}

@@ -24,9 +24,10 @@ import trio
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.peer.id import ID
 
+from peerd.host import ping_once
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
-from peerd.node import Node, ping_once
+from peerd.node import Node
 from peerd.rpc import close_stream, remote_peer, send_quietly
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError

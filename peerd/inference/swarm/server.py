@@ -182,7 +182,6 @@ class ShardServer:
                            is_last=req.hop == len(req.route) - 1)
         self.sessions[session.id] = session
         self.reserved_bytes += need
-        self._report_load()
         try:
             session.downstream = await self._connect_downstream(req)
         except BaseException:
@@ -317,13 +316,9 @@ class ShardServer:
         if self.sessions.pop(s.id, None) is None:
             return
         self.reserved_bytes -= s.reserved_bytes
-        self._report_load()
         if s.downstream is not None:
             if not s.is_last:
                 await send_quietly(s.downstream, Close(s.id), MAX_CONTROL_BYTES)
             await close_stream(s.downstream)
         self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
-
-    def _report_load(self) -> None:
-        self.node.set_load(sessions=len(self.sessions), queue=self.compute.borrowed_tokens)
 

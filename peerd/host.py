@@ -1,0 +1,120 @@
+"""The libp2p host a node runs on: TCP + Noise only + yamux only, a GossipSub
+router tuned for a small swarm, and guards around what py-libp2p lets raise or
+leaves uncounted. See LIBP2P_NOTES.md for why each setting is what it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import multiaddr
+from libp2p import new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from peerd.config import Config
+from protocols.errors import WireError
+
+log = logging.getLogger(__name__)
+
+GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+
+
+async def ping_once(stream: Any) -> float:
+    payload = secrets.token_bytes(32)
+    t0 = time.perf_counter()
+    await stream.write(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = await stream.read(len(payload) - len(got))
+        if not chunk:
+            raise WireError("ping stream closed")
+        got += chunk
+    if got != payload:
+        raise WireError("ping payload mismatch")
+    return (time.perf_counter() - t0) * 1000
+
+
+def _guarded_stream_handler(inner: Any) -> Any:
+    async def handler(stream: Any) -> None:
+        try:
+            await inner(stream)
+        except Exception as exc:
+            log.debug("pubsub stream handler failed: %r", exc)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+    return handler
+
+
+def count_insecure_handshakes(host: Any, on_attempt: Callable[[str], None]) -> None:
+    """Count inbound connections that failed to agree on Noise (e.g. plaintext).
+
+    py-libp2p logs these at debug level and offers no hook, so we wrap the
+    upgrader's bound method on this host's own swarm instance.
+    """
+    upgrader = host.get_network().upgrader
+    inner = upgrader.upgrade_security
+
+    async def upgrade_security(raw_conn: Any, is_initiator: bool, peer_id: Any = None) -> Any:
+        try:
+            return await inner(raw_conn, is_initiator, peer_id)
+        except Exception as exc:
+            if not is_initiator:
+                on_attempt(f"{type(exc).__name__}: {exc}")
+            raise
+
+    upgrader.upgrade_security = upgrade_security
+
+
+def make_host(config: Config, key_pair: KeyPair) -> Any:
+    """TCP + Noise only + yamux only (LIBP2P_NOTES.md trap 4)."""
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    announce = [multiaddr.Multiaddr(a) for a in config.announce] or None
+    # Our connectivity loop keeps `target_peers` connections from the ledger; py-libp2p's
+    # own auto-connector (aiming at ~200 peerstore peers) would race it with duplicate
+    # connections, whose closing silently drops the pubsub stream to that peer.
+    connections = ConnectionConfig(min_connections=0, low_watermark=0,
+                                   high_watermark=max(64, 4 * config.target_peers),
+                                   max_connections=max(128, 8 * config.target_peers),
+                                   max_connections_per_peer=1)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
+        announce_addrs=announce,
+        connection_config=connections,
+    )
+
+
+
+
+def make_pubsub(host: Any) -> tuple[Pubsub, GossipSub]:
+    router = GossipSub(
+        GOSSIP_PROTOCOLS, degree=6, degree_low=4, degree_high=12,
+        heartbeat_interval=1,
+        # Every testnet peer is 127.0.0.1; IP-diversity rules would starve the mesh.
+        eclipse_protection_enabled=False,
+        max_messages_per_topic_per_second=100.0,
+    )
+    pubsub = Pubsub(host, router, strict_signing=True)
+    # Pubsub's stream handler runs in the host's nursery and raises once the Pubsub
+    # service has stopped (a peer's RPC arriving during shutdown): guard it so it
+    # cannot end host.run() (LIBP2P_NOTES.md trap 1).
+    for proto in router.get_protocols():
+        host.set_stream_handler(proto, _guarded_stream_handler(pubsub.stream_handler))
+    return pubsub, router

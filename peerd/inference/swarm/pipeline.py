@@ -27,7 +27,7 @@ from libp2p.peer.id import ID
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
 from peerd.node import Node, ping_once
-from peerd.rpc import close_stream, remote_peer, send_quietly
+from peerd.streams import STREAM_FAILURES_OR_TIMEOUT, close_stream, remote_peer, send_quietly
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
@@ -325,8 +325,10 @@ class Pipeline:
         except PeerError as exc:
             self.node.offence(peer, exc.reason, f"shard-return: {exc}")
             await send_quietly(stream, ErrorReply(exc.reason, str(exc)[:1000]), MAX_CONTROL_BYTES)
-        except Exception as exc:
+        except STREAM_FAILURES_OR_TIMEOUT as exc:
             log.debug("return stream from %s failed: %r", peer, exc)
+        except Exception:  # our bug: the handler must not raise (LIBP2P_NOTES.md trap 1)
+            log.exception("return stream from %s failed", peer)
         finally:
             await close_stream(stream)
 

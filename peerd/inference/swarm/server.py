@@ -29,7 +29,13 @@ from peerd import compute
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.slot import ShardLimits
 from peerd.node import Node
-from peerd.rpc import close_stream, remote_peer, send_quietly
+from peerd.streams import (
+    STREAM_FAILURES,
+    STREAM_FAILURES_OR_TIMEOUT,
+    close_stream,
+    remote_peer,
+    send_quietly,
+)
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
@@ -135,13 +141,12 @@ class ShardServer:
                                MAX_CONTROL_BYTES)
         except trio.TooSlowError:
             self.node.offence(upstream, "timeout", "shard: OPEN not completed in time")
-        except Exception as exc:
-            if type(exc).__name__ in ("StreamReset", "StreamEOF", "StreamClosed"):
-                log.debug("shard stream from %s ended: %r", upstream, exc)
-            else:
-                log.exception("shard session from %s failed", upstream)
-                await send_quietly(stream, ErrorReply(code="internal", message="internal error"),
-                                   MAX_CONTROL_BYTES)
+        except STREAM_FAILURES as exc:
+            log.debug("shard stream from %s ended: %r", upstream, exc)
+        except Exception:
+            log.exception("shard session from %s failed", upstream)
+            await send_quietly(stream, ErrorReply(code="internal", message="internal error"),
+                               MAX_CONTROL_BYTES)
         finally:
             if session is not None:
                 await self._drop(session)
@@ -257,9 +262,7 @@ class ShardServer:
             try:
                 with trio.fail_after(STEP_TIMEOUT_S):
                     await write_frame(s.downstream, encode(reply), MAX_FRAME_BYTES)
-            except trio.Cancelled:
-                raise
-            except Exception as exc:
+            except STREAM_FAILURES_OR_TIMEOUT as exc:
                 nxt = s.open.entry_peer if s.is_last else s.open.route[s.open.hop + 1].peer_id
                 log.info("session %s: cannot reach %s (%r)", s.id, nxt, exc)
                 if not s.is_last:  # (if the entry itself is gone there is nobody to tell)

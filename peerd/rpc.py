@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import trio
 from libp2p.peer.id import ID
 
+from peerd.streams import STREAM_FAILURES, Dial, close_stream, remote_peer, send_quietly
 from protocols.codec import Message, decode, encode
 from protocols.errors import PeerError, RemoteError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req", bound=Message)
 Handler = Callable[[str, Any], Awaitable[Message]]
 OffenceHook = Callable[[str, str, str], None]  # (peer id, reason, detail)
-Dial = Callable[[str, str], Awaitable[Any]]  # (peer id, protocol id) -> stream
 
 _ERROR_REPLY_MAX = 4096
 
@@ -89,12 +89,11 @@ def stream_handler(
             await _reply_error(stream, exc.reason, str(exc))
         except trio.TooSlowError:
             on_offence(peer, "timeout", f"{spec.id} exchange exceeded {spec.timeout_s} s")
-        except Exception as exc:  # our bug or a transport failure: keep serving
-            if _is_stream_failure(exc):
-                log.debug("%s stream from %s failed: %r", spec.id, peer, exc)
-            else:
-                log.exception("%s handler failed for peer %s", spec.id, peer)
-                await _reply_error(stream, "internal", "internal error; see the peer's log")
+        except STREAM_FAILURES as exc:
+            log.debug("%s stream from %s failed: %r", spec.id, peer, exc)
+        except Exception:  # our bug: keep serving
+            log.exception("%s handler failed for peer %s", spec.id, peer)
+            await _reply_error(stream, "internal", "internal error; see the peer's log")
         finally:
             if entered:
                 limiter.leave(peer, token)
@@ -132,40 +131,5 @@ async def call(
             await close_stream(stream)
 
 
-def remote_peer(stream: Any) -> str:
-    try:
-        return str(stream.muxed_conn.peer_id)
-    except Exception:
-        return "unknown"
-
-
-def _is_stream_failure(exc: Exception) -> bool:
-    return type(exc).__name__ in {"StreamReset", "StreamEOF", "StreamClosed",
-                                  "StreamError", "MuxedStreamReset", "MuxedStreamEOF",
-                                  "BrokenResourceError", "ClosedResourceError"}
-
-
 async def _reply_error(stream: Any, code: str, message: str) -> None:
     await send_quietly(stream, ErrorReply(code=code, message=message[:1000]), _ERROR_REPLY_MAX)
-
-
-async def send_quietly(stream: Any, msg: Message, max_size: int) -> None:
-    """Best effort, within a second: a reply or notice to a peer that may be gone."""
-    with trio.move_on_after(1.0):
-        try:
-            await write_frame(stream, encode(msg), max_size)
-        except Exception:
-            pass
-
-
-async def close_stream(stream: Any) -> None:
-    with trio.move_on_after(1.0) as scope:
-        try:
-            await stream.close()
-        except Exception:
-            scope.cancel()
-    if scope.cancelled_caught:
-        try:
-            await stream.reset()
-        except Exception:
-            pass

@@ -79,8 +79,7 @@ async def read_frame(stream: ByteStream, max_size: int) -> bytes:
 async def _read_some(stream: ByteStream, n: int) -> bytes:
     try:
         return await stream.read(n)
-    except Exception as exc:
-        # libp2p raises StreamEOF / StreamReset at EOF instead of returning b"".
-        if type(exc).__name__ in ("StreamEOF", "StreamClosed", "EOFError"):
-            return b""
-        raise
+    except EOFError:
+        # libp2p raises StreamEOF (an EOFError) at EOF instead of returning b"";
+        # a StreamReset is no EOF and goes on up.
+        return b""

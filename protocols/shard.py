@@ -1,4 +1,5 @@
-"""The shard pipeline on the wire: `/peerd/shard/1.0.0`.
+"""The shard pipeline on the wire: `/peerd/shard/1.0.0` and `/peerd/shard-return/1.0.0`,
+declared below as `SHARD` and `SHARD_RETURN` (messages, size caps, deadlines).
 
 A session is a chain of persistent streams: the entry peer (which holds the
 embeddings and lm_head) opens a stream to the first shard with OPEN; every shard
@@ -27,20 +28,10 @@ from dataclasses import dataclass
 
 from protocols.codec import Message
 from protocols.errors import WireError
+from protocols.spec import ErrorReply, SessionStream
 
-SHARD_PROTOCOL = "/peerd/shard/1.0.0"
-RETURN_PROTOCOL = "/peerd/shard-return/1.0.0"
-
-# One FORWARD frame: SmolLM2 hidden 576 x float32 x 2048 positions is 4.5 MiB; a
-# 4096-wide model prefilling 2048 positions in float16 is 16 MiB. Anything larger is
-# refused before it is read.
-MAX_FRAME_BYTES = 32 * 2**20
-MAX_CONTROL_BYTES = 64 * 1024
 MAX_ROUTE_HOPS = 64
-MAX_POSITIONS = 1 << 17
 MAX_TREE_POSITIONS = 1024  # a tree is a draft: a few dozen positions; its mask is T x T
-OPEN_TIMEOUT_S = 30.0
-STEP_TIMEOUT_S = 60.0
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -142,6 +133,43 @@ class Failed(Message):
 class Close(Message):
     KIND = "shard.close"
     session: str
+
+
+SHARD = SessionStream(
+    id="/peerd/shard/1.0.0",
+    opens=(Open,),
+    opened=Opened,
+    # FAILED: this hop or one further down cannot hold the session (capacity, an
+    # unreachable next hop); ERROR: the OPEN itself broke the rules
+    refusals=(Failed, ErrorReply),
+    dialer_sends=(Forward, Close),
+    # a FORWARD refused mid-session; results travel back over SHARD_RETURN
+    listener_sends=(ErrorReply,),
+    max_control_bytes=64 * 1024,
+    # One FORWARD frame: SmolLM2 hidden 576 x float32 x 2048 positions is 4.5 MiB; a
+    # 4096-wide model prefilling 2048 positions in float16 is 16 MiB. Anything larger is
+    # refused before it is read.
+    max_data_bytes=32 * 2**20,
+    # the OPEN's answer waits for every hop after this one to open, and for the
+    # return stream
+    open_timeout_s=30.0,
+    step_timeout_s=60.0,
+)
+
+SHARD_RETURN = SessionStream(
+    id="/peerd/shard-return/1.0.0",
+    # OPENED: the last hop's return stream for the session, answered with OPENED;
+    # FAILED: any hop's report that the session broke (a one-way notice, no answer)
+    opens=(Opened, Failed),
+    opened=Opened,
+    refusals=(ErrorReply,),
+    dialer_sends=(Result,),
+    listener_sends=(),
+    max_control_bytes=SHARD.max_control_bytes,
+    max_data_bytes=SHARD.max_data_bytes,  # a RESULT is as large as a FORWARD
+    open_timeout_s=10.0,
+    step_timeout_s=SHARD.step_timeout_s,  # a RESULT ends a SHARD step
+)
 
 
 def tree_depths(tree: tuple[int, ...], positions: int) -> list[int]:

@@ -27,11 +27,13 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
@@ -308,12 +310,8 @@ class Rogue:
                         await stream.close_write()
                 try:
                     return await read_frame(stream, max_reply)
-                except StreamClosed:
+                except (StreamClosed, StreamReset, MuxedStreamReset):
                     return None
-                except Exception as exc:
-                    if type(exc).__name__ in ("StreamReset", "MuxedStreamReset"):
-                        return None
-                    raise
             finally:
                 with contextlib.suppress(Exception):
                     await stream.reset()

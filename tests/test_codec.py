@@ -18,6 +18,17 @@ from protocols.ledger import (
     SyncRequest,
     SyncResponse,
 )
+from protocols.shard import (
+    Close,
+    Failed,
+    Forward,
+    Hop,
+    HopTiming,
+    Open,
+    Opened,
+    Result,
+    WireTensor,
+)
 from protocols.spec import ErrorReply
 
 PEER = "12D3KooWExamplePeerIdThatIsNotCheckedByTheCodec"
@@ -50,6 +61,17 @@ MESSAGES: list[Message] = [
     SyncResponse(entries=()),
     SyncResponse(entries=(SIGNED, SignedEntry(body=b"", sig=b""))),
     ErrorReply(code="malformed", message="bad frame"),
+    # the shard session (protocols.shard.SHARD, SHARD_RETURN)
+    Open(session="s" * 16, model_id="m", route=(Hop(PEER, 0, 2), Hop(PEER, 2, 4)), hop=1,
+         entry_peer=PEER, max_length=64, dtype="float16"),
+    Opened(session="s" * 16),
+    Forward(session="s" * 16, step=2, start_pos=3, keep=3,
+            hidden=WireTensor("float16", (1, 2, 1), b"\0" * 4),
+            timings=(HopTiming(PEER, 1.5),), tree=(-1, 0)),
+    Result(session="s" * 16, step=2, hidden=WireTensor("float32", (1, 1, 1), b"\0" * 4),
+           timings=(HopTiming(PEER, 1.5), HopTiming(PEER, 0.25))),
+    Failed(session="s" * 16, step=2, peer_id=PEER, code="unreachable", message="gone"),
+    Close(session="s" * 16),
 ]
 
 
@@ -260,8 +282,6 @@ def test_wire_errors_are_peer_errors() -> None:
 def test_an_optional_field_at_its_default_stays_off_the_wire() -> None:
     """A chain's FORWARD encodes as it did before trees existed, so a peer that does not
     know `tree` (strict decoding) still serves it; a tree's FORWARD carries it."""
-    from protocols.shard import Forward, WireTensor
-
     hidden = WireTensor(dtype="float32", shape=(1, 1, 2), data=b"\0" * 8)
     chain = Forward(session="s", step=1, start_pos=0, keep=-1, hidden=hidden)
     assert "tree" not in unpackb(encode(chain))

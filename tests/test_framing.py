@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
 from protocols.errors import FrameTooLarge, WireError
 from protocols.framing import (
@@ -50,10 +51,6 @@ class ScriptedStream:
     async def write(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint()
         self.written += data
-
-
-class StreamEOF(Exception):
-    """Same name as libp2p's end-of-stream exception."""
 
 
 class StreamAdapter:
@@ -157,6 +154,11 @@ async def test_libp2p_style_eof_exception_counts_as_eof() -> None:
         await read_frame(ScriptedStream(eof_exc=StreamEOF()), LIMIT)
     with pytest.raises(WireError):
         await read_frame(ScriptedStream(b"\x05ab", eof_exc=StreamEOF()), LIMIT)
+
+
+async def test_a_reset_is_not_an_eof() -> None:
+    with pytest.raises(StreamReset):
+        await read_frame(ScriptedStream(eof_exc=StreamReset()), LIMIT)
 
 
 async def test_other_read_errors_propagate() -> None:

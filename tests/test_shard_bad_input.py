@@ -20,14 +20,7 @@ from peerd.inference.swarm.pipeline import PipelineSession
 from peerd.inference.swarm.routing import Route, Span
 from protocols.codec import decode, encode
 from protocols.framing import encode_uvarint, read_frame, write_frame
-from protocols.shard import (
-    MAX_CONTROL_BYTES,
-    MAX_FRAME_BYTES,
-    SHARD_PROTOCOL,
-    Forward,
-    Hop,
-    Open,
-)
+from protocols.shard import SHARD, Forward, Hop, Open
 from protocols.spec import ErrorReply
 from tests.harness import book, gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
@@ -67,8 +60,8 @@ async def refused(session: PipelineSession, msg: Forward | bytes) -> ErrorReply:
     if isinstance(msg, bytes):
         await session.first.write(msg)
     else:
-        await write_frame(session.first, encode(msg), MAX_FRAME_BYTES)
-    reply = decode(await read_frame(session.first, MAX_CONTROL_BYTES), ErrorReply)
+        await write_frame(session.first, encode(msg), SHARD.max_data_bytes)
+    reply = decode(await read_frame(session.first, SHARD.max_control_bytes), ErrorReply)
     session.done.set()
     return reply
 
@@ -122,7 +115,7 @@ async def test_bad_forward_is_refused_and_others_keep_working(tmp_path: Path, ti
 async def test_oversized_frame_is_refused_before_it_is_read(tmp_path: Path, tiny: Path) -> None:
     async with shard_and_entry(tmp_path, tiny) as (shard, entry):
         session = await entry.generator.pipeline.open(via(shard), 64)
-        reply = await refused(session, encode_uvarint(MAX_FRAME_BYTES + 1))
+        reply = await refused(session, encode_uvarint(SHARD.max_data_bytes + 1))
         assert reply.code == "oversized"
         assert shard.node.offences[entry.node.peer_id]["oversized"] == 1
         fresh = await entry.generator.pipeline.open(via(shard), 64)
@@ -139,12 +132,12 @@ async def test_open_with_a_bad_route_is_refused(tmp_path: Path, tiny: Path,
                                                 route: tuple[Hop, ...], words: str) -> None:
     async with shard_and_entry(tmp_path, tiny) as (shard, entry):
         hops = tuple(Hop(shard.node.peer_id, h.start, h.end) for h in route)
-        stream = await entry.node.new_stream(shard.node.peer_id, SHARD_PROTOCOL)
+        stream = await entry.node.new_stream(shard.node.peer_id, SHARD.id)
         await write_frame(stream, encode(Open(session="s" * 16, model_id=shard.model_id,
                                               route=hops, hop=0, entry_peer=entry.node.peer_id,
                                               max_length=64, dtype="float32")),
-                          MAX_CONTROL_BYTES)
-        reply = decode(await read_frame(stream, MAX_CONTROL_BYTES), ErrorReply)
+                          SHARD.max_control_bytes)
+        reply = decode(await read_frame(stream, SHARD.max_control_bytes), ErrorReply)
         assert reply.code == "malformed" and words in reply.message
         assert not shard.server.sessions
         fresh = await entry.generator.pipeline.open(via(shard), 64)

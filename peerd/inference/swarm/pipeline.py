@@ -28,17 +28,21 @@ from peerd.host import ping_once
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
 from peerd.node import Node
-from peerd.rpc import close_stream, remote_peer, send_quietly
+from peerd.streams import (
+    STREAM_FAILURES_OR_TIMEOUT,
+    OpenFailed,
+    OpenRefused,
+    close_stream,
+    open_session,
+    remote_peer,
+    send_quietly,
+)
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
-from protocols.framing import StreamClosed, read_frame, write_frame
+from protocols.framing import read_frame, write_frame
 from protocols.shard import (
-    MAX_CONTROL_BYTES,
-    MAX_FRAME_BYTES,
-    OPEN_TIMEOUT_S,
-    RETURN_PROTOCOL,
-    SHARD_PROTOCOL,
-    STEP_TIMEOUT_S,
+    SHARD,
+    SHARD_RETURN,
     Close,
     Failed,
     Forward,
@@ -142,9 +146,9 @@ class PipelineSession:
         async def exchange(cancel: trio.CancelScope) -> None:
             nonlocal result, error
             try:
-                await write_frame(self.first, encode(msg), MAX_FRAME_BYTES)
+                await write_frame(self.first, encode(msg), SHARD.max_data_bytes)
                 while result is None:
-                    raw = await read_frame(self.return_stream, MAX_FRAME_BYTES)
+                    raw = await read_frame(self.return_stream, SHARD_RETURN.max_data_bytes)
                     reply = decode(raw, Result)
                     if reply.session != self.id or reply.step > self.step_no:
                         raise WireError(f"result for session {reply.session} step {reply.step}")
@@ -158,7 +162,7 @@ class PipelineSession:
             await self.failed.wait()
             cancel.cancel()
 
-        with trio.move_on_after(STEP_TIMEOUT_S) as deadline:
+        with trio.move_on_after(SHARD.step_timeout_s) as deadline:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(exchange, nursery.cancel_scope)
                 nursery.start_soon(watch, nursery.cancel_scope)
@@ -166,7 +170,7 @@ class PipelineSession:
             hidden_out = from_wire(result.hidden, dtype=hidden.dtype)
             return StepResult(hidden_out, result.timings, (time.perf_counter() - t0) * 1e3)
         if deadline.cancelled_caught:
-            error = trio.TooSlowError(f"step took over {STEP_TIMEOUT_S} s")
+            error = trio.TooSlowError(f"step took over {SHARD.step_timeout_s} s")
         raise await self._diagnose(error)
 
     async def _diagnose(self, error: BaseException | None) -> PipelineFailure:
@@ -194,7 +198,7 @@ class PipelineSession:
     async def _first_hop_refusal(self) -> ErrorReply | None:
         with trio.move_on_after(0.2):
             try:
-                reply = decode(await read_frame(self.first, MAX_CONTROL_BYTES), ErrorReply)
+                reply = decode(await read_frame(self.first, SHARD.max_control_bytes), ErrorReply)
                 return reply
             except Exception:
                 return None
@@ -202,7 +206,7 @@ class PipelineSession:
 
     async def close(self) -> None:
         if self.first is not None and not self.done.is_set():
-            await send_quietly(self.first, Close(self.id), MAX_CONTROL_BYTES)
+            await send_quietly(self.first, Close(self.id), SHARD.max_control_bytes)
         self.done.set()
         self.pipeline.sessions.pop(self.id, None)
         if self.first is not None:
@@ -219,7 +223,7 @@ class Pipeline:
         self.pool: dict[tuple[Hop, ...], list[PipelineSession]] = {}
 
     def register(self) -> None:
-        self.node.set_stream_handler(RETURN_PROTOCOL, self._handle_return)
+        self.node.set_stream_handler(SHARD_RETURN.id, self._handle_return)
         self.node.nursery.start_soon(self._sweep_pool)
 
     # ---- the pool of idle sessions ---------------------------------------------------
@@ -274,28 +278,25 @@ class Pipeline:
         request = Open(session=s.id, model_id=self.model_id, route=hops, hop=0,
                        entry_peer=self.node.peer_id, max_length=max_length, dtype=dtype)
         try:
-            with trio.fail_after(OPEN_TIMEOUT_S):
+            # one deadline for the whole chain: the first hop's answer and the last
+            # hop's return stream (open_session's own, for the answer, is no sooner)
+            with trio.fail_after(SHARD.open_timeout_s):
                 try:
-                    s.first = await self.node.new_stream(first, SHARD_PROTOCOL)
-                    await write_frame(s.first, encode(request), MAX_CONTROL_BYTES)
-                    raw = await read_frame(s.first, MAX_CONTROL_BYTES)
-                except (PeerError, StreamClosed) as exc:
-                    raise PipelineFailure(first, "unreachable", f"{first}: {exc}") from None
-                except (trio.Cancelled, trio.TooSlowError):
-                    raise
-                except Exception as exc:
-                    raise PipelineFailure(first, "unreachable",
-                                          f"cannot reach {first}: {type(exc).__name__}") from None
-                reply = decode(raw, Opened, Failed, ErrorReply)
-                if isinstance(reply, Failed):
-                    raise PipelineFailure(reply.peer_id, reply.code, reply.message)
-                if isinstance(reply, ErrorReply):
-                    raise PipelineFailure(first, reply.code, f"{first} refused: {reply.message}")
+                    s.first, _ = await open_session(self.node.new_stream, first, SHARD,
+                                                    request, accept=lambda a: a.session == s.id)
+                except OpenRefused as exc:
+                    if isinstance(exc.reply, Failed):  # names the hop that could not open
+                        raise PipelineFailure(exc.reply.peer_id, exc.code, exc.message
+                                              ) from None
+                    raise PipelineFailure(first, exc.code, f"{first} refused: {exc.message}"
+                                          ) from None
+                except OpenFailed as exc:
+                    raise PipelineFailure(first, "unreachable", str(exc)) from None
                 await s.returned.wait()
         except trio.TooSlowError:
             await s.close()
             raise PipelineFailure(None, "timeout", f"opening the session took over "
-                                  f"{OPEN_TIMEOUT_S} s") from None
+                                  f"{SHARD.open_timeout_s} s") from None
         except BaseException:
             await s.close()
             raise
@@ -305,8 +306,8 @@ class Pipeline:
         """The last hop's return stream (kept for the session), or a hop's report."""
         peer = remote_peer(stream)
         try:
-            with trio.fail_after(10.0):
-                raw = await read_frame(stream, MAX_CONTROL_BYTES)
+            with trio.fail_after(SHARD_RETURN.open_timeout_s):
+                raw = await read_frame(stream, SHARD_RETURN.max_control_bytes)
             msg = decode(raw, Opened, Failed)
             s = self.sessions.get(msg.session)
             if s is None:
@@ -319,15 +320,18 @@ class Pipeline:
                 return
             if peer != s.route[-1].peer_id or s.return_stream is not None:
                 raise WireError("return stream from a peer that is not the route's last hop")
-            await write_frame(stream, encode(Opened(s.id)), MAX_CONTROL_BYTES)
+            await write_frame(stream, encode(Opened(s.id)), SHARD_RETURN.max_control_bytes)
             s.return_stream = stream
             s.returned.set()
             await s.done.wait()
         except PeerError as exc:
             self.node.offence(peer, exc.reason, f"shard-return: {exc}")
-            await send_quietly(stream, ErrorReply(exc.reason, str(exc)[:1000]), MAX_CONTROL_BYTES)
-        except Exception as exc:
+            await send_quietly(stream, ErrorReply(exc.reason, str(exc)[:1000]),
+                               SHARD_RETURN.max_control_bytes)
+        except STREAM_FAILURES_OR_TIMEOUT as exc:
             log.debug("return stream from %s failed: %r", peer, exc)
+        except Exception:  # our bug: the handler must not raise (LIBP2P_NOTES.md trap 1)
+            log.exception("return stream from %s failed", peer)
         finally:
             await close_stream(stream)
 

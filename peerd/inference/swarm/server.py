@@ -29,18 +29,23 @@ from peerd import compute
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.slot import ShardLimits
 from peerd.node import Node
-from peerd.rpc import close_stream, remote_peer, send_quietly
+from peerd.streams import (
+    STREAM_FAILURES,
+    STREAM_FAILURES_OR_TIMEOUT,
+    OpenFailed,
+    OpenRefused,
+    close_stream,
+    open_session,
+    remote_peer,
+    send_quietly,
+)
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
 from protocols.shard import (
     DTYPES,
-    MAX_CONTROL_BYTES,
-    MAX_FRAME_BYTES,
-    OPEN_TIMEOUT_S,
-    RETURN_PROTOCOL,
-    SHARD_PROTOCOL,
-    STEP_TIMEOUT_S,
+    SHARD,
+    SHARD_RETURN,
     Close,
     Failed,
     Forward,
@@ -54,6 +59,10 @@ from protocols.shard import (
 from protocols.spec import ErrorReply
 
 log = logging.getLogger(__name__)
+
+# A FAILED report to the entry is best effort, and short: the entry waits for one only
+# a moment after a broken step (pipeline.REPORT_GRACE_S) before it diagnoses alone.
+REPORT_TIMEOUT_S = 5.0
 
 
 class Block(Protocol):
@@ -108,7 +117,7 @@ class ShardServer:
         self.reserved_bytes = 0
 
     def register(self) -> None:
-        self.node.set_stream_handler(SHARD_PROTOCOL, self._handle)
+        self.node.set_stream_handler(SHARD.id, self._handle)
 
     # ---- one session's stream ------------------------------------------------------
 
@@ -117,31 +126,31 @@ class ShardServer:
         upstream = remote_peer(stream)
         session: _Session | None = None
         try:
-            with trio.fail_after(OPEN_TIMEOUT_S):
-                raw = await read_frame(stream, MAX_CONTROL_BYTES)
+            with trio.fail_after(SHARD.open_timeout_s):
+                raw = await read_frame(stream, SHARD.max_control_bytes)
                 request = decode(raw, Open)
                 session = await self._open(request)
-            await write_frame(stream, encode(Opened(session=session.id)), MAX_CONTROL_BYTES)
+            await write_frame(stream, encode(Opened(session=session.id)),
+                              SHARD.max_control_bytes)
             await self._serve(session, stream, upstream)
         except StreamClosed:
             pass
         except Refused as exc:
             refusal = Failed(session="", step=-1, peer_id=self.node.peer_id, code=exc.code,
                              message=str(exc)[:1000])
-            await send_quietly(stream, refusal, MAX_CONTROL_BYTES)
+            await send_quietly(stream, refusal, SHARD.max_control_bytes)
         except PeerError as exc:
             self.node.offence(upstream, exc.reason, f"shard: {exc}")
             await send_quietly(stream, ErrorReply(code=exc.reason, message=str(exc)[:1000]),
-                               MAX_CONTROL_BYTES)
+                               SHARD.max_control_bytes)
         except trio.TooSlowError:
             self.node.offence(upstream, "timeout", "shard: OPEN not completed in time")
-        except Exception as exc:
-            if type(exc).__name__ in ("StreamReset", "StreamEOF", "StreamClosed"):
-                log.debug("shard stream from %s ended: %r", upstream, exc)
-            else:
-                log.exception("shard session from %s failed", upstream)
-                await send_quietly(stream, ErrorReply(code="internal", message="internal error"),
-                                   MAX_CONTROL_BYTES)
+        except STREAM_FAILURES as exc:
+            log.debug("shard stream from %s ended: %r", upstream, exc)
+        except Exception:
+            log.exception("shard session from %s failed", upstream)
+            await send_quietly(stream, ErrorReply(code="internal", message="internal error"),
+                               SHARD.max_control_bytes)
         finally:
             if session is not None:
                 await self._drop(session)
@@ -192,38 +201,33 @@ class ShardServer:
         return session
 
     async def _connect_downstream(self, req: Open) -> Any:
-        """Open the next hop's stream (forwarding OPEN), or the return stream."""
+        """Open the next hop's stream (forwarding OPEN), or the return stream. Whatever
+        goes wrong is a Refused that this peer reports upstream as its own FAILED."""
+        opening: Open | Opened
         if req.hop == len(req.route) - 1:
-            target, protocol, first = req.entry_peer, RETURN_PROTOCOL, encode(Opened(req.session))
+            target, spec, opening = req.entry_peer, SHARD_RETURN, Opened(req.session)
         else:
-            target, protocol = req.route[req.hop + 1].peer_id, SHARD_PROTOCOL
-            first = encode(Open(session=req.session, model_id=req.model_id, route=req.route,
-                                hop=req.hop + 1, entry_peer=req.entry_peer,
-                                max_length=req.max_length, dtype=req.dtype))
+            target, spec = req.route[req.hop + 1].peer_id, SHARD
+            opening = Open(session=req.session, model_id=req.model_id, route=req.route,
+                           hop=req.hop + 1, entry_peer=req.entry_peer,
+                           max_length=req.max_length, dtype=req.dtype)
         try:
-            stream = await self.node.new_stream(target, protocol)
-            await write_frame(stream, first, MAX_CONTROL_BYTES)
-            raw = await read_frame(stream, MAX_CONTROL_BYTES)
-        except (PeerError, StreamClosed) as exc:
-            raise Refused("unreachable", f"{target} broke the session set-up: {exc}") from None
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            raise Refused("unreachable", f"{self.node.peer_id} cannot reach {target}: "
-                          f"{type(exc).__name__}") from None
-        reply = decode(raw, Opened, Failed, ErrorReply)
-        if isinstance(reply, Opened) and reply.session == req.session:
-            return stream
-        await close_stream(stream)
-        if isinstance(reply, Failed):  # a refusal further down: pass it on as it is
-            raise Refused(reply.code, reply.message)
-        detail = reply.message if isinstance(reply, ErrorReply) else "wrong session"
-        raise Refused("unreachable", f"{target} refused the session: {detail}")
+            stream, _ = await open_session(self.node.new_stream, target, spec, opening,
+                                           accept=lambda a: a.session == req.session)
+        except OpenRefused as exc:
+            if isinstance(exc.reply, Failed):  # a refusal further down: pass its code on
+                raise Refused(exc.code, exc.message) from None
+            raise Refused("unreachable", f"{target} refused the session: {exc.message}"
+                          ) from None
+        except OpenFailed as exc:
+            raise Refused("unreachable", f"{self.node.peer_id} could not open the session "
+                          f"on {target}: {exc}") from None
+        return stream
 
     async def _serve(self, s: _Session, stream: Any, upstream: str) -> None:
         while True:
             with trio.move_on_after(self.limits.session_ttl_s) as idle:
-                raw = await read_frame(stream, MAX_FRAME_BYTES)
+                raw = await read_frame(stream, SHARD.max_data_bytes)
             if idle.cancelled_caught:
                 log.info("session %s idle for %.0f s; closing", s.id, self.limits.session_ttl_s)
                 return
@@ -253,12 +257,11 @@ class ShardServer:
             else:
                 reply = Forward(session=s.id, step=msg.step, start_pos=msg.start_pos,
                                 keep=msg.keep, hidden=out, timings=timings, tree=msg.tree)
+            downstream = SHARD_RETURN if s.is_last else SHARD
             try:
-                with trio.fail_after(STEP_TIMEOUT_S):
-                    await write_frame(s.downstream, encode(reply), MAX_FRAME_BYTES)
-            except trio.Cancelled:
-                raise
-            except Exception as exc:
+                with trio.fail_after(downstream.step_timeout_s):
+                    await write_frame(s.downstream, encode(reply), downstream.max_data_bytes)
+            except STREAM_FAILURES_OR_TIMEOUT as exc:
                 nxt = s.open.entry_peer if s.is_last else s.open.route[s.open.hop + 1].peer_id
                 log.info("session %s: cannot reach %s (%r)", s.id, nxt, exc)
                 if not s.is_last:  # (if the entry itself is gone there is nobody to tell)
@@ -303,10 +306,10 @@ class ShardServer:
         """Tell the entry peer which peer broke the session, over the return protocol."""
         report = Failed(session=s.id, step=step, peer_id=culprit, code=code, message=message)
         try:
-            with trio.fail_after(5.0):
-                stream = await self.node.new_stream(s.open.entry_peer, RETURN_PROTOCOL)
+            with trio.fail_after(REPORT_TIMEOUT_S):
+                stream = await self.node.new_stream(s.open.entry_peer, SHARD_RETURN.id)
                 try:
-                    await write_frame(stream, encode(report), MAX_CONTROL_BYTES)
+                    await write_frame(stream, encode(report), SHARD_RETURN.max_control_bytes)
                 finally:
                     await close_stream(stream)
         except Exception as exc:
@@ -318,7 +321,7 @@ class ShardServer:
         self.reserved_bytes -= s.reserved_bytes
         if s.downstream is not None:
             if not s.is_last:
-                await send_quietly(s.downstream, Close(s.id), MAX_CONTROL_BYTES)
+                await send_quietly(s.downstream, Close(s.id), SHARD.max_control_bytes)
             await close_stream(s.downstream)
         self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
 

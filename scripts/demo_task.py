@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from peerd.cli import vote_table
+from peerd.cli.task import vote_table
 
 SKILLS = ["arithmetic word problems", "grade school math"]
 QUESTION = ("Tom has 3 boxes with 4 apples in each box. He eats 2 apples. "

@@ -235,7 +235,7 @@ def test_shards_shows_layers_and_coverage(swarm: Swarm) -> None:
 
 def test_shard_map_without_daemons() -> None:
     """Several gaps; servers by layer start; a model nobody gave a layer count for."""
-    from peerd.cli import coverage_text, shard_map
+    from peerd.cli.shards import coverage_text, shard_map
 
     def row(peer: str, model: str, a: int, b: int, layers: int = 0) -> dict[str, Any]:
         return {"peer_id": peer, "name": peer.upper(), "models": [

@@ -1,0 +1,136 @@
+"""Administering the local peer over its API: id, status, peers, ledger, events,
+advertise."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from peerd.cli.client import client_options, console, emit, make_client
+
+
+def _ago(ts: float | None) -> str:
+    return "-" if ts is None else f"{max(0.0, time.time() - ts):.1f}s ago"
+
+
+@click.command("id")
+@client_options
+def id_(data_dir: Path | None, api: str | None, token: str | None, as_json: bool) -> None:
+    """The local peer's id and addresses."""
+    c = make_client(data_dir, api, token)
+    s = c.request("GET", "/status")
+    data = {"peer_id": s["peer_id"], "name": s["name"], "addrs": s["addrs"], "api": c.api}
+
+    def render(d: dict[str, Any]) -> None:
+        console.print(f"[bold]{d['name']}[/]  {d['peer_id']}", highlight=False)
+        for a in d["addrs"]:
+            console.print(f"  {a}", highlight=False)
+
+    emit(data, as_json, render)
+
+
+@click.command()
+@client_options
+def status(data_dir: Path | None, api: str | None, token: str | None, as_json: bool) -> None:
+    """Health of the local peer."""
+    s = make_client(data_dir, api, token).request("GET", "/status")
+
+    def render(d: dict[str, Any]) -> None:
+        t = Table(show_header=False, box=None)
+        for k in ("name", "peer_id", "version", "uptime_s", "peers", "ledger_size", "skills",
+                  "data_dir", "api"):
+            v = d.get(k)
+            t.add_row(f"[bold]{k}[/]", ", ".join(v) if isinstance(v, list) else str(v))
+        for a in d["addrs"]:
+            t.add_row("[bold]addr[/]", a)
+        console.print(t)
+
+    emit(s, as_json, render)
+
+
+@click.command()
+@client_options
+def peers(data_dir: Path | None, api: str | None, token: str | None, as_json: bool) -> None:
+    """Connected peers with their measured round trip."""
+    rows = make_client(data_dir, api, token).request("GET", "/peers")
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        t = Table(title=f"{len(rows)} connected peers")
+        for col in ("name", "peer id", "rtt ms", "address", "offences"):
+            t.add_column(col)
+        for r in rows:
+            rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f}"
+            t.add_row(r["name"] or "?", r["peer_id"], rtt, (r["addrs"] or ["?"])[0],
+                      str(r["offences"]))
+        console.print(t)
+
+    emit(rows, as_json, render)
+
+
+@click.command()
+@client_options
+def ledger(data_dir: Path | None, api: str | None, token: str | None, as_json: bool) -> None:
+    """The capability ledger as this peer sees it."""
+    rows = make_client(data_dir, api, token).request("GET", "/ledger")
+
+    def render(rows: list[dict[str, Any]]) -> None:
+        t = Table(title=f"ledger: {len(rows)} peers")
+        for col in ("name", "peer id", "seq", "device", "cpus", "skills", "models",
+                    "expires", "received"):
+            t.add_column(col)
+        for r in rows:
+            hw = r.get("hardware", {})
+            models = ", ".join(f"{m['model_id']}[{m['layer_start']}:{m['layer_end']}]"
+                               for m in r.get("models", []))
+            name = r["name"] + (" (self)" if r.get("self") else "")
+            t.add_row(name, r["peer_id"][-12:], str(r["seq"]), hw.get("device", "?"),
+                      str(hw.get("cpu_count", "?")), ", ".join(r.get("skills", [])) or "-",
+                      models or "-", f"{r['expires_in_s']:.1f}s", _ago(r.get("received_at")))
+        console.print(t)
+
+    emit(rows, as_json, render)
+
+
+@click.command()
+@client_options
+@click.option("--type", "types", default="", help="Only these event types (comma-separated).")
+@click.option("--replay", default=0, type=click.IntRange(0, 256),
+              help="First show this many recent events.")
+@click.option("--count", default=0, type=click.IntRange(0), help="Stop after N events.")
+def events(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+           types: str, replay: int, count: int) -> None:
+    """Follow the peer's events (connections, ledger accept/reject) until Ctrl-C."""
+    c = make_client(data_dir, api, token)
+    seen = 0
+    try:
+        for ev in c.stream_events(types, replay):
+            if as_json:
+                click.echo(json.dumps(ev, sort_keys=True))
+            else:
+                extra = " ".join(f"{k}={v}" for k, v in ev.items()
+                                 if k not in ("id", "type", "ts"))
+                stamp = time.strftime("%H:%M:%S", time.localtime(ev["ts"]))
+                console.print(f"{stamp} [bold]{ev['type']:<18}[/] {extra}", highlight=False)
+            seen += 1
+            if count and seen >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@client_options
+@click.option("--skill", "skills", multiple=True, required=True,
+              help="The full new list of skills (repeatable).")
+def advertise(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+              skills: tuple[str, ...]) -> None:
+    """Change the skills this peer advertises; every peer sees it within a second."""
+    r = make_client(data_dir, api, token).request("POST", "/capabilities",
+                                                  {"skills": list(skills)})
+    emit(r, as_json, lambda d: console.print(
+        f"advertising {', '.join(d['skills'])} (seq {d['seq']})", highlight=False))

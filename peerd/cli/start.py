@@ -1,0 +1,82 @@
+"""`peerd start`: run a peer in the foreground (peerd.daemon, imported when it runs)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from peerd import __version__
+from peerd.cli.client import console, fail
+from peerd.config import DEFAULT_API, DEVICES, DTYPES, ConfigError, load_config
+
+
+@click.command()
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the identity, token and ledger live [$PEERD_HOME or "
+              "~/.local/share/peerd].")
+@click.option("--listen", multiple=True, metavar="MULTIADDR",
+              help="libp2p listen address (repeatable) [/ip4/0.0.0.0/tcp/4001].")
+@click.option("--announce", multiple=True, metavar="MULTIADDR",
+              help="Address to advertise instead of the listen addresses (repeatable).")
+@click.option("--bootstrap", multiple=True, metavar="MULTIADDR",
+              help="A peer to join through, /ip4/H/tcp/P/p2p/ID (repeatable).")
+@click.option("--api", metavar="HOST:PORT", help=f"Local HTTP API address [{DEFAULT_API}].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML config file [<data dir>/config.toml if present].")
+@click.option("--name", help="Human-readable peer name [short peer id].")
+@click.option("--skill", "skills", multiple=True, help="Advertise a skill (repeatable).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Log verbosity [info].")
+@click.option("--heartbeat-s", type=float, help="Ledger heartbeat in seconds [10].")
+@click.option("--model", metavar="SPEC", help="Serve a model: smollm2, a .gguf file, a model "
+              "directory or a cached Hugging Face repo id.")
+@click.option("--layers", metavar="A:B", help="Serve decoder layers [A, B) [the least-served "
+              "window that fits memory].")
+@click.option("--device", type=click.Choice(DEVICES), help="[auto]")
+@click.option("--dtype", type=click.Choice(DTYPES),
+              help="Compute dtype [auto: float32 on CPU, bfloat16/float16 on CUDA].")
+@click.option("--torch-threads", type=int, help="torch intra-op threads [all cores]; set it "
+              "when several peers share a machine.")
+@click.option("--speculative", metavar="DRAFT[,VERIFY[,GAMMA]]",
+              help="Decode speculatively by default: DRAFT is ngram, eagle, eagle:PATH or "
+              "model:SPEC; VERIFY greedy, sample or adaptive [auto]; GAMMA 1-16 [auto]. "
+              "Requests may override it.")
+@click.option("--prompt-cache/--no-prompt-cache", default=None,
+              help="API requests reuse the KV a pooled pipeline session holds of their prompt "
+              "(earlier chat turns) [off; greedy output may then part from a fresh "
+              "prefill's at a near-tie].")
+def start(config_file: Path | None, **flags: Any) -> None:
+    """Run a peer in the foreground until SIGINT or SIGTERM."""
+    from peerd.daemon import StartupError, run
+
+    try:
+        config = load_config(flags, config_file=config_file)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+
+    def announce(info: dict[str, Any]) -> None:
+        console.print(f"[bold green]peerd {__version__}[/] peer [bold]{info['name']}[/]")
+        console.print(f"  peer id  {info['peer_id']}", highlight=False)
+        for addr in info["addrs"]:
+            console.print(f"  listen   {addr}", highlight=False)
+        console.print(f"  api      {info['api']}", highlight=False)
+        console.print(f"  data dir {config.data_dir}", highlight=False)
+        console.file.flush()
+
+    def progress(phase: str) -> None:
+        console.print(f"  [cyan]model[/]    {phase}", highlight=False)
+        console.file.flush()
+
+    try:
+        code = run(config, announce=announce, progress=progress)
+    except StartupError as exc:
+        fail(str(exc), 1)
+    # Everything is flushed and closed by now. Skip the interpreter's teardown: with a
+    # model loaded, its garbage collection alone took seconds, past the 2 s we promise.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -50,7 +50,7 @@ MEASURED_TOKENS_PER_BUDGET = 2
 SYSTEM = ("You solve problems step by step. Write a short chain of reasoning, then the "
           "final answer alone on the last line as 'Answer: <answer>'.")
 # Worked examples per answer format, each ending in "Answer: <answer>". The number
-# examples are short GSM8K *train* problems (MIT licence, (c) 2021 OpenAI; ../shared/data
+# examples are short GSM8K *train* problems (MIT licence, (c) 2021 OpenAI; bench/data
 # /gsm8k/LICENSE), their solutions as the dataset writes them without the calculator
 # marks (the last four a little shortened): with the first four SmolLM2-135M answers 8% of
 # the Symphony benchmark's arithmetic set greedily, with one made-up example 4%.

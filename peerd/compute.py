@@ -6,11 +6,8 @@ more such threads than it has cores, libgomp stops spinning between parallel reg
 puts its workers to sleep at once, so every small op pays a wake-up. trio's
 `to_thread.run_sync` takes whichever cached thread is idle, so over a daemon's life
 several threads can come to run torch, each with its own team, and every forward after
-that runs throttled. Measured on 2 cores with 2 torch threads (EAGLE tree drafting,
-depth 4, 16 nodes): 8.4 ms per tree when one thread ran all the work, 14.5 ms on a
-second thread after the first had run torch, the same as a single torch thread. (In
-the benchmark runs before this, trio happened to reuse one thread: a peer there had one
-OpenMP team, and this changed none of their figures. It makes that the rule.)
+that runs throttled: no faster than a single torch thread (bench/README.md, "Figures
+behind other design choices").
 
 So every torch call of a peer (loading, shard forwards, drafting, verification,
 embeddings) goes through `run`: a FIFO served by one long-lived thread. It serialises

@@ -46,7 +46,7 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
 @dataclass(frozen=True, slots=True)
 class Config:
     data_dir: Path = field(default_factory=default_data_dir)
-    # libp2p listen addresses (TCP only: QUIC measured at ~2 MB/s in py-libp2p).
+    # libp2p listen addresses (TCP only: py-libp2p's QUIC is far slower, bench/README.md).
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     # Addresses to advertise instead of the listen addresses (e.g. behind a proxy/NAT).
     announce: tuple[str, ...] = ()

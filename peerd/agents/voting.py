@@ -42,9 +42,9 @@ from dataclasses import dataclass
 
 MIN_REPUTATION = 0.05
 TIE_EPSILON = 1e-9
-# How much surer counts. On a development draw of 60 arithmetic questions (seed 777,
-# not the benchmark's), 4 to 16 gave the 5-chain vote 20-21 right answers against 19
-# unsharpened, 24 and more 18-19: 16 is the sharpest that still gained there.
+# How much surer counts: the sharpest exponent that still gained right answers on a
+# development draw, never the benchmark's questions (the draw and its figures:
+# bench/README.md, Symphony).
 SHARPNESS = 16.0
 # A measured chain's least certainty. With the least match term (0.75), four agreeing
 # chains at the floor weigh what the surest chain claiming a perfect match does, and the

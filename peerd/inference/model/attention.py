@@ -8,8 +8,8 @@ or columns and whatever zero padding follows the reduction. torch's fused attent
 kernel does not. A query's result changes with the number of keys in the call (even
 masked ones), with the other queries in its block, and with masked gaps between its
 keys. One different bit in one layer is enough to flip a near-tie thirty layers on.
-In bfloat16 such flips are common: with fused attention, half or more of the bench's
-answers drifted from plain greedy.
+In bfloat16 such flips are common enough, with fused attention, to part greedy answers
+from plain greedy (bench/README.md, DSD).
 
 `exact_attention` is written from the invariant pieces:
 
@@ -29,8 +29,8 @@ The cost, for a pass that needs it: scores for the whole pass (T x S per head, k
 in float32, in chunks of ROWS queries) and one gather per side-branch query.
 
 Still open: in real SmolLM2 runs a few rows still differ from the position decoded
-alone. Over 6 prompts of 96 tokens, 1 row differed with 1 thread per host and 8 with
-2 threads. Random trees do not reproduce it. See the README's DSD section.
+alone, more with 2 torch threads per host than with 1, and random trees do not
+reproduce it (bench/README.md, DSD).
 
 float32 keeps plain SDPA. There, MKL's float32 products themselves change with the
 number of rows, so this would cost time and buy nothing. Verification in float32 is

@@ -4,6 +4,7 @@
     api_token      bearer token for the local API, 0600
     ledger.sqlite  the capability ledger, 0600
     tasks.db       finished Symphony tasks this peer requested, 0600
+    reputation.json  Symphony's record of other peers as workers
     daemon.json    while a daemon runs: pid, API URL, addresses
     lock           held (flock) by the running daemon: one daemon per data dir
 """
@@ -21,6 +22,7 @@ KEY_FILE = "identity.key"
 TOKEN_FILE = "api_token"
 LEDGER_DB = "ledger.sqlite"
 TASKS_DB = "tasks.db"
+REPUTATION_FILE = "reputation.json"
 RUNTIME_FILE = "daemon.json"
 LOCK_FILE = "lock"
 

@@ -33,6 +33,40 @@ log = logging.getLogger(__name__)
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 
 
+class ConnectionNotifee:
+    """Hands the swarm's connection events (peer id) to the node; never raises into
+    the swarm."""
+
+    def __init__(self, on_connected: Callable[[str], None],
+                 on_disconnected: Callable[[str], None]) -> None:
+        self.on_connected = on_connected
+        self.on_disconnected = on_disconnected
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        try:
+            self.on_connected(str(conn.muxed_conn.peer_id))
+        except Exception:
+            log.warning("connected notification failed", exc_info=True)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        try:
+            self.on_disconnected(str(conn.muxed_conn.peer_id))
+        except Exception:
+            log.warning("disconnected notification failed", exc_info=True)
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, maddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, maddr: Any) -> None:
+        return None
+
+
 async def ping_once(stream: Any) -> float:
     payload = secrets.token_bytes(32)
     t0 = time.perf_counter()

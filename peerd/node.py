@@ -35,7 +35,13 @@ from libp2p.tools.anyio_service import background_trio_service
 from peerd import __version__
 from peerd.config import Config
 from peerd.events import EventBus
-from peerd.host import count_insecure_handshakes, make_host, make_pubsub, ping_once
+from peerd.host import (
+    ConnectionNotifee,
+    count_insecure_handshakes,
+    make_host,
+    make_pubsub,
+    ping_once,
+)
 from peerd.loopback import loopback_pair
 from peerd.metrics import Metrics
 from peerd.service import Service
@@ -358,43 +364,13 @@ class Node:
         self.events.publish("connection.refused", reason="insecure_handshake", detail=detail)
 
 
-class _Notifee:
-    """Bridges swarm notifications to the node; never raises into the swarm."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        try:
-            self.node._on_connected(str(conn.muxed_conn.peer_id))
-        except Exception:
-            log.warning("connected notification failed", exc_info=True)
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        try:
-            self.node._on_disconnected(str(conn.muxed_conn.peer_id))
-        except Exception:
-            log.warning("disconnected notification failed", exc_info=True)
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def listen(self, network: Any, maddr: Any) -> None:
-        return None
-
-    async def listen_close(self, network: Any, maddr: Any) -> None:
-        return None
-
-
 @contextlib.asynccontextmanager
 async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
     host = make_host(config, key_pair)
     pubsub, router = make_pubsub(host)
     node = Node(config, key_pair, host, pubsub)
-    host.get_network().register_notifee(_Notifee(node))
+    host.get_network().register_notifee(ConnectionNotifee(node._on_connected,
+                                                          node._on_disconnected))
     count_insecure_handshakes(host, node._on_insecure_attempt)
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(

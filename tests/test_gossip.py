@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from peerd.ledger.gossip import LEDGER_DB
+from peerd.datadir import LEDGER_DB
 from peerd.node import Node
 from tests.harness import (
     advertise,

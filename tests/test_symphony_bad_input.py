@@ -16,7 +16,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from peerd.agents.requester import TaskRecord, TaskSpec
+from peerd.agents.record import TaskRecord, TaskSpec
 from peerd.agents.sealing import seal
 from peerd.agents.symphony import Symphony
 from peerd.node import Node

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from peerd.agents.record import TaskSpec
 from peerd.agents.reputation import ReputationBook
-from peerd.agents.requester import REPUTATION_FILE, NoWorkers, TaskSpec
+from peerd.agents.requester import NoWorkers
 from peerd.agents.symphony import Symphony
+from peerd.datadir import REPUTATION_FILE
 from protocols.task import TaskRequest
 from tests.harness import book, events, gossip, swarm, wait_for
 from tests.symphony import (

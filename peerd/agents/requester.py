@@ -25,7 +25,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +42,18 @@ from peerd.agents.election import (
     fill_seats,
     run_election,
 )
+from peerd.agents.record import TaskRecord, TaskSpec, Vote
 from peerd.agents.reputation import ReputationBook, view
 from peerd.agents.sealing import unseal
 from peerd.agents.solver import Solver, prompt_sets
 from peerd.agents.voting import Ballot, tally
 from peerd.agents.worker import TaskWorker
-from peerd.datadir import TASKS_DB
+from peerd.datadir import REPUTATION_FILE, TASKS_DB
 from peerd.ledger.book import Ledger
 from peerd.node import Node
 from peerd.rpc import call, stream_handler
 from protocols.beacon import (
     BID,
-    MAX_REQUIREMENT_CHARS,
     TOPIC,
     Beacon,
     Bid,
@@ -66,85 +66,11 @@ from protocols.task import FEATURE_PROMPT_SETS, TASK, Answer, SignedAnswer, Task
 
 log = logging.getLogger(__name__)
 
-REPUTATION_FILE = "reputation.json"
 TEMPERATURES = (0.0, 0.7, 0.9, 0.5, 1.0, 0.8, 0.6, 0.4)  # seat_sampling
 MAX_RECORDS = 256  # tasks kept in memory (finished ones are archived on disk too)
 MAX_CLOSED = 4096  # recently closed task ids: a late bid is not an offence
 MAX_RUNNING = 16  # tasks this peer requests at once
 MEASURE_TIMEOUT_S = 120.0  # measuring a chain (local work); past it, the task votes on claims
-
-
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
-    """What a user asks for (validated by the API)."""
-
-    question: str
-    workers: int = 3
-    requirement: str = ""  # "" -> the question
-    deadline_s: float = 120.0  # each worker's time to answer
-    answer_format: str = "text"
-    max_tokens: int = 256
-    bid_window_s: float = 2.0
-    min_match: float = 0.0
-
-    @property
-    def effective_requirement(self) -> str:
-        return (self.requirement or self.question)[:MAX_REQUIREMENT_CHARS]
-
-
-@dataclass(slots=True)
-class Vote:
-    seat: int
-    peer_id: str
-    answer: str | None  # normalised
-    raw: str
-    confidence: float
-    match: float
-    reputation: float
-    cot: str
-    elapsed_s: float
-    request: TaskRequest  # what the worker was asked: its chain is measured against it
-    weight: float = 0.0
-    measured: float | None = None  # our own model's confidence in the chain
-
-
-@dataclass(slots=True)
-class TaskRecord:
-    """A task this peer requested: what GET /v1/tasks/{id} shows, live."""
-
-    id: str
-    spec: TaskSpec
-    status: str = "running"  # running | done | failed
-    answer: str | None = None
-    error: str = ""
-    votes: list[Vote] = field(default_factory=list)
-    elected: list[str] = field(default_factory=list)
-    fallbacks: list[Fallback] = field(default_factory=list)
-    bids: dict[str, Candidate] = field(default_factory=dict)
-    beacon_ms: float = 0.0
-    solve_ms: float = 0.0
-    measure_ms: float = 0.0
-    total_ms: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "status": self.status,
-            **({"error": self.error} if self.error else {}),
-            "answer": self.answer,
-            "votes": [{"peer_id": v.peer_id, "answer": v.answer,
-                       "confidence": round(v.confidence, 4),
-                       "measured": None if v.measured is None else round(v.measured, 4),
-                       "weight": round(v.weight, 6), "cot": v.cot}
-                      for v in sorted(self.votes, key=lambda v: v.seat)],
-            "elected": list(self.elected),
-            "fallbacks": [{"seat": f.seat, "peer_id": f.peer_id, "reason": f.reason,
-                           "replacement": f.replacement} for f in self.fallbacks],
-            "timings": {"beacon_ms": round(self.beacon_ms, 3),
-                        "solve_ms": round(self.solve_ms, 3),
-                        "measure_ms": round(self.measure_ms, 3),
-                        "total_ms": round(self.total_ms, 3)},
-        }
 
 
 @dataclass(slots=True)

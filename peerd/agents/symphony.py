@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
-from peerd.agents.requester import Requester, TaskRecord, TaskSpec
+from peerd.agents.record import TaskRecord, TaskSpec
+from peerd.agents.requester import Requester
 from peerd.agents.skills import LexicalMatcher, SkillMatcher
 from peerd.agents.solver import Solver
 from peerd.agents.worker import TaskWorker

@@ -24,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from peerd.agents.requester import NoWorkers, TaskSpec
+from peerd.agents.record import TaskSpec
+from peerd.agents.requester import NoWorkers
 from peerd.api.openai import ApiError, read_json
 from protocols.beacon import ANSWER_FORMATS, MAX_BID_WINDOW_S, MAX_DEADLINE_S, MAX_WORKERS
 from protocols.task import MAX_QUESTION_CHARS, MAX_TASK_TOKENS

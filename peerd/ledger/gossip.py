@@ -32,6 +32,7 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 
 from peerd import __version__
 from peerd.api.ledger import routes
+from peerd.datadir import LEDGER_DB
 from peerd.ledger.book import Accepted, Ledger, LedgerReject, sign_entry, verify_entry
 from peerd.ledger.store import LedgerStore
 from peerd.node import Node
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEDGER_DB = "ledger.sqlite"
 FLUSH_INTERVAL_S = 1.0
 LEAVE_TIMEOUT_S = 0.5  # unsubscribing from gossip at shutdown, politely
 

@@ -13,8 +13,8 @@ import torch
 import trio
 
 from peerd.inference.model.source import reference_model, resolve
+from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.sampling import SamplingParams
 from peerd.inference.slot import ModelOptions
 from peerd.inference.swarm.pipeline import Pipeline, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span

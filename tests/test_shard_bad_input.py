@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from peerd.inference.model.tensors import to_wire
+from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.sampling import SamplingParams
 from peerd.inference.slot import ModelOptions, ShardLimits
 from peerd.inference.swarm.pipeline import PipelineSession
 from peerd.inference.swarm.routing import Route, Span

@@ -183,7 +183,8 @@ class ModelSolver:
         return runtime is not None and not isinstance(runtime.generator.route(), NoRoute)
 
     async def solve(self, request: TaskRequest) -> Solution:
-        from peerd.inference.sampling import Logprobs, SamplingParams
+        from peerd.inference.options import SamplingParams
+        from peerd.inference.sampling import Logprobs
 
         runtime = self._runtime()
         if runtime is None:

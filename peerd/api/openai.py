@@ -22,7 +22,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from peerd.inference.slot import MAX_GAMMA, ModelSlot, SpeculativeOptions
+from peerd.inference.options import (
+    MAX_GAMMA,
+    MAX_STOP_CHARS,
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+    SpeculativeOptions,
+)
+from peerd.inference.slot import ModelSlot
 from peerd.inference.swarm.routing import NoRoute, find_route, servers_by_model
 from peerd.node import Node
 
@@ -30,8 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 200_000
-MAX_STOP_CHARS = 200  # what SamplingParams accepts
-MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows (and Logprobs accepts)
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' logprobs
 
 
@@ -290,7 +295,6 @@ class _Prepared:
 async def _prepare(runtime: Any, req: Completion) -> _Prepared:
     """Tokenise, check the length and that the swarm covers the model (503 if not)."""
     from peerd.inference.generate import verify_mode
-    from peerd.inference.sampling import SamplingParams
     from peerd.inference.speculative.drafters import DraftError
 
     tok = runtime.tokenizer

@@ -19,36 +19,34 @@ import torch
 import trio
 
 from peerd import compute
+from peerd.inference.options import MAX_GAMMA, SamplingParams, SpeculativeOptions
 from peerd.inference.sampling import (
     Logprobs,
-    SamplingParams,
     TokenLogprob,
     distribution,
     make_generator,
     token_logprobs,
 )
-from peerd.inference.slot import SpeculativeOptions
 from peerd.inference.speculative.acceptance import (
     TokenClasses,
     TreeVerdict,
     verify_sample,
     verify_tree,
 )
+from peerd.inference.speculative.catalog import DrafterCatalog
 from peerd.inference.speculative.drafters import (
-    LOOKUP_BRANCHES,
     Drafter,
-    DrafterCatalog,
     DraftError,
     DraftSession,
     TreeDraftSession,
 )
 from peerd.inference.speculative.gamma import (
-    MAX_GAMMA,
     MAX_TREE_NODES,
     TREE_DEPTH,
     GammaController,
     TreeBudget,
 )
+from peerd.inference.speculative.ngram import LOOKUP_BRANCHES
 from peerd.inference.speculative.tree import TokenTree, chain_prefix
 from peerd.inference.swarm.pipeline import (
     Pipeline,

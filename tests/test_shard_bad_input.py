@@ -176,7 +176,8 @@ async def test_a_full_shard_refuses_open_and_the_router_goes_elsewhere(tmp_path:
             tokens.append(t)
             return True
 
-        stats = await entry.generator.generate([5, 6, 7], SamplingParams(max_tokens=4), collect)
+        request = await entry.generator.prepare([5, 6, 7], SamplingParams(max_tokens=4))
+        stats = await entry.generator.generate(request, collect)
         assert len(tokens) == 4
         assert stats.route[0]["peer_id"] == entry.node.peer_id  # went elsewhere
         failure = [e for e in entry.node.events.recent() if e.type == "inference.failure"]

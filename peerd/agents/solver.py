@@ -218,8 +218,9 @@ class ModelSolver:
                 top_p=0.95 if request.temperature > 0 else 1.0,
                 seed=(request.seed + segment) % 2**63)
             result.clear()
-            await runtime.generator.generate(ids + generated, params, on_token,
-                                             reuse_prefix=True, logprobs=logprobs)
+            prepared = await runtime.generator.prepare(ids + generated, params)
+            await runtime.generator.generate(prepared, on_token, reuse_prefix=True,
+                                             logprobs=logprobs)
             if not result:
                 break
             calculations += 1

@@ -17,7 +17,7 @@ from typing import Any
 
 import multiaddr
 
-from peerd.inference.slot import SpeculativeOptions
+from peerd.inference.options import SpeculativeOptions
 
 DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API = "127.0.0.1:4100"

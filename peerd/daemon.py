@@ -32,7 +32,8 @@ from peerd.datadir import (
 )
 from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
 from peerd.inference.model.source import ModelError, resolve
-from peerd.inference.slot import ModelOptions, ModelSlot, Progress, ShardLimits, SpeculativeOptions
+from peerd.inference.options import SpeculativeOptions
+from peerd.inference.slot import ModelOptions, ModelSlot, Progress, ShardLimits
 from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
 from peerd.node import Node, open_node

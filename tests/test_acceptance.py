@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peerd.inference.slot import SpeculativeOptions
+from peerd.inference.options import SpeculativeOptions
 from peerd.inference.speculative.acceptance import (
     TAU,
     TokenClasses,
@@ -15,7 +15,6 @@ from peerd.inference.speculative.acceptance import (
     verify_greedy,
     verify_sample,
 )
-from peerd.inference.speculative.drafters import NgramDrafter, lookup, lookups
 from peerd.inference.speculative.gamma import (
     PROBE_EVERY,
     TREE_NODES,
@@ -25,6 +24,7 @@ from peerd.inference.speculative.gamma import (
     best_tree_size,
     expected_tokens,
 )
+from peerd.inference.speculative.ngram import NgramDrafter, lookup, lookups
 
 # ---- greedy -------------------------------------------------------------------------------
 

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from peerd.inference.generate import GenerationStats
 from peerd.inference.model.shard import ShardBlock
 from peerd.inference.model.source import reference_model, resolve
+from peerd.inference.options import SamplingParams, SpeculativeOptions
+from peerd.inference.request import GenerationStats
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.sampling import Logprobs, SamplingParams, distribution, token_logprobs
-from peerd.inference.slot import SpeculativeOptions
+from peerd.inference.sampling import Logprobs, distribution, token_logprobs
 from peerd.inference.speculative.drafters import DraftError
 from tests.models import tiny_llama_dir
 from tests.test_pipeline import PROMPT, model_swarm, reference_tokens
@@ -57,9 +57,9 @@ async def run(runtime: ModelRuntime, spec: SpeculativeOptions | None, n: int = N
         tokens.append(token)
         return True
 
-    stats = await runtime.generator.generate(list(prompt), SamplingParams(max_tokens=n,
-                                                                          **sampling),
-                                             collect, spec)
+    request = await runtime.generator.prepare(list(prompt), SamplingParams(max_tokens=n,
+                                                                           **sampling), spec)
+    stats = await runtime.generator.generate(request, collect)
     return tokens, stats
 
 
@@ -175,9 +175,9 @@ async def test_caches_hold_exactly_the_committed_positions(
 
         committed[0] = len(PROMPT)
         seen.clear()  # (start-up measured throughput through forward too)
-        stats = await entry.generator.generate(
-            list(PROMPT), SamplingParams(max_tokens=N), count,
-            SpeculativeOptions(f"model:{other_tiny}", "greedy", 4))
+        stats = await entry.generator.generate(await entry.generator.prepare(
+            list(PROMPT), SamplingParams(max_tokens=N),
+            SpeculativeOptions(f"model:{other_tiny}", "greedy", 4)), count)
     rejected = [r for r in stats.rounds if r.accepted < r.drafted]
     assert rejected, "the test needs rounds with rejected drafts"
     decode = [s for s in seen if s[0] > 0]
@@ -218,9 +218,9 @@ async def test_tree_rounds_keep_only_a_chain_prefix_and_resend_the_rest(
 
         committed[0] = len(prompt)
         seen.clear()
-        stats = await entry.generator.generate(
-            list(prompt), SamplingParams(max_tokens=N), count,
-            SpeculativeOptions(f"eagle:{head}", "greedy", 4))
+        stats = await entry.generator.generate(await entry.generator.prepare(
+            list(prompt), SamplingParams(max_tokens=N),
+            SpeculativeOptions(f"eagle:{head}", "greedy", 4)), count)
     check_same_or_near_tie(reference, prompt, tokens, reference_tokens(reference, prompt, N))
     decode = [s for s in seen if s[0] > 0]
     assert len(decode) == 3 * len(stats.rounds)
@@ -313,9 +313,9 @@ async def test_failed_shard_mid_round_replays_without_changing_the_output(
                 victim.server.block.forward = broken  # type: ignore[method-assign]
             return True
 
-        stats = await entry.generator.generate(
-            list(PROMPT), SamplingParams(max_tokens=N), collect,
-            SpeculativeOptions(draft, "greedy", 4))
+        stats = await entry.generator.generate(await entry.generator.prepare(
+            list(PROMPT), SamplingParams(max_tokens=N),
+            SpeculativeOptions(draft, "greedy", 4)), collect)
         assert stats.reroutes >= 1
         assert stats.tree == (drafter == "eagle tree")
         check_same_or_near_tie(reference, PROMPT, tokens, expected)
@@ -384,8 +384,8 @@ async def test_a_speculative_request_reuses_a_pooled_prefix_with_its_features(
                 tokens.append(token)
                 return True
 
-            stats = await entry.generator.generate(prompt, SamplingParams(max_tokens=8),
-                                                   collect, spec, reuse_prefix=reuse)
+            request = await entry.generator.prepare(prompt, SamplingParams(max_tokens=8), spec)
+            stats = await entry.generator.generate(request, collect, reuse_prefix=reuse)
             check_same_or_near_tie(reference, prompt, tokens,
                                    reference_tokens(reference, prompt, 8))
             assert spy.tokens == prompt + tokens[:-1]  # all but the last, never drafted on
@@ -429,7 +429,8 @@ async def run_scored(runtime: ModelRuntime, spec: SpeculativeOptions | None, **s
         return True
 
     params = SamplingParams(max_tokens=SCORED, seed=7, **sampling)  # type: ignore[arg-type]
-    await runtime.generator.generate(list(PROMPT), params, collect, spec, logprobs=logprobs)
+    request = await runtime.generator.prepare(list(PROMPT), params, spec)
+    await runtime.generator.generate(request, collect, logprobs=logprobs)
     return tokens, logprobs
 
 

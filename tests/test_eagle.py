@@ -14,7 +14,7 @@ import torch
 from peerd.inference.model.head import Head
 from peerd.inference.model.shard import ShardBlock
 from peerd.inference.model.source import load_config, load_tokenizer, reference_model, resolve
-from peerd.inference.sampling import SamplingParams
+from peerd.inference.options import SamplingParams
 from peerd.inference.speculative.drafters import DraftError
 from peerd.inference.speculative.eagle import (
     EagleConfig,
@@ -22,21 +22,23 @@ from peerd.inference.speculative.eagle import (
     EagleHead,
     EagleSession,
 )
+from peerd.inference.speculative.eagle_data import (
+    Example,
+    Prompt,
+    chat_ids,
+    generate_examples,
+    load_prompts,
+)
 from peerd.inference.speculative.eagle_file import (
     default_eagle_path,
     load_eagle,
     save_eagle,
     set_vocab,
 )
+from peerd.inference.speculative.eagle_measure import measure
 from peerd.inference.speculative.eagle_train import (
-    Example,
-    Prompt,
     TrainConfig,
-    chat_ids,
-    generate_examples,
-    load_prompts,
     make_batch,
-    measure,
     train_head,
     unrolled,
     unrolled_loss,
@@ -558,7 +560,7 @@ def test_draft_train_data_grows_with_new_prompts_and_refuses_a_mismatch(
     from click.testing import CliRunner
 
     from peerd.cli import main
-    from peerd.inference.speculative.eagle_train import read_answers
+    from peerd.inference.speculative.eagle_data import read_answers
 
     first, more = tmp_path / "first.jsonl", tmp_path / "more.jsonl"
     first.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS[:4]))

@@ -13,8 +13,8 @@ import torch
 import trio
 
 from peerd.inference.model.source import reference_model, resolve
+from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.sampling import SamplingParams
 from peerd.inference.slot import ModelOptions
 from peerd.inference.swarm.pipeline import Pipeline, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
@@ -75,8 +75,8 @@ async def generate(runtime: ModelRuntime, prompt: Sequence[int], n: int = NEW_TO
             await on_token(len(tokens))
         return True
 
-    stats = await runtime.generator.generate(list(prompt), SamplingParams(max_tokens=n),
-                                             collect)
+    request = await runtime.generator.prepare(list(prompt), SamplingParams(max_tokens=n))
+    stats = await runtime.generator.generate(request, collect)
     return tokens, stats.to_json()
 
 
@@ -186,8 +186,8 @@ async def test_a_pooled_session_serves_a_shared_prefix_from_its_caches(
                 out.append(token)
                 return True
 
-            stats = await entry.generator.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS),
-                                                   collect, reuse_prefix=reuse)
+            request = await entry.generator.prepare(prompt, SamplingParams(max_tokens=NEW_TOKENS))
+            stats = await entry.generator.generate(request, collect, reuse_prefix=reuse)
             return out, stats.cached_tokens
 
         first, cached = await run(PROMPT, True)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from peerd.inference.model.tensors import to_wire
+from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.sampling import SamplingParams
 from peerd.inference.slot import ModelOptions, ShardLimits
 from peerd.inference.swarm.pipeline import PipelineSession
 from peerd.inference.swarm.routing import Route, Span
@@ -166,7 +166,8 @@ async def test_a_full_shard_refuses_open_and_the_router_goes_elsewhere(tmp_path:
             tokens.append(t)
             return True
 
-        stats = await entry.generator.generate([5, 6, 7], SamplingParams(max_tokens=4), collect)
+        request = await entry.generator.prepare([5, 6, 7], SamplingParams(max_tokens=4))
+        stats = await entry.generator.generate(request, collect)
         assert len(tokens) == 4
         assert stats.route[0]["peer_id"] == entry.node.peer_id  # went elsewhere
         failure = [e for e in entry.node.events.recent() if e.type == "inference.failure"]

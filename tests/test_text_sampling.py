@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from peerd.inference.sampling import SamplingParams, make_generator, next_token
+from peerd.inference.options import SamplingParams
+from peerd.inference.sampling import make_generator, next_token
 from peerd.inference.text import BYTE_LEVEL, TextStream, token_bytes, token_text
 
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "END", 7: "E", 8: "ND!"}

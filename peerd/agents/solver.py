@@ -184,7 +184,8 @@ class ModelSolver:
         return runtime is not None and not isinstance(runtime.generator.route(), NoRoute)
 
     async def solve(self, request: TaskRequest) -> Solution:
-        from peerd.inference.sampling import Logprobs, SamplingParams
+        from peerd.inference.options import SamplingParams
+        from peerd.inference.sampling import Logprobs
 
         runtime = self._runtime()
         if runtime is None:
@@ -218,8 +219,9 @@ class ModelSolver:
                 top_p=0.95 if request.temperature > 0 else 1.0,
                 seed=(request.seed + segment) % 2**63)
             result.clear()
-            await runtime.generator.generate(ids + generated, params, on_token,
-                                             reuse_prefix=True, logprobs=logprobs)
+            prepared = await runtime.generator.prepare(ids + generated, params)
+            await runtime.generator.generate(prepared, on_token, reuse_prefix=True,
+                                             logprobs=logprobs)
             if not result:
                 break
             calculations += 1

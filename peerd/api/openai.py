@@ -22,7 +22,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from peerd.inference.slot import MAX_GAMMA, ModelSlot, SpeculativeOptions
+from peerd.inference.options import (
+    MAX_GAMMA,
+    MAX_STOP_CHARS,
+    MAX_TOP_LOGPROBS,
+    SamplingParams,
+    SpeculativeOptions,
+)
+from peerd.inference.request import GenerationRequest
+from peerd.inference.slot import ModelSlot
 from peerd.inference.swarm.routing import NoRoute, find_route, servers_by_model
 from protocols.ledger import LedgerEntry
 
@@ -30,8 +38,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 200_000
-MAX_STOP_CHARS = 200  # what SamplingParams accepts
-MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows (and Logprobs accepts)
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' logprobs
 
 
@@ -281,17 +287,11 @@ def _runtime(models: ModelSlot, model: str) -> Any:
     return runtime
 
 
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    ids: list[int]
-    params: Any  # SamplingParams
-    speculative: SpeculativeOptions
-
-
-async def _prepare(runtime: Any, req: Completion) -> _Prepared:
-    """Tokenise, check the length and that the swarm covers the model (503 if not)."""
-    from peerd.inference.generate import verify_mode
-    from peerd.inference.sampling import SamplingParams
+async def _prepare(runtime: Any, req: Completion) -> GenerationRequest:
+    """Tokenise, check the length, and have the generator prepare the request: a
+    GenerationRequest, or 503 if the swarm does not cover the model, 400 if its
+    speculative options cannot be honoured (before any streaming starts)."""
+    from peerd.inference.generate import NoCoverage
     from peerd.inference.speculative.drafters import DraftError
 
     tok = runtime.tokenizer
@@ -311,26 +311,24 @@ async def _prepare(runtime: Any, req: Completion) -> _Prepared:
     if len(ids) + req.max_tokens > limit:
         raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceed "
                        f"the context of {limit} positions", param="max_tokens")
-    route = runtime.generator.route()
-    if isinstance(route, NoRoute):
-        raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: no peer "
-                       f"serves layers {route.describe()}", "service_unavailable",
-                       code="missing_layers")
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                             top_p=req.top_p, seed=req.seed, stop=req.stop)
     spec = _speculative(req.speculative, runtime.generator.default_speculative)
-    try:  # before any streaming starts: a drafter that cannot be had is the caller's 400
-        verify_mode(spec, params)
-        await runtime.generator.drafter(spec)
+    try:
+        prepared: GenerationRequest = await runtime.generator.prepare(ids, params, spec)
+    except NoCoverage as exc:
+        raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: no peer "
+                       f"serves layers {exc.layers}", "service_unavailable",
+                       code="missing_layers") from None
     except DraftError as exc:
         raise ApiError(400, f"speculative: {exc}", param="speculative") from None
-    return _Prepared(ids, params, spec)
+    return prepared
 
 
 Emit = Callable[[str, list[Any]], Awaitable[bool]]
 
 
-async def _run(runtime: Any, req: Completion, prepared: _Prepared, emit: Emit | None
+async def _run(runtime: Any, req: Completion, prepared: GenerationRequest, emit: Emit | None
                ) -> tuple[str, Any, list[Any]]:
     """Generate: (text, stats, log-probabilities of its tokens). `emit(text_delta,
     entries)` streams (returns False when the client left), each delta with the entries
@@ -358,8 +356,7 @@ async def _run(runtime: Any, req: Completion, prepared: _Prepared, emit: Emit | 
         return not text.stopped
 
     try:
-        stats = await runtime.generator.generate(prepared.ids, prepared.params, on_token,
-                                                 prepared.speculative,
+        stats = await runtime.generator.generate(prepared, on_token,
                                                  reuse_prefix=runtime.generator.prompt_cache,
                                                  logprobs=logprobs)
     except NoCoverage as exc:
@@ -437,7 +434,8 @@ def _final(runtime: Any, req: Completion, text: str, stats: Any, logprobs: list[
             "choices": [choice], "usage": _usage(stats), "peerd": stats.to_json()}
 
 
-async def _stream(runtime: Any, req: Completion, prepared: _Prepared) -> AsyncIterator[str]:
+async def _stream(runtime: Any, req: Completion, prepared: GenerationRequest
+                  ) -> AsyncIterator[str]:
     """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Generation runs in the
     node's nursery and hands text over a channel, so a client that disconnects stops it."""
     cid, _, chunk_obj = _ids(req)

@@ -1,8 +1,11 @@
 """Serving a model across the swarm: sharded inference and speculative decoding.
 
+    options.py      what a request may ask for (sampling, speculative) and its limits; light
     slot.py         this daemon's model slot (none, loading, ready, failed); light
     runtime.py      one model on one peer: load, place, serve, generate
-    generate.py     decoding at the entry peer, plain and speculative, with failover
+    generate.py     the entry peer's Generator: routes, sessions, prepare, generate, score
+    request.py      a prepared request and its stats; light
+    decoding.py     one request's decoding, round by round, with failover
     sampling.py     choosing the next token; log-probabilities
     text.py         token ids to streamed text, with stop strings
     model/          the model on one peer: source, weights, shard block, head

@@ -27,7 +27,7 @@ from peerd.inference.model.source import ModelSource, load_config, load_tokenize
 from peerd.inference.model.tensors import DTYPE_NAMES, TORCH_DTYPES
 from peerd.inference.slot import ModelOptions, Progress
 from peerd.inference.speculative.acceptance import TokenClasses
-from peerd.inference.speculative.drafters import DrafterCatalog
+from peerd.inference.speculative.catalog import DrafterCatalog
 from peerd.inference.swarm.pipeline import Pipeline
 from peerd.inference.swarm.placement import choose_layers, window_size
 from peerd.inference.swarm.routing import servers_by_model

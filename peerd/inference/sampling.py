@@ -10,26 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-MAX_TOP_LOGPROBS = 20  # alternatives per position, as OpenAI allows
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_tokens <= 1 << 16:
-            raise ValueError("max_tokens must be between 1 and 65536")
-        if not 0.0 <= self.temperature <= 10.0:
-            raise ValueError("temperature must be between 0 and 10")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if len(self.stop) > 8 or any(not s or len(s) > 200 for s in self.stop):
-            raise ValueError("stop takes at most 8 non-empty strings of at most 200 characters")
+from peerd.inference.options import MAX_TOP_LOGPROBS, SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator:

@@ -1,5 +1,5 @@
 """A daemon's model slot, the inference system's service, and the options it was
-started with.
+started with (what a request may ask for is in options.py).
 
 The slot is none (the peer serves no model), loading, ready or failed. As a service
 it loads the model in the background once started (the API answers 503 "still
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
+from peerd.inference.options import SpeculativeOptions
 from peerd.service import EntryFields, Service
 from protocols.ledger import Load
 
@@ -42,60 +43,6 @@ class ShardLimits:
     max_kv_bytes: int = 2 * 2**30  # KV reserved for all sessions' max_length together
     max_length: int = 8192  # positions one session may reach
     session_ttl_s: float = 300.0  # a session idle this long is closed
-
-
-DRAFT_KINDS = ("none", "ngram", "eagle", "eagle:<PATH>", "model:<SPEC>")
-VERIFY_CHOICES = ("auto", "greedy", "sample", "adaptive")
-MAX_GAMMA = 16  # gamma.MAX_GAMMA, kept here so this module needs no torch
-
-
-@dataclass(frozen=True, slots=True)
-class SpeculativeOptions:
-    """How a request decodes speculatively (DSD): who drafts, how the target verifies,
-    how many tokens a round drafts. `draft="none"` is plain decoding."""
-
-    draft: str = "none"  # none | ngram | eagle | eagle:<PATH> | model:<SPEC>
-    verify: str = "auto"  # auto: greedy at temperature 0, else sample; or adaptive
-    gamma: int | None = None  # None: auto, chosen per session from measured rounds
-    # draft a token tree (several candidates per position, one pass) where the drafter
-    # can (eagle) and verification is greedy or adaptive; else a chain
-    tree: bool = True
-
-    def __post_init__(self) -> None:
-        kind, _, arg = self.draft.partition(":")
-        if kind not in ("none", "ngram", "eagle", "model") or (kind == "model" and not arg) \
-                or (kind in ("none", "ngram") and arg) or len(self.draft) > 1000:
-            raise ValueError(f"unknown drafter {self.draft[:100]!r}: use one of "
-                             f"{', '.join(DRAFT_KINDS)}")
-        if self.verify not in VERIFY_CHOICES:
-            raise ValueError(f"unknown verification {self.verify[:100]!r}: use one of "
-                             f"{', '.join(VERIFY_CHOICES)}")
-        if self.gamma is not None and (isinstance(self.gamma, bool)
-                                       or not 1 <= self.gamma <= MAX_GAMMA):
-            raise ValueError(f"gamma must be an integer in 1..{MAX_GAMMA} or auto")
-        if not isinstance(self.tree, bool):
-            raise ValueError("tree must be true or false")
-
-    @property
-    def enabled(self) -> bool:
-        return self.draft != "none"
-
-    @classmethod
-    def parse_flag(cls, value: str) -> SpeculativeOptions:
-        """`peerd start --speculative DRAFT[,VERIFY[,GAMMA]]`, e.g. `eagle,adaptive`."""
-        parts = [p.strip() for p in value.split(",")] if value else ["none"]
-        if len(parts) > 3:
-            raise ValueError("use DRAFT[,VERIFY[,GAMMA]], e.g. eagle or ngram,greedy,4")
-        gamma = None
-        if len(parts) == 3 and parts[2] != "auto":
-            if not parts[2].isdigit():
-                raise ValueError(f"gamma must be an integer in 1..{MAX_GAMMA} or auto")
-            gamma = int(parts[2])
-        return cls(parts[0], parts[1] if len(parts) > 1 else "auto", gamma)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"draft": self.draft, "verify": self.verify,
-                "gamma": "auto" if self.gamma is None else self.gamma, "tree": self.tree}
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Pure functions over the target's logits at the γ+1 positions of one pipeline pa
 (row i scores the token after draft token i-1; row 0 follows the last committed
 token). Each returns how many draft tokens are accepted and the one token the target
 adds after them (a correction where it disagreed, or a bonus after a full accept),
-so a round always commits between 1 and γ+1 tokens.
+so a round always commits between 1 and γ+1 tokens. The rules (options.VERIFY_MODES):
 
 - `greedy`: the longest prefix where the draft equals the target's argmax, then the
   target's argmax. Output identical to non-speculative greedy decoding.
@@ -41,8 +41,6 @@ from dataclasses import dataclass
 import torch
 
 from peerd.inference.speculative.tree import TokenTree
-
-VERIFY_MODES = ("greedy", "sample", "adaptive")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,16 +40,10 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from peerd.inference.model.head import Head
-from peerd.inference.sampling import SamplingParams
-from peerd.inference.speculative.drafters import (
-    LOOKUP_BRANCHES,
-    LOOKUP_SCORE,
-    Draft,
-    DraftBuilder,
-    DraftError,
-    lookups,
-)
+from peerd.inference.options import SamplingParams
+from peerd.inference.speculative.drafters import Draft, DraftBuilder, DraftError
 from peerd.inference.speculative.gamma import TREE_NODES
+from peerd.inference.speculative.ngram import LOOKUP_BRANCHES, LOOKUP_SCORE, lookups
 from peerd.inference.speculative.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
 from peerd.inference.speculative.vocab import VocabError, validate
 
@@ -169,9 +163,9 @@ class DraftLogits:
     vocab.py: its rows of lm_head only) plus, per session, the rows of the context's
     tokens outside it (`rows`). On a float32 CPU head the rows are kept in bfloat16
     (SmolLM2's whole matrix: 56 MB more): one lm_head call is most of a draft step,
-    and in bfloat16 it runs ~3x faster on a CPU with AVX-512 BF16. A draft only has
-    to be a good guess; verification always uses the target's own precision and
-    whole vocabulary."""
+    and in bfloat16 it runs several times faster on a CPU with AVX-512 BF16 (measured
+    in bench/README.md). A draft only has to be a good guess; verification always
+    uses the target's own precision and whole vocabulary."""
 
     def __init__(self, head: Head, vocab: Sequence[int] | None = None) -> None:
         self.head = head
@@ -309,7 +303,7 @@ class EagleSession:
         head's cumulative log-probability, are run through the head together (each
         attending to the committed slots and its own ancestors) and their `width` best
         children become candidates; the tree is the `nodes` best candidates, plus up to
-        LOOKUP_BRANCHES prompt-lookup continuations (drafters.lookups) as more branches,
+        LOOKUP_BRANCHES prompt-lookup continuations (ngram.lookups) as more branches,
         since the head is weakest exactly where an answer copies its prompt.
 
         `deeper`, when given, is asked after each level past the first whether to grow

@@ -23,7 +23,7 @@ FORMAT = "peerd-eagle"
 FORMAT_VERSION = "2"  # 2: an optional draft vocabulary
 READS_VERSIONS = ("1", "2")
 VOCAB_TENSOR = "draft_vocab"  # int32 [K]: the ids drafts are scored over (vocab.py)
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"  # peerd/data
 # model_id -> the head shipped in peerd/data for it (see scripts/train_eagle_smollm2.sh)
 SHIPPED = {"SmolLM2-135M-Instruct.Q4_1": "eagle-smollm2.safetensors"}
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-MAX_GAMMA = 16
+from peerd.inference.options import MAX_GAMMA
+
 MAX_TREE_NODES = 64  # head candidates a tree may keep (lookup branches come on top)
 TREE_NODES = 16  # ... before anything is measured
 TREE_DEPTH = 8  # an auto tree's depth: its lookup branches' length, the head's deepest

@@ -1,0 +1,106 @@
+"""A generation request once it is prepared, and what its generation reports.
+
+`Generator.prepare` turns (prompt ids, sampling, speculative options) into a
+`GenerationRequest`: everything that can refuse the request is settled there, before
+a token is streamed. `Generator.generate` decodes it and returns `GenerationStats`.
+
+Torch-free: the API reads these types without loading the model's code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from peerd.inference.options import SamplingParams, SpeculativeOptions
+from peerd.inference.swarm.routing import Route
+
+if TYPE_CHECKING:
+    from peerd.inference.speculative.drafters import Drafter
+
+# Called with each new token id; returns False to stop (a stop string was reached).
+OnToken = Callable[[int], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """A request the swarm can serve as asked: its speculative options defaulted and
+    checked against its sampling, its drafter built, its first route found."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    speculative: SpeculativeOptions
+    verify: str  # the rule verification applies: greedy | sample | adaptive
+    drafter: Drafter | None  # None: plain decoding
+    route: Route  # the route the first pipeline session takes (later ones route again)
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One decoding round: drafted γ, kept `accepted`, where its time went."""
+
+    drafted: int  # the draft's depth (its length, for a chain)
+    accepted: int
+    draft_ms: float
+    pipeline_ms: float
+    nodes: int = 0  # draft tokens sent (more than `drafted` for a tree)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    route: list[dict[str, Any]] = field(default_factory=list)
+    pipeline_ms: float = 0.0  # wall time inside pipeline steps
+    compute_ms: float = 0.0  # of which the shards computed
+    head_ms: float = 0.0  # embeddings, lm_head, sampling and verification at the entry peer
+    draft_ms: float = 0.0  # drafting at the entry peer
+    wall_ms: float = 0.0
+    steps: int = 0  # pipeline passes (the prompt's included)
+    cached_tokens: int = 0  # prompt tokens whose KV a pooled session already held
+    reroutes: int = 0
+    finish_reason: str = "length"
+    draft: str = "none"
+    verify: str = "greedy"
+    tree: bool = False  # drafts were token trees
+    rounds: list[Round] = field(default_factory=list)  # decoding rounds (not the prompt's)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / (self.wall_ms / 1e3) if self.wall_ms > 0 else 0.0
+
+    def speculative_json(self) -> dict[str, Any]:
+        n = len(self.rounds)
+        drafted = sum(r.drafted for r in self.rounds)
+        accepted = sum(r.accepted for r in self.rounds)
+        by_position = [0] * max((r.drafted for r in self.rounds), default=0)
+        for r in self.rounds:
+            for i in range(r.accepted):
+                by_position[i] += 1
+        tried = [sum(1 for r in self.rounds if r.drafted > i) for i in range(len(by_position))]
+        return {
+            "draft": self.draft, "verify": self.verify, "rounds": n,
+            "drafted_tokens": drafted, "accepted_tokens": accepted,
+            # tokens committed per pipeline pass: accepted drafts + the target's own token
+            "tokens_per_round": round((accepted + n) / n, 3) if n else 0.0,
+            "accepted_per_round": round(accepted / n, 3) if n else 0.0,
+            "acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
+            # share of rounds that drafted position i where it was accepted
+            "acceptance_by_position": [round(a / t, 3) if t else 0.0
+                                       for a, t in zip(by_position, tried, strict=True)],
+            "mean_gamma": round(drafted / n, 3) if n else 0.0,
+            "tree": self.tree,  # then gamma is the depth, and nodes what was sent
+            "mean_nodes": round(sum(r.nodes for r in self.rounds) / n, 3) if n else 0.0,
+            "draft_ms": round(self.draft_ms, 3), "pipeline_ms": round(self.pipeline_ms, 3),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "route": self.route, "tokens_per_s": round(self.tokens_per_s, 3),
+            "pipeline_ms": round(self.pipeline_ms, 3), "compute_ms": round(self.compute_ms, 3),
+            "head_ms": round(self.head_ms, 3), "draft_ms": round(self.draft_ms, 3),
+            "wall_ms": round(self.wall_ms, 3), "steps": self.steps, "reroutes": self.reroutes,
+            "cached_tokens": self.cached_tokens,
+            "speculative": self.speculative_json(),
+        }

@@ -16,9 +16,9 @@ import torch
 from peerd.inference.model.shard import ShardBlock
 from peerd.inference.model.source import reference_model, resolve
 from peerd.inference.options import SamplingParams, SpeculativeOptions
-from peerd.inference.request import GenerationStats
+from peerd.inference.request import GenerationStats, Logprobs
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.sampling import Logprobs, distribution, token_logprobs
+from peerd.inference.sampling import distribution, token_logprobs
 from peerd.inference.speculative.drafters import DraftError
 from tests.models import tiny_llama_dir
 from tests.test_pipeline import PROMPT, model_swarm, reference_tokens

@@ -31,12 +31,15 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from peerd.agents import calculator
 from peerd.agents.answers import extract, normalise
+from peerd.inference.face import LanguageModel, ModelUnavailable
+from peerd.inference.options import SamplingParams
+from peerd.inference.request import Logprobs
 from protocols.task import TaskRequest
 
 if TYPE_CHECKING:
@@ -169,29 +172,27 @@ def likelihood(logprobs: Sequence[float]) -> float:
 
 class ModelSolver:
     """Solves with whatever the peer can generate with: its own model end to end, or
-    the swarm's pipeline behind its model's head."""
+    the swarm's pipeline behind its model's head (the model's typed face)."""
 
     def __init__(self, models: ModelSlot) -> None:
         self.models = models
 
-    def _runtime(self) -> Any:
-        return self.models.runtime if self.models.state == "ready" else None
+    def _model(self) -> LanguageModel | None:
+        try:
+            return self.models.face()
+        except ModelUnavailable:
+            return None
 
     def capable(self) -> bool:
-        from peerd.inference.swarm.routing import NoRoute
-
-        runtime = self._runtime()
-        return runtime is not None and not isinstance(runtime.generator.route(), NoRoute)
+        model = self._model()
+        return model is not None and model.can_serve()
 
     async def solve(self, request: TaskRequest) -> Solution:
-        from peerd.inference.options import SamplingParams
-        from peerd.inference.sampling import Logprobs
-
-        runtime = self._runtime()
-        if runtime is None:
+        model = self._model()
+        if model is None:
             raise RuntimeError("the model is not ready")
-        tok = runtime.tokenizer
-        ids = await _prompt_ids(tok, request)
+        ids = await model.chat_ids(messages(request.question, request.answer_format,
+                                            request.prompt))
         use_calculator = request.answer_format == "number"
         generated: list[int] = []
         result: list[int] = []  # the calculator's tokens, when it paused the chain
@@ -200,12 +201,12 @@ class ModelSolver:
 
         async def on_token(token: int) -> bool:
             generated.append(token)
-            text = tok.decode(generated, skip_special_tokens=True)
+            text = model.decode(generated)
             # Stop once an answer line has ended: what follows is a new, invented question.
             if _ANSWER_LINE.search(text) is not None:
                 return False
             if use_calculator and (value := calculated(text)) is not None:
-                result.extend(tok(" " + value, add_special_tokens=False)["input_ids"])
+                result.extend(model.encode(" " + value))
                 return False  # paused: the result goes in, then the chain resumes
             return True
 
@@ -219,52 +220,42 @@ class ModelSolver:
                 top_p=0.95 if request.temperature > 0 else 1.0,
                 seed=(request.seed + segment) % 2**63)
             result.clear()
-            prepared = await runtime.generator.prepare(ids + generated, params)
-            await runtime.generator.generate(prepared, on_token, reuse_prefix=True,
-                                             logprobs=logprobs)
+            prepared = await model.prepare(ids + generated, params)
+            await model.generate(prepared, on_token, reuse_prefix=True, logprobs=logprobs)
             if not result:
                 break
             calculations += 1
             generated += result[:request.max_tokens - len(generated)]
             if len(generated) >= request.max_tokens:
                 break
-        cot = tok.decode(generated, skip_special_tokens=True).strip()
+        cot = model.decode(generated).strip()
         answer, confidence = confidence_of(cot, request.answer_format, likelihood(
             [e.logprob for e in logprobs.entries]))
         return Solution(answer, cot, confidence, len(generated), calculations)
 
     async def measure(self, request: TaskRequest, cot: str) -> float | None:
-        if not self.capable():
+        model = self._model()
+        if model is None or not model.can_serve():
             return None
-        runtime = self._runtime()
-        tok = runtime.tokenizer
-        ids = await _prompt_ids(tok, request)
+        ids = await model.chat_ids(messages(request.question, request.answer_format,
+                                            request.prompt))
         parts = [(cot, False)]
         if request.answer_format == "number":
             parts = await trio.to_thread.run_sync(authors, cot)
         # each part tokenised alone, as the worker's model and calculator wrote them
         pieces = await trio.to_thread.run_sync(
-            lambda: [tok(text, add_special_tokens=False)["input_ids"] for text, _ in parts])
+            lambda: [model.encode(text) for text, _ in parts])
         chain = [t for piece in pieces for t in piece]
         if len(chain) > MEASURED_TOKENS_PER_BUDGET * request.max_tokens:
             return 0.0  # not a chain written within the task's budget
         try:
-            logprobs = await runtime.generator.score(ids, chain)
+            logprobs = await model.score(ids, chain)
         except Exception as exc:  # no route now, a pipeline that failed every try
             log.info("could not measure a chain of task %s: %r", request.task_id, exc)
             return None
         calculated_by = [c for piece, (_, c) in zip(pieces, parts, strict=True) for _ in piece]
         model_chose = [lp for lp, c in zip(logprobs, calculated_by, strict=True) if not c]
         return confidence_of(cot, request.answer_format, likelihood(model_chose))[1]
-
-
-async def _prompt_ids(tok: Any, request: TaskRequest) -> list[int]:
-    """The prompt a worker solves `request` from, as token ids."""
-    chat = messages(request.question, request.answer_format, request.prompt)
-    prompt = await trio.to_thread.run_sync(
-        lambda: tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
-    return await trio.to_thread.run_sync(
-        lambda: list(tok(prompt, add_special_tokens=False)["input_ids"]))
 
 
 def authors(cot: str) -> list[tuple[str, bool]]:

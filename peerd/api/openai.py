@@ -13,15 +13,23 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from peerd.inference.face import (
+    Completion,
+    LanguageModel,
+    ModelUnavailable,
+    OnText,
+    Refused,
+    SwarmUnavailable,
+)
 from peerd.inference.options import (
     MAX_GAMMA,
     MAX_STOP_CHARS,
@@ -29,10 +37,13 @@ from peerd.inference.options import (
     SamplingParams,
     SpeculativeOptions,
 )
-from peerd.inference.request import GenerationRequest
-from peerd.inference.slot import ModelSlot
+from peerd.inference.request import GenerationRequest, GenerationStats, TokenLogprob
 from peerd.inference.swarm.routing import NoRoute, find_route, servers_by_model
+from peerd.inference.text import token_text
 from protocols.ledger import LedgerEntry
+
+if TYPE_CHECKING:
+    from peerd.inference.slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,7 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Completion:
+class ApiRequest:
     """A validated request, chat or plain."""
 
     chat: bool
@@ -73,7 +84,7 @@ class Completion:
     logprobs: int | None = None  # None: none reported; else alternatives per token
 
 
-def parse(body: Any, *, chat: bool) -> Completion:
+def parse(body: Any, *, chat: bool) -> ApiRequest:
     """Validate an OpenAI request body; ApiError(400) names the bad parameter."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -134,7 +145,7 @@ def parse(body: Any, *, chat: bool) -> Completion:
         raise ApiError(400, "'stream' must be true or false", param="stream")
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    return Completion(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
+    return ApiRequest(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
                       stops, stream, include_usage, body.get("speculative"),
                       _logprobs(body, chat=chat))
 
@@ -236,19 +247,19 @@ def routes(models: ModelSlot) -> list[Route]:
         try:
             body = await read_json(request)
             req = parse(body, chat=chat)
-            runtime = _runtime(models, req.model)
-            prepared = await _prepare(runtime, req)
+            model = _model(models, req.model)
+            prepared = await _prepare(model, req)
         except ApiError as exc:
             return exc.response()
         if req.stream:
-            return StreamingResponse(_stream(runtime, req, prepared),
+            return StreamingResponse(_stream(models.node.nursery, model, req, prepared),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            text, stats, logprobs = await _run(runtime, req, prepared, None)
+            done = await _run(model, req, prepared, None)
         except ApiError as exc:
             return exc.response()
-        return JSONResponse(_final(runtime, req, text, stats, logprobs))
+        return JSONResponse(_final(model, req, done))
 
     return [
         Route("/v1/models", list_models),
@@ -270,115 +281,46 @@ async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
 
 
-def _runtime(models: ModelSlot, model: str) -> Any:
-    if models.state == "none":
-        raise ApiError(503, "this peer serves no model; ask a peer started with --model, or "
-                       "restart this one with --model SPEC", "service_unavailable")
-    if models.state == "loading":
-        raise ApiError(503, f"the model is still loading ({models.phase}); try again shortly",
-                       "service_unavailable")
-    if models.state == "failed" or models.runtime is None:
-        raise ApiError(503, f"the model failed to load: {models.error}", "service_unavailable")
-    runtime = models.runtime
-    assert models.options is not None
-    if model not in (runtime.model_id, models.options.spec):
-        raise ApiError(404, f"model {model!r} is not served here; this peer serves "
-                       f"{runtime.model_id!r}", code="model_not_found", param="model")
-    return runtime
+def _model(models: ModelSlot, model: str) -> LanguageModel:
+    try:
+        return models.face(model)
+    except ModelUnavailable as exc:
+        if exc.state == "other":
+            raise ApiError(404, str(exc), code="model_not_found", param="model") from None
+        raise ApiError(503, str(exc), "service_unavailable") from None
 
 
-async def _prepare(runtime: Any, req: Completion) -> GenerationRequest:
-    """Tokenise, check the length, and have the generator prepare the request: a
-    GenerationRequest, or 503 if the swarm does not cover the model, 400 if its
-    speculative options cannot be honoured (before any streaming starts)."""
-    from peerd.inference.generate import NoCoverage
-    from peerd.inference.speculative.drafters import DraftError
-
-    tok = runtime.tokenizer
-    if req.chat:
-        try:
-            text = await trio.to_thread.run_sync(
-                lambda: tok.apply_chat_template(req.messages, add_generation_prompt=True,
-                                                tokenize=False))
-        except Exception as exc:  # templates may raise on what they do not accept
-            raise ApiError(400, f"the model's chat template refused these messages: {exc}",
-                           param="messages") from None
-    else:
-        text = req.prompt
-    ids = await trio.to_thread.run_sync(
-        lambda: list(tok(text, add_special_tokens=not req.chat)["input_ids"]))
-    limit = runtime.server.limits.max_length
-    if len(ids) + req.max_tokens > limit:
-        raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceed "
-                       f"the context of {limit} positions", param="max_tokens")
+async def _prepare(model: LanguageModel, req: ApiRequest) -> GenerationRequest:
+    """Tokenise and settle everything that can refuse the request before any streaming
+    starts: 400 naming what to change, 503 if the swarm does not cover the model."""
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
                             top_p=req.top_p, seed=req.seed, stop=req.stop)
-    spec = _speculative(req.speculative, runtime.generator.default_speculative)
+    spec = _speculative(req.speculative, model.default_speculative)
     try:
-        prepared: GenerationRequest = await runtime.generator.prepare(ids, params, spec)
-    except NoCoverage as exc:
-        raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: no peer "
-                       f"serves layers {exc.layers}", "service_unavailable",
-                       code="missing_layers") from None
-    except DraftError as exc:
-        raise ApiError(400, f"speculative: {exc}", param="speculative") from None
-    return prepared
+        if req.chat:
+            return await model.prepare_chat(req.messages, params, spec)
+        return await model.prepare_text(req.prompt, params, spec)
+    except Refused as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
+    except SwarmUnavailable as exc:
+        raise ApiError(503, str(exc), "service_unavailable", code=exc.code) from None
 
 
-Emit = Callable[[str, list[Any]], Awaitable[bool]]
-
-
-async def _run(runtime: Any, req: Completion, prepared: GenerationRequest, emit: Emit | None
-               ) -> tuple[str, Any, list[Any]]:
-    """Generate: (text, stats, log-probabilities of its tokens). `emit(text_delta,
-    entries)` streams (returns False when the client left), each delta with the entries
-    of the tokens not yet sent. The token that completed a stop string is not reported:
-    its text is cut."""
-    from peerd.inference.generate import GenerationFailed, NoCoverage
-    from peerd.inference.sampling import Logprobs, TokenLogprob
-    from peerd.inference.text import TextStream
-
-    tok = runtime.tokenizer
-    text = TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True), req.stop)
-    logprobs = None if req.logprobs is None else Logprobs(top=req.logprobs)
-    reported: list[TokenLogprob] = []
-    unsent = 0  # reported[unsent:] has not been streamed yet
-
-    async def on_token(token: int) -> bool:
-        nonlocal unsent
-        delta = text.push(token)
-        if logprobs is not None and not text.stopped:
-            reported.append(logprobs.entries[-1])
-        if delta and emit is not None:
-            if not await emit(delta, reported[unsent:]):
-                return False
-            unsent = len(reported)
-        return not text.stopped
-
+async def _run(model: LanguageModel, req: ApiRequest, prepared: GenerationRequest,
+               on_text: OnText | None) -> Completion:
     try:
-        stats = await runtime.generator.generate(prepared, on_token,
-                                                 reuse_prefix=runtime.generator.prompt_cache,
-                                                 logprobs=logprobs)
-    except NoCoverage as exc:
-        raise ApiError(503, f"the swarm cannot serve {runtime.model_id} end to end: {exc}",
-                       "service_unavailable", code="missing_layers") from None
-    except GenerationFailed as exc:
-        raise ApiError(503, str(exc), "service_unavailable", code="pipeline_failed") from None
-    rest = text.flush()
-    if (rest or unsent < len(reported)) and emit is not None:
-        await emit(rest, reported[unsent:])
-    return text.text(), stats, reported
+        return await model.complete(prepared, on_text=on_text, logprobs=req.logprobs)
+    except SwarmUnavailable as exc:
+        raise ApiError(503, str(exc), "service_unavailable", code=exc.code) from None
 
 
-def _logprobs_json(tok: Any, entries: list[Any], *, chat: bool, offset: int = 0
-                   ) -> dict[str, Any]:
+def _logprobs_json(model: LanguageModel, entries: Sequence[TokenLogprob], *, chat: bool,
+                   offset: int = 0) -> dict[str, Any]:
     """Log-probabilities in OpenAI's shape: chat's {"content": [{token, logprob, bytes,
     top_logprobs}]}, or the legacy completion's parallel lists (text_offset counted
     from the completion's start, `offset` characters in)."""
-    from peerd.inference.text import token_bytes, token_text
-
     def piece(token: int) -> tuple[str, bytes]:
-        data = token_bytes(tok, token)
+        data = model.token_bytes(token)
         return token_text(data), data
 
     if chat:
@@ -407,35 +349,34 @@ async def _send_quietly(send: trio.MemorySendChannel[tuple[str, Any]],
         pass
 
 
-def _ids(req: Completion) -> tuple[str, str, str]:
+def _ids(req: ApiRequest) -> tuple[str, str, str]:
     if req.chat:
         return "chatcmpl-" + secrets.token_hex(12), "chat.completion", "chat.completion.chunk"
     return "cmpl-" + secrets.token_hex(12), "text_completion", "text_completion"
 
 
-def _usage(stats: Any) -> dict[str, Any]:
+def _usage(stats: GenerationStats) -> dict[str, Any]:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
             "total_tokens": stats.prompt_tokens + stats.completion_tokens,
             # as OpenAI reports its prompt caching: prompt tokens not computed again
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
-def _final(runtime: Any, req: Completion, text: str, stats: Any, logprobs: list[Any]
-           ) -> dict[str, Any]:
+def _final(model: LanguageModel, req: ApiRequest, done: Completion) -> dict[str, Any]:
     cid, obj, _ = _ids(req)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": stats.finish_reason,
+    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
                               "logprobs": None if req.logprobs is None else _logprobs_json(
-                                  runtime.tokenizer, logprobs, chat=req.chat)}
+                                  model, done.logprobs, chat=req.chat)}
     if req.chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        choice["message"] = {"role": "assistant", "content": done.text}
     else:
-        choice["text"] = text
-    return {"id": cid, "object": obj, "created": int(time.time()), "model": runtime.model_id,
-            "choices": [choice], "usage": _usage(stats), "peerd": stats.to_json()}
+        choice["text"] = done.text
+    return {"id": cid, "object": obj, "created": int(time.time()), "model": model.model_id,
+            "choices": [choice], "usage": _usage(done.stats), "peerd": done.stats.to_json()}
 
 
-async def _stream(runtime: Any, req: Completion, prepared: GenerationRequest
-                  ) -> AsyncIterator[str]:
+async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
+                  prepared: GenerationRequest) -> AsyncIterator[str]:
     """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Generation runs in the
     node's nursery and hands text over a channel, so a client that disconnects stops it."""
     cid, _, chunk_obj = _ids(req)
@@ -445,12 +386,12 @@ async def _stream(runtime: Any, req: Completion, prepared: GenerationRequest
     offset = 0  # characters of the tokens reported so far (the legacy text_offset)
 
     def chunk(delta: dict[str, Any] | str | None, finish: str | None = None,
-              logprobs: list[Any] | None = None, **extra: Any) -> str:
+              logprobs: Sequence[TokenLogprob] | None = None, **extra: Any) -> str:
         nonlocal offset
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if logprobs is not None and req.logprobs is not None:
-            choice["logprobs"] = found = _logprobs_json(runtime.tokenizer, logprobs,
-                                                        chat=req.chat, offset=offset)
+            choice["logprobs"] = found = _logprobs_json(model, logprobs, chat=req.chat,
+                                                        offset=offset)
             if found.get("tokens"):
                 offset = found["text_offset"][-1] + len(found["tokens"][-1])
         if req.chat:
@@ -458,13 +399,13 @@ async def _stream(runtime: Any, req: Completion, prepared: GenerationRequest
                 {"content": delta} if delta else {})
         else:
             choice["text"] = delta if isinstance(delta, str) else ""
-        body = {"id": cid, "object": chunk_obj, "created": created, "model": runtime.model_id,
+        body = {"id": cid, "object": chunk_obj, "created": created, "model": model.model_id,
                 "choices": [choice], **extra}
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
     async def produce() -> None:
         async with send:
-            async def emit(delta: str, logprobs: list[Any]) -> bool:
+            async def emit(delta: str, logprobs: Sequence[TokenLogprob]) -> bool:
                 try:
                     await send.send(("text", (delta, logprobs)))
                     return True
@@ -472,8 +413,8 @@ async def _stream(runtime: Any, req: Completion, prepared: GenerationRequest
                     return False
 
             try:
-                _, stats, _ = await _run(runtime, req, prepared, emit)
-                await send.send(("done", stats))
+                done = await _run(model, req, prepared, emit)
+                await send.send(("done", done.stats))
             except ApiError as exc:
                 await _send_quietly(send, ("error", exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -483,7 +424,7 @@ async def _stream(runtime: Any, req: Completion, prepared: GenerationRequest
                 await _send_quietly(send, ("error", ApiError(
                     500, "generation failed on this peer; see its log", "server_error")))
 
-    runtime.node.nursery.start_soon(produce)
+    nursery.start_soon(produce)
     async with recv:
         if req.chat:
             yield chunk({"role": "assistant", "content": ""})

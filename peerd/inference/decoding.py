@@ -22,14 +22,15 @@ import torch
 import trio
 
 from peerd.inference.options import MAX_GAMMA
-from peerd.inference.request import GenerationRequest, GenerationStats, OnToken, Round
-from peerd.inference.sampling import (
+from peerd.inference.request import (
+    GenerationRequest,
+    GenerationStats,
     Logprobs,
+    OnToken,
+    Round,
     TokenLogprob,
-    distribution,
-    make_generator,
-    token_logprobs,
 )
+from peerd.inference.sampling import distribution, make_generator, token_logprobs
 from peerd.inference.speculative.acceptance import TreeVerdict, verify_sample, verify_tree
 from peerd.inference.speculative.drafters import DraftSession, TreeDraftSession
 from peerd.inference.speculative.gamma import (

@@ -18,8 +18,8 @@ from peerd import compute
 from peerd.inference.decoding import Decoding
 from peerd.inference.model.head import Head
 from peerd.inference.options import SamplingParams, SpeculativeOptions
-from peerd.inference.request import GenerationRequest, GenerationStats, OnToken
-from peerd.inference.sampling import Logprobs, token_logprobs
+from peerd.inference.request import GenerationRequest, GenerationStats, Logprobs, OnToken
+from peerd.inference.sampling import token_logprobs
 from peerd.inference.speculative.acceptance import TokenClasses
 from peerd.inference.speculative.catalog import DrafterCatalog
 from peerd.inference.speculative.drafters import Drafter, DraftError, DraftSession

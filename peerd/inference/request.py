@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peerd.inference.options import SamplingParams, SpeculativeOptions
+from peerd.inference.options import MAX_TOP_LOGPROBS, SamplingParams, SpeculativeOptions
 from peerd.inference.swarm.routing import Route
 
 if TYPE_CHECKING:
@@ -21,6 +21,31 @@ if TYPE_CHECKING:
 
 # Called with each new token id; returns False to stop (a stop string was reached).
 OnToken = Callable[[int], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A committed token's log-probability under the model's own distribution (its
+    logits' log-softmax: before temperature and top-p, as vLLM reports them by
+    default), and the `top` most likely tokens at that position, best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Logprobs:
+    """Where a generation reports its tokens' log-probabilities: one entry per token
+    handed to on_token, appended just before the call (so a streaming caller reads
+    entries[-1]). `top` alternatives per position, 0..MAX_TOP_LOGPROBS."""
+
+    top: int = 0
+    entries: list[TokenLogprob] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.top <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top log-probabilities must be between 0 and {MAX_TOP_LOGPROBS}")
 
 
 @dataclass(frozen=True, slots=True)

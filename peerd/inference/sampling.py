@@ -6,11 +6,10 @@ after a shard failure continues the same random sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from peerd.inference.options import MAX_TOP_LOGPROBS, SamplingParams
+from peerd.inference.options import SamplingParams
+from peerd.inference.request import TokenLogprob
 
 
 def make_generator(params: SamplingParams) -> torch.Generator:
@@ -38,31 +37,6 @@ def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
     if params.temperature == 0.0:
         return int(torch.argmax(logits).item())
     return int(torch.multinomial(distribution(logits, params), 1, generator=gen).item())
-
-
-@dataclass(frozen=True, slots=True)
-class TokenLogprob:
-    """A committed token's log-probability under the model's own distribution (its
-    logits' log-softmax: before temperature and top-p, as vLLM reports them by
-    default), and the `top` most likely tokens at that position, best first."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass
-class Logprobs:
-    """Where a generation reports its tokens' log-probabilities: one entry per token
-    handed to on_token, appended just before the call (so a streaming caller reads
-    entries[-1]). `top` alternatives per position, 0..MAX_TOP_LOGPROBS."""
-
-    top: int = 0
-    entries: list[TokenLogprob] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.top <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top log-probabilities must be between 0 and {MAX_TOP_LOGPROBS}")
 
 
 def token_logprobs(rows: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
+from peerd.api.openai import routes
+from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.inference.options import SpeculativeOptions
 from peerd.service import EntryFields, Service
 from protocols.ledger import Load
@@ -72,6 +74,7 @@ class ModelSlot(Service):
         self.phase = ""
         self.error = ""
         self.runtime: ModelRuntime | None = None
+        self._face: LanguageModel | None = None
         self.settled = trio.Event()  # ready or failed (set at once when there is no model)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -112,6 +115,28 @@ class ModelSlot(Service):
         self.node.events.publish("model.ready", model_id=r.model_id,
                                  layers=[r.block.start, r.block.end])
 
+    def face(self, model: str | None = None) -> LanguageModel:
+        """The loaded model's typed face (face.py). ModelUnavailable, saying why, while
+        there is none, or when `model` names another model than ours (its id or the
+        SPEC we were started with)."""
+        if self.state == "none":
+            raise ModelUnavailable("none", "this peer serves no model; ask a peer started "
+                                   "with --model, or restart this one with --model SPEC")
+        if self.state == "loading":
+            raise ModelUnavailable("loading", f"the model is still loading ({self.phase}); "
+                                   "try again shortly")
+        if self.state == "failed" or self.runtime is None:
+            raise ModelUnavailable("failed", f"the model failed to load: {self.error}")
+        assert self.options is not None
+        if model is not None and model not in (self.runtime.model_id, self.options.spec):
+            raise ModelUnavailable("other", f"model {model!r} is not served here; this peer "
+                                   f"serves {self.runtime.model_id!r}")
+        if self._face is None:
+            from peerd.inference.served import ServedModel  # torch: only with a model
+
+            self._face = ServedModel(self.runtime)
+        return self._face
+
     def entry_fields(self) -> EntryFields:
         r = self.runtime
         if r is None:
@@ -123,8 +148,6 @@ class ModelSlot(Service):
         return fields
 
     def routes(self) -> Sequence[BaseRoute]:
-        from peerd.api.openai import routes  # (it imports this module's options)
-
         return routes(self)
 
     def status(self) -> dict[str, Any]:

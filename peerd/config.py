@@ -82,7 +82,7 @@ class Config:
     max_sessions: int = 32  # pipeline sessions this peer holds KV caches for
     kv_cache_mb: int = 2048  # KV cache memory all those sessions may reserve together
     # Speculative decoding by default for requests that do not say: DRAFT[,VERIFY[,GAMMA]]
-    # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/slot.py).
+    # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/options.py).
     speculative: str = "none"
     # API requests reuse what a pooled pipeline session's caches already hold of their
     # prompt (the earlier turns of a chat) and compute only the rest. The reused KV was

@@ -31,6 +31,7 @@ from peerd.inference.face import (
     SwarmUnavailable,
 )
 from peerd.inference.options import (
+    MAX_COMPLETION_LOGPROBS,
     MAX_GAMMA,
     MAX_STOP_CHARS,
     MAX_TOP_LOGPROBS,
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 200_000
-MAX_COMPLETION_LOGPROBS = 5  # the legacy completions' logprobs
 
 
 class ApiError(Exception):

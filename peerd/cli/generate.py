@@ -27,6 +27,14 @@ from peerd.cli.client import (
     post_completion,
     stream_completion,
 )
+from peerd.inference.options import (
+    DRAFT_KINDS,
+    MAX_COMPLETION_LOGPROBS,
+    MAX_GAMMA,
+    MAX_TOP_LOGPROBS,
+    VERIFY_CHOICES,
+    spoken,
+)
 
 
 def served_model(c: Client) -> str:
@@ -97,31 +105,33 @@ def _write(text: str) -> None:
 @click.option("--raw", is_flag=True, help="Send the prompt as is (/v1/completions), "
               "not as a chat message.")
 @click.option("--model", "model_id", metavar="ID", help="[the model the daemon serves]")
-@click.option("--draft", metavar="DRAFTER", help="Decode speculatively: none, ngram, eagle, "
-              "eagle:PATH or model:SPEC [the daemon's --speculative].")
-@click.option("--verify", type=click.Choice(["auto", "greedy", "sample", "adaptive"]),
+@click.option("--draft", metavar="DRAFTER", help="Decode speculatively: "
+              f"{spoken(DRAFT_KINDS)} "
+              "[the daemon's --speculative].")
+@click.option("--verify", type=click.Choice(VERIFY_CHOICES),
               help="How drafts are verified [auto: greedy at temperature 0, else sample].")
 @click.option("--gamma", metavar="N|auto", help="Tokens drafted per round (a tree's "
-              "depth), 1-16 [auto].")
+              f"depth), 1-{MAX_GAMMA} [auto].")
 @click.option("--tree/--chain", default=None, help="Draft a token tree (eagle, greedy or "
               "adaptive) or a single chain [tree].")
-@click.option("--logprobs", "top", type=click.IntRange(0, 20), metavar="N",
+@click.option("--logprobs", "top", type=click.IntRange(0, MAX_TOP_LOGPROBS), metavar="N",
               help="Show each token's log-probability and its N most likely alternatives "
-              "(0-20; with --raw 0-5).")
+              f"(0-{MAX_TOP_LOGPROBS}; with --raw 0-{MAX_COMPLETION_LOGPROBS}).")
 def generate(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
              prompt: str, max_tokens: int, temperature: float, top_p: float | None,
              seed: int | None, stop: tuple[str, ...], stream: bool, raw: bool,
              model_id: str | None, draft: str | None, verify: str | None,
              gamma: str | None, tree: bool | None, top: int | None) -> None:
     """Generate text from PROMPT through the swarm."""
-    if raw and top is not None and top > 5:
-        fail("with --raw, --logprobs takes 0-5 (the completions API's limit)", 2)
+    if raw and top is not None and top > MAX_COMPLETION_LOGPROBS:
+        fail(f"with --raw, --logprobs takes 0-{MAX_COMPLETION_LOGPROBS} (the completions "
+             "API's limit)", 2)
     c = make_client(data_dir, api, token)
     body: dict[str, Any] = {"model": model_id or served_model(c), "max_tokens": max_tokens,
                             "temperature": temperature}
     if draft is not None or verify is not None or gamma is not None or tree is not None:
         if gamma not in (None, "auto") and not gamma.isdigit():
-            fail("--gamma takes an integer 1-16 or auto", 2)
+            fail(f"--gamma takes an integer 1-{MAX_GAMMA} or auto", 2)
         spec: dict[str, Any] = {}  # what is left out, the daemon's default fills in
         if draft is not None:
             spec["draft"] = draft

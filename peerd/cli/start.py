@@ -12,6 +12,7 @@ import click
 from peerd import __version__
 from peerd.cli.client import console, fail
 from peerd.config import DEFAULT_API, DEVICES, DTYPES, ConfigError, load_config
+from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
 
 
 @click.command()
@@ -42,8 +43,9 @@ from peerd.config import DEFAULT_API, DEVICES, DTYPES, ConfigError, load_config
 @click.option("--torch-threads", type=int, help="torch intra-op threads [all cores]; set it "
               "when several peers share a machine.")
 @click.option("--speculative", metavar="DRAFT[,VERIFY[,GAMMA]]",
-              help="Decode speculatively by default: DRAFT is ngram, eagle, eagle:PATH or "
-              "model:SPEC; VERIFY greedy, sample or adaptive [auto]; GAMMA 1-16 [auto]. "
+              help="Decode speculatively by default: DRAFT is "
+              f"{spoken(DRAFT_KINDS[1:])}; "
+              f"VERIFY {spoken(VERIFY_MODES)} [auto]; GAMMA 1-{MAX_GAMMA} [auto]. "
               "Requests may override it.")
 @click.option("--prompt-cache/--no-prompt-cache", default=None,
               help="API requests reuse the KV a pooled pipeline session holds of their prompt "

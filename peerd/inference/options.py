@@ -15,11 +15,17 @@ MAX_TEMPERATURE = 10.0
 MAX_STOPS = 8  # stop strings per request
 MAX_STOP_CHARS = 200  # characters per stop string
 MAX_TOP_LOGPROBS = 20  # alternatives reported per position, as OpenAI allows
+MAX_COMPLETION_LOGPROBS = 5  # the same in the legacy completions API
 
-DRAFT_KINDS = ("none", "ngram", "eagle", "eagle:<PATH>", "model:<SPEC>")
+DRAFT_KINDS = ("none", "ngram", "eagle", "eagle:PATH", "model:SPEC")
 VERIFY_MODES = ("greedy", "sample", "adaptive")  # the rules acceptance.py implements
 VERIFY_CHOICES = ("auto", *VERIFY_MODES)  # auto: greedy at temperature 0, else sample
 MAX_GAMMA = 16  # tokens a chain drafts per round (a tree: its depth)
+
+
+def spoken(choices: tuple[str, ...]) -> str:
+    """("a", "b", "c") -> "a, b or c", for help texts and errors."""
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +54,7 @@ class SpeculativeOptions:
     """How a request decodes speculatively (DSD): who drafts, how the target verifies,
     how many tokens a round drafts. `draft="none"` is plain decoding."""
 
-    draft: str = "none"  # none | ngram | eagle | eagle:<PATH> | model:<SPEC>
+    draft: str = "none"  # one of DRAFT_KINDS
     verify: str = "auto"  # auto: greedy at temperature 0, else sample; or adaptive
     gamma: int | None = None  # None: auto, chosen per session from measured rounds
     # draft a token tree (several candidates per position, one pass) where the drafter

@@ -1,2 +1,4 @@
-"""The local HTTP API: the node's routes (app.py) and each service's: the ledger
-(ledger.py), the OpenAI-compatible /v1 (openai.py) and Symphony's tasks (tasks.py)."""
+"""The local HTTP API: the node's own routes and auth (app.py), hypercorn on trio
+(server.py), errors in OpenAI's shape (errors.py), and each service's routes: the ledger
+(ledger.py), the OpenAI-compatible /v1 (openai.py, its request bodies in
+openai_request.py) and Symphony's tasks (tasks.py)."""

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from peerd.api.openai import ApiError
+from peerd.api.errors import ApiError
 from peerd.node import Node
 
 OPEN_PATHS = {"/health"}

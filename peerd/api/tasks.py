@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from peerd.agents.record import TaskSpec
 from peerd.agents.requester import NoWorkers
-from peerd.api.openai import ApiError, read_json
+from peerd.api.errors import ApiError, read_json
 from protocols.beacon import ANSWER_FORMATS, MAX_BID_WINDOW_S, MAX_DEADLINE_S, MAX_WORKERS
 from protocols.task import MAX_QUESTION_CHARS, MAX_TASK_TOKENS
 

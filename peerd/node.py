@@ -78,7 +78,7 @@ class Node:
         self.metrics = Metrics()
         self.offences: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.rtt_ms: dict[str, float] = {}
-        self.services: list[Service] = []  # started, in order
+        self.services: list[Service] = []  # started (or starting), in order
         self._dial_sources: list[DialSource] = []
         self._connect_hooks: list[ConnectHook] = []
         self._welcomed_at: dict[str, float] = {}

@@ -3,7 +3,7 @@ one pass through the shards.
 
     drafters.py       the drafter interface (imports no drafter)
     ngram.py          the ngram drafter: prompt lookup
-    draft_model.py    the model:<SPEC> drafter: a small LM with the target's tokenizer
+    draft_model.py    the model:SPEC drafter: a small LM with the target's tokenizer
     catalog.py        the entry peer's drafters, built by name on first use
     eagle.py          EAGLE: a one-layer draft head over the target's features
     eagle_file.py     EAGLE head files, bound to the target they were trained for

@@ -139,8 +139,7 @@ async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sock
                 announce: Any, progress: Progress) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_node(config, key_pair) as node:
-            for service in build_services(node, config, progress):
-                await node.start(service)
+            await node.start(*build_services(node, config, progress))
             shutdown = trio.Event()
             # The bound port, not the configured one: `--api 127.0.0.1:0` picks a free port.
             api_port = sockets.insecure_sockets[0].getsockname()[1]

@@ -90,16 +90,20 @@ class Node:
 
     # ---- services ------------------------------------------------------------------
 
-    async def start(self, service: Service) -> None:
-        """Start `service` in the node's nursery; returns once it is serving. It is
-        one of `services` from the start, so its own first `refresh()` of the ledger
-        entry already carries its fields."""
-        self.services.append(service)
-        try:
-            await self.nursery.start(service.run)
-        except BaseException:
-            self.services.remove(service)
-            raise
+    async def start(self, *services: Service) -> None:
+        """Start `services` in the node's nursery, in order; returns once each is
+        serving. All of them are in `self.services` before the first starts, so the
+        first ledger entry (built when the ledger's service starts) already carries
+        every one's fields. A service that fails to start is dropped with those after
+        it, and its error raised."""
+        self.services.extend(services)
+        for i, service in enumerate(services):
+            try:
+                await self.nursery.start(service.run)
+            except BaseException:
+                for dropped in services[i:]:
+                    self.services.remove(dropped)
+                raise
 
     def service(self, kind: type[S]) -> S:
         """The started service of this type (LookupError if none)."""

@@ -10,9 +10,11 @@ Symphony, and the systems to come) is a `Service`, and plugs in the same way:
   Cancellation is shutdown: a service flushes what it keeps in its `finally`, off the
   event loop (`trio.to_thread`, shielded).
 - `entry_fields()` is its part of this peer's own ledger entry. The ledger's gossip
-  service asks every started service each time it builds the entry (every heartbeat,
-  and on `LedgerGossip.refresh()`, which a service calls when others should hear of a
-  change at once). Each field has one owner; `features` are the union of all.
+  service asks every service the node holds each time it builds the entry: the first
+  time as it starts (the daemon hands the node all its services at once, so the first
+  entry is whole), then every heartbeat and on `LedgerGossip.refresh()`, which a
+  service calls when others should hear of a change at once (a model loaded, skills
+  changed). Each field has one owner; `features` are the union of all.
 - `routes()` are its routes in the local HTTP API; api/app.py mounts every service's
   behind the bearer token.
 - `status()` are its keys in `GET /status`.

@@ -96,6 +96,9 @@ async def symphonies(nodes: Sequence[Node], solvers: Sequence[Solver | None],
                 for n, s, m, k in zip(nodes, solvers, matchers, skills, strict=True)]
     for node, service in zip(nodes, services, strict=True):
         await node.start(service)
+        # started after the ledger's service: announce the skills at once (a daemon
+        # starts them together, so its first entry has them)
+        gossip(node).refresh()
     yield services
 
 

@@ -19,9 +19,11 @@ from starlette.routing import BaseRoute, Route
 from trio_typing import TaskStatus
 
 from peerd.api.app import create_app
+from peerd.identity import ensure_data_dir, load_or_create_key
 from peerd.ledger.gossip import LedgerGossip
+from peerd.node import open_node
 from peerd.service import EntryFields, Service
-from tests.harness import book, connect, gossip, has_entry, swarm, wait_for
+from tests.harness import book, connect, gossip, has_entry, node_config, swarm, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "t0ken"
@@ -70,6 +72,20 @@ async def test_a_service_advertises_its_fields_from_its_first_entry(tmp_path: Pa
         # the other peer learns it over gossip, without a refresh of its own
         await wait_for(lambda: has_entry(b, a.peer_id, skills=("cartography",)), 10,
                        "b to hear a's skills")
+
+
+async def test_services_started_together_are_in_the_first_entry(tmp_path: Path) -> None:
+    """As the daemon starts them: the ledger's first entry, signed as the ledger's
+    service starts, already has the fields of the services handed over with it."""
+    ensure_data_dir(tmp_path / "n")
+    key_pair = load_or_create_key(tmp_path / "n")
+    async with open_node(node_config(tmp_path / "n"), key_pair) as node:
+        ledger = LedgerGossip(node)
+        late = Probe("late", {"features": ("late.x",)})  # never refreshes by itself
+        await node.start(ledger, Probe("probe", {"skills": ("first",)}), late)
+        assert node.services[0] is ledger and node.services[-1] is late
+        own = ledger.book.get(node.peer_id)
+        assert own is not None and own.skills == ("first",) and "late.x" in own.features
 
 
 async def test_features_merge_and_each_other_field_has_one_owner(

@@ -71,7 +71,6 @@ class Symphony(Service):
             self.worker.register()
             self.requester.register()
             subscription = await self.node.pubsub.subscribe(TOPIC)
-            self.ledger.refresh()  # our skills and features, at once
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.worker.follow, subscription)
                 if self.warm_up:

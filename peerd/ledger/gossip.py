@@ -101,8 +101,8 @@ class LedgerGossip(Service):
         )
 
     def _service_fields(self) -> EntryFields:
-        """Every started service's fields. A field has one owner: a second service that
-        claims it is our bug, logged, and the first owner's value stands."""
+        """The fields of every service the node holds. A field has one owner: a second
+        service that claims it is our bug, logged, and the first owner's value stands."""
         merged: EntryFields = {}
         features: list[str] = []
         owners: dict[str, str] = {}

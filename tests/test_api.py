@@ -226,6 +226,34 @@ def test_bad_capabilities_are_refused_and_the_daemon_keeps_serving(
     assert a.get("/status")["skills"] == skills_before
 
 
+NESTED = [b"[" * 50_000, b'{"a":' * 10_000, b'{"skills": ' + b"[" * 40 + b"]" * 40 + b"}",
+          b'{"model": "m", "messages": [' + b"[" * 50_000 + b"]}"]
+
+
+@pytest.mark.parametrize("path", ["/capabilities", "/v1/chat/completions", "/v1/completions",
+                                  "/v1/tasks"])
+@pytest.mark.parametrize("body", NESTED, ids=["arrays", "objects", "40-deep", "in-messages"])
+def test_deeply_nested_json_is_a_400_on_every_endpoint_that_reads_a_body(
+        pair: tuple[Daemon, Daemon], path: str, body: bytes) -> None:
+    """Python's JSON parser recurses: without a depth cap such a body was a 500."""
+    a, _ = pair
+    r = a.request("POST", path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "nests JSON" in error["message"]
+    assert a.request("GET", "/health", token=None).status_code == 200
+
+
+def test_json_depth_counts_brackets_outside_strings() -> None:
+    from peerd.api.errors import json_depth
+
+    assert json_depth(b"") == json_depth(b'"[[["') == 0
+    assert json_depth(b"[]") == json_depth(b'{"a": "\\"}') == 1
+    assert json_depth(b'{"a": [1, {"b": "[[[[\\"[["}]}') == 3
+    assert json_depth(b"[[]][[[]]]") == 3
+    assert json_depth(b"[" * 100_000) == 100_000
+
+
 def test_an_oversized_body_is_refused(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
     big = json.dumps({"skills": ["s"], "pad": "x" * 100_000}).encode()

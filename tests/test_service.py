@@ -139,7 +139,7 @@ async def test_the_api_mounts_every_service_behind_the_token(tmp_path: Path) -> 
 
 
 KERNEL = ["peerd/node.py", "peerd/host.py", "peerd/service.py", "peerd/events.py",
-          "peerd/metrics.py", "peerd/loopback.py"]
+          "peerd/metrics.py", "peerd/loopback.py", "peerd/turns.py"]
 SYSTEMS = ("peerd.ledger", "peerd.inference", "peerd.agents", "peerd.api", "peerd.cli",
            "peerd.daemon")
 

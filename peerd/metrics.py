@@ -21,6 +21,16 @@ class Metrics:
         self.connections = Counter(
             "peerd_connection_events", "Connection events", ["event"], registry=r
         )
+        # What this peer lends to others (shares.py), by resource and holder
+        self.lent = Gauge("peerd_lent", "Held of a lent resource, by peer",
+                          ["resource", "peer"], registry=r)
+        self.lent_capacity = Gauge("peerd_lent_capacity", "Capacity of a lent resource",
+                                   ["resource"], registry=r)
+        self.evictions = Counter("peerd_evictions", "Lent things taken back for a peer "
+                                 "within its share, by resource", ["resource"], registry=r)
+        self.share_refusals = Counter("peerd_share_refusals", "Requests refused because "
+                                      "the peer was over its fair share", ["resource"],
+                                      registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from peerd.streams import (
     Unreachable,
     open_session,
 )
+from peerd.turns import Turns
 from protocols import shard
 from protocols.codec import Message, decode, encode
 from protocols.errors import PeerError
@@ -320,7 +321,8 @@ async def test_a_hop_reports_what_its_next_hop_did_as_a_refusal(
     from peerd.inference.swarm.server import Refused, ShardServer
 
     far = Scripted(nursery, listener)
-    server = ShardServer(FakeNode(far.dial), block=None)  # type: ignore[arg-type]
+    server = ShardServer(FakeNode(far.dial), block=None,  # type: ignore[arg-type]
+                         compute=Turns(quantum=1))  # (its own block would size them)
     req = dataclasses.replace(OPEN, route=(Hop(SELF, 0, 2), Hop(NEXT, 2, 4)))
     with pytest.raises(Refused) as err:
         await server._connect_downstream(req)
@@ -332,7 +334,8 @@ async def test_the_last_hop_opens_the_return_stream_to_the_entry(nursery: trio.N
     from peerd.inference.swarm.server import ShardServer
 
     far = Scripted(nursery, answer(Opened(SESSION)))
-    server = ShardServer(FakeNode(far.dial), block=None)  # type: ignore[arg-type]
+    server = ShardServer(FakeNode(far.dial), block=None,  # type: ignore[arg-type]
+                         compute=Turns(quantum=1))  # (its own block would size them)
     req = dataclasses.replace(OPEN, route=(Hop(FIRST, 0, 2), Hop(SELF, 2, 4)), hop=1,
                               entry_peer=PEER)
     stream = await server._connect_downstream(req)

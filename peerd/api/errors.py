@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import operator
 import re
 from typing import Any
@@ -24,12 +25,16 @@ _STEPS = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type_, param, code
+        self.retry_after_s = retry_after_s  # sent as Retry-After (whole seconds)
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status)
+        headers = (None if self.retry_after_s is None
+                   else {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))})
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=headers)
 
     def body(self) -> dict[str, Any]:
         return {"message": str(self), "type": self.type, "param": self.param, "code": self.code}

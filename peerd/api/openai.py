@@ -115,7 +115,8 @@ async def _prepare(model: LanguageModel, req: ApiRequest) -> GenerationRequest:
     except Refused as exc:
         raise ApiError(400, str(exc), param=exc.param) from None
     except SwarmUnavailable as exc:
-        raise ApiError(503, str(exc), "service_unavailable", code=exc.code) from None
+        raise ApiError(503, str(exc), "service_unavailable", code=exc.code,
+                       retry_after_s=exc.retry_after_s) from None
 
 
 async def _run(model: LanguageModel, req: ApiRequest, prepared: GenerationRequest,
@@ -123,7 +124,8 @@ async def _run(model: LanguageModel, req: ApiRequest, prepared: GenerationReques
     try:
         return await model.complete(prepared, on_text=on_text, logprobs=req.logprobs)
     except SwarmUnavailable as exc:
-        raise ApiError(503, str(exc), "service_unavailable", code=exc.code) from None
+        raise ApiError(503, str(exc), "service_unavailable", code=exc.code,
+                       retry_after_s=exc.retry_after_s) from None
 
 
 def _logprobs_json(model: LanguageModel, entries: Sequence[TokenLogprob], *, chat: bool,

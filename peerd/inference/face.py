@@ -50,11 +50,14 @@ class Refused(Exception):
 
 class SwarmUnavailable(Exception):
     """The swarm cannot serve the request end to end now: `code` is "missing_layers"
-    (nobody serves some layers) or "pipeline_failed" (every route tried failed)."""
+    (nobody serves some layers), "saturated" (the peers that do are busy with other
+    peers' work within their fair shares: try again in `retry_after_s`) or
+    "pipeline_failed" (every route tried failed)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)

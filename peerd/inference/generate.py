@@ -40,10 +40,14 @@ from peerd.inference.swarm.routing import (
 )
 from peerd.ledger.book import Ledger
 from peerd.node import Node
+from peerd.turns import Turns
 
 log = logging.getLogger(__name__)
 
 MAX_FAILURES = 6  # per request: re-routes before giving up
+# What the entry's own work (embeddings, lm_head, drafting) is charged at the compute:
+# little next to a shard's positions x layers, so it goes first among our turns.
+ENTRY_COST = 1
 
 
 class NoCoverage(Exception):
@@ -57,6 +61,20 @@ class NoCoverage(Exception):
 
 class GenerationFailed(Exception):
     pass
+
+
+# What a shard says when it serves other peers within their shares and ours is full: it
+# refused our session ("overloaded") or took it back ("evicted"). Not a fault.
+SATURATED = frozenset({"overloaded", "evicted"})
+
+
+class Saturated(GenerationFailed):
+    """Every route goes through peers busy with other peers' work (within their fair
+    shares): try again in `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def verify_mode(spec: SpeculativeOptions, params: SamplingParams) -> str:
@@ -82,7 +100,7 @@ class Generator:
 
     def __init__(self, node: Node, ledger: Ledger, pipeline: Pipeline, head: Head, *,
                  model_id: str, num_layers: int, eos_ids: set[int],
-                 compute: trio.CapacityLimiter,
+                 compute: Turns,
                  wire_dtype: str = "float32", drafters: DrafterCatalog | None = None,
                  token_classes: Callable[[], TokenClasses] | None = None,
                  default_speculative: SpeculativeOptions | None = None,
@@ -118,7 +136,7 @@ class Generator:
         if self.drafters is None:
             raise DraftError("this peer cannot draft (no drafter catalog)")
         catalog = self.drafters
-        async with self.compute:
+        async with self.compute.take(self.node.peer_id, ENTRY_COST):
             return await compute.run(catalog.get, spec.draft)
 
     async def prepare(self, prompt_ids: Sequence[int], params: SamplingParams,
@@ -130,7 +148,7 @@ class Generator:
         spec = self.default_speculative if spec is None else spec
         route = self.route()
         if isinstance(route, NoRoute):
-            raise NoCoverage(self.model_id, route)
+            raise self.no_route(route)
         verify = verify_mode(spec, params)
         drafter = await self.drafter(spec)
         return GenerationRequest(tuple(prompt_ids), params, spec, verify, drafter, route)
@@ -221,7 +239,7 @@ class Generator:
             if route is None or attempt > 1:
                 found = self.route()
                 if isinstance(found, NoRoute):
-                    raise NoCoverage(self.model_id, found)
+                    raise self.no_route(found)
                 route = found
             stats.route = [{"peer_id": s.peer_id, "layers": [s.start, s.end]}
                            for s in route.spans]
@@ -242,15 +260,39 @@ class Generator:
         self.node.events.publish("inference.failure", culprit=failure.culprit,
                                  code=failure.code, detail=str(failure)[:300])
         if failure.culprit is not None and failure.culprit != self.node.peer_id:
-            banned_for = self.bans.ban(failure.culprit, time.monotonic())
+            banned_for = self.bans.ban(failure.culprit, time.monotonic(), failure.code)
             self.node.events.publish("inference.ban", peer_id=failure.culprit,
                                      seconds=banned_for, reason=failure.code)
         if failures >= MAX_FAILURES:
+            if failure.code in SATURATED:
+                raise Saturated(f"the swarm is saturated: {failures} peers were busy with "
+                                f"other peers' work; last: {failure}",
+                                self._retry_after()) from failure
             raise GenerationFailed(f"gave up after {failures} pipeline failures; last: "
                                    f"{failure}") from failure
 
+    def no_route(self, found: NoRoute) -> NoCoverage | Saturated:
+        """Why there is no route now: nobody serves some layers (NoCoverage), or only
+        peers that are saturated do (Saturated: they refused or evicted our sessions)."""
+        now = time.monotonic()
+        saturated = {p for p in self.bans.banned(now) if self.bans.why(p) in SATURATED}
+        if saturated and not isinstance(
+                find_route(self.servers(), self.num_layers,
+                           self.bans.banned(now) - saturated), NoRoute):
+            return Saturated(f"the swarm is saturated: every route to {self.model_id} goes "
+                             "through peers busy with other peers' work", self._retry_after())
+        return NoCoverage(self.model_id, found)
+
+    def _retry_after(self) -> float:
+        """Seconds until a saturated peer may be tried again (at least one)."""
+        now = time.monotonic()
+        waits = [self.bans.remaining(p, now) for p in self.bans.banned(now)
+                 if self.bans.why(p) in SATURATED]
+        return max(1.0, min(waits, default=1.0))
+
     async def in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        async with self.compute:
+        """fn(*args) on the compute thread, in one of our own turns (turns.py)."""
+        async with self.compute.take(self.node.peer_id, ENTRY_COST):
             return await compute.run(fn, *args)
 
     def embed(self, ids: list[int]) -> torch.Tensor:

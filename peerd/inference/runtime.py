@@ -31,9 +31,10 @@ from peerd.inference.speculative.catalog import DrafterCatalog
 from peerd.inference.swarm.pipeline import Pipeline
 from peerd.inference.swarm.placement import choose_layers, window_size
 from peerd.inference.swarm.routing import servers_by_model
-from peerd.inference.swarm.server import ShardServer
+from peerd.inference.swarm.server import QUANTUM_POSITIONS, ShardServer
 from peerd.ledger.book import Ledger
 from peerd.node import Node
+from peerd.turns import Turns
 from protocols.ledger import Hardware, ModelServed
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ class ModelRuntime:
         progress("measuring throughput")
         tokens_per_s = await _loading(measure_tokens_per_s, block)
 
-        turns = trio.CapacityLimiter(1)  # the shard's and the generator's compute
+        # the shard's and the generator's compute, one turn at a time, fair between peers
+        turns = Turns(quantum=QUANTUM_POSITIONS * (end - start))
         server = ShardServer(node, block, options.limits, turns)
         server.register()
         pipeline = Pipeline(node, source.model_id)

@@ -2,9 +2,11 @@
 template, its generator (the swarm's pipeline behind our head) and its limits.
 
 It turns the generator's own errors into the face's: `NoCoverage` into
-SwarmUnavailable("missing_layers"), `GenerationFailed` into
-SwarmUnavailable("pipeline_failed"), `DraftError` and a prompt longer than a session
-holds into Refused. Tokenising and the chat template run in a worker thread.
+SwarmUnavailable("missing_layers"), `Saturated` (every route through peers busy with
+others' shares) into SwarmUnavailable("saturated") with a retry delay,
+`GenerationFailed` into SwarmUnavailable("pipeline_failed"), `DraftError` and a prompt
+longer than a session holds into Refused. Tokenising and the chat template run in a
+worker thread.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from peerd.inference.face import Completion, Message, OnText, Refused, SwarmUnavailable
-from peerd.inference.generate import GenerationFailed, NoCoverage
+from peerd.inference.generate import GenerationFailed, NoCoverage, Saturated
 from peerd.inference.options import SamplingParams, SpeculativeOptions
 from peerd.inference.request import (
     GenerationRequest,
@@ -105,6 +107,8 @@ class ServedModel:
             raise SwarmUnavailable("missing_layers", f"the swarm cannot serve "
                                    f"{self.model_id} end to end: no peer serves layers "
                                    f"{exc.layers}") from None
+        except Saturated as exc:
+            raise self._unavailable(exc) from None
         except DraftError as exc:
             raise Refused("speculative", f"speculative: {exc}") from None
 
@@ -147,17 +151,20 @@ class ServedModel:
         try:
             return await self.generator.generate(request, on_token, reuse_prefix=reuse_prefix,
                                                  logprobs=logprobs)
-        except NoCoverage as exc:
-            raise SwarmUnavailable("missing_layers", f"the swarm cannot serve "
-                                   f"{self.model_id} end to end: {exc}") from None
-        except GenerationFailed as exc:
-            raise SwarmUnavailable("pipeline_failed", str(exc)) from None
+        except (NoCoverage, GenerationFailed) as exc:
+            raise self._unavailable(exc) from None
 
     async def score(self, prompt_ids: Sequence[int], tokens: Sequence[int]) -> list[float]:
         try:
             return await self.generator.score(list(prompt_ids), list(tokens))
-        except NoCoverage as exc:
-            raise SwarmUnavailable("missing_layers", f"the swarm cannot serve "
-                                   f"{self.model_id} end to end: {exc}") from None
-        except GenerationFailed as exc:
-            raise SwarmUnavailable("pipeline_failed", str(exc)) from None
+        except (NoCoverage, GenerationFailed) as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: NoCoverage | GenerationFailed) -> SwarmUnavailable:
+        if isinstance(exc, NoCoverage):
+            return SwarmUnavailable("missing_layers", f"the swarm cannot serve "
+                                    f"{self.model_id} end to end: {exc}")
+        if isinstance(exc, Saturated):
+            return SwarmUnavailable("saturated", f"{exc}; try again in "
+                                    f"{exc.retry_after_s:.0f} s", exc.retry_after_s)
+        return SwarmUnavailable("pipeline_failed", str(exc))

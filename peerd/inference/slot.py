@@ -42,7 +42,7 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True, slots=True)
 class ShardLimits:
     max_sessions: int = 32
-    max_kv_bytes: int = 2 * 2**30  # KV reserved for all sessions' max_length together
+    max_kv_bytes: int = 2 * 2**30  # KV charged to all sessions together, as they grow
     max_length: int = 8192  # positions one session may reach
     session_ttl_s: float = 300.0  # a session idle this long is closed
 
@@ -141,8 +141,9 @@ class ModelSlot(Service):
         r = self.runtime
         if r is None:
             return {}
+        turns = r.server.compute  # the queue: turns waited for, and the one held
         fields: EntryFields = {"models": (r.served,), "load": Load(
-            sessions=len(r.server.sessions), queue=r.server.compute.borrowed_tokens)}
+            sessions=len(r.server.sessions), queue=turns.waiting + int(turns.busy))}
         if r.hardware is not None:
             fields["hardware"] = r.hardware
         return fields
@@ -151,7 +152,10 @@ class ModelSlot(Service):
         return routes(self)
 
     def status(self) -> dict[str, Any]:
-        return {"model": self.to_json()}
+        out: dict[str, Any] = {"model": self.to_json()}
+        if self.runtime is not None:
+            out["lent"] = self.runtime.server.lent()  # who holds what of this peer
+        return out
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state}

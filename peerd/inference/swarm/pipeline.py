@@ -235,7 +235,8 @@ class Pipeline:
         then the most recently used."""
         hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
         idle = self.pool.get(hops, [])
-        fits = [s for s in reversed(idle) if s.max_length >= max_length and not s.done.is_set()]
+        fits = [s for s in reversed(idle) if s.max_length >= max_length
+                and not s.done.is_set() and not s.failed.is_set()]  # (evicted while idle)
         if not fits:
             return None
         best = max(fits, key=lambda s: common_prefix(s.cached, tokens))  # first of equals

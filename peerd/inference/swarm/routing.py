@@ -145,18 +145,28 @@ class BanList:
     max_s: float = 300.0
     _until: dict[str, float] = field(default_factory=dict)
     _strikes: dict[str, int] = field(default_factory=dict)
+    _why: dict[str, str] = field(default_factory=dict)  # the failure's code
 
-    def ban(self, peer_id: str, now: float) -> float:
+    def ban(self, peer_id: str, now: float, why: str = "failed") -> float:
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
         duration = float(min(self.max_s, self.base_s * 2.0 ** (strikes - 1)))
         self._until[peer_id] = now + duration
+        self._why[peer_id] = why
         return duration
 
     def banned(self, now: float) -> frozenset[str]:
         return frozenset(p for p, t in self._until.items() if t > now)
 
+    def why(self, peer_id: str) -> str | None:
+        return self._why.get(peer_id)
+
+    def remaining(self, peer_id: str, now: float) -> float:
+        """Seconds until `peer_id` may be tried again (0 when it may now)."""
+        return max(0.0, self._until.get(peer_id, now) - now)
+
     def forgive(self, peer_id: str) -> None:
         """A peer that served well again starts from a clean slate."""
         self._until.pop(peer_id, None)
         self._strikes.pop(peer_id, None)
+        self._why.pop(peer_id, None)

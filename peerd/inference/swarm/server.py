@@ -16,18 +16,21 @@ protocol) so the entry can ban it and re-route.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 import trio
 from libp2p.peer.id import ID
 
 from peerd import compute
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.slot import ShardLimits
+from peerd.inference.swarm.lending import Eviction, Lending, OverShare
 from peerd.node import Node
 from peerd.streams import (
     STREAM_FAILURES,
@@ -39,6 +42,7 @@ from peerd.streams import (
     remote_peer,
     send_quietly,
 )
+from peerd.turns import Turns
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
@@ -60,6 +64,9 @@ from protocols.spec import ErrorReply
 
 log = logging.getLogger(__name__)
 
+MAX_SHOWN_PEERS = 16  # in status: the peers that took the most compute
+CHUNK_POSITIONS = 256  # a longer chain FORWARD is computed in turns of this many positions
+QUANTUM_POSITIONS = 32  # a peer's credit per round at the compute, in positions of its span
 # A FAILED report to the entry is best effort, and short: the entry waits for one only
 # a moment after a broken step (pipeline.REPORT_GRACE_S) before it diagnoses alone.
 REPORT_TIMEOUT_S = 5.0
@@ -96,25 +103,43 @@ class _Session:
     open: Open
     span: tuple[int, int]
     cache: Any
-    reserved_bytes: int
+    kv_per_position: int
     downstream: Any = None  # stream to the next hop, or the return stream to the entry
     is_last: bool = False
     step: int = -1
     opened_at: float = field(default_factory=time.monotonic)
+    # what lending.py keeps of it
+    reserved_positions: int = 0  # KV charged to its entry peer, in positions
+    busy: bool = False  # in a forward now
+    last_used: float = field(default_factory=time.monotonic)
+    forwards: int = 0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled: evicted
+
+    @property
+    def holder(self) -> str:
+        """Whom it is charged to: the entry peer, which confirmed the session by
+        answering the last hop's return handshake."""
+        return self.open.entry_peer
+
+    @property
+    def max_length(self) -> int:
+        return self.open.max_length
 
 
 class ShardServer:
     """Serves `block` on `node`; create, then `register()` before the node runs tasks."""
 
     def __init__(self, node: Node, block: Block, limits: ShardLimits | None = None,
-                 compute: trio.CapacityLimiter | None = None) -> None:
+                 compute: Turns | None = None) -> None:
         self.node = node
         self.block = block
         self.limits = limits or ShardLimits()
-        # One forward at a time per model: torch already uses every intra-op thread.
-        self.compute = compute or trio.CapacityLimiter(1)
+        # One forward at a time per model (torch already uses every intra-op thread),
+        # the peers' turns served fairly; the entry side (generate.py) shares them.
+        self.compute = compute or Turns(quantum=QUANTUM_POSITIONS * (block.end - block.start))
         self.sessions: dict[str, _Session] = {}
-        self.reserved_bytes = 0
+        self.lending = Lending(self.limits.max_sessions, self.limits.max_kv_bytes, self._evict)
+        self._labelled: dict[str, set[str]] = {}  # peers with a /metrics gauge, by resource
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD.id, self._handle)
@@ -130,9 +155,10 @@ class ShardServer:
                 raw = await read_frame(stream, SHARD.max_control_bytes)
                 request = decode(raw, Open)
                 session = await self._open(request)
-            await write_frame(stream, encode(Opened(session=session.id)),
-                              SHARD.max_control_bytes)
-            await self._serve(session, stream, upstream)
+            with session.scope:  # cancelled when the session is evicted
+                await write_frame(stream, encode(Opened(session=session.id)),
+                                  SHARD.max_control_bytes)
+                await self._serve(session, stream, upstream)
         except StreamClosed:
             pass
         except Refused as exc:
@@ -180,17 +206,15 @@ class ShardServer:
         except Exception:
             raise WireError(f"entry peer {req.entry_peer!r:.60} is not a peer id") from None
         span = (hop.start, hop.end)
-        need = b.kv_bytes_per_position(span) * req.max_length
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise Refused("overloaded", f"{self.node.peer_id} has {len(self.sessions)} sessions,"
-                          " its maximum")
-        if self.reserved_bytes + need > self.limits.max_kv_bytes:
-            raise Refused("overloaded", f"{self.node.peer_id} cannot reserve {need} bytes of KV "
-                          f"cache ({self.reserved_bytes} of {self.limits.max_kv_bytes} in use)")
-        session = _Session(req.session, req, span, b.new_cache(), need,
+        session = _Session(req.session, req, span, b.new_cache(), b.kv_bytes_per_position(span),
                            is_last=req.hop == len(req.route) - 1)
+        try:
+            self.lending.open(session)
+        except OverShare as exc:
+            self._over_share(exc)
+            raise Refused("overloaded", f"{self.node.peer_id} is saturated: {exc}") from None
         self.sessions[session.id] = session
-        self.reserved_bytes += need
+        self._publish_lent()
         try:
             session.downstream = await self._connect_downstream(req)
         except BaseException:
@@ -237,15 +261,28 @@ class ShardServer:
                     raise WireError(f"CLOSE for unknown session {msg.session!r:.40}")
                 return
             self._check_forward(s, msg)
-            t0 = time.perf_counter()
             try:
-                async with self.compute:
-                    hidden = await compute.run(self._compute, s, msg)
+                self.lending.grow(s, msg.start_pos + msg.hidden.shape[1])
+            except OverShare as exc:  # its entry peer is over its share: this session goes
+                self._over_share(exc)
+                await self._report(s, msg.step, self.node.peer_id, "evicted",
+                                   f"{self.node.peer_id} is saturated: {exc}")
+                return
+            finally:
+                self._publish_lent()
+            t0 = time.perf_counter()
+            s.busy = True
+            try:
+                hidden = await self._forward(s, msg)
             except Exception as exc:  # our failure, not the sender's: own up to the entry
                 log.exception("session %s: forward failed on this peer", s.id)
                 await self._report(s, msg.step, self.node.peer_id, "internal",
                                    f"{self.node.peer_id} failed to compute: {exc!r:.200}")
                 raise
+            finally:
+                s.busy = False
+                s.last_used = time.monotonic()
+            s.forwards += 1
             timing = HopTiming(peer_id=self.node.peer_id,
                                compute_ms=round((time.perf_counter() - t0) * 1e3, 3))
             s.step = msg.step
@@ -294,12 +331,32 @@ class ShardServer:
             raise WireError(f"positions up to {msg.start_pos + h.shape[1]} exceed the session's"
                             f" max_length {s.open.max_length}")
 
-    def _compute(self, s: _Session, msg: Forward) -> Any:
-        """Worker thread: one forward through this peer's span."""
-        hidden = from_wire(msg.hidden, dtype=self.block.dtype)
-        keep = None if msg.keep < 0 else msg.keep
-        return self.block.forward(hidden, msg.start_pos, s.cache, keep, span=s.span,
-                                  tree=msg.tree)
+    async def _forward(self, s: _Session, msg: Forward) -> Any:
+        """The forward through this peer's span, in turns at the compute charged to the
+        session's entry peer (turns.py: fair between peers). A chain longer than
+        CHUNK_POSITIONS goes in chunks, each its own turn, so that a long prefill (or a
+        peer pushing 2048 positions again and again) lets the other peers' steps in
+        between its chunks; a token tree, a draft of a few dozen positions, goes whole.
+        Causal attention over the cache makes the chunks compute the same positions
+        (in float32 to rounding: a long prompt's logits may move in the last bits)."""
+        positions = msg.hidden.shape[1]
+        layers = s.span[1] - s.span[0]
+        cuts = [0, positions] if msg.tree else [
+            *range(0, positions, CHUNK_POSITIONS), positions]
+        decoded: list[Any] = []
+        done: list[Any] = []
+
+        def chunk(a: int, b: int) -> None:  # compute thread
+            if not decoded:
+                decoded.append(from_wire(msg.hidden, dtype=self.block.dtype))  # [1, T, H]
+            keep = None if msg.keep < 0 or a > 0 else msg.keep
+            done.append(self.block.forward(decoded[0][:, a:b], msg.start_pos + a, s.cache,
+                                           keep, span=s.span, tree=msg.tree))  # [1, b-a, H]
+
+        for a, b in itertools.pairwise(cuts):
+            async with self.compute.take(s.holder, (b - a) * layers):
+                await compute.run(chunk, a, b)
+        return done[0] if len(done) == 1 else await compute.run(torch.cat, done, 1)  # [1, T, H]
 
     async def _report(self, s: _Session, step: int, culprit: str, code: str,
                       message: str) -> None:
@@ -315,10 +372,56 @@ class ShardServer:
         except Exception as exc:
             log.debug("could not report to the entry peer: %r", exc)
 
+    def _evict(self, s: _Session, eviction: Eviction) -> None:
+        """Lending took `s` back for a peer within its share: end it, and tell its entry
+        (which replays elsewhere, as on any failover)."""
+        s.scope.cancel()
+        message = (f"{self.node.peer_id} evicted the session: {eviction.for_peer} needed "
+                   f"{eviction.resource} that {eviction.holder} held over its fair share")
+        self.node.nursery.start_soon(self._report, s, s.step, self.node.peer_id, "evicted",
+                                     message)
+        self.node.metrics.evictions.labels(eviction.resource).inc()
+        self.node.events.publish("shard.session.evicted", session=s.id, holder=s.holder,
+                                 resource=eviction.resource, for_peer=eviction.for_peer,
+                                 forwards=s.forwards)
+        if s.forwards == 0:  # opened, held, never used: greed
+            self.node.offence(s.holder, "idle_session",
+                              f"shard session {s.id} evicted unused after "
+                              f"{time.monotonic() - s.opened_at:.0f} s")
+
+    def _over_share(self, exc: OverShare) -> None:
+        self.node.metrics.share_refusals.labels(exc.resource).inc()
+        self.node.offence(exc.peer, "over_share", f"shard {exc.resource}: {exc}")
+
+    def lent(self) -> dict[str, Any]:
+        """Who holds what of this peer: sessions and KV bytes (capacity, used, by entry
+        peer), and the compute's turns (by peer: turns, cost served, time waited, queued)."""
+        turns = self.compute.stats()
+        busiest = sorted(turns, key=lambda p: -turns[p].cost)[:MAX_SHOWN_PEERS]
+        return {**self.lending.held(), "compute": {
+            "waiting": self.compute.waiting, "busy": self.compute.busy,
+            "peers": {p: {"turns": turns[p].turns, "cost": turns[p].cost,
+                          "waited_s": round(turns[p].waited_s, 3), "queued": turns[p].queued}
+                      for p in busiest}}}
+
+    def _publish_lent(self) -> None:
+        """The shares on /metrics: `peerd_lent{resource, peer}` for the peers holding
+        now (a gauge a peer no longer holds is removed) and each capacity."""
+        metrics = self.node.metrics
+        for name, resource in self.lending.held().items():
+            metrics.lent_capacity.labels(name).set(resource["capacity"])
+            holders = set(resource["held"])
+            for gone in self._labelled.get(name, set()) - holders:
+                metrics.lent.remove(name, gone)
+            for peer, amount in resource["held"].items():
+                metrics.lent.labels(name, peer).set(amount)
+            self._labelled[name] = holders
+
     async def _drop(self, s: _Session) -> None:
+        self.lending.close(s)
+        self._publish_lent()
         if self.sessions.pop(s.id, None) is None:
             return
-        self.reserved_bytes -= s.reserved_bytes
         if s.downstream is not None:
             if not s.is_last:
                 await send_quietly(s.downstream, Close(s.id), SHARD.max_control_bytes)

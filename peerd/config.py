@@ -80,7 +80,14 @@ class Config:
     # peers share one machine.
     torch_threads: int = 0
     max_sessions: int = 32  # pipeline sessions this peer holds KV caches for
-    kv_cache_mb: int = 2048  # KV cache memory all those sessions may reserve together
+    kv_cache_mb: int = 2048  # KV cache memory all those sessions may hold together
+    # Both are lent to other peers in max-min fair shares (peerd/shares.py). A session's
+    # KV is charged as it grows, plus this many positions of headroom.
+    kv_headroom_positions: int = 128
+    # Turns at the compute, fair between peers (peerd/turns.py): a peer's credit a round,
+    # and the longest chain a FORWARD computes in one turn (longer ones go in chunks).
+    compute_quantum_positions: int = 32
+    forward_chunk_positions: int = 256
     # Speculative decoding by default for requests that do not say: DRAFT[,VERIFY[,GAMMA]]
     # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/options.py).
     speculative: str = "none"
@@ -118,6 +125,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _RANGES: dict[str, tuple[float, float]] = {
     "heartbeat_s": (0.05, 3600), "ttl_heartbeats": (1, 100), "target_peers": (1, 1000),
     "torch_threads": (0, 1024), "max_sessions": (1, 10_000), "kv_cache_mb": (1, 10_000_000),
+    "kv_headroom_positions": (0, 1 << 17), "compute_quantum_positions": (1, 1 << 17),
+    "forward_chunk_positions": (1, 1 << 17),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS}
@@ -147,7 +156,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(name, source, f"expected a number, got {value!r}") from None
     if name in ("ttl_heartbeats", "target_peers", "torch_threads", "max_sessions",
-                "kv_cache_mb"):
+                "kv_cache_mb", "kv_headroom_positions", "compute_quantum_positions",
+                "forward_chunk_positions"):
         if isinstance(value, bool | float):  # int(2.5) would quietly truncate
             raise ConfigError(name, source, f"expected an integer, got {value!r}")
         try:

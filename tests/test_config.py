@@ -112,6 +112,20 @@ def test_lists_from_toml_and_flags(tmp_path: Path) -> None:
     assert cfg.bootstrap == (BOOT,) and cfg.skills == ("a", "b")
 
 
+def test_the_shares_settings_reach_the_shard_limits(tmp_path: Path) -> None:
+    from peerd.daemon import model_options
+
+    cfg = load_config(environ={"PEERD_HOME": str(tmp_path), "PEERD_MODEL": "smollm2",
+                               "PEERD_KV_HEADROOM_POSITIONS": "64",
+                               "PEERD_COMPUTE_QUANTUM_POSITIONS": "8",
+                               "PEERD_FORWARD_CHUNK_POSITIONS": "512"})
+    options = model_options(cfg)
+    assert options is not None
+    limits = options.limits
+    assert (limits.kv_headroom_positions, limits.compute_quantum_positions,
+            limits.forward_chunk_positions) == (64, 8, 512)
+
+
 def test_numbers_from_env_strings(tmp_path: Path) -> None:
     cfg = load_config(environ={"PEERD_HOME": str(tmp_path), "PEERD_HEARTBEAT_S": "0.5",
                                "PEERD_TARGET_PEERS": "12"})
@@ -201,6 +215,9 @@ def test_listen_must_be_tcp(tmp_path: Path) -> None:
     ("PEERD_NAME", "n" * 65, "name"),
     ("PEERD_PROMPT_CACHE", "maybe", "prompt_cache"),
     ("PEERD_PROMPT_CACHE", "true", "prompt_cache"),  # without a model to cache for
+    ("PEERD_FORWARD_CHUNK_POSITIONS", "0", "forward_chunk_positions"),
+    ("PEERD_COMPUTE_QUANTUM_POSITIONS", "-3", "compute_quantum_positions"),
+    ("PEERD_KV_HEADROOM_POSITIONS", "lots", "kv_headroom_positions"),
 ])
 def test_bad_env_values(tmp_path: Path, var: str, value: str, setting: str) -> None:
     err = config_error(environ={"PEERD_HOME": str(tmp_path), var: value})

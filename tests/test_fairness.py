@@ -18,13 +18,13 @@ from peerd.inference.model.source import load_config, reference_model, resolve
 from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.slot import ModelOptions, ShardLimits
-from peerd.inference.swarm.lending import HEADROOM_POSITIONS
-from peerd.inference.swarm.server import CHUNK_POSITIONS
 from testnet.greedy import GreedyPeer, whole
 from tests.harness import book, events, gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
 LAYERS = 4  # the tiny model's
+HEADROOM_POSITIONS = ShardLimits().kv_headroom_positions
+CHUNK_POSITIONS = ShardLimits().forward_chunk_positions
 PROMPT = [5, 17, 33, 101, 7, 250, 12, 64, 3, 99]
 
 

@@ -31,7 +31,7 @@ from peerd.inference.speculative.catalog import DrafterCatalog
 from peerd.inference.swarm.pipeline import Pipeline
 from peerd.inference.swarm.placement import choose_layers, window_size
 from peerd.inference.swarm.routing import servers_by_model
-from peerd.inference.swarm.server import QUANTUM_POSITIONS, ShardServer
+from peerd.inference.swarm.server import ShardServer
 from peerd.ledger.book import Ledger
 from peerd.node import Node
 from peerd.turns import Turns
@@ -121,7 +121,7 @@ class ModelRuntime:
         tokens_per_s = await _loading(measure_tokens_per_s, block)
 
         # the shard's and the generator's compute, one turn at a time, fair between peers
-        turns = Turns(quantum=QUANTUM_POSITIONS * (end - start))
+        turns = Turns(quantum=options.limits.compute_quantum_positions * (end - start))
         server = ShardServer(node, block, options.limits, turns)
         server.register()
         pipeline = Pipeline(node, source.model_id)

@@ -45,6 +45,9 @@ class ShardLimits:
     max_kv_bytes: int = 2 * 2**30  # KV charged to all sessions together, as they grow
     max_length: int = 8192  # positions one session may reach
     session_ttl_s: float = 300.0  # a session idle this long is closed
+    kv_headroom_positions: int = 128  # KV charged beyond what a session holds (lending.py)
+    compute_quantum_positions: int = 32  # a peer's credit a round at the compute (turns.py)
+    forward_chunk_positions: int = 256  # a longer chain FORWARD goes in turns of this many
 
 
 @dataclass(frozen=True, slots=True)

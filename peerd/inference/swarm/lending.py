@@ -6,7 +6,7 @@ peer: the peer whose request it serves, which confirmed the session by answering
 last hop's return handshake.
 
 Pay for what is used. A session's KV is charged as it grows, in positions times its
-span's bytes per position: at OPEN only a headroom (`HEADROOM_POSITIONS`, at most its
+span's bytes per position: at OPEN only a headroom (`headroom` positions, at most its
 max_length), and before each FORWARD enough for the positions it will hold plus the
 headroom again; a truncated cache (speculative rollback, a pooled session's next request)
 gives back what it no longer needs.
@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from peerd.shares import Grant, Reclaim, Refuse, Shares
-
-HEADROOM_POSITIONS = 128  # KV charged beyond what a session holds: a few decoding rounds
 
 
 class Lent(Protocol):
@@ -73,6 +71,7 @@ class Lending:
     max_sessions: int
     max_kv_bytes: int
     evict: Callable[[Any, Eviction], None]  # end this session now (the server's)
+    headroom: int = 128  # KV positions charged beyond what a session holds
     clock: Callable[[], float] = time.monotonic
     sessions: Shares = field(init=False)
     kv: Shares = field(init=False)
@@ -88,7 +87,7 @@ class Lending:
         self._take(self.sessions, s.holder, 1, s.id)
         s.reserved_positions = 0
         try:
-            self._charge(s, min(s.max_length, HEADROOM_POSITIONS))
+            self._charge(s, min(s.max_length, self.headroom))
         except OverShare:
             self.sessions.release(s.holder, 1)
             raise
@@ -97,7 +96,7 @@ class Lending:
     def grow(self, s: Lent, positions: int) -> None:
         """Before a forward that leaves `positions` in the cache: charge them and the
         headroom, or at least them; OverShare if not even they can be had."""
-        want = min(s.max_length, positions + HEADROOM_POSITIONS)
+        want = min(s.max_length, positions + self.headroom)
         if want <= s.reserved_positions:
             self._shrink(s, want)  # a truncated cache gives back what it no longer needs
             return

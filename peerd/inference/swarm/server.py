@@ -65,8 +65,6 @@ from protocols.spec import ErrorReply
 log = logging.getLogger(__name__)
 
 MAX_SHOWN_PEERS = 16  # in status: the peers that took the most compute
-CHUNK_POSITIONS = 256  # a longer chain FORWARD is computed in turns of this many positions
-QUANTUM_POSITIONS = 32  # a peer's credit per round at the compute, in positions of its span
 # A FAILED report to the entry is best effort, and short: the entry waits for one only
 # a moment after a broken step (pipeline.REPORT_GRACE_S) before it diagnoses alone.
 REPORT_TIMEOUT_S = 5.0
@@ -136,9 +134,11 @@ class ShardServer:
         self.limits = limits or ShardLimits()
         # One forward at a time per model (torch already uses every intra-op thread),
         # the peers' turns served fairly; the entry side (generate.py) shares them.
-        self.compute = compute or Turns(quantum=QUANTUM_POSITIONS * (block.end - block.start))
+        self.compute = compute or Turns(
+            quantum=self.limits.compute_quantum_positions * (block.end - block.start))
         self.sessions: dict[str, _Session] = {}
-        self.lending = Lending(self.limits.max_sessions, self.limits.max_kv_bytes, self._evict)
+        self.lending = Lending(self.limits.max_sessions, self.limits.max_kv_bytes, self._evict,
+                               headroom=self.limits.kv_headroom_positions)
         self._labelled: dict[str, set[str]] = {}  # peers with a /metrics gauge, by resource
 
     def register(self) -> None:
@@ -334,15 +334,15 @@ class ShardServer:
     async def _forward(self, s: _Session, msg: Forward) -> Any:
         """The forward through this peer's span, in turns at the compute charged to the
         session's entry peer (turns.py: fair between peers). A chain longer than
-        CHUNK_POSITIONS goes in chunks, each its own turn, so that a long prefill (or a
+        `forward_chunk_positions` goes in chunks, each its own turn, so that a long prefill (or a
         peer pushing 2048 positions again and again) lets the other peers' steps in
         between its chunks; a token tree, a draft of a few dozen positions, goes whole.
         Causal attention over the cache makes the chunks compute the same positions
         (in float32 to rounding: a long prompt's logits may move in the last bits)."""
         positions = msg.hidden.shape[1]
         layers = s.span[1] - s.span[0]
-        cuts = [0, positions] if msg.tree else [
-            *range(0, positions, CHUNK_POSITIONS), positions]
+        chunk_size = self.limits.forward_chunk_positions
+        cuts = [0, positions] if msg.tree else [*range(0, positions, chunk_size), positions]
         decoded: list[Any] = []
         done: list[Any] = []
 

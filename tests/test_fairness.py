@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import trio
 
+from peerd.api.app import create_app
 from peerd.inference.model.source import load_config, reference_model, resolve
 from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
@@ -195,3 +197,34 @@ async def test_a_flood_of_large_forwards_waits_its_turns(tmp_path: Path, tiny: P
         assert stats[flooder].cost >= 2 * flood * LAYERS
         assert stats[honest].turns == len(asks)
 
+
+
+async def test_a_saturated_swarm_is_a_503_with_retry_after(tmp_path: Path, tiny: Path) -> None:
+    """The only peer serving layers 1..4 lends its one slot to a greedy peer (alone, it
+    may take all): the honest request is refused there ("overloaded", the greedy peer
+    within its share of one), finds no other route, and the API says the swarm is
+    saturated, with a Retry-After."""
+    async with swarm(3, tmp_path, connect="star", heartbeat_s=2.0) as (entry_node, shard_node,
+                                                                      greedy_node):
+        shard = await serve_model(shard_node, ModelOptions(
+            str(tiny), layers=(0, LAYERS), limits=ShardLimits(max_sessions=1)))
+        await serve_model(entry_node, ModelOptions(str(tiny), layers=(0, 1)))
+        await wait_for(lambda: all(len([e for e in book(n).entries() if e.models]) == 2
+                                   for n in (entry_node, greedy_node)), 15, "both listed")
+        await wait_for(lambda: shard_node.peer_id in greedy_node.connected_peers(), 15,
+                       "the greedy peer to reach the shard")
+        greedy = GreedyPeer(greedy_node, shard.model_id, shard.block.hidden_size)
+        assert await greedy.hold(whole(shard_node.peer_id, LAYERS), [64]) == 1
+        app = create_app(entry_node, "t0ken")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://peerd", timeout=60.0) as client:
+            r = await client.post("/v1/completions", headers={"Authorization": "Bearer t0ken"},
+                                  json={"model": shard.model_id, "prompt": "hello",
+                                        "max_tokens": 4})
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "saturated" and "saturated" in error["message"]
+        assert int(r.headers["Retry-After"]) >= 1
+        assert shard_node.offences[entry_node.peer_id]["over_share"] >= 1
+        assert greedy.held and not greedy.held[0].failed.is_set()  # within its share
+        await greedy.release()

@@ -25,6 +25,7 @@ import torch
 from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixture)
     Daemon,
     daemon_logs_on_failure,
+    run_cli,
     running,
     start_daemon,
     wait_for,
@@ -545,3 +546,19 @@ def test_a_client_leaving_mid_stream_frees_its_session(swarm: Swarm) -> None:
                                                 max_tokens=4, temperature=0)
     assert r2.choices[0].finish_reason in ("stop", "length")
     assert swarm.a.alive() and swarm.b.alive()
+
+
+def test_status_metrics_and_the_cli_show_who_holds_what(swarm: Swarm) -> None:
+    """After a request through B, B lends a session to A (its entry): /status, /metrics
+    and `peerd status` show it, in fair shares of the capacity."""
+    swarm.client().chat.completions.create(model=swarm.model_id, messages=HELLO, max_tokens=2)
+    lent = swarm.b.get("/status")["lent"]
+    assert lent["sessions"]["capacity"] == 32 and lent["kv_bytes"]["capacity"] > 0
+    assert swarm.a.peer_id in lent["sessions"]["held"]  # A's pooled session, still open
+    assert swarm.a.peer_id in lent["compute"]["peers"]
+    metrics = swarm.b.request("GET", "/metrics").text
+    assert 'peerd_lent_capacity{resource="sessions"} 32.0' in metrics
+    assert f'peerd_lent{{peer="{swarm.a.peer_id}",resource="sessions"}}' in metrics
+    done = run_cli("status", "--data-dir", str(swarm.b.data_dir), env={"COLUMNS": "250"})
+    assert done.returncode == 0, done.stderr
+    assert "lent to peers" in done.stdout and "sessions" in done.stdout

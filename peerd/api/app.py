@@ -64,7 +64,11 @@ def create_app(node: Node, token: str) -> ASGIApp:
     async def status(request: Request) -> Response:
         body = {**node.status(), "api": str(request.base_url).rstrip("/")}
         for service in node.services:
-            body.update(service.status())
+            for key, value in service.status().items():
+                if isinstance(value, dict) and isinstance(body.get(key), dict):
+                    body[key] = {**body[key], **value}  # e.g. "lent": each its resources
+                else:
+                    body[key] = value
         return JSONResponse(body)
 
     async def metrics(request: Request) -> Response:

@@ -49,8 +49,36 @@ def status(data_dir: Path | None, api: str | None, token: str | None, as_json: b
         for a in d["addrs"]:
             t.add_row("[bold]addr[/]", a)
         console.print(t)
+        if d.get("lent"):
+            console.print(lent_table(d["lent"], names=_peer_names(d)))
 
     emit(s, as_json, render)
+
+
+def _peer_names(status: dict[str, Any]) -> dict[str, str]:
+    return {status["peer_id"]: f"{status['name']} (this peer)"}
+
+
+def lent_table(lent: dict[str, Any], names: dict[str, str]) -> Table:
+    """Who holds what this peer lends: a row per resource and holder, with its share of
+    the capacity (the compute: turns and cost served, time waited, jobs queued)."""
+    t = Table(title="lent to peers (fair shares)")
+    for col in ("resource", "peer", "holds", "of", "notes"):
+        t.add_column(col)
+    for resource, r in lent.items():
+        if resource == "compute":
+            for peer, c in r.get("peers", {}).items():
+                t.add_row("compute", names.get(peer, peer[-12:]), f"{c['cost']} cost",
+                          f"{c['turns']} turns", f"waited {c['waited_s']} s, queued "
+                          f"{c['queued']}")
+            continue
+        held = r.get("held", {})
+        if not held:
+            t.add_row(resource, "-", "0", str(r.get("capacity")), "")
+        for peer, amount in sorted(held.items(), key=lambda kv: -kv[1]):
+            t.add_row(resource, names.get(peer, peer[-12:]), str(amount), str(r.get("capacity")),
+                      f"{100 * amount / max(1, r.get('capacity') or 1):.0f}%")
+    return t
 
 
 @click.command()

@@ -85,9 +85,10 @@ class Config:
     # KV is charged as it grows, plus this many positions of headroom.
     kv_headroom_positions: int = 128
     # Turns at the compute, fair between peers (peerd/turns.py): a peer's credit a round,
-    # and the longest chain a FORWARD computes in one turn (longer ones go in chunks).
+    # and the most positions x layers one turn computes (a larger FORWARD goes in turns
+    # of fewer layers, and a chain of more positions than this in chunks of it).
     compute_quantum_positions: int = 32
-    forward_chunk_positions: int = 256
+    compute_turn_budget: int = 256
     # Speculative decoding by default for requests that do not say: DRAFT[,VERIFY[,GAMMA]]
     # with DRAFT none | ngram | eagle | eagle:PATH | model:SPEC (see inference/options.py).
     speculative: str = "none"
@@ -126,7 +127,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "heartbeat_s": (0.05, 3600), "ttl_heartbeats": (1, 100), "target_peers": (1, 1000),
     "torch_threads": (0, 1024), "max_sessions": (1, 10_000), "kv_cache_mb": (1, 10_000_000),
     "kv_headroom_positions": (0, 1 << 17), "compute_quantum_positions": (1, 1 << 17),
-    "forward_chunk_positions": (1, 1 << 17),
+    "compute_turn_budget": (1, 1 << 17),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS}
@@ -157,7 +158,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(name, source, f"expected a number, got {value!r}") from None
     if name in ("ttl_heartbeats", "target_peers", "torch_threads", "max_sessions",
                 "kv_cache_mb", "kv_headroom_positions", "compute_quantum_positions",
-                "forward_chunk_positions"):
+                "compute_turn_budget"):
         if isinstance(value, bool | float):  # int(2.5) would quietly truncate
             raise ConfigError(name, source, f"expected an integer, got {value!r}")
         try:

@@ -119,7 +119,7 @@ def model_options(config: Config) -> ModelOptions | None:
                          max_kv_bytes=config.kv_cache_mb * 2**20,
                          kv_headroom_positions=config.kv_headroom_positions,
                          compute_quantum_positions=config.compute_quantum_positions,
-                         forward_chunk_positions=config.forward_chunk_positions)
+                         compute_turn_budget=config.compute_turn_budget)
     return ModelOptions(spec=config.model, layers=config.layer_range, device=config.device,
                         dtype=config.dtype, torch_threads=config.torch_threads, limits=limits,
                         speculative=SpeculativeOptions.parse_flag(config.speculative),

@@ -118,12 +118,12 @@ def test_the_shares_settings_reach_the_shard_limits(tmp_path: Path) -> None:
     cfg = load_config(environ={"PEERD_HOME": str(tmp_path), "PEERD_MODEL": "smollm2",
                                "PEERD_KV_HEADROOM_POSITIONS": "64",
                                "PEERD_COMPUTE_QUANTUM_POSITIONS": "8",
-                               "PEERD_FORWARD_CHUNK_POSITIONS": "512"})
+                               "PEERD_COMPUTE_TURN_BUDGET": "512"})
     options = model_options(cfg)
     assert options is not None
     limits = options.limits
     assert (limits.kv_headroom_positions, limits.compute_quantum_positions,
-            limits.forward_chunk_positions) == (64, 8, 512)
+            limits.compute_turn_budget) == (64, 8, 512)
 
 
 def test_numbers_from_env_strings(tmp_path: Path) -> None:
@@ -215,7 +215,7 @@ def test_listen_must_be_tcp(tmp_path: Path) -> None:
     ("PEERD_NAME", "n" * 65, "name"),
     ("PEERD_PROMPT_CACHE", "maybe", "prompt_cache"),
     ("PEERD_PROMPT_CACHE", "true", "prompt_cache"),  # without a model to cache for
-    ("PEERD_FORWARD_CHUNK_POSITIONS", "0", "forward_chunk_positions"),
+    ("PEERD_COMPUTE_TURN_BUDGET", "0", "compute_turn_budget"),
     ("PEERD_COMPUTE_QUANTUM_POSITIONS", "-3", "compute_quantum_positions"),
     ("PEERD_KV_HEADROOM_POSITIONS", "lots", "kv_headroom_positions"),
 ])

@@ -157,15 +157,15 @@ async def test_caches_hold_exactly_the_committed_positions(
     `keep` on the same request, at every shard."""
     committed = [0]
     seen: list[tuple[int, int, int]] = []  # (start_pos, committed before, cache len after)
-    forward = ShardBlock.forward
+    begin = ShardBlock.begin  # where every forward starts (after rolling back to keep)
 
     def recording(self: ShardBlock, hidden: torch.Tensor, start_pos: int, cache: Any,
-                  keep: int | None = None, span: Any = None, tree: Any = ()) -> torch.Tensor:
-        out = forward(self, hidden, start_pos, cache, keep, span, tree)
-        seen.append((start_pos, committed[0], self.cache_len(cache) - hidden.shape[1]))
-        return out
+                  keep: int | None = None, span: Any = None, tree: Any = ()) -> Any:
+        step = begin(self, hidden, start_pos, cache, keep, span, tree)
+        seen.append((start_pos, committed[0], self.cache_len(cache)))
+        return step
 
-    monkeypatch.setattr(ShardBlock, "forward", recording)
+    monkeypatch.setattr(ShardBlock, "begin", recording)
     async with model_swarm(tmp_path, tiny, SPLITS) as (_, runtimes):
         entry = runtimes[0]
 
@@ -195,16 +195,15 @@ async def test_tree_rounds_keep_only_a_chain_prefix_and_resend_the_rest(
     and the output is still plain greedy's."""
     committed = [0]
     seen: list[tuple[int, int, int, int]] = []  # (start_pos, committed, cache after keep, T)
-    forward = ShardBlock.forward
+    begin = ShardBlock.begin  # where every forward starts (after rolling back to keep)
 
     def recording(self: ShardBlock, hidden: torch.Tensor, start_pos: int, cache: Any,
-                  keep: int | None = None, span: Any = None, tree: Any = ()) -> torch.Tensor:
-        out = forward(self, hidden, start_pos, cache, keep, span, tree)
-        seen.append((start_pos, committed[0], self.cache_len(cache) - hidden.shape[1],
-                     len(tree)))
-        return out
+                  keep: int | None = None, span: Any = None, tree: Any = ()) -> Any:
+        step = begin(self, hidden, start_pos, cache, keep, span, tree)
+        seen.append((start_pos, committed[0], self.cache_len(cache), len(tree)))
+        return step
 
-    monkeypatch.setattr(ShardBlock, "forward", recording)
+    monkeypatch.setattr(ShardBlock, "begin", recording)
     prompt = PROMPT * 3
     async with model_swarm(tmp_path, tiny, SPLITS) as (_, runtimes):
         entry = runtimes[0]
@@ -310,7 +309,7 @@ async def test_failed_shard_mid_round_replays_without_changing_the_output(
             if produced[0] == 6:  # mid-generation, between two rounds: next round fails
                 def broken(*args: object, **kwargs: object) -> None:
                     raise RuntimeError("simulated GPU fault")
-                victim.server.block.forward = broken  # type: ignore[method-assign]
+                victim.server.block.begin = broken  # type: ignore[method-assign]
             return True
 
         stats = await entry.generator.generate(await entry.generator.prepare(

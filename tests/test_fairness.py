@@ -26,7 +26,7 @@ from tests.models import tiny_llama_dir
 
 LAYERS = 4  # the tiny model's
 HEADROOM_POSITIONS = ShardLimits().kv_headroom_positions
-CHUNK_POSITIONS = ShardLimits().forward_chunk_positions
+TURN_BUDGET = ShardLimits().compute_turn_budget  # positions x layers
 PROMPT = [5, 17, 33, 101, 7, 250, 12, 64, 3, 99]
 
 
@@ -156,8 +156,8 @@ async def test_an_evicted_honest_session_replays_elsewhere_unchanged(
 async def test_a_flood_of_large_forwards_waits_its_turns(tmp_path: Path, tiny: Path,
                                                          expected: list[int]) -> None:
     """A peer pushing long FORWARDs back to back through the honest request's shard,
-    three sessions at once: each honest step waits for at most the chunk of the flood
-    already running, never for the flood's queue (first come first served would put
+    three sessions at once: each honest step waits for at most the turn of the flood
+    already running (one layer of one chunk), never for the flood's queue (first come first served would put
     it behind every queued chunk), and decodes the same tokens."""
     async with swarm_with_greed(tmp_path, tiny, 1, ShardLimits()) as (entry, servers, greedy):
         shard = servers[0]
@@ -172,7 +172,7 @@ async def test_a_flood_of_large_forwards_waits_its_turns(tmp_path: Path, tiny: P
                 yield
 
         shard.server.compute.take = recorded  # type: ignore[method-assign]
-        flood = 3 * CHUNK_POSITIONS  # three turns a forward
+        flood = 3 * TURN_BUDGET  # three chunks a forward, a turn per layer each
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(greedy.flood, whole(shard.node.peer_id, LAYERS), flood)
@@ -190,9 +190,8 @@ async def test_a_flood_of_large_forwards_waits_its_turns(tmp_path: Path, tiny: P
             ran = next(j for j in range(i, len(log)) if log[j][:2] == ("run", honest))
             flood_turns = [e for e in log[i:ran] if e[:2] == ("run", flooder)]
             assert len(flood_turns) <= 1, log[i:ran + 1]
-        # a long FORWARD goes in chunks: no turn of the flood is longer than one
-        assert {cost for kind, peer, cost in log if peer == flooder} == {
-            CHUNK_POSITIONS * LAYERS}
+        # a long FORWARD goes in turns of the budget: chunks of positions, one layer each
+        assert {cost for kind, peer, cost in log if peer == flooder} == {TURN_BUDGET}
         stats = shard.server.compute.stats()
         assert stats[flooder].cost >= 2 * flood * LAYERS
         assert stats[honest].turns == len(asks)

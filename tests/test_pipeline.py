@@ -126,7 +126,7 @@ async def test_failed_shard_is_rerouted_and_replayed(tmp_path: Path, tiny: Path,
 
         async def fail_after_five(produced: int) -> None:
             if produced == 5:
-                victim.block.forward = broken  # type: ignore[method-assign]
+                victim.block.begin = broken  # type: ignore[method-assign]
 
         tokens, info = await generate(entry, PROMPT, 12, fail_after_five)
         assert tokens == expected

@@ -47,7 +47,7 @@ class ShardLimits:
     session_ttl_s: float = 300.0  # a session idle this long is closed
     kv_headroom_positions: int = 128  # KV charged beyond what a session holds (lending.py)
     compute_quantum_positions: int = 32  # a peer's credit a round at the compute (turns.py)
-    forward_chunk_positions: int = 256  # a longer chain FORWARD goes in turns of this many
+    compute_turn_budget: int = 256  # the most positions x layers a turn computes
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,19 @@ class ShardCache:
     span: tuple[int, int] | None = None  # model layers it serves; set by the first forward
 
 
+@dataclass(eq=False, slots=True)
+class Step:
+    """One forward between `ShardBlock.begin` and its last `run`: the hidden states so
+    far, and what every layer of it attends with (computed once, before any layer)."""
+
+    x: torch.Tensor  # [B, T, H]
+    cache: ShardCache
+    mask: torch.Tensor | None
+    position_ids: torch.Tensor  # [1, T]
+    cos_sin: Any  # the rotary embedding's (cos, sin), each [1, T, head_dim]
+    layers: range  # the model layers it runs
+
+
 class ShardBlock(nn.Module):
     """Decoder layers [start, end) of `source`, materialising only their weights."""
 
@@ -141,6 +154,17 @@ class ShardBlock(nn.Module):
         `tree` (the parent of each new position, -1 for the cache's last; see
         protocols.shard) position j sits at start_pos + depth(j) and attends to the
         cache, its ancestors and itself."""
+        step = self.begin(hidden, start_pos, cache, keep, span, tree)
+        self.run(step, step.layers)
+        return step.x
+
+    @torch.inference_mode()
+    def begin(self, hidden: torch.Tensor, start_pos: int, cache: ShardCache,
+              keep: int | None = None, span: tuple[int, int] | None = None,
+              tree: Sequence[int] = ()) -> Step:
+        """`forward` up to its first layer: checks, rollback, positions, mask. Then
+        `run` the step's layers, all at once or a few at a time (the server lets other
+        peers' work in between): the same operations either way, so the same result."""
         # Every check before any change: a refused request leaves the session as it was.
         a, b = self._check_span(span)
         if cache.span is not None and cache.span != (a, b):
@@ -178,10 +202,15 @@ class ShardBlock(nn.Module):
                                       attention_mask=None, cache=cache.kv,
                                       position_ids=position_ids, layer_idx=a - self.start)
         cos_sin = self.rotary_emb(x, position_ids=position_ids)  # 2 x [1, T, head_dim]
-        for layer in self.layers[a - self.start:b - self.start]:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, cache=cache.kv,
-                      use_cache=True, position_embeddings=cos_sin)  # [B, T, H]
-        return x
+        return Step(x, cache, mask, position_ids, cos_sin, range(a, b))
+
+    @torch.inference_mode()
+    def run(self, step: Step, layers: range) -> None:
+        """Run model layers `layers` (a part of the step's, in order) on the step."""
+        for i in layers:
+            step.x = self.layers[i - self.start](
+                step.x, attention_mask=step.mask, position_ids=step.position_ids,
+                cache=step.cache.kv, use_cache=True, position_embeddings=step.cos_sin)  # [B, T, H]
 
     def _check_span(self, span: tuple[int, int] | None) -> tuple[int, int]:
         if span is None:

@@ -81,8 +81,9 @@ class Block(Protocol):
     dtype: Any  # torch.dtype of the compute
 
     def new_cache(self) -> Any: ...
-    def forward(self, hidden: Any, start_pos: int, cache: Any, keep: int | None = None,
-                span: tuple[int, int] | None = None, tree: Sequence[int] = ()) -> Any: ...
+    def begin(self, hidden: Any, start_pos: int, cache: Any, keep: int | None = None,
+              span: tuple[int, int] | None = None, tree: Sequence[int] = ()) -> Any: ...
+    def run(self, step: Any, layers: range) -> None: ...
     def cache_len(self, cache: Any) -> int: ...
     def kv_bytes_per_position(self, span: tuple[int, int] | None = None) -> int: ...
 
@@ -333,29 +334,42 @@ class ShardServer:
 
     async def _forward(self, s: _Session, msg: Forward) -> Any:
         """The forward through this peer's span, in turns at the compute charged to the
-        session's entry peer (turns.py: fair between peers). A chain longer than
-        `forward_chunk_positions` goes in chunks, each its own turn, so that a long prefill (or a
-        peer pushing 2048 positions again and again) lets the other peers' steps in
-        between its chunks; a token tree, a draft of a few dozen positions, goes whole.
-        Causal attention over the cache makes the chunks compute the same positions
-        (in float32 to rounding: a long prompt's logits may move in the last bits)."""
+        session's entry peer (turns.py: fair between peers). A turn computes at most
+        `compute_turn_budget` positions x layers (and at least one layer): so a decoding
+        step, a few positions, goes in one turn, and a long prefill (or a peer pushing
+        2048 positions again and again) in many, letting the other peers' steps in
+        between. Layers run in separate turns compute exactly what they compute in one;
+        a chain of more positions than the budget goes in chunks of it, which in float32
+        moves the last bits of a long prompt's results. A token tree is never chunked."""
         positions = msg.hidden.shape[1]
-        layers = s.span[1] - s.span[0]
-        chunk_size = self.limits.forward_chunk_positions
-        cuts = [0, positions] if msg.tree else [*range(0, positions, chunk_size), positions]
-        decoded: list[Any] = []
-        done: list[Any] = []
-
-        def chunk(a: int, b: int) -> None:  # compute thread
-            if not decoded:
-                decoded.append(from_wire(msg.hidden, dtype=self.block.dtype))  # [1, T, H]
-            keep = None if msg.keep < 0 or a > 0 else msg.keep
-            done.append(self.block.forward(decoded[0][:, a:b], msg.start_pos + a, s.cache,
-                                           keep, span=s.span, tree=msg.tree))  # [1, b-a, H]
+        budget = self.limits.compute_turn_budget
+        cuts = [0, positions] if msg.tree else [*range(0, positions, budget), positions]
+        decoded: list[Any] = []  # the FORWARD's hidden states [1, T, H], once decoded
+        done: list[Any] = []  # each chunk's output [1, b - a, H]
 
         for a, b in itertools.pairwise(cuts):
-            async with self.compute.take(s.holder, (b - a) * layers):
-                await compute.run(chunk, a, b)
+            per_turn = max(1, budget // (b - a))  # layers a turn of this chunk may run
+            layers = range(*s.span)
+            groups = [layers[i:i + per_turn] for i in range(0, len(layers), per_turn)]
+
+            def begin(a: int = a, b: int = b, first: range = groups[0]) -> Any:
+                if not decoded:
+                    decoded.append(from_wire(msg.hidden, dtype=self.block.dtype))
+                keep = None if msg.keep < 0 or a > 0 else msg.keep
+                step = self.block.begin(decoded[0][:, a:b], msg.start_pos + a, s.cache, keep,
+                                        span=s.span, tree=msg.tree)
+                self.block.run(step, first)
+                return step
+
+            step: Any = None  # ShardBlock's Step, between its first and last layers
+            for group in groups:
+                async with self.compute.take(s.holder, (b - a) * len(group)):
+                    if step is None:
+                        step = await compute.run(begin)
+                    else:
+                        await compute.run(self.block.run, step, group)
+            assert step is not None
+            done.append(step.x)
         return done[0] if len(done) == 1 else await compute.run(torch.cat, done, 1)  # [1, T, H]
 
     async def _report(self, s: _Session, step: int, culprit: str, code: str,

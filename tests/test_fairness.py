@@ -157,8 +157,8 @@ async def test_a_flood_of_large_forwards_waits_its_turns(tmp_path: Path, tiny: P
                                                          expected: list[int]) -> None:
     """A peer pushing long FORWARDs back to back through the honest request's shard,
     three sessions at once: each honest step waits for at most the turn of the flood
-    already running (one layer of one chunk), never for the flood's queue (first come first served would put
-    it behind every queued chunk), and decodes the same tokens."""
+    already running (one layer of one chunk), never for the flood's queue (first come
+    first served would put it behind every queued turn), and decodes the same tokens."""
     async with swarm_with_greed(tmp_path, tiny, 1, ShardLimits()) as (entry, servers, greedy):
         shard = servers[0]
         log: list[tuple[str, str, int]] = []

@@ -38,12 +38,15 @@ class FakeSolver:
     measures: Callable[[TaskRequest, str], float | None] = lambda request, cot: None
     solved: int = 0
     requests: list[TaskRequest] = field(default_factory=list)  # as they arrived
+    gate: trio.Semaphore | None = None  # when given, each solve waits for one token
 
     def capable(self) -> bool:
         return self.able
 
     async def solve(self, request: TaskRequest) -> Solution:
         self.requests.append(request)
+        if self.gate is not None:
+            await self.gate.acquire()
         await trio.sleep(self.delay_s)
         self.solved += 1
         said = self.answer(request.question)

@@ -63,12 +63,18 @@ def liar(question: str) -> str:
 
 @dataclass
 class FixedMatcher:
-    """Claims the same match for every requirement (a liar claims 1.0)."""
+    """Claims the same match for every requirement (a liar claims 1.0), after `delay_s`
+    (it runs in a worker thread: its bids come that much later)."""
 
     score: float
     name: str = "fixed"
+    delay_s: float = 0.0
 
     def match(self, requirement: str, skills: Sequence[str]) -> float:
+        if self.delay_s > 0:
+            import time
+
+            time.sleep(self.delay_s)
         return self.score
 
 

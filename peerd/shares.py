@@ -5,7 +5,10 @@ and each remote peer holds some of it. A peer's fair share is its max-min fair
 allocation: the capacity divided equally among the peers that want it, where a peer
 that wants less than its part keeps what it wants and the rest is divided again among
 the others (water-filling). A peer alone may hold everything; its share shrinks as
-others ask. What a holder "wants" is what it holds: we cannot know more.
+others ask. What a holder "wants" is what it holds, unless the caller knows more:
+a resource that cannot be taken back (a worker's task seats) must know who was refused
+and still waits, and passes that extra demand as `wanting` (peer -> amount beyond what
+it holds), or the peers holding everything would always keep it.
 
 `Shares.ask(peer, amount)` answers a request for `amount` more:
 - `Grant`: it fits in what is free;
@@ -73,28 +76,41 @@ class Shares:
     def free(self) -> int:
         return self.capacity - self.used
 
-    def fair(self, asking: str | None = None, amount: int = 0) -> dict[str, float]:
-        """Every holder's fair share, with `asking` wanting `amount` more than it holds."""
+    def fair(self, asking: str | None = None, amount: int = 0,
+             wanting: Mapping[str, int] | None = None) -> dict[str, float]:
+        """Every demander's fair share, with `asking` wanting `amount` more than it holds
+        and each peer in `wanting` that much more than it holds (`asking`'s own entry
+        there is superseded by `amount`)."""
         demands: dict[str, float] = {p: float(h) for p, h in self.held.items() if h > 0}
+        for peer, extra in (wanting or {}).items():
+            if extra > 0:
+                demands[peer] = float(self.held.get(peer, 0) + extra)
         if asking is not None:
             demands[asking] = float(self.held.get(asking, 0) + amount)
         return max_min(self.capacity, demands)
 
-    def ask(self, peer: str, amount: int) -> Decision:
-        """May `peer` take `amount` more? (Nothing changes until `grant`.)"""
-        if amount <= self.free:
+    def ask(self, peer: str, amount: int, wanting: Mapping[str, int] | None = None
+            ) -> Decision:
+        """May `peer` take `amount` more, while the peers in `wanting` wait for theirs?
+        What is free is granted at once when nobody else waits; when others do, only
+        within `peer`'s fair share. (Nothing changes until `grant`.)"""
+        others = {p: w for p, w in (wanting or {}).items() if p != peer and w > 0}
+        if amount <= self.free and not others:
             return Grant()
         after = self.held.get(peer, 0) + amount
-        share = self.fair(peer, amount)[peer]
+        share = self.fair(peer, amount, others)[peer]
         if after > share + 1e-9 or after > self.capacity:
             return Refuse(share, self.held.get(peer, 0))
+        if amount <= self.free:
+            return Grant()
         return Reclaim(amount - self.free, share)
 
-    def most_over(self, asking: str, amount: int, exclude: frozenset[str] = frozenset()
-                  ) -> str | None:
+    def most_over(self, asking: str, amount: int, exclude: frozenset[str] = frozenset(),
+                  wanting: Mapping[str, int] | None = None) -> str | None:
         """The holder furthest above its fair share while `asking` wants `amount` more
-        (not `asking`, nor one in `exclude`); None when nobody is above it."""
-        fair = self.fair(asking, amount)
+        and the peers in `wanting` theirs (not `asking`, nor one in `exclude`); None when
+        nobody is above it."""
+        fair = self.fair(asking, amount, wanting)
         over = [(self.held[p] - fair[p], p) for p in self.held
                 if p != asking and p not in exclude and self.held[p] > fair[p] + 1e-9]
         return max(over)[1] if over else None

@@ -38,12 +38,15 @@ class FakeSolver:
     measures: Callable[[TaskRequest, str], float | None] = lambda request, cot: None
     solved: int = 0
     requests: list[TaskRequest] = field(default_factory=list)  # as they arrived
+    gate: trio.Semaphore | None = None  # when given, each solve waits for one token
 
     def capable(self) -> bool:
         return self.able
 
     async def solve(self, request: TaskRequest) -> Solution:
         self.requests.append(request)
+        if self.gate is not None:
+            await self.gate.acquire()
         await trio.sleep(self.delay_s)
         self.solved += 1
         said = self.answer(request.question)
@@ -60,12 +63,18 @@ def liar(question: str) -> str:
 
 @dataclass
 class FixedMatcher:
-    """Claims the same match for every requirement (a liar claims 1.0)."""
+    """Claims the same match for every requirement (a liar claims 1.0), after `delay_s`
+    (it runs in a worker thread: its bids come that much later)."""
 
     score: float
     name: str = "fixed"
+    delay_s: float = 0.0
 
     def match(self, requirement: str, skills: Sequence[str]) -> float:
+        if self.delay_s > 0:
+            import time
+
+            time.sleep(self.delay_s)
         return self.score
 
 

@@ -93,3 +93,58 @@ def test_grant_and_release_check_their_amounts() -> None:
         s.release("a", 3)
     s.release("a", 2)
     assert s.held == {} and s.free == 2
+
+
+# ---- who waits: `wanting`, for what cannot be taken back ------------------------------------
+
+
+def test_a_freed_seat_goes_to_the_peer_that_waits_not_the_one_holding_the_rest() -> None:
+    s = Shares("seats", 4, {"greedy": 3})  # one seat just came free
+    assert s.ask("greedy", 1) == Grant()  # nobody else waits: all of it may be used
+    waiting = {"honest": 1}
+    assert s.ask("greedy", 1, waiting) == Refuse(fair_share=3.0, held=3)
+    assert s.ask("honest", 1, {"greedy": 1}) == Grant()
+    assert s.fair(wanting=waiting) == {"honest": 1.0, "greedy": 3.0}
+    # with room for both, the waiting peer takes nothing from the other's grant
+    roomy = Shares("seats", 4, {"greedy": 1})
+    assert roomy.ask("greedy", 1, waiting) == Grant()
+
+
+def test_wanting_shrinks_the_shares_of_those_who_hold() -> None:
+    s = Shares("r", 6, {"g": 4, "a": 2})
+    assert s.ask("a", 1) == Reclaim(need=1, fair_share=3.0)
+    assert s.fair("a", 1, {"h": 1}) == {"h": 1.0, "a": 2.5, "g": 2.5}
+    assert s.ask("a", 1, {"h": 1}) == Refuse(fair_share=2.5, held=2)
+    assert s.ask("h", 1, {"a": 1}) == Reclaim(need=1, fair_share=1.0)
+    assert s.most_over("h", 1, wanting={"a": 1}) == "g"
+    assert s.most_over("a", 0, wanting={"h": 1}) == "g"
+    assert s.most_over("g", 0, wanting={"h": 1}) is None  # "a" holds under its 2.5
+
+
+def test_the_asking_peers_own_wanting_entry_is_superseded_by_what_it_asks() -> None:
+    s = Shares("seats", 4, {"g": 4})
+    assert s.ask("h", 1, {"h": 3}) == s.ask("h", 1) == Reclaim(need=1, fair_share=1.0)
+    assert s.fair("h", 1, {"h": 3}) == s.fair("h", 1)
+    assert s.ask("g", 1, {"g": 2}) == s.ask("g", 1)  # alone: more than all of it
+
+
+def test_the_reclaim_is_enough_and_grants_stay_fair_while_others_wait() -> None:
+    rng = random.Random(13)
+    for _ in range(500):
+        s = Shares("r", rng.randrange(1, 200))
+        for i in range(rng.randrange(1, 6)):
+            s.grant(f"p{i}", rng.randrange(0, s.free + 1))
+        wanting = {f"p{rng.randrange(0, 9)}": rng.randrange(0, 20)
+                   for _ in range(rng.randrange(0, 4))}
+        asker, amount = f"p{rng.randrange(0, 9)}", rng.randrange(1, 60)
+        decision = s.ask(asker, amount, wanting)
+        others = {p: w for p, w in wanting.items() if p != asker}
+        fair = s.fair(asker, amount, others)
+        after = s.held.get(asker, 0) + amount
+        if isinstance(decision, Reclaim):
+            spare = sum(max(0.0, h - fair[p]) for p, h in s.held.items() if p != asker)
+            assert spare + 1e-6 >= decision.need
+        if isinstance(decision, Grant) and any(w > 0 for w in others.values()):
+            assert after <= fair[asker] + 1e-9  # nobody waiting is passed over
+        if isinstance(decision, Refuse):
+            assert after > fair[asker] + 1e-9 or after > s.capacity

@@ -6,6 +6,7 @@ serving: an honest worker still gets elected and answers."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,12 +23,12 @@ from peerd.agents.symphony import Symphony
 from peerd.node import Node
 from peerd.rpc import call
 from protocols.beacon import BID, TOPIC, Beacon, Bid, BidReply, SignedBid
-from protocols.codec import encode
+from protocols.codec import decode, encode
 from protocols.errors import RemoteError
 from protocols.framing import frame, read_frame
 from protocols.task import MAX_COT_CHARS, TASK, Answer, SignedAnswer, TaskRequest
 from tests.harness import Rogue, dial, events, rejections, rogue_host, swarm, wait_for
-from tests.symphony import FakeSolver, SlowMatcher, ready_to_elect, symphonies
+from tests.symphony import FakeSolver, FixedMatcher, SlowMatcher, ready_to_elect, symphonies
 
 SKILL = "arithmetic word problems"
 QUESTION = "What is 40 + 2?"
@@ -267,3 +268,77 @@ async def test_a_task_nobody_bid_on_is_refused_by_the_worker(tmp_path: Path) -> 
         assert err.value.code == "unknown_task"
         assert_counted(b, rogue.peer_id, "unknown_task")
         await still_serves(service, b)
+
+
+# ---- a no-show: bids on every beacon, never answers --------------------------------------
+
+
+def never_answer(rogue: Rogue, asked: list[TaskRequest]) -> None:
+    """The rogue takes every task it is given and then says nothing, holding the stream."""
+
+    async def handler(stream: Any) -> None:
+        try:
+            with trio.move_on_after(60):
+                asked.append(decode(await read_frame(stream, TASK.max_request_bytes),
+                                    TaskRequest))
+                await trio.sleep_forever()
+        except Exception:
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    rogue.host.set_stream_handler(TProtocol(TASK.id), handler)
+
+
+async def bid_on_every_beacon(rogue: Rogue) -> None:
+    """Bid match 1.0, load 0, no latency on every beacon heard, at once."""
+    assert rogue.pubsub is not None
+    subscription = await rogue.pubsub.subscribe(TOPIC)
+    while True:
+        beacon = decode((await subscription.get()).data, Beacon)
+        body, sig = seal(bid_of(rogue, beacon.task_id, beacon.requester),
+                         rogue.key_pair.private_key)
+        with contextlib.suppress(Exception):
+            await call(rogue.host, beacon.requester, BID, SignedBid(body=body, sig=sig))
+
+
+async def test_a_peer_that_bids_on_everything_and_never_answers_loses_its_seats(
+        tmp_path: Path) -> None:
+    """Its seat is refilled at the deadline by the next bidder, the honest workers
+    answer, its reputation falls, and in the next task its bid, however well it claims
+    to match, is passed over while honest bidders can fill the seats."""
+    # honest workers claim a fair match, and bid half a second after the rogue
+    honest = [FixedMatcher(0.5, delay_s=0.5), FixedMatcher(0.5, delay_s=0.5)]
+    async with swarm(3, tmp_path, connect="star") as (a, b, c), \
+            rogue_host(tmp_path, pubsub=True) as rogue, \
+            symphonies([a, b, c], [None, FakeSolver(), FakeSolver()], [None, *honest],
+                       [[], [SKILL], [SKILL]]) as (service, _, _), \
+            trio.open_nursery() as nursery:
+        asked: list[TaskRequest] = []
+        never_answer(rogue, asked)
+        nursery.start_soon(bid_on_every_beacon, rogue)
+        await ready_to_elect(a, [b, c])
+        await dial(rogue.host, a)
+        await wait_for(lambda: ID.from_base58(rogue.peer_id) in
+                       a.pubsub.router.mesh.get(TOPIC, set()), 15,
+                       "the rogue in the requester's beacon mesh")
+        spec = TaskSpec(QUESTION, workers=1, requirement=SKILL, answer_format="number",
+                        deadline_s=1.0, bid_window_s=5.0)
+        record = await service.run_task(spec)
+        assert record.elected == [rogue.peer_id]  # its claim of a perfect match won
+        assert [t.task_id for t in asked] == [record.id]
+        ((seat, peer, reason, replacement),) = [
+            (f.seat, f.peer_id, f.reason, f.replacement) for f in record.fallbacks]
+        assert (seat, peer, reason) == (0, rogue.peer_id, "deadline")
+        assert replacement in (b.peer_id, c.peer_id)
+        assert record.answer == "42" and [v.peer_id for v in record.votes] == [replacement]
+        scores = service.requester.book.own()
+        assert scores[rogue.peer_id] < 0.5 < scores[replacement]
+        # the next task: it bids again, first and claiming 1.0, and is passed over
+        record = await service.run_task(dataclasses.replace(spec, workers=2))
+        assert rogue.peer_id in record.bids
+        assert sorted(record.elected) == sorted([b.peer_id, c.peer_id])
+        assert record.fallbacks == [] and record.answer == "42"
+        assert len(asked) == 1
+        nursery.cancel_scope.cancel()

@@ -294,6 +294,35 @@ def test_replacements_come_in_rank_order_late_bids_included_then_run_out() -> No
     assert e.replacement() is None
 
 
+def test_a_no_show_ranks_after_every_other_bidder_whatever_it_claims() -> None:
+    e = Election("t", "me", 2, expected_bidders=2, closes_at=1.0, deadline_s=10.0,
+                 reputation=flat, demoted=lambda p: p == "no-show")
+    e.offer(Candidate("no-show", 1.0))
+    e.offer(Candidate("a", 0.0))
+    assert not e.ready(0.5)  # its bid is not one we wait for
+    e.offer(Candidate("b", 0.1))
+    e.offer(Candidate("me", 1.0))
+    assert e.ready(0.5)
+    assert [c.peer_id for c in e.ranking()] == ["b", "a", "no-show", "me"]
+    assert [c.peer_id for c in e.elect()] == ["b", "a"]
+    # ... but it still fills a seat the others cannot, before our own reserve
+    assert e.replacement() == Candidate("no-show", 1.0)
+
+
+def test_a_no_show_is_remembered_for_a_while_or_until_it_delivers() -> None:
+    shows = reputation.NoShows()
+    shows.missed("w", 100.0)
+    assert shows.recent("w", 100.0 + reputation.NO_SHOW_S - 1)
+    assert not shows.recent("w", 100.0 + reputation.NO_SHOW_S)
+    assert not shows.recent("other", 100.0)
+    shows.missed("w", 200.0)
+    shows.delivered("w")
+    assert not shows.recent("w", 201.0)
+    for i in range(reputation.MAX_NO_SHOWS + 1):
+        shows.missed(f"p{i}", float(i))
+    assert not shows.recent("p0", 1.0) and shows.recent("p1", 1.0)
+
+
 async def test_run_election_waits_for_expected_bids_on_a_fake_clock(
         autojump_clock: trio.testing.MockClock) -> None:
     send, recv = trio.open_memory_channel[Candidate](16)

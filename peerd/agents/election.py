@@ -15,6 +15,10 @@ Ranking (higher first):
 Match and load are the bidder's claims; reputation is the requester's view. Ties are
 broken by sha256(task id + peer id): deterministic, but not always the same peer.
 
+A bidder the requester holds a recent no-show against (`demoted`: it left a seat of
+ours unanswered, reputation.NoShows) ranks after every other bidder, whatever it
+claims: it takes a seat only when the others cannot fill them.
+
 The requester's own bid is a reserve: it never displaces another bidder, and takes a
 seat only when the other bidders cannot fill them (with no other capable peer, that
 is every seat) — a peer never works on its own beacon while others can.
@@ -64,7 +68,8 @@ class Election:
     """One task's bids and seats."""
 
     def __init__(self, task_id: str, requester: str, wanted: int, *, expected_bidders: int,
-                 closes_at: float, deadline_s: float, reputation: Reputation) -> None:
+                 closes_at: float, deadline_s: float, reputation: Reputation,
+                 demoted: Callable[[str], bool] = lambda peer: False) -> None:
         self.task_id = task_id
         self.requester = requester
         self.wanted = wanted
@@ -72,6 +77,7 @@ class Election:
         self.closes_at = closes_at
         self.deadline_s = deadline_s
         self.reputation = reputation
+        self.demoted = demoted
         self.bids: dict[str, Candidate] = {}  # other peers' bids, by peer id
         self.reserve: Candidate | None = None  # the requester's own bid
         self.used: set[str] = set()  # seated now or before
@@ -88,15 +94,20 @@ class Election:
         return "accepted"
 
     def ready(self, now: float) -> bool:
-        """The election may be held: the window closed, or every expected peer bid."""
+        """The election may be held: the window closed, or every expected peer bid (a
+        demoted bidder's bid is not waited for, and does not close the window early:
+        it would take a seat that a bid still on its way could fill)."""
         if now >= self.closes_at:
             return True
-        return self.expected_bidders > 0 and len(self.bids) >= self.expected_bidders
+        counted = sum(1 for p in self.bids if not self.demoted(p))
+        return self.expected_bidders > 0 and counted >= self.expected_bidders
 
     def ranking(self) -> list[Candidate]:
-        """Every bidder not used yet, best first; the reserve last."""
+        """Every bidder not used yet, best first, the demoted after the others; the
+        reserve last."""
         free = [c for c in self.bids.values() if c.peer_id not in self.used]
-        order = rank(free, self.reputation, self.deadline_s, self.task_id)
+        order = sorted(rank(free, self.reputation, self.deadline_s, self.task_id),
+                       key=lambda c: self.demoted(c.peer_id))  # stable: rank order within
         if self.reserve is not None and self.reserve.peer_id not in self.used:
             order.append(self.reserve)
         return order

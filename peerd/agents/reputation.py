@@ -24,11 +24,20 @@ where `others` is the mean of the reports, each weighted by the requester's own 
 of the reporter (a peer caught lying loses its say about others too). A peer's
 report about itself never counts, nor does any report in our own entry (that is our
 own score already).
+
+A no-show (a worker elected that neither answered nor refused: silent past its
+deadline, or gone) is also remembered on its own, in `NoShows`: for NO_SHOW_S, or until
+it delivers a seat of ours again, the election ranks its bids after every other
+bidder's (election.py), whatever it claims. The score alone is too slow for that: one
+no-show takes a peer from 0.5 to 0.4, and a bid claiming a perfect match at 0.4 still
+outranks an honest newcomer's matching less than 0.6 at 0.5, while every seat held in
+silence costs the requester a whole deadline.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +49,8 @@ OWN_WEIGHT = 2.0
 OTHERS_WEIGHT = 1.0
 MAX_PUBLISHED = 256  # peers in our ledger entry: ~60 bytes each on the wire
 MAX_RECORDS = 4096  # peers remembered; the longest unseen is forgotten first
+NO_SHOW_S = 600.0  # a no-show ranks last this long, unless it delivers a seat first
+MAX_NO_SHOWS = 4096  # no-shows remembered; the oldest is forgotten first
 
 
 def outcome(*, agreed: bool, punctual: bool) -> float:
@@ -99,6 +110,27 @@ class ReputationBook:
                 if isinstance(peer, str) and 0.0 <= score <= 1.0 and peer != owner:
                     records[peer] = Record(score, tasks, updated)
         return cls(owner, records)
+
+
+class NoShows:
+    """The workers that left a seat of ours unanswered lately (time passed in)."""
+
+    def __init__(self) -> None:
+        self._at: OrderedDict[str, float] = OrderedDict()  # peer -> its last no-show
+
+    def missed(self, peer: str, now: float) -> None:
+        self._at.pop(peer, None)
+        self._at[peer] = now
+        while len(self._at) > MAX_NO_SHOWS:
+            self._at.popitem(last=False)
+
+    def delivered(self, peer: str) -> None:
+        self._at.pop(peer, None)
+
+    def recent(self, peer: str, now: float) -> bool:
+        """Did `peer` leave a seat unanswered within NO_SHOW_S, and deliver none since?"""
+        at = self._at.get(peer)
+        return at is not None and now - at < NO_SHOW_S
 
 
 def _report(value: Any) -> float | None:

@@ -43,7 +43,7 @@ from peerd.agents.election import (
     run_election,
 )
 from peerd.agents.record import TaskRecord, TaskSpec, Vote
-from peerd.agents.reputation import ReputationBook, view
+from peerd.agents.reputation import NoShows, ReputationBook, view
 from peerd.agents.sealing import unseal
 from peerd.agents.solver import Solver, prompt_sets
 from peerd.agents.voting import Ballot, tally
@@ -71,6 +71,7 @@ MAX_RECORDS = 256  # tasks kept in memory (finished ones are archived on disk to
 MAX_CLOSED = 4096  # recently closed task ids: a late bid is not an offence
 MAX_RUNNING = 16  # tasks this peer requests at once
 MEASURE_TIMEOUT_S = 120.0  # measuring a chain (local work); past it, the task votes on claims
+NO_SHOWS = frozenset({"deadline", "unreachable"})  # a seat left without answer or refusal
 
 
 @dataclass(slots=True)
@@ -97,6 +98,7 @@ class Requester:
         self.worker = worker  # bids on our own tasks too, as a reserve
         self.book_path = Path(node.config.data_dir) / REPUTATION_FILE
         self.book = _load_book(node.peer_id, self.book_path)
+        self.no_shows = NoShows()  # ranked last by our elections for a while (reputation.py)
         self.records: OrderedDict[str, TaskRecord] = OrderedDict()  # recent, live
         self.archive = TaskArchive(Path(node.config.data_dir) / TASKS_DB)
         self._open: dict[str, _Open] = {}
@@ -153,7 +155,8 @@ class Requester:
         election = Election(record.id, self.node.peer_id, spec.workers,
                             expected_bidders=self._expected_bidders(),
                             closes_at=trio.current_time() + spec.bid_window_s,
-                            deadline_s=spec.deadline_s, reputation=reputation)
+                            deadline_s=spec.deadline_s, reputation=reputation,
+                            demoted=lambda p: self.no_shows.recent(p, time.monotonic()))
         send, recv = trio.open_memory_channel[Candidate](64)
         self._open[record.id] = _Open(record, send)
         results: list[SeatResult[Vote]] = []
@@ -183,6 +186,8 @@ class Requester:
 
                     def on_fallback(f: Fallback) -> None:
                         record.fallbacks.append(f)
+                        if f.reason in NO_SHOWS:
+                            self.no_shows.missed(f.peer_id, time.monotonic())
                         self._publish_event("task.fallback", task_id=record.id, seat=f.seat,
                                             peer_id=f.peer_id, reason=f.reason,
                                             replacement=f.replacement)
@@ -312,6 +317,8 @@ class Requester:
             delivered = seat.worker.peer_id if seat.worker else None
             for peer in seat.tried:
                 answered = peer == delivered and seat.result is not None
+                if answered:
+                    self.no_shows.delivered(peer)
                 agreed = (answered and result.answer is not None
                           and seat.result is not None and seat.result.answer == result.answer)
                 self.book.observe(peer, agreed=agreed, punctual=answered, now=now)

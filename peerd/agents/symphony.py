@@ -89,4 +89,5 @@ class Symphony(Service):
         return routes(self)
 
     def status(self) -> dict[str, Any]:
-        return {"skills": list(self.skills)}
+        """Our skills, and who holds our task seats (worker.py)."""
+        return {"skills": list(self.skills), "lent": {"seats": self.worker.seats.held()}}

@@ -6,6 +6,13 @@ the requirement, send the requester a signed bid over `/peerd/bid/1.0.0`; answer
 tasks we bid on over `/peerd/task/1.0.0` (and only those, and only to the peer whose
 beacon it was) with a chain of thought (solver.py), signed.
 
+Each bid takes one of our task seats (seats.py), lent to requesters in fair shares: a
+beacon that finds every seat taken waits for one until its bid window closes (one
+beacon per requester waits; the others are skipped), and when a seat frees, a requester
+holding its share while another waits is refused it, and that is counted against it
+(`over_share`). So a requester that beacons many tasks cannot keep another's from
+getting our bid.
+
 Test-only knob: PEERD_TEST_TASK_DELAY_S makes a worker wait that many seconds after
 announcing `task.solving` and before solving, so a test can kill it mid-task.
 """
@@ -27,10 +34,12 @@ from libp2p.peer.id import ID
 from peerd import compute
 from peerd.agents.election import Candidate
 from peerd.agents.sealing import seal
+from peerd.agents.seats import SEAT_GRACE_S, WANTING_GRACE_S, OverShare, Seats
 from peerd.agents.skills import LexicalMatcher, SkillMatcher
-from peerd.agents.solver import Solver
+from peerd.agents.solver import Solution, Solver
 from peerd.node import Node
 from peerd.rpc import Busy, call, stream_handler
+from peerd.shares import Grant
 from protocols.beacon import (
     BID,
     MAX_BEACON_BYTES,
@@ -48,7 +57,7 @@ from protocols.task import MAX_ANSWER_CHARS, MAX_COT_CHARS, TASK, Answer, Signed
 log = logging.getLogger(__name__)
 
 TEST_DELAY_ENV = "PEERD_TEST_TASK_DELAY_S"
-MAX_LOAD_TO_BID = 4  # tasks in hand: a busier peer does not bid
+MAX_LOAD_TO_BID = 4  # task seats lent to other peers: bids out and tasks in hand
 MAX_SOLVING = 2  # tasks solved at once; the rest queue
 MAX_PROMISES = 4096  # tasks we bid on and may still be asked to solve
 MAX_CONSIDERING = 32  # beacons being considered for a bid at once
@@ -80,14 +89,19 @@ class TaskWorker:
         self.matcher = matcher
         self.skills = skills  # what we advertise, as the match scores it
         self._promises: OrderedDict[str, _Promise] = OrderedDict()
+        self.seats = Seats(MAX_LOAD_TO_BID)  # by requester, from our bid to our answer
+        self._seats_changed = trio.Event()  # set (and replaced) whenever a seat is taken or freed
+        self._waiting: set[str] = set()  # requesters with a beacon waiting for a seat
+        self._labelled: set[str] = set()  # holders with a peerd_lent gauge
         self._solving = trio.CapacityLimiter(MAX_SOLVING)
-        self._in_hand = 0  # tasks accepted to solve, queued or running
+        self._in_hand = 0  # tasks accepted to solve, queued or running (our own too)
         self._latency_s = 0.0  # EWMA of our solve times: the latency we bid with
         self._considering = 0  # beacons being considered for a bid now
         self._test_delay_s = float(os.environ.get(TEST_DELAY_ENV) or 0.0)
 
     def register(self) -> None:
         """The beacon validator and the task protocol's handler."""
+        self._publish_seats()
         self.node.pubsub.set_topic_validator(TOPIC, self._validate_beacon, False)
         self.node.set_stream_handler(TASK.id, stream_handler(TASK, self._serve_task,
                                                              self.node.offence))
@@ -149,6 +163,7 @@ class TaskWorker:
     async def follow(self, subscription: Any) -> None:
         """Consider every beacon of another peer for a bid, until cancelled."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._lapse_seats)
             while True:
                 msg = await subscription.get()
                 self.node.metrics.messages.labels("in", "beacon").inc()
@@ -172,16 +187,26 @@ class TaskWorker:
             self._considering -= 1
 
     async def _maybe_bid(self, beacon: Beacon) -> None:
-        if not self.capable():
-            return
-        if beacon.task_id in self._promises or self._in_hand >= MAX_LOAD_TO_BID:
+        if not self.capable() or beacon.task_id in self._promises:
             return
         match, scorer = await self.match(beacon.requirement)
         if match < beacon.min_match:
             return
-        left = beacon.issued_at + beacon.bid_window_s - time.time()
-        if left <= 0:
+        closes = beacon.issued_at + beacon.bid_window_s
+        if closes <= time.time() or not await self._seat_for(beacon):
             return
+        left = closes - time.time()
+        if left <= 0 or beacon.task_id in self._promises:  # it waited too long, or a twin bid
+            self._free_seat(beacon.requester, beacon.task_id)
+            return
+        try:
+            await self._bid(beacon, match, scorer, left)
+        finally:
+            promise = self._promises.get(beacon.task_id)
+            if promise is None or promise.requester != beacon.requester:
+                self._free_seat(beacon.requester, beacon.task_id)  # the bid went nowhere
+
+    async def _bid(self, beacon: Beacon, match: float, scorer: str, left: float) -> None:
         bid = Bid(task_id=beacon.task_id, requester=beacon.requester,
                   bidder=self.node.peer_id, match=match, load=self._in_hand,
                   expected_latency_s=round(self._latency_s, 3), scorer=scorer)
@@ -233,6 +258,96 @@ class TaskWorker:
         self._promises[task_id] = _Promise(
             requester, now + bid_window_s + PROMISE_ROUNDS * deadline_s + 30.0)
 
+    # ---- seats ---------------------------------------------------------------------------
+
+    async def _seat_for(self, beacon: Beacon) -> bool:
+        """Take a seat for the beacon's task, waiting for one until its bid window closes;
+        False when none came, another beacon of its requester waits already, or the
+        requester holds its share while others wait (an offence)."""
+        peer, task_id = beacon.requester, beacon.task_id
+        closes = trio.current_time() + max(0.0, beacon.issued_at + beacon.bid_window_s
+                                           - time.time())
+        lapses_at = closes + SEAT_GRACE_S  # not asked by then: the requester elected others
+        wants_until = closes + min(beacon.deadline_s, WANTING_GRACE_S)
+        waiting = False
+        try:
+            while True:
+                changed = self._seats_changed
+                seating = self.seats.take(peer, task_id, trio.current_time(),
+                                          lapses_at=lapses_at, wants_until=wants_until)
+                if isinstance(seating, Grant):
+                    self._seats_moved()
+                    return True
+                if isinstance(seating, OverShare):
+                    self.node.metrics.share_refusals.labels("seats").inc()
+                    self.node.offence(peer, "over_share", (
+                        f"beacon {task_id!r:.70}: it holds {seating.held} task seats, its "
+                        f"fair share is {seating.fair_share:.2f}, and "
+                        f"{', '.join(seating.waiting[:3])} wait with fewer"))
+                    return False
+                if not waiting:
+                    if peer in self._waiting:
+                        return False
+                    self._waiting.add(peer)
+                    waiting = True
+                    self.node.events.publish("task.seat_wait", task_id=task_id,
+                                             requester=peer, held=seating.held)
+                with trio.move_on_at(closes) as scope:
+                    await changed.wait()
+                if scope.cancelled_caught:
+                    return False
+        finally:
+            if waiting:
+                self._waiting.discard(peer)
+
+    def _hold_seat(self, peer: str, task_id: str) -> bool:
+        """The seat of a task we are asked to solve, kept until the answer is out; False
+        for our own task (the reserve takes no seat). A seat that lapsed (we are a
+        replacement, asked after the election) is taken again if one is free, else
+        Unavailable: the requester tries its next bidder."""
+        if peer == self.node.peer_id:
+            return False
+        if self.seats.hold(peer, task_id):
+            return True
+        seating = self.seats.take(peer, task_id, trio.current_time(), lapses_at=None)
+        if not isinstance(seating, Grant):
+            raise Unavailable(f"no free task seat for {peer} now")
+        self._seats_moved()
+        return True
+
+    def _free_seat(self, peer: str, task_id: str) -> None:
+        if self.seats.release(peer, task_id):
+            self._seats_moved()
+
+    def _seats_moved(self) -> None:
+        """Wake whoever waits on the seats; the holders on /metrics."""
+        self._seats_changed.set()
+        self._seats_changed = trio.Event()
+        self._publish_seats()
+
+    async def _lapse_seats(self) -> None:
+        """Give back the seats of bids their requesters never took up."""
+        while True:
+            changed = self._seats_changed
+            if self.seats.lapse(trio.current_time()):
+                self._seats_moved()
+                continue
+            lapse = self.seats.next_lapse()
+            with trio.move_on_at(math.inf if lapse is None else lapse):
+                await changed.wait()
+
+    def _publish_seats(self) -> None:
+        """`peerd_lent{resource="seats", peer}` for the requesters holding seats now (a
+        requester that no longer holds loses its gauge) and the seats' capacity."""
+        metrics = self.node.metrics
+        held = self.seats.shares.held
+        metrics.lent_capacity.labels("seats").set(self.seats.shares.capacity)
+        for gone in self._labelled - held.keys():
+            metrics.lent.remove("seats", gone)
+        for peer, n in held.items():
+            metrics.lent.labels("seats", peer).set(n)
+        self._labelled = set(held)
+
     # ---- solving -------------------------------------------------------------------------
 
     async def _serve_task(self, peer: str, request: TaskRequest) -> SignedAnswer:
@@ -244,6 +359,24 @@ class TaskWorker:
         if promise.started:
             raise PeerError(f"task {request.task_id} asked for twice", reason="duplicate_task")
         promise.started = True
+        seated = self._hold_seat(peer, request.task_id)
+        try:
+            solution, elapsed = await self._solve(peer, request)
+        finally:
+            if seated:
+                self._free_seat(peer, request.task_id)
+        answer = Answer(task_id=request.task_id, requester=peer, worker=self.node.peer_id,
+                        answer=solution.answer[:MAX_ANSWER_CHARS],
+                        cot=solution.cot[:MAX_COT_CHARS],
+                        confidence=min(1.0, max(0.0, solution.confidence)),
+                        tokens=solution.tokens, elapsed_s=round(elapsed, 3))
+        body, sig = seal(answer, self.node.key_pair.private_key)
+        self.node.events.publish("task.solved", task_id=request.task_id, requester=peer,
+                            answer=answer.answer[:200], elapsed_s=answer.elapsed_s)
+        return SignedAnswer(body=body, sig=sig)
+
+    async def _solve(self, peer: str, request: TaskRequest) -> tuple[Solution, float]:
+        """Our solver's solution and the seconds it took; Unavailable if it failed us."""
         solver = self.solver
         if solver is None or not solver.capable():
             raise Unavailable("this peer cannot solve tasks right now")
@@ -269,13 +402,5 @@ class TaskWorker:
         elapsed = time.perf_counter() - t0
         self._latency_s = (elapsed if self._latency_s == 0.0
                            else (1 - LATENCY_EWMA) * self._latency_s + LATENCY_EWMA * elapsed)
-        answer = Answer(task_id=request.task_id, requester=peer, worker=self.node.peer_id,
-                        answer=solution.answer[:MAX_ANSWER_CHARS],
-                        cot=solution.cot[:MAX_COT_CHARS],
-                        confidence=min(1.0, max(0.0, solution.confidence)),
-                        tokens=solution.tokens, elapsed_s=round(elapsed, 3))
-        body, sig = seal(answer, self.node.key_pair.private_key)
-        self.node.events.publish("task.solved", task_id=request.task_id, requester=peer,
-                            answer=answer.answer[:200], elapsed_s=answer.elapsed_s)
-        return SignedAnswer(body=body, sig=sig)
+        return solution, elapsed
 

@@ -66,6 +66,9 @@ class Row:
     evictions: float = 0.0  # sessions taken back, all peers, by the end
     share_refusals: float = 0.0
     compute: dict[str, dict[str, float]] = field(default_factory=dict)  # peer0: by holder
+    # the honest entry's turns at every peer's compute: turns and seconds waited for them
+    honest_turns: int = 0
+    honest_waited_s: float = 0.0
     load: list[float] = field(default_factory=list)
 
     @property
@@ -132,8 +135,21 @@ def greedy_reports(run_dir: Path, n: int) -> list[dict[str, Any]]:
     return out
 
 
+def honest_compute(entry: launcher.PeerInfo, peers: list[launcher.PeerInfo]
+                   ) -> tuple[int, float]:
+    """The entry's turns at every peer's compute so far, and the seconds it waited."""
+    turns, waited = 0, 0.0
+    for peer in peers:
+        mine = launcher.api_request(peer, "GET", "/status").get("lent", {}).get(
+            "compute", {}).get("peers", {}).get(entry.peer_id, {})
+        turns += int(mine.get("turns", 0))
+        waited += float(mine.get("waited_s", 0.0))
+    return turns, waited
+
+
 def measure(row: Row, entry: launcher.PeerInfo, peers: list[launcher.PeerInfo],
             max_tokens: int, run_dir: Path, greedy_ids: set[str]) -> Row:
+    turns0, waited0 = honest_compute(entry, peers)
     row.load.append(os.getloadavg()[0])
     for prompt in PROMPTS:
         tokens, seconds, ttft, text = stream_chat(entry, prompt, max_tokens)
@@ -142,6 +158,8 @@ def measure(row: Row, entry: launcher.PeerInfo, peers: list[launcher.PeerInfo],
         row.ttft_s.append(ttft)
         row.texts.append(text)
     row.load.append(os.getloadavg()[0])
+    turns1, waited1 = honest_compute(entry, peers)
+    row.honest_turns, row.honest_waited_s = turns1 - turns0, round(waited1 - waited0, 3)
     reports = greedy_reports(run_dir, row.greedy)
     row.greedy_held = sum(r.get("held", 0) for r in reports)
     row.greedy_forwards = sum(r.get("forwards", 0) for r in reports)
@@ -201,8 +219,9 @@ def report(rows: list[Row], args: argparse.Namespace, wall_s: float) -> None:
                         f"thread, {len(PROMPTS)} prompts x {args.tokens} tokens, flood "
                         f"{args.flood_positions} positions", show_lines=False)
     for col in ("greedy peers", "honest tok/s", "vs undisturbed", "TTFT median s",
-                "same text", "greedy sessions held", "greedy flood fwds", "evictions",
-                "share refusals", "entry's compute: honest / greedy cost", "load 1m"):
+                "same text", "honest wait/turn ms", "greedy sessions held",
+                "greedy flood fwds", "evictions", "share refusals",
+                "entry's compute: honest / greedy cost", "load 1m"):
         table.add_column(col, justify="right")
     out = []
     for r in rows:
@@ -210,8 +229,10 @@ def report(rows: list[Row], args: argparse.Namespace, wall_s: float) -> None:
         honest = r.compute.get("honest", {}).get("cost", 0)
         taken = r.compute.get("greedy", {}).get("cost", 0)
         ratio = r.tokens_per_s / base.tokens_per_s if base.tokens_per_s else 0.0
+        wait_ms = 1e3 * r.honest_waited_s / r.honest_turns if r.honest_turns else 0.0
         table.add_row(str(r.greedy), f"{r.tokens_per_s:.2f}", f"{100 * ratio:.0f}%",
                       f"{statistics.median(r.ttft_s):.2f}", f"{same}/{len(r.texts)}",
+                      f"{wait_ms:.1f}",
                       str(r.greedy_held), str(r.greedy_forwards), f"{r.evictions:.0f}",
                       f"{r.share_refusals:.0f}", f"{honest} / {taken}",
                       " -> ".join(f"{x:.1f}" for x in r.load))

@@ -221,7 +221,7 @@ def report(rows: list[Row], args: argparse.Namespace, wall_s: float) -> None:
     for col in ("greedy peers", "honest tok/s", "vs undisturbed", "TTFT median s",
                 "same text", "honest wait/turn ms", "greedy sessions held",
                 "greedy flood fwds", "evictions", "share refusals",
-                "entry's compute: honest / greedy cost", "load 1m"):
+                "peer0 compute so far: honest / greedy cost", "load 1m"):
         table.add_column(col, justify="right")
     out = []
     for r in rows:

@@ -405,7 +405,8 @@ class ShardServer:
 
     def _over_share(self, exc: OverShare) -> None:
         self.node.metrics.share_refusals.labels(exc.resource).inc()
-        self.node.offence(exc.peer, "over_share", f"shard {exc.resource}: {exc}")
+        if exc.peer != self.node.peer_id:  # (our own requests are no offence to us)
+            self.node.offence(exc.peer, "over_share", f"shard {exc.resource}: {exc}")
 
     def lent(self) -> dict[str, Any]:
         """Who holds what of this peer: sessions and KV bytes (capacity, used, by entry

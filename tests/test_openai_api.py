@@ -559,6 +559,7 @@ def test_status_metrics_and_the_cli_show_who_holds_what(swarm: Swarm) -> None:
     metrics = swarm.b.request("GET", "/metrics").text
     assert 'peerd_lent_capacity{resource="sessions"} 32.0' in metrics
     assert f'peerd_lent{{peer="{swarm.a.peer_id}",resource="sessions"}}' in metrics
+    assert f'peerd_compute_turns_total{{peer="{swarm.a.peer_id}"}}' in metrics
     done = run_cli("status", "--data-dir", str(swarm.b.data_dir), env={"COLUMNS": "250"})
     assert done.returncode == 0, done.stderr
     assert "lent to peers" in done.stdout and "sessions" in done.stdout

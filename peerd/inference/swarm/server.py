@@ -19,13 +19,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import trio
 from libp2p.peer.id import ID
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from peerd import compute
 from peerd.inference.model.tensors import from_wire, to_wire
@@ -141,6 +142,7 @@ class ShardServer:
         self.lending = Lending(self.limits.max_sessions, self.limits.max_kv_bytes, self._evict,
                                headroom=self.limits.kv_headroom_positions)
         self._labelled: dict[str, set[str]] = {}  # peers with a /metrics gauge, by resource
+        node.metrics.registry.register(_TurnsCollector(self.compute))
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD.id, self._handle)
@@ -443,3 +445,31 @@ class ShardServer:
             await close_stream(s.downstream)
         self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
 
+
+
+class _TurnsCollector:
+    """The compute's turns on /metrics, read when scraped (a gauge set at every turn
+    would cost the hot path): per peer that took the most, turns, cost (positions x
+    layers) and seconds waited, as counters, and jobs queued now."""
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.turns.stats()
+        shown = sorted(stats, key=lambda p: -stats[p].cost)[:MAX_SHOWN_PEERS]
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "turns": CounterMetricFamily("peerd_compute_turns", "Turns at the compute "
+                                         "served, by peer", labels=["peer"]),
+            "cost": CounterMetricFamily("peerd_compute_cost", "Positions x layers computed "
+                                        "in those turns, by peer", labels=["peer"]),
+            "waited_s": CounterMetricFamily("peerd_compute_waited_seconds", "Time spent "
+                                            "waiting for those turns, by peer",
+                                            labels=["peer"]),
+            "queued": GaugeMetricFamily("peerd_compute_queued", "Jobs waiting for a turn "
+                                        "now, by peer", labels=["peer"]),
+        }
+        for peer in shown:
+            for name, family in families.items():
+                family.add_metric([peer], float(getattr(stats[peer], name)))
+        yield from families.values()

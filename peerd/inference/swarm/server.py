@@ -142,10 +142,10 @@ class ShardServer:
         self.lending = Lending(self.limits.max_sessions, self.limits.max_kv_bytes, self._evict,
                                headroom=self.limits.kv_headroom_positions)
         self._labelled: dict[str, set[str]] = {}  # peers with a /metrics gauge, by resource
-        node.metrics.registry.register(_TurnsCollector(self.compute))
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD.id, self._handle)
+        self.node.metrics.registry.register(_TurnsCollector(self.compute))
 
     # ---- one session's stream ------------------------------------------------------
 

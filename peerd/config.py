@@ -97,6 +97,10 @@ class Config:
     # computed in other passes: greedy output may part from a fresh prefill's at a
     # near-tie of the top two logits, so it is off unless asked for.
     prompt_cache: bool = False
+    # Sample RL rollouts for trainers (peerd rl train): this peer's model, which must
+    # hold every layer, generates completions with their behaviour log-probs and takes
+    # the trainer's new policy versions (peerd/rl/).
+    rollout: bool = False
 
     @property
     def layer_range(self) -> tuple[int, int] | None:
@@ -132,7 +136,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS}
 _LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
-_BOOL_FIELDS = {"prompt_cache"}
+_BOOL_FIELDS = {"prompt_cache", "rollout"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                "false": False, "0": False, "no": False, "off": False}
 
@@ -217,6 +221,10 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
         raise bad("speculative", "--speculative needs --model")
     if cfg.prompt_cache and not cfg.model:
         raise bad("prompt_cache", "--prompt-cache needs --model")
+    if cfg.rollout and not cfg.model:
+        raise bad("rollout", "--rollout needs --model (the policy the samplers run)")
+    if cfg.rollout and cfg.layers:
+        raise bad("rollout", "a rollout sampler holds the whole model: drop --layers")
     if len(cfg.name) > 64:
         raise bad("name", "longer than 64 characters")
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):

@@ -124,6 +124,19 @@ def main() -> None:
     show_default=True,
     help="With --model: how long peers get to load it and see every stage in their ledgers.",
 )
+@click.option(
+    "--rollout",
+    is_flag=True,
+    help="With --model: every peer samples RL rollouts for a trainer (peerd start --rollout).",
+)
+@click.option(
+    "--peer-arg",
+    "peer_args",
+    multiple=True,
+    metavar="ARG",
+    help="Append ARG to every peer's `peerd start` command; repeatable, and one word each "
+    "(--peer-arg=--prompt-cache, or --peer-arg=--kv-headroom --peer-arg=64).",
+)
 @json_option
 @_user_errors
 def up(
@@ -139,6 +152,8 @@ def up(
     torch_threads: int | None,
     dtype: str,
     model_timeout_s: float,
+    rollout: bool,
+    peer_args: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Start N peers bootstrapped to each other; return once all are healthy.
@@ -155,6 +170,7 @@ def up(
         heartbeat_s=heartbeat_s, log_level=log_level, start_timeout_s=start_timeout_s,
         model=model, stages=stages, torch_threads=torch_threads, dtype=dtype,
         model_timeout_s=model_timeout_s,
+        peer_args=[*peer_args, *(["--rollout"] if rollout else [])],
     )  # fmt: skip
     _print(infos, as_json)
 

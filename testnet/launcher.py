@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ def up(
     torch_threads: int | None = None,
     dtype: str = "auto",
     model_timeout_s: float = MODEL_TIMEOUT_S,
+    peer_args: Sequence[str] = (),
 ) -> list[PeerInfo]:
     """Start `n` peers (through a latency proxy if `latency_ms` > 0); return their status.
 
@@ -120,6 +122,9 @@ def up(
     `up` also waits, up to `model_timeout_s`, until every peer's model is ready and every
     peer's ledger lists every peer's stage; a peer whose model fails to load fails `up`
     with its log tail.
+
+    `peer_args` are appended to every peer's `peerd start` command line (any flag of
+    `peerd start`, e.g. `--rollout`), so a new flag can be tried on a local swarm.
     """
     if model is None and (stages is not None or torch_threads is not None or dtype != "auto"):
         raise TestnetError("--stages, --torch-threads and --dtype only apply with --model SPEC")
@@ -161,7 +166,7 @@ def up(
         if latency_ms > 0:
             state.proxy = _start_proxy(run_dir, records, latency_ms)
         for i, rec in enumerate(records):  # recorded one by one: `_stop` sees each
-            proc = _spawn_peer(rec, records, i, heartbeat_s, log_level, plan)
+            proc = _spawn_peer(rec, records, i, heartbeat_s, log_level, plan, peer_args)
             state.peers[i] = dataclasses.replace(rec, proc=proc)
         state.save()  # from here on `down` can clean up even if we are killed
         _wait_healthy(state, start_timeout_s)
@@ -248,6 +253,7 @@ def _spawn_peer(
     heartbeat_s: float | None,
     log_level: str,
     plan: ModelPlan | None,
+    peer_args: Sequence[str] = (),
 ) -> Proc:
     argv = [
         *_peerd_command(), "start",
@@ -274,6 +280,7 @@ def _spawn_peer(
             "--dtype",
             plan.dtype,
         ]
+    argv += peer_args
     return procs.spawn(argv, rec.log_path)
 
 

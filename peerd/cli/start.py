@@ -51,6 +51,9 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               help="API requests reuse the KV a pooled pipeline session holds of their prompt "
               "(earlier chat turns) [off; greedy output may then part from a fresh "
               "prefill's at a near-tie].")
+@click.option("--rollout", is_flag=True, default=None,
+              help="Sample RL rollouts for trainers (`peerd rl train`) with this peer's model, "
+              "which then follows the trainer's policy versions; needs --model, whole.")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

@@ -220,3 +220,17 @@ def test_padding_holding_minus_infinity_never_makes_a_nan() -> None:
     loss.backward()
     assert new.grad is not None and torch.isfinite(new.grad).all()
     assert math.isfinite(stats["ratio_mean"])
+
+
+def test_an_absurd_behaviour_logprob_gives_a_finite_loss_and_gradient() -> None:
+    # a lying or very stale sampler: log-prob -100 on a token the policy now likes;
+    # exp(100) overflows float32, so the log-ratio is clamped to 20 first
+    for a, kwargs in ((1.0, {}), (-1.0, {}), (-1.0, {"is_cap": 2.0})):
+        new = torch.zeros(1, 2, requires_grad=True)
+        behaviour = torch.tensor([[-100.0, 0.0]])
+        ref = torch.tensor([[-100.0, 0.0]])
+        loss, stats = grpo_loss(new, behaviour, torch.tensor([a]), torch.ones(1, 2),
+                                ref_logp=ref, kl_coef=0.1, **kwargs)  # type: ignore[arg-type]
+        loss.backward()
+        assert math.isfinite(loss.item()) and math.isfinite(stats["ratio_max"])
+        assert new.grad is not None and torch.isfinite(new.grad).all()

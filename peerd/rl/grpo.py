@@ -17,6 +17,10 @@ Aggregation = Literal["token", "seq-mean", "dr-grpo"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("token", "seq-mean", "dr-grpo")
 # Rewards closer than this are equal: no rollout of the group is better than another.
 DEGENERATE_ATOL = 1e-6
+# Log-ratios (to the behaviour and to the reference) are clamped to +-this before exp:
+# a token the sampler gave log-prob -100 would otherwise overflow float32 into inf, and
+# the loss or its gradient into NaN. e^20 is far past any clip or cap.
+LOG_RATIO_BOUND = 20.0
 
 
 def is_degenerate(rewards: Tensor) -> bool:
@@ -79,6 +83,7 @@ def grpo_loss(
       loss value per token is -w A and its gradient -w A d new: every token keeps a
       gradient, its importance weight capped at C. The clip band plays no part (the
       trust region starts at the current policy, where the ratio is 1).
+    Log-ratios are clamped to +-LOG_RATIO_BOUND before exp, so nothing overflows.
     - ref_logp given: KL k3 to the reference, exp(ref - new) - (ref - new) - 1, times
       kl_coef, added per token (reported as kl_mean even when kl_coef is 0).
 
@@ -121,7 +126,8 @@ def grpo_loss(
     new = tokens(new_logp)  # [B, T]
     adv = advantages.detach().float()[:, None]  # [B, 1]
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(new - tokens(behaviour_logp.detach()))  # [B, T]
+    log_ratio = new - tokens(behaviour_logp.detach())  # [B, T]
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND))  # [B, T]
 
     if is_cap is None:
         unclipped = ratio * adv  # [B, T]
@@ -137,7 +143,7 @@ def grpo_loss(
 
     kl = torch.zeros_like(new)
     if ref_logp is not None:
-        delta = tokens(ref_logp.detach()) - new  # [B, T]
+        delta = (tokens(ref_logp.detach()) - new).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         kl = torch.exp(delta) - delta - 1.0  # [B, T] k3, >= 0
         if kl_coef != 0.0:
             per_token = per_token + kl_coef * kl

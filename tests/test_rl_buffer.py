@@ -197,3 +197,36 @@ def test_the_buffer_does_not_import_torch() -> None:
     code = ("import sys, peerd.rl.buffer, peerd.rl.types; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_take_ids_takes_the_named_groups_only_when_all_wait() -> None:
+    buf = ReplayBuffer(staleness=1, capacity_groups=8, group_size=G)
+    for gid, v in (("s2", 3), ("s0", 3), ("s5", 3)):
+        assert buf.offer(group(gid, v), trainer_version=3) is None
+    assert buf.take_ids(["s0", "s1"], trainer_version=3) is None  # s1 missing
+    assert buf.waiting == 3 and buf.taken == 0  # nothing taken meanwhile
+    assert buf.offer(group("s1", 3), trainer_version=3) is None
+    out = buf.take_ids(["s0", "s1"], trainer_version=4)
+    assert out is not None and [g[0].group_id for g in out] == ["s0", "s1"]
+    assert buf.staleness_histogram == {1: 2}
+    assert buf.waiting == 2 and buf.taken == 2
+
+
+def test_expire_returns_what_aged_out_so_its_prompts_can_go_out_again() -> None:
+    buf = ReplayBuffer(staleness=0, capacity_groups=8, group_size=G)
+    assert buf.offer(group("old", 2), trainer_version=2) is None
+    assert buf.offer(group("new", 3), trainer_version=3) is None
+    gone = buf.expire(trainer_version=3)
+    assert [g[0].group_id for g in gone] == ["old"]
+    assert buf.refused["stale_at_train"] == 1 and buf.waiting == 1
+    assert buf.take_ids(["old"], trainer_version=3) is None
+
+
+def test_a_group_found_wanting_after_admission_is_discarded_and_counted() -> None:
+    buf = ReplayBuffer(staleness=0, capacity_groups=8, group_size=G)
+    assert buf.offer(group("liar", 1), trainer_version=1) is None
+    assert buf.get("liar") is not None and buf.waiting == 1  # get leaves it waiting
+    assert buf.discard("liar", "verification") is not None
+    assert buf.get("liar") is None and buf.discard("liar", "verification") is None
+    assert buf.refused == {"verification": 1} and buf.waiting == 0
+    assert buf.admitted == buf.taken + buf.waiting + buf.refused["verification"]

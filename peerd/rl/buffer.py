@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from peerd.rl.types import Group
@@ -67,10 +68,11 @@ class ReplayBuffer:
     """Groups waiting for the trainer, at most capacity_groups of them.
 
     Counters (all in groups): admitted (accepted by offer), taken (returned by take),
-    refused by reason (at offer, plus "stale_at_train", "future_at_train" and
-    "restart" for admitted groups that were never trained on), staleness_histogram
+    refused by reason (at offer, plus "stale_at_train", "future_at_train",
+    "restart" and discard()'s reasons for admitted groups never trained on),
+    staleness_histogram
     (trainer_version - version of each group taken), waiting (held now). Invariant:
-    admitted == taken + waiting + refused[the *_at_train and restart reasons].
+    admitted == taken + waiting + refused[the *_at_train, restart and discard reasons].
     """
 
     def __init__(self, staleness: int, capacity_groups: int, *, group_size: int,
@@ -118,15 +120,52 @@ class ReplayBuffer:
     def prune(self, trainer_version: int) -> int:
         """Let go of the waiting groups that may no longer train the policy at
         trainer_version (counted under "<reason>_at_train"); returns how many wait."""
+        self.expire(trainer_version)
+        return len(self._queue)
+
+    def expire(self, trainer_version: int) -> list[Group]:
+        """As prune, returning the groups let go (their prompts may be asked again)."""
         keep: list[Group] = []
+        gone: list[Group] = []
         for group in self._queue:
             reason = admit(trainer_version, group[0].version, self.staleness)
             if reason is None:
                 keep.append(group)
             else:
                 self.refused[f"{reason}_at_train"] += 1
+                gone.append(group)
         self._queue = keep
-        return len(keep)
+        return gone
+
+    def get(self, group_id: str) -> Group | None:
+        """The waiting group of that id, left waiting (to check it before taking it)."""
+        return next((g for g in self._queue if g[0].group_id == group_id), None)
+
+    def discard(self, group_id: str, reason: str) -> Group | None:
+        """Let go of a waiting group found wanting after admission (a sampler's lie),
+        counted under reason."""
+        group = self.get(group_id)
+        if group is not None:
+            self._queue.remove(group)
+            self.refused[reason] += 1
+        return group
+
+    def take_ids(self, group_ids: Sequence[str], trainer_version: int) -> list[Group] | None:
+        """The named groups, in that order, once every one of them waits admissible at
+        trainer_version; None (and nothing taken) while one is missing. The trainer
+        names a step's prompts this way, so the step trains the same prompts whatever
+        order their groups arrived in. Call expire() first to learn what aged out."""
+        index = {g[0].group_id: i for i, g in enumerate(self._queue)
+                 if admit(trainer_version, g[0].version, self.staleness) is None}
+        if not all(gid in index for gid in group_ids):
+            return None
+        out = [self._queue[index[gid]] for gid in group_ids]
+        chosen = {index[gid] for gid in group_ids}
+        self._queue = [g for i, g in enumerate(self._queue) if i not in chosen]
+        for group in out:
+            self.staleness_histogram[trainer_version - group[0].version] += 1
+        self.taken += len(out)
+        return out
 
     def take(self, n_groups: int, trainer_version: int) -> list[Group]:
         """Up to n_groups groups admissible at trainer_version, oldest version first;

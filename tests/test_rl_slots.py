@@ -1,0 +1,60 @@
+"""Prompt slots and run settings: the pure rules of the trainer's loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from peerd.rl.run import RunSpec, SpecError
+from peerd.rl.slots import Slots
+
+
+def test_sync_hands_out_only_the_current_step() -> None:
+    slots = Slots(batch=4, ahead=0)
+    assert slots.hand_out(10) == [0, 1, 2, 3]
+    assert slots.hand_out(1) == []  # nothing beyond the step
+    slots.advance()
+    assert slots.hand_out(2) == [4, 5] and list(slots.current()) == [4, 5, 6, 7]
+
+
+def test_async_runs_ahead_by_the_staleness_bound_only() -> None:
+    slots = Slots(batch=2, ahead=2)
+    assert slots.hand_out(100) == [0, 1, 2, 3, 4, 5]  # steps 0, 1 and 2
+    slots.advance()
+    assert slots.hand_out(100) == [6, 7]
+
+
+def test_a_slot_given_back_goes_out_again_first_and_a_trained_one_never() -> None:
+    slots = Slots(batch=2, ahead=1)
+    assert slots.hand_out(3) == [0, 1, 2]
+    slots.give_back([2, 0])
+    assert slots.hand_out(2) == [0, 2]
+    slots.advance()  # step 0 (slots 0, 1) is trained
+    slots.give_back([1])  # too late: not re-issued
+    assert slots.hand_out(5) == [3, 4, 5]
+
+
+def test_min_version_lets_a_slot_be_generated_up_to_s_versions_before_its_step() -> None:
+    slots = Slots(batch=4, ahead=2)
+    assert slots.min_version([9], staleness=2) == 0  # step 2 - 2
+    assert slots.min_version([13, 20], staleness=1) == 2  # the oldest slot: step 3 - 1
+    assert slots.min_version([1], staleness=3) == 0  # never below 0
+
+
+def test_a_resumed_run_starts_at_its_step() -> None:
+    slots = Slots(batch=3, ahead=0, next_slot=9)
+    assert slots.step == 3 and slots.hand_out(5) == [9, 10, 11]
+
+
+def test_run_settings_are_checked_and_name_the_bad_one() -> None:
+    spec = RunSpec.parse({"model": "smollm2", "mode": "async", "staleness": 2, "lr": 1e-5})
+    assert spec.mode == "async" and spec.staleness == 2
+    for body, name in (({}, "model"), ({"model": "m", "mode": "fast"}, "mode"),
+                       ({"model": "m", "group": 1}, "group"),
+                       ({"model": "m", "steps": "5"}, "steps"),
+                       ({"model": "m", "lr": float("nan")}, "lr"),
+                       ({"model": "m", "resume": 1}, "resume"),
+                       ({"model": "m", "run_id": "../x"}, "run_id"),
+                       ({"model": "m", "bogus": 1}, "bogus"), ([], "body")):
+        with pytest.raises(SpecError) as err:
+            RunSpec.parse(body)
+        assert err.value.name == name

@@ -67,6 +67,15 @@ class PolicyError(Exception):
     was changed."""
 
 
+class VersionMismatch(PolicyError):
+    """A generation asked for a version this policy is not at (when it came to run)."""
+
+    def __init__(self, have: int, want: int) -> None:
+        super().__init__(f"the policy is at version {have}, not {want}")
+        self.have = have
+        self.want = want
+
+
 class Completion(NamedTuple):
     """One sampled completion: its token ids and their behaviour log-probs."""
 
@@ -223,10 +232,12 @@ class LocalPolicy:
 
     async def generate_many(self, prompts: Sequence[Sequence[int]], *, n: int,
                             temperature: float, top_p: float, max_tokens: int, seed: int,
-                            eos_ids: Iterable[int]) -> Generation:
+                            eos_ids: Iterable[int], at_version: int | None = None
+                            ) -> Generation:
         """`n` completions of each prompt, all at one version (held throughout). Each
         prompt is prefilled once and its n completions decoded as one batch. The same
-        seed and version give the same tokens."""
+        seed and version give the same tokens. With `at_version`, raises VersionMismatch
+        unless the policy is at it when the generation starts."""
         if n < 1 or max_tokens < 1 or not temperature >= 0.0 or not 0.0 < top_p <= 1.0:
             raise PolicyError(f"n={n}, max_tokens={max_tokens}, temperature={temperature}, "
                               f"top_p={top_p}: out of range")
@@ -237,6 +248,8 @@ class LocalPolicy:
                 raise PolicyError(f"a prompt of {len(ids)} token ids, empty or outside "
                                   f"the vocabulary of {vocab}")
         async with self._lock:
+            if at_version is not None and at_version != self.version:
+                raise VersionMismatch(self.version, at_version)
             groups = []
             for i, ids in enumerate(prompts):
                 sampler = _Sampler(self, list(ids), n, temperature, top_p, max_tokens,

@@ -268,3 +268,16 @@ async def test_async_push_is_verified_and_acked_by_reason(tmp_path: Path,
         ack = await push_rollouts(node, trainer.peer_id, "run-1", signed[:1])
         assert ack.admitted == 0 and ack.refused == {"stale": 1}
         assert len(pushed) == 3  # the refused-in-full pushes never reached the buffer
+
+
+async def test_a_peer_serving_the_model_becomes_a_sampler(tmp_path: Path, tiny: ModelSource
+                                                          ) -> None:
+    from peerd.inference.slot import ModelOptions
+    from tests.harness import serve_model
+
+    async with swarm(2, tmp_path, connect="line") as (trainer, node):
+        runtime = await serve_model(node, ModelOptions(spec=str(tiny.path), layers=(0, 4),
+                                                       device="cpu"))
+        await node.start(RolloutSampler.from_runtime(node, runtime))
+        got = await request_rollouts(trainer, node.peer_id, request(prompts=("hi",), group=2))
+        assert len(got) == 2 and {r.sampler for r in got} == {node.peer_id}

@@ -342,7 +342,9 @@ class _Sampler:
         self._choose()
 
     def _choose(self) -> None:
-        tokens, lps = choose(self.logits, self.temperature, self.top_p,
+        # sampled on the CPU, whatever the model's device: the generators are CPU ones,
+        # and the same seed gives the same tokens on any device
+        tokens, lps = choose(self.logits.cpu(), self.temperature, self.top_p,
                              [self.gens[r] for r in self.live])
         keep = []
         for j, (r, t, lp) in enumerate(zip(self.live, tokens, lps, strict=True)):
@@ -354,7 +356,8 @@ class _Sampler:
             self.live = [self.live[j] for j in keep]
             if keep:
                 assert self.cache is not None
-                self.cache.kv.batch_select_indices(torch.tensor(keep, dtype=torch.long))
+                self.cache.kv.batch_select_indices(
+                    torch.tensor(keep, dtype=torch.long, device=self.policy.block.device))
 
     def completions(self) -> list[Completion]:
         return [Completion(tuple(i), tuple(lp)) for i, lp in zip(self.ids, self.lps,

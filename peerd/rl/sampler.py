@@ -24,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
@@ -49,6 +49,9 @@ from protocols.rollout import (
     SignedRollout,
     behind_message,
 )
+
+if TYPE_CHECKING:
+    from peerd.inference.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,12 @@ class RolloutSampler(Service):
         self.rollouts_produced = 0
         self._idle_s = 0.0  # seconds with no request generating, before _idle_since
         self._idle_since: float | None = time.monotonic()
+
+    @classmethod
+    def from_runtime(cls, node: Node, runtime: ModelRuntime, **kw: Any) -> RolloutSampler:
+        """The sampler of a peer's loaded model (it must hold all the layers)."""
+        return cls(node, LocalPolicy.from_runtime(runtime), runtime.tokenizer,
+                   runtime.generator.eos_ids, **kw)
 
     # ---- the service --------------------------------------------------------------------
 

@@ -1,0 +1,215 @@
+"""The rollout sampler as a service: `/peerd/rollout/1.0.0` on a peer holding the whole
+model.
+
+For each RolloutRequest (checked strictly first) it tokenizes every prompt with the
+model's chat template (add_generation_prompt=True), generates the group's G
+completions per prompt with the local policy (policy.py) at ONE version for the whole
+request, and answers each completion signed. In sync mode it answers only at the
+wanted version: behind or ahead, it refuses with code BEHIND / AHEAD naming both
+versions (the weight pull that catches it up is wired by the trainer's side); in async
+mode at its own. `produce` + `push_rollouts` (rollouts.py) are the async push.
+
+The compute is the whole CPU, so one request generates at a time; up to `max_queued`
+more wait their turn, and beyond that a request is refused "busy" (not an offence).
+A refusal for a prompt our tokenizer makes too long is not one either: the trainer
+cannot know our token counts.
+
+It advertises FEATURE_ROLLOUT in our ledger entry, and its status gives the version,
+requests served, rollouts produced and the seconds it sat idle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
+
+from peerd.node import Node
+from peerd.rl.policy import Completion, LocalPolicy, VersionMismatch
+from peerd.rl.rollouts import sign_rollout
+from peerd.rpc import Busy, stream_handler
+from peerd.service import EntryFields, Service
+from protocols.codec import packb
+from protocols.errors import PeerError
+from protocols.rollout import (
+    AHEAD,
+    BEHIND,
+    FEATURE_ROLLOUT,
+    MAX_PROMPT_TOKENS,
+    ROLLOUT,
+    TEXT_CHARS_PER_TOKEN,
+    RolloutBatch,
+    RolloutMsg,
+    RolloutRequest,
+    SignedRollout,
+    behind_message,
+)
+
+if TYPE_CHECKING:
+    from peerd.inference.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 4  # requests waiting behind the one generating
+
+
+class WrongVersion(Busy):
+    """Not at the version a sync request wants: no offence, the trainer pulls or waits."""
+
+    def __init__(self, have: int, want: int) -> None:
+        super().__init__(behind_message(have, want), reason=BEHIND if have < want else AHEAD)
+
+
+class TooLong(Busy):
+    """A prompt our tokenizer makes longer than we take: the trainer could not know."""
+
+    reason = "too_long"
+
+
+class RolloutSampler(Service):
+    name = "rollout"
+
+    def __init__(self, node: Node, policy: LocalPolicy, tokenizer: Any,
+                 eos_ids: Iterable[int], *, max_queued: int = MAX_QUEUED) -> None:
+        self.node = node
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.max_queued = max_queued
+        self.max_positions = int(getattr(policy.block.config, "max_position_embeddings", 0)
+                                 or 1 << 30)
+        self._turn = trio.Lock()  # one request generates at a time
+        self._waiting = 0  # requests in hand: generating, queued or being tokenized
+        self.requests_served = 0
+        self.rollouts_produced = 0
+        self._idle_s = 0.0  # seconds with no request generating, before _idle_since
+        self._idle_since: float | None = time.monotonic()
+
+    @classmethod
+    def from_runtime(cls, node: Node, runtime: ModelRuntime, **kw: Any) -> RolloutSampler:
+        """The sampler of a peer's loaded model (it must hold all the layers)."""
+        return cls(node, LocalPolicy.from_runtime(runtime), runtime.tokenizer,
+                   runtime.generator.eos_ids, **kw)
+
+    # ---- the service --------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        self.node.set_stream_handler(ROLLOUT.id, stream_handler(ROLLOUT, self._serve,
+                                                                self.node.offence))
+        task_status.started()
+        await trio.sleep_forever()
+
+    def entry_fields(self) -> EntryFields:
+        return {"features": (FEATURE_ROLLOUT,)}
+
+    def status(self) -> dict[str, Any]:
+        return {"rollout": {"model": self.policy.model_id, "version": self.policy.version,
+                            "requests_served": self.requests_served,
+                            "rollouts_produced": self.rollouts_produced,
+                            "in_hand": self._waiting, "idle_s": round(self.idle_s(), 3)}}
+
+    def idle_s(self) -> float:
+        """Seconds since the service was built that no request was generating."""
+        now = time.monotonic()
+        return self._idle_s + (now - self._idle_since if self._idle_since is not None else 0.0)
+
+    # ---- serving ------------------------------------------------------------------------
+
+    async def _serve(self, peer: str, request: RolloutRequest) -> RolloutBatch:
+        request.check()
+        rollouts = await self.produce(request)
+        self.requests_served += 1
+        self.node.events.publish("rollout.served", requester=peer, run_id=request.run_id,
+                                 version=self.policy.version, rollouts=len(rollouts))
+        return RolloutBatch(rollouts=tuple(rollouts))
+
+    async def produce(self, request: RolloutRequest) -> list[SignedRollout]:
+        """The request's rollouts, signed: prompt by prompt, G each, in order. Raises
+        Busy ("busy", BEHIND / AHEAD, "too_long") when it cannot."""
+        if self._waiting > self.max_queued:  # one generating, max_queued waiting
+            raise Busy(f"this sampler has {self._waiting} rollout requests in hand")
+        self._waiting += 1
+        try:
+            if request.mode == "sync" and request.version != self.policy.version:
+                raise WrongVersion(self.policy.version, request.version)  # before the queue
+            prompts = await trio.to_thread.run_sync(self._tokenize, request.prompts)
+            for ids in prompts:
+                if len(ids) > MAX_PROMPT_TOKENS or len(ids) + request.max_tokens > \
+                        self.max_positions:
+                    raise TooLong(f"a prompt of {len(ids)} tokens and {request.max_tokens} "
+                                  f"new ones; this sampler takes {MAX_PROMPT_TOKENS} and "
+                                  f"{self.max_positions} positions in all")
+            async with self._turn:
+                self._busy()
+                try:
+                    generation = await self.policy.generate_many(
+                        prompts, n=request.group, temperature=request.temperature,
+                        top_p=request.top_p, max_tokens=request.max_tokens,
+                        seed=request.seed, eos_ids=self.eos_ids,
+                        at_version=request.version if request.mode == "sync" else None)
+                except VersionMismatch as exc:  # a version applied while we queued
+                    raise WrongVersion(exc.have, exc.want) from None
+                finally:
+                    self._idle()
+            texts = await trio.to_thread.run_sync(self._decode, generation.groups)
+            return self._sign(request, prompts, generation.version, generation.groups, texts)
+        finally:
+            self._waiting -= 1
+
+    def _busy(self) -> None:
+        if self._idle_since is not None:
+            self._idle_s += time.monotonic() - self._idle_since
+            self._idle_since = None
+
+    def _idle(self) -> None:
+        self._idle_since = time.monotonic()
+
+    def _tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                tokenize=False)
+            out.append(list(self.tokenizer(text, add_special_tokens=False).input_ids))
+        return out
+
+    def _decode(self, groups: list[list[Completion]]) -> list[list[str]]:
+        return [[str(self.tokenizer.decode(list(c.ids), skip_special_tokens=True))
+                 for c in group] for group in groups]
+
+    def _sign(self, request: RolloutRequest, prompts: list[list[int]], version: int,
+              groups: list[list[Completion]], texts: list[list[str]]) -> list[SignedRollout]:
+        me = self.node.peer_id
+        key = self.node.key_pair.private_key
+        out = []
+        for p, (ids, group) in enumerate(zip(prompts, groups, strict=True)):
+            group_id = group_id_of(request.run_id, me, request.seed, version, p, ids)
+            for g, completion in enumerate(group):
+                text = texts[p][g][:TEXT_CHARS_PER_TOKEN * len(completion.ids)]
+                msg = RolloutMsg(run_id=request.run_id, seed=request.seed, prompt_index=p,
+                                 index=g, group_id=group_id, prompt_ids=tuple(ids),
+                                 completion_ids=completion.ids,
+                                 behaviour_logprobs=completion.logprobs, version=version,
+                                 sampler=me, text=text)
+                try:
+                    msg.check()
+                except PeerError as exc:  # ours: our bug, not the requester's offence
+                    raise RuntimeError(f"we made a rollout that does not check: {exc}") \
+                        from None
+                out.append(sign_rollout(msg, key))
+        self.rollouts_produced += len(out)
+        return out
+
+
+def group_id_of(run_id: str, sampler: str, seed: int, version: int, prompt_index: int,
+                prompt_ids: Sequence[int]) -> str:
+    """The same for a prompt's G completions; the same again only for the same run,
+    sampler, seed, version and prompt (which give the same tokens: a duplicate)."""
+    key = packb([run_id, sampler, seed, version, prompt_index, list(prompt_ids)])
+    return hashlib.sha256(key).hexdigest()[:32]

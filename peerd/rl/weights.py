@@ -10,10 +10,7 @@ as an offence and its chunks are fetched from another. What a peer fetched it se
 at once (`Have` on gossip, then `/peerd/weights/1.0.0`), so the trainer's upload does
 not grow with the number of samplers.
 
-Whom to follow: a receiver acts only on announcements of the runs it `follow`s, and
-only those authored by the trainer it names (or, when it names none, by the first
-author it hears after following). Announcements of other runs travel on if their
-signature checks.
+Whom to follow, and the gossip of announcements and holders: announce.py.
 
 Memory: manifests and chunks live in memory, the newest `keep_versions` versions of
 each run (a pull in progress keeps its own); a chunk goes when no kept version names
@@ -28,18 +25,18 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trio
-from libp2p.peer.id import ID
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from trio_typing import TaskStatus
 
-from peerd.agents.sealing import seal, unseal
+from peerd.agents.sealing import seal
 from peerd.node import Node
+from peerd.rl.announce import AnnounceHook, Announcements
 from peerd.rl.chunks import ChunkPlan
 from peerd.rl.manifest import assemble, build_manifest, check_chunk
 from peerd.rpc import call, stream_handler
@@ -52,7 +49,6 @@ from protocols.weights import (
     DEFAULT_CHUNK_BYTES,
     LATEST,
     MANIFEST,
-    MAX_GOSSIP_BYTES,
     MAX_REPLY_DATA_BYTES,
     TOPIC,
     BadAnnounce,
@@ -71,8 +67,6 @@ log = logging.getLogger(__name__)
 
 FEATURE = "weights"  # in our ledger entry: we serve /peerd/weights
 PULL_TIMEOUT_S = 600.0
-MAX_HOLDERS_TRACKED = 256  # versions whose holders we remember
-AnnounceHook = Callable[[VersionAnnounce], Awaitable[None]]
 # a holder we could not get an answer from: not an offence, ask another
 _NO_ANSWER: tuple[type[Exception], ...] = (RemoteError, ConnectionError,
                                            *STREAM_FAILURES_OR_TIMEOUT)
@@ -118,10 +112,7 @@ class WeightStore(Service):
         self.announce_s = announce_s
         self.chunks: dict[bytes, bytes] = {}
         self.held: dict[bytes, Held] = {}  # by manifest hash
-        self.following: dict[str, str | None] = {}  # run -> trainer (None: first heard)
-        self.announced: dict[str, tuple[VersionAnnounce, SignedAnnounce]] = {}  # newest
-        self._holders: dict[bytes, dict[str, float]] = {}  # manifest hash -> peer -> seen
-        self._hooks: list[AnnounceHook] = []
+        self.runs = Announcements(node, announce_s, self._heard_have)
         self._pulls: dict[bytes, ChunkPlan] = {}  # in progress, by manifest hash
         self._wake: dict[bytes, trio.Event] = {}
         self._locks: dict[tuple[str, int], trio.Lock] = {}
@@ -131,24 +122,31 @@ class WeightStore(Service):
         self.pull_seconds = 0.0  # all pulls together
         self._nursery: trio.Nursery | None = None
 
-    # ---- following -----------------------------------------------------------------------
+    # ---- following (announce.py) --------------------------------------------------------
 
     def follow(self, run_id: str, trainer: str | None = None) -> None:
         """Act on announcements of `run_id` by `trainer` (None: the first author heard)."""
-        self.following[run_id] = trainer
+        self.runs.follow(run_id, trainer)
 
     def on_announce(self, hook: AnnounceHook) -> None:
         """Run `hook(announce)` for each new version of a followed run (in this service's
-        nursery; its errors are logged)."""
-        self._hooks.append(hook)
+        nursery; its errors are logged): a sampler that lags pulls."""
+        self.runs.hooks.append(hook)
 
     def latest(self, run_id: str) -> VersionAnnounce | None:
-        got = self.announced.get(run_id)
-        return got[0] if got else None
+        return self.runs.latest(run_id)
 
     def holders(self, manifest_hash: bytes) -> list[str]:
-        cutoff = time.monotonic() - 3 * self.announce_s
-        return [p for p, seen in self._holders.get(manifest_hash, {}).items() if seen >= cutoff]
+        return self.runs.holders(manifest_hash)
+
+    def _heard_have(self, have: Have) -> None:
+        """A holder joins a pull in progress."""
+        plan = self._pulls.get(have.manifest_hash)
+        if plan is not None:
+            plan.add_holder(have.holder)
+            wake = self._wake.get(have.manifest_hash)
+            if wake is not None:
+                wake.set()
 
     # ---- the trainer's side --------------------------------------------------------------
 
@@ -165,11 +163,11 @@ class WeightStore(Service):
                                    author=self.node.peer_id, timestamp=time.time())
         body, sig = seal(announce, self.node.key_pair.private_key)
         signed = SignedAnnounce(body=body, sig=sig)
-        self.following.setdefault(run_id, self.node.peer_id)
+        self.runs.following.setdefault(run_id, self.node.peer_id)
         self.chunks.update(chunks)
         self._hold(Held(announce, signed, manifest, manifest_bytes, complete=True))
-        self.announced[run_id] = (announce, signed)
-        await self._gossip(signed)
+        self.runs.announced[run_id] = (announce, signed)
+        await self.runs.publish(signed)
         return manifest
 
     # ---- the sampler's side --------------------------------------------------------------
@@ -201,7 +199,7 @@ class WeightStore(Service):
                  if h not in self.chunks and any(h in t.chunks for t in entries)}
         sources: Counter[str] = Counter()
         if sizes:
-            await self._gossip(self._have(held))  # serve what we fetch as it comes in
+            await self.runs.publish(self._have(held))  # serve what we fetch as it comes in
             peers = [*self.holders(key), *hints, held.announce.author]
             plan = ChunkPlan(sizes, [p for p in peers if p != self.node.peer_id],
                              author=held.announce.author, max_in_flight=self.parallel,
@@ -219,7 +217,7 @@ class WeightStore(Service):
             held.complete = True
         self._drop_old(run_id)
         if sizes:
-            await self._gossip(self._have(held))
+            await self.runs.publish(self._have(held))
             seconds = time.monotonic() - started
             stat = PullStat(run_id, version, seconds, sum(sizes.values()), len(sizes),
                             dict(sources))
@@ -238,11 +236,11 @@ class WeightStore(Service):
         return None
 
     async def _fetch_manifest(self, run_id: str, version: int, hints: list[str]) -> Held:
-        if run_id not in self.following:
+        if run_id not in self.runs.following:
             raise WeightsUnavailable(f"not following run {run_id!r}")
-        known = self.announced.get(run_id)
+        known = self.runs.announced.get(run_id)
         want = known[0].manifest_hash if known and known[0].version == version else b""
-        trainer = self.following[run_id] or (known[0].author if known else None)
+        trainer = self.runs.following[run_id] or (known[0].author if known else None)
         peers = self.holders(want) if want else []
         random.shuffle(peers)
         candidates = [*peers, *hints, *([trainer] if trainer else [])]
@@ -274,7 +272,7 @@ class WeightStore(Service):
         """The held version a reply describes, once the trainer's signature, the hash and
         the sizes check out. Raises PeerError."""
         assert reply.announce is not None
-        announce = self._verify(reply.announce)
+        announce = self.runs.verify(reply.announce)
         if (announce.run_id, announce.version) != (run_id, version):
             raise BadAnnounce(f"asked for {run_id} v{version}, got {announce.run_id} "
                               f"v{announce.version}")
@@ -409,122 +407,25 @@ class WeightStore(Service):
                 data.append(b"")
         return ChunkReply(data=tuple(data))
 
-    # ---- gossip --------------------------------------------------------------------------
-
-    def _verify(self, signed: SignedAnnounce) -> VersionAnnounce:
-        """The announcement, once its signature, values and author check out (the run's
-        trainer, when we follow the run). Raises PeerError."""
-        announce = unseal(signed.body, signed.sig, VersionAnnounce, lambda a: a.author)
-        announce.check(time.time())
-        trainer = self.following.get(announce.run_id)
-        if trainer is not None and announce.author != trainer:
-            raise PeerError(f"{announce.author} is not the trainer of {announce.run_id}",
-                            reason="not_trainer")
-        return announce
-
-    def _validate(self, forwarder: Any, msg: Any) -> bool:
-        """Topic validator: must never raise (LIBP2P_NOTES.md trap 2)."""
-        publisher = str(forwarder)
-        try:
-            publisher = str(ID(msg.from_id)) if msg.from_id else publisher
-            if len(msg.data) > MAX_GOSSIP_BYTES:
-                raise PeerError(f"{len(msg.data)} byte weights gossip", reason="oversized")
-            item = decode(msg.data, SignedAnnounce, Have)
-            if isinstance(item, Have):
-                item.check(time.time())
-                if item.holder != publisher:
-                    raise PeerError(f"a Have of {item.holder} published by {publisher}",
-                                    reason="impersonation")
-                return True
-            announce = self._verify(item)
-            newest = self.latest(announce.run_id)
-            if newest is not None and (announce.version, announce.timestamp) < (
-                    newest.version, newest.timestamp):
-                self.node.metrics.rejections.labels("stale_announce").inc()
-                return False  # an old version: honest late copies are common
-            return True
-        except PeerError as exc:
-            self.node.offence(publisher, exc.reason, f"weights gossip: {exc}")
-            return False
-        except Exception:
-            log.exception("weights gossip validator failed")
-            return False
-
-    async def _intake(self, subscription: Any) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                msg = await subscription.get()
-                try:
-                    item = decode(msg.data, SignedAnnounce, Have)  # the validator passed it
-                    if isinstance(item, Have):
-                        self._heard_have(item)
-                    else:
-                        self._heard_announce(item, nursery)
-                except PeerError:
-                    continue
-
-    def _heard_have(self, have: Have) -> None:
-        if have.holder == self.node.peer_id or have.run_id not in self.following:
-            return
-        holders = self._holders.setdefault(have.manifest_hash, {})
-        holders[have.holder] = time.monotonic()
-        while len(self._holders) > MAX_HOLDERS_TRACKED:
-            del self._holders[next(iter(self._holders))]
-        plan = self._pulls.get(have.manifest_hash)
-        if plan is not None:
-            plan.add_holder(have.holder)
-            wake = self._wake.get(have.manifest_hash)
-            if wake is not None:
-                wake.set()
-
-    def _heard_announce(self, signed: SignedAnnounce, nursery: trio.Nursery) -> None:
-        announce = self._verify(signed)
-        run = announce.run_id
-        if run not in self.following or announce.author == self.node.peer_id:
-            return
-        if self.following[run] is None:
-            self.following[run] = announce.author  # the first author heard
-        newest = self.latest(run)
-        if newest is not None and announce.version <= newest.version:
-            return
-        self.announced[run] = (announce, signed)
-        self.node.events.publish("weights.announced", run_id=run, version=announce.version,
-                                 author=announce.author, kind=announce.kind)
-        for hook in self._hooks:
-            nursery.start_soon(self._run_hook, hook, announce)
-
-    async def _run_hook(self, hook: AnnounceHook, announce: VersionAnnounce) -> None:
-        try:
-            await hook(announce)
-        except Exception:
-            log.exception("a weights announcement hook failed (%s v%d)", announce.run_id,
-                          announce.version)
-
-    async def _gossip(self, item: SignedAnnounce | Have) -> None:
-        try:
-            await self.node.pubsub.publish(TOPIC, encode(item))
-        except Exception:
-            log.warning("publishing %s failed", type(item).__name__, exc_info=True)
-
     async def _reannounce(self) -> None:
         """Soft state: our newest authored announcement and newest held version of
         each run, every `announce_s`."""
         while True:
             await trio.sleep(self.announce_s)
-            for run in list(self.following):
-                got = self.announced.get(run)
+            for run in list(self.runs.following):
+                got = self.runs.announced.get(run)
                 if got is not None and got[0].author == self.node.peer_id:
-                    await self._gossip(got[1])
+                    await self.runs.publish(got[1])
                 mine = [h for h in self.held.values() if h.announce.run_id == run]
                 if mine:
-                    await self._gossip(self._have(max(mine, key=lambda h: h.announce.version)))
+                    await self.runs.publish(self._have(max(mine, key=lambda h: h.announce.version)))
 
     # ---- the service ---------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         node = self.node
-        node.pubsub.set_topic_validator(TOPIC, self._validate, False)
+        node.pubsub.set_topic_validator(TOPIC, self.runs.validate, False)
         node.set_stream_handler(MANIFEST.id, stream_handler(MANIFEST, self._serve_manifest,
                                                             node.offence))
         node.set_stream_handler(CHUNKS.id, stream_handler(CHUNKS, self._serve_chunks,
@@ -533,7 +434,7 @@ class WeightStore(Service):
         subscription = await node.pubsub.subscribe(TOPIC)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._intake, subscription)
+            nursery.start_soon(self.runs.intake, subscription)
             nursery.start_soon(self._reannounce)
             task_status.started()
 
@@ -543,7 +444,7 @@ class WeightStore(Service):
     def status(self) -> dict[str, Any]:
         last = self.pull_stats[-1] if self.pull_stats else None
         return {"weights": {
-            "following": dict(self.following),
+            "following": dict(self.runs.following),
             "held": sorted(f"{h.announce.run_id}@{h.announce.version}"
                            + ("" if h.complete else " (part)") for h in self.held.values()),
             "held_bytes": sum(len(c) for c in self.chunks.values()),

@@ -318,3 +318,19 @@ async def test_forged_announcements_are_rejected_and_counted(tmp_path: Path) -> 
         await sw.trainer.publish(RUN, MODEL, 1, "full", {"w": torch.ones(4)})
         await wait_for(lambda: heard == [1], what="the trainer's announcement")
         assert sw.s1.holders(b"\1" * 32) == []
+
+
+# ---- the benchmark's helper -----------------------------------------------------------
+
+
+async def test_the_sync_timing_helper_runs_on_a_few_megabytes(tmp_path: Path) -> None:
+    from peerd.rl.sync_timing import time_weight_sync
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(512, 512, generator=g)
+               for i in range(4)}  # 4 MiB of float32
+    timing = await time_weight_sync(tensors, tmp_path, samplers=2, chunk_bytes=256 * 1024)
+    assert timing.nbytes == 4 * 512 * 512 * 4 and timing.chunks == 16
+    assert len(timing.pull_s) == 2 and all(s > 0 for s in timing.pull_s)
+    # every byte each sampler fetched was served by the trainer or the other sampler
+    assert timing.trainer_uploaded + timing.samplers_uploaded == 2 * timing.nbytes

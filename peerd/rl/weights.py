@@ -114,6 +114,7 @@ class WeightStore(Service):
         self.held: dict[bytes, Held] = {}  # by manifest hash
         self.runs = Announcements(node, announce_s, self._heard_have)
         self._pulls: dict[bytes, ChunkPlan] = {}  # in progress, by manifest hash
+        self._pinned: Counter[bytes] = Counter()  # versions being pulled: kept
         self._wake: dict[bytes, trio.Event] = {}
         self._locks: dict[tuple[str, int], trio.Lock] = {}
         self.pull_stats: deque[PullStat] = deque(maxlen=32)
@@ -193,10 +194,24 @@ class WeightStore(Service):
         held = self._held_version(run_id, version) or await self._fetch_manifest(
             run_id, version, hints)
         key = held.announce.manifest_hash
+        self._pinned[key] += 1  # not dropped while we pull it, however old
+        try:
+            return await self._pull_chunks(held, names, hints, started)
+        finally:
+            self._pinned[key] -= 1
+            if not self._pinned[key]:
+                del self._pinned[key]
+            self._drop_old(run_id)
+
+    async def _pull_chunks(self, held: Held, names: Iterable[str] | None, hints: list[str],
+                           started: float) -> dict[str, torch.Tensor]:
+        key = held.announce.manifest_hash
+        run_id, version = held.announce.run_id, held.announce.version
         wanted = None if names is None else list(names)
-        entries = [t for t in held.manifest.tensors if wanted is None or t.name in wanted]
+        needed = {h for t in held.manifest.tensors if wanted is None or t.name in wanted
+                  for h in t.chunks}
         sizes = {h: s for h, s in held.manifest.chunk_sizes().items()
-                 if h not in self.chunks and any(h in t.chunks for t in entries)}
+                 if h in needed and h not in self.chunks}
         sources: Counter[str] = Counter()
         if sizes:
             await self.runs.publish(self._have(held))  # serve what we fetch as it comes in
@@ -215,7 +230,6 @@ class WeightStore(Service):
         tensors = await trio.to_thread.run_sync(assemble, held.manifest, self.chunks, wanted)
         if not held.complete and all(h in self.chunks for h in held.manifest.chunk_sizes()):
             held.complete = True
-        self._drop_old(run_id)
         if sizes:
             await self.runs.publish(self._have(held))
             seconds = time.monotonic() - started
@@ -262,7 +276,7 @@ class WeightStore(Service):
                 log.warning("manifest of %s v%d from %s failed", run_id, version, peer,
                             exc_info=True)
                 continue
-            self._hold(held)
+            self.held[held.announce.manifest_hash] = held  # kept: the pull pins it
             return held
         raise WeightsUnavailable(f"no holder gave version {version} of {run_id} "
                                  f"(asked {len(candidates)})")
@@ -365,7 +379,7 @@ class WeightStore(Service):
         mine = sorted((h for h in self.held.values() if h.announce.run_id == run_id),
                       key=lambda h: h.announce.version, reverse=True)
         dropped = [h for h in mine[self.keep_versions:]
-                   if h.announce.manifest_hash not in self._pulls]
+                   if h.announce.manifest_hash not in self._pinned]
         if not dropped:
             return
         for held in dropped:

@@ -37,6 +37,9 @@ from peerd.inference.slot import ModelOptions, ModelSlot, Progress, ShardLimits
 from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
 from peerd.node import Node, open_node
+from peerd.rl.rollout_service import Rollouts
+from peerd.rl.training import Training
+from peerd.rl.weights import WeightStore
 from peerd.service import Service
 
 log = logging.getLogger("peerd")
@@ -135,7 +138,12 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     solver = ModelSolver(model) if model.options is not None else None
     symphony = Symphony(node, ledger, solver, make_matcher(config.skill_matcher),
                         skills=config.skills, warm_up=solver is not None)
-    return [ledger, model, symphony]
+    weights = WeightStore(node)  # RL policy versions: published, pulled and re-served
+    training = Training(node, ledger, weights, config.data_dir)  # RL runs asked of us
+    services: list[Service] = [ledger, model, symphony, weights, training]
+    if config.rollout:
+        services.append(Rollouts(node, ledger, model, weights))
+    return services
 
 
 async def _main(config: Config, key_pair: Any, token: str, api_config: Any, sockets: Any,

@@ -9,11 +9,15 @@ policy version that generated it, the sampler's peer id, the decoded text) in it
 canonical bytes, signed by the sampler (`SignedRollout`, as SignedAnswer in task.py):
 a rollout is kept in the trainer's buffer and judged later, so it carries its author.
 
-Versions: in sync mode the sampler must be AT the wanted version; one that is behind
-refuses with an ErrorReply of code BEHIND (`behind_message` says both versions; the
-trainer's client reads them back with `versions_of`), one ahead with AHEAD. In async
-mode the sampler answers at whatever version it holds: each rollout carries it, and
-the trainer's buffer judges the staleness.
+Versions: a request names the OLDEST policy version the trainer will take (in sync
+mode its current one; in async mode the current one less the staleness bound). A
+sampler that is behind pulls that version (or a newer one) from the weights service
+before it generates (Echo's sequential pull); one that cannot refuses with an
+ErrorReply of code BEHIND (`behind_message` says both versions; the trainer's client
+reads them back with `versions_of`). Each rollout carries the version that made it,
+and the trainer judges its staleness when it trains on it. A sampler follows one run
+at a time: once it has taken a run's version, another run's request is refused with
+OTHER_RUN until the sampler restarts.
 
 Async push: a sampler that generates on its own pushes what it made to the trainer
 with a `RolloutPush` on the push protocol, answered by a `PushAck` (how many were
@@ -57,7 +61,8 @@ MAX_REASON_CHARS = 40
 MAX_REASONS = 16
 
 BEHIND = "behind"  # ErrorReply code: the sampler is at an older version than asked
-AHEAD = "ahead"  # ErrorReply code: the sampler is at a newer version than asked
+AHEAD = "ahead"  # ErrorReply code: kept for peers of the first 1.0.0 (sync meant "at")
+OTHER_RUN = "other_run"  # ErrorReply code: the sampler's policy follows another run
 
 
 def behind_message(have: int, want: int) -> str:
@@ -91,7 +96,7 @@ class RolloutRequest(Message):
     top_p: float
     max_tokens: int
     seed: int
-    version: int  # the policy version wanted (see the module docstring)
+    version: int  # the oldest policy version wanted (see the module docstring)
     mode: str  # "sync" | "async"
 
     def check(self) -> None:

@@ -4,10 +4,11 @@ model.
 For each RolloutRequest (checked strictly first) it tokenizes every prompt with the
 model's chat template (add_generation_prompt=True), generates the group's G
 completions per prompt with the local policy (policy.py) at ONE version for the whole
-request, and answers each completion signed. In sync mode it answers only at the
-wanted version: behind or ahead, it refuses with code BEHIND / AHEAD naming both
-versions (the weight pull that catches it up is wired by the trainer's side); in async
-mode at its own. `produce` + `push_rollouts` (rollouts.py) are the async push.
+request, and answers each completion signed. A request names the oldest version it
+takes: a sampler behind it first catches up (`catch_up`: the weights service's pull,
+wired by the daemon, follow.py), else refuses with code BEHIND naming both versions.
+Once it has taken a run's version it serves that run only (OTHER_RUN for another).
+`produce` + `push_rollouts` (rollouts.py) are the async push.
 
 The compute is the whole CPU, so one request generates at a time; up to `max_queued`
 more wait their turn, and beyond that a request is refused "busy" (not an offence).
@@ -23,24 +24,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
 from peerd.node import Node
-from peerd.rl.policy import Completion, LocalPolicy, VersionMismatch
+from peerd.rl.policy import Completion, LocalPolicy
 from peerd.rl.rollouts import sign_rollout
 from peerd.rpc import Busy, stream_handler
 from peerd.service import EntryFields, Service
 from protocols.codec import packb
 from protocols.errors import PeerError
 from protocols.rollout import (
-    AHEAD,
     BEHIND,
     FEATURE_ROLLOUT,
     MAX_PROMPT_TOKENS,
+    OTHER_RUN,
     ROLLOUT,
     TEXT_CHARS_PER_TOKEN,
     RolloutBatch,
@@ -59,10 +60,18 @@ MAX_QUEUED = 4  # requests waiting behind the one generating
 
 
 class WrongVersion(Busy):
-    """Not at the version a sync request wants: no offence, the trainer pulls or waits."""
+    """Behind the version a request wants and unable to catch up: no offence."""
 
     def __init__(self, have: int, want: int) -> None:
-        super().__init__(behind_message(have, want), reason=BEHIND if have < want else AHEAD)
+        super().__init__(behind_message(have, want), reason=BEHIND)
+
+
+class OtherRun(Busy):
+    reason = OTHER_RUN
+
+
+CatchUp = Callable[[str, int, str], Awaitable[None]]  # (run id, version, trainer peer):
+# pull `version` (or newer) of the run and apply it to the policy
 
 
 class TooLong(Busy):
@@ -75,8 +84,11 @@ class RolloutSampler(Service):
     name = "rollout"
 
     def __init__(self, node: Node, policy: LocalPolicy, tokenizer: Any,
-                 eos_ids: Iterable[int], *, max_queued: int = MAX_QUEUED) -> None:
+                 eos_ids: Iterable[int], *, max_queued: int = MAX_QUEUED,
+                 catch_up: CatchUp | None = None) -> None:
         self.node = node
+        self.catch_up = catch_up
+        self.run_id: str | None = None  # the run whose versions the policy follows
         self.policy = policy
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
@@ -123,21 +135,33 @@ class RolloutSampler(Service):
 
     async def _serve(self, peer: str, request: RolloutRequest) -> RolloutBatch:
         request.check()
-        rollouts = await self.produce(request)
+        rollouts = await self.produce(request, peer)
         self.requests_served += 1
         self.node.events.publish("rollout.served", requester=peer, run_id=request.run_id,
                                  version=self.policy.version, rollouts=len(rollouts))
         return RolloutBatch(rollouts=tuple(rollouts))
 
-    async def produce(self, request: RolloutRequest) -> list[SignedRollout]:
+    async def produce(self, request: RolloutRequest, peer: str = "") -> list[SignedRollout]:
         """The request's rollouts, signed: prompt by prompt, G each, in order. Raises
-        Busy ("busy", BEHIND / AHEAD, "too_long") when it cannot."""
+        Busy ("busy", BEHIND, OTHER_RUN, "too_long") when it cannot. `peer`: who asks
+        (the trainer, from whom a version may be pulled)."""
         if self._waiting > self.max_queued:  # one generating, max_queued waiting
             raise Busy(f"this sampler has {self._waiting} rollout requests in hand")
         self._waiting += 1
         try:
-            if request.mode == "sync" and request.version != self.policy.version:
-                raise WrongVersion(self.policy.version, request.version)  # before the queue
+            if self.run_id not in (None, request.run_id) and self.policy.version > 0:
+                raise OtherRun(f"this sampler's policy follows run {self.run_id!r}; "
+                               "restart it to sample for another run")
+            if self.policy.version < request.version:
+                if self.catch_up is None:
+                    raise WrongVersion(self.policy.version, request.version)
+                self.run_id = request.run_id
+                try:
+                    await self.catch_up(request.run_id, request.version, peer)
+                except Exception as exc:
+                    log.warning("could not catch up to version %d of %s: %s",
+                                request.version, request.run_id, exc)
+                    raise WrongVersion(self.policy.version, request.version) from None
             prompts = await trio.to_thread.run_sync(self._tokenize, request.prompts)
             for ids in prompts:
                 if len(ids) > MAX_PROMPT_TOKENS or len(ids) + request.max_tokens > \
@@ -151,10 +175,7 @@ class RolloutSampler(Service):
                     generation = await self.policy.generate_many(
                         prompts, n=request.group, temperature=request.temperature,
                         top_p=request.top_p, max_tokens=request.max_tokens,
-                        seed=request.seed, eos_ids=self.eos_ids,
-                        at_version=request.version if request.mode == "sync" else None)
-                except VersionMismatch as exc:  # a version applied while we queued
-                    raise WrongVersion(exc.have, exc.want) from None
+                        seed=request.seed, eos_ids=self.eos_ids)
                 finally:
                     self._idle()
             texts = await trio.to_thread.run_sync(self._decode, generation.groups)

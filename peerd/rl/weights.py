@@ -27,9 +27,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from trio_typing import TaskStatus
@@ -38,12 +37,15 @@ from peerd.agents.sealing import seal
 from peerd.node import Node
 from peerd.rl.announce import AnnounceHook, Announcements
 from peerd.rl.chunks import ChunkPlan
-from peerd.rl.manifest import assemble, build_manifest, check_chunk
 from peerd.rpc import call, stream_handler
 from peerd.service import EntryFields, Service
 from peerd.streams import STREAM_FAILURES_OR_TIMEOUT
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, RemoteError
+
+if TYPE_CHECKING:
+    import torch
+
 from protocols.weights import (
     CHUNKS,
     DEFAULT_CHUNK_BYTES,
@@ -155,6 +157,8 @@ class WeightStore(Service):
                       tensors: Mapping[str, torch.Tensor], lora_scale: float | None = None
                       ) -> Manifest:
         """Store `tensors` as `version` of `run_id`, which we author, and announce it."""
+        from peerd.rl.manifest import build_manifest  # torch: only when there is work
+
         manifest, chunks = await trio.to_thread.run_sync(
             lambda: build_manifest(run_id, model_id, version, kind, tensors,
                                    chunk_bytes=self.chunk_bytes, lora_scale=lora_scale))
@@ -227,6 +231,8 @@ class WeightStore(Service):
             finally:
                 del self._pulls[key]
                 self._wake.pop(key, None)
+        from peerd.rl.manifest import assemble  # torch: only when there is work
+
         tensors = await trio.to_thread.run_sync(assemble, held.manifest, self.chunks, wanted)
         if not held.complete and all(h in self.chunks for h in held.manifest.chunk_sizes()):
             held.complete = True
@@ -242,6 +248,11 @@ class WeightStore(Service):
                                      seconds=round(seconds, 4), bytes=stat.bytes,
                                      sources=dict(sources))
         return tensors
+
+    def manifest(self, run_id: str, version: int) -> Manifest | None:
+        """The manifest of a version we hold (after publish or pull): its kind, scale."""
+        held = self._held_version(run_id, version)
+        return None if held is None else held.manifest
 
     def _held_version(self, run_id: str, version: int) -> Held | None:
         for held in self.held.values():
@@ -362,7 +373,7 @@ class WeightStore(Service):
         bad: dict[bytes, PeerError] = {}
         for h, data in offered:
             try:
-                check_chunk(h, data, plan.sizes[h])
+                _check_chunk(h, data, plan.sizes[h])
             except PeerError as exc:
                 bad[h] = exc
         return bad
@@ -494,3 +505,9 @@ class _WeightsCollector:
         last = GaugeMetricFamily("peerd_weights_last_pull_seconds", "The last pull's time")
         last.add_metric([], s.pull_stats[-1].seconds if s.pull_stats else 0.0)
         yield last
+
+
+def _check_chunk(h: bytes, data: bytes, size: int) -> None:
+    from peerd.rl.manifest import check_chunk  # torch: imported once a pull runs
+
+    check_chunk(h, data, size)

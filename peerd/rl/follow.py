@@ -1,0 +1,67 @@
+"""A sampler follows its trainer's policy: pull a version, apply it between requests.
+
+The glue between the weights service (weights.py: manifests, chunks, announcements)
+and the sampler's policy (policy.py: versions applied atomically between
+generations). A request for a newer version than ours pulls it first (sync mode's
+sequential pull: `catch_up`); an announcement of a newer version of the run we
+follow is pulled at once, in the background (async mode's pull when we lag), so the
+next request usually finds it applied.
+
+A full version replaces the named tensors; a LoRA version's adapters become deltas on
+the version-0 base (manifest.lora_deltas). Tensors are cast to the policy's dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from peerd.rl.manifest import lora_deltas
+from peerd.rl.policy import LocalPolicy
+from peerd.rl.weights import WeightStore
+from protocols.weights import VersionAnnounce
+
+log = logging.getLogger(__name__)
+
+
+class Follower:
+    def __init__(self, weights: WeightStore, policy: LocalPolicy) -> None:
+        self.weights = weights
+        self.policy = policy
+        self.run_id: str | None = None
+        self._lock = trio.Lock()  # one pull-and-apply at a time
+        weights.on_announce(self._announced)
+
+    async def catch_up(self, run_id: str, version: int, trainer: str) -> None:
+        """Be at `version` of `run_id` or newer (the newest announced); raise if the
+        version cannot be had."""
+        if self.run_id != run_id:
+            self.weights.follow(run_id, trainer)
+            self.run_id = run_id
+        latest = self.weights.latest(run_id)
+        target = max(version, latest.version if latest is not None else version)
+        await self._take(run_id, target, [trainer])
+
+    async def _announced(self, announce: VersionAnnounce) -> None:
+        if announce.run_id == self.run_id and announce.version > self.policy.version:
+            await self._take(announce.run_id, announce.version, [announce.author])
+
+    async def _take(self, run_id: str, version: int, hints: list[str]) -> None:
+        async with self._lock:
+            if self.policy.version >= version:
+                return  # another pull got there first
+            tensors = await self.weights.pull(run_id, version, hints=hints)
+            manifest = self.weights.manifest(run_id, version)
+            if manifest is None:
+                raise RuntimeError(f"version {version} of {run_id} pulled but not held")
+            dtypes = {n: d for n, (_, d) in self.policy.parameters().items()}
+            if manifest.kind == "lora":
+                deltas = await trio.to_thread.run_sync(
+                    lora_deltas, tensors, float(manifest.lora_scale or 1.0))
+                await self.policy.apply(version, deltas={
+                    n: t.to(dtypes.get(n, t.dtype)) for n, t in deltas.items()})
+            else:
+                await self.policy.apply(version, full={
+                    n: t.to(dtypes.get(n, t.dtype)) for n, t in tensors.items()})
+            log.info("policy of %s now at version %d (%s)", run_id, version, manifest.kind)

@@ -1,0 +1,52 @@
+"""The trainer's view of its samplers: who they are, which to ask, who is dropped.
+
+A sampler is a peer whose ledger entry advertises the rollout feature and serves our
+model whole (the same model id, every layer). A sampler that fails a request is
+asked again later; one that fails `MAX_FAILURES` requests in a row, or is caught
+lying, is dropped for the rest of the run (a lie is also an offence on the node).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from peerd.ledger.book import Ledger
+from protocols.ledger import LedgerEntry
+
+MAX_FAILURES = 3
+
+
+def serves_whole(entry: LedgerEntry, model_id: str) -> bool:
+    return any(m.model_id == model_id and m.layer_start == 0 and m.num_layers > 0
+               and m.layer_end == m.num_layers for m in entry.models)
+
+
+@dataclass
+class SamplerPool:
+    book: Ledger
+    model_id: str
+    feature: str  # the ledger feature a sampler advertises
+    own_id: str
+    dropped: dict[str, str] = field(default_factory=dict)  # peer -> why
+    failures: Counter[str] = field(default_factory=Counter)  # in a row
+
+    def found(self) -> list[str]:
+        """Samplers in the ledger now, not dropped, sorted (a stable order)."""
+        return sorted(e.peer_id for e in self.book.entries()
+                      if self.feature in e.features and serves_whole(e, self.model_id)
+                      and e.peer_id not in self.dropped)
+
+    def failed(self, peer: str, why: str) -> bool:
+        """Count a failed request; True when the sampler is dropped for it."""
+        self.failures[peer] += 1
+        if self.failures[peer] >= MAX_FAILURES:
+            self.dropped[peer] = f"{MAX_FAILURES} failures in a row, the last: {why}"
+            return True
+        return False
+
+    def served(self, peer: str) -> None:
+        self.failures.pop(peer, None)
+
+    def drop(self, peer: str, why: str) -> None:
+        self.dropped[peer] = why

@@ -1,0 +1,401 @@
+"""The trainer: GRPO on rollouts from the swarm's samplers, in sync or async mode.
+
+One producer per sampler asks it for the rollouts of one prompt slot at a time
+(slots.py says which slot, and the oldest policy version that may generate it); the
+trainer takes each step's slots as they are ready:
+
+- sync (Echo's sequential pull): nothing is handed out beyond the current step, and
+  every request names the current version, so a sampler that is behind pulls first;
+  every rollout a step trains is on-policy.
+- async (Echo's push-pull): slots up to S steps ahead go out while the trainer
+  trains, to samplers that may be up to S versions behind. A rollout's staleness is
+  measured when its step trains it (`trainer version - rollout version <= S`, else it
+  is refused "stale" and its slot goes out again); the clipped importance ratio
+  against the sampler's behaviour log-probs corrects what is off-policy.
+
+Before a step, the rollouts generated at the trainer's own version are checked:
+their prompt ids must be the trainer's tokenisation of the slot's prompt, and the
+sampler's behaviour log-probs must match the trainer's own within
+`verify_tolerance` (mean absolute difference a token). A sampler that fails is
+dropped for the run and counted as an offence; its slots go out again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from peerd.rl.buffer import ReplayBuffer
+from peerd.rl.grpo import group_advantages, grpo_loss, is_degenerate
+from peerd.rl.run import RunSpec
+from peerd.rl.samplers import SamplerPool
+from peerd.rl.slots import Slots
+from peerd.rl.tasks import Problem, Task
+from peerd.rl.types import Group, Rollout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What `GET /v1/rl/runs/ID` shows while the run goes on."""
+
+    state: str = "starting"  # starting | waiting | training | done | failed | stopped
+    step: int = 0
+    version: int = 0
+    started: float = field(default_factory=time.time)
+    error: str = ""
+    samples: int = 0  # completions trained on
+    refused: Counter[str] = field(default_factory=Counter)  # groups, by the trainer's
+    # reasons (the buffer counts its own)
+    skipped_groups: int = 0  # all-equal rewards: no signal
+    trainer_idle_s: float = 0.0
+    train_s: float = 0.0
+    sync_s: float = 0.0  # the trainer's side: export and publish
+    last: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
+
+    def to_json(self) -> dict[str, Any]:
+        elapsed = time.time() - self.started
+        return {"state": self.state, "step": self.step, "version": self.version,
+                "elapsed_s": round(elapsed, 2), "error": self.error,
+                "samples": self.samples,
+                "samples_per_s": round(self.samples / elapsed, 3) if elapsed > 0 else 0.0,
+                "skipped_groups": self.skipped_groups,
+                "trainer_idle_s": round(self.trainer_idle_s, 2),
+                "train_s": round(self.train_s, 2), "sync_s": round(self.sync_s, 3),
+                "last": self.last}
+
+
+Sampler = Callable[[str, int, Problem, int, int], Any]  # (peer, slot, problem, seed,
+# min version) -> awaitable list[Rollout]
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, task: Task, learner: Any, tokenize: Callable[[str],
+                 list[int]], detokenize: Callable[[list[int]], str], pool: SamplerPool,
+                 sample: Sampler, publish: Callable[[int, Any], Any],
+                 checkpoint: Callable[[int, int, dict[str, Any]], Any], run_dir: Path,
+                 emit: Callable[..., None], offence: Callable[[str, str, str], None],
+                 *, step: int = 0, version: int = 0, state: dict[str, Any] | None = None
+                 ) -> None:
+        self.spec = spec
+        self.task = task
+        self.learner = learner
+        self.tokenize = tokenize
+        self.detokenize = detokenize
+        self.pool = pool
+        self.sample = sample
+        self.publish = publish  # (version, learner) -> awaitable: export and announce
+        self.checkpoint = checkpoint  # (step, version, state) -> awaitable
+        self.run_dir = run_dir
+        self.emit = emit  # (event type, **data)
+        self.offence = offence
+        staleness = spec.staleness if spec.mode == "async" else 0
+        self.staleness = staleness
+        self.slots = Slots(spec.batch, staleness if spec.mode == "async" else 0,
+                           next_slot=step * spec.batch)
+        self.version = version
+        self.offset = version - step  # versions move on across a resume; steps do not
+        self.progress = Progress(step=step, version=version)
+        if state:
+            p = self.progress
+            p.refused.update(state.get("refused", {}))
+            p.samples = int(state.get("samples", 0))
+            p.skipped_groups = int(state.get("skipped_groups", 0))
+            p.train_s, p.sync_s = state.get("train_s", 0.0), state.get("sync_s", 0.0)
+            p.trainer_idle_s = state.get("trainer_idle_s", 0.0)
+        self.buffer = (ReplayBuffer.from_json(state["buffer"], **self._buffer_args())
+                       if state and "buffer" in state else ReplayBuffer(**self._buffer_args()))
+        self.waiting: dict[int, str] = {}  # slot -> the group id of its rollouts, waiting
+        self.attempts: Counter[int] = Counter()  # slot -> times its rollouts arrived
+        self.sampler_of: dict[str, str] = {}  # group id -> the sampler that made it
+        self._changed = trio.Event()  # a slot came back, a group arrived, a step ended
+        self._prompt_ids: dict[int, list[int]] = {}
+        self._problems: dict[int, Problem] = {}
+
+    def _buffer_args(self) -> dict[str, Any]:
+        spec = self.spec
+        return {"staleness": self.staleness, "group_size": spec.group, "run_id": spec.run_id,
+                # every slot that may be out at once, and room for what is about to expire
+                "capacity_groups": spec.batch * (self.slots.ahead + 2) + 64}
+
+    # ---- slots ----------------------------------------------------------------------
+
+    def problem(self, slot: int) -> Problem:
+        if slot not in self._problems:  # a pure function of (task, seed, slot)
+            self._problems[slot] = self.task.problem(slot)
+        return self._problems[slot]
+
+    def seed(self, slot: int) -> int:
+        return (self.spec.seed * 1_000_003 + slot) % 2**62
+
+    def prompt_ids(self, slot: int) -> list[int]:
+        if slot not in self._prompt_ids:
+            self._prompt_ids[slot] = self.tokenize(self.problem(slot).prompt)
+        return self._prompt_ids[slot]
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # ---- the run --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._recruit, nursery)
+            await self._train()
+            nursery.cancel_scope.cancel()
+
+    async def _recruit(self, nursery: trio.Nursery) -> None:
+        """A producer for every sampler found, now and whenever one joins."""
+        running: set[str] = set()
+        while True:
+            for peer in self.pool.found():
+                if peer not in running:
+                    running.add(peer)
+                    nursery.start_soon(self._produce, peer, running)
+            await trio.sleep(1.0)
+
+    async def _produce(self, peer: str, running: set[str]) -> None:
+        try:
+            while peer not in self.pool.dropped:
+                slots = self.slots.hand_out(1)
+                if not slots:
+                    await self._changed.wait()
+                    continue
+                slot = slots[0]
+                min_version = self.offset + self.slots.min_version(slots, self.staleness)
+                try:
+                    with trio.fail_after(self.spec.sampler_timeout_s):
+                        rollouts = await self.sample(peer, slot, self.problem(slot),
+                                                     self.seed(slot), min_version)
+                except Exception as exc:  # the sampler failed: its slot goes out again
+                    self.slots.give_back([slot])
+                    why = f"{type(exc).__name__}: {exc}"[:300]
+                    dropped = self.pool.failed(peer, why)
+                    self.emit("rl.sampler_failed", peer_id=peer, slot=slot, error=why,
+                              dropped=dropped)
+                    self._wake()
+                    if not dropped:
+                        await trio.sleep(1.0)
+                    continue
+                self.pool.served(peer)
+                self._arrived(peer, slot, rollouts)
+        finally:
+            running.discard(peer)
+
+    def _arrived(self, peer: str, slot: int, rollouts: list[Rollout]) -> None:
+        why = self._malformed(peer, slot, rollouts)
+        if why:
+            self._refuse([slot], "malformed", peer, why)
+            return
+        answer = self.problem(slot).answer
+        self.attempts[slot] += 1
+        gid = f"{slot}.{self.attempts[slot]}"  # unique in the run, the slot readable in it
+        texts = [self.detokenize(list(r.completion_ids)) for r in rollouts]  # ours, not
+        # the sampler's: the reward is the trainer's to give
+        group = tuple(dataclasses.replace(r, group_id=gid, text=t,
+                                          reward=float(self.task.reward(t, answer)))
+                      for r, t in zip(rollouts, texts, strict=True))
+        reason = self.buffer.offer(group, self.version)
+        if reason is not None:
+            self._refuse([slot], reason, peer, f"group of version {group[0].version} at "
+                         f"trainer version {self.version}", counted=True)
+            return
+        self.waiting[slot] = gid
+        self.sampler_of[gid] = peer
+        self._wake()
+
+    def _malformed(self, peer: str, slot: int, rollouts: list[Rollout]) -> str:
+        if len(rollouts) != self.spec.group:
+            return f"{len(rollouts)} completions for a group of {self.spec.group}"
+        versions = {r.version for r in rollouts}
+        if len(versions) != 1:
+            return "one group, several versions"
+        (version,) = versions
+        if version > self.version:
+            return f"version {version} is newer than the trainer's {self.version}"
+        want = self.prompt_ids(slot)
+        for r in rollouts:
+            if r.sampler != peer:
+                return f"a rollout of {r.sampler[:16]} relayed by {peer[:16]}"
+            if list(r.prompt_ids) != want:
+                return "prompt ids are not the trainer's tokenisation of the prompt"
+            if not r.completion_ids or len(r.completion_ids) > self.spec.max_tokens:
+                return f"{len(r.completion_ids)} completion tokens (1..{self.spec.max_tokens})"
+            if len(r.behaviour_logprobs) != len(r.completion_ids):
+                return "one behaviour log-prob a token is required"
+        return ""
+
+    def _refuse(self, slots: list[int], reason: str, peer: str, detail: str = "",
+                *, counted: bool = False) -> None:
+        """Slots whose rollouts will not be trained on: counted (unless the buffer
+        did), told on /events, and handed out again."""
+        if not counted:
+            self.progress.refused[reason] += len(slots)
+        self.emit("rl.rejected", reason=reason, peer_id=peer, slots=slots, detail=detail)
+        for s in slots:
+            self.waiting.pop(s, None)
+        self.slots.give_back(slots)
+        self._wake()
+
+    async def _train(self) -> None:
+        while self.slots.step < self.spec.steps:
+            self.progress.state = "waiting"
+            idle = time.monotonic()
+            groups = await self._step_groups()
+            self.progress.trainer_idle_s += time.monotonic() - idle
+            self.progress.state = "training"
+            await self._train_step(groups)
+        self.progress.state = "done"
+
+    async def _step_groups(self) -> list[Group]:
+        """Wait until every slot of the step has a verified group admissible now."""
+        while True:
+            for gone in self.buffer.expire(self.version):  # aged out in the queue
+                self._refuse([_slot(gone[0].group_id)], "stale_at_train",
+                             self.sampler_of.pop(gone[0].group_id, ""), counted=True)
+            want = list(self.slots.current())
+            ids = [self.waiting.get(s) for s in want]
+            if all(ids):
+                gids = [g for g in ids if g is not None]
+                groups = [self.buffer.get(g) for g in gids]
+                if not await self._verify([g for g in groups if g is not None]):
+                    taken = self.buffer.take_ids(gids, self.version)
+                    assert taken is not None  # all waiting, all admissible: checked above
+                    for s in want:
+                        del self.waiting[s]
+                    return taken
+                continue
+            await self._changed.wait()
+
+    async def _verify(self, groups: list[Group]) -> set[str]:
+        """Check the on-policy groups' behaviour log-probs against ours; drop liars
+        (returned; their groups are let go and their slots go out again)."""
+        current = [g for g in groups if g[0].version == self.version]
+        if not current:
+            return set()
+        rollouts = [r for g in current for r in g]
+        ours = await trio.to_thread.run_sync(self.learner.score, rollouts,
+                                             self.spec.temperature)
+        liars: set[str] = set()
+        worst: dict[str, float] = {}
+        for r, lp in zip(rollouts, ours, strict=True):
+            dev = _mean_abs(lp, r.behaviour_logprobs)
+            worst[r.sampler] = max(worst.get(r.sampler, 0.0), dev)
+            if dev > self.spec.verify_tolerance:
+                liars.add(r.sampler)
+        self.progress.last["verify_max_dev"] = round(max(worst.values()), 5)
+        for peer in liars:
+            why = (f"behaviour log-probs off by up to {worst[peer]:.3f} a token on average "
+                   f"(tolerance {self.spec.verify_tolerance})")
+            self.pool.drop(peer, why)
+            self.offence(peer, "rl_lie", why)
+            mine = [g[0].group_id for g in groups if g[0].sampler == peer]
+            for gid in mine:
+                self.buffer.discard(gid, "verification")
+            self._refuse([_slot(g) for g in mine], "verification", peer, why, counted=True)
+        return liars
+
+    async def _train_step(self, groups: list[Group]) -> None:
+        spec = self.spec
+        t0 = time.monotonic()
+        advantages: list[float] = []
+        rollouts: list[Rollout] = []
+        skipped = 0
+        for g in groups:
+            rewards = torch.tensor([r.reward or 0.0 for r in g], dtype=torch.float32)
+            if is_degenerate(rewards):  # all equal: no signal, no gradient
+                skipped += 1
+                continue
+            adv = group_advantages(rewards, scale_std=spec.aggregation != "dr-grpo")
+            advantages.extend(float(a) for a in adv)
+            rollouts.extend(g)
+        stats: dict[str, Any] = {}
+        if rollouts:
+            def loss_fn(new_logp: torch.Tensor, batch: Any) -> Any:
+                return grpo_loss(new_logp, batch.behaviour_logprobs, batch.advantages,
+                                 batch.completion_mask, clip_eps=spec.clip_eps,
+                                 ref_logp=getattr(batch, "ref_logprobs", None),
+                                 kl_coef=spec.kl, aggregation=spec.aggregation,
+                                 max_len=spec.max_tokens, is_cap=spec.is_cap)
+
+            stats = await trio.to_thread.run_sync(self.learner.train, rollouts, advantages,
+                                                  loss_fn, spec.temperature)
+        train_s = time.monotonic() - t0
+        trained_at = self.version
+        self.version += 1
+        self.slots.advance()
+        step = self.slots.step
+        t1 = time.monotonic()
+        await self.checkpoint_if_due(step)
+        await self.publish(self.version, self.learner)
+        sync_s = time.monotonic() - t1
+        p = self.progress
+        p.train_s += train_s
+        p.sync_s += sync_s
+        p.skipped_groups += skipped
+        rewards = [r.reward or 0.0 for g in groups for r in g]
+        p.samples += len(rewards)
+        p.step, p.version = step, self.version
+        line = {"step": step, "version": self.version, "time": round(time.time(), 3),
+                "elapsed_s": round(time.time() - p.started, 3),
+                "reward": round(sum(rewards) / len(rewards), 4),
+                "staleness": round(sum(trained_at - g[0].version for g in groups)
+                                   / len(groups), 3),
+                "skipped_groups": skipped, "train_s": round(train_s, 3),
+                "sync_s": round(sync_s, 3),
+                **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats.items()}}
+        p.last.update(line)
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        self.emit("rl.step", **line)
+        self._wake()
+
+    async def checkpoint_if_due(self, step: int) -> None:
+        if step % self.spec.checkpoint_every == 0 or step >= self.spec.steps:
+            await self.checkpoint(step, self.version, self.state())
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the weights: the accounting, so that a
+        resumed run's counts and staleness histogram go on from where they were."""
+        p = self.progress
+        return {"buffer": self.buffer.to_json(), "refused": dict(p.refused),
+                "samples": p.samples, "skipped_groups": p.skipped_groups,
+                "train_s": p.train_s, "sync_s": p.sync_s, "trainer_idle_s": p.trainer_idle_s,
+                "spec": self.spec.to_json()}
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.progress.to_json()
+        b = self.buffer
+        refused = Counter(b.refused)
+        refused.update(self.progress.refused)
+        g = self.spec.group  # counts are kept in groups; shown in rollouts
+        out.update(admitted=b.admitted * g, waiting=b.waiting * g,
+                   refused={k: v * g for k, v in sorted(refused.items())},
+                   staleness={str(k): v * g for k, v in sorted(b.staleness_histogram.items())},
+                   samplers=self.pool.found(), dropped=dict(self.pool.dropped))
+        return out
+
+
+def _mean_abs(ours: Any, theirs: tuple[float, ...]) -> float:
+    a = torch.as_tensor(ours, dtype=torch.float64)[: len(theirs)]
+    b = torch.tensor(theirs, dtype=torch.float64)
+    if a.numel() != b.numel():
+        return math.inf
+    return float((a - b).abs().mean())
+
+
+def _slot(group_id: str) -> int:
+    return int(group_id.split(".", 1)[0])

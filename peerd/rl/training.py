@@ -1,0 +1,163 @@
+"""RL training runs as a service: `POST /v1/rl/runs` on a trainer peer.
+
+A run loads its own copy of the policy (learner.py: transformers, full or LoRA),
+finds the samplers in the ledger (samplers.py), and trains by GRPO (trainer.py),
+publishing each new version through the weights service (weights.py) for the
+samplers to pull. Its dir holds the checkpoints, `metrics.jsonl` (a line a step),
+`run.json` (the settings) and, at the end, `summary.json` and `reward.png`. Progress
+goes to `/events` (`rl.*`) and `/metrics`.
+
+A trainer peer needs no model of its own (`peerd start` without --model will do): the
+learner is separate from any model it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
+
+from peerd.api.rl import RunRefused, routes
+from peerd.ledger.gossip import LedgerGossip
+from peerd.node import Node
+from peerd.rl.run import RunSpec
+from peerd.rl.weights import WeightStore
+from peerd.service import Service
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from peerd.rl.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+ENDED = ("done", "failed", "stopped")
+
+
+class Run:
+    """One run on this peer: its settings, its dir, its trainer once started."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path) -> None:
+        self.spec = spec
+        self.dir = run_dir
+        self.state = "starting"
+        self.phase = "loading the policy"
+        self.error = ""
+        self.started = time.time()
+        self.trainer: Trainer | None = None
+        self.plot = ""
+        self.ended = trio.Event()
+
+    def fail(self, message: str) -> None:
+        self.state, self.error = "failed", message
+
+    def to_json(self) -> dict[str, Any]:
+        if self.trainer is not None:
+            out = self.trainer.to_json()
+        else:
+            out = {"step": 0, "version": 0, "samples": 0, "samples_per_s": 0.0,
+                   "elapsed_s": round(time.time() - self.started, 2), "refused": {},
+                   "staleness": {}, "skipped_groups": 0, "trainer_idle_s": 0.0,
+                   "admitted": 0, "last": {}, "samplers": [], "dropped": {}}
+        if self.state in ENDED or self.trainer is None:
+            out["state"] = self.state
+        out.update(id=self.spec.run_id, spec=self.spec.to_json(), dir=str(self.dir),
+                   metrics=str(self.dir / "metrics.jsonl"), plot=self.plot,
+                   phase=self.phase if out["state"] == "starting" else "")
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class Training(Service):
+    name = "rl"
+
+    def __init__(self, node: Node, ledger: LedgerGossip, weights: WeightStore,
+                 data_dir: Path) -> None:
+        self.node = node
+        self.ledger = ledger
+        self.weights = weights
+        self.root = data_dir / "rl"
+        self.runs: dict[str, Run] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def start_run(self, spec: RunSpec) -> Run:
+        """Accept a run (RunRefused says why not) and start it in the background."""
+        if self._nursery is None:
+            raise RunRefused("the RL service is not running yet; try again shortly")
+        busy = [r for r in self.runs.values() if r.state not in ENDED]
+        if busy:  # one learner at a time: it is the whole machine's compute
+            raise RunRefused(f"run {busy[0].spec.run_id!r} is still going on this peer; "
+                             "one run at a time (see `peerd rl status`)")
+        run_id = spec.run_id or (Path(spec.out).name if spec.out and spec.resume else "")
+        run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        run_dir = Path(spec.out) if spec.out else self.root / run_id
+        spec = RunSpec(**{**spec.to_json(), "run_id": run_id, "out": str(run_dir)})
+        await trio.to_thread.run_sync(_prepare_dir, run_dir, spec)
+        run = Run(spec, run_dir)
+        self.runs[run_id] = run
+        self._nursery.start_soon(self._go, run)
+        return run
+
+    async def _go(self, run: Run) -> None:
+        from peerd.rl.session import run_training  # torch: only when a run starts
+
+        try:
+            await run_training(self.node, self.ledger, self.weights, run)
+            run.state = "done" if run.trainer is None or run.trainer.progress.state == "done" \
+                else run.trainer.progress.state
+        except trio.Cancelled:
+            run.state = "stopped"
+            raise
+        except Exception as exc:
+            log.exception("RL run %s failed", run.spec.run_id)
+            run.fail(f"{type(exc).__name__}: {exc}")
+        finally:
+            run.ended.set()
+            self.node.events.publish("rl.ended", run_id=run.spec.run_id, state=run.state,
+                                     error=run.error)
+
+    def routes(self) -> Sequence[BaseRoute]:
+        return routes(self)
+
+    def status(self) -> dict[str, Any]:
+        return {"rl": {"runs": {rid: {"state": r.to_json()["state"],
+                                      "step": r.to_json()["step"]}
+                                for rid, r in self.runs.items()}}}
+
+
+def _prepare_dir(run_dir: Path, spec: RunSpec) -> None:
+    """Make the run dir, or say why it cannot be; with resume, there must be a run."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".writable"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunRefused(f"cannot write the run dir {run_dir}: {exc.strerror or exc}; "
+                         "pass --out DIR somewhere writable") from None
+    if spec.resume and not (run_dir / "checkpoints").is_dir():
+        raise RunRefused(f"nothing to resume in {run_dir} (no checkpoints/); drop --resume "
+                         "to start a new run")
+    if not spec.resume and (run_dir / "checkpoints").is_dir():
+        raise RunRefused(f"{run_dir} already holds a run; pass --resume to continue it, or "
+                         "another --out/--run-id")
+    try:
+        (run_dir / "run.json").write_text(json.dumps(spec.to_json(), indent=1))
+    except OSError as exc:
+        raise RunRefused(f"cannot write {run_dir / 'run.json'}: {exc.strerror or exc}"
+                         ) from None

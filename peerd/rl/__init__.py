@@ -1,0 +1,1 @@
+"""Echo: RL post-training with the swarm as samplers (issue 25)."""

@@ -359,14 +359,31 @@ def with_reference(batch: TokenBatch, reference_logprobs: torch.Tensor) -> Token
     return replace(batch, reference_logprobs=reference_logprobs)
 
 
+def broadcast_batch(batch: TokenBatch | None) -> TokenBatch:
+    """Rank 0's batch on every rank (the others pass None): `step` wants the whole batch
+    everywhere. Outside a process group, the batch itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if batch is None:
+            raise ValueError("no batch to train on")
+        return batch
+    box: list[TokenBatch | None] = [batch.to("cpu") if batch is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise ValueError("rank 0 has no batch to share")
+    return box[0]
+
+
 def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA);
-    (rank, world size). A process not started by torchrun is rank 0 of 1."""
+    (rank, world size). A process not started by torchrun is rank 0 of 1. On CUDA, load
+    the learner on f"cuda:{LOCAL_RANK}"."""
     import os
 
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        cuda = torch.device(device).type == "cuda"
+        if cuda:  # NCCL's collectives (broadcast_batch's too) run on the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()

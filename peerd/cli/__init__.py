@@ -23,6 +23,7 @@ from peerd.cli.admin import advertise, events, id_, ledger, peers, status
 from peerd.cli.client import fail
 from peerd.cli.draft import draft
 from peerd.cli.generate import chat, generate
+from peerd.cli.rl import rl
 from peerd.cli.shards import shards
 from peerd.cli.start import start
 from peerd.cli.task import task
@@ -33,6 +34,7 @@ COMMANDS: tuple[click.Command, ...] = (
     generate, chat, shards,
     draft,
     task,
+    rl,
 )
 
 

@@ -187,6 +187,11 @@ class Learner:
                    lora_scale=float(lora_alpha) / lora_rank, reference=None,
                    use_reference=reference)
 
+    @property
+    def use_reference(self) -> bool:
+        """Whether the version-0 policy is kept (for a KL term)."""
+        return self._use_reference
+
     # ---- log-probs -----------------------------------------------------------------
 
     def logprobs(self, batch: TokenBatch, *, temperature: float = 1.0) -> torch.Tensor:

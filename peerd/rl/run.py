@@ -71,15 +71,14 @@ class RunSpec:
             raise SpecError(unknown[0], f"unknown setting; known: {', '.join(sorted(known))}")
         values: dict[str, Any] = {}
         for name, value in body.items():
-            default = known[name].default
-            kind = type(default)
-            if kind is bool:
+            default: Any = known[name].default
+            if isinstance(default, bool):
                 if not isinstance(value, bool):
                     raise SpecError(name, "must be true or false")
-            elif kind is int:
+            elif isinstance(default, int):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise SpecError(name, "must be an integer")
-            elif kind is float:
+            elif isinstance(default, float):
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise SpecError(name, "must be a number")
                 value = float(value)

@@ -192,13 +192,7 @@ class RolloutSampler(Service):
         self._idle_since = time.monotonic()
 
     def _tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        out = []
-        for prompt in prompts:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True,
-                tokenize=False)
-            out.append(list(self.tokenizer(text, add_special_tokens=False).input_ids))
-        return out
+        return [chat_prompt_ids(self.tokenizer, prompt) for prompt in prompts]
 
     def _decode(self, groups: list[list[Completion]]) -> list[list[str]]:
         return [[str(self.tokenizer.decode(list(c.ids), skip_special_tokens=True))
@@ -226,6 +220,14 @@ class RolloutSampler(Service):
                 out.append(sign_rollout(msg, key))
         self.rollouts_produced += len(out)
         return out
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A user message as the model's chat template puts it, ready for the answer: the
+    prompt ids of a rollout (the trainer checks a sampler's against its own)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    return [int(i) for i in tokenizer(text, add_special_tokens=False).input_ids]
 
 
 def group_id_of(run_id: str, sampler: str, seed: int, version: int, prompt_index: int,

@@ -22,13 +22,13 @@ from peerd.rl import checkpoint
 from peerd.rl.learner import Learner, LossFn, TokenBatch
 from peerd.rl.plot import plot_runs
 from peerd.rl.rollouts import request_rollouts
-from peerd.rl.sampler import FEATURE_ROLLOUT
+from peerd.rl.sampler import chat_prompt_ids
 from peerd.rl.samplers import SamplerPool
 from peerd.rl.tasks import Problem, load_task
 from peerd.rl.trainer import Trainer
 from peerd.rl.types import Rollout
 from peerd.rl.weights import WeightStore
-from protocols.rollout import RolloutRequest
+from protocols.rollout import FEATURE_ROLLOUT, RolloutRequest
 
 if TYPE_CHECKING:
     from peerd.rl.training import Run
@@ -94,11 +94,7 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
     policy = Policy(learner, spec.aggregation)
 
     def tokenize(prompt: str) -> list[int]:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return chat_prompt_ids(tokenizer, prompt)
 
     def detokenize(ids: list[int]) -> str:
         return str(tokenizer.decode(ids, skip_special_tokens=True))

@@ -328,7 +328,8 @@ class Trainer:
                 return grpo_loss(new_logp, batch.behaviour_logprobs, batch.advantages,
                                  batch.completion_mask, clip_eps=spec.clip_eps,
                                  ref_logp=getattr(batch, "ref_logprobs", None),
-                                 kl_coef=spec.kl, aggregation=spec.aggregation,
+                                 kl_coef=spec.kl,
+                                 aggregation=spec.aggregation,  # type: ignore[arg-type]
                                  max_len=spec.max_tokens, is_cap=spec.is_cap)
 
             stats = await trio.to_thread.run_sync(self.learner.train, rollouts, advantages,
@@ -346,12 +347,12 @@ class Trainer:
         p.train_s += train_s
         p.sync_s += sync_s
         p.skipped_groups += skipped
-        rewards = [r.reward or 0.0 for g in groups for r in g]
-        p.samples += len(rewards)
+        scores = [r.reward or 0.0 for g in groups for r in g]
+        p.samples += len(scores)
         p.step, p.version = step, self.version
         line = {"step": step, "version": self.version, "time": round(time.time(), 3),
                 "elapsed_s": round(time.time() - p.started, 3),
-                "reward": round(sum(rewards) / len(rewards), 4),
+                "reward": round(sum(scores) / len(scores), 4),
                 "staleness": round(sum(trained_at - g[0].version for g in groups)
                                    / len(groups), 3),
                 "skipped_groups": skipped, "train_s": round(train_s, 3),

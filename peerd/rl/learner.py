@@ -196,7 +196,8 @@ class Learner:
 
     def logprobs(self, batch: TokenBatch, *, temperature: float = 1.0) -> torch.Tensor:
         """[B, T] log-probs of each completion token under the policy, with gradient:
-        log softmax(logits / temperature) at the sampled token, 0 past the end."""
+        log softmax(logits / temperature) at the sampled token, 0 past the end. Under
+        DDP this goes through the DDP wrapper: for checks without a backward, `score`."""
         return _token_logprobs(self.module, batch.to(self.device), temperature)
 
     @torch.no_grad()
@@ -326,9 +327,10 @@ def _token_logprobs(module: nn.Module, batch: TokenBatch,
                     attention_mask=batch.attention_mask).logits  # [B, L, V]
     rows = torch.arange(batch.size, device=logits.device)[:, None]  # [B, 1]
     picked = logits[rows, batch.positions].float() / temperature  # [B, T, V]
-    logp = torch.log_softmax(picked, dim=-1)  # [B, T, V]
-    chosen = logp.gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # [B, T]
-    return chosen * batch.completion_mask
+    # log softmax at one token: its logit minus the logsumexp (no second [B, T, V] tensor)
+    chosen = picked.gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # [B, T]
+    out: torch.Tensor = (chosen - torch.logsumexp(picked, dim=-1)) * batch.completion_mask
+    return out
 
 
 def _lora_adapters(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ serving. The async push: verified per rollout, refused by reason, relays refused
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -144,21 +146,24 @@ async def test_same_seed_same_rollouts(tmp_path: Path, tiny: ModelSource) -> Non
         assert [r.completion_ids for r in other] != [r.completion_ids for r in first]
 
 
-async def test_sync_requests_need_the_sampler_at_the_version(tmp_path: Path,
-                                                             tiny: ModelSource) -> None:
+async def test_a_request_names_the_oldest_version_it_takes(tmp_path: Path,
+                                                           tiny: ModelSource) -> None:
     async with trainer_and_sampler(tmp_path, tiny) as (trainer, node, sampler):
+        # behind, with no way to catch up (no weights service wired): refused, no offence
         with pytest.raises(SamplerVersion) as info:
             await request_rollouts(trainer, node.peer_id, request(version=2))
         assert (info.value.code, info.value.have, info.value.want) == ("behind", 0, 2)
         await sampler.policy.apply(3, full={})
-        with pytest.raises(SamplerVersion) as info:
-            await request_rollouts(trainer, node.peer_id, request(version=2))
-        assert (info.value.code, info.value.have, info.value.want) == ("ahead", 3, 2)
-        got = await request_rollouts(trainer, node.peer_id, request(version=3))
-        assert {r.version for r in got} == {3}
-        # async: answered at whatever version it holds, tagged so
-        got = await request_rollouts(trainer, node.peer_id, request(version=1, mode="async"))
-        assert {r.version for r in got} == {3}
+        sampler.run_id = "run-1"  # as catching up to run-1's version 3 would have set
+        # at or past the oldest version asked: answered, tagged with the version used
+        for mode in ("sync", "async"):
+            got = await request_rollouts(trainer, node.peer_id, request(version=2, mode=mode))
+            assert {r.version for r in got} == {3}
+        # a policy that follows a run serves no other
+        with pytest.raises(RemoteError) as other:
+            await request_rollouts(trainer, node.peer_id,
+                                   dataclasses.replace(request(version=0), run_id="run-2"))
+        assert other.value.code == "other_run"
         assert not trainer.offences.get(node.peer_id) and not node.offences.get(trainer.peer_id)
 
 
@@ -214,16 +219,17 @@ async def test_a_lying_sampler_is_refused_and_counted(tmp_path: Path, tiny: Mode
         tampered = SignedRollout(body=encode(RolloutMsg(**{
             **{f: getattr(msg, f) for f in msg.__dataclass_fields__},
             "behaviour_logprobs": (-0.0001,)})), sig=honest.sig)
-        for batch, reason in [
-            (RolloutBatch(rollouts=(tampered,)), "bad_signature"),
-            (RolloutBatch(rollouts=(honest, honest)), "wrong_rollout"),  # two for one asked
+        for batch, asked, reason in [
+            (RolloutBatch(rollouts=(tampered,)), one, "bad_signature"),
+            (RolloutBatch(rollouts=(honest, honest)), one, "wrong_rollout"),  # two for one
             (RolloutBatch(rollouts=(sign_rollout(RolloutMsg(**{
                 **{f: getattr(msg, f) for f in msg.__dataclass_fields__}, "version": 1}),
-                rogue.key_pair.private_key),)), "wrong_rollout"),  # not the wanted version
+                rogue.key_pair.private_key),)), dataclasses.replace(one, version=2),
+             "wrong_rollout"),  # older than the oldest version asked for
         ]:
             rogue.answer(ROLLOUT.id, frame(encode(batch)))
             with pytest.raises(PeerError) as info:
-                await request_rollouts(trainer, rogue.peer_id, one)
+                await request_rollouts(trainer, rogue.peer_id, asked)
             assert info.value.reason == reason
             assert trainer.offences[rogue.peer_id][reason] >= 1
         rogue.answer(ROLLOUT.id, frame(encode(RolloutBatch(rollouts=(honest,)))))
@@ -241,7 +247,7 @@ async def test_async_push_is_verified_and_acked_by_reason(tmp_path: Path,
             return {"admitted": len(rollouts) - 1, "stale": 1}  # the buffer's verdict
 
         serve_pushes(trainer, on_push)
-        signed = await sampler.produce(request(mode="async", version=5))
+        signed = await sampler.produce(request(mode="async", version=0))
         ack = await push_rollouts(node, trainer.peer_id, "run-1", signed)
         assert (ack.admitted, ack.refused) == (5, {"stale": 1})
         assert pushed[0][0] == node.peer_id and len(pushed[0][1]) == 6

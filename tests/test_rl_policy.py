@@ -214,6 +214,23 @@ async def test_lora_deltas_apply_to_the_base_and_do_not_stack(tiny: ModelSource)
     assert torch.allclose(weight(policy, norm), norm_base + 0.5)
 
 
+async def test_reset_goes_back_to_the_model_as_loaded(tiny: ModelSource) -> None:
+    policy = load(tiny)
+    expected = await sample(policy, seed=3)
+    names = [Q, "model.norm.weight", "lm_head.weight"]
+    before = {n: weight(policy, n) for n in names}
+    await policy.apply(1, full={"model.norm.weight": torch.full((64,), 5.0)})
+    await policy.apply(2, deltas={Q: torch.ones(64, 64)})
+    await policy.apply(3, full={"lm_head.weight": weight(policy, "lm_head.weight") * 2})
+    assert await sample(policy, seed=3) != expected
+    await policy.reset()
+    assert policy.version == 0
+    assert all(torch.equal(weight(policy, n), before[n]) for n in names)
+    assert await sample(policy, seed=3) == expected
+    await policy.apply(1, deltas={Q: torch.ones(64, 64)})  # a new run starts at 1 again
+    assert torch.allclose(weight(policy, Q), before[Q] + 1)
+
+
 async def test_apply_waits_for_a_running_generation(tiny: ModelSource) -> None:
     policy = load(tiny)
     expected = await sample(policy, max_tokens=40, seed=5, eos_ids=set())

@@ -8,9 +8,8 @@ serving. The async push: verified per rollout, refused by reason, relays refused
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path

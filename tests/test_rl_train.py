@@ -19,6 +19,7 @@ import trio
 
 from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.node import Node
+from peerd.rl.policy import Completion, Generation
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.run import RunSpec
 from peerd.rl.training import Run, Training
@@ -94,3 +95,115 @@ async def test_sync_training_learns_and_samplers_follow(tmp_path: Path, tiny: Pa
         assert all(s.sampler.policy.version >= 5 for s in samplers)
         assert (run.dir / "reward.png").stat().st_size > 0
         assert (run.dir / "summary.json").is_file()
+
+
+async def test_async_at_staleness_0_is_sync_and_async_runs_ahead(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    async with rl_swarm(tmp_path / "a", tiny) as (training, _):
+        sync = rewards(await finished(training, spec(tiny, task, run_id="s", steps=4)))
+    async with rl_swarm(tmp_path / "b", tiny) as (training, _):
+        zero = rewards(await finished(training, spec(tiny, task, run_id="z", steps=4,
+                                                     mode="async", staleness=0)))
+    async with rl_swarm(tmp_path / "c", tiny) as (training, _):
+        ahead = await finished(training, spec(tiny, task, run_id="a", steps=4, mode="async",
+                                              staleness=1))
+    print("sync", sync, "async S=0", zero)
+    assert zero == sync  # the same prompts, seeds and versions: the same updates
+    staleness = ahead.to_json()["staleness"]
+    assert set(staleness) <= {"0", "1"} and sum(staleness.values()) == 4 * 4 * 8
+
+
+
+def lie(service: Rollouts, factor: float) -> None:
+    """Make a sampler report behaviour log-probs `factor` times the true ones (a lie
+    that makes its tokens look likelier than they were, the kind that would inflate
+    the importance ratio)."""
+    policy = service.sampler.policy
+    honest = policy.generate_many
+
+    async def lying(*args: Any, **kw: Any) -> Generation:
+        got = await honest(*args, **kw)
+        return Generation(got.version, [[Completion(c.ids, tuple(lp * factor for lp in
+                                                                  c.logprobs))
+                                         for c in group] for group in got.groups])
+
+    policy.generate_many = lying
+
+
+async def test_a_lying_sampler_is_dropped_and_training_goes_on(tmp_path: Path, tiny: Path,
+                                                               task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny) as (training, (_honest, liar)):
+        lie(liar, 0.5)
+        run = await finished(training, spec(tiny, task, run_id="lie", steps=3))
+        out = run.to_json()
+        liar_id = liar.node.peer_id
+        assert liar_id in out["dropped"] and "log-probs" in out["dropped"][liar_id]
+        assert out["refused"].get("verification", 0) > 0
+        assert training.node.offences[liar_id]["rl_lie"] == 1
+        assert out["step"] == 3  # the honest sampler carried the run
+        assert out["last"]["verify_max_dev"] <= run.spec.verify_tolerance  # the honest one
+
+
+async def test_a_sampler_killed_mid_run_leaves_the_others_to_finish(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny) as (training, (survivor, doomed)):
+        run = await training.start_run(spec(tiny, task, run_id="kill", steps=4,
+                                            sampler_timeout_s=5.0))
+        await wait_for(lambda: run.to_json()["step"] >= 1, timeout_s=60)
+        await doomed.node.host.close()  # gone, mid-run, without a word
+        with trio.fail_after(120):
+            await run.ended.wait()
+        out = run.to_json()
+        assert run.state == "done" and out["step"] == 4, out
+        assert survivor.sampler.policy.version >= 3
+
+
+async def test_a_trainer_resumes_at_its_step_and_version(tmp_path: Path, tiny: Path,
+                                                         task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny) as (training, samplers):
+        first = await finished(training, spec(tiny, task, run_id="r", steps=3))
+        assert first.to_json()["version"] == 3
+        again = await finished(training, spec(tiny, task, run_id="r", steps=5, resume=True,
+                                              out=str(first.dir)))
+        out = again.to_json()
+        # steps go on from the checkpoint; versions move past anything published
+        assert out["step"] == 5 and out["version"] == 3 + 1 + 2
+        lines = [json.loads(x) for x in (first.dir / "metrics.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in lines] == [1, 2, 3, 4, 5]
+        assert all(s.sampler.policy.version == 6 for s in samplers)
+        # the accounting goes on too: every rollout trained on, across the restart
+        assert sum(out["staleness"].values()) == 5 * 4 * 8
+
+
+async def test_lora_runs_send_only_the_adapters(tmp_path: Path, tiny: Path,
+                                                task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
+        run = await finished(training, spec(tiny, task, run_id="lora", steps=3,
+                                            update="lora", lora_rank=4, lr=0.05))
+        assert sampler.sampler.policy.version == 3
+        held = training.weights.manifest("lora", 3)
+        assert held is not None and held.kind == "lora"
+        assert {t.name.rsplit(".", 1)[1] for t in held.tensors} == {"lora_A", "lora_B"}
+        assert run.to_json()["step"] == 3
+
+
+async def test_a_run_without_samplers_fails_saying_what_it_looked_for(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny, samplers=0) as (training, _):
+        run = await training.start_run(spec(tiny, task, run_id="alone", sampler_wait_s=2.0))
+        with trio.fail_after(60):
+            await run.ended.wait()
+        assert run.state == "failed"
+        assert "no sampler" in run.error and "--rollout" in run.error
+
+
+async def test_a_sampler_takes_up_the_next_run_once_the_last_is_quiet(
+        tmp_path: Path, tiny: Path, task: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("peerd.rl.sampler.RUN_IDLE_S", 0.5)
+    async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
+        await finished(training, spec(tiny, task, run_id="one", steps=2))
+        assert sampler.sampler.policy.version == 2
+        await trio.sleep(0.6)
+        two = await finished(training, spec(tiny, task, run_id="two", steps=2))
+        assert sampler.sampler.run_id == "two" and sampler.sampler.policy.version == 2
+        assert two.to_json()["staleness"] == {"0": 2 * 4 * 8}

@@ -131,6 +131,10 @@ def _progress(run: dict[str, Any]) -> Table:
     for col in ("step", "version", "reward", "staleness", "samples/s", "sync s",
                 "samplers", "refused"):
         table.add_column(col)
+    if run.get("waiting_for"):
+        table.caption = f"waiting for {escape(run['waiting_for'])}"
+    elif run.get("phase"):
+        table.caption = escape(run["phase"])
     refused = ", ".join(f"{k} {v}" for k, v in run.get("refused", {}).items()) or "0"
     table.add_row(f"{run['step']}/{run['spec']['steps']}", str(run["version"]),
                   _fmt(last.get("reward")), _fmt(last.get("staleness")),

@@ -43,14 +43,18 @@ class Follower:
         target = max(version, latest.version if latest is not None else version)
         await self._take(run_id, target, [trainer])
 
+    def leave(self) -> None:
+        """The policy went back to version 0: follow no run until asked again."""
+        self.run_id = None
+
     async def _announced(self, announce: VersionAnnounce) -> None:
         if announce.run_id == self.run_id and announce.version > self.policy.version:
             await self._take(announce.run_id, announce.version, [announce.author])
 
     async def _take(self, run_id: str, version: int, hints: list[str]) -> None:
         async with self._lock:
-            if self.policy.version >= version:
-                return  # another pull got there first
+            if self.policy.version >= version or run_id != self.run_id:
+                return  # another pull got there first, or we left the run meanwhile
             tensors = await self.weights.pull(run_id, version, hints=hints)
             manifest = self.weights.manifest(run_id, version)
             if manifest is None:

@@ -152,6 +152,24 @@ class LocalPolicy:
             await compute.run(self._apply, full, deltas)
             self.version = version
 
+    async def reset(self) -> None:
+        """Back to version 0, the model as loaded (a new run starts from it): every
+        tensor a version changed gets its base value again. Waits for a generation."""
+        async with self._lock:
+            if self.version:
+                await compute.run(self._reset)
+            self.version = 0
+
+    def _reset(self) -> None:
+        reread = self._read_base(sorted(self._replaced - self._base.keys()))
+        with torch.inference_mode():
+            values: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+            for name, base in {**self._base, **reread}.items():
+                self._target(values, name, base)
+            for param, value in values.values():
+                param.copy_(value)
+        self._replaced.clear()  # the deltas' bases stay: they are version 0's values
+
     def _apply(self, full: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> None:
         """Check all, compute all, then copy all (on the compute thread)."""
         both = full.keys() & deltas.keys()

@@ -53,7 +53,8 @@ class Rollouts(Service):
             follower = Follower(self.weights, policy)
             self.sampler = RolloutSampler(self.node, policy, runtime.tokenizer,
                                           runtime.generator.eos_ids,
-                                          catch_up=follower.catch_up)
+                                          catch_up=follower.catch_up,
+                                          on_switch=follower.leave)
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("no rollout sampler: %s", self.error)

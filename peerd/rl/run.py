@@ -58,6 +58,7 @@ class RunSpec:
     resume: bool = False
     checkpoint_every: int = 5  # steps; the last step is always saved
     sampler_timeout_s: float = 120.0  # a sampler's answer to one request
+    sampler_wait_s: float = 300.0  # the run fails after this long without a sampler
     verify_tolerance: float = 0.05  # mean |behaviour - trainer| log-prob a token
 
     @classmethod
@@ -125,6 +126,7 @@ class RunSpec:
         within("seed", 0, 2**62)
         within("checkpoint_every", 1, MAX_STEPS)
         within("sampler_timeout_s", 1.0, 3600.0)
+        within("sampler_wait_s", 1.0, 86400.0)
         within("verify_tolerance", 0.0, 10.0)
         if self.run_id and not RUN_ID.match(self.run_id):
             raise SpecError("run_id", "1-64 characters of letters, digits, '.', '_', '-'")

@@ -7,7 +7,9 @@ completions per prompt with the local policy (policy.py) at ONE version for the 
 request, and answers each completion signed. A request names the oldest version it
 takes: a sampler behind it first catches up (`catch_up`: the weights service's pull,
 wired by the daemon, follow.py), else refuses with code BEHIND naming both versions.
-Once it has taken a run's version it serves that run only (OTHER_RUN for another).
+Once it has taken a run's version it serves that run only (OTHER_RUN for another)
+until that run has been quiet for RUN_IDLE_S; then it goes back to version 0 for the
+next.
 `produce` + `push_rollouts` (rollouts.py) are the async push.
 
 The compute is the whole CPU, so one request generates at a time; up to `max_queued`
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 4  # requests waiting behind the one generating
+RUN_IDLE_S = 30.0  # a run that has not asked for this long may be left for another
 
 
 class WrongVersion(Busy):
@@ -85,10 +88,13 @@ class RolloutSampler(Service):
 
     def __init__(self, node: Node, policy: LocalPolicy, tokenizer: Any,
                  eos_ids: Iterable[int], *, max_queued: int = MAX_QUEUED,
-                 catch_up: CatchUp | None = None) -> None:
+                 catch_up: CatchUp | None = None,
+                 on_switch: Callable[[], None] | None = None) -> None:
         self.node = node
         self.catch_up = catch_up
+        self.on_switch = on_switch  # the policy went back to version 0 for another run
         self.run_id: str | None = None  # the run whose versions the policy follows
+        self._last_request = time.monotonic()  # of the run we follow
         self.policy = policy
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
@@ -149,13 +155,13 @@ class RolloutSampler(Service):
             raise Busy(f"this sampler has {self._waiting} rollout requests in hand")
         self._waiting += 1
         try:
-            if self.run_id not in (None, request.run_id) and self.policy.version > 0:
-                raise OtherRun(f"this sampler's policy follows run {self.run_id!r}; "
-                               "restart it to sample for another run")
+            if self.run_id not in (None, request.run_id):
+                await self._switch(request.run_id)
+            self._last_request = time.monotonic()
+            self.run_id = request.run_id
             if self.policy.version < request.version:
                 if self.catch_up is None:
                     raise WrongVersion(self.policy.version, request.version)
-                self.run_id = request.run_id
                 try:
                     await self.catch_up(request.run_id, request.version, peer)
                 except Exception as exc:
@@ -182,6 +188,21 @@ class RolloutSampler(Service):
             return self._sign(request, prompts, generation.version, generation.groups, texts)
         finally:
             self._waiting -= 1
+
+    async def _switch(self, run_id: str) -> None:
+        """Take up another run, from version 0, once the one we follow has not asked
+        for RUN_IDLE_S (it ended, or its trainer is gone); until then, OTHER_RUN."""
+        idle = time.monotonic() - self._last_request
+        if self.policy.version and idle < RUN_IDLE_S:
+            raise OtherRun(f"this sampler's policy follows run {self.run_id!r}, which asked "
+                           f"{idle:.0f} s ago; it takes another run after {RUN_IDLE_S:.0f} "
+                           "s without a request")
+        async with self._turn:  # no generation of the old run may be running
+            await self.policy.reset()
+            self.run_id = None
+            if self.on_switch is not None:
+                self.on_switch()
+        self.node.events.publish("rollout.switched", run_id=run_id)
 
     def _busy(self) -> None:
         if self._idle_since is not None:

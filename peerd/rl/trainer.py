@@ -47,6 +47,10 @@ from peerd.rl.types import Group, Rollout
 log = logging.getLogger(__name__)
 
 
+class NoSamplers(Exception):
+    """The run has had no sampler for too long; the message says what was looked for."""
+
+
 @dataclass
 class Progress:
     """What `GET /v1/rl/runs/ID` shows while the run goes on."""
@@ -56,6 +60,7 @@ class Progress:
     version: int = 0
     started: float = field(default_factory=time.time)
     error: str = ""
+    waiting_for: str = ""  # why the run cannot go on now, when it cannot
     samples: int = 0  # completions trained on
     refused: Counter[str] = field(default_factory=Counter)  # groups, by the trainer's
     # reasons (the buffer counts its own)
@@ -69,6 +74,7 @@ class Progress:
         elapsed = time.time() - self.started
         return {"state": self.state, "step": self.step, "version": self.version,
                 "elapsed_s": round(elapsed, 2), "error": self.error,
+                "waiting_for": self.waiting_for,
                 "samples": self.samples,
                 "samples_per_s": round(self.samples / elapsed, 3) if elapsed > 0 else 0.0,
                 "skipped_groups": self.skipped_groups,
@@ -158,13 +164,34 @@ class Trainer:
             nursery.cancel_scope.cancel()
 
     async def _recruit(self, nursery: trio.Nursery) -> None:
-        """A producer for every sampler found, now and whenever one joins."""
+        """A producer for every sampler found, now and whenever one joins. Without one
+        for `sampler_wait_s` (at the start: fewer than `samplers` asked for), the run
+        fails saying so."""
         running: set[str] = set()
+        want = max(1, self.spec.samplers)
+        since = time.monotonic()
+        started = False
         while True:
-            for peer in self.pool.found():
-                if peer not in running:
-                    running.add(peer)
-                    nursery.start_soon(self._produce, peer, running)
+            found = self.pool.found()
+            if started or len(found) >= want:
+                started = True
+                for peer in found:
+                    if peer not in running:
+                        running.add(peer)
+                        nursery.start_soon(self._produce, peer, running)
+            if running or (found and started):
+                since = time.monotonic()
+                self.progress.waiting_for = ""
+            else:
+                self.progress.waiting_for = (
+                    f"samplers: {len(found)} of {want} found serving {self.pool.model_id} "
+                    "with the rollout feature (peerd start --model M --rollout)")
+                if time.monotonic() - since > self.spec.sampler_wait_s:
+                    dropped = "; ".join(f"{p[:12]}: {why}" for p, why in
+                                        self.pool.dropped.items())
+                    raise NoSamplers(f"no sampler for {self.spec.sampler_wait_s:.0f} s: "
+                                     f"{self.progress.waiting_for}"
+                                     + (f"; dropped: {dropped}" if dropped else ""))
             await trio.sleep(1.0)
 
     async def _produce(self, peer: str, running: set[str]) -> None:

@@ -125,7 +125,8 @@ class Training(Service):
             raise
         except Exception as exc:
             log.exception("RL run %s failed", run.spec.run_id)
-            run.fail(f"{type(exc).__name__}: {exc}")
+            cause = _leaf(exc)
+            run.fail(f"{type(cause).__name__}: {cause}")
         finally:
             run.ended.set()
             self.node.events.publish("rl.ended", run_id=run.spec.run_id, state=run.state,
@@ -161,3 +162,10 @@ def _prepare_dir(run_dir: Path, spec: RunSpec) -> None:
     except OSError as exc:
         raise RunRefused(f"cannot write {run_dir / 'run.json'}: {exc.strerror or exc}"
                          ) from None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested groups of one (trio's nurseries wrap them)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

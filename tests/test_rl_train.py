@@ -207,3 +207,22 @@ async def test_a_sampler_takes_up_the_next_run_once_the_last_is_quiet(
         two = await finished(training, spec(tiny, task, run_id="two", steps=2))
         assert sampler.sampler.run_id == "two" and sampler.sampler.policy.version == 2
         assert two.to_json()["staleness"] == {"0": 2 * 4 * 8}
+
+
+async def test_a_sampler_on_old_weights_that_says_it_is_current_is_caught(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    """The users' complaint "samplers silently generating with old weights": a sampler
+    that takes each version's number but not its weights is found out by its
+    log-probs, dropped, and the run finishes on the honest one."""
+    async with rl_swarm(tmp_path, tiny) as (training, (_honest, stale)):
+        policy = stale.sampler.policy
+
+        async def number_only(version: int, **_: Any) -> None:
+            policy.version = version  # the tag moves; the weights do not
+
+        policy.apply = number_only
+        run = await finished(training, spec(tiny, task, run_id="old", steps=4, lr=0.05))
+        out = run.to_json()
+        assert stale.node.peer_id in out["dropped"], out
+        assert training.node.offences[stale.node.peer_id]["rl_lie"] == 1
+        assert out["step"] == 4

@@ -19,9 +19,10 @@ and the trainer judges its staleness when it trains on it. A sampler follows one
 at a time: once it has taken a run's version, another run's request is refused with
 OTHER_RUN until the sampler restarts.
 
-Async push: a sampler that generates on its own pushes what it made to the trainer
-with a `RolloutPush` on the push protocol, answered by a `PushAck` (how many were
-admitted, and how many refused by reason). It is a second id, declared here beside
+Async push: a request with `push` set is an order: the sampler takes it (an empty
+batch answers at once, after the version checks), generates, and pushes what it made
+to the trainer with a `RolloutPush` on the push protocol, answered by a `PushAck`
+(how many were admitted, and how many refused by reason). It is a second id, declared here beside
 the request, so that one peer can be trainer and sampler at once (a stream handler is
 per id) and a pushed batch never reaches a sampler's request handler.
 
@@ -98,6 +99,10 @@ class RolloutRequest(Message):
     seed: int
     version: int  # the oldest policy version wanted (see the module docstring)
     mode: str  # "sync" | "async"
+    # Async push-pull: the sampler answers at once with an empty batch (the order is
+    # taken) and pushes the rollouts when made, on the push protocol. Added after 1.0.0.
+    push: bool = False
+    OPTIONAL = frozenset({"push"})
 
     def check(self) -> None:
         check_run_id(self.run_id)
@@ -120,6 +125,8 @@ class RolloutRequest(Message):
         _check_version(self.version)
         if self.mode not in MODES:
             raise WireError(f"mode {self.mode!r:.20} is not sync or async")
+        if self.push and self.mode != "async":
+            raise WireError("push is for async mode only")
         rollouts = len(self.prompts) * self.group
         if rollouts > MAX_ROLLOUTS:
             raise WireError(f"{len(self.prompts)} prompts x group {self.group} = {rollouts} "

@@ -21,10 +21,12 @@ from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.node import Node
 from peerd.rl.policy import Completion, Generation
 from peerd.rl.rollout_service import Rollouts
+from peerd.rl.rollouts import push_rollouts
 from peerd.rl.run import RunSpec
 from peerd.rl.training import Run, Training
 from peerd.rl.weights import WeightStore
-from tests.harness import gossip, serve_model, swarm, wait_for
+from protocols.rollout import RolloutRequest
+from tests.harness import events, gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
 SEVEN = [{"prompt": f"Say a number ({i})", "answer": "7"} for i in range(200)]
@@ -104,9 +106,12 @@ async def test_async_at_staleness_0_is_sync_and_async_runs_ahead(
     async with rl_swarm(tmp_path / "b", tiny) as (training, _):
         zero = rewards(await finished(training, spec(tiny, task, run_id="z", steps=4,
                                                      mode="async", staleness=0)))
-    async with rl_swarm(tmp_path / "c", tiny) as (training, _):
+    async with rl_swarm(tmp_path / "c", tiny) as (training, samplers):
         ahead = await finished(training, spec(tiny, task, run_id="a", steps=4, mode="async",
                                               staleness=1))
+        # async: the samplers took orders and pushed what they made
+        pushed = [e for s in samplers for e in events(s.node, "rollout.pushed")]
+        assert sum(e.data["admitted"] for e in pushed) == 4 * 4 * 8
     print("sync", sync, "async S=0", zero)
     assert zero == sync  # the same prompts, seeds and versions: the same updates
     staleness = ahead.to_json()["staleness"]
@@ -226,3 +231,22 @@ async def test_a_sampler_on_old_weights_that_says_it_is_current_is_caught(
         assert stale.node.peer_id in out["dropped"], out
         assert training.node.offences[stale.node.peer_id]["rl_lie"] == 1
         assert out["step"] == 4
+
+
+async def test_pushes_nobody_ordered_are_refused_by_reason(tmp_path: Path, tiny: Path,
+                                                           task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
+        node, trainer = sampler.node, training.node.peer_id
+        order = RolloutRequest(run_id="r", prompts=("Say a number (0)",), group=8,
+                               temperature=1.0, top_p=1.0, max_tokens=3, seed=1, version=0,
+                               mode="async")
+        made = await sampler.sampler.produce(order, trainer)
+        ack = await push_rollouts(node, trainer, "r", made)  # no such run here
+        assert (ack.admitted, ack.refused) == (0, {"no_such_run": 8})
+        run = await training.start_run(spec(tiny, task, run_id="r", steps=2))
+        await wait_for(lambda: run.trainer is not None)
+        ack = await push_rollouts(node, trainer, "r", made)  # a sync run orders nothing
+        assert (ack.admitted, ack.refused) == (0, {"unasked": 8})
+        with trio.fail_after(60):
+            await run.ended.wait()
+        assert run.state == "done" and run.to_json()["refused"].get("unasked") == 8

@@ -34,7 +34,7 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 
 from peerd.node import Node
 from peerd.rl.policy import Completion, LocalPolicy
-from peerd.rl.rollouts import sign_rollout
+from peerd.rl.rollouts import push_rollouts, sign_rollout
 from peerd.rpc import Busy, stream_handler
 from peerd.service import EntryFields, Service
 from protocols.codec import packb
@@ -107,6 +107,8 @@ class RolloutSampler(Service):
         self.rollouts_produced = 0
         self._idle_s = 0.0  # seconds with no request generating, before _idle_since
         self._idle_since: float | None = time.monotonic()
+        self._nursery: trio.Nursery | None = None
+        self._orders = 0  # pushed orders taken and not yet pushed
 
     @classmethod
     def from_runtime(cls, node: Node, runtime: ModelRuntime, **kw: Any) -> RolloutSampler:
@@ -118,10 +120,12 @@ class RolloutSampler(Service):
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        self.node.set_stream_handler(ROLLOUT.id, stream_handler(ROLLOUT, self._serve,
-                                                                self.node.offence))
-        task_status.started()
-        await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery  # pushed orders generate here
+            self.node.set_stream_handler(ROLLOUT.id, stream_handler(ROLLOUT, self._serve,
+                                                                    self.node.offence))
+            task_status.started()
+            await trio.sleep_forever()
 
     def entry_fields(self) -> EntryFields:
         return {"features": (FEATURE_ROLLOUT,)}
@@ -141,11 +145,52 @@ class RolloutSampler(Service):
 
     async def _serve(self, peer: str, request: RolloutRequest) -> RolloutBatch:
         request.check()
+        if request.push:  # an order: checked and caught up now, made and pushed later
+            if self._waiting + self._orders > self.max_queued:
+                raise Busy(f"this sampler has {self._waiting + self._orders} rollout "
+                           "requests in hand")
+            await self._ready_for(request, peer)
+            assert self._nursery is not None
+            self._orders += 1
+            self._nursery.start_soon(self._push, peer, request)
+            return RolloutBatch(rollouts=())
         rollouts = await self.produce(request, peer)
         self.requests_served += 1
         self.node.events.publish("rollout.served", requester=peer, run_id=request.run_id,
                                  version=self.policy.version, rollouts=len(rollouts))
         return RolloutBatch(rollouts=tuple(rollouts))
+
+    async def _push(self, peer: str, request: RolloutRequest) -> None:
+        try:
+            signed = await self.produce(request, peer)
+            ack = await push_rollouts(self.node, peer, request.run_id, signed)
+        except Exception as exc:  # the trainer's order times out and goes elsewhere
+            log.warning("pushed order for %s failed: %s", request.run_id, exc)
+            self.node.events.publish("rollout.push_failed", trainer=peer,
+                                     run_id=request.run_id, error=str(exc)[:300])
+            return
+        finally:
+            self._orders -= 1
+        self.requests_served += 1
+        self.node.events.publish("rollout.pushed", trainer=peer, run_id=request.run_id,
+                                 admitted=ack.admitted, refused=ack.refused)
+
+    async def _ready_for(self, request: RolloutRequest, peer: str) -> None:
+        """This run's policy at the version asked for or newer (switching runs and
+        catching up if need be), or Busy saying why not."""
+        if self.run_id not in (None, request.run_id):
+            await self._switch(request.run_id)
+        self._last_request = time.monotonic()
+        self.run_id = request.run_id
+        if self.policy.version < request.version:
+            if self.catch_up is None:
+                raise WrongVersion(self.policy.version, request.version)
+            try:
+                await self.catch_up(request.run_id, request.version, peer)
+            except Exception as exc:
+                log.warning("could not catch up to version %d of %s: %s",
+                            request.version, request.run_id, exc)
+                raise WrongVersion(self.policy.version, request.version) from None
 
     async def produce(self, request: RolloutRequest, peer: str = "") -> list[SignedRollout]:
         """The request's rollouts, signed: prompt by prompt, G each, in order. Raises
@@ -155,19 +200,7 @@ class RolloutSampler(Service):
             raise Busy(f"this sampler has {self._waiting} rollout requests in hand")
         self._waiting += 1
         try:
-            if self.run_id not in (None, request.run_id):
-                await self._switch(request.run_id)
-            self._last_request = time.monotonic()
-            self.run_id = request.run_id
-            if self.policy.version < request.version:
-                if self.catch_up is None:
-                    raise WrongVersion(self.policy.version, request.version)
-                try:
-                    await self.catch_up(request.run_id, request.version, peer)
-                except Exception as exc:
-                    log.warning("could not catch up to version %d of %s: %s",
-                                request.version, request.run_id, exc)
-                    raise WrongVersion(self.policy.version, request.version) from None
+            await self._ready_for(request, peer)
             prompts = await trio.to_thread.run_sync(self._tokenize, request.prompts)
             for ids in prompts:
                 if len(ids) > MAX_PROMPT_TOKENS or len(ids) + request.max_tokens > \

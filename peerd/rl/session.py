@@ -100,11 +100,11 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
         return str(tokenizer.decode(ids, skip_special_tokens=True))
 
     async def sample(peer: str, slot: int, problem: Problem, seed: int,
-                     min_version: int) -> list[Rollout]:
+                     min_version: int, push: bool) -> list[Rollout]:
         request = RolloutRequest(
             run_id=spec.run_id, prompts=(problem.prompt,), group=spec.group,
             temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
-            seed=seed, version=min_version, mode=spec.mode)
+            seed=seed, version=min_version, mode=spec.mode, push=push)
         return await request_rollouts(node, peer, request)
 
     published = {"version": version}

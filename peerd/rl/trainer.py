@@ -83,8 +83,16 @@ class Progress:
                 "last": self.last}
 
 
-Sampler = Callable[[str, int, Problem, int, int], Any]  # (peer, slot, problem, seed,
-# min version) -> awaitable list[Rollout]
+Sampler = Callable[[str, int, Problem, int, int, bool], Any]  # (peer, slot, problem,
+# seed, min version, push) -> awaitable list[Rollout] (none for a pushed order)
+
+
+@dataclass
+class _Order:
+    """A slot a sampler took in async mode; done when its push is in."""
+
+    slot: int
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 class Trainer:
@@ -126,6 +134,8 @@ class Trainer:
         self.waiting: dict[int, str] = {}  # slot -> the group id of its rollouts, waiting
         self.attempts: Counter[int] = Counter()  # slot -> times its rollouts arrived
         self.sampler_of: dict[str, str] = {}  # group id -> the sampler that made it
+        self.push = spec.mode == "async"  # samplers push their rollouts (Echo's async)
+        self.orders: dict[str, _Order] = {}  # sampler -> the order it holds
         self._changed = trio.Event()  # a slot came back, a group arrived, a step ended
         self._prompt_ids: dict[int, list[int]] = {}
         self._problems: dict[int, Problem] = {}
@@ -203,10 +213,18 @@ class Trainer:
                     continue
                 slot = slots[0]
                 min_version = self.offset + self.slots.min_version(slots, self.staleness)
+                order = _Order(slot) if self.push else None
                 try:
                     with trio.fail_after(self.spec.sampler_timeout_s):
-                        rollouts = await self.sample(peer, slot, self.problem(slot),
-                                                     self.seed(slot), min_version)
+                        if order is None:
+                            rollouts = await self.sample(peer, slot, self.problem(slot),
+                                                         self.seed(slot), min_version, False)
+                            self._arrived(peer, slot, rollouts)
+                        else:  # async: an order, answered by a push (pushed())
+                            self.orders[peer] = order
+                            await self.sample(peer, slot, self.problem(slot),
+                                              self.seed(slot), min_version, True)
+                            await order.done.wait()
                 except Exception as exc:  # the sampler failed: its slot goes out again
                     self.slots.give_back([slot])
                     why = f"{type(exc).__name__}: {exc}"[:300]
@@ -217,16 +235,31 @@ class Trainer:
                     if not dropped:
                         await trio.sleep(1.0)
                     continue
+                finally:
+                    if order is not None and self.orders.get(peer) is order:
+                        del self.orders[peer]
                 self.pool.served(peer)
-                self._arrived(peer, slot, rollouts)
         finally:
             running.discard(peer)
 
-    def _arrived(self, peer: str, slot: int, rollouts: list[Rollout]) -> None:
+    def pushed(self, peer: str, rollouts: list[Rollout]) -> dict[str, int]:
+        """Rollouts a sampler pushed for its order: into the buffer, or refused; what
+        became of them is the push's ack."""
+        order = self.orders.get(peer)
+        if order is None or order.done.is_set():
+            self.progress.refused["unasked"] += 1
+            return {"unasked": len(rollouts)}
+        reason = self._arrived(peer, order.slot, rollouts)
+        order.done.set()
+        return {"admitted": len(rollouts)} if reason is None else {reason: len(rollouts)}
+
+    def _arrived(self, peer: str, slot: int, rollouts: list[Rollout]) -> str | None:
+        """Score a slot's group and offer it to the buffer: None, or why it was not
+        admitted (then its slot goes out again)."""
         why = self._malformed(peer, slot, rollouts)
         if why:
             self._refuse([slot], "malformed", peer, why)
-            return
+            return "malformed"
         answer = self.problem(slot).answer
         self.attempts[slot] += 1
         gid = f"{slot}.{self.attempts[slot]}"  # unique in the run, the slot readable in it
@@ -239,10 +272,12 @@ class Trainer:
         if reason is not None:
             self._refuse([slot], reason, peer, f"group of version {group[0].version} at "
                          f"trainer version {self.version}", counted=True)
-            return
+            return reason
         self.waiting[slot] = gid
         self.sampler_of[gid] = peer
         self._wake()
+        return None
+
 
     def _malformed(self, peer: str, slot: int, rollouts: list[Rollout]) -> str:
         if len(rollouts) != self.spec.group:

@@ -7,6 +7,9 @@ samplers to pull. Its dir holds the checkpoints, `metrics.jsonl` (a line a step)
 `run.json` (the settings) and, at the end, `summary.json` and `reward.png`. Progress
 goes to `/events` (`rl.*`) and `/metrics`.
 
+In async mode the samplers push their rollouts (`/peerd/rollout-push/1.0.0`): this
+service serves the push for every run and hands each push to its run's trainer.
+
 A trainer peer needs no model of its own (`peerd start` without --model will do): the
 learner is separate from any model it serves.
 """
@@ -27,7 +30,9 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 from peerd.api.rl import RunRefused, routes
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
+from peerd.rl.rollouts import serve_pushes
 from peerd.rl.run import RunSpec
+from peerd.rl.types import Rollout
 from peerd.rl.weights import WeightStore
 from peerd.service import Service
 
@@ -90,10 +95,18 @@ class Training(Service):
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        serve_pushes(self.node, self._pushed)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def _pushed(self, peer: str, rollouts: list[Rollout]) -> dict[str, int]:
+        """Rollouts pushed by a sampler (async mode), to the run they are for."""
+        run = self.runs.get(rollouts[0].run_id)
+        if run is None or run.trainer is None or run.state in ENDED:
+            return {"no_such_run": len(rollouts)}
+        return run.trainer.pushed(peer, rollouts)
 
     async def start_run(self, spec: RunSpec) -> Run:
         """Accept a run (RunRefused says why not) and start it in the background."""

@@ -161,3 +161,29 @@ async def test_a_run_and_its_samplers_on_metrics(tmp_path: Path, tiny: Path,
             assert pulls >= 1 or service is liar  # the liar may be dropped before a pull
             assert not any(name.startswith("peerd_rl_sampler_pull") for name, _ in got)
         assert honest.sampler.policy.version >= 2
+
+
+async def test_async_staleness_is_a_cumulative_histogram(tmp_path: Path, tiny: Path,
+                                                         task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny) as (training, _), client(training.node) as c:
+        r = await c.post("/v1/rl/runs", json={
+            "model": str(tiny), "task": str(task), "run_id": "a", "mode": "async",
+            "staleness": 1, "group": 8, "batch": 4, "steps": 3, "max_tokens": 3,
+            "lr": 0.02, "seed": 1})
+        assert r.status_code == 202, r.text
+        with trio.fail_after(120):
+            await training.runs["a"].ended.wait()
+        out = (await c.get("/v1/rl/runs/a")).json()
+        got = await scrape(c)
+    assert out["state"] == "done", out
+    histogram = {int(k): v for k, v in out["staleness"].items()}
+    assert set(histogram) <= {0, 1} and sum(histogram.values()) == 3 * 4 * 8
+    a = {"run": "a"}
+    assert value(got, "peerd_rl_trained_staleness_bucket", le="0.0", **a) == histogram.get(0, 0)
+    assert value(got, "peerd_rl_trained_staleness_bucket", le="1.0", **a) == 3 * 4 * 8
+    assert value(got, "peerd_rl_trained_staleness_bucket", le="+Inf", **a) == 3 * 4 * 8
+    assert value(got, "peerd_rl_trained_staleness_sum", **a) == histogram.get(1, 0)
+    assert value(got, "peerd_rl_run_info", run="a", mode="async", update="full",
+                 state="done") == 1
+    for reason, n in out["refused"].items():  # async may refuse stale groups
+        assert value(got, "peerd_rl_rollouts_refused_total", run="a", reason=reason) == n

@@ -26,7 +26,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from peerd.rl.rollout_service import Rollouts
@@ -111,7 +110,7 @@ class _RunFamilies:
         buckets: list[tuple[str, float]] = []
         for s in range(max([t.staleness, *histogram]) + 1):
             below += histogram.get(s, 0) * g
-            buckets.append((floatToGoString(s), float(below)))  # le="0.0", as Histogram
+            buckets.append((str(float(s)), float(below)))  # le="0.0", as Histogram
         buckets.append(("+Inf", float(below)))
         self.staleness.add_metric([run_id], buckets, sum_value=float(
             sum(s * n * g for s, n in histogram.items())))

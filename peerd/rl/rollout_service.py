@@ -18,6 +18,7 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 from peerd.inference.slot import ModelSlot
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
+from peerd.rl.metrics import SamplerCollector
 from peerd.rl.weights import WeightStore
 from peerd.service import EntryFields, Service
 
@@ -38,6 +39,7 @@ class Rollouts(Service):
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
+        self.node.metrics.registry.register(SamplerCollector(self))
         task_status.started()
         await self.model.settled.wait()
         if self.model.runtime is None:

@@ -30,6 +30,7 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 from peerd.api.rl import RunRefused, routes
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
+from peerd.rl.metrics import TrainingCollector
 from peerd.rl.rollouts import serve_pushes
 from peerd.rl.run import RunSpec
 from peerd.rl.types import Rollout
@@ -96,6 +97,7 @@ class Training(Service):
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         serve_pushes(self.node, self._pushed)
+        self.node.metrics.registry.register(TrainingCollector(self))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -163,18 +165,18 @@ def _prepare_dir(run_dir: Path, spec: RunSpec) -> None:
         probe.unlink()
     except OSError as exc:
         raise RunRefused(f"cannot write the run dir {run_dir}: {exc.strerror or exc}; "
-                         "pass --out DIR somewhere writable") from None
+                         "pass --out DIR somewhere writable", "out") from None
     if spec.resume and not (run_dir / "checkpoints").is_dir():
         raise RunRefused(f"nothing to resume in {run_dir} (no checkpoints/); drop --resume "
-                         "to start a new run")
+                         "to start a new run", "resume")
     if not spec.resume and (run_dir / "checkpoints").is_dir():
         raise RunRefused(f"{run_dir} already holds a run; pass --resume to continue it, or "
-                         "another --out/--run-id")
+                         "another --out/--run-id", "out")
     try:
         (run_dir / "run.json").write_text(json.dumps(spec.to_json(), indent=1))
     except OSError as exc:
-        raise RunRefused(f"cannot write {run_dir / 'run.json'}: {exc.strerror or exc}"
-                         ) from None
+        raise RunRefused(f"cannot write {run_dir / 'run.json'}: {exc.strerror or exc}",
+                         "out") from None
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -227,8 +227,9 @@ def test_the_eval_command_on_a_trained_run(tiny: Path, seven: Path, tmp_path: Pa
     assert out["accuracy"] >= 0.5 and 0.0 <= out["format_rate"] <= 1.0
     assert len(out["results"]) == 6 and set(out["results"][0]) >= {
         "prompt", "expected", "completion", "reward", "correct"}
-    table = run_cli(*args, env={"COLUMNS": "200"}, timeout_s=120)
+    table = run_cli(*args, "--details", env={"COLUMNS": "200"}, timeout_s=120)
     assert table.returncode == 0, table.stderr
     assert "accuracy" in table.stdout and "base model" in table.stdout
+    assert "Say a number" in table.stdout and "expected" in table.stdout
     bad = run_cli(*args, "--run", str(tmp_path / "nowhere"), timeout_s=60)
     assert bad.returncode == 1 and "no checkpoint" in bad.stderr

@@ -138,7 +138,7 @@ def status(data_dir: Path | None, api: str | None, token: str | None, as_json: b
               help="Questions decoded together (left-padded; float rounding may then "
                    "flip a near-tie, so 1 answers each exactly as alone).")
 @click.option("--torch-threads", type=click.IntRange(1), help="torch threads [all cores].")
-@click.option("--details", is_flag=True, help="With --json: every question's answer.")
+@click.option("--details", is_flag=True, help="Every question's answer too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_(model: str, task: str, run_dir: Path | None, checkpoint_dir: Path | None,
           n: int | None, max_tokens: int, batch_size: int, torch_threads: int | None,
@@ -199,6 +199,12 @@ def eval_(model: str, task: str, run_dir: Path | None, checkpoint_dir: Path | No
         console.print(table)
         if data["checkpoint"]:
             console.print(f"checkpoint {escape(data['checkpoint'])}", highlight=False)
+        if details:
+            answers = Table("question", "expected", "answer", "reward")
+            for r in data["results"]:
+                answers.add_row(escape(r["prompt"][:60]), escape(r["expected"]),
+                                escape(repr(r["completion"])[:60]), f"{r['reward']:.1f}")
+            console.print(answers)
 
     emit(out, as_json, render)
 

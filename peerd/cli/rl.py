@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from peerd.cli.client import client_options, console, emit, fail, make_client
+from peerd.cli.client import client_options, console, emit, err_console, fail, make_client
 
 POLL_S = 0.5
 
@@ -119,6 +119,94 @@ def status(data_dir: Path | None, api: str | None, token: str | None, as_json: b
         console.print(table)
 
     emit(c.request("GET", "/v1/rl/runs"), as_json, render)
+
+
+@rl.command("eval")
+@click.option("--model", "model", metavar="SPEC", required=True,
+              help="The base model (the run's --model).")
+@click.option("--task", default="add", show_default=True,
+              help="add, gsm8k (its test split) or FILE.jsonl: its held-out questions.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Evaluate this run dir's latest checkpoint.")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False,
+              path_type=Path), help="Evaluate this checkpoint dir (RUN/checkpoints/step-N).")
+@click.option("-n", "n", type=click.IntRange(1), metavar="N",
+              help="The first N held-out questions [100, or all the task has if fewer].")
+@click.option("--max-tokens", type=click.IntRange(1), default=16, show_default=True,
+              help="Most tokens an answer.")
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True,
+              help="Questions decoded together (left-padded; float rounding may then "
+                   "flip a near-tie, so 1 answers each exactly as alone).")
+@click.option("--torch-threads", type=click.IntRange(1), help="torch threads [all cores].")
+@click.option("--details", is_flag=True, help="Every question's answer too.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(model: str, task: str, run_dir: Path | None, checkpoint_dir: Path | None,
+          n: int | None, max_tokens: int, batch_size: int, torch_threads: int | None,
+          details: bool, as_json: bool) -> None:
+    """Score a policy greedily on TASK's held-out questions (never trained on), here in
+    this process: the base MODEL, or the policy a run trained (--run/--checkpoint)."""
+    from peerd.rl.tasks import load_task
+
+    if run_dir is not None and checkpoint_dir is not None:
+        fail("give --run or --checkpoint, not both", 2)
+    try:
+        the_task = load_task(task, seed=0)  # held-out questions do not depend on the seed
+        size = the_task.heldout_size()
+        if size == 0:
+            fail(f"task {task!r} has no held-out questions")
+        count = n if n is not None else min(100, size)
+        if count > size:
+            fail(f"-n {count}: task {task!r} has {size} held-out questions", 2)
+        if run_dir is not None:
+            from peerd.rl.evaluate import latest_checkpoint
+
+            checkpoint_dir = latest_checkpoint(run_dir)
+    except ValueError as exc:
+        fail(str(exc))
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from peerd.inference.model.source import ModelError
+    from peerd.rl.evaluate import evaluate, load_policy
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        policy = load_policy(model, checkpoint_dir)
+    except (ModelError, ValueError, OSError) as exc:
+        fail(str(exc))
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        job = bar.add_task("answering", total=count)
+        result = evaluate(policy.model, policy.tokenizer, the_task, count, max_tokens,
+                          batch_size=batch_size,
+                          progress=lambda done, _all: bar.update(job, completed=done))
+    out = {**result.to_json(details=details), "model": model, "max_tokens": max_tokens,
+           "batch_size": batch_size,
+           "checkpoint": str(policy.checkpoint) if policy.checkpoint else None,
+           "step": policy.step, "version": policy.version, "update": policy.update}
+
+    def render(data: dict[str, Any]) -> None:
+        low, high = data["interval"]
+        table = Table("task", "policy", "n", "accuracy", "95% interval", "format",
+                      "mean reward", title="held-out evaluation (greedy)")
+        policy_name = (f"step {data['step']} ({data['update']})" if data["checkpoint"]
+                       else "base model")
+        table.add_row(escape(data["task"]), escape(policy_name), str(data["n"]),
+                      f"{100 * data['accuracy']:.1f}%",
+                      f"{100 * low:.1f}% - {100 * high:.1f}%",
+                      f"{100 * data['format_rate']:.1f}%", f"{data['mean_reward']:.3f}")
+        console.print(table)
+        if data["checkpoint"]:
+            console.print(f"checkpoint {escape(data['checkpoint'])}", highlight=False)
+        if details:
+            answers = Table("question", "expected", "answer", "reward")
+            for r in data["results"]:
+                answers.add_row(escape(r["prompt"][:60]), escape(r["expected"]),
+                                escape(repr(r["completion"])[:60]), f"{r['reward']:.1f}")
+            console.print(answers)
+
+    emit(out, as_json, render)
 
 
 def _fmt(v: Any) -> str:

@@ -223,8 +223,6 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
         raise bad("prompt_cache", "--prompt-cache needs --model")
     if cfg.rollout and not cfg.model:
         raise bad("rollout", "--rollout needs --model (the policy the samplers run)")
-    if cfg.rollout and cfg.layers:
-        raise bad("rollout", "a rollout sampler holds the whole model: drop --layers")
     if len(cfg.name) > 64:
         raise bad("name", "longer than 64 characters")
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):

@@ -58,3 +58,11 @@ def test_run_settings_are_checked_and_name_the_bad_one() -> None:
         with pytest.raises(SpecError) as err:
             RunSpec.parse(body)
         assert err.value.name == name
+
+
+def test_numbers_too_large_for_a_setting_are_refused_by_name() -> None:
+    for body, name in (({"model": "m", "steps": 2**70}, "steps"),
+                       ({"model": "m", "lr": 10**400}, "lr")):
+        with pytest.raises(SpecError) as err:
+            RunSpec.parse(body)
+        assert err.value.name == name

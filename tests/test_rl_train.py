@@ -94,7 +94,7 @@ async def test_sync_training_learns_and_samplers_follow(tmp_path: Path, tiny: Pa
         out = run.to_json()
         assert out["step"] == 6 and out["version"] == 6
         assert out["staleness"] == {"0": 6 * 4 * 8}  # sync: every rollout on-policy
-        assert all(s.sampler.policy.version >= 5 for s in samplers)
+        await wait_for(lambda: all(s.sampler.policy.version == 6 for s in samplers))
         assert (run.dir / "reward.png").stat().st_size > 0
         assert (run.dir / "summary.json").is_file()
 
@@ -175,7 +175,8 @@ async def test_a_trainer_resumes_at_its_step_and_version(tmp_path: Path, tiny: P
         assert out["step"] == 5 and out["version"] == 3 + 1 + 2
         lines = [json.loads(x) for x in (first.dir / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in lines] == [1, 2, 3, 4, 5]
-        assert all(s.sampler.policy.version == 6 for s in samplers)
+        # the last version reaches the samplers on its announcement, after the run ends
+        await wait_for(lambda: all(s.sampler.policy.version == 6 for s in samplers))
         # the accounting goes on too: every rollout trained on, across the restart
         assert sum(out["staleness"].values()) == 5 * 4 * 8
 
@@ -185,7 +186,7 @@ async def test_lora_runs_send_only_the_adapters(tmp_path: Path, tiny: Path,
     async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
         run = await finished(training, spec(tiny, task, run_id="lora", steps=3,
                                             update="lora", lora_rank=4, lr=0.05))
-        assert sampler.sampler.policy.version == 3
+        await wait_for(lambda: sampler.sampler.policy.version == 3)
         held = training.weights.manifest("lora", 3)
         assert held is not None and held.kind == "lora"
         assert {t.name.rsplit(".", 1)[1] for t in held.tensors} == {"lora_A", "lora_B"}
@@ -207,10 +208,11 @@ async def test_a_sampler_takes_up_the_next_run_once_the_last_is_quiet(
     monkeypatch.setattr("peerd.rl.sampler.RUN_IDLE_S", 0.5)
     async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
         await finished(training, spec(tiny, task, run_id="one", steps=2))
-        assert sampler.sampler.policy.version == 2
+        await wait_for(lambda: sampler.sampler.policy.version == 2)
         await trio.sleep(0.6)
         two = await finished(training, spec(tiny, task, run_id="two", steps=2))
-        assert sampler.sampler.run_id == "two" and sampler.sampler.policy.version == 2
+        assert sampler.sampler.run_id == "two"
+        await wait_for(lambda: sampler.sampler.policy.version == 2)
         assert two.to_json()["staleness"] == {"0": 2 * 4 * 8}
 
 
@@ -250,3 +252,21 @@ async def test_pushes_nobody_ordered_are_refused_by_reason(tmp_path: Path, tiny:
         with trio.fail_after(60):
             await run.ended.wait()
         assert run.state == "done" and run.to_json()["refused"].get("unasked") == 8
+
+
+async def test_a_stopped_run_checkpoints_where_it_stopped_and_resumes_there(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny, samplers=1) as (training, _):
+        run = await training.start_run(spec(tiny, task, run_id="st", steps=50,
+                                            checkpoint_every=100))
+        await wait_for(lambda: run.to_json()["step"] >= 2, timeout_s=60)
+        run.stop()
+        with trio.fail_after(60):
+            await run.ended.wait()
+        out = run.to_json()
+        assert run.state == "stopped" and 2 <= out["step"] < 50
+        saved = sorted(p.name for p in (run.dir / "checkpoints").iterdir())
+        assert saved[-1] == f"step-{out['step']:08d}"
+        again = await finished(training, spec(tiny, task, run_id="st", steps=out["step"] + 1,
+                                              resume=True, out=str(run.dir)))
+        assert again.to_json()["step"] == out["step"] + 1

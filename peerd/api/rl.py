@@ -1,5 +1,8 @@
 """RL runs over HTTP: `POST /v1/rl/runs` starts one, `GET /v1/rl/runs[/{id}]` shows them.
 
+`POST /v1/rl/runs/{id}/stop` stops a run after the step in hand, with a checkpoint
+(`--resume` continues it).
+
 POST takes a run's settings (peerd/rl/run.py, `RunSpec`: "model" is required, every
 other field has a default) and answers 202 with the run as GET shows it, once the run
 is accepted. The run goes on in the daemon; progress streams on /events as `rl.*`
@@ -28,7 +31,7 @@ from peerd.api.errors import ApiError, read_json
 from peerd.rl.run import RunSpec, SpecError
 
 if TYPE_CHECKING:
-    from peerd.rl.training import Training
+    from peerd.rl.training import Run, Training
 
 MAX_BODY_BYTES = 64 * 1024
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -63,16 +66,25 @@ def routes(training: Training) -> list[BaseRoute]:
     async def listing(request: Request) -> Response:
         return JSONResponse([r.to_json() for r in training.runs.values()])
 
-    async def one(request: Request) -> Response:
+    def find(request: Request) -> Run:
         run = training.runs.get(request.path_params["run_id"])
         if run is None:
             raise ApiError(404, f"no run {request.path_params['run_id']!r} on this peer; "
                            "`peerd rl status` lists them", code="not_found")
-        return JSONResponse(run.to_json())
+        return run
+
+    async def one(request: Request) -> Response:
+        return JSONResponse(find(request).to_json())
+
+    async def stop(request: Request) -> Response:
+        run = find(request)
+        run.stop()
+        return JSONResponse(run.to_json(), status_code=202)
 
     return [Route("/v1/rl/runs", answering(create), methods=["POST"]),
             Route("/v1/rl/runs", answering(listing), methods=["GET"]),
-            Route("/v1/rl/runs/{run_id}", answering(one), methods=["GET"])]
+            Route("/v1/rl/runs/{run_id}", answering(one), methods=["GET"]),
+            Route("/v1/rl/runs/{run_id}/stop", answering(stop), methods=["POST"])]
 
 
 def answering(endpoint: Endpoint) -> Endpoint:

@@ -86,14 +86,34 @@ def train(data_dir: Path | None, api: str | None, token: str | None, as_json: bo
             run = c.request("GET", path)
         click.echo(json.dumps(run, indent=2, sort_keys=True))
     else:
-        with Live(_progress(run), console=console, refresh_per_second=4) as live:
+        try:
+            with Live(_progress(run), console=console, refresh_per_second=4) as live:
+                while run["state"] not in ("done", "failed", "stopped"):
+                    time.sleep(POLL_S)
+                    run = c.request("GET", path)
+                    live.update(_progress(run))
+        except KeyboardInterrupt:  # stop the run too, cleanly: it can be resumed
+            console.print("stopping the run after the step in hand (resume it with "
+                          "--resume)...")
+            c.request("POST", f"{path}/stop")
             while run["state"] not in ("done", "failed", "stopped"):
                 time.sleep(POLL_S)
                 run = c.request("GET", path)
-                live.update(_progress(run))
         _summary(run)
     if run["state"] != "done":
         raise SystemExit(1)
+
+
+@rl.command()
+@client_options
+@click.argument("run_id")
+def stop(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+         run_id: str) -> None:
+    """Stop RUN_ID after the step in hand, with a checkpoint (`train --resume` goes on)."""
+    c = make_client(data_dir, api, token)
+    emit(c.request("POST", f"/v1/rl/runs/{quote(run_id, safe='')}/stop"), as_json,
+         lambda r: console.print(f"run {escape(r['id'])}: stopping after step "
+                                 f"{r['step']} ({r['state']})", highlight=False))
 
 
 @rl.command()

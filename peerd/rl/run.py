@@ -79,10 +79,15 @@ class RunSpec:
             elif isinstance(default, int):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise SpecError(name, "must be an integer")
+                if abs(value) >= 2**62:
+                    raise SpecError(name, f"{value} is out of range")
             elif isinstance(default, float):
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise SpecError(name, "must be a number")
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:
+                    raise SpecError(name, f"{value} is out of range") from None
             elif not isinstance(value, str):
                 raise SpecError(name, "must be a string")
             values[name] = value

@@ -128,6 +128,8 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
         await publish(version, learner)
     run.trainer = trainer
     run.state = "running"
+    if run.stopping:
+        trainer.stop()
     try:
         await trainer.run()
     finally:

@@ -70,8 +70,10 @@ class Progress:
     sync_s: float = 0.0  # the trainer's side: export and publish
     last: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
 
+    ended: float = 0.0  # when the run stopped training (0: it goes on)
+
     def to_json(self) -> dict[str, Any]:
-        elapsed = time.time() - self.started
+        elapsed = (self.ended or time.time()) - self.started
         return {"state": self.state, "step": self.step, "version": self.version,
                 "elapsed_s": round(elapsed, 2), "error": self.error,
                 "waiting_for": self.waiting_for,
@@ -136,6 +138,7 @@ class Trainer:
         self.sampler_of: dict[str, str] = {}  # group id -> the sampler that made it
         self.push = spec.mode == "async"  # samplers push their rollouts (Echo's async)
         self.orders: dict[str, _Order] = {}  # sampler -> the order it holds
+        self.stopping = False
         self._changed = trio.Event()  # a slot came back, a group arrived, a step ended
         self._prompt_ids: dict[int, list[int]] = {}
         self._problems: dict[int, Problem] = {}
@@ -312,19 +315,31 @@ class Trainer:
         self.slots.give_back(slots)
         self._wake()
 
+    def stop(self) -> None:
+        """Stop after the step in hand (none is cut short), with a checkpoint."""
+        self.stopping = True
+        self._wake()
+
     async def _train(self) -> None:
-        while self.slots.step < self.spec.steps:
+        saved = -1
+        while self.slots.step < self.spec.steps and not self.stopping:
             self.progress.state = "waiting"
             idle = time.monotonic()
             groups = await self._step_groups()
             self.progress.trainer_idle_s += time.monotonic() - idle
+            if groups is None:
+                break  # stopped while waiting
             self.progress.state = "training"
-            await self._train_step(groups)
-        self.progress.state = "done"
+            saved = await self._train_step(groups)
+        if self.stopping and saved != self.slots.step and self.slots.step > 0:
+            await self.checkpoint(self.slots.step, self.version, self.state())
+        self.progress.state = "stopped" if self.stopping else "done"
+        self.progress.ended = time.time()
 
-    async def _step_groups(self) -> list[Group]:
-        """Wait until every slot of the step has a verified group admissible now."""
-        while True:
+    async def _step_groups(self) -> list[Group] | None:
+        """Wait until every slot of the step has a verified group admissible now (None:
+        the run was stopped meanwhile)."""
+        while not self.stopping:
             for gone in self.buffer.expire(self.version):  # aged out in the queue
                 self._refuse([_slot(gone[0].group_id)], "stale_at_train",
                              self.sampler_of.pop(gone[0].group_id, ""), counted=True)
@@ -341,6 +356,7 @@ class Trainer:
                     return taken
                 continue
             await self._changed.wait()
+        return None
 
     async def _verify(self, groups: list[Group]) -> set[str]:
         """Check the on-policy groups' behaviour log-probs against ours; drop liars
@@ -370,7 +386,8 @@ class Trainer:
             self._refuse([_slot(g) for g in mine], "verification", peer, why, counted=True)
         return liars
 
-    async def _train_step(self, groups: list[Group]) -> None:
+    async def _train_step(self, groups: list[Group]) -> int:
+        """Train one step on `groups`; the step checkpointed now, or -1."""
         spec = self.spec
         t0 = time.monotonic()
         advantages: list[float] = []
@@ -402,7 +419,7 @@ class Trainer:
         self.slots.advance()
         step = self.slots.step
         t1 = time.monotonic()
-        await self.checkpoint_if_due(step)
+        saved = await self.checkpoint_if_due(step)
         await self.publish(self.version, self.learner)
         sync_s = time.monotonic() - t1
         p = self.progress
@@ -425,10 +442,13 @@ class Trainer:
             f.write(json.dumps(line) + "\n")
         self.emit("rl.step", **line)
         self._wake()
+        return saved
 
-    async def checkpoint_if_due(self, step: int) -> None:
+    async def checkpoint_if_due(self, step: int) -> int:
         if step % self.spec.checkpoint_every == 0 or step >= self.spec.steps:
             await self.checkpoint(step, self.version, self.state())
+            return step
+        return -1
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the weights: the accounting, so that a

@@ -60,6 +60,13 @@ class Run:
         self.trainer: Trainer | None = None
         self.plot = ""
         self.ended = trio.Event()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Stop after the step in hand; a run still loading stops before it trains."""
+        self.stopping = True
+        if self.trainer is not None:
+            self.trainer.stop()
 
     def fail(self, message: str) -> None:
         self.state, self.error = "failed", message

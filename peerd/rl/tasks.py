@@ -264,9 +264,17 @@ def jsonl_task(path: Path, *, seed: int) -> ListTask:
 
 
 def load_task(spec: str, *, seed: int) -> Task:
-    """The task a spec names: 'add', 'gsm8k', or a path ending in .jsonl."""
+    """The task a spec names: 'add' (operands 10-99), 'add:LO-HI', 'gsm8k', or a path
+    ending in .jsonl."""
     if spec == "add":
         return AddTask(seed=seed)
+    if spec.startswith("add:"):
+        lo, sep, hi = spec[4:].partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and len(lo) + len(hi) <= 12):
+            raise ValueError(f"task {spec!r}: write add:LO-HI, e.g. add:1-30")
+        task = AddTask(lo=int(lo), hi=int(hi), seed=seed)
+        task.name = spec  # the stream of questions depends on the range
+        return task
     if spec == "gsm8k":
         return gsm8k_task(seed=seed)
     if spec.endswith(".jsonl"):

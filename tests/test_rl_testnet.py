@@ -8,7 +8,8 @@ the run finishes on the other two. (A resume, not a fresh run: a sampler serves 
 run it follows until that run has been quiet for sampler.RUN_IDLE_S, 30 s.)
 
 Slow: four daemons on a shared 2-core machine. The timeouts catch hangs; they time
-nothing.
+nothing. The fast test beside it: `up --rollout` gives every peer the whole model,
+and refuses what cannot be, before any process starts.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def test_async_grpo_on_a_testnet_learns_and_survives_a_killed_sampler(tmp_path: 
     t0 = time.monotonic()
     try:
         run_testnet("up", "--peers", "3", "--model", str(tiny), "--rollout",
-                "--run-dir", str(run_dir), "--base-port", str(free_base_port(3)), "--json")
+                    "--run-dir", str(run_dir), "--base-port", str(free_base_port(3)), "--json")
         print(f"testnet up after {time.monotonic() - t0:.0f} s")
         peers = status(run_dir)
         assert all(p.alive and p.model_state == "ready" for p in peers), peers

@@ -6,8 +6,10 @@ peer, its layers spread over all three), once decoded plainly and once with
 speculative decoding (DSD: the entry peer drafts with the shipped EAGLE head and the
 pipeline verifies every draft in one pass), over links with injected latency. Then a
 task goes to workers elected by beacon, each answering with a chain of thought, and
-the answer is settled by a reputation-weighted vote (Symphony). Finally the testnet
-shuts down cleanly. Run through `scripts/demo`.
+the answer is settled by a reputation-weighted vote (Symphony). Then the testnet
+shuts down cleanly, and a small one of its own shows RL post-training with the swarm
+as samplers (Echo): a few GRPO steps in async mode, with each step's policy version
+and the staleness of its rollouts. Run through `scripts/demo`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from demo_rl import demo_rl  # noqa: E402
 from demo_task import demo_task  # noqa: E402
 
 from testnet import launcher  # noqa: E402
@@ -225,6 +228,8 @@ def main() -> int:
                     help="latency injected on every peer-to-peer link")
     ap.add_argument("--base-port", type=int, default=launcher.DEFAULT_BASE_PORT)
     ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "demo")
+    ap.add_argument("--rl-steps", type=int, default=10,
+                    help="GRPO steps of the RL step, on a testnet of its own (0: skip it)")
     args = ap.parse_args()
     n = args.peers
 
@@ -255,6 +260,15 @@ def main() -> int:
         console.print(f"[red]still running after down: {', '.join(p.name for p in left)}[/]")
         return 1
     console.print(f"stopped {stopped} peers cleanly; no process left behind")
+    if args.rl_steps > 0:
+        console.rule("[bold]Echo: RL post-training, the swarm's peers sampling the rollouts")
+        try:
+            if not demo_rl(console, args.run_dir.parent / "demo-rl", args.base_port + 10,
+                           args.rl_steps):
+                return 1
+        except TestnetError as exc:
+            console.print(f"[red]error:[/] {exc}", highlight=False)
+            return 1
     return 0
 
 

@@ -101,7 +101,8 @@ def main() -> None:
     "--stages",
     type=click.IntRange(1),
     default=None,
-    help="Split the model's layers into S contiguous stages [default: --peers].",
+    help="Split the model's layers into S contiguous stages [default: --peers; 1 with "
+    "--rollout].",
 )
 @click.option(
     "--torch-threads",
@@ -127,7 +128,8 @@ def main() -> None:
 @click.option(
     "--rollout",
     is_flag=True,
-    help="With --model: every peer samples RL rollouts for a trainer (peerd start --rollout).",
+    help="With --model: every peer samples RL rollouts for a trainer (peerd start --rollout), "
+    "holding the whole model (one stage).",
 )
 @click.option(
     "--peer-arg",

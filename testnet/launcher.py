@@ -43,7 +43,7 @@ from peerd.identity import (
 )
 from testnet import procs, serving
 from testnet.peer_api import api_get, api_request, http_client, map_peers
-from testnet.plan import ModelPlan, plan_model
+from testnet.plan import ModelPlan, plan_model, rollout_stages
 from testnet.procs import Proc
 from testnet.state import (
     DEFAULT_BASE_PORT,
@@ -124,10 +124,13 @@ def up(
     with its log tail.
 
     `peer_args` are appended to every peer's `peerd start` command line (any flag of
-    `peerd start`, e.g. `--rollout`), so a new flag can be tried on a local swarm.
+    `peerd start`), so a new flag can be tried on a local swarm. With `--rollout` among
+    them every peer is an RL sampler, holding the whole model: `stages` must be 1.
     """
     if model is None and (stages is not None or torch_threads is not None or dtype != "auto"):
         raise TestnetError("--stages, --torch-threads and --dtype only apply with --model SPEC")
+    if "--rollout" in peer_args:
+        stages = rollout_stages(model, stages)
     run_dir = (run_dir or default_run_dir()).resolve()
     _refuse_if_running(run_dir)
     layout = port_layout(n, base_port, latency_ms > 0)
@@ -270,11 +273,12 @@ def _spawn_peer(
         argv += ["--heartbeat-s", str(heartbeat_s)]
     if plan is not None and rec.layers is not None:
         start, end = rec.layers
+        # a rollout sampler takes the whole model without being told (it refuses --layers)
+        layers = [] if "--rollout" in peer_args else ["--layers", f"{start}:{end}"]
         argv += [
             "--model",
             plan.spec,
-            "--layers",
-            f"{start}:{end}",
+            *layers,
             "--torch-threads",
             str(plan.torch_threads),
             "--dtype",

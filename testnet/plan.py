@@ -63,6 +63,17 @@ def default_torch_threads(peers: int, cores: int | None = None) -> int:
     return max(1, (cores or machine_cores()) // peers)
 
 
+def rollout_stages(model: str | None, stages: int | None) -> int:
+    """The stages of a testnet whose peers sample RL rollouts (`up --rollout`): one, since
+    a sampler holds the whole model (`peerd start --rollout` refuses --layers)."""
+    if model is None:
+        raise TestnetError("--rollout needs --model SPEC: a sampler generates with its model")
+    if stages not in (None, 1):
+        raise TestnetError(f"--rollout: a sampler holds the whole model, so every peer "
+                           f"serves all of it; drop --stages {stages}")
+    return 1
+
+
 def plan_model(
     spec: str,
     peers: int,

@@ -25,12 +25,6 @@ from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixtu
 )
 
 WIDE = {"COLUMNS": "250"}
-# peerd/api/rl.py raises ApiError from its endpoints, but no handler of the app turns
-# it into a response (peerd/api/openai.py and tasks.py catch it in each endpoint), so
-# every refusal of the RL API is a bare 500 "Internal Server Error". Strict: these
-# pass, and must lose this mark, once the endpoints answer their errors.
-API_ERRORS_ARE_500 = pytest.mark.xfail(
-    strict=True, reason="peerd/api/rl.py: an uncaught ApiError is a 500 without a message")
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
@@ -113,13 +107,11 @@ def test_status_with_no_runs(trainer: Daemon) -> None:
     assert json.loads(listed.stdout) == []
 
 
-@API_ERRORS_ARE_500
 def test_status_of_an_unknown_run_is_one_line(trainer: Daemon) -> None:
     line = one_line_error(run_cli("rl", "status", "no-such-run", *at(trainer)), 1)
     assert "404" in line and "no-such-run" in line
 
 
-@API_ERRORS_ARE_500
 @pytest.mark.parametrize(("flags", "named"), [
     (["--lr", "5"], "lr"),
     (["--group", "1"], "group"),
@@ -134,20 +126,18 @@ def test_settings_the_daemon_refuses_start_nothing(trainer: Daemon, flags: list[
     assert runs(trainer) == []
 
 
-@API_ERRORS_ARE_500
 def test_resume_with_nothing_to_resume_starts_nothing(trainer: Daemon,
                                                       tmp_path: Path) -> None:
-    line = one_line_error(run_cli("rl", "train", "--model", "m", *at(trainer), "--resume",
+    line = one_line_error(run_cli("rl", "train", "--model", "smollm2", *at(trainer), "--resume",
                                   "--out", str(tmp_path / "never")), 1)
     assert "409" in line and "nothing to resume" in line
     assert runs(trainer) == []
 
 
-@API_ERRORS_ARE_500
 def test_an_unwritable_run_dir_starts_nothing(trainer: Daemon, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    line = one_line_error(run_cli("rl", "train", "--model", "m", *at(trainer),
+    line = one_line_error(run_cli("rl", "train", "--model", "smollm2", *at(trainer),
                                   "--out", str(blocker / "run")), 1)
     assert "409" in line and "cannot write the run dir" in line and "--out" in line
     assert runs(trainer) == []

@@ -87,7 +87,8 @@ def train(data_dir: Path | None, api: str | None, token: str | None, as_json: bo
         click.echo(json.dumps(run, indent=2, sort_keys=True))
     else:
         try:
-            with Live(_progress(run), console=console, refresh_per_second=4) as live:
+            with Live(_progress(run), console=console, refresh_per_second=4,
+                      transient=True) as live:
                 while run["state"] not in ("done", "failed", "stopped"):
                     time.sleep(POLL_S)
                     run = c.request("GET", path)

@@ -43,8 +43,13 @@ from peerd.rl.samplers import SamplerPool
 from peerd.rl.slots import Slots
 from peerd.rl.tasks import Problem, Task
 from peerd.rl.types import Group, Rollout
+from protocols.errors import RemoteError
+from protocols.rollout import OTHER_RUN
 
 log = logging.getLogger(__name__)
+
+BUSY_CODES = frozenset({"busy", OTHER_RUN})  # a sampler's refusals that are no fault
+BUSY_RETRY_S = 2.0
 
 
 class NoSamplers(Exception):
@@ -131,6 +136,7 @@ class Trainer:
             p.skipped_groups = int(state.get("skipped_groups", 0))
             p.train_s, p.sync_s = state.get("train_s", 0.0), state.get("sync_s", 0.0)
             p.trainer_idle_s = state.get("trainer_idle_s", 0.0)
+            p.started -= float(state.get("elapsed_s", 0.0))  # wall time goes on too
         self.buffer = (ReplayBuffer.from_json(state["buffer"], **self._buffer_args())
                        if state and "buffer" in state else ReplayBuffer(**self._buffer_args()))
         self.waiting: dict[int, str] = {}  # slot -> the group id of its rollouts, waiting
@@ -228,15 +234,24 @@ class Trainer:
                             await self.sample(peer, slot, self.problem(slot),
                                               self.seed(slot), min_version, True)
                             await order.done.wait()
+                except RemoteError as exc:
+                    self.slots.give_back([slot])
+                    self._wake()
+                    if exc.code in BUSY_CODES:  # busy or on another run: no fault of its
+                        # own; ask again shortly
+                        self.emit("rl.sampler_busy", peer_id=peer, code=exc.code)
+                        await trio.sleep(BUSY_RETRY_S)
+                        continue
+                    if self._failed(peer, slot, exc):
+                        break
+                    await trio.sleep(1.0)
+                    continue
                 except Exception as exc:  # the sampler failed: its slot goes out again
                     self.slots.give_back([slot])
-                    why = f"{type(exc).__name__}: {exc}"[:300]
-                    dropped = self.pool.failed(peer, why)
-                    self.emit("rl.sampler_failed", peer_id=peer, slot=slot, error=why,
-                              dropped=dropped)
                     self._wake()
-                    if not dropped:
-                        await trio.sleep(1.0)
+                    if self._failed(peer, slot, exc):
+                        break
+                    await trio.sleep(1.0)
                     continue
                 finally:
                     if order is not None and self.orders.get(peer) is order:
@@ -244,6 +259,13 @@ class Trainer:
                 self.pool.served(peer)
         finally:
             running.discard(peer)
+
+    def _failed(self, peer: str, slot: int, exc: Exception) -> bool:
+        """Count a failed request against the sampler; True when it is dropped."""
+        why = f"{type(exc).__name__}: {exc}"[:300]
+        dropped = self.pool.failed(peer, why)
+        self.emit("rl.sampler_failed", peer_id=peer, slot=slot, error=why, dropped=dropped)
+        return dropped
 
     def pushed(self, peer: str, rollouts: list[Rollout]) -> dict[str, int]:
         """Rollouts a sampler pushed for its order: into the buffer, or refused; what
@@ -457,6 +479,7 @@ class Trainer:
         return {"buffer": self.buffer.to_json(), "refused": dict(p.refused),
                 "samples": p.samples, "skipped_groups": p.skipped_groups,
                 "train_s": p.train_s, "sync_s": p.sync_s, "trainer_idle_s": p.trainer_idle_s,
+                "elapsed_s": time.time() - p.started,
                 "spec": self.spec.to_json()}
 
     def to_json(self) -> dict[str, Any]:

@@ -139,7 +139,8 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     symphony = Symphony(node, ledger, solver, make_matcher(config.skill_matcher),
                         skills=config.skills, warm_up=solver is not None)
     weights = WeightStore(node)  # RL policy versions: published, pulled and re-served
-    training = Training(node, ledger, weights, config.data_dir)  # RL runs asked of us
+    training = Training(node, ledger, weights, config.data_dir,  # RL runs asked of us
+                        torch_threads=config.torch_threads)
     services: list[Service] = [ledger, model, symphony, weights, training]
     if config.rollout:
         services.append(Rollouts(node, ledger, model, weights))

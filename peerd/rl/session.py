@@ -72,8 +72,12 @@ class Policy:
 
 
 async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
-                       run: Run) -> None:
+                       run: Run, *, torch_threads: int = 0) -> None:
     spec = run.spec
+    if torch_threads:  # `peerd start --torch-threads`: the learner's share of the cores
+        from peerd.inference.model.shard import set_torch_threads
+
+        set_torch_threads(torch_threads)
     task = load_task(spec.task, seed=spec.seed)
     source = resolve(spec.model)
     tokenizer = await trio.to_thread.run_sync(load_tokenizer, source)

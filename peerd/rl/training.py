@@ -93,8 +93,9 @@ class Training(Service):
     name = "rl"
 
     def __init__(self, node: Node, ledger: LedgerGossip, weights: WeightStore,
-                 data_dir: Path) -> None:
+                 data_dir: Path, *, torch_threads: int = 0) -> None:
         self.node = node
+        self.torch_threads = torch_threads  # the learner's (0: torch's default)
         self.ledger = ledger
         self.weights = weights
         self.root = data_dir / "rl"
@@ -139,7 +140,8 @@ class Training(Service):
         from peerd.rl.session import run_training  # torch: only when a run starts
 
         try:
-            await run_training(self.node, self.ledger, self.weights, run)
+            await run_training(self.node, self.ledger, self.weights, run,
+                               torch_threads=self.torch_threads)
             run.state = "done" if run.trainer is None or run.trainer.progress.state == "done" \
                 else run.trainer.progress.state
         except trio.Cancelled:

@@ -7,7 +7,9 @@ model, in float32 and in bfloat16) generates completions of held-out `add` quest
 (G per question, temperature 1), and the trainer's learner (transformers, float32)
 scores the same tokens. The trainer's rule (peerd/rl/trainer.py): a rollout whose mean
 absolute log-prob difference a token exceeds the tolerance (RunSpec.verify_tolerance)
-is a lie. Lies: the honest log-probs scaled by 1 - e (tokens claimed likelier than
+is a lie; the tolerance is the run's `verify_tolerance` for a sampler computing in
+float32 and `verify_tolerance_half` for one in bfloat16 (it says which in its ledger
+entry). Lies: the honest log-probs scaled by 1 - e (tokens claimed likelier than
 they were, which inflates the importance ratio), noise N(0, s) on each token (clipped
 to <= 0), and the tokens of another completion with their own log-probs (a swapped
 completion: the claim is honest for other tokens). Detection rate = lies caught / lies.
@@ -56,7 +58,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/rl_verify.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tolerance = RunSpec(model=args.model).verify_tolerance
+    spec = RunSpec(model=args.model)
+    tolerances = {"float32": spec.verify_tolerance, "bfloat16": spec.verify_tolerance_half}
     source = resolve(args.model)
     tokenizer = load_tokenizer(source)
     config = load_config(source)
@@ -65,7 +68,7 @@ def main() -> None:
     prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
     learner = Learner.load(args.model)
     result: dict[str, Any] = {"settings": vars(args) | {"out": str(args.out)},
-                              "tolerance": tolerance, "honest": {}, "lies": {}}
+                              "tolerance": tolerances, "honest": {}, "lies": {}}
     rollouts: dict[str, list[tuple[list[int], list[int], list[float]]]] = {}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
@@ -78,7 +81,7 @@ def main() -> None:
                 for i, group in enumerate(made.groups) for c in group]
         rollouts[name] = rows
         devs = deviations(learner, rows)
-        result["honest"][name] = summary(devs, tolerance)
+        result["honest"][name] = summary(devs, tolerances[name])
         console.print(f"honest {name}: {result['honest'][name]}")
     honest = rollouts["float32"]
     ours = scores(learner, honest)
@@ -90,16 +93,17 @@ def main() -> None:
         lies[f"noise s={s:g}"] = [
             [min(0.0, lp + float(torch.randn((), generator=g)) * s) for lp in claim]
             for _, _, claim in honest]
-    for label, claims in lies.items():
+    for label, claims in lies.items():  # a float32 sampler's lies; caught at either
+        # tolerance (a liar may say it computes in bfloat16 to get the wider one)
         devs = [mean_abs(o, c) for o, c in zip(ours, claims, strict=True)]
-        result["lies"][label] = summary(devs, tolerance)
+        result["lies"][label] = summary(devs, *tolerances.values())
     # a swapped completion: another rollout's tokens and their honest log-probs, under
     # this prompt (the tokens differ, so the claim is off wherever the contexts differ)
-    swapped = [(p, honest[(i + 1) % len(honest)][1], honest[(i + 1) % len(honest)][2])
-               for i, (p, _, _) in enumerate(honest)]
-    swapped = [r for r, h in zip(swapped, honest, strict=True) if r[0] != h[0]]
-    result["lies"]["another question's completion"] = summary(deviations(learner, swapped),
-                                                             tolerance)
+    other = [honest[(i + args.group) % len(honest)] for i in range(len(honest))]
+    swapped = [(p, o[1], o[2]) for (p, _, _), o in zip(honest, other, strict=True)
+               if o[0] != p]
+    result["lies"]["another question's completion"] = summary(
+        deviations(learner, swapped), *tolerances.values())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     report(result)
@@ -122,22 +126,26 @@ def mean_abs(a: list[float], b: list[float]) -> float:
     return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
 
 
-def summary(devs: list[float], tolerance: float) -> dict[str, Any]:
+def summary(devs: list[float], *tolerances: float) -> dict[str, Any]:
+    """The spread of deviations, and the share above each tolerance given."""
     devs = sorted(devs)
     return {"n": len(devs), "median": statistics.median(devs),
             "p95": devs[min(len(devs) - 1, int(0.95 * len(devs)))], "max": devs[-1],
-            "flagged": sum(d > tolerance for d in devs) / len(devs)}
+            "flagged": [sum(d > t for d in devs) / len(devs) for t in tolerances]}
 
 
 def report(result: dict[str, Any]) -> None:
-    table = Table(title=f"mean |claimed - trainer's| log-prob a token; tolerance "
-                  f"{result['tolerance']}")
+    t = result["tolerance"]
+    table = Table(title="mean |claimed - trainer's| log-prob a token; flagged: above the "
+                  f"tolerance (float32 samplers {t['float32']:g}, bfloat16 "
+                  f"{t['bfloat16']:g})")
     for col in ("rollouts", "n", "median", "p95", "max", "flagged"):
         table.add_column(col)
     for group in ("honest", "lies"):
         for label, s in result[group].items():
+            flagged = " / ".join(f"{100 * f:.0f}%" for f in s["flagged"])
             table.add_row(f"{group}: {label}", str(s["n"]), f"{s['median']:.2e}",
-                          f"{s['p95']:.2e}", f"{s['max']:.2e}", f"{100 * s['flagged']:.0f}%")
+                          f"{s['p95']:.2e}", f"{s['max']:.2e}", flagged)
     console.print(table)
 
 

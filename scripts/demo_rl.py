@@ -27,9 +27,9 @@ from rich.table import Table
 
 from testnet import launcher
 from tests.models import tiny_llama_dir
+from tests.rl_swarm import seven_task
 
 RUN_ID = "demo"
-SEVEN = [{"prompt": f"Say a number ({i})", "answer": "7"} for i in range(200)]
 TRAIN = ["--mode", "async", "--staleness", "1", "--group", "8", "--batch", "4",
          "--max-tokens", "3", "--lr", "0.02", "--seed", "1"]  # tests/test_rl_testnet.py's
 
@@ -41,8 +41,7 @@ def demo_rl(console: Console, run_dir: Path, base_port: int, steps: int = 10) ->
     hf_logging.disable_progress_bar()  # "Writing model shards" is noise here
     with console.status("building a tiny random Llama (4 layers, 384 tokens)"):
         tiny = tiny_llama_dir(run_dir)
-    task = run_dir / "seven.jsonl"
-    task.write_text("".join(json.dumps(row) + "\n" for row in SEVEN))
+    task = seven_task(run_dir)
     console.print('the task: every prompt\'s answer is "7" (exact match, plus a small '
                   "format reward); a random model says it now and then, GRPO makes it say "
                   "it more")

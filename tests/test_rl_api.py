@@ -19,6 +19,7 @@ from peerd.rl.training import Training
 from peerd.rl.weights import WeightStore
 from tests.harness import gossip, swarm, wait_for
 from tests.models import tiny_llama_dir
+from tests.rl_swarm import seven_task
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -31,10 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def task(tmp_path: Path) -> Path:
-    path = tmp_path / "seven.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Say a number ({i})", "answer": "7"})
-                            + "\n" for i in range(20)))
-    return path
+    return seven_task(tmp_path)
 
 
 @contextlib.asynccontextmanager

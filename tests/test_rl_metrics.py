@@ -6,10 +6,8 @@ what the run and the samplers counted themselves (GET /v1/rl/runs/ID, /status)."
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -17,18 +15,12 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from peerd.api.app import create_app
-from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.node import Node
-from peerd.rl.policy import Completion, Generation
-from peerd.rl.rollout_service import Rollouts
-from peerd.rl.training import Training
-from peerd.rl.weights import WeightStore
-from tests.harness import gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
+from tests.rl_swarm import lie, rl_swarm, seven_task
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SEVEN = [{"prompt": f"Say a number ({i})", "answer": "7"} for i in range(200)]
 
 
 @pytest.fixture(scope="module")
@@ -38,44 +30,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def task(tmp_path: Path) -> Path:
-    path = tmp_path / "seven.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in SEVEN))
-    return path
-
-
-@contextlib.asynccontextmanager
-async def rl_swarm(tmp_path: Path, tiny: Path, samplers: int = 2
-                   ) -> AsyncIterator[tuple[Training, list[Rollouts]]]:
-    async with swarm(1 + samplers, tmp_path, connect="star") as nodes:
-        trainer, *others = nodes
-        weights = WeightStore(trainer)
-        training = Training(trainer, gossip(trainer), weights, tmp_path / "trainer")
-        await trainer.start(weights, training)
-        rollouts = [await add_sampler(node, tiny) for node in others]
-        yield training, rollouts
-
-
-async def add_sampler(node: Node, tiny: Path) -> Rollouts:
-    await serve_model(node, ModelOptions(spec=str(tiny), torch_threads=1))
-    weights = WeightStore(node)
-    service = Rollouts(node, gossip(node), node.service(ModelSlot), weights)
-    await node.start(weights, service)
-    await wait_for(lambda: service.sampler is not None)
-    return service
-
-
-def lie(service: Rollouts, factor: float) -> None:
-    """The sampler reports behaviour log-probs `factor` times the true ones."""
-    policy = service.sampler.policy
-    honest = policy.generate_many
-
-    async def lying(*args: Any, **kw: Any) -> Generation:
-        got = await honest(*args, **kw)
-        return Generation(got.version, [[Completion(c.ids, tuple(lp * factor for lp in
-                                                                  c.logprobs))
-                                         for c in group] for group in got.groups])
-
-    policy.generate_many = lying
+    return seven_task(tmp_path)
 
 
 @contextlib.asynccontextmanager

@@ -33,12 +33,12 @@ from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixtu
     wait_for,
 )
 from models import tiny_llama_dir
+from rl_swarm import seven_task
 
 from testnet import TestnetError, api_request, down, status, up
 from testnet.plan import rollout_stages
 from testnet.state import free_base_port
 
-SEVEN = [{"prompt": f"Say a number ({i})", "answer": "7"} for i in range(200)]
 STEPS = 10  # the first run (lr 0.02 learns in about 6, and may collapse past 12)
 MORE = 4  # the resumed run's extra steps, a sampler killed after the first of them
 STALENESS = 1
@@ -91,8 +91,7 @@ def test_rollout_peers_hold_the_whole_model_and_say_so_before_starting(tmp_path:
 def test_async_grpo_on_a_testnet_learns_and_survives_a_killed_sampler(tmp_path: Path
                                                                        ) -> None:
     tiny = tiny_llama_dir(tmp_path)
-    task = tmp_path / "seven.jsonl"
-    task.write_text("".join(json.dumps(row) + "\n" for row in SEVEN))
+    task = seven_task(tmp_path)
     run_dir = tmp_path / "testnet"
     t0 = time.monotonic()
     try:

@@ -8,28 +8,21 @@ model says "7" now and then; GRPO makes it say "7" more.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from peerd.inference.slot import ModelOptions, ModelSlot
-from peerd.node import Node
-from peerd.rl.policy import Completion, Generation
-from peerd.rl.rollout_service import Rollouts
+from peerd.rl.policy import Generation
 from peerd.rl.rollouts import push_rollouts
 from peerd.rl.run import RunSpec
 from peerd.rl.training import Run, Training
-from peerd.rl.weights import WeightStore
 from protocols.rollout import RolloutRequest
-from tests.harness import events, gossip, serve_model, swarm, wait_for
+from tests.harness import events, wait_for
 from tests.models import tiny_llama_dir
-
-SEVEN = [{"prompt": f"Say a number ({i})", "answer": "7"} for i in range(200)]
+from tests.rl_swarm import lie, rl_swarm, seven_task
 
 
 @pytest.fixture(scope="module")
@@ -39,30 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def task(tmp_path: Path) -> Path:
-    path = tmp_path / "seven.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in SEVEN))
-    return path
-
-
-@contextlib.asynccontextmanager
-async def rl_swarm(tmp_path: Path, tiny: Path, samplers: int = 2
-                   ) -> AsyncIterator[tuple[Training, list[Rollouts]]]:
-    async with swarm(1 + samplers, tmp_path, connect="star") as nodes:
-        trainer, *others = nodes
-        weights = WeightStore(trainer)
-        training = Training(trainer, gossip(trainer), weights, tmp_path / "trainer")
-        await trainer.start(weights, training)
-        rollouts = [await add_sampler(node, tiny) for node in others]
-        yield training, rollouts
-
-
-async def add_sampler(node: Node, tiny: Path) -> Rollouts:
-    await serve_model(node, ModelOptions(spec=str(tiny), torch_threads=1))
-    weights = WeightStore(node)
-    service = Rollouts(node, gossip(node), node.service(ModelSlot), weights)
-    await node.start(weights, service)
-    await wait_for(lambda: service.sampler is not None)
-    return service
+    return seven_task(tmp_path)
 
 
 async def finished(training: Training, spec: RunSpec, timeout_s: float = 120.0) -> Run:
@@ -117,22 +87,6 @@ async def test_async_at_staleness_0_is_sync_and_async_runs_ahead(
     staleness = ahead.to_json()["staleness"]
     assert set(staleness) <= {"0", "1"} and sum(staleness.values()) == 4 * 4 * 8
 
-
-
-def lie(service: Rollouts, factor: float) -> None:
-    """Make a sampler report behaviour log-probs `factor` times the true ones (a lie
-    that makes its tokens look likelier than they were, the kind that would inflate
-    the importance ratio)."""
-    policy = service.sampler.policy
-    honest = policy.generate_many
-
-    async def lying(*args: Any, **kw: Any) -> Generation:
-        got = await honest(*args, **kw)
-        return Generation(got.version, [[Completion(c.ids, tuple(lp * factor for lp in
-                                                                  c.logprobs))
-                                         for c in group] for group in got.groups])
-
-    policy.generate_many = lying
 
 
 async def test_a_lying_sampler_is_dropped_and_training_goes_on(tmp_path: Path, tiny: Path,
@@ -270,3 +224,24 @@ async def test_a_stopped_run_checkpoints_where_it_stopped_and_resumes_there(
         again = await finished(training, spec(tiny, task, run_id="st", steps=out["step"] + 1,
                                               resume=True, out=str(run.dir)))
         assert again.to_json()["step"] == out["step"] + 1
+
+
+async def test_an_older_version_tag_is_checked_under_that_version(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    """Async: a sampler that tags its rollouts one version older than the weights it
+    used (they are then off-policy, and only the check of older versions, scoring them
+    under the version they name, can tell) is found out and dropped."""
+    async with rl_swarm(tmp_path, tiny) as (training, (_honest, mistagged)):
+        policy = mistagged.sampler.policy
+        honest = policy.generate_many
+
+        async def older(*args: Any, **kw: Any) -> Generation:
+            got = await honest(*args, **kw)
+            return Generation(max(0, got.version - 1), got.groups)
+
+        policy.generate_many = older
+        run = await finished(training, spec(tiny, task, run_id="tag", steps=6, lr=0.05,
+                                            mode="async", staleness=1, verify_old=32))
+        out = run.to_json()
+        assert mistagged.node.peer_id in out["dropped"], out
+        assert out["verified_old"] > 0 and out["step"] == 6

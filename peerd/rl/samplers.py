@@ -45,6 +45,14 @@ class SamplerPool:
             return True
         return False
 
+    def dtype(self, peer: str) -> str:
+        """The dtype the sampler says it computes in ("" if unknown)."""
+        entry = self.book.get(peer)
+        for m in entry.models if entry is not None else ():
+            if m.model_id == self.model_id:
+                return m.dtype
+        return ""
+
     def served(self, peer: str) -> None:
         self.failures.pop(peer, None)
 

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 class Policy:
     """The trainer's learner, as the trainer loop uses it: on rollouts."""
 
-    def __init__(self, learner: Learner, aggregation: str) -> None:
+    def __init__(self, learner: Learner, aggregation: str, keep: int = 1) -> None:
         self.learner = learner
+        self.keep = keep  # older versions remembered, to check their rollouts
+        self.snapshots: dict[int, dict[str, Any]] = {}  # version -> its trained tensors
         # how micro-batches (and ranks) share the batch's loss: learner.py's docstring
         self.aggregation = "token" if aggregation == "token" else "sequence"
 
@@ -56,6 +58,26 @@ class Policy:
         """Our log-probs of each rollout's tokens (to check the sampler's)."""
         lp = self.learner.score(self.batch(rollouts), temperature=temperature)
         return [lp[i, :len(r.completion_ids)].tolist() for i, r in enumerate(rollouts)]
+
+    def remember(self, version: int, tensors: dict[str, Any]) -> None:
+        """Keep `version`'s trained tensors (as exported: LoRA adapters are small) for
+        checking rollouts of it later; only the newest `keep` + 1 versions are kept."""
+        self.snapshots[version] = tensors
+        for old in [v for v in self.snapshots if v < version - self.keep]:
+            del self.snapshots[old]
+
+    def score_at(self, version: int, rollouts: Sequence[Rollout], temperature: float
+                 ) -> list[list[float]] | None:
+        """Our log-probs of the rollouts under an older `version` (None: not kept)."""
+        then = self.snapshots.get(version)
+        if then is None:
+            return None
+        now, _ = self.learner.export()
+        self.learner.load_tensors(then)
+        try:
+            return self.score(rollouts, temperature)
+        finally:
+            self.learner.load_tensors(now)
 
     def train(self, rollouts: Sequence[Rollout], advantages: Sequence[float],
               loss_fn: LossFn, temperature: float) -> dict[str, Any]:
@@ -95,7 +117,8 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
             # a version may have gone out after the last checkpoint: move past it
             version = max(version, int(state.get("published", version))) + 1
     pool = SamplerPool(ledger.book, source.model_id, FEATURE_ROLLOUT, node.peer_id)
-    policy = Policy(learner, spec.aggregation)
+    policy = Policy(learner, spec.aggregation, keep=spec.staleness if spec.mode == "async"
+                    else 0)
 
     def tokenize(prompt: str) -> list[int]:
         return chat_prompt_ids(tokenizer, prompt)
@@ -115,6 +138,7 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
 
     async def publish(v: int, _learner: Any) -> None:
         tensors, scale = await trio.to_thread.run_sync(learner.export)
+        policy.remember(v, tensors)
         published["version"] = v
         await weights.publish(spec.run_id, source.model_id, v, spec.update, tensors,
                               lora_scale=scale)
@@ -130,6 +154,8 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
                       run.dir, emit, node.offence, step=step, version=version, state=state)
     if version > 0:  # a resumed run: the samplers take the checkpoint's weights first
         await publish(version, learner)
+    else:
+        policy.remember(0, (await trio.to_thread.run_sync(learner.export))[0])
     run.trainer = trainer
     run.state = "running"
     if run.stopping:

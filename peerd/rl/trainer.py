@@ -13,11 +13,14 @@ trainer takes each step's slots as they are ready:
   is refused "stale" and its slot goes out again); the clipped importance ratio
   against the sampler's behaviour log-probs corrects what is off-policy.
 
-Before a step, the rollouts generated at the trainer's own version are checked:
-their prompt ids must be the trainer's tokenisation of the slot's prompt, and the
-sampler's behaviour log-probs must match the trainer's own within
-`verify_tolerance` (mean absolute difference a token). A sampler that fails is
-dropped for the run and counted as an offence; its slots go out again.
+Before a step, the rollouts are checked: their prompt ids must be the trainer's
+tokenisation of the slot's prompt, and the sampler's behaviour log-probs must match
+the trainer's own within `verify_tolerance` (mean absolute difference a token): every
+group generated at the trainer's own version, and a sample of older groups scored
+under the version that made them (the trainer keeps the last S versions' trained
+tensors: LoRA adapters are small; a full update costs a model copy a version). A
+sampler that fails is dropped for the run and counted as an offence; its slots go out
+again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +41,7 @@ import trio
 
 from peerd.rl.buffer import ReplayBuffer
 from peerd.rl.grpo import group_advantages, grpo_loss, is_degenerate
+from peerd.rl.progress import NoSamplers, Progress, judge
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
 from peerd.rl.slots import Slots
@@ -50,44 +54,6 @@ log = logging.getLogger(__name__)
 
 BUSY_CODES = frozenset({"busy", OTHER_RUN})  # a sampler's refusals that are no fault
 BUSY_RETRY_S = 2.0
-
-
-class NoSamplers(Exception):
-    """The run has had no sampler for too long; the message says what was looked for."""
-
-
-@dataclass
-class Progress:
-    """What `GET /v1/rl/runs/ID` shows while the run goes on."""
-
-    state: str = "starting"  # starting | waiting | training | done | failed | stopped
-    step: int = 0
-    version: int = 0
-    started: float = field(default_factory=time.time)
-    error: str = ""
-    waiting_for: str = ""  # why the run cannot go on now, when it cannot
-    samples: int = 0  # completions trained on
-    refused: Counter[str] = field(default_factory=Counter)  # groups, by the trainer's
-    # reasons (the buffer counts its own)
-    skipped_groups: int = 0  # all-equal rewards: no signal
-    trainer_idle_s: float = 0.0
-    train_s: float = 0.0
-    sync_s: float = 0.0  # the trainer's side: export and publish
-    last: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
-
-    ended: float = 0.0  # when the run stopped training (0: it goes on)
-
-    def to_json(self) -> dict[str, Any]:
-        elapsed = (self.ended or time.time()) - self.started
-        return {"state": self.state, "step": self.step, "version": self.version,
-                "elapsed_s": round(elapsed, 2), "error": self.error,
-                "waiting_for": self.waiting_for,
-                "samples": self.samples,
-                "samples_per_s": round(self.samples / elapsed, 3) if elapsed > 0 else 0.0,
-                "skipped_groups": self.skipped_groups,
-                "trainer_idle_s": round(self.trainer_idle_s, 2),
-                "train_s": round(self.train_s, 2), "sync_s": round(self.sync_s, 3),
-                "last": self.last}
 
 
 Sampler = Callable[[str, int, Problem, int, int, bool], Any]  # (peer, slot, problem,
@@ -380,26 +346,43 @@ class Trainer:
             await self._changed.wait()
         return None
 
+    def tolerance(self, peer: str) -> float:
+        """How far a sampler's log-probs may be from ours: float32 samplers compute as
+        we do; a sampler in a half-precision dtype (or one that does not say) rounds."""
+        if self.pool.dtype(peer) == "float32":
+            return self.spec.verify_tolerance
+        return self.spec.verify_tolerance_half
+
     async def _verify(self, groups: list[Group]) -> set[str]:
-        """Check the on-policy groups' behaviour log-probs against ours; drop liars
-        (returned; their groups are let go and their slots go out again)."""
+        """Check the sampler's behaviour log-probs against ours: every group of our
+        current version, and a sample of `verify_old` groups of older versions (scored
+        under the version that made them). Liars are dropped (returned; their groups
+        let go and their slots sent out again)."""
         current = [g for g in groups if g[0].version == self.version]
-        if not current:
-            return set()
-        rollouts = [r for g in current for r in g]
-        ours = await trio.to_thread.run_sync(self.learner.score, rollouts,
-                                             self.spec.temperature)
-        liars: set[str] = set()
-        worst: dict[str, float] = {}
-        for r, lp in zip(rollouts, ours, strict=True):
-            dev = _mean_abs(lp, r.behaviour_logprobs)
-            worst[r.sampler] = max(worst.get(r.sampler, 0.0), dev)
-            if dev > self.spec.verify_tolerance:
-                liars.add(r.sampler)
-        self.progress.last["verify_max_dev"] = round(max(worst.values()), 5)
+        older = [g for g in groups if g[0].version != self.version]
+        sample = random.Random(self.spec.seed * 7919 + self.version).sample(
+            older, min(self.spec.verify_old, len(older)))
+        checks: list[tuple[Group, list[list[float]]]] = []
+        if current:
+            rollouts = [r for g in current for r in g]
+            ours = await trio.to_thread.run_sync(self.learner.score, rollouts,
+                                                 self.spec.temperature)
+            at = 0
+            for g in current:
+                checks.append((g, ours[at:at + len(g)]))
+                at += len(g)
+        for g in sample:
+            then = await trio.to_thread.run_sync(self.learner.score_at, g[0].version,
+                                                 list(g), self.spec.temperature)
+            if then is not None:
+                checks.append((g, then))
+                self.progress.verified_old += 1
+        liars, worst = judge(checks, self.tolerance)
+        if worst:
+            self.progress.last["verify_max_dev"] = round(max(worst.values()), 6)
         for peer in liars:
-            why = (f"behaviour log-probs off by up to {worst[peer]:.3f} a token on average "
-                   f"(tolerance {self.spec.verify_tolerance})")
+            why = (f"behaviour log-probs off by up to {worst[peer]:.4f} a token on average "
+                   f"(tolerance {self.tolerance(peer)})")
             self.pool.drop(peer, why)
             self.offence(peer, "rl_lie", why)
             mine = [g[0].group_id for g in groups if g[0].sampler == peer]
@@ -493,14 +476,6 @@ class Trainer:
                    staleness={str(k): v * g for k, v in sorted(b.staleness_histogram.items())},
                    samplers=self.pool.found(), dropped=dict(self.pool.dropped))
         return out
-
-
-def _mean_abs(ours: Any, theirs: tuple[float, ...]) -> float:
-    a = torch.as_tensor(ours, dtype=torch.float64)[: len(theirs)]
-    b = torch.tensor(theirs, dtype=torch.float64)
-    if a.numel() != b.numel():
-        return math.inf
-    return float((a - b).abs().mean())
 
 
 def _slot(group_id: str) -> int:

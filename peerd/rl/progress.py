@@ -1,0 +1,85 @@
+"""A run's progress as the trainer keeps it, and the check of a sampler's claims.
+
+`Progress` is what `GET /v1/rl/runs/ID` shows while a run goes on (the trainer adds
+its buffer's counts). `judge` is the trainer's rule on a sampler's behaviour
+log-probs, pure: a rollout whose mean absolute difference a token from the trainer's
+own exceeds the sampler's tolerance is a lie.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from peerd.rl.types import Rollout
+
+
+class NoSamplers(Exception):
+    """The run has had no sampler for too long; the message says what was looked for."""
+
+
+@dataclass
+class Progress:
+    """What `GET /v1/rl/runs/ID` shows while the run goes on."""
+
+    state: str = "starting"  # starting | waiting | training | done | failed | stopped
+    step: int = 0
+    version: int = 0
+    started: float = field(default_factory=time.time)
+    error: str = ""
+    waiting_for: str = ""  # why the run cannot go on now, when it cannot
+    samples: int = 0  # completions trained on
+    refused: Counter[str] = field(default_factory=Counter)  # groups, by the trainer's
+    # reasons (the buffer counts its own)
+    skipped_groups: int = 0  # all-equal rewards: no signal
+    verified_old: int = 0  # groups of older versions re-scored under their version
+    trainer_idle_s: float = 0.0
+    train_s: float = 0.0
+    sync_s: float = 0.0  # the trainer's side: export and publish
+    last: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
+
+    ended: float = 0.0  # when the run stopped training (0: it goes on)
+
+    def to_json(self) -> dict[str, Any]:
+        elapsed = (self.ended or time.time()) - self.started
+        return {"state": self.state, "step": self.step, "version": self.version,
+                "elapsed_s": round(elapsed, 2), "error": self.error,
+                "waiting_for": self.waiting_for,
+                "samples": self.samples,
+                "samples_per_s": round(self.samples / elapsed, 3) if elapsed > 0 else 0.0,
+                "skipped_groups": self.skipped_groups, "verified_old": self.verified_old,
+                "trainer_idle_s": round(self.trainer_idle_s, 2),
+                "train_s": round(self.train_s, 2), "sync_s": round(self.sync_s, 3),
+                "last": self.last}
+
+
+def mean_abs(ours: Sequence[float] | torch.Tensor, theirs: Sequence[float]) -> float:
+    """Mean |ours - theirs| a token; infinite when the lengths differ."""
+    a = torch.as_tensor(ours, dtype=torch.float64)[: len(theirs)]
+    b = torch.tensor(list(theirs), dtype=torch.float64)
+    if a.numel() != b.numel():
+        return math.inf
+    return float((a - b).abs().mean())
+
+
+def judge(checks: Sequence[tuple[Sequence[Rollout], Sequence[Sequence[float]]]],
+          tolerance: Callable[[str], float]) -> tuple[set[str], dict[str, float]]:
+    """(the samplers caught lying, the worst deviation seen of each sampler) from
+    groups of rollouts and the trainer's log-probs of their tokens; `tolerance(peer)`
+    is the deviation allowed to that sampler (it depends on the dtype it computes in)."""
+    liars: set[str] = set()
+    worst: dict[str, float] = {}
+    for group, ours in checks:
+        for r, lp in zip(group, ours, strict=True):
+            dev = mean_abs(lp, r.behaviour_logprobs)
+            worst[r.sampler] = max(worst.get(r.sampler, 0.0), dev)
+            if dev > tolerance(r.sampler):
+                liars.add(r.sampler)
+    return liars, worst
+

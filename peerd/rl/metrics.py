@@ -1,4 +1,5 @@
-"""Echo on /metrics: the trainer's runs and this peer's sampler, read when scraped.
+"""Echo on /metrics: the trainer's runs, this peer's sampler and its weights service,
+read when scraped.
 
 Like the shard server's and the weights service's collectors, these read the
 counters the trainer and the sampler keep anyway (the figures `GET /v1/rl/runs` and
@@ -30,6 +31,7 @@ from prometheus_client.core import (
 if TYPE_CHECKING:
     from peerd.rl.rollout_service import Rollouts
     from peerd.rl.training import Run, Training
+    from peerd.rl.weights import WeightStore
 
 
 class TrainingCollector:
@@ -152,3 +154,28 @@ class SamplerCollector:
                                ("in_hand", sampler.status()["rollout"]["in_hand"])):
                 families[key].add_metric([], float(value))
         yield from families.values()
+
+
+class WeightsCollector:
+    """The store's counters on /metrics, read when scraped."""
+
+    def __init__(self, store: WeightStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.store
+        for name, doc, value in (
+                ("peerd_weights_pulls", "Versions pulled", s.pulled["pulls"]),
+                ("peerd_weights_pull_seconds", "Time spent pulling versions", s.pull_seconds),
+                ("peerd_weights_pulled_bytes", "Chunk bytes fetched", s.pulled["bytes"]),
+                ("peerd_weights_served_chunks", "Chunks served to peers", s.served["chunks"]),
+                ("peerd_weights_served_bytes", "Chunk bytes served to peers", s.served["bytes"])):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], float(value))
+            yield counter
+        held = GaugeMetricFamily("peerd_weights_held_bytes", "Chunk bytes held")
+        held.add_metric([], float(sum(len(c) for c in s.chunks.values())))
+        yield held
+        last = GaugeMetricFamily("peerd_weights_last_pull_seconds", "The last pull's time")
+        last.add_metric([], s.pull_stats[-1].seconds if s.pull_stats else 0.0)
+        yield last

@@ -21,6 +21,10 @@ under the version that made them (the trainer keeps the last S versions' trained
 tensors: LoRA adapters are small; a full update costs a model copy a version). A
 sampler that fails is dropped for the run and counted as an offence; its slots go out
 again.
+
+One module, past the usual size: the producers, the check and the steps all move the
+same state (slots handed out, groups waiting, orders held, the version); the pure
+rules are out (slots.py, buffer.py, grpo.py, progress.py).
 """
 
 from __future__ import annotations

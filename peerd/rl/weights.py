@@ -17,6 +17,11 @@ each run (a pull in progress keeps its own); a chunk goes when no kept version n
 it. Holders re-announce their newest version every `announce_s` (soft state: a
 holder not heard for three periods is forgotten), and the trainer its newest
 announcement, so peers that join late learn both.
+
+One module, past the usual size: publishing, pulling and serving share the store's
+state (chunks held, pulls in progress and the holders they wait for) and its locks;
+the parts that stand alone are already out (manifest.py, chunks.py, announce.py, the
+metrics in metrics.py).
 """
 
 from __future__ import annotations
@@ -25,18 +30,18 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from trio_typing import TaskStatus
 
 from peerd.agents.sealing import seal
 from peerd.node import Node
 from peerd.rl.announce import AnnounceHook, Announcements
 from peerd.rl.chunks import ChunkPlan
+from peerd.rl.metrics import WeightsCollector
 from peerd.rpc import call, stream_handler
 from peerd.service import EntryFields, Service
 from peerd.streams import STREAM_FAILURES_OR_TIMEOUT
@@ -455,7 +460,7 @@ class WeightStore(Service):
                                                             node.offence))
         node.set_stream_handler(CHUNKS.id, stream_handler(CHUNKS, self._serve_chunks,
                                                           node.offence))
-        node.metrics.registry.register(_WeightsCollector(self))
+        node.metrics.registry.register(WeightsCollector(self))
         subscription = await node.pubsub.subscribe(TOPIC)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -480,31 +485,6 @@ class WeightStore(Service):
                 "seconds": round(last.seconds, 4), "bytes": last.bytes,
                 "chunks": last.chunks, "sources": last.sources},
         }}
-
-
-class _WeightsCollector:
-    """The store's counters on /metrics, read when scraped."""
-
-    def __init__(self, store: WeightStore) -> None:
-        self.store = store
-
-    def collect(self) -> Iterator[Metric]:
-        s = self.store
-        for name, doc, value in (
-                ("peerd_weights_pulls", "Versions pulled", s.pulled["pulls"]),
-                ("peerd_weights_pull_seconds", "Time spent pulling versions", s.pull_seconds),
-                ("peerd_weights_pulled_bytes", "Chunk bytes fetched", s.pulled["bytes"]),
-                ("peerd_weights_served_chunks", "Chunks served to peers", s.served["chunks"]),
-                ("peerd_weights_served_bytes", "Chunk bytes served to peers", s.served["bytes"])):
-            counter = CounterMetricFamily(name, doc)
-            counter.add_metric([], float(value))
-            yield counter
-        held = GaugeMetricFamily("peerd_weights_held_bytes", "Chunk bytes held")
-        held.add_metric([], float(sum(len(c) for c in s.chunks.values())))
-        yield held
-        last = GaugeMetricFamily("peerd_weights_last_pull_seconds", "The last pull's time")
-        last.add_metric([], s.pull_stats[-1].seconds if s.pull_stats else 0.0)
-        yield last
 
 
 def _check_chunk(h: bytes, data: bytes, size: int) -> None:

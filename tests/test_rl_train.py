@@ -245,3 +245,24 @@ async def test_an_older_version_tag_is_checked_under_that_version(
         out = run.to_json()
         assert mistagged.node.peer_id in out["dropped"], out
         assert out["verified_old"] > 0 and out["step"] == 6
+
+
+async def test_a_sampler_that_never_answers_is_timed_out_and_dropped(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny) as (training, (_honest, mute)):
+        async def never(*args: Any, **kw: Any) -> Generation:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        mute.sampler.policy.generate_many = never
+        run = await training.start_run(spec(tiny, task, run_id="mute", steps=1000,
+                                            sampler_timeout_s=0.5))
+        # three deadlines in a row, and it is dropped; the other carries the run
+        await wait_for(lambda: mute.node.peer_id in run.to_json()["dropped"], timeout_s=30)
+        assert "TooSlowError" in run.to_json()["dropped"][mute.node.peer_id]
+        step = run.to_json()["step"]
+        await wait_for(lambda: run.to_json()["step"] >= step + 2, timeout_s=30)
+        run.stop()
+        with trio.fail_after(30):
+            await run.ended.wait()
+        assert run.state == "stopped"

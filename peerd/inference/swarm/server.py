@@ -12,6 +12,11 @@ route that skips layers) is refused with an error reply and counted against it; 
 session ends and the peer keeps serving every other session. When the next hop
 cannot be reached, this peer reports it to the entry peer (FAILED over the return
 protocol) so the entry can ban it and re-route.
+
+One module, past the usual size: a session's life (open, forward, relay, return,
+close, eviction) moves one set of state; the rules that stand alone are out
+(lending.py: what is lent to whom; peerd/turns.py: the compute's order; streams.py:
+the handshake).
 """
 
 from __future__ import annotations

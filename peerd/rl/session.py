@@ -117,8 +117,9 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
             # a version may have gone out after the last checkpoint: move past it
             version = max(version, int(state.get("published", version))) + 1
     pool = SamplerPool(ledger.book, source.model_id, FEATURE_ROLLOUT, node.peer_id)
-    policy = Policy(learner, spec.aggregation, keep=spec.staleness if spec.mode == "async"
-                    else 0)
+    policy = Policy(learner, spec.aggregation, keep=spec.staleness)
+    # only async trains on older versions' rollouts, so only it keeps their tensors
+    remember = policy.remember if spec.mode == "async" else (lambda v, t: None)
 
     def tokenize(prompt: str) -> list[int]:
         return chat_prompt_ids(tokenizer, prompt)
@@ -138,7 +139,7 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
 
     async def publish(v: int, _learner: Any) -> None:
         tensors, scale = await trio.to_thread.run_sync(learner.export)
-        policy.remember(v, tensors)
+        remember(v, tensors)
         published["version"] = v
         await weights.publish(spec.run_id, source.model_id, v, spec.update, tensors,
                               lora_scale=scale)
@@ -154,8 +155,8 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
                       run.dir, emit, node.offence, step=step, version=version, state=state)
     if version > 0:  # a resumed run: the samplers take the checkpoint's weights first
         await publish(version, learner)
-    else:
-        policy.remember(0, (await trio.to_thread.run_sync(learner.export))[0])
+    elif spec.mode == "async":
+        remember(0, (await trio.to_thread.run_sync(learner.export))[0])
     run.trainer = trainer
     run.state = "running"
     if run.stopping:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 from peerd.rl.progress import judge, mean_abs
+from peerd.rl.run import RunSpec
+from peerd.rl.training import Run
 from peerd.rl.types import Rollout
 
 
@@ -37,3 +41,20 @@ def test_each_sampler_has_its_own_tolerance() -> None:
     liars, _ = judge([(c, ours) for c in claims],
                      tolerance=lambda peer: 0.15 if peer == "bf16" else 0.001)
     assert liars == {"f32"}
+
+
+def test_a_run_is_not_done_until_its_summary_is_written(tmp_path: Path) -> None:
+    """The API says "finishing" while the trainer is done but the run has not ended
+    (summary and plot being written): a client that sees "done" may start the next
+    run at once, and it must not be refused as "still going"."""
+
+    class Trained:
+        def to_json(self) -> dict[str, Any]:
+            return {"state": "done", "step": 3}
+
+    run = Run(RunSpec(model="m", run_id="r"), tmp_path)
+    run.trainer = Trained()  # type: ignore[assignment]
+    run.state = "running"
+    assert run.to_json()["state"] == "finishing"
+    run.state = "done"
+    assert run.to_json()["state"] == "done"

@@ -140,7 +140,10 @@ def test_async_grpo_on_a_testnet_learns_and_survives_a_killed_sampler(tmp_path: 
 
                 wait_for(lambda: step() > STEPS or more.poll() is not None, RUN_TIMEOUT_S,
                          "the resumed run's first step")
-                assert more.poll() is None, "the resumed run ended before the kill"
+                if more.poll() is not None:
+                    out, err = more.communicate()
+                    raise AssertionError(f"the resumed run ended before the kill: "
+                                         f"{out[-2000:]} {err[-2000:]}")
                 assert "killed peer2" in run_testnet("kill", "peer2", "--run-dir", str(run_dir))
                 out, err = more.communicate(timeout=RUN_TIMEOUT_S)
             finally:

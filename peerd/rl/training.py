@@ -81,6 +81,8 @@ class Run:
                    "admitted": 0, "last": {}, "samplers": [], "dropped": {}}
         if self.state in ENDED or self.trainer is None:
             out["state"] = self.state
+        elif out["state"] in ENDED:  # trained, but the summary and plot are still being
+            out["state"] = "finishing"  # written: the run has not ended (nor its turn)
         out.update(id=self.spec.run_id, spec=self.spec.to_json(), dir=str(self.dir),
                    metrics=str(self.dir / "metrics.jsonl"), plot=self.plot,
                    phase=self.phase if out["state"] == "starting" else "")

@@ -1,0 +1,1 @@
+"""SEDM: a self-evolving memory shared across the swarm (docs/sedm.md)."""

@@ -65,9 +65,11 @@ def test_scec_round_trips_and_its_hash_is_of_its_canonical_bytes() -> None:
     assert scec_hash(scec) == hashlib.sha256(data).hexdigest()
     assert wire.SCEC_HASH.fullmatch(scec_hash(scec))
     # every field is in the hash
-    for fields in [{"prompt": "What is 2 + 4?"}, {"version": "v1"}, {"seed": 8},
-                   {"memory": ("Q: 2 + 2?\nA: 4",)}, {"memory_ids": ()}, {"output": "5"},
-                   {"score": 0.0}, {"latency_s": 0.5}, {"stop": ("\n",)}]:
+    variants: list[dict[str, Any]] = [
+        {"prompt": "What is 2 + 4?"}, {"version": "v1"}, {"seed": 8}, {"output": "5"},
+        {"memory": ("Q: 2 + 2?\nA: 4",)}, {"memory_ids": ()}, {"score": 0.0},
+        {"latency_s": 0.5}, {"stop": ("\n",)}]
+    for fields in variants:
         changed = an_scec(**fields)
         changed.check()
         assert scec_hash(changed) != scec_hash(scec), fields
@@ -144,9 +146,8 @@ def test_the_prompt_layout_is_fixed() -> None:
     assert prompting.messages("What is 2 + 3?", []) == [
         {"role": "user", "content": "What is 2 + 3?"}]
     assert prompting.messages("What is 2 + 3?", [" Rule one. ", "Q: 1 + 1?\nA: 2"]) == [
-        {"role": "system",
-         "content": "Notes that helped on similar tasks:\n\nRule one.\n\nQ: 1 + 1?\nA: 2"},
-        {"role": "user", "content": "What is 2 + 3?"}]
+        {"role": "user", "content": "Notes that helped on similar tasks:\n\nRule one.\n\n"
+                                    "Q: 1 + 1?\nA: 2\n\nWhat is 2 + 3?"}]
 
 
 # ---- replays on a tiny random Llama ----------------------------------------------

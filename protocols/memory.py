@@ -86,3 +86,94 @@ class SignedItem(Message):
         if len(self.body) > MAX_ITEM_BYTES or len(self.sig) > MAX_SIGNATURE_BYTES:
             raise WireError(f"a signed item of {len(self.body)} + {len(self.sig)} bytes",
                             reason="oversized")
+
+
+# An SCEC's bounds: a task and its run small enough to keep thousands of and to send.
+SCORERS = ("number", "exact", "contains")  # peerd/memory/scoring.py implements each
+MAX_PROMPT_CHARS = 8_000
+MAX_MODEL_CHARS = 256
+MAX_VERSION_CHARS = 128
+MAX_ANSWER_CHARS = MAX_TEXT_CHARS
+MAX_OUTPUT_CHARS = 32_000
+MAX_SCEC_ITEMS = 16  # items given to one run
+MAX_SCEC_TOKENS = 8_192  # max_tokens, and the prompt's tokens are bounded by 16x that
+MAX_SCEC_STOPS = 8
+MAX_SCEC_STOP_CHARS = 200
+MAX_SCEC_TEMPERATURE = 10.0
+MAX_SEED = 2**63 - 1
+MAX_LATENCY_S = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class ScecMsg(Message):
+    """A self-contained execution context: everything needed to run a scored task again
+    and compare (the task, the model and version, the sampling and seed, the memory
+    given, in prompt order) and what the run gave. Its hash (sha256 of its canonical
+    bytes) names it as an item's origin."""
+
+    KIND = "memory.scec"
+    prompt: str  # the user's task text, before memory goes in (peerd/memory/prompting.py)
+    domain: str
+    model: str  # the model id
+    version: str  # the model's (policy) version; "" for the base model
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    seed: int | None  # None: unseeded (a sampled run then cannot be reproduced)
+    stop: tuple[str, ...]
+    memory: tuple[str, ...]  # the item texts the run was given, in prompt order
+    memory_ids: tuple[str, ...]  # their ids, one each, or () when they had none
+    answer: str  # the reference the output is scored against
+    scorer: str  # one of SCORERS
+    output: str
+    score: float  # in [0, 1]
+    prompt_tokens: int  # the whole prompt's, memory and chat template included
+    latency_s: float  # wall time of the run
+
+    def check(self) -> None:
+        _bounded("prompt", self.prompt, MAX_PROMPT_CHARS, empty=False)
+        check_domain(self.domain)
+        _bounded("model", self.model, MAX_MODEL_CHARS, empty=False)
+        _bounded("version", self.version, MAX_VERSION_CHARS)
+        if not 1 <= self.max_tokens <= MAX_SCEC_TOKENS:
+            raise WireError(f"SCEC max_tokens {self.max_tokens} not in 1..{MAX_SCEC_TOKENS}")
+        if not (math.isfinite(self.temperature)
+                and 0.0 <= self.temperature <= MAX_SCEC_TEMPERATURE):
+            raise WireError(f"SCEC temperature not in [0, {MAX_SCEC_TEMPERATURE:g}]")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise WireError("SCEC top_p not in (0, 1]")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise WireError("SCEC seed not in 0..2^63-1")
+        if len(self.stop) > MAX_SCEC_STOPS:
+            raise WireError(f"SCEC of {len(self.stop)} stop strings (at most "
+                            f"{MAX_SCEC_STOPS})", reason="oversized")
+        if any(not stop or len(stop) > MAX_SCEC_STOP_CHARS for stop in self.stop):
+            raise WireError(f"SCEC stop string empty or over {MAX_SCEC_STOP_CHARS} characters")
+        if len(self.memory) > MAX_SCEC_ITEMS:
+            raise WireError(f"SCEC given {len(self.memory)} items (at most "
+                            f"{MAX_SCEC_ITEMS})", reason="oversized")
+        for text in self.memory:
+            _bounded("memory item", text, MAX_TEXT_CHARS, empty=False)
+        if self.memory_ids and len(self.memory_ids) != len(self.memory):
+            raise WireError(f"SCEC names {len(self.memory_ids)} item ids for "
+                            f"{len(self.memory)} items")
+        if not all(ITEM_ID.fullmatch(i) for i in self.memory_ids):
+            raise WireError("SCEC memory_ids holds something that is not an item id")
+        _bounded("answer", self.answer, MAX_ANSWER_CHARS)
+        if self.scorer not in SCORERS:
+            raise WireError(f"SCEC scorer {self.scorer!r:.20} not one of {', '.join(SCORERS)}")
+        _bounded("output", self.output, MAX_OUTPUT_CHARS)
+        if not (math.isfinite(self.score) and 0.0 <= self.score <= 1.0):
+            raise WireError("SCEC score not in [0, 1]")
+        if not 0 <= self.prompt_tokens <= 16 * MAX_SCEC_TOKENS:
+            raise WireError(f"SCEC prompt_tokens {self.prompt_tokens} out of bounds")
+        if not (math.isfinite(self.latency_s) and 0.0 <= self.latency_s <= MAX_LATENCY_S):
+            raise WireError("SCEC latency_s not a duration")
+
+
+def _bounded(what: str, text: str, limit: int, *, empty: bool = True) -> None:
+    if not empty and not text.strip():
+        raise WireError(f"SCEC {what} empty")
+    if len(text) > limit:
+        raise WireError(f"SCEC {what} of {len(text)} characters (at most {limit})",
+                        reason="oversized")

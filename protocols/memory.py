@@ -218,6 +218,6 @@ MEMORY = RequestResponse(
     max_request_bytes=MAX_MEMORY_REQUEST_BYTES,
     max_response_bytes=MAX_MEMORY_REPLY_BYTES,
     timeout_s=15.0,  # a search embeds the query and reads SQLite: well under a second
-    max_concurrent=16,
+    max_concurrent=32,  # a fresh item is fetched by every peer that hears it, at once
     max_concurrent_per_peer=2,
 )

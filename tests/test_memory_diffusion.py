@@ -41,6 +41,7 @@ from protocols.memory import (
     MemoryRequest,
     SignedItem,
 )
+from protocols.spec import ErrorReply
 from tests.harness import Rogue, dial, error_code, rogue_host, swarm, wait_for
 
 # ---- a dict-backed memory and a stand-in admission ---------------------------------------
@@ -196,14 +197,16 @@ def announce_of(body: bytes, author: str) -> ItemAnnounce:
                         author=author, utility=0.5, created=1.7e9)
 
 
-def serve_raw(rogue: Rogue, replies: dict[str, bytes]) -> None:
-    """The rogue answers a fetch of item id X with the raw bytes `replies[X]`."""
+def serve_raw(rogue: Rogue, replies: dict[str, bytes | list[bytes]]) -> None:
+    """The rogue answers a fetch of item id X with the raw bytes `replies[X]` (or the
+    next of a list of them)."""
 
     async def handler(stream: Any) -> None:
         try:
             with trio.move_on_after(5.0):
                 request = decode(await read_frame(stream, 64 * 1024), MemoryRequest)
-                await stream.write(replies.get(request.ids[0], frame(b"\x80")))
+                reply = replies.get(request.ids[0], frame(b"\x80"))
+                await stream.write(reply.pop(0) if isinstance(reply, list) else reply)
         finally:
             with contextlib.suppress(Exception):
                 await stream.close()
@@ -361,3 +364,18 @@ async def test_a_refused_item_is_not_fetched_again_when_announced_again(tmp_path
         assert a.diffusion.counts["served_items"] == 1 and len(b.candidates) == 1
         assert b.node.offences[a.node.peer_id] == {"harmful_memory": 1}
         assert not b.diffusion.authors.blocked(a.node.peer_id, b.diffusion.clock())
+
+
+async def test_a_publisher_busy_at_first_is_asked_again(tmp_path: Path) -> None:
+    async with swarm(1, tmp_path) as nodes, memory_peers(nodes) as peers, \
+            rogue_on_topic(tmp_path, nodes[0]) as rogue:
+        a = peers[0]
+        body, sig = rogue_item(rogue, "a fine item from a busy peer")
+        busy = frame(encode(ErrorReply(code="busy", message="too many streams")))
+        good = frame(encode(MemoryReply(items=(SignedItem(body, sig),), similarities=())))
+        replies: list[bytes] = [busy, busy, good]
+        serve_raw(rogue, {announce_of(body, rogue.peer_id).item_id: replies})
+        await rogue.publish(encode(announce_of(body, rogue.peer_id)), TOPIC)
+        await wait_for(lambda: a.candidates, what="A gets the item on the third try")
+        assert a.candidates[0][0].text == "a fine item from a busy peer" and replies == []
+        assert a.diffusion.counts["fetched"] == 1 and not a.node.offences

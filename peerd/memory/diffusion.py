@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -63,6 +64,7 @@ MAX_PEERS_TRACKED = 1024  # publishers with a token bucket
 MAX_KNOWN = 8192  # ids handed on or announced, not fetched again
 OUTBOX = 256  # our own announcements waiting for the pace
 FETCH_TIMEOUT_S = 10.0
+BUSY_RETRIES = 3  # asking a busy publisher again, after a growing, jittered pause
 
 
 class LocalMemory(Protocol):
@@ -279,18 +281,9 @@ class Diffusion:
                     return
                 while sources and got is None:
                     publisher, announce = sources[0]
-                    try:
-                        if not self.authors.blocked(announce.author, self.clock()):
-                            fetched = await self.fetch(publisher, (item_id,),
-                                                       announce=announce)
-                            got = (*fetched[0], publisher) if fetched else None
-                            self.counts["fetched" if fetched else "not_served"] += 1
-                    except (PeerError, RemoteError, Unreachable) as exc:  # counted in fetch
-                        self.counts["fetch_failed"] += 1
-                        log.debug("fetching %s from %s: %s", item_id[:12], publisher, exc)
-                    finally:
-                        sources.pop(0)
-                        self._release(publisher)
+                    got = await self._fetch_from(publisher, announce)
+                    sources.pop(0)
+                    self._release(publisher)
         except Exception:  # our bug (the store's): this item is lost, diffusion goes on
             log.exception("fetching announced memory item %s failed", item_id[:12])
         finally:
@@ -303,6 +296,28 @@ class Diffusion:
                 await self.on_candidate(*got)
             except Exception:
                 log.exception("admission failed to take memory item %s", item_id[:12])
+
+    async def _fetch_from(self, publisher: str, announce: ItemAnnounce
+                          ) -> tuple[MemoryItem, SignedItem, str] | None:
+        """The announced item from `publisher`, verified, or None. A publisher busy
+        serving others (everyone fetches a fresh item at once) is asked again."""
+        for attempt in range(1, BUSY_RETRIES + 2):
+            if self.authors.blocked(announce.author, self.clock()):
+                self.counts["backed_off"] += 1
+                return None
+            try:
+                fetched = await self.fetch(publisher, (announce.item_id,), announce=announce)
+                self.counts["fetched" if fetched else "not_served"] += 1
+                return (*fetched[0], publisher) if fetched else None
+            except RemoteError as exc:
+                if exc.code != "busy" or attempt > BUSY_RETRIES:
+                    break
+                await trio.sleep(random.uniform(0.5, 1.5) * attempt)
+            except (PeerError, Unreachable) as exc:  # a PeerError is counted in fetch
+                log.debug("fetching %s from %s: %s", announce.item_id[:12], publisher, exc)
+                break
+        self.counts["fetch_failed"] += 1
+        return None
 
     def _release(self, publisher: str) -> None:
         self._pending_per_peer[publisher] -= 1

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from protocols.codec import Message
 from protocols.errors import WireError
+from protocols.spec import RequestResponse
 
 KINDS = ("example", "rule", "correction", "insight")
 DOMAIN = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")  # "arithmetic", "gsm8k", "chat", "general"
@@ -177,3 +178,137 @@ def _bounded(what: str, text: str, limit: int, *, empty: bool = True) -> None:
     if len(text) > limit:
         raise WireError(f"SCEC {what} of {len(text)} characters (at most {limit})",
                         reason="oversized")
+
+
+# ---- diffusion: the gossip announcement and /peerd/memory/1.0.0 ----------------------
+
+TOPIC = "peerd/memory/1"
+MAX_ANNOUNCE_BYTES = 1_024  # one ItemAnnounce on gossip
+# What a receiver takes from one announcer: a burst, then a steady rate (a token bucket).
+# An announcement is one admitted item, and admission replays tasks, so an honest peer
+# stays far below it; a sender paces itself under it (peerd/memory/diffusion.py).
+ANNOUNCE_BURST = 8
+ANNOUNCE_PER_S = 0.5
+MAX_UTILITY = 1_000.0  # |utility|: score units less charges; anything larger is a lie
+MAX_IDS = 32  # items one fetch asks for
+MAX_K = 32  # items one search asks for
+MAX_QUERY_CHARS = 2_000
+MAX_REPLY_ITEMS = max(MAX_IDS, MAX_K)
+MAX_MEMORY_REQUEST_BYTES = MAX_IDS * 72 + MAX_QUERY_CHARS * 4 + 256
+MAX_MEMORY_REPLY_BYTES = MAX_REPLY_ITEMS * (MAX_ITEM_BYTES + MAX_SIGNATURE_BYTES + 64) + 1_024
+SIMILARITY_SLACK = 1e-3  # a cosine a float index rounded past +-1
+
+
+def check_item_id(item_id: str, what: str = "item id") -> None:
+    if not ITEM_ID.fullmatch(item_id):
+        raise WireError(f"{what} {item_id!r:.80} is not 64 hex digits")
+
+
+@dataclass(frozen=True, slots=True)
+class ItemAnnounce(Message):
+    """On gossip: an item the publisher admitted (its own, or one it admitted from
+    another peer) and serves on /peerd/memory/1.0.0. Pubsub's strict signing
+    authenticates the publisher; the item's author signs the item itself, which a
+    receiver checks once it has fetched it. The utility is the publisher's own
+    measurement: a hint for what to fetch, never a weight."""
+
+    KIND = "memory.announce"
+    STRICT = False  # a long-lived record: newer peers may add fields
+    item_id: str
+    domain: str
+    author: str  # who signed the item (not necessarily the publisher)
+    utility: float  # the publisher's measured utility of the item
+    created: float  # the item's creation time, as its author's clock said
+
+    def check(self) -> None:
+        check_item_id(self.item_id)
+        check_domain(self.domain)
+        if not 0 < len(self.author) <= MAX_PEER_ID_CHARS:
+            raise WireError("announced author empty or too long")
+        if not (math.isfinite(self.utility) and abs(self.utility) <= MAX_UTILITY):
+            raise WireError(f"announced utility {self.utility} is not in "
+                            f"[-{MAX_UTILITY}, {MAX_UTILITY}]")
+        if not (math.isfinite(self.created) and self.created >= 0):
+            raise WireError("announced creation time is not a time")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRequest(Message):
+    """Either a fetch (`ids`: the items wanted) or a search (`query`, `k` and an
+    optional `domain`), never both: build one with `fetching` or `searching`."""
+
+    KIND = "memory.req"
+    ids: tuple[str, ...]  # a fetch: 1..MAX_IDS item ids; () for a search
+    query: str  # a search: 1..MAX_QUERY_CHARS of text; "" for a fetch
+    k: int  # a search: how many nearest items, 1..MAX_K; 0 for a fetch
+    domain: str  # a search: only items of this domain, or "" for any
+
+    @classmethod
+    def fetching(cls, ids: tuple[str, ...]) -> MemoryRequest:
+        return cls(ids=ids, query="", k=0, domain="")
+
+    @classmethod
+    def searching(cls, query: str, k: int, domain: str | None = None) -> MemoryRequest:
+        return cls(ids=(), query=query, k=k, domain=domain or "")
+
+    @property
+    def is_fetch(self) -> bool:
+        return bool(self.ids)
+
+    def check(self) -> None:
+        if self.ids:
+            if self.query or self.k or self.domain:
+                raise WireError("a memory request is a fetch or a search, not both")
+            if len(self.ids) > MAX_IDS:
+                raise WireError(f"a fetch of {len(self.ids)} items (at most {MAX_IDS})",
+                                reason="oversized")
+            if len(set(self.ids)) != len(self.ids):
+                raise WireError("a fetch names an item twice")
+            for item_id in self.ids:
+                check_item_id(item_id)
+            return
+        if not self.query.strip():
+            raise WireError("a memory request with neither item ids nor a query")
+        if len(self.query) > MAX_QUERY_CHARS:
+            raise WireError(f"a query of {len(self.query)} characters "
+                            f"(at most {MAX_QUERY_CHARS})", reason="oversized")
+        if not 1 <= self.k <= MAX_K:
+            raise WireError(f"k = {self.k} (1..{MAX_K})")
+        if self.domain:
+            check_domain(self.domain)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryReply(Message):
+    """The items of a fetch that the peer holds (in any order; the others left out),
+    or a search's nearest items, nearest first, each with the serving peer's cosine
+    similarity to the query (its measure: a receiver ranks by its own)."""
+
+    KIND = "memory.reply"
+    items: tuple[SignedItem, ...]
+    similarities: tuple[float, ...]  # a search: one per item; () for a fetch
+
+    def check(self) -> None:
+        if len(self.items) > MAX_REPLY_ITEMS:
+            raise WireError(f"a reply of {len(self.items)} items (at most "
+                            f"{MAX_REPLY_ITEMS})", reason="oversized")
+        for signed in self.items:
+            signed.check()
+        if self.similarities and len(self.similarities) != len(self.items):
+            raise WireError(f"{len(self.similarities)} similarities for "
+                            f"{len(self.items)} items")
+        bound = 1.0 + SIMILARITY_SLACK
+        if not all(math.isfinite(s) and -bound <= s <= bound for s in self.similarities):
+            raise WireError("a similarity that is not a cosine")
+
+
+MEMORY = RequestResponse(
+    id="/peerd/memory/1.0.0",
+    request=MemoryRequest,
+    response=MemoryReply,
+    max_request_bytes=MAX_MEMORY_REQUEST_BYTES,
+    max_response_bytes=MAX_MEMORY_REPLY_BYTES,
+    timeout_s=15.0,  # a search embeds the query and reads SQLite: well under a second
+    max_concurrent=32,  # a fresh item is fetched by every peer that hears it, at once
+    max_concurrent_per_peer=2,
+)

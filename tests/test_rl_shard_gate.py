@@ -139,13 +139,12 @@ async def test_an_apply_waits_for_holders_and_refuses_new_ones(tiny: ModelSource
 
 async def test_revocable_holders_are_revoked_after_the_deadline(tiny: ModelSource) -> None:
     w = VersionedWeights(ShardBlock(tiny, 2, 4), revoke_after_s=0.1)
-    revoked: list[int] = []
-    hold = w.try_hold(revoke=lambda: revoked.append(1))
+    revoked = trio.Event()
+    hold = w.try_hold(revoke=revoked.set)
     assert hold is not None
 
     async def holder_ends_when_revoked() -> None:
-        while not revoked:
-            await trio.sleep(0.01)
+        await revoked.wait()
         assert w.version == 0  # still ours when we are told
         hold.release()
 
@@ -153,7 +152,7 @@ async def test_revocable_holders_are_revoked_after_the_deadline(tiny: ModelSourc
         async with trio.open_nursery() as nursery:
             nursery.start_soon(holder_ends_when_revoked)
             await w.apply(1, full={DOWN: weight(w, DOWN) + 1})
-    assert revoked == [1] and w.version == 1
+    assert revoked.is_set() and w.version == 1
 
 
 async def test_a_holder_that_will_not_let_go_fails_the_apply_and_changes_nothing(

@@ -29,13 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peerd.inference.model.head import Head
 from peerd.inference.model.shard import ShardBlock
 from peerd.inference.model.source import resolve
-from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.inference.swarm.pipeline import PipelineFailure
 from peerd.inference.swarm.routing import NoRoute, Route
 from peerd.node import Node
 from peerd.rl.pipeline_policy import PipelinePolicy
 from peerd.rl.policy import Generation, LocalPolicy
 from peerd.rl.rollout_service import Rollouts
+from peerd.rl.run import RunSpec
 from peerd.rl.weights import WeightStore
 from peerd.streams import OpenRefused, open_session
 from protocols.rollout import FEATURE_PIPELINE_SAMPLER, FEATURE_ROLLOUT, FEATURE_ROLLOUT_SHARD
@@ -48,8 +48,9 @@ from protocols.shard import (
     Open,
     PolicyTag,
 )
-from tests.harness import connect_nodes, gossip, rejections, serve_model, swarm, wait_for
+from tests.harness import connect_nodes, gossip, rejections, swarm, wait_for
 from tests.models import tiny_llama_dir
+from tests.rl_swarm import add_sampler, rl_pipeline_swarm, seven_task
 
 # float32 everywhere, the same modules; the pipeline decodes each completion alone
 # where LocalPolicy decodes a prompt's completions as a batch, so kernels sum in
@@ -83,23 +84,14 @@ class Swarm:
         return policy
 
 
-async def pipeline_peer(node: Node, tiny: Path, layers: tuple[int, int]) -> Rollouts:
-    await serve_model(node, ModelOptions(spec=str(tiny), layers=layers, torch_threads=1))
-    weights = WeightStore(node)
-    service = Rollouts(node, gossip(node), node.service(ModelSlot), weights)
-    await node.start(weights, service)
-    await wait_for(lambda: service.gate is not None and service.error == "")
-    return service
-
-
 @contextlib.asynccontextmanager
 async def pipeline_swarm(tmp_path: Path, tiny: Path) -> AsyncIterator[Swarm]:
     async with swarm(3, tmp_path, connect="star") as (trainer, entry, shard):
         await connect_nodes(entry, shard)
         store = WeightStore(trainer)
         await trainer.start(store)
-        services = [await pipeline_peer(entry, tiny, (0, 2)),
-                    await pipeline_peer(shard, tiny, (2, 4))]
+        services = [await add_sampler(entry, tiny, (0, 2)),
+                    await add_sampler(shard, tiny, (2, 4))]
         sw = Swarm(trainer, store, *services, model_id=resolve(str(tiny)).model_id)
         await wait_for(lambda: isinstance(sw.policy.route(), Route), what="a pipeline")
         yield sw
@@ -255,3 +247,23 @@ async def test_a_bad_tag_is_refused_and_the_shard_keeps_serving(tmp_path: Path,
         sw.policy.take_up(RUN, sw.trainer.peer_id)
         got = await sw.policy.generate_many(PROMPTS[:1], **SETTINGS | {"n": 1})
         assert got.version == 0 and len(got.groups[0][0].ids) >= 1
+
+
+async def test_a_trainer_trains_with_a_pipeline_sampler(tmp_path: Path, tiny: Path) -> None:
+    """Sync GRPO steps whose every rollout came through the pipeline, each checked by
+    the trainer against its own log-probs (the float32 tolerance)."""
+    async with rl_pipeline_swarm(tmp_path, tiny) as (training, (entry, shard)):
+        spec = RunSpec(model=str(tiny), task=str(seven_task(tmp_path)), run_id="pipe",
+                       group=4, batch=2, steps=3, max_tokens=3, lr=0.02, seed=1,
+                       checkpoint_every=3)
+        run = await training.start_run(spec)
+        with trio.fail_after(120):
+            await run.ended.wait()
+        out = run.to_json()
+        assert run.state == "done", out
+        assert out["step"] == 3 and out["staleness"] == {"0": 3 * 2 * 4}
+        assert out["last"]["verify_max_dev"] <= spec.verify_tolerance
+        assert not out["dropped"]
+        assert entry.sampler.policy.generations > 0 and shard.gate.admitted > 0
+        await wait_for(lambda: entry.sampler.policy.version == shard.gate.weights.version
+                       == 3, what="the pipeline at the last version")

@@ -29,8 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peerd.inference.model.head import Head
 from peerd.inference.model.shard import ShardBlock
 from peerd.inference.model.source import resolve
+from peerd.inference.slot import ModelOptions
 from peerd.inference.swarm.pipeline import PipelineFailure
-from peerd.inference.swarm.routing import NoRoute, Route
+from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
 from peerd.rl.pipeline_policy import PipelinePolicy
 from peerd.rl.policy import Generation, LocalPolicy
@@ -44,11 +45,12 @@ from protocols.shard import (
     FOLLOWING,
     REVOKED,
     SHARD,
+    UNVERSIONED,
     Hop,
     Open,
     PolicyTag,
 )
-from tests.harness import connect_nodes, gossip, rejections, swarm, wait_for
+from tests.harness import connect_nodes, gossip, rejections, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 from tests.rl_swarm import add_sampler, rl_pipeline_swarm, seven_task
 
@@ -249,13 +251,16 @@ async def test_a_bad_tag_is_refused_and_the_shard_keeps_serving(tmp_path: Path,
         assert got.version == 0 and len(got.groups[0][0].ids) >= 1
 
 
-async def test_a_trainer_trains_with_a_pipeline_sampler(tmp_path: Path, tiny: Path) -> None:
-    """Sync GRPO steps whose every rollout came through the pipeline, each checked by
-    the trainer against its own log-probs (the float32 tolerance)."""
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_trainer_trains_with_a_pipeline_sampler(tmp_path: Path, tiny: Path,
+                                                        mode: str) -> None:
+    """GRPO steps whose every rollout came through the pipeline, each checked by the
+    trainer against its own log-probs (the float32 tolerance); in async mode at
+    staleness 0 (pushed orders), so every rollout is still on-policy."""
     async with rl_pipeline_swarm(tmp_path, tiny) as (training, (entry, shard)):
         spec = RunSpec(model=str(tiny), task=str(seven_task(tmp_path)), run_id="pipe",
                        group=4, batch=2, steps=3, max_tokens=3, lr=0.02, seed=1,
-                       checkpoint_every=3)
+                       checkpoint_every=3, mode=mode, staleness=0)
         run = await training.start_run(spec)
         with trio.fail_after(120):
             await run.ended.wait()
@@ -267,3 +272,22 @@ async def test_a_trainer_trains_with_a_pipeline_sampler(tmp_path: Path, tiny: Pa
         assert entry.sampler.policy.generations > 0 and shard.gate.admitted > 0
         await wait_for(lambda: entry.sampler.policy.version == shard.gate.weights.version
                        == 3, what="the pipeline at the last version")
+
+
+async def test_a_tagged_session_is_refused_by_a_shard_that_does_not_hold_versions(
+        tmp_path: Path, tiny: Path) -> None:
+    """A peer serving the model without the rollout service: tagged sessions refused
+    (UNVERSIONED), plain ones served as ever."""
+    async with swarm(2, tmp_path) as (plain, entry):
+        runtime = await serve_model(plain, ModelOptions(spec=str(tiny), torch_threads=1))
+        mine = await serve_model(entry, ModelOptions(spec=str(tiny), layers=(0, 2),
+                                                     torch_threads=1))
+        route = Route((Span(plain.peer_id, 0, 4, 0.0),), 0.0)
+        with pytest.raises(PipelineFailure) as refused:
+            await mine.generator.pipeline.open(route, 64, "float32",
+                                               policy=PolicyTag(RUN, 0, entry.peer_id))
+        assert refused.value.code == UNVERSIONED and runtime.server.gate is None
+        session = await mine.generator.pipeline.open(route, 64, "float32")
+        out = await session.step(mine.generator.embed(PROMPTS[0]), 0)
+        assert out.hidden.shape[1] == len(PROMPTS[0])
+        await session.close()

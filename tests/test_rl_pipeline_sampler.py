@@ -33,11 +33,12 @@ from peerd.inference.slot import ModelOptions
 from peerd.inference.swarm.pipeline import PipelineFailure
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
-from peerd.rl.pipeline_policy import PipelinePolicy
+from peerd.rl.pipeline_policy import NO_PIPELINE, PipelinePolicy
 from peerd.rl.policy import Generation, LocalPolicy
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.run import RunSpec
 from peerd.rl.weights import WeightStore
+from peerd.rpc import Busy
 from peerd.streams import OpenRefused, open_session
 from protocols.rollout import FEATURE_PIPELINE_SAMPLER, FEATURE_ROLLOUT, FEATURE_ROLLOUT_SHARD
 from protocols.shard import (
@@ -291,3 +292,23 @@ async def test_a_tagged_session_is_refused_by_a_shard_that_does_not_hold_version
         out = await session.step(mine.generator.embed(PROMPTS[0]), 0)
         assert out.hidden.shape[1] == len(PROMPTS[0])
         await session.close()
+
+
+async def test_a_pipeline_that_cannot_be_had_fails_within_the_deadline(tmp_path: Path,
+                                                                       tiny: Path) -> None:
+    """The only shard for layers [2, 4) follows another run: it refuses (OTHER_RUN), is
+    routed around, and with no other the request fails "no_pipeline" (not "busy": the
+    trainer counts it); the entry keeps sampling once the shard is free again."""
+    async with pipeline_swarm(tmp_path, tiny) as sw:
+        sw.shard.gate.follower.take_up("other-run", sw.trainer.peer_id)
+        sw.policy.take_up(RUN, sw.trainer.peer_id)
+        sw.policy.deadline_s = 1.5
+        with trio.fail_after(10), pytest.raises(Busy) as failed:
+            await sw.policy.generate_many(PROMPTS[:1], **SETTINGS | {"n": 1})
+        assert failed.value.reason == NO_PIPELINE
+        assert sw.shard.gate.refused["other_run"] >= 1
+        assert sw.policy.retries["other_run"] >= 1 and sw.policy.retries["no_route"] >= 1
+        sw.shard.gate.follower.leave()
+        sw.policy.bans.forgive(sw.shard.node.peer_id)
+        got = await sw.policy.generate_many(PROMPTS[:1], **SETTINGS | {"n": 1})
+        assert got.version == 0

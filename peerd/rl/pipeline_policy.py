@@ -16,8 +16,9 @@ and is asked again after RETRY_S; one AHEAD (or one that had to end a session to
 move on: REVOKED) means this peer is the one behind: it catches up (the newest
 announced version) and the whole generation starts again at the new version, so a
 Generation is never of two versions. Other refusals ban their hop for a while and
-route around it. Past `deadline_s` the generation fails as "behind" or "busy" (the
-trainer asks again, as of any sampler that lags).
+route around it. Past `deadline_s` the generation fails as "behind" (as a sampler
+that cannot catch up does) or "no_pipeline"; the trainer counts either against the
+sampler, and drops one that keeps failing.
 
 Completions are decoded one at a time, each in its own session (a FORWARD carries one
 row), with the same random stream and the same behaviour log-probs rule as
@@ -51,7 +52,7 @@ from peerd.rl.policy import (
 from peerd.rl.shard_gate import ShardGate
 from peerd.rl.versions import PolicyError, VersionedWeights
 from peerd.rpc import Busy
-from protocols.rollout import BEHIND, FEATURE_ROLLOUT_SHARD, behind_message
+from protocols.rollout import BEHIND, FEATURE_ROLLOUT_SHARD
 from protocols.shard import AHEAD, REVOKED, PolicyTag
 from protocols.shard import BEHIND as SHARD_BEHIND
 
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.2  # after a hop said BEHIND (it is pulling) or we caught up
 DEADLINE_S = 60.0  # a generation that cannot find a route at one version gives up
+NO_PIPELINE = "no_pipeline"  # its refusal then: a failure the trainer counts, not "busy"
 
 
 class _Again(Exception):
@@ -153,10 +155,11 @@ class PipelinePolicy:
                             log.info("could not catch up with the pipeline: %s", exc)
                 await trio.sleep(RETRY_S)
         if code in (SHARD_BEHIND, AHEAD, REVOKED):
-            raise Busy(f"{behind_message(self.weights.version, self.weights.version + 1)}"
-                       f" (the pipeline's hops are not at one version: {last})",
-                       reason=BEHIND)
-        raise Busy(f"no pipeline at one version within {self.deadline_s:.0f} s: {last}")
+            raise Busy(f"the pipeline's hops were not at one version of {run_id} within "
+                       f"{self.deadline_s:.0f} s (this peer is at {self.weights.version}): "
+                       f"{last}", reason=BEHIND)
+        raise Busy(f"no pipeline of rollout shards within {self.deadline_s:.0f} s: {last}",
+                   reason=NO_PIPELINE)
 
     def route(self) -> Route | NoRoute:
         """The cheapest chain of rollout shards, not banned now."""

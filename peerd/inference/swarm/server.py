@@ -103,11 +103,13 @@ class Block(Protocol):
 
 
 class Refused(Exception):
-    """OPEN refused for capacity or versions (not misbehaviour): not an offence."""
+    """OPEN refused for capacity or versions (not misbehaviour): not an offence.
+    `culprit`: the hop that refused, when it is further down the route (None: us)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, culprit: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.culprit = culprit
 
 
 class Gate(Protocol):
@@ -189,8 +191,8 @@ class ShardServer:
         except StreamClosed:
             pass
         except Refused as exc:
-            refusal = Failed(session="", step=-1, peer_id=self.node.peer_id, code=exc.code,
-                             message=str(exc)[:1000])
+            refusal = Failed(session="", step=-1, peer_id=exc.culprit or self.node.peer_id,
+                             code=exc.code, message=str(exc)[:1000])
             await send_quietly(stream, refusal, SHARD.max_control_bytes)
         except PeerError as exc:
             self.node.offence(upstream, exc.reason, f"shard: {exc}")
@@ -287,8 +289,8 @@ class ShardServer:
             stream, _ = await open_session(self.node.new_stream, target, spec, opening,
                                            accept=lambda a: a.session == req.session)
         except OpenRefused as exc:
-            if isinstance(exc.reply, Failed):  # a refusal further down: pass its code on
-                raise Refused(exc.code, exc.message) from None
+            if isinstance(exc.reply, Failed):  # a refusal further down: pass it on
+                raise Refused(exc.code, exc.message, exc.reply.peer_id) from None
             raise Refused("unreachable", f"{target} refused the session: {exc.message}"
                           ) from None
         except OpenFailed as exc:

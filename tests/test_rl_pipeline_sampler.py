@@ -210,7 +210,7 @@ async def test_a_tagged_session_never_sees_a_version_change(tmp_path: Path,
 
 
 async def test_a_following_shard_refuses_plain_sessions_and_plain_routes_avoid_it(
-        tmp_path: Path, tiny: Path) -> None:
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with pipeline_swarm(tmp_path, tiny) as sw:
         generator = sw.entry.model.runtime.generator  # type: ignore[union-attr]
         assert isinstance(generator.route(), Route)  # before any run: a plain route
@@ -226,6 +226,15 @@ async def test_a_following_shard_refuses_plain_sessions_and_plain_routes_avoid_i
         assert refused.value.code == FOLLOWING
         await wait_for(lambda: isinstance(generator.route(), NoRoute),
                        what="plain routing to go around the following shards")
+        # once the run has been quiet (no session open), a plain session takes the
+        # shards back to the model as loaded
+        monkeypatch.setattr("peerd.rl.shard_gate.RUN_IDLE_S", 0.0)
+        session = await generator.pipeline.open(route, 64, "float32")
+        await session.close()
+        assert sw.shard.gate.following is None and sw.entry.gate.following is None
+        assert sw.shard.status()["rollout"]["shard"]["plain_sessions"] == "served"
+        await wait_for(lambda: isinstance(generator.route(), Route),
+                       what="plain routing through the shards again")
 
 
 async def test_a_bad_tag_is_refused_and_the_shard_keeps_serving(tmp_path: Path,

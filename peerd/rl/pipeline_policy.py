@@ -123,8 +123,8 @@ class PipelinePolicy:
                             eos_ids: Iterable[int], at_version: int | None = None
                             ) -> Generation:
         """`n` completions of each prompt, all at one version of every hop (LocalPolicy's
-        contract). Raises Busy ("behind" or "busy") when no route at one version could
-        be had within the deadline."""
+        contract). Raises Busy ("behind" or "no_pipeline") when no route at one version
+        could be had within the deadline."""
         check_generation(prompts, n, temperature, top_p, max_tokens, self.vocab_size)
         run_id, trainer = self.follower.run_id, self.follower.trainer
         if run_id is None:

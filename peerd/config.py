@@ -97,9 +97,10 @@ class Config:
     # computed in other passes: greedy output may part from a fresh prefill's at a
     # near-tie of the top two logits, so it is off unless asked for.
     prompt_cache: bool = False
-    # Sample RL rollouts for trainers (peerd rl train): this peer's model, which must
-    # hold every layer, generates completions with their behaviour log-probs and takes
-    # the trainer's new policy versions (peerd/rl/).
+    # Sample RL rollouts for trainers (peerd rl train): this peer's model generates
+    # completions with their behaviour log-probs and takes the trainer's new policy
+    # versions (peerd/rl/); with --layers, as a shard of a pipeline sampler (the peer
+    # holding layer 0 samples through the other --rollout peers).
     rollout: bool = False
 
     @property

@@ -41,6 +41,11 @@ from protocols.errors import PeerError, WireError
 from protocols.spec import RequestResponse
 
 FEATURE_ROLLOUT = "rl.rollout"  # in LedgerEntry.features of a peer serving rollouts
+# ... of a peer serving rollouts through a pipeline: it holds a slice of the layers
+FEATURE_PIPELINE_SAMPLER = "rl.rollout.pipeline"
+# ... of a peer whose shard sessions hold an RL run's versions (protocols.shard's
+# PolicyTag): a pipeline sampler routes through these only
+FEATURE_ROLLOUT_SHARD = "rl.rollout.shard"
 MODES = ("sync", "async")
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_PROMPTS = 64

@@ -19,11 +19,22 @@ to the whole cache, its ancestors and itself; its KV lands in cache slot
 start_pos + j, so the next FORWARD's `keep` must cut the cache back to a prefix
 whose slots are a chain (the entry peer's job: it orders the tree so that the
 likeliest branch comes first).
+
+An OPEN may carry a `PolicyTag` (an RL run and a policy version: peerd/rl's pipeline
+samplers): every hop must be at exactly that version of that run and keep it until
+the session closes, or refuse the OPEN with a FAILED of code BEHIND (it is older: it
+starts pulling), AHEAD (it is newer, or moving to a newer one), OTHER_RUN or
+UNVERSIONED (it cannot serve the run); a peer whose weights follow a run refuses an
+untagged OPEN (FOLLOWING). A hop that must move on while a tagged session is open
+ends the session (FAILED, code REVOKED) before its weights change, so no step of a
+tagged session ever runs on two versions. The tag is left off the wire when absent:
+plain sessions are what peers before it speak.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from protocols.codec import Message
@@ -34,6 +45,19 @@ MAX_ROUTE_HOPS = 64
 MAX_TREE_POSITIONS = 1024  # a tree is a draft: a few dozen positions; its mask is T x T
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# FAILED codes of a tagged session (PolicyTag)
+BEHIND = "behind"  # this hop is at an older version than the tag: it pulls; ask again soon
+AHEAD = "ahead"  # this hop is at (or moving to) a newer version than the tag
+REVOKED = "revoked"  # a tagged session ended: the hop had to move to a newer version
+OTHER_RUN = "other_run"  # this hop's weights follow another run
+FOLLOWING = "following"  # an untagged session: this hop's weights are an RL run's
+UNVERSIONED = "unversioned"  # a tagged session: this hop does not follow runs' versions
+# in LedgerEntry.features of a peer that now takes tagged sessions only: plain
+# inference routes around it
+FEATURE_TAGGED_ONLY = "shard.tagged_only"
+RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as protocols.rollout's
+MAX_PEER_ID_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +92,27 @@ class Hop(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyTag(Message):
+    """The RL policy a tagged session runs: `version` of run `run_id`, whose trainer
+    (the author of its versions, from whom a hop that is behind pulls) is `trainer`."""
+
+    run_id: str
+    version: int
+    trainer: str
+
+    def check(self) -> None:
+        if not RUN_ID.fullmatch(self.run_id):
+            raise WireError(f"run id {self.run_id!r:.80} is not 1..64 of [A-Za-z0-9._-]")
+        if not 0 <= self.version < 2**63:
+            raise WireError(f"policy version {self.version} out of range")
+        if not 0 < len(self.trainer) <= MAX_PEER_ID_CHARS:
+            raise WireError("the tag's trainer is not a peer id")
+
+
+@dataclass(frozen=True, slots=True)
 class Open(Message):
     KIND = "shard.open"
+    OPTIONAL = frozenset({"policy"})  # an untagged OPEN is what tag-less peers speak
     session: str  # chosen by the entry peer, unique per generation
     model_id: str
     route: tuple[Hop, ...]  # the whole chain, first hop first
@@ -77,6 +120,7 @@ class Open(Message):
     entry_peer: str  # where the last hop returns hidden states
     max_length: int  # positions the session may reach (KV cache budget)
     dtype: str  # wire dtype of hidden states
+    policy: PolicyTag | None = None  # an RL policy version every hop must hold throughout
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from peerd.rl.policy import Completion, Generation
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.training import Training
 from peerd.rl.weights import WeightStore
-from tests.harness import gossip, serve_model, swarm, wait_for
+from tests.harness import connect_nodes, gossip, serve_model, swarm, wait_for
 
 SEVEN = [{"prompt": f"Say a number ({i})", "answer": "7"} for i in range(200)]
 
@@ -44,12 +44,32 @@ async def rl_swarm(tmp_path: Path, tiny: Path, samplers: int = 2
         yield training, rollouts
 
 
-async def add_sampler(node: Node, tiny: Path) -> Rollouts:
-    await serve_model(node, ModelOptions(spec=str(tiny), torch_threads=1))
+@contextlib.asynccontextmanager
+async def rl_pipeline_swarm(tmp_path: Path, tiny: Path
+                            ) -> AsyncIterator[tuple[Training, list[Rollouts]]]:
+    """A trainer node and one pipeline sampler: `tiny` split over two `--rollout`
+    nodes, the entry (the head and layers [0, 2): the sampler) and a rollout shard
+    ([2, 4)), each connected to the trainer and to the other."""
+    async with swarm(3, tmp_path, connect="star") as nodes:
+        trainer, entry, shard = nodes
+        await connect_nodes(entry, shard)
+        weights = WeightStore(trainer)
+        training = Training(trainer, gossip(trainer), weights, tmp_path / "trainer")
+        await trainer.start(weights, training)
+        services = [await add_sampler(entry, tiny, (0, 2)),
+                    await add_sampler(shard, tiny, (2, 4))]
+        yield training, services
+
+
+async def add_sampler(node: Node, tiny: Path, layers: tuple[int, int] | None = None
+                      ) -> Rollouts:
+    """`node` serves `tiny` (all of it, or `layers`) with the rollout service: a
+    sampler, or a pipeline's rollout shard (and its sampler when it holds layer 0)."""
+    await serve_model(node, ModelOptions(spec=str(tiny), layers=layers, torch_threads=1))
     weights = WeightStore(node)
     service = Rollouts(node, gossip(node), node.service(ModelSlot), weights)
     await node.start(weights, service)
-    await wait_for(lambda: service.sampler is not None)
+    await wait_for(lambda: service.sampler is not None or service.gate is not None)
     return service
 
 

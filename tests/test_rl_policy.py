@@ -19,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peerd.inference.model.head import Head
 from peerd.inference.model.shard import ShardBlock
 from peerd.inference.model.source import ModelSource, reference_model, resolve
-from peerd.rl.policy import Completion, LocalPolicy, PolicyError, nucleus
+from peerd.rl.policy import Completion, LocalPolicy, nucleus
+from peerd.rl.versions import PolicyError
 from tests.models import tiny_llama_dir
 
 # Behaviour log-probs against the reference's: float32 both, the same modules, but the

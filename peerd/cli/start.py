@@ -53,7 +53,8 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               "prefill's at a near-tie].")
 @click.option("--rollout", is_flag=True, default=None,
               help="Sample RL rollouts for trainers (`peerd rl train`) with this peer's model, "
-              "which then follows the trainer's policy versions; needs --model, whole.")
+              "which then follows the trainer's policy versions; needs --model (with "
+              "--layers: a pipeline sampler's shard, sampling when it holds layer 0).")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

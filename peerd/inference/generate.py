@@ -41,6 +41,7 @@ from peerd.inference.swarm.routing import (
 from peerd.ledger.book import Ledger
 from peerd.node import Node
 from peerd.turns import Turns
+from protocols.shard import FEATURE_TAGGED_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,11 @@ class Generator:
         self.bans = BanList()
 
     def servers(self) -> list[Server]:
-        """Who serves which layers of our model, from the ledger and our RTT probes."""
+        """Who serves which layers of our model, from the ledger and our RTT probes;
+        not the peers that take only tagged sessions (an RL run's pipeline shards)."""
         rtt = {**self.node.rtt_ms, self.node.peer_id: 0.0}
-        return servers_by_model(self.ledger.entries(), rtt).get(self.model_id, [])
+        entries = [e for e in self.ledger.entries() if FEATURE_TAGGED_ONLY not in e.features]
+        return servers_by_model(entries, rtt).get(self.model_id, [])
 
     def route(self) -> Route | NoRoute:
         return find_route(self.servers(), self.num_layers, self.bans.banned(time.monotonic()))

@@ -1,4 +1,5 @@
-"""A sampler follows its trainer's policy: pull a version, apply it between requests.
+"""A sampler (or a pipeline sampler's shard) follows its trainer's policy: pull a
+version, apply it between requests.
 
 The glue between the weights service (weights.py: manifests, chunks, announcements)
 and the sampler's policy (policy.py: versions applied atomically between
@@ -7,6 +8,8 @@ sequential pull: `catch_up`); an announcement of a newer version of the run we
 follow is pulled at once, in the background (async mode's pull when we lag), so the
 next request usually finds it applied.
 
+A peer holding a slice of the layers pulls only the tensors of its slice (and the
+head's when it holds the head: manifest.layer_names); a whole-model peer pulls all.
 A full version replaces the named tensors; a LoRA version's adapters become deltas on
 the version-0 base (manifest.lora_deltas). Tensors are cast to the policy's dtype.
 """
@@ -14,34 +17,44 @@ the version-0 base (manifest.lora_deltas). Tensors are cast to the policy's dtyp
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import trio
 
-from peerd.rl.manifest import lora_deltas
-from peerd.rl.policy import LocalPolicy
+from peerd.rl.manifest import layer_names, lora_deltas
+from peerd.rl.versions import VersionedWeights
 from peerd.rl.weights import WeightStore
 from protocols.weights import VersionAnnounce
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 class Follower:
-    def __init__(self, weights: WeightStore, policy: LocalPolicy) -> None:
+    def __init__(self, weights: WeightStore, policy: VersionedWeights) -> None:
         self.weights = weights
         self.policy = policy
         self.run_id: str | None = None
+        self.trainer = ""  # of the run we follow
         self._lock = trio.Lock()  # one pull-and-apply at a time
         weights.on_announce(self._announced)
 
     async def catch_up(self, run_id: str, version: int, trainer: str) -> None:
         """Be at `version` of `run_id` or newer (the newest announced); raise if the
         version cannot be had."""
-        if self.run_id != run_id:
-            self.weights.follow(run_id, trainer)
-            self.run_id = run_id
+        self.take_up(run_id, trainer)
         latest = self.weights.latest(run_id)
         target = max(version, latest.version if latest is not None else version)
         await self._take(run_id, target, [trainer])
+
+    def take_up(self, run_id: str, trainer: str) -> None:
+        """Follow `run_id`, whose versions `trainer` authors (from version 0)."""
+        if self.run_id != run_id:
+            self.weights.follow(run_id, trainer)
+            self.run_id = run_id
+            self.trainer = trainer
 
     def leave(self) -> None:
         """The policy went back to version 0: follow no run until asked again."""
@@ -55,7 +68,7 @@ class Follower:
         async with self._lock:
             if self.policy.version >= version or run_id != self.run_id:
                 return  # another pull got there first, or we left the run meanwhile
-            tensors = await self.weights.pull(run_id, version, hints=hints)
+            tensors = await self._pull(run_id, version, hints)
             manifest = self.weights.manifest(run_id, version)
             if manifest is None:
                 raise RuntimeError(f"version {version} of {run_id} pulled but not held")
@@ -69,3 +82,18 @@ class Follower:
                 await self.policy.apply(version, full={
                     n: t.to(dtypes.get(n, t.dtype)) for n, t in tensors.items()})
             log.info("policy of %s now at version %d (%s)", run_id, version, manifest.kind)
+
+    async def _pull(self, run_id: str, version: int, hints: list[str]
+                    ) -> dict[str, torch.Tensor]:
+        """The version's tensors this policy holds: all of them for a whole model; for a
+        slice, the manifest first (a pull of no tensors), then its slice's tensors."""
+        block, head = self.policy.block, self.policy.head is not None
+        if block.start == 0 and block.end == block.num_layers and head:
+            return await self.weights.pull(run_id, version, hints=hints)
+        await self.weights.pull(run_id, version, names=(), hints=hints)
+        manifest = self.weights.manifest(run_id, version)
+        if manifest is None:
+            raise RuntimeError(f"the manifest of version {version} of {run_id} not held")
+        names = layer_names([t.name for t in manifest.tensors], block.start, block.end,
+                            block.num_layers, head=head)
+        return await self.weights.pull(run_id, version, names=names, hints=hints)

@@ -1,5 +1,6 @@
 """The rollout sampler as a service: `/peerd/rollout/1.0.0` on a peer holding the whole
-model.
+model (policy.py), or the head and a slice of the layers (pipeline_policy.py: the
+rest on other `--rollout` peers).
 
 For each RolloutRequest (checked strictly first) it tokenizes every prompt with the
 model's chat template (add_generation_prompt=True), generates the group's G
@@ -27,13 +28,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
 from peerd.node import Node
-from peerd.rl.policy import Completion, LocalPolicy
+from peerd.rl.policy import Completion, Generation, LocalPolicy
 from peerd.rl.rollouts import push_rollouts, sign_rollout
 from peerd.rpc import Busy, stream_handler
 from peerd.service import EntryFields, Service
@@ -73,6 +74,22 @@ class OtherRun(Busy):
     reason = OTHER_RUN
 
 
+class SamplingPolicy(Protocol):
+    """What the sampler needs of a policy (LocalPolicy, PipelinePolicy)."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def block(self) -> Any: ...  # its config gives the positions a model takes
+    async def reset(self) -> None: ...
+    async def generate_many(self, prompts: Sequence[Sequence[int]], *, n: int,
+                            temperature: float, top_p: float, max_tokens: int, seed: int,
+                            eos_ids: Iterable[int], at_version: int | None = None
+                            ) -> Generation: ...
+
+
 CatchUp = Callable[[str, int, str], Awaitable[None]]  # (run id, version, trainer peer):
 # pull `version` (or newer) of the run and apply it to the policy
 
@@ -86,12 +103,16 @@ class TooLong(Busy):
 class RolloutSampler(Service):
     name = "rollout"
 
-    def __init__(self, node: Node, policy: LocalPolicy, tokenizer: Any,
+    def __init__(self, node: Node, policy: SamplingPolicy, tokenizer: Any,
                  eos_ids: Iterable[int], *, max_queued: int = MAX_QUEUED,
                  catch_up: CatchUp | None = None,
-                 on_switch: Callable[[], None] | None = None) -> None:
+                 on_switch: Callable[[], None] | None = None,
+                 take_up: Callable[[str, str], None] | None = None,
+                 features: tuple[str, ...] = ()) -> None:
         self.node = node
         self.catch_up = catch_up
+        self.take_up = take_up  # (run id, trainer): a request of that run is being served
+        self.features = (FEATURE_ROLLOUT, *features)
         self.on_switch = on_switch  # the policy went back to version 0 for another run
         self.run_id: str | None = None  # the run whose versions the policy follows
         self._last_request = time.monotonic()  # of the run we follow
@@ -128,7 +149,7 @@ class RolloutSampler(Service):
             await trio.sleep_forever()
 
     def entry_fields(self) -> EntryFields:
-        return {"features": (FEATURE_ROLLOUT,)}
+        return {"features": self.features}
 
     def status(self) -> dict[str, Any]:
         return {"rollout": {"model": self.policy.model_id, "version": self.policy.version,
@@ -182,6 +203,8 @@ class RolloutSampler(Service):
             await self._switch(request.run_id)
         self._last_request = time.monotonic()
         self.run_id = request.run_id
+        if self.take_up is not None:
+            self.take_up(request.run_id, peer)
         if self.policy.version < request.version:
             if self.catch_up is None:
                 raise WrongVersion(self.policy.version, request.version)

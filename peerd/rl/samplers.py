@@ -1,9 +1,11 @@
 """The trainer's view of its samplers: who they are, which to ask, who is dropped.
 
 A sampler is a peer whose ledger entry advertises the rollout feature and serves our
-model whole (the same model id, every layer). A sampler that fails a request is
-asked again later; one that fails `MAX_FAILURES` requests in a row, or is caught
-lying, is dropped for the rest of the run (a lie is also an offence on the node).
+model whole (the same model id, every layer), or serves a slice of it and advertises
+the pipeline sampler's feature too (it samples through a pipeline of rollout shards).
+A sampler that fails a request is asked again later; one that fails `MAX_FAILURES`
+requests in a row, or is caught lying, is dropped for the rest of the run (a lie is
+also an offence on the node).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 from peerd.ledger.book import Ledger
 from protocols.ledger import LedgerEntry
+from protocols.rollout import FEATURE_PIPELINE_SAMPLER
 
 MAX_FAILURES = 3
 
@@ -20,6 +23,13 @@ MAX_FAILURES = 3
 def serves_whole(entry: LedgerEntry, model_id: str) -> bool:
     return any(m.model_id == model_id and m.layer_start == 0 and m.num_layers > 0
                and m.layer_end == m.num_layers for m in entry.models)
+
+
+def samples(entry: LedgerEntry, model_id: str) -> bool:
+    """Whether the peer can sample our model: whole, or through a pipeline."""
+    return serves_whole(entry, model_id) or (
+        FEATURE_PIPELINE_SAMPLER in entry.features
+        and any(m.model_id == model_id for m in entry.models))
 
 
 @dataclass
@@ -34,7 +44,7 @@ class SamplerPool:
     def found(self) -> list[str]:
         """Samplers in the ledger now, not dropped, sorted (a stable order)."""
         return sorted(e.peer_id for e in self.book.entries()
-                      if self.feature in e.features and serves_whole(e, self.model_id)
+                      if self.feature in e.features and samples(e, self.model_id)
                       and e.peer_id not in self.dropped)
 
     def failed(self, peer: str, why: str) -> bool:

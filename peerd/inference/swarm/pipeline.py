@@ -50,6 +50,7 @@ from protocols.shard import (
     HopTiming,
     Open,
     Opened,
+    PolicyTag,
     Result,
 )
 from protocols.spec import ErrorReply
@@ -270,14 +271,18 @@ class Pipeline:
                 if not idle:
                     self.pool.pop(route, None)
 
-    async def open(self, route: Route, max_length: int, dtype: str = "float32"
-                   ) -> PipelineSession:
+    async def open(self, route: Route, max_length: int, dtype: str = "float32",
+                   policy: PolicyTag | None = None) -> PipelineSession:
+        """A session on `route`; with `policy`, every hop holds that RL policy version
+        until it closes, or the OPEN fails (protocols/shard.py). Never pool a tagged
+        session: a plain request must not be given it."""
         hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
         s = PipelineSession(self, secrets.token_hex(16), hops, dtype, max_length=max_length)
         self.sessions[s.id] = s
         first = hops[0].peer_id
         request = Open(session=s.id, model_id=self.model_id, route=hops, hop=0,
-                       entry_peer=self.node.peer_id, max_length=max_length, dtype=dtype)
+                       entry_peer=self.node.peer_id, max_length=max_length, dtype=dtype,
+                       policy=policy)
         try:
             # one deadline for the whole chain: the first hop's answer and the last
             # hop's return stream (open_session's own, for the answer, is no sooner)

@@ -13,6 +13,11 @@ session ends and the peer keeps serving every other session. When the next hop
 cannot be reached, this peer reports it to the entry peer (FAILED over the return
 protocol) so the entry can ban it and re-route.
 
+An OPEN tagged with an RL policy version (protocols/shard.py, PolicyTag) is admitted
+only by the server's `gate` (set by an RL pipeline shard: peerd/rl/shard_gate.py),
+which holds that version for the session until it closes, or refuses it; a server
+with no gate refuses every tagged OPEN (UNVERSIONED) and admits every plain one.
+
 One module, past the usual size: a session's life (open, forward, relay, return,
 close, eviction) moves one set of state; the rules that stand alone are out
 (lending.py: what is lent to whom; peerd/turns.py: the compute's order; streams.py:
@@ -24,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,14 +59,17 @@ from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
 from protocols.shard import (
     DTYPES,
+    REVOKED,
     SHARD,
     SHARD_RETURN,
+    UNVERSIONED,
     Close,
     Failed,
     Forward,
     HopTiming,
     Open,
     Opened,
+    PolicyTag,
     Result,
     check_route,
     tree_depths,
@@ -95,11 +103,22 @@ class Block(Protocol):
 
 
 class Refused(Exception):
-    """OPEN refused for capacity (not misbehaviour): not counted as an offence."""
+    """OPEN refused for capacity or versions (not misbehaviour): not an offence.
+    `culprit`: the hop that refused, when it is further down the route (None: us)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, culprit: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.culprit = culprit
+
+
+class Gate(Protocol):
+    """Which sessions this peer's weights may serve (peerd/rl/shard_gate.py)."""
+
+    async def admit(self, tag: PolicyTag | None, revoke: Callable[[], None]) -> Any:
+        """A hold with `release()` kept while the session lives (or None), or raises
+        Refused. `revoke()` ends the session (its holder must let go)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -119,6 +138,7 @@ class _Session:
     last_used: float = field(default_factory=time.monotonic)
     forwards: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled: evicted
+    hold: Any = None  # the gate's hold on our weights' version (tagged sessions)
 
     @property
     def holder(self) -> str:
@@ -147,6 +167,7 @@ class ShardServer:
         self.lending = Lending(self.limits.max_sessions, self.limits.max_kv_bytes, self._evict,
                                headroom=self.limits.kv_headroom_positions)
         self._labelled: dict[str, set[str]] = {}  # peers with a /metrics gauge, by resource
+        self.gate: Gate | None = None  # tagged sessions: the RL shard's (shard_gate.py)
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD.id, self._handle)
@@ -170,8 +191,8 @@ class ShardServer:
         except StreamClosed:
             pass
         except Refused as exc:
-            refusal = Failed(session="", step=-1, peer_id=self.node.peer_id, code=exc.code,
-                             message=str(exc)[:1000])
+            refusal = Failed(session="", step=-1, peer_id=exc.culprit or self.node.peer_id,
+                             code=exc.code, message=str(exc)[:1000])
             await send_quietly(stream, refusal, SHARD.max_control_bytes)
         except PeerError as exc:
             self.node.offence(upstream, exc.reason, f"shard: {exc}")
@@ -209,6 +230,8 @@ class ShardServer:
             raise WireError(f"max_length {req.max_length} outside 1..{self.limits.max_length}")
         if req.session in self.sessions or not 8 <= len(req.session) <= 128:
             raise WireError("session id reused or not 8..128 characters")
+        if req.policy is not None:
+            req.policy.check()
         try:
             ID.from_base58(req.entry_peer)
         except Exception:
@@ -216,9 +239,12 @@ class ShardServer:
         span = (hop.start, hop.end)
         session = _Session(req.session, req, span, b.new_cache(), b.kv_bytes_per_position(span),
                            is_last=req.hop == len(req.route) - 1)
+        session.hold = await self._admit(req, session)
         try:
             self.lending.open(session)
         except OverShare as exc:
+            if session.hold is not None:
+                session.hold.release()
             self._over_share(exc)
             raise Refused("overloaded", f"{self.node.peer_id} is saturated: {exc}") from None
         self.sessions[session.id] = session
@@ -232,6 +258,22 @@ class ShardServer:
                                  entry=req.entry_peer, layers=list(span))
         return session
 
+    async def _admit(self, req: Open, session: _Session) -> Any:
+        """The gate's hold for the session (None: nothing held), or Refused."""
+        if self.gate is None:
+            if req.policy is not None:
+                raise Refused(UNVERSIONED, f"{self.node.peer_id} does not hold RL policy "
+                              "versions: it takes no tagged session")
+            return None
+        return await self.gate.admit(req.policy, lambda: self._revoke(session))
+
+    def _revoke(self, s: _Session) -> None:
+        """The gate must move to another version: end the session first, and tell its
+        entry (which opens another at the new version)."""
+        s.scope.cancel()
+        self.node.nursery.start_soon(self._report, s, s.step, self.node.peer_id, REVOKED,
+                                     f"{self.node.peer_id} moves to a new policy version")
+
     async def _connect_downstream(self, req: Open) -> Any:
         """Open the next hop's stream (forwarding OPEN), or the return stream. Whatever
         goes wrong is a Refused that this peer reports upstream as its own FAILED."""
@@ -242,13 +284,13 @@ class ShardServer:
             target, spec = req.route[req.hop + 1].peer_id, SHARD
             opening = Open(session=req.session, model_id=req.model_id, route=req.route,
                            hop=req.hop + 1, entry_peer=req.entry_peer,
-                           max_length=req.max_length, dtype=req.dtype)
+                           max_length=req.max_length, dtype=req.dtype, policy=req.policy)
         try:
             stream, _ = await open_session(self.node.new_stream, target, spec, opening,
                                            accept=lambda a: a.session == req.session)
         except OpenRefused as exc:
-            if isinstance(exc.reply, Failed):  # a refusal further down: pass its code on
-                raise Refused(exc.code, exc.message) from None
+            if isinstance(exc.reply, Failed):  # a refusal further down: pass it on
+                raise Refused(exc.code, exc.message, exc.reply.peer_id) from None
             raise Refused("unreachable", f"{target} refused the session: {exc.message}"
                           ) from None
         except OpenFailed as exc:
@@ -440,6 +482,8 @@ class ShardServer:
             self._labelled[name] = holders
 
     async def _drop(self, s: _Session) -> None:
+        if s.hold is not None:
+            s.hold.release()
         self.lending.close(s)
         self._publish_lent()
         if self.sessions.pop(s.id, None) is None:

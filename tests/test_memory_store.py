@@ -64,6 +64,14 @@ def test_put_get_delete_search_round_trip(tmp_path: Path) -> None:
     assert hits[0][0].item.id == records[2].item.id and hits[0][1] == pytest.approx(1.0)
     assert [r.item.id for r, _ in store.search(vectors[3], 4, domain="code")] == \
         [records[3].item.id]
+    # A small domain is searched exactly from a cache that each write to it refreshes.
+    later = record("python lists sort in place with list.sort()", "code")
+    later_v = store.embedder.embed([later.item.text])[0]
+    assert store.put(later, later_v)
+    assert store.search(later_v, 1, domain="code")[0][0].item.id == later.item.id
+    assert store.delete(later.item.id)
+    assert [r.item.id for r, _ in store.search(later_v, 5, domain="code")] == \
+        [records[3].item.id]
     excluded = store.search(vectors[2], 2, exclude={records[2].item.id})
     assert len(excluded) == 2 and records[2].item.id not in {r.item.id for r, _ in excluded}
     # A put of a stored item keeps its row and takes the new statistics.

@@ -131,12 +131,6 @@ class VectorIndex:
         return [(int(label), 1.0 - float(d))
                 for label, d in zip(labels[0], distances[0], strict=True)]
 
-    def vectors(self, labels: Sequence[int]) -> Vectors:
-        if not labels:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.asarray(self._index.get_items(list(labels), return_type="numpy"),
-                          dtype=np.float32)
-
     def save(self, path: Path, meta: IndexMeta) -> IndexMeta:
         """Write the index to `path` and its meta beside it, each atomically (tmp, fsync,
         rename); a crash between the two leaves a checksum that does not match, so the

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import trio
 
 from peerd.embedding import Embedder, Vectors
@@ -69,6 +70,9 @@ class ItemStore(Journal):
         self._db.execute("PRAGMA synchronous=FULL")  # a commit reported is a commit kept
         self._db.executescript(SCHEMA)
         self._by_domain: dict[str, set[int]] = {}  # domain -> live labels
+        # A small domain's labels [L] and vectors [L, dim] for exact search, loaded on its
+        # first search and kept in step with its writes.
+        self._small: dict[str, tuple[npt.NDArray[np.int64], Vector]] = {}
         self._scec_cache: dict[str, tuple[list[str], Vector]] = {}  # domain -> hashes, [S, dim]
         self._unsaved = 0
         self._saved_generation = -1
@@ -174,8 +178,14 @@ class ItemStore(Journal):
                     self._bump()
             if added:
                 self.index.add([a[0] for a in added], np.stack([a[2] for a in added]))
-                for label, domain, _ in added:
+                for label, domain, vector in added:
                     self._by_domain.setdefault(domain, set()).add(label)
+                    small = self._small.get(domain)
+                    if small is not None and len(small[0]) < EXACT_DOMAIN_MAX:
+                        self._small[domain] = (np.append(small[0], label),
+                                               np.vstack([small[1], vector]))
+                    else:
+                        self._small.pop(domain, None)
                 self._index_written(len(added))
             return len(added)
 
@@ -200,6 +210,10 @@ class ItemStore(Journal):
             for label, domain in rows:
                 self.index.remove(label)
                 self._by_domain.get(domain, set()).discard(label)
+                small = self._small.get(domain)
+                if small is not None:
+                    keep = small[0] != label
+                    self._small[domain] = (small[0][keep], small[1][keep])
             if rows:
                 self._index_written(len(rows))
             return len(rows)
@@ -251,7 +265,7 @@ class ItemStore(Journal):
             else:
                 labels = self._by_domain.get(domain, set())
                 if len(labels) <= EXACT_DOMAIN_MAX:
-                    hits = self._exact(query, want, sorted(labels))
+                    hits = self._exact(query, want, domain)
                 else:
                     hits = self.index.search(query, want, labels.__contains__, len(labels))
             if not hits:
@@ -264,12 +278,18 @@ class ItemStore(Journal):
                        key=lambda hit: -hit[1])
         return [hit for hit in found if hit[0].item.id not in exclude][:k]
 
-    def _exact(self, query: Vector, k: int, labels: list[int]) -> list[tuple[int, float]]:
-        if not labels or k <= 0:
-            return []
-        sims = self.index.vectors(labels) @ query  # [L]
+    def _exact(self, query: Vector, k: int, domain: str) -> list[tuple[int, float]]:
+        if domain not in self._small:
+            rows = self._db.execute("SELECT label, embedding FROM items WHERE domain = ?",
+                                    (domain,)).fetchall()
+            self._small[domain] = (
+                np.array([label for label, _ in rows], dtype=np.int64),
+                np.stack([vector_of(blob) for _, blob in rows]) if rows
+                else np.zeros((0, self.embedder.dim), dtype=np.float32))
+        labels, matrix = self._small[domain]
+        sims = matrix @ query  # [L]
         top = np.argsort(-sims, kind="stable")[:k]
-        return [(labels[i], float(sims[i])) for i in top]
+        return [(int(labels[i]), float(sims[i])) for i in top]
 
     # --- lifetime ------------------------------------------------------------------
 

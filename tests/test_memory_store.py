@@ -368,3 +368,13 @@ async def test_async_face_does_not_block_the_loop(tmp_path: Path) -> None:
     reopened = await MemoryStore.open(tmp_path, HashingEmbedder(DIM))
     assert reopened.store.index_status == "loaded" and await reopened.count() == n
     await reopened.aclose()
+
+
+def test_nearest_is_argsort_order() -> None:
+    from peerd.memory.journal import nearest
+    rng = np.random.default_rng(6)
+    sims = rng.standard_normal(500).astype(np.float32)
+    sims[[3, 9]] = 5.0  # a tie: the lower row first
+    for k in (0, 1, 2, 10, 499, 500, 900):
+        assert nearest(sims, k).tolist() == np.argsort(-sims, kind="stable")[:k].tolist()
+    assert nearest(np.zeros(0, dtype=np.float32), 3).tolist() == []

@@ -13,12 +13,24 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from peerd.embedding import Embedder
 from peerd.memory.tables import Decision, StoredScec, Transaction, Vector, vector_of
 from protocols.memory import DOMAIN, SCEC_HASH
 
 SCEC_SEARCH_CAP = 10_000  # the newest SCECs of a domain that similar_scecs compares
+
+
+def nearest(sims: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
+    """The rows of the k largest similarities, largest first (ties: the lower row)."""
+    if k <= 0 or len(sims) == 0:
+        return np.zeros(0, dtype=np.intp)
+    if k >= len(sims):
+        return np.argsort(-sims, kind="stable")
+    kth = -np.partition(-sims, k - 1)[k - 1]  # the k-th largest: O(n)
+    rows = np.flatnonzero(sims >= kth)  # the k largest and any tied with the last
+    return rows[np.argsort(-sims[rows], kind="stable")][:k]
 
 
 class Journal:
@@ -82,7 +94,7 @@ class Journal:
                 self._scec_cache[domain] = ([h for h, _ in rows], matrix)
             hashes, matrix = self._scec_cache[domain]
             sims = matrix @ query  # [S]
-            top = np.argsort(-sims, kind="stable")[:max(k, 0)]
+            top = nearest(sims, k)
             out = []
             for i in top:
                 scec = self.get_scec(hashes[i])

@@ -31,7 +31,7 @@ import trio
 from peerd.embedding import Embedder, Vectors
 from peerd.memory.index import IndexMeta, IndexMismatch, VectorIndex
 from peerd.memory.item import ItemStats, Record
-from peerd.memory.journal import Journal
+from peerd.memory.journal import Journal, nearest
 from peerd.memory.tables import (
     RECORD_COLUMNS,
     SCHEMA,
@@ -103,8 +103,9 @@ class ItemStore(Journal):
             self.index_status = "loaded"
         except IndexMismatch as e:
             self.index_status = f"rebuilt: index {e}"
-            log.info("memory: rebuilding the index of %d items from the database (%s)",
-                     len(live), e)
+            log.log(logging.INFO if str(e) == "missing" else logging.WARNING,
+                    "memory: rebuilding the index of %d items from the database (index %s)",
+                    len(live), e)
             self._rebuild(len(live))
 
     def _rebuild(self, count: int) -> None:
@@ -258,6 +259,8 @@ class ItemStore(Journal):
         """The k items nearest `vector` (in `domain`, not in `exclude`) with their cosine
         similarity, nearest first."""
         query = self._unit(vector)
+        if k <= 0:
+            return []
         want = k + len(exclude)
         with self._lock:
             if domain is None:
@@ -288,7 +291,7 @@ class ItemStore(Journal):
                 else np.zeros((0, self.embedder.dim), dtype=np.float32))
         labels, matrix = self._small[domain]
         sims = matrix @ query  # [L]
-        top = np.argsort(-sims, kind="stable")[:k]
+        top = nearest(sims, k)
         return [(int(labels[i]), float(sims[i])) for i in top]
 
     # --- lifetime ------------------------------------------------------------------

@@ -3,13 +3,15 @@
 `<data_dir>/memory/memory.db` holds the items (the author's signed bytes, this peer's
 statistics, the embedding), the SCECs (an execution context's canonical bytes and the
 embedding of its prompt) and the decision log. The index (`index.bin`, with its meta
-`index.bin.json`) is saved beside it on flush, on close and every SAVE_EVERY index
-writes, stamped with the database's index generation: a counter bumped in the same
-transaction as every write that changes which embeddings exist (an item added or
-deleted, items re-embedded; statistics leave it alone, the index does not hold them).
-A write commits to SQLite before it touches the index, so a crash between the two
-leaves an index of another generation, which the next open rebuilds from the stored
-embeddings (no model needed): nothing committed is lost.
+`index.bin.json`) is saved beside it on flush, on close, and after SAVE_EVERY index
+writes or a quarter of the index, whichever is more (a save writes the whole index, so
+its cost per write stays the same as the index grows). Each save is stamped with the
+database's index generation: a counter bumped in the same transaction as every write
+that changes which embeddings exist (an item added or deleted, items re-embedded;
+statistics leave it alone, the index does not hold them). A write commits to SQLite
+before it touches the index, so a crash between the two leaves an index of another
+generation, which the next open rebuilds from the stored embeddings (no model
+needed): nothing committed is lost.
 
 `ItemStore` blocks and is internally locked (one per data dir); `MemoryStore` is its
 async face, running every call in a worker thread.
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
-SAVE_EVERY = 256  # index writes between saves of the index file
+SAVE_EVERY = 256  # index writes between saves of the index file, at least
 EXACT_DOMAIN_MAX = 2_048  # a domain this small is searched exactly, not through the graph
 REEMBED_BATCH = 256
 
@@ -317,7 +319,7 @@ class ItemStore(Journal):
 
     def _index_written(self, n: int) -> None:
         self._unsaved += n
-        if self._unsaved >= SAVE_EVERY:
+        if self._unsaved >= max(SAVE_EVERY, len(self.index) // 4):
             self._save_index()
 
     def _meta(self, key: str) -> str | None:

@@ -5,7 +5,8 @@ and writes bench/results/memory_<section>.json. Not a test: no thresholds.
   rate (bulk, one transaction per batch; and single durable puts), search latency p50/p99
   (one query at a time, k=10, through the store: index plus the SQLite read of the hits;
   and the index alone), recall@10 against exact brute force, with and without a domain
-  filter, and the index's size on disk.
+  filter, the index's size on disk, the time to save it, and the time to reopen the
+  store with no usable index file (the rebuild after a crash).
 
   Items: real texts (GSM8K questions, the draft prompts shipped in peerd/data, first
   paragraphs of standard-library docstrings) embedded with all-MiniLM-L6-v2, then
@@ -211,8 +212,14 @@ def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
                 dim=embedder.dim, embedder=embedder.name, count=size, generation=0))
             save_s = time.perf_counter() - t0
             m = measure(store, matrix[:size], domains[:size], queries, query_domains, args.k)
+            # Recovery after a crash: open with no usable index file, rebuilt from SQLite.
+            store.index_path.unlink()
+            t0 = time.perf_counter()
+            ItemStore(Path(tmp), embedder).close()
+            rebuild_s = time.perf_counter() - t0
             row = {"items": size, "bulk_items_per_s": (size - n_single) / bulk_s,
                    "single_put_per_s": single_rate, "index_save_s": save_s,
+                   "reopen_rebuild_s": rebuild_s,
                    "index_bytes": store.index_path.stat().st_size,
                    "db_bytes": store.db_path.stat().st_size, **m}
             rows.append(row)
@@ -225,7 +232,7 @@ def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
                         f"ef={index_module.EF_SEARCH}")
     for col in ("items", "insert /s (bulk | single)", "recall@10", "p50 ms", "p99 ms",
                 "index p50 | p99 ms", "domain recall@10", "domain p50 | p99 ms",
-                "index MB", "db MB"):
+                "index MB", "db MB", "save | rebuild s"):
         table.add_column(col, justify="right")
     for r in rows:
         a, d = r["all"], r["domain"]
@@ -234,7 +241,8 @@ def run_retrieval(args: argparse.Namespace) -> dict[str, Any]:
                       f"{a['p50_ms']:.2f}", f"{a['p99_ms']:.2f}",
                       f"{a['index_p50_ms']:.2f} | {a['index_p99_ms']:.2f}",
                       f"{d['recall_at_10']:.3f}", f"{d['p50_ms']:.2f} | {d['p99_ms']:.2f}",
-                      f"{r['index_bytes'] / 1e6:.0f}", f"{r['db_bytes'] / 1e6:.0f}")
+                      f"{r['index_bytes'] / 1e6:.0f}", f"{r['db_bytes'] / 1e6:.0f}",
+                      f"{r['index_save_s']:.2f} | {r['reopen_rebuild_s']:.1f}")
     console.print(table)
     return {"section": "retrieval", "embedder": embedder.name, "dim": embedder.dim,
             "k": args.k, "queries": len(queries), "real_texts": len(real),

@@ -367,7 +367,7 @@ async def test_async_face_does_not_block_the_loop(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     assert hits[0][0].item.id == entries[7][0].item.id
     assert elapsed > 0.1  # a write long enough that a blocked loop would show
-    assert ticks >= 0.25 * elapsed / 0.002, (ticks, elapsed)
+    assert ticks >= max(10, 0.1 * elapsed / 0.002), (ticks, elapsed)  # a blocked loop: ~1
     assert await memory.count() == n and (await memory.embed(["x"])).shape == (1, DIM)
     await memory.aclose()
     reopened = await MemoryStore.open(tmp_path, HashingEmbedder(DIM))

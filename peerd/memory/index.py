@@ -79,8 +79,8 @@ class VectorIndex:
     def capacity(self) -> int:
         return int(self._index.max_elements)
 
-    def add(self, labels: Sequence[int], vectors: Vectors) -> None:
-        """Add (or, for a live label, replace) vectors [N, dim]."""
+    def add(self, labels: Sequence[int], vectors: Vectors, threads: int = 1) -> None:
+        """Add (or, for a live label, replace) vectors [N, dim], on `threads` threads."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         if len(labels) != len(vectors):
             raise ValueError(f"{len(labels)} labels for {len(vectors)} vectors")
@@ -90,14 +90,14 @@ class VectorIndex:
         again = [i for i, label in enumerate(labels) if label in self._live]
         if again:  # in place: replace_deleted would give the label a second slot
             self._index.add_items(vectors[again], [labels[i] for i in again],
-                                  replace_deleted=False)
+                                  num_threads=threads, replace_deleted=False)
         if fresh:
             deleted = self.element_count - len(self._live)
             needed = self.element_count + max(0, len(fresh) - deleted)
             if needed > self.capacity:
                 self._index.resize_index(max(needed, 2 * self.capacity))
             self._index.add_items(vectors[fresh], [labels[i] for i in fresh],
-                                  replace_deleted=True)
+                                  num_threads=threads, replace_deleted=True)
             self._live.update(labels[i] for i in fresh)
 
     def remove(self, label: int) -> bool:

@@ -20,6 +20,7 @@ async face, running every call in a worker thread.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -115,7 +116,8 @@ class ItemStore(Journal):
         rows = self._db.execute("SELECT label, embedding FROM items ORDER BY label")
         while batch := rows.fetchmany(4_096):
             self.index.add([label for label, _ in batch],
-                           np.stack([vector_of(blob) for _, blob in batch]))
+                           np.stack([vector_of(blob) for _, blob in batch]),
+                           threads=os.cpu_count() or 1)  # opening waits on it: use them all
         self._save_index()
 
     def _reembed(self, stored: str) -> None:

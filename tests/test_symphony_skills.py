@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.agents.skills import EmbeddingMatcher, LexicalMatcher, embedder_path, make_matcher
+from peerd.agents.skills import EmbeddingMatcher, LexicalMatcher, make_matcher
+from peerd.embedding import embedder_path
 
 
 def test_embedding_matcher_ranks_related_skills_higher() -> None:

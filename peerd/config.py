@@ -25,6 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SKILL_MATCHERS = ("auto", "embedding", "lexical")
+MEMORY_EMBEDDERS = ("auto", "minilm", "hashing")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,11 @@ class Config:
     # versions (peerd/rl/); with --layers, as a shard of a pipeline sampler (the peer
     # holding layer 0 samples through the other --rollout peers).
     rollout: bool = False
+    # The memory's sentence embedder (peerd/memory/, SEDM): "minilm" (all-MiniLM-L6-v2,
+    # the packaged default), "hashing" (word features, no model: for tests and machines
+    # without the package), or "auto" (minilm when installed). The store re-embeds its
+    # items when this changes.
+    memory_embedder: str = "auto"
 
     @property
     def layer_range(self) -> tuple[int, int] | None:
@@ -135,7 +141,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "compute_turn_budget": (1, 1 << 17),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
-            "skill_matcher": SKILL_MATCHERS}
+            "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS}
 _LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
 _BOOL_FIELDS = {"prompt_cache", "rollout"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,

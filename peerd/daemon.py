@@ -36,6 +36,7 @@ from peerd.inference.options import SpeculativeOptions
 from peerd.inference.slot import ModelOptions, ModelSlot, Progress, ShardLimits
 from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
+from peerd.memory.service import Memory
 from peerd.node import Node, open_node
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.training import Training
@@ -141,7 +142,12 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     weights = WeightStore(node)  # RL policy versions: published, pulled and re-served
     training = Training(node, ledger, weights, config.data_dir,  # RL runs asked of us
                         torch_threads=config.torch_threads)
-    services: list[Service] = [ledger, model, symphony, weights, training]
+    # SEDM: items admitted by replay on our model (a peer without one keeps and serves
+    # its store, and admits nothing)
+    memory = Memory(node, model if model.options is not None else None, config.data_dir,
+                    embedder=config.memory_embedder)
+    model.recall = memory  # the API's `memory` option draws on it
+    services: list[Service] = [ledger, model, symphony, weights, training, memory]
     if config.rollout:
         services.append(Rollouts(node, ledger, model, weights))
     return services

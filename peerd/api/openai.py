@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -22,6 +23,7 @@ from starlette.routing import Route
 
 from peerd.api.errors import ApiError, read_json
 from peerd.api.openai_request import ApiRequest, parse, speculative_options
+from peerd.api.recall import Note, Recall
 from peerd.inference.face import (
     Completion,
     LanguageModel,
@@ -36,6 +38,7 @@ from peerd.inference.options import (
 from peerd.inference.request import GenerationRequest, GenerationStats, TokenLogprob
 from peerd.inference.swarm.routing import NoRoute, find_route, servers_by_model
 from peerd.inference.text import token_text
+from peerd.memory.prompting import with_notes
 from protocols.ledger import LedgerEntry
 
 if TYPE_CHECKING:
@@ -73,24 +76,52 @@ def routes(models: ModelSlot) -> list[Route]:
             body = await read_json(request)
             req = parse(body, chat=chat)
             model = _model(models, req.model)
+            req, notes = await _with_memory(models.recall, req)
             prepared = await _prepare(model, req)
         except ApiError as exc:
             return exc.response()
         if req.stream:
-            return StreamingResponse(_stream(models.node.nursery, model, req, prepared),
+            return StreamingResponse(_stream(models.node.nursery, model, req, prepared,
+                                             notes),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             done = await _run(model, req, prepared, None)
         except ApiError as exc:
             return exc.response()
-        return JSONResponse(_final(model, req, done))
+        return JSONResponse(_final(model, req, done, notes))
 
     return [
         Route("/v1/models", list_models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
+
+
+async def _with_memory(recall: Recall | None, req: ApiRequest
+                       ) -> tuple[ApiRequest, list[Note] | None]:
+    """The request with the memory's notes before its (last user) message, as the
+    memory's own replays put them (peerd/memory/prompting.py), and the notes."""
+    if req.memory is None:
+        return req, None
+    if recall is None:
+        raise ApiError(400, "this peer keeps no memory to draw on; drop 'memory'",
+                       param="memory")
+    users = [i for i, m in enumerate(req.messages) if m["role"] == "user"]
+    if req.chat and not users:
+        raise ApiError(400, "'memory' needs a user message to draw notes for",
+                       param="memory")
+    text = req.messages[users[-1]]["content"] if req.chat else req.prompt
+    try:
+        notes = await recall.notes(text, req.memory.k, req.memory.domain)
+    except ModelUnavailable as exc:
+        raise ApiError(503, str(exc), "service_unavailable") from None
+    texts = [n.text for n in notes]
+    if req.chat:
+        messages = [dict(m) for m in req.messages]
+        messages[users[-1]]["content"] = with_notes(text, texts)
+        return replace(req, messages=messages), notes
+    return replace(req, prompt=with_notes(text, texts)), notes
 
 
 def _model(models: ModelSlot, model: str) -> LanguageModel:
@@ -176,7 +207,15 @@ def _usage(stats: GenerationStats) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
 
 
-def _final(model: LanguageModel, req: ApiRequest, done: Completion) -> dict[str, Any]:
+def _peerd(stats: GenerationStats, notes: list[Note] | None) -> dict[str, Any]:
+    out = stats.to_json()
+    if notes is not None:
+        out["memory"] = [n.to_json() for n in notes]
+    return out
+
+
+def _final(model: LanguageModel, req: ApiRequest, done: Completion,
+           notes: list[Note] | None = None) -> dict[str, Any]:
     cid, obj, _ = _ids(req)
     choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
                               "logprobs": None if req.logprobs is None else _logprobs_json(
@@ -186,11 +225,13 @@ def _final(model: LanguageModel, req: ApiRequest, done: Completion) -> dict[str,
     else:
         choice["text"] = done.text
     return {"id": cid, "object": obj, "created": int(time.time()), "model": model.model_id,
-            "choices": [choice], "usage": _usage(done.stats), "peerd": done.stats.to_json()}
+            "choices": [choice], "usage": _usage(done.stats),
+            "peerd": _peerd(done.stats, notes)}
 
 
 async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
-                  prepared: GenerationRequest) -> AsyncIterator[str]:
+                  prepared: GenerationRequest, notes: list[Note] | None = None
+                  ) -> AsyncIterator[str]:
     """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Generation runs in the
     node's nursery and hands text over a channel, so a client that disconnects stops it."""
     cid, _, chunk_obj = _ids(req)
@@ -249,7 +290,7 @@ async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
             elif kind == "error":
                 yield f"data: {json.dumps({'error': value.body()})}\n\n"
             else:
-                extra: dict[str, Any] = {"peerd": value.to_json()}
+                extra: dict[str, Any] = {"peerd": _peerd(value, notes)}
                 if req.include_usage:
                     extra["usage"] = _usage(value)
                 yield chunk(None, value.finish_reason, **extra)

@@ -15,8 +15,10 @@ from peerd.inference.options import (
     MAX_TOP_LOGPROBS,
     SpeculativeOptions,
 )
+from protocols.memory import DOMAIN
 
 MAX_PROMPT_CHARS = 200_000
+MAX_MEMORY_K = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,16 @@ class ApiRequest:
     include_usage: bool
     speculative: Any = None  # the raw "speculative" object; _prepare resolves it
     logprobs: int | None = None  # None: none reported; else alternatives per token
+    memory: MemoryAsk | None = None  # notes from the peer's memory before the prompt
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryAsk:
+    """`"memory": true` or `{"k": K, "domain": D}`: put the memory's best items for the
+    (last user) message before it; the response lists them under `peerd.memory`."""
+
+    k: int | None = None  # the memory's own top k when None
+    domain: str | None = None  # any domain when None
 
 
 def parse(body: Any, *, chat: bool) -> ApiRequest:
@@ -101,7 +113,25 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return ApiRequest(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
                       stops, stream, include_usage, body.get("speculative"),
-                      _logprobs(body, chat=chat))
+                      _logprobs(body, chat=chat), _memory(body.get("memory")))
+
+
+def _memory(raw: Any) -> MemoryAsk | None:
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return MemoryAsk()
+    if not isinstance(raw, dict) or set(raw) - {"k", "domain"}:
+        raise ApiError(400, "'memory' must be true, false or {\"k\": 1..32, \"domain\": "
+                       "name}", param="memory")
+    k, domain = raw.get("k"), raw.get("domain")
+    if k is not None and (not _is_int(k) or not 1 <= k <= MAX_MEMORY_K):
+        raise ApiError(400, f"'memory.k' must be an integer in 1..{MAX_MEMORY_K}",
+                       param="memory")
+    if domain is not None and (not isinstance(domain, str) or not DOMAIN.fullmatch(domain)):
+        raise ApiError(400, "'memory.domain' must be a domain name (a-z 0-9 . _ -, at most "
+                       "32)", param="memory")
+    return MemoryAsk(k, domain)
 
 
 def _logprobs(body: dict[str, Any], *, chat: bool) -> int | None:

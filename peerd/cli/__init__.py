@@ -23,6 +23,7 @@ from peerd.cli.admin import advertise, events, id_, ledger, peers, status
 from peerd.cli.client import fail
 from peerd.cli.draft import draft
 from peerd.cli.generate import chat, generate
+from peerd.cli.memory import memory
 from peerd.cli.rl import rl
 from peerd.cli.shards import shards
 from peerd.cli.start import start
@@ -35,6 +36,7 @@ COMMANDS: tuple[click.Command, ...] = (
     draft,
     task,
     rl,
+    memory,
 )
 
 

@@ -52,9 +52,15 @@ class Client:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        return self.exchange(method, path, json=body).json()
+
+    def exchange(self, method: str, path: str, *, json: Any = None,
+                 content: bytes | None = None, timeout_s: float = 10.0) -> httpx.Response:
+        """The daemon's answer to a request (a JSON body, or raw `content`); an error
+        answer ends the command with its message."""
         try:
-            r = httpx.request(method, self.api + path, headers=self._headers(), json=body,
-                              timeout=10.0)
+            r = httpx.request(method, self.api + path, headers=self._headers(), json=json,
+                              content=content, timeout=timeout_s)
         except httpx.HTTPError as exc:
             self._unreachable(exc)
         if r.status_code == 401:
@@ -66,7 +72,7 @@ class Client:
             except Exception:
                 message = r.text[:200]
             fail(f"{method} {path} failed ({r.status_code}): {message}")
-        return r.json()
+        return r
 
     def _unreachable(self, exc: Exception) -> NoReturn:
         fail(f"no peerd daemon answers at {self.api} ({type(exc).__name__}); start one "

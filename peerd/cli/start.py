@@ -11,7 +11,7 @@ import click
 
 from peerd import __version__
 from peerd.cli.client import console, fail
-from peerd.config import DEFAULT_API, DEVICES, DTYPES, ConfigError, load_config
+from peerd.config import DEFAULT_API, DEVICES, DTYPES, MEMORY_EMBEDDERS, ConfigError, load_config
 from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
 
 
@@ -55,6 +55,9 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               help="Sample RL rollouts for trainers (`peerd rl train`) with this peer's model, "
               "which then follows the trainer's policy versions; needs --model (with "
               "--layers: a pipeline sampler's shard, sampling when it holds layer 0).")
+@click.option("--memory-embedder", type=click.Choice(MEMORY_EMBEDDERS), default=None,
+              help="The memory's sentence embedder [auto: all-MiniLM-L6-v2 when installed, "
+              "else word hashing].")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

@@ -22,6 +22,7 @@ import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
 from peerd.api.openai import routes
+from peerd.api.recall import Recall
 from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.inference.options import SpeculativeOptions
 from peerd.service import EntryFields, Service
@@ -79,6 +80,8 @@ class ModelSlot(Service):
         self.runtime: ModelRuntime | None = None
         self._face: LanguageModel | None = None
         self.settled = trio.Event()  # ready or failed (set at once when there is no model)
+        # the peer's memory, for the API's `memory` option (the daemon hands it over)
+        self.recall: Recall | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -30,7 +30,13 @@ NOTE_HEADER = "Notes that helped on similar tasks:"
 
 def messages(prompt: str, memory: Sequence[str]) -> list[Message]:
     """The chat for `prompt` given the item texts `memory`, in that order."""
+    return [{"role": "user", "content": with_notes(prompt, memory)}]
+
+
+def with_notes(prompt: str, memory: Sequence[str]) -> str:
+    """The user message `prompt` with the item texts `memory` before it (the prompt
+    alone without memory). The OpenAI API's `memory` option writes the last user
+    message of a chat so, and a plain completion's prompt."""
     if not memory:
-        return [{"role": "user", "content": prompt}]
-    note = "\n\n".join([NOTE_HEADER, *(text.strip() for text in memory), prompt])
-    return [{"role": "user", "content": note}]
+        return prompt
+    return "\n\n".join([NOTE_HEADER, *(text.strip() for text in memory), prompt])

@@ -1,0 +1,218 @@
+"""The admission desk: candidates wait here for the replay that decides them.
+
+A candidate (a text with its domain and kind, written here or fetched from a peer) is
+first put through the controller's precheck (a near-duplicate or a full queue is
+refused at once, with its reason), then queued. One worker judges the queue in order:
+it picks the tasks to replay (the SCEC the candidate came from, then the SCECs nearest
+its text in its domain), replays each without and with it (admission.judge) on this
+peer's model, and admits it when the utility is a gain. Every candidate ends admitted
+or refused with a reason, logged in the store's decision log and published as an event;
+none is dropped silently. A peer's item is admitted only by this replay, never on the
+author's word: its outcome goes back to the diffusion's record of its author.
+
+One worker, so replays never compete with each other for the model; the model serves
+other requests between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
+
+from peerd.inference.face import LanguageModel, ModelUnavailable, Refused, SwarmUnavailable
+from peerd.memory.admission import Utility, Weights, judge
+from peerd.memory.controller import ControllerSettings, admission_stats, precheck
+from peerd.memory.item import MemoryItem, Record
+from peerd.memory.scec import decode_scec
+from protocols.errors import WireError
+from protocols.memory import ScecMsg, SignedItem
+
+if TYPE_CHECKING:
+    from peerd.memory.store import MemoryStore
+
+log = logging.getLogger(__name__)
+
+KEPT_CANDIDATES = 1_000  # decided candidates remembered for GET (the log keeps them all)
+ADMISSION_TASKS = 4  # tasks a candidate is replayed on: the SCEC it came from + nearest
+MIN_TASK_SIMILARITY = 0.3  # a task further from the candidate says nothing about it
+
+Sign = Callable[[str, str, str, str], tuple[MemoryItem, SignedItem]]  # text, domain,
+# kind, origin -> a new item of ours
+MemoryFor = Callable[[ScecMsg], Awaitable[Sequence[str]]]
+
+
+@dataclass
+class Candidate:
+    id: str
+    text: str
+    domain: str
+    kind: str
+    origin: str  # SCEC hash or ""
+    source: str  # "local" or the peer it came from
+    item: MemoryItem | None = None  # a peer's signed item; ours is signed on admission
+    signed: SignedItem | None = None
+    state: str = "queued"  # queued, judging, admitted, refused
+    reason: str = ""  # why it is where it is
+    utility: Utility | None = None
+    tasks: int = 0
+    item_id: str = ""  # once admitted (a peer's: from the start)
+    created: float = field(default_factory=time.time)
+    decided: float = 0.0
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def to_json(self) -> dict[str, Any]:
+        u = self.utility
+        return {"id": self.id, "state": self.state, "reason": self.reason,
+                "domain": self.domain, "kind": self.kind, "source": self.source,
+                "item_id": self.item_id or None, "origin": self.origin or None,
+                "utility": None if u is None else {
+                    "total": u.total, "score": u.d_score, "latency_s": u.d_latency,
+                    "prompt_tokens": u.d_tokens},
+                "tasks": self.tasks, "created": self.created,
+                "decided": self.decided or None, "text": self.text}
+
+
+class Admissions:
+    def __init__(self, store: MemoryStore, model: Callable[[], LanguageModel],
+                 sign: Sign, memory_for: MemoryFor, *,
+                 settings: ControllerSettings, weights: Weights, min_gain: float,
+                 on_decided: Callable[[Candidate], Awaitable[None]],
+                 tasks: int = ADMISSION_TASKS,
+                 task_similarity: float = MIN_TASK_SIMILARITY) -> None:
+        self.store = store
+        self.model = model  # the face of this peer's model; ModelUnavailable when none
+        self.sign = sign
+        self.memory_for = memory_for
+        self.settings = settings
+        self.weights = weights
+        self.min_gain = min_gain
+        self.tasks = tasks  # replayed per candidate
+        self.task_similarity = task_similarity
+        self.on_decided = on_decided  # events, metrics, diffusion (announce, author record)
+        self.candidates: OrderedDict[str, Candidate] = OrderedDict()
+        self._send, self._queue = trio.open_memory_channel[Candidate](settings.queue_cap)
+        self.waiting = 0
+
+    def get(self, candidate_id: str) -> Candidate | None:
+        return self.candidates.get(candidate_id)
+
+    async def submit(self, text: str, domain: str, kind: str, *, origin: str = "",
+                     source: str = "local", item: MemoryItem | None = None,
+                     signed: SignedItem | None = None) -> Candidate:
+        """Queue a candidate, or refuse it at once (near-duplicate, full queue). A peer's
+        item comes with `item` and `signed`, already verified."""
+        c = Candidate(id="cand-" + secrets.token_hex(8), text=text, domain=domain, kind=kind,
+                      origin=origin, source=source, item=item, signed=signed,
+                      item_id=item.id if item is not None else "")
+        self.candidates[c.id] = c
+        while len(self.candidates) > KEPT_CANDIDATES:
+            oldest = next(iter(self.candidates.values()))
+            if oldest.state in ("queued", "judging"):
+                break
+            self.candidates.popitem(last=False)
+        if item is not None and await self.store.get(item.id) is not None:
+            await self._refuse(c, "known", "this item is already in the memory")
+            return c
+        vector = (await self.store.embed([text]))[0]
+        near = await self.store.search(vector, 1, domain)
+        check = precheck([(r.item.id, s) for r, s in near], self.waiting, self.settings)
+        if not check.replay:
+            await self._refuse(c, check.reason, check.message)
+            return c
+        self.waiting += 1
+        self._send.send_nowait(c)  # the precheck kept the queue under its cap
+        return c
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        async for c in self._queue:
+            self.waiting -= 1
+            c.state = "judging"
+            try:
+                await self._decide(c)
+            except Exception as exc:  # our bug, or the store: this one fails, the desk goes on
+                log.exception("memory: judging candidate %s failed", c.id)
+                if c.state == "judging":
+                    await self._refuse(c, "error", f"{type(exc).__name__}: {exc}")
+
+    async def _decide(self, c: Candidate) -> None:
+        tasks = await self._tasks(c)
+        c.tasks = len(tasks)
+        if not tasks:
+            await self._refuse(c, "no_tasks", f"no scored run in domain {c.domain!r} to "
+                               "replay it on: run tasks there first (peerd memory learn)")
+            return
+        try:
+            face = self.model()
+        except ModelUnavailable as exc:
+            await self._refuse(c, "no_model", f"no model here to replay with: {exc}")
+            return
+        try:
+            verdict = await judge(face, c.text, tasks, self.memory_for, self.weights,
+                                  self.min_gain)
+        except (Refused, SwarmUnavailable, ValueError) as exc:
+            await self._refuse(c, "replay_failed", str(exc))
+            return
+        c.utility = verdict.utility
+        if not verdict.admitted:
+            await self._refuse(c, "no_gain", f"utility {verdict.utility.total:.3g} <= "
+                               f"{self.min_gain:g} over {len(tasks)} tasks")
+            return
+        if c.item is None or c.signed is None:
+            try:
+                c.item, c.signed = self.sign(c.text, c.domain, c.kind, c.origin)
+            except WireError as exc:
+                await self._refuse(c, "invalid", str(exc))
+                return
+        now = time.time()
+        record = Record(c.item, c.signed, admission_stats(verdict.utility.total, now,
+                                                          self.settings, source=c.source))
+        await self.store.put(record, (await self.store.embed([c.text]))[0])
+        c.item_id = c.item.id
+        await self._decided(c, "admitted", f"utility {verdict.utility.total:.3g} over "
+                            f"{len(tasks)} tasks")
+
+    async def _tasks(self, c: Candidate) -> list[ScecMsg]:
+        """The SCECs to replay c on: the run it came from first, then the runs nearest
+        that run's prompt (nearest its own text when it came from none we hold) in its
+        domain, each at least `task_similarity` close."""
+        out: dict[str, ScecMsg] = {}
+        anchor = c.text
+        if c.origin:
+            stored = await self.store.get_scec(c.origin)
+            if stored is not None:
+                out[stored.hash] = decode_scec(stored.body)
+                anchor = stored.prompt
+        vector = (await self.store.embed([anchor]))[0]
+        for stored, sim in await self.store.similar_scecs(vector, self.tasks + 1, c.domain):
+            if len(out) >= self.tasks:
+                break
+            if sim >= self.task_similarity and stored.hash not in out:
+                try:
+                    out[stored.hash] = decode_scec(stored.body)
+                except WireError:
+                    log.warning("memory: SCEC %s in the store does not decode", stored.hash)
+        return list(out.values())
+
+    async def _refuse(self, c: Candidate, reason: str, message: str) -> None:
+        await self._decided(c, "refused", message, reason=reason)
+
+    async def _decided(self, c: Candidate, state: str, message: str, *,
+                       reason: str = "") -> None:
+        c.state, c.reason, c.decided = state, reason or state, time.time()
+        u = c.utility
+        await self.store.log(state, c.item_id or c.id, None if u is None else u.total,
+                             {"reason": c.reason, "message": message, "domain": c.domain,
+                              "kind": c.kind, "source": c.source, "tasks": c.tasks,
+                              "text": c.text[:200]})
+        c.done.set()
+        await self.on_decided(c)

@@ -1,0 +1,358 @@
+"""`Memory`: SEDM as a service of the peer (docs/sedm.md).
+
+It owns the store (SQLite + the hnswlib index in `<data dir>/memory/`), the admission
+desk (admissions.py: every candidate, ours or a peer's, is judged by a replay on this
+peer's model), consolidation (controller.py's plan, applied on a period and on demand),
+and diffusion (diffusion.py: admitted items announced on gossip, fetched by others, who
+judge them by their own replay).
+
+What the rest of the peer calls:
+- `recall(text, k, domain)`: the items to give a task, best first (similarity x weight);
+  the OpenAI API's `memory` option and the learner use it;
+- `solve(task)` / `observe(...)`: a scored run recorded as an SCEC; its items' weights move
+  by its score against the domain's no-memory baseline (a run without memory moves the
+  baseline);
+- `propose(text, domain, kind)`: a candidate for admission;
+- `consolidate()`: merge, prune and evict now.
+Every decision is a line in the store's log, an event (`memory.*`) and a counter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import Counter, Gauge
+from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
+
+from peerd.api.recall import Note
+from peerd.embedding import Embedder, make_embedder
+from peerd.inference.face import LanguageModel, ModelUnavailable
+from peerd.inference.options import SamplingParams
+from peerd.memory import consolidation
+from peerd.memory.admission import Weights
+from peerd.memory.admissions import (
+    ADMISSION_TASKS,
+    MIN_TASK_SIMILARITY,
+    Admissions,
+    Candidate,
+)
+from peerd.memory.controller import (
+    Baseline,
+    ControllerSettings,
+    Ranked,
+    after_uses,
+    effective_weight,
+    rank,
+)
+from peerd.memory.diffusion import Diffusion
+from peerd.memory.item import MemoryItem, sign_item
+from peerd.memory.learning import LearnJob, LearnSpec, SpecError, domain_of, learn
+from peerd.memory.replay import GREEDY, Outcome, record
+from peerd.memory.scec import Task, encode_scec, scec_hash
+from peerd.memory.store import MemoryStore
+from peerd.service import EntryFields, Service
+from protocols.memory import ScecMsg, SignedItem
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from peerd.inference.slot import ModelSlot
+    from peerd.node import Node
+
+log = logging.getLogger(__name__)
+
+FEATURE_MEMORY = "memory"
+CONSOLIDATE_EVERY_S = 600.0
+BASELINE_FILE = "baseline.json"
+SEARCH_WIDTH = 4  # index hits fetched per item retrieved: ranking reorders by weight
+
+
+class Memory(Service):
+    name = "memory"
+
+    def __init__(self, node: Node, model: ModelSlot | None, data_dir: Path, *,
+                 embedder: str = "auto", settings: ControllerSettings | None = None,
+                 weights: Weights | None = None, min_gain: float = 0.0,
+                 admission_tasks: int = ADMISSION_TASKS,
+                 task_similarity: float = MIN_TASK_SIMILARITY, diffuse: bool = True) -> None:
+        self.node = node
+        self.model = model
+        self.dir = data_dir / "memory"
+        self.embedder_mode = embedder
+        self.settings = settings or ControllerSettings()
+        self.weights = weights or Weights()
+        self.min_gain = min_gain
+        self.admission_tasks = admission_tasks
+        self.task_similarity = task_similarity
+        self.diffuse = diffuse
+        self.store: MemoryStore | None = None
+        self.baseline = Baseline()
+        self.admissions: Admissions | None = None
+        self.diffusion: Diffusion | None = None
+        self.ready = trio.Event()
+        self.learning: LearnJob | None = None
+        self._nursery: trio.Nursery | None = None
+        r = node.metrics.registry
+        self.decisions = Counter("peerd_memory_decisions", "Memory decisions by action and "
+                                 "reason", ["action", "reason"], registry=r)
+        self.items = Gauge("peerd_memory_items", "Items in the memory", registry=r)
+        self.uses = Counter("peerd_memory_uses", "Items given to runs", registry=r)
+
+    # ---- the service ------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        embedder: Embedder = make_embedder(self.embedder_mode)
+        self.store = await MemoryStore.open(self.dir, embedder)
+        self.baseline = await trio.to_thread.run_sync(self._load_baseline)
+        self.admissions = Admissions(self.store, self._face, self._sign, self._memory_for,
+                                     settings=self.settings, weights=self.weights,
+                                     min_gain=self.min_gain, on_decided=self._decided,
+                                     tasks=self.admission_tasks,
+                                     task_similarity=self.task_similarity)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.diffuse:
+                    self.diffusion = Diffusion(self.node, _Local(self), self._heard)
+                    await self.diffusion.start(nursery)
+                await nursery.start(self.admissions.run)
+                self.items.set(await self.store.count())
+                self._nursery = nursery
+                self.ready.set()
+                task_status.started()
+                nursery.start_soon(self._consolidate_periodically)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._save_baseline)
+                await self.store.aclose()
+
+    def entry_fields(self) -> EntryFields:
+        return {"features": (FEATURE_MEMORY,)}
+
+    def routes(self) -> Sequence[BaseRoute]:
+        from peerd.api.memory import routes
+
+        return routes(self)
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ready": self.ready.is_set()}
+        if self.admissions is not None:
+            out["waiting"] = self.admissions.waiting
+        if self.diffusion is not None:
+            out["diffusion"] = self.diffusion.status()
+        return {"memory": out}
+
+    # ---- what the peer calls -------------------------------------------------------------
+
+    def live_store(self) -> MemoryStore:
+        if self.store is None:
+            raise ModelUnavailable("starting", "the memory is still opening")
+        return self.store
+
+    async def recall(self, text: str, k: int | None = None, domain: str | None = None
+                     ) -> list[Ranked]:
+        """The items to give a task on `text`, best first (at most k)."""
+        store = self.live_store()
+        k = self.settings.top_k if k is None else k
+        if k <= 0:
+            return []
+        vector = (await store.embed([text]))[0]
+        hits = await store.search(vector, k * SEARCH_WIDTH, domain)
+        return rank(hits, time.time(), self.settings, k)
+
+    async def notes(self, text: str, k: int | None, domain: str | None) -> list[Note]:
+        """recall, as the OpenAI API's `memory` option takes it (api/recall.py)."""
+        return [Note(r.record.item.id, r.record.item.text, r.record.item.domain,
+                     r.similarity, r.weight, r.score) for r in await self.recall(text, k, domain)]
+
+    async def solve(self, task: Task, *, k: int | None = None, memory: bool = True,
+                    params: SamplingParams = GREEDY) -> tuple[Outcome, ScecMsg, list[Ranked]]:
+        """Run a scored task on this peer's model with what the memory gives it (none when
+        `memory` is False), and record it (observe)."""
+        given = await self.recall(task.prompt, k, task.domain) if memory else []
+        outcome, scec = await record(self._face(), task, [r.record.item.text for r in given],
+                                     params, memory_ids=[r.record.item.id for r in given])
+        await self.observe(scec, [r.record.item.id for r in given])
+        return outcome, scec, given
+
+    async def observe(self, scec: ScecMsg, used: Sequence[str]) -> str:
+        """Keep a scored run's SCEC; move its items' weights (or, with none, the
+        baseline). Its hash."""
+        store = self.live_store()
+        digest = scec_hash(scec)
+        vector = (await store.embed([scec.prompt]))[0]
+        await store.put_scec(digest, scec.domain, encode_scec(scec), scec.prompt, vector)
+        if not used:
+            self.baseline.observe(scec.domain, scec.score)
+            return digest
+        records = [r for r in [await store.get(i) for i in used] if r is not None]
+        now = time.time()
+        base = self.baseline.mean(scec.domain)
+        updated = after_uses([r.stats for r in records], scec.score, base, now, self.settings)
+        await store.update_stats_many({r.item.id: s for r, s in
+                                       zip(records, updated, strict=True)})
+        self.uses.inc(len(records))
+        return digest
+
+    async def propose(self, text: str, domain: str, kind: str, *, origin: str = ""
+                      ) -> Candidate:
+        """A candidate of ours, for admission. WireError for a field out of bounds."""
+        sign_item(self.node.key_pair.private_key, self.node.peer_id, text, domain, kind,
+                  origin=origin)  # checks every field now, before it waits in the queue
+        return await self.desk().submit(text, domain, kind, origin=origin)
+
+    async def learn(self, spec: LearnSpec) -> LearnJob:
+        """Start a learning job (learning.py) in the background; RuntimeError while one
+        runs, ModelUnavailable without a model, ValueError for a task that does not
+        load."""
+        from peerd.rl.tasks import load_task
+
+        if self.learning is not None and self.learning.state == "running":
+            raise RuntimeError("a learning job is running here; wait for it "
+                               "(GET /v1/memory/learn)")
+        self._face()
+        try:
+            task = await trio.to_thread.run_sync(lambda: load_task(spec.task, seed=spec.seed))
+        except ValueError as exc:
+            raise SpecError("task", str(exc)) from None
+        job = LearnJob(spec, spec.domain or domain_of(task.name))
+        self.learning = job
+        assert self._nursery is not None
+        self._nursery.start_soon(self._learn, job)
+        return job
+
+    async def _learn(self, job: LearnJob) -> None:
+        try:
+            await learn(self, job)
+            job.state = "done"
+        except Exception as exc:  # a model that went away, our bug: the job fails, we serve
+            log.exception("memory: learning failed")
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            job.ended = time.time()
+            self.node.events.publish("memory.learn", **job.to_json())
+
+    async def stats(self) -> dict[str, Any]:
+        store = self.live_store()
+        by_domain: dict[str, dict[str, Any]] = {}
+        now = time.time()
+        for rec in await store.records():
+            d = by_domain.setdefault(rec.item.domain, {"items": 0, "uses": 0, "weight": 0.0})
+            d["items"] += 1
+            d["uses"] += rec.stats.uses
+            d["weight"] += effective_weight(rec.stats, now, self.settings)
+        for d in by_domain.values():
+            d["mean_weight"] = d.pop("weight") / d["items"]
+        decisions: dict[str, int] = {}
+        for row in await store.decisions(100_000):
+            key = row.action if row.action != "refused" else \
+                f"refused:{row.detail.get('reason', '?')}"
+            decisions[key] = decisions.get(key, 0) + 1
+        return {"items": sum(d["items"] for d in by_domain.values()), "domains": by_domain,
+                "waiting": self.desk().waiting, "decisions": decisions,
+                "baseline": {dom: {"mean": m, "runs": n}
+                             for dom, (m, n) in self.baseline.snapshot().items()},
+                "settings": asdict(self.settings)}
+
+    async def consolidate(self) -> list[consolidation.Applied]:
+        applied = await consolidation.run(self.live_store(), time.time(), self.settings)
+        for done in applied:
+            self.decisions.labels(done.action, done.action).inc()
+            self.node.events.publish(f"memory.{done.action}", **done.to_json())
+        self.items.set(await self.live_store().count())
+        return applied
+
+    # ---- inside -------------------------------------------------------------------------
+
+    def desk(self) -> Admissions:
+        if self.admissions is None:
+            raise ModelUnavailable("starting", "the memory is still opening")
+        return self.admissions
+
+    def _face(self) -> LanguageModel:
+        if self.model is None:
+            raise ModelUnavailable("none", "this peer serves no model (peerd start --model)")
+        return self.model.face()
+
+    def _sign(self, text: str, domain: str, kind: str, origin: str
+              ) -> tuple[MemoryItem, SignedItem]:
+        return sign_item(self.node.key_pair.private_key, self.node.peer_id, text, domain,
+                         kind, origin=origin)
+
+    async def _memory_for(self, scec: ScecMsg) -> list[str]:
+        return [r.record.item.text for r in await self.recall(scec.prompt, None, scec.domain)]
+
+    async def _heard(self, item: MemoryItem, signed: SignedItem, source: str) -> None:
+        await self.desk().submit(item.text, item.domain, item.kind, origin="",
+                                  source=source, item=item, signed=signed)
+
+    async def _decided(self, c: Candidate) -> None:
+        self.decisions.labels(c.state, c.reason).inc()
+        self.node.events.publish(f"memory.{c.state}", **{
+            k: v for k, v in c.to_json().items() if k != "text"})
+        if c.source != "local" and c.item is not None and self.diffusion is not None \
+                and c.reason not in ("known", "queue_full", "no_model", "no_tasks", "error"):
+            self.diffusion.report(c.item.author, c.state == "admitted")
+        if c.state == "admitted":
+            self.items.set(await self.live_store().count())
+            if self.diffusion is not None:
+                stored = await self.live_store().get(c.item_id)
+                if stored is not None:
+                    self.diffusion.announce(stored)
+
+    async def _consolidate_periodically(self) -> None:
+        while True:
+            await trio.sleep(CONSOLIDATE_EVERY_S)
+            try:
+                await self.consolidate()
+            except Exception:  # our bug: log it, keep the memory serving
+                log.exception("memory: consolidation failed")
+
+    def _load_baseline(self) -> Baseline:
+        try:
+            raw = json.loads((self.dir / BASELINE_FILE).read_text())
+            return Baseline.restore({d: (float(m), int(n)) for d, (m, n) in raw.items()})
+        except FileNotFoundError:
+            return Baseline()
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("memory: %s unreadable (%s); the no-memory baseline starts afresh",
+                        BASELINE_FILE, exc)
+            return Baseline()
+
+    def _save_baseline(self) -> None:
+        path = self.dir / BASELINE_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.baseline.snapshot()))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("memory: could not save the no-memory baseline: %s", exc)
+
+
+class _Local:
+    """This peer's memory as diffusion sees it."""
+
+    def __init__(self, memory: Memory) -> None:
+        self.memory = memory
+
+    async def signed(self, ids: Sequence[str]) -> list[SignedItem]:
+        store = self.memory.live_store()
+        return [r.signed for r in [await store.get(i) for i in ids] if r is not None]
+
+    async def search(self, query: str, k: int, domain: str | None
+                     ) -> list[tuple[SignedItem, float]]:
+        store = self.memory.live_store()
+        vector = (await store.embed([query]))[0]
+        return [(r.signed, s) for r, s in await store.search(vector, k, domain)]
+
+    async def has(self, item_id: str) -> bool:
+        return await self.memory.live_store().get(item_id) is not None
+

@@ -1,0 +1,246 @@
+"""The memory as a service of a real peer, through its HTTP API: admission by replay on
+the peer's own (tiny, random) model, retrieval, the OpenAI `memory` option, the log,
+export and import, learning from scored runs, and every bad input refused in words.
+
+"Helps" and "hurts" are made honest as in test_memory_admission.py: the references of
+the recorded runs are what the model answers with the planted text (it helps) or
+without it (it hurts)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from peerd.api.app import create_app
+from peerd.inference.slot import ModelOptions, ModelSlot
+from peerd.memory.controller import ControllerSettings
+from peerd.memory.item import sign_item
+from peerd.memory.scec import Task, scec_hash
+from peerd.memory.service import Memory
+from tests.harness import gossip, swarm, wait_for
+from tests.models import tiny_llama_dir
+from tests.test_memory_admission import PARAMS, PROMPTS, changing_candidate
+
+TOKEN = "t" * 32
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# the hashing embedder's cosines are not MiniLM's: take every task and item it finds
+LOOSE = ControllerSettings(min_similarity=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_dir(tmp_path_factory)
+
+
+@contextlib.asynccontextmanager
+async def peer(tmp_path: Path, tiny: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Memory]]:
+    async with swarm(1, tmp_path, connect="none") as (node,):
+        slot = ModelSlot(node, gossip(node), ModelOptions(str(tiny), torch_threads=1))
+        memory = Memory(node, slot, tmp_path / "data", embedder="hashing", settings=LOOSE,
+                        task_similarity=0.0)
+        slot.recall = memory
+        await node.start(slot, memory)
+        await slot.settled.wait()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(node, TOKEN)),
+                                     base_url="http://peerd", headers=AUTH,
+                                     timeout=60.0) as client:
+            yield client, memory
+
+
+async def planted(memory: Memory, domain: str, *, helps: bool) -> tuple[str, list[str]]:
+    """A text that changes the model's answer to some of PROMPTS, and the hashes of the
+    runs recorded (without memory) in `domain`, their references chosen so that the
+    text helps or hurts."""
+    face = memory._face()
+    baseline = [(await memory.solve(Task(p, "", "exact", domain), memory=False,
+                                    params=PARAMS))[0].output for p in PROMPTS]
+    candidate, with_it = await changing_candidate(face, baseline)
+    references = with_it if helps else baseline
+    hashes = []
+    for p, ref in zip(PROMPTS, references, strict=True):
+        _, scec, _ = await memory.solve(Task(p, ref, "exact", domain), memory=False,
+                                        params=PARAMS)
+        hashes.append(scec_hash(scec))
+    changed = [i for i, (a, b) in enumerate(zip(with_it, baseline, strict=True))
+               if a.strip() != b.strip()]
+    return candidate, [hashes[changed[0]], *hashes]
+
+
+async def test_admission_retrieval_and_the_chat_option(tmp_path: Path, tiny: Path) -> None:
+    async with peer(tmp_path, tiny) as (api, memory):
+        candidate, runs = await planted(memory, "chat", helps=True)
+        r = await api.post("/v1/memory", json={"text": candidate, "domain": "chat",
+                                               "kind": "rule", "origin": runs[0],
+                                               "wait": True})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["state"] == "admitted", got
+        assert got["utility"]["total"] > 0 and got["utility"]["score"] > 0
+        assert got["tasks"] >= 1
+        item_id = got["item_id"]
+
+        # it is kept, signed by this peer, with its measured utility as its weight
+        item = (await api.get(f"/v1/memory/items/{item_id}")).json()
+        assert item["text"] == candidate and item["author"] == memory.node.peer_id
+        assert item["stats"]["admitted_utility"] == pytest.approx(got["utility"]["total"])
+        found = (await api.get("/v1/memory/search",
+                               params={"q": candidate, "k": 3})).json()
+        assert [f["id"] for f in found] == [item_id]
+
+        # the same text again is a near-duplicate: refused at once, no replay
+        again = (await api.post("/v1/memory", json={"text": candidate,
+                                                    "domain": "chat"})).json()
+        assert (again["state"], again["reason"]) == ("refused", "duplicate")
+
+        # the OpenAI option puts it before the prompt and says so
+        body = {"model": memory._face().model_id, "max_tokens": 4,
+                "messages": [{"role": "user", "content": candidate}],
+                "memory": {"k": 2, "domain": "chat"}}
+        r = await api.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        noted = r.json()["peerd"]["memory"]
+        assert [n["id"] for n in noted] == [item_id]
+        plain = await api.post("/v1/chat/completions", json={**body, "memory": False})
+        assert "memory" not in plain.json()["peerd"]
+        assert r.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"]
+
+        # stats and the log say what happened, refusals with their reason
+        stats = (await api.get("/v1/memory/stats")).json()
+        assert stats["items"] == 1 and stats["domains"]["chat"]["items"] == 1
+        assert stats["baseline"]["chat"]["runs"] == 2 * len(PROMPTS)
+        assert stats["decisions"] == {"admitted": 1, "refused:duplicate": 1}
+        log = (await api.get("/v1/memory/log")).json()
+        assert [row["action"] for row in log] == ["refused", "admitted"]
+
+        # deleted, it is gone
+        assert (await api.delete(f"/v1/memory/items/{item_id}")).status_code == 200
+        assert (await api.get(f"/v1/memory/items/{item_id}")).status_code == 404
+
+
+async def test_a_harmful_item_is_refused_with_its_utility(tmp_path: Path, tiny: Path) -> None:
+    async with peer(tmp_path, tiny) as (api, memory):
+        candidate, runs = await planted(memory, "chat", helps=False)
+        got = (await api.post("/v1/memory", json={"text": candidate, "domain": "chat",
+                                                  "origin": runs[0], "wait": True})).json()
+        assert (got["state"], got["reason"]) == ("refused", "no_gain")
+        assert got["utility"]["score"] < 0 and got["item_id"] is None
+        assert (await api.get("/v1/memory/stats")).json()["items"] == 0
+        refused = (await api.get("/v1/memory/log", params={"action": "refused"})).json()
+        assert refused[0]["utility"] == pytest.approx(got["utility"]["total"])
+        # a candidate with nothing to be judged on is refused, saying what to do
+        got = (await api.post("/v1/memory", json={"text": "Carry the one.",
+                                                  "domain": "arithmetic",
+                                                  "wait": True})).json()
+        assert (got["state"], got["reason"]) == ("refused", "no_tasks")
+
+
+async def test_export_import_and_learning(tmp_path: Path, tiny: Path) -> None:
+    async with peer(tmp_path, tiny) as (api, memory):
+        candidate, runs = await planted(memory, "chat", helps=True)
+        got = (await api.post("/v1/memory", json={"text": candidate, "domain": "chat",
+                                                  "origin": runs[0], "wait": True})).json()
+        assert got["state"] == "admitted"
+        exported = (await api.get("/v1/memory/export")).text
+        assert len(exported.splitlines()) == 1
+        await api.delete(f"/v1/memory/items/{got['item_id']}")
+
+        # another author's item goes through admission; a forged line is refused
+        kp = create_new_key_pair()
+        other = ID.from_pubkey(kp.public_key).to_base58()
+        _, signed = sign_item(kp.private_key, other, "Say it twice.", "chat", "rule")
+        foreign = json.dumps({"body": base64.b64encode(signed.body).decode(),
+                              "sig": base64.b64encode(signed.sig).decode()})
+        forged = json.dumps({"body": base64.b64encode(signed.body).decode(),
+                             "sig": base64.b64encode(b"x" * 64).decode()})
+        lines = "\n".join([exported.strip(), foreign, forged, "not json", ""])
+        summary = (await api.post("/v1/memory/import", content=lines.encode())).json()
+        assert (summary["restored"], summary["queued_for_admission"], summary["bad"]) == \
+            (1, 1, 2)
+        assert [b["line"] for b in summary["bad_lines"]] == [3, 4]
+        restored = (await api.get(f"/v1/memory/items/{got['item_id']}")).json()
+        assert restored["text"] == candidate
+        again = (await api.post("/v1/memory/import", content=exported.encode())).json()
+        assert again["already_here"] == 1
+
+        # learning: scored runs of `add`, each offering what it teaches for admission
+        r = await api.post("/v1/memory/learn", json={"task": "add", "n": 3,
+                                                     "max_tokens": 6})
+        assert r.status_code == 202, r.text
+        assert (await api.post("/v1/memory/learn", json={"task": "add"})).status_code == 409
+
+        async def finished() -> bool:
+            return bool((await api.get("/v1/memory/learn")).json()["state"] != "running")
+
+        with trio.fail_after(120):
+            while not await finished():
+                await trio.sleep(0.2)
+        job = (await api.get("/v1/memory/learn")).json()
+        assert job["state"] == "done", job
+        assert job["runs"] == 3 and job["domain"] == "arithmetic"
+        assert job["proposed"] == job["admitted"] + sum(job["refused"].values()) >= 1
+        stats = (await api.get("/v1/memory/stats")).json()
+        assert stats["baseline"]["arithmetic"]["runs"] >= 1  # the control runs
+        assert (await api.post("/v1/memory/consolidate")).status_code == 200
+
+
+BAD: list[tuple[str, str, Any, int, str | None]] = [
+    ("POST", "/v1/memory", "not json", 400, "body"),
+    ("POST", "/v1/memory", [1], 400, "body"),
+    ("POST", "/v1/memory", {}, 400, "text"),
+    ("POST", "/v1/memory", {"text": " "}, 400, "text"),
+    ("POST", "/v1/memory", {"text": "x" * 5000}, 400, "text"),
+    ("POST", "/v1/memory", {"text": "x", "domain": "Bad Domain"}, 400, "domain"),
+    ("POST", "/v1/memory", {"text": "x", "kind": "gossip"}, 400, "kind"),
+    ("POST", "/v1/memory", {"text": "x", "origin": "abc"}, 400, "origin"),
+    ("POST", "/v1/memory", {"text": "x", "wait": "yes"}, 400, "wait"),
+    ("GET", "/v1/memory/search", None, 400, "q"),
+    ("GET", "/v1/memory/search?q=x&k=99", None, 400, "k"),
+    ("GET", "/v1/memory/search?q=x&k=two", None, 400, "k"),
+    ("GET", "/v1/memory/search?q=x&domain=A%20B", None, 400, "domain"),
+    ("GET", "/v1/memory/items/nothex", None, 400, "id"),
+    ("GET", "/v1/memory/items/" + "0" * 64, None, 404, None),
+    ("DELETE", "/v1/memory/items/" + "0" * 64, None, 404, None),
+    ("GET", "/v1/memory/candidates/cand-0", None, 404, None),
+    ("GET", "/v1/memory/log?limit=0", None, 400, "limit"),
+    ("GET", "/v1/memory/learn", None, 404, None),
+    ("POST", "/v1/memory/learn", {"n": 0}, 400, "n"),
+    ("POST", "/v1/memory/learn", {"task": "nonsense"}, 400, "task"),
+    ("POST", "/v1/memory/learn", {"bogus": 1}, 400, "bogus"),
+    ("POST", "/v1/memory/learn", {"k": True}, 400, "k"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hi"}], "memory": {"k": 0}}, 400, "memory"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hi"}], "memory": "yes"}, 400, "memory"),
+    ("POST", "/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "hi"}], "memory": {"domain": "A B"}}, 400, "memory"),
+]
+
+
+async def test_bad_input_is_refused_in_words_and_the_peer_keeps_serving(
+        tmp_path: Path, tiny: Path) -> None:
+    async with peer(tmp_path, tiny) as (api, memory):
+        for method, path, body, status, param in BAD:
+            if isinstance(body, str):
+                r = await api.request(method, path, content=body.encode())
+            else:
+                r = await api.request(method, path, json=body)
+            assert r.status_code == status, (method, path, body, r.text)
+            error = r.json()["error"]
+            assert error["message"], (method, path)
+            assert error["param"] == param, (method, path, body, error)
+        bad_import = await api.post("/v1/memory/import", content=b"\xff\xfe")
+        assert bad_import.status_code == 400
+        big = await api.post("/v1/memory", content=b"{" + b"[" * 100 + b"}")
+        assert big.status_code == 400
+        assert (await api.get("/v1/memory/stats")).status_code == 200
+        await wait_for(lambda: memory.ready.is_set())

@@ -178,13 +178,11 @@ async def test_export_import_and_learning(tmp_path: Path, tiny: Path) -> None:
         assert r.status_code == 202, r.text
         assert (await api.post("/v1/memory/learn", json={"task": "add"})).status_code == 409
 
-        async def finished() -> bool:
-            return bool((await api.get("/v1/memory/learn")).json()["state"] != "running")
-
+        job = r.json()
         with trio.fail_after(120):
-            while not await finished():
+            while job["state"] == "running":
                 await trio.sleep(0.2)
-        job = (await api.get("/v1/memory/learn")).json()
+                job = (await api.get("/v1/memory/learn")).json()
         assert job["state"] == "done", job
         assert job["runs"] == 3 and job["domain"] == "arithmetic"
         assert job["proposed"] == job["admitted"] + sum(job["refused"].values()) >= 1

@@ -62,8 +62,9 @@ async def test_an_item_that_helps_there_too_is_admitted_by_the_receivers_replay(
         assert kept is not None
         assert kept.item.author == a.node.peer_id and kept.stats.source == a.node.peer_id
         # b measured it itself: its weight is its own replay's, not a's word
-        ours = [x for x in b.admissions.candidates.values()  # type: ignore[union-attr]
-                if x.source == a.node.peer_id][0]
+        assert b.admissions is not None
+        ours = next(x for x in b.admissions.candidates.values()
+                    if x.source == a.node.peer_id)
         assert ours.utility is not None
         assert kept.stats.admitted_utility == pytest.approx(ours.utility.total)
 

@@ -146,7 +146,7 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     # its store, and admits nothing)
     memory = Memory(node, model if model.options is not None else None, config.data_dir,
                     embedder=config.memory_embedder)
-    model.recall = memory  # the API's `memory` option draws on it
+    model.recall = symphony.recall = memory  # the API's `memory` option draws on it
     services: list[Service] = [ledger, model, symphony, weights, training, memory]
     if config.rollout:
         services.append(Rollouts(node, ledger, model, weights))

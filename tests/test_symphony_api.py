@@ -5,6 +5,7 @@ task service elects a fake-solver worker: the response shape, 202 while running,
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -126,3 +127,40 @@ async def test_a_task_nobody_can_work_on_is_503(tmp_path: Path) -> None:
                                                  "bid_window_s": 0.3})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "no_workers"
+
+
+async def test_a_task_with_memory_gives_the_workers_its_notes(tmp_path: Path) -> None:
+    from peerd.memory.controller import ControllerSettings, admission_stats
+    from peerd.memory.item import Record, sign_item
+    from peerd.memory.service import Memory
+
+    solver = FakeSolver()
+    async with swarm(2, tmp_path, connect="star") as (a, b), \
+            symphonies([a, b], [None, solver], skills=[[], ["arithmetic"]]) as (service, _):
+        memory = Memory(a, None, tmp_path / "mem", embedder="hashing",
+                        settings=ControllerSettings(min_similarity=1e-6))
+        await a.start(memory)
+        service.recall = memory
+        note = "What is asked: add the two numbers, give the sum alone."
+        item, signed = sign_item(a.key_pair.private_key, a.peer_id, note, "arithmetic",
+                                 "rule")
+        store = memory.live_store()
+        await store.put(Record(item, signed, admission_stats(0.5, time.time(), memory.settings)),
+                        (await store.embed([note]))[0])
+        await ready_to_elect(a, [b])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(a, TOKEN)),
+                                     base_url="http://peerd", headers=AUTH,
+                                     timeout=30.0) as client:
+            r = await client.post("/v1/tasks", json={
+                "question": "What is 40 + 2?", "workers": 1, "answer_format": "number",
+                "deadline_s": 10, "bid_window_s": 3,
+                "memory": {"k": 2, "domain": "arithmetic"}})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["answer"] == "42"
+            assert [n["id"] for n in body["memory"]] == [item.id]
+            (asked,) = solver.requests
+            assert note in asked.question and asked.question.endswith("What is 40 + 2?")
+            bad = await client.post("/v1/tasks", json={"question": "What is 1 + 1?",
+                                                       "memory": {"k": 99}})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "memory"

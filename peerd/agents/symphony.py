@@ -23,6 +23,7 @@ from peerd.agents.requester import Requester
 from peerd.agents.skills import LexicalMatcher, SkillMatcher
 from peerd.agents.solver import Solver
 from peerd.agents.worker import TaskWorker
+from peerd.api.recall import Recall
 from peerd.api.tasks import routes
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
@@ -50,6 +51,8 @@ class Symphony(Service):
                                  lambda: self.skills)
         self.requester = Requester(node, ledger.book, solver, self.worker)
         self.warm_up = warm_up  # load the skill matcher's model once our model is up
+        # the peer's memory, for a task's `memory` option (the daemon hands it over)
+        self.recall: Recall | None = None
 
     def set_skills(self, skills: Sequence[str]) -> LedgerEntry:
         """Change our advertised skills; the new entry goes out on gossip at once."""

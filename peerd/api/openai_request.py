@@ -113,10 +113,11 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return ApiRequest(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
                       stops, stream, include_usage, body.get("speculative"),
-                      _logprobs(body, chat=chat), _memory(body.get("memory")))
+                      _logprobs(body, chat=chat), parse_memory(body.get("memory")))
 
 
-def _memory(raw: Any) -> MemoryAsk | None:
+def parse_memory(raw: Any) -> MemoryAsk | None:
+    """A request's `memory` field; ApiError(400) naming it when malformed."""
     if raw is None or raw is False:
         return None
     if raw is True:

@@ -3,8 +3,10 @@
 
 POST takes {"question", "workers" (default 3), "requirement" (default: the question),
 "deadline_s" (each worker's, default 120), "answer_format" ("number" | "choice" |
-"text", default "text")} and optionally "max_tokens" (per chain, default 256) and
-"bid_window_s" (default 2). It returns when the vote is in:
+"text", default "text")} and optionally "max_tokens" (per chain, default 256),
+"bid_window_s" (default 2) and "memory" (true or {"k", "domain"}: the peer's memory's
+best notes go before the question the workers get; the response lists them under
+"memory"). It returns when the vote is in:
 
     {"id", "answer", "votes": [{"peer_id", "answer", "confidence", "weight", "cot"}],
      "elected": [peer ids], "fallbacks": [{"seat", "peer_id", "reason", "replacement"}],
@@ -18,6 +20,7 @@ on /events as `task.*` events. Errors use OpenAI's error shape.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -27,6 +30,10 @@ from starlette.routing import Route
 from peerd.agents.record import TaskSpec
 from peerd.agents.requester import NoWorkers
 from peerd.api.errors import ApiError, read_json
+from peerd.api.openai_request import parse_memory
+from peerd.api.recall import Note, Recall
+from peerd.inference.face import ModelUnavailable
+from peerd.memory.prompting import with_notes
 from protocols.beacon import ANSWER_FORMATS, MAX_BID_WINDOW_S, MAX_DEADLINE_S, MAX_WORKERS
 from protocols.task import MAX_QUESTION_CHARS, MAX_TASK_TOKENS
 
@@ -38,7 +45,7 @@ MAX_SKILLS_BODY_BYTES = 64 * 1024
 MAX_SKILLS = 64
 MAX_SKILL_CHARS = 200
 FIELDS = {"question", "workers", "requirement", "deadline_s", "answer_format", "max_tokens",
-          "bid_window_s"}
+          "bid_window_s", "memory"}
 
 
 def parse(body: Any) -> TaskSpec:
@@ -92,16 +99,41 @@ def _number(body: dict[str, Any], name: str, default: float, hi: float) -> float
     return float(v)
 
 
+async def with_memory(recall: Recall | None, body: Any, spec: TaskSpec
+                      ) -> tuple[TaskSpec, list[Note] | None]:
+    """The task with the memory's notes before its question (the workers see them; the
+    skills are still matched against the question alone), and the notes."""
+    ask = parse_memory(body.get("memory"))
+    if ask is None:
+        return spec, None
+    if recall is None:
+        raise ApiError(400, "this peer keeps no memory to draw on; drop 'memory'",
+                       param="memory")
+    try:
+        notes = await recall.notes(spec.question, ask.k, ask.domain)
+    except ModelUnavailable as exc:
+        raise ApiError(503, str(exc), "service_unavailable") from None
+    question = with_notes(spec.question, [n.text for n in notes])
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ApiError(400, f"the question with its notes is over {MAX_QUESTION_CHARS} "
+                       "characters: ask for fewer ('memory.k')", param="memory")
+    return replace(spec, question=question, requirement=spec.effective_requirement), notes
+
+
 def routes(symphony: Symphony) -> list[Route]:
     async def create(request: Request) -> Response:
         try:
-            spec = parse(await read_json(request, MAX_BODY_BYTES))
+            body = await read_json(request, MAX_BODY_BYTES)
+            spec, notes = await with_memory(symphony.recall, body, parse(body))
             record = await symphony.run_task(spec)
         except ApiError as exc:
             return exc.response()
         except NoWorkers as exc:
             return ApiError(503, str(exc), "service_unavailable", code="no_workers").response()
-        return JSONResponse(record.to_json())
+        out = record.to_json()
+        if notes is not None:
+            out["memory"] = [n.to_json() for n in notes]
+        return JSONResponse(out)
 
     async def show(request: Request) -> Response:
         task = await symphony.task(request.path_params["task_id"])

@@ -121,6 +121,23 @@ async def test_admission_retrieval_and_the_chat_option(tmp_path: Path, tiny: Pat
         assert stats["decisions"] == {"admitted": 1, "refused:duplicate": 1}
         log = (await api.get("/v1/memory/log")).json()
         assert [row["action"] for row in log] == ["refused", "admitted"]
+        assert log[1]["utility"] == pytest.approx(got["utility"]["total"])
+
+        # abstracted into an insight, which must prove itself by its own replay
+        r = await api.post(f"/v1/memory/items/{item_id}/abstract",
+                           json={"domain": "chat", "wait": True})
+        if r.status_code == 422:  # the random model wrote nothing usable: said in words
+            assert r.json()["error"]["code"] == "no_insight"
+        else:
+            insight = r.json()
+            assert r.status_code == 200, r.text
+            assert insight["kind"] == "insight" and insight["parent"] == item_id
+            assert insight["text"].startswith("Tip: ")
+            assert insight["state"] in ("admitted", "refused") and insight["tasks"] >= 1
+        r = await api.post(f"/v1/memory/items/{'0' * 64}/abstract", json={"domain": "chat"})
+        assert r.status_code == 404
+        r = await api.post(f"/v1/memory/items/{item_id}/abstract", json={"domain": "A B"})
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "domain")
 
         # deleted, it is gone
         assert (await api.delete(f"/v1/memory/items/{item_id}")).status_code == 200

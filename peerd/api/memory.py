@@ -7,6 +7,8 @@
 - `GET /v1/memory/search?q=&k=&domain=`: the items a task on `q` would be given, best
   first, with similarity, weight and score.
 - `GET|DELETE /v1/memory/items/{id}`: one item, or forget it.
+- `POST /v1/memory/items/{id}/abstract` {domain, wait?}: this peer's model rewrites the
+  item as a general insight, offered to `domain`, where its own replay decides it.
 - `GET /v1/memory/stats`: counts by domain, the decision counts, the baseline.
 - `GET /v1/memory/log?limit=&action=`: the decision log, newest first.
 - `POST /v1/memory/consolidate`: merge, prune and evict now; the decisions.
@@ -128,6 +130,29 @@ def routes(memory: Memory) -> list[BaseRoute]:
             raise ApiError(404, f"no item {item_id[:12]} here", code="not_found")
         return JSONResponse(record_json(rec))
 
+    async def abstract(request: Request) -> Response:
+        store_ready()
+        item_id = request.path_params["item_id"]
+        if not ITEM_ID.fullmatch(item_id):
+            raise ApiError(400, "an item id is 64 hex digits", param="id")
+        body = await _body(request)
+        domain = _domain(body.get("domain"))
+        wait = body.get("wait", False)
+        if not isinstance(wait, bool):
+            raise ApiError(400, "wait: true or false", param="wait")
+        try:
+            c = await memory.abstract(item_id, domain)
+        except KeyError:
+            raise ApiError(404, f"no item {item_id[:12]} here", code="not_found") from None
+        except ModelUnavailable as exc:
+            raise ApiError(503, str(exc), "service_unavailable") from None
+        except ValueError as exc:
+            raise ApiError(422, str(exc), code="no_insight") from None
+        if wait:
+            with trio.move_on_after(WAIT_S):
+                await c.done.wait()
+        return JSONResponse(c.to_json(), status_code=200 if c.done.is_set() else 202)
+
     async def stats(request: Request) -> Response:
         store_ready()
         return JSONResponse(await memory.stats())
@@ -185,6 +210,8 @@ def routes(memory: Memory) -> list[BaseRoute]:
             Route("/v1/memory/candidates/{cid}", answering(candidate), methods=["GET"]),
             Route("/v1/memory/search", answering(search), methods=["GET"]),
             Route("/v1/memory/items/{item_id}", answering(item), methods=["GET", "DELETE"]),
+            Route("/v1/memory/items/{item_id}/abstract", answering(abstract),
+                  methods=["POST"]),
             Route("/v1/memory/stats", answering(stats), methods=["GET"]),
             Route("/v1/memory/log", answering(decision_log), methods=["GET"]),
             Route("/v1/memory/consolidate", answering(consolidate), methods=["POST"]),

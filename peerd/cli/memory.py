@@ -136,6 +136,30 @@ def delete(data_dir: Path | None, api: str | None, token: str | None, as_json: b
 
 @memory.command()
 @client_options
+@click.argument("item_id")
+@click.option("--domain", required=True, help="Where the insight must prove itself.")
+@click.option("--no-wait", is_flag=True, help="Queue it and return at once.")
+def abstract(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+             item_id: str, domain: str, no_wait: bool) -> None:
+    """Rewrite ITEM_ID as a general insight and offer it to DOMAIN, where it is admitted
+    only by its own replay there."""
+    c = make_client(data_dir, api, token)
+    cand = c.request("POST", f"/v1/memory/items/{item_id}/abstract", {"domain": domain})
+    if not no_wait:
+        with console.status("replaying the insight on that domain's runs...",
+                            spinner="dots") if not as_json else _null():
+            while cand["state"] in ("queued", "judging"):
+                time.sleep(POLL_S)
+                cand = c.request("GET", f"/v1/memory/candidates/{cand['id']}")
+    def render(x: dict[str, Any]) -> None:
+        console.print(escape(x["text"]), highlight=False)
+        _candidate(x)
+
+    emit(cand, as_json, render)
+
+
+@memory.command()
+@client_options
 def stats(data_dir: Path | None, api: str | None, token: str | None, as_json: bool) -> None:
     """Items by domain, decisions so far, the no-memory baselines."""
     def render(s: dict[str, Any]) -> None:

@@ -44,8 +44,8 @@ KEPT_CANDIDATES = 1_000  # decided candidates remembered for GET (the log keeps 
 ADMISSION_TASKS = 4  # tasks a candidate is replayed on: the SCEC it came from + nearest
 MIN_TASK_SIMILARITY = 0.3  # a task further from the candidate says nothing about it
 
-Sign = Callable[[str, str, str, str], tuple[MemoryItem, SignedItem]]  # text, domain,
-# kind, origin -> a new item of ours
+Sign = Callable[[str, str, str, str, str], tuple[MemoryItem, SignedItem]]  # text, domain,
+# kind, origin, parent -> a new item of ours
 MemoryFor = Callable[[ScecMsg], Awaitable[Sequence[str]]]
 
 
@@ -57,6 +57,7 @@ class Candidate:
     kind: str
     origin: str  # SCEC hash or ""
     source: str  # "local" or the peer it came from
+    parent: str = ""  # the item an insight was abstracted from
     item: MemoryItem | None = None  # a peer's signed item; ours is signed on admission
     signed: SignedItem | None = None
     state: str = "queued"  # queued, judging, admitted, refused
@@ -73,6 +74,7 @@ class Candidate:
         return {"id": self.id, "state": self.state, "reason": self.reason,
                 "domain": self.domain, "kind": self.kind, "source": self.source,
                 "item_id": self.item_id or None, "origin": self.origin or None,
+                "parent": self.parent or None,
                 "utility": None if u is None else {
                     "total": u.total, "score": u.d_score, "latency_s": u.d_latency,
                     "prompt_tokens": u.d_tokens},
@@ -105,12 +107,13 @@ class Admissions:
         return self.candidates.get(candidate_id)
 
     async def submit(self, text: str, domain: str, kind: str, *, origin: str = "",
-                     source: str = "local", item: MemoryItem | None = None,
+                     parent: str = "", source: str = "local", item: MemoryItem | None = None,
                      signed: SignedItem | None = None) -> Candidate:
         """Queue a candidate, or refuse it at once (near-duplicate, full queue). A peer's
         item comes with `item` and `signed`, already verified."""
         c = Candidate(id="cand-" + secrets.token_hex(8), text=text, domain=domain, kind=kind,
-                      origin=origin, source=source, item=item, signed=signed,
+                      origin=origin, parent=parent, source=source, item=item,
+                      signed=signed,
                       item_id=item.id if item is not None else "")
         self.candidates[c.id] = c
         while len(self.candidates) > KEPT_CANDIDATES:
@@ -169,7 +172,8 @@ class Admissions:
             return
         if c.item is None or c.signed is None:
             try:
-                c.item, c.signed = self.sign(c.text, c.domain, c.kind, c.origin)
+                c.item, c.signed = self.sign(c.text, c.domain, c.kind, c.origin,
+                                             c.parent)
             except WireError as exc:
                 await self._refuse(c, "invalid", str(exc))
                 return

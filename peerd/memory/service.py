@@ -53,6 +53,7 @@ from peerd.memory.controller import (
     rank,
 )
 from peerd.memory.diffusion import Diffusion
+from peerd.memory.distill import abstraction_prompt, parse_insight
 from peerd.memory.item import MemoryItem, sign_item
 from peerd.memory.learning import LearnJob, LearnSpec, SpecError, domain_of, learn
 from peerd.memory.replay import GREEDY, Outcome, record
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 FEATURE_MEMORY = "memory"
 CONSOLIDATE_EVERY_S = 600.0
 BASELINE_FILE = "baseline.json"
+ABSTRACT_TOKENS = 64  # an insight is one short line
 SEARCH_WIDTH = 4  # index hits fetched per item retrieved: ranking reorders by weight
 
 
@@ -209,6 +211,22 @@ class Memory(Service):
                   origin=origin)  # checks every field now, before it waits in the queue
         return await self.desk().submit(text, domain, kind, origin=origin)
 
+    async def abstract(self, item_id: str, domain: str) -> Candidate:
+        """Ask this peer's model to rewrite a proven item as a general insight, and offer
+        the insight to `domain` (another, or its own), where it is admitted only by its
+        own replay on that domain's runs. KeyError for an unknown item, ValueError when
+        the model writes nothing usable, ModelUnavailable without a model."""
+        record = await self.live_store().get(item_id)
+        if record is None:
+            raise KeyError(item_id)
+        prompt = abstraction_prompt(record.item.text, record.item.domain)
+        completion = await self._face().chat([{"role": "user", "content": prompt}],
+                                             SamplingParams(max_tokens=ABSTRACT_TOKENS))
+        insight = parse_insight(completion.text)
+        if insight is None:
+            raise ValueError(f"the model wrote no usable insight ({completion.text[:80]!r})")
+        return await self.desk().submit(insight, domain, "insight", parent=item_id)
+
     async def learn(self, spec: LearnSpec) -> LearnJob:
         """Start a learning job (learning.py) in the background; RuntimeError while one
         runs, ModelUnavailable without a model, ValueError for a task that does not
@@ -282,17 +300,18 @@ class Memory(Service):
             raise ModelUnavailable("none", "this peer serves no model (peerd start --model)")
         return self.model.face()
 
-    def _sign(self, text: str, domain: str, kind: str, origin: str
+    def _sign(self, text: str, domain: str, kind: str, origin: str, parent: str
               ) -> tuple[MemoryItem, SignedItem]:
         return sign_item(self.node.key_pair.private_key, self.node.peer_id, text, domain,
-                         kind, origin=origin)
+                         kind, origin=origin, parent=parent)
 
     async def _memory_for(self, scec: ScecMsg) -> list[str]:
         return [r.record.item.text for r in await self.recall(scec.prompt, None, scec.domain)]
 
     async def _heard(self, item: MemoryItem, signed: SignedItem, source: str) -> None:
-        await self.desk().submit(item.text, item.domain, item.kind, origin="",
-                                  source=source, item=item, signed=signed)
+        await self.desk().submit(item.text, item.domain, item.kind, origin=item.origin,
+                                 parent=item.parent, source=source, item=item,
+                                 signed=signed)
 
     async def _decided(self, c: Candidate) -> None:
         self.decisions.labels(c.state, c.reason).inc()

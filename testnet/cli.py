@@ -128,8 +128,9 @@ def main() -> None:
 @click.option(
     "--rollout",
     is_flag=True,
-    help="With --model: every peer samples RL rollouts for a trainer (peerd start --rollout), "
-    "holding the whole model (one stage).",
+    help="With --model: every peer samples RL rollouts for a trainer (peerd start --rollout): "
+    "each holding the whole model (one stage, the default then), or with --stages S as "
+    "pipeline samplers.",
 )
 @click.option(
     "--peer-arg",

@@ -125,7 +125,9 @@ def up(
 
     `peer_args` are appended to every peer's `peerd start` command line (any flag of
     `peerd start`), so a new flag can be tried on a local swarm. With `--rollout` among
-    them every peer is an RL sampler, holding the whole model: `stages` must be 1.
+    them every peer takes part in RL sampling: with one stage (the default then) each is
+    a sampler holding the whole model; with more, pipeline samplers (the peers holding
+    layer 0 sample through the others).
     """
     if model is None and (stages is not None or torch_threads is not None or dtype != "auto"):
         raise TestnetError("--stages, --torch-threads and --dtype only apply with --model SPEC")
@@ -273,12 +275,11 @@ def _spawn_peer(
         argv += ["--heartbeat-s", str(heartbeat_s)]
     if plan is not None and rec.layers is not None:
         start, end = rec.layers
-        # a rollout sampler takes the whole model without being told (it refuses --layers)
-        layers = [] if "--rollout" in peer_args else ["--layers", f"{start}:{end}"]
         argv += [
             "--model",
             plan.spec,
-            *layers,
+            "--layers",
+            f"{start}:{end}",
             "--torch-threads",
             str(plan.torch_threads),
             "--dtype",

@@ -64,14 +64,12 @@ def default_torch_threads(peers: int, cores: int | None = None) -> int:
 
 
 def rollout_stages(model: str | None, stages: int | None) -> int:
-    """The stages of a testnet whose peers sample RL rollouts (`up --rollout`): one, since
-    a sampler holds the whole model (`peerd start --rollout` refuses --layers)."""
+    """The stages of a testnet whose peers sample RL rollouts (`up --rollout`): one by
+    default (every peer a sampler holding the whole model); with --stages S, pipeline
+    samplers: the peers holding layer 0 sample through --rollout shard peers."""
     if model is None:
         raise TestnetError("--rollout needs --model SPEC: a sampler generates with its model")
-    if stages not in (None, 1):
-        raise TestnetError(f"--rollout: a sampler holds the whole model, so every peer "
-                           f"serves all of it; drop --stages {stages}")
-    return 1
+    return 1 if stages is None else stages
 
 
 def plan_model(

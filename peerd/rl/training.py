@@ -139,11 +139,12 @@ class Training(Service):
         return run
 
     async def _go(self, run: Run) -> None:
-        from peerd.rl.session import run_training  # torch: only when a run starts
-
         try:
-            await run_training(self.node, self.ledger, self.weights, run,
-                               torch_threads=self.torch_threads)
+            # torch and transformers load only when a run starts, in a worker thread: a
+            # first import takes seconds, which the event loop (and the API) must not
+            session = await trio.to_thread.run_sync(_session_module)
+            await session.run_training(self.node, self.ledger, self.weights, run,
+                                       torch_threads=self.torch_threads)
             run.state = "done" if run.trainer is None or run.trainer.progress.state == "done" \
                 else run.trainer.progress.state
         except trio.Cancelled:
@@ -165,6 +166,12 @@ class Training(Service):
         return {"rl": {"runs": {rid: {"state": r.to_json()["state"],
                                       "step": r.to_json()["step"]}
                                 for rid, r in self.runs.items()}}}
+
+
+def _session_module() -> Any:
+    from peerd.rl import session
+
+    return session
 
 
 def _prepare_dir(run_dir: Path, spec: RunSpec) -> None:

@@ -9,10 +9,11 @@ import json
 import math
 import operator
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 MAX_BODY_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects; the deepest body we take needs 4
@@ -38,6 +39,22 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def answering(endpoint: Endpoint) -> Endpoint:
+    """The endpoint, its ApiError answered in OpenAI's shape (Starlette would make it
+    a 500)."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as exc:
+            return exc.response()
+
+    return answer
 
 
 async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:

@@ -24,7 +24,6 @@ Errors are in OpenAI's shape, naming the bad field.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -32,20 +31,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from peerd.api.errors import ApiError, read_json
+from peerd.api.errors import ApiError, answering, read_json
 from peerd.inference.face import ModelUnavailable
 from peerd.memory.item import Record
 from protocols.errors import WireError
 from protocols.memory import DOMAIN, ITEM_ID, KINDS, SCEC_HASH
 
 if TYPE_CHECKING:
+    from peerd.memory.admissions import Candidate
     from peerd.memory.service import Memory
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_IMPORT_BYTES = 64 * 2**20
 MAX_K = 32
 WAIT_S = 600.0
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def record_json(rec: Record, **extra: Any) -> dict[str, Any]:
@@ -79,17 +78,12 @@ def routes(memory: Memory) -> list[BaseRoute]:
         if not isinstance(origin, str) or (origin and not SCEC_HASH.fullmatch(origin)):
             raise ApiError(400, "origin: the hash of a recorded run (64 hex digits)",
                            param="origin")
-        wait = body.get("wait", False)
-        if not isinstance(wait, bool):
-            raise ApiError(400, "wait: true or false", param="wait")
+        wait = _wait(body)
         try:
             c = await memory.propose(text, domain, kind, origin=origin)
         except WireError as exc:
             raise ApiError(400, str(exc), param="text") from None
-        if wait:
-            with trio.move_on_after(WAIT_S):
-                await c.done.wait()
-        return JSONResponse(c.to_json(), status_code=200 if c.done.is_set() else 202)
+        return await _answer(c, wait)
 
     async def candidate(request: Request) -> Response:
         store_ready()
@@ -137,9 +131,7 @@ def routes(memory: Memory) -> list[BaseRoute]:
             raise ApiError(400, "an item id is 64 hex digits", param="id")
         body = await _body(request)
         domain = _domain(body.get("domain"))
-        wait = body.get("wait", False)
-        if not isinstance(wait, bool):
-            raise ApiError(400, "wait: true or false", param="wait")
+        wait = _wait(body)
         try:
             c = await memory.abstract(item_id, domain)
         except KeyError:
@@ -148,10 +140,7 @@ def routes(memory: Memory) -> list[BaseRoute]:
             raise ApiError(503, str(exc), "service_unavailable") from None
         except ValueError as exc:
             raise ApiError(422, str(exc), code="no_insight") from None
-        if wait:
-            with trio.move_on_after(WAIT_S):
-                await c.done.wait()
-        return JSONResponse(c.to_json(), status_code=200 if c.done.is_set() else 202)
+        return await _answer(c, wait)
 
     async def stats(request: Request) -> Response:
         store_ready()
@@ -220,14 +209,19 @@ def routes(memory: Memory) -> list[BaseRoute]:
             Route("/v1/memory/import", answering(import_), methods=["POST"])]
 
 
-def answering(endpoint: Endpoint) -> Endpoint:
-    async def answer(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except ApiError as exc:
-            return exc.response()
+def _wait(body: dict[str, Any]) -> bool:
+    wait = body.get("wait", False)
+    if not isinstance(wait, bool):
+        raise ApiError(400, "wait: true or false", param="wait")
+    return wait
 
-    return answer
+
+async def _answer(c: Candidate, wait: bool) -> Response:
+    """A candidate: 200 once decided (waiting for it with `wait`), else 202 queued."""
+    if wait:
+        with trio.move_on_after(WAIT_S):
+            await c.done.wait()
+    return JSONResponse(c.to_json(), status_code=200 if c.done.is_set() else 202)
 
 
 async def _body(request: Request) -> dict[str, Any]:

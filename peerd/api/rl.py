@@ -19,7 +19,6 @@ is not a JSON object of settings):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -27,14 +26,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from peerd.api.errors import ApiError, read_json
+from peerd.api.errors import ApiError, answering, read_json
 from peerd.rl.run import RunSpec, SpecError
 
 if TYPE_CHECKING:
     from peerd.rl.training import Run, Training
 
 MAX_BODY_BYTES = 64 * 1024
-Endpoint = Callable[[Request], Awaitable[Response]]
 # No setting needs more; a larger int (JSON allows any) cannot become a float, and
 # the range checks compare as floats.
 MAX_ABS_INT = 2**63
@@ -85,19 +83,6 @@ def routes(training: Training) -> list[BaseRoute]:
             Route("/v1/rl/runs", answering(listing), methods=["GET"]),
             Route("/v1/rl/runs/{run_id}", answering(one), methods=["GET"]),
             Route("/v1/rl/runs/{run_id}/stop", answering(stop), methods=["POST"])]
-
-
-def answering(endpoint: Endpoint) -> Endpoint:
-    """The endpoint, its ApiError answered in OpenAI's shape (Starlette would make it
-    a 500)."""
-
-    async def answer(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except ApiError as exc:
-            return exc.response()
-
-    return answer
 
 
 async def parse_spec(body: Any) -> RunSpec:

@@ -30,6 +30,8 @@ import hnswlib
 import numpy as np
 import numpy.typing as npt
 
+from peerd.durable import fsync, replace_text
+
 Vectors = npt.NDArray[np.float32]
 
 META_VERSION = 1
@@ -137,17 +139,13 @@ class VectorIndex:
         file is never trusted half-written. Returns the meta as written."""
         tmp = path.with_name(path.name + ".tmp")
         self._index.save_index(str(tmp))
-        _fsync(tmp)
+        fsync(tmp)
         digest = _sha256(tmp)
         os.replace(tmp, path)
         written = IndexMeta(dim=self.dim, embedder=meta.embedder, count=len(self._live),
                             generation=meta.generation, sha256=digest)
         meta_path = meta_path_of(path)
-        tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-        tmp_meta.write_text(json.dumps(asdict(written)))
-        _fsync(tmp_meta)
-        os.replace(tmp_meta, meta_path)
-        _fsync_dir(path.parent)
+        replace_text(meta_path, json.dumps(asdict(written)))
         return written
 
     @classmethod
@@ -213,15 +211,3 @@ def _sha256(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def _fsync(path: Path) -> None:
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -33,6 +32,7 @@ from prometheus_client import Counter, Gauge
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
 from peerd.api.recall import Note
+from peerd.durable import replace_text
 from peerd.embedding import Embedder, make_embedder
 from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.inference.options import SamplingParams
@@ -347,11 +347,8 @@ class Memory(Service):
             return Baseline()
 
     def _save_baseline(self) -> None:
-        path = self.dir / BASELINE_FILE
-        tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(self.baseline.snapshot()))
-            os.replace(tmp, path)
+            replace_text(self.dir / BASELINE_FILE, json.dumps(self.baseline.snapshot()))
         except OSError as exc:
             log.error("memory: could not save the no-memory baseline: %s", exc)
 

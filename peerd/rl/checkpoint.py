@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from peerd.durable import fsync, fsync_dir
 from peerd.rl.learner import Learner
 
 FORMAT = 1
@@ -62,7 +63,7 @@ def save(run_dir: Path | str, step: int, version: int, learner: Learner,
         _write_weights(tmp / WEIGHTS, tensors, learner.update)
         _write_trainer(tmp / TRAINER, learner)
         _write_state(tmp / STATE, body)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again: the new one wins
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
@@ -70,7 +71,7 @@ def save(run_dir: Path | str, step: int, version: int, learner: Learner,
             _remove(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as exc:
         _remove(tmp)
         raise CheckpointError(_why(final, exc)) from exc
@@ -127,7 +128,7 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor], update: str) ->
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata={"update": update})
-    _fsync(path)
+    fsync(path)
 
 
 def _write_trainer(path: Path, learner: Learner) -> None:
@@ -145,22 +146,6 @@ def _write_state(path: Path, body: str) -> None:
         f.flush()
         os.fsync(f.fileno())
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # makes the renames durable; some filesystems refuse to fsync a directory: harmless
-    try:
-        _fsync(path)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
-            raise
 
 
 def _complete(root: Path) -> list[Path]:

@@ -16,6 +16,10 @@ and writes bench/results/memory_<section>.json. Not a test: no thresholds.
   its parent and the domain of its parent. Queries: real texts held out of the store.
   MiniLM runs at a few dozen texts a second on 2 busy cores, so only --real texts are
   embedded (cached in the temp dir between runs).
+- accuracy: held-out questions answered by SmolLM2-135M with no memory, an
+  add-everything memory and SEDM (bench_memory_accuracy.py).
+- growth: a long stream of candidate writes into a capped store: its size, admissions
+  and refusals, decision times, and accuracy along the way (bench_memory_growth.py).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_memory_accuracy import add_accuracy, run_accuracy  # noqa: E402
+from bench_memory_growth import add_growth, run_growth  # noqa: E402
 from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 
@@ -267,10 +273,14 @@ def add_retrieval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--seed", type=int, default=26)
 
 
-# Each section: (add its subcommand, run it). Others (accuracy, growth, transfer) join here.
+# Each section: (add its subcommand, run it). Others (transfer) join here. accuracy and
+# growth live in bench_memory_accuracy.py and bench_memory_growth.py (their in-process
+# peer and held-out evaluation in bench_memory_peer.py).
 SECTIONS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace],
                                                            dict[str, Any]]]] = {
     "retrieval": (add_retrieval, run_retrieval),
+    "accuracy": (add_accuracy, run_accuracy),
+    "growth": (add_growth, run_growth),
 }
 
 
@@ -281,6 +291,7 @@ def main() -> None:
         add(sub)
     args = parser.parse_args()
     result = SECTIONS[args.section][1](args)
+    result.setdefault("machine", machine())
     write_result(args.section, result)
 
 

@@ -209,3 +209,31 @@ async def test_a_worked_example_on_smollm2_is_judged_by_its_outcomes(tmp_path: P
     assert [t.without.output for t in verdict.tasks] == [s.output for s in tasks]
     consistent(verdict, weights, min_gain)
     print(f"utility {verdict.utility}: {'admitted' if verdict.admitted else 'refused'}")
+
+
+async def test_the_a_arm_runs_once_per_memory_and_again_when_its_entry_is_old(
+        tmp_path: Path, tiny: Path) -> None:
+    from peerd.memory.admission import BaselineCache
+
+    now = [0.0]
+    cache = BaselineCache(ttl_s=60.0, clock=lambda: now[0])
+    async with served(tmp_path, str(tiny)) as face:
+        tasks = [(await record(face, Task(p, "none", "exact", "chat"), [], PARAMS))[1]
+                 for p in PROMPTS[:2]]
+        first = await judge(face, CANDIDATES[0], tasks, no_memory, cache=cache)
+        assert cache.hits == 0
+        second = await judge(face, CANDIDATES[1], tasks, no_memory, cache=cache)
+        assert cache.hits == 2  # both tasks' A arms came from the cache
+        assert [t.without for t in second.tasks] == [t.without for t in first.tasks]
+        fresh = await judge(face, CANDIDATES[1], tasks, no_memory)
+        assert [t.without.output for t in fresh.tasks] == \
+            [t.without.output for t in second.tasks]
+
+        async def other_memory(scec: ScecMsg) -> Sequence[str]:
+            return ["Be brief."]
+
+        await judge(face, CANDIDATES[1], tasks, other_memory, cache=cache)
+        assert cache.hits == 2  # another memory: another A arm
+        now[0] = 61.0
+        await judge(face, CANDIDATES[2], tasks, no_memory, cache=cache)
+        assert cache.hits == 2  # too old: run again

@@ -15,6 +15,8 @@ the judge compares memories, not reproductions (replay.py reproduces).
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from statistics import fmean
@@ -93,15 +95,42 @@ def admit(gain: Utility, min_gain: float = 0.0) -> bool:
     return gain.total > min_gain
 
 
+class BaselineCache:
+    """The A arm's outcomes, by (model, task, the memory given): candidates judged on the
+    same runs against the same memory replay the same greedy A arm, so it runs once. An
+    entry lives `ttl_s` at most, since a peer following an RL run changes its weights
+    under the same model id; a cached outcome keeps the latency measured when it ran."""
+
+    def __init__(self, size: int = 4096, ttl_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.size, self.ttl_s, self.clock = size, ttl_s, clock
+        self._entries: OrderedDict[tuple[str, str, tuple[str, ...]],
+                                   tuple[float, Outcome]] = OrderedDict()
+        self.hits = 0
+
+    def get(self, key: tuple[str, str, tuple[str, ...]]) -> Outcome | None:
+        found = self._entries.get(key)
+        if found is None or self.clock() - found[0] > self.ttl_s:
+            return None
+        self.hits += 1
+        return found[1]
+
+    def put(self, key: tuple[str, str, tuple[str, ...]], outcome: Outcome) -> None:
+        self._entries[key] = (self.clock(), outcome)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
 async def judge(model: LanguageModel, candidate: str, tasks: Sequence[ScecMsg],
                 memory_for: MemoryFor, weights: Weights = Weights(),
-                min_gain: float = 0.0) -> Verdict:
+                min_gain: float = 0.0, cache: BaselineCache | None = None) -> Verdict:
     """Replay each task greedily without (A) and with (B) the candidate text and rule on
     it. The arms of a task share sampling and seed; which runs first alternates from
-    task to task, so warm-up and drift fall on both arms alike. ValueError when there
-    are no tasks (or a task names an unknown scorer); the face's Refused and
-    SwarmUnavailable as they come (a prompt the candidate makes too long is refused:
-    no verdict, the caller logs why)."""
+    task to task, so warm-up and drift fall on both arms alike (an A arm found in
+    `cache` is not run again). ValueError when there are no tasks (or a task names an
+    unknown scorer); the face's Refused and SwarmUnavailable as they come (a prompt the
+    candidate makes too long is refused: no verdict, the caller logs why)."""
     if not tasks:
         raise ValueError("admission needs at least one task to replay")
     judged: list[TaskOutcomes] = []
@@ -109,8 +138,16 @@ async def judge(model: LanguageModel, candidate: str, tasks: Sequence[ScecMsg],
         given = list(await memory_for(scec))
         arms = {"A": given, "B": [candidate, *(text for text in given if text != candidate)]}
         task, params = task_of(scec), params_of(scec, greedy=True)
-        outcomes = {arm: await run_task(model, task, arms[arm], params)
-                    for arm in (("A", "B") if i % 2 == 0 else ("B", "A"))}
+        key = (model.model_id, scec_hash(scec), tuple(given))
+        outcomes: dict[str, Outcome] = {}
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            outcomes["A"] = cached
+        for arm in (("A", "B") if i % 2 == 0 else ("B", "A")):
+            if arm not in outcomes:
+                outcomes[arm] = await run_task(model, task, arms[arm], params)
+        if cache is not None and cached is None:
+            cache.put(key, outcomes["A"])
         judged.append(TaskOutcomes(scec_hash(scec), without=outcomes["A"],
                                    with_=outcomes["B"]))
     gain = utility([t.without for t in judged], [t.with_ for t in judged], weights)

@@ -28,7 +28,7 @@ import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
 from peerd.inference.face import LanguageModel, ModelUnavailable, Refused, SwarmUnavailable
-from peerd.memory.admission import Utility, Weights, judge
+from peerd.memory.admission import BaselineCache, Utility, Weights, judge
 from peerd.memory.controller import ControllerSettings, admission_stats, precheck
 from peerd.memory.item import MemoryItem, Record
 from peerd.memory.scec import decode_scec
@@ -97,6 +97,7 @@ class Admissions:
         self.weights = weights
         self.min_gain = min_gain
         self.tasks = tasks  # replayed per candidate
+        self.baselines = BaselineCache()  # A arms already replayed
         self.task_similarity = task_similarity
         self.on_decided = on_decided  # events, metrics, diffusion (announce, author record)
         self.candidates: OrderedDict[str, Candidate] = OrderedDict()
@@ -161,7 +162,7 @@ class Admissions:
             return
         try:
             verdict = await judge(face, c.text, tasks, self.memory_for, self.weights,
-                                  self.min_gain)
+                                  self.min_gain, self.baselines)
         except (Refused, SwarmUnavailable, ValueError) as exc:
             await self._refuse(c, "replay_failed", str(exc))
             return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from libp2p.peer.id import ID
 
 from peerd.api.app import create_app
 from peerd.inference.slot import ModelOptions, ModelSlot
-from peerd.memory.controller import ControllerSettings
-from peerd.memory.item import sign_item
+from peerd.memory.controller import ControllerSettings, admission_stats
+from peerd.memory.item import Record, sign_item
 from peerd.memory.scec import Task, scec_hash
 from peerd.memory.service import Memory
 from tests.harness import gossip, swarm, wait_for
@@ -259,3 +260,26 @@ async def test_bad_input_is_refused_in_words_and_the_peer_keeps_serving(
         assert big.status_code == 400
         assert (await api.get("/v1/memory/stats")).status_code == 200
         await wait_for(lambda: memory.ready.is_set())
+
+
+async def test_the_store_stays_under_its_cap_after_every_admission(tmp_path: Path,
+                                                                   tiny: Path) -> None:
+    async with peer(tmp_path, tiny) as (api, memory):
+        memory.settings = ControllerSettings(min_similarity=1e-6, size_cap=2)
+        store = memory.live_store()
+        for text, utility in (("Be brief.", 0.9), ("Answer in one word.", 0.05)):
+            item, signed = sign_item(memory.node.key_pair.private_key, memory.node.peer_id,
+                                     text, "chat", "rule")
+            await store.put(Record(item, signed, admission_stats(utility, time.time(),
+                                                                 memory.settings)),
+                            (await store.embed([text]))[0])
+        candidate, runs = await planted(memory, "chat", helps=True)
+        c = await memory.propose(candidate, "chat", "rule", origin=runs[0])
+        await c.done.wait()
+        assert c.state == "admitted", c.to_json()
+        assert await store.count() == 2  # the least useful went, at once
+        log = (await api.get("/v1/memory/log", params={"action": "evicted"})).json()
+        assert len(log) == 1 and log[0]["cap"] == 2
+        assert await store.get(log[0]["item_id"]) is None
+        assert sorted(r.item.text for r in await store.records()) == sorted(
+            ["Be brief.", candidate])

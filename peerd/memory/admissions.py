@@ -219,5 +219,7 @@ class Admissions:
                              {"reason": c.reason, "message": message, "domain": c.domain,
                               "kind": c.kind, "source": c.source, "tasks": c.tasks,
                               "text": c.text[:200]})
-        c.done.set()
-        await self.on_decided(c)
+        try:  # done: the decision and all that follows from it (eviction, announcing)
+            await self.on_decided(c)
+        finally:
+            c.done.set()

@@ -31,10 +31,13 @@ class Applied:
                 **self.detail}
 
 
-async def run(store: MemoryStore, now: float, settings: ControllerSettings) -> list[Applied]:
+async def run(store: MemoryStore, now: float, settings: ControllerSettings, *,
+              merges: bool = True) -> list[Applied]:
+    """Plan and apply; without `merges`, only prune and evict (no neighbour searches:
+    what an admission that took the store over its cap needs at once)."""
     records = await store.records()
     neighbours: dict[str, list[tuple[str, float]]] = {}
-    for rec in records:
+    for rec in records if merges else ():
         vector = await store.embedding(rec.item.id)
         if vector is None:
             continue

@@ -280,8 +280,11 @@ class Memory(Service):
                              for dom, (m, n) in self.baseline.snapshot().items()},
                 "settings": asdict(self.settings)}
 
-    async def consolidate(self) -> list[consolidation.Applied]:
-        applied = await consolidation.run(self.live_store(), time.time(), self.settings)
+    async def consolidate(self, *, merges: bool = True) -> list[consolidation.Applied]:
+        """Merge near-duplicates, prune what faded, evict over the cap; without `merges`,
+        only the last two."""
+        applied = await consolidation.run(self.live_store(), time.time(), self.settings,
+                                          merges=merges)
         for done in applied:
             self.decisions.labels(done.action, done.action).inc()
             self.node.events.publish(f"memory.{done.action}", **done.to_json())
@@ -321,7 +324,10 @@ class Memory(Service):
                 and c.reason not in ("known", "queue_full", "no_model", "no_tasks", "error"):
             self.diffusion.report(c.item.author, c.state == "admitted")
         if c.state == "admitted":
-            self.items.set(await self.live_store().count())
+            count = await self.live_store().count()
+            self.items.set(count)
+            if count > self.settings.size_cap:  # the cap holds after every admission
+                await self.consolidate(merges=False)
             if self.diffusion is not None:
                 stored = await self.live_store().get(c.item_id)
                 if stored is not None:

@@ -206,6 +206,15 @@ async def test_export_import_and_learning(tmp_path: Path, tiny: Path) -> None:
         assert job["proposed"] == job["admitted"] + sum(job["refused"].values()) >= 1
         stats = (await api.get("/v1/memory/stats")).json()
         assert stats["baseline"]["arithmetic"]["runs"] >= 1  # the control runs
+        # a job stops after the run in hand, keeping what it learnt
+        job = (await api.post("/v1/memory/learn", json={"task": "add", "n": 500,
+                                                        "seed": 1, "max_tokens": 6})).json()
+        assert (await api.post("/v1/memory/learn/stop")).status_code == 202
+        with trio.fail_after(120):
+            while job["state"] == "running":
+                await trio.sleep(0.2)
+                job = (await api.get("/v1/memory/learn")).json()
+        assert job["state"] == "stopped" and job["runs"] < 500
         assert (await api.post("/v1/memory/consolidate")).status_code == 200
 
 
@@ -229,6 +238,7 @@ BAD: list[tuple[str, str, Any, int, str | None]] = [
     ("GET", "/v1/memory/candidates/cand-0", None, 404, None),
     ("GET", "/v1/memory/log?limit=0", None, 400, "limit"),
     ("GET", "/v1/memory/learn", None, 404, None),
+    ("POST", "/v1/memory/learn/stop", None, 409, None),
     ("POST", "/v1/memory/learn", {"n": 0}, 400, "n"),
     ("POST", "/v1/memory/learn", {"task": "nonsense"}, 400, "task"),
     ("POST", "/v1/memory/learn", {"bogus": 1}, 400, "bogus"),

@@ -14,7 +14,8 @@
 - `POST /v1/memory/consolidate`: merge, prune and evict now; the decisions.
 - `POST /v1/memory/learn` {task, n, seed?, k?}: run n scored tasks with the memory,
   record them and propose what they teach; 202, progress on /events (`memory.learn`);
-  `GET /v1/memory/learn` the job.
+  `GET /v1/memory/learn` the job; `POST /v1/memory/learn/stop` stops it after the run
+  in hand.
 - `GET /v1/memory/export`: every item as JSONL (signed body, signature, statistics);
   `POST /v1/memory/import` the same JSONL: items signed by this peer come back as they
   were; any other goes through admission, like a peer's.
@@ -177,6 +178,14 @@ def routes(memory: Memory) -> list[BaseRoute]:
             raise ApiError(409, str(exc), code="busy") from None
         return JSONResponse(job.to_json(), status_code=202)
 
+    async def stop_learning(request: Request) -> Response:
+        store_ready()
+        job = memory.learning
+        if job is None or job.state != "running":
+            raise ApiError(409, "no learning job is running here", code="not_running")
+        job.stopping = True
+        return JSONResponse(job.to_json(), status_code=202)
+
     async def export(request: Request) -> Response:
         store_ready()
         lines = await export_lines(memory.live_store())
@@ -205,6 +214,7 @@ def routes(memory: Memory) -> list[BaseRoute]:
             Route("/v1/memory/log", answering(decision_log), methods=["GET"]),
             Route("/v1/memory/consolidate", answering(consolidate), methods=["POST"]),
             Route("/v1/memory/learn", answering(learn), methods=["GET", "POST"]),
+            Route("/v1/memory/learn/stop", answering(stop_learning), methods=["POST"]),
             Route("/v1/memory/export", answering(export), methods=["GET"]),
             Route("/v1/memory/import", answering(import_), methods=["POST"])]
 

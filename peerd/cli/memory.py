@@ -230,19 +230,26 @@ def learn(data_dir: Path | None, api: str | None, token: str | None, as_json: bo
         body["k"] = k
     c = make_client(data_dir, api, token)
     job = c.request("POST", "/v1/memory/learn", body)
-    if not as_json:
-        with Live(_job_line(job), console=console, refresh_per_second=4,
-                  transient=True) as live:
-            while job["state"] == "running":
-                time.sleep(POLL_S)
-                job = c.request("GET", "/v1/memory/learn")
-                live.update(_job_line(job))
-    while job["state"] == "running":
-        time.sleep(POLL_S)
-        job = c.request("GET", "/v1/memory/learn")
+    try:
+        if not as_json:
+            with Live(_job_line(job), console=console, refresh_per_second=4,
+                      transient=True) as live:
+                while job["state"] == "running":
+                    time.sleep(POLL_S)
+                    job = c.request("GET", "/v1/memory/learn")
+                    live.update(_job_line(job))
+        while job["state"] == "running":
+            time.sleep(POLL_S)
+            job = c.request("GET", "/v1/memory/learn")
+    except KeyboardInterrupt:  # stop the job too: what it learnt so far stays
+        console.print("stopping after the run in hand...")
+        c.request("POST", "/v1/memory/learn/stop")
+        while job["state"] == "running":
+            time.sleep(POLL_S)
+            job = c.request("GET", "/v1/memory/learn")
     emit(job, as_json, lambda j: console.print(_job_line(j)))
-    if job["state"] != "done":
-        fail(f"learning {job['state']}: {job['error']}")
+    if job["state"] == "failed":
+        fail(f"learning failed: {job['error']}")
 
 
 def _job_line(j: dict[str, Any]) -> str:

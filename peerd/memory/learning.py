@@ -89,6 +89,7 @@ class LearnJob:
     error: str = ""
     started: float = field(default_factory=time.time)
     ended: float = 0.0
+    stopping: bool = False  # asked to stop after the run in hand
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,6 +105,8 @@ async def learn(memory: Memory, job: LearnJob) -> None:
     task = load_task(spec.task, seed=spec.seed)
     params = SamplingParams(max_tokens=spec.max_tokens)
     for i in range(spec.n):
+        if job.stopping:
+            break
         problem = task.problem(i)
         t = Task(prompt=problem.prompt, answer=problem.answer, scorer="number",
                  domain=job.domain)

@@ -250,7 +250,7 @@ class Memory(Service):
     async def _learn(self, job: LearnJob) -> None:
         try:
             await learn(self, job)
-            job.state = "done"
+            job.state = "stopped" if job.stopping and job.runs < job.spec.n else "done"
         except Exception as exc:  # a model that went away, our bug: the job fails, we serve
             log.exception("memory: learning failed")
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -87,7 +87,8 @@ class Memory(Service):
                  task_similarity: float = MIN_TASK_SIMILARITY, diffuse: bool = True) -> None:
         self.node = node
         self.model = model
-        self.dir = data_dir / "memory"
+        self.data_dir = data_dir
+        self.dir = data_dir / "memory"  # the store's (store.py) and the baselines
         self.embedder_mode = embedder
         self.settings = settings or ControllerSettings()
         self.weights = weights or Weights()
@@ -113,7 +114,7 @@ class Memory(Service):
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         embedder: Embedder = make_embedder(self.embedder_mode)
-        self.store = await MemoryStore.open(self.dir, embedder)
+        self.store = await MemoryStore.open(self.data_dir, embedder)
         self.baseline = await trio.to_thread.run_sync(self._load_baseline)
         self.admissions = Admissions(self.store, self._face, self._sign, self._memory_for,
                                      settings=self.settings, weights=self.weights,

@@ -103,6 +103,14 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
         return trio.run(_accuracy, args, Path(tmp))
 
 
+async def _report(job: LearnJob, began: float, every_s: float = 30.0) -> None:
+    """A progress line every `every_s` while the memory learns (it takes most of an hour)."""
+    while True:
+        await trio.sleep(every_s)
+        console.print(f"learning: {job.runs}/{job.spec.n} runs, {job.admitted} admitted, "
+                      f"refused {job.refused} ({time.perf_counter() - began:.0f} s)")
+
+
 async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     settings = ControllerSettings()
     task = load_task(args.task, seed=args.seed)
@@ -121,7 +129,10 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                          max_tokens=args.max_tokens, control_every=args.control_every)
         job = LearnJob(spec, domain)
         began = time.perf_counter()
-        await learn(memory, job)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_report, job, began)
+            await learn(memory, job)
+            nursery.cancel_scope.cancel()
         learn_s = time.perf_counter() - began
         console.print(f"learnt from {job.runs} runs in {learn_s:.0f} s: {job.proposed} "
                       f"candidates, {job.admitted} admitted, refused {job.refused}")

@@ -293,3 +293,19 @@ async def test_the_store_stays_under_its_cap_after_every_admission(tmp_path: Pat
         assert await store.get(log[0]["item_id"]) is None
         assert sorted(r.item.text for r in await store.records()) == sorted(
             ["Be brief.", candidate])
+
+
+async def test_a_correction_is_not_judged_on_the_run_whose_answer_it_holds(
+        tmp_path: Path, tiny: Path) -> None:
+    async with peer(tmp_path, tiny) as (_api, memory):
+        _, scec, _ = await memory.solve(Task("What is 2 + 2?", "4", "number", "solo"),
+                                        memory=False, params=PARAMS)
+        origin = scec_hash(scec)
+        c = await memory.propose("Question: What is 2 + 2?\nCorrect answer: 4", "solo",
+                                 "correction", origin=origin)
+        await c.done.wait()
+        assert (c.state, c.reason, c.tasks) == ("refused", "no_tasks", 0)
+        c = await memory.propose("Question: What is 2 + 2?\nAnswer: 4", "solo", "example",
+                                 origin=origin)
+        await c.done.wait()
+        assert c.tasks == 1  # an example is judged on the run it came from

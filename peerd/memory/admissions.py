@@ -187,21 +187,26 @@ class Admissions:
                             f"{len(tasks)} tasks")
 
     async def _tasks(self, c: Candidate) -> list[ScecMsg]:
-        """The SCECs to replay c on: the run it came from first, then the runs nearest
-        that run's prompt (nearest its own text when it came from none we hold) in its
-        domain, each at least `task_similarity` close."""
+        """The SCECs to replay c on: the run it came from first (not for a correction,
+        which holds that run's reference answer), then the runs nearest that run's
+        prompt (nearest its own text when it came from none we hold) in its domain, each
+        at least `task_similarity` close."""
         out: dict[str, ScecMsg] = {}
         anchor = c.text
+        skip = ""
         if c.origin:
             stored = await self.store.get_scec(c.origin)
             if stored is not None:
-                out[stored.hash] = decode_scec(stored.body)
                 anchor = stored.prompt
+                if c.kind == "correction":  # it holds that run's answer: a leak, not a gain
+                    skip = stored.hash
+                else:
+                    out[stored.hash] = decode_scec(stored.body)
         vector = (await self.store.embed([anchor]))[0]
         for stored, sim in await self.store.similar_scecs(vector, self.tasks + 1, c.domain):
             if len(out) >= self.tasks:
                 break
-            if sim >= self.task_similarity and stored.hash not in out:
+            if sim >= self.task_similarity and stored.hash not in out and stored.hash != skip:
                 try:
                     out[stored.hash] = decode_scec(stored.body)
                 except WireError:

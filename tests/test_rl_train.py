@@ -259,7 +259,11 @@ async def test_a_sampler_that_never_answers_is_timed_out_and_dropped(
                                             sampler_timeout_s=0.5))
         # three deadlines in a row, and it is dropped; the other carries the run
         await wait_for(lambda: mute.node.peer_id in run.to_json()["dropped"], timeout_s=30)
-        assert "TooSlowError" in run.to_json()["dropped"][mute.node.peer_id]
+        # its requests ran out of time (under load its weight pull may fail too, and
+        # the drop then names that as the last failure)
+        failed = [e.data["error"] for e in training.node.events.recent()
+                  if e.type == "rl.sampler_failed" and e.data["peer_id"] == mute.node.peer_id]
+        assert any("TooSlowError" in why for why in failed), failed
         step = run.to_json()["step"]
         await wait_for(lambda: run.to_json()["step"] >= step + 2, timeout_s=30)
         run.stop()

@@ -20,6 +20,9 @@ and writes bench/results/memory_<section>.json. Not a test: no thresholds.
   add-everything memory and SEDM (bench_memory_accuracy.py).
 - growth: a long stream of candidate writes into a capped store: its size, admissions
   and refusals, decision times, and accuracy along the way (bench_memory_growth.py).
+- transfer: items proven on one task (add), abstracted by the model into insights and
+  re-validated by replay on another (gsm8k): held-out accuracy there with no memory, the
+  insights, and the source items given raw (bench_memory_transfer.py).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_memory_accuracy import add_accuracy, run_accuracy  # noqa: E402
 from bench_memory_growth import add_growth, run_growth  # noqa: E402
+from bench_memory_transfer import add_transfer, run_transfer  # noqa: E402
 from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 
@@ -273,14 +277,15 @@ def add_retrieval(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--seed", type=int, default=26)
 
 
-# Each section: (add its subcommand, run it). Others (transfer) join here. accuracy and
-# growth live in bench_memory_accuracy.py and bench_memory_growth.py (their in-process
-# peer and held-out evaluation in bench_memory_peer.py).
+# Each section: (add its subcommand, run it). accuracy, growth and transfer live in
+# bench_memory_accuracy.py, bench_memory_growth.py and bench_memory_transfer.py (their
+# in-process peer, learning phase and held-out evaluation in bench_memory_peer.py).
 SECTIONS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace],
                                                            dict[str, Any]]]] = {
     "retrieval": (add_retrieval, run_retrieval),
     "accuracy": (add_accuracy, run_accuracy),
     "growth": (add_growth, run_growth),
+    "transfer": (add_transfer, run_transfer),
 }
 
 

@@ -39,6 +39,7 @@ from bench_memory_peer import (
     accuracy_cell,
     answer,
     difference_cell,
+    learn_reporting,
     load_model,
     open_peer,
     paired,
@@ -52,7 +53,7 @@ from peerd.embedding import make_embedder
 from peerd.memory.admissions import Candidate
 from peerd.memory.controller import ControllerSettings, admission_stats
 from peerd.memory.item import Record, sign_item
-from peerd.memory.learning import LearnJob, LearnSpec, domain_of, learn
+from peerd.memory.learning import LearnSpec, domain_of
 from peerd.memory.service import Memory
 from peerd.memory.store import MemoryStore
 from peerd.rl.tasks import load_task
@@ -103,14 +104,6 @@ def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
         return trio.run(_accuracy, args, Path(tmp))
 
 
-async def _report(job: LearnJob, began: float, every_s: float = 30.0) -> None:
-    """A progress line every `every_s` while the memory learns (it takes most of an hour)."""
-    while True:
-        await trio.sleep(every_s)
-        console.print(f"learning: {job.runs}/{job.spec.n} runs, {job.admitted} admitted, "
-                      f"refused {job.refused} ({time.perf_counter() - began:.0f} s)")
-
-
 async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     settings = ControllerSettings()
     task = load_task(args.task, seed=args.seed)
@@ -127,13 +120,7 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         # 1. SEDM learns, through the service's own loop and admission desk.
         spec = LearnSpec(task=args.task, n=args.n_train, seed=args.seed, k=args.k,
                          max_tokens=args.max_tokens, control_every=args.control_every)
-        job = LearnJob(spec, domain)
-        began = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_report, job, began)
-            await learn(memory, job)
-            nursery.cancel_scope.cancel()
-        learn_s = time.perf_counter() - began
+        job, learn_s = await learn_reporting(memory, spec, domain)
         console.print(f"learnt from {job.runs} runs in {learn_s:.0f} s: {job.proposed} "
                       f"candidates, {job.admitted} admitted, refused {job.refused}")
 

@@ -1,5 +1,5 @@
-"""The in-process peer the memory benches run on (scripts/bench_memory.py `accuracy` and
-`growth`), and the held-out evaluation they share.
+"""The in-process peer the memory benches run on (scripts/bench_memory.py `accuracy`,
+`growth` and `transfer`), the learning phase and the held-out evaluation they share.
 
 A peer is one real peerd node on loopback (its ledger's gossip, as every daemon runs),
 a ModelSlot and, where a bench asks, the Memory service. Held-out questions are answered
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from peerd.config import Config
 from peerd.identity import ensure_data_dir, load_or_create_key
 from peerd.inference.face import LanguageModel
@@ -24,9 +26,10 @@ from peerd.inference.options import SamplingParams
 from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.ledger.gossip import LedgerGossip
 from peerd.memory.controller import ControllerSettings, rank
+from peerd.memory.learning import LearnJob, LearnSpec, learn
 from peerd.memory.replay import run_task
 from peerd.memory.scec import Task
-from peerd.memory.service import SEARCH_WIDTH
+from peerd.memory.service import SEARCH_WIDTH, Memory
 from peerd.memory.store import MemoryStore
 from peerd.node import Node, open_node
 from peerd.rl.evaluate import newcombe_paired, wilson
@@ -67,6 +70,36 @@ async def load_model(node: Node, ledger: LedgerGossip, spec: str, *, dtype: str 
     print(f"model {info['model_id']} ({info['dtype']}, {info['device']}) loaded in "
           f"{time.perf_counter() - began:.0f} s")
     return slot
+
+
+@contextlib.asynccontextmanager
+async def progress(describe: Callable[[], str], every_s: float = 30.0
+                   ) -> AsyncIterator[None]:
+    """A status line, describe() and the seconds so far, every `every_s` while the block
+    runs (the long phases take most of an hour on this machine)."""
+    began = time.perf_counter()
+
+    async def tick() -> None:
+        while True:
+            await trio.sleep(every_s)
+            print(f"{describe()} ({time.perf_counter() - began:.0f} s)", flush=True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+async def learn_reporting(memory: Memory, spec: LearnSpec, domain: str
+                          ) -> tuple[LearnJob, float]:
+    """The service's own learning loop (learning.learn, what `peerd memory learn` runs)
+    over `spec`, with status lines; the finished job and its seconds."""
+    job = LearnJob(spec, domain)
+    began = time.perf_counter()
+    async with progress(lambda: f"learning {spec.task}: {job.runs}/{spec.n} runs, "
+                                f"{job.admitted} admitted, refused {job.refused}"):
+        await learn(memory, job)
+    return job, time.perf_counter() - began
 
 
 async def recall_texts(store: MemoryStore, text: str, k: int, domain: str,

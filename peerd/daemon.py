@@ -147,6 +147,7 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     memory = Memory(node, model if model.options is not None else None, config.data_dir,
                     embedder=config.memory_embedder)
     model.recall = symphony.recall = memory  # the API's `memory` option draws on it
+    symphony.scored = training.scored = memory  # and keeps their scored runs as SCECs
     services: list[Service] = [ledger, model, symphony, weights, training, memory]
     if config.rollout:
         services.append(Rollouts(node, ledger, model, weights))

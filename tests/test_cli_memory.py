@@ -90,3 +90,14 @@ def test_a_bad_flag_is_refused_before_any_daemon_is_asked(tmp_path: Path) -> Non
     line = one_line_error(run_cli("memory", "stats", "--data-dir", str(tmp_path),
                                   "--api", api), 1)
     assert "`peerd start`" in line
+
+
+def test_a_scored_tasks_flags_reach_the_api_and_its_errors_are_one_line(peer: Daemon
+                                                                      ) -> None:
+    bad = run_cli("task", "What is 1 + 1?", "--reference", "two", *at(peer))
+    assert "'reference' holds no number" in one_line_error(bad, 1)
+    bad = run_cli("task", "What is 1 + 1?", "--reference", "2", "--domain", "A B",
+                  *at(peer))
+    assert "'domain' must be a domain name" in one_line_error(bad, 1)
+    bad = run_cli("task", "What is 1 + 1?", "--scorer", "exact", *at(peer))
+    assert "'scorer' is for a task with a 'reference'" in one_line_error(bad, 1)

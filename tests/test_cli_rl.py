@@ -118,7 +118,8 @@ def test_status_of_an_unknown_run_is_one_line(trainer: Daemon) -> None:
     (["--staleness", "1000"], "staleness"),
     (["--temperature", "0"], "temperature"),
     (["--run-id", "a/b"], "run_id"),
-], ids=["lr", "group", "staleness", "temperature", "run-id"])
+    (["--memory-scecs", "-1"], "memory_scecs"),
+], ids=["lr", "group", "staleness", "temperature", "run-id", "memory-scecs"])
 def test_settings_the_daemon_refuses_start_nothing(trainer: Daemon, flags: list[str],
                                                    named: str) -> None:
     line = one_line_error(run_cli("rl", "train", "--model", "m", *at(trainer), *flags), 1)

@@ -270,3 +270,67 @@ async def test_a_sampler_that_never_answers_is_timed_out_and_dropped(
         with trio.fail_after(30):
             await run.ended.wait()
         assert run.state == "stopped"
+
+
+async def test_a_run_keeps_scecs_in_the_memory_without_moving_its_baseline(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    """One SCEC per trained group (its first rollout), at most `memory_scecs` a run, kept
+    as admission tasks; a policy sampling at temperature 1 is not the served model's
+    greedy baseline, so the baseline does not move."""
+    from peerd.inference.model.source import resolve
+    from peerd.memory.scec import decode_scec
+    from peerd.memory.scoring import number
+    from peerd.memory.service import Memory
+    from peerd.rl.policy import completion_seed
+
+    async with rl_swarm(tmp_path, tiny, samplers=1) as (training, _):
+        memory = Memory(training.node, None, tmp_path / "mem", embedder="hashing")
+        await training.node.start(memory)
+        training.scored = memory
+        run = await finished(training, spec(tiny, task, run_id="kept", group=2, batch=2,
+                                            steps=3, memory_scecs=4))
+        assert run.to_json()["memory_scecs"] == {"kept": 4, "failed": 0}
+        assert run.trainer is not None
+        store = memory.live_store()
+        vector = (await store.embed(["Say a number"]))[0]
+        found = await store.similar_scecs(vector, 10, "seven")
+        assert len(found) == 4  # 6 groups trained, the cap kept 4
+        seeds = {completion_seed(run.trainer.seed(slot), 0, 0) for slot in range(6)}
+        for stored, _ in found:
+            scec = decode_scec(stored.body)
+            assert scec.prompt.startswith("Say a number (") and scec.answer == "7"
+            assert scec.model == resolve(str(tiny)).model_id  # the policy's model
+            assert scec.version.startswith("kept@") and scec.memory == ()
+            assert (scec.temperature, scec.top_p, scec.max_tokens) == (1.0, 1.0, 3)
+            assert scec.seed in seeds and scec.scorer == "number"
+            # the reward (0, 0.1, 1 or 1.1) as the SCEC's [0, 1] score: its correctness,
+            # what the scorer gives on a replay of the same output
+            assert scec.score == number(scec.output, "7")
+        assert memory.baseline.snapshot() == {}  # nothing moved
+
+
+async def test_a_run_on_a_peer_without_a_memory_keeps_nothing(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
+    async with rl_swarm(tmp_path, tiny, samplers=1) as (training, _):
+        run = await finished(training, spec(tiny, task, run_id="plain", group=2, batch=2,
+                                            steps=1))
+        assert "memory_scecs" not in run.to_json()
+
+
+@pytest.mark.parametrize(("text", "reward", "score"), [
+    ("7", 1.1, 1.0), ("It is 7.", 1.0, 1.0), ("8", 0.1, 0.0), ("no", 0.0, 0.0)])
+def test_a_groups_scec_scores_the_rewards_correctness(text: str, reward: float,
+                                                      score: float) -> None:
+    """number_reward's 0.1 for a bare (wrong) number is no part of the SCEC's score: it
+    is the `number` scorer's on the output, which a replay reproduces."""
+    from peerd.memory.scoring import number
+    from peerd.rl.scecs import group_scec
+    from peerd.rl.tasks import Problem, number_reward
+    from peerd.rl.types import Rollout
+
+    assert number_reward(text, "7") == reward
+    rollout = Rollout("r", 0, "0.1", (1, 2, 3), (4,), (-0.5,), 3, "peer", text, reward)
+    scec = group_scec(RunSpec(model="m", run_id="r", max_tokens=3), "m", "seven",
+                      Problem("Say a number", "7"), 11, (rollout, rollout))
+    assert scec.score == score == number(text, "7")
+    assert (scec.version, scec.prompt_tokens, scec.output) == ("r@3", 3, text)

@@ -101,6 +101,17 @@ BAD = [
     ({"question": "q", "max_tokens": 0}, "max_tokens"),
     ({"question": "q", "requirement": ["x"]}, "requirement"),
     ({"question": "q", "wokers": 3}, "wokers"),
+    # a reference answer to score the settled one against (never sent to a worker)
+    ({"question": "q", "reference": 42}, "reference"),
+    ({"question": "q", "reference": "  "}, "reference"),
+    ({"question": "q", "reference": "4" * 501}, "reference"),
+    ({"question": "q", "reference": "no number here"}, "reference"),  # `number` needs one
+    ({"question": "q", "reference": "42", "scorer": "fuzzy"}, "scorer"),
+    ({"question": "q", "reference": "42", "scorer": 1}, "scorer"),
+    ({"question": "q", "scorer": "exact"}, "scorer"),  # nothing to score against
+    ({"question": "q", "reference": "42", "domain": "Not A Domain"}, "domain"),
+    ({"question": "q", "reference": "42", "domain": 7}, "domain"),
+    ({"question": "q", "domain": "arithmetic"}, "domain"),  # no SCEC to keep under it
     ([], None),
 ]
 

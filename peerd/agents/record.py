@@ -24,10 +24,25 @@ class TaskSpec:
     max_tokens: int = 256
     bid_window_s: float = 2.0
     min_match: float = 0.0
+    # A scored task (agents/scored.py): the settled answer is scored against `reference`
+    # by `scorer` (peerd/memory/scoring.py), and the run kept by the memory as an SCEC
+    # in `domain`. The reference never leaves this peer: a worker that saw it could
+    # answer it without solving anything.
+    reference: str | None = None
+    scorer: str = "number"
+    domain: str = "general"
+    prompt: str = ""  # the question before the memory's notes went in ("" -> question)
+    memory: tuple[str, ...] = ()  # the notes' texts, in prompt order
+    memory_ids: tuple[str, ...] = ()  # their ids, one each
 
     @property
     def effective_requirement(self) -> str:
         return (self.requirement or self.question)[:MAX_REQUIREMENT_CHARS]
+
+    @property
+    def task_prompt(self) -> str:
+        """The user's question, without the notes the memory put before it."""
+        return self.prompt or self.question
 
 
 @dataclass(slots=True)
@@ -63,6 +78,8 @@ class TaskRecord:
     solve_ms: float = 0.0
     measure_ms: float = 0.0
     total_ms: float = 0.0
+    score: float | None = None  # a scored task's, once settled
+    scec: str | None = None  # the hash of its SCEC, once the memory has kept it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,4 +99,7 @@ class TaskRecord:
                         "solve_ms": round(self.solve_ms, 3),
                         "measure_ms": round(self.measure_ms, 3),
                         "total_ms": round(self.total_ms, 3)},
+            **({"reference": self.spec.reference, "scorer": self.spec.scorer,
+                "score": self.score, "scec": self.scec}
+               if self.spec.reference is not None else {}),
         }

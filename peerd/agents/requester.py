@@ -44,10 +44,12 @@ from peerd.agents.election import (
 )
 from peerd.agents.record import TaskRecord, TaskSpec, Vote
 from peerd.agents.reputation import NoShows, ReputationBook, view
+from peerd.agents.scored import keep
 from peerd.agents.sealing import unseal
 from peerd.agents.solver import Solver, prompt_sets
 from peerd.agents.voting import Ballot, tally
 from peerd.agents.worker import TaskWorker
+from peerd.api.recall import ScoredRuns
 from peerd.datadir import REPUTATION_FILE, TASKS_DB
 from peerd.ledger.book import Ledger
 from peerd.node import Node
@@ -115,14 +117,17 @@ class Requester:
 
     # ---- requester: one task, end to end -------------------------------------------------
 
-    async def run_task(self, spec: TaskSpec) -> TaskRecord:
-        """Announce, elect, solve, vote. Raises NoWorkers when nobody bid or answered
-        (the record, failed, stays readable)."""
+    async def run_task(self, spec: TaskSpec, scored: ScoredRuns | None = None
+                       ) -> TaskRecord:
+        """Announce, elect, solve, vote; score a task with a reference, its run kept by
+        `scored` (scored.py). NoWorkers when nobody bid or answered (the record stays)."""
         async with self._running:
             record = TaskRecord(secrets.token_hex(8), spec)
             self._remember(record)
             try:
                 await self._run(record)
+                if spec.reference is not None:
+                    await keep(record, self.ledger, self.node.peer_id, scored)
             except BaseException as exc:
                 record.status = "failed"
                 record.error = record.error or f"{type(exc).__name__}: {exc}"

@@ -23,7 +23,7 @@ from peerd.agents.requester import Requester
 from peerd.agents.skills import LexicalMatcher, SkillMatcher
 from peerd.agents.solver import Solver
 from peerd.agents.worker import TaskWorker
-from peerd.api.recall import Recall
+from peerd.api.recall import Recall, ScoredRuns
 from peerd.api.tasks import routes
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
@@ -53,6 +53,8 @@ class Symphony(Service):
         self.warm_up = warm_up  # load the skill matcher's model once our model is up
         # the peer's memory, for a task's `memory` option (the daemon hands it over)
         self.recall: Recall | None = None
+        # and for a task with a reference: it keeps the scored run (agents/scored.py)
+        self.scored: ScoredRuns | None = None
 
     def set_skills(self, skills: Sequence[str]) -> LedgerEntry:
         """Change our advertised skills; the new entry goes out on gossip at once."""
@@ -60,7 +62,7 @@ class Symphony(Service):
         return self.ledger.refresh()
 
     async def run_task(self, spec: TaskSpec) -> TaskRecord:
-        return await self.requester.run_task(spec)
+        return await self.requester.run_task(spec, self.scored)
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
         return await self.requester.task(task_id)

@@ -6,7 +6,13 @@ POST takes {"question", "workers" (default 3), "requirement" (default: the quest
 "text", default "text")} and optionally "max_tokens" (per chain, default 256),
 "bid_window_s" (default 2) and "memory" (true or {"k", "domain"}: the peer's memory's
 best notes go before the question the workers get; the response lists them under
-"memory"). It returns when the vote is in:
+"memory"). A task with a verifiable answer also takes "reference" (the expected answer,
+at most 500 characters; never sent to a worker), "scorer" (a name in
+peerd/memory/scoring.py, default "number") and "domain" (the memory domain its run is
+kept under; default memory.domain, else "general"): the settled answer is scored, the
+run kept by the peer's memory as an SCEC, and the response adds "reference", "scorer",
+"score" and "scec" (its hash; null when no memory kept it). It returns when the vote is
+in:
 
     {"id", "answer", "votes": [{"peer_id", "answer", "confidence", "weight", "cot"}],
      "elected": [peer ids], "fallbacks": [{"seat", "peer_id", "reason", "replacement"}],
@@ -34,7 +40,10 @@ from peerd.api.openai_request import parse_memory
 from peerd.api.recall import Note, Recall
 from peerd.inference.face import ModelUnavailable
 from peerd.memory.prompting import with_notes
+from peerd.memory.scoring import SCORERS
+from peerd.rl.tasks import final_number
 from protocols.beacon import ANSWER_FORMATS, MAX_BID_WINDOW_S, MAX_DEADLINE_S, MAX_WORKERS
+from protocols.memory import DOMAIN
 from protocols.task import MAX_QUESTION_CHARS, MAX_TASK_TOKENS
 
 if TYPE_CHECKING:
@@ -44,8 +53,9 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_SKILLS_BODY_BYTES = 64 * 1024
 MAX_SKILLS = 64
 MAX_SKILL_CHARS = 200
+MAX_REFERENCE_CHARS = 500  # an expected answer: a number, a choice, a short text
 FIELDS = {"question", "workers", "requirement", "deadline_s", "answer_format", "max_tokens",
-          "bid_window_s", "memory"}
+          "bid_window_s", "memory", "reference", "scorer", "domain"}
 
 
 def parse(body: Any) -> TaskSpec:
@@ -73,13 +83,45 @@ def parse(body: Any) -> TaskSpec:
     if answer_format not in ANSWER_FORMATS:
         raise ApiError(400, f"'answer_format' must be one of {', '.join(ANSWER_FORMATS)}",
                        param="answer_format")
+    reference, scorer, domain = _scoring(body)
     return TaskSpec(
         question=question, workers=workers, requirement=requirement.strip(),
         deadline_s=_number(body, "deadline_s", 120.0, MAX_DEADLINE_S),
         answer_format=answer_format,
         max_tokens=_int(body, "max_tokens", 256, 1, MAX_TASK_TOKENS),
         bid_window_s=_number(body, "bid_window_s", 2.0, MAX_BID_WINDOW_S),
+        reference=reference, scorer=scorer, domain=domain,
     )
+
+
+def _scoring(body: dict[str, Any]) -> tuple[str | None, str, str]:
+    """A scored task's (reference, scorer, domain); the reference None for a task
+    without one, which takes neither of the others."""
+    reference, scorer, domain = body.get("reference"), body.get("scorer"), body.get("domain")
+    if reference is None:
+        for name, value in (("scorer", scorer), ("domain", domain)):
+            if value is not None:
+                raise ApiError(400, f"'{name}' is for a task with a 'reference' answer to "
+                               "score against; give one, or drop it", param=name)
+        return None, "number", "general"
+    if not isinstance(reference, str) or not reference.strip() \
+            or len(reference) > MAX_REFERENCE_CHARS:
+        raise ApiError(400, "'reference' (the expected answer) must be a non-blank string of "
+                       f"at most {MAX_REFERENCE_CHARS} characters", param="reference")
+    scorer = "number" if scorer is None else scorer
+    if not isinstance(scorer, str) or scorer not in SCORERS:
+        raise ApiError(400, f"'scorer' must be one of {', '.join(SCORERS)}", param="scorer")
+    if scorer == "number" and final_number(reference) is None:
+        raise ApiError(400, "'reference' holds no number for the 'number' scorer (it "
+                       "compares final numbers): give one, or 'scorer': 'exact' or "
+                       "'contains'", param="reference")
+    if domain is not None and (not isinstance(domain, str) or not DOMAIN.fullmatch(domain)):
+        raise ApiError(400, "'domain' must be a domain name (a-z 0-9 . _ -, at most 32)",
+                       param="domain")
+    if domain is None:  # unnamed: the domain its notes come from, else general
+        ask = parse_memory(body.get("memory"))
+        domain = ask.domain if ask is not None and ask.domain else "general"
+    return reference, scorer, domain
 
 
 def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
@@ -117,7 +159,9 @@ async def with_memory(recall: Recall | None, body: Any, spec: TaskSpec
     if len(question) > MAX_QUESTION_CHARS:
         raise ApiError(400, f"the question with its notes is over {MAX_QUESTION_CHARS} "
                        "characters: ask for fewer ('memory.k')", param="memory")
-    return replace(spec, question=question, requirement=spec.effective_requirement), notes
+    return replace(spec, question=question, requirement=spec.effective_requirement,
+                   prompt=spec.question, memory=tuple(n.text for n in notes),
+                   memory_ids=tuple(n.id for n in notes)), notes
 
 
 def routes(symphony: Symphony) -> list[Route]:

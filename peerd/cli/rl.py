@@ -59,11 +59,14 @@ def rl() -> None:
               help="Run dir: checkpoints, metrics.jsonl, reward.png [<data dir>/rl/<run id>].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (or --run-id) from "
               "its last checkpoint, at the same step and version.")
+@click.option("--memory-scecs", type=int, default=256, show_default=True,
+              help="Trained groups this run keeps in the trainer's memory as admission "
+              "tasks (one SCEC a group; 0: none).")
 def train(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
           model: str, task: str, mode: str, samplers: str, group: int, batch: int,
           steps: int, staleness: int, update: str, lora_rank: int, lr: float, kl: float,
           max_tokens: int, temperature: float, seed: int, run_id: str, out: Path | None,
-          resume: bool) -> None:
+          resume: bool, memory_scecs: int) -> None:
     """Train MODEL by GRPO on TASK with the swarm's rollout samplers, live."""
     if samplers != "auto" and not samplers.isdigit():
         fail(f"--samplers {samplers!r}: give auto or a number", 2)
@@ -73,7 +76,7 @@ def train(data_dir: Path | None, api: str | None, token: str | None, as_json: bo
         "batch": batch, "steps": steps, "staleness": staleness, "update": update,
         "lora_rank": lora_rank, "lr": lr, "kl": kl, "max_tokens": max_tokens,
         "temperature": temperature, "seed": seed, "run_id": run_id, "resume": resume,
-        "out": str(out.resolve()) if out else "",
+        "out": str(out.resolve()) if out else "", "memory_scecs": memory_scecs,
     }
     if task.endswith(".jsonl"):
         body["task"] = str(Path(task).resolve())

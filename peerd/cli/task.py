@@ -21,6 +21,7 @@ from peerd.cli.client import (
     make_client,
     post_completion,
 )
+from protocols.memory import SCORERS
 
 
 @click.command()
@@ -39,9 +40,17 @@ from peerd.cli.client import (
               help="Each worker's time to answer; a late worker is replaced.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, 2048),
               help="Most tokens per chain of thought.")
+@click.option("--reference", metavar="ANSWER", help="The expected answer: the settled one "
+              "is scored against it (no worker sees it) and the run kept by this peer's "
+              "memory.")
+@click.option("--scorer", type=click.Choice(list(SCORERS)), help="How --reference scores "
+              "the answer [number].")
+@click.option("--domain", metavar="NAME", help="The memory domain the scored run is kept "
+              "under [general].")
 def task(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
          question: str | None, task_id: str | None, workers: int, requirement: str | None,
-         answer_format: str, deadline_s: float, max_tokens: int) -> None:
+         answer_format: str, deadline_s: float, max_tokens: int, reference: str | None,
+         scorer: str | None, domain: str | None) -> None:
     """Ask the swarm QUESTION: elected peers answer with chains of thought, and a
     reputation-weighted vote settles the answer. With --get ID, show an earlier task."""
     if (question is None) == (task_id is None):
@@ -55,6 +64,9 @@ def task(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
                                 "max_tokens": max_tokens}
         if requirement:
             body["requirement"] = requirement
+        for key, value in (("reference", reference), ("scorer", scorer), ("domain", domain)):
+            if value is not None:  # the API says what is wrong with them, and which
+                body[key] = value
         # The vote can take every worker's deadline, twice over when workers are replaced.
         try:
             result = post_completion(c, "/v1/tasks", body,
@@ -84,6 +96,11 @@ def task(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
     for f in result["fallbacks"]:
         console.print(f"seat {f['seat']}: {name(f['peer_id'])} dropped ({f['reason']}), "
                       f"replaced by {name(f['replacement'])}", highlight=False)
+    if result.get("score") is not None:
+        scec = f"kept as SCEC {result['scec'][:12]}" if result.get("scec") else \
+            "not kept (no memory here)"
+        console.print(f"score {result['score']} against {escape(repr(result['reference']))} "
+                      f"({result['scorer']}); {scec}", highlight=False)
     timings = result["timings"]
     console.print(f"beacon {timings['beacon_ms']:.0f} ms | solve {timings['solve_ms']:.0f} ms"
                   f" | total {timings['total_ms']:.0f} ms", highlight=False)

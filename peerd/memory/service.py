@@ -11,7 +11,8 @@ What the rest of the peer calls:
   the OpenAI API's `memory` option and the learner use it;
 - `solve(task)` / `observe(...)`: a scored run recorded as an SCEC; its items' weights move
   by its score against the domain's no-memory baseline (a run without memory moves the
-  baseline);
+  baseline); Symphony's scored tasks and RL runs hand theirs to `observe` (api/recall.py's
+  `ScoredRuns`), an RL rollout without moving anything;
 - `propose(text, domain, kind)`: a candidate for admission;
 - `consolidate()`: merge, prune and evict now.
 Every decision is a line in the store's log, an event (`memory.*`) and a counter.
@@ -186,13 +187,20 @@ class Memory(Service):
         await self.observe(scec, [r.record.item.id for r in given])
         return outcome, scec, given
 
-    async def observe(self, scec: ScecMsg, used: Sequence[str]) -> str:
+    async def observe(self, scec: ScecMsg, used: Sequence[str], *, served: bool = True
+                      ) -> str:
         """Keep a scored run's SCEC; move its items' weights (or, with none, the
-        baseline). Its hash."""
+        baseline). Its hash. `served` False: a run that is not the served model's own (an
+        RL policy sampling at temperature 1 as it trains): its score says nothing of this
+        model's greedy baseline nor of its items, so it is kept as an admission task and
+        nothing moves. WireError for an SCEC out of bounds (a peer's, a service's)."""
+        scec.check()
         store = self.live_store()
         digest = scec_hash(scec)
         vector = (await store.embed([scec.prompt]))[0]
         await store.put_scec(digest, scec.domain, encode_scec(scec), scec.prompt, vector)
+        if not served:
+            return digest
         if not used:
             self.baseline.observe(scec.domain, scec.score)
             return digest

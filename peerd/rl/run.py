@@ -21,6 +21,7 @@ MAX_BATCH = 256  # prompts a step
 MAX_STEPS = 1_000_000
 MAX_STALENESS = 64
 MAX_NEW_TOKENS = 2048
+MAX_MEMORY_SCECS = 100_000
 
 
 class SpecError(ValueError):
@@ -65,6 +66,9 @@ class RunSpec:
     verify_tolerance: float = 1e-3
     verify_tolerance_half: float = 0.15
     verify_old: int = 1  # groups of older versions re-scored a step (async), a sample
+    # on a peer with the memory: SCECs the run keeps there as admission tasks, one per
+    # trained group (its first rollout), at most this many a run; 0: none
+    memory_scecs: int = 256
 
     @classmethod
     def parse(cls, body: Any) -> RunSpec:
@@ -140,6 +144,7 @@ class RunSpec:
         within("verify_tolerance", 0.0, 10.0)
         within("verify_tolerance_half", 0.0, 10.0)
         within("verify_old", 0, MAX_BATCH)
+        within("memory_scecs", 0, MAX_MEMORY_SCECS)
         if self.run_id and not RUN_ID.match(self.run_id):
             raise SpecError("run_id", "1-64 characters of letters, digits, '.', '_', '-'")
 

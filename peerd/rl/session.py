@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from peerd.api.recall import ScoredRuns
 from peerd.inference.model.source import load_tokenizer, resolve
 from peerd.ledger.gossip import LedgerGossip
+from peerd.memory.learning import domain_of
 from peerd.node import Node
 from peerd.rl import checkpoint
 from peerd.rl.learner import Learner, LossFn, TokenBatch
@@ -24,6 +26,7 @@ from peerd.rl.plot import plot_runs
 from peerd.rl.rollouts import request_rollouts
 from peerd.rl.sampler import chat_prompt_ids
 from peerd.rl.samplers import SamplerPool
+from peerd.rl.scecs import ScecKeeper
 from peerd.rl.tasks import Problem, load_task
 from peerd.rl.trainer import Trainer
 from peerd.rl.types import Rollout
@@ -94,7 +97,10 @@ class Policy:
 
 
 async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
-                       run: Run, *, torch_threads: int = 0) -> None:
+                       run: Run, *, torch_threads: int = 0,
+                       scored: ScoredRuns | None = None) -> None:
+    """Train `run`; with `scored` (the peer's memory), its groups' SCECs are kept there
+    (scecs.py)."""
     spec = run.spec
     if torch_threads:  # `peerd start --torch-threads`: the learner's share of the cores
         from peerd.inference.model.shard import set_torch_threads
@@ -151,8 +157,11 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
     def emit(kind: str, **data: Any) -> None:
         node.events.publish(kind, run_id=spec.run_id, **data)
 
+    keeper = ScecKeeper(scored, spec, source.model_id, domain_of(task.name)) \
+        if scored is not None and spec.memory_scecs > 0 else None
     trainer = Trainer(spec, task, policy, tokenize, detokenize, pool, sample, publish, save,
-                      run.dir, emit, node.offence, step=step, version=version, state=state)
+                      run.dir, emit, node.offence, step=step, version=version, state=state,
+                      scecs=keeper)
     if version > 0:  # a resumed run: the samplers take the checkpoint's weights first
         await publish(version, learner)
     elif spec.mode == "async":

@@ -48,6 +48,7 @@ from peerd.rl.grpo import group_advantages, grpo_loss, is_degenerate
 from peerd.rl.progress import NoSamplers, Progress, judge
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
+from peerd.rl.scecs import ScecKeeper
 from peerd.rl.slots import Slots
 from peerd.rl.tasks import Problem, Task
 from peerd.rl.types import Group, Rollout
@@ -78,8 +79,8 @@ class Trainer:
                  sample: Sampler, publish: Callable[[int, Any], Any],
                  checkpoint: Callable[[int, int, dict[str, Any]], Any], run_dir: Path,
                  emit: Callable[..., None], offence: Callable[[str, str, str], None],
-                 *, step: int = 0, version: int = 0, state: dict[str, Any] | None = None
-                 ) -> None:
+                 *, step: int = 0, version: int = 0, state: dict[str, Any] | None = None,
+                 scecs: ScecKeeper | None = None) -> None:
         self.spec = spec
         self.task = task
         self.learner = learner
@@ -92,6 +93,7 @@ class Trainer:
         self.run_dir = run_dir
         self.emit = emit  # (event type, **data)
         self.offence = offence
+        self.scecs = scecs  # the peer's memory keeps a trained group's SCEC (scecs.py)
         staleness = spec.staleness if spec.mode == "async" else 0
         self.staleness = staleness
         self.slots = Slots(spec.batch, staleness if spec.mode == "async" else 0,
@@ -147,10 +149,17 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._recruit, nursery)
-            await self._train()
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as keeping:
+            if self.scecs is not None:
+                keeping.start_soon(self.scecs.run)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._recruit, nursery)
+                    await self._train()
+                    nursery.cancel_scope.cancel()
+            finally:
+                if self.scecs is not None:
+                    self.scecs.close()  # what is queued is kept before the run ends
 
     async def _recruit(self, nursery: trio.Nursery) -> None:
         """A producer for every sampler found, now and whenever one joins. Without one
@@ -403,6 +412,9 @@ class Trainer:
         rollouts: list[Rollout] = []
         skipped = 0
         for g in groups:
+            if self.scecs is not None:  # verified (an honest sampler's), degenerate or not
+                slot = _slot(g[0].group_id)
+                self.scecs.offer(self.problem(slot), self.seed(slot), g)
             rewards = torch.tensor([r.reward or 0.0 for r in g], dtype=torch.float32)
             if is_degenerate(rewards):  # all equal: no signal, no gradient
                 skipped += 1
@@ -479,6 +491,8 @@ class Trainer:
                    refused={k: v * g for k, v in sorted(refused.items())},
                    staleness={str(k): v * g for k, v in sorted(b.staleness_histogram.items())},
                    samplers=self.pool.found(), dropped=dict(self.pool.dropped))
+        if self.scecs is not None:
+            out["memory_scecs"] = self.scecs.to_json()
         return out
 
 

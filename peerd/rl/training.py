@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
+from peerd.api.recall import ScoredRuns
 from peerd.api.rl import RunRefused, routes
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
@@ -102,6 +103,9 @@ class Training(Service):
         self.weights = weights
         self.root = data_dir / "rl"
         self.runs: dict[str, Run] = {}
+        # the peer's memory, which keeps a run's groups as SCECs (scecs.py; the daemon
+        # hands it over)
+        self.scored: ScoredRuns | None = None
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -144,7 +148,7 @@ class Training(Service):
             # first import takes seconds, which the event loop (and the API) must not
             session = await trio.to_thread.run_sync(_session_module)
             await session.run_training(self.node, self.ledger, self.weights, run,
-                                       torch_threads=self.torch_threads)
+                                       torch_threads=self.torch_threads, scored=self.scored)
             run.state = "done" if run.trainer is None or run.trainer.progress.state == "done" \
                 else run.trainer.progress.state
         except trio.Cancelled:

@@ -4,6 +4,8 @@ who may replay (from the ledger), and what a result must say of itself."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from peerd.memory.admission import Weights
@@ -15,9 +17,18 @@ from peerd.memory.farming import (
     settle,
     verdict_of,
 )
-from protocols.errors import PeerError
+from protocols.codec import decode, encode, packb
+from protocols.errors import PeerError, WireError
 from protocols.ledger import LedgerEntry, Load, ModelServed
-from protocols.memory_replay import FEATURE_REPLAY, ArmReplay, ReplayResult, ScecReplay
+from protocols.memory_replay import (
+    FEATURE_REPLAY,
+    MAX_RESULT_BYTES,
+    ArmReplay,
+    ReplayJob,
+    ReplayResult,
+    ScecReplay,
+    SignedReplayResult,
+)
 
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
 OUT_A, OUT_B, OUT_C = "a" * 64, "b" * 64, "c" * 64
@@ -164,3 +175,61 @@ def test_a_result_for_another_job_model_or_signer_is_refused() -> None:
         with pytest.raises(PeerError) as caught:
             check_result(bad, **ask)  # type: ignore[arg-type]
         assert caught.value.reason == reason
+
+
+# ---- the wire messages ---------------------------------------------------------------------
+
+
+def job(**changes: object) -> ReplayJob:
+    base = ReplayJob(job_id="job-1", model="m", candidate="Be brief.", scecs=(b"a", b"b"),
+                     given=((), ("an item",)))
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_a_job_round_trips_and_decodes_strictly() -> None:
+    j = job()
+    j.check()
+    assert decode(encode(j), ReplayJob) == j
+    wire = {**j.to_wire(), "extra": 1}
+    with pytest.raises(WireError):
+        decode(packb(wire), ReplayJob)
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"job_id": ""}, "malformed"), ({"job_id": "a b"}, "malformed"),
+    ({"model": ""}, "malformed"), ({"candidate": " "}, "malformed"),
+    ({"candidate": "x" * 4001}, "oversized"),
+    ({"scecs": (), "given": ()}, "malformed"),
+    ({"scecs": tuple(bytes([i]) for i in range(5)), "given": ((),) * 5}, "oversized"),
+    ({"scecs": (b"a", b"a")}, "malformed"),
+    ({"scecs": (b"a" * (512 * 1024 + 1), b"b")}, "oversized"),
+    ({"given": ((),)}, "malformed"),
+    ({"given": ((), ("x",) * 17)}, "oversized"),
+    ({"given": ((), ("",))}, "malformed"),
+])
+def test_a_bad_job_is_refused_with_its_reason(changes: dict[str, object], reason: str
+                                              ) -> None:
+    with pytest.raises(WireError) as caught:
+        job(**changes).check()
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize("bad", [
+    {"tasks": ()}, {"tasks": HONEST * 3}, {"replayer": ""}, {"model": ""},
+    {"job_id": "a b"}, {"version": "v" * 129},
+    {"tasks": (task(H1, score_b=1.5),)}, {"tasks": (task(H1, out_b="xyz"),)},
+    {"tasks": (task(H1, tokens_b=-1),)}, {"tasks": (dataclasses.replace(task(H1), scec="z"),)},
+])
+def test_a_result_out_of_bounds_is_malformed(bad: dict[str, object]) -> None:
+    r = dataclasses.replace(result("p", *HONEST), **bad)  # type: ignore[arg-type]
+    with pytest.raises(WireError):
+        r.check()
+    with pytest.raises(WireError):  # the requester's check of a result runs it first
+        check_result(r, job_id="job1", model="m", hashes=[H1, H2], replayer="p",
+                     requester="req")
+
+
+def test_a_signed_result_over_its_cap_is_oversized() -> None:
+    with pytest.raises(WireError) as caught:
+        SignedReplayResult(body=b"x" * (MAX_RESULT_BYTES + 1), sig=b"").check()
+    assert caught.value.reason == "oversized"

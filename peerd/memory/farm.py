@@ -55,6 +55,7 @@ from protocols.memory_replay import (
 
 REPLAYERS = 2  # results that must agree
 DEADLINE_S = REPLAY.timeout_s - REPLAY_MARGIN_S  # one replaying peer's time for a job
+NO_SHOWS = frozenset({"deadline", "unreachable"})  # as Symphony's requester counts them
 
 LocalJudge = Callable[[Sequence[ScecMsg]], Awaitable[Verdict]]  # our model's judge
 
@@ -161,8 +162,9 @@ class Farm:
 
         seats = election.elect()
         _, fallbacks = await fill_seats(election, seats, work, self.deadline_s)
-        for f in fallbacks:
-            self.book.observe(f.peer_id, agreed=False, punctual=False, now=time.time())
+        for f in fallbacks:  # silent or gone; a refusal in words (busy, ...) costs nothing
+            if f.reason in NO_SHOWS:
+                self.book.observe(f.peer_id, agreed=False, punctual=False, now=time.time())
         settled = settle(hashes, results)
         if not settled.accepted and local is None and len(results) >= 2:
             tiebreaker = election.replacement()

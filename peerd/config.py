@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SKILL_MATCHERS = ("auto", "embedding", "lexical")
 MEMORY_EMBEDDERS = ("auto", "minilm", "hashing")
+MEMORY_REPLAYS = ("auto", "local", "farm")
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,9 @@ class Config:
     # without the package), or "auto" (minilm when installed). The store re-embeds its
     # items when this changes.
     memory_embedder: str = "auto"
+    # Where the memory's admission replays run: "local" (this peer's model), "farm"
+    # (other peers', accepted when reproduced), "auto" (local with a model, else farm).
+    memory_replay: str = "auto"
 
     @property
     def layer_range(self) -> tuple[int, int] | None:
@@ -141,7 +145,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "compute_turn_budget": (1, 1 << 17),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
-            "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS}
+            "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS,
+            "memory_replay": MEMORY_REPLAYS}
 _LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
 _BOOL_FIELDS = {"prompt_cache", "rollout"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,

@@ -142,10 +142,10 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     weights = WeightStore(node)  # RL policy versions: published, pulled and re-served
     training = Training(node, ledger, weights, config.data_dir,  # RL runs asked of us
                         torch_threads=config.torch_threads)
-    # SEDM: items admitted by replay on our model (a peer without one keeps and serves
-    # its store, and admits nothing)
+    # SEDM: items admitted by replay on our model (a peer without one farms its replays
+    # out to peers that serve one: --memory-replay)
     memory = Memory(node, model if model.options is not None else None, config.data_dir,
-                    embedder=config.memory_embedder)
+                    embedder=config.memory_embedder, replay=config.memory_replay)
     model.recall = symphony.recall = memory  # the API's `memory` option draws on it
     symphony.scored = training.scored = memory  # and keeps their scored runs as SCECs
     services: list[Service] = [ledger, model, symphony, weights, training, memory]

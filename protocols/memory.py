@@ -11,7 +11,8 @@ What a peer measured about an item (its utility weight, uses) is local, never si
 and never trusted from another peer: a receiver admits an item only by its own replay.
 
 This module holds the item; the gossip announcement and `/peerd/memory/1.0.0` (fetch
-items, search a peer's memory) are declared beside it.
+items, search a peer's memory) are declared beside it. Farmed replays have their own
+protocol, in memory_replay.py.
 """
 
 from __future__ import annotations

@@ -11,7 +11,15 @@ import click
 
 from peerd import __version__
 from peerd.cli.client import console, fail
-from peerd.config import DEFAULT_API, DEVICES, DTYPES, MEMORY_EMBEDDERS, ConfigError, load_config
+from peerd.config import (
+    DEFAULT_API,
+    DEVICES,
+    DTYPES,
+    MEMORY_EMBEDDERS,
+    MEMORY_REPLAYS,
+    ConfigError,
+    load_config,
+)
 from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
 
 
@@ -58,6 +66,9 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
 @click.option("--memory-embedder", type=click.Choice(MEMORY_EMBEDDERS), default=None,
               help="The memory's sentence embedder [auto: all-MiniLM-L6-v2 when installed, "
               "else word hashing].")
+@click.option("--memory-replay", type=click.Choice(MEMORY_REPLAYS), default=None,
+              help="Where memory candidates are replayed: local, farm (on other peers, "
+              "accepted when two agree) [auto: local with --model, else farm].")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

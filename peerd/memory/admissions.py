@@ -11,7 +11,10 @@ none is dropped silently. A peer's item is admitted only by this replay, never o
 author's word: its outcome goes back to the diffusion's record of its author.
 
 One worker, so replays never compete with each other for the model; the model serves
-other requests between them.
+other requests between them. With a farm (farm.py) the replays may run on other peers
+instead: when this peer serves no model (`replay` "auto", the default) or always
+(`replay` "farm"); their results are accepted only when reproduced (farming.py), and
+the log names the peers that replayed.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
+from peerd.config import MEMORY_REPLAYS
 from peerd.inference.face import LanguageModel, ModelUnavailable, Refused, SwarmUnavailable
-from peerd.memory.admission import BaselineCache, Utility, Weights, judge
+from peerd.memory.admission import BaselineCache, Utility, Verdict, Weights, judge
 from peerd.memory.controller import ControllerSettings, admission_stats, precheck
+from peerd.memory.farming import job_model, verdict_of
 from peerd.memory.item import MemoryItem, Record
 from peerd.memory.scec import decode_scec
 from protocols.errors import WireError
 from protocols.memory import ScecMsg, SignedItem
 
 if TYPE_CHECKING:
+    from peerd.memory.farm import Farm, LocalJudge
     from peerd.memory.store import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,8 @@ class Candidate:
     item_id: str = ""  # once admitted (a peer's: from the start)
     created: float = field(default_factory=time.time)
     decided: float = 0.0
+    replayed_by: tuple[str, ...] = ()  # farmed: the peers whose replays were accepted
+    farmed_to: tuple[str, ...] = ()  # farmed: every peer asked
     done: trio.Event = field(default_factory=trio.Event)
 
     def to_json(self) -> dict[str, Any]:
@@ -79,6 +87,7 @@ class Candidate:
                     "total": u.total, "score": u.d_score, "latency_s": u.d_latency,
                     "prompt_tokens": u.d_tokens},
                 "tasks": self.tasks, "created": self.created,
+                "replayed_by": list(self.replayed_by) or None,
                 "decided": self.decided or None, "text": self.text}
 
 
@@ -88,7 +97,10 @@ class Admissions:
                  settings: ControllerSettings, weights: Weights, min_gain: float,
                  on_decided: Callable[[Candidate], Awaitable[None]],
                  tasks: int = ADMISSION_TASKS,
-                 task_similarity: float = MIN_TASK_SIMILARITY) -> None:
+                 task_similarity: float = MIN_TASK_SIMILARITY,
+                 farm: Farm | None = None, replay: str = "auto") -> None:
+        if replay not in MEMORY_REPLAYS:  # auto: local with a model here, else farmed
+            raise ValueError(f"replay {replay!r}: one of {', '.join(MEMORY_REPLAYS)}")
         self.store = store
         self.model = model  # the face of this peer's model; ModelUnavailable when none
         self.sign = sign
@@ -99,6 +111,8 @@ class Admissions:
         self.tasks = tasks  # replayed per candidate
         self.baselines = BaselineCache()  # A arms already replayed
         self.task_similarity = task_similarity
+        self.farm = farm  # other peers' replays, accepted when reproduced (farm.py)
+        self.replay = replay
         self.on_decided = on_decided  # events, metrics, diffusion (announce, author record)
         self.candidates: OrderedDict[str, Candidate] = OrderedDict()
         self._send, self._queue = trio.open_memory_channel[Candidate](settings.queue_cap)
@@ -155,14 +169,26 @@ class Admissions:
             await self._refuse(c, "no_tasks", f"no scored run in domain {c.domain!r} to "
                                "replay it on: run tasks there first (peerd memory learn)")
             return
+        face: LanguageModel | None = None
+        unavailable: ModelUnavailable | None = None
         try:
             face = self.model()
         except ModelUnavailable as exc:
-            await self._refuse(c, "no_model", f"no model here to replay with: {exc}")
-            return
+            unavailable = exc
         try:
-            verdict = await judge(face, c.text, tasks, self.memory_for, self.weights,
-                                  self.min_gain, self.baselines)
+            if self.farm is not None and (self.replay == "farm" or (
+                    self.replay == "auto" and face is None)):
+                got = await self._farmed(c, tasks, face)
+                if got is None:
+                    return
+                verdict = got
+            elif face is None:
+                await self._refuse(c, "no_model", f"no model here to replay with: "
+                                   f"{unavailable}")
+                return
+            else:
+                verdict = await judge(face, c.text, tasks, self.memory_for, self.weights,
+                                      self.min_gain, self.baselines)
         except (Refused, SwarmUnavailable, ValueError) as exc:
             await self._refuse(c, "replay_failed", str(exc))
             return
@@ -185,6 +211,34 @@ class Admissions:
         c.item_id = c.item.id
         await self._decided(c, "admitted", f"utility {verdict.utility.total:.3g} over "
                             f"{len(tasks)} tasks")
+
+    async def _farmed(self, c: Candidate, tasks: Sequence[ScecMsg],
+                      face: LanguageModel | None) -> Verdict | None:
+        """The verdict of farmed replays (or of our own model, where farming settled
+        nothing and we have one); None when c was refused."""
+        assert self.farm is not None
+        local: LocalJudge | None = None
+        if face is not None:
+            here = face
+
+            async def judge_here(ts: Sequence[ScecMsg]) -> Verdict:
+                return await judge(here, c.text, ts, self.memory_for, self.weights,
+                                   self.min_gain, self.baselines)
+
+            local = judge_here
+        model = face.model_id if face is not None else job_model([t.model for t in tasks])
+        try:
+            farmed = await self.farm.replay(c.text, tasks, self.memory_for, model, local)
+        except WireError as exc:  # a job we could not send (a field out of bounds)
+            await self._refuse(c, "invalid", f"cannot farm the replay: {exc}")
+            return None
+        c.replayed_by, c.farmed_to = farmed.by, farmed.asked
+        if farmed.local is not None:
+            return farmed.local
+        if not farmed.tasks:
+            await self._refuse(c, farmed.reason, farmed.message)
+            return None
+        return verdict_of(farmed.tasks, self.weights, self.min_gain)
 
     async def _tasks(self, c: Candidate) -> list[ScecMsg]:
         """The SCECs to replay c on: the run it came from first (not for a correction,
@@ -223,7 +277,9 @@ class Admissions:
         await self.store.log(state, c.item_id or c.id, None if u is None else u.total,
                              {"reason": c.reason, "message": message, "domain": c.domain,
                               "kind": c.kind, "source": c.source, "tasks": c.tasks,
-                              "text": c.text[:200]})
+                              "text": c.text[:200],
+                              **({"replayed_by": list(c.replayed_by),
+                                  "farmed_to": list(c.farmed_to)} if c.farmed_to else {})})
         try:  # done: the decision and all that follows from it (eviction, announcing)
             await self.on_decided(c)
         finally:

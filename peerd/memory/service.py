@@ -2,9 +2,9 @@
 
 It owns the store (SQLite + the hnswlib index in `<data dir>/memory/`), the admission
 desk (admissions.py: every candidate, ours or a peer's, is judged by a replay on this
-peer's model), consolidation (controller.py's plan, applied on a period and on demand),
-and diffusion (diffusion.py: admitted items announced on gossip, fetched by others, who
-judge them by their own replay).
+peer's model, or on other peers' when farmed: farm.py), consolidation (controller.py's
+plan, applied on a period and on demand), and diffusion (diffusion.py: admitted items
+announced on gossip, fetched by others, who judge them by their own replay).
 
 What the rest of the peer calls:
 - `recall(text, k, domain)`: the items to give a task, best first (similarity x weight);
@@ -37,6 +37,7 @@ from peerd.durable import replace_text
 from peerd.embedding import Embedder, make_embedder
 from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.inference.options import SamplingParams
+from peerd.ledger.gossip import LedgerGossip
 from peerd.memory import consolidation
 from peerd.memory.admission import Weights
 from peerd.memory.admissions import (
@@ -55,13 +56,16 @@ from peerd.memory.controller import (
 )
 from peerd.memory.diffusion import Diffusion
 from peerd.memory.distill import abstraction_prompt, parse_insight
+from peerd.memory.farm import Farm
 from peerd.memory.item import MemoryItem, sign_item
 from peerd.memory.learning import LearnJob, LearnSpec, SpecError, domain_of, learn
 from peerd.memory.replay import GREEDY, Outcome, record
 from peerd.memory.scec import Task, encode_scec, scec_hash
 from peerd.memory.store import MemoryStore
 from peerd.service import EntryFields, Service
+from protocols.ledger import LedgerEntry
 from protocols.memory import ScecMsg, SignedItem
+from protocols.memory_replay import FEATURE_REPLAY
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -85,7 +89,8 @@ class Memory(Service):
                  embedder: str = "auto", settings: ControllerSettings | None = None,
                  weights: Weights | None = None, min_gain: float = 0.0,
                  admission_tasks: int = ADMISSION_TASKS,
-                 task_similarity: float = MIN_TASK_SIMILARITY, diffuse: bool = True) -> None:
+                 task_similarity: float = MIN_TASK_SIMILARITY, diffuse: bool = True,
+                 replay: str = "auto") -> None:
         self.node = node
         self.model = model
         self.data_dir = data_dir
@@ -97,6 +102,8 @@ class Memory(Service):
         self.admission_tasks = admission_tasks
         self.task_similarity = task_similarity
         self.diffuse = diffuse
+        self.replay = replay  # admissions.REPLAY_MODES: where candidates are replayed
+        self.farm = Farm(node, self._face, self._ledger_entries)
         self.store: MemoryStore | None = None
         self.baseline = Baseline()
         self.admissions: Admissions | None = None
@@ -121,7 +128,10 @@ class Memory(Service):
                                      settings=self.settings, weights=self.weights,
                                      min_gain=self.min_gain, on_decided=self._decided,
                                      tasks=self.admission_tasks,
-                                     task_similarity=self.task_similarity)
+                                     task_similarity=self.task_similarity,
+                                     farm=self.farm, replay=self.replay)
+        if self.model is not None:
+            self.farm.register()  # we replay for others
         try:
             async with trio.open_nursery() as nursery:
                 if self.diffuse:
@@ -139,7 +149,7 @@ class Memory(Service):
                 await self.store.aclose()
 
     def entry_fields(self) -> EntryFields:
-        return {"features": (FEATURE_MEMORY,)}
+        return {"features": (FEATURE_MEMORY,) + ((FEATURE_REPLAY,) if self.model else ())}
 
     def routes(self) -> Sequence[BaseRoute]:
         from peerd.api.memory import routes
@@ -152,6 +162,7 @@ class Memory(Service):
             out["waiting"] = self.admissions.waiting
         if self.diffusion is not None:
             out["diffusion"] = self.diffusion.status()
+        out["replays"] = {"mode": self.replay, **self.farm.status()}
         return {"memory": out}
 
     # ---- what the peer calls -------------------------------------------------------------
@@ -317,6 +328,12 @@ class Memory(Service):
         return sign_item(self.node.key_pair.private_key, self.node.peer_id, text, domain,
                          kind, origin=origin, parent=parent)
 
+    def _ledger_entries(self) -> list[LedgerEntry]:
+        try:
+            return self.node.service(LedgerGossip).book.entries()
+        except LookupError:  # a node without the ledger: nobody to farm to
+            return []
+
     async def _memory_for(self, scec: ScecMsg) -> list[str]:
         return [r.record.item.text for r in await self.recall(scec.prompt, None, scec.domain)]
 
@@ -330,7 +347,8 @@ class Memory(Service):
         self.node.events.publish(f"memory.{c.state}", **{
             k: v for k, v in c.to_json().items() if k != "text"})
         if c.source != "local" and c.item is not None and self.diffusion is not None \
-                and c.reason not in ("known", "queue_full", "no_model", "no_tasks", "error"):
+                and c.reason not in ("known", "queue_full", "no_model", "no_tasks", "error",
+                                     "no_replayers", "unverified", "invalid"):
             self.diffusion.report(c.item.author, c.state == "admitted")
         if c.state == "admitted":
             count = await self.live_store().count()

@@ -6,6 +6,8 @@ two logits, reported), and every calculation in the chain right."""
 
 from __future__ import annotations
 
+import functools
+
 import re
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,17 @@ NEAR_TIE = 1e-4
 _EQUATION = re.compile(r"((?:\d[\d.,]*\s*[-+*/x]\s*)+\d[\d.,]*)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
 
 
+@functools.cache
+def reference_smollm2() -> tuple[Any, Any]:
+    """SmolLM2 as one process loads it (seconds from the GGUF: loaded once), its
+    tokenizer."""
+    source = resolve("smollm2")
+    return reference_model(source), load_tokenizer(source)
+
+
 def reference_prompt(question: str) -> tuple[Any, Any, list[int]]:
     """SmolLM2 as one process loads it, its tokenizer, and the task prompt's ids."""
-    source = resolve("smollm2")
-    model: Any = reference_model(source)
-    tok = load_tokenizer(source)
+    model, tok = reference_smollm2()
     prompt = tok.apply_chat_template(messages(question, "number"),
                                      add_generation_prompt=True, tokenize=False)
     return model, tok, list(tok(prompt, add_special_tokens=False)["input_ids"])

@@ -7,7 +7,6 @@ two logits, reported), and every calculation in the chain right."""
 from __future__ import annotations
 
 import functools
-
 import re
 from pathlib import Path
 from typing import Any

@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = argparse.ArgumentParser(prog="peerd.rl.rank_worker")
     args.add_argument("--device", default="cpu")
     device = args.parse_args(argv).device
-    from peerd.rl.ranks import (BROADCAST, LOGS_ENV, SOCKET_ENV, TOKEN_ENV, recv_frame,
-                                send_frame)
+    from peerd.rl.ranks import BROADCAST, LOGS_ENV, SOCKET_ENV, TOKEN_ENV, recv_frame, send_frame
 
     rank = int(os.environ.get("RANK", "0"))
     _redirect(Path(os.environ[LOGS_ENV]) / f"rank{rank}.log")

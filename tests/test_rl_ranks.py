@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from peerd.rl.checkpoint import checkpoints
 from peerd.rl.grpo import GrpoLoss
 from peerd.rl.learner import Learner
 from peerd.rl.learner_policy import Policy
-from peerd.rl.ranks import GroupError, RankedPolicy
+from peerd.rl.ranks import LOGS_ENV, GroupError, RankedPolicy
 from peerd.rl.run import RunSpec, SpecError
 from peerd.rl.training import Run, Training
 from peerd.rl.types import Rollout
@@ -64,6 +65,21 @@ def gone(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def leftovers(under: Path) -> list[int]:
+    """Live processes of any learner group whose logs are under `under` (torchrun and
+    its ranks carry the path in their environment)."""
+    mark = f"{LOGS_ENV}={under}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes() and \
+                    not gone(int(proc.name)):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 @pytest.mark.parametrize(("ranks", "group"), [(0, 4), (9, 16), (4, 2)])
 def test_ranks_out_of_bounds_are_refused(ranks: int, group: int) -> None:
     with pytest.raises(SpecError, match="ranks"):
@@ -73,7 +89,7 @@ def test_ranks_out_of_bounds_are_refused(ranks: int, group: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_train_check_and_fail_as_one_process(tmp_path: Path,
+def test_two_gloo_ranks_train_score_and_checkpoint_as_one_process(tmp_path: Path,
                                                             tiny: Path) -> None:
     spec = RunSpec(model=str(tiny), group=4, lr=LR, ranks=2, max_tokens=6)
     run_dir = tmp_path / "run"
@@ -127,16 +143,7 @@ def test_two_gloo_ranks_train_check_and_fail_as_one_process(tmp_path: Path,
     finally:
         group.close()
     assert all(gone(pid) for pid in [group.proc.pid, *group.pids])
-    # a group that cannot load its model fails at start, saying why
-    bad = RankedPolicy.launch(RunSpec(model=str(tmp_path / "nowhere"), ranks=2),
-                              tmp_path / "bad", threads=1, start_timeout_s=120)
-    try:
-        # (rank 0's answer, or whichever rank's last words torchrun saw first)
-        with pytest.raises(GroupError, match=r"ModelError: model .*nowhere.* not found"):
-            bad.wait_ready()
-    finally:
-        bad.close()
-    assert gone(bad.proc.pid)
+    assert leftovers(tmp_path) == []
 
 
 def group_of(run: Run) -> RankedPolicy:
@@ -155,12 +162,22 @@ async def ended(training: Training, spec: RunSpec, state: str = "done") -> Run:
 
 
 @pytest.mark.slow
-async def test_a_run_with_two_ranks_checkpoints_resumes_and_leaves_nothing_behind(
+async def test_a_run_with_two_ranks_fails_clearly_checkpoints_resumes_and_leaves_nothing_behind(
         tmp_path: Path, tiny: Path) -> None:
     settings: dict[str, object] = {"model": str(tiny), "task": str(seven_task(tmp_path)),
                                    "group": 4, "batch": 2, "max_tokens": 3, "lr": 0.02,
                                    "seed": 1, "ranks": 2, "run_id": "ranked"}
+    broken = tmp_path / "broken"  # a model whose weights do not load
+    shutil.copytree(tiny, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
     async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
+        # the group cannot start: the run fails saying why; the peer goes on
+        failed = await ended(training, RunSpec(**{  # type: ignore[arg-type]
+            **settings, "model": str(broken), "run_id": "broken", "steps": 1}), "failed")
+        # rank 0's answer, or (when torchrun ends the group first) a rank's last words
+        assert failed.error.startswith("GroupError: ") and "rank" in failed.error
+        assert "SafetensorError" in failed.error, failed.error
         first = await ended(training, RunSpec(**settings, steps=2))  # type: ignore[arg-type]
         group = group_of(first)
         assert first.to_json()["version"] == 2 and len(checkpoints(first.dir)) == 1
@@ -183,3 +200,4 @@ async def test_a_run_with_two_ranks_checkpoints_resumes_and_leaves_nothing_behin
         assert all(gone(pid) for pid in [group.proc.pid, *group.pids])
         # the samplers follow the group's versions: the last one reaches them
         await wait_for(lambda: sampler.sampler.policy.version == out["version"])
+    assert leftovers(tmp_path) == []  # the broken group's included

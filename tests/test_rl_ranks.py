@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -164,7 +165,7 @@ async def ended(training: Training, spec: RunSpec, state: str = "done") -> Run:
 @pytest.mark.slow
 async def test_a_run_with_two_ranks_fails_clearly_checkpoints_resumes_and_leaves_nothing_behind(
         tmp_path: Path, tiny: Path) -> None:
-    settings: dict[str, object] = {"model": str(tiny), "task": str(seven_task(tmp_path)),
+    settings: dict[str, Any] = {"model": str(tiny), "task": str(seven_task(tmp_path)),
                                    "group": 4, "batch": 2, "max_tokens": 3, "lr": 0.02,
                                    "seed": 1, "ranks": 2, "run_id": "ranked"}
     broken = tmp_path / "broken"  # a model whose weights do not load
@@ -173,18 +174,18 @@ async def test_a_run_with_two_ranks_fails_clearly_checkpoints_resumes_and_leaves
         weights.write_bytes(b"not safetensors")
     async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
         # the group cannot start: the run fails saying why; the peer goes on
-        failed = await ended(training, RunSpec(**{  # type: ignore[arg-type]
+        failed = await ended(training, RunSpec(**{
             **settings, "model": str(broken), "run_id": "broken", "steps": 1}), "failed")
         # rank 0's answer, or (when torchrun ends the group first) a rank's last words
         assert failed.error.startswith("GroupError: ") and "rank" in failed.error
         assert "SafetensorError" in failed.error, failed.error
-        first = await ended(training, RunSpec(**settings, steps=2))  # type: ignore[arg-type]
+        first = await ended(training, RunSpec(**settings, steps=2))
         group = group_of(first)
         assert first.to_json()["version"] == 2 and len(checkpoints(first.dir)) == 1
         assert all(gone(pid) for pid in [group.proc.pid, *group.pids])
         assert (first.dir / "ranks" / "rank1.log").is_file()
         # resumed with ranks=2 at its step; then stopped mid-run: the group ends too
-        again = await training.start_run(RunSpec(  # type: ignore[arg-type]
+        again = await training.start_run(RunSpec(
             **settings, steps=50, resume=True, out=str(first.dir)))
         await wait_for(lambda: again.to_json()["step"] >= 3, timeout_s=90)
         again.stop()

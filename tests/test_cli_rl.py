@@ -119,7 +119,10 @@ def test_status_of_an_unknown_run_is_one_line(trainer: Daemon) -> None:
     (["--temperature", "0"], "temperature"),
     (["--run-id", "a/b"], "run_id"),
     (["--memory-scecs", "-1"], "memory_scecs"),
-], ids=["lr", "group", "staleness", "temperature", "run-id", "memory-scecs"])
+    (["--ranks", "0"], "ranks"),
+    (["--ranks", "9"], "ranks"),
+], ids=["lr", "group", "staleness", "temperature", "run-id", "memory-scecs", "ranks-0",
+        "ranks-9"])
 def test_settings_the_daemon_refuses_start_nothing(trainer: Daemon, flags: list[str],
                                                    named: str) -> None:
     line = one_line_error(run_cli("rl", "train", "--model", "m", *at(trainer), *flags), 1)

@@ -48,6 +48,10 @@ def rl() -> None:
               "travel to the samplers).")
 @click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--ranks", type=int, default=1, show_default=True,
+              help="Learner processes on this machine: N > 1 trains under torchrun as "
+              "DDP (gloo on CPU), the peer's --torch-threads shared among them (1..8, at "
+              "most --group).")
 @click.option("--kl", type=float, default=0.0, show_default=True,
               help="k3 KL penalty to the reference policy (0: none).")
 @click.option("--max-tokens", type=int, default=16, show_default=True,
@@ -64,8 +68,8 @@ def rl() -> None:
               "tasks (one SCEC a group; 0: none).")
 def train(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
           model: str, task: str, mode: str, samplers: str, group: int, batch: int,
-          steps: int, staleness: int, update: str, lora_rank: int, lr: float, kl: float,
-          max_tokens: int, temperature: float, seed: int, run_id: str, out: Path | None,
+          steps: int, staleness: int, update: str, lora_rank: int, lr: float, ranks: int,
+          kl: float, max_tokens: int, temperature: float, seed: int, run_id: str, out: Path | None,
           resume: bool, memory_scecs: int) -> None:
     """Train MODEL by GRPO on TASK with the swarm's rollout samplers, live."""
     if samplers != "auto" and not samplers.isdigit():
@@ -74,7 +78,7 @@ def train(data_dir: Path | None, api: str | None, token: str | None, as_json: bo
         "model": model, "task": task, "mode": mode,
         "samplers": 0 if samplers == "auto" else int(samplers), "group": group,
         "batch": batch, "steps": steps, "staleness": staleness, "update": update,
-        "lora_rank": lora_rank, "lr": lr, "kl": kl, "max_tokens": max_tokens,
+        "lora_rank": lora_rank, "lr": lr, "ranks": ranks, "kl": kl, "max_tokens": max_tokens,
         "temperature": temperature, "seed": seed, "run_id": run_id, "resume": resume,
         "out": str(out.resolve()) if out else "", "memory_scecs": memory_scecs,
     }

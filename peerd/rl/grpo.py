@@ -8,7 +8,8 @@ version is weighted by how much the current policy has moved away from it.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -172,3 +173,35 @@ def grpo_loss(
             "tokens": float(count),
         }
     return loss, stats
+
+
+@dataclass(frozen=True, slots=True)
+class GrpoLoss:
+    """`grpo_loss` with a run's settings, as the learner's loss_fn(new_logp, batch).
+
+    Data, not a closure: a learner group under torchrun (ranks.py) is sent these
+    settings (`to_json`) and builds the same loss on every rank."""
+
+    clip_eps: float
+    kl_coef: float
+    aggregation: Aggregation
+    max_len: int
+    is_cap: float | None
+
+    @classmethod
+    def of(cls, spec: Any) -> GrpoLoss:
+        """From a RunSpec (run.py)."""
+        return cls(clip_eps=spec.clip_eps, kl_coef=spec.kl, aggregation=spec.aggregation,
+                   max_len=spec.max_tokens, is_cap=spec.is_cap)
+
+    def __call__(self, new_logp: Tensor, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        return grpo_loss(new_logp, batch.behaviour_logprobs, batch.advantages,
+                         batch.completion_mask, clip_eps=self.clip_eps,
+                         ref_logp=getattr(batch, "ref_logprobs", None),
+                         kl_coef=self.kl_coef, aggregation=self.aggregation,
+                         max_len=self.max_len, is_cap=self.is_cap)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clip_eps": self.clip_eps, "kl_coef": self.kl_coef,
+                "aggregation": self.aggregation, "max_len": self.max_len,
+                "is_cap": self.is_cap}

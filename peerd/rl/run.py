@@ -22,6 +22,7 @@ MAX_STEPS = 1_000_000
 MAX_STALENESS = 64
 MAX_NEW_TOKENS = 2048
 MAX_MEMORY_SCECS = 100_000
+MAX_RANKS = 8  # learner processes on one machine (torchrun)
 
 
 class SpecError(ValueError):
@@ -47,6 +48,9 @@ class RunSpec:
     lora_alpha: float = 16.0
     lr: float = 1e-5
     kl: float = 0.0  # k3 to the reference policy; 0 keeps no reference
+    # learner processes: 1 trains in the peer's own process; N > 1 starts N under
+    # torchrun (DDP: gloo on CPU, NCCL on CUDA) and talks to rank 0 (ranks.py)
+    ranks: int = 1
     clip_eps: float = 0.2
     is_cap: float = 2.0  # truncated importance weight of an off-policy token
     aggregation: str = "token"  # token | seq-mean | dr-grpo (Dr.GRPO also skips std)
@@ -145,6 +149,11 @@ class RunSpec:
         within("verify_tolerance_half", 0.0, 10.0)
         within("verify_old", 0, MAX_BATCH)
         within("memory_scecs", 0, MAX_MEMORY_SCECS)
+        within("ranks", 1, MAX_RANKS)
+        if self.ranks > self.group:  # a step may train a single group: a row a rank
+            raise SpecError("ranks", f"{self.ranks} ranks need groups of at least as many "
+                            f"completions (group is {self.group}): every rank trains its "
+                            "own rows of a step's batch")
         if self.run_id and not RUN_ID.match(self.run_id):
             raise SpecError("run_id", "1-64 characters of letters, digits, '.', '_', '-'")
 

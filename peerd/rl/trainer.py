@@ -44,7 +44,7 @@ import torch
 import trio
 
 from peerd.rl.buffer import ReplayBuffer
-from peerd.rl.grpo import group_advantages, grpo_loss, is_degenerate
+from peerd.rl.grpo import GrpoLoss, group_advantages, is_degenerate
 from peerd.rl.progress import NoSamplers, Progress, judge
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
@@ -424,16 +424,8 @@ class Trainer:
             rollouts.extend(g)
         stats: dict[str, Any] = {}
         if rollouts:
-            def loss_fn(new_logp: torch.Tensor, batch: Any) -> Any:
-                return grpo_loss(new_logp, batch.behaviour_logprobs, batch.advantages,
-                                 batch.completion_mask, clip_eps=spec.clip_eps,
-                                 ref_logp=getattr(batch, "ref_logprobs", None),
-                                 kl_coef=spec.kl,
-                                 aggregation=spec.aggregation,  # type: ignore[arg-type]
-                                 max_len=spec.max_tokens, is_cap=spec.is_cap)
-
             stats = await trio.to_thread.run_sync(self.learner.train, rollouts, advantages,
-                                                  loss_fn, spec.temperature)
+                                                  GrpoLoss.of(spec), spec.temperature)
         train_s = time.monotonic() - t0
         trained_at = self.version
         self.version += 1

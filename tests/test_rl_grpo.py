@@ -234,3 +234,23 @@ def test_an_absurd_behaviour_logprob_gives_a_finite_loss_and_gradient() -> None:
         loss.backward()
         assert math.isfinite(loss.item()) and math.isfinite(stats["ratio_max"])
         assert new.grad is not None and torch.isfinite(new.grad).all()
+
+
+def test_the_runs_loss_takes_the_batchs_reference_log_probs() -> None:
+    """GrpoLoss (what the trainer hands the learner) reads the reference log-probs the
+    session puts on the batch (with_reference): --kl moves the loss by kl * k3."""
+    from peerd.rl.grpo import GrpoLoss
+    from peerd.rl.learner import TokenBatch, with_reference
+
+    tokens = TokenBatch.from_sequences([[1, 2], [3]], [[4, 5], [6]],
+                                       [[-1.0, -1.0], [-1.0]], [1.0, -1.0])
+    new = torch.tensor([[-0.5, -1.5], [-2.0, 0.0]])
+    ref = with_reference(tokens, torch.zeros(2, 2))
+    plain = GrpoLoss(clip_eps=0.2, kl_coef=0.0, aggregation="token", max_len=2, is_cap=None)
+    kl = GrpoLoss(clip_eps=0.2, kl_coef=0.1, aggregation="token", max_len=2, is_cap=None)
+    base, stats = plain(new, ref)
+    assert stats["kl_mean"] > 0.0  # the reference reached the loss
+    with_kl, _ = kl(new, ref)
+    assert with_kl.item() == pytest.approx(base.item() + 0.1 * stats["kl_mean"], abs=1e-6)
+    with pytest.raises(ValueError, match="ref_logp"):
+        kl(new, tokens)  # --kl without a reference on the batch is our bug, said so

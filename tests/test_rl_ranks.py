@@ -89,6 +89,20 @@ def test_ranks_out_of_bounds_are_refused(ranks: int, group: int) -> None:
     assert RunSpec.parse({"model": "m"}).ranks == 1
 
 
+def test_kl_reaches_the_loss_the_trainer_steps_with(tiny: Path) -> None:
+    """--kl: the learner keeps the version-0 policy and the run's loss (GrpoLoss) adds the
+    KL to it: nothing at the first step, more than nothing once a step moved away."""
+    spec = RunSpec(model=str(tiny), group=4, lr=LR, max_tokens=6, kl=0.05)
+    policy = Policy(Learner.load(spec.model, lr=LR, seed=spec.seed, reference=True),
+                    spec.aggregation)
+    rows = rollouts()
+    rows = rollouts(policy.score(rows, 1.0))
+    first = policy.train(rows, ADVANTAGES, GrpoLoss.of(spec), 1.0)
+    second = policy.train(rows, ADVANTAGES, GrpoLoss.of(spec), 1.0)
+    assert first["kl_mean"] == pytest.approx(0.0, abs=1e-7)
+    assert second["kl_mean"] > 1e-6
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_train_score_and_checkpoint_as_one_process(tmp_path: Path,
                                                             tiny: Path) -> None:

@@ -197,7 +197,7 @@ class GrpoLoss:
     def __call__(self, new_logp: Tensor, batch: Any) -> tuple[Tensor, dict[str, float]]:
         return grpo_loss(new_logp, batch.behaviour_logprobs, batch.advantages,
                          batch.completion_mask, clip_eps=self.clip_eps,
-                         ref_logp=getattr(batch, "ref_logprobs", None),
+                         ref_logp=batch.reference_logprobs,
                          kl_coef=self.kl_coef, aggregation=self.aggregation,
                          max_len=self.max_len, is_cap=self.is_cap)
 

@@ -31,13 +31,11 @@ from peerd.rl.types import Rollout
 from tests.harness import wait_for
 from tests.models import tiny_llama_dir
 from tests.rl_swarm import rl_swarm, seven_task
+from tests.test_rl_learner import ADVANTAGES, COMPLETIONS, PROMPTS  # rows of unequal lengths
 
 LR = 1e-2
 ADAM_ATOL = 1e-2 * LR
 SCORE_ATOL = 1e-6
-PROMPTS = [[5, 17, 42], [7, 8], [9, 10, 11, 12, 13], [3]]
-COMPLETIONS = [[20, 21, 22, 23], [30], [40, 41], [50, 51, 52, 53, 54, 55]]
-ADVANTAGES = [1.0, -0.5, 0.25, -1.0]
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,10 @@ class Config:
     # versions (peerd/rl/); with --layers, as a shard of a pipeline sampler (the peer
     # holding layer 0 samples through the other --rollout peers).
     rollout: bool = False
+    # RL weight chunks also travel over plain HTTP/1.1 (far faster than libp2p streams):
+    # this peer serves the chunks it holds on its libp2p listen host at this port
+    # (0: any free port, advertised in the ledger; -1, or "off": not at all).
+    weights_http_port: int = 0
     # The memory's sentence embedder (peerd/memory/, SEDM): "minilm" (all-MiniLM-L6-v2,
     # the packaged default), "hashing" (word features, no model: for tests and machines
     # without the package), or "auto" (minilm when installed). The store re-embeds its
@@ -142,7 +146,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "heartbeat_s": (0.05, 3600), "ttl_heartbeats": (1, 100), "target_peers": (1, 1000),
     "torch_threads": (0, 1024), "max_sessions": (1, 10_000), "kv_cache_mb": (1, 10_000_000),
     "kv_headroom_positions": (0, 1 << 17), "compute_quantum_positions": (1, 1 << 17),
-    "compute_turn_budget": (1, 1 << 17),
+    "compute_turn_budget": (1, 1 << 17), "weights_http_port": (-1, 65535),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS,
@@ -172,9 +176,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(name, source, f"expected a number, got {value!r}") from None
+    if name == "weights_http_port" and isinstance(value, str) \
+            and value.strip().lower() == "off":
+        return -1
     if name in ("ttl_heartbeats", "target_peers", "torch_threads", "max_sessions",
                 "kv_cache_mb", "kv_headroom_positions", "compute_quantum_positions",
-                "compute_turn_budget"):
+                "compute_turn_budget", "weights_http_port"):
         if isinstance(value, bool | float):  # int(2.5) would quietly truncate
             raise ConfigError(name, source, f"expected an integer, got {value!r}")
         try:

@@ -139,7 +139,9 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     solver = ModelSolver(model) if model.options is not None else None
     symphony = Symphony(node, ledger, solver, make_matcher(config.skill_matcher),
                         skills=config.skills, warm_up=solver is not None)
-    weights = WeightStore(node)  # RL policy versions: published, pulled and re-served
+    # RL policy versions: published, pulled and re-served (chunks over HTTP as well)
+    weights = WeightStore(node, ledger=ledger, http_port=None if config.weights_http_port < 0
+                          else config.weights_http_port)
     training = Training(node, ledger, weights, config.data_dir,  # RL runs asked of us
                         torch_threads=config.torch_threads)
     # SEDM: items admitted by replay on our model (a peer without one farms its replays

@@ -46,6 +46,7 @@ class EntryFields(TypedDict, total=False):
     load: Load  # sessions and queue; the gossip adds the CPU load
     reputation: dict[str, float]
     features: tuple[str, ...]  # optional wire fields this peer understands
+    weights_http_port: int  # where our weight chunks are served over HTTP (0: nowhere)
 
 
 class Service(Protocol):

@@ -60,6 +60,7 @@ class LedgerEntry(Message):
 
     KIND = "ledger.entry"
     STRICT = False
+    OPTIONAL = frozenset({"weights_http_port"})
     peer_id: str
     seq: int  # strictly increasing per peer; last writer wins
     timestamp: float  # unix seconds when signed
@@ -77,6 +78,10 @@ class LedgerEntry(Message):
     # peer sends one only to peers that list it, so an older peer that decodes requests
     # strictly is never sent a field it would refuse.
     features: tuple[str, ...] = ()
+    # The port of this peer's weight-chunk HTTP side channel (protocols/weights.py
+    # CHUNKS_HTTP), at the IP its libp2p connections come from; 0: none. Left off the
+    # wire while 0, so an entry without it is what older peers sign and read.
+    weights_http_port: int = 0
 
     @property
     def expires_at(self) -> float:

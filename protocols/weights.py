@@ -22,6 +22,13 @@ Two request/response protocols serve the data (one request type each):
   chunk named `hashes[i]` or b"" when the peer does not hold it (or it did not fit in
   the reply budget: ask again).
 
+and a side channel over plain HTTP/1.1 (SHARDCAST's way, far faster than py-libp2p's
+streams): `GET /chunks/<sha256 hex>` -> the chunk's bytes, 404 when not held (`CHUNKS_HTTP`,
+served by peerd/rl/chunk_http.py). A holder advertises its port in its ledger entry
+(`LedgerEntry.weights_http_port`); the host is the IP of the puller's direct libp2p
+connection to it. The hash is the capability: a puller checks every chunk against the
+manifest it verified against the trainer's signed hash, so no token is needed.
+
 Whom a receiver follows for a run (whose announcements it acts on) is the receiver's
 choice (peerd/rl/weights.py); here only the shape and the values are checked.
 """
@@ -315,4 +322,30 @@ CHUNKS = RequestResponse(
     timeout_s=30.0,
     max_concurrent=32,
     max_concurrent_per_peer=4,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpChunks:
+    """The HTTP/1.1 chunk side channel, declared as data: its one path and its limits."""
+
+    path: str  # GET <path><64 lowercase hex digits of the chunk's SHA-256>
+    max_concurrent: int  # connections served at once (one request at a time each);
+    # more are answered 503
+    max_header_bytes: int  # a request head longer than this is answered 431
+    request_timeout_s: float  # to receive a request's head, idle keep-alive included
+    send_timeout_s: float  # to send one response
+    connect_timeout_s: float  # a puller's dial: past it, the holder is asked over libp2p
+    # A puller stops trying HTTP with a holder for this long after it failed there
+    down_s: float
+
+
+CHUNKS_HTTP = HttpChunks(
+    path="/chunks/",
+    max_concurrent=32,
+    max_header_bytes=8 * 1024,
+    request_timeout_s=15.0,
+    send_timeout_s=CHUNKS.timeout_s,
+    connect_timeout_s=3.0,
+    down_s=60.0,
 )

@@ -63,6 +63,9 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               help="Sample RL rollouts for trainers (`peerd rl train`) with this peer's model, "
               "which then follows the trainer's policy versions; needs --model (with "
               "--layers: a pipeline sampler's shard, sampling when it holds layer 0).")
+@click.option("--weights-http-port", metavar="PORT|off",
+              help="Serve held RL weight chunks over HTTP on the listen host at PORT too "
+              "(pullers check every chunk's hash) [0: any free port; off: libp2p only].")
 @click.option("--memory-embedder", type=click.Choice(MEMORY_EMBEDDERS), default=None,
               help="The memory's sentence embedder [auto: all-MiniLM-L6-v2 when installed, "
               "else word hashing].")

@@ -98,6 +98,7 @@ class LedgerGossip(Service):
             reputation=dict(fields.get("reputation", {})),
             software=f"peerd/{__version__}",
             features=fields.get("features", ()),
+            weights_http_port=fields.get("weights_http_port", 0),
         )
 
     def _service_fields(self) -> EntryFields:

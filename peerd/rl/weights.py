@@ -8,7 +8,9 @@ in parallel batches from every holder it knows (chunks.py spreads them, the trai
 last), each checked against its SHA-256; a holder that sends a bad chunk is counted
 as an offence and its chunks are fetched from another. What a peer fetched it serves
 at once (`Have` on gossip, then `/peerd/weights/1.0.0`), so the trainer's upload does
-not grow with the number of samplers.
+not grow with the number of samplers. With `http_port` set, chunks also travel over
+plain HTTP/1.1 (chunk_http.py serves ours, chunk_client.py fetches theirs): a holder
+whose ledger entry advertises a port is asked there first, over libp2p when that fails.
 
 Whom to follow, and the gossip of announcements and holders: announce.py.
 
@@ -40,6 +42,8 @@ from trio_typing import TaskStatus
 from peerd.agents.sealing import seal
 from peerd.node import Node
 from peerd.rl.announce import AnnounceHook, Announcements
+from peerd.rl.chunk_client import ChunkFetcher
+from peerd.rl.chunk_http import ChunkServer, serve_beside
 from peerd.rl.chunks import ChunkPlan
 from peerd.rl.metrics import WeightsCollector
 from peerd.rpc import call, stream_handler
@@ -50,6 +54,8 @@ from protocols.errors import PeerError, RemoteError
 
 if TYPE_CHECKING:
     import torch
+
+    from peerd.ledger.gossip import LedgerGossip
 
 from protocols.weights import (
     CHUNKS,
@@ -110,8 +116,16 @@ class WeightStore(Service):
 
     def __init__(self, node: Node, *, keep_versions: int = 3, parallel: int = 8,
                  per_holder: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 announce_s: float = 10.0) -> None:
+                 announce_s: float = 10.0, ledger: LedgerGossip | None = None,
+                 http_port: int | None = None) -> None:
+        """`http_port`: serve our chunks over HTTP on the libp2p listen host at this port
+        (0: any free one; None: not at all). `ledger`: where holders' ports are read (and
+        ours advertised); without it, chunks travel over libp2p only."""
         self.node = node
+        self.ledger = ledger
+        self.http_port = http_port
+        self.http_server = ChunkServer(self._serve_http_chunk) if http_port is not None \
+            else None
         self.keep_versions = keep_versions
         self.parallel = parallel
         self.per_holder = per_holder
@@ -125,10 +139,13 @@ class WeightStore(Service):
         self._wake: dict[bytes, trio.Event] = {}
         self._locks: dict[tuple[str, int], trio.Lock] = {}
         self.pull_stats: deque[PullStat] = deque(maxlen=32)
-        self.served: Counter[str] = Counter()  # "chunks", "bytes", "manifests"
-        self.pulled: Counter[str] = Counter()  # "pulls", "bytes", "chunks"
+        # "chunks", "bytes" (over either channel), "http_chunks", "http_bytes", "manifests"
+        self.served: Counter[str] = Counter()
+        # "pulls", "bytes", "chunks", "http_chunks", "http_bytes", "http_fallbacks"
+        self.pulled: Counter[str] = Counter()
         self.pull_seconds = 0.0  # all pulls together
         self._nursery: trio.Nursery | None = None
+        self.fetcher = ChunkFetcher(node, ledger, self.pulled)
 
     # ---- following (announce.py) --------------------------------------------------------
 
@@ -335,13 +352,8 @@ class WeightStore(Service):
                            sources: Counter[str]) -> None:
         got: list[bytes] = []
         try:
-            reply: ChunkReply = await call(self.node.host, peer, CHUNKS,
-                                           ChunkRequest(hashes=tuple(batch)),
-                                           dial=self.node.new_stream)
-            if len(reply.data) != len(batch):
-                raise PeerError(f"{len(reply.data)} chunks for {len(batch)} asked",
-                                reason="malformed")
-            offered = [(h, d) for h, d in zip(batch, reply.data, strict=True) if d]
+            data = await self.fetcher.fetch(peer, batch, plan.sizes)
+            offered = [(h, d) for h, d in zip(batch, data, strict=True) if d]
             bad = await trio.to_thread.run_sync(self._verify_chunks, plan, offered)
             got = [h for h, d in offered if h not in bad]
             for h, d in offered:
@@ -349,8 +361,7 @@ class WeightStore(Service):
                     self.chunks[h] = d
             if bad:
                 raise bad[next(iter(bad))]
-            plan.returned(peer, got, [h for h, d in zip(batch, reply.data, strict=True)
-                                      if not d])
+            plan.returned(peer, got, [h for h, d in zip(batch, data, strict=True) if not d])
             sources[peer] += len(got)
         except PeerError as exc:
             self.node.offence(peer, exc.reason, f"weights chunks: {exc}")
@@ -437,6 +448,13 @@ class WeightStore(Service):
                 data.append(b"")
         return ChunkReply(data=tuple(data))
 
+    def _serve_http_chunk(self, h: bytes) -> bytes | None:
+        chunk = self.chunks.get(h)
+        if chunk is not None:
+            self.served.update(chunks=1, bytes=len(chunk), http_chunks=1,
+                               http_bytes=len(chunk))
+        return chunk
+
     async def _reannounce(self) -> None:
         """Soft state: our newest authored announcement and newest held version of
         each run, every `announce_s`."""
@@ -462,14 +480,25 @@ class WeightStore(Service):
                                                           node.offence))
         node.metrics.registry.register(WeightsCollector(self))
         subscription = await node.pubsub.subscribe(TOPIC)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self.runs.intake, subscription)
-            nursery.start_soon(self._reannounce)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.http_server is not None and self.http_port is not None:
+                    await nursery.start(serve_beside, self.http_server, node.config.listen,
+                                        self.http_port)
+                    if self.ledger is not None:
+                        self.ledger.refresh()  # our port, for pullers to find
+                nursery.start_soon(self.runs.intake, subscription)
+                nursery.start_soon(self._reannounce)
+                task_status.started()
+        finally:
+            await self.fetcher.aclose()
 
     def entry_fields(self) -> EntryFields:
-        return {"features": (FEATURE,)}
+        fields: EntryFields = {"features": (FEATURE,)}
+        if self.http_server is not None and self.http_server.port:
+            fields["weights_http_port"] = self.http_server.port
+        return fields
 
     def status(self) -> dict[str, Any]:
         last = self.pull_stats[-1] if self.pull_stats else None
@@ -480,6 +509,9 @@ class WeightStore(Service):
             "held_bytes": sum(len(c) for c in self.chunks.values()),
             "served": dict(self.served),
             "pulled": {**self.pulled, "seconds": round(self.pull_seconds, 4)},
+            "http": None if self.http_server is None else {
+                "port": self.http_server.port, "connections": self.http_server.active,
+                "answered": {str(k): v for k, v in self.http_server.answered.items()}},
             "last_pull": None if last is None else {
                 "run_id": last.run_id, "version": last.version,
                 "seconds": round(last.seconds, 4), "bytes": last.bytes,

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from peerd.config import ConfigError, load_config
-from peerd.rl.chunk_client import ChunkClient, HttpUnavailable, base_url
+from peerd.rl.chunk_client import ChunkClient, HttpUnavailable
 from peerd.rl.chunk_http import ChunkServer, serve_beside
 from protocols.codec import decode, encode
 from protocols.ledger import LedgerEntry
@@ -53,7 +53,7 @@ async def test_the_server_serves_chunks_refuses_the_rest_and_keeps_serving() -> 
     server = ChunkServer({NAME: DATA}.get, SPEC)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_beside, server, ["/ip4/127.0.0.1/tcp/0"], 0)
-        url = base_url("127.0.0.1", port)
+        url = ("127.0.0.1", port)
         client = ChunkClient(SPEC)
         sizes = {NAME: len(DATA), UNKNOWN: 5}
         # two requests on one keep-alive connection: a held chunk, one not held
@@ -106,7 +106,7 @@ async def test_the_client_maps_answers_to_chunks_lies_and_a_channel_to_give_up()
     server = ChunkServer({NAME: DATA}.get, SPEC)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run, "127.0.0.1", 0)
-        url = base_url("127.0.0.1", port)
+        url = ("127.0.0.1", port)
         client = ChunkClient(SPEC)
         # a length other than the manifest's is the holder's lie
         with pytest.raises(BadChunk, match="bytes over HTTP"):

@@ -121,6 +121,17 @@ def test_a_truncated_chunk_is_refused_by_its_size() -> None:
         assemble(manifest, {**chunks, h: chunks[h][:-5]})
 
 
+def test_chunks_hashed_already_are_checked_by_length_only() -> None:
+    manifest, chunks = build_manifest("r", "m", 1, "full", model_tensors(), chunk_bytes=KIB)
+    h = manifest.tensors[0].chunks[0]
+    bad = bytearray(chunks[h])
+    bad[7] ^= 1
+    # the store hashed every chunk as it came in: assembling does not hash again
+    assemble(manifest, {**chunks, h: bytes(bad)}, hashed=True)
+    with pytest.raises(BadChunk, match=f"is {KIB - 5} bytes, expected {KIB}"):
+        assemble(manifest, {**chunks, h: chunks[h][:-5]}, hashed=True)
+
+
 def test_a_missing_chunk_is_named() -> None:
     manifest, chunks = build_manifest("r", "m", 1, "full", model_tensors(), chunk_bytes=KIB)
     h = manifest.tensors[1].chunks[-1]

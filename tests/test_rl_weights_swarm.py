@@ -334,3 +334,4 @@ async def test_the_sync_timing_helper_runs_on_a_few_megabytes(tmp_path: Path) ->
     assert len(timing.pull_s) == 2 and all(s > 0 for s in timing.pull_s)
     # every byte each sampler fetched was served by the trainer or the other sampler
     assert timing.trainer_uploaded + timing.samplers_uploaded == 2 * timing.nbytes
+    assert timing.http_bytes == 2 * timing.nbytes  # the chunks went over HTTP

@@ -16,9 +16,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import h11
 import multiaddr
 import trio
 from libp2p.peer.id import ID
@@ -64,23 +65,40 @@ def direct_ip(host: Any, peer: str) -> str | None:
     return None
 
 
-def base_url(ip: str, port: int) -> str:
-    return f"http://[{ip}]:{port}" if ":" in ip else f"http://{ip}:{port}"
+Address = tuple[str, int]  # a holder's side channel: (IP, port)
+_RECEIVE_BYTES = 1 << 20  # few, large reads: this loop's cost is per read, not per byte
+_MAX_ERROR_BODY = 4096  # a 404's text
+_KEEP_IDLE = 4  # idle connections kept per holder (the ChunkPlan asks 2 at once)
+# Any of these means the channel failed, not that the holder lied
+_CHANNEL_FAILURES: tuple[type[BaseException], ...] = (
+    OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+    h11.ProtocolError)
+
+
+@dataclass
+class _Connection:
+    stream: trio.SocketStream
+    h11: h11.Connection
+    served: int = 0  # responses taken on it
+    idle_since: float = 0.0
 
 
 class ChunkClient:
-    """Keep-alive connections to holders (a few each: the ChunkPlan bounds the batches in
-    flight per holder), and which holders' channel failed lately."""
+    """Keep-alive HTTP/1.1 connections to holders (a batch is its chunks' GETs one after
+    another on one connection; the ChunkPlan bounds the batches in flight per holder), and
+    which holders' channel failed lately.
 
-    def __init__(self, spec: HttpChunks = CHUNKS_HTTP, *, max_connections: int = 32) -> None:
+    On trio and h11 rather than httpx: a pull moves hundreds of MB through one event
+    loop, and httpx's 64 KiB reads through its layers cost several times the CPU of
+    h11 fed 1 MiB reads."""
+
+    def __init__(self, spec: HttpChunks = CHUNKS_HTTP) -> None:
         self.spec = spec
         self.down: dict[str, float] = {}  # peer -> monotonic time its channel may be retried
-        self._limits = httpx.Limits(max_connections=max_connections,
-                                    max_keepalive_connections=max_connections,
-                                    keepalive_expiry=min(5.0, spec.request_timeout_s / 2))
-        # (expire idle connections before the server does, so a request never races
-        # the server's close of an idle one)
-        self._client: httpx.AsyncClient | None = None
+        # Idle connections are dropped before the server would close them, so a request
+        # seldom races the server's close (when it does, it is retried once, fresh)
+        self.keep_idle_s = min(5.0, spec.request_timeout_s / 2)
+        self._idle: dict[Address, list[_Connection]] = {}
 
     def usable(self, peer: str) -> bool:
         until = self.down.get(peer)
@@ -91,50 +109,117 @@ class ChunkClient:
             return True
         return False
 
-    async def fetch(self, peer: str, url: str, batch: Sequence[bytes],
+    async def fetch(self, peer: str, address: Address, batch: Sequence[bytes],
                     sizes: Mapping[bytes, int]) -> tuple[bytes, ...]:
-        """data[i]: the chunk named batch[i] from the server at `url`, or b"" when it does
-        not hold it. Raises HttpUnavailable (and marks `peer` down), BadChunk."""
-        client = self._client or self._open()
+        """data[i]: the chunk named batch[i] from `peer`'s server at `address`, or b"" when
+        it does not hold it. Raises HttpUnavailable (and marks `peer` down), BadChunk."""
         data: list[bytes] = []
+        conn: _Connection | None = None
         try:
             with trio.fail_after(self.spec.send_timeout_s):
                 for h in batch:
-                    data.append(await self._one(client, f"{url}{self.spec.path}{h.hex()}",
-                                                h, sizes[h]))
-        except (httpx.HTTPError, trio.TooSlowError, OSError) as exc:
-            self.down[peer] = time.monotonic() + self.spec.down_s
-            raise HttpUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except HttpUnavailable:
-            self.down[peer] = time.monotonic() + self.spec.down_s
+                    for retry in (False, True):
+                        if conn is None:
+                            conn = await self._connection(address)
+                        try:
+                            data.append(await self._get(conn, address, h, sizes[h]))
+                            break
+                        except _CHANNEL_FAILURES:
+                            stale = conn.served > 0 and not retry
+                            await trio.aclose_forcefully(conn.stream)
+                            conn = None
+                            if not stale:
+                                raise
+                    if conn is not None and conn.h11.our_state is not h11.IDLE:
+                        await trio.aclose_forcefully(conn.stream)  # the server closes it
+                        conn = None
+        except BaseException as exc:
+            if conn is not None:
+                await trio.aclose_forcefully(conn.stream)
+            if isinstance(exc, (*_CHANNEL_FAILURES, HttpUnavailable)):
+                self.down[peer] = time.monotonic() + self.spec.down_s
+                raise HttpUnavailable(f"{type(exc).__name__}: {exc}") from exc
             raise
+        if conn is not None:
+            self._keep(address, conn)
         return tuple(data)
 
-    async def _one(self, client: httpx.AsyncClient, url: str, h: bytes, size: int) -> bytes:
-        async with client.stream("GET", url) as response:
-            if response.status_code == 404:
-                return b""
-            if response.status_code != 200:
-                raise HttpUnavailable(f"HTTP {response.status_code}")
-            declared = response.headers.get("content-length", "")
-            if not declared.isdigit():
-                raise HttpUnavailable("a response without a content-length")
-            if int(declared) != size:
-                raise BadChunk(f"chunk {h.hex()[:16]} is {declared} bytes over HTTP, "
-                               f"expected {size}")
-            return await response.aread()
+    async def _get(self, conn: _Connection, address: Address, h: bytes, size: int) -> bytes:
+        """One GET. Leaves `conn` ready for the next request unless its state says to
+        close. Raises HttpUnavailable, BadChunk and _CHANNEL_FAILURES."""
+        c = conn.h11
+        request = h11.Request(method="GET", target=f"{self.spec.path}{h.hex()}",
+                              headers=[("host", _host_header(address))])
+        await conn.stream.send_all(c.send(request) + (c.send(h11.EndOfMessage()) or b""))
+        status = 0
+        limit = _MAX_ERROR_BODY
+        parts: list[bytes | bytearray] = []
+        got = 0
+        while True:
+            event = c.next_event()
+            if event is h11.NEED_DATA:
+                c.receive_data(await conn.stream.receive_some(_RECEIVE_BYTES))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                if status == 200:
+                    limit = _content_length(event, h, size)
+                elif status != 404:
+                    raise HttpUnavailable(f"HTTP {status}")
+            elif isinstance(event, h11.Data):
+                got += len(event.data)
+                if got > limit:
+                    raise HttpUnavailable(f"a {status} body past {limit} bytes")
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise HttpUnavailable("the server closed mid-response")
+        conn.served += 1
+        if c.our_state is h11.DONE and c.their_state is h11.DONE:
+            c.start_next_cycle()
+        return b"".join(parts) if status == 200 else b""
 
-    def _open(self) -> httpx.AsyncClient:
-        timeout = httpx.Timeout(self.spec.send_timeout_s, connect=self.spec.connect_timeout_s)
-        self._client = httpx.AsyncClient(limits=self._limits, timeout=timeout,
-                                         trust_env=False, follow_redirects=False)
-        return self._client
+    async def _connection(self, address: Address) -> _Connection:
+        now = time.monotonic()
+        idle = self._idle.get(address, [])
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < self.keep_idle_s:
+                return conn
+            await trio.aclose_forcefully(conn.stream)
+        with trio.fail_after(self.spec.connect_timeout_s):
+            stream = await trio.open_tcp_stream(*address)
+        return _Connection(stream, h11.Connection(h11.CLIENT))
+
+    def _keep(self, address: Address, conn: _Connection) -> None:
+        idle = self._idle.setdefault(address, [])
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+        while len(idle) > _KEEP_IDLE:
+            idle.pop(0).stream.socket.close()
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await client.aclose()
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await trio.aclose_forcefully(conn.stream)
+
+
+def _host_header(address: Address) -> str:
+    ip, port = address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _content_length(response: h11.Response, h: bytes, size: int) -> int:
+    """A 200's declared length, which must be the chunk's. Raises BadChunk (the holder's
+    lie), HttpUnavailable (no length: not our server)."""
+    declared = [v for k, v in response.headers if k == b"content-length"]
+    if not declared:
+        raise HttpUnavailable("a 200 without a content-length")
+    length = int(declared[0])  # h11 checked it is a number
+    if length != size:
+        raise BadChunk(f"chunk {h.hex()[:16]} is {length} bytes over HTTP, expected {size}")
+    return length
 
 
 class ChunkFetcher:
@@ -152,10 +237,10 @@ class ChunkFetcher:
                     ) -> tuple[bytes, ...]:
         """data[i]: the chunk named batch[i] as `peer` sent it, or b"" when it lacks it.
         Raises PeerError, and what a libp2p call raises."""
-        url = self.url(peer)
-        if url is not None:
+        address = self.address(peer)
+        if address is not None:
             try:
-                data = await self.http.fetch(peer, url, batch, sizes)
+                data = await self.http.fetch(peer, address, batch, sizes)
             except HttpUnavailable as exc:
                 self.pulled["http_fallbacks"] += 1
                 log.info("chunks from %s over HTTP failed (%s); asking over libp2p", peer, exc)
@@ -171,7 +256,7 @@ class ChunkFetcher:
                             reason="malformed")
         return reply.data
 
-    def url(self, peer: str) -> str | None:
+    def address(self, peer: str) -> Address | None:
         """Where `peer` serves chunks over HTTP, when it says it does, we reach it
         directly, and its channel has not failed us lately."""
         if self.ledger is None or not self.http.usable(peer):
@@ -181,7 +266,7 @@ class ChunkFetcher:
         if not 0 < port < 65536:
             return None
         ip = direct_ip(self.node.host, peer)
-        return None if ip is None else base_url(ip, port)
+        return None if ip is None else (ip, port)
 
     async def aclose(self) -> None:
         await self.http.aclose()

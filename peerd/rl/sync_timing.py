@@ -2,7 +2,9 @@
 
 `time_weight_sync` opens one trainer and `samplers` real nodes (libp2p over TCP, Noise,
 yamux, all in this process), publishes `tensors` as one version and has every sampler
-pull it at once; it reports each pull's seconds and what the trainer uploaded.
+pull it at once; it reports each pull's seconds and what the trainer uploaded. With
+`http` (the daemon's default) every node also serves its chunks over the HTTP side
+channel, and the pullers fetch there (the manifest and gossip still go over libp2p).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from peerd.config import Config
 from peerd.identity import load_or_create_key
+from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node, open_node
 from peerd.rl.weights import WeightStore
 from protocols.weights import DEFAULT_CHUNK_BYTES, TOPIC
@@ -35,18 +38,20 @@ class SyncTiming:
     pull_s: tuple[float, ...]  # each sampler's pull, all started together
     trainer_uploaded: int  # chunk bytes the trainer served
     samplers_uploaded: int  # chunk bytes the samplers served one another
+    http_bytes: int  # of the chunk bytes the samplers fetched, those that came over HTTP
 
 
 async def time_weight_sync(tensors: Mapping[str, torch.Tensor], base_dir: Path, *,
                            samplers: int = 2, kind: str = "full",
                            lora_scale: float | None = None,
-                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> SyncTiming:
+                           chunk_bytes: int = DEFAULT_CHUNK_BYTES, http: bool = True
+                           ) -> SyncTiming:
     async with contextlib.AsyncExitStack() as stack:
         nodes: list[Node] = []
         for i in range(samplers + 1):
             data_dir = base_dir / f"node{i}"
             config = Config(data_dir=data_dir, listen=("/ip4/127.0.0.1/tcp/0",),
-                            name=f"node{i}", target_peers=samplers + 1)
+                            name=f"node{i}", target_peers=samplers + 1, heartbeat_s=1.0)
             nodes.append(await stack.enter_async_context(
                 open_node(config, load_or_create_key(data_dir))))
         for i, a in enumerate(nodes):
@@ -55,9 +60,12 @@ async def time_weight_sync(tensors: Mapping[str, torch.Tensor], base_dir: Path, 
                 addr = addr if "/p2p/" in addr else f"{addr}/p2p/{b.peer_id}"
                 with trio.fail_after(10):
                     await a.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(addr)))
-        stores = [WeightStore(n, chunk_bytes=chunk_bytes) for n in nodes]
-        for node, store in zip(nodes, stores, strict=True):
-            await node.start(store)
+        ledgers = [LedgerGossip(n) for n in nodes]
+        stores = [WeightStore(n, chunk_bytes=chunk_bytes, ledger=ledger,
+                              http_port=0 if http else None)
+                  for n, ledger in zip(nodes, ledgers, strict=True)]
+        for node, ledger, store in zip(nodes, ledgers, stores, strict=True):
+            await node.start(ledger, store)
         trainer, pullers = stores[0], stores[1:]
         for store in pullers:
             store.follow(RUN, trainer.node.peer_id)
@@ -66,6 +74,10 @@ async def time_weight_sync(tensors: Mapping[str, torch.Tensor], base_dir: Path, 
                 while len(node.pubsub.peer_topics.get(TOPIC, ())) < samplers:  # noqa: ASYNC110
                     # (pubsub has no event for a subscription heard)
                     await trio.sleep(0.05)
+            while http and not all(  # noqa: ASYNC110 (the ledger has no such event)
+                    (e := ledger.book.get(n.peer_id)) is not None and e.weights_http_port
+                    for ledger in ledgers for n in nodes if n is not ledger.node):
+                await trio.sleep(0.05)  # every node's HTTP port in every ledger
         start = trio.current_time()
         manifest = await trainer.publish(RUN, "timing", 1, kind, tensors, lora_scale)
         publish_s = trio.current_time() - start
@@ -83,4 +95,5 @@ async def time_weight_sync(tensors: Mapping[str, torch.Tensor], base_dir: Path, 
         return SyncTiming(kind=kind, nbytes=sum(sizes.values()), chunks=len(sizes),
                           publish_s=publish_s, pull_s=tuple(pull_s),
                           trainer_uploaded=trainer.served["bytes"],
-                          samplers_uploaded=sum(s.served["bytes"] for s in pullers))
+                          samplers_uploaded=sum(s.served["bytes"] for s in pullers),
+                          http_bytes=sum(s.pulled["http_bytes"] for s in pullers))

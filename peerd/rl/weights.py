@@ -131,7 +131,7 @@ class WeightStore(Service):
         self.per_holder = per_holder
         self.chunk_bytes = chunk_bytes
         self.announce_s = announce_s
-        self.chunks: dict[bytes, bytes] = {}
+        self.chunks: dict[bytes, bytes] = {}  # each one's SHA-256 checked as it came in
         self.held: dict[bytes, Held] = {}  # by manifest hash
         self.runs = Announcements(node, announce_s, self._heard_have)
         self._pulls: dict[bytes, ChunkPlan] = {}  # in progress, by manifest hash
@@ -255,7 +255,8 @@ class WeightStore(Service):
                 self._wake.pop(key, None)
         from peerd.rl.manifest import assemble  # torch: only when there is work
 
-        tensors = await trio.to_thread.run_sync(assemble, held.manifest, self.chunks, wanted)
+        tensors = await trio.to_thread.run_sync(  # every held chunk was hashed on arrival
+            lambda: assemble(held.manifest, self.chunks, wanted, hashed=True))
         if not held.complete and all(h in self.chunks for h in held.manifest.chunk_sizes()):
             held.complete = True
         if sizes:

@@ -66,10 +66,15 @@ def main() -> None:
     ap.add_argument("--staleness", type=int, default=1)
     ap.add_argument("--heldout", type=int, default=100, help="held-out questions (0: skip)")
     ap.add_argument("--no-sync-timing", action="store_true")
+    ap.add_argument("--sync-only", action="store_true",
+                    help="only the weight sync on loopback: writes rl_weight_sync.json")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/rl.json")
     args = ap.parse_args()
+    if args.sync_only:
+        sync_only(args)
+        return
 
     result: dict[str, Any] = {"settings": vars(args) | {"out": str(args.out)},
                               "machine": {"cpus": os.cpu_count()}, "modes": {}}
@@ -243,6 +248,22 @@ def heldout(args: argparse.Namespace, run_dir: Path | None) -> Any:
     return (got, got.to_json())
 
 
+def sync_only(args: argparse.Namespace) -> None:
+    out = args.out if args.out != ROOT / "bench/results/rl.json" else \
+        ROOT / "bench/results/rl_weight_sync.json"
+    result = {"settings": vars(args) | {"out": str(out)},
+              "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+              "weight_sync_loopback": sync_timing(args, Path(tempfile.mkdtemp(
+                  prefix="bench-rl-sync-")))}
+    result["machine"]["loadavg_after"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    for kind, t in result["weight_sync_loopback"].items():
+        console.print(f"weight sync {kind}: {t['mb']:.1f} MB, publish {t['publish_s']:.2f} s, "
+                      f"pull {max(t['pull_s']):.2f} s (slowest of 2), "
+                      f"{t['over_http_mb']:.0f} MB over HTTP")
+
+
 def sync_timing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import trio
 
@@ -258,9 +279,11 @@ def sync_timing(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out[kind] = {"mb": got.nbytes / 2**20, "chunks": got.chunks,
                      "publish_s": got.publish_s, "pull_s": list(got.pull_s),
                      "trainer_uploaded_mb": got.trainer_uploaded / 2**20,
-                     "samplers_uploaded_mb": got.samplers_uploaded / 2**20}
+                     "samplers_uploaded_mb": got.samplers_uploaded / 2**20,
+                     "over_http_mb": got.http_bytes / 2**20}
         console.print(f"weight sync ({kind}, loopback): {out[kind]['mb']:.1f} MB, publish "
-                      f"{got.publish_s:.2f} s, pulls {', '.join(f'{s:.2f}' for s in got.pull_s)} s")
+                      f"{got.publish_s:.2f} s, pulls {', '.join(f'{s:.2f}' for s in got.pull_s)} s"
+                      f", {out[kind]['over_http_mb']:.1f} MB over HTTP")
     return out
 
 

@@ -117,22 +117,20 @@ class ChunkClient:
         conn: _Connection | None = None
         try:
             with trio.fail_after(self.spec.send_timeout_s):
-                for h in batch:
-                    for retry in (False, True):
-                        if conn is None:
-                            conn = await self._connection(address)
-                        try:
-                            data.append(await self._get(conn, address, h, sizes[h]))
-                            break
-                        except _CHANNEL_FAILURES:
-                            stale = conn.served > 0 and not retry
-                            await trio.aclose_forcefully(conn.stream)
-                            conn = None
-                            if not stale:
-                                raise
-                    if conn is not None and conn.h11.our_state is not h11.IDLE:
-                        await trio.aclose_forcefully(conn.stream)  # the server closes it
+                for retry in (False, True):
+                    conn = await self._connection(address)
+                    try:
+                        data = await self._get_batch(conn, address, batch, sizes)
+                        break
+                    except _CHANNEL_FAILURES:
+                        stale = conn.served > 0 and not retry
+                        await trio.aclose_forcefully(conn.stream)
                         conn = None
+                        if not stale:
+                            raise
+                if conn is not None and conn.h11.our_state is not h11.IDLE:
+                    await trio.aclose_forcefully(conn.stream)  # the server closes it
+                    conn = None
         except BaseException as exc:
             if conn is not None:
                 await trio.aclose_forcefully(conn.stream)
@@ -144,13 +142,31 @@ class ChunkClient:
             self._keep(address, conn)
         return tuple(data)
 
-    async def _get(self, conn: _Connection, address: Address, h: bytes, size: int) -> bytes:
-        """One GET. Leaves `conn` ready for the next request unless its state says to
-        close. Raises HttpUnavailable, BadChunk and _CHANNEL_FAILURES."""
+    async def _get_batch(self, conn: _Connection, address: Address, batch: Sequence[bytes],
+                         sizes: Mapping[bytes, int]) -> list[bytes]:
+        """The batch's GETs, pipelined: all requests go out at once and the server answers
+        them in order (a round trip a batch, not a chunk: LoRA chunks are small). Leaves
+        `conn` ready for the next batch unless its state says to close. Raises
+        HttpUnavailable, BadChunk and _CHANNEL_FAILURES."""
         c = conn.h11
-        request = h11.Request(method="GET", target=f"{self.spec.path}{h.hex()}",
-                              headers=[("host", _host_header(address))])
-        await conn.stream.send_all(c.send(request) + (c.send(h11.EndOfMessage()) or b""))
+        requests = [h11.Request(method="GET", target=f"{self.spec.path}{h.hex()}",
+                                headers=[("host", _host_header(address))]) for h in batch]
+        await conn.stream.send_all(b"".join(map(_request_bytes, requests)))
+        out: list[bytes] = []
+        for i, (h, request) in enumerate(zip(batch, requests, strict=True)):
+            if i and not (c.our_state is c.their_state is h11.DONE):
+                raise HttpUnavailable("the server closed the connection mid-batch")
+            if i:
+                c.start_next_cycle()
+            c.send(request)  # in step with what went out (the bytes are not sent again)
+            c.send(h11.EndOfMessage())
+            out.append(await self._response(conn, h, sizes[h]))
+        if c.our_state is c.their_state is h11.DONE:
+            c.start_next_cycle()
+        return out
+
+    async def _response(self, conn: _Connection, h: bytes, size: int) -> bytes:
+        c = conn.h11
         status = 0
         limit = _MAX_ERROR_BODY
         parts: list[bytes | bytearray] = []
@@ -175,8 +191,6 @@ class ChunkClient:
             elif isinstance(event, h11.ConnectionClosed):
                 raise HttpUnavailable("the server closed mid-response")
         conn.served += 1
-        if c.our_state is h11.DONE and c.their_state is h11.DONE:
-            c.start_next_cycle()
         return b"".join(parts) if status == 200 else b""
 
     async def _connection(self, address: Address) -> _Connection:
@@ -203,6 +217,11 @@ class ChunkClient:
         for conns in idle.values():
             for conn in conns:
                 await trio.aclose_forcefully(conn.stream)
+
+
+def _request_bytes(request: h11.Request) -> bytes:
+    c = h11.Connection(h11.CLIENT)
+    return c.send(request) + (c.send(h11.EndOfMessage()) or b"")
 
 
 def _host_header(address: Address) -> str:

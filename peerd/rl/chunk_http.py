@@ -47,6 +47,7 @@ _BUSY_HEAD_S = 1.0  # how long a refused connection may take to send its head
 # client would lose the answer.
 _LINGER_S = 1.0
 _LINGER_BYTES = 256 * 1024
+_COALESCE_BYTES = 64 * 1024  # a body up to this goes out in one write with its head
 
 
 class ClientError(Exception):
@@ -152,11 +153,17 @@ class ChunkServer:
         if chunk is not None:
             status, body, kind = 200, chunk, b"application/octet-stream"
         headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-        for piece in conn.send_with_data_passthrough(h11.Data(data=body)) or ():
-            await stream.send_all(piece)  # the held bytes themselves: no copy
-        await stream.send_all(conn.send(h11.EndOfMessage()))
+        head = conn.send(h11.Response(status_code=status, headers=headers))
+        pieces = conn.send_with_data_passthrough(h11.Data(data=body)) or []
+        tail = conn.send(h11.EndOfMessage())
         self.answered[status] += 1
+        if len(body) <= _COALESCE_BYTES:  # one write: small chunks (LoRA) cost per write
+            await stream.send_all(b"".join([head, *pieces, tail]))
+            return
+        await stream.send_all(head)
+        for piece in pieces:
+            await stream.send_all(piece)  # the held bytes themselves: no copy
+        await stream.send_all(tail)
 
     async def _error(self, stream: trio.SocketStream, exc: ClientError) -> None:
         """Answer `exc` and let the caller close (the request may be half read)."""

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from protocols.ledger import Hardware, Load, ModelServed
+    from protocols.tool import ToolBrief
 
 
 class EntryFields(TypedDict, total=False):
@@ -46,6 +47,7 @@ class EntryFields(TypedDict, total=False):
     load: Load  # sessions and queue; the gossip adds the CPU load
     reputation: dict[str, float]
     features: tuple[str, ...]  # optional wire fields this peer understands
+    tools: tuple[ToolBrief, ...]  # typed tools this peer runs for others
 
 
 class Service(Protocol):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from protocols.codec import Message
 from protocols.spec import RequestResponse
+from protocols.tool import ToolBrief
 
 TOPIC = "peerd/ledger/1"
 
@@ -77,6 +78,10 @@ class LedgerEntry(Message):
     # peer sends one only to peers that list it, so an older peer that decodes requests
     # strictly is never sent a field it would refuse.
     features: tuple[str, ...] = ()
+    # Typed tools this peer runs for others (protocols/tool.py), compactly: name, schema
+    # hash, capacity. A peer that predates them ignores the field (entries decode
+    # tolerantly) and sends none.
+    tools: tuple[ToolBrief, ...] = ()
 
     @property
     def expires_at(self) -> float:

@@ -98,6 +98,7 @@ class LedgerGossip(Service):
             reputation=dict(fields.get("reputation", {})),
             software=f"peerd/{__version__}",
             features=fields.get("features", ()),
+            tools=fields.get("tools", ()),
         )
 
     def _service_fields(self) -> EntryFields:

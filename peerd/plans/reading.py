@@ -63,10 +63,14 @@ def read_inside(root: Path, path: str, max_bytes: int) -> Read:
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ReadRefused(f"{path!r:.100} cannot be opened: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ReadRefused(f"{path!r:.100} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         if info.st_size > MAX_FILE_BYTES:
             raise ReadRefused(f"{path!r:.100} is {info.st_size} bytes; read_file reads files "
                               f"of at most {MAX_FILE_BYTES}")

@@ -87,7 +87,10 @@ class Tool:
 def typed_tool(name: str, description: str, fn: Callable[[A], Awaitable[R]], *,
                capacity: int = 4) -> Tool:
     """A tool whose schemas are those of `fn`'s argument and result models."""
-    hints = typing.get_type_hints(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except NameError as exc:  # string annotations name what only a function body sees
+        raise BadTool(f"{name}: {exc}: define the models at a module's top level") from None
     result = hints.pop("return", None)
     if len(hints) != 1:
         raise BadTool(f"{name}: the function takes one argument, a pydantic model")
@@ -110,5 +113,5 @@ def schema_tool(name: str, description: str, input_schema: Any, output_schema: A
 def dump(value: Any) -> Any:
     """A tool's result as JSON data (a model is dumped; a dict goes as it is)."""
     if isinstance(value, pydantic.BaseModel):
-        return value.model_dump(mode="json")
+        return value.model_dump(mode="json", warnings=False)  # the outputSchema judges it
     return value

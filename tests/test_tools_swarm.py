@@ -247,3 +247,47 @@ async def test_the_api_lists_the_swarms_tools_and_calls_them(tmp_path: Path) -> 
                     (body, r.text)
             missing = await client.get("/v1/tools", params={"peer": "nobody"})
             assert missing.status_code == 404
+
+
+async def test_the_best_peer_is_chosen_and_a_busy_one_passed_over(tmp_path: Path) -> None:
+    """A's own slot taken by B's call: A's call goes to A (nearest, and A knows of no
+    load), is refused busy at once, and runs on B instead; with A's own call holding
+    A's slot, the next goes straight to B."""
+    opened = trio.Event()
+
+    async def gate(args: Nothing) -> Text:
+        await opened.wait()
+        return Text(text="through")
+
+    async with swarm(2, tmp_path, connect="star") as (a, b):
+        ta = Tools(a, gossip(a), extra=[typed_tool("gate", "", gate, capacity=1)])
+        tb = Tools(b, gossip(b), extra=[typed_tool("gate", "", gate, capacity=1)])
+        await a.start(ta)
+        await b.start(tb)
+        gossip(a).refresh()
+        gossip(b).refresh()
+        await wait_for(lambda: offers_of(a, b.peer_id) == ["gate"]
+                       and offers_of(b, a.peer_id) == ["gate"], what="tools in ledgers")
+        got: dict[str, Any] = {}
+
+        async def run(key: str, tools: Tools, peer: str | None = None) -> None:
+            got[key] = await tools.call("gate", {}, peer=peer, deadline_s=5.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "b-on-a", tb, a.peer_id)
+            await wait_for(lambda: ta.toolbox.capacity["gate"].in_flight == 1)
+            nursery.start_soon(run, "a-retried", ta)
+            await wait_for(lambda: tb.toolbox.capacity["gate"].in_flight == 1)
+            opened.set()
+        assert got["b-on-a"].peer == a.peer_id and got["b-on-a"].ok
+        assert got["a-retried"].ok and got["a-retried"].peer == b.peer_id
+        assert events(a, "tool.called", peer_id=a.peer_id, outcome=wire.BUSY)
+        opened = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "a-own", ta, a.peer_id)
+            await wait_for(lambda: ta.load[(a.peer_id, "gate")] == 1)
+            nursery.start_soon(run, "a-next", ta)
+            await wait_for(lambda: tb.toolbox.capacity["gate"].in_flight == 1)
+            opened.set()
+        assert got["a-own"].peer == a.peer_id and got["a-next"].peer == b.peer_id
+        assert ta.toolbox.capacity["gate"].peak == 1 and tb.toolbox.capacity["gate"].peak == 1

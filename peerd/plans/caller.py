@@ -153,8 +153,9 @@ async def _exchange(node: Node, peer: str, request: ToolRequest, timeout_s: floa
         return reply
     except trio.TooSlowError:
         return TIMEOUT, f"no answer within {timeout_s:g} s"
-    except RemoteError as exc:
-        return REFUSED, f"the peer refused the request ({exc.code}): {exc.message}"
+    except RemoteError as exc:  # its stream layer's refusal: too many streams from us...
+        code = wire.BUSY if exc.code == "busy" else REFUSED
+        return code, f"the peer refused the request ({exc.code}): {exc.message}"
     except PeerError as exc:
         node.offence(peer, exc.reason, str(exc))
         return MALFORMED, f"the peer answered garbage: {exc}"

@@ -165,7 +165,7 @@ class Tools(Service):
         outcome: Outcome | None = None
         for offer in rank(offers)[:MAX_TRIES if peer is None else 1]:
             outcome = await self._call_one(offer, tool, arguments, deadline_s)
-            if outcome.ok or getattr(outcome, "code", "") not in RETRY_ON:
+            if not (isinstance(outcome, ToolFailure) and outcome.code in RETRY_ON):
                 break
         assert outcome is not None
         return outcome
@@ -175,8 +175,8 @@ class Tools(Service):
         call_id = new_call_id()
         started = time.monotonic()
         check = await self._check_for(offer.peer, tool, offer.schema)
-        if isinstance(check, ToolFailure):
-            outcome: Outcome = check
+        if isinstance(check, tuple):
+            outcome: Outcome = ToolFailure(offer.peer, tool, call_id, *check, "caller")
         else:
             try:
                 check(arguments)
@@ -195,27 +195,26 @@ class Tools(Service):
                     if self.load[key] <= 0:
                         del self.load[key]
         self.node.events.publish(
-            "tool.called", tool=tool, peer_id=offer.peer, call_id=outcome.call_id,
-            outcome="ok" if outcome.ok else getattr(outcome, "code", ""),
+            "tool.called", tool=tool, peer_id=offer.peer, call_id=call_id,
+            outcome=outcome.code if isinstance(outcome, ToolFailure) else wire.OK,
             elapsed_ms=round((time.monotonic() - started) * 1000, 3))
         return outcome
 
     async def _check_for(self, peer: str, tool: str, schema: str
-                         ) -> Callable[[Any], Any] | ToolFailure:
+                         ) -> Callable[[Any], Any] | tuple[str, str]:
         """The check of `tool`'s arguments under the schema hash `schema`: cached, or
-        fetched from `peer` (tools/list) and cached."""
+        fetched from `peer` (tools/list) and cached; else (code, message)."""
         check = self._checks.get(schema)
         if check is not None:
             return check
         specs = await self.tools_of(peer)
         if isinstance(specs, ToolFailure):
-            return ToolFailure(peer, tool, "", specs.code, f"cannot fetch {tool}'s schema: "
-                               f"{specs.message}", "caller")
+            return specs.code, f"cannot fetch {tool}'s schema: {specs.message}"
         check = self._checks.get(schema)
         if check is None:
-            return ToolFailure(peer, tool, "", MALFORMED, f"the peer's tools/list has no "
-                               f"{tool} of schema {schema[:12]}… (its ledger entry is stale "
-                               "or it lies); try again shortly", "caller")
+            return MALFORMED, (f"the peer's tools/list has no {tool} of schema "
+                               f"{schema[:12]}… (its ledger entry is stale, or its schema "
+                               "unusable); try again shortly")
         return check
 
     def _remember(self, spec: ToolSpec) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SKILL_MATCHERS = ("auto", "embedding", "lexical")
 MEMORY_EMBEDDERS = ("auto", "minilm", "hashing")
 MEMORY_REPLAYS = ("auto", "local", "farm")
+# the built-in typed tools a peer can offer (peerd/plans/builtins.py)
+BUILTIN_TOOLS = ("calculator", "read_file", "memory_search")
+MAX_TOOL_CAPACITY = 1024
 
 
 class ConfigError(ValueError):
@@ -116,6 +119,20 @@ class Config:
     # Where the memory's admission replays run: "local" (this peer's model), "farm"
     # (other peers', accepted when reproduced), "auto" (local with a model, else farm).
     memory_replay: str = "auto"
+    # Typed tools offered to the swarm (peerd/plans/), each NAME or NAME:CAPACITY (calls
+    # run at once; beyond it a call is refused "busy"). read_file reads only inside
+    # tools_dir and is offered only when that is set (naming it without is an error).
+    tools: tuple[str, ...] = BUILTIN_TOOLS
+    tools_dir: Path | None = None
+
+    @property
+    def tool_choices(self) -> tuple[tuple[str, int | None], ...]:
+        """(name, capacity or None for the tool's default) for each of `tools`."""
+        out = []
+        for item in self.tools:
+            name, _, capacity = item.partition(":")
+            out.append((name.strip(), int(capacity) if capacity else None))
+        return tuple(out)
 
     @property
     def layer_range(self) -> tuple[int, int] | None:
@@ -151,7 +168,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS,
             "memory_replay": MEMORY_REPLAYS}
-_LIST_FIELDS = {"listen", "announce", "bootstrap", "skills"}
+_LIST_FIELDS = {"listen", "announce", "bootstrap", "skills", "tools"}
 _BOOL_FIELDS = {"prompt_cache", "rollout"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                "false": False, "0": False, "no": False, "off": False}
@@ -169,6 +186,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str | Path) or not str(value):
             raise ConfigError(name, source, f"expected a path, got {value!r}")
         return Path(value).expanduser()
+    if name == "tools_dir":
+        if not isinstance(value, str | Path):
+            raise ConfigError(name, source, f"expected a path, got {value!r}")
+        return Path(value).expanduser() if str(value) else None
     if name == "heartbeat_s":
         if isinstance(value, bool):  # float(True) would quietly mean 1 s
             raise ConfigError(name, source, f"expected a number, got {value!r}")
@@ -246,6 +267,27 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
         raise bad("name", "longer than 64 characters")
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):
         raise bad("skills", "at most 64 skills of at most 200 characters each")
+    _check_tools(cfg, sources, bad)
+
+
+def _check_tools(cfg: Config, sources: Mapping[str, str],
+                 bad: Callable[[str, str], ConfigError]) -> None:
+    for item in cfg.tools:
+        name, sep, capacity = item.partition(":")
+        if name.strip() not in BUILTIN_TOOLS:
+            raise bad("tools", f"{name!r} is not a built-in tool; one of "
+                      f"{', '.join(BUILTIN_TOOLS)} (NAME or NAME:CAPACITY)")
+        if sep and not (capacity.isdigit() and 1 <= int(capacity) <= MAX_TOOL_CAPACITY):
+            raise bad("tools", f"{item!r}: the capacity after ':' must be a whole number in "
+                      f"1..{MAX_TOOL_CAPACITY}")
+    names = [name for name, _ in cfg.tool_choices]
+    if len(set(names)) != len(names):
+        raise bad("tools", "a tool is named twice")
+    if cfg.tools_dir is not None:
+        if not cfg.tools_dir.is_dir():
+            raise bad("tools_dir", f"{str(cfg.tools_dir)!r} is not a directory")
+    elif "read_file" in names and "tools" in sources:
+        raise bad("tools", "read_file needs a directory to read in: pass --tools-dir DIR")
 
 
 def env_settings(environ: Mapping[str, str]) -> dict[str, str]:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
     from protocols.ledger import Hardware, Load, ModelServed
+    from protocols.tool import ToolBrief
 
 
 class EntryFields(TypedDict, total=False):
@@ -47,6 +48,7 @@ class EntryFields(TypedDict, total=False):
     reputation: dict[str, float]
     features: tuple[str, ...]  # optional wire fields this peer understands
     weights_http_port: int  # where our weight chunks are served over HTTP (0: nowhere)
+    tools: tuple[ToolBrief, ...]  # typed tools this peer runs for others
 
 
 class Service(Protocol):

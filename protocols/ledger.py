@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from protocols.codec import Message
 from protocols.spec import RequestResponse
+from protocols.tool import ToolBrief
 
 TOPIC = "peerd/ledger/1"
 
@@ -60,7 +61,7 @@ class LedgerEntry(Message):
 
     KIND = "ledger.entry"
     STRICT = False
-    OPTIONAL = frozenset({"weights_http_port"})
+    OPTIONAL = frozenset({"weights_http_port", "tools"})  # left off the wire when unset
     peer_id: str
     seq: int  # strictly increasing per peer; last writer wins
     timestamp: float  # unix seconds when signed
@@ -82,6 +83,10 @@ class LedgerEntry(Message):
     # CHUNKS_HTTP), at the IP its libp2p connections come from; 0: none. Left off the
     # wire while 0, so an entry without it is what older peers sign and read.
     weights_http_port: int = 0
+    # Typed tools this peer runs for others (protocols/tool.py), compactly: name, schema
+    # hash, capacity. A peer that predates them ignores the field (entries decode
+    # tolerantly); left off the wire when there are none.
+    tools: tuple[ToolBrief, ...] = ()
 
     @property
     def expires_at(self) -> float:

@@ -28,6 +28,7 @@ from peerd.cli.rl import rl
 from peerd.cli.shards import shards
 from peerd.cli.start import start
 from peerd.cli.task import task
+from peerd.cli.tools import tools
 
 COMMANDS: tuple[click.Command, ...] = (
     start,
@@ -37,6 +38,7 @@ COMMANDS: tuple[click.Command, ...] = (
     task,
     rl,
     memory,
+    tools,
 )
 
 

@@ -72,6 +72,11 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
 @click.option("--memory-replay", type=click.Choice(MEMORY_REPLAYS), default=None,
               help="Where memory candidates are replayed: local, farm (on other peers, "
               "accepted when two agree) [auto: local with --model, else farm].")
+@click.option("--tools", metavar="NAME[:CAP],...",
+              help="Typed tools to offer the swarm, each with the calls it runs at once "
+              "[calculator, memory_search, and read_file with --tools-dir].")
+@click.option("--tools-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The directory read_file reads in (nothing outside it) [read_file off].")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

@@ -99,6 +99,7 @@ class LedgerGossip(Service):
             software=f"peerd/{__version__}",
             features=fields.get("features", ()),
             weights_http_port=fields.get("weights_http_port", 0),
+            tools=fields.get("tools", ()),
         )
 
     def _service_fields(self) -> EntryFields:

@@ -1,0 +1,107 @@
+"""The swarm's typed tools over HTTP (peerd/plans/).
+
+`GET /v1/tools`: every tool in the live ledger, one row per peer and tool:
+    [{"peer_id", "peer_name", "tool", "schema", "capacity", "self"}]
+`GET /v1/tools?peer=P` (a peer id or name): that peer's tools in full, asked of it over
+`/peerd/tool/1.0.0`:
+    {"peer_id", "tools": [{"name", "description", "inputSchema", "outputSchema",
+                           "schema", "capacity"}]}
+`POST /v1/tools/call` {"tool", "arguments" (an object, default {}), "peer" (optional:
+an id or a name; default the best peer offering the tool), "deadline_s" (default 30,
+at most 60)}: 200 with the call's outcome, which a failed call is too:
+    {"ok": true, "peer", "tool", "call_id", "result", "elapsed_s"}
+    {"ok": false, "peer", "tool", "call_id", "error": {"code", "message", "by"}}
+Errors of the request itself (a bad body, a tool nobody offers, an unknown peer) use
+OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from peerd.api.errors import ApiError, answering, read_json
+from peerd.plans.caller import ToolFailure
+from peerd.plans.service import NoOffer
+from protocols.tool import MAX_ARGUMENTS_BYTES, MAX_DEADLINE_S, NAME
+
+if TYPE_CHECKING:
+    from peerd.plans.service import Tools
+
+FIELDS = {"tool", "arguments", "peer", "deadline_s"}
+MAX_BODY_BYTES = MAX_ARGUMENTS_BYTES + 4096
+
+
+def parse_call(body: Any) -> tuple[str, dict[str, Any], str | None, float]:
+    """(tool, arguments, peer, deadline_s) of a POST /v1/tools/call body; ApiError(400)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: "
+                       f"{', '.join(sorted(FIELDS))}", param=unknown[0])
+    tool = body.get("tool")
+    if not isinstance(tool, str) or not NAME.fullmatch(tool):
+        raise ApiError(400, "'tool' must be a tool's name (`peerd tools` lists them)",
+                       param="tool")
+    arguments = body.get("arguments", {})
+    if not isinstance(arguments, dict):
+        raise ApiError(400, "'arguments' must be a JSON object of the tool's arguments",
+                       param="arguments")
+    peer = body.get("peer")
+    if peer is not None and (not isinstance(peer, str) or not 0 < len(peer) <= 128):
+        raise ApiError(400, "'peer' must be a peer id or name", param="peer")
+    deadline = body.get("deadline_s", 30.0)
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float) \
+            or not math.isfinite(deadline) or not 0 < deadline <= MAX_DEADLINE_S:
+        raise ApiError(400, f"'deadline_s' must be a number of seconds in (0, "
+                       f"{MAX_DEADLINE_S:g}]", param="deadline_s")
+    return tool, arguments, peer, float(deadline)
+
+
+def routes(tools: Tools) -> list[Route]:
+    def peer_id(given: str) -> str:
+        found = tools.find_peer(given)
+        if found is None:
+            raise ApiError(404, f"no live peer {given!r:.80} in the ledger (`peerd tools` "
+                           "lists the peers that offer tools)", param="peer",
+                           code="peer_not_found")
+        return found
+
+    @answering
+    async def listing(request: Request) -> Response:
+        given = request.query_params.get("peer")
+        if given is None:
+            own = tools.node.peer_id
+            return JSONResponse([
+                {"peer_id": o.peer, "peer_name": name, "tool": tool, "schema": o.schema,
+                 "capacity": o.capacity, "self": o.peer == own}
+                for tool, o, name in sorted(tools.offers(), key=lambda t: (t[0], t[1].peer))])
+        peer = peer_id(given)
+        specs = await tools.tools_of(peer)
+        if isinstance(specs, ToolFailure):
+            raise ApiError(502, f"peer {peer[-8:]} did not list its tools: {specs.message}",
+                           "upstream_error", code=specs.code)
+        return JSONResponse({"peer_id": peer, "tools": [
+            {"name": s.name, "description": s.description, "inputSchema": s.input_schema,
+             "outputSchema": s.output_schema, "schema": s.schema, "capacity": s.capacity}
+            for s in specs]})
+
+    @answering
+    async def call(request: Request) -> Response:
+        tool, arguments, given, deadline_s = parse_call(await read_json(request,
+                                                                        MAX_BODY_BYTES))
+        peer = peer_id(given) if given is not None else None
+        try:
+            outcome = await tools.call(tool, arguments, peer=peer, deadline_s=deadline_s)
+        except NoOffer as exc:
+            raise ApiError(404, str(exc), param="tool", code="no_offer") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return JSONResponse(outcome.to_json())
+
+    return [Route("/v1/tools", listing), Route("/v1/tools/call", call, methods=["POST"])]

@@ -1,0 +1,52 @@
+"""The tools on /metrics: calls served by tool and outcome, their latency, and each
+tool's use of its capacity (read from the limiter when scraped, so it is exact).
+
+Tool labels are the names this peer offers; a call of a tool it does not offer is
+counted under "(unknown)", so a caller cannot grow the label set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from peerd.plans.toolbox import Toolbox
+
+UNKNOWN = "(unknown)"
+LATENCY_BUCKETS = (0.001, 0.005, 0.02, 0.1, 0.5, 1.0, 2.0, 5.0, 15.0, 60.0)
+
+
+class ToolMetrics:
+    def __init__(self, registry: CollectorRegistry, toolbox: Toolbox) -> None:
+        self.toolbox = toolbox
+        self.calls = Counter("peerd_tool_calls", "Tool calls served, by tool and outcome",
+                             ["tool", "outcome"], registry=registry)
+        self.latency = Histogram("peerd_tool_latency_seconds", "Time to answer a tool call "
+                                 "served, by tool", ["tool"], buckets=LATENCY_BUCKETS,
+                                 registry=registry)
+        registry.register(_CapacityCollector(toolbox))
+
+    def observe(self, tool: str, outcome: str, elapsed_s: float) -> None:
+        label = tool if tool in self.toolbox.tools else UNKNOWN
+        self.calls.labels(label, outcome).inc()
+        self.latency.labels(label).observe(elapsed_s)
+
+
+class _CapacityCollector:
+    def __init__(self, toolbox: Toolbox) -> None:
+        self.toolbox = toolbox
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily("peerd_tool_in_flight", "Calls of a tool running now "
+                                      "(its capacity limiter's use)", labels=["tool"])
+        capacity = GaugeMetricFamily("peerd_tool_capacity", "Calls of a tool this peer "
+                                     "runs at once", labels=["tool"])
+        for name, cap in sorted(self.toolbox.capacity.items()):
+            in_flight.add_metric([name], cap.in_flight)
+            capacity.add_metric([name], cap.limit)
+        yield in_flight
+        yield capacity

@@ -1,0 +1,230 @@
+"""Typed tools as a service: this peer's tools served to the swarm, and the swarm's
+tools called from here (Gradientsys, first slice: no planner yet).
+
+Serving: the tools of `Toolbox` over `/peerd/tool/1.0.0` (protocols/tool.py), every
+result signed with our key; each call counted on /metrics (plans/metrics.py) and told
+on /events as `tool.served`. In our ledger entry the service owns `tools`: each tool's
+name, schema hash and capacity.
+
+Calling: `call(tool, arguments, peer=None)` picks the peer when none is named (choice.py:
+free capacity, then RTT), fetches and caches the tool's full schema by its hash, checks
+the arguments against it before anything is sent (a bad call costs no round trip), and
+on "busy" or a peer that cannot be reached tries the next offer. Each call is told on
+/events as `tool.called`. It serves `/v1/tools` in the local API (api/tools.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
+
+from peerd.agents.sealing import seal
+from peerd.api.recall import Recall
+from peerd.ledger.gossip import LedgerGossip
+from peerd.node import Node
+from peerd.plans.builtins import offered
+from peerd.plans.caller import (
+    MALFORMED,
+    TIMEOUT,
+    UNREACHABLE,
+    Outcome,
+    ToolFailure,
+    call_tool,
+    list_tools,
+    new_call_id,
+)
+from peerd.plans.choice import Offer, rank
+from peerd.plans.metrics import ToolMetrics
+from peerd.plans.schema import Invalid, SchemaCheck, SchemaInvalid
+from peerd.plans.tool import Tool
+from peerd.plans.toolbox import Toolbox
+from peerd.rpc import stream_handler
+from peerd.service import EntryFields, Service
+from protocols import tool as wire
+from protocols.tool import SignedResult, ToolReply, ToolRequest, ToolSpec
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from starlette.routing import BaseRoute
+
+log = logging.getLogger(__name__)
+
+MAX_TRIES = 3  # offers tried for one call when the caller named no peer
+RETRY_ON = (wire.BUSY, UNREACHABLE, TIMEOUT)
+MAX_CACHED_SCHEMAS = 256
+DEFAULT_DEADLINE_S = 30.0
+
+
+class NoOffer(LookupError):
+    """No live peer offers the tool (or not the named peer); the message says what to do."""
+
+
+class Tools(Service):
+    name = "tools"
+
+    def __init__(self, node: Node, ledger: LedgerGossip, *,
+                 builtins: Sequence[tuple[str, int | None]] = (),
+                 tools_dir: Path | None = None, extra: Iterable[Tool] = ()) -> None:
+        self.node = node
+        self.ledger = ledger
+        # the peer's memory, for memory_search (the daemon hands it over, as to Symphony)
+        self.recall: Recall | None = None
+        self.toolbox = Toolbox(node.peer_id, [*offered(builtins, tools_dir, lambda: self.recall),
+                                              *extra])
+        self.metrics = ToolMetrics(node.metrics.registry, self.toolbox)
+        self.load: Counter[tuple[str, str]] = Counter()  # (peer, tool) -> our calls there
+        self._checks: dict[str, SchemaCheck] = {}  # schema hash -> its inputSchema's check
+
+    # ---- the service ----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        self.node.set_stream_handler(wire.TOOL.id, stream_handler(wire.TOOL, self._serve,
+                                                                  self.node.offence))
+        task_status.started()
+
+    def entry_fields(self) -> EntryFields:
+        return {"tools": tuple(self.toolbox.tools[n].brief() for n in self.toolbox.names())}
+
+    def routes(self) -> Sequence[BaseRoute]:
+        from peerd.api.tools import routes
+
+        return routes(self)
+
+    def status(self) -> dict[str, Any]:
+        return {"tools": {name: {"capacity": cap.limit, "in_flight": cap.in_flight}
+                          for name, cap in sorted(self.toolbox.capacity.items())}}
+
+    def register(self, tool: Tool) -> None:
+        """Offer one more tool (BadTool if its definition is refused); the new entry goes
+        out on gossip at once."""
+        self.toolbox.register(tool)
+        self.ledger.refresh()
+
+    # ---- serving --------------------------------------------------------------------
+
+    async def _serve(self, caller: str, request: ToolRequest) -> ToolReply:
+        request.check()  # WireError: the stream layer answers it and counts the offence
+        if request.call is None:
+            return ToolReply(tools=tuple(self.toolbox.tools[n].spec()
+                                         for n in self.toolbox.names()))
+        result = await self.toolbox.execute(request.call, caller)
+        self.metrics.observe(result.tool, result.outcome, result.elapsed_s)
+        self.node.events.publish("tool.served", tool=result.tool[:64], caller=caller,
+                                 call_id=result.call_id, outcome=result.outcome,
+                                 elapsed_ms=round(result.elapsed_s * 1000, 3))
+        body, sig = seal(result, self.node.key_pair.private_key)
+        return ToolReply(result=SignedResult(body=body, sig=sig))
+
+    # ---- the swarm's tools ----------------------------------------------------------
+
+    def offers(self, tool: str | None = None) -> list[tuple[str, Offer, str]]:
+        """(tool, offer, peer name) for every live ledger entry's tools."""
+        out = []
+        for entry in self.ledger.book.entries():
+            rtt = 0.0 if entry.peer_id == self.node.peer_id else \
+                self.node.rtt_ms.get(entry.peer_id)
+            for brief in entry.tools:
+                if tool is None or brief.name == tool:
+                    offer = Offer(entry.peer_id, brief.schema, brief.capacity,
+                                  self.load[(entry.peer_id, brief.name)], rtt)
+                    out.append((brief.name, offer, entry.name))
+        return out
+
+    def find_peer(self, peer: str) -> str | None:
+        """A peer id from an id or a ledger name."""
+        for entry in self.ledger.book.entries():
+            if peer in (entry.peer_id, entry.name):
+                return entry.peer_id
+        return None
+
+    async def tools_of(self, peer: str) -> list[ToolSpec] | ToolFailure:
+        specs = await list_tools(self.node, peer)
+        if not isinstance(specs, ToolFailure):
+            for spec in specs:
+                self._remember(spec)
+        return specs
+
+    async def call(self, tool: str, arguments: dict[str, Any], *, peer: str | None = None,
+                   deadline_s: float = DEFAULT_DEADLINE_S) -> Outcome:
+        """Call `tool` on `peer`, or on the best peer offering it (then up to MAX_TRIES
+        offers while they are busy or gone). NoOffer when nobody offers it; ValueError
+        for a call that cannot be sent (a deadline out of range)."""
+        offers = [o for _, o, _ in self.offers(tool) if peer is None or o.peer == peer]
+        if not offers:
+            raise NoOffer((f"no live peer offers a tool {tool!r:.80}" if peer is None else
+                           f"peer {peer[-8:]} offers no tool {tool!r:.80} in its ledger "
+                           "entry") + "; `peerd tools` lists who offers what")
+        outcome: Outcome | None = None
+        for offer in rank(offers)[:MAX_TRIES if peer is None else 1]:
+            outcome = await self._call_one(offer, tool, arguments, deadline_s)
+            if not (isinstance(outcome, ToolFailure) and outcome.code in RETRY_ON):
+                break
+        assert outcome is not None
+        return outcome
+
+    async def _call_one(self, offer: Offer, tool: str, arguments: dict[str, Any],
+                        deadline_s: float) -> Outcome:
+        call_id = new_call_id()
+        started = time.monotonic()
+        check = await self._check_for(offer.peer, tool, offer.schema)
+        if isinstance(check, tuple):
+            outcome: Outcome = ToolFailure(offer.peer, tool, call_id, *check, "caller")
+        else:
+            try:
+                check(arguments)
+            except Invalid as exc:
+                outcome = ToolFailure(offer.peer, tool, call_id, wire.INVALID_ARGUMENTS,
+                                      f"arguments of {tool}: {exc}", "caller")
+            else:
+                key = (offer.peer, tool)
+                self.load[key] += 1
+                try:
+                    outcome = await call_tool(self.node, offer.peer, tool, offer.schema,
+                                              arguments, deadline_s=deadline_s,
+                                              call_id=call_id)
+                finally:
+                    self.load[key] -= 1
+                    if self.load[key] <= 0:
+                        del self.load[key]
+        self.node.events.publish(
+            "tool.called", tool=tool, peer_id=offer.peer, call_id=call_id,
+            outcome=outcome.code if isinstance(outcome, ToolFailure) else wire.OK,
+            elapsed_ms=round((time.monotonic() - started) * 1000, 3))
+        return outcome
+
+    async def _check_for(self, peer: str, tool: str, schema: str
+                         ) -> Callable[[Any], Any] | tuple[str, str]:
+        """The check of `tool`'s arguments under the schema hash `schema`: cached, or
+        fetched from `peer` (tools/list) and cached; else (code, message)."""
+        check = self._checks.get(schema)
+        if check is not None:
+            return check
+        specs = await self.tools_of(peer)
+        if isinstance(specs, ToolFailure):
+            return specs.code, f"cannot fetch {tool}'s schema: {specs.message}"
+        check = self._checks.get(schema)
+        if check is None:
+            return MALFORMED, (f"the peer's tools/list has no {tool} of schema "
+                               f"{schema[:12]}… (its ledger entry is stale, or its schema "
+                               "unusable); try again shortly")
+        return check
+
+    def _remember(self, spec: ToolSpec) -> None:
+        if spec.schema in self._checks:
+            return
+        try:
+            check = SchemaCheck(spec.input_schema, f"{spec.name}: inputSchema")
+        except SchemaInvalid as exc:
+            log.info("a peer's tool %r has a schema we cannot use: %s", spec.name, exc)
+            return
+        if len(self._checks) >= MAX_CACHED_SCHEMAS:
+            del self._checks[next(iter(self._checks))]  # the oldest
+        self._checks[spec.schema] = check

@@ -51,7 +51,7 @@ from rich.table import Table
 
 from peerd.embedding import make_embedder
 from peerd.memory.admissions import Candidate
-from peerd.memory.controller import ControllerSettings, admission_stats
+from peerd.memory.controller import ControllerSettings, admission_stats, effective_weight
 from peerd.memory.item import Record, sign_item
 from peerd.memory.learning import LearnSpec, domain_of
 from peerd.memory.service import Memory
@@ -157,6 +157,14 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             await everything.aclose()
         stats = await memory.stats()
         model_id = face.model_id
+        now = time.time()
+        held = [{"id": r.item.id, "kind": r.item.kind, "text": r.item.text,
+                 "uses": r.stats.uses,
+                 "weight": round(effective_weight(r.stats, now, settings), 4)}
+                for r in await sedm.records()]
+        admitted = [{"item_id": d.item_id, "utility": d.utility,
+                     "text": d.detail.get("text", "")}
+                    for d in await sedm.decisions(10_000, "admitted")]
 
     judged = [c for c in memory.proposals if c.reason not in PRECHECKED and c.decided]
     decide_s = [c.decided - c.created for c in judged]
@@ -184,7 +192,8 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     "replay.run_task with its recall's top-k (nothing observed); right = "
                     "number scorer; intervals: Wilson, differences: Newcombe paired"),
             "arms": [{**a.to_json(), "items": items[a.arm]} for a in arms],
-            "differences": differences, "sedm_admission": admission}
+            "differences": differences, "sedm_admission": admission,
+            "sedm_items": {"held": held, "admitted": admitted}}
 
 
 def print_accuracy(args: argparse.Namespace, arms: list[Answered], items: dict[str, int],

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
+    from peerd.plans.retry import Slots
     from peerd.plans.toolbox import Toolbox
 
 UNKNOWN = "(unknown)"
@@ -50,3 +51,28 @@ class _CapacityCollector:
             capacity.add_metric([name], cap.limit)
         yield in_flight
         yield capacity
+
+
+class DispatchMetrics:
+    """The caller's side: attempts by tool and outcome, and our calls in flight at each
+    peer by tool (the dispatcher's limiter, read when scraped). Peers in the gauge are
+    those with calls in flight now, so its labels stay as few as the calls."""
+
+    def __init__(self, registry: CollectorRegistry, slots: Slots) -> None:
+        self.attempts = Counter("peerd_tool_dispatch_attempts", "Tool call attempts made "
+                                "by this peer's dispatcher, by tool and outcome",
+                                ["tool", "outcome"], registry=registry)
+        registry.register(_SlotsCollector(slots))
+
+
+class _SlotsCollector:
+    def __init__(self, slots: Slots) -> None:
+        self.slots = slots
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("peerd_tool_dispatch_in_flight", "Our tool calls in "
+                                  "flight at a peer (never above its declared capacity "
+                                  "for dispatched calls)", labels=["tool", "peer"])
+        for (peer, tool), held in self.slots:
+            gauge.add_metric([tool, peer], held)
+        yield gauge

@@ -10,12 +10,15 @@ Calling: `call(tool, arguments, peer=None)` picks the peer when none is named (c
 free capacity, then RTT), fetches and caches the tool's full schema by its hash, checks
 the arguments against it before anything is sent (a bad call costs no round trip), and
 on "busy" or a peer that cannot be reached tries the next offer. Each call is told on
-/events as `tool.called`. It serves `/v1/tools` in the local API (api/tools.py).
+/events as `tool.called`. `dispatch(calls)` runs a step's calls in parallel across the
+peers offering each tool, within their capacities, with retry elsewhere (dispatch.py).
+It serves `/v1/tools` in the local API (api/tools.py).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
+from peerd.agents.reputation import view
 from peerd.agents.sealing import seal
 from peerd.api.recall import Recall
 from peerd.ledger.gossip import LedgerGossip
@@ -40,7 +44,9 @@ from peerd.plans.caller import (
     new_call_id,
 )
 from peerd.plans.choice import Offer, rank
-from peerd.plans.metrics import ToolMetrics
+from peerd.plans.dispatch import Attempt, Call, Dispatched, dispatch
+from peerd.plans.metrics import DispatchMetrics, ToolMetrics
+from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy, Slots
 from peerd.plans.schema import Invalid, SchemaCheck, SchemaInvalid
 from peerd.plans.tool import Tool
 from peerd.plans.toolbox import Toolbox
@@ -79,7 +85,11 @@ class Tools(Service):
         self.toolbox = Toolbox(node.peer_id, [*offered(builtins, tools_dir, lambda: self.recall),
                                               *extra])
         self.metrics = ToolMetrics(node.metrics.registry, self.toolbox)
-        self.load: Counter[tuple[str, str]] = Counter()  # (peer, tool) -> our calls there
+        # (peer, tool) -> our calls there: the dispatcher never exceeds a capacity in it
+        self.slots = Slots()
+        self.load: Counter[tuple[str, str]] = self.slots.load
+        self.dispatch_metrics = DispatchMetrics(node.metrics.registry, self.slots)
+        self.rng = random.Random()
         self._checks: dict[str, SchemaCheck] = {}  # schema hash -> its inputSchema's check
 
     # ---- the service ----------------------------------------------------------------
@@ -128,15 +138,37 @@ class Tools(Service):
     def offers(self, tool: str | None = None) -> list[tuple[str, Offer, str]]:
         """(tool, offer, peer name) for every live ledger entry's tools."""
         out = []
-        for entry in self.ledger.book.entries():
+        entries = self.ledger.book.entries()
+        # Symphony's reputation view: ours is what our own entry publishes
+        reports = {e.peer_id: e.reputation for e in entries}
+        own = reports.get(self.node.peer_id, {})
+        for entry in entries:
             rtt = 0.0 if entry.peer_id == self.node.peer_id else \
                 self.node.rtt_ms.get(entry.peer_id)
+            standing = view(entry.peer_id, self.node.peer_id, own, reports)
             for brief in entry.tools:
                 if tool is None or brief.name == tool:
                     offer = Offer(entry.peer_id, brief.schema, brief.capacity,
-                                  self.load[(entry.peer_id, brief.name)], rtt)
+                                  self.slots.held(entry.peer_id, brief.name), rtt, standing)
                     out.append((brief.name, offer, entry.name))
         return out
+
+    async def dispatch(self, calls: Sequence[Call], policy: RetryPolicy = DEFAULT_POLICY
+                       ) -> list[Dispatched]:
+        """Run a step's calls at once across the peers offering each tool (dispatch.py);
+        every call's end, in order, a failure as an observation."""
+        def offers(tool: str) -> list[Offer]:
+            return [o for _, o, _ in self.offers(tool)]
+
+        async def call_one(offer: Offer, call: Call, deadline_s: float) -> Outcome:
+            return await self._call_one(offer, call.tool, call.arguments, deadline_s,
+                                        call_id=call.call_id, held=True)
+
+        def observe(call: Call, attempt: Attempt) -> None:
+            self.dispatch_metrics.attempts.labels(call.tool[:64], attempt.code).inc()
+
+        return await dispatch(calls, offers, call_one, slots=self.slots, policy=policy,
+                              rng=self.rng, observe=observe)
 
     def find_peer(self, peer: str) -> str | None:
         """A peer id from an id or a ledger name."""
@@ -171,8 +203,10 @@ class Tools(Service):
         return outcome
 
     async def _call_one(self, offer: Offer, tool: str, arguments: dict[str, Any],
-                        deadline_s: float) -> Outcome:
-        call_id = new_call_id()
+                        deadline_s: float, *, call_id: str | None = None,
+                        held: bool = False) -> Outcome:
+        """One attempt; `held`: the dispatcher already holds a slot for it."""
+        call_id = call_id or new_call_id()
         started = time.monotonic()
         check = await self._check_for(offer.peer, tool, offer.schema)
         if isinstance(check, tuple):
@@ -184,16 +218,15 @@ class Tools(Service):
                 outcome = ToolFailure(offer.peer, tool, call_id, wire.INVALID_ARGUMENTS,
                                       f"arguments of {tool}: {exc}", "caller")
             else:
-                key = (offer.peer, tool)
-                self.load[key] += 1
+                if not held:
+                    self.slots.take(offer.peer, tool)
                 try:
                     outcome = await call_tool(self.node, offer.peer, tool, offer.schema,
                                               arguments, deadline_s=deadline_s,
                                               call_id=call_id)
                 finally:
-                    self.load[key] -= 1
-                    if self.load[key] <= 0:
-                        del self.load[key]
+                    if not held:
+                        self.slots.give(offer.peer, tool)
         self.node.events.publish(
             "tool.called", tool=tool, peer_id=offer.peer, call_id=call_id,
             outcome=outcome.code if isinstance(outcome, ToolFailure) else wire.OK,

@@ -49,6 +49,23 @@ Offers = Callable[[str], Sequence[Offer]]
 Observe = Callable[["Call", "Attempt"], None]
 
 
+class Limiter(Slots):
+    """The slots, and a wakeup for the calls waiting on one: shared by every batch of a
+    peer, so a slot freed by one batch wakes the calls of all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._freed = trio.Event()
+
+    def give(self, peer: str, tool: str) -> None:
+        super().give(peer, tool)
+        self._freed.set()
+        self._freed = trio.Event()
+
+    async def freed(self) -> None:
+        await self._freed.wait()
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     tool: str
@@ -109,7 +126,7 @@ class Dispatched:
 
 
 async def dispatch(calls: Sequence[Call], offers: Offers, call_one: CallOne, *,
-                   slots: Slots, policy: RetryPolicy = DEFAULT_POLICY,
+                   slots: Limiter, policy: RetryPolicy = DEFAULT_POLICY,
                    rng: random.Random | None = None, observe: Observe | None = None
                    ) -> list[Dispatched]:
     """Run `calls` at once; their ends in the same order. `slots` is shared by every
@@ -127,7 +144,7 @@ async def dispatch(calls: Sequence[Call], offers: Offers, call_one: CallOne, *,
 
 
 class _Batch:
-    def __init__(self, offers: Offers, call_one: CallOne, slots: Slots,
+    def __init__(self, offers: Offers, call_one: CallOne, slots: Limiter,
                  policy: RetryPolicy, rng: random.Random, observe: Observe | None) -> None:
         self.offers = offers
         self.call_one = call_one
@@ -136,7 +153,6 @@ class _Batch:
         self.rng = rng
         self.observe = observe
         self.suspects: set[str] = set()
-        self.freed = trio.Event()  # set when a slot is given back (then replaced)
         self.started = trio.current_time()
 
     async def run(self, call: Call) -> Dispatched:
@@ -154,8 +170,6 @@ class _Batch:
                 outcome = await self._attempt(offer, call)
             finally:
                 self.slots.give(offer.peer, call.tool)
-                self.freed.set()
-                self.freed = trio.Event()
             attempt = _attempt_of(offer.peer, outcome, began - queued_at,
                                   trio.current_time() - began)
             attempts.append(attempt)
@@ -179,7 +193,7 @@ class _Batch:
             offer = pick(offers, tool, self.slots)
             if offer is not None and self.slots.try_take(offer.peer, tool, offer.capacity):
                 return offer
-            await self.freed.wait()
+            await self.slots.freed()
 
     async def _attempt(self, offer: Offer, call: Call) -> Outcome:
         deadline_s = self.policy.attempt_deadline_s

@@ -44,9 +44,9 @@ from peerd.plans.caller import (
     new_call_id,
 )
 from peerd.plans.choice import Offer, rank
-from peerd.plans.dispatch import Attempt, Call, Dispatched, dispatch
+from peerd.plans.dispatch import Attempt, Call, Dispatched, Limiter, dispatch
 from peerd.plans.metrics import DispatchMetrics, ToolMetrics
-from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy, Slots
+from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
 from peerd.plans.schema import Invalid, SchemaCheck, SchemaInvalid
 from peerd.plans.tool import Tool
 from peerd.plans.toolbox import Toolbox
@@ -86,7 +86,7 @@ class Tools(Service):
                                               *extra])
         self.metrics = ToolMetrics(node.metrics.registry, self.toolbox)
         # (peer, tool) -> our calls there: the dispatcher never exceeds a capacity in it
-        self.slots = Slots()
+        self.slots = Limiter()
         self.load: Counter[tuple[str, str]] = self.slots.load
         self.dispatch_metrics = DispatchMetrics(node.metrics.registry, self.slots)
         self.rng = random.Random()

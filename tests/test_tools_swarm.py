@@ -22,6 +22,8 @@ from peerd.api.app import create_app
 from peerd.node import Node
 from peerd.plans import builtins
 from peerd.plans.caller import FORGED, MALFORMED, ToolFailure, ToolResult, call_tool
+from peerd.plans.dispatch import Call
+from peerd.plans.retry import RetryPolicy
 from peerd.plans.schema import SchemaInvalid
 from peerd.plans.service import Tools
 from peerd.plans.tool import schema_tool, typed_tool
@@ -50,6 +52,10 @@ class Nothing(BaseModel):
 
 class Text(BaseModel):
     text: str
+
+
+class Wait(BaseModel):
+    i: int
 
 
 async def hangs(args: Nothing) -> Text:
@@ -291,3 +297,77 @@ async def test_the_best_peer_is_chosen_and_a_busy_one_passed_over(tmp_path: Path
             opened.set()
         assert got["a-own"].peer == a.peer_id and got["a-next"].peer == b.peer_id
         assert ta.toolbox.capacity["gate"].peak == 1 and tb.toolbox.capacity["gate"].peak == 1
+
+
+async def test_a_batch_is_dispatched_over_the_api(tmp_path: Path) -> None:
+    async with two_peers(tmp_path) as (a, b, ta, _):
+        transport = httpx.ASGITransport(app=create_app(a, TOKEN))
+        async with httpx.AsyncClient(transport=transport, base_url="http://peerd",
+                                     headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=30.0) as client:
+            calls = [{"tool": "calculator", "arguments": {"expression": f"{i} * 2"}}
+                     for i in range(6)] + [{"tool": "raises", "arguments": {}}]
+            got = (await client.post("/v1/tools/dispatch", json={"calls": calls})).json()
+            results = got["results"]
+            assert [r["result"]["value"] for r in results[:6]] == [str(2 * i) for i in range(6)]
+            assert {r["peer"] for r in results[:6]} <= {a.peer_id, b.peer_id}
+            assert results[6]["error"]["code"] == wire.TOOL_ERROR
+            assert len(results[6]["attempts"]) == 1  # the tool's own error: not retried
+            bad = await client.post("/v1/tools/dispatch", json={"calls": []})
+            assert bad.status_code == 400
+        assert ta.slots.peak[(b.peer_id, "calculator")] <= 2  # B declares 2
+        assert "peerd_tool_dispatch_attempts_total" in a.metrics.render().decode()
+
+
+async def test_a_peer_stopped_mid_batch_is_routed_around(tmp_path: Path) -> None:
+    """Three peers offer a slow tool; the third stops while holding calls; every call
+    of the batch completes on the other two."""
+    started = trio.Event()
+
+    async def slow(args: Wait) -> Text:
+        started.set()
+        await trio.sleep(0.3)
+        return Text(text=str(args.i))
+
+    stop = trio.Event()
+    stopped = trio.Event()
+    async with swarm(2, tmp_path, connect="star") as (a, b):
+        ta = Tools(a, gossip(a), extra=[typed_tool("slow", "", slow, capacity=2)])
+        tb = Tools(b, gossip(b), extra=[typed_tool("slow", "", slow, capacity=2)])
+        await a.start(ta)
+        await b.start(tb)
+        victim: list[Node] = []
+
+        async def third(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            from tests.harness import connect_nodes, open_test_node
+            async with open_test_node(tmp_path / "n2", heartbeat_s=1.0) as c:
+                await connect_nodes(c, a)
+                await c.start(Tools(c, gossip(c), extra=[typed_tool("slow", "", slow,
+                                                                   capacity=2)]))
+                gossip(c).refresh()
+                victim.append(c)
+                task_status.started()
+                await stop.wait()
+            stopped.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(third)
+            gossip(a).refresh()
+            gossip(b).refresh()
+            c = victim[0]
+            await wait_for(lambda: all(offers_of(a, p.peer_id) == ["slow"]
+                                       for p in (a, b, c)), what="tools in ledgers")
+            got: list[Any] = []
+
+            async def batch() -> None:
+                got.extend(await ta.dispatch([Call("slow", {"i": i}) for i in range(12)],
+                                             RetryPolicy(attempt_deadline_s=2.0)))
+
+            nursery.start_soon(batch)
+            await wait_for(lambda: ta.slots.held(c.peer_id, "slow") > 0, what="calls on C")
+            stop.set()
+            await stopped.wait()
+        assert [r.outcome.value["text"] for r in got] == [str(i) for i in range(12)]
+        assert all(r.ok and r.peer != c.peer_id for r in got)
+        assert any(len(r.attempts) > 1 for r in got)  # those C held went elsewhere
+        assert max(ta.slots.peak.values()) <= 2

@@ -11,6 +11,11 @@ an id or a name; default the best peer offering the tool), "deadline_s" (default
 at most 60)}: 200 with the call's outcome, which a failed call is too:
     {"ok": true, "peer", "tool", "call_id", "result", "elapsed_s"}
     {"ok": false, "peer", "tool", "call_id", "error": {"code", "message", "by"}}
+`POST /v1/tools/dispatch` {"calls": [{"tool", "arguments"}] (1..64), "deadline_s" (each
+attempt's, default 30), "max_attempts" (1..10, default 3)}: the calls at once across the
+peers offering each tool (plans/dispatch.py), 200 with every call's end in order:
+    {"results": [{"ok", "tool", "call_id", "peer", "attempts": [...], "elapsed_s",
+                  "result" | "error": {"code", "message", "by", "peers"}}]}
 Errors of the request itself (a bad body, a tool nobody offers, an unknown peer) use
 OpenAI's error shape.
 """
@@ -26,6 +31,8 @@ from starlette.routing import Route
 
 from peerd.api.errors import ApiError, answering, read_json
 from peerd.plans.caller import ToolFailure
+from peerd.plans.dispatch import Call
+from peerd.plans.retry import RetryPolicy
 from peerd.plans.service import NoOffer
 from protocols.tool import MAX_ARGUMENTS_BYTES, MAX_DEADLINE_S, NAME
 
@@ -61,6 +68,36 @@ def parse_call(body: Any) -> tuple[str, dict[str, Any], str | None, float]:
         raise ApiError(400, f"'deadline_s' must be a number of seconds in (0, "
                        f"{MAX_DEADLINE_S:g}]", param="deadline_s")
     return tool, arguments, peer, float(deadline)
+
+
+MAX_BATCH = 64
+BATCH_FIELDS = {"calls", "deadline_s", "max_attempts"}
+
+
+def parse_batch(body: Any) -> tuple[list[Call], RetryPolicy]:
+    """The calls and policy of a POST /v1/tools/dispatch body; ApiError(400)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - BATCH_FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: "
+                       f"{', '.join(sorted(BATCH_FIELDS))}", param=unknown[0])
+    raw = body.get("calls")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_BATCH:
+        raise ApiError(400, f"'calls' must be a list of 1..{MAX_BATCH} calls "
+                       '{"tool", "arguments"}', param="calls")
+    calls = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) - {"tool", "arguments"}:
+            raise ApiError(400, 'each call is {"tool", "arguments"}', param="calls")
+        tool, arguments, _, _ = parse_call(item)
+        calls.append(Call(tool, arguments))
+    _, _, _, deadline = parse_call({"tool": "t", "deadline_s": body.get("deadline_s", 30.0)})
+    attempts = body.get("max_attempts", 3)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
+        raise ApiError(400, "'max_attempts' must be an integer in 1..10",
+                       param="max_attempts")
+    return calls, RetryPolicy(max_attempts=attempts, attempt_deadline_s=deadline)
 
 
 def routes(tools: Tools) -> list[Route]:
@@ -104,4 +141,11 @@ def routes(tools: Tools) -> list[Route]:
             raise ApiError(400, str(exc)) from None
         return JSONResponse(outcome.to_json())
 
-    return [Route("/v1/tools", listing), Route("/v1/tools/call", call, methods=["POST"])]
+    @answering
+    async def batch(request: Request) -> Response:
+        calls, policy = parse_batch(await read_json(request, MAX_BATCH * MAX_BODY_BYTES))
+        done = await tools.dispatch(calls, policy)
+        return JSONResponse({"results": [d.to_json() for d in done]})
+
+    return [Route("/v1/tools", listing), Route("/v1/tools/call", call, methods=["POST"]),
+            Route("/v1/tools/dispatch", batch, methods=["POST"])]

@@ -104,3 +104,39 @@ def call(data_dir: Path | None, api: str | None, token: str | None, as_json: boo
         whose = "the peer says" if error["by"] == "callee" else "checked here"
         fail(f"{name} on {out['peer'][-8:]} failed: {error['code']} ({whose}): "
              f"{error['message']}")
+
+
+@tools.command("dispatch")
+@client_options
+@click.option("--calls", "calls", required=True, metavar="JSON",
+              help='The calls as a JSON list, e.g. \'[{"tool": "calculator", "arguments": '
+              '{"expression": "6 * 7"}}]\'.')
+@click.option("--deadline-s", default=30.0, show_default=True,
+              type=click.FloatRange(0, MAX_DEADLINE_S, min_open=True),
+              help="Each attempt's time to answer.")
+@click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 10))
+def dispatch(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+             calls: str, deadline_s: float, max_attempts: int) -> None:
+    """Run a batch of calls at once across the swarm, with retry elsewhere."""
+    try:
+        parsed = json.loads(calls)
+    except ValueError as exc:
+        fail(f"--calls is not JSON ({exc})", 2)
+    c = make_client(data_dir, api, token)
+    body = {"calls": parsed, "deadline_s": deadline_s, "max_attempts": max_attempts}
+    out = c.exchange("POST", "/v1/tools/dispatch", json=body,
+                     timeout_s=max_attempts * (deadline_s + CALL_MARGIN_S)).json()
+    if as_json:
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        t = Table(title=f"{len(out['results'])} calls")
+        for col in ("tool", "peer", "attempts", "ms", "result or error"):
+            t.add_column(col)
+        for r in out["results"]:
+            what = json.dumps(r["result"], sort_keys=True) if r["ok"] else \
+                f"{r['error']['code']}: {r['error']['message']}"
+            t.add_row(escape(r["tool"]), r["peer"][-8:], str(len(r["attempts"])),
+                      f"{1000 * r['elapsed_s']:.1f}", escape(what))
+        console.print(t)
+    if not all(r["ok"] for r in out["results"]):
+        raise SystemExit(1)

@@ -41,6 +41,18 @@ class ApiError(Exception):
         return {"message": str(self), "type": self.type, "param": self.param, "code": self.code}
 
 
+def json_object(body: Any, fields: set[str] | frozenset[str]) -> dict[str, Any]:
+    """A request body that must be a JSON object of known `fields`; ApiError(400) naming
+    the first unknown one."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: "
+                       f"{', '.join(sorted(fields))}", param=unknown[0])
+    return body
+
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 

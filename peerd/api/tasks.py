@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from peerd.agents.record import TaskSpec
 from peerd.agents.requester import NoWorkers
-from peerd.api.errors import ApiError, read_json
+from peerd.api.errors import ApiError, json_object, read_json
 from peerd.api.openai_request import parse_memory
 from peerd.api.recall import Note, Recall
 from peerd.inference.face import ModelUnavailable
@@ -60,12 +60,7 @@ FIELDS = {"question", "workers", "requirement", "deadline_s", "answer_format", "
 
 def parse(body: Any) -> TaskSpec:
     """Validate a POST /v1/tasks body; ApiError(400) names the bad parameter."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: "
-                       f"{', '.join(sorted(FIELDS))}", param=unknown[0])
+    body = json_object(body, FIELDS)
     question = body.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ApiError(400, "'question' must be a non-empty string", param="question")

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from peerd.api.errors import ApiError, answering, read_json
+from peerd.api.errors import ApiError, answering, json_object, read_json
 from peerd.plans.caller import ToolFailure
 from peerd.plans.dispatch import Call
 from peerd.plans.retry import RetryPolicy
@@ -45,12 +45,7 @@ MAX_BODY_BYTES = MAX_ARGUMENTS_BYTES + 4096
 
 def parse_call(body: Any) -> tuple[str, dict[str, Any], str | None, float]:
     """(tool, arguments, peer, deadline_s) of a POST /v1/tools/call body; ApiError(400)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: "
-                       f"{', '.join(sorted(FIELDS))}", param=unknown[0])
+    body = json_object(body, FIELDS)
     tool = body.get("tool")
     if not isinstance(tool, str) or not NAME.fullmatch(tool):
         raise ApiError(400, "'tool' must be a tool's name (`peerd tools` lists them)",
@@ -76,12 +71,7 @@ BATCH_FIELDS = {"calls", "deadline_s", "max_attempts"}
 
 def parse_batch(body: Any) -> tuple[list[Call], RetryPolicy]:
     """The calls and policy of a POST /v1/tools/dispatch body; ApiError(400)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - BATCH_FIELDS)
-    if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}; known: "
-                       f"{', '.join(sorted(BATCH_FIELDS))}", param=unknown[0])
+    body = json_object(body, BATCH_FIELDS)
     raw = body.get("calls")
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_BATCH:
         raise ApiError(400, f"'calls' must be a list of 1..{MAX_BATCH} calls "

@@ -61,7 +61,7 @@ from peerd.rl.tasks import load_task
 console = Console(width=160)
 N_TRAIN = {"add": 200, "gsm8k": 60}
 N_EVAL = {"add": 300, "gsm8k": 100}
-PRECHECKED = ("duplicate", "queue_full")  # refused before any replay
+PRECHECKED = ("duplicate", "refused_before", "queue_full")  # refused before any replay
 
 
 class RecordingMemory(Memory):

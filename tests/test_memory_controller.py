@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from peerd.memory.controller import (
     Baseline,
     ControllerSettings,
+    EarlierRefusal,
     Evict,
     Merge,
     Prune,
@@ -479,6 +480,21 @@ def test_a_full_queue_refuses() -> None:
     assert str(S.queue_cap) in pre.message
     with pytest.raises(ValueError, match="queue"):
         precheck([], -1, S)
+
+
+def test_a_text_refused_for_no_gain_is_not_replayed_again_for_a_while() -> None:
+    earlier = EarlierRefusal(age_s=3600.0, utility=-0.05, tasks=4)
+    pre = precheck([("a" * 64, 0.5)], 0, S, earlier)
+    assert not pre.replay and pre.reason == "refused_before"
+    assert "-0.05" in pre.message and "4 tasks" in pre.message
+    # a duplicate is still the better reason; past the memory it is judged again
+    assert precheck([("a" * 64, 0.99)], 0, S, earlier).reason == "duplicate"
+    late = replace(earlier, age_s=S.refusal_memory_s)
+    assert precheck([("a" * 64, 0.5)], 0, S, late).reason == "novel"
+    off = ControllerSettings(refusal_memory_s=0.0)
+    assert precheck([], 0, off, earlier).reason == "novel"
+    with pytest.raises(ValueError, match="refusal_memory_s"):
+        ControllerSettings(refusal_memory_s=-1.0)
 
 
 def test_a_nan_similarity_is_no_duplicate() -> None:

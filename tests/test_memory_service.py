@@ -155,6 +155,17 @@ async def test_a_harmful_item_is_refused_with_its_utility(tmp_path: Path, tiny: 
         assert (await api.get("/v1/memory/stats")).json()["items"] == 0
         refused = (await api.get("/v1/memory/log", params={"action": "refused"})).json()
         assert refused[0]["utility"] == pytest.approx(got["utility"]["total"])
+        # offered again word for word: that measurement stands, no second replay
+        hits = memory.desk().baselines.hits
+        again = (await api.post("/v1/memory", json={"text": candidate, "domain": "chat",
+                                                    "origin": runs[0], "wait": True})).json()
+        assert (again["state"], again["reason"]) == ("refused", "refused_before")
+        assert again["utility"] is None and again["tasks"] == 0
+        assert memory.desk().baselines.hits == hits  # no A arm was even looked up
+        # in another domain it is another candidate
+        other = (await api.post("/v1/memory", json={"text": candidate, "domain": "math",
+                                                    "wait": True})).json()
+        assert other["reason"] == "no_tasks"
         # a candidate with nothing to be judged on is refused, saying what to do
         got = (await api.post("/v1/memory", json={"text": "Carry the one.",
                                                   "domain": "arithmetic",

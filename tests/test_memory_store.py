@@ -4,6 +4,7 @@ trusted, crash safety under kill -9, and the async face that never blocks the lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+import peerd.memory.journal as journal
 import peerd.memory.store as store_module
 from peerd.embedding import HashingEmbedder
 from peerd.memory.index import VectorIndex
@@ -343,6 +345,29 @@ def test_scecs_and_the_decision_log(tmp_path: Path) -> None:
     assert again.get_scec(hashes[2]) is not None and again.get_scec("0" * 64) is None
     assert [d.seq for d in again.decisions()] == [s3, s2, s1]
     again.close()
+
+
+def test_the_decision_log_and_refusal_memory_are_capped(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "DECISIONS_KEPT", 10)
+    monkeypatch.setattr(journal, "TRIM_EVERY", 4)
+    monkeypatch.setattr(journal, "REFUSALS_KEPT", 3)
+    store = open_store(tmp_path)
+    seqs = [store.log("refused", "f" * 64, 0.0) for _ in range(30)]
+    kept = [d.seq for d in store.decisions(limit=100)]
+    assert kept[0] == seqs[-1] and 10 <= len(kept) < 10 + 4  # trimmed every 4th write
+    assert store.refusal("k0") is None
+    for i in range(5):
+        store.remember_refusal(f"k{i}", -0.1 * i, 4)
+    assert store.refusal("k0") is None and store.refusal("k1") is None  # the oldest go
+    at, utility, tasks = store.refusal("k4") or (0.0, 0.0, 0)
+    assert at > 0 and utility == pytest.approx(-0.4) and tasks == 4
+    store.remember_refusal("k4", 0.0, 2)  # refused again: the newer measurement stands
+    assert store.refusal("k4")[1:] == (0.0, 2)  # type: ignore[index]
+    with pytest.raises(ValueError, match="utility"):
+        store.remember_refusal("k5", math.nan, 1)
+    store.close()
+    assert open_store(tmp_path).refusal("k4") is not None  # persisted
 
 
 async def test_async_face_does_not_block_the_loop(tmp_path: Path) -> None:

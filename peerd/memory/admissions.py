@@ -19,6 +19,7 @@ the log names the peers that replayed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -33,7 +34,12 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 from peerd.config import MEMORY_REPLAYS
 from peerd.inference.face import LanguageModel, ModelUnavailable, Refused, SwarmUnavailable
 from peerd.memory.admission import BaselineCache, Utility, Verdict, Weights, judge
-from peerd.memory.controller import ControllerSettings, admission_stats, precheck
+from peerd.memory.controller import (
+    ControllerSettings,
+    EarlierRefusal,
+    admission_stats,
+    precheck,
+)
 from peerd.memory.farming import job_model, verdict_of
 from peerd.memory.item import MemoryItem, Record
 from peerd.memory.scec import decode_scec
@@ -91,6 +97,11 @@ class Candidate:
                 "decided": self.decided or None, "text": self.text}
 
 
+def refusal_key(domain: str, text: str) -> str:
+    """What names a candidate for the refusal memory: its exact text in its domain."""
+    return hashlib.sha256(f"{domain}\0{text}".encode()).hexdigest()
+
+
 class Admissions:
     def __init__(self, store: MemoryStore, model: Callable[[], LanguageModel],
                  sign: Sign, memory_for: MemoryFor, *,
@@ -141,7 +152,11 @@ class Admissions:
             return c
         vector = (await self.store.embed([text]))[0]
         near = await self.store.search(vector, 1, domain)
-        check = precheck([(r.item.id, s) for r, s in near], self.waiting, self.settings)
+        refused = await self.store.refusal(refusal_key(domain, text))
+        earlier = (None if refused is None else
+                   EarlierRefusal(time.time() - refused[0], refused[1], refused[2]))
+        check = precheck([(r.item.id, s) for r, s in near], self.waiting, self.settings,
+                         earlier)
         if not check.replay:
             await self._refuse(c, check.reason, check.message)
             return c
@@ -194,6 +209,8 @@ class Admissions:
             return
         c.utility = verdict.utility
         if not verdict.admitted:
+            await self.store.remember_refusal(refusal_key(c.domain, c.text),
+                                              verdict.utility.total, len(tasks))
             await self._refuse(c, "no_gain", f"utility {verdict.utility.total:.3g} <= "
                                f"{self.min_gain:g} over {len(tasks)} tasks")
             return

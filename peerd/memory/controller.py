@@ -61,6 +61,11 @@ class ControllerSettings:
     # Each pending candidate costs two replays per judged task; past this many, a new
     # candidate is refused at once rather than judged long after it was offered.
     queue_cap: int = 64
+    # A candidate refused for no gain, offered again word for word in its domain within
+    # this long, is refused at once: its replay would cost two model runs a task to
+    # measure what was just measured (and a peer re-offering one text would burn them).
+    # After it, the memory and the model may have moved enough to judge it again.
+    refusal_memory_s: float = 86_400.0
     # The no-memory baseline is a plain mean for this many runs, then a moving average
     # over about as many: the model (and an RL policy) changes, and its baseline with it.
     baseline_window: int = BASELINE_WINDOW
@@ -79,6 +84,7 @@ class ControllerSettings:
             (self.prune_floor >= 0, "prune_floor", "at least 0"),
             (self.size_cap >= 1, "size_cap", "at least 1"),
             (self.queue_cap >= 1, "queue_cap", "at least 1"),
+            (self.refusal_memory_s >= 0, "refusal_memory_s", "at least 0"),
             (self.baseline_window >= 1, "baseline_window", "at least 1"),
         ]
         for ok, name, want in problems:
@@ -356,21 +362,33 @@ def plan_consolidation(records: Iterable[Record],
 @dataclass(frozen=True, slots=True)
 class Precheck:
     replay: bool  # spend an admission replay on the candidate
-    reason: str  # "novel", "duplicate" or "queue_full"
+    reason: str  # "novel", "duplicate", "refused_before" or "queue_full"
     item_id: str  # the nearest existing item, or "" when there is none
     similarity: float  # to that item (0.0 when none)
     message: str  # for the user, the log and the event
 
 
+@dataclass(frozen=True, slots=True)
+class EarlierRefusal:
+    """The same candidate (text and domain) refused for no gain before."""
+
+    age_s: float  # since that decision
+    utility: float  # what its replay measured
+    tasks: int  # over how many tasks
+
+
 def precheck(similarities: Sequence[tuple[str, float]], queue_length: int,
-             settings: ControllerSettings) -> Precheck:
+             settings: ControllerSettings, earlier: EarlierRefusal | None = None
+             ) -> Precheck:
     """The cheap gate before a replay. `similarities`: the candidate's cosine to existing
     items of its domain (an insight entering another domain is not a duplicate there:
-    it must prove itself again). A near-duplicate is refused, naming the item, rather
-    than reinforcing it: a candidate's existence is no measurement, and reinforcing
-    would let a peer pump an item's weight by offering rewordings of it; the existing
-    item is measured on its every use anyway. A duplicate is reported before a full
-    queue: it never would be admitted, whatever the queue."""
+    it must prove itself again). `earlier`: the last time this very candidate was
+    refused for no gain, if ever; within `refusal_memory_s` that measurement stands.
+    A near-duplicate is refused, naming the item, rather than reinforcing it: a
+    candidate's existence is no measurement, and reinforcing would let a peer pump an
+    item's weight by offering rewordings of it; the existing item is measured on its
+    every use anyway. A duplicate is reported before an earlier refusal, and both before
+    a full queue: it never would be admitted, whatever the queue."""
     if queue_length < 0:
         raise ValueError(f"queue length {queue_length}: not a length")
     near = [(s, i) for i, s in similarities if not math.isnan(s)]
@@ -379,6 +397,13 @@ def precheck(similarities: Sequence[tuple[str, float]], queue_length: int,
         return Precheck(replay=False, reason="duplicate", item_id=item_id, similarity=sim,
                         message=f"a near-duplicate of item {item_id[:12]} (cosine "
                                 f"{sim:.3g} >= {settings.merge_threshold:.3g})")
+    if earlier is not None and 0 <= earlier.age_s < settings.refusal_memory_s:
+        return Precheck(replay=False, reason="refused_before", item_id=item_id,
+                        similarity=sim,
+                        message=f"the same text was refused in this domain "
+                                f"{earlier.age_s / 3600:.3g} h ago (utility "
+                                f"{earlier.utility:.3g} over {earlier.tasks} tasks); it is "
+                                f"judged again after {settings.refusal_memory_s / 3600:.3g} h")
     if queue_length >= settings.queue_cap:
         return Precheck(replay=False, reason="queue_full", item_id=item_id, similarity=sim,
                         message=f"{queue_length} candidates already wait for a replay "

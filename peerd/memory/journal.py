@@ -20,6 +20,11 @@ from peerd.memory.tables import Decision, StoredScec, Transaction, Vector, vecto
 from protocols.memory import DOMAIN, SCEC_HASH
 
 SCEC_SEARCH_CAP = 10_000  # the newest SCECs of a domain that similar_scecs compares
+# The decision log keeps its newest entries: a peer judging candidates for months would
+# otherwise grow it without bound. Trimmed every TRIM_EVERY writes, by sequence number.
+DECISIONS_KEPT = 200_000
+REFUSALS_KEPT = 50_000  # remembered no-gain refusals (the controller's refusal_memory_s)
+TRIM_EVERY = 1_024
 
 
 def nearest(sims: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
@@ -116,8 +121,31 @@ class Journal:
             cur = self._db.execute(
                 "INSERT INTO decisions (at, action, item_id, utility, detail) VALUES "
                 "(?, ?, ?, ?, ?)", (time.time(), action, item_id, utility, text))
-            assert cur.lastrowid is not None
-            return cur.lastrowid
+            seq = cur.lastrowid
+            assert seq is not None
+            if seq % TRIM_EVERY == 0:
+                self._db.execute("DELETE FROM decisions WHERE seq <= ?",
+                                 (seq - DECISIONS_KEPT,))
+            return seq
+
+    def remember_refusal(self, key: str, utility: float, tasks: int) -> None:
+        """A candidate refused for no gain: `key` names its text in its domain."""
+        if not math.isfinite(utility):
+            raise ValueError(f"refusal utility {utility}")
+        with self._lock, self._tx():
+            self._db.execute("INSERT OR REPLACE INTO refusals (key, at, utility, tasks) "
+                             "VALUES (?, ?, ?, ?)", (key, time.time(), utility, tasks))
+            (count,) = self._db.execute("SELECT COUNT(*) FROM refusals").fetchone()
+            if count > REFUSALS_KEPT:
+                self._db.execute("DELETE FROM refusals WHERE key IN (SELECT key FROM "
+                                 "refusals ORDER BY at LIMIT ?)", (count - REFUSALS_KEPT,))
+
+    def refusal(self, key: str) -> tuple[float, float, int] | None:
+        """(when, utility, tasks) of the last no-gain refusal of `key`, if remembered."""
+        with self._lock:
+            row = self._db.execute("SELECT at, utility, tasks FROM refusals WHERE key = ?",
+                                   (key,)).fetchone()
+        return None if row is None else (float(row[0]), float(row[1]), int(row[2]))
 
     def decisions(self, limit: int = 100, action: str | None = None) -> list[Decision]:
         """The newest decisions first."""

@@ -347,8 +347,9 @@ class Memory(Service):
         self.node.events.publish(f"memory.{c.state}", **{
             k: v for k, v in c.to_json().items() if k != "text"})
         if c.source != "local" and c.item is not None and self.diffusion is not None \
-                and c.reason not in ("known", "queue_full", "no_model", "no_tasks", "error",
-                                     "no_replayers", "unverified", "invalid"):
+                and c.reason not in ("known", "queue_full", "refused_before", "no_model",
+                                     "no_tasks", "error", "no_replayers", "unverified",
+                                     "invalid"):
             self.diffusion.report(c.item.author, c.state == "admitted")
         if c.state == "admitted":
             count = await self.live_store().count()

@@ -413,6 +413,12 @@ class MemoryStore:
     async def decisions(self, limit: int = 100, action: str | None = None) -> list[Decision]:
         return await self._run(self.store.decisions, limit, action)
 
+    async def remember_refusal(self, key: str, utility: float, tasks: int) -> None:
+        await self._run(self.store.remember_refusal, key, utility, tasks)
+
+    async def refusal(self, key: str) -> tuple[float, float, int] | None:
+        return await self._run(self.store.refusal, key)
+
     async def flush(self) -> None:
         await self._run(self.store.flush)
 

@@ -43,6 +43,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, action TEXT NOT NULL,
     item_id TEXT NOT NULL, utility REAL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS decisions_action ON decisions (action, seq);
+CREATE TABLE IF NOT EXISTS refusals (  -- candidates refused for no gain, by text and domain
+    key TEXT PRIMARY KEY, at REAL NOT NULL, utility REAL NOT NULL, tasks INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS refusals_at ON refusals (at);
 """
 
 

@@ -56,8 +56,8 @@ from tests.models import tiny_llama_dir
 from tests.rl_swarm import add_sampler, rl_pipeline_swarm, seven_task
 
 # float32 everywhere, the same modules; the pipeline decodes each completion alone
-# where LocalPolicy decodes a prompt's completions as a batch, so kernels sum in
-# other orders: float rounding, as in tests/test_rl_policy.py
+# where LocalPolicy decodes a request's prompts of one length as a batch, so kernels
+# sum in other orders: float rounding, as in tests/test_rl_policy.py
 LOGPROB_ATOL = 1e-4
 RUN = "run-p"
 PROMPTS = [[1, 17, 42, 99, 7, 250, 3], [5, 6, 7]]

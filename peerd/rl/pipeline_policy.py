@@ -25,7 +25,7 @@ row), with the same random stream and the same behaviour log-probs rule as
 LocalPolicy (policy.py: `choose`, `completion_seed`), computed at the entry from the
 last hop's final hidden states. So a pipeline sampler produces LocalPolicy's tokens
 and log-probs at the same version and seed, to float rounding (LocalPolicy decodes a
-prompt's completions as one batch, kernels sum in other orders).
+request's prompts of one length as one batch, kernels sum in other orders).
 """
 
 from __future__ import annotations

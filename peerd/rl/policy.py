@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from peerd.inference.runtime import ModelRuntime
 
 SEED_MASK = (1 << 63) - 1
+# Rows (completions) decoded in one forward, at most: bounds a batch's KV cache and
+# logits ([rows, vocab] float32) whatever the request's prompts x group.
+MAX_ROWS = 64
 
 
 class VersionMismatch(PolicyError):
@@ -74,13 +77,16 @@ class LocalPolicy(VersionedWeights):
     block: ShardBlock
     head: Head
 
-    def __init__(self, block: ShardBlock, head: Head) -> None:
+    def __init__(self, block: ShardBlock, head: Head, *, max_rows: int = MAX_ROWS) -> None:
         if block.start != 0 or block.end != block.num_layers:
             raise PolicyError(
                 f"a sampler needs all {block.num_layers} layers of {block.model_id}; this "
                 f"peer serves [{block.start}, {block.end}) (a peer with a slice of the "
                 "layers samples through a pipeline: pipeline_policy.py)")
+        if max_rows < 1:
+            raise PolicyError(f"max_rows={max_rows}: a batch needs a row")
         super().__init__(block, head)
+        self.max_rows = max_rows  # rows a forward, at most (batch_rows)
         self.generations = 0  # completed, for status
         self._lock = trio.Lock()  # one generation at a time, taken inside its hold
 
@@ -107,25 +113,48 @@ class LocalPolicy(VersionedWeights):
                             temperature: float, top_p: float, max_tokens: int, seed: int,
                             eos_ids: Iterable[int], at_version: int | None = None
                             ) -> Generation:
-        """`n` completions of each prompt, all at one version (held throughout). Each
-        prompt is prefilled once and its n completions decoded as one batch. The same
-        seed and version give the same tokens. With `at_version`, raises VersionMismatch
-        unless the policy is at it when the generation starts."""
+        """`n` completions of each prompt, all at one version (held throughout). Prompts
+        of one token length are decoded together (`batch_rows`: at most `max_rows` rows
+        a forward), each prefilled once. The same seed and version give the same tokens,
+        whatever the batches. With `at_version`, raises VersionMismatch unless the
+        policy is at it when the generation starts."""
         check_generation(prompts, n, temperature, top_p, max_tokens, self.vocab_size)
         eos = frozenset(eos_ids)
         async with self.hold() as version, self._lock:
             if at_version is not None and at_version != version:
                 raise VersionMismatch(version, at_version)
-            groups = []
-            for i, ids in enumerate(prompts):
-                sampler = _Sampler(self, list(ids), n, temperature, top_p, max_tokens,
-                                   [completion_seed(seed, i, g) for g in range(n)], eos)
+            done: dict[tuple[int, int], Completion] = {}
+            for rows in batch_rows([len(p) for p in prompts], n, self.max_rows):
+                sampler = _Sampler(self, prompts, rows, temperature, top_p, max_tokens,
+                                   seed, eos)
                 await compute.run(sampler.prefill)
                 while not sampler.done:
                     await compute.run(sampler.step)  # one token of every live row
-                groups.append(sampler.completions())
+                done.update(zip(rows, sampler.completions(), strict=True))
             self.generations += 1
-            return Generation(version, groups)
+            return Generation(version, [[done[i, g] for g in range(n)]
+                                        for i in range(len(prompts))])
+
+
+def batch_rows(lengths: Sequence[int], n: int, max_rows: int) -> list[list[tuple[int, int]]]:
+    """The rows (prompt index, completion index) of a request of prompts of these token
+    lengths, in batches decoded together: prompts of one length only (a batch shares
+    its positions: the block takes no padding mask), whole groups of n while
+    `max_rows` holds max_rows // n of them, else a group split in batches of
+    `max_rows` rows (each prefills its prompt again). In order of first appearance."""
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(i)
+    batches: list[list[tuple[int, int]]] = []
+    for same in by_length.values():
+        if n >= max_rows:
+            batches += [[(i, g) for g in range(k, min(n, k + max_rows))]
+                        for i in same for k in range(0, n, max_rows)]
+        else:
+            per = max_rows // n
+            batches += [[(i, g) for i in same[k:k + per] for g in range(n)]
+                        for k in range(0, len(same), per)]
+    return batches
 
 
 def check_generation(prompts: Sequence[Sequence[int]], n: int, temperature: float,
@@ -176,21 +205,25 @@ def nucleus(lp: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 class _Sampler:
-    """One prompt's n completions, decoded as a batch on the compute thread: `prefill`,
-    then `step` until `done`. A row that meets EOS leaves the batch (its cache rows
-    are dropped), so the rest decode without it."""
+    """Rows of prompts of one token length, decoded as a batch on the compute thread:
+    `prefill` (each prompt once, all in one forward; a row takes its prompt's KV),
+    then `step` until `done`. A row that meets EOS or max_tokens leaves the batch (its
+    cache rows are dropped), so the rest decode without it."""
 
-    def __init__(self, policy: LocalPolicy, prompt: list[int], n: int, temperature: float,
-                 top_p: float, max_tokens: int, seeds: list[int], eos: frozenset[int]
-                 ) -> None:
+    def __init__(self, policy: LocalPolicy, prompts: Sequence[Sequence[int]],
+                 rows: list[tuple[int, int]], temperature: float, top_p: float,
+                 max_tokens: int, seed: int, eos: frozenset[int]) -> None:
         self.policy = policy
-        self.prompt = prompt
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.eos = eos
-        self.gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.lps: list[list[float]] = [[] for _ in range(n)]
-        self.live = list(range(n))  # rows still decoding, in cache order
+        firsts = list(dict.fromkeys(i for i, _ in rows))  # the batch's prompts, in order
+        self.prompts = [list(prompts[i]) for i in firsts]
+        self.source = [firsts.index(i) for i, _ in rows]  # row -> its prompt in the batch
+        self.gens = [torch.Generator(device="cpu").manual_seed(completion_seed(seed, i, g))
+                     for i, g in rows]
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.lps: list[list[float]] = [[] for _ in rows]
+        self.live = list(range(len(rows)))  # rows still decoding, in cache order
         self.cache: ShardCache | None = None
         self.logits: Any = None  # [len(live), V] for the next choice
         self.pos = 0
@@ -202,12 +235,13 @@ class _Sampler:
     def prefill(self) -> None:
         block, head = self.policy.block, self.policy.head
         self.cache = block.new_cache()
-        ids = torch.tensor([self.prompt], dtype=torch.long)  # [1, P]
-        hidden = block.forward(head.embed(ids), 0, self.cache)  # [1, P, H]
-        logits = head.logits(hidden[:, -1:])[:, 0]  # [1, V]
-        self.cache.kv.batch_repeat_interleave(len(self.live))
-        self.logits = logits.expand(len(self.live), -1)  # [n, V]
-        self.pos = len(self.prompt)
+        ids = torch.tensor(self.prompts, dtype=torch.long)  # [U, P], one length
+        hidden = block.forward(head.embed(ids), 0, self.cache)  # [U, P, H]
+        logits = head.logits(hidden[:, -1:])[:, 0]  # [U, V]
+        source = torch.tensor(self.source, dtype=torch.long, device=block.device)  # [R]
+        self.cache.kv.batch_select_indices(source)  # [U, ...] -> [R, ...]
+        self.logits = logits[source.to(logits.device)]  # [R, V]
+        self.pos = len(self.prompts[0])
         self._choose()
 
     def step(self) -> None:

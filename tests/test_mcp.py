@@ -22,6 +22,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from peerd.api.app import create_app
 from peerd.api.server import bind, serve
+from peerd.config import ConfigError, load_config
 from peerd.node import Node
 from peerd.plans import mcp_tools
 from peerd.plans.caller import ToolFailure, ToolResult
@@ -243,3 +244,18 @@ def test_wrapped_output_is_a_schema() -> None:
 
     made = mcp_tools.exported(tool, "t", run, capacity=2)
     assert made.output_schema == mcp_tools.WRAPPED_OUTPUT and made.capacity == 2
+
+
+def test_mcp_settings(tmp_path: Path) -> None:
+    cfg = load_config({"mcp": ("python a.py --x 1,2", "npx server"), "mcp_capacity": 2},
+                      environ={"PEERD_HOME": str(tmp_path)})
+    assert cfg.mcp == ("python a.py --x 1,2", "npx server") and cfg.mcp_capacity == 2
+    env = load_config(environ={"PEERD_HOME": str(tmp_path),
+                               "PEERD_MCP": "python a.py --x 1,2\nnpx server\n",
+                               "PEERD_MCP_DEADLINE_S": "5"})
+    assert env.mcp == cfg.mcp and env.mcp_deadline_s == 5.0
+    for flags, words in (({"mcp": ("python 'a.py",)}, "not a command line"),
+                         ({"mcp_capacity": 0}, "outside"),
+                         ({"mcp_deadline_s": 120}, "outside")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(flags, environ={"PEERD_HOME": str(tmp_path)})

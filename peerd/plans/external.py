@@ -111,7 +111,7 @@ class ExternalServer:
         self.host = host
         self.metrics = metrics
         self.settings = settings
-        self.state = "starting"  # starting | up | restarting | given up
+        self.state = "starting"  # starting | up | down | restarting | given up
         self.name = ""  # the server's own name, once it has said it
         self.exported: dict[str, str] = {}  # our name -> the server's name
         self.crashes = 0
@@ -207,8 +207,10 @@ class ExternalServer:
                              ", ".join(sorted(self.exported)) or "no tools")
                     await gone.wait()
                     return Ended("it exited", retry=True)
-            finally:
+            finally:  # out of the ledger now, not after the process is reaped
                 self._session = None
+                self.state = "down"
+                self._withdraw()
                 nursery.cancel_scope.cancel()
 
     async def _ready(self, session: ClientSession, gone: trio.Event
@@ -280,7 +282,8 @@ class ExternalServer:
         """One call through the session; ToolError for anything but the server's answer."""
         session = self._session
         if session is None:
-            raise ToolError(f"the MCP server behind {tool} is {self.state}; try again shortly")
+            raise ToolError(f"the MCP server behind {tool} is not up ({self.state}); try "
+                            "again shortly")
         try:
             with trio.fail_after(self.settings.deadline_s):
                 return await session.call_tool(tool, arguments)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,6 +125,14 @@ class Config:
     # tools_dir and is offered only when that is set (naming it without is an error).
     tools: tuple[str, ...] = BUILTIN_TOOLS
     tools_dir: Path | None = None
+    # External MCP servers whose tools this peer re-exports to the swarm (peerd/plans/
+    # external.py): each a command line, split like a shell's words but run without one,
+    # speaking MCP over stdio. In the environment (PEERD_MCP): one command per line.
+    mcp: tuple[str, ...] = ()
+    mcp_capacity: int = 4  # calls of each external tool at once
+    mcp_deadline_s: float = 30.0  # one call to the server
+    mcp_ready_s: float = 10.0  # its initialize reply and tool list; never ready: given up
+    mcp_restarts: int = 5  # crashes in a row restarted (with back-off) before giving up
 
     @property
     def tool_choices(self) -> tuple[tuple[str, int | None], ...]:
@@ -164,11 +173,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "torch_threads": (0, 1024), "max_sessions": (1, 10_000), "kv_cache_mb": (1, 10_000_000),
     "kv_headroom_positions": (0, 1 << 17), "compute_quantum_positions": (1, 1 << 17),
     "compute_turn_budget": (1, 1 << 17), "weights_http_port": (-1, 65535),
+    "mcp_capacity": (1, MAX_TOOL_CAPACITY), "mcp_deadline_s": (0.1, 60),
+    "mcp_ready_s": (0.1, 600), "mcp_restarts": (0, 100),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS,
             "memory_replay": MEMORY_REPLAYS}
-_LIST_FIELDS = {"listen", "announce", "bootstrap", "skills", "tools"}
+_LIST_FIELDS = {"listen", "announce", "bootstrap", "skills", "tools", "mcp"}
 _BOOL_FIELDS = {"prompt_cache", "rollout"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                "false": False, "0": False, "no": False, "off": False}
@@ -176,6 +187,8 @@ _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a raw value (TOML, env string or flag) into the field's type."""
+    if name == "mcp" and isinstance(value, str):  # command lines hold commas
+        value = [line.strip() for line in value.splitlines() if line.strip()]
     if name in _LIST_FIELDS:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -190,7 +203,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str | Path):
             raise ConfigError(name, source, f"expected a path, got {value!r}")
         return Path(value).expanduser() if str(value) else None
-    if name == "heartbeat_s":
+    if name in ("heartbeat_s", "mcp_deadline_s", "mcp_ready_s"):
         if isinstance(value, bool):  # float(True) would quietly mean 1 s
             raise ConfigError(name, source, f"expected a number, got {value!r}")
         try:
@@ -202,7 +215,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return -1
     if name in ("ttl_heartbeats", "target_peers", "torch_threads", "max_sessions",
                 "kv_cache_mb", "kv_headroom_positions", "compute_quantum_positions",
-                "compute_turn_budget", "weights_http_port"):
+                "compute_turn_budget", "weights_http_port", "mcp_capacity", "mcp_restarts"):
         if isinstance(value, bool | float):  # int(2.5) would quietly truncate
             raise ConfigError(name, source, f"expected an integer, got {value!r}")
         try:
@@ -268,6 +281,15 @@ def _check(cfg: Config, sources: Mapping[str, str]) -> None:
     if len(cfg.skills) > 64 or any(len(s) > 200 for s in cfg.skills):
         raise bad("skills", "at most 64 skills of at most 200 characters each")
     _check_tools(cfg, sources, bad)
+    for command in cfg.mcp:
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:
+            raise bad("mcp", f"{command!r:.120} is not a command line: {exc}") from None
+        if not argv:
+            raise bad("mcp", "an empty command line")
+    if len(cfg.mcp) > 16:
+        raise bad("mcp", "at most 16 external MCP servers")
 
 
 def _check_tools(cfg: Config, sources: Mapping[str, str],

@@ -38,6 +38,8 @@ from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
 from peerd.memory.service import Memory
 from peerd.node import Node, open_node
+from peerd.plans.external import McpSettings
+from peerd.plans.mcp_endpoint import McpEndpoint
 from peerd.plans.service import Tools
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.training import Training
@@ -149,12 +151,17 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     # out to peers that serve one: --memory-replay)
     memory = Memory(node, model if model.options is not None else None, config.data_dir,
                     embedder=config.memory_embedder, replay=config.memory_replay)
-    # typed tools for the swarm (Gradientsys): the built-ins the config names
-    tools = Tools(node, ledger, builtins=config.tool_choices, tools_dir=config.tools_dir)
+    # typed tools for the swarm (Gradientsys): the built-ins the config names, and the
+    # tools of the external MCP servers it names (--mcp), run in the service's nursery
+    tools = Tools(node, ledger, builtins=config.tool_choices, tools_dir=config.tools_dir,
+                  mcp=config.mcp, mcp_settings=McpSettings(
+                      capacity=config.mcp_capacity, deadline_s=config.mcp_deadline_s,
+                      ready_s=config.mcp_ready_s, max_restarts=config.mcp_restarts))
     # the API's `memory` option and the memory_search tool draw on it
     model.recall = symphony.recall = tools.recall = memory
     symphony.scored = training.scored = memory  # and keeps their scored runs as SCECs
-    services: list[Service] = [ledger, model, symphony, weights, training, memory, tools]
+    services: list[Service] = [ledger, model, symphony, weights, training, memory, tools,
+                               McpEndpoint(tools)]  # /mcp: the swarm's tools to MCP clients
     if config.rollout:
         services.append(Rollouts(node, ledger, model, weights))
     return services

@@ -34,7 +34,8 @@ def error(status: int, message: str, type_: str = "invalid_request_error") -> JS
 class BearerAuth:
     """ASGI middleware: constant-time bearer token check on all but OPEN_PATHS."""
 
-    def __init__(self, app: ASGIApp, token: str, on_reject: Callable[[str], None]) -> None:
+    def __init__(self, app: ASGIApp, token: str,
+                 on_reject: Callable[[str, str], None]) -> None:
         self.app = app
         self.token = token.encode()
         self.on_reject = on_reject
@@ -46,7 +47,7 @@ class BearerAuth:
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, given = header.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
-            self.on_reject("missing token" if not header else "wrong token")
+            self.on_reject("missing token" if not header else "wrong token", scope["path"])
             response = error(401, "missing or wrong bearer token; the CLI reads it from "
                              "<data dir>/api_token", "authentication_error")
             response.headers["WWW-Authenticate"] = "Bearer"
@@ -92,8 +93,10 @@ def create_app(node: Node, token: str) -> ASGIApp:
         *(route for service in node.services for route in service.routes()),
     ])
 
-    def on_reject(reason: str) -> None:
-        node.metrics.rejections.labels("api_unauthorized").inc()
+    def on_reject(reason: str, path: str) -> None:
+        # /mcp (plans/mcp_endpoint.py) apart: MCP clients are other programs than the CLI
+        mcp = path == "/mcp" or path.startswith("/mcp/")
+        node.metrics.rejections.labels("mcp_unauthorized" if mcp else "api_unauthorized").inc()
 
     return BearerAuth(app, token, on_reject)
 

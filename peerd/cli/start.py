@@ -77,6 +77,13 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               "[calculator, memory_search, and read_file with --tools-dir].")
 @click.option("--tools-dir", type=click.Path(file_okay=False, path_type=Path),
               help="The directory read_file reads in (nothing outside it) [read_file off].")
+@click.option("--mcp", multiple=True, metavar='"CMD ARGS"',
+              help="An external MCP server (stdio) whose tools this peer offers the swarm; "
+              "the command line is split like a shell's, run without one (repeatable).")
+@click.option("--mcp-capacity", type=int,
+              help="Calls of each external MCP tool run at once [4].")
+@click.option("--mcp-deadline-s", type=float,
+              help="Seconds an external MCP server has for one call [30].")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
     from peerd.daemon import StartupError, run

@@ -13,6 +13,9 @@ on "busy" or a peer that cannot be reached tries the next offer. Each call is to
 /events as `tool.called`. `dispatch(calls)` runs a step's calls in parallel across the
 peers offering each tool, within their capacities, with retry elsewhere (dispatch.py).
 It serves `/v1/tools` in the local API (api/tools.py).
+
+External MCP servers (`--mcp`, external.py) run in this service's nursery: each one's
+tools are offered here while it is up and withdrawn when it is not.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from peerd.plans.caller import (
 )
 from peerd.plans.choice import Offer, rank
 from peerd.plans.dispatch import Attempt, Call, Dispatched, Limiter, dispatch
+from peerd.plans.external import DEFAULT_SETTINGS, ExternalServer, McpMetrics, McpSettings
 from peerd.plans.metrics import DispatchMetrics, ToolMetrics
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
-from peerd.plans.schema import Invalid, SchemaCheck, SchemaInvalid
+from peerd.plans.schema import BadTool, Invalid, SchemaCheck, SchemaInvalid
 from peerd.plans.tool import Tool
 from peerd.plans.toolbox import Toolbox
 from peerd.rpc import stream_handler
@@ -77,7 +81,8 @@ class Tools(Service):
 
     def __init__(self, node: Node, ledger: LedgerGossip, *,
                  builtins: Sequence[tuple[str, int | None]] = (),
-                 tools_dir: Path | None = None, extra: Iterable[Tool] = ()) -> None:
+                 tools_dir: Path | None = None, extra: Iterable[Tool] = (),
+                 mcp: Sequence[str] = (), mcp_settings: McpSettings = DEFAULT_SETTINGS) -> None:
         self.node = node
         self.ledger = ledger
         # the peer's memory, for memory_search (the daemon hands it over, as to Symphony)
@@ -91,6 +96,11 @@ class Tools(Service):
         self.dispatch_metrics = DispatchMetrics(node.metrics.registry, self.slots)
         self.rng = random.Random()
         self._checks: dict[str, SchemaCheck] = {}  # schema hash -> its inputSchema's check
+        self._specs: dict[str, ToolSpec] = {}  # schema hash -> the tool's full contract
+        # external MCP servers, re-exported (external.py), in this service's nursery
+        self.mcp_metrics = McpMetrics(node.metrics.registry)
+        self.external = [ExternalServer(f"mcp{i}", command, self, self.mcp_metrics,
+                                        mcp_settings) for i, command in enumerate(mcp)]
 
     # ---- the service ----------------------------------------------------------------
 
@@ -98,7 +108,10 @@ class Tools(Service):
                   ) -> None:
         self.node.set_stream_handler(wire.TOOL.id, stream_handler(wire.TOOL, self._serve,
                                                                   self.node.offence))
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            for server in self.external:
+                nursery.start_soon(server.run)
+            task_status.started()
 
     def entry_fields(self) -> EntryFields:
         return {"tools": tuple(self.toolbox.tools[n].brief() for n in self.toolbox.names())}
@@ -109,13 +122,38 @@ class Tools(Service):
         return routes(self)
 
     def status(self) -> dict[str, Any]:
-        return {"tools": {name: {"capacity": cap.limit, "in_flight": cap.in_flight}
-                          for name, cap in sorted(self.toolbox.capacity.items())}}
+        out: dict[str, Any] = {"tools": {
+            name: {"capacity": cap.limit, "in_flight": cap.in_flight}
+            for name, cap in sorted(self.toolbox.capacity.items())}}
+        if self.external:
+            out["mcp_servers"] = {s.label: s.status() for s in self.external}
+        return out
 
     def register(self, tool: Tool) -> None:
         """Offer one more tool (BadTool if its definition is refused); the new entry goes
         out on gossip at once."""
         self.toolbox.register(tool)
+        self.ledger.refresh()
+
+    # ---- external MCP servers' tools (external.ToolHost) ----------------------------
+
+    def offered(self, name: str) -> bool:
+        return name in self.toolbox.tools
+
+    def offer(self, tools: Sequence[Tool]) -> list[tuple[str, str]]:
+        """Offer several tools, one new ledger entry; (name, reason) for each refused."""
+        refused = []
+        for tool in tools:
+            try:
+                self.toolbox.register(tool)
+            except (BadTool, ValueError) as exc:
+                refused.append((tool.name, str(exc)))
+        self.ledger.refresh()
+        return refused
+
+    def withdraw(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.toolbox.withdraw(name)
         self.ledger.refresh()
 
     # ---- serving --------------------------------------------------------------------
@@ -250,6 +288,14 @@ class Tools(Service):
                                "unusable); try again shortly")
         return check
 
+    def spec_of(self, schema: str) -> ToolSpec | None:
+        """A tool's full contract by its schema hash, if we have seen it (our own tools
+        are always known)."""
+        for tool in self.toolbox.tools.values():
+            if tool.schema == schema:
+                return tool.spec()
+        return self._specs.get(schema)
+
     def _remember(self, spec: ToolSpec) -> None:
         if spec.schema in self._checks:
             return
@@ -259,5 +305,8 @@ class Tools(Service):
             log.info("a peer's tool %r has a schema we cannot use: %s", spec.name, exc)
             return
         if len(self._checks) >= MAX_CACHED_SCHEMAS:
-            del self._checks[next(iter(self._checks))]  # the oldest
+            oldest = next(iter(self._checks))
+            del self._checks[oldest]
+            self._specs.pop(oldest, None)
         self._checks[spec.schema] = check
+        self._specs[spec.schema] = spec

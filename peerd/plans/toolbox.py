@@ -62,6 +62,11 @@ class Toolbox:
         self.tools[tool.name] = tool
         self.capacity[tool.name] = Capacity(tool.capacity)
 
+    def withdraw(self, name: str) -> None:
+        """Stop offering `name` (its calls in flight finish and leave their capacity)."""
+        self.tools.pop(name, None)
+        self.capacity.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(self.tools)
 

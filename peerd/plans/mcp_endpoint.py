@@ -1,0 +1,179 @@
+"""peerd as an MCP server: `/mcp` in the local API, streamable HTTP (issue 27).
+
+Any MCP client (with the API's bearer token: api/app.py refuses the rest with 401,
+counted as `mcp_unauthorized`) sees the swarm's tools: every tool a live peer offers
+in the ledger, under its name, with the inputSchema and outputSchema of its contract
+(fetched once per schema hash over `/peerd/tool/1.0.0`, cached by Tools). A call is
+dispatched like any other (Tools.dispatch: the arguments checked against the schema
+before anything is sent, the best peer with a free slot, retry elsewhere); its result
+is the tool's structured content (and the same JSON as text), a failure an error
+result in words (`invalid_arguments (caller): ...`), never a protocol error.
+
+The tool list is read again on each `tools/list`, so it follows the ledger; the
+server is stateless (no session to notify of `list_changed`). With a planner wired in
+(`plan`, a callable the daemon sets), a `plan` tool takes a goal and answers with the
+answer and the plan's id; without one it is not listed.
+
+The SDK's own HTTP runner starts uvicorn (asyncio only); here its session manager and
+ASGI app run inside peerd's hypercorn trio server, the manager's task group in this
+service's lifetime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter as Tally
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import mcp_types as types
+import trio
+from mcp.server.lowlevel import Server
+from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
+from prometheus_client import Counter
+from starlette.routing import Route
+from trio_typing import TaskStatus
+
+from peerd import __version__
+from peerd.plans.caller import ToolFailure
+from peerd.plans.dispatch import Call
+from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
+from peerd.plans.schema import Invalid, SchemaCheck
+from peerd.service import Service
+from protocols.tool import MAX_ARGUMENTS_BYTES, ToolSpec
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from peerd.plans.service import Tools
+
+log = logging.getLogger(__name__)
+
+PATH = "/mcp"
+MAX_BODY_BYTES = MAX_ARGUMENTS_BYTES + 16384
+MAX_GOAL_CHARS = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class PlanAnswer:
+    answer: str
+    plan_id: str
+
+
+PlanFn = Callable[[str], Awaitable[PlanAnswer]]  # goal -> the planner's answer
+
+PLAN_INPUT = SchemaCheck({
+    "type": "object", "additionalProperties": False, "required": ["goal"],
+    "properties": {"goal": {"type": "string", "minLength": 1, "maxLength": MAX_GOAL_CHARS,
+                            "description": "what to achieve, in words"}}})
+PLAN_OUTPUT: dict[str, Any] = {
+    "type": "object", "required": ["answer", "plan_id"],
+    "properties": {"answer": {"type": "string"},
+                   "plan_id": {"type": "string", "description": "GET /v1/plans/{id}"}}}
+PLAN_TOOL = types.Tool(
+    name="plan", description="Plan and run a goal over the swarm's tools (ReAct with the "
+    "swarm's model); the answer and the plan's id.", input_schema=PLAN_INPUT.schema,
+    output_schema=PLAN_OUTPUT)
+
+
+class McpEndpoint(Service):
+    name = "mcp"
+
+    def __init__(self, tools: Tools, *, plan: PlanFn | None = None,
+                 policy: RetryPolicy = DEFAULT_POLICY) -> None:
+        self.tools = tools
+        self.plan = plan  # the planner, when the daemon wires one
+        self.policy = policy
+        self.calls = Counter("peerd_mcp_calls", "Tool calls made through /mcp, by outcome",
+                             ["outcome"], registry=tools.node.metrics.registry)
+        self.server: Server[Any] = Server("peerd", version=__version__,
+                                          on_list_tools=self._list_tools,
+                                          on_call_tool=self._call_tool)
+        # stateless: every request stands alone, so the tool list is always the ledger's;
+        # JSON answers, not SSE; no DNS-rebinding check: the bearer token is the guard
+        self.manager = StreamableHTTPSessionManager(self.server, stateless=True,
+                                                    json_response=True,
+                                                    max_request_body_size=MAX_BODY_BYTES)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with self.manager.run():
+            task_status.started()
+            await trio.sleep_forever()
+
+    def routes(self) -> Sequence[BaseRoute]:
+        return [Route(PATH, StreamableHTTPASGIApp(self.manager))]
+
+    # ---- the handlers ---------------------------------------------------------------
+
+    async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None
+                          ) -> types.ListToolsResult:
+        specs = await swarm_specs(self.tools)
+        listed = [types.Tool(name=s.name, description=s.description or None,
+                             input_schema=s.input_schema, output_schema=s.output_schema)
+                  for s in specs if not (self.plan is not None and s.name == PLAN_TOOL.name)]
+        if self.plan is not None:
+            listed.append(PLAN_TOOL)
+        return types.ListToolsResult(tools=listed)
+
+    async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams
+                         ) -> types.CallToolResult:
+        arguments = params.arguments or {}
+        if self.plan is not None and params.name == PLAN_TOOL.name:
+            return await self._plan(arguments)
+        (done,) = await self.tools.dispatch([Call(params.name, arguments)], self.policy)
+        self.calls.labels(done.code).inc()
+        if isinstance(done.outcome, ToolFailure) or done.outcome is None:
+            by = done.outcome.by if done.outcome is not None else "caller"
+            return error(f"{done.code} ({by}): {done.message}")
+        return answer(done.outcome.value)
+
+    async def _plan(self, arguments: dict[str, Any]) -> types.CallToolResult:
+        assert self.plan is not None
+        try:
+            goal = PLAN_INPUT(arguments)["goal"]
+        except Invalid as exc:
+            self.calls.labels("invalid_arguments").inc()
+            return error(f"invalid_arguments (caller): arguments of plan: {exc}")
+        try:
+            planned = await self.plan(goal)
+        except Exception as exc:  # the planner's bug: say so, keep serving
+            log.exception("plan over /mcp failed")
+            self.calls.labels("tool_error").inc()
+            return error(f"tool_error (callee): the planner failed ({type(exc).__name__})")
+        self.calls.labels("ok").inc()
+        return answer({"answer": planned.answer, "plan_id": planned.plan_id})
+
+
+def answer(value: dict[str, Any]) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=json.dumps(value, ensure_ascii=False))],
+        structured_content=value)
+
+
+def error(message: str) -> types.CallToolResult:
+    return types.CallToolResult(content=[types.TextContent(type="text", text=message)],
+                                is_error=True)
+
+
+async def swarm_specs(tools: Tools) -> list[ToolSpec]:
+    """One contract per tool name the live ledger offers: the schema most peers offer
+    it under (then the lowest hash), fetched from one of them the first time it is
+    seen. A tool whose contract cannot be fetched now is left out of this listing."""
+    by_name: dict[str, Tally[str]] = {}
+    holders: dict[str, list[str]] = {}  # schema hash -> peers offering it
+    for name, offer, _ in tools.offers():
+        by_name.setdefault(name, Tally())[offer.schema] += 1
+        holders.setdefault(offer.schema, []).append(offer.peer)
+    chosen = {name: min(tally, key=lambda h: (-tally[h], h)) for name, tally in by_name.items()}
+    missing = sorted({h for h in chosen.values() if tools.spec_of(h) is None})
+    if missing:
+        async with trio.open_nursery() as nursery:
+            for schema in missing:
+                own = tools.node.peer_id
+                peer = own if own in holders[schema] else sorted(holders[schema])[0]
+                nursery.start_soon(tools.tools_of, peer)
+    specs = [tools.spec_of(chosen[name]) for name in sorted(chosen)]
+    return [s for s in specs if s is not None]

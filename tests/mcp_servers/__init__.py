@@ -1,0 +1,1 @@
+"""Small MCP servers (the official SDK's `MCPServer`) that the tests start over stdio."""

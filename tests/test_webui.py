@@ -30,7 +30,7 @@ from peerd.cli import main as cli_main
 from peerd.node import Node
 from peerd.service import EntryFields, Service
 from protocols.ledger import ModelServed
-from tests.harness import converged, gossip, rejections, swarm, wait_for
+from tests.harness import converged, events, gossip, rejections, swarm, wait_for
 
 TOKEN = "test-token-0123456789"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -310,3 +310,42 @@ async def test_page_without_a_token_says_how_to_open_it(tmp_path: Path) -> None:
         assert "not this daemon" in driver.find_element("tag name", "body").text
         assert driver.find_elements("id", "peer-table") == []
         assert rejections(node).get("api_unauthorized", 0.0) - before == 2
+
+
+# ---- the inference route the page shows: `inference.completed` -----------------------
+
+
+async def test_openai_requests_publish_their_route(tmp_path: Path) -> None:
+    """A request through a 2-peer pipeline, posted whole and streamed, each ends with an
+    `inference.completed` event naming its hops and timings."""
+    from peerd.inference.slot import ModelOptions
+    from tests.harness import book, serve_model
+    from tests.models import tiny_llama_dir
+
+    tiny = tiny_llama_dir(tmp_path / "models")
+    async with swarm(2, tmp_path, connect="star", heartbeat_s=2.0) as (entry, other):
+        for node, layers in ((entry, (0, 2)), (other, (2, 4))):
+            await serve_model(node, ModelOptions(str(tiny), layers=layers,
+                                                 dtype="float32", torch_threads=1))
+        await wait_for(lambda: sum(1 for e in book(entry).entries() if e.models) == 2,
+                       15, "the entry peer to know both shards")
+        async with api(entry) as url:
+            def post() -> list[int]:
+                auth = {"Authorization": f"Bearer {TOKEN}"}
+                with httpx.Client(base_url=url, headers=auth, timeout=60.0) as c:
+                    model = c.get("/v1/models").json()["data"][0]["id"]
+                    body = {"model": model, "prompt": "hello", "max_tokens": 3}
+                    whole = c.post("/v1/completions", json=body)
+                    streamed = c.post("/v1/completions", json={**body, "stream": True})
+                    return [whole.status_code, streamed.status_code]
+
+            assert await off_loop(post) == [200, 200]
+            await wait_for(lambda: len(events(entry, "inference.completed")) == 2, 10,
+                           "two inference.completed events")
+    done = [e.data for e in events(entry, "inference.completed")]
+    assert [d["stream"] for d in done] == [False, True]
+    for d in done:
+        assert d["route"] == [{"peer_id": entry.peer_id, "layers": [0, 2]},
+                              {"peer_id": other.peer_id, "layers": [2, 4]}]
+        assert d["completion_tokens"] == 3 and d["chat"] is False
+        assert d["wall_ms"] > 0 and d["pipeline_ms"] > 0 and d["reroutes"] == 0

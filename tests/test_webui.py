@@ -21,6 +21,9 @@ import httpx
 import pytest
 import trio
 from click.testing import CliRunner
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from trio_typing import TaskStatus
 
 from peerd.api.app import create_app
@@ -219,6 +222,7 @@ async def test_page_shows_the_swarm_its_gap_and_a_plan_live(tmp_path: Path) -> N
         async with api(hub) as url, browser() as driver:
             await off_loop(lambda: driver.get(f"{url}/ui?token={TOKEN}"))
             assert driver.current_url == f"{url}/ui"  # the token left the address bar
+            assert await off_loop(lambda: driver.execute_script("return document.cookie")) == ""
             rows = await until(driver, "three peers", lambda d: len(
                 found := texts(d, "#peer-table tbody tr")) == 3 and found)
             assert [r.split()[0] for r in rows] == ["n0", "n1", "n2"], rows
@@ -298,6 +302,60 @@ async def test_page_shows_the_swarm_its_gap_and_a_plan_live(tmp_path: Path) -> N
             logs = await off_loop(lambda: driver.get_log("browser"))
             assert not [entry for entry in logs if entry["level"] == "SEVERE"
                         and "/v1/" not in entry["message"]], logs
+
+
+class Plans(Service):
+    """A stand-in for the planner's API (docs/plans.md's record shape): one finished
+    plan whose events the page never saw."""
+
+    name = "plans"
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+
+    def routes(self) -> list[Route]:
+        async def listing(request: Request) -> Response:
+            return JSONResponse([{k: self.record[k] for k in ("id", "goal", "status",
+                                                               "created")}])
+
+        async def one(request: Request) -> Response:
+            if request.path_params["plan_id"] != self.record["id"]:
+                return JSONResponse({"error": {"message": "no such plan"}}, 404)
+            return JSONResponse(self.record)
+
+        return [Route("/v1/plans", listing), Route("/v1/plans/{plan_id}", one)]
+
+
+@needs_browser
+async def test_page_reads_plan_records_it_missed(tmp_path: Path) -> None:
+    async with swarm(1, tmp_path) as (node,):
+        record = {
+            "id": "p-old", "goal": "find the file size", "mode": "async",
+            "status": "failed", "created": 1.0, "finished": 3.5,
+            "budget": {"steps": 2, "tokens": 256, "wall_s": 30, "calls": 4},
+            "used": {"steps": 2, "tokens": 100, "wall_s": 2.5, "calls": 1},
+            "steps": [{"step": 1, "thought": "read it", "calls": [{
+                "call_id": "k1", "tool": "read_file", "arguments": {"path": "a.txt"},
+                "peer": node.peer_id, "ok": False, "code": "tool_error", "elapsed_s": 0.2,
+                "attempts": 3, "observation": "no such file"}]}],
+            "answer": None, "reason": "budget_steps"}
+        await node.start(Plans(record))
+        async with api(node) as url, browser() as driver:
+            await off_loop(lambda: driver.get(f"{url}/ui?token={TOKEN}"))
+            plan = '.plan[data-plan="p-old"]'
+            shown = await until(driver, "the plan's record", lambda d: (
+                attribute(d, plan, "data-status"), texts(d, f"{plan} .call"),
+                texts(d, f"{plan} .failed-reason"), d.find_element(
+                    "id", "plans-note").is_displayed()) if texts(d, f"{plan} .call")
+                else None)
+    status, calls, reason, note = shown
+    assert status == "failed" and reason == ["failed: budget_steps"] and not note
+    assert len(calls) == 1 and "read_file" in calls[0] and "tool_error" in calls[0]
+    assert "3 attempts" in calls[0] and "no such file" in calls[0]
 
 
 @needs_browser

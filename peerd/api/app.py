@@ -2,9 +2,9 @@
 metrics, events) and every service's.
 
 Only `/health` is open; everything else needs `Authorization: Bearer <token>`, the
-token kept in the data dir (0600), except that GETs of the web view's own page
-(`/ui`, webui.py) may carry its cookie instead. Bad requests get a JSON error that
-says what to do; nothing a client sends can take the daemon down.
+token kept in the data dir (0600); a GET or HEAD may carry the web view's cookie
+instead (`/ui`, webui.py). Bad requests get a JSON error that says what to do;
+nothing a client sends can take the daemon down.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 metrics, events) and every service's.
 
 Only `/health` is open; everything else needs `Authorization: Bearer <token>`, the
-token kept in the data dir (0600). Bad requests get a JSON error that says what to
-do; nothing a client sends can take the daemon down.
+token kept in the data dir (0600); a GET or HEAD may carry the web view's cookie
+instead (`/ui`, webui.py). Bad requests get a JSON error that says what to do;
+nothing a client sends can take the daemon down.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from peerd.api import webui
 from peerd.api.errors import ApiError
 from peerd.node import Node
 
@@ -32,11 +34,14 @@ def error(status: int, message: str, type_: str = "invalid_request_error") -> JS
 
 
 class BearerAuth:
-    """ASGI middleware: constant-time bearer token check on all but OPEN_PATHS."""
+    """ASGI middleware: constant-time bearer token check on all but OPEN_PATHS; a GET
+    or HEAD may carry the web view's cookie instead (webui.py), which `/ui?token=T`
+    sets."""
 
     def __init__(self, app: ASGIApp, token: str,
                  on_reject: Callable[[str, str], None]) -> None:
         self.app = app
+        self.raw_token = token
         self.token = token.encode()
         self.on_reject = on_reject
 
@@ -46,8 +51,15 @@ class BearerAuth:
             return
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, given = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+        bearer = scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
+        if not bearer and webui.login_token(scope) is not None:
+            await webui.login(scope, receive, send, self.raw_token, self.on_reject)
+            return
+        if not bearer and not webui.has_session(scope, self.raw_token):
             self.on_reject("missing token" if not header else "wrong token", scope["path"])
+            if webui.is_ui(scope):
+                await webui.refusal(wrong=False)(scope, receive, send)
+                return
             response = error(401, "missing or wrong bearer token; the CLI reads it from "
                              "<data dir>/api_token", "authentication_error")
             response.headers["WWW-Authenticate"] = "Bearer"
@@ -90,6 +102,7 @@ def create_app(node: Node, token: str) -> ASGIApp:
         Route("/status", status),
         Route("/metrics", metrics),
         Route("/events", events),
+        *webui.routes(),
         *(route for service in node.services for route in service.routes()),
     ])
 

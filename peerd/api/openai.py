@@ -3,7 +3,9 @@
 Any peer that holds the model's head (every model peer does) takes a request,
 routes it through the swarm's shards and answers in OpenAI's format, streamed as
 Server-Sent Events when asked. Each response also carries a `peerd` object: the
-route, tokens/s and where the time went. Errors use OpenAI's error shape.
+route, tokens/s and where the time went; when it is done, the same goes on /events as
+`inference.completed` (the web view shows the routes of recent requests). Errors use
+OpenAI's error shape.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.routing import Route
 from peerd.api.errors import ApiError, read_json
 from peerd.api.openai_request import ApiRequest, parse, speculative_options
 from peerd.api.recall import Note, Recall
+from peerd.events import EventBus
 from peerd.inference.face import (
     Completion,
     LanguageModel,
@@ -82,11 +85,11 @@ def routes(models: ModelSlot) -> list[Route]:
             return exc.response()
         if req.stream:
             return StreamingResponse(_stream(models.node.nursery, model, req, prepared,
-                                             notes),
+                                             notes, models.node.events),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            done = await _run(model, req, prepared, None)
+            done = await _run(model, req, prepared, None, models.node.events)
         except ApiError as exc:
             return exc.response()
         return JSONResponse(_final(model, req, done, notes))
@@ -151,12 +154,29 @@ async def _prepare(model: LanguageModel, req: ApiRequest) -> GenerationRequest:
 
 
 async def _run(model: LanguageModel, req: ApiRequest, prepared: GenerationRequest,
-               on_text: OnText | None) -> Completion:
+               on_text: OnText | None, events: EventBus) -> Completion:
     try:
-        return await model.complete(prepared, on_text=on_text, logprobs=req.logprobs)
+        done = await model.complete(prepared, on_text=on_text, logprobs=req.logprobs)
     except SwarmUnavailable as exc:
         raise ApiError(503, str(exc), "service_unavailable", code=exc.code,
                        retry_after_s=exc.retry_after_s) from None
+    events.publish("inference.completed", **completed_event(model.model_id, req, done.stats))
+    return done
+
+
+def completed_event(model_id: str, req: ApiRequest, stats: GenerationStats
+                    ) -> dict[str, Any]:
+    """What `inference.completed` says of a finished request: its route (a hop per
+    shard: peer and layers [start, end)) and where the time went."""
+    return {"model": model_id, "chat": req.chat, "stream": req.stream,
+            "route": stats.route, "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "tokens_per_s": round(stats.tokens_per_s, 3), "wall_ms": round(stats.wall_ms, 3),
+            "pipeline_ms": round(stats.pipeline_ms, 3),
+            "compute_ms": round(stats.compute_ms, 3), "head_ms": round(stats.head_ms, 3),
+            "draft_ms": round(stats.draft_ms, 3), "steps": stats.steps,
+            "reroutes": stats.reroutes, "cached_tokens": stats.cached_tokens,
+            "draft": stats.draft, "finish_reason": stats.finish_reason}
 
 
 def _logprobs_json(model: LanguageModel, entries: Sequence[TokenLogprob], *, chat: bool,
@@ -230,8 +250,8 @@ def _final(model: LanguageModel, req: ApiRequest, done: Completion,
 
 
 async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
-                  prepared: GenerationRequest, notes: list[Note] | None = None
-                  ) -> AsyncIterator[str]:
+                  prepared: GenerationRequest, notes: list[Note] | None,
+                  events: EventBus) -> AsyncIterator[str]:
     """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Generation runs in the
     node's nursery and hands text over a channel, so a client that disconnects stops it."""
     cid, _, chunk_obj = _ids(req)
@@ -268,7 +288,7 @@ async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
                     return False
 
             try:
-                done = await _run(model, req, prepared, emit)
+                done = await _run(model, req, prepared, emit, events)
                 await send.send(("done", done.stats))
             except ApiError as exc:
                 await _send_quietly(send, ("error", exc))

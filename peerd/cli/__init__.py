@@ -29,6 +29,7 @@ from peerd.cli.shards import shards
 from peerd.cli.start import start
 from peerd.cli.task import task
 from peerd.cli.tools import tools
+from peerd.cli.ui import ui
 
 COMMANDS: tuple[click.Command, ...] = (
     start,
@@ -39,6 +40,7 @@ COMMANDS: tuple[click.Command, ...] = (
     rl,
     memory,
     tools,
+    ui,
 )
 
 

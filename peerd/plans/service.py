@@ -44,7 +44,7 @@ from peerd.plans.caller import (
     new_call_id,
 )
 from peerd.plans.choice import Offer, rank
-from peerd.plans.dispatch import Attempt, Call, Dispatched, Limiter, dispatch
+from peerd.plans.dispatch import Attempt, Call, Dispatched, Done, Limiter, Observe, dispatch
 from peerd.plans.metrics import DispatchMetrics, ToolMetrics
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
 from peerd.plans.schema import Invalid, SchemaCheck, SchemaInvalid
@@ -91,6 +91,7 @@ class Tools(Service):
         self.dispatch_metrics = DispatchMetrics(node.metrics.registry, self.slots)
         self.rng = random.Random()
         self._checks: dict[str, SchemaCheck] = {}  # schema hash -> its inputSchema's check
+        self._specs: dict[str, ToolSpec] = {}  # schema hash -> the tool's full spec
 
     # ---- the service ----------------------------------------------------------------
 
@@ -153,10 +154,12 @@ class Tools(Service):
                     out.append((brief.name, offer, entry.name))
         return out
 
-    async def dispatch(self, calls: Sequence[Call], policy: RetryPolicy = DEFAULT_POLICY
+    async def dispatch(self, calls: Sequence[Call], policy: RetryPolicy = DEFAULT_POLICY, *,
+                       observe: Observe | None = None, done: Done | None = None
                        ) -> list[Dispatched]:
         """Run a step's calls at once across the peers offering each tool (dispatch.py);
-        every call's end, in order, a failure as an observation."""
+        every call's end, in order, a failure as an observation. `observe` hears each
+        attempt and `done` each call's end as it comes (the planner's live events)."""
         def offers(tool: str) -> list[Offer]:
             return [o for _, o, _ in self.offers(tool)]
 
@@ -164,11 +167,35 @@ class Tools(Service):
             return await self._call_one(offer, call.tool, call.arguments, deadline_s,
                                         call_id=call.call_id, held=True)
 
-        def observe(call: Call, attempt: Attempt) -> None:
+        def counted(call: Call, attempt: Attempt) -> None:
             self.dispatch_metrics.attempts.labels(call.tool[:64], attempt.code).inc()
+            if observe is not None:
+                observe(call, attempt)
 
         return await dispatch(calls, offers, call_one, slots=self.slots, policy=policy,
-                              rng=self.rng, observe=observe)
+                              rng=self.rng, observe=counted, done=done)
+
+    async def specs(self, names: Iterable[str] | None = None) -> dict[str, ToolSpec]:
+        """The full spec of each tool named (default: every tool in the live ledger),
+        ours from the toolbox, others' from the best peer offering it (cached by schema
+        hash). A tool no live peer offers, or whose schema cannot be fetched, is left
+        out."""
+        offered: dict[str, list[Offer]] = {}
+        for tool, offer, _ in self.offers():
+            offered.setdefault(tool, []).append(offer)
+        out: dict[str, ToolSpec] = {}
+        for name in sorted(offered) if names is None else names:
+            if name in self.toolbox.tools:
+                out[name] = self.toolbox.tools[name].spec()
+                continue
+            for offer in rank(offered.get(name, [])):
+                if offer.schema not in self._specs:
+                    await self.tools_of(offer.peer)  # a failure: the next offer
+                spec = self._specs.get(offer.schema)
+                if spec is not None:
+                    out[name] = spec
+                    break
+        return out
 
     def find_peer(self, peer: str) -> str | None:
         """A peer id from an id or a ledger name."""
@@ -259,5 +286,8 @@ class Tools(Service):
             log.info("a peer's tool %r has a schema we cannot use: %s", spec.name, exc)
             return
         if len(self._checks) >= MAX_CACHED_SCHEMAS:
-            del self._checks[next(iter(self._checks))]  # the oldest
+            oldest = next(iter(self._checks))
+            del self._checks[oldest]
+            self._specs.pop(oldest, None)
         self._checks[spec.schema] = check
+        self._specs[spec.schema] = spec

@@ -38,6 +38,7 @@ from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
 from peerd.memory.service import Memory
 from peerd.node import Node, open_node
+from peerd.plans.planning import Plans
 from peerd.plans.service import Tools
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.training import Training
@@ -149,12 +150,18 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     # out to peers that serve one: --memory-replay)
     memory = Memory(node, model if model.options is not None else None, config.data_dir,
                     embedder=config.memory_embedder, replay=config.memory_replay)
-    # typed tools for the swarm (Gradientsys): the built-ins the config names
-    tools = Tools(node, ledger, builtins=config.tool_choices, tools_dir=config.tools_dir)
+    # typed tools for the swarm (Gradientsys): the built-ins the config names; ask and
+    # vote reach the swarm's model through ours, so only a peer that serves one offers them
+    face = model.face if model.options is not None else None
+    tools = Tools(node, ledger, builtins=config.tool_choices, tools_dir=config.tools_dir,
+                  model=face, run_task=symphony.run_task if face is not None else None)
+    # ReAct plans over the swarm's tools, their steps written by our model
+    plans = Plans(node, tools, config.data_dir, model=face)
     # the API's `memory` option and the memory_search tool draw on it
     model.recall = symphony.recall = tools.recall = memory
     symphony.scored = training.scored = memory  # and keeps their scored runs as SCECs
-    services: list[Service] = [ledger, model, symphony, weights, training, memory, tools]
+    services: list[Service] = [ledger, model, symphony, weights, training, memory, tools,
+                               plans]
     if config.rollout:
         services.append(Rollouts(node, ledger, model, weights))
     return services

@@ -30,8 +30,10 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 from peerd.agents.reputation import view
 from peerd.agents.sealing import seal
 from peerd.api.recall import Recall
+from peerd.inference.face import LanguageModel
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
+from peerd.plans.asking import RunTask
 from peerd.plans.builtins import offered
 from peerd.plans.caller import (
     MALFORMED,
@@ -77,13 +79,18 @@ class Tools(Service):
 
     def __init__(self, node: Node, ledger: LedgerGossip, *,
                  builtins: Sequence[tuple[str, int | None]] = (),
-                 tools_dir: Path | None = None, extra: Iterable[Tool] = ()) -> None:
+                 tools_dir: Path | None = None, extra: Iterable[Tool] = (),
+                 model: Callable[[], LanguageModel] | None = None,
+                 run_task: RunTask | None = None) -> None:
         self.node = node
         self.ledger = ledger
         # the peer's memory, for memory_search (the daemon hands it over, as to Symphony)
         self.recall: Recall | None = None
-        self.toolbox = Toolbox(node.peer_id, [*offered(builtins, tools_dir, lambda: self.recall),
-                                              *extra])
+        # ask and vote: the face of the model we serve and Symphony's run_task, when the
+        # daemon hands them over (a peer that serves a model)
+        self.toolbox = Toolbox(node.peer_id, [
+            *offered(builtins, tools_dir, lambda: self.recall, model=model,
+                     run_task=run_task), *extra])
         self.metrics = ToolMetrics(node.metrics.registry, self.toolbox)
         # (peer, tool) -> our calls there: the dispatcher never exceeds a capacity in it
         self.slots = Limiter()

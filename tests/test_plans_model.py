@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from models import tiny_llama_dir
+
 from peerd.inference.face import LanguageModel
 from peerd.inference.served import ServedModel
 from peerd.inference.slot import ModelOptions
@@ -44,9 +44,10 @@ async def plan_on(node: Node, face: LanguageModel, data_dir: Path, goal: str,
     gossip(node).refresh()
     await wait_for(lambda: bool(tools.offers("calculator")), what="our tools in the ledger")
     plan_id = await plans.start(PlanSpec(goal, ("calculator",), budget))
+    live = plans.live[plan_id]
     with trio.fail_after(120):
-        while plans.live[plan_id].planner.status == "running":
-            await trio.sleep(0.05)
+        while not live.done:
+            await live.changed.wait()
     record = plans.record(plan_id)
     assert record is not None
     return record

@@ -36,8 +36,9 @@ class _PlanGroup(click.Group):
 
 @click.group(cls=_PlanGroup)
 def plan() -> None:
-    """Reach a goal with a plan over the swarm's tools: `peerd plan "GOAL"`, or `peerd
-    plan show ID`, `peerd plan list`."""
+    """Reach a goal with a plan over the swarm's tools: `peerd plan "GOAL" [--tools A,B]
+    [--steps N] [--tokens N] [--mode sync|async] [--follow] [--json]`; `peerd plan show
+    ID`, `peerd plan list`."""
 
 
 @plan.command("run", hidden=True)
@@ -46,19 +47,22 @@ def plan() -> None:
 @click.option("--tools", "tool_names", metavar="A,B", help="Only these tools [every tool "
               "in the ledger].")
 @click.option("--steps", type=click.IntRange(1, 64), help="At most this many steps [8].")
+@click.option("--tokens", type=click.IntRange(1, 65536), help="The planner's model writes "
+              "at most this many tokens in all [4096].")
 @click.option("--mode", type=click.Choice(["sync", "async"]), default="sync",
               show_default=True, help="async: go on with the first results while long "
               "calls run.")
 @click.option("--follow", is_flag=True, help="Show each step live.")
 def run(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
-        goal: str, tool_names: str | None, steps: int | None, mode: str,
-        follow: bool) -> None:
+        goal: str, tool_names: str | None, steps: int | None, tokens: int | None,
+        mode: str, follow: bool) -> None:
     c = make_client(data_dir, api, token)
     body: dict[str, Any] = {"goal": goal, "mode": mode}
     if tool_names:
         body["tools"] = [t.strip() for t in tool_names.split(",") if t.strip()]
-    if steps is not None:
-        body["budget"] = {"steps": steps}
+    budget = {k: v for k, v in (("steps", steps), ("tokens", tokens)) if v is not None}
+    if budget:
+        body["budget"] = budget
     plan_id = c.request("POST", "/v1/plans", body)["id"]
     names = c.peer_names() if follow else {}
     for event in _events(c, plan_id):

@@ -29,7 +29,7 @@ SKILL_MATCHERS = ("auto", "embedding", "lexical")
 MEMORY_EMBEDDERS = ("auto", "minilm", "hashing")
 MEMORY_REPLAYS = ("auto", "local", "farm")
 # the built-in typed tools a peer can offer (peerd/plans/builtins.py)
-BUILTIN_TOOLS = ("calculator", "read_file", "memory_search")
+BUILTIN_TOOLS = ("calculator", "read_file", "memory_search", "ask", "vote")
 MAX_TOOL_CAPACITY = 1024
 
 
@@ -122,7 +122,8 @@ class Config:
     memory_replay: str = "auto"
     # Typed tools offered to the swarm (peerd/plans/), each NAME or NAME:CAPACITY (calls
     # run at once; beyond it a call is refused "busy"). read_file reads only inside
-    # tools_dir and is offered only when that is set (naming it without is an error).
+    # tools_dir and is offered only when that is set (naming it without is an error);
+    # ask and vote (the swarm's model: a completion, a Symphony task) only with a model.
     tools: tuple[str, ...] = BUILTIN_TOOLS
     tools_dir: Path | None = None
     # External MCP servers whose tools this peer re-exports to the swarm (peerd/plans/
@@ -310,6 +311,11 @@ def _check_tools(cfg: Config, sources: Mapping[str, str],
             raise bad("tools_dir", f"{str(cfg.tools_dir)!r} is not a directory")
     elif "read_file" in names and "tools" in sources:
         raise bad("tools", "read_file needs a directory to read in: pass --tools-dir DIR")
+    if not cfg.model and "tools" in sources:
+        for name in ("ask", "vote"):
+            if name in names:
+                raise bad("tools", f"{name} reaches the swarm's model through this peer's: "
+                          "it needs --model")
 
 
 def env_settings(environ: Mapping[str, str]) -> dict[str, str]:

@@ -39,7 +39,8 @@ from peerd.ledger.store import LedgerStoreError
 from peerd.memory.service import Memory
 from peerd.node import Node, open_node
 from peerd.plans.external import McpSettings
-from peerd.plans.mcp_endpoint import McpEndpoint
+from peerd.plans.mcp_endpoint import McpEndpoint, PlanAnswer, PlanFn
+from peerd.plans.planning import Plans
 from peerd.plans.service import Tools
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.training import Training
@@ -133,6 +134,14 @@ def model_options(config: Config) -> ModelOptions | None:
                         prompt_cache=config.prompt_cache)
 
 
+def plan_over_mcp(plans: Plans) -> PlanFn:
+    """/mcp's `plan` tool: a plan over every live tool, its end awaited."""
+    async def plan(goal: str) -> PlanAnswer:
+        text, plan_id, ok = await plans.settle(goal)
+        return PlanAnswer(text, plan_id, ok)
+    return plan
+
+
 def build_services(node: Node, config: Config, progress: Progress) -> list[Service]:
     """The systems this peer runs, in start order: one line each. A system that needs
     another is given it here."""
@@ -152,16 +161,22 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     memory = Memory(node, model if model.options is not None else None, config.data_dir,
                     embedder=config.memory_embedder, replay=config.memory_replay)
     # typed tools for the swarm (Gradientsys): the built-ins the config names, and the
-    # tools of the external MCP servers it names (--mcp), run in the service's nursery
+    # tools of the external MCP servers it names (--mcp), run in the service's nursery;
+    # ask and vote reach the swarm's model through ours, so only a peer that serves one
+    # offers them
+    face = model.face if model.options is not None else None
     tools = Tools(node, ledger, builtins=config.tool_choices, tools_dir=config.tools_dir,
+                  model=face, run_task=symphony.run_task if face is not None else None,
                   mcp=config.mcp, mcp_settings=McpSettings(
                       capacity=config.mcp_capacity, deadline_s=config.mcp_deadline_s,
                       ready_s=config.mcp_ready_s, max_restarts=config.mcp_restarts))
+    # ReAct plans over the swarm's tools, their steps written by our model
+    plans = Plans(node, tools, config.data_dir, model=face)
     # the API's `memory` option and the memory_search tool draw on it
     model.recall = symphony.recall = tools.recall = memory
     symphony.scored = training.scored = memory  # and keeps their scored runs as SCECs
     services: list[Service] = [ledger, model, symphony, weights, training, memory, tools,
-                               McpEndpoint(tools)]  # /mcp: the swarm's tools to MCP clients
+                               plans, McpEndpoint(tools, plan=plan_over_mcp(plans))]
     if config.rollout:
         services.append(Rollouts(node, ledger, model, weights))
     return services

@@ -24,6 +24,7 @@ from peerd.cli.client import fail
 from peerd.cli.draft import draft
 from peerd.cli.generate import chat, generate
 from peerd.cli.memory import memory
+from peerd.cli.plan import plan
 from peerd.cli.rl import rl
 from peerd.cli.shards import shards
 from peerd.cli.start import start
@@ -40,6 +41,7 @@ COMMANDS: tuple[click.Command, ...] = (
     rl,
     memory,
     tools,
+    plan,
     ui,
 )
 

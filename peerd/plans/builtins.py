@@ -1,4 +1,5 @@
-"""The tools every peer can offer: `calculator`, `read_file`, `memory_search`.
+"""The tools every peer can offer: `calculator`, `read_file`, `memory_search`; and, on a
+peer that serves a model, `ask` and `vote` (asking.py).
 
 Each is a typed tool (tool.py): its schemas come from the models below. Which ones a
 peer offers, and at what capacity, is its config (`tools`, `tools_dir`; see
@@ -17,13 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from peerd.agents.calculator import MAX_EXPRESSION_CHARS, evaluate
 from peerd.api.recall import Recall
-from peerd.inference.face import ModelUnavailable
+from peerd.inference.face import LanguageModel, ModelUnavailable
+from peerd.plans.asking import RunTask, ask, vote
 from peerd.plans.reading import MAX_PATH_CHARS, MAX_RETURN_BYTES, ReadRefused, read_inside
 from peerd.plans.tool import Tool, ToolError, typed_tool
 from protocols.memory import DOMAIN
 
 # name -> calls at once by default (`tools = ["calculator:16"]` sets another)
-DEFAULT_CAPACITY = {"calculator": 16, "read_file": 4, "memory_search": 4}
+DEFAULT_CAPACITY = {"calculator": 16, "read_file": 4, "memory_search": 4, "ask": 2,
+                    "vote": 1}
 BUILTINS = tuple(DEFAULT_CAPACITY)
 MAX_QUERY_CHARS = 2000
 MAX_NOTES = 20
@@ -123,9 +126,12 @@ def memory_search(recall: Callable[[], Recall | None],
 
 
 def offered(names: Sequence[tuple[str, int | None]], tools_dir: Path | None,
-            recall: Callable[[], Recall | None]) -> list[Tool]:
+            recall: Callable[[], Recall | None], *,
+            model: Callable[[], LanguageModel] | None = None,
+            run_task: RunTask | None = None) -> list[Tool]:
     """The built-ins a peer's config names, as (name, capacity or None for the default).
-    read_file is left out without a tools directory (the config refuses naming it then)."""
+    read_file is left out without a tools directory, ask without a model to ask, vote
+    without Symphony to run its task (the config refuses naming them then)."""
     out: list[Tool] = []
     for name, capacity in names:
         cap = capacity or DEFAULT_CAPACITY[name]
@@ -135,4 +141,8 @@ def offered(names: Sequence[tuple[str, int | None]], tools_dir: Path | None,
             out.append(memory_search(recall, cap))
         elif name == "read_file" and tools_dir is not None:
             out.append(read_file(tools_dir, cap))
+        elif name == "ask" and model is not None:
+            out.append(ask(model, cap))
+        elif name == "vote" and run_task is not None:
+            out.append(vote(run_task, cap))
     return out

@@ -47,6 +47,7 @@ ATTEMPT_MARGIN_S = 5.0  # past an attempt's deadline: the callee's own "deadline
 CallOne = Callable[[Offer, "Call", float], Awaitable[Outcome]]
 Offers = Callable[[str], Sequence[Offer]]
 Observe = Callable[["Call", "Attempt"], None]
+Done = Callable[["Dispatched"], None]
 
 
 class Limiter(Slots):
@@ -127,15 +128,19 @@ class Dispatched:
 
 async def dispatch(calls: Sequence[Call], offers: Offers, call_one: CallOne, *,
                    slots: Limiter, policy: RetryPolicy = DEFAULT_POLICY,
-                   rng: random.Random | None = None, observe: Observe | None = None
-                   ) -> list[Dispatched]:
+                   rng: random.Random | None = None, observe: Observe | None = None,
+                   done: Done | None = None) -> list[Dispatched]:
     """Run `calls` at once; their ends in the same order. `slots` is shared by every
-    batch of this peer, so two batches together stay within each capacity."""
+    batch of this peer, so two batches together stay within each capacity. `observe`
+    hears each attempt, `done` each call's end as it comes (a planner in async mode
+    goes on with the first)."""
     batch = _Batch(offers, call_one, slots, policy, rng or random.Random(), observe)
     results: list[Dispatched | None] = [None] * len(calls)
 
     async def run(i: int, call: Call) -> None:
-        results[i] = await batch.run(call)
+        results[i] = end = await batch.run(call)
+        if done is not None:
+            done(end)
 
     async with trio.open_nursery() as nursery:
         for i, call in enumerate(calls):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,10 +38,11 @@ from trio_typing import TaskStatus
 from peerd import __version__
 from peerd.plans.caller import ToolFailure
 from peerd.plans.dispatch import Call
+from peerd.plans.planning import CannotPlan
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
 from peerd.plans.schema import Invalid, SchemaCheck
 from peerd.service import Service
-from protocols.tool import MAX_ARGUMENTS_BYTES, ToolSpec
+from protocols.tool import MAX_ARGUMENTS_BYTES
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -58,8 +58,9 @@ MAX_GOAL_CHARS = 4000
 
 @dataclass(frozen=True, slots=True)
 class PlanAnswer:
-    answer: str
+    answer: str  # or, when the plan failed, why
     plan_id: str
+    ok: bool = True  # False: the plan failed (a budget ran out, ...)
 
 
 PlanFn = Callable[[str], Awaitable[PlanAnswer]]  # goal -> the planner's answer
@@ -110,7 +111,7 @@ class McpEndpoint(Service):
 
     async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None
                           ) -> types.ListToolsResult:
-        specs = await swarm_specs(self.tools)
+        specs = list((await self.tools.specs()).values())
         listed = [types.Tool(name=s.name, description=s.description or None,
                              input_schema=s.input_schema, output_schema=s.output_schema)
                   for s in specs if not (self.plan is not None and s.name == PLAN_TOOL.name)]
@@ -139,10 +140,16 @@ class McpEndpoint(Service):
             return error(f"invalid_arguments (caller): arguments of plan: {exc}")
         try:
             planned = await self.plan(goal)
+        except CannotPlan as exc:  # no model here, the planner not up yet: in its words
+            self.calls.labels("refused").inc()
+            return error(f"refused (callee): {exc}")
         except Exception as exc:  # the planner's bug: say so, keep serving
             log.exception("plan over /mcp failed")
             self.calls.labels("tool_error").inc()
             return error(f"tool_error (callee): the planner failed ({type(exc).__name__})")
+        if not planned.ok:
+            self.calls.labels("plan_failed").inc()
+            return error(f"plan_failed (callee): {planned.answer} (plan {planned.plan_id})")
         self.calls.labels("ok").inc()
         return answer({"answer": planned.answer, "plan_id": planned.plan_id})
 
@@ -156,24 +163,3 @@ def answer(value: dict[str, Any]) -> types.CallToolResult:
 def error(message: str) -> types.CallToolResult:
     return types.CallToolResult(content=[types.TextContent(type="text", text=message)],
                                 is_error=True)
-
-
-async def swarm_specs(tools: Tools) -> list[ToolSpec]:
-    """One contract per tool name the live ledger offers: the schema most peers offer
-    it under (then the lowest hash), fetched from one of them the first time it is
-    seen. A tool whose contract cannot be fetched now is left out of this listing."""
-    by_name: dict[str, Tally[str]] = {}
-    holders: dict[str, list[str]] = {}  # schema hash -> peers offering it
-    for name, offer, _ in tools.offers():
-        by_name.setdefault(name, Tally())[offer.schema] += 1
-        holders.setdefault(offer.schema, []).append(offer.peer)
-    chosen = {name: min(tally, key=lambda h: (-tally[h], h)) for name, tally in by_name.items()}
-    missing = sorted({h for h in chosen.values() if tools.spec_of(h) is None})
-    if missing:
-        async with trio.open_nursery() as nursery:
-            for schema in missing:
-                own = tools.node.peer_id
-                peer = own if own in holders[schema] else sorted(holders[schema])[0]
-                nursery.start_soon(tools.tools_of, peer)
-    specs = [tools.spec_of(chosen[name]) for name in sorted(chosen)]
-    return [s for s in specs if s is not None]

@@ -7,7 +7,7 @@ counted under "(unknown)", so a caller cannot grow the label set.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -76,3 +76,32 @@ class _SlotsCollector:
         for (peer, tool), held in self.slots:
             gauge.add_metric([tool, peer], held)
         yield gauge
+
+
+class PlanMetrics:
+    """The planner (plans/planning.py): plans by outcome, steps and how their text
+    parsed (with or without a constraint), replans, the planner model's tokens, and the
+    plans running now."""
+
+    def __init__(self, registry: CollectorRegistry, running: Callable[[], int]) -> None:
+        self.plans = Counter("peerd_plans", "Plans ended, by outcome (answered, a budget "
+                             "that ran out, error, interrupted)", ["outcome"],
+                             registry=registry)
+        self.steps = Counter("peerd_plan_steps", "Planner steps, by how their text parsed "
+                             "(ok, not_json, bad_step, bad_call) and whether it was "
+                             "decoded under a constraint", ["parse", "constrained"],
+                             registry=registry)
+        self.replans = Counter("peerd_plan_replans", "Observations of what went wrong that "
+                               "the planner planned again from", registry=registry)
+        self.tokens = Counter("peerd_plan_tokens", "Tokens the planner's model generated",
+                              registry=registry)
+        registry.register(_RunningCollector(running))
+
+
+class _RunningCollector:
+    def __init__(self, running: Callable[[], int]) -> None:
+        self.running = running
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("peerd_plans_running", "Plans running now",
+                                value=self.running())

@@ -33,8 +33,10 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 from peerd.agents.reputation import view
 from peerd.agents.sealing import seal
 from peerd.api.recall import Recall
+from peerd.inference.face import LanguageModel
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
+from peerd.plans.asking import RunTask
 from peerd.plans.builtins import offered
 from peerd.plans.caller import (
     MALFORMED,
@@ -47,7 +49,7 @@ from peerd.plans.caller import (
     new_call_id,
 )
 from peerd.plans.choice import Offer, rank
-from peerd.plans.dispatch import Attempt, Call, Dispatched, Limiter, dispatch
+from peerd.plans.dispatch import Attempt, Call, Dispatched, Done, Limiter, Observe, dispatch
 from peerd.plans.external import DEFAULT_SETTINGS, ExternalServer, McpMetrics, McpSettings
 from peerd.plans.metrics import DispatchMetrics, ToolMetrics
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
@@ -82,13 +84,18 @@ class Tools(Service):
     def __init__(self, node: Node, ledger: LedgerGossip, *,
                  builtins: Sequence[tuple[str, int | None]] = (),
                  tools_dir: Path | None = None, extra: Iterable[Tool] = (),
+                 model: Callable[[], LanguageModel] | None = None,
+                 run_task: RunTask | None = None,
                  mcp: Sequence[str] = (), mcp_settings: McpSettings = DEFAULT_SETTINGS) -> None:
         self.node = node
         self.ledger = ledger
         # the peer's memory, for memory_search (the daemon hands it over, as to Symphony)
         self.recall: Recall | None = None
-        self.toolbox = Toolbox(node.peer_id, [*offered(builtins, tools_dir, lambda: self.recall),
-                                              *extra])
+        # ask and vote: the face of the model we serve and Symphony's run_task, when the
+        # daemon hands them over (a peer that serves a model)
+        self.toolbox = Toolbox(node.peer_id, [
+            *offered(builtins, tools_dir, lambda: self.recall, model=model,
+                     run_task=run_task), *extra])
         self.metrics = ToolMetrics(node.metrics.registry, self.toolbox)
         # (peer, tool) -> our calls there: the dispatcher never exceeds a capacity in it
         self.slots = Limiter()
@@ -191,10 +198,12 @@ class Tools(Service):
                     out.append((brief.name, offer, entry.name))
         return out
 
-    async def dispatch(self, calls: Sequence[Call], policy: RetryPolicy = DEFAULT_POLICY
+    async def dispatch(self, calls: Sequence[Call], policy: RetryPolicy = DEFAULT_POLICY, *,
+                       observe: Observe | None = None, done: Done | None = None
                        ) -> list[Dispatched]:
         """Run a step's calls at once across the peers offering each tool (dispatch.py);
-        every call's end, in order, a failure as an observation."""
+        every call's end, in order, a failure as an observation. `observe` hears each
+        attempt and `done` each call's end as it comes (the planner's live events)."""
         def offers(tool: str) -> list[Offer]:
             return [o for _, o, _ in self.offers(tool)]
 
@@ -202,11 +211,38 @@ class Tools(Service):
             return await self._call_one(offer, call.tool, call.arguments, deadline_s,
                                         call_id=call.call_id, held=True)
 
-        def observe(call: Call, attempt: Attempt) -> None:
+        def counted(call: Call, attempt: Attempt) -> None:
             self.dispatch_metrics.attempts.labels(call.tool[:64], attempt.code).inc()
+            if observe is not None:
+                observe(call, attempt)
 
         return await dispatch(calls, offers, call_one, slots=self.slots, policy=policy,
-                              rng=self.rng, observe=observe)
+                              rng=self.rng, observe=counted, done=done)
+
+    async def specs(self, names: Iterable[str] | None = None) -> dict[str, ToolSpec]:
+        """The full contract of each tool named (default: every tool the live ledger
+        offers): the schema most peers offer it under (then the lowest hash), ours from
+        the toolbox, others' fetched at once from a peer offering it the first time it is
+        seen (cached by hash). A tool no live peer offers, or whose contract cannot be
+        fetched now, is left out."""
+        wanted = None if names is None else set(names)
+        by_name: dict[str, Counter[str]] = {}
+        holders: dict[str, list[str]] = {}  # schema hash -> the peers offering it
+        for name, offer, _ in self.offers():
+            if wanted is None or name in wanted:
+                by_name.setdefault(name, Counter())[offer.schema] += 1
+                holders.setdefault(offer.schema, []).append(offer.peer)
+        chosen = {name: min(tally, key=lambda h: (-tally[h], h))
+                  for name, tally in by_name.items()}
+        missing = sorted({h for h in chosen.values() if self.spec_of(h) is None})
+        if missing:
+            own = self.node.peer_id
+            async with trio.open_nursery() as nursery:
+                for schema in missing:
+                    peer = own if own in holders[schema] else sorted(holders[schema])[0]
+                    nursery.start_soon(self.tools_of, peer)  # a failure: left out
+        found = {name: self.spec_of(schema) for name, schema in sorted(chosen.items())}
+        return {name: spec for name, spec in found.items() if spec is not None}
 
     def find_peer(self, peer: str) -> str | None:
         """A peer id from an id or a ledger name."""

@@ -1,0 +1,266 @@
+"""Plans as a service: a goal in, a ReAct plan over the swarm's tools run in the
+background, its record and its events out (Gradientsys, issue 27).
+
+`start(spec)` checks what can be refused at once (a peer with no model to plan with, a
+tool nobody offers), fetches the offered tools' full schemas, and runs the plan
+(run.py) in the service's nursery: the thinker is the swarm's model through the
+inference face (thinker.py), its calls go out through `Tools.dispatch`, in parallel,
+within each peer's capacity, with retry elsewhere. Every plan event is published on the
+peer's `/events`, kept with the plan for `GET /v1/plans/{id}/events`, and counted on
+/metrics (plans/metrics.py). Records live in SQLite in the data dir (records.py),
+written at the start and the end of each plan; a plan that was running when the daemon
+stopped is marked failed "interrupted" when it starts again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
+
+from peerd.inference.face import LanguageModel, ModelUnavailable
+from peerd.node import Node
+from peerd.plans.caller import ToolResult
+from peerd.plans.dispatch import Attempt, Call, Dispatched
+from peerd.plans.metrics import PlanMetrics
+from peerd.plans.planner import (
+    ASYNC_WAIT_S,
+    BUDGET_REASONS,
+    SYNC,
+    Budget,
+    PlannedCall,
+    Planner,
+)
+from peerd.plans.records import INTERRUPTED, KEEP, PlanStore
+from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
+from peerd.plans.run import Attempted, Ended, run_plan
+from peerd.plans.service import Tools
+from peerd.plans.thinker import MakeConstraint, ModelThinker, StepText, Thinker
+from peerd.service import Service
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+log = logging.getLogger(__name__)
+
+KEPT_LIVE = 64  # finished plans whose events stay in memory (the rest: from the store)
+MAX_GOAL_CHARS = 2000
+
+
+class CannotPlan(Exception):
+    """A plan cannot be made here as asked; `status` is the HTTP status (400: the
+    request, 503: this peer has no model to plan with now)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSpec:
+    goal: str
+    tools: tuple[str, ...] | None = None  # None: every tool in the live ledger
+    budget: Budget = field(default_factory=Budget)
+    mode: str = SYNC
+
+
+class LivePlan:
+    """A plan in memory: its planner and its events as published."""
+
+    def __init__(self, planner: Planner) -> None:
+        self.planner = planner
+        self.events: list[dict[str, Any]] = []
+        self.changed = trio.Event()
+        self.done = False
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Plans(Service):
+    name = "plans"
+
+    def __init__(self, node: Node, tools: Tools, data_dir: Path, *,
+                 model: Callable[[], LanguageModel] | None = None,
+                 thinker: Callable[[], Thinker] | None = None,
+                 make_constraint: MakeConstraint | None = None,
+                 budget: Budget | None = None, policy: RetryPolicy = DEFAULT_POLICY,
+                 async_wait_s: float = ASYNC_WAIT_S, keep: int = KEEP) -> None:
+        self.node, self.tools, self.data_dir = node, tools, data_dir
+        self.model, self.make_thinker = model, thinker
+        self.make_constraint = make_constraint
+        self.budget = budget or Budget()  # a plan's, where its request names none
+        self.policy, self.async_wait_s, self.keep = policy, async_wait_s, keep
+        self.live: OrderedDict[str, LivePlan] = OrderedDict()
+        self.store: PlanStore | None = None
+        self.metrics = PlanMetrics(node.metrics.registry, lambda: sum(
+            not p.done for p in self.live.values()))
+        self._nursery: trio.Nursery | None = None
+
+    # ---- the service ----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        path = self.data_dir / "plans.db"
+        self.store = store = await trio.to_thread.run_sync(PlanStore, path, self.keep)
+        try:
+            interrupted = store.interrupt(time.time())
+            if interrupted:
+                log.info("%d plans were running when the daemon stopped: marked failed",
+                         interrupted)
+                self.metrics.plans.labels(INTERRUPTED).inc(interrupted)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            store.close()
+
+    def routes(self) -> Sequence[BaseRoute]:
+        from peerd.api.plans import routes
+
+        return routes(self)
+
+    def status(self) -> dict[str, Any]:
+        return {"plans": {"running": sum(not p.done for p in self.live.values())}}
+
+    # ---- plans ----------------------------------------------------------------------
+
+    def thinker(self) -> Thinker:
+        """Who writes the steps; CannotPlan(503) when this peer has no model now."""
+        if self.make_thinker is not None:
+            return self.make_thinker()
+        if self.model is None:
+            raise CannotPlan(503, "this peer serves no model to plan with; send the plan "
+                             "to a peer started with --model, or restart this one with "
+                             "--model SPEC")
+        try:
+            self.model()
+        except ModelUnavailable as exc:
+            raise CannotPlan(503, f"no model to plan with: {exc}") from None
+        return ModelThinker(self.model, make_constraint=self.make_constraint)
+
+    async def start(self, spec: PlanSpec) -> str:
+        """Start a plan; its id. CannotPlan for what can be refused at once."""
+        if self._nursery is None or self.store is None:
+            raise CannotPlan(503, "the planner is not running yet; try again shortly")
+        thinker = self.thinker()
+        specs = await self.tools.specs(spec.tools)
+        missing = [n for n in spec.tools or () if n not in specs]
+        if missing:
+            raise CannotPlan(400, f"no live peer offers a tool {missing[0]!r:.80} (or its "
+                             "schema could not be fetched); `peerd tools` lists who offers "
+                             "what", param="tools")
+        plan_id = uuid.uuid4().hex[:16]
+        planner = Planner(plan_id, spec.goal, list(specs.values()), spec.budget, spec.mode,
+                          trio.current_time(), round(time.time(), 6),
+                          async_wait_s=self.async_wait_s,
+                          max_attempts=self.policy.max_attempts)
+        live = self.live[plan_id] = LivePlan(planner)
+        self._publish(live, *planner.take_events()[0])
+        self.store.put(planner.record(trio.current_time()), live.events)
+        self._nursery.start_soon(self._run, live, thinker)
+        return plan_id
+
+    async def settle(self, goal: str) -> tuple[str, str, bool]:
+        """Run a plan for `goal` with every live tool and wait for its end: (the answer,
+        or the failure in words; the plan's id; whether it answered). CannotPlan as
+        `start`. What `/mcp`'s `plan` tool runs."""
+        plan_id = await self.start(PlanSpec(goal))
+        live = self.live[plan_id]
+        while not live.done:
+            await live.changed.wait()
+        planner = live.planner
+        if planner.status == "answered":
+            return planner.answer or "", plan_id, True
+        return f"the plan failed: {planner.reason}", plan_id, False
+
+    def record(self, plan_id: str) -> dict[str, Any] | None:
+        live = self.live.get(plan_id)
+        if live is not None:
+            return live.planner.record(trio.current_time())
+        got = self.store.get(plan_id) if self.store is not None else None
+        return None if got is None else got[0]
+
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self.store.recent(limit) if self.store is not None else []
+
+    def events(self, plan_id: str) -> LivePlan | list[dict[str, Any]] | None:
+        """The plan in memory (its events so far, more to come while it runs), or its
+        stored events; None for an unknown plan."""
+        live = self.live.get(plan_id)
+        if live is not None:
+            return live
+        got = self.store.get(plan_id) if self.store is not None else None
+        return None if got is None else got[1]
+
+    # ---- running one ----------------------------------------------------------------
+
+    async def _run(self, live: LivePlan, thinker: Thinker) -> None:
+        planner = live.planner
+
+        def on_step(outcome: str, step: StepText) -> None:
+            self.metrics.steps.labels(outcome, "yes" if step.constrained else "no").inc()
+            self.metrics.tokens.inc(max(0, step.tokens))
+
+        try:
+            await run_plan(planner, thinker, self._dispatcher(planner.id),
+                           lambda kind, data: self._publish(live, kind, data),
+                           on_step=on_step)
+        except Exception as exc:  # our bug: this plan fails, the peer serves on
+            log.exception("plan %s failed", planner.id)
+            planner.fail(f"the planner failed ({type(exc).__name__}: {exc})",
+                         trio.current_time())
+            for kind, data in planner.take_events():
+                self._publish(live, kind, data)
+        finally:
+            live.done = True
+            live.changed.set()
+            reason = planner.reason if planner.reason in BUDGET_REASONS else "error"
+            self.metrics.plans.labels("answered" if planner.status == "answered"
+                                      else reason).inc()
+            if self.store is not None:
+                self.store.put(planner.record(trio.current_time()), live.events)
+            self._forget_old()
+
+    def _dispatcher(self, plan_id: str
+                    ) -> Callable[[Sequence[PlannedCall], Attempted, Ended], Any]:
+        async def dispatch(planned: Sequence[PlannedCall], attempted: Attempted,
+                           ended: Ended) -> None:
+            ours = {f"{plan_id}.{p.call_id}": p.call_id for p in planned}
+            calls = [Call(p.tool, p.arguments, f"{plan_id}.{p.call_id}") for p in planned]
+
+            def observe(call: Call, attempt: Attempt) -> None:
+                attempted(ours[call.call_id], attempt.peer, attempt.code, attempt.message)
+
+            def done(end: Dispatched) -> None:
+                result = end.outcome.value if isinstance(end.outcome, ToolResult) else None
+                ended(ours[end.call.call_id], ok=end.ok, code=end.code, peer=end.peer,
+                      elapsed_s=end.elapsed_s, attempts=len(end.attempts), result=result,
+                      message=end.message)
+
+            await self.tools.dispatch(calls, self.policy, observe=observe, done=done)
+
+        return dispatch
+
+    def _publish(self, live: LivePlan, kind: str, data: dict[str, Any]) -> None:
+        event = self.node.events.publish(kind, plan=live.planner.id, **data)
+        live.add(event.to_json())
+        if kind == "plan.replan":
+            self.metrics.replans.inc()
+
+    def _forget_old(self) -> None:
+        finished = [k for k, p in self.live.items() if p.done]
+        for plan_id in finished[:max(0, len(finished) - KEPT_LIVE)]:
+            del self.live[plan_id]

@@ -39,6 +39,28 @@ class _Subscriber:
         self.wakeup = trio.Event()
 
 
+class _Stream:
+    """A subscriber's events. Cancel-safe: a wait cut short (an SSE keep-alive's
+    timeout) loses nothing and the next `__anext__` goes on, which an async generator
+    would not allow (the cancellation would end it)."""
+
+    def __init__(self, sub: _Subscriber) -> None:
+        self.sub = sub
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Event:
+        sub = self.sub
+        while not sub.queue:
+            sub.wakeup = trio.Event()
+            await sub.wakeup.wait()
+        if sub.dropped:
+            n, sub.dropped = sub.dropped, 0
+            return Event(0, "events.dropped", time.time(), {"count": n})
+        return sub.queue.popleft()
+
+
 class EventBus:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
@@ -65,17 +87,7 @@ class EventBus:
         sub.queue.extend(self.recent(replay) if replay else [])
         self._subscribers.add(sub)
 
-        async def stream() -> AsyncIterator[Event]:
-            while True:
-                while sub.queue:
-                    if sub.dropped:
-                        n, sub.dropped = sub.dropped, 0
-                        yield Event(0, "events.dropped", time.time(), {"count": n})
-                    yield sub.queue.popleft()
-                sub.wakeup = trio.Event()
-                await sub.wakeup.wait()
-
         try:
-            yield stream()
+            yield _Stream(sub)
         finally:
             self._subscribers.discard(sub)

@@ -3,7 +3,9 @@ loopback), read by a real headless Chromium through selenium and chromedriver.
 
 The page loads with the token cookie and shows a 3-peer swarm with a gap in a model's
 coverage; `plan.*` events published on the node's bus (the planner's contract:
-docs/plans.md) appear live as steps; so do a task's votes and an inference route.
+docs/plans.md) appear live as steps, and so does a real plan run by the planner through
+POST /v1/plans (its second step held back until the first is on the page); so do a
+task's votes and an inference route.
 Without a token, or with a wrong one, `/ui` answers 401 (counted), and the cookie
 opens GETs only. Without chromium the browser tests skip, saying why.
 """
@@ -31,6 +33,9 @@ from peerd.api.server import bind, serve
 from peerd.api.webui import session_value
 from peerd.cli import main as cli_main
 from peerd.node import Node
+from peerd.plans.planning import Plans as RealPlans
+from peerd.plans.service import Tools
+from peerd.plans.thinker import StepText
 from peerd.service import EntryFields, Service
 from protocols.ledger import ModelServed
 from tests.harness import converged, events, gossip, rejections, swarm, wait_for
@@ -356,6 +361,56 @@ async def test_page_reads_plan_records_it_missed(tmp_path: Path) -> None:
     assert status == "failed" and reason == ["failed: budget_steps"] and not note
     assert len(calls) == 1 and "read_file" in calls[0] and "tool_error" in calls[0]
     assert "3 attempts" in calls[0] and "no such file" in calls[0]
+
+
+class GatedThinker:
+    """A scripted plan whose second step waits for the test: the first step's call and
+    result must be on the page while the plan still runs."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.steps = 0
+
+    async def think(self, transcript: Any) -> StepText:
+        self.steps += 1
+        if self.steps == 1:
+            return StepText(json.dumps({"thought": "multiply with the calculator", "calls": [
+                {"tool": "calculator", "arguments": {"expression": "6 * 7"}}]}), 12)
+        await self.release.wait()
+        return StepText(json.dumps({"thought": "the calculator said 42",
+                                    "answer": "6 * 7 = 42"}), 9)
+
+
+@needs_browser
+async def test_a_real_plan_appears_live_step_by_step(tmp_path: Path) -> None:
+    async with swarm(2, tmp_path, connect="star") as (a, b):
+        thinker = GatedThinker()
+        tools = Tools(a, gossip(a), builtins=[("calculator", None)])
+        await a.start(tools, RealPlans(a, tools, tmp_path, thinker=lambda: thinker))
+        await b.start(Tools(b, gossip(b), builtins=[("calculator", None)]))
+        for node in (a, b):
+            gossip(node).refresh()
+        await wait_for(lambda: len(list(tools.offers())) == 2, what="both calculators")
+        async with api(a) as url, browser() as driver:
+            await off_loop(lambda: driver.get(f"{url}/ui?token={TOKEN}"))
+            async with httpx.AsyncClient(base_url=url, timeout=30.0, headers={
+                    "Authorization": f"Bearer {TOKEN}"}) as client:
+                got = await client.post("/v1/plans", json={"goal": "What is 6 * 7?"})
+                assert got.status_code == 200, got.text
+                plan_id = got.json()["id"]
+            plan = f'.plan[data-plan="{plan_id}"]'
+            call = await until(driver, "the first step's call and its result", lambda d: (
+                found := texts(d, f"{plan} .call")) and "42" in found[0] and found)
+            assert "calculator" in call[0]
+            assert await off_loop(lambda: attribute(driver, plan, "data-status")) == "running"
+            assert await off_loop(lambda: texts(driver, f"{plan} .answer")) == []
+            thinker.release.set()
+            answer = await until(driver, "the answer", lambda d: texts(d, f"{plan} .answer"))
+            assert answer == ["answer: 6 * 7 = 42"]
+            assert await until(driver, "the plan answered", lambda d: attribute(
+                d, plan, "data-status") == "answered")
+            assert not await off_loop(lambda: driver.find_element(
+                "id", "plans-note").is_displayed())  # the planner's API answers
 
 
 @needs_browser

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -82,6 +83,8 @@ def machine() -> dict[str, Any]:
 # --- schedule ------------------------------------------------------------------------------
 
 def schedule(args: argparse.Namespace) -> None:
+    # a closed peer still takes dials for a moment: libp2p warns of each with a traceback
+    logging.getLogger("libp2p.network.swarm").setLevel(logging.ERROR)
     n = 12 if args.quick else args.calls
     workload = Workload.draw(n, args.low_s, args.high_s, args.seed)
     console.print(f"{n} calls, {workload.total_s:.1f} s of work in all, longest "

@@ -171,3 +171,63 @@ def test_the_capacity_meter_counts_violations() -> None:
     meter.leave("p2", "work")
     with pytest.raises(AssertionError):
         meter.leave("p2", "work")
+
+
+async def test_the_constrained_arm_hands_each_question_its_grammar(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The arm's wiring against the grammar slice's contract (JsonGrammar.for_schema,
+    GrammarConstraint(grammar, vocab), complete(..., constraint=)), with stand-ins."""
+    pytest.importorskip("bfcl_eval")
+    import types
+    from dataclasses import dataclass
+
+    from bench_plans_bfcl import NOT_AVAILABLE, answer_all, constraint_support, load_questions
+
+    @dataclass
+    class Stats:
+        completion_tokens: int = 7
+        prompt_tokens: int = 100
+
+    @dataclass
+    class Done:
+        text: str
+        stats: Stats
+
+    class Face:
+        tokenizer = "tok"
+
+        def __init__(self) -> None:
+            self.constraints: list[Any] = []
+
+        async def prepare_chat(self, messages: Any, params: Any, speculative: Any) -> Any:
+            assert messages[0]["role"] == "system" and not speculative.enabled
+            return messages
+
+        async def complete(self, request: Any, *, constraint: Any = None) -> Done:
+            self.constraints.append(constraint)
+            return Done('[{"function": "nope", "parameters": {}}]', Stats())
+
+    class OldFace(Face):
+        async def complete(self, request: Any) -> Done:  # type: ignore[override]
+            raise AssertionError
+
+    grammar = types.ModuleType("peerd.plans.grammar")
+    grammar.JsonGrammar = types.SimpleNamespace(  # type: ignore[attr-defined]
+        for_schema=lambda schema: ("grammar", schema["type"]))
+    constrain = types.ModuleType("peerd.plans.constrain")
+    constrain.Vocab = types.SimpleNamespace(  # type: ignore[attr-defined]
+        from_tokenizer=lambda tok: ("vocab", tok))
+    constrain.GrammarConstraint = lambda g, v: (g, v)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "peerd.plans.grammar", grammar)
+    monkeypatch.setitem(sys.modules, "peerd.plans.constrain", constrain)
+    assert isinstance(constraint_support(OldFace()), str)
+    face = Face()
+    maker = constraint_support(face)
+    assert callable(maker)
+    questions = load_questions("simple", 2, seed=3)
+    arm = await answer_all(face, questions, "constrained", 32, maker, progress=lambda s: None)
+    assert face.constraints == [(("grammar", "array"), ("vocab", "tok"))] * 2
+    s = arm.summary()
+    assert (s["n"], s["parsed"], s["correct"], s["mean_tokens"]) == (2, 2, 0, 7)
+    monkeypatch.setitem(sys.modules, "peerd.plans.grammar", None)  # import fails
+    assert constraint_support(face) == NOT_AVAILABLE

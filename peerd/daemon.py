@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import multiaddr
@@ -31,8 +32,10 @@ from peerd.datadir import (
     write_runtime_file,
 )
 from peerd.identity import IdentityError, ensure_data_dir, load_or_create_key, load_or_create_token
+from peerd.inference.face import LanguageModel
 from peerd.inference.model.source import ModelError, resolve
 from peerd.inference.options import SpeculativeOptions
+from peerd.inference.request import TokenConstraint
 from peerd.inference.slot import ModelOptions, ModelSlot, Progress, ShardLimits
 from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
@@ -40,6 +43,7 @@ from peerd.memory.service import Memory
 from peerd.node import Node, open_node
 from peerd.plans.external import McpSettings
 from peerd.plans.mcp_endpoint import McpEndpoint, PlanAnswer, PlanFn
+from peerd.plans.planner import ToolSpecLike
 from peerd.plans.planning import Plans
 from peerd.plans.service import Tools
 from peerd.rl.rollout_service import Rollouts
@@ -134,6 +138,13 @@ def model_options(config: Config) -> ModelOptions | None:
                         prompt_cache=config.prompt_cache)
 
 
+def step_constraint(model: LanguageModel, tools: Sequence[ToolSpecLike]) -> TokenConstraint:
+    """The planner's steps under its tools' grammar (plans/constrain.py, imported when a
+    plan first needs it: it loads torch, which a peer without a model never does)."""
+    from peerd.plans.constrain import step_constraint as build
+    return build(model, tools)
+
+
 def plan_over_mcp(plans: Plans) -> PlanFn:
     """/mcp's `plan` tool: a plan over every live tool, its end awaited."""
     async def plan(goal: str) -> PlanAnswer:
@@ -171,7 +182,7 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
                       capacity=config.mcp_capacity, deadline_s=config.mcp_deadline_s,
                       ready_s=config.mcp_ready_s, max_restarts=config.mcp_restarts))
     # ReAct plans over the swarm's tools, their steps written by our model
-    plans = Plans(node, tools, config.data_dir, model=face)
+    plans = Plans(node, tools, config.data_dir, model=face, make_constraint=step_constraint)
     # the API's `memory` option and the memory_search tool draw on it
     model.recall = symphony.recall = tools.recall = memory
     symphony.scored = training.scored = memory  # and keeps their scored runs as SCECs

@@ -31,7 +31,7 @@ from protocols.tool import MAX_TOOLS, NAME
 if TYPE_CHECKING:
     from peerd.plans.planning import Plans
 
-FIELDS = {"goal", "tools", "budget", "mode"}
+FIELDS = {"goal", "tools", "budget", "mode", "constrained"}
 MAX_BODY_BYTES = 64 * 1024
 KEEPALIVE_S = 15.0
 
@@ -52,8 +52,11 @@ def parse(body: Any, default: Budget) -> PlanSpec:
     mode = body.get("mode", "sync")
     if mode not in MODES:
         raise ApiError(400, f"'mode' must be one of {', '.join(MODES)}", param="mode")
+    constrained = body.get("constrained", True)
+    if not isinstance(constrained, bool):
+        raise ApiError(400, "'constrained' must be true or false", param="constrained")
     return PlanSpec(goal.strip(), None if tools is None else tuple(dict.fromkeys(tools)),
-                    _budget(body.get("budget"), default), mode)
+                    _budget(body.get("budget"), default), mode, constrained)
 
 
 def _budget(raw: Any, default: Budget) -> Budget:

@@ -53,11 +53,15 @@ def plan() -> None:
               show_default=True, help="async: go on with the first results while long "
               "calls run.")
 @click.option("--follow", is_flag=True, help="Show each step live.")
+@click.option("--unconstrained", is_flag=True, help="Let the model write its steps freely "
+              "(no grammar): they may not parse.")
 def run(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
         goal: str, tool_names: str | None, steps: int | None, tokens: int | None,
-        mode: str, follow: bool) -> None:
+        mode: str, follow: bool, unconstrained: bool) -> None:
     c = make_client(data_dir, api, token)
     body: dict[str, Any] = {"goal": goal, "mode": mode}
+    if unconstrained:
+        body["constrained"] = False
     if tool_names:
         body["tools"] = [t.strip() for t in tool_names.split(",") if t.strip()]
     budget = {k: v for k, v in (("steps", steps), ("tokens", tokens)) if v is not None}

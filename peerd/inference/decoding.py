@@ -28,6 +28,7 @@ from peerd.inference.request import (
     Logprobs,
     OnToken,
     Round,
+    TokenConstraint,
     TokenLogprob,
 )
 from peerd.inference.sampling import distribution, make_generator, token_logprobs
@@ -66,22 +67,28 @@ class Decoding:
     the request ends; a failed pass closes the session and the next round replays."""
 
     def __init__(self, generator: Generator, request: GenerationRequest, on_token: OnToken,
-                 *, reuse_prefix: bool = False, logprobs: Logprobs | None = None) -> None:
+                 *, reuse_prefix: bool = False, logprobs: Logprobs | None = None,
+                 constraint: TokenConstraint | None = None) -> None:
         self.generator = generator
         self.request = request
         self.params = request.params
-        self.mode = request.verify
+        # a constraint decodes plain: each token is chosen under the mask of the state
+        # its predecessors left, which a draft would have to be re-verified against
+        self.constraint = constraint
+        self.mode = request.verify if constraint is None else (
+            "greedy" if self.params.temperature == 0.0 else "sample")
         self.on_token = on_token
         self.reuse_prefix = reuse_prefix
         self.logprobs = logprobs
         self.classes = (generator.token_classes() if self.mode == "adaptive"
                         and generator.token_classes else None)
-        self.stats = GenerationStats(prompt_tokens=len(request.prompt_ids),
-                                     draft=request.speculative.draft, verify=self.mode)
+        drafter = request.drafter if constraint is None else None
+        self.stats = GenerationStats(
+            prompt_tokens=len(request.prompt_ids), verify=self.mode,
+            draft=request.speculative.draft if constraint is None else "none")
         self.rng = make_generator(self.params)
         self.gamma = GammaController(fixed=request.speculative.gamma)
         self.budget = TreeBudget()
-        drafter = request.drafter
         self.drafting: DraftSession | None = drafter.start() if drafter is not None else None
         # token trees where the drafter grows them and verification is greedy or adaptive
         self.tree_drafting = self.drafting if (
@@ -272,7 +279,10 @@ class Decoding:
             eos = token in self.generator.eos_ids
             if self.logprobs is not None and not eos:
                 self.logprobs.entries.append(scored[i])
-            if eos or not await self.on_token(token):
+            if self.constraint is not None:
+                self.constraint.advance(token)
+            if eos or not await self.on_token(token) or (
+                    self.constraint is not None and self.constraint.finished):
                 self.stats.finish_reason = "stop"
                 self.finished = True
                 return
@@ -305,7 +315,7 @@ class Decoding:
             if self.mode == "sample":  # a chain: rejection sampling
                 logits = head.logits(hidden[:, pending - 1:, :])[0]  # [γ+1, V]
                 probs = torch.stack([distribution(row, self.params)
-                                     for row in logits])  # [γ+1, V]
+                                     for row in self._masked(logits)])  # [γ+1, V]
                 chain = verify_sample(probs, draft.tokens, draft_probs, self.rng)
                 verdict = TreeVerdict(list(range(chain.accepted)), chain.token)
                 # committed token i was chosen at row i
@@ -316,11 +326,12 @@ class Decoding:
             # lm_head call, which costs about what one row does; other nodes on demand.
             first = pending + draft.first_chain()
             rows = head.logits(hidden[:, pending - 1:first, :])[0]  # [1 + chain, V]
+            choosing = self._masked(rows)  # [1 + chain, V]
             scored: dict[int, torch.Tensor] = {}  # nodes off that chain, once each
 
             def logits_at(node: int) -> torch.Tensor:  # the target's logits after a node [V]
                 if node + 1 < rows.shape[0]:
-                    return rows[node + 1]
+                    return choosing[node + 1]
                 if node not in scored:
                     scored[node] = head.logits(
                         hidden[:, pending + node:pending + node + 1, :])[0, 0]
@@ -330,6 +341,20 @@ class Decoding:
                                   self.classes if self.mode == "adaptive" else None)
             if top is None:
                 return verdict, []
-            # committed token i was chosen after the root (i = 0) or path node i - 1
-            chosen = torch.stack([logits_at(n) for n in (-1, *verdict.path)])  # [k + 1, V]
+            # committed token i was chosen after the root (i = 0) or path node i - 1;
+            # its log-probability is the model's own, before any mask
+            chosen = torch.stack([rows[n + 1] if n + 1 < rows.shape[0] else logits_at(n)
+                                  for n in (-1, *verdict.path)])  # [k + 1, V]
             return verdict, token_logprobs(chosen, verdict.committed(draft), top)
+
+    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [n, V] with the tokens the constraint refuses at -inf (n is 1: a
+        constrained request has no draft); as they are without a constraint."""
+        if self.constraint is None:
+            return logits
+        remaining = self.params.max_tokens - self.stats.completion_tokens
+        mask = self.constraint.allowed_mask(remaining).to(logits.device)  # [V'] bool
+        size = logits.shape[-1]
+        if mask.shape[0] < size:  # the head's rows past the tokenizer's: never allowed
+            mask = torch.cat([mask, mask.new_zeros(size - mask.shape[0])])
+        return logits.masked_fill(~mask[:size], float("-inf"))  # [n, V]

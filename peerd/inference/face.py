@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from peerd.inference.options import SamplingParams, SpeculativeOptions
 from peerd.inference.request import (
@@ -27,6 +27,7 @@ from peerd.inference.request import (
     GenerationStats,
     Logprobs,
     OnToken,
+    TokenConstraint,
     TokenLogprob,
 )
 
@@ -94,6 +95,10 @@ class LanguageModel(Protocol):
     @property
     def default_speculative(self) -> SpeculativeOptions: ...
 
+    @property
+    def tokenizer(self) -> Any:  # the model's (Hugging Face) tokenizer: what a constraint
+        ...  # over tokens is built from
+
     def can_serve(self) -> bool:
         """The swarm covers every layer now (a route exists)."""
         ...
@@ -117,9 +122,12 @@ class LanguageModel(Protocol):
         ...
 
     async def complete(self, request: GenerationRequest, *, on_text: OnText | None = None,
-                       logprobs: int | None = None) -> Completion:
+                       logprobs: int | None = None,
+                       constraint: TokenConstraint | None = None) -> Completion:
         """Decode a prepared request; `logprobs`: that many alternatives per token
-        (None: no log-probabilities). SwarmUnavailable."""
+        (None: no log-probabilities); `constraint`: only the tokens it allows, plain
+        decoding, ending when it is finished (peerd/plans/constrain.py).
+        SwarmUnavailable."""
         ...
 
     async def chat(self, messages: Sequence[Message], params: SamplingParams,
@@ -129,7 +137,8 @@ class LanguageModel(Protocol):
 
     async def generate(self, request: GenerationRequest, on_token: OnToken, *,
                        reuse_prefix: bool = False,
-                       logprobs: Logprobs | None = None) -> GenerationStats:
+                       logprobs: Logprobs | None = None,
+                       constraint: TokenConstraint | None = None) -> GenerationStats:
         """Decode, handing each raw token id to `on_token` (False stops).
         `reuse_prefix`: start from a pooled session holding the longest prefix of the
         prompt (a chain resumed after a pause). SwarmUnavailable."""

@@ -18,7 +18,13 @@ from peerd import compute
 from peerd.inference.decoding import Decoding
 from peerd.inference.model.head import Head
 from peerd.inference.options import SamplingParams, SpeculativeOptions
-from peerd.inference.request import GenerationRequest, GenerationStats, Logprobs, OnToken
+from peerd.inference.request import (
+    GenerationRequest,
+    GenerationStats,
+    Logprobs,
+    OnToken,
+    TokenConstraint,
+)
 from peerd.inference.sampling import token_logprobs
 from peerd.inference.speculative.acceptance import TokenClasses
 from peerd.inference.speculative.catalog import DrafterCatalog
@@ -158,7 +164,8 @@ class Generator:
 
     async def generate(self, request: GenerationRequest, on_token: OnToken, *,
                        reuse_prefix: bool = False,
-                       logprobs: Logprobs | None = None) -> GenerationStats:
+                       logprobs: Logprobs | None = None,
+                       constraint: TokenConstraint | None = None) -> GenerationStats:
         """Decode up to request.params.max_tokens tokens after its prompt (decoding.py),
         handing each to on_token.
 
@@ -172,9 +179,13 @@ class Generator:
 
         logprobs: report each token's log-probability under the target (the logits
         verification saw for its position, whatever the drafter proposed) there,
-        before on_token gets the token."""
+        before on_token gets the token.
+
+        constraint: only the tokens its mask allows are chosen (the mask applies before
+        greedy or sampled choice), the request decodes plain whatever its drafter,
+        and generation ends once the constraint is finished (finish_reason "stop")."""
         return await Decoding(self, request, on_token, reuse_prefix=reuse_prefix,
-                              logprobs=logprobs).run()
+                              logprobs=logprobs, constraint=constraint).run()
 
     async def score(self, prompt_ids: list[int], tokens: list[int]) -> list[float]:
         """log p(tokens[i] | prompt_ids + tokens[:i]) under the target, all of them from

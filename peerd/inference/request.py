@@ -11,16 +11,38 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from peerd.inference.options import MAX_TOP_LOGPROBS, SamplingParams, SpeculativeOptions
 from peerd.inference.swarm.routing import Route
 
 if TYPE_CHECKING:
+    import torch
+
     from peerd.inference.speculative.drafters import Drafter
 
 # Called with each new token id; returns False to stop (a stop string was reached).
 OnToken = Callable[[int], Awaitable[bool]]
+
+
+class TokenConstraint(Protocol):
+    """What a constrained generation may write (peerd/plans/constrain.py builds one from
+    a grammar): the mask applies before sampling; decoding is plain (no draft) and
+    stops once the constraint is finished."""
+
+    def allowed_mask(self, remaining_tokens: int) -> torch.Tensor:
+        """[V] bool: the tokens that may come next, `remaining_tokens` (this one
+        included) being all that may still be generated."""
+        ...
+
+    def advance(self, token_id: int) -> None:
+        """Take the token chosen (one the mask allowed)."""
+        ...
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more may be written: generation ends."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

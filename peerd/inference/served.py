@@ -24,6 +24,7 @@ from peerd.inference.request import (
     GenerationStats,
     Logprobs,
     OnToken,
+    TokenConstraint,
     TokenLogprob,
 )
 from peerd.inference.speculative.drafters import DraftError
@@ -113,7 +114,8 @@ class ServedModel:
             raise Refused("speculative", f"speculative: {exc}") from None
 
     async def complete(self, request: GenerationRequest, *, on_text: OnText | None = None,
-                       logprobs: int | None = None) -> Completion:
+                       logprobs: int | None = None,
+                       constraint: TokenConstraint | None = None) -> Completion:
         """The text is re-decoded as tokens arrive and released once final (text.py);
         `on_text` gets each released piece with the entries of the tokens not yet
         sent. Pooled sessions' prompt prefixes are reused when the peer was started
@@ -135,7 +137,7 @@ class ServedModel:
             return not text.stopped
 
         stats = await self.generate(request, on_token, reuse_prefix=self.generator.prompt_cache,
-                                    logprobs=asked)
+                                    logprobs=asked, constraint=constraint)
         rest = text.flush()
         if (rest or unsent < len(reported)) and on_text is not None:
             await on_text(rest, reported[unsent:])
@@ -147,10 +149,11 @@ class ServedModel:
 
     async def generate(self, request: GenerationRequest, on_token: OnToken, *,
                        reuse_prefix: bool = False,
-                       logprobs: Logprobs | None = None) -> GenerationStats:
+                       logprobs: Logprobs | None = None,
+                       constraint: TokenConstraint | None = None) -> GenerationStats:
         try:
             return await self.generator.generate(request, on_token, reuse_prefix=reuse_prefix,
-                                                 logprobs=logprobs)
+                                                 logprobs=logprobs, constraint=constraint)
         except (NoCoverage, GenerationFailed) as exc:
             raise self._unavailable(exc) from None
 

@@ -70,6 +70,7 @@ class PlanSpec:
     tools: tuple[str, ...] | None = None  # None: every tool in the live ledger
     budget: Budget = field(default_factory=Budget)
     mode: str = SYNC
+    constrained: bool = True  # steps decoded under the tools' grammar (where there is one)
 
 
 class LivePlan:
@@ -137,7 +138,7 @@ class Plans(Service):
 
     # ---- plans ----------------------------------------------------------------------
 
-    def thinker(self) -> Thinker:
+    def thinker(self, constrained: bool = True) -> Thinker:
         """Who writes the steps; CannotPlan(503) when this peer has no model now."""
         if self.make_thinker is not None:
             return self.make_thinker()
@@ -149,13 +150,14 @@ class Plans(Service):
             self.model()
         except ModelUnavailable as exc:
             raise CannotPlan(503, f"no model to plan with: {exc}") from None
-        return ModelThinker(self.model, make_constraint=self.make_constraint)
+        return ModelThinker(self.model, make_constraint=self.make_constraint if constrained
+                            else None)
 
     async def start(self, spec: PlanSpec) -> str:
         """Start a plan; its id. CannotPlan for what can be refused at once."""
         if self._nursery is None or self.store is None:
             raise CannotPlan(503, "the planner is not running yet; try again shortly")
-        thinker = self.thinker()
+        thinker = self.thinker(spec.constrained)
         specs = await self.tools.specs(spec.tools)
         missing = [n for n in spec.tools or () if n not in specs]
         if missing:

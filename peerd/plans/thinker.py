@@ -22,10 +22,11 @@ import trio
 
 from peerd.inference.face import LanguageModel, Message
 from peerd.inference.options import SamplingParams
+from peerd.inference.request import TokenConstraint
 from peerd.plans.planner import ToolSpecLike, Transcript
 from peerd.plans.step import MAX_ANSWER_CHARS, MAX_CALLS, MAX_THOUGHT_CHARS
 
-MakeConstraint = Callable[[Sequence[ToolSpecLike]], object]
+MakeConstraint = Callable[[LanguageModel, Sequence[ToolSpecLike]], TokenConstraint]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +132,10 @@ class ModelThinker:
         params = SamplingParams(max_tokens=max(1, transcript.max_tokens),
                                 temperature=self.temperature)
         request = await model.prepare_chat(messages_of(transcript), params)
-        extra: dict[str, Any] = {}
-        if self.make_constraint is not None:
-            extra["constraint"] = self.make_constraint(transcript.tools)
-        done = await model.complete(request, **extra)
+        constraint = None
+        if self.make_constraint is not None:  # off the loop: a first vocabulary takes ~1 s
+            constraint = await trio.to_thread.run_sync(self.make_constraint, model,
+                                                       transcript.tools)
+        done = await model.complete(request, constraint=constraint)
         return StepText(done.text, done.stats.completion_tokens,
                         constrained=self.make_constraint is not None)

@@ -69,6 +69,7 @@ from protocols.spec import ErrorReply
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_SESSION = "unknown_session"  # the ERROR code of a return stream for no session here
 REPORT_GRACE_S = 0.5  # after a broken stream, how long to wait for a hop's FAILED report
 PROBE_TIMEOUT_S = 2.0
 # A finished request's session stays open this long for the next request on the same
@@ -402,8 +403,12 @@ class Pipeline:
                 raw = await read_frame(stream, SHARD_RETURN.max_control_bytes)
             msg = decode(raw, Opened, Failed)
             s = self.sessions.get(msg.session)
-            if s is None:
-                raise WireError(f"no session {msg.session!r:.40} here")
+            if s is None:  # no offence: a session we closed, or one an OPEN named us for
+                # falsely (the chain ends it on this ERROR: protocols/shard.py)
+                await send_quietly(stream, ErrorReply(UNKNOWN_SESSION, f"no session "
+                                                      f"{msg.session!r:.40} here"),
+                                   SHARD_RETURN.max_control_bytes)
+                return
             if isinstance(msg, Failed):
                 if peer not in s.peers:
                     raise WireError("failure report from a peer outside the route")

@@ -34,6 +34,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from peerd import __version__
 from peerd.config import Config
+from peerd.eager import open_eager
 from peerd.events import EventBus
 from peerd.host import (
     ConnectionNotifee,
@@ -169,6 +170,14 @@ class Node:
             self.nursery.start_soon(handler, theirs)
             return ours
         return await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+
+    async def new_stream_eager(self, peer_id: str, protocol: str) -> Any:
+        """As `new_stream`, without waiting for the protocol's negotiation: the caller's
+        first frame goes with it, and its first read raises eager.NotSpoken if the peer
+        does not serve `protocol` (peerd/eager.py)."""
+        if peer_id == self.peer_id:
+            return await self.new_stream(peer_id, protocol)
+        return await open_eager(self.host, peer_id, protocol)
 
     @property
     def nursery(self) -> trio.Nursery:

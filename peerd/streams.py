@@ -15,6 +15,7 @@ import trio
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 
+from peerd.eager import NotSpoken
 from protocols.codec import Message, decode, encode
 from protocols.errors import PeerError
 from protocols.framing import StreamClosed, read_frame, write_frame
@@ -92,6 +93,10 @@ class BadAnswer(OpenFailed):
     there, or not the answer to this opening (another session)."""
 
 
+class Unsupported(OpenFailed):
+    """The peer does not serve the protocol (an older or newer version of peerd)."""
+
+
 class OpenRefused(OpenFailed):
     """The peer answered with one of the protocol's refusals: `reply`, which says why
     in `code` and `message` (SessionStream.refusals)."""
@@ -111,38 +116,65 @@ async def open_session(dial: Dial, peer_id: str, spec: SessionStream, opening: M
 
     Returns the stream, now the caller's to close, and the `spec.opened` answer when
     `accept(answer)`. Otherwise the stream is closed here and this raises OpenRefused,
-    BadAnswer or Unreachable (all OpenFailed); anything else it raises is our own bug.
+    BadAnswer, Unsupported or Unreachable (all OpenFailed); anything else it raises is
+    our own bug.
     """
-    if not isinstance(opening, spec.opens):
-        raise TypeError(f"{type(opening).__name__} does not open {spec.id}")
     stream: Any = None
     try:
-        try:
-            with trio.fail_after(spec.open_timeout_s):
-                stream = await _dial(dial, peer_id, spec.id)
-                await write_frame(stream, encode(opening), spec.max_control_bytes)
-                raw = await read_frame(stream, spec.max_control_bytes)
-            answer = decode(raw, spec.opened, *spec.refusals)
-        except trio.TooSlowError:
-            raise Unreachable(peer_id, f"{peer_id} did not answer within "
-                              f"{spec.open_timeout_s} s") from None
-        except StreamClosed:
-            raise Unreachable(peer_id, f"{peer_id} closed the stream without an answer"
-                              ) from None
-        except STREAM_FAILURES as exc:
-            raise Unreachable(peer_id, f"{peer_id} broke the stream: {exc!r:.200}") from None
-        except PeerError as exc:
-            raise BadAnswer(peer_id, f"{peer_id} answered outside {spec.id}: {exc}") from None
-        if isinstance(answer, spec.refusals):
-            raise OpenRefused(peer_id, answer)
-        if not accept(answer):
-            raise BadAnswer(peer_id, f"{peer_id} answered another opening: {answer!r:.200}")
-    except BaseException:
+        with trio.fail_after(spec.open_timeout_s):
+            stream = await send_opening(dial, peer_id, spec, opening)
+            answer = await read_answer(stream, peer_id, spec, accept)
+    except trio.TooSlowError:
         if stream is not None:
             with trio.CancelScope(shield=True):  # close_stream is bounded (about 1 s)
                 await close_stream(stream)
+        raise Unreachable(peer_id, f"{peer_id} did not answer within "
+                          f"{spec.open_timeout_s} s") from None
+    except BaseException:
+        if stream is not None:
+            with trio.CancelScope(shield=True):
+                await close_stream(stream)
         raise
     return stream, answer
+
+
+async def send_opening(dial: Dial, peer_id: str, spec: SessionStream, opening: Message) -> Any:
+    """Dial `peer_id` for `spec` and write `opening`; the stream, its answer unread (the
+    caller may write on before it comes: a pipelined opening). Unreachable if the dial
+    or the write fails; the caller closes the stream."""
+    if not isinstance(opening, spec.opens):
+        raise TypeError(f"{type(opening).__name__} does not open {spec.id}")
+    stream = await _dial(dial, peer_id, spec.id)
+    try:
+        await write_frame(stream, encode(opening), spec.max_control_bytes)
+    except STREAM_FAILURES as exc:
+        with trio.CancelScope(shield=True):
+            await close_stream(stream)
+        raise Unreachable(peer_id, f"{peer_id} broke the stream: {exc!r:.200}") from None
+    return stream
+
+
+async def read_answer(stream: Any, peer_id: str, spec: SessionStream,
+                      accept: Callable[[Any], bool] = lambda answer: True) -> Message:
+    """The listener's answer to an opening: `spec.opened` when `accept(answer)`, else
+    OpenRefused, BadAnswer, Unsupported or Unreachable. The stream stays open (the
+    caller's to close); the caller sets the deadline."""
+    try:
+        raw = await read_frame(stream, spec.max_control_bytes)
+        answer = decode(raw, spec.opened, *spec.refusals)
+    except NotSpoken as exc:
+        raise Unsupported(peer_id, str(exc)) from None
+    except StreamClosed:
+        raise Unreachable(peer_id, f"{peer_id} closed the stream without an answer") from None
+    except STREAM_FAILURES as exc:
+        raise Unreachable(peer_id, f"{peer_id} broke the stream: {exc!r:.200}") from None
+    except PeerError as exc:
+        raise BadAnswer(peer_id, f"{peer_id} answered outside {spec.id}: {exc}") from None
+    if isinstance(answer, spec.refusals):
+        raise OpenRefused(peer_id, answer)
+    if not accept(answer):
+        raise BadAnswer(peer_id, f"{peer_id} answered another opening: {answer!r:.200}")
+    return answer
 
 
 async def _dial(dial: Dial, peer_id: str, protocol: str) -> Any:

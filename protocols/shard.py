@@ -1,11 +1,27 @@
-"""The shard pipeline on the wire: `/peerd/shard/1.0.0` and `/peerd/shard-return/1.0.0`,
+"""The shard pipeline on the wire: `/peerd/shard/2.0.0` and `/peerd/shard-return/2.0.0`,
 declared below as `SHARD` and `SHARD_RETURN` (messages, size caps, deadlines).
 
 A session is a chain of persistent streams: the entry peer (which holds the
 embeddings and lm_head) opens a stream to the first shard with OPEN; every shard
 opens the next hop's stream itself (the route travels in OPEN); the last shard
-returns hidden states straight to the entry peer over `/peerd/shard-return/1.0.0`.
+returns hidden states straight to the entry peer over `/peerd/shard-return/2.0.0`.
 That is N+1 hops per step, not the 2N of a star.
+
+Opening costs no round trip of its own (2.0.0; 1.0.0 waited for each answer): the
+dialer writes OPEN and goes on at once with its FORWARDs on the same stream, so a
+cold session's OPEN travels with its first FORWARD, and each hop opens its next
+hop's stream (or the return stream) as soon as it has admitted the session, while
+it computes. Answers come back beside the traffic, never waited for: a hop answers
+OPENED once it admitted the session, or a refusal (FAILED, naming the hop at fault;
+ERROR: the OPEN broke the rules) and closes; a refusal its next hop sends it, it
+relays upstream as a FAILED (an ERROR from the next hop is this hop's own fault) and
+ends the session, so every refusal reaches the entry peer over the chain and names
+the hop that refused. The return stream opens with OPENED, and RESULTs follow it
+without waiting for the entry's OPENED in answer; an entry that does not know the
+session answers ERROR, and the chain's session ends as on a refusal (no session is
+held on an entry's account that it did not open). A 1.0.0 peer that dials a 2.0.0
+one gets an ERROR of code VERSION; a 2.0.0 peer that dials a 1.0.0 one is answered
+"na" by multistream-select and reports a FAILED of code VERSION.
 
 FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H]
 and `keep`: the KV length every shard truncates its cache to before appending.
@@ -53,6 +69,9 @@ REVOKED = "revoked"  # a tagged session ended: the hop had to move to a newer ve
 OTHER_RUN = "other_run"  # this hop's weights follow another run
 FOLLOWING = "following"  # an untagged session: this hop's weights are an RL run's
 UNVERSIONED = "unversioned"  # a tagged session: this hop does not follow runs' versions
+VERSION = "version"  # a peer that speaks another version of these protocols
+# what peers before 2.0.0 dial: answered with an ERROR of code VERSION
+RETIRED_IDS = ("/peerd/shard/1.0.0", "/peerd/shard-return/1.0.0")
 # in LedgerEntry.features of a peer that now takes tagged sessions only: plain
 # inference routes around it
 FEATURE_TAGGED_ONLY = "shard.tagged_only"
@@ -180,29 +199,32 @@ class Close(Message):
 
 
 SHARD = SessionStream(
-    id="/peerd/shard/1.0.0",
+    id="/peerd/shard/2.0.0",
     opens=(Open,),
-    opened=Opened,
+    opened=Opened,  # this hop admitted the session (the hops after it may yet refuse)
     # FAILED: this hop or one further down cannot hold the session (capacity, an
-    # unreachable next hop); ERROR: the OPEN itself broke the rules
+    # unreachable next hop, versions); ERROR: the OPEN itself broke the rules
     refusals=(Failed, ErrorReply),
+    # FORWARDs follow OPEN without waiting for its answer
     dialer_sends=(Forward, Close),
-    # a FORWARD refused mid-session; results travel back over SHARD_RETURN
-    listener_sends=(ErrorReply,),
+    # a FORWARD refused mid-session; a refusal relayed from further down (FAILED).
+    # Results travel back over SHARD_RETURN
+    listener_sends=(ErrorReply, Failed),
     max_control_bytes=64 * 1024,
     # One FORWARD frame: SmolLM2 hidden 576 x float32 x 2048 positions is 4.5 MiB; a
     # 4096-wide model prefilling 2048 positions in float16 is 16 MiB. Anything larger is
     # refused before it is read.
     max_data_bytes=32 * 2**20,
-    # the OPEN's answer waits for every hop after this one to open, and for the
+    # the OPEN's answer, and, when the opener waits for it (Pipeline.open), the chain's
     # return stream
     open_timeout_s=30.0,
     step_timeout_s=60.0,
 )
 
 SHARD_RETURN = SessionStream(
-    id="/peerd/shard-return/1.0.0",
-    # OPENED: the last hop's return stream for the session, answered with OPENED;
+    id="/peerd/shard-return/2.0.0",
+    # OPENED: the last hop's return stream for the session, answered with OPENED (or
+    # ERROR: no such session here), RESULTs following without waiting for the answer;
     # FAILED: any hop's report that the session broke (a one-way notice, no answer)
     opens=(Opened, Failed),
     opened=Opened,

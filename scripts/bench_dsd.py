@@ -227,7 +227,7 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
         "pipeline_ms_per_round": round(sum(r.peerd["pipeline_ms"] for r in res) / rounds, 3)
         if rounds else 0.0,
         "network_ms_per_token": round(net_ms, 3),
-        # without opening the pipeline session (about 20 one-way link latencies per request)
+        # without the request's set-up (routing, a pipeline session opened or taken)
         "decode_tokens_per_s": round(decode_tps(res), 3),
         "setup_ms_per_request": round(statistics.mean(
             r.peerd["wall_ms"] - r.peerd["pipeline_ms"] - r.peerd["head_ms"]

@@ -304,7 +304,7 @@ class FakeNode:
     peer_id = SELF
 
     def __init__(self, dial: Callable[[str, str], Awaitable[Any]]) -> None:
-        self.new_stream = dial
+        self.new_stream = self.new_stream_eager = dial
 
 
 @pytest.mark.parametrize(("listener", "code", "words"), [

@@ -262,7 +262,8 @@ class Generator:
                 return pooled, False
             try:
                 length = min(pooled_length(max_length), self.max_session_length)
-                session = await self.pipeline.open(route, length, self.wire_dtype)
+                # its OPEN goes with the first FORWARD: a refusal fails that step
+                session = await self.pipeline.start(route, length, self.wire_dtype)
             except PipelineFailure as failure:
                 self.blame(failure, attempt)
                 continue

@@ -1,14 +1,20 @@
 """The entry peer's side of a pipeline session.
 
-`Pipeline.open(route)` sends OPEN to the first hop; the hops chain the session on
-among themselves and the last hop dials back here on `/peerd/shard-return/1.0.0`.
-`PipelineSession.step(hidden, start_pos, keep)` writes one FORWARD to the first hop
-and reads one RESULT from the last: N+1 hops per step.
+`Pipeline.start(route)` sends OPEN to the first hop and returns at once: the first
+`step` follows it on the same stream, the hops chain the session on among themselves
+as they forward it, and the last hop dials back here on `/peerd/shard-return/2.0.0`
+with the first RESULT, so a cold session costs one pass through the chain
+(protocols/shard.py). `Pipeline.open(route)` waits instead until every hop has
+admitted the session and the return stream is in (one pass too), for a caller that
+wants a refusal before it computes anything. `PipelineSession.step(hidden,
+start_pos, keep)` writes one FORWARD to the first hop and reads one RESULT from the
+last: N+1 hops per step.
 
 When a step fails, the session finds out who is at fault, in this order: a FAILED
-report from a hop ("I could not reach my next hop"), a route peer we are no longer
-connected to, a route peer that does not answer a ping. `PipelineFailure.culprit`
-names it (or None) so generation can ban it, re-route and replay.
+report from a hop ("I could not reach my next hop"), or a refusal of the session
+relayed up the chain, naming the hop that refused; an ERROR from the first hop; a
+route peer we are no longer connected to, a route peer that does not answer a ping.
+`PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
 """
 
 from __future__ import annotations
@@ -27,22 +33,28 @@ from libp2p.peer.id import ID
 from peerd.host import ping_once
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
+from peerd.inference.swarm.server import retired
 from peerd.node import Node
 from peerd.streams import (
+    STREAM_FAILURES,
     STREAM_FAILURES_OR_TIMEOUT,
     OpenFailed,
     OpenRefused,
+    Unsupported,
     close_stream,
-    open_session,
+    read_answer,
     remote_peer,
+    send_opening,
     send_quietly,
 )
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import read_frame, write_frame
 from protocols.shard import (
+    RETIRED_IDS,
     SHARD,
     SHARD_RETURN,
+    VERSION,
     Close,
     Failed,
     Forward,
@@ -57,11 +69,12 @@ from protocols.spec import ErrorReply
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_SESSION = "unknown_session"  # the ERROR code of a return stream for no session here
 REPORT_GRACE_S = 0.5  # after a broken stream, how long to wait for a hop's FAILED report
 PROBE_TIMEOUT_S = 2.0
 # A finished request's session stays open this long for the next request on the same
-# route: opening one costs ~20 one-way link latencies (a stream negotiated per hop,
-# the return stream, acks), 1 s at 50 ms per link. The next request's first FORWARD
+# route: opening one costs no round trip of its own, but the hops' KV caches of the
+# last request can be reused (a shared prefix). The next request's first FORWARD
 # truncates the caches with keep=0, or (a request that asks to reuse a prefix) with
 # keep = the tokens it shares with what they hold.
 POOL_IDLE_S = 30.0
@@ -116,6 +129,10 @@ class PipelineSession:
     return_stream: Any = None
     failed: trio.Event = field(default_factory=trio.Event)
     reports: list[Failed] = field(default_factory=list)
+    admitted: trio.Event = field(default_factory=trio.Event)  # the first hop's OPENED
+    refusal: PipelineFailure | None = None  # an ERROR from the first hop, as a failure
+    watching: bool = False  # a task reads `first` (Pipeline.start): nothing else may
+    watch: trio.CancelScope = field(default_factory=trio.CancelScope)  # that task's
     done: trio.Event = field(default_factory=trio.Event)
     step_no: int = 0
     max_length: int = 0
@@ -148,6 +165,7 @@ class PipelineSession:
             nonlocal result, error
             try:
                 await write_frame(self.first, encode(msg), SHARD.max_data_bytes)
+                await self.returned.wait()  # (a cold session's comes with its first RESULT)
                 while result is None:
                     raw = await read_frame(self.return_stream, SHARD_RETURN.max_data_bytes)
                     reply = decode(raw, Result)
@@ -184,7 +202,9 @@ class PipelineSession:
         if self.reports:
             r = self.reports[0]
             return PipelineFailure(r.peer_id, r.code, f"{r.message} ({detail})")
-        refusal = await self._first_hop_refusal()
+        if self.refusal is not None:
+            return self.refusal
+        refusal = None if self.watching else await self._first_hop_refusal()
         if refusal is not None:  # the first hop refused what we sent: our own bug
             return PipelineFailure(None, refusal.code, f"{self.route[0].peer_id} refused the "
                                    f"step: {refusal.message}")
@@ -206,6 +226,7 @@ class PipelineSession:
         return None
 
     async def close(self) -> None:
+        self.watch.cancel()
         if self.first is not None and not self.done.is_set():
             await send_quietly(self.first, Close(self.id), SHARD.max_control_bytes)
         self.done.set()
@@ -225,6 +246,7 @@ class Pipeline:
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD_RETURN.id, self._handle_return)
+        self.node.set_stream_handler(RETIRED_IDS[1], retired)
         self.node.nursery.start_soon(self._sweep_pool)
 
     # ---- the pool of idle sessions ---------------------------------------------------
@@ -271,11 +293,47 @@ class Pipeline:
                 if not idle:
                     self.pool.pop(route, None)
 
+    async def start(self, route: Route, max_length: int, dtype: str = "float32",
+                    policy: PolicyTag | None = None) -> PipelineSession:
+        """A session on `route`, its OPEN sent and nothing waited for: the first `step`
+        carries it through the chain. A refusal (or the first hop's answer that it does
+        not speak this version) fails that step, naming the hop at fault. Only the
+        first hop's dial can fail here."""
+        s = await self._send_open(route, max_length, dtype, policy)
+        s.watching = True
+        self.node.nursery.start_soon(self._watch, s, False)
+        return s
+
     async def open(self, route: Route, max_length: int, dtype: str = "float32",
                    policy: PolicyTag | None = None) -> PipelineSession:
-        """A session on `route`; with `policy`, every hop holds that RL policy version
-        until it closes, or the OPEN fails (protocols/shard.py). Never pool a tagged
-        session: a plain request must not be given it."""
+        """A session on `route`, once every hop has admitted it and the last hop's return
+        stream is in; with `policy`, every hop holds that RL policy version until it
+        closes, or the OPEN fails (protocols/shard.py). Never pool a tagged session: a
+        plain request must not be given it."""
+        s = await self._send_open(route, max_length, dtype, policy)
+        try:
+            # one deadline for the whole chain: the first hop's answer, the refusals the
+            # chain relays, the last hop's return stream
+            with trio.fail_after(SHARD.open_timeout_s):
+                await self._watch(s, True)
+        except trio.TooSlowError:
+            await s.close()
+            raise PipelineFailure(None, "timeout", f"opening the session took over "
+                                  f"{SHARD.open_timeout_s} s") from None
+        except BaseException:
+            await s.close()
+            raise
+        failure = s.refusal or (PipelineFailure(s.reports[0].peer_id, s.reports[0].code,
+                                                s.reports[0].message) if s.reports else None)
+        if failure is not None or not s.returned.is_set():
+            await s.close()
+            raise failure or PipelineFailure(s.route[0].peer_id, "unreachable",
+                                             f"{s.route[0].peer_id} ended the session")
+        return s
+
+    async def _send_open(self, route: Route, max_length: int, dtype: str,
+                         policy: PolicyTag | None) -> PipelineSession:
+        """A new session, registered here, its OPEN written to the first hop."""
         hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
         s = PipelineSession(self, secrets.token_hex(16), hops, dtype, max_length=max_length)
         self.sessions[s.id] = s
@@ -284,29 +342,58 @@ class Pipeline:
                        entry_peer=self.node.peer_id, max_length=max_length, dtype=dtype,
                        policy=policy)
         try:
-            # one deadline for the whole chain: the first hop's answer and the last
-            # hop's return stream (open_session's own, for the answer, is no sooner)
             with trio.fail_after(SHARD.open_timeout_s):
-                try:
-                    s.first, _ = await open_session(self.node.new_stream, first, SHARD,
-                                                    request, accept=lambda a: a.session == s.id)
-                except OpenRefused as exc:
-                    if isinstance(exc.reply, Failed):  # names the hop that could not open
-                        raise PipelineFailure(exc.reply.peer_id, exc.code, exc.message
-                                              ) from None
-                    raise PipelineFailure(first, exc.code, f"{first} refused: {exc.message}"
-                                          ) from None
-                except OpenFailed as exc:
-                    raise PipelineFailure(first, "unreachable", str(exc)) from None
-                await s.returned.wait()
-        except trio.TooSlowError:
+                s.first = await send_opening(self.node.new_stream_eager, first, SHARD, request)
+        except (OpenFailed, trio.TooSlowError) as exc:
             await s.close()
-            raise PipelineFailure(None, "timeout", f"opening the session took over "
-                                  f"{SHARD.open_timeout_s} s") from None
+            raise PipelineFailure(first, "unreachable", str(exc) or "dial timed out") from None
         except BaseException:
             await s.close()
             raise
         return s
+
+    async def _watch(self, s: PipelineSession, until_returned: bool) -> None:
+        """Read what the first hop sends on the session's stream: its OPENED, then only
+        refusals (its own ERROR for a FORWARD, or a FAILED relayed up the chain) until
+        it ends. With `until_returned`, stop once the chain is open (OPENED in, the
+        return stream in: no refusal can follow), leaving the stream to the caller."""
+        with s.watch:
+            async with trio.open_nursery() as nursery:
+                if until_returned:
+                    nursery.start_soon(_when_open, s, nursery.cancel_scope)
+                await self._read_first(s)
+                nursery.cancel_scope.cancel()
+
+    async def _read_first(self, s: PipelineSession) -> None:
+        first = s.route[0].peer_id
+        try:
+            await read_answer(s.first, first, SHARD, accept=lambda a: a.session == s.id)
+            s.admitted.set()
+            msg = decode(await read_frame(s.first, SHARD.max_control_bytes), Failed, ErrorReply)
+            if isinstance(msg, ErrorReply):
+                # its last word on a FORWARD (our bug, or its own failure, which it
+                # reports too): the step fails as the chain ends, and is diagnosed then
+                s.refusal = PipelineFailure(None, msg.code, f"{first} refused the step: "
+                                            f"{msg.message}")
+                return
+            s.reports.append(msg)  # a refusal relayed from further down
+        except OpenRefused as exc:
+            if isinstance(exc.reply, Failed):  # names the hop that could not open
+                s.reports.append(exc.reply)
+            else:
+                s.refusal = PipelineFailure(first, exc.code, f"{first} refused: {exc.message}")
+        except Unsupported as exc:
+            s.refusal = PipelineFailure(first, VERSION, str(exc))
+        except OpenFailed as exc:
+            s.refusal = PipelineFailure(first, "unreachable", str(exc))
+        except STREAM_FAILURES:  # the first hop ended the session: a step finds out why
+            return
+        except PeerError as exc:
+            s.refusal = PipelineFailure(first, exc.reason, f"{first} sent what {SHARD.id} "
+                                        f"does not allow: {exc}")
+        except Exception:  # our bug: the session fails, the node goes on
+            log.exception("session %s: reading the first hop's stream failed", s.id)
+        s.failed.set()
 
     async def _handle_return(self, stream: Any) -> None:
         """The last hop's return stream (kept for the session), or a hop's report."""
@@ -316,8 +403,12 @@ class Pipeline:
                 raw = await read_frame(stream, SHARD_RETURN.max_control_bytes)
             msg = decode(raw, Opened, Failed)
             s = self.sessions.get(msg.session)
-            if s is None:
-                raise WireError(f"no session {msg.session!r:.40} here")
+            if s is None:  # no offence: a session we closed, or one an OPEN named us for
+                # falsely (the chain ends it on this ERROR: protocols/shard.py)
+                await send_quietly(stream, ErrorReply(UNKNOWN_SESSION, f"no session "
+                                                      f"{msg.session!r:.40} here"),
+                                   SHARD_RETURN.max_control_bytes)
+                return
             if isinstance(msg, Failed):
                 if peer not in s.peers:
                     raise WireError("failure report from a peer outside the route")
@@ -340,6 +431,12 @@ class Pipeline:
             log.exception("return stream from %s failed", peer)
         finally:
             await close_stream(stream)
+
+
+async def _when_open(s: PipelineSession, cancel: trio.CancelScope) -> None:
+    await s.admitted.wait()
+    await s.returned.wait()
+    cancel.cancel()
 
 
 async def node_reachable(node: Node, peer_id: str) -> bool:

@@ -1,10 +1,15 @@
 """The shard server: runs this peer's decoder layers for pipeline sessions.
 
-A session arrives as a stream on `/peerd/shard/1.0.0` that opens with OPEN and then
+A session arrives as a stream on `/peerd/shard/2.0.0` that opens with OPEN and then
 carries FORWARDs until CLOSE or EOF. For each session this peer opens the next hop's
 stream itself (the route is in OPEN), or, as the last hop, a return stream to the
 entry peer; every FORWARD it computes goes on down the chain, so a step costs N+1
 hops. A session's KV cache lives here until CLOSE, EOF, idle ttl or a refusal.
+
+Nothing waits for an answer (protocols/shard.py): once this peer has admitted a
+session it answers OPENED and opens the next stream beside the first FORWARD's
+compute (`_chain`); the next hop's answer is read when it comes, and a refusal from
+it, or from further down, is relayed upstream and ends the session here.
 
 Whatever an upstream peer sends that breaks the rules (a FORWARD for another
 session, a wrong shape or dtype, positions out of range, an oversized frame, a
@@ -48,9 +53,11 @@ from peerd.streams import (
     STREAM_FAILURES_OR_TIMEOUT,
     OpenFailed,
     OpenRefused,
+    Unsupported,
     close_stream,
-    open_session,
+    read_answer,
     remote_peer,
+    send_opening,
     send_quietly,
 )
 from peerd.turns import Turns
@@ -59,10 +66,12 @@ from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
 from protocols.shard import (
     DTYPES,
+    RETIRED_IDS,
     REVOKED,
     SHARD,
     SHARD_RETURN,
     UNVERSIONED,
+    VERSION,
     Close,
     Failed,
     Forward,
@@ -74,7 +83,7 @@ from protocols.shard import (
     check_route,
     tree_depths,
 )
-from protocols.spec import ErrorReply
+from protocols.spec import ErrorReply, SessionStream
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +91,9 @@ MAX_SHOWN_PEERS = 16  # in status: the peers that took the most compute
 # A FAILED report to the entry is best effort, and short: the entry waits for one only
 # a moment after a broken step (pipeline.REPORT_GRACE_S) before it diagnoses alone.
 REPORT_TIMEOUT_S = 5.0
+# After a failed write downstream: how long to wait for the next hop's answer, which may
+# be a refusal on its way (relayed upstream: then the write's failure is no news).
+ANSWER_GRACE_S = 0.5
 
 
 class Block(Protocol):
@@ -129,6 +141,10 @@ class _Session:
     cache: Any
     kv_per_position: int
     downstream: Any = None  # stream to the next hop, or the return stream to the entry
+    connected: trio.Event = field(default_factory=trio.Event)  # downstream is set
+    answered: trio.Event = field(default_factory=trio.Event)  # its answer is in (or failed)
+    refused: bool = False  # a refusal came from downstream (relayed upstream)
+    watch: trio.CancelScope = field(default_factory=trio.CancelScope)  # the _chain task's
     is_last: bool = False
     step: int = -1
     opened_at: float = field(default_factory=time.monotonic)
@@ -142,8 +158,9 @@ class _Session:
 
     @property
     def holder(self) -> str:
-        """Whom it is charged to: the entry peer, which confirmed the session by
-        answering the last hop's return handshake."""
+        """Whom it is charged to: the entry peer named in OPEN. An entry that did not
+        open the session refuses the last hop's return stream, and the refusal ends the
+        session along the whole chain."""
         return self.open.entry_peer
 
     @property
@@ -171,7 +188,12 @@ class ShardServer:
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD.id, self._handle)
+        self.node.set_stream_handler(RETIRED_IDS[0], self._retired)
         self.node.metrics.registry.register(_TurnsCollector(self.compute))
+
+    async def _retired(self, stream: Any) -> None:
+        """A peer before 2.0.0 opening a session: say why not, clearly."""
+        await retired(stream)
 
     # ---- one session's stream ------------------------------------------------------
 
@@ -184,9 +206,10 @@ class ShardServer:
                 raw = await read_frame(stream, SHARD.max_control_bytes)
                 request = decode(raw, Open)
                 session = await self._open(request)
-            with session.scope:  # cancelled when the session is evicted
+            with session.scope:  # cancelled when the session is evicted or refused
                 await write_frame(stream, encode(Opened(session=session.id)),
                                   SHARD.max_control_bytes)
+                self.node.nursery.start_soon(self._chain, session, stream)
                 await self._serve(session, stream, upstream)
         except StreamClosed:
             pass
@@ -249,11 +272,6 @@ class ShardServer:
             raise Refused("overloaded", f"{self.node.peer_id} is saturated: {exc}") from None
         self.sessions[session.id] = session
         self._publish_lent()
-        try:
-            session.downstream = await self._connect_downstream(req)
-        except BaseException:
-            await self._drop(session)
-            raise
         self.node.events.publish("shard.session.opened", session=session.id,
                                  entry=req.entry_peer, layers=list(span))
         return session
@@ -274,29 +292,101 @@ class ShardServer:
         self.node.nursery.start_soon(self._report, s, s.step, self.node.peer_id, REVOKED,
                                      f"{self.node.peer_id} moves to a new policy version")
 
-    async def _connect_downstream(self, req: Open) -> Any:
-        """Open the next hop's stream (forwarding OPEN), or the return stream. Whatever
-        goes wrong is a Refused that this peer reports upstream as its own FAILED."""
-        opening: Open | Opened
+    async def _chain(self, s: _Session, upstream: Any) -> None:
+        """Open the session's next stream (`_connect_downstream`) and watch it for as long
+        as the session lives: a refusal from the next hop, now or later (relayed from
+        further down), goes upstream as this peer's FAILED and ends the session here.
+        Runs beside `_serve`, which waits for `s.connected` before its first write down."""
+        with s.watch:
+            try:
+                target, spec, _ = self._next_stream(s.open)
+                await self._connect_downstream(s.open, lambda stream: self._connected(s, stream))
+                s.answered.set()
+                await self._watch_downstream(s, target, spec)
+            except Refused as exc:
+                s.refused = True
+                s.answered.set()
+                refusal = Failed(session=s.id, step=-1, peer_id=exc.culprit or self.node.peer_id,
+                                 code=exc.code, message=str(exc)[:1000])
+                await send_quietly(upstream, refusal, SHARD.max_control_bytes)
+                s.scope.cancel()
+            except Exception:  # our bug: end the session, keep serving
+                log.exception("session %s: its next stream failed", s.id)
+                s.answered.set()
+                s.scope.cancel()
+
+    @staticmethod
+    def _connected(s: _Session, stream: Any) -> None:
+        s.downstream = stream
+        s.connected.set()
+
+    def _next_stream(self, req: Open) -> tuple[str, SessionStream, Open | Opened]:
+        """Whom this hop dials for the session, on which protocol, with what opening."""
         if req.hop == len(req.route) - 1:
-            target, spec, opening = req.entry_peer, SHARD_RETURN, Opened(req.session)
-        else:
-            target, spec = req.route[req.hop + 1].peer_id, SHARD
-            opening = Open(session=req.session, model_id=req.model_id, route=req.route,
-                           hop=req.hop + 1, entry_peer=req.entry_peer,
-                           max_length=req.max_length, dtype=req.dtype, policy=req.policy)
+            return req.entry_peer, SHARD_RETURN, Opened(req.session)
+        opening = Open(session=req.session, model_id=req.model_id, route=req.route,
+                       hop=req.hop + 1, entry_peer=req.entry_peer, max_length=req.max_length,
+                       dtype=req.dtype, policy=req.policy)
+        return req.route[req.hop + 1].peer_id, SHARD, opening
+
+    async def _connect_downstream(self, req: Open,
+                                  connected: Callable[[Any], None] | None = None) -> Any:
+        """Open the next hop's stream (forwarding OPEN), or the return stream, and read
+        its answer. With `connected`, the stream is handed over as soon as the opening
+        is written (the caller sends on before the answer; it closes the stream);
+        without, it is closed here on failure. Whatever goes wrong is a Refused that
+        this peer reports upstream as its own FAILED."""
+        target, spec, opening = self._next_stream(req)
+        stream: Any = None
         try:
-            stream, _ = await open_session(self.node.new_stream, target, spec, opening,
-                                           accept=lambda a: a.session == req.session)
-        except OpenRefused as exc:
-            if isinstance(exc.reply, Failed):  # a refusal further down: pass it on
-                raise Refused(exc.code, exc.message, exc.reply.peer_id) from None
-            raise Refused("unreachable", f"{target} refused the session: {exc.message}"
-                          ) from None
-        except OpenFailed as exc:
-            raise Refused("unreachable", f"{self.node.peer_id} could not open the session "
-                          f"on {target}: {exc}") from None
+            with trio.fail_after(spec.open_timeout_s):
+                stream = await send_opening(self.node.new_stream_eager, target, spec, opening)
+                if connected is not None:
+                    connected(stream)
+                await read_answer(stream, target, spec, accept=lambda a: a.session == req.session)
+        except BaseException as exc:
+            if connected is None and stream is not None:
+                with trio.CancelScope(shield=True):
+                    await close_stream(stream)
+            refusal = self._refusal(target, spec, exc)
+            if refusal is None:
+                raise
+            raise refusal from None
         return stream
+
+    def _refusal(self, target: str, spec: SessionStream, exc: BaseException) -> Refused | None:
+        """What this hop reports upstream when its next stream did not open (None: not a
+        failure of the opening; our own bug, or a cancellation)."""
+        if isinstance(exc, OpenRefused):
+            if isinstance(exc.reply, Failed):  # a refusal further down: pass it on
+                return Refused(exc.code, exc.message, exc.reply.peer_id)
+            return Refused("unreachable", f"{target} refused the session: {exc.message}")
+        why = f"{self.node.peer_id} could not open the session on {target}"
+        if isinstance(exc, Unsupported):  # its peerd speaks another version: its fault
+            return Refused(VERSION, f"{why}: {exc}", target)
+        if isinstance(exc, OpenFailed):
+            return Refused("unreachable", f"{why}: {exc}")
+        if isinstance(exc, trio.TooSlowError):
+            return Refused("unreachable", f"{why}: no answer within {spec.open_timeout_s} s")
+        return None
+
+    async def _watch_downstream(self, s: _Session, target: str, spec: SessionStream) -> None:
+        """After its answer, the next stream carries only refusals relayed from further
+        down (FAILED), and its end. An ERROR there is the next hop's last word on a
+        FORWARD, and its end is no news either: the hop that ended the session has told
+        the entry, or this hop's next write finds out (as before 2.0.0)."""
+        while True:
+            try:
+                raw = await read_frame(s.downstream, spec.max_control_bytes)
+                msg = decode(raw, Failed, ErrorReply)
+            except STREAM_FAILURES:
+                return
+            except PeerError as exc:
+                raise Refused("unreachable", f"{target} sent what {spec.id} does not allow "
+                              f"there: {exc}") from None
+            if isinstance(msg, ErrorReply):
+                return
+            raise Refused(msg.code, msg.message, msg.peer_id)
 
     async def _serve(self, s: _Session, stream: Any, upstream: str) -> None:
         while True:
@@ -347,8 +437,13 @@ class ShardServer:
             downstream = SHARD_RETURN if s.is_last else SHARD
             try:
                 with trio.fail_after(downstream.step_timeout_s):
+                    await s.connected.wait()  # (a failed connection ends the session)
                     await write_frame(s.downstream, encode(reply), downstream.max_data_bytes)
             except STREAM_FAILURES_OR_TIMEOUT as exc:
+                with trio.move_on_after(ANSWER_GRACE_S):  # a refusal on its way ends it
+                    await s.answered.wait()
+                if s.refused:
+                    return
                 nxt = s.open.entry_peer if s.is_last else s.open.route[s.open.hop + 1].peer_id
                 log.info("session %s: cannot reach %s (%r)", s.id, nxt, exc)
                 if not s.is_last:  # (if the entry itself is gone there is nobody to tell)
@@ -427,7 +522,7 @@ class ShardServer:
         report = Failed(session=s.id, step=step, peer_id=culprit, code=code, message=message)
         try:
             with trio.fail_after(REPORT_TIMEOUT_S):
-                stream = await self.node.new_stream(s.open.entry_peer, SHARD_RETURN.id)
+                stream = await self.node.new_stream_eager(s.open.entry_peer, SHARD_RETURN.id)
                 try:
                     await write_frame(stream, encode(report), SHARD_RETURN.max_control_bytes)
                 finally:
@@ -482,6 +577,7 @@ class ShardServer:
             self._labelled[name] = holders
 
     async def _drop(self, s: _Session) -> None:
+        s.watch.cancel()
         if s.hold is not None:
             s.hold.release()
         self.lending.close(s)
@@ -494,6 +590,16 @@ class ShardServer:
             await close_stream(s.downstream)
         self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
 
+
+async def retired(stream: Any) -> None:
+    """Answer a stream of a retired protocol version (RETIRED_IDS) with an ERROR of code
+    VERSION, and close it."""
+    try:
+        await send_quietly(stream, ErrorReply(VERSION, f"this peer speaks {SHARD.id} and "
+                                              f"{SHARD_RETURN.id}, not older versions: "
+                                              "upgrade peerd"), SHARD.max_control_bytes)
+    finally:
+        await close_stream(stream)
 
 
 class _TurnsCollector:

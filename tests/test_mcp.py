@@ -7,6 +7,7 @@ exits at once and one that never answers are each handled and the peer keeps ser
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -23,12 +24,16 @@ from mcp.client.streamable_http import streamable_http_client
 from peerd.api.app import create_app
 from peerd.api.server import bind, serve
 from peerd.config import ConfigError, load_config
+from peerd.daemon import plan_over_mcp
 from peerd.node import Node
 from peerd.plans import mcp_tools
 from peerd.plans.caller import ToolFailure, ToolResult
 from peerd.plans.external import McpSettings, StderrLines
-from peerd.plans.mcp_endpoint import McpEndpoint, PlanAnswer
+from peerd.plans.mcp_endpoint import McpEndpoint
+from peerd.plans.planner import Budget
+from peerd.plans.planning import Plans
 from peerd.plans.service import Tools
+from peerd.plans.thinker import ScriptedThinker
 from peerd.plans.tool import ToolError
 from protocols import tool as wire
 from tests.harness import events, gossip, swarm, wait_for
@@ -181,16 +186,31 @@ async def test_mcp_endpoint_serves_the_swarm_tools(tmp_path: Path) -> None:
                 none = await session.call_tool("nobody_offers_this", {})
                 assert none.is_error and "no_offer" in str(none.content[0])
 
-            # with a planner wired in, `plan` is listed and answers
-            async def plan(goal: str) -> PlanAnswer:
-                return PlanAnswer(answer=f"done: {goal}", plan_id="p-1")
-
-            endpoint.plan = plan
+            # with the planner wired in as the daemon wires it, `plan` is listed and runs a
+            # real plan: its step calls the external add on the other peer
+            script = [ScriptedThinker([
+                json.dumps({"thought": "add them", "calls": [
+                    {"tool": "add", "arguments": {"a": 2, "b": 2}}]}),
+                json.dumps({"thought": "the sum is in", "answer": "2 + 2 = 4"})])]
+            plans = Plans(a, ta, tmp_path, thinker=lambda: script[0],
+                          budget=Budget(steps=3))
+            await a.start(plans)
+            endpoint.plan = plan_over_mcp(plans)
             async with mcp_client(url) as session:
                 assert "plan" in {t.name for t in (await session.list_tools()).tools}
                 planned = await session.call_tool("plan", {"goal": "add 2 and 2"})
-                assert planned.structured_content == {"answer": "done: add 2 and 2",
-                                                      "plan_id": "p-1"}
+                assert not planned.is_error, planned
+                got = planned.structured_content or {}
+                assert got["answer"] == "2 + 2 = 4"
+                record = plans.record(got["plan_id"]) or {}
+                assert record["status"] == "answered"
+                assert record["steps"][0]["calls"][0]["peer"] == b.peer_id
+                # a plan that fails (its steps never parse, the budget runs out): an error
+                script[0] = ScriptedThinker(["no JSON here"] * 3)
+                failed = await session.call_tool("plan", {"goal": "add 2 and 2"})
+                assert failed.is_error and "budget_steps" in str(failed.content[0])
+                bad = await session.call_tool("plan", {"goal": ""})
+                assert bad.is_error and "invalid_arguments" in str(bad.content[0])
 
             # without a token or with a wrong one: 401, counted
             async with httpx2.AsyncClient() as http:
@@ -202,6 +222,7 @@ async def test_mcp_endpoint_serves_the_swarm_tools(tmp_path: Path) -> None:
                     assert got.status_code == 401
             assert metric(a, 'peerd_rejections_total{reason="mcp_unauthorized"} 2.0')
             assert metric(a, 'peerd_mcp_calls_total{outcome="ok"} 3.0')
+            assert metric(a, 'peerd_mcp_calls_total{outcome="plan_failed"} 1.0')
 
 
 # ---- the pure parts ---------------------------------------------------------------

@@ -179,7 +179,7 @@ class Plans(Service):
         """Run a plan for `goal` with every live tool and wait for its end: (the answer,
         or the failure in words; the plan's id; whether it answered). CannotPlan as
         `start`. What `/mcp`'s `plan` tool runs."""
-        plan_id = await self.start(PlanSpec(goal))
+        plan_id = await self.start(PlanSpec(goal, budget=self.budget))
         live = self.live[plan_id]
         while not live.done:
             await live.changed.wait()

@@ -402,15 +402,18 @@ async def test_a_real_plan_appears_live_step_by_step(tmp_path: Path) -> None:
             call = await until(driver, "the first step's call and its result", lambda d: (
                 found := texts(d, f"{plan} .call")) and "42" in found[0] and found)
             assert "calculator" in call[0]
-            assert await off_loop(lambda: attribute(driver, plan, "data-status")) == "running"
-            assert await off_loop(lambda: texts(driver, f"{plan} .answer")) == []
+            # read through `until`: the page re-renders, so an element can go stale
+            status, answers = await until(driver, "the plan still running", lambda d: (
+                attribute(d, plan, "data-status"), texts(d, f"{plan} .answer")))
+            assert (status, answers) == ("running", [])
             thinker.release.set()
             answer = await until(driver, "the answer", lambda d: texts(d, f"{plan} .answer"))
             assert answer == ["answer: 6 * 7 = 42"]
             assert await until(driver, "the plan answered", lambda d: attribute(
                 d, plan, "data-status") == "answered")
-            assert not await off_loop(lambda: driver.find_element(
-                "id", "plans-note").is_displayed())  # the planner's API answers
+            note = await until(driver, "the plans note's state", lambda d: (
+                d.find_element("id", "plans-note").is_displayed(),))
+            assert note == (False,)  # the planner's API answers
 
 
 @needs_browser

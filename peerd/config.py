@@ -100,9 +100,12 @@ class Config:
     speculative: str = "none"
     # API requests reuse what a pooled pipeline session's caches already hold of their
     # prompt (the earlier turns of a chat) and compute only the rest. The reused KV was
-    # computed in other passes: greedy output may part from a fresh prefill's at a
-    # near-tie of the top two logits, so it is off unless asked for.
-    prompt_cache: bool = False
+    # computed in passes of other shapes than a fresh prefill's: in float32 that moves
+    # logits in the last bits, as DSD's verification does (greedy output parts only at
+    # a near-tie of the top two); in bfloat16/float16, on a hop or on the wire, greedy
+    # output would part. None (the default): on for a route that is float32 on the wire
+    # and on every hop, off elsewhere (peerd/inference/swarm/warm.py); True/False: always.
+    prompt_cache: bool | None = None
     # Sample RL rollouts for trainers (peerd rl train): this peer's model generates
     # completions with their behaviour log-probs and takes the trainer's new policy
     # versions (peerd/rl/); with --layers, as a shard of a pipeline sampler (the peer
@@ -223,6 +226,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(name, source, f"expected an integer, got {value!r}") from None
+    if name == "prompt_cache" and isinstance(value, str) and value.strip().lower() == "auto":
+        return None  # where it is safe (the default)
     if name in _BOOL_FIELDS:
         if isinstance(value, bool):
             return value

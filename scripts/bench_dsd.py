@@ -14,7 +14,11 @@ Prompts: GSM8K test questions (bench/data/gsm8k/test.jsonl, MIT licence, (c)
 for the whole function in a code block (`code_prompts.code_request`, as instruct
 models are evaluated), stopped at the end of that block; `--humaneval-format
 completion` sends the stub as a raw completion instead, stopped at the next top-level
-statement (SmolLM2-135M-Instruct answers most of those with prose or nothing).
+statement (SmolLM2-135M-Instruct answers most of those with prose or nothing). The
+"mixed" set (`--set mixed`; bench/data/mixed/, written for this benchmark, not drawn
+from any data set): everyday chat questions, instructions, word problems and Python
+stubs pasted as chat, each sent at max_tokens 48 and 160 (`--mixed-tokens`), reported
+as the sets mixed/48 and mixed/160. `--set` picks the sets [gsm8k humaneval].
 
 Quality does not depend on where the layers run, so it is measured on a 1-peer
 testnet (the whole model, 2 torch threads: twice as fast) where each quality config
@@ -37,6 +41,10 @@ Shard passes: first, in this process, what one stage (10 of SmolLM2's 30 layers,
 torch thread, 200 tokens cached) costs per pass by the number of positions it carries
 (1 = plain decoding; a tree's nodes otherwise), in float32 and bfloat16. On a CPU that
 is what a verification round costs beyond the network; `--dtype` picks the peers'.
+
+Per set: speedup (total tokens over total time against plain), k, and the spread over
+prompts of each prompt's speedup and k (min, quartiles, max). `--quick`: a smoke run,
+4 prompts a set, no quality pass, no shard passes.
 
 Prints a table and writes bench/results/dsd.json. Not a test: no thresholds.
 """
@@ -73,6 +81,8 @@ console = Console() if sys.stdout.isatty() else Console(width=190)
 MODEL = "smollm2"
 PEERS = 3
 GSM8K = ROOT / "bench" / "data" / "gsm8k" / "test.jsonl"
+MIXED = ROOT / "bench" / "data" / "mixed" / "prompts.jsonl"
+SETS = ("gsm8k", "humaneval", "mixed")
 REQUEST_TIMEOUT_S = 900.0
 HUMANEVAL_STOPS = ["\ndef ", "\nclass ", "\nif __name__", "\nprint("]
 CODE_BLOCK_END = "\n```\n"  # a block's closing fence (its opening one is "```python\n")
@@ -93,7 +103,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {  # name -> the request's "speculat
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    set: str  # gsm8k | humaneval
+    set: str  # gsm8k | humaneval | mixed/<max_tokens>
     id: str
     text: str
     gold: Any  # gsm8k: the answer number; humaneval: the problem dict
@@ -150,6 +160,21 @@ def humaneval_prompts(n: int, chat: bool = True) -> list[Prompt]:
     return [Prompt("humaneval", p["task_id"],
                    code_request(p["prompt"]) if chat else p["prompt"], p, chat)
             for p in problems]
+
+
+def mixed_prompts(n: int, budgets: list[int]) -> list[Prompt]:
+    """The first n mixed prompts, once for each max_tokens budget (set mixed/<budget>)."""
+    rows = [json.loads(line) for line in MIXED.read_text().splitlines()[:n]]
+    return [Prompt(f"mixed/{b}", f"mixed/{b}/{r['id']}", r["text"], r["kind"])
+            for b in budgets for r in rows]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min, quartiles and max of per-prompt values (a single value: all equal)."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) >= 2 \
+        else values * 3
+    return {"min": round(min(values), 3), "q1": round(q[0], 3), "median": round(q[1], 3),
+            "q3": round(q[2], 3), "max": round(max(values), 3)}
 
 
 def ask(peer: launcher.PeerInfo, prompt: Prompt, spec: dict[str, Any] | None,
@@ -246,7 +271,9 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
         ids = {r.prompt.id for r in res}
         base = [r for r in plain.results if r.prompt.id in ids]
         out["speedup"] = round(cell.tokens_per_s() / tokens_per_s(base), 3)
-        # each prompt set on its own (the targets hold for both)
+        plain_by_id = {r.prompt.id: r for r in base}
+        # each prompt set on its own (the targets hold for each), with the spread over
+        # its prompts of each one's speedup (against plain on that prompt) and k
         out["by_set"] = {}
         for name in sorted({r.prompt.set for r in res}):
             mine = [r for r in res if r.prompt.set == name]
@@ -254,10 +281,15 @@ def summarise(cell: Cell, plain: Cell | None, links: int) -> dict[str, Any]:
             out["by_set"][name] = {
                 "requests": len(mine), "tokens_per_s": round(tokens_per_s(mine), 3),
                 "speedup": round(tokens_per_s(mine) / tokens_per_s(theirs), 3),
-                "k_tokens_per_round": round(k_per_round(mine), 3)}
+                "k_tokens_per_round": round(k_per_round(mine), 3),
+                "speedup_per_prompt": spread([
+                    tokens_per_s([r]) / tokens_per_s([plain_by_id[r.prompt.id]])
+                    for r in mine]),
+                "k_per_prompt": spread([k_per_round([r]) for r in mine]),
+                "identical_to_plain": round(sum(
+                    r.text == plain_by_id[r.prompt.id].text for r in mine) / len(mine), 3)}
         out["decode_speedup"] = round(decode_tps(res) / decode_tps(base), 3)
         # the spread over prompts: each prompt's tokens/s against plain's on it
-        plain_by_id = {r.prompt.id: r for r in base}
         each = [tokens_per_s([r]) / tokens_per_s([plain_by_id[r.prompt.id]]) for r in res]
         if len(each) >= 2:
             deciles = statistics.quantiles(each, n=10)
@@ -352,6 +384,13 @@ def main() -> int:
                     choices=list(CONFIGS))
     ap.add_argument("--quality-configs", nargs="*", choices=list(CONFIGS),
                     default=["plain", "eagle/greedy", "eagle/adaptive", "ngram/adaptive"])
+    ap.add_argument("--set", dest="sets", nargs="+", choices=SETS,
+                    default=["gsm8k", "humaneval"], help="the prompt sets [gsm8k humaneval]")
+    ap.add_argument("--mixed-tokens", type=int, nargs="+", default=[48, 160],
+                    help="max_tokens of the mixed set, each a set of its own [48 160]")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 4 speed prompts a set, no quality pass, no shard "
+                    "passes")
     ap.add_argument("--gsm8k", type=int, default=40, help="GSM8K prompts for quality")
     ap.add_argument("--humaneval", type=int, default=40, help="HumanEval prompts for quality")
     ap.add_argument("--speed-prompts", type=int, default=40,
@@ -374,13 +413,20 @@ def main() -> int:
     ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "bench_dsd")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "dsd.json")
     args = ap.parse_args()
+    if args.quick:
+        args.speed_prompts = min(args.speed_prompts, 4)
+        args.quality_configs, args.no_shard_passes = [], True
     speed_threads = args.torch_threads or max(1, 2 // PEERS)  # the 2 cores split
     for configs in (args.configs, args.quality_configs):
         if configs and "plain" not in configs:
             configs.insert(0, "plain")
-    gsm = gsm8k_prompts(args.gsm8k)
-    he = humaneval_prompts(args.humaneval, args.humaneval_format == "chat")
-    max_tokens = {"gsm8k": args.gsm8k_tokens, "humaneval": args.humaneval_tokens}
+    gsm = gsm8k_prompts(args.gsm8k) if "gsm8k" in args.sets else []
+    he = humaneval_prompts(args.humaneval, args.humaneval_format == "chat") \
+        if "humaneval" in args.sets else []
+    mixed = mixed_prompts(args.speed_prompts, args.mixed_tokens) if "mixed" in args.sets \
+        else []
+    max_tokens = {"gsm8k": args.gsm8k_tokens, "humaneval": args.humaneval_tokens,
+                  **{f"mixed/{b}": b for b in args.mixed_tokens}}
     load_before = os.getloadavg()
     started = time.monotonic()
     speed: list[Cell] = []
@@ -389,12 +435,12 @@ def main() -> int:
     if passes:
         print_shard_passes(passes)
     try:
-        if args.quality_configs:  # decoding quality does not depend on the topology
+        if args.quality_configs and gsm + he:  # quality does not depend on the topology
             quality_cells = run_testnet(1, 0.0, args.quality_configs, gsm + he, max_tokens,
                                         args.base_port, args.run_dir, args.dtype)
         for latency in args.latencies:
             speed += run_testnet(PEERS, latency, args.configs,
-                                 gsm[:args.speed_prompts] + he[:args.speed_prompts],
+                                 gsm[:args.speed_prompts] + he[:args.speed_prompts] + mixed,
                                  max_tokens, args.base_port, args.run_dir, args.dtype,
                                  speed_threads)
     except TestnetError as exc:
@@ -425,7 +471,8 @@ def main() -> int:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "minutes": round((time.monotonic() - started) / 60, 1),
         "max_tokens": max_tokens,
-        "prompts": {"gsm8k": len(gsm), "humaneval": len(he),
+        "prompts": {"sets": args.sets, "gsm8k": len(gsm), "humaneval": len(he),
+                    "mixed": len(mixed) // max(1, len(args.mixed_tokens)),
                     "humaneval_format": args.humaneval_format,
                     "speed_prompts_per_set": args.speed_prompts},
         "shard_pass_ms": passes, "speed": rows, "quality": quality_rows,
@@ -484,6 +531,25 @@ def print_shard_passes(rows: list[dict[str, Any]]) -> None:
     console.print(t)
 
 
+def print_sets(rows: list[dict[str, Any]]) -> None:
+    """Per set: speedup and k, and their spread over the set's prompts."""
+    t = Table(title="By set: speedup and k, and each prompt's (min q1 median q3 max)")
+    for col in ("ms/link", "config", "set", "prompts", "speedup", "per prompt", "k",
+                "k per prompt", "same as plain"):
+        t.add_column(col, justify="right")
+
+    def five(d: dict[str, float]) -> str:
+        return " ".join(f"{d[q]:.2f}" for q in ("min", "q1", "median", "q3", "max"))
+
+    for r in rows:
+        for name, b in r.get("by_set", {}).items():
+            t.add_row(f"{r['latency_ms']:g}", r["config"], name, str(b["requests"]),
+                      f"{b['speedup']:.2f}x", five(b["speedup_per_prompt"]),
+                      f"{b['k_tokens_per_round']:.2f}", five(b["k_per_prompt"]),
+                      f"{100 * b['identical_to_plain']:.0f}%")
+    console.print(t)
+
+
 def plain_of(cells: list[Cell], cell: Cell) -> Cell:
     return next(c for c in cells if c.latency_ms == cell.latency_ms and c.config == "plain")
 
@@ -516,6 +582,7 @@ def print_tables(rows: list[dict[str, Any]], quality_rows: list[dict[str, Any]],
             f"{r['flat_verify_speedup']:.2f}x" if "flat_verify_speedup" in r else "-")
     if rows:
         console.print(t)
+        print_sets(rows)
     if not quality_rows:
         return
     q = Table(title="Quality, every prompt, 1 peer (greedy target; adaptive is lossy)")

@@ -134,13 +134,16 @@ def test_numbers_from_env_strings(tmp_path: Path) -> None:
 
 def test_prompt_cache_is_a_switch_from_any_source(tmp_path: Path) -> None:
     home = {"PEERD_HOME": str(tmp_path), "PEERD_MODEL": "smollm2"}
-    assert load_config(environ=home).prompt_cache is False
+    # unset: on where reuse is safe, which the route decides (tests/test_prompt_cache.py)
+    assert load_config(environ=home).prompt_cache is None
     for word, want in [("true", True), ("On", True), ("1", True), ("no", False)]:
         assert load_config(environ={**home, "PEERD_PROMPT_CACHE": word}).prompt_cache is want
     toml = write_toml(tmp_path / "c.toml", "prompt_cache = true\n")
     assert load_config(config_file=toml, environ=home).prompt_cache is True
     assert load_config({"prompt_cache": False}, config_file=toml,
                        environ=home).prompt_cache is False  # the flag wins
+    assert load_config(config_file=toml, environ={**home, "PEERD_PROMPT_CACHE": "auto"}
+                       ).prompt_cache is None  # back to the default
 
 
 # ---- errors name the setting and the source -------------------------------------

@@ -42,7 +42,7 @@ HELLO: list[ChatCompletionMessageParam] = [
 
 @dataclass
 class Swarm:
-    a: Daemon  # layers [0, 2): the entry peer the client talks to
+    a: Daemon  # layers [0, 2): the entry peer the client talks to, --no-prompt-cache
     b: Daemon  # layers [2, 4)
     partial: Daemon  # alone in its own swarm with layers [0, 2) of another model
     bare: Daemon  # in A's swarm, serving no model
@@ -78,7 +78,9 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Swar
     tmp = tmp_path_factory.mktemp("openai")
     other = tiny_llama_dir(tmp_path_factory, seed=1)  # different weights, different id
     with contextlib.ExitStack() as stack:
-        a = start_daemon(tmp / "a", "--name", "alpha", *model_flags(tiny, "0:2"))
+        # (the prompt cache would be on by default here, float32: A turns it off)
+        a = start_daemon(tmp / "a", "--name", "alpha", *model_flags(tiny, "0:2"),
+                         "--no-prompt-cache")
         stack.enter_context(running(a))
         # The others start side by side: a daemon's start-up is mostly imports.
         with ThreadPoolExecutor(4) as pool:

@@ -57,8 +57,9 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               "Requests may override it.")
 @click.option("--prompt-cache/--no-prompt-cache", default=None,
               help="API requests reuse the KV a pooled pipeline session holds of their prompt "
-              "(earlier chat turns) [off; greedy output may then part from a fresh "
-              "prefill's at a near-tie].")
+              "(earlier chat turns) [auto: on where the route computes and sends float32, "
+              "off in bfloat16/float16, where greedy output would part from a fresh "
+              "prefill's].")
 @click.option("--rollout", is_flag=True, default=None,
               help="Sample RL rollouts for trainers (`peerd rl train`) with this peer's model, "
               "which then follows the trainer's policy versions; needs --model (with "

@@ -109,6 +109,9 @@ class Decoding:
         # the next request's drafter (only while drafting)
         self.collected: list[torch.Tensor] = []
         self.reused: torch.Tensor | None = None  # the pooled session's, for positions < kv
+        # without a drafter: the features the reused session kept for the prefix this
+        # request reuses, pooled again with it for a later speculative request
+        self.inherited: torch.Tensor | None = None
         self.kv = 0  # committed positions the pipeline's caches hold
         self.route: Route | None = request.route  # the first session's; None: route anew
         self.session: PipelineSession | None = None
@@ -132,14 +135,19 @@ class Decoding:
         """A session for the next round, whose caches the round fills from position 0:
         the whole history is (re)played, except, with reuse_prefix and before the
         drafter was told anything, the prefix a pooled session's caches already hold."""
+        reuse = self.reuse_prefix and self.told == 0
         self.session, self.fresh = await self.generator.open(
-            self.max_length, self.stats, self.history, self.route)
+            self.max_length, self.stats, self.history, self.route, reuse=reuse,
+            drafting=self.drafting is not None)
         self.route = None  # a later session routes again: a failure has changed the bans
         self.kv = 0
-        if self.reuse_prefix and not self.fresh and self.told == 0:
+        self.inherited = None
+        if reuse and not self.fresh:
             self.kv, self.reused = await self.generator.reuse(self.session, self.history,
                                                               self.drafting)
             self.stats.cached_tokens = self.kv
+            if self.drafting is None and self.session.features is not None and self.kv:
+                self.inherited = self.session.features[:self.kv]
             if self.reused is not None:  # the drafter knows history[:kv] now
                 self.told, self.fed = self.kv, self.kv - 1
                 self.collected = [self.reused[:self.fed]]
@@ -300,7 +308,7 @@ class Decoding:
             if self.finished:
                 session.cached = tuple(self.history[:self.kv])
                 session.features = (torch.cat(self.collected)[:self.kv] if self.collected
-                                    else None)
+                                    else self.inherited)
                 await self.generator.pipeline.release(session)
             else:
                 await session.close()

@@ -33,7 +33,6 @@ from peerd.inference.swarm.pipeline import (
     Pipeline,
     PipelineFailure,
     PipelineSession,
-    common_prefix,
     pooled_length,
 )
 from peerd.inference.swarm.routing import (
@@ -43,6 +42,16 @@ from peerd.inference.swarm.routing import (
     Server,
     find_route,
     servers_by_model,
+)
+from peerd.inference.swarm.warm import (
+    WARM_MARGIN,
+    WarmMargin,
+    WarmRoute,
+    prefer_warm,
+    price,
+    prompt_reuse_safe,
+    reusable_prefix,
+    route_dtypes,
 )
 from peerd.ledger.book import Ledger
 from peerd.node import Node
@@ -111,7 +120,8 @@ class Generator:
                  wire_dtype: str = "float32", drafters: DrafterCatalog | None = None,
                  token_classes: Callable[[], TokenClasses] | None = None,
                  default_speculative: SpeculativeOptions | None = None,
-                 max_session_length: int = 8192, prompt_cache: bool = False) -> None:
+                 max_session_length: int = 8192, prompt_cache: bool | None = None,
+                 warm_margin: WarmMargin = WARM_MARGIN) -> None:
         self.node = node
         self.ledger = ledger  # who serves which layers
         self.pipeline = pipeline
@@ -125,7 +135,10 @@ class Generator:
         self.token_classes = token_classes
         self.default_speculative = default_speculative or SpeculativeOptions()
         self.max_session_length = max_session_length  # positions a shard session may hold
-        self.prompt_cache = prompt_cache  # API requests ask for reuse_prefix
+        # API requests ask for reuse_prefix: True/False as set, None where it is safe
+        # (reuses_prompts)
+        self.prompt_cache = prompt_cache
+        self.warm_margin = warm_margin  # how much dearer a route keeping a warm prefix may be
         self.bans = BanList()
 
     def servers(self) -> list[Server]:
@@ -137,6 +150,36 @@ class Generator:
 
     def route(self) -> Route | NoRoute:
         return find_route(self.servers(), self.num_layers, self.bans.banned(time.monotonic()))
+
+    def reuses_prompts(self, route: Route) -> bool:
+        """Whether an API request on `route` reuses a pooled session's prompt prefix:
+        as --prompt-cache says, else where cached KV is as good as a fresh prefill
+        (float32 on the wire and on every hop: warm.py)."""
+        if self.prompt_cache is not None:
+            return self.prompt_cache
+        return self._reuse_safe(self.servers(), route)
+
+    def _reuse_safe(self, servers: list[Server], route: Route) -> bool:
+        return prompt_reuse_safe(self.wire_dtype, route_dtypes(servers, route))
+
+    def warm_route(self, best: Route, max_length: int, tokens: Sequence[int],
+                   drafting: bool) -> Route:
+        """`best`, or the route of a pooled session whose caches spare a request reusing
+        its prompt some of `tokens`, when that route costs within the warm margin of
+        `best` now (warm.py)."""
+        servers = self.servers()
+        banned = self.bans.banned(time.monotonic())
+        warm: list[WarmRoute] = []
+        for hops, idle in self.pipeline.idle(max_length):
+            priced = price(servers, hops, banned)
+            if priced is None or (self.prompt_cache is None
+                                  and not self._reuse_safe(servers, priced)):
+                continue
+            spared = max(reusable_prefix(s.cached, tokens, None if s.features is None
+                                         else int(s.features.shape[0]), drafting)
+                         for s in idle)
+            warm.append(WarmRoute(priced, spared))
+        return prefer_warm(best, warm, self.warm_margin)
 
     async def drafter(self, spec: SpeculativeOptions) -> Drafter | None:
         """The request's drafter, built on first use (in a thread: it may load weights)."""
@@ -232,29 +275,31 @@ class Generator:
         """How many leading tokens of `history` a pooled session's caches already hold
         for us (0 if none), and, when drafting, the features the session kept for them
         (the drafter has been told those tokens with all but the last one's)."""
-        # the last token is always run: its logits choose the next one
-        shared = max(0, min(common_prefix(session.cached, history), len(history) - 1))
-        if drafting is None:
-            return shared, None
         stored = session.features
-        if stored is None or shared < 2:
-            return 0, None
-        shared = min(shared, int(stored.shape[0]))
+        shared = reusable_prefix(session.cached, history, None if stored is None
+                                 else int(stored.shape[0]), drafting is not None)
+        if drafting is None or stored is None or shared == 0:
+            return shared, None
         # features for all but the last told token, as DraftSession.extend wants
         await self.in_thread(drafting.extend, history[:shared], stored[:shared - 1])
         return shared, stored
 
     async def open(self, max_length: int, stats: GenerationStats, tokens: list[int],
-                   route: Route | None = None) -> tuple[PipelineSession, bool]:
+                   route: Route | None = None, *, reuse: bool = False,
+                   drafting: bool = False) -> tuple[PipelineSession, bool]:
         """A session on `route` (None: the best one now; a retry always routes again):
         an idle one from the pool (caching the longest prefix of `tokens`), else a new
-        one (long enough for most later requests too); True if it is new."""
+        one (long enough for most later requests too); True if it is new. With `reuse`
+        (the request reuses a pooled prefix; `drafting`: for a drafter), a route whose
+        pooled session spares it some tokens is taken within the warm margin."""
         for attempt in range(1, MAX_FAILURES + 1):
             if route is None or attempt > 1:
                 found = self.route()
                 if isinstance(found, NoRoute):
                     raise self.no_route(found)
                 route = found
+            if reuse:
+                route = self.warm_route(route, max_length, tokens, drafting)
             stats.route = [{"peer_id": s.peer_id, "layers": [s.start, s.end]}
                            for s in route.spans]
             pooled = self.pipeline.take(route, max_length, tokens)

@@ -118,8 +118,8 @@ class ServedModel:
                        constraint: TokenConstraint | None = None) -> Completion:
         """The text is re-decoded as tokens arrive and released once final (text.py);
         `on_text` gets each released piece with the entries of the tokens not yet
-        sent. Pooled sessions' prompt prefixes are reused when the peer was started
-        with the prompt cache."""
+        sent. Pooled sessions' prompt prefixes are reused where the prompt cache is
+        on (--prompt-cache; by default where that is safe: Generator.reuses_prompts)."""
         text = TextStream(self.decode, request.params.stop)
         asked = None if logprobs is None else Logprobs(top=logprobs)
         reported: list[TokenLogprob] = []
@@ -136,7 +136,8 @@ class ServedModel:
                 unsent = len(reported)
             return not text.stopped
 
-        stats = await self.generate(request, on_token, reuse_prefix=self.generator.prompt_cache,
+        stats = await self.generate(request, on_token,
+                                    reuse_prefix=self.generator.reuses_prompts(request.route),
                                     logprobs=asked, constraint=constraint)
         rest = text.flush()
         if (rest or unsent < len(reported)) and on_text is not None:

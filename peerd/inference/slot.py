@@ -60,7 +60,8 @@ class ModelOptions:
     torch_threads: int = 0  # 0: torch's default
     limits: ShardLimits = field(default_factory=ShardLimits)
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
-    prompt_cache: bool = False  # API requests reuse a pooled session's prompt prefix
+    # API requests reuse a pooled session's prompt prefix; None: where it is safe (float32)
+    prompt_cache: bool | None = None
 
 
 class ModelSlot(Service):
@@ -168,7 +169,8 @@ class ModelSlot(Service):
         if self.options is not None:
             out["spec"] = self.options.spec
             out["speculative"] = self.options.speculative.to_json()
-            out["prompt_cache"] = self.options.prompt_cache
+            cache = self.options.prompt_cache
+            out["prompt_cache"] = "auto" if cache is None else cache
         if self.state == "loading":
             out["phase"] = self.phase
         if self.error:

@@ -258,8 +258,7 @@ class Pipeline:
         then the most recently used."""
         hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
         idle = self.pool.get(hops, [])
-        fits = [s for s in reversed(idle) if s.max_length >= max_length
-                and not s.done.is_set() and not s.failed.is_set()]  # (evicted while idle)
+        fits = _fitting(idle, max_length)
         if not fits:
             return None
         best = max(fits, key=lambda s: common_prefix(s.cached, tokens))  # first of equals
@@ -276,6 +275,12 @@ class Pipeline:
         idle.append(s)
         while len(idle) > POOL_PER_ROUTE:
             await idle.pop(0).close()
+
+    def idle(self, max_length: int) -> list[tuple[tuple[Hop, ...], list[PipelineSession]]]:
+        """Each route with idle sessions long enough for `max_length`, and those
+        sessions (what `take` could hand out on it)."""
+        out = [(hops, _fitting(idle, max_length)) for hops, idle in self.pool.items()]
+        return [(hops, fits) for hops, fits in out if fits]
 
     @property
     def pooled(self) -> int:
@@ -431,6 +436,13 @@ class Pipeline:
             log.exception("return stream from %s failed", peer)
         finally:
             await close_stream(stream)
+
+
+def _fitting(idle: list[PipelineSession], max_length: int) -> list[PipelineSession]:
+    """The live sessions of `idle` at least `max_length` long, most recently pooled
+    first."""
+    return [s for s in reversed(idle) if s.max_length >= max_length
+            and not s.done.is_set() and not s.failed.is_set()]  # (evicted while idle)
 
 
 async def _when_open(s: PipelineSession, cancel: trio.CancelScope) -> None:

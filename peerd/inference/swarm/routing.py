@@ -34,11 +34,17 @@ class Server:
     end: int  # exclusive
     tokens_per_s: float = 0.0
     rtt_ms: float | None = None
+    dtype: str = ""  # its compute dtype, as advertised ("" unknown)
 
     def ms_per_layer(self) -> float:
         if self.tokens_per_s <= 0 or not math.isfinite(self.tokens_per_s):
             return DEFAULT_MS_PER_LAYER
         return 1000.0 / (self.tokens_per_s * (self.end - self.start))
+
+    def cost_ms(self, a: int, b: int) -> float:
+        """The hop cost of running layers [a, b) here: its RTT and its compute."""
+        rtt = DEFAULT_RTT_MS if self.rtt_ms is None else self.rtt_ms
+        return rtt + (b - a) * self.ms_per_layer()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +79,7 @@ def servers_by_model(entries: Iterable[LedgerEntry],
         for m in e.models:
             rtt = None if rtt_ms is None else rtt_ms.get(e.peer_id)
             out.setdefault(m.model_id, []).append(
-                Server(e.peer_id, m.layer_start, m.layer_end, m.tokens_per_s, rtt))
+                Server(e.peer_id, m.layer_start, m.layer_end, m.tokens_per_s, rtt, m.dtype))
     return out
 
 
@@ -118,10 +124,9 @@ def find_route(servers: Iterable[Server], num_layers: int,
         for s in usable:
             if not s.start <= at < s.end:
                 continue
-            rtt = DEFAULT_RTT_MS if s.rtt_ms is None else s.rtt_ms
             for b in boundaries:
                 if at < b <= s.end:
-                    step = rtt + (b - at) * s.ms_per_layer()
+                    step = s.cost_ms(at, b)
                     if cost + step < best.get(b, math.inf) - 1e-9:
                         best[b] = cost + step
                         back[b] = (at, Span(s.peer_id, at, b, step))

@@ -8,9 +8,16 @@ connectivity (dialing towards `target_peers`), the welcome of each new connectio
 RTT probes and peerstore clean-up. Systems plug in as services (service.py) started in
 that nursery with `Node.start`; leaving the context cancels them and closes the host.
 
-Two hooks let services take part without the kernel knowing them: `add_dial_source`
-(whom to dial: the ledger's addresses) and `on_connect` (what to do with a new
-connection: the ledger pulls a snapshot).
+Three hooks let services take part without the kernel knowing them: `add_dial_source`
+(whom to dial: the ledger's addresses), `on_connect` (what to do with a new
+connection: the ledger pulls a snapshot) and `on_disconnect` (a peer's last connection
+closed: the tools' dispatcher ends the calls in flight there at once).
+
+Leaving the context hangs up: every connection is closed (yamux's GO_AWAY, then the
+socket) and the listeners with them before the host stops, so peers see this one leave
+at once, as they would see a process that died. (py-libp2p's `host.run` stops the
+swarm's tasks without closing its sockets: an in-process node that left kept its
+peers' connections open, their calls waiting out their deadlines.)
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=Service)
 DialSource = Callable[[], Iterable[tuple[str, Sequence[str]]]]  # -> (peer id, addrs)
 ConnectHook = Callable[[str], Awaitable[None]]  # (peer id); must not raise
+DisconnectHook = Callable[[str], None]  # (peer id); runs in the swarm's notification
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 DIAL_TIMEOUT_S = 5.0
@@ -61,6 +69,7 @@ WELCOME_INTERVAL_S = 30.0  # don't welcome the same peer again sooner (a flappin
 MAX_DIAL_BACKOFF_S = 60.0
 MAX_OFFENDERS_TRACKED = 4096
 CONNECT_SETTLE_S = 0.5
+HANG_UP_S = 2.0  # closing every connection on the way out, at most
 
 
 class Node:
@@ -82,6 +91,7 @@ class Node:
         self.services: list[Service] = []  # started (or starting), in order
         self._dial_sources: list[DialSource] = []
         self._connect_hooks: list[ConnectHook] = []
+        self._disconnect_hooks: list[DisconnectHook] = []
         self._welcomed_at: dict[str, float] = {}
         self._dial_backoff: dict[str, tuple[float, float]] = {}  # peer -> (next try, delay)
         self._ping_streams: dict[str, Any] = {}
@@ -122,6 +132,12 @@ class Node:
         first RTT probe (at most once per WELCOME_INTERVAL_S per peer)."""
         self._connect_hooks.append(hook)
 
+    def on_disconnect(self, hook: DisconnectHook) -> None:
+        """Call `hook(peer_id)` at once when the last connection to a peer closes (the
+        moment `peer.disconnected` is published). It runs inside the swarm's
+        notification: it must be quick and not block (set an event, cancel a scope)."""
+        self._disconnect_hooks.append(hook)
+
     # ---- queries -------------------------------------------------------------------
 
     def addrs(self) -> list[str]:
@@ -129,6 +145,20 @@ class Node:
 
     def connected_peers(self) -> list[str]:
         return sorted(str(p) for p in self.host.get_network().connections)
+
+    def link_up(self, peer_id: str) -> bool:
+        """A connection to `peer_id` is up (always, to ourselves): false when there is
+        none, or when each one is closing, from the moment yamux sees the peer's GO_AWAY
+        or its socket end, before the swarm lets the connection go and
+        `peer.disconnected` is published. A stream that ended without an answer then
+        ended with its connection: the peer left, it did not misbehave."""
+        if peer_id == self.peer_id:
+            return True
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception:
+            return False
+        return any(not _closing(c) for c in self.host.get_network().connections.get(pid, []))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -371,6 +401,11 @@ class Node:
         self._ping_streams.pop(pid, None)
         self._welcomed_at.pop(pid, None)
         self.events.publish("peer.disconnected", peer_id=pid)
+        for hook in self._disconnect_hooks:
+            try:
+                hook(pid)
+            except Exception:
+                log.warning("a disconnection hook failed for %s", pid, exc_info=True)
 
     def _on_insecure_attempt(self, detail: str) -> None:
         self.metrics.rejections.labels("insecure_handshake").inc()
@@ -388,6 +423,7 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(
             host.run([multiaddr.Multiaddr(a) for a in config.listen]))
+        stack.push_async_callback(_hang_up, host)  # after Pubsub, before the host stops
         await stack.enter_async_context(background_trio_service(pubsub))
         await stack.enter_async_context(background_trio_service(router))
         await pubsub.wait_until_ready()
@@ -397,3 +433,32 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
                 yield node
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def _closing(conn: Any) -> bool:
+    muxed = getattr(conn, "muxed_conn", None)
+    if muxed is None:
+        return False
+    if getattr(muxed, "is_closed", False):
+        return True
+    shutting_down = getattr(muxed, "event_shutting_down", None)  # yamux's
+    return shutting_down is not None and shutting_down.is_set()
+
+
+async def _hang_up(host: Any) -> None:
+    """Close every connection at once (each waits ~0.1 s in yamux), then the swarm's
+    listeners and transports (`host.close`), within HANG_UP_S; never raises."""
+    async def close(conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    with trio.move_on_after(HANG_UP_S) as scope:
+        scope.shield = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for conns in list(host.get_network().connections.values()):
+                    for conn in list(conns):
+                        nursery.start_soon(close, conn)
+            await host.close()
+        except Exception:
+            log.debug("hanging up failed", exc_info=True)

@@ -13,11 +13,8 @@ Three hooks let services take part without the kernel knowing them: `add_dial_so
 connection: the ledger pulls a snapshot) and `on_disconnect` (a peer's last connection
 closed: the tools' dispatcher ends the calls in flight there at once).
 
-Leaving the context hangs up: every connection is closed (yamux's GO_AWAY, then the
-socket) and the listeners with them before the host stops, so peers see this one leave
-at once, as they would see a process that died. (py-libp2p's `host.run` stops the
-swarm's tasks without closing its sockets: an in-process node that left kept its
-peers' connections open, their calls waiting out their deadlines.)
+Leaving the context hangs up every connection and listener before the host stops
+(host.hang_up), so peers see the node leave at once, as they see a process that died.
 """
 
 from __future__ import annotations
@@ -45,7 +42,9 @@ from peerd.eager import open_eager
 from peerd.events import EventBus
 from peerd.host import (
     ConnectionNotifee,
+    closing,
     count_insecure_handshakes,
+    hang_up,
     make_host,
     make_pubsub,
     ping_once,
@@ -69,7 +68,6 @@ WELCOME_INTERVAL_S = 30.0  # don't welcome the same peer again sooner (a flappin
 MAX_DIAL_BACKOFF_S = 60.0
 MAX_OFFENDERS_TRACKED = 4096
 CONNECT_SETTLE_S = 0.5
-HANG_UP_S = 2.0  # closing every connection on the way out, at most
 
 
 class Node:
@@ -148,17 +146,15 @@ class Node:
 
     def link_up(self, peer_id: str) -> bool:
         """A connection to `peer_id` is up (always, to ourselves): false when there is
-        none, or when each one is closing, from the moment yamux sees the peer's GO_AWAY
-        or its socket end, before the swarm lets the connection go and
-        `peer.disconnected` is published. A stream that ended without an answer then
-        ended with its connection: the peer left, it did not misbehave."""
+        none or each one is closing (host.closing), which yamux knows before the swarm
+        lets the connection go and `peer.disconnected` is published."""
         if peer_id == self.peer_id:
             return True
         try:
             pid = ID.from_base58(peer_id)
         except Exception:
             return False
-        return any(not _closing(c) for c in self.host.get_network().connections.get(pid, []))
+        return any(not closing(c) for c in self.host.get_network().connections.get(pid, []))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -423,7 +419,7 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(
             host.run([multiaddr.Multiaddr(a) for a in config.listen]))
-        stack.push_async_callback(_hang_up, host)  # after Pubsub, before the host stops
+        stack.push_async_callback(hang_up, host)  # after Pubsub, before the host stops
         await stack.enter_async_context(background_trio_service(pubsub))
         await stack.enter_async_context(background_trio_service(router))
         await pubsub.wait_until_ready()
@@ -434,31 +430,3 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
             finally:
                 nursery.cancel_scope.cancel()
 
-
-def _closing(conn: Any) -> bool:
-    muxed = getattr(conn, "muxed_conn", None)
-    if muxed is None:
-        return False
-    if getattr(muxed, "is_closed", False):
-        return True
-    shutting_down = getattr(muxed, "event_shutting_down", None)  # yamux's
-    return shutting_down is not None and shutting_down.is_set()
-
-
-async def _hang_up(host: Any) -> None:
-    """Close every connection at once (each waits ~0.1 s in yamux), then the swarm's
-    listeners and transports (`host.close`), within HANG_UP_S; never raises."""
-    async def close(conn: Any) -> None:
-        with contextlib.suppress(Exception):
-            await conn.close()
-
-    with trio.move_on_after(HANG_UP_S) as scope:
-        scope.shield = True
-        try:
-            async with trio.open_nursery() as nursery:
-                for conns in list(host.get_network().connections.values()):
-                    for conn in list(conns):
-                        nursery.start_soon(close, conn)
-            await host.close()
-        except Exception:
-            log.debug("hanging up failed", exc_info=True)

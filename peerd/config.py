@@ -137,6 +137,11 @@ class Config:
     mcp_deadline_s: float = 30.0  # one call to the server
     mcp_ready_s: float = 10.0  # its initialize reply and tool list; never ready: given up
     mcp_restarts: int = 5  # crashes in a row restarted (with back-off) before giving up
+    # A peer whose tool call failed as unreachable or silent ranks last for the calls
+    # and batches of the next seconds (peerd/plans/suspects.py; 0: off). 30 s is about
+    # a ledger entry's lifetime; a live peer clears it sooner (reconnecting, or its next
+    # entry).
+    tool_suspect_s: float = 30.0
 
     @property
     def tool_choices(self) -> tuple[tuple[str, int | None], ...]:
@@ -178,7 +183,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "kv_headroom_positions": (0, 1 << 17), "compute_quantum_positions": (1, 1 << 17),
     "compute_turn_budget": (1, 1 << 17), "weights_http_port": (-1, 65535),
     "mcp_capacity": (1, MAX_TOOL_CAPACITY), "mcp_deadline_s": (0.1, 60),
-    "mcp_ready_s": (0.1, 600), "mcp_restarts": (0, 100),
+    "mcp_ready_s": (0.1, 600), "mcp_restarts": (0, 100), "tool_suspect_s": (0, 3600),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS,
@@ -207,7 +212,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str | Path):
             raise ConfigError(name, source, f"expected a path, got {value!r}")
         return Path(value).expanduser() if str(value) else None
-    if name in ("heartbeat_s", "mcp_deadline_s", "mcp_ready_s"):
+    if name in ("heartbeat_s", "mcp_deadline_s", "mcp_ready_s", "tool_suspect_s"):
         if isinstance(value, bool):  # float(True) would quietly mean 1 s
             raise ConfigError(name, source, f"expected a number, got {value!r}")
         try:

@@ -180,7 +180,8 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
                   model=face, run_task=symphony.run_task if face is not None else None,
                   mcp=config.mcp, mcp_settings=McpSettings(
                       capacity=config.mcp_capacity, deadline_s=config.mcp_deadline_s,
-                      ready_s=config.mcp_ready_s, max_restarts=config.mcp_restarts))
+                      ready_s=config.mcp_ready_s, max_restarts=config.mcp_restarts),
+                  suspect_s=config.tool_suspect_s)
     # ReAct plans over the swarm's tools, their steps written by our model
     plans = Plans(node, tools, config.data_dir, model=face, make_constraint=step_constraint)
     # the API's `memory` option and the memory_search tool draw on it

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
@@ -31,6 +32,7 @@ from protocols.errors import WireError
 log = logging.getLogger(__name__)
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+HANG_UP_S = 2.0  # closing every connection on the way out, at most
 
 
 class ConnectionNotifee:
@@ -152,3 +154,36 @@ def make_pubsub(host: Any) -> tuple[Pubsub, GossipSub]:
     for proto in router.get_protocols():
         host.set_stream_handler(proto, _guarded_stream_handler(pubsub.stream_handler))
     return pubsub, router
+
+
+def closing(conn: Any) -> bool:
+    """A swarm connection that is closing: yamux has seen the peer's GO_AWAY or its
+    socket end (or closed it itself), though the swarm may still list it."""
+    muxed = getattr(conn, "muxed_conn", None)
+    if muxed is None:
+        return False
+    if getattr(muxed, "is_closed", False):
+        return True
+    shutting_down = getattr(muxed, "event_shutting_down", None)  # yamux's
+    return shutting_down is not None and shutting_down.is_set()
+
+
+async def hang_up(host: Any) -> None:
+    """Close every connection at once (each waits ~0.1 s in yamux), then the swarm's
+    listeners and transports (`host.close`), within HANG_UP_S; never raises. For a
+    node on its way out: py-libp2p's `host.run` stops the swarm's tasks without
+    closing its sockets, so its peers would not see it go."""
+    async def close(conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    with trio.move_on_after(HANG_UP_S) as scope:
+        scope.shield = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for conns in list(host.get_network().connections.values()):
+                    for conn in list(conns):
+                        nursery.start_soon(close, conn)
+            await host.close()
+        except Exception:
+            log.debug("hanging up failed", exc_info=True)

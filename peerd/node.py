@@ -8,9 +8,13 @@ connectivity (dialing towards `target_peers`), the welcome of each new connectio
 RTT probes and peerstore clean-up. Systems plug in as services (service.py) started in
 that nursery with `Node.start`; leaving the context cancels them and closes the host.
 
-Two hooks let services take part without the kernel knowing them: `add_dial_source`
-(whom to dial: the ledger's addresses) and `on_connect` (what to do with a new
-connection: the ledger pulls a snapshot).
+Three hooks let services take part without the kernel knowing them: `add_dial_source`
+(whom to dial: the ledger's addresses), `on_connect` (what to do with a new
+connection: the ledger pulls a snapshot) and `on_disconnect` (a peer's last connection
+closed: the tools' dispatcher ends the calls in flight there at once).
+
+Leaving the context hangs up every connection and listener before the host stops
+(host.hang_up), so peers see the node leave at once, as they see a process that died.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from peerd.eager import open_eager
 from peerd.events import EventBus
 from peerd.host import (
     ConnectionNotifee,
+    closing,
     count_insecure_handshakes,
+    hang_up,
     make_host,
     make_pubsub,
     ping_once,
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=Service)
 DialSource = Callable[[], Iterable[tuple[str, Sequence[str]]]]  # -> (peer id, addrs)
 ConnectHook = Callable[[str], Awaitable[None]]  # (peer id); must not raise
+DisconnectHook = Callable[[str], None]  # (peer id); runs in the swarm's notification
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 DIAL_TIMEOUT_S = 5.0
@@ -82,6 +89,7 @@ class Node:
         self.services: list[Service] = []  # started (or starting), in order
         self._dial_sources: list[DialSource] = []
         self._connect_hooks: list[ConnectHook] = []
+        self._disconnect_hooks: list[DisconnectHook] = []
         self._welcomed_at: dict[str, float] = {}
         self._dial_backoff: dict[str, tuple[float, float]] = {}  # peer -> (next try, delay)
         self._ping_streams: dict[str, Any] = {}
@@ -122,6 +130,12 @@ class Node:
         first RTT probe (at most once per WELCOME_INTERVAL_S per peer)."""
         self._connect_hooks.append(hook)
 
+    def on_disconnect(self, hook: DisconnectHook) -> None:
+        """Call `hook(peer_id)` at once when the last connection to a peer closes (the
+        moment `peer.disconnected` is published). It runs inside the swarm's
+        notification: it must be quick and not block (set an event, cancel a scope)."""
+        self._disconnect_hooks.append(hook)
+
     # ---- queries -------------------------------------------------------------------
 
     def addrs(self) -> list[str]:
@@ -129,6 +143,18 @@ class Node:
 
     def connected_peers(self) -> list[str]:
         return sorted(str(p) for p in self.host.get_network().connections)
+
+    def link_up(self, peer_id: str) -> bool:
+        """A connection to `peer_id` is up (always, to ourselves): false when there is
+        none or each one is closing (host.closing), which yamux knows before the swarm
+        lets the connection go and `peer.disconnected` is published."""
+        if peer_id == self.peer_id:
+            return True
+        try:
+            pid = ID.from_base58(peer_id)
+        except Exception:
+            return False
+        return any(not closing(c) for c in self.host.get_network().connections.get(pid, []))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -371,6 +397,11 @@ class Node:
         self._ping_streams.pop(pid, None)
         self._welcomed_at.pop(pid, None)
         self.events.publish("peer.disconnected", peer_id=pid)
+        for hook in self._disconnect_hooks:
+            try:
+                hook(pid)
+            except Exception:
+                log.warning("a disconnection hook failed for %s", pid, exc_info=True)
 
     def _on_insecure_attempt(self, detail: str) -> None:
         self.metrics.rejections.labels("insecure_handshake").inc()
@@ -388,6 +419,7 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(
             host.run([multiaddr.Multiaddr(a) for a in config.listen]))
+        stack.push_async_callback(hang_up, host)  # after Pubsub, before the host stops
         await stack.enter_async_context(background_trio_service(pubsub))
         await stack.enter_async_context(background_trio_service(router))
         await pubsub.wait_until_ready()
@@ -397,3 +429,4 @@ async def open_node(config: Config, key_pair: KeyPair) -> AsyncIterator[Node]:
                 yield node
             finally:
                 nursery.cancel_scope.cancel()
+

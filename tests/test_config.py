@@ -132,6 +132,14 @@ def test_numbers_from_env_strings(tmp_path: Path) -> None:
     assert cfg.heartbeat_s == 0.5 and cfg.target_peers == 12
 
 
+def test_the_tool_suspicion_is_seconds_from_the_environment(tmp_path: Path) -> None:
+    home = {"PEERD_HOME": str(tmp_path)}
+    assert load_config(environ=home).tool_suspect_s == 30.0
+    assert load_config(environ={**home, "PEERD_TOOL_SUSPECT_S": "0"}).tool_suspect_s == 0.0
+    err = config_error(environ={**home, "PEERD_TOOL_SUSPECT_S": "-1"})
+    assert err.setting == "tool_suspect_s" and err.source == "PEERD_TOOL_SUSPECT_S"
+
+
 def test_prompt_cache_is_a_switch_from_any_source(tmp_path: Path) -> None:
     home = {"PEERD_HOME": str(tmp_path), "PEERD_MODEL": "smollm2"}
     # unset: on where reuse is safe, which the route decides (tests/test_prompt_cache.py)

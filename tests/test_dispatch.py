@@ -1,7 +1,9 @@
 """The dispatcher's rules with a scripted transport and trio's fake clock: calls run in
 parallel within each peer's capacity (counted), a failure retries on another peer after
 a bounded backoff, a verdict on the call is not retried, a spent budget is an
-observation, a silent peer is routed around, and the results keep the calls' order."""
+observation, a silent peer is routed around, and the results keep the calls' order;
+a peer that leaves mid-call ends its attempts at once; a peer that failed as
+unreachable or silent is suspected across batches (ranked last, not excluded)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import trio.testing
 
 from peerd.plans.caller import TIMEOUT, UNREACHABLE, Outcome, ToolFailure, ToolResult
 from peerd.plans.choice import Offer, rank
-from peerd.plans.dispatch import Call, Limiter, dispatch
+from peerd.plans.dispatch import Call, Departures, Dispatched, Limiter, dispatch
 from peerd.plans.retry import RetryPolicy, backoff_s, candidates, retried
+from peerd.plans.suspects import SUSPECT_S, Suspects
 from protocols import tool as wire
 
 H = "0" * 64
@@ -165,3 +168,73 @@ def test_the_next_peer_is_another_and_reputation_ranks() -> None:
     assert [o.peer for o in ranked] == ["twin", "far", "liar"]
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
+
+
+async def test_a_peer_that_leaves_mid_call_ends_its_attempts_at_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The disconnect notification (Departures.left) cancels the attempts in flight at
+    the peer: each ends `unreachable` then, not at its deadline, and moves elsewhere."""
+    script = Script(slot_s=1.0, hangs=["dead"])
+    offers = [Offer("dead", H, 2, rtt_ms=0.1), Offer("b", H, 2, rtt_ms=5.0)]
+    departures = Departures()
+    policy = RetryPolicy(attempt_deadline_s=30.0)
+    got: list[Dispatched] = []
+    t0 = trio.current_time()
+
+    async def batch() -> None:
+        got.extend(await dispatch(calls(4), lambda t: offers, script, slots=Limiter(),
+                                  policy=policy, departures=departures))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batch)
+        await trio.sleep(0.5)
+        assert departures.watched("dead") == 2 and departures.watched("b") == 2
+        departures.left("dead")
+    assert trio.current_time() - t0 < policy.attempt_deadline_s  # no deadline waited out
+    moved = [d for d in got if len(d.attempts) > 1]
+    assert len(moved) == 2 and all(d.ok and d.peer == "b" for d in got)
+    for d in moved:
+        first = d.attempts[0]
+        assert (first.peer, first.code, first.by) == ("dead", UNREACHABLE, "caller")
+        assert first.elapsed_s == pytest.approx(0.5)
+    assert departures.watched("dead") == 0 and departures.watched("b") == 0
+    departures.left("nobody")  # a peer with nothing in flight: nothing to do
+
+
+def test_a_suspect_is_remembered_for_a_while_then_forgiven() -> None:
+    """The pure rule on a fake clock: unreachable or silent marks a peer for hold_s;
+    its newer ledger entry (seq) or a reconnection clears it; nothing else marks."""
+    s = Suspects(hold_s=30.0)
+    assert SUSPECT_S == 30.0 and not s.suspected("a", 5, 0.0)
+    for code in (wire.BUSY, wire.DEADLINE, wire.TOOL_ERROR, wire.OK):
+        assert not s.failed("a", code, 5, 0.0) and not s.suspected("a", 5, 0.0)
+    assert s.failed("a", UNREACHABLE, 5, 100.0)
+    assert s.suspected("a", 5, 100.0) and s.suspected("a", 5, 129.9)
+    assert not s.suspected("a", 5, 130.0)  # the hold is over
+    assert not s.suspected("a", 5, 100.0)  # and forgotten
+    assert s.failed("b", TIMEOUT, 7, 0.0)
+    assert s.suspected("b", 7, 10.0) and s.suspected("b", 6, 10.0)  # an older entry
+    assert not s.suspected("b", 8, 10.0)  # its entry refreshed since: it is back
+    assert s.failed("c", TIMEOUT, 0, 0.0)  # no entry known: any entry is newer
+    s.clear("c")  # it connected again
+    assert not s.suspected("c", 0, 1.0)
+    off = Suspects(hold_s=0.0)
+    assert not off.failed("a", UNREACHABLE, 1, 0.0) and not off.suspected("a", 1, 0.0)
+    with pytest.raises(ValueError):
+        Suspects(hold_s=-1.0)
+
+
+async def test_a_suspect_ranks_last_but_is_not_excluded(
+        autojump_clock: trio.testing.MockClock) -> None:
+    ranked = rank([Offer("sus", H, 4, rtt_ms=0.1, suspect=True),
+                   Offer("far", H, 4, rtt_ms=90.0, reputation=0.1),
+                   Offer("full", H, 1, load=1, rtt_ms=1.0)])
+    assert [o.peer for o in ranked] == ["far", "sus", "full"]
+    # the nearest peer is suspected: calls go to the other first, and to it only when
+    # the other is full; a suspect that alone offers the tool still gets the call
+    script = Script(slot_s=1.0)
+    offers = [Offer("sus", H, 2, rtt_ms=0.1, suspect=True), Offer("b", H, 2, rtt_ms=5.0)]
+    got = await dispatch(calls(3), lambda t: offers, script, slots=Limiter())
+    assert [p for _, p in script.calls] == ["b", "b", "sus"] and all(d.ok for d in got)
+    (alone,) = await dispatch(calls(1), lambda t: offers[:1], script, slots=Limiter())
+    assert alone.ok and alone.peer == "sus"

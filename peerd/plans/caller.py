@@ -7,7 +7,9 @@ the peer we called and answers our call (our call id, us as the caller, the tool
 named); anything else is counted against that peer as an offence.
 
 `by` on a failure says whose word it is: "callee" (its signed outcome) or "caller"
-(what we saw: unreachable, timeout, refused, malformed, forged).
+(what we saw: unreachable, timeout, refused, malformed, forged). A stream that ends
+without an answer because the peer's connection is closing (it left mid-call) is
+`unreachable`, not an offence.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ async def _exchange(node: Node, peer: str, request: ToolRequest, timeout_s: floa
         code = wire.BUSY if exc.code == "busy" else REFUSED
         return code, f"the peer refused the request ({exc.code}): {exc.message}"
     except PeerError as exc:
+        if not node.link_up(peer):  # its streams ended with its connection: it left
+            return UNREACHABLE, f"the peer's connection closed during the call ({exc})"
         node.offence(peer, exc.reason, str(exc))
         return MALFORMED, f"the peer answered garbage: {exc}"
     except Exception as exc:  # the transport's many errors: the peer is not there

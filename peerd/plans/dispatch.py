@@ -7,7 +7,10 @@ waits here when every candidate is full, and runs one attempt under the policy's
 deadline. A failure that says nothing about the call (busy, deadline, unreachable,
 silence, a forged or garbled answer) is retried after a jittered backoff on another
 peer when there is one; a peer that was unreachable, silent or lying is passed over by
-the rest of the batch, so a peer that dies mid-call is routed around. The callee's
+the rest of the batch. A peer that dies mid-call is routed around at once: its
+connection's end ends the streams of the calls there (`unreachable`, caller.py), and
+the node's disconnect notification cancels whatever attempt is still at that peer
+(`Departures`), so neither waits out the attempt's deadline. The callee's
 verdict on the call itself is the observation and is not retried. After the budget the
 call's failure is a `Dispatched` with `ok` false: the tool, what failed, on which peers,
 how many attempts. Nothing a peer does makes `dispatch` raise; the results come back
@@ -20,14 +23,22 @@ leaves the ledger is no longer a candidate.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from peerd.plans.caller import TIMEOUT, Outcome, ToolFailure, ToolResult, new_call_id
+from peerd.plans.caller import (
+    TIMEOUT,
+    UNREACHABLE,
+    Outcome,
+    ToolFailure,
+    ToolResult,
+    new_call_id,
+)
 from peerd.plans.choice import Offer
 from peerd.plans.retry import (
     DEFAULT_POLICY,
@@ -65,6 +76,42 @@ class Limiter(Slots):
 
     async def freed(self) -> None:
         await self._freed.wait()
+
+
+class Departures:
+    """The attempts in flight, by peer, each with a cancel scope: `left(peer)` (wired to
+    the node's disconnect notification, Node.on_disconnect) cancels those at a peer
+    that left, so each ends at once as `unreachable` instead of waiting out its
+    deadline. No polling: the notification does it."""
+
+    def __init__(self) -> None:
+        self._scopes: dict[str, set[trio.CancelScope]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, peer: str) -> Iterator[trio.CancelScope]:
+        """A cancel scope (for the caller to enter) that `left(peer)` cancels while
+        this block runs."""
+        scope = trio.CancelScope()
+        scopes = self._scopes.setdefault(peer, set())
+        scopes.add(scope)
+        try:
+            yield scope
+        finally:
+            scopes.discard(scope)
+            if not scopes and self._scopes.get(peer) is scopes:
+                del self._scopes[peer]
+
+    def left(self, peer: str) -> None:
+        for scope in self._scopes.pop(peer, set()):
+            scope.cancel()
+
+    def watched(self, peer: str) -> int:
+        return len(self._scopes.get(peer, ()))
+
+
+def left_mid_call(peer: str, tool: str, call_id: str) -> ToolFailure:
+    return ToolFailure(peer, tool, call_id, UNREACHABLE,
+                       "the peer disconnected during the call", "caller")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +176,14 @@ class Dispatched:
 async def dispatch(calls: Sequence[Call], offers: Offers, call_one: CallOne, *,
                    slots: Limiter, policy: RetryPolicy = DEFAULT_POLICY,
                    rng: random.Random | None = None, observe: Observe | None = None,
-                   done: Done | None = None) -> list[Dispatched]:
+                   done: Done | None = None, departures: Departures | None = None
+                   ) -> list[Dispatched]:
     """Run `calls` at once; their ends in the same order. `slots` is shared by every
     batch of this peer, so two batches together stay within each capacity. `observe`
     hears each attempt, `done` each call's end as it comes (a planner in async mode
-    goes on with the first)."""
-    batch = _Batch(offers, call_one, slots, policy, rng or random.Random(), observe)
+    goes on with the first). `departures` ends the attempts at a peer that leaves."""
+    batch = _Batch(offers, call_one, slots, policy, rng or random.Random(), observe,
+                   departures or Departures())
     results: list[Dispatched | None] = [None] * len(calls)
 
     async def run(i: int, call: Call) -> None:
@@ -150,8 +199,10 @@ async def dispatch(calls: Sequence[Call], offers: Offers, call_one: CallOne, *,
 
 class _Batch:
     def __init__(self, offers: Offers, call_one: CallOne, slots: Limiter,
-                 policy: RetryPolicy, rng: random.Random, observe: Observe | None) -> None:
+                 policy: RetryPolicy, rng: random.Random, observe: Observe | None,
+                 departures: Departures) -> None:
         self.offers = offers
+        self.departures = departures
         self.call_one = call_one
         self.slots = slots
         self.policy = policy
@@ -202,8 +253,11 @@ class _Batch:
 
     async def _attempt(self, offer: Offer, call: Call) -> Outcome:
         deadline_s = self.policy.attempt_deadline_s
-        with trio.move_on_after(deadline_s + ATTEMPT_MARGIN_S):
-            return await self.call_one(offer, call, deadline_s)
+        with self.departures.watch(offer.peer) as lost, \
+                trio.move_on_after(deadline_s + ATTEMPT_MARGIN_S):
+            with lost:
+                return await self.call_one(offer, call, deadline_s)
+            return left_mid_call(offer.peer, call.tool, call.call_id)
         return ToolFailure(offer.peer, call.tool, call.call_id, TIMEOUT,
                            f"no answer within {deadline_s + ATTEMPT_MARGIN_S:g} s", "caller")
 

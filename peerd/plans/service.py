@@ -12,6 +12,9 @@ the arguments against it before anything is sent (a bad call costs no round trip
 on "busy" or a peer that cannot be reached tries the next offer. Each call is told on
 /events as `tool.called`. `dispatch(calls)` runs a step's calls in parallel across the
 peers offering each tool, within their capacities, with retry elsewhere (dispatch.py).
+A peer that leaves mid-call ends its attempts at once (the node's disconnect
+notification, `Departures`), and a peer that failed as unreachable or silent ranks
+last for a while in every later call and batch (suspects.py).
 It serves `/v1/tools` in the local API (api/tools.py).
 
 External MCP servers (`--mcp`, external.py) run in this service's nursery: each one's
@@ -49,11 +52,22 @@ from peerd.plans.caller import (
     new_call_id,
 )
 from peerd.plans.choice import Offer, rank
-from peerd.plans.dispatch import Attempt, Call, Dispatched, Done, Limiter, Observe, dispatch
+from peerd.plans.dispatch import (
+    Attempt,
+    Call,
+    Departures,
+    Dispatched,
+    Done,
+    Limiter,
+    Observe,
+    dispatch,
+    left_mid_call,
+)
 from peerd.plans.external import DEFAULT_SETTINGS, ExternalServer, McpMetrics, McpSettings
 from peerd.plans.metrics import DispatchMetrics, ToolMetrics
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
 from peerd.plans.schema import BadTool, Invalid, SchemaCheck, SchemaInvalid
+from peerd.plans.suspects import SUSPECT_S, Suspects
 from peerd.plans.tool import Tool
 from peerd.plans.toolbox import Toolbox
 from peerd.rpc import stream_handler
@@ -86,7 +100,8 @@ class Tools(Service):
                  tools_dir: Path | None = None, extra: Iterable[Tool] = (),
                  model: Callable[[], LanguageModel] | None = None,
                  run_task: RunTask | None = None,
-                 mcp: Sequence[str] = (), mcp_settings: McpSettings = DEFAULT_SETTINGS) -> None:
+                 mcp: Sequence[str] = (), mcp_settings: McpSettings = DEFAULT_SETTINGS,
+                 suspect_s: float = SUSPECT_S) -> None:
         self.node = node
         self.ledger = ledger
         # the peer's memory, for memory_search (the daemon hands it over, as to Symphony)
@@ -101,6 +116,10 @@ class Tools(Service):
         self.slots = Limiter()
         self.load: Counter[tuple[str, str]] = self.slots.load
         self.dispatch_metrics = DispatchMetrics(node.metrics.registry, self.slots)
+        # our attempts in flight by peer, ended at once when the peer disconnects
+        self.departures = Departures()
+        # peers that failed as unreachable or silent: ranked last for `suspect_s`
+        self.suspects = Suspects(suspect_s)
         self.rng = random.Random()
         self._checks: dict[str, SchemaCheck] = {}  # schema hash -> its inputSchema's check
         self._specs: dict[str, ToolSpec] = {}  # schema hash -> the tool's full contract
@@ -115,6 +134,8 @@ class Tools(Service):
                   ) -> None:
         self.node.set_stream_handler(wire.TOOL.id, stream_handler(wire.TOOL, self._serve,
                                                                   self.node.offence))
+        self.node.on_disconnect(self.departures.left)
+        self.node.on_connect(self._reconnected)
         async with trio.open_nursery() as nursery:
             for server in self.external:
                 nursery.start_soon(server.run)
@@ -178,6 +199,24 @@ class Tools(Service):
         body, sig = seal(result, self.node.key_pair.private_key)
         return ToolReply(result=SignedResult(body=body, sig=sig))
 
+    # ---- peers that left -------------------------------------------------------------
+
+    async def _reconnected(self, peer: str) -> None:
+        """A peer connected (the hook runs a moment later): back, if still connected
+        (a dying peer's listener can take a last dial as it shuts down)."""
+        if self.node.link_up(peer):
+            self.suspects.clear(peer)
+
+    def _failed(self, peer: str, code: str) -> None:
+        """An attempt at `peer` ended `code`: suspect the peer if it says it is gone."""
+        if peer == self.node.peer_id:
+            return
+        entry = self.ledger.book.get(peer)
+        if self.suspects.failed(peer, code, entry.seq if entry is not None else 0,
+                                trio.current_time()):
+            log.info("peer %s failed as %s: ranked last for %g s", peer[-8:], code,
+                     self.suspects.hold_s)
+
     # ---- the swarm's tools ----------------------------------------------------------
 
     def offers(self, tool: str | None = None) -> list[tuple[str, Offer, str]]:
@@ -187,14 +226,17 @@ class Tools(Service):
         # Symphony's reputation view: ours is what our own entry publishes
         reports = {e.peer_id: e.reputation for e in entries}
         own = reports.get(self.node.peer_id, {})
+        now = trio.current_time()
         for entry in entries:
             rtt = 0.0 if entry.peer_id == self.node.peer_id else \
                 self.node.rtt_ms.get(entry.peer_id)
             standing = view(entry.peer_id, self.node.peer_id, own, reports)
+            suspect = self.suspects.suspected(entry.peer_id, entry.seq, now)
             for brief in entry.tools:
                 if tool is None or brief.name == tool:
                     offer = Offer(entry.peer_id, brief.schema, brief.capacity,
-                                  self.slots.held(entry.peer_id, brief.name), rtt, standing)
+                                  self.slots.held(entry.peer_id, brief.name), rtt, standing,
+                                  suspect)
                     out.append((brief.name, offer, entry.name))
         return out
 
@@ -213,11 +255,13 @@ class Tools(Service):
 
         def counted(call: Call, attempt: Attempt) -> None:
             self.dispatch_metrics.attempts.labels(call.tool[:64], attempt.code).inc()
+            self._failed(attempt.peer, attempt.code)
             if observe is not None:
                 observe(call, attempt)
 
         return await dispatch(calls, offers, call_one, slots=self.slots, policy=policy,
-                              rng=self.rng, observe=counted, done=done)
+                              rng=self.rng, observe=counted, done=done,
+                              departures=self.departures)
 
     async def specs(self, names: Iterable[str] | None = None) -> dict[str, ToolSpec]:
         """The full contract of each tool named (default: every tool the live ledger
@@ -270,7 +314,15 @@ class Tools(Service):
                            "entry") + "; `peerd tools` lists who offers what")
         outcome: Outcome | None = None
         for offer in rank(offers)[:MAX_TRIES if peer is None else 1]:
-            outcome = await self._call_one(offer, tool, arguments, deadline_s)
+            call_id = new_call_id()
+            with self.departures.watch(offer.peer) as lost:
+                with lost:
+                    outcome = await self._call_one(offer, tool, arguments, deadline_s,
+                                                   call_id=call_id)
+                if lost.cancelled_caught:
+                    outcome = left_mid_call(offer.peer, tool, call_id)
+            if isinstance(outcome, ToolFailure):
+                self._failed(offer.peer, outcome.code)
             if not (isinstance(outcome, ToolFailure) and outcome.code in RETRY_ON):
                 break
         assert outcome is not None

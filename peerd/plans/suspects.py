@@ -1,0 +1,64 @@
+"""Peers that failed as unreachable or silent, remembered across batches for a while:
+a pure rule, the clock handed in.
+
+A batch passes over the peers it suspects (retry.candidates); a peer that died in one
+batch would be tried again by the next as if nothing had happened. So a peer whose
+attempt ended `unreachable` (no stream, or its connection closed mid-call) or `timeout`
+(silent past the deadline and its margin) is suspected for `hold_s`: its offers rank
+after every other peer's with a free slot (choice.rank), never excluded, since it may be
+the only one offering a tool. The suspicion ends early when the peer shows it is back:
+it connects again (Tools hears the node's connection), or its ledger entry is refreshed
+with a newer seq than it had when it failed (only the peer itself can sign one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peerd.plans.caller import TIMEOUT, UNREACHABLE
+
+# How long a peer that failed as unreachable or silent ranks last (s). 30 s: about a
+# ledger entry's lifetime (3 heartbeats of 10 s), so a dead peer is ranked last until
+# its entry expires; a live one clears it with its next entry (every heartbeat).
+SUSPECT_S = 30.0
+SUSPECTED_ON = frozenset({UNREACHABLE, TIMEOUT})  # what says the peer is not there
+MAX_SUSPECTS = 4096  # remembered at once; the oldest forgotten first
+
+
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    until: float  # the clock's time the suspicion ends
+    seq: int  # the peer's ledger entry's seq when it failed (0: none known)
+
+
+class Suspects:
+    def __init__(self, hold_s: float = SUSPECT_S) -> None:
+        if not hold_s >= 0:
+            raise ValueError(f"a suspicion of {hold_s} s")
+        self.hold_s = hold_s
+        self._marks: dict[str, _Mark] = {}
+
+    def failed(self, peer: str, code: str, seq: int, now: float) -> bool:
+        """An attempt at `peer` ended `code`; suspect it if that says it is not there.
+        `seq`: its ledger entry's seq now (0 if none). True when it is suspected."""
+        if code not in SUSPECTED_ON or self.hold_s == 0:
+            return False
+        self._marks.pop(peer, None)  # re-inserted: the newest last
+        if len(self._marks) >= MAX_SUSPECTS:
+            del self._marks[next(iter(self._marks))]
+        self._marks[peer] = _Mark(now + self.hold_s, seq)
+        return True
+
+    def clear(self, peer: str) -> None:
+        """`peer` is back (it connected again)."""
+        self._marks.pop(peer, None)
+
+    def suspected(self, peer: str, seq: int, now: float) -> bool:
+        """Whether `peer`, whose ledger entry has `seq` now, is still suspected."""
+        mark = self._marks.get(peer)
+        if mark is None:
+            return False
+        if now >= mark.until or seq > mark.seq:
+            del self._marks[peer]
+            return False
+        return True

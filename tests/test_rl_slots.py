@@ -40,6 +40,17 @@ def test_min_version_lets_a_slot_be_generated_up_to_s_versions_before_its_step()
     assert slots.min_version([1], staleness=3) == 0  # never below 0
 
 
+def test_nothing_is_handed_out_past_the_runs_last_step() -> None:
+    slots = Slots(batch=2, ahead=1, steps=2)  # the run trains slots 0..3
+    assert slots.hand_out(10) == [0, 1, 2, 3]  # step 1 is ahead; step 2 never trains
+    slots.advance()
+    assert slots.hand_out(10) == []
+    slots.give_back([3])  # a refused group of the last step still goes out again
+    assert slots.hand_out(10) == [3]
+    resumed = Slots(batch=2, ahead=0, next_slot=2, steps=2)
+    assert resumed.hand_out(10) == [2, 3]
+
+
 def test_a_resumed_run_starts_at_its_step() -> None:
     slots = Slots(batch=3, ahead=0, next_slot=9)
     assert slots.step == 3 and slots.hand_out(5) == [9, 10, 11]

@@ -7,7 +7,8 @@ order their rollouts arrive in. A slot's rollouts are trained at version t (the
 trainer's version at step t), so they are admissible when generated at version
 >= t - S. Slots are handed out in order, lowest first (given-back slots before new
 ones), and never beyond step t + S while the trainer is at step t (in sync mode S is
-0 for this purpose: nothing runs ahead). Hence:
+0 for this purpose: nothing runs ahead), nor beyond the run's last step (a group for a
+step that will never train is compute thrown away). Hence:
 
 - sync mode, and async mode with staleness 0, generate and train the same slots at
   the same versions with the same seeds: the same rollouts, the same updates;
@@ -23,9 +24,11 @@ import heapq
 
 
 class Slots:
-    def __init__(self, batch: int, ahead: int, *, next_slot: int = 0) -> None:
+    def __init__(self, batch: int, ahead: int, *, next_slot: int = 0,
+                 steps: int | None = None) -> None:
         self.batch = batch
         self.ahead = ahead  # steps a slot may be handed out before its own
+        self.end = None if steps is None else steps * batch  # the run's slots end here
         self.step = next_slot // batch  # the step the trainer is on
         self._next = next_slot  # the lowest slot never handed out
         self._back: list[int] = []  # given back, to go out again first (a heap)
@@ -41,7 +44,8 @@ class Slots:
     @property
     def limit(self) -> int:
         """Slots below this may be handed out now."""
-        return (self.step + 1 + self.ahead) * self.batch
+        ahead = (self.step + 1 + self.ahead) * self.batch
+        return ahead if self.end is None else min(ahead, self.end)
 
     def hand_out(self, n: int) -> list[int]:
         """Up to n slots, lowest first; fewer (maybe none) at the run-ahead limit."""

@@ -97,7 +97,7 @@ class Trainer:
         staleness = spec.staleness if spec.mode == "async" else 0
         self.staleness = staleness
         self.slots = Slots(spec.batch, staleness if spec.mode == "async" else 0,
-                           next_slot=step * spec.batch)
+                           next_slot=step * spec.batch, steps=spec.steps)
         self.version = version
         self.offset = version - step  # versions move on across a resume; steps do not
         self.progress = Progress(step=step, version=version)

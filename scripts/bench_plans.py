@@ -54,12 +54,11 @@ from bench_plans_bfcl import (  # noqa: E402
     constraint_support,
     load_questions,
 )
-from bench_plans_multiturn import (  # noqa: E402
-    PLACEMENT,
+from bench_plans_multiturn import PLACEMENT, load_cases, plan_step_counts  # noqa: E402
+from bench_plans_multiturn_swarm import (  # noqa: E402
     TurnBudget,
-    load_cases,
-    plan_step_counts,
     run_case,
+    run_reference,
     start_swarm,
     summarise,
 )
@@ -226,6 +225,12 @@ def multiturn_arm(args: argparse.Namespace, arm: str, cases: list[Any], budget: 
     from testnet.peer_api import http_client
 
     model_args = args.constrained_peer_args.split() if arm == "constrained" else []
+
+    def run(peers: list[Any], case: Any) -> dict[str, Any]:
+        if arm == "reference":
+            return run_reference(peers, case)
+        return run_case(peers, case, budget)
+
     with tempfile.TemporaryDirectory(prefix="peerd_bench_multiturn_") as tmp:
         run_dir = Path(tmp) / "testnet"
         began = time.perf_counter()
@@ -241,7 +246,7 @@ def multiturn_arm(args: argparse.Namespace, arm: str, cases: list[Any], budget: 
             before = steps_metric()
             done = []
             for k, case in enumerate(cases):
-                got = run_case(peers, case, budget)
+                got = run(peers, case)
                 done.append(got)
                 verdict = "ok" if got["valid"] else got["error_type"]
                 console.print(f"{arm} {k + 1}/{len(cases)} {case.id} "
@@ -336,8 +341,9 @@ def main() -> None:
     m = sub.add_parser("multiturn", help="BFCL multi_turn_base, tools executed by peers")
     m.add_argument("--n", type=int, default=3, help="cases (0: all 200)")
     m.add_argument("--seed", type=int, default=27)
-    m.add_argument("--arms", nargs="+", default=["unconstrained", "constrained"],
-                   choices=["unconstrained", "constrained"])
+    m.add_argument("--arms", nargs="+", default=["reference", "unconstrained", "constrained"],
+                   choices=["reference", "unconstrained", "constrained"],
+                   help="reference: the ground truth's calls through the same peers, no model")
     default = TurnBudget()
     m.add_argument("--steps", type=int, default=default.steps, help="a turn's plan")
     m.add_argument("--tokens", type=int, default=default.tokens, help="a turn's plan")

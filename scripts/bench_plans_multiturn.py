@@ -170,6 +170,31 @@ def step_parses(record: dict[str, Any]) -> tuple[int, int]:
     return parsed, len(steps)
 
 
+def ground_truth_calls(case: Case) -> list[list[tuple[str, dict[str, Any]]]]:
+    """Each turn's ground-truth calls as the planner writes calls: a name and keyword
+    arguments (BFCL's strings sometimes pass leading arguments by position: named here
+    from the method's signature)."""
+    import ast
+    import inspect
+
+    methods = {name: c for c in case.involved_classes for name in class_tools(c)}
+    out = []
+    for turn in case.ground_truth:
+        calls = []
+        for text in turn:
+            node = ast.parse(text, mode="eval").body
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+                raise ValueError(f"not a call: {text}")
+            name = node.func.id
+            params = list(inspect.signature(
+                getattr(new_instance(methods[name], {}), name)).parameters)
+            args = {params[k]: ast.literal_eval(a) for k, a in enumerate(node.args)}
+            args |= {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+            calls.append((name, args))
+        out.append(calls)
+    return out
+
+
 # ---- scoring with BFCL's checker -----------------------------------------------------------
 
 def multi_turn_checker() -> Any:
@@ -253,160 +278,4 @@ def plan_step_counts(metrics: str) -> dict[str, float]:
         got = dict(part.split("=", 1) for part in labels.split("{", 1)[1].split(","))
         key = f"{got.get('parse', '?').strip(chr(34))}/{got.get('constrained', '?').strip(chr(34))}"
         out[key] = out.get(key, 0.0) + float(value)
-    return out
-
-
-# ---- the swarm (real processes) ---------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class TurnBudget:
-    steps: int = 3
-    tokens: int = 1024
-    wall_s: float = 420.0
-    calls: int = 16
-
-    def to_json(self) -> dict[str, Any]:
-        return {"steps": self.steps, "tokens": self.tokens, "wall_s": self.wall_s,
-                "calls": self.calls}
-
-
-def peer_args(python: str, model: str, threads: int, model_args: Sequence[str] = (),
-              placement: Sequence[Sequence[str]] = PLACEMENT) -> list[list[str]]:
-    """Each peer's own `peerd start` flags: its classes' servers, one call at a time a
-    server (its calls mutate one instance: BFCL runs a step's calls in order); peer 0
-    also serves the model."""
-    out = []
-    for i, held in enumerate(placement):
-        args = ["--memory-embedder", "hashing", "--mcp-capacity", "1"]
-        for c in held:
-            args += ["--mcp", server_command(python, c)]
-        if i == 0:
-            args += ["--model", model, "--torch-threads", str(threads), *model_args]
-        out.append(args)
-    return out
-
-
-def start_swarm(run_dir: Path, model: str, threads: int, model_args: Sequence[str] = (),
-                *, ready_s: float = 600.0) -> list[Any]:
-    """4 peers up, peer 0's model ready, every class's tools in peer 0's ledger."""
-    import sys
-    import time
-
-    from testnet import launcher
-    from testnet.peer_api import api_get
-    from testnet.state import TestnetError
-
-    each = peer_args(sys.executable, model, threads, model_args)
-    for attempt in range(5):  # other runs on this machine may hold a base port
-        base = random.Random().randrange(20000, 60000, 100)
-        try:
-            peers = launcher.up(len(each), run_dir, base, each_peer_args=each, settle_s=15.0)
-            break
-        except TestnetError as exc:
-            if "in use" not in str(exc) or attempt == 4:
-                raise
-    want = {n for c in CLASSES for n in (*class_tools(c), reset_tool(c))}
-    deadline = time.monotonic() + ready_s
-    while True:
-        state = api_get(peers[0], "/status").get("model", {}).get("state")
-        offered = {r["tool"] for r in api_get(peers[0], "/v1/tools")}
-        if state == "ready" and want <= offered:
-            return list(peers)
-        if state == "failed" or time.monotonic() > deadline:
-            launcher.down(run_dir)
-            raise TestnetError(f"swarm not ready: model {state}, tools missing "
-                               f"{sorted(want - offered)[:8]}")
-        time.sleep(1.0)
-
-
-def run_plan(peer: Any, goal: str, tools: Sequence[str], budget: TurnBudget
-             ) -> dict[str, Any]:
-    """One plan on `peer`, waited for; its record."""
-    import time
-
-    from testnet.peer_api import api_get, api_request
-
-    plan = api_request(peer, "POST", "/v1/plans", json={
-        "goal": goal, "tools": list(tools), "budget": budget.to_json()})
-    deadline = time.monotonic() + budget.wall_s + 120.0
-    while True:
-        record: dict[str, Any] = api_get(peer, f"/v1/plans/{plan['id']}")
-        if record["status"] != "running" or time.monotonic() > deadline:
-            return record
-        time.sleep(1.0)
-
-
-def run_case(peers: Sequence[Any], case: Case, budget: TurnBudget) -> dict[str, Any]:
-    """Reset the case's classes on their peers, a plan per turn, BFCL's verdict."""
-    import time
-
-    from testnet.peer_api import api_request
-
-    began = time.perf_counter()
-    for c in case.involved_classes:
-        got = api_request(peers[0], "POST", "/v1/tools/call", json={
-            "tool": reset_tool(c), "arguments": {"config": case.initial_config.get(c, {})}},
-            timeout_s=60.0)
-        if not got.get("ok"):
-            raise RuntimeError(f"reset of {c} failed: {got.get('error')}")
-    records = [run_plan(peers[0], goal_of(case, t), case_tools(case), budget)
-               for t in range(len(case.turns))]
-    seconds = time.perf_counter() - began
-    turns = [executed_steps(r) for r in records]
-    verdict = score(case, turns)
-    texts, replay = peer_texts(records), replayed(case, turns)
-    names = {p.peer_id: p.name for p in peers}
-    calls = [c for r in records for s in r.get("steps", []) for c in s.get("calls", [])]
-    parsed = [step_parses(r) for r in records]
-    return {
-        "id": case.id, "classes": list(case.involved_classes), "turns": len(case.turns),
-        "valid": bool(verdict["valid"]), "error_type": verdict.get("error_type"),
-        "error_message": str(verdict.get("error_message", ""))[:300],
-        "seconds": round(seconds, 1),
-        "plans": [{"status": r["status"], "reason": r.get("reason", ""),
-                   "used": r.get("used", {}), "answer": (r.get("answer") or "")[:200],
-                   "first_step": (r.get("steps") or [{}])[0].get("thought", "")[:200]}
-                  for r in records],
-        "steps_parsed": sum(p for p, _ in parsed), "steps": sum(n for _, n in parsed),
-        "calls": len(calls), "codes": _count(c.get("code") or "?" for c in calls),
-        "executed": [[list(s) for s in t] for t in turns],
-        "executed_by": _count(names.get(c.get("peer", ""), "?") for c in calls
-                              if c.get("code") == EXECUTED),
-        "peer_results_checked": sum(t is not None for t in texts),
-        "peer_results_equal_local": sum(t is not None and t == r
-                                        for t, r in zip(texts, replay, strict=False)),
-        "ground_truth": [list(t) for t in case.ground_truth],
-    }
-
-
-def summarise(arm: str, cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    from peerd.rl.evaluate import wilson
-
-    n = len(cases)
-    right = sum(c["valid"] for c in cases)
-    plans = [p for c in cases for p in c["plans"]]
-    steps = sum(c["steps"] for c in cases)
-    lo, hi = wilson(right, n)
-    codes: dict[str, int] = {}
-    for c in cases:
-        for k, v in c["codes"].items():
-            codes[k] = codes.get(k, 0) + v
-    return {
-        "arm": arm, "cases": n, "success": right, "success_rate": right / max(n, 1),
-        "ci95": [lo, hi], "turns": sum(c["turns"] for c in cases),
-        "plans_answered": sum(p["status"] == "answered" for p in plans),
-        "plans_failed": _count(p["reason"] for p in plans if p["status"] != "answered"),
-        "steps": steps, "steps_parsed": sum(c["steps_parsed"] for c in cases),
-        "parse_rate": sum(c["steps_parsed"] for c in cases) / max(steps, 1),
-        "calls": sum(c["calls"] for c in cases), "calls_by_code": codes,
-        "calls_executed": codes.get(EXECUTED, 0),
-        "seconds_per_case": sum(c["seconds"] for c in cases) / max(n, 1),
-        "errors": _count(c["error_type"] or "?" for c in cases if not c["valid"]),
-    }
-
-
-def _count(items: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for item in items:
-        out[str(item)] = out.get(str(item), 0) + 1
     return out

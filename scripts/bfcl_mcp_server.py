@@ -7,8 +7,10 @@ MathAPI, MessageAPI, TwitterAPI, TicketAPI, TradingBot, TravelAPI, VehicleContro
 offers:
 
 - each of its methods that BFCL documents (data/multi_turn_func_doc), under the method's
-  own name, with BFCL's description and its parameter doc converted to JSON Schema by
-  bench_plans_bfcl.bfcl_schema (peerd checks every call against it before it comes here).
+  own name, with BFCL's description (less the preamble BFCL repeats in every tool of a
+  class, "This tool belongs to the ... Tool description: ": `short_description`) and its
+  parameter doc converted to JSON Schema by bench_plans_bfcl.bfcl_schema (peerd checks
+  every call against it before it comes here).
   The result is BFCL's own rendering of the method's return value, as its executor
   (multi_turn_utils.execute_multi_turn_func_call) writes it: a string as is, a dict as
   JSON, anything else str(); a method that raises answers "Error during execution: ...",
@@ -34,6 +36,14 @@ from mcp.server.mcpserver import MCPServer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_plans_bfcl import bfcl_schema
 from bench_plans_multiturn import class_docs, new_instance
+
+
+def short_description(description: str) -> str:
+    """BFCL's description after its per-class preamble. Why: the planner's prompt lists
+    every tool of a case's classes, and on the 2-core machine SmolLM2's prefill of the
+    full docs (up to ~3,900 tokens) ran past the pipeline's 60 s step deadline; the
+    preamble is a third of it and says nothing about the tool."""
+    return description.split("Tool description: ", 1)[-1].strip() or description
 
 
 def rendered(value: Any) -> str:
@@ -71,8 +81,8 @@ def build(class_name: str) -> MCPServer:
 
     for doc in class_docs(class_name):
         tool = server._tool_manager.add_tool(
-            method_tool(doc["name"]), name=doc["name"], description=doc["description"],
-            structured_output=False)
+            method_tool(doc["name"]), name=doc["name"],
+            description=short_description(doc["description"]), structured_output=False)
         tool.parameters = bfcl_schema(doc["parameters"])  # BFCL's contract, not the hints
 
     def reset(config: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,6 @@ failure), and one BFCL class served over MCP by bfcl_mcp_server.py (in-process).
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -27,9 +25,9 @@ from bench_plans_multiturn import (
     class_tools,
     executed_steps,
     goal_of,
+    ground_truth_calls,
     load_cases,
     new_instance,
-    peer_args,
     peer_of,
     peer_texts,
     plan_step_counts,
@@ -38,24 +36,11 @@ from bench_plans_multiturn import (
     score,
     step_parses,
 )
+from bench_plans_multiturn_swarm import peer_args
 
 
 def case(case_id: str = "multi_turn_base_0") -> Case:
     return next(c for c in load_cases(0, 27) if c.id == case_id)
-
-
-def as_arguments(call: str, class_names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    """A ground-truth call string as the planner writes a call: a name and keyword
-    arguments (BFCL's strings sometimes pass the first argument by position)."""
-    node = ast.parse(call, mode="eval").body
-    assert isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-    name = node.func.id
-    method = next(getattr(new_instance(c, {}), name) for c in class_names
-                  if name in class_tools(c))
-    params = list(inspect.signature(method).parameters)
-    args = {params[i]: ast.literal_eval(a) for i, a in enumerate(node.args)}
-    return name, args | {k.arg: ast.literal_eval(k.value) for k in node.keywords
-                         if k.arg is not None}
 
 
 def record_of(steps: list[list[tuple[str, dict[str, Any], str]]],
@@ -123,8 +108,8 @@ def test_a_record_reads_as_bfcls_decoded_calls() -> None:
 
 
 def ground_truth_records(c: Case) -> list[dict[str, Any]]:
-    return [record_of([[(*as_arguments(call, c.involved_classes), "ok")
-                        for call in turn]]) for turn in c.ground_truth]
+    return [record_of([[(tool, args, "ok") for tool, args in turn]])
+            for turn in ground_truth_calls(c)]
 
 
 def test_bfcls_checker_passes_the_ground_truths_own_calls() -> None:
@@ -165,6 +150,7 @@ def test_plan_step_counts_from_metrics() -> None:
 
 def test_the_mcp_server_offers_a_class_with_bfcls_schemas_and_a_reset() -> None:
     import bfcl_mcp_server
+    from mcp_types import CallToolResult, TextContent
 
     c = case()
 
@@ -176,15 +162,26 @@ def test_the_mcp_server_offers_a_class_with_bfcls_schemas_and_a_reset() -> None:
         schema = tools["mv"].input_schema
         jsonschema.Draft202012Validator.check_schema(schema)
         assert set(schema["properties"]) == set(doc["parameters"]["properties"])
-        assert tools["mv"].description == doc["description"]
+        description = tools["mv"].description or ""
+        assert description.startswith("Move a file or directory")
+        assert doc["description"].endswith(description)
         await server.call_tool("GorillaFileSystem.reset",
                                {"config": c.initial_config["GorillaFileSystem"]})
         texts = []
         for name, args in (("cd", {"folder": "document"}), ("ls", {}),
                            ("cd", {"folder": "nowhere"})):
             got = await server.call_tool(name, args)
+            assert isinstance(got, CallToolResult) and isinstance(got.content[0], TextContent)
             texts.append(got.content[0].text)
         assert texts == replayed(c, [[["cd(folder='document')", "ls()",
                                        "cd(folder='nowhere')"]]])
 
     anyio.run(main)
+
+
+def test_every_ground_truth_passes_as_the_planners_calls() -> None:
+    """All 200 cases: the ground truth turned into (tool, keyword arguments), as a plan
+    records calls, and read back as BFCL's strings, is what BFCL's checker accepts."""
+    for c in load_cases(0, 27):
+        turns = [executed_steps(r) for r in ground_truth_records(c)]
+        assert score(c, turns) == {"valid": True}, c.id

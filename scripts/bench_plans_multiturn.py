@@ -263,6 +263,17 @@ def peer_texts(records: Sequence[dict[str, Any]]) -> list[str | None]:
     return out
 
 
+def same_result(peer: str, local: str) -> bool:
+    """A peer's result text against BFCL's local execution of the same call: equal as
+    JSON values where both are JSON (a reset's config crosses the wire as canonical JSON,
+    keys sorted, so a dict the class returns from it prints its keys in another order),
+    else equal as text."""
+    try:
+        return bool(json.loads(peer) == json.loads(local))
+    except ValueError:
+        return peer == local
+
+
 def server_command(python: str, class_name: str) -> str:
     """The `--mcp` command line of one class's server."""
     return f"{python} {Path(__file__).resolve().parent / 'bfcl_mcp_server.py'} {class_name}"

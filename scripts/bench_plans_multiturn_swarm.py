@@ -30,6 +30,7 @@ from bench_plans_multiturn import (
     peer_texts,
     replayed,
     reset_tool,
+    same_result,
     score,
     server_command,
     step_parses,
@@ -177,7 +178,7 @@ def verdict(peers: Sequence[Any], case: Case, records: Sequence[dict[str, Any]],
         "executed_by": _count(names.get(c.get("peer", ""), "?") for c in calls
                               if c.get("code") == EXECUTED),
         "peer_results_checked": sum(t is not None for t in texts),
-        "peer_results_equal_local": sum(t is not None and t == r
+        "peer_results_equal_local": sum(t is not None and same_result(t, r)
                                         for t, r in zip(texts, replay, strict=False)),
         "ground_truth": [list(t) for t in case.ground_truth],
     }

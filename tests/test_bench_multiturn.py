@@ -33,6 +33,7 @@ from bench_plans_multiturn import (
     plan_step_counts,
     replayed,
     reset_tool,
+    same_result,
     score,
     step_parses,
 )
@@ -139,6 +140,12 @@ def test_local_replay_gives_what_a_peer_returns() -> None:
     got = replayed(c, turns)
     assert json.loads(got[0]) == {"current_working_directory": "document"}
     assert "final_report.pdf" in json.loads(got[1])["current_directory_content"]
+
+
+def test_a_peers_result_matches_by_json_value_else_by_text() -> None:
+    assert same_result('{"b": 1, "a": [2]}', '{"a": [2], "b": 1}')  # keys sorted on the wire
+    assert not same_result('{"a": 1}', '{"a": 2}')
+    assert same_result("None", "None") and not same_result("None", "none")
 
 
 def test_plan_step_counts_from_metrics() -> None:

@@ -20,11 +20,14 @@ prints a table and writes bench/results/plans_<section>.json. Not a test: no thr
   per category: parse rate, AST accuracy, tokens, seconds per question. --n questions
   per category drawn with --seed (0: all). This is not GAIA (which needs the web).
 
-TODO (needs the planner, slice "planner"): BFCL `multi_turn_base` success with the
-tools executed by peers across a 4-peer testnet: each entry's `involved_classes`
-(bfcl_eval's func_source_code: GorillaFileSystem, TwitterAPI, ...) wrapped as peer tools,
-the planner's ReAct loop answering each turn, scored by BFCL's multi_turn_checker on the
-instances' end state. Not faked here.
+- multiturn (bench_plans_multiturn.py): BFCL's `multi_turn_base` on a 4-peer testnet of
+  real `peerd start` processes: peer0 serves SmolLM2 and plans (`POST /v1/plans`, one
+  plan a user turn), each peer runs bfcl_mcp_server.py (`--mcp`) for its share of
+  BFCL's executable classes, so the calls are executed by other peers; BFCL's own
+  multi_turn_checker scores each case (state and results after every turn against the
+  ground truth run locally). --n cases drawn with --seed; success rate, plans answered
+  and failed, steps parsed, calls, time per case; the constrained arm where the
+  daemon's planner decodes under the grammar.
 """
 
 from __future__ import annotations
@@ -46,9 +49,18 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 from bench_plans_bfcl import (  # noqa: E402
     CATEGORIES,
+    NOT_AVAILABLE,
     answer_all,
     constraint_support,
     load_questions,
+)
+from bench_plans_multiturn import PLACEMENT, load_cases, plan_step_counts  # noqa: E402
+from bench_plans_multiturn_swarm import (  # noqa: E402
+    TurnBudget,
+    run_case,
+    run_reference,
+    start_swarm,
+    summarise,
 )
 from bench_plans_schedule import (  # noqa: E402
     ATTEMPT_DEADLINE_S,
@@ -195,9 +207,108 @@ def bfcl(args: argparse.Namespace) -> None:
                            "peer": "one in-process peerd peer, ModelSlot as `peerd start "
                                    "--model` loads it, asked through its typed face"},
               "not_gaia": "BFCL's offline AST categories, not GAIA (which needs the web)",
-              "todo": "multi_turn_base with tools executed by peers needs the planner",
               **got}
     write_result("bfcl", result, args.out)
+
+
+# --- multiturn -----------------------------------------------------------------------------
+
+def grammar_present() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peerd.plans.grammar") is not None
+
+
+def multiturn_arm(args: argparse.Namespace, arm: str, cases: list[Any], budget: TurnBudget
+                  ) -> dict[str, Any]:
+    from testnet import launcher
+    from testnet.peer_api import http_client
+
+    model_args = args.constrained_peer_args.split() if arm == "constrained" else []
+
+    def run(peers: list[Any], case: Any) -> dict[str, Any]:
+        if arm == "reference":
+            return run_reference(peers, case)
+        return run_case(peers, case, budget)
+
+    with tempfile.TemporaryDirectory(prefix="peerd_bench_multiturn_") as tmp:
+        run_dir = Path(tmp) / "testnet"
+        began = time.perf_counter()
+        peers = start_swarm(run_dir, args.model, args.threads, model_args)
+        console.print(f"{arm}: 4 peers up, model ready, tools offered "
+                      f"({time.perf_counter() - began:.0f} s)")
+        try:
+            def steps_metric() -> dict[str, float]:
+                reply = http_client().get(peers[0].api + "/metrics", timeout=10.0, headers={
+                    "Authorization": f"Bearer {peers[0].token}"})
+                return plan_step_counts(reply.text)
+
+            before = steps_metric()
+            done = []
+            for k, case in enumerate(cases):
+                got = run(peers, case)
+                done.append(got)
+                verdict = "ok" if got["valid"] else got["error_type"]
+                console.print(f"{arm} {k + 1}/{len(cases)} {case.id} "
+                              f"({'+'.join(got['classes'])}, {got['turns']} turns): "
+                              f"{verdict}; {got['steps_parsed']}/{got['steps']} steps "
+                              f"parsed, {got['calls']} calls, {got['seconds']:.0f} s")
+            after = steps_metric()
+        finally:
+            launcher.down(run_dir)
+    summary = summarise(arm, done)
+    summary["peer_steps_metric"] = {k: after.get(k, 0.0) - before.get(k, 0.0)
+                                    for k in after if after.get(k, 0.0) != before.get(k, 0.0)}
+    constrained_steps = sum(v for k, v in summary["peer_steps_metric"].items()
+                            if k.endswith("/yes"))
+    if arm == "constrained" and constrained_steps == 0:
+        summary["not_constrained"] = ("the daemon's planner decoded no step under a grammar "
+                                      "(peerd_plan_steps_total{constrained=yes} did not move): "
+                                      "this arm's figures are unconstrained")
+    return {"summary": summary, "cases": done}
+
+
+def multiturn(args: argparse.Namespace) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    cases = load_cases(args.n, args.seed)
+    budget = TurnBudget(args.steps, args.tokens, args.wall_s, args.calls)
+    arms: dict[str, Any] = {}
+    constrained = "available" if grammar_present() else NOT_AVAILABLE
+    for arm in args.arms:
+        if arm == "constrained" and not grammar_present():
+            console.print(f"[yellow]constrained: {NOT_AVAILABLE}; that arm is skipped")
+            continue
+        arms[arm] = multiturn_arm(args, arm, cases, budget)
+    table = Table(title=f"BFCL multi_turn_base, {len(cases)} cases (seed {args.seed}), "
+                  "tools executed by peers on a 4-peer testnet, SmolLM2-135M plans")
+    for col in ("arm", "cases", "success", "95% CI", "turns", "plans answered",
+                "plans failed", "steps parsed", "calls (executed)", "s / case"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for arm, got in arms.items():
+        s = got["summary"]
+        table.add_row(arm, str(s["cases"]), f"{s['success']} ({s['success_rate']:.0%})",
+                      f"{s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}", str(s["turns"]),
+                      str(s["plans_answered"]),
+                      ", ".join(f"{k} {v}" for k, v in s["plans_failed"].items()) or "0",
+                      f"{s['steps_parsed']}/{s['steps']} ({s['parse_rate']:.0%})",
+                      f"{s['calls']} ({s['calls_executed']})",
+                      f"{s['seconds_per_case']:.0f}")
+    console.print(table)
+    if constrained != "available":
+        console.print(f"constrained: {constrained}")
+    result = {"section": "multiturn", "machine": machine() | {"torch_threads": args.threads},
+              "settings": {"n": len(cases), "seed": args.seed, "model": args.model,
+                           "category": "multi_turn_base", "turn_budget": budget.to_json(),
+                           "placement": {f"peer{i}": list(c) for i, c in enumerate(PLACEMENT)},
+                           "planner": "peer0's POST /v1/plans, sync mode, greedy; one plan "
+                                      "a user turn, the earlier turns' words in its goal",
+                           "scorer": "bfcl_eval multi_turn_checker (state and results after "
+                                     "each turn against the ground truth run locally)",
+                           "constrained_peer_args": args.constrained_peer_args},
+              "constrained": constrained,
+              "not_gaia": "BFCL's offline multi-turn category, not GAIA (which needs the web)",
+              "arms": arms}
+    write_result("multiturn", result, args.out)
 
 
 def main() -> None:
@@ -227,6 +338,24 @@ def main() -> None:
     b.add_argument("--verbose", action="store_true", help="a line per question")
     b.add_argument("--out", type=Path)
     b.set_defaults(run=bfcl)
+    m = sub.add_parser("multiturn", help="BFCL multi_turn_base, tools executed by peers")
+    m.add_argument("--n", type=int, default=3, help="cases (0: all 200)")
+    m.add_argument("--seed", type=int, default=27)
+    m.add_argument("--arms", nargs="+", default=["reference", "unconstrained", "constrained"],
+                   choices=["reference", "unconstrained", "constrained"],
+                   help="reference: the ground truth's calls through the same peers, no model")
+    default = TurnBudget()
+    m.add_argument("--steps", type=int, default=default.steps, help="a turn's plan")
+    m.add_argument("--tokens", type=int, default=default.tokens, help="a turn's plan")
+    m.add_argument("--wall-s", type=float, default=default.wall_s, help="a turn's plan")
+    m.add_argument("--calls", type=int, default=default.calls, help="a turn's plan")
+    m.add_argument("--model", default="smollm2")
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--constrained-peer-args", default="",
+                   help="peer0's extra `peerd start` flags for the constrained arm (the "
+                        "setting that makes its planner decode under the grammar)")
+    m.add_argument("--out", type=Path)
+    m.set_defaults(run=multiturn)
     args = ap.parse_args()
     args.run(args)
 

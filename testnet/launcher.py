@@ -109,6 +109,7 @@ def up(
     dtype: str = "auto",
     model_timeout_s: float = MODEL_TIMEOUT_S,
     peer_args: Sequence[str] = (),
+    each_peer_args: Sequence[Sequence[str]] = (),
 ) -> list[PeerInfo]:
     """Start `n` peers (through a latency proxy if `latency_ms` > 0); return their status.
 
@@ -128,6 +129,10 @@ def up(
     them every peer takes part in RL sampling: with one stage (the default then) each is
     a sampler holding the whole model; with more, pipeline samplers (the peers holding
     layer 0 sample through the others).
+
+    `each_peer_args[i]` is appended to peer i's command line alone (after `peer_args`):
+    peers that differ, e.g. one serving a model (`--model M`, waited for by the caller)
+    and each offering its own `--mcp` servers.
     """
     if model is None and (stages is not None or torch_threads is not None or dtype != "auto"):
         raise TestnetError("--stages, --torch-threads and --dtype only apply with --model SPEC")
@@ -171,7 +176,9 @@ def up(
         if latency_ms > 0:
             state.proxy = _start_proxy(run_dir, records, latency_ms)
         for i, rec in enumerate(records):  # recorded one by one: `_stop` sees each
-            proc = _spawn_peer(rec, records, i, heartbeat_s, log_level, plan, peer_args)
+            own = each_peer_args[i] if i < len(each_peer_args) else ()
+            proc = _spawn_peer(rec, records, i, heartbeat_s, log_level, plan,
+                               [*peer_args, *own])
             state.peers[i] = dataclasses.replace(rec, proc=proc)
         state.save()  # from here on `down` can clean up even if we are killed
         _wait_healthy(state, start_timeout_s)

@@ -224,17 +224,15 @@ def multiturn_arm(args: argparse.Namespace, arm: str, cases: list[Any], budget: 
     from testnet import launcher
     from testnet.peer_api import http_client
 
-    model_args = args.constrained_peer_args.split() if arm == "constrained" else []
-
     def run(peers: list[Any], case: Any) -> dict[str, Any]:
         if arm == "reference":
             return run_reference(peers, case)
-        return run_case(peers, case, budget)
+        return run_case(peers, case, budget, constrained=arm == "constrained")
 
     with tempfile.TemporaryDirectory(prefix="peerd_bench_multiturn_") as tmp:
         run_dir = Path(tmp) / "testnet"
         began = time.perf_counter()
-        peers = start_swarm(run_dir, args.model, args.threads, model_args)
+        peers = start_swarm(run_dir, args.model, args.threads)
         console.print(f"{arm}: 4 peers up, model ready, tools offered "
                       f"({time.perf_counter() - began:.0f} s)")
         try:
@@ -303,8 +301,7 @@ def multiturn(args: argparse.Namespace) -> None:
                            "planner": "peer0's POST /v1/plans, sync mode, greedy; one plan "
                                       "a user turn, the earlier turns' words in its goal",
                            "scorer": "bfcl_eval multi_turn_checker (state and results after "
-                                     "each turn against the ground truth run locally)",
-                           "constrained_peer_args": args.constrained_peer_args},
+                                     "each turn against the ground truth run locally)"},
               "constrained": constrained,
               "not_gaia": "BFCL's offline multi-turn category, not GAIA (which needs the web)",
               "arms": arms}
@@ -351,9 +348,6 @@ def main() -> None:
     m.add_argument("--calls", type=int, default=default.calls, help="a turn's plan")
     m.add_argument("--model", default="smollm2")
     m.add_argument("--threads", type=int, default=2)
-    m.add_argument("--constrained-peer-args", default="",
-                   help="peer0's extra `peerd start` flags for the constrained arm (the "
-                        "setting that makes its planner decode under the grammar)")
     m.add_argument("--out", type=Path)
     m.set_defaults(run=multiturn)
     args = ap.parse_args()

@@ -95,13 +95,15 @@ def start_swarm(run_dir: Path, model: str, threads: int, model_args: Sequence[st
         time.sleep(1.0)
 
 
-def run_plan(peer: Any, goal: str, tools: Sequence[str], budget: TurnBudget
-             ) -> dict[str, Any]:
-    """One plan on `peer`, waited for; its record."""
+def run_plan(peer: Any, goal: str, tools: Sequence[str], budget: TurnBudget,
+             constrained: bool) -> dict[str, Any]:
+    """One plan on `peer` (its steps under the tools' grammar or not), waited for; its
+    record."""
     from testnet.peer_api import api_get, api_request
 
     plan = api_request(peer, "POST", "/v1/plans", json={
-        "goal": goal, "tools": list(tools), "budget": budget.to_json()})
+        "goal": goal, "tools": list(tools), "budget": budget.to_json(),
+        "constrained": constrained})
     deadline = time.monotonic() + budget.wall_s + 120.0
     while True:
         record: dict[str, Any] = api_get(peer, f"/v1/plans/{plan['id']}")
@@ -122,11 +124,12 @@ def reset(peers: Sequence[Any], case: Case) -> None:
             raise RuntimeError(f"reset of {c} failed: {got.get('error')}")
 
 
-def run_case(peers: Sequence[Any], case: Case, budget: TurnBudget) -> dict[str, Any]:
+def run_case(peers: Sequence[Any], case: Case, budget: TurnBudget, constrained: bool
+             ) -> dict[str, Any]:
     """Reset the case's classes on their peers, a plan per turn, BFCL's verdict."""
     began = time.perf_counter()
     reset(peers, case)
-    records = [run_plan(peers[0], goal_of(case, t), case_tools(case), budget)
+    records = [run_plan(peers[0], goal_of(case, t), case_tools(case), budget, constrained)
                for t in range(len(case.turns))]
     return verdict(peers, case, records, time.perf_counter() - began)
 

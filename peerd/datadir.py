@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 KEY_FILE = "identity.key"
 TOKEN_FILE = "api_token"
@@ -44,6 +48,31 @@ def connect_private_db(path: Path) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def open_records_db(path: Path, schema: str, table: str, what: str) -> sqlite3.Connection:
+    """A records database of the data dir (connect_private_db) with `schema` applied and
+    `table` readable. A file that is not a database, or whose table cannot be read, is
+    moved aside (`<name>.corrupt-<time>`, logged as `what`) and a new one started: the
+    records are a convenience, never a reason not to start."""
+    def attempt() -> sqlite3.Connection:
+        db = connect_private_db(path)
+        try:
+            db.execute(schema)
+            db.execute(f"SELECT count(*) FROM {table}").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    try:
+        return attempt()
+    except sqlite3.DatabaseError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.warning("%s %s is unreadable (%s); moved to %s, starting anew", what, path, exc,
+                    aside)
+        os.replace(path, aside)
+        return attempt()
 
 
 def read_token(data_dir: Path) -> str | None:

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from peerd.agents.archive import TaskArchive
+from peerd.plans.records import PlanStore
 
 
 def test_round_trip_replace_and_cap(tmp_path: Path) -> None:
@@ -43,3 +44,15 @@ def test_a_corrupt_file_is_moved_aside_and_a_new_archive_started(tmp_path: Path)
     assert archive.get("t") == {"id": "t"}
     (aside,) = tmp_path.glob("tasks.db.corrupt-*")
     assert aside.read_bytes().startswith(b"this is not a database")
+
+
+def test_corrupt_plan_records_are_moved_aside_too(tmp_path: Path) -> None:
+    path = tmp_path / "plans.db"
+    path.write_bytes(b"not sqlite either" * 100)
+    store = PlanStore(path)
+    store.put({"id": "p", "status": "answered", "goal": "g", "created": 1.0}, [])
+    assert store.get("p") == ({"id": "p", "status": "answered", "goal": "g",
+                               "created": 1.0}, [])
+    (aside,) = tmp_path.glob("plans.db.corrupt-*")
+    assert aside.read_bytes().startswith(b"not sqlite either")
+    store.close()

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
-from peerd.datadir import connect_private_db
+from peerd.datadir import open_records_db
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +27,9 @@ KEEP = 4096  # finished tasks kept
 class TaskArchive:
     def __init__(self, path: Path, keep: int = KEEP) -> None:
         self.path, self.keep = path, keep
-        try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as exc:
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            log.warning("task archive %s is unreadable (%s); moved to %s, starting a new one",
-                        path, exc, aside)
-            os.replace(path, aside)
-            self._db = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        db = connect_private_db(self.path)
-        try:
-            db.execute("CREATE TABLE IF NOT EXISTS tasks (n INTEGER PRIMARY KEY AUTOINCREMENT,"
-                       " id TEXT UNIQUE NOT NULL, body TEXT NOT NULL)")
-            db.execute("SELECT count(*) FROM tasks").fetchone()
-        except sqlite3.DatabaseError:
-            db.close()
-            raise
-        return db
+        self._db = open_records_db(path, (
+            "CREATE TABLE IF NOT EXISTS tasks (n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT "
+            "UNIQUE NOT NULL, body TEXT NOT NULL)"), "tasks", "task archive")
 
     def put(self, task_id: str, body: dict[str, Any]) -> None:
         """Store a finished task (a second put of the same id replaces it). A failing

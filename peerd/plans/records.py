@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
-from peerd.datadir import connect_private_db
+from peerd.datadir import open_records_db
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +30,10 @@ INTERRUPTED = "interrupted"
 class PlanStore:
     def __init__(self, path: Path, keep: int = KEEP) -> None:
         self.path, self.keep = path, keep
-        try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as exc:
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            log.warning("plan records %s are unreadable (%s); moved to %s, starting anew",
-                        path, exc, aside)
-            os.replace(path, aside)
-            self._db = self._open()
-
-    def _open(self) -> sqlite3.Connection:
-        db = connect_private_db(self.path)
-        try:
-            db.execute("CREATE TABLE IF NOT EXISTS plans (n INTEGER PRIMARY KEY "
-                       "AUTOINCREMENT, id TEXT UNIQUE NOT NULL, status TEXT NOT NULL, "
-                       "goal TEXT NOT NULL, created REAL NOT NULL, body TEXT NOT NULL, "
-                       "events TEXT NOT NULL)")
-            db.execute("SELECT count(*) FROM plans").fetchone()
-        except sqlite3.DatabaseError:
-            db.close()
-            raise
-        return db
+        self._db = open_records_db(path, (
+            "CREATE TABLE IF NOT EXISTS plans (n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT "
+            "UNIQUE NOT NULL, status TEXT NOT NULL, goal TEXT NOT NULL, created REAL NOT "
+            "NULL, body TEXT NOT NULL, events TEXT NOT NULL)"), "plans", "plan records")
 
     def put(self, record: dict[str, Any], events: list[dict[str, Any]]) -> None:
         """Store a plan's record and events (again: replaced, keeping its place)."""

@@ -316,7 +316,12 @@ async def test_a_batch_is_dispatched_over_the_api(tmp_path: Path) -> None:
             bad = await client.post("/v1/tools/dispatch", json={"calls": []})
             assert bad.status_code == 400
         assert ta.slots.peak[(b.peer_id, "calculator")] <= 2  # B declares 2
-        assert "peerd_tool_dispatch_attempts_total" in a.metrics.render().decode()
+        scraped = a.metrics.render().decode()
+        assert 'peerd_tool_dispatch_attempts_total{outcome="ok",tool="calculator"} 6.0' \
+            in scraped
+        # each attempt's queue time and duration, by tool
+        assert 'peerd_tool_dispatch_queue_seconds_count{tool="calculator"} 6.0' in scraped
+        assert 'peerd_tool_dispatch_attempt_seconds_count{tool="raises"} 1.0' in scraped
 
 
 async def test_a_peer_stopped_mid_batch_is_routed_around(tmp_path: Path) -> None:

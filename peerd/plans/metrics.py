@@ -54,14 +54,22 @@ class _CapacityCollector:
 
 
 class DispatchMetrics:
-    """The caller's side: attempts by tool and outcome, and our calls in flight at each
-    peer by tool (the dispatcher's limiter, read when scraped). Peers in the gauge are
-    those with calls in flight now, so its labels stay as few as the calls."""
+    """The caller's side: attempts by tool and outcome, how long each waited for a free
+    slot (queue time) and took, and our calls in flight at each peer by tool (the
+    dispatcher's limiter, read when scraped). Peers in the gauge are those with calls in
+    flight now, so its labels stay as few as the calls."""
 
     def __init__(self, registry: CollectorRegistry, slots: Slots) -> None:
         self.attempts = Counter("peerd_tool_dispatch_attempts", "Tool call attempts made "
                                 "by this peer's dispatcher, by tool and outcome",
                                 ["tool", "outcome"], registry=registry)
+        self.queued = Histogram("peerd_tool_dispatch_queue_seconds", "Time an attempt "
+                                "waited for a free slot at a peer offering its tool",
+                                ["tool"], registry=registry,
+                                buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30))
+        self.latency = Histogram("peerd_tool_dispatch_attempt_seconds", "Time an attempt "
+                                 "took, from its request to its answer or failure",
+                                 ["tool"], registry=registry)
         registry.register(_SlotsCollector(slots))
 
 

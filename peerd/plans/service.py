@@ -254,7 +254,10 @@ class Tools(Service):
                                         call_id=call.call_id, held=True)
 
         def counted(call: Call, attempt: Attempt) -> None:
-            self.dispatch_metrics.attempts.labels(call.tool[:64], attempt.code).inc()
+            tool = call.tool[:64]
+            self.dispatch_metrics.attempts.labels(tool, attempt.code).inc()
+            self.dispatch_metrics.queued.labels(tool).observe(attempt.queued_s)
+            self.dispatch_metrics.latency.labels(tool).observe(attempt.elapsed_s)
             self._failed(attempt.peer, attempt.code)
             if observe is not None:
                 observe(call, attempt)

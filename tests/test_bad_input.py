@@ -241,9 +241,17 @@ async def test_garbage_on_gossip_is_refused(tmp_path: Path, garbage: bytes,
                                             reason: str) -> None:
     async with node_pair_and_rogue(tmp_path, pubsub=True) as (a, b, rogue):
         size = len(book(a))
-        await rogue.publish(garbage)
-        await wait_for(lambda: sum(a.offences[rogue.peer_id].values()) >= 1)
-        assert dict(a.offences[rogue.peer_id]) == {reason: 1}
+        # Published again until it lands: the rogue's first publish can go out before
+        # gossipsub grafted `a` into its mesh (seen under load), and is then lost.
+        for _ in range(5):
+            await rogue.publish(garbage)
+            with trio.move_on_after(3.0):
+                while not sum(a.offences[rogue.peer_id].values()):
+                    await trio.sleep(0.05)
+            if sum(a.offences[rogue.peer_id].values()):
+                break
+        got = dict(a.offences[rogue.peer_id])
+        assert set(got) == {reason} and got[reason] >= 1, got
         assert_counted(a, rogue.peer_id, reason, "peer.offence")
         assert len(book(a)) == size
         await assert_keeps_accepting(a, b, rogue)

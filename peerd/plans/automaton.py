@@ -9,6 +9,9 @@ its own: the automaton is nondeterministic, and a `State` is the set of stacks t
 fit the text so far (anyOf branches run side by side until the text tells them
 apart). Pure: no torch, no I/O; everything is immutable and hashable, so states can
 key a cache.
+
+One module past 450 lines on purpose: the frame types and the step function over them
+are one transition table; split, each half would be read with the other open.
 """
 
 from __future__ import annotations

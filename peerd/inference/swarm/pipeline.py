@@ -15,6 +15,9 @@ report from a hop ("I could not reach my next hop"), or a refusal of the session
 relayed up the chain, naming the hop that refused; an ERROR from the first hop; a
 route peer we are no longer connected to, a route peer that does not answer a ping.
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
+
+Past 450 lines because `start`, `open` and the pool share the session's return-stream
+bookkeeping; the pool is the piece to split off if it grows.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ One module, past the usual size: a session's life (open, forward, relay, return,
 close, eviction) moves one set of state; the rules that stand alone are out
 (lending.py: what is lent to whom; peerd/turns.py: the compute's order; streams.py:
 the handshake).
+
+One module past 450 lines, knowingly: admission, chaining to the next hop and the
+forward loop share one session's state and its refusal paths; the chaining
+(`_chain` and its relay of refusals) is the part that could move out next.
 """
 
 from __future__ import annotations

@@ -161,13 +161,10 @@ def executed_steps(record: dict[str, Any]) -> list[list[str]]:
 
 
 def step_parses(record: dict[str, Any]) -> tuple[int, int]:
-    """(steps that parsed, steps): a parsed step has calls, or is the answer that ended
-    the plan; a step that did not parse is kept with its text and no calls."""
+    """(steps that parsed, steps), from each step's `parsed` (a step whose calls a
+    budget cut parsed too, though it has no calls)."""
     steps = record.get("steps", [])
-    parsed = sum(bool(s.get("calls")) for s in steps)
-    if record.get("status") == "answered" and steps and not steps[-1].get("calls"):
-        parsed += 1
-    return parsed, len(steps)
+    return sum(bool(s.get("parsed", True)) for s in steps), len(steps)
 
 
 def ground_truth_calls(case: Case) -> list[list[tuple[str, dict[str, Any]]]]:

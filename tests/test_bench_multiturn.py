@@ -45,10 +45,12 @@ def case(case_id: str = "multi_turn_base_0") -> Case:
 
 
 def record_of(steps: list[list[tuple[str, dict[str, Any], str]]],
-              status: str = "answered") -> dict[str, Any]:
-    """A plan record as GET /v1/plans/{id} gives it, with (tool, arguments, code) calls."""
+              status: str = "answered", unparsed: frozenset[int] = frozenset()
+              ) -> dict[str, Any]:
+    """A plan record as GET /v1/plans/{id} gives it, with (tool, arguments, code) calls;
+    the steps numbered in `unparsed` did not parse."""
     return {"status": status, "steps": [
-        {"step": i + 1, "thought": "t", "calls": [
+        {"step": i + 1, "thought": "t", "parsed": i + 1 not in unparsed, "calls": [
             {"call_id": f"{i + 1}.{j + 1}", "tool": tool, "arguments": args, "code": code,
              "ok": code == "ok", "peer": "P",
              "observation": json.dumps({"call": f"{i + 1}.{j + 1}", "tool": tool,
@@ -104,8 +106,10 @@ def test_a_record_reads_as_bfcls_decoded_calls() -> None:
     assert executed_steps(rec) == [["cd(folder='x')"]]
     assert peer_texts([rec]) == ["r"]
     assert step_parses(rec) == (3, 3)  # the last, with no calls, is the answer
-    assert step_parses(rec | {"status": "failed"}) == (2, 3)
-    assert step_parses(record_of([[]], status="failed")) == (0, 1)  # did not parse
+    # a step whose calls a budget cut parsed: it has no calls, and counts
+    assert step_parses(rec | {"status": "failed"}) == (3, 3)
+    assert step_parses(record_of([[], []], status="failed",
+                                 unparsed=frozenset({1}))) == (1, 2)
 
 
 def ground_truth_records(c: Case) -> list[dict[str, Any]]:

@@ -130,6 +130,7 @@ def test_a_step_that_does_not_parse_is_an_observation() -> None:
     assert isinstance(think, Think)
     assert "did not parse" in think.transcript.turns[-1].observations[0]
     assert p.stepped(calls("x + 1"), 5, 0.0) == PARSED  # the callee judges the expression
+    assert [s["parsed"] for s in p.record(0.0)["steps"]] == [False, True]
 
 
 @pytest.mark.parametrize(("budget", "script", "reason"), [
@@ -155,6 +156,7 @@ def test_each_budget_running_out_fails_the_plan(budget: Budget, script: list[str
         now += 1
     assert p.next(now) == Finished("failed", None, reason)
     assert kinds(p)[-1] == "plan.failed"
+    assert all(s["parsed"] for s in p.record(0.0)["steps"])  # a cut step parsed all the same
 
 
 def test_the_wall_budget_fails_the_plan_and_cancels_running_calls() -> None:

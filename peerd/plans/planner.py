@@ -159,9 +159,10 @@ class StepRecord:
     step: int
     thought: str
     calls: list[CallRecord] = field(default_factory=list)
+    parsed: bool = True  # False: the text is kept as the thought, and nothing ran
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "thought": self.thought,
+        return {"step": self.step, "thought": self.thought, "parsed": self.parsed,
                 "calls": [c.to_json() for c in self.calls]}
 
 
@@ -241,7 +242,7 @@ class Planner:
         try:
             step = parse_step(text, self.checks)
         except Unparsed as exc:
-            self.steps.append(StepRecord(n, text[:300]))
+            self.steps.append(StepRecord(n, text[:300], parsed=False))
             self._event("plan.thought", n, text=text[:300], tokens=tokens,
                         elapsed_s=self._elapsed(now))
             self.turns.append(Turn(text[:1000]))

@@ -107,7 +107,11 @@ class RolloutRequest(Message):
     # Async push-pull: the sampler answers at once with an empty batch (the order is
     # taken) and pushes the rollouts when made, on the push protocol. Added after 1.0.0.
     push: bool = False
-    OPTIONAL = frozenset({"push"})
+    # One seed a prompt (added after 1.0.0): prompt i is then sampled as it would be
+    # alone in a request with seed seeds[i], so how a trainer groups prompts into
+    # requests changes no token. Empty: prompt i's streams come from `seed` and i.
+    seeds: tuple[int, ...] = ()
+    OPTIONAL = frozenset({"push", "seeds"})
 
     def check(self) -> None:
         check_run_id(self.run_id)
@@ -127,6 +131,10 @@ class RolloutRequest(Message):
             raise WireError(f"max_tokens {self.max_tokens} outside 1..{MAX_TOKENS}")
         if not 0 <= self.seed < 2**63:
             raise WireError("seed out of range")
+        if self.seeds and len(self.seeds) != len(self.prompts):
+            raise WireError(f"{len(self.seeds)} seeds for {len(self.prompts)} prompts")
+        if not all(0 <= s < 2**63 for s in self.seeds):
+            raise WireError("a seed out of range")
         _check_version(self.version)
         if self.mode not in MODES:
             raise WireError(f"mode {self.mode!r:.20} is not sync or async")
@@ -142,13 +150,18 @@ class RolloutRequest(Message):
                             f"{MAX_WORK_TOKENS} tokens of work a request", reason="oversized")
 
 
+def prompt_seed(request: RolloutRequest, prompt_index: int) -> int:
+    """The seed a rollout of the request's prompt `prompt_index` carries."""
+    return request.seeds[prompt_index] if request.seeds else request.seed
+
+
 @dataclass(frozen=True, slots=True)
 class RolloutMsg(Message):
     """One completion, as its sampler signs it (see SignedRollout)."""
 
     KIND = "rollout"
     run_id: str
-    seed: int  # the request's
+    seed: int  # the prompt's: the request's `seeds[prompt_index]`, else its `seed`
     prompt_index: int  # the prompt's index in its request
     index: int  # this completion's index in its group, 0..G-1
     group_id: str  # the same for the G completions of one prompt

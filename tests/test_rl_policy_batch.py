@@ -197,3 +197,20 @@ async def test_a_prompt_index_keeps_its_seed_in_any_batch(policy: LocalPolicy) -
                                   seed=7, eos_ids=EOS)
     together = await generate(policy, EQUAL, 64)
     assert [c.ids for c in together.groups[0]] == [c.ids for c in alone]
+
+
+@pytest.mark.parametrize("prompts", [EQUAL, MIXED], ids=["equal", "mixed"])
+async def test_with_a_seed_a_prompt_each_prompt_draws_as_it_would_alone(
+        policy: LocalPolicy, prompts: list[list[int]]) -> None:
+    # a trainer puts several slots' prompts in one request, each with its slot's seed:
+    # every prompt's completions are those of a request of that prompt alone
+    seeds = [1000 + 17 * i for i in range(len(prompts))]
+    together = await generate(policy, prompts, 64, seeds=seeds)
+    for i, prompt in enumerate(prompts):
+        alone = await generate(policy, [prompt], 4, seed=seeds[i])
+        assert_same(Generation(together.version, [together.groups[i]]), alone)
+    # without seeds, prompt i draws from (seed, i): other tokens than its own seed gives
+    assert list(completions(await generate(policy, prompts, 64, seed=seeds[0]))) != \
+        list(completions(together))
+    with pytest.raises(PolicyError, match="2 seeds for"):
+        await generate(policy, prompts, 64, seeds=seeds[:2])

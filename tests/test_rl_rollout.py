@@ -25,6 +25,7 @@ from protocols.rollout import (
     RolloutRequest,
     SignedRollout,
     behind_message,
+    prompt_seed,
     versions_of,
 )
 
@@ -57,6 +58,14 @@ def test_a_good_request_checks_and_round_trips() -> None:
     req = request(prompts=("a", "b"), mode="async", temperature=0.0, top_p=0.5)
     req.check()
     assert decode(encode(req), RolloutRequest) == req
+    # one seed a prompt: on the wire only when given (a peer of the first 1.0.0 takes
+    # the rest)
+    assert "seeds" not in req.to_wire()
+    seeded = request(prompts=("a", "b"), seeds=(5, 2**63 - 1))
+    seeded.check()
+    assert decode(encode(seeded), RolloutRequest) == seeded
+    assert [prompt_seed(seeded, i) for i in (0, 1)] == [5, 2**63 - 1]
+    assert [prompt_seed(req, i) for i in (0, 1)] == [3, 3]
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -77,6 +86,9 @@ def test_a_good_request_checks_and_round_trips() -> None:
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 2049}, "max_tokens"),
     ({"seed": -1}, "seed"),
+    ({"seeds": (1, 2)}, "2 seeds for 1 prompts"),
+    ({"prompts": ("a", "b"), "seeds": (1, -1)}, "a seed out of range"),
+    ({"prompts": ("a", "b"), "seeds": (1, 2**63)}, "a seed out of range"),
     ({"version": -1}, "version"),
     ({"mode": "later"}, "mode"),
 ])

@@ -143,6 +143,13 @@ async def test_same_seed_same_rollouts(tmp_path: Path, tiny: ModelSource) -> Non
         other = await request_rollouts(trainer, node.peer_id, request(seed=10))
         assert first == again
         assert [r.completion_ids for r in other] != [r.completion_ids for r in first]
+        # one seed a prompt: each prompt's rollouts are those of a request of it alone
+        seeded = await request_rollouts(trainer, node.peer_id, request(seeds=(21, 22)))
+        for i, prompt in enumerate(PROMPTS):
+            alone = await request_rollouts(trainer, node.peer_id,
+                                           request(prompts=(prompt,), seed=21 + i))
+            mine = [r for r in seeded if r.prompt_index == i]
+            assert [r.completion_ids for r in mine] == [r.completion_ids for r in alone]
 
 
 async def test_a_request_names_the_oldest_version_it_takes(tmp_path: Path,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from peerd.rl.run import RunSpec, SpecError
-from peerd.rl.slots import Slots
+from peerd.rl.slots import Slots, request_size
+from protocols.rollout import MAX_PROMPTS, MAX_ROLLOUTS, MAX_WORK_TOKENS
 
 
 def test_sync_hands_out_only_the_current_step() -> None:
@@ -77,3 +78,15 @@ def test_numbers_too_large_for_a_setting_are_refused_by_name() -> None:
         with pytest.raises(SpecError) as err:
             RunSpec.parse(body)
         assert err.value.name == name
+
+
+def test_a_request_carries_a_samplers_share_of_a_step_within_the_caps() -> None:
+    assert request_size(8, 4, 16, 2) == 4  # two samplers: half a step each
+    assert request_size(8, 4, 16, 3) == 3  # rounded up: the last asks for what is left
+    assert request_size(8, 4, 16, 1) == 8
+    assert request_size(8, 4, 16, 0) == 8  # none asking yet: as one
+    assert request_size(2, 4, 16, 8) == 1  # more samplers than prompts
+    assert request_size(512, 1, 1, 1) == MAX_PROMPTS
+    assert request_size(512, 32, 1, 1) == MAX_ROLLOUTS // 32
+    assert request_size(512, 4, 2048, 1) == MAX_WORK_TOKENS // (4 * 2048)
+    assert request_size(8, 64, 2048, 1) == 1  # one prompt over the caps: its own error

@@ -230,7 +230,10 @@ async def test_an_older_version_tag_is_checked_under_that_version(
         tmp_path: Path, tiny: Path, task: Path) -> None:
     """Async: a sampler that tags its rollouts one version older than the weights it
     used (they are then off-policy, and only the check of older versions, scoring them
-    under the version they name, can tell) is found out and dropped."""
+    under the version they name, can tell) is found out and dropped. Staleness 2: at 1,
+    a tag one older than the truth is admitted only while the trainer is still at the
+    version that made it, and a sampler running a step ahead rarely is (its groups are
+    then refused as stale, which keeps them out but names no liar)."""
     async with rl_swarm(tmp_path, tiny) as (training, (_honest, mistagged)):
         policy = mistagged.sampler.policy
         honest = policy.generate_many
@@ -241,7 +244,7 @@ async def test_an_older_version_tag_is_checked_under_that_version(
 
         policy.generate_many = older
         run = await finished(training, spec(tiny, task, run_id="tag", steps=6, lr=0.05,
-                                            mode="async", staleness=1, verify_old=32))
+                                            mode="async", staleness=2, verify_old=32))
         out = run.to_json()
         assert mistagged.node.peer_id in out["dropped"], out
         assert out["verified_old"] > 0 and out["step"] == 6

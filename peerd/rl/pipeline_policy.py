@@ -48,6 +48,7 @@ from peerd.rl.policy import (
     check_generation,
     choose,
     completion_seed,
+    prompt_streams,
 )
 from peerd.rl.shard_gate import ShardGate
 from peerd.rl.versions import PolicyError, VersionedWeights
@@ -120,12 +121,13 @@ class PipelinePolicy:
 
     async def generate_many(self, prompts: Sequence[Sequence[int]], *, n: int,
                             temperature: float, top_p: float, max_tokens: int, seed: int,
-                            eos_ids: Iterable[int], at_version: int | None = None
-                            ) -> Generation:
+                            eos_ids: Iterable[int], at_version: int | None = None,
+                            seeds: Sequence[int] = ()) -> Generation:
         """`n` completions of each prompt, all at one version of every hop (LocalPolicy's
         contract). Raises Busy ("behind" or "no_pipeline") when no route at one version
         could be had within the deadline."""
         check_generation(prompts, n, temperature, top_p, max_tokens, self.vocab_size)
+        streams = prompt_streams(seed, seeds, len(prompts))
         run_id, trainer = self.follower.run_id, self.follower.trainer
         if run_id is None:
             raise PolicyError("a pipeline sampler generates for the run it follows: none yet")
@@ -138,7 +140,8 @@ class PipelinePolicy:
                     if at_version is not None and at_version != version:
                         raise VersionMismatch(version, at_version)
                     tag = PolicyTag(run_id=run_id, version=version, trainer=trainer)
-                    groups = [[await self._complete(tag, list(ids), completion_seed(seed, i, g),
+                    groups = [[await self._complete(tag, list(ids),
+                                                    completion_seed(*streams[i], g),
                                                     temperature, top_p, max_tokens, eos)
                                for g in range(n)] for i, ids in enumerate(prompts)]
                     self.generations += 1

@@ -111,14 +111,16 @@ class LocalPolicy(VersionedWeights):
 
     async def generate_many(self, prompts: Sequence[Sequence[int]], *, n: int,
                             temperature: float, top_p: float, max_tokens: int, seed: int,
-                            eos_ids: Iterable[int], at_version: int | None = None
-                            ) -> Generation:
+                            eos_ids: Iterable[int], at_version: int | None = None,
+                            seeds: Sequence[int] = ()) -> Generation:
         """`n` completions of each prompt, all at one version (held throughout). Prompts
         of one token length are decoded together (`batch_rows`: at most `max_rows` rows
-        a forward), each prefilled once. The same seed and version give the same tokens,
-        whatever the batches. With `at_version`, raises VersionMismatch unless the
-        policy is at it when the generation starts."""
+        a forward), each prefilled once. The same seed (or `seeds`, one a prompt: see
+        `prompt_streams`) and version give the same tokens, whatever the batches. With
+        `at_version`, raises VersionMismatch unless the policy is at it when the
+        generation starts."""
         check_generation(prompts, n, temperature, top_p, max_tokens, self.vocab_size)
+        streams = prompt_streams(seed, seeds, len(prompts))
         eos = frozenset(eos_ids)
         async with self.hold() as version, self._lock:
             if at_version is not None and at_version != version:
@@ -126,7 +128,7 @@ class LocalPolicy(VersionedWeights):
             done: dict[tuple[int, int], Completion] = {}
             for rows in batch_rows([len(p) for p in prompts], n, self.max_rows):
                 sampler = _Sampler(self, prompts, rows, temperature, top_p, max_tokens,
-                                   seed, eos)
+                                   streams, eos)
                 await compute.run(sampler.prefill)
                 while not sampler.done:
                     await compute.run(sampler.step)  # one token of every live row
@@ -167,6 +169,17 @@ def check_generation(prompts: Sequence[Sequence[int]], n: int, temperature: floa
         if not ids or not all(0 <= t < vocab for t in ids):
             raise PolicyError(f"a prompt of {len(ids)} token ids, empty or outside "
                               f"the vocabulary of {vocab}")
+
+
+def prompt_streams(seed: int, seeds: Sequence[int], count: int) -> list[tuple[int, int]]:
+    """Each of `count` prompts' (seed, index) for `completion_seed`: with `seeds` (one a
+    prompt), prompt i draws as it would alone in a request with seed seeds[i] (index
+    0), so how prompts are grouped into requests changes no token; else (seed, i)."""
+    if seeds:
+        if len(seeds) != count:
+            raise PolicyError(f"{len(seeds)} seeds for {count} prompts")
+        return [(s, 0) for s in seeds]
+    return [(seed, i) for i in range(count)]
 
 
 def completion_seed(seed: int, prompt_index: int, index: int) -> int:
@@ -212,14 +225,15 @@ class _Sampler:
 
     def __init__(self, policy: LocalPolicy, prompts: Sequence[Sequence[int]],
                  rows: list[tuple[int, int]], temperature: float, top_p: float,
-                 max_tokens: int, seed: int, eos: frozenset[int]) -> None:
+                 max_tokens: int, streams: Sequence[tuple[int, int]],
+                 eos: frozenset[int]) -> None:
         self.policy = policy
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.eos = eos
         firsts = list(dict.fromkeys(i for i, _ in rows))  # the batch's prompts, in order
         self.prompts = [list(prompts[i]) for i in firsts]
         self.source = [firsts.index(i) for i, _ in rows]  # row -> its prompt in the batch
-        self.gens = [torch.Generator(device="cpu").manual_seed(completion_seed(seed, i, g))
+        self.gens = [torch.Generator(device="cpu").manual_seed(completion_seed(*streams[i], g))
                      for i, g in rows]
         self.ids: list[list[int]] = [[] for _ in rows]
         self.lps: list[list[float]] = [[] for _ in rows]

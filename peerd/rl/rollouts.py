@@ -35,6 +35,7 @@ from protocols.rollout import (
     RolloutRequest,
     SignedRollout,
     WrongRollout,
+    prompt_seed,
     versions_of,
 )
 
@@ -125,7 +126,7 @@ async def request_rollouts(node: Node, peer_id: str, request: RolloutRequest, *,
 
 def _check_answer(request: RolloutRequest, msgs: list[RolloutMsg]) -> None:
     """The answer is the request's: every prompt's G completions, in order, with the
-    request's seed, at the wanted version in sync mode, one version throughout."""
+    prompt's seed, at the wanted version in sync mode, one version throughout."""
     want = [(p, g) for p in range(len(request.prompts)) for g in range(request.group)]
     if request.push:
         want = []  # an order: the rollouts come later, pushed
@@ -133,7 +134,7 @@ def _check_answer(request: RolloutRequest, msgs: list[RolloutMsg]) -> None:
     if got != want:
         raise WrongRollout(f"{len(got)} rollouts that are not the {len(request.prompts)} "
                            f"prompts x {request.group} asked for, in order")
-    if any(m.seed != request.seed for m in msgs):
+    if any(m.seed != prompt_seed(request, m.prompt_index) for m in msgs):
         raise WrongRollout("a rollout of another seed")
     versions = {m.version for m in msgs}
     if not msgs:

@@ -52,6 +52,7 @@ from protocols.rollout import (
     RolloutRequest,
     SignedRollout,
     behind_message,
+    prompt_seed,
 )
 
 if TYPE_CHECKING:
@@ -86,8 +87,8 @@ class SamplingPolicy(Protocol):
     async def reset(self) -> None: ...
     async def generate_many(self, prompts: Sequence[Sequence[int]], *, n: int,
                             temperature: float, top_p: float, max_tokens: int, seed: int,
-                            eos_ids: Iterable[int], at_version: int | None = None
-                            ) -> Generation: ...
+                            eos_ids: Iterable[int], at_version: int | None = None,
+                            seeds: Sequence[int] = ()) -> Generation: ...
 
 
 CatchUp = Callable[[str, int, str], Awaitable[None]]  # (run id, version, trainer peer):
@@ -237,7 +238,7 @@ class RolloutSampler(Service):
                     generation = await self.policy.generate_many(
                         prompts, n=request.group, temperature=request.temperature,
                         top_p=request.top_p, max_tokens=request.max_tokens,
-                        seed=request.seed, eos_ids=self.eos_ids)
+                        seed=request.seed, seeds=request.seeds, eos_ids=self.eos_ids)
                 finally:
                     self._idle()
             texts = await trio.to_thread.run_sync(self._decode, generation.groups)
@@ -281,10 +282,11 @@ class RolloutSampler(Service):
         key = self.node.key_pair.private_key
         out = []
         for p, (ids, group) in enumerate(zip(prompts, groups, strict=True)):
-            group_id = group_id_of(request.run_id, me, request.seed, version, p, ids)
+            seed = prompt_seed(request, p)
+            group_id = group_id_of(request.run_id, me, seed, version, p, ids)
             for g, completion in enumerate(group):
                 text = texts[p][g][:TEXT_CHARS_PER_TOKEN * len(completion.ids)]
-                msg = RolloutMsg(run_id=request.run_id, seed=request.seed, prompt_index=p,
+                msg = RolloutMsg(run_id=request.run_id, seed=seed, prompt_index=p,
                                  index=g, group_id=group_id, prompt_ids=tuple(ids),
                                  completion_ids=completion.ids,
                                  behaviour_logprobs=completion.logprobs, version=version,

@@ -48,7 +48,9 @@ def group_scec(spec: RunSpec, model_id: str, domain: str, problem: Problem, seed
         prompt=problem.prompt, domain=domain, model=model_id,
         version=f"{spec.run_id}@{first.version}", max_tokens=spec.max_tokens,
         temperature=spec.temperature, top_p=spec.top_p,
-        seed=completion_seed(seed, first.prompt_index, 0), stop=(), memory=(),
+        # the trainer gives each prompt of a request its slot's seed: it draws as it
+        # would alone, prompt 0 of a request (protocols.rollout: `seeds`)
+        seed=completion_seed(seed, 0, 0), stop=(), memory=(),
         memory_ids=(), answer=problem.answer, scorer=SCORER, output=first.text,
         score=1.0 if (first.reward or 0.0) >= CORRECT_REWARD else 0.0,
         prompt_tokens=len(first.prompt_ids), latency_s=0.0)

@@ -98,12 +98,14 @@ async def _train(node: Node, ledger: LedgerGossip, weights: WeightStore, run: Ru
     def detokenize(ids: list[int]) -> str:
         return str(tokenizer.decode(ids, skip_special_tokens=True))
 
-    async def sample(peer: str, slot: int, problem: Problem, seed: int,
+    async def sample(peer: str, slots: list[int], problems: list[Problem], seeds: list[int],
                      min_version: int, push: bool) -> list[Rollout]:
         request = RolloutRequest(
-            run_id=spec.run_id, prompts=(problem.prompt,), group=spec.group,
+            run_id=spec.run_id, prompts=tuple(p.prompt for p in problems), group=spec.group,
             temperature=spec.temperature, top_p=spec.top_p, max_tokens=spec.max_tokens,
-            seed=seed, version=min_version, mode=spec.mode, push=push)
+            seed=seeds[0], version=min_version, mode=spec.mode, push=push,
+            # one prompt alone draws from `seed` as it would with its own `seeds`
+            seeds=tuple(seeds) if len(seeds) > 1 else ())
         return await request_rollouts(node, peer, request)
 
     published = {"version": version}

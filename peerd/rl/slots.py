@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import heapq
 
+from protocols import rollout as wire
+
 
 class Slots:
     def __init__(self, batch: int, ahead: int, *, next_slot: int = 0,
@@ -73,3 +75,12 @@ class Slots:
     @property
     def outstanding_back(self) -> int:
         return len(self._back)
+
+
+def request_size(batch: int, group: int, max_tokens: int, samplers: int) -> int:
+    """Slots in one request to a sampler: its share of a step (the batch over the
+    samplers asking, rounded up), within the wire's caps on one request (at least one:
+    a single prompt over the caps is the request's own error)."""
+    share = -(-batch // max(1, samplers))
+    return max(1, min(share, wire.MAX_PROMPTS, wire.MAX_ROLLOUTS // group,
+                      wire.MAX_WORK_TOKENS // (group * max_tokens)))

@@ -1,8 +1,10 @@
 """The trainer: GRPO on rollouts from the swarm's samplers, in sync or async mode.
 
-One producer per sampler asks it for the rollouts of one prompt slot at a time
-(slots.py says which slot, and the oldest policy version that may generate it); the
-trainer takes each step's slots as they are ready:
+One producer per sampler asks it for the rollouts of its share of a step's prompt
+slots at a time, in one request (slots.py says which slots, and the oldest policy
+version that may generate them; a sampler decodes a request's prompts together, and
+every prompt carries its slot's seed, so the grouping changes no token); the trainer
+takes each step's slots as they are ready:
 
 - sync (Echo's sequential pull): nothing is handed out beyond the current step, and
   every request names the current version, so a sampler that is behind pulls first;
@@ -49,7 +51,7 @@ from peerd.rl.progress import NoSamplers, Progress, judge
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
 from peerd.rl.scecs import ScecKeeper
-from peerd.rl.slots import Slots
+from peerd.rl.slots import Slots, request_size
 from peerd.rl.tasks import Problem, Task
 from peerd.rl.types import Group, Rollout
 from protocols.errors import RemoteError
@@ -61,15 +63,16 @@ BUSY_CODES = frozenset({"busy", OTHER_RUN})  # a sampler's refusals that are no 
 BUSY_RETRY_S = 2.0
 
 
-Sampler = Callable[[str, int, Problem, int, int, bool], Any]  # (peer, slot, problem,
-# seed, min version, push) -> awaitable list[Rollout] (none for a pushed order)
+Sampler = Callable[[str, list[int], list[Problem], list[int], int, bool], Any]
+# (peer, slots, their problems, their seeds, min version, push) -> awaitable
+# list[Rollout], prompt by prompt in the slots' order (none for a pushed order)
 
 
 @dataclass
 class _Order:
-    """A slot a sampler took in async mode; done when its push is in."""
+    """The slots a sampler took in async mode; done when its push is in."""
 
-    slot: int
+    slots: list[int]
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -195,40 +198,43 @@ class Trainer:
     async def _produce(self, peer: str, running: set[str]) -> None:
         try:
             while peer not in self.pool.dropped:
-                slots = self.slots.hand_out(1)
+                spec = self.spec
+                slots = self.slots.hand_out(request_size(spec.batch, spec.group,
+                                                         spec.max_tokens, len(running)))
                 if not slots:
                     await self._changed.wait()
                     continue
-                slot = slots[0]
                 min_version = self.offset + self.slots.min_version(slots, self.staleness)
-                order = _Order(slot) if self.push else None
+                order = _Order(slots) if self.push else None
+                problems = [self.problem(s) for s in slots]
+                seeds = [self.seed(s) for s in slots]
                 try:
                     with trio.fail_after(self.spec.sampler_timeout_s):
                         if order is None:
-                            rollouts = await self.sample(peer, slot, self.problem(slot),
-                                                         self.seed(slot), min_version, False)
-                            self._arrived(peer, slot, rollouts)
+                            rollouts = await self.sample(peer, slots, problems, seeds,
+                                                         min_version, False)
+                            self._arrived_all(peer, slots, rollouts)
                         else:  # async: an order, answered by a push (pushed())
                             self.orders[peer] = order
-                            await self.sample(peer, slot, self.problem(slot),
-                                              self.seed(slot), min_version, True)
+                            await self.sample(peer, slots, problems, seeds, min_version,
+                                              True)
                             await order.done.wait()
                 except RemoteError as exc:
-                    self.slots.give_back([slot])
+                    self.slots.give_back(slots)
                     self._wake()
                     if exc.code in BUSY_CODES:  # busy or on another run: no fault of its
                         # own; ask again shortly
                         self.emit("rl.sampler_busy", peer_id=peer, code=exc.code)
                         await trio.sleep(BUSY_RETRY_S)
                         continue
-                    if self._failed(peer, slot, exc):
+                    if self._failed(peer, slots, exc):
                         break
                     await trio.sleep(1.0)
                     continue
-                except Exception as exc:  # the sampler failed: its slot goes out again
-                    self.slots.give_back([slot])
+                except Exception as exc:  # the sampler failed: its slots go out again
+                    self.slots.give_back(slots)
                     self._wake()
-                    if self._failed(peer, slot, exc):
+                    if self._failed(peer, slots, exc):
                         break
                     await trio.sleep(1.0)
                     continue
@@ -239,11 +245,12 @@ class Trainer:
         finally:
             running.discard(peer)
 
-    def _failed(self, peer: str, slot: int, exc: Exception) -> bool:
+    def _failed(self, peer: str, slots: list[int], exc: Exception) -> bool:
         """Count a failed request against the sampler; True when it is dropped."""
         why = f"{type(exc).__name__}: {exc}"[:300]
         dropped = self.pool.failed(peer, why)
-        self.emit("rl.sampler_failed", peer_id=peer, slot=slot, error=why, dropped=dropped)
+        self.emit("rl.sampler_failed", peer_id=peer, slots=slots, error=why,
+                  dropped=dropped)
         return dropped
 
     def pushed(self, peer: str, rollouts: list[Rollout]) -> dict[str, int]:
@@ -253,9 +260,26 @@ class Trainer:
         if order is None or order.done.is_set():
             self.progress.refused["unasked"] += 1
             return {"unasked": len(rollouts)}
-        reason = self._arrived(peer, order.slot, rollouts)
+        outcome = self._arrived_all(peer, order.slots, rollouts)
         order.done.set()
-        return {"admitted": len(rollouts)} if reason is None else {reason: len(rollouts)}
+        return outcome
+
+    def _arrived_all(self, peer: str, slots: list[int], rollouts: list[Rollout]
+                     ) -> dict[str, int]:
+        """A request's rollouts, prompt i's group for slots[i]: each group offered (or
+        refused) on its own; what became of the rollouts, by outcome."""
+        groups: list[list[Rollout]] = [[] for _ in slots]
+        for r in rollouts:
+            if not 0 <= r.prompt_index < len(slots):
+                self._refuse(slots, "malformed", peer, f"a rollout of prompt "
+                             f"{r.prompt_index} in a request of {len(slots)} prompts")
+                return {"malformed": len(rollouts)}
+            groups[r.prompt_index].append(r)
+        outcome: Counter[str] = Counter()
+        for slot, group in zip(slots, groups, strict=True):
+            reason = self._arrived(peer, slot, group)
+            outcome[reason or "admitted"] += len(group)
+        return {k: v for k, v in outcome.items() if v}
 
     def _arrived(self, peer: str, slot: int, rollouts: list[Rollout]) -> str | None:
         """Score a slot's group and offer it to the buffer: None, or why it was not

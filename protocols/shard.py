@@ -221,6 +221,18 @@ SHARD = SessionStream(
     step_timeout_s=60.0,
 )
 
+# A step's compute grows with its positions: a prefill of thousands of positions on a
+# slow or loaded CPU takes minutes. The entry waits the step timeout plus this much a
+# position (20 positions a second, slower than any hop worth routing through) before
+# it calls the chain broken; a hop that died is found sooner, by its connection's end.
+STEP_S_PER_POSITION = 0.05
+
+
+def step_deadline_s(positions: int) -> float:
+    """How long the entry waits for a step of `positions` positions (all rows)."""
+    return SHARD.step_timeout_s + STEP_S_PER_POSITION * max(0, positions)
+
+
 SHARD_RETURN = SessionStream(
     id="/peerd/shard-return/2.0.0",
     # OPENED: the last hop's return stream for the session, answered with OPENED (or

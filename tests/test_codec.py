@@ -19,6 +19,8 @@ from protocols.ledger import (
     SyncResponse,
 )
 from protocols.shard import (
+    SHARD,
+    STEP_S_PER_POSITION,
     Close,
     Failed,
     Forward,
@@ -28,6 +30,7 @@ from protocols.shard import (
     Opened,
     Result,
     WireTensor,
+    step_deadline_s,
 )
 from protocols.spec import ErrorReply
 
@@ -289,3 +292,10 @@ def test_an_optional_field_at_its_default_stays_off_the_wire() -> None:
     tree = dataclasses.replace(chain, tree=(-1,))
     assert unpackb(encode(tree))["tree"] == [-1]
     assert decode(encode(tree), Forward) == tree
+
+
+def test_a_shard_steps_deadline_grows_with_its_positions() -> None:
+    # a decode step waits the step timeout; a long prefill on a slow CPU, minutes more
+    assert step_deadline_s(1) == pytest.approx(SHARD.step_timeout_s + STEP_S_PER_POSITION)
+    assert step_deadline_s(4000) == pytest.approx(SHARD.step_timeout_s + 200.0)
+    assert step_deadline_s(0) == SHARD.step_timeout_s

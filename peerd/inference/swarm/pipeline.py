@@ -23,6 +23,7 @@ bookkeeping; the pool is the piece to split off if it grows.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ from protocols.shard import (
     Opened,
     PolicyTag,
     Result,
+    step_deadline_s,
 )
 from protocols.spec import ErrorReply
 
@@ -184,7 +186,8 @@ class PipelineSession:
             await self.failed.wait()
             cancel.cancel()
 
-        with trio.move_on_after(SHARD.step_timeout_s) as deadline:
+        limit_s = step_deadline_s(math.prod(hidden.shape[:-1]))  # [B, T, H]: B x T
+        with trio.move_on_after(limit_s) as deadline:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(exchange, nursery.cancel_scope)
                 nursery.start_soon(watch, nursery.cancel_scope)
@@ -192,7 +195,7 @@ class PipelineSession:
             hidden_out = from_wire(result.hidden, dtype=hidden.dtype)
             return StepResult(hidden_out, result.timings, (time.perf_counter() - t0) * 1e3)
         if deadline.cancelled_caught:
-            error = trio.TooSlowError(f"step took over {SHARD.step_timeout_s} s")
+            error = trio.TooSlowError(f"step took over {limit_s:.0f} s")
         raise await self._diagnose(error)
 
     async def _diagnose(self, error: BaseException | None) -> PipelineFailure:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from peerd.rl.run import RunSpec, SpecError
-from peerd.rl.slots import Slots, request_size
+from peerd.rl.slots import Slots, request_size, share_of
 from protocols.rollout import MAX_PROMPTS, MAX_ROLLOUTS, MAX_WORK_TOKENS
 
 
@@ -81,12 +81,29 @@ def test_numbers_too_large_for_a_setting_are_refused_by_name() -> None:
 
 
 def test_a_request_carries_a_samplers_share_of_a_step_within_the_caps() -> None:
-    assert request_size(8, 4, 16, 2) == 4  # two samplers: half a step each
-    assert request_size(8, 4, 16, 3) == 3  # rounded up: the last asks for what is left
-    assert request_size(8, 4, 16, 1) == 8
-    assert request_size(8, 4, 16, 0) == 8  # none asking yet: as one
-    assert request_size(2, 4, 16, 8) == 1  # more samplers than prompts
-    assert request_size(512, 1, 1, 1) == MAX_PROMPTS
-    assert request_size(512, 32, 1, 1) == MAX_ROLLOUTS // 32
-    assert request_size(512, 4, 2048, 1) == MAX_WORK_TOKENS // (4 * 2048)
-    assert request_size(8, 64, 2048, 1) == 1  # one prompt over the caps: its own error
+    assert request_size(8, 4, 16, 0.5) == 4  # two samplers: half a step each
+    assert request_size(8, 4, 16, 1 / 3) == 3  # to the nearest: the last asks for the rest
+    assert request_size(8, 4, 16, 0.52) == request_size(8, 4, 16, 0.48) == 4
+    assert request_size(8, 4, 16, 1.0) == 8
+    assert request_size(2, 4, 16, 1 / 8) == 1  # more samplers than prompts
+    assert request_size(8, 4, 16, 0.0) == 1
+    assert request_size(512, 1, 1, 1.0) == MAX_PROMPTS
+    assert request_size(512, 32, 1, 1.0) == MAX_ROLLOUTS // 32
+    assert request_size(512, 4, 2048, 1.0) == MAX_WORK_TOKENS // (4 * 2048)
+    assert request_size(8, 64, 2048, 1.0) == 1  # one prompt over the caps: its own error
+
+
+def test_shares_follow_the_prompts_a_second_each_sampler_delivered() -> None:
+    both = {"A", "B"}
+    assert share_of({}, "A", both) == 0.5  # none measured: equal shares
+    assert share_of({}, "A", set()) == 1.0  # the asker always counts itself
+    assert share_of({"A": 3.0, "B": 1.0}, "A", both) == 0.75
+    assert share_of({"A": 3.0, "B": 1.0}, "B", both) == 0.25
+    # a sampler not measured yet counts as the mean of those that are
+    assert share_of({"A": 3.0, "B": 1.0}, "C", both | {"C"}) == pytest.approx(1 / 3)
+    # a measured sampler that is no longer asking takes no share
+    assert share_of({"A": 3.0, "B": 1.0}, "B", {"B"}) == 1.0
+    # the fast one's and the slow one's requests cover a step of 8 between them
+    fast = request_size(8, 4, 16, share_of({"A": 3.0, "B": 1.0}, "A", both))
+    slow = request_size(8, 4, 16, share_of({"A": 3.0, "B": 1.0}, "B", both))
+    assert (fast, slow) == (6, 2)

@@ -21,6 +21,8 @@ step that will never train is compute thrown away). Hence:
 from __future__ import annotations
 
 import heapq
+import math
+from collections.abc import Collection, Mapping
 
 from protocols import rollout as wire
 
@@ -77,10 +79,26 @@ class Slots:
         return len(self._back)
 
 
-def request_size(batch: int, group: int, max_tokens: int, samplers: int) -> int:
-    """Slots in one request to a sampler: its share of a step (the batch over the
-    samplers asking, rounded up), within the wire's caps on one request (at least one:
-    a single prompt over the caps is the request's own error)."""
-    share = -(-batch // max(1, samplers))
+def request_size(batch: int, group: int, max_tokens: int, fraction: float) -> int:
+    """Slots in one request to a sampler: its `fraction` of a step (share_of), to the
+    nearest slot (two samplers a few percent apart take half each, not 5 and 3 of 8),
+    within the wire's caps on one request (at least one: a single prompt over the caps
+    is the request's own error)."""
+    share = math.floor(batch * min(1.0, max(0.0, fraction)) + 0.5)
     return max(1, min(share, wire.MAX_PROMPTS, wire.MAX_ROLLOUTS // group,
                       wire.MAX_WORK_TOKENS // (group * max_tokens)))
+
+
+def share_of(rates: Mapping[str, float], peer: str, asking: Collection[str]) -> float:
+    """The fraction of a step that `peer` takes in one request, among the samplers
+    `asking` (itself included): in proportion to the prompts a second each has
+    delivered (`rates`), so a slow sampler does not hold back a step that a fast one
+    could have finished; one not measured yet counts as the mean of those measured;
+    none measured: equal shares."""
+    asking = set(asking) | {peer}
+    known = [rates[p] for p in asking if rates.get(p, 0.0) > 0.0]
+    if not known:
+        return 1.0 / len(asking)
+    mean = sum(known) / len(known)
+    rate = {p: rates[p] if rates.get(p, 0.0) > 0.0 else mean for p in asking}
+    return rate[peer] / sum(rate.values())

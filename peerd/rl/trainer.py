@@ -51,7 +51,7 @@ from peerd.rl.progress import NoSamplers, Progress, judge
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
 from peerd.rl.scecs import ScecKeeper
-from peerd.rl.slots import Slots, request_size
+from peerd.rl.slots import Slots, request_size, share_of
 from peerd.rl.tasks import Problem, Task
 from peerd.rl.types import Group, Rollout
 from protocols.errors import RemoteError
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 BUSY_CODES = frozenset({"busy", OTHER_RUN})  # a sampler's refusals that are no fault
 BUSY_RETRY_S = 2.0
+RATE_WEIGHT = 0.5  # of a sampler's latest request in its moving average of prompts/s
 
 
 Sampler = Callable[[str, list[int], list[Problem], list[int], int, bool], Any]
@@ -119,6 +120,7 @@ class Trainer:
         self.sampler_of: dict[str, str] = {}  # group id -> the sampler that made it
         self.push = spec.mode == "async"  # samplers push their rollouts (Echo's async)
         self.orders: dict[str, _Order] = {}  # sampler -> the order it holds
+        self.rates: dict[str, float] = {}  # sampler -> prompts a second it delivered
         self.stopping = False
         self._changed = trio.Event()  # a slot came back, a group arrived, a step ended
         self._prompt_ids: dict[int, list[int]] = {}
@@ -199,8 +201,9 @@ class Trainer:
         try:
             while peer not in self.pool.dropped:
                 spec = self.spec
-                slots = self.slots.hand_out(request_size(spec.batch, spec.group,
-                                                         spec.max_tokens, len(running)))
+                slots = self.slots.hand_out(request_size(
+                    spec.batch, spec.group, spec.max_tokens,
+                    share_of(self.rates, peer, running)))
                 if not slots:
                     await self._changed.wait()
                     continue
@@ -208,6 +211,7 @@ class Trainer:
                 order = _Order(slots) if self.push else None
                 problems = [self.problem(s) for s in slots]
                 seeds = [self.seed(s) for s in slots]
+                asked = time.monotonic()
                 try:
                     with trio.fail_after(self.spec.sampler_timeout_s):
                         if order is None:
@@ -241,9 +245,16 @@ class Trainer:
                 finally:
                     if order is not None and self.orders.get(peer) is order:
                         del self.orders[peer]
+                self._measured(peer, len(slots), time.monotonic() - asked)
                 self.pool.served(peer)
         finally:
             running.discard(peer)
+
+    def _measured(self, peer: str, prompts: int, seconds: float) -> None:
+        """A request answered: the sampler's prompts a second, a moving average."""
+        rate = prompts / max(seconds, 1e-3)
+        old = self.rates.get(peer)
+        self.rates[peer] = rate if old is None else RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * old
 
     def _failed(self, peer: str, slots: list[int], exc: Exception) -> bool:
         """Count a failed request against the sampler; True when it is dropped."""

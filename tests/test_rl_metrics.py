@@ -93,6 +93,7 @@ async def test_a_run_and_its_samplers_on_metrics(tmp_path: Path, tiny: Path,
         assert value(got, "peerd_rl_policy_version", **m) == 3
         for name, key in (("peerd_rl_trainer_idle_seconds_total", "trainer_idle_s"),
                           ("peerd_rl_train_seconds_total", "train_s"),
+                          ("peerd_rl_verify_seconds_total", "verify_s"),
                           ("peerd_rl_weight_sync_seconds_total", "sync_s")):
             seconds = value(got, name, **m)
             assert seconds > 0 and abs(seconds - out[key]) < 0.01, (name, seconds, out)

@@ -74,10 +74,14 @@ class _RunFamilies:
         self.version = GaugeMetricFamily("peerd_rl_policy_version",
                                          "The trainer's policy version", labels=run)
         self.idle = CounterMetricFamily(
-            "peerd_rl_trainer_idle_seconds", "Time the trainer waited for rollouts",
+            "peerd_rl_trainer_idle_seconds", "Time the trainer waited for rollouts (their "
+            "checks not counted)",
             labels=run)
         self.train = CounterMetricFamily(
             "peerd_rl_train_seconds", "Time spent in optimiser steps", labels=run)
+        self.verify = CounterMetricFamily(
+            "peerd_rl_verify_seconds", "Time spent re-scoring rollouts to check their "
+            "behaviour log-probs", labels=run)
         self.sync = CounterMetricFamily(
             "peerd_rl_weight_sync_seconds", "Time spent exporting and publishing versions "
             "(the trainer's side of a weight sync)", labels=run)
@@ -90,7 +94,8 @@ class _RunFamilies:
 
     def all(self) -> list[Metric]:
         return [self.info, self.admitted, self.refused, self.trained, self.skipped,
-                self.staleness, self.steps, self.version, self.idle, self.train, self.sync,
+                self.staleness, self.steps, self.version, self.idle, self.train,
+                self.verify, self.sync,
                 self.last_sync, self.rate]
 
     def add(self, run_id: str, run: Run) -> None:
@@ -120,6 +125,7 @@ class _RunFamilies:
         self.version.add_metric([run_id], float(t.version))
         self.idle.add_metric([run_id], p.trainer_idle_s)
         self.train.add_metric([run_id], p.train_s)
+        self.verify.add_metric([run_id], p.verify_s)
         self.sync.add_metric([run_id], p.sync_s)
         self.last_sync.add_metric([run_id], float(p.last.get("sync_s", 0.0)))
         self.rate.add_metric([run_id], float(p.to_json()["samples_per_s"]))

@@ -42,6 +42,7 @@ class Progress:
     trainer_idle_s: float = 0.0
     train_s: float = 0.0
     sync_s: float = 0.0  # the trainer's side: export and publish
+    verify_s: float = 0.0  # re-scoring rollouts to check their behaviour log-probs
     last: dict[str, Any] = field(default_factory=dict)  # the last step's metrics
 
     ended: float = 0.0  # when the run stopped training (0: it goes on)
@@ -56,7 +57,7 @@ class Progress:
                 "skipped_groups": self.skipped_groups, "verified_old": self.verified_old,
                 "trainer_idle_s": round(self.trainer_idle_s, 2),
                 "train_s": round(self.train_s, 2), "sync_s": round(self.sync_s, 3),
-                "last": self.last}
+                "verify_s": round(self.verify_s, 2), "last": self.last}
 
 
 def mean_abs(ours: Sequence[float] | torch.Tensor, theirs: Sequence[float]) -> float:

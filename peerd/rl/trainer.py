@@ -112,6 +112,7 @@ class Trainer:
             p.skipped_groups = int(state.get("skipped_groups", 0))
             p.train_s, p.sync_s = state.get("train_s", 0.0), state.get("sync_s", 0.0)
             p.trainer_idle_s = state.get("trainer_idle_s", 0.0)
+            p.verify_s = state.get("verify_s", 0.0)
             p.started -= float(state.get("elapsed_s", 0.0))  # wall time goes on too
         self.buffer = (ReplayBuffer.from_json(state["buffer"], **self._buffer_args())
                        if state and "buffer" in state else ReplayBuffer(**self._buffer_args()))
@@ -122,6 +123,7 @@ class Trainer:
         self.orders: dict[str, _Order] = {}  # sampler -> the order it holds
         self.rates: dict[str, float] = {}  # sampler -> prompts a second it delivered
         self.stopping = False
+        self._step_verify_s = 0.0  # the step in hand's checks so far
         self._changed = trio.Event()  # a slot came back, a group arrived, a step ended
         self._prompt_ids: dict[int, list[int]] = {}
         self._problems: dict[int, Problem] = {}
@@ -361,12 +363,14 @@ class Trainer:
         while self.slots.step < self.spec.steps and not self.stopping:
             self.progress.state = "waiting"
             idle = time.monotonic()
+            self._step_verify_s = 0.0
             groups = await self._step_groups()
-            self.progress.trainer_idle_s += time.monotonic() - idle
+            waited = time.monotonic() - idle - self._step_verify_s  # the checks are work
+            self.progress.trainer_idle_s += waited
             if groups is None:
                 break  # stopped while waiting
             self.progress.state = "training"
-            saved = await self._train_step(groups)
+            saved = await self._train_step(groups, waited)
         if self.stopping and saved != self.slots.step and self.slots.step > 0:
             await self.checkpoint(self.slots.step, self.version, self.state())
         self.progress.state = "stopped" if self.stopping else "done"
@@ -411,6 +415,7 @@ class Trainer:
         sample = random.Random(self.spec.seed * 7919 + self.version).sample(
             older, min(self.spec.verify_old, len(older)))
         checks: list[tuple[Group, list[list[float]]]] = []
+        t0 = time.monotonic()
         if current:
             rollouts = [r for g in current for r in g]
             ours = await trio.to_thread.run_sync(self.learner.score, rollouts,
@@ -425,6 +430,9 @@ class Trainer:
             if then is not None:
                 checks.append((g, then))
                 self.progress.verified_old += 1
+        spent = time.monotonic() - t0
+        self._step_verify_s += spent
+        self.progress.verify_s += spent
         liars, worst = judge(checks, self.tolerance)
         if worst:
             self.progress.last["verify_max_dev"] = round(max(worst.values()), 6)
@@ -439,8 +447,9 @@ class Trainer:
             self._refuse([_slot(g) for g in mine], "verification", peer, why, counted=True)
         return liars
 
-    async def _train_step(self, groups: list[Group]) -> int:
-        """Train one step on `groups`; the step checkpointed now, or -1."""
+    async def _train_step(self, groups: list[Group], waited_s: float) -> int:
+        """Train one step on `groups` (for which the trainer waited `waited_s`); the
+        step checkpointed now, or -1."""
         spec = self.spec
         t0 = time.monotonic()
         advantages: list[float] = []
@@ -483,7 +492,8 @@ class Trainer:
                 "staleness": round(sum(trained_at - g[0].version for g in groups)
                                    / len(groups), 3),
                 "skipped_groups": skipped, "train_s": round(train_s, 3),
-                "sync_s": round(sync_s, 3),
+                "sync_s": round(sync_s, 3), "wait_s": round(waited_s, 3),
+                "verify_s": round(self._step_verify_s, 3),
                 **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in stats.items()}}
         p.last.update(line)
         with (self.run_dir / "metrics.jsonl").open("a") as f:
@@ -505,6 +515,7 @@ class Trainer:
         return {"buffer": self.buffer.to_json(), "refused": dict(p.refused),
                 "samples": p.samples, "skipped_groups": p.skipped_groups,
                 "train_s": p.train_s, "sync_s": p.sync_s, "trainer_idle_s": p.trainer_idle_s,
+                "verify_s": p.verify_s,
                 "elapsed_s": time.time() - p.started,
                 "spec": self.spec.to_json()}
 

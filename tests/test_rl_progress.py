@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
-from peerd.rl.progress import judge, mean_abs
+from peerd.rl.progress import judge, mean_abs, to_check
 from peerd.rl.run import RunSpec
 from peerd.rl.training import Run
 from peerd.rl.types import Rollout
@@ -58,3 +59,33 @@ def test_a_run_is_not_done_until_its_summary_is_written(tmp_path: Path) -> None:
     assert run.to_json()["state"] == "finishing"
     run.state = "done"
     assert run.to_json()["state"] == "done"
+
+
+def group(sampler: str, version: int, *rewards: float) -> tuple[Rollout, ...]:
+    return tuple(Rollout(run_id="r", prompt_index=0, group_id=f"{sampler}{version}",
+                         prompt_ids=(1,), completion_ids=(2,), behaviour_logprobs=(-1.0,),
+                         version=version, sampler=sampler, text="", reward=r)
+                 for r in rewards)
+
+
+def test_the_groups_that_train_are_checked_and_every_sampler_at_least_once() -> None:
+    rng = random.Random(0)
+    groups = [group("a", 3, 0, 1), group("a", 3, 0, 0), group("b", 3, 1, 1),
+              group("b", 3, 0, 0), group("c", 3, 0, 0.1), group("a", 2, 0, 1)]
+    now, old = to_check(groups, 3, 0, rng)
+    # a's and c's groups that train; b trains nothing this step: its first group
+    assert now == [0, 2, 4]
+    assert old == []
+    # everything idle: one group a sampler
+    idle = [group("a", 3, 0, 0), group("a", 3, 1, 1), group("b", 3, 0, 0)]
+    assert to_check(idle, 3, 0, rng) == ([0, 2], [])
+
+
+def test_older_groups_are_sampled_those_that_train_first() -> None:
+    groups = [group("a", 1, 0, 0), group("a", 1, 0, 1), group("b", 2, 0, 0),
+              group("b", 2, 1, 0), group("a", 3, 0, 0)]
+    now, old = to_check(groups, 3, 2, random.Random(0))
+    assert now == [4] and old == [1, 3]  # the two older groups that train
+    assert to_check(groups, 3, 3, random.Random(0))[1] in ([0, 1, 3], [1, 2, 3])
+    assert to_check(groups, 3, 9, random.Random(0))[1] == [0, 1, 2, 3]
+    assert to_check(groups, 3, 0, random.Random(0))[1] == []

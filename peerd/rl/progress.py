@@ -3,12 +3,15 @@
 `Progress` is what `GET /v1/rl/runs/ID` shows while a run goes on (the trainer adds
 its buffer's counts). `judge` is the trainer's rule on a sampler's behaviour
 log-probs, pure: a rollout whose mean absolute difference a token from the trainer's
-own exceeds the sampler's tolerance is a lie.
+own exceeds the sampler's tolerance is a lie. `to_check` says which groups of a step
+are checked: re-scoring costs a forward pass of the policy a rollout, about what the
+step's training costs, so the groups that train nothing are checked by sample.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 
+from peerd.rl.grpo import is_degenerate
 from peerd.rl.types import Rollout
 
 
@@ -84,3 +88,36 @@ def judge(checks: Sequence[tuple[Sequence[Rollout], Sequence[Sequence[float]]]],
                 liars.add(r.sampler)
     return liars, worst
 
+
+
+def to_check(groups: Sequence[Sequence[Rollout]], version: int, verify_old: int,
+             rng: random.Random) -> tuple[list[int], list[int]]:
+    """Which of a step's groups to re-score (indices into `groups`): (of the trainer's
+    current `version`, of older versions).
+
+    - Current version: every group that trains (its rewards differ: its log-probs enter
+      the update), and of the groups that train nothing (equal rewards: skipped, so a
+      lie in them moves nothing) one of each sampler that has no group training this
+      step, so that every sampler of the step is checked.
+    - Older versions (async): a sample of `verify_old`, groups that train first.
+    """
+    current = [i for i, g in enumerate(groups) if g[0].version == version]
+    trains = {i for i in range(len(groups)) if _trains(groups[i])}
+    checked = [i for i in current if i in trains]
+    seen = {groups[i][0].sampler for i in checked}
+    for i in current:
+        sampler = groups[i][0].sampler
+        if sampler not in seen:
+            seen.add(sampler)
+            checked.append(i)
+    older = [i for i, g in enumerate(groups) if g[0].version != version]
+    old_trains = [i for i in older if i in trains]
+    old_idle = [i for i in older if i not in trains]
+    sample = rng.sample(old_trains, min(verify_old, len(old_trains)))
+    sample += rng.sample(old_idle, min(verify_old - len(sample), len(old_idle)))
+    return sorted(checked), sorted(sample)
+
+
+def _trains(group: Sequence[Rollout]) -> bool:
+    return not is_degenerate(torch.tensor([r.reward or 0.0 for r in group],
+                                          dtype=torch.float32))

@@ -47,7 +47,7 @@ import trio
 
 from peerd.rl.buffer import ReplayBuffer
 from peerd.rl.grpo import GrpoLoss, group_advantages, is_degenerate
-from peerd.rl.progress import NoSamplers, Progress, judge
+from peerd.rl.progress import NoSamplers, Progress, judge, to_check
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
 from peerd.rl.scecs import ScecKeeper
@@ -406,14 +406,15 @@ class Trainer:
         return self.spec.verify_tolerance_half
 
     async def _verify(self, groups: list[Group]) -> set[str]:
-        """Check the sampler's behaviour log-probs against ours: every group of our
-        current version, and a sample of `verify_old` groups of older versions (scored
-        under the version that made them). Liars are dropped (returned; their groups
-        let go and their slots sent out again)."""
-        current = [g for g in groups if g[0].version == self.version]
-        older = [g for g in groups if g[0].version != self.version]
-        sample = random.Random(self.spec.seed * 7919 + self.version).sample(
-            older, min(self.spec.verify_old, len(older)))
+        """Check the samplers' behaviour log-probs against ours (progress.to_check
+        says which groups: those of our current version that train, one more of each
+        sampler otherwise unchecked, and a sample of `verify_old` of older versions,
+        scored under the version that made them). Liars are dropped (returned; their
+        groups let go and their slots sent out again)."""
+        now, old = to_check(groups, self.version, self.spec.verify_old,
+                            random.Random(self.spec.seed * 7919 + self.version))
+        current = [groups[i] for i in now]
+        sample = [groups[i] for i in old]
         checks: list[tuple[Group, list[list[float]]]] = []
         t0 = time.monotonic()
         if current:

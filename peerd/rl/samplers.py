@@ -5,7 +5,8 @@ model whole (the same model id, every layer), or serves a slice of it and advert
 the pipeline sampler's feature too (it samples through a pipeline of rollout shards).
 A sampler that fails a request is asked again later; one that fails `MAX_FAILURES`
 requests in a row, or is caught lying, is dropped for the rest of the run (a lie is
-also an offence on the node).
+also an offence on the node). Each answered request moves the sampler's rate (prompts
+a second, a moving average), by which the trainer shares a step out (slots.share_of).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from protocols.ledger import LedgerEntry
 from protocols.rollout import FEATURE_PIPELINE_SAMPLER
 
 MAX_FAILURES = 3
+RATE_WEIGHT = 0.5  # of a sampler's latest request in its moving average of prompts/s
 
 
 def serves_whole(entry: LedgerEntry, model_id: str) -> bool:
@@ -40,6 +42,7 @@ class SamplerPool:
     own_id: str
     dropped: dict[str, str] = field(default_factory=dict)  # peer -> why
     failures: Counter[str] = field(default_factory=Counter)  # in a row
+    rates: dict[str, float] = field(default_factory=dict)  # peer -> prompts a second
 
     def found(self) -> list[str]:
         """Samplers in the ledger now, not dropped, sorted (a stable order)."""
@@ -63,8 +66,12 @@ class SamplerPool:
                 return m.dtype
         return ""
 
-    def served(self, peer: str) -> None:
+    def served(self, peer: str, prompts: int, seconds: float) -> None:
+        """A request of `prompts` prompts answered in `seconds`."""
         self.failures.pop(peer, None)
+        rate = prompts / max(seconds, 1e-3)
+        old = self.rates.get(peer)
+        self.rates[peer] = rate if old is None else RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * old
 
     def drop(self, peer: str, why: str) -> None:
         self.dropped[peer] = why

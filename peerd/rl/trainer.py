@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 BUSY_CODES = frozenset({"busy", OTHER_RUN})  # a sampler's refusals that are no fault
 BUSY_RETRY_S = 2.0
-RATE_WEIGHT = 0.5  # of a sampler's latest request in its moving average of prompts/s
 
 
 Sampler = Callable[[str, list[int], list[Problem], list[int], int, bool], Any]
@@ -121,7 +120,6 @@ class Trainer:
         self.sampler_of: dict[str, str] = {}  # group id -> the sampler that made it
         self.push = spec.mode == "async"  # samplers push their rollouts (Echo's async)
         self.orders: dict[str, _Order] = {}  # sampler -> the order it holds
-        self.rates: dict[str, float] = {}  # sampler -> prompts a second it delivered
         self.stopping = False
         self._step_verify_s = 0.0  # the step in hand's checks so far
         self._changed = trio.Event()  # a slot came back, a group arrived, a step ended
@@ -205,7 +203,7 @@ class Trainer:
                 spec = self.spec
                 slots = self.slots.hand_out(request_size(
                     spec.batch, spec.group, spec.max_tokens,
-                    share_of(self.rates, peer, running)))
+                    share_of(self.pool.rates, peer, running)))
                 if not slots:
                     await self._changed.wait()
                     continue
@@ -247,16 +245,9 @@ class Trainer:
                 finally:
                     if order is not None and self.orders.get(peer) is order:
                         del self.orders[peer]
-                self._measured(peer, len(slots), time.monotonic() - asked)
-                self.pool.served(peer)
+                self.pool.served(peer, len(slots), time.monotonic() - asked)
         finally:
             running.discard(peer)
-
-    def _measured(self, peer: str, prompts: int, seconds: float) -> None:
-        """A request answered: the sampler's prompts a second, a moving average."""
-        rate = prompts / max(seconds, 1e-3)
-        old = self.rates.get(peer)
-        self.rates[peer] = rate if old is None else RATE_WEIGHT * rate + (1 - RATE_WEIGHT) * old
 
     def _failed(self, peer: str, slots: list[int], exc: Exception) -> bool:
         """Count a failed request against the sampler; True when it is dropped."""

@@ -24,6 +24,7 @@ from libp2p.peer.id import ID
 
 from peerd.api.app import create_app
 from peerd.inference.slot import ModelOptions, ModelSlot
+from peerd.memory.admissions import refusal_key
 from peerd.memory.controller import ControllerSettings, admission_stats
 from peerd.memory.item import Record, sign_item
 from peerd.memory.scec import Task, scec_hash
@@ -162,6 +163,11 @@ async def test_a_harmful_item_is_refused_with_its_utility(tmp_path: Path, tiny: 
         assert (again["state"], again["reason"]) == ("refused", "refused_before")
         assert again["utility"] is None and again["tasks"] == 0
         assert memory.desk().baselines.hits == hits  # no A arm was even looked up
+        # the refusal measured this model: for another, it does not stand
+        store = memory.live_store()
+        served = memory._face().model_id
+        assert await store.refusal(refusal_key("chat", candidate, served)) is not None
+        assert await store.refusal(refusal_key("chat", candidate, served + "-v2")) is None
         # in another domain it is another candidate
         other = (await api.post("/v1/memory", json={"text": candidate, "domain": "math",
                                                     "wait": True})).json()

@@ -97,9 +97,12 @@ class Candidate:
                 "decided": self.decided or None, "text": self.text}
 
 
-def refusal_key(domain: str, text: str) -> str:
-    """What names a candidate for the refusal memory: its exact text in its domain."""
-    return hashlib.sha256(f"{domain}\0{text}".encode()).hexdigest()
+def refusal_key(domain: str, text: str, model: str) -> str:
+    """What names a candidate for the refusal memory: its exact text in its domain, as
+    judged by `model` (the model replayed here; "" where none is and replays are
+    farmed). A refusal measures one model: another would answer otherwise, so its
+    earlier refusal does not stand for it."""
+    return hashlib.sha256(f"{domain}\0{model}\0{text}".encode()).hexdigest()
 
 
 class Admissions:
@@ -152,7 +155,7 @@ class Admissions:
             return c
         vector = (await self.store.embed([text]))[0]
         near = await self.store.search(vector, 1, domain)
-        refused = await self.store.refusal(refusal_key(domain, text))
+        refused = await self.store.refusal(refusal_key(domain, text, self._judge()))
         earlier = (None if refused is None else
                    EarlierRefusal(time.time() - refused[0], refused[1], refused[2]))
         check = precheck([(r.item.id, s) for r, s in near], self.waiting, self.settings,
@@ -209,7 +212,8 @@ class Admissions:
             return
         c.utility = verdict.utility
         if not verdict.admitted:
-            await self.store.remember_refusal(refusal_key(c.domain, c.text),
+            judged_by = "" if face is None else face.model_id
+            await self.store.remember_refusal(refusal_key(c.domain, c.text, judged_by),
                                               verdict.utility.total, len(tasks))
             await self._refuse(c, "no_gain", f"utility {verdict.utility.total:.3g} <= "
                                f"{self.min_gain:g} over {len(tasks)} tasks")
@@ -256,6 +260,13 @@ class Admissions:
             await self._refuse(c, farmed.reason, farmed.message)
             return None
         return verdict_of(farmed.tasks, self.weights, self.min_gain)
+
+    def _judge(self) -> str:
+        """The id of the model that would replay a candidate here; "" when none does."""
+        try:
+            return self.model().model_id
+        except ModelUnavailable:
+            return ""
 
     async def _tasks(self, c: Candidate) -> list[ScecMsg]:
         """The SCECs to replay c on: the run it came from first (not for a correction,

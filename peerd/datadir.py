@@ -5,6 +5,7 @@
     ledger.sqlite  the capability ledger, 0600
     tasks.db       finished Symphony tasks this peer requested, 0600
     reputation.json  Symphony's record of other peers as workers
+    memory/replay_reputation.json  the memory's record of other peers as replayers
     daemon.json    while a daemon runs: pid, API URL, addresses
     lock           held (flock) by the running daemon: one daemon per data dir
 """
@@ -82,19 +83,37 @@ def read_token(data_dir: Path) -> str | None:
         return None
 
 
-def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> Any:
+    """A small JSON file's content; None when it is missing or damaged."""
     try:
-        data = json.loads((data_dir / RUNTIME_FILE).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Written whole or not at all: a crash leaves the old file (os.replace is atomic)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def keep_json(path: Path, data: Any) -> None:
+    """write_json for a record whose loss costs only what it learned (a reputation book):
+    a disk error is logged, never raised into the work that updated it."""
+    try:
+        write_json(path, data)
+    except OSError as exc:
+        log.warning("could not write %s: %s", path, exc)
+
+
+def read_runtime_file(data_dir: Path) -> dict[str, Any] | None:
+    data = read_json(data_dir / RUNTIME_FILE)
     return data if isinstance(data, dict) else None
 
 
 def write_runtime_file(data_dir: Path, info: dict[str, Any]) -> None:
-    path = data_dir / RUNTIME_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
+    write_json(data_dir / RUNTIME_FILE, info)
 
 
 def lock_data_dir(data_dir: Path) -> int:

@@ -17,11 +17,8 @@ book (JSON) and the task archive (SQLite) are written off the event loop.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -50,7 +47,7 @@ from peerd.agents.solver import Solver, prompt_sets
 from peerd.agents.voting import Ballot, tally
 from peerd.agents.worker import TaskWorker
 from peerd.api.recall import ScoredRuns
-from peerd.datadir import REPUTATION_FILE, TASKS_DB
+from peerd.datadir import REPUTATION_FILE, TASKS_DB, keep_json, read_json
 from peerd.ledger.book import Ledger
 from peerd.node import Node
 from peerd.rpc import call, stream_handler
@@ -99,7 +96,7 @@ class Requester:
         self.solver = solver  # also measures the chains of our own tasks (voting.py)
         self.worker = worker  # bids on our own tasks too, as a reserve
         self.book_path = Path(node.config.data_dir) / REPUTATION_FILE
-        self.book = _load_book(node.peer_id, self.book_path)
+        self.book = ReputationBook.from_json(node.peer_id, read_json(self.book_path))
         self.no_shows = NoShows()  # ranked last by our elections for a while (reputation.py)
         self.records: OrderedDict[str, TaskRecord] = OrderedDict()  # recent, live
         self.archive = TaskArchive(Path(node.config.data_dir) / TASKS_DB)
@@ -217,7 +214,7 @@ class Requester:
             raise NoWorkers(record.error)
         self._settle(record, results)
         record.total_ms = (time.perf_counter() - t0) * 1e3
-        await trio.to_thread.run_sync(_save_book, self.book_path, self.book.to_json())
+        await trio.to_thread.run_sync(keep_json, self.book_path, self.book.to_json())
         if not record.votes:
             record.status = "failed"
             record.error = f"none of the {len(record.bids)} bidders answered"
@@ -386,17 +383,3 @@ def seat_seed(task_id: str, seat: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{task_id}:{seat}".encode()).digest()[:7], "big")
 
 
-def _load_book(owner: str, path: Path) -> ReputationBook:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = None
-    return ReputationBook.from_json(owner, data)
-
-
-def _save_book(path: Path, data: dict[str, Any]) -> None:
-    """Small and rare (once a task): written in place, atomically (worker thread)."""
-    tmp = path.with_suffix(".tmp")
-    with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)

@@ -19,7 +19,8 @@ seated with `fill_seats` (a peer that fails or misses its deadline is replaced b
 next). Their verified results are settled by farming.settle; what happens when they
 do not agree is in `Farm.replay`. A peer caught with a false result is an offence
 (`false_replay`), scores 0 in this peer's replay reputation, and ranks last for a
-while.
+while. The reputation book is kept in the memory's directory, so a restart does not
+forgive a liar; who was caught lately (the ranking last) is not.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -36,6 +38,7 @@ import trio
 from peerd.agents.election import Candidate, Election, WorkFailed, fill_seats
 from peerd.agents.reputation import NoShows, ReputationBook, view
 from peerd.agents.sealing import seal, unseal
+from peerd.datadir import keep_json, read_json
 from peerd.inference.face import LanguageModel, ModelUnavailable, Refused, SwarmUnavailable
 from peerd.memory.admission import MemoryFor, Verdict, judge
 from peerd.memory.farming import Farmed, check_result, replay_of, replayers, settle
@@ -54,6 +57,7 @@ from protocols.memory_replay import (
 )
 
 REPLAYERS = 2  # results that must agree
+REPLAY_REPUTATION_FILE = "replay_reputation.json"  # in the memory's directory
 DEADLINE_S = REPLAY.timeout_s - REPLAY_MARGIN_S  # one replaying peer's time for a job
 NO_SHOWS = frozenset({"deadline", "unreachable"})  # as Symphony's requester counts them
 
@@ -73,7 +77,7 @@ class Farm:
 
     def __init__(self, node: Node, model: Callable[[], LanguageModel],
                  entries: Callable[[], list[LedgerEntry]], *, wanted: int = REPLAYERS,
-                 deadline_s: float = DEADLINE_S,
+                 deadline_s: float = DEADLINE_S, book_path: Path | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.node = node
         self.model = model
@@ -81,7 +85,9 @@ class Farm:
         self.wanted = wanted
         self.deadline_s = deadline_s
         self.clock = clock
-        self.book = ReputationBook(node.peer_id)  # what our jobs saw of each replayer
+        self.book_path = book_path  # where the book outlives a restart (None: it does not)
+        self.book = ReputationBook.from_json(  # what our jobs saw of each replayer
+            node.peer_id, None if book_path is None else read_json(book_path))
         self.caught = NoShows()  # replayers caught with a false result: ranked last
         self.counts: Counter[str] = Counter()
 
@@ -185,6 +191,8 @@ class Farm:
                 settled = settle(hashes, results, {t.task: replay_of(t)
                                                    for t in verdict.tasks})
         self._account(settled.by, settled.offenders, job.job_id)
+        if self.book_path is not None:
+            await trio.to_thread.run_sync(keep_json, self.book_path, self.book.to_json())
         if verdict is not None:
             return Farmed(local=verdict, asked=tuple(asked), offenders=settled.offenders,
                           message=f"replayed here after {len(results)} farmed results "

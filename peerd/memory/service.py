@@ -56,7 +56,7 @@ from peerd.memory.controller import (
 )
 from peerd.memory.diffusion import Diffusion
 from peerd.memory.distill import abstraction_prompt, parse_insight
-from peerd.memory.farm import Farm
+from peerd.memory.farm import REPLAY_REPUTATION_FILE, Farm
 from peerd.memory.item import MemoryItem, sign_item
 from peerd.memory.learning import LearnJob, LearnSpec, SpecError, domain_of, learn
 from peerd.memory.replay import GREEDY, Outcome, record
@@ -103,7 +103,8 @@ class Memory(Service):
         self.task_similarity = task_similarity
         self.diffuse = diffuse
         self.replay = replay  # admissions.REPLAY_MODES: where candidates are replayed
-        self.farm = Farm(node, self._face, self._ledger_entries)
+        self.farm = Farm(node, self._face, self._ledger_entries,
+                         book_path=self.dir / REPLAY_REPUTATION_FILE)
         self.store: MemoryStore | None = None
         self.baseline = Baseline()
         self.admissions: Admissions | None = None

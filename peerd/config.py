@@ -123,6 +123,10 @@ class Config:
     # Where the memory's admission replays run: "local" (this peer's model), "farm"
     # (other peers', accepted when reproduced), "auto" (local with a model, else farm).
     memory_replay: str = "auto"
+    # Seconds between rounds of the memory's own abstraction: proven items rewritten as
+    # general insights for the other domains it holds runs in, each admitted only by its
+    # own replay there (peerd/memory/abstraction.py); 0: only on request.
+    memory_abstract_every_s: float = 1800.0
     # Typed tools offered to the swarm (peerd/plans/), each NAME or NAME:CAPACITY (calls
     # run at once; beyond it a call is refused "busy"). read_file reads only inside
     # tools_dir and is offered only when that is set (naming it without is an error);
@@ -184,6 +188,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "compute_turn_budget": (1, 1 << 17), "weights_http_port": (-1, 65535),
     "mcp_capacity": (1, MAX_TOOL_CAPACITY), "mcp_deadline_s": (0.1, 60),
     "mcp_ready_s": (0.1, 600), "mcp_restarts": (0, 100), "tool_suspect_s": (0, 3600),
+    "memory_abstract_every_s": (0, 30 * 86_400),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS,
@@ -212,7 +217,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str | Path):
             raise ConfigError(name, source, f"expected a path, got {value!r}")
         return Path(value).expanduser() if str(value) else None
-    if name in ("heartbeat_s", "mcp_deadline_s", "mcp_ready_s", "tool_suspect_s"):
+    if name in ("heartbeat_s", "mcp_deadline_s", "mcp_ready_s", "tool_suspect_s",
+                "memory_abstract_every_s"):
         if isinstance(value, bool):  # float(True) would quietly mean 1 s
             raise ConfigError(name, source, f"expected a number, got {value!r}")
         try:

@@ -170,7 +170,8 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     # SEDM: items admitted by replay on our model (a peer without one farms its replays
     # out to peers that serve one: --memory-replay)
     memory = Memory(node, model if model.options is not None else None, config.data_dir,
-                    embedder=config.memory_embedder, replay=config.memory_replay)
+                    embedder=config.memory_embedder, replay=config.memory_replay,
+                    abstract_every_s=config.memory_abstract_every_s)
     # typed tools for the swarm (Gradientsys): the built-ins the config names, and the
     # tools of the external MCP servers it names (--mcp), run in the service's nursery;
     # ask and vote reach the swarm's model through ours, so only a peer that serves one

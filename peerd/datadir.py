@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peerd.durable import replace_text
+
 log = logging.getLogger(__name__)
 
 KEY_FILE = "identity.key"
@@ -92,10 +94,8 @@ def read_json(path: Path) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Written whole or not at all: a crash leaves the old file (os.replace is atomic)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """Written whole or not at all: a crash leaves the old file or the new."""
+    replace_text(path, json.dumps(data, indent=2))
 
 
 def keep_json(path: Path, data: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -45,11 +46,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def peer(tmp_path: Path, tiny: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Memory]]:
+async def peer(tmp_path: Path, tiny: Path, **options: Any
+               ) -> AsyncIterator[tuple[httpx.AsyncClient, Memory]]:
     async with swarm(1, tmp_path, connect="none") as (node,):
         slot = ModelSlot(node, gossip(node), ModelOptions(str(tiny), torch_threads=1))
         memory = Memory(node, slot, tmp_path / "data", embedder="hashing", settings=LOOSE,
-                        task_similarity=0.0)
+                        task_similarity=0.0, **options)
         slot.recall = memory
         await node.start(slot, memory)
         await slot.settled.wait()
@@ -326,3 +328,42 @@ async def test_a_correction_is_not_judged_on_the_run_whose_answer_it_holds(
                                  origin=origin)
         await c.done.wait()
         assert c.tasks == 1  # an example is judged on the run it came from
+
+
+async def test_a_proven_item_is_abstracted_on_its_own_once_per_domain(tmp_path: Path,
+                                                                     tiny: Path) -> None:
+    async with peer(tmp_path, tiny, abstract_every_s=0.2) as (api, memory):
+        candidate, runs = await planted(memory, "chat", helps=True)
+        got = (await api.post("/v1/memory", json={"text": candidate, "domain": "chat",
+                                                  "origin": runs[0], "wait": True})).json()
+        assert got["state"] == "admitted", got
+        store = memory.live_store()
+        item_id = got["item_id"]
+        record = await store.get(item_id)
+        assert record is not None
+        for p in PROMPTS[:4]:  # runs in another domain: where its insight can be judged
+            await memory.solve(Task(p, "", "exact", "math"), memory=False, params=PARAMS)
+        assert await store.abstracted() == set()  # not proven yet: admitted, never used
+        # its uses proved it (how uses move the weight is tested in the controller's
+        # tests): the next round abstracts it into math, and only math
+        await store.update_stats(item_id, dataclasses.replace(
+            record.stats, uses=10, delta_sum=5.0, last_used=time.time()))
+        def abstractions() -> list[dict[str, Any]]:
+            return [e.data for e in memory.node.events.recent()
+                    if e.type == "memory.abstraction"]
+
+        await wait_for(abstractions, 60, "a round of abstraction")
+        assert await store.abstracted() == {(item_id, "math")}
+        (event,) = abstractions()
+        assert event["item_id"] == item_id and event["domains"] == ["math"]
+        insight = event["insight"]
+        if insight is None:  # the random model wrote nothing usable: said, and tried
+            assert "no usable insight" in event["error"]
+        else:  # offered to math, where only its own replay admits it
+            offered = [c for c in memory.desk().candidates.values() if c.kind == "insight"]
+            assert [(c.text, c.domain, c.parent) for c in offered] == [
+                (insight, "math", item_id)]
+        # tried once: later rounds leave it be
+        await trio.sleep(0.6)
+        assert await memory.abstract_due() == []
+        assert await store.abstracted() == {(item_id, "math")}

@@ -73,6 +73,10 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
 @click.option("--memory-replay", type=click.Choice(MEMORY_REPLAYS), default=None,
               help="Where memory candidates are replayed: local, farm (on other peers, "
               "accepted when two agree) [auto: local with --model, else farm].")
+@click.option("--memory-abstract-every-s", type=float, metavar="S",
+              help="Seconds between rounds in which the memory rewrites its proven items as "
+              "general insights for its other domains, each admitted only by replay there "
+              "[1800; 0: only on request].")
 @click.option("--tools", metavar="NAME[:CAP],...",
               help="Typed tools to offer the swarm, each with the calls it runs at once "
               "[calculator, memory_search, and read_file with --tools-dir].")

@@ -9,7 +9,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -146,6 +146,28 @@ class Journal:
             row = self._db.execute("SELECT at, utility, tasks FROM refusals WHERE key = ?",
                                    (key,)).fetchone()
         return None if row is None else (float(row[0]), float(row[1]), int(row[2]))
+
+    def runs_by_domain(self) -> dict[str, int]:
+        """The scored runs (SCECs) held, by domain."""
+        with self._lock:
+            rows = self._db.execute("SELECT domain, COUNT(*) FROM scecs GROUP BY domain")
+            return {domain: int(n) for domain, n in rows.fetchall()}
+
+    def abstracted(self) -> set[tuple[str, str]]:
+        """(parent item, domain) pairs whose abstraction was tried, of items still held."""
+        with self._lock:
+            rows = self._db.execute("SELECT a.parent, a.domain FROM abstractions a JOIN "
+                                    "items i ON i.id = a.parent").fetchall()
+        return {(parent, domain) for parent, domain in rows}
+
+    def mark_abstracted(self, parent: str, domains: Sequence[str]) -> None:
+        """Tried: rows of items no longer held go, so the table stays the store's size."""
+        now = time.time()
+        with self._lock, self._tx():
+            self._db.executemany("INSERT OR REPLACE INTO abstractions (parent, domain, at) "
+                                 "VALUES (?, ?, ?)", [(parent, d, now) for d in domains])
+            self._db.execute("DELETE FROM abstractions WHERE parent NOT IN "
+                             "(SELECT id FROM items)")
 
     def decisions(self, limit: int = 100, action: str | None = None) -> list[Decision]:
         """The newest decisions first."""

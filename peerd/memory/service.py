@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -38,7 +39,8 @@ from peerd.embedding import Embedder, make_embedder
 from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.inference.options import SamplingParams
 from peerd.ledger.gossip import LedgerGossip
-from peerd.memory import consolidation
+from peerd.memory import abstraction, consolidation
+from peerd.memory.abstraction import AbstractionRules
 from peerd.memory.admission import Weights
 from peerd.memory.admissions import (
     ADMISSION_TASKS,
@@ -57,7 +59,7 @@ from peerd.memory.controller import (
 from peerd.memory.diffusion import Diffusion
 from peerd.memory.distill import abstraction_prompt, parse_insight
 from peerd.memory.farm import REPLAY_REPUTATION_FILE, Farm
-from peerd.memory.item import MemoryItem, sign_item
+from peerd.memory.item import MemoryItem, Record, sign_item
 from peerd.memory.learning import LearnJob, LearnSpec, SpecError, domain_of, learn
 from peerd.memory.replay import GREEDY, Outcome, record
 from peerd.memory.scec import Task, encode_scec, scec_hash
@@ -79,6 +81,7 @@ FEATURE_MEMORY = "memory"
 CONSOLIDATE_EVERY_S = 600.0
 BASELINE_FILE = "baseline.json"
 ABSTRACT_TOKENS = 64  # an insight is one short line
+ABSTRACT_EVERY_S = 1800.0  # a round of the memory's own abstraction (abstraction.py)
 SEARCH_WIDTH = 4  # index hits fetched per item retrieved: ranking reorders by weight
 
 
@@ -90,7 +93,10 @@ class Memory(Service):
                  weights: Weights | None = None, min_gain: float = 0.0,
                  admission_tasks: int = ADMISSION_TASKS,
                  task_similarity: float = MIN_TASK_SIMILARITY, diffuse: bool = True,
-                 replay: str = "auto") -> None:
+                 replay: str = "auto", abstract_every_s: float = ABSTRACT_EVERY_S,
+                 abstraction_rules: AbstractionRules | None = None) -> None:
+        if not 0 <= abstract_every_s < math.inf:
+            raise ValueError(f"abstract_every_s {abstract_every_s}: at least 0 (0: off)")
         self.node = node
         self.model = model
         self.data_dir = data_dir
@@ -103,6 +109,8 @@ class Memory(Service):
         self.task_similarity = task_similarity
         self.diffuse = diffuse
         self.replay = replay  # admissions.REPLAY_MODES: where candidates are replayed
+        self.abstract_every_s = abstract_every_s  # rounds of abstraction.due; 0: none
+        self.abstraction_rules = abstraction_rules or AbstractionRules()
         self.farm = Farm(node, self._face, self._ledger_entries,
                          book_path=self.dir / REPLAY_REPUTATION_FILE)
         self.store: MemoryStore | None = None
@@ -144,6 +152,8 @@ class Memory(Service):
                 self.ready.set()
                 task_status.started()
                 nursery.start_soon(self._consolidate_periodically)
+                if self.abstract_every_s > 0:
+                    nursery.start_soon(self._abstract_periodically)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._save_baseline)
@@ -240,13 +250,38 @@ class Memory(Service):
         record = await self.live_store().get(item_id)
         if record is None:
             raise KeyError(item_id)
-        prompt = abstraction_prompt(record.item.text, record.item.domain)
-        completion = await self._face().chat([{"role": "user", "content": prompt}],
-                                             SamplingParams(max_tokens=ABSTRACT_TOKENS))
-        insight = parse_insight(completion.text)
-        if insight is None:
-            raise ValueError(f"the model wrote no usable insight ({completion.text[:80]!r})")
-        return await self.desk().submit(insight, domain, "insight", parent=item_id)
+        return await self.desk().submit(await self._insight(record), domain, "insight",
+                                        parent=item_id)
+
+    async def abstract_due(self) -> list[Candidate]:
+        """One round of the memory's own abstraction (abstraction.py): each proven item
+        due is rewritten once and its insight offered to every domain due for it; the
+        insights offered (their verdicts follow). ModelUnavailable without a model."""
+        store = self.live_store()
+        self._face()
+        due = abstraction.due(await store.records(), await store.runs_by_domain(),
+                              await store.abstracted(), time.time(), self.settings,
+                              self.abstraction_rules)
+        offered: list[Candidate] = []
+        for a in due:
+            record = await store.get(a.item_id)
+            if record is None:  # pruned since
+                continue
+            try:
+                insight: str | None = await self._insight(record)
+            except ValueError as exc:
+                insight, why = None, str(exc)
+            await store.mark_abstracted(a.item_id, a.domains)  # tried, whatever the verdict
+            if insight is None:
+                self.node.events.publish("memory.abstraction", item_id=a.item_id,
+                                         domains=list(a.domains), insight=None, error=why)
+                continue
+            self.node.events.publish("memory.abstraction", item_id=a.item_id,
+                                     domains=list(a.domains), insight=insight)
+            for domain in a.domains:
+                offered.append(await self.desk().submit(insight, domain, "insight",
+                                                        parent=a.item_id))
+        return offered
 
     async def learn(self, spec: LearnSpec) -> LearnJob:
         """Start a learning job (learning.py) in the background; RuntimeError while one
@@ -314,6 +349,15 @@ class Memory(Service):
 
     # ---- inside -------------------------------------------------------------------------
 
+    async def _insight(self, record: Record) -> str:
+        prompt = abstraction_prompt(record.item.text, record.item.domain)
+        completion = await self._face().chat([{"role": "user", "content": prompt}],
+                                             SamplingParams(max_tokens=ABSTRACT_TOKENS))
+        insight = parse_insight(completion.text)
+        if insight is None:
+            raise ValueError(f"the model wrote no usable insight ({completion.text[:80]!r})")
+        return insight
+
     def desk(self) -> Admissions:
         if self.admissions is None:
             raise ModelUnavailable("starting", "the memory is still opening")
@@ -369,6 +413,21 @@ class Memory(Service):
                 await self.consolidate()
             except Exception:  # our bug: log it, keep the memory serving
                 log.exception("memory: consolidation failed")
+
+    async def _abstract_periodically(self) -> None:
+        """A round every abstract_every_s, when the desk is idle: users' candidates
+        first, and no round while a learning job drives the model."""
+        while True:
+            await trio.sleep(self.abstract_every_s)
+            learning = self.learning is not None and self.learning.state == "running"
+            if self.model is None or learning or self.desk().waiting > 0:
+                continue
+            try:
+                await self.abstract_due()
+            except ModelUnavailable:  # the model is loading or went away: next round
+                pass
+            except Exception:  # our bug: log it, keep the memory serving
+                log.exception("memory: abstraction failed")
 
     def _load_baseline(self) -> Baseline:
         try:

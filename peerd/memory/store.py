@@ -419,6 +419,15 @@ class MemoryStore:
     async def refusal(self, key: str) -> tuple[float, float, int] | None:
         return await self._run(self.store.refusal, key)
 
+    async def runs_by_domain(self) -> dict[str, int]:
+        return await self._run(self.store.runs_by_domain)
+
+    async def abstracted(self) -> set[tuple[str, str]]:
+        return await self._run(self.store.abstracted)
+
+    async def mark_abstracted(self, parent: str, domains: Sequence[str]) -> None:
+        await self._run(self.store.mark_abstracted, parent, domains)
+
     async def flush(self) -> None:
         await self._run(self.store.flush)
 

@@ -46,6 +46,9 @@ CREATE INDEX IF NOT EXISTS decisions_action ON decisions (action, seq);
 CREATE TABLE IF NOT EXISTS refusals (  -- candidates refused for no gain, by text and domain
     key TEXT PRIMARY KEY, at REAL NOT NULL, utility REAL NOT NULL, tasks INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS refusals_at ON refusals (at);
+CREATE TABLE IF NOT EXISTS abstractions (  -- proven items abstracted, by target domain
+    parent TEXT NOT NULL, domain TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (parent, domain));
 """
 
 

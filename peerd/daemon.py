@@ -186,8 +186,9 @@ def build_services(node: Node, config: Config, progress: Progress) -> list[Servi
     # ReAct plans over the swarm's tools, their steps written by our model
     plans = Plans(node, tools, config.data_dir, model=face, make_constraint=step_constraint)
     # the API's `memory` option and the memory_search tool draw on it
-    model.recall = symphony.recall = tools.recall = memory
-    symphony.scored = training.scored = memory  # and keeps their scored runs as SCECs
+    model.recall = symphony.recall = tools.recall = plans.recall = memory
+    # and keeps their scored runs as SCECs
+    symphony.scored = training.scored = plans.scored = memory
     services: list[Service] = [ledger, model, symphony, weights, training, memory, tools,
                                plans, McpEndpoint(tools, plan=plan_over_mcp(plans))]
     if config.rollout:

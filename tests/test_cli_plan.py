@@ -2,7 +2,8 @@
 Under the tools' grammar (the daemon's default) even the random model's step parses and
 the plan answers, exit 0, `--json` printing its record; `--unconstrained` it writes
 garbage, so the plan fails out of budget with exit 1, `--follow` showing its steps and
-their parse failures live; `plan list` and `plan show` read both back."""
+their parse failures live; `plan list` and `plan show` read both back. A plan with a
+reference is scored and kept by the daemon's memory."""
 
 from __future__ import annotations
 
@@ -34,10 +35,15 @@ def test_plan_follow_json_show_and_list(tmp_path: Path,
         wait_for(lambda: peer.get("/status")["model"]["state"] == "ready", 60.0,
                  "the model to load", (peer,))
         done = run_cli("plan", "add 2 and 3", "--steps", "2", "--tokens", "200", "--json",
-                       *at, timeout_s=120.0)
+                       "--memory", "--reference", "5", *at, timeout_s=120.0)
         assert done.returncode == 0, (done.stdout, done.stderr)
         record = json.loads(done.stdout)
         assert record["status"] == "answered" and record["answer"] is not None
+        # scored, and kept by the daemon's memory as an SCEC in the plans domain
+        assert record["score"] in (0.0, 1.0) and record["domain"] == "plans"
+        assert isinstance(record["scec"], str) and len(record["scec"]) == 64
+        bad = run_cli("plan", "x", "--scorer", "exact", *at)
+        assert bad.returncode == 1 and "'scorer'" in bad.stderr, bad.stderr
         assert record["steps"] and record["used"]["steps"] >= 1
         assert peer.metric("peerd_plan_steps_total", constrained="yes", parse="ok") >= 1
         follow = run_cli("plan", "--steps", "1", "--tokens", "20", "add 1 and 1",
@@ -49,5 +55,6 @@ def test_plan_follow_json_show_and_list(tmp_path: Path,
         assert [p["status"] for p in listed] == ["failed", "answered"]
         shown = run_cli("plan", "show", record["id"], *at, env=WIDE)
         assert shown.returncode == 0 and "add 2 and 3" in shown.stdout
+        assert f"score {record['score']:g} against '5'" in shown.stdout, shown.stdout
         missing = run_cli("plan", "show", "nope", *at)
         assert missing.returncode == 1 and "no such plan" in missing.stderr

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from peerd.api.app import create_app
+from peerd.memory.controller import ControllerSettings, admission_stats
+from peerd.memory.item import Record, sign_item
+from peerd.memory.prompting import NOTE_HEADER
+from peerd.memory.scec import decode_scec
+from peerd.memory.service import Memory
 from peerd.node import Node
 from peerd.plans.planning import Plans
 from peerd.plans.records import PlanStore
 from peerd.plans.service import Tools
-from peerd.plans.thinker import ScriptedThinker
+from peerd.plans.thinker import ScriptedThinker, messages_of
 from tests.harness import events, gossip, swarm, wait_for
 
 TOKEN = "t0ken"
@@ -35,13 +41,19 @@ def offers_of(node: Node, peer: str) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def planning(tmp_path: Path, thinker: Any = None, model: Any = None
+async def planning(tmp_path: Path, thinker: Any = None, model: Any = None,
+                   memory: Callable[[Node], Memory] | None = None
                    ) -> AsyncIterator[tuple[Node, Node, httpx.AsyncClient]]:
-    """A plans on A (calculator, capacity 1) with B (calculator) beside it."""
+    """A plans on A (calculator, capacity 1) with B (calculator) beside it; `memory`:
+    the memory A keeps, made for A."""
     async with swarm(2, tmp_path, connect="star") as (a, b):
         ta = Tools(a, gossip(a), builtins=[("calculator", 1)])
         tb = Tools(b, gossip(b), builtins=[("calculator", None)])
         plans = Plans(a, ta, tmp_path / "n0", thinker=thinker, model=model)
+        if memory is not None:
+            kept = memory(a)
+            plans.recall = plans.scored = kept
+            await a.start(kept)
         await a.start(ta, plans)
         await b.start(tb)
         gossip(a).refresh()
@@ -113,6 +125,14 @@ async def test_bad_plans_get_400_and_a_peer_without_a_model_503(tmp_path: Path) 
                 continue
             assert got.status_code == 400, (body, got.text)
             assert words in got.json()["error"]["message"], got.text
+        for body, param in [({"goal": "x", "scorer": "exact"}, "scorer"),
+                            ({"goal": "x", "domain": "plans"}, "domain"),
+                            ({"goal": "x", "reference": "no number"}, "reference"),
+                            ({"goal": "x", "reference": "4", "scorer": "best"}, "scorer"),
+                            ({"goal": "x", "memory": {"k": 0}}, "memory"),
+                            ({"goal": "x", "memory": True}, "memory")]:  # none kept here
+            got = await client.post("/v1/plans", json=body)
+            assert got.status_code == 400 and got.json()["error"]["param"] == param, got.text
         got = await client.post("/v1/plans", json={"goal": "x"})
         assert got.status_code == 503 and "serves no model" in got.json()["error"]["message"]
         assert (await client.get("/v1/plans/nope")).status_code == 404
@@ -154,3 +174,62 @@ async def test_a_plan_running_at_shutdown_is_interrupted_at_the_next_start(
     assert streamed[-1]["type"] == "plan.failed"
     assert store.recent()[0]["status"] == "failed"
     store.close()
+
+
+async def test_a_scored_plan_is_given_notes_and_kept_by_the_memory(tmp_path: Path) -> None:
+    thinker = ScriptedThinker([json.dumps({"thought": "known", "answer": "It is 42."}),
+                               json.dumps({"thought": "guess", "answer": "7"})])
+    memories: list[Memory] = []
+
+    def kept(node: Node) -> Memory:
+        memories.append(Memory(node, None, tmp_path / "mem", embedder="hashing",
+                               settings=ControllerSettings(min_similarity=1e-6),
+                               diffuse=False, abstract_every_s=0))
+        return memories[0]
+
+    async with planning(tmp_path, thinker=lambda: thinker, memory=kept) as (a, _, client):
+        (memory,) = memories
+        store = memory.live_store()
+        note = "What is asked: multiply first, then answer with the number."
+        item, signed = sign_item(a.key_pair.private_key, a.peer_id, note, "plans", "rule")
+        await store.put(Record(item, signed, admission_stats(0.2, time.time(),
+                                                             memory.settings)),
+                        (await store.embed([note]))[0])
+
+        given: list[list[str]] = []  # the notes each response named
+
+        async def finished(body: dict[str, Any]) -> dict[str, Any]:
+            got = await client.post("/v1/plans", json=body)
+            assert got.status_code == 200, got.text
+            plan_id = got.json()["id"]
+            sse((await client.get(f"/v1/plans/{plan_id}/events")).text)  # to its end
+            record: dict[str, Any] = (await client.get(f"/v1/plans/{plan_id}")).json()
+            given.append([n["id"] for n in got.json().get("memory", [])])
+            return record
+
+        # with notes: the planner sees them before the goal; the answer scores 1
+        r = await finished({"goal": "What is 6 * 7?", "tools": ["calculator"],
+                            "memory": True, "reference": "42"})
+        assert given[-1] == r["memory"] == [item.id]  # the response's, the record's
+        assert thinker.seen[0].notes == (note,)
+        user = messages_of(thinker.seen[0])[1]["content"]
+        assert user.startswith(NOTE_HEADER) and user.endswith("Goal: What is 6 * 7?")
+        assert (r["status"], r["score"], r["domain"], r["scorer"]) == ("answered", 1.0,
+                                                                      "plans", "number")
+        stored = await store.get_scec(r["scec"])
+        assert stored is not None and stored.domain == "plans"
+        scec = decode_scec(stored.body)
+        assert (scec.prompt, scec.output, scec.answer, scec.score) == (
+            "What is 6 * 7?", "It is 42.", "42", 1.0)
+        assert scec.memory == (note,) and scec.memory_ids == (item.id,)
+        # without notes, a wrong answer: scored 0, the domain's no-memory baseline moves
+        r = await finished({"goal": "What is 3 + 4?", "reference": "8", "domain": "sums"})
+        assert (r["score"], r["domain"]) == (0.0, "sums") and "memory" not in r
+        assert thinker.seen[1].notes == ()
+        assert memory.baseline.snapshot()["sums"] == (0.0, 1)
+        assert r["scec"] in {s.hash for s, _ in await store.similar_scecs(
+            (await store.embed(["What is 3 + 4?"]))[0], 5, "sums")}
+        # an unscored plan has none of it
+        thinker.steps.append(json.dumps({"thought": "t", "answer": "a"}))
+        r = await finished({"goal": "Say a."})
+        assert "score" not in r and "scec" not in r

@@ -2,9 +2,16 @@
 
 `POST /v1/plans` {"goal", "tools"? (names; default every tool in the live ledger),
 "budget"? {"steps", "tokens", "wall_s", "calls"} (each optional), "mode"? ("sync" |
-"async", default "sync")} -> 200 {"id", "status": "running"}; the plan runs in the
-background. 400 for a bad body (an unknown field, an empty goal, a budget out of range,
-a tool nobody offers), 503 on a peer without a model to plan with.
+"async", default "sync"), "constrained"? (default true), "memory"? (true or {"k",
+"domain"}: the memory's notes for the goal, which the planner sees before it), and for
+a plan with a checkable answer "reference"? (the expected answer), "scorer"? (default
+"number") and "domain"? (default the notes' domain, else "plans")} -> 200 {"id",
+"status": "running", "memory"? (the notes given)}; the plan runs in the background. A
+scored plan's record adds "reference", "scorer", "domain", "score" and "scec" (its
+run's hash in the memory, null when none kept it; plans/scored.py). 400 for a bad body
+(an unknown field, an empty goal, a budget out of range, a tool nobody offers, a
+reference the scorer cannot read, `memory` on a peer that keeps none), 503 on a peer
+without a model to plan with.
 `GET /v1/plans`: recent plans, newest first: [{"id", "goal", "status", "created"}].
 `GET /v1/plans/{id}`: the plan's record (docs/plans.md).
 `GET /v1/plans/{id}/events`: Server-Sent Events of the plan, from its first event, then
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -24,14 +32,20 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from peerd.api.errors import ApiError, answering, json_object, read_json
+from peerd.api.openai_request import parse_memory
+from peerd.api.recall import Note, Recall
+from peerd.api.tasks import scoring
+from peerd.inference.face import ModelUnavailable
 from peerd.plans.planner import MODES, Budget
 from peerd.plans.planning import MAX_GOAL_CHARS, CannotPlan, LivePlan, PlanSpec
+from peerd.plans.scored import PLANS_DOMAIN
 from protocols.tool import MAX_TOOLS, NAME
 
 if TYPE_CHECKING:
     from peerd.plans.planning import Plans
 
-FIELDS = {"goal", "tools", "budget", "mode", "constrained"}
+FIELDS = {"goal", "tools", "budget", "mode", "constrained", "memory", "reference", "scorer",
+          "domain"}
 MAX_BODY_BYTES = 64 * 1024
 KEEPALIVE_S = 15.0
 
@@ -55,8 +69,28 @@ def parse(body: Any, default: Budget) -> PlanSpec:
     constrained = body.get("constrained", True)
     if not isinstance(constrained, bool):
         raise ApiError(400, "'constrained' must be true or false", param="constrained")
+    reference, scorer, domain = scoring(body, PLANS_DOMAIN)
     return PlanSpec(goal.strip(), None if tools is None else tuple(dict.fromkeys(tools)),
-                    _budget(body.get("budget"), default), mode, constrained)
+                    _budget(body.get("budget"), default), mode, constrained,
+                    reference=reference, scorer=scorer, domain=domain)
+
+
+async def with_memory(recall: Recall | None, body: dict[str, Any], spec: PlanSpec
+                      ) -> tuple[PlanSpec, list[Note] | None]:
+    """The plan with the memory's notes for its goal (the planner sees them before it),
+    and the notes; the plan as asked without a `memory` option."""
+    ask = parse_memory(body.get("memory"))
+    if ask is None:
+        return spec, None
+    if recall is None:
+        raise ApiError(400, "this peer keeps no memory to draw on; drop 'memory'",
+                       param="memory")
+    try:
+        notes = await recall.notes(spec.goal, ask.k, ask.domain)
+    except ModelUnavailable as exc:
+        raise ApiError(503, str(exc), "service_unavailable") from None
+    return replace(spec, memory=tuple(n.text for n in notes),
+                   memory_ids=tuple(n.id for n in notes)), notes
 
 
 def _budget(raw: Any, default: Budget) -> Budget:
@@ -82,14 +116,18 @@ def _budget(raw: Any, default: Budget) -> Budget:
 def routes(plans: Plans) -> list[Route]:
     @answering
     async def create(request: Request) -> Response:
-        spec = parse(await read_json(request, MAX_BODY_BYTES), plans.budget)
+        body = await read_json(request, MAX_BODY_BYTES)
+        spec, notes = await with_memory(plans.recall, body, parse(body, plans.budget))
         try:
             plan_id = await plans.start(spec)
         except CannotPlan as exc:
             code = "no_model" if exc.status == 503 else None
             raise ApiError(exc.status, str(exc), "service_unavailable" if exc.status == 503
                            else "invalid_request_error", param=exc.param, code=code) from None
-        return JSONResponse({"id": plan_id, "status": "running"})
+        out: dict[str, Any] = {"id": plan_id, "status": "running"}
+        if notes is not None:
+            out["memory"] = [n.to_json() for n in notes]
+        return JSONResponse(out)
 
     async def recent(request: Request) -> Response:
         return JSONResponse(plans.recent())

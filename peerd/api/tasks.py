@@ -78,7 +78,7 @@ def parse(body: Any) -> TaskSpec:
     if answer_format not in ANSWER_FORMATS:
         raise ApiError(400, f"'answer_format' must be one of {', '.join(ANSWER_FORMATS)}",
                        param="answer_format")
-    reference, scorer, domain = _scoring(body)
+    reference, scorer, domain = scoring(body)
     return TaskSpec(
         question=question, workers=workers, requirement=requirement.strip(),
         deadline_s=_number(body, "deadline_s", 120.0, MAX_DEADLINE_S),
@@ -89,16 +89,18 @@ def parse(body: Any) -> TaskSpec:
     )
 
 
-def _scoring(body: dict[str, Any]) -> tuple[str | None, str, str]:
-    """A scored task's (reference, scorer, domain); the reference None for a task
-    without one, which takes neither of the others."""
+def scoring(body: dict[str, Any], default_domain: str = "general"
+            ) -> tuple[str | None, str, str]:
+    """A scored task's (or plan's) (reference, scorer, domain); the reference None for
+    one without, which takes neither of the others. An unnamed domain is the one its
+    notes come from, else `default_domain`."""
     reference, scorer, domain = body.get("reference"), body.get("scorer"), body.get("domain")
     if reference is None:
         for name, value in (("scorer", scorer), ("domain", domain)):
             if value is not None:
                 raise ApiError(400, f"'{name}' is for a task with a 'reference' answer to "
                                "score against; give one, or drop it", param=name)
-        return None, "number", "general"
+        return None, "number", default_domain
     if not isinstance(reference, str) or not reference.strip() \
             or len(reference) > MAX_REFERENCE_CHARS:
         raise ApiError(400, "'reference' (the expected answer) must be a non-blank string of "
@@ -115,7 +117,7 @@ def _scoring(body: dict[str, Any]) -> tuple[str | None, str, str]:
                        param="domain")
     if domain is None:  # unnamed: the domain its notes come from, else general
         ask = parse_memory(body.get("memory"))
-        domain = ask.domain if ask is not None and ask.domain else "general"
+        domain = ask.domain if ask is not None and ask.domain else default_domain
     return reference, scorer, domain
 
 

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from peerd.cli.client import Client, client_options, console, emit, fail, make_client
+from protocols.memory import SCORERS
 
 OBSERVATION_CHARS = 160  # of a result, on one line of --follow
 
@@ -37,8 +38,8 @@ class _PlanGroup(click.Group):
 @click.group(cls=_PlanGroup)
 def plan() -> None:
     """Reach a goal with a plan over the swarm's tools: `peerd plan "GOAL" [--tools A,B]
-    [--steps N] [--tokens N] [--mode sync|async] [--follow] [--json]`; `peerd plan show
-    ID`, `peerd plan list`."""
+    [--steps N] [--tokens N] [--mode sync|async] [--memory] [--reference ANSWER] [--follow]
+    [--json]`; `peerd plan show ID`, `peerd plan list`."""
 
 
 @plan.command("run", hidden=True)
@@ -55,11 +56,30 @@ def plan() -> None:
 @click.option("--follow", is_flag=True, help="Show each step live.")
 @click.option("--unconstrained", is_flag=True, help="Let the model write its steps freely "
               "(no grammar): they may not parse.")
+@click.option("--memory", "use_memory", is_flag=True, help="Give the planner this peer's "
+              "memory's notes for the goal.")
+@click.option("--memory-k", type=click.IntRange(1, 32), help="At most this many notes "
+              "(implies --memory) [the memory's top_k].")
+@click.option("--reference", metavar="ANSWER", help="The expected answer: the plan's is "
+              "scored against it and the run kept by this peer's memory.")
+@click.option("--scorer", type=click.Choice(list(SCORERS)), help="How --reference scores "
+              "the answer [number].")
+@click.option("--domain", metavar="NAME", help="The memory domain the scored run is kept "
+              "under [plans].")
 def run(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
         goal: str, tool_names: str | None, steps: int | None, tokens: int | None,
-        mode: str, follow: bool, unconstrained: bool) -> None:
+        mode: str, follow: bool, unconstrained: bool, use_memory: bool,
+        memory_k: int | None, reference: str | None, scorer: str | None,
+        domain: str | None) -> None:
     c = make_client(data_dir, api, token)
     body: dict[str, Any] = {"goal": goal, "mode": mode}
+    if memory_k is not None:
+        body["memory"] = {"k": memory_k}
+    elif use_memory:
+        body["memory"] = True
+    for key, value in (("reference", reference), ("scorer", scorer), ("domain", domain)):
+        if value is not None:  # the API says what is wrong with them, and which
+            body[key] = value
     if unconstrained:
         body["constrained"] = False
     if tool_names:
@@ -169,6 +189,12 @@ def _render(r: dict[str, Any]) -> None:
         console.print(f"[bold green]answer:[/] {escape(r['answer'] or '')}", highlight=False)
     elif r["status"] == "failed":
         console.print(f"[bold red]failed:[/] {escape(r['reason'])}", highlight=False)
+    if r.get("memory"):
+        console.print(f"memory notes given: {len(r['memory'])}", highlight=False)
+    if r.get("score") is not None:
+        kept = f"kept as SCEC {r['scec'][:12]}" if r.get("scec") else "not kept by a memory"
+        console.print(f"score {r['score']:g} against {escape(repr(r['reference']))} "
+                      f"({r['scorer']}, domain {r['domain']}; {kept})", highlight=False)
 
 
 def _render_list(rows: list[dict[str, Any]]) -> None:

@@ -101,6 +101,7 @@ class Transcript:
     running: tuple[str, ...]  # "2.1 read_file" for each call still running
     max_tokens: int
     step: int  # the number of the step asked for
+    notes: tuple[str, ...] = ()  # the memory's items for the goal, best first
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,11 +173,12 @@ Event = tuple[str, dict[str, Any]]  # (type, data) without the plan's id
 class Planner:
     def __init__(self, plan_id: str, goal: str, tools: Sequence[ToolSpecLike],
                  budget: Budget, mode: str, now: float, created: float, *,
-                 async_wait_s: float = ASYNC_WAIT_S, max_attempts: int = 3) -> None:
+                 async_wait_s: float = ASYNC_WAIT_S, max_attempts: int = 3,
+                 notes: Sequence[str] = ()) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         self.id, self.goal, self.budget, self.mode = plan_id, goal, budget, mode
-        self.tools = tuple(tools)
+        self.tools, self.notes = tuple(tools), tuple(notes)
         self.checks = {t.name: _check(t) for t in self.tools}
         self.started, self.created = now, created
         self.async_wait_s, self.max_attempts = async_wait_s, max_attempts
@@ -228,7 +230,8 @@ class Planner:
         return Think(Transcript(
             self.goal, self.tools, tuple(self.turns),
             tuple(f"{c.call_id} {c.tool}" for c in self.running.values()),
-            min(STEP_TOKENS, self.budget.tokens - self.tokens), len(self.steps) + 1))
+            min(STEP_TOKENS, self.budget.tokens - self.tokens), len(self.steps) + 1,
+            self.notes))
 
     # ---- what happened --------------------------------------------------------------
 

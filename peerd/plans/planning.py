@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
+from peerd.api.recall import Recall, ScoredRuns
 from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.node import Node
 from peerd.plans.caller import ToolResult
@@ -42,9 +43,11 @@ from peerd.plans.planner import (
 from peerd.plans.records import INTERRUPTED, KEEP, PlanStore
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
 from peerd.plans.run import Attempted, Ended, run_plan
+from peerd.plans.scored import PLANS_DOMAIN, plan_scec, plan_score
 from peerd.plans.service import Tools
 from peerd.plans.thinker import MakeConstraint, ModelThinker, StepText, Thinker
 from peerd.service import Service
+from protocols.errors import WireError
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEPT_LIVE = 64  # finished plans whose events stay in memory (the rest: from the store)
+KEEP_S = 30.0  # the memory's time to keep a scored plan's run (an SQLite write, an embedding)
 MAX_GOAL_CHARS = 2000
 
 
@@ -71,13 +75,22 @@ class PlanSpec:
     budget: Budget = field(default_factory=Budget)
     mode: str = SYNC
     constrained: bool = True  # steps decoded under the tools' grammar (where there is one)
+    # the memory's notes for the goal, which the planner sees before it (texts, ids)
+    memory: tuple[str, ...] = ()
+    memory_ids: tuple[str, ...] = ()
+    # a scored plan (scored.py): its answer scored against `reference` by `scorer`, and
+    # the run kept by the memory as an SCEC in `domain`
+    reference: str | None = None
+    scorer: str = "number"
+    domain: str = PLANS_DOMAIN
 
 
 class LivePlan:
     """A plan in memory: its planner and its events as published."""
 
-    def __init__(self, planner: Planner) -> None:
-        self.planner = planner
+    def __init__(self, planner: Planner, spec: PlanSpec) -> None:
+        self.planner, self.spec = planner, spec
+        self.scored: dict[str, Any] = {}  # a scored plan's score and SCEC, once it ended
         self.events: list[dict[str, Any]] = []
         self.changed = trio.Event()
         self.done = False
@@ -103,6 +116,10 @@ class Plans(Service):
         self.budget = budget or Budget()  # a plan's, where its request names none
         self.policy, self.async_wait_s, self.keep = policy, async_wait_s, keep
         self.live: OrderedDict[str, LivePlan] = OrderedDict()
+        # the peer's memory, when it keeps one (the daemon hands it over): the notes of
+        # a plan that asks for them, and the keeping of a scored plan's run
+        self.recall: Recall | None = None
+        self.scored: ScoredRuns | None = None
         self.store: PlanStore | None = None
         self.metrics = PlanMetrics(node.metrics.registry, lambda: sum(
             not p.done for p in self.live.values()))
@@ -168,10 +185,10 @@ class Plans(Service):
         planner = Planner(plan_id, spec.goal, list(specs.values()), spec.budget, spec.mode,
                           trio.current_time(), round(time.time(), 6),
                           async_wait_s=self.async_wait_s,
-                          max_attempts=self.policy.max_attempts)
-        live = self.live[plan_id] = LivePlan(planner)
+                          max_attempts=self.policy.max_attempts, notes=spec.memory)
+        live = self.live[plan_id] = LivePlan(planner, spec)
         self._publish(live, *planner.take_events()[0])
-        self.store.put(planner.record(trio.current_time()), live.events)
+        self.store.put(self._record(live), live.events)
         self._nursery.start_soon(self._run, live, thinker)
         return plan_id
 
@@ -191,7 +208,7 @@ class Plans(Service):
     def record(self, plan_id: str) -> dict[str, Any] | None:
         live = self.live.get(plan_id)
         if live is not None:
-            return live.planner.record(trio.current_time())
+            return self._record(live)
         got = self.store.get(plan_id) if self.store is not None else None
         return None if got is None else got[0]
 
@@ -227,14 +244,47 @@ class Plans(Service):
             for kind, data in planner.take_events():
                 self._publish(live, kind, data)
         finally:
+            with trio.CancelScope(shield=True):
+                await self._score(live)
             live.done = True
             live.changed.set()
             reason = planner.reason if planner.reason in BUDGET_REASONS else "error"
             self.metrics.plans.labels("answered" if planner.status == "answered"
                                       else reason).inc()
             if self.store is not None:
-                self.store.put(planner.record(trio.current_time()), live.events)
+                self.store.put(self._record(live), live.events)
             self._forget_old()
+
+    async def _score(self, live: LivePlan) -> None:
+        """A scored plan that ended: its score, and its run handed to the memory (when
+        this peer keeps one). A run the memory cannot keep is logged; the plan stands."""
+        spec, planner = live.spec, live.planner
+        if spec.reference is None or planner.status == "running":
+            return
+        live.scored = {"reference": spec.reference, "scorer": spec.scorer,
+                       "domain": spec.domain, "scec": None,
+                       "score": plan_score(spec.scorer, planner.answer, spec.reference)}
+        if self.scored is None:
+            return
+        try:
+            model = self.model().model_id if self.model is not None else ""
+        except ModelUnavailable:
+            model = ""
+        try:
+            with trio.move_on_after(KEEP_S):
+                live.scored["scec"] = await self.scored.observe(plan_scec(
+                    planner.goal, domain=spec.domain, model=model,
+                    reference=spec.reference, scorer=spec.scorer, answer=planner.answer,
+                    memory=spec.memory, memory_ids=spec.memory_ids,
+                    wall_s=trio.current_time() - planner.started), spec.memory_ids)
+        except (WireError, ModelUnavailable) as exc:
+            log.warning("plan %s: its run is not kept by the memory: %s", planner.id, exc)
+
+    def _record(self, live: LivePlan) -> dict[str, Any]:
+        record = live.planner.record(trio.current_time())
+        if live.spec.memory_ids:
+            record["memory"] = list(live.spec.memory_ids)
+        return record | live.scored
 
     def _dispatcher(self, plan_id: str
                     ) -> Callable[[Sequence[PlannedCall], Attempted, Ended], Any]:

@@ -2,7 +2,8 @@
 
 - `ModelThinker`: the swarm's model through the inference face (`complete`), over the
   model's chat template: a system message with the step format and the offered tools
-  (name, description, inputSchema without its titles), the goal as the user's, each
+  (name, description, inputSchema without its titles), the goal as the user's (after
+  the memory's notes, prompting.py, for a plan that asked for them), each
   earlier step as the assistant's and the observations after it as the user's. Given a
   `make_constraint` (the grammar slice's: the tools -> a token constraint), every step is
   decoded under it, so it parses; without one the text is parsed (step.py) and a
@@ -23,6 +24,7 @@ import trio
 from peerd.inference.face import LanguageModel, Message
 from peerd.inference.options import SamplingParams
 from peerd.inference.request import TokenConstraint
+from peerd.memory.prompting import with_notes
 from peerd.plans.planner import ToolSpecLike, Transcript
 from peerd.plans.step import MAX_ANSWER_CHARS, MAX_CALLS, MAX_THOUGHT_CHARS
 
@@ -97,7 +99,8 @@ def messages_of(transcript: Transcript) -> list[Message]:
     if any(t.name == "calculator" for t in transcript.tools):
         system += "\n" + EXAMPLE
     out: list[Message] = [{"role": "system", "content": system},
-                          {"role": "user", "content": f"Goal: {transcript.goal}"}]
+                          {"role": "user", "content": with_notes(f"Goal: {transcript.goal}",
+                                                                 transcript.notes)}]
     for turn in transcript.turns:
         if turn.step:
             out.append({"role": "assistant", "content": turn.step})

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from peerd.rl.learner import Learner, TokenBatch, broadcast_batch, init_distributed
+from peerd.rl.learner import Learner, TokenBatch, broadcast_batch, init_distributed, with_check
 from tests.models import tiny_llama_dir
 
 # The SGD step: the same float32 sums in another order (gloo's all-reduce, micro-batches).
@@ -72,12 +72,28 @@ def train(model: str, update: str, *, micro_batch: int | None,
     return learner, after_sgd, [first.loss, second.loss]
 
 
+# the fused check's tolerances: the behaviour log-probs are -1.0, not the policy's, so
+# every row deviates; row 2 alone is held to a tolerance it misses
+LOOSE_BUT_ROW_2 = [100.0, 100.0, 1e-3, None]
+
+
+def fused(model: str, tolerances: list[float | None]) -> tuple[bool, list[float]]:
+    """(stepped, deviations) of a step whose batch carries the fused check."""
+    learner = Learner.load(model, seed=0)
+    whole = broadcast_batch(batch() if learner.rank == 0 else None)
+    stats = learner.step(with_check(whole, tolerances), loss, micro_batch=1)
+    assert stats.deviations is not None
+    return stats.stepped, stats.deviations
+
+
 def worker(model: str, out: Path) -> None:
     rank, world = init_distributed("cpu")
     assert world == 2
     for update in UPDATES:
         learner, _, _ = train(model, update, micro_batch=1, out=out)  # 2 micro-batches a rank
         assert learner.rank == rank and learner.world == world
+    checks = [fused(model, LOOSE_BUT_ROW_2), fused(model, [100.0] * 4)]
+    (out / f"fused-rank{rank}.json").write_text(json.dumps(checks))
     torch.distributed.destroy_process_group()
 
 
@@ -114,6 +130,16 @@ def test_two_gloo_ranks_make_the_update_of_one_process(tmp_path: Path) -> None:
             for tensor in mine:
                 torch.testing.assert_close(theirs[tensor], mine[tensor], atol=atol, rtol=rtol)
             assert max(float((mine[n] - base[n]).abs().max()) for n in mine) > 1e-3
+    # the fused check: each rank measured its rows, and both decided alike, as one
+    # process decides: no step for a row over its tolerance, a step when none is
+    alone = [list(fused(model, LOOSE_BUT_ROW_2)), list(fused(model, [100.0] * 4))]
+    ranks = [json.loads((tmp_path / f"fused-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert [stepped for stepped, _ in ranks[0]] == [False, True]
+    assert ranks[0][0][1][3] != ranks[0][0][1][3]  # NaN: row 3 was not checked
+    for (_, theirs), (_, mine) in zip(ranks[0], alone, strict=True):
+        assert theirs[:3] == pytest.approx(mine[:3], abs=1e-6)
+    assert ranks[0][1][1] == pytest.approx(alone[1][1], abs=1e-6)
 
 
 if __name__ == "__main__":

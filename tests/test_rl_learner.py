@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from peerd.inference.model.source import reference_model, resolve
-from peerd.rl.learner import Learner, TokenBatch, with_reference
+from peerd.rl.learner import Learner, TokenBatch, with_check, with_reference
+from peerd.rl.progress import mean_abs
 from tests.models import tiny_llama_dir
 
 # float32 on CPU: the padded batched forward and the one-sequence forward differ by
@@ -165,6 +166,52 @@ def test_step_loss_is_the_whole_batch_loss(tiny: Path) -> None:
     # equal weights per micro-batch would give another number: the test can tell
     first, _ = token_loss(learner.score(batch()).detach()[:3], batch().rows(slice(0, 3)))
     assert abs(float(first) - float(expected)) > 1e-3
+
+
+def honest(learner: Learner, lie: dict[int, float] | None = None) -> TokenBatch:
+    """The batch with the policy's own log-probs as its behaviour log-probs (what an
+    honest sampler of this version sends); `lie`: rows shifted by that much a token."""
+    ours = learner.score(batch())
+    rows = [[float(x) + (lie or {}).get(b, 0.0) for x in ours[b, :len(c)]]
+            for b, c in enumerate(COMPLETIONS)]
+    return TokenBatch.from_sequences(PROMPTS, COMPLETIONS, rows, ADVANTAGES)
+
+
+@pytest.mark.parametrize("micro_batch", [None, 1, 3])
+def test_the_fused_check_measures_what_the_separate_check_would(tiny: Path,
+                                                                micro_batch: int | None
+                                                                ) -> None:
+    learner = Learner.load(str(tiny))
+    lying = honest(learner, {1: 0.01})  # row 1 off by 0.01 a token
+    ours = learner.score(batch())
+    expected = [mean_abs(ours[b, :len(c)], lying.behaviour_logprobs[b, :len(c)].tolist())
+                for b, c in enumerate(COMPLETIONS)]
+    before = params(learner)
+    stats = learner.step(with_check(lying, [1e-3, 1e-3, None, 1e-3]), token_loss,
+                         micro_batch=micro_batch)
+    assert stats.deviations is not None
+    assert stats.deviations[2] != stats.deviations[2]  # NaN: row 2 was not checked
+    for b in (0, 1, 3):
+        assert stats.deviations[b] == pytest.approx(expected[b], abs=1e-6)
+    assert stats.deviations[1] == pytest.approx(0.01, abs=1e-5)
+    # row 1 is over its tolerance: no step, the weights as they were
+    assert not stats.stepped
+    after = params(learner)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_honest_rows_pass_the_fused_check_and_train_as_without_it(tiny: Path) -> None:
+    checked, plain = sgd(Learner.load(str(tiny))), sgd(Learner.load(str(tiny)))
+    sent = honest(checked, {2: 0.5})  # row 2 lies, but is not checked (an older version)
+    s1 = checked.step(with_check(sent, [1e-3, 1e-3, None, 1e-3]), token_loss, micro_batch=2)
+    s2 = plain.step(sent, token_loss, micro_batch=2)
+    assert s1.stepped and s2.deviations is None
+    assert s1.deviations is not None and max(s1.deviations[b] for b in (0, 1, 3)) < 1e-5
+    assert s1.loss == pytest.approx(s2.loss, abs=1e-7)
+    a, b = params(checked), params(plain)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # the check moves nothing
+    with pytest.raises(ValueError, match="3 tolerances for 4 rows"):
+        with_check(sent, [1e-3] * 3)
 
 
 def test_steps_raise_the_log_prob_of_a_rewarded_completion(tiny: Path) -> None:

@@ -18,6 +18,7 @@ import trio
 from peerd.rl.policy import Generation
 from peerd.rl.rollouts import push_rollouts
 from peerd.rl.run import RunSpec
+from peerd.rl.tasks import Task
 from peerd.rl.training import Run, Training
 from protocols.rollout import RolloutRequest
 from tests.harness import events, wait_for
@@ -124,6 +125,29 @@ async def test_a_lying_sampler_is_dropped_and_training_goes_on(tmp_path: Path, t
         assert training.node.offences[liar_id]["rl_lie"] == 1
         assert out["step"] == 3  # the honest sampler carried the run
         assert out["last"]["verify_max_dev"] <= run.spec.verify_tolerance  # the honest one
+
+
+async def test_a_lie_in_groups_that_train_is_caught_by_the_training_forward(
+        tmp_path: Path, tiny: Path, task: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rewards that differ within a group (by the completion's length) make the groups
+    train, so the check is the training forward's own (fused): the step with the lie is
+    refused before the optimiser moves, the liar dropped, and the step trained on the
+    honest sampler's groups."""
+    monkeypatch.setattr(Task, "reward", lambda self, text, answer: float(len(text) % 2))
+    async with rl_swarm(tmp_path, tiny) as (training, (_honest, liar)):
+        lie(liar, 0.5)
+        run = await finished(training, spec(tiny, task, run_id="fused", steps=3))
+        out = run.to_json()
+        liar_id = liar.node.peer_id
+        assert out["refused_steps"] >= 1, out
+        assert out["refused"].get("verification", 0) > 0
+        assert liar_id in out["dropped"] and "log-probs" in out["dropped"][liar_id]
+        assert training.node.offences[liar_id]["rl_lie"] == 1
+        assert out["step"] == 3 and out["skipped_groups"] < 3 * run.spec.batch
+        assert out["last"]["verify_max_dev"] <= run.spec.verify_tolerance  # the honest one
+        # a refused step writes no line: each step trained once
+        lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+        assert [line["step"] for line in lines] == [1, 2, 3]
 
 
 async def test_a_sampler_killed_mid_run_leaves_the_others_to_finish(

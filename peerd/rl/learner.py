@@ -21,6 +21,16 @@ the W ranks, so each rank also multiplies by W: the mean over ranks of
 W * sum_i(n_ri / N * grad loss_ri) is sum_ri(n_ri / N * grad loss_ri), the whole
 batch's gradient in one process. N is counted on the whole batch, which every rank has,
 so no extra collective is needed for it.
+
+The fused check. A batch may carry `check_tolerance` ([B]; NaN for rows not checked):
+then the training forward's own log-probs (the policy's, before the step) are compared
+with each checked row's behaviour log-probs as the trainer's separate check would
+(mean |ours - theirs| a token), saving that check's forward pass. The comparison comes
+after the gradients are accumulated and before the optimiser steps: if any row is over
+its tolerance, the gradients are dropped and no step is taken (`StepStats.stepped`
+False), so a lie never reaches the weights; the deviations say whose. Under DDP each
+rank measures its own rows and one all-reduce gives every rank all of them, so all
+ranks decide alike.
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ class TokenBatch:
     behaviour_logprobs: torch.Tensor  # [B, T] float: the sampler's, 0 past the end
     advantages: torch.Tensor  # [B] float: one per completion
     reference_logprobs: torch.Tensor | None = None  # [B, T] float: for a KL term
+    # [B] float: the deviation each row's behaviour log-probs may have from the training
+    # forward's (the fused check, module docstring); NaN: the row is not checked
+    check_tolerance: torch.Tensor | None = None
 
     @classmethod
     def from_sequences(cls, prompt_ids: Sequence[Sequence[int]],
@@ -113,11 +126,11 @@ class TokenBatch:
         return self._map(lambda t: t.to(device))
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TokenBatch:
-        ref = self.reference_logprobs
+        ref, tol = self.reference_logprobs, self.check_tolerance
         return TokenBatch(fn(self.input_ids), fn(self.attention_mask), fn(self.positions),
                           fn(self.completion_ids), fn(self.completion_mask),
                           fn(self.behaviour_logprobs), fn(self.advantages),
-                          None if ref is None else fn(ref))
+                          None if ref is None else fn(ref), None if tol is None else fn(tol))
 
 
 LossFn = Callable[[torch.Tensor, TokenBatch], tuple[torch.Tensor, Mapping[str, Any]]]
@@ -131,6 +144,10 @@ class StepStats:
     sequences: int  # in the whole batch
     tokens: int  # completion tokens in the whole batch
     stats: dict[str, float] = field(default_factory=dict)  # loss_fn's, aggregated as the loss
+    # the fused check's (module docstring): each row's mean |ours - behaviour| a token
+    # (NaN where not checked), and whether the optimiser stepped (False: a row was over)
+    deviations: list[float] | None = None
+    stepped: bool = True
 
 
 class Learner:
@@ -244,6 +261,8 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         stat_sums: dict[str, float] = {}
+        # the fused check: this rank's rows' deviations, by row of the whole batch
+        deviations = torch.zeros(batch.size, dtype=torch.float64)
         for i, part in enumerate(parts):
             part = part.to(self.device)
             share = float(part.tokens if aggregation == "token" else part.size) / total
@@ -253,10 +272,27 @@ class Learner:
                 new_logp = _token_logprobs(self.module, part, temperature)
                 loss, stats = loss_fn(new_logp, part)
                 (loss * (share * self.world)).backward()  # type: ignore[no-untyped-call]
+            if batch.check_tolerance is not None:
+                rows = self.rank + self.world * torch.arange(i * size, i * size + part.size)
+                deviations[rows] = row_deviations(new_logp.detach(), part).cpu()
             loss_sum += float(loss.detach()) * share
             for key, value in stats.items():
                 value = value.detach() if isinstance(value, torch.Tensor) else value
                 stat_sums[key] = stat_sums.get(key, 0.0) + float(value) * share
+        checked: list[float] | None = None
+        if batch.check_tolerance is not None:
+            if self.world > 1:  # each row was measured by one rank: the sum is every row
+                deviations = deviations.to(self.device)
+                dist.all_reduce(deviations)
+                deviations = deviations.cpu()
+            tolerance = batch.check_tolerance.to("cpu", torch.float64)
+            deviations[tolerance.isnan()] = float("nan")
+            checked = deviations.tolist()
+            if bool((deviations > tolerance).any()):  # NaN compares False: unchecked rows
+                self.optimizer.zero_grad(set_to_none=True)
+                return StepStats(loss=float("nan"), grad_norm=float("nan"),
+                                 seconds=time.perf_counter() - start, sequences=batch.size,
+                                 tokens=batch.tokens, deviations=checked, stepped=False)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -269,7 +305,8 @@ class Learner:
         values = totals.cpu().tolist()
         return StepStats(loss=values[0], grad_norm=float(grad_norm),
                          seconds=time.perf_counter() - start, sequences=batch.size,
-                         tokens=batch.tokens, stats=dict(zip(keys, values[1:], strict=True)))
+                         tokens=batch.tokens, stats=dict(zip(keys, values[1:], strict=True)),
+                         deviations=checked)
 
     # ---- what a new version publishes ----------------------------------------------
 
@@ -355,6 +392,22 @@ def _trained_names(model: nn.Module, update: UpdateKind) -> dict[str, nn.Paramet
             if f".{part}." in name:
                 out[f"{name.split(f'.{part}.')[0].removeprefix(PEFT_PREFIX)}.{part}"] = p
     return out
+
+
+def row_deviations(ours: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """[B] float64: each row's mean |ours - behaviour| over its completion tokens (the
+    trainer's check, progress.mean_abs, on a batch)."""
+    mask = batch.completion_mask.to(torch.float64)  # [B, T]
+    diff = (ours.to(torch.float64) - batch.behaviour_logprobs.to(torch.float64)).abs()
+    return (diff * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def with_check(batch: TokenBatch, tolerance: Sequence[float | None]) -> TokenBatch:
+    """The batch carrying the fused check's tolerances (None: a row not checked)."""
+    if len(tolerance) != batch.size:
+        raise ValueError(f"{len(tolerance)} tolerances for {batch.size} rows")
+    return replace(batch, check_tolerance=torch.tensor(
+        [float("nan") if t is None else float(t) for t in tolerance], dtype=torch.float64))
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ run's `ranks`, and trainer.py cannot tell them apart.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from peerd.rl import checkpoint
-from peerd.rl.learner import Learner, LossFn, TokenBatch, with_reference
+from peerd.rl.learner import Learner, LossFn, TokenBatch, with_check, with_reference
 from peerd.rl.types import Rollout
 
 
@@ -62,15 +63,27 @@ class Policy:
             self.learner.load_tensors(now)
 
     def train(self, rollouts: Sequence[Rollout], advantages: Sequence[float],
-              loss_fn: LossFn, temperature: float) -> dict[str, Any]:
+              loss_fn: LossFn, temperature: float,
+              tolerances: Sequence[float | None] | None = None) -> dict[str, Any]:
+        """One step on the rollouts. `tolerances`: the fused check's, one a rollout
+        (None: not checked; learner.py's docstring); then "deviations" (None where not
+        checked) and "stepped" (False: a rollout was over its tolerance, and nothing
+        was trained) are in the stats."""
         batch = self.batch(rollouts, advantages)
+        if tolerances is not None:
+            batch = with_check(batch, tolerances)
         if self.learner.use_reference:
             batch = with_reference(batch, self.learner.reference_logprobs(
                 batch, temperature=temperature))
         stats = self.learner.step(batch, loss_fn, temperature=temperature,
                                   aggregation=self.aggregation)  # type: ignore[arg-type]
-        return {"loss": stats.loss, "grad_norm": stats.grad_norm, "tokens": stats.tokens,
-                **{k: v for k, v in stats.stats.items() if k != "tokens"}}
+        out: dict[str, Any] = {"loss": stats.loss, "grad_norm": stats.grad_norm,
+                               "tokens": stats.tokens,
+                               **{k: v for k, v in stats.stats.items() if k != "tokens"}}
+        if stats.deviations is not None:
+            out["deviations"] = [None if math.isnan(d) else d for d in stats.deviations]
+            out["stepped"] = stats.stepped
+        return out
 
     def export(self) -> tuple[dict[str, torch.Tensor], float | None]:
         """What a new version publishes: `Learner.export`."""

@@ -43,6 +43,9 @@ class Progress:
     # reasons (the buffer counts its own)
     skipped_groups: int = 0  # all-equal rewards: no signal
     verified_old: int = 0  # groups of older versions re-scored under their version
+    # steps the training forward refused (the fused check caught a rollout over its
+    # tolerance: nothing trained; the step waited for other samplers' groups)
+    refused_steps: int = 0
     trainer_idle_s: float = 0.0
     train_s: float = 0.0
     sync_s: float = 0.0  # the trainer's side: export and publish
@@ -59,6 +62,7 @@ class Progress:
                 "samples": self.samples,
                 "samples_per_s": round(self.samples / elapsed, 3) if elapsed > 0 else 0.0,
                 "skipped_groups": self.skipped_groups, "verified_old": self.verified_old,
+                "refused_steps": self.refused_steps,
                 "trainer_idle_s": round(self.trainer_idle_s, 2),
                 "train_s": round(self.train_s, 2), "sync_s": round(self.sync_s, 3),
                 "verify_s": round(self.verify_s, 2), "last": self.last}
@@ -78,11 +82,19 @@ def judge(checks: Sequence[tuple[Sequence[Rollout], Sequence[Sequence[float]]]],
     """(the samplers caught lying, the worst deviation seen of each sampler) from
     groups of rollouts and the trainer's log-probs of their tokens; `tolerance(peer)`
     is the deviation allowed to that sampler (it depends on the dtype it computes in)."""
+    return judge_deviations([(group, [mean_abs(lp, r.behaviour_logprobs)
+                                      for r, lp in zip(group, ours, strict=True)])
+                             for group, ours in checks], tolerance)
+
+
+def judge_deviations(checks: Sequence[tuple[Sequence[Rollout], Sequence[float]]],
+                     tolerance: Callable[[str], float]) -> tuple[set[str], dict[str, float]]:
+    """`judge` on deviations measured already (mean |ours - behaviour| a token, one a
+    rollout: the training forward's fused check measures them)."""
     liars: set[str] = set()
     worst: dict[str, float] = {}
-    for group, ours in checks:
-        for r, lp in zip(group, ours, strict=True):
-            dev = mean_abs(lp, r.behaviour_logprobs)
+    for group, devs in checks:
+        for r, dev in zip(group, devs, strict=True):
             worst[r.sampler] = max(worst.get(r.sampler, 0.0), dev)
             if dev > tolerance(r.sampler):
                 liars.add(r.sampler)

@@ -136,7 +136,7 @@ def _run(policy: Any, c: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         return {"ok": True}, b""
     if op == "train":
         stats = policy.train(c["rollouts"], c["advantages"], GrpoLoss(**c["loss"]),
-                             c["temperature"])
+                             c["temperature"], c.get("tolerances"))
         return {"ok": True, "stats": stats}, b""
     if op == "export":
         from safetensors.torch import save

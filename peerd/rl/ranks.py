@@ -248,14 +248,16 @@ class RankedPolicy:
         return None if got is None else [list(map(float, row)) for row in got]
 
     def train(self, rollouts: Sequence[Rollout], advantages: Sequence[float],
-              loss_fn: Any, temperature: float) -> dict[str, Any]:
+              loss_fn: Any, temperature: float,
+              tolerances: Sequence[float | None] | None = None) -> dict[str, Any]:
         from peerd.rl.grpo import GrpoLoss
 
         if not isinstance(loss_fn, GrpoLoss):  # its settings cross; a function cannot
             raise TypeError(f"a learner group trains with a GrpoLoss, not {loss_fn!r}")
         head, _ = self._call({"op": "train", "rollouts": [rollout_json(r) for r in rollouts],
                               "advantages": [float(a) for a in advantages],
-                              "loss": loss_fn.to_json(), "temperature": temperature})
+                              "loss": loss_fn.to_json(), "temperature": temperature,
+                              "tolerances": None if tolerances is None else list(tolerances)})
         return dict(head["stats"])
 
     def export(self) -> tuple[dict[str, Any], float | None]:

@@ -20,9 +20,11 @@ tokenisation of the slot's prompt, and the sampler's behaviour log-probs must ma
 the trainer's own within `verify_tolerance` (mean absolute difference a token): every
 group generated at the trainer's own version, and a sample of older groups scored
 under the version that made them (the trainer keeps the last S versions' trained
-tensors: LoRA adapters are small; a full update costs a model copy a version). A
-sampler that fails is dropped for the run and counted as an offence; its slots go out
-again.
+tensors: LoRA adapters are small; a full update costs a model copy a version). The
+current version's groups that train are checked by the training forward itself (the
+fused check, learner.py): a lie found there drops the gradients before the optimiser
+steps, and the step waits for its slots again. A sampler that fails is dropped for the
+run and counted as an offence; its slots go out again.
 
 One module, past the usual size: the producers, the check and the steps all move the
 same state (slots handed out, groups waiting, orders held, the version); the pure
@@ -47,7 +49,7 @@ import trio
 
 from peerd.rl.buffer import ReplayBuffer
 from peerd.rl.grpo import GrpoLoss, group_advantages, is_degenerate
-from peerd.rl.progress import NoSamplers, Progress, judge, to_check
+from peerd.rl.progress import NoSamplers, Progress, judge, judge_deviations, to_check
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
 from peerd.rl.scecs import ScecKeeper
@@ -112,6 +114,7 @@ class Trainer:
             p.train_s, p.sync_s = state.get("train_s", 0.0), state.get("sync_s", 0.0)
             p.trainer_idle_s = state.get("trainer_idle_s", 0.0)
             p.verify_s = state.get("verify_s", 0.0)
+            p.refused_steps = int(state.get("refused_steps", 0))
             p.started -= float(state.get("elapsed_s", 0.0))  # wall time goes on too
         self.buffer = (ReplayBuffer.from_json(state["buffer"], **self._buffer_args())
                        if state and "buffer" in state else ReplayBuffer(**self._buffer_args()))
@@ -355,21 +358,24 @@ class Trainer:
             self.progress.state = "waiting"
             idle = time.monotonic()
             self._step_verify_s = 0.0
-            groups = await self._step_groups()
+            got = await self._step_groups()
             waited = time.monotonic() - idle - self._step_verify_s  # the checks are work
             self.progress.trainer_idle_s += waited
-            if groups is None:
+            if got is None:
                 break  # stopped while waiting
             self.progress.state = "training"
-            saved = await self._train_step(groups, waited)
+            trained = await self._train_step(*got, waited)
+            if trained is not None:
+                saved = trained
         if self.stopping and saved != self.slots.step and self.slots.step > 0:
             await self.checkpoint(self.slots.step, self.version, self.state())
         self.progress.state = "stopped" if self.stopping else "done"
         self.progress.ended = time.time()
 
-    async def _step_groups(self) -> list[Group] | None:
-        """Wait until every slot of the step has a verified group admissible now (None:
-        the run was stopped meanwhile)."""
+    async def _step_groups(self) -> tuple[list[str], list[Group]] | None:
+        """Wait until every slot of the step has a group admissible now that passed the
+        checks the training forward cannot do (_verify); (their ids, the groups), still
+        in the buffer (None: the run was stopped meanwhile)."""
         while not self.stopping:
             for gone in self.buffer.expire(self.version):  # aged out in the queue
                 self._refuse([_slot(gone[0].group_id)], "stale_at_train",
@@ -378,13 +384,10 @@ class Trainer:
             ids = [self.waiting.get(s) for s in want]
             if all(ids):
                 gids = [g for g in ids if g is not None]
-                groups = [self.buffer.get(g) for g in gids]
-                if not await self._verify([g for g in groups if g is not None]):
-                    taken = self.buffer.take_ids(gids, self.version)
-                    assert taken is not None  # all waiting, all admissible: checked above
-                    for s in want:
-                        del self.waiting[s]
-                    return taken
+                groups = [g for g in (self.buffer.get(i) for i in gids) if g is not None]
+                assert len(groups) == len(gids)  # waiting groups are in the buffer
+                if not await self._verify(groups):
+                    return gids, groups
                 continue
             await self._changed.wait()
         return None
@@ -400,11 +403,12 @@ class Trainer:
         """Check the samplers' behaviour log-probs against ours (progress.to_check
         says which groups: those of our current version that train, one more of each
         sampler otherwise unchecked, and a sample of `verify_old` of older versions,
-        scored under the version that made them). Liars are dropped (returned; their
-        groups let go and their slots sent out again)."""
+        scored under the version that made them), but for those the training forward
+        checks itself (fused: `_train_step`), the current version's that train. Liars
+        are dropped (returned; their groups let go and their slots sent out again)."""
         now, old = to_check(groups, self.version, self.spec.verify_old,
                             random.Random(self.spec.seed * 7919 + self.version))
-        current = [groups[i] for i in now]
+        current = [groups[i] for i in now if not self._fused(groups[i])]
         sample = [groups[i] for i in old]
         checks: list[tuple[Group, list[list[float]]]] = []
         t0 = time.monotonic()
@@ -425,7 +429,12 @@ class Trainer:
         spent = time.monotonic() - t0
         self._step_verify_s += spent
         self.progress.verify_s += spent
-        liars, worst = judge(checks, self.tolerance)
+        return self._caught(groups, *judge(checks, self.tolerance))
+
+    def _caught(self, groups: list[Group], liars: set[str], worst: dict[str, float]
+                ) -> set[str]:
+        """Drop the samplers a check caught lying (their groups let go, their slots
+        sent out again); `liars`, returned."""
         if worst:
             self.progress.last["verify_max_dev"] = round(max(worst.values()), 6)
         for peer in liars:
@@ -439,18 +448,25 @@ class Trainer:
             self._refuse([_slot(g) for g in mine], "verification", peer, why, counted=True)
         return liars
 
-    async def _train_step(self, groups: list[Group], waited_s: float) -> int:
-        """Train one step on `groups` (for which the trainer waited `waited_s`); the
-        step checkpointed now, or -1."""
+    def _fused(self, group: Group) -> bool:
+        """Whether the training forward checks this group itself: it is of our current
+        version (so our log-probs then are the policy's that sampled it) and trains."""
+        return group[0].version == self.version and not is_degenerate(
+            torch.tensor([r.reward or 0.0 for r in group], dtype=torch.float32))
+
+    async def _train_step(self, gids: list[str], groups: list[Group], waited_s: float
+                          ) -> int | None:
+        """Train one step on `groups` (ids `gids`, in the buffer; the trainer waited
+        `waited_s` for them): the step checkpointed now, or -1; None when the training
+        forward caught a sampler lying (nothing was trained: the step waits for its
+        groups again)."""
         spec = self.spec
         t0 = time.monotonic()
         advantages: list[float] = []
         rollouts: list[Rollout] = []
+        tolerances: list[float | None] = []  # the fused check's, one a rollout
         skipped = 0
         for g in groups:
-            if self.scecs is not None:  # verified (an honest sampler's), degenerate or not
-                slot = _slot(g[0].group_id)
-                self.scecs.offer(self.problem(slot), self.seed(slot), g)
             rewards = torch.tensor([r.reward or 0.0 for r in g], dtype=torch.float32)
             if is_degenerate(rewards):  # all equal: no signal, no gradient
                 skipped += 1
@@ -458,10 +474,34 @@ class Trainer:
             adv = group_advantages(rewards, scale_std=spec.aggregation != "dr-grpo")
             advantages.extend(float(a) for a in adv)
             rollouts.extend(g)
+            fused = g[0].version == self.version
+            tolerances.extend(self.tolerance(r.sampler) if fused else None for r in g)
         stats: dict[str, Any] = {}
         if rollouts:
             stats = await trio.to_thread.run_sync(self.learner.train, rollouts, advantages,
-                                                  GrpoLoss.of(spec), spec.temperature)
+                                                  GrpoLoss.of(spec), spec.temperature,
+                                                  tolerances)
+        deviations = stats.pop("deviations", None)
+        if deviations is not None:
+            checks = [((r,), [d]) for r, d in zip(rollouts, deviations, strict=True)
+                      if d is not None]
+            liars, worst = judge_deviations(checks, self.tolerance)
+            if not stats.pop("stepped", True):
+                self.progress.train_s += time.monotonic() - t0
+                self.progress.refused_steps += 1
+                if not self._caught(groups, liars, worst):  # our bug: it must say whose
+                    raise RuntimeError("the learner refused the step, yet no rollout of "
+                                       "it is over its tolerance")
+                return None
+            if worst:
+                self.progress.last["verify_max_dev"] = round(max(worst.values()), 6)
+        taken = self.buffer.take_ids(gids, self.version)
+        assert taken is not None  # waiting, admissible and checked: nothing took them since
+        for g in groups:
+            slot = _slot(g[0].group_id)
+            self.waiting.pop(slot, None)
+            if self.scecs is not None:  # verified (an honest sampler's), degenerate or not
+                self.scecs.offer(self.problem(slot), self.seed(slot), g)
         train_s = time.monotonic() - t0
         trained_at = self.version
         self.version += 1
@@ -507,7 +547,7 @@ class Trainer:
         return {"buffer": self.buffer.to_json(), "refused": dict(p.refused),
                 "samples": p.samples, "skipped_groups": p.skipped_groups,
                 "train_s": p.train_s, "sync_s": p.sync_s, "trainer_idle_s": p.trainer_idle_s,
-                "verify_s": p.verify_s,
+                "verify_s": p.verify_s, "refused_steps": p.refused_steps,
                 "elapsed_s": time.time() - p.started,
                 "spec": self.spec.to_json()}
 

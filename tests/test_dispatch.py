@@ -157,6 +157,28 @@ async def test_a_silent_peer_is_routed_around(
     assert {a.code for d in got for a in d.attempts} <= {TIMEOUT, wire.OK}
 
 
+def test_peers_offering_the_schema_the_call_was_written_for_come_first() -> None:
+    new, old = "1" * 64, H
+    offers = [Offer("a", old, 1), Offer("b", new, 1), Offer("c", old, 1)]
+    assert [o.peer for o in candidates(offers, set(), set(), new)] == ["b"]
+    assert [o.peer for o in candidates(offers, set(), set())] == ["a", "b", "c"]
+    # tried (or suspect), the peers of the other version are next, before a retry of b
+    assert [o.peer for o in candidates(offers, {"b"}, set(), new)] == ["a", "c"]
+    assert [o.peer for o in candidates(offers, {"a", "b", "c"}, set(), new)] == ["b"]
+    assert [o.peer for o in candidates(offers, set(), {"b"}, new)] == ["a", "c"]
+    assert candidates([], set(), set(), new) == []
+
+
+async def test_a_call_goes_to_a_peer_of_its_schema_though_another_ranks_higher(
+        autojump_clock: trio.testing.MockClock) -> None:
+    script = Script(slot_s=1.0)
+    offers = [Offer("near", H, 4, rtt_ms=1.0, reputation=0.9),
+              Offer("far", "1" * 64, 4, rtt_ms=80.0)]
+    got = await dispatch([Call("t", {}, "c0", "1" * 64), Call("t", {}, "c1")],
+                         lambda t: offers, script, slots=Limiter())
+    assert [d.peer for d in got] == ["far", "near"]
+
+
 def test_the_next_peer_is_another_and_reputation_ranks() -> None:
     offers = offers_of(("a", 1), ("b", 1), ("c", 1))
     assert [o.peer for o in candidates(offers, {"a"}, {"b"})] == ["c"]

@@ -119,6 +119,7 @@ class Call:
     tool: str
     arguments: dict[str, Any]
     call_id: str = field(default_factory=new_call_id)
+    schema: str = ""  # the schema hash its arguments were written for ("": any)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +219,7 @@ class _Batch:
         for n in range(1, self.policy.max_attempts + 1):
             await trio.sleep(backoff_s(self.policy, n, self.rng))
             queued_at = trio.current_time()
-            offer = await self._slot(call.tool, tried)
+            offer = await self._slot(call, tried)
             if offer is None:
                 break
             began = trio.current_time()
@@ -239,11 +240,12 @@ class _Batch:
         return Dispatched(call, outcome, tuple(attempts), trio.current_time() - self.started,
                           _failure_words(call, outcome, attempts))
 
-    async def _slot(self, tool: str, tried: set[str]) -> Offer | None:
+    async def _slot(self, call: Call, tried: set[str]) -> Offer | None:
         """A slot taken at the best candidate peer, waiting for one to free; None when
         nobody offers the tool."""
+        tool = call.tool
         while True:
-            offers = candidates(self.offers(tool), tried, self.suspects)
+            offers = candidates(self.offers(tool), tried, self.suspects, call.schema)
             if not offers:
                 return None
             offer = pick(offers, tool, self.slots)

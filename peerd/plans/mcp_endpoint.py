@@ -124,7 +124,10 @@ class McpEndpoint(Service):
         arguments = params.arguments or {}
         if self.plan is not None and params.name == PLAN_TOOL.name:
             return await self._plan(arguments)
-        (done,) = await self.tools.dispatch([Call(params.name, arguments)], self.policy)
+        listed = (await self.tools.specs([params.name])).get(params.name)  # as tools/list
+        schema = listed.schema if listed is not None else ""  # showed it: its peers first
+        (done,) = await self.tools.dispatch([Call(params.name, arguments, schema=schema)],
+                                            self.policy)
         self.calls.labels(done.code).inc()
         if isinstance(done.outcome, ToolFailure) or done.outcome is None:
             by = done.outcome.by if done.outcome is not None else "caller"

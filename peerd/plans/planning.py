@@ -234,7 +234,7 @@ class Plans(Service):
             self.metrics.tokens.inc(max(0, step.tokens))
 
         try:
-            await run_plan(planner, thinker, self._dispatcher(planner.id),
+            await run_plan(planner, thinker, self._dispatcher(planner),
                            lambda kind, data: self._publish(live, kind, data),
                            on_step=on_step)
         except Exception as exc:  # our bug: this plan fails, the peer serves on
@@ -286,12 +286,17 @@ class Plans(Service):
             record["memory"] = list(live.spec.memory_ids)
         return record | live.scored
 
-    def _dispatcher(self, plan_id: str
+    def _dispatcher(self, planner: Planner
                     ) -> Callable[[Sequence[PlannedCall], Attempted, Ended], Any]:
+        plan_id = planner.id
+        # the schema each tool was shown to the thinker under: its peers are tried first
+        shown = {t.name: str(getattr(t, "schema", "")) for t in planner.tools}
+
         async def dispatch(planned: Sequence[PlannedCall], attempted: Attempted,
                            ended: Ended) -> None:
             ours = {f"{plan_id}.{p.call_id}": p.call_id for p in planned}
-            calls = [Call(p.tool, p.arguments, f"{plan_id}.{p.call_id}") for p in planned]
+            calls = [Call(p.tool, p.arguments, f"{plan_id}.{p.call_id}",
+                          shown.get(p.tool, "")) for p in planned]
 
             def observe(call: Call, attempt: Attempt) -> None:
                 attempted(ours[call.call_id], attempt.peer, attempt.code, attempt.message)

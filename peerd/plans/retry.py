@@ -101,13 +101,20 @@ class Slots:
         return iter(sorted(self.load.items()))
 
 
-def candidates(offers: Iterable[Offer], tried: set[str], suspects: set[str]
-               ) -> list[Offer]:
-    """The offers the next attempt may go to (before capacity)."""
+def candidates(offers: Iterable[Offer], tried: set[str], suspects: set[str],
+               schema: str = "") -> list[Offer]:
+    """The offers the next attempt may go to (before capacity): peers not tried yet and
+    not suspect, else not suspect, else any. Within each, those offering the tool under
+    `schema` (the hash the call's arguments were written for: the schema the planner or
+    an MCP client was shown) come first: another version may refuse the arguments."""
     offers = list(offers)
     fresh = [o for o in offers if o.peer not in tried and o.peer not in suspects]
     trusted = [o for o in offers if o.peer not in suspects]
-    return fresh or trusted or offers
+    for level in (fresh, trusted, offers):
+        same = [o for o in level if o.schema == schema]
+        if same or level:
+            return same or level
+    return []
 
 
 def pick(offers: Iterable[Offer], tool: str, slots: Slots) -> Offer | None:

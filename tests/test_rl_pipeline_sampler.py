@@ -134,6 +134,8 @@ async def test_pipeline_rollouts_equal_the_whole_models_before_and_after_a_versi
         before = await sw.policy.generate_many(PROMPTS, **SETTINGS)
         assert_same(before, await ref.generate_many(PROMPTS, **SETTINGS))
         assert sw.shard.gate.following == RUN  # taken up at the first tagged session
+        # the completions were decoded at once, each in its own session, the same tokens
+        assert sw.policy.status()["peak_in_flight"] > 1
 
         update = new_version(ref, 1)
         await sw.store.publish(RUN, sw.model_id, 1, "full", update)

@@ -20,8 +20,10 @@ route around it. Past `deadline_s` the generation fails as "behind" (as a sample
 that cannot catch up does) or "no_pipeline"; the trainer counts either against the
 sampler, and drops one that keeps failing.
 
-Completions are decoded one at a time, each in its own session (a FORWARD carries one
-row), with the same random stream and the same behaviour log-probs rule as
+Completions are decoded each in its own session (a FORWARD carries one row), up to
+`parallel` of them at once so that the links' latency overlaps (each hop's session cap
+and KV budget bound it too), with the same random stream and the same behaviour
+log-probs rule as
 LocalPolicy (policy.py: `choose`, `completion_seed`), computed at the entry from the
 last hop's final hidden states. So a pipeline sampler produces LocalPolicy's tokens
 and log-probs at the same version and seed, to float rounding (LocalPolicy decodes a
@@ -65,6 +67,9 @@ log = logging.getLogger(__name__)
 RETRY_S = 0.2  # after a hop said BEHIND (it is pulling) or we caught up
 DEADLINE_S = 60.0  # a generation that cannot find a route at one version gives up
 NO_PIPELINE = "no_pipeline"  # its refusal then: a failure the trainer counts, not "busy"
+# Completions decoded at once, each its own session: a token costs a trip through the
+# chain's links, so one at a time leaves every hop idle for most of it.
+PARALLEL = 8
 
 
 class _Again(Exception):
@@ -79,7 +84,10 @@ class PipelinePolicy:
     """The entry's side of a pipeline sampler (see the module docstring)."""
 
     def __init__(self, weights: VersionedWeights, follower: Follower, gate: ShardGate,
-                 generator: Generator, *, deadline_s: float = DEADLINE_S) -> None:
+                 generator: Generator, *, deadline_s: float = DEADLINE_S,
+                 parallel: int = PARALLEL) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel {parallel}: at least 1 completion at a time")
         if weights.head is None:
             raise PolicyError("a pipeline sampler's entry needs the head")
         self.weights = weights
@@ -88,6 +96,8 @@ class PipelinePolicy:
         self.generator = generator  # the entry's pipeline, ledger, compute turns
         self.head = weights.head
         self.deadline_s = deadline_s
+        self.parallel = parallel
+        self.in_flight = self.peak_in_flight = 0  # completions being decoded, for status
         self.bans = BanList()
         self.generations = 0
         self.retries: dict[str, int] = {}  # by refusal code, for status
@@ -140,10 +150,10 @@ class PipelinePolicy:
                     if at_version is not None and at_version != version:
                         raise VersionMismatch(version, at_version)
                     tag = PolicyTag(run_id=run_id, version=version, trainer=trainer)
-                    groups = [[await self._complete(tag, list(ids),
-                                                    completion_seed(*streams[i], g),
-                                                    temperature, top_p, max_tokens, eos)
-                               for g in range(n)] for i, ids in enumerate(prompts)]
+                    groups = await self._complete_all(
+                        tag, [(list(ids), [completion_seed(*streams[i], g) for g in range(n)])
+                              for i, ids in enumerate(prompts)],
+                        temperature, top_p, max_tokens, eos)
                     self.generations += 1
                     return Generation(version, groups)
             except _Again as again:  # (the hold is let go: our own apply may go first)
@@ -173,6 +183,37 @@ class PipelinePolicy:
         servers = servers_by_model(entries, rtt).get(self.model_id, [])
         return find_route(servers, self.weights.block.num_layers,
                           self.bans.banned(time.monotonic()))
+
+    async def _complete_all(self, tag: PolicyTag, asked: list[tuple[list[int], list[int]]],
+                            temperature: float, top_p: float, max_tokens: int,
+                            eos: frozenset[int]) -> list[list[Completion]]:
+        """Every (prompt, its completions' seeds) of `asked` decoded, `parallel` at a
+        time; the first failure (_Again, or our bug) ends the others and is raised."""
+        out: list[list[Completion | None]] = [[None] * len(seeds) for _, seeds in asked]
+        failed: list[Exception] = []
+        limiter = trio.CapacityLimiter(self.parallel)
+
+        async def one(i: int, g: int, cancel: trio.CancelScope) -> None:
+            prompt, seeds = asked[i]
+            async with limiter:
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                try:
+                    out[i][g] = await self._complete(tag, prompt, seeds[g], temperature,
+                                                     top_p, max_tokens, eos)
+                except Exception as exc:  # the generation's: raised once all have ended
+                    failed.append(exc)
+                    cancel.cancel()
+                finally:
+                    self.in_flight -= 1
+
+        async with trio.open_nursery() as nursery:
+            for i, (_, seeds) in enumerate(asked):
+                for g in range(len(seeds)):
+                    nursery.start_soon(one, i, g, nursery.cancel_scope)
+        if failed:
+            raise failed[0]
+        return [[c for c in group if c is not None] for group in out]
 
     async def _complete(self, tag: PolicyTag, prompt: list[int], seed: int,
                         temperature: float, top_p: float, max_tokens: int,
@@ -233,4 +274,5 @@ class PipelinePolicy:
         return _Again(failure.code, f"{failure.code}: {failure}")
 
     def status(self) -> dict[str, Any]:
-        return {"generations": self.generations, "retries": dict(self.retries)}
+        return {"generations": self.generations, "retries": dict(self.retries),
+                "peak_in_flight": self.peak_in_flight}

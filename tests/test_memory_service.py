@@ -367,3 +367,27 @@ async def test_a_proven_item_is_abstracted_on_its_own_once_per_domain(tmp_path: 
         await trio.sleep(0.6)
         assert await memory.abstract_due() == []
         assert await store.abstracted() == {(item_id, "math")}
+
+
+async def test_a_note_holding_its_runs_answer_is_never_judged_on_that_run(
+        tmp_path: Path, tiny: Path) -> None:
+    """A worked example or a correction holds the answer of the run it came from: a
+    model copying it would "gain" there. Both are judged on the other runs only; a rule
+    from the same run is judged on it first."""
+    async with peer(tmp_path, tiny) as (_, memory):
+        runs = []
+        for p in PROMPTS:
+            _, scec, _ = await memory.solve(Task(p, "7", "exact", "math"), memory=False,
+                                            params=PARAMS)
+            runs.append(scec_hash(scec))
+        origin = runs[0]
+        desk = memory.desk()
+        for kind, judged_on_origin in (("example", False), ("correction", False),
+                                       ("rule", True)):
+            c = await desk.submit(f"Question: {PROMPTS[0]}\nAnswer: 7 ({kind})", "math",
+                                  kind, origin=origin)
+            tasks = [scec_hash(t) for t in await desk._tasks(c)]
+            assert (origin in tasks) == judged_on_origin, (kind, tasks)
+            assert tasks and set(tasks) <= set(runs)
+            if judged_on_origin:
+                assert tasks[0] == origin

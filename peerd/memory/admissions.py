@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 KEPT_CANDIDATES = 1_000  # decided candidates remembered for GET (the log keeps them all)
 ADMISSION_TASKS = 4  # tasks a candidate is replayed on: the SCEC it came from + nearest
 MIN_TASK_SIMILARITY = 0.3  # a task further from the candidate says nothing about it
+# Kinds distilled from a run that hold its answer (distill.py): never judged on that run.
+# A worked example's run passed, but a replay without notes need not (the notes it had
+# then are not those recalled now): its gain there would be the copied answer.
+HOLDS_ORIGIN_ANSWER = frozenset({"example", "correction"})
 
 Sign = Callable[[str, str, str, str, str], tuple[MemoryItem, SignedItem]]  # text, domain,
 # kind, origin, parent -> a new item of ours
@@ -269,10 +273,11 @@ class Admissions:
             return ""
 
     async def _tasks(self, c: Candidate) -> list[ScecMsg]:
-        """The SCECs to replay c on: the run it came from first (not for a correction,
-        which holds that run's reference answer), then the runs nearest that run's
-        prompt (nearest its own text when it came from none we hold) in its domain, each
-        at least `task_similarity` close."""
+        """The SCECs to replay c on: the run it came from first (not for a worked
+        example or a correction distilled from it: each holds that run's answer, and a
+        model that copies it "gains" there by the leak, not by what the note teaches),
+        then the runs nearest that run's prompt (nearest its own text when it came from
+        none we hold) in its domain, each at least `task_similarity` close."""
         out: dict[str, ScecMsg] = {}
         anchor = c.text
         skip = ""
@@ -280,7 +285,7 @@ class Admissions:
             stored = await self.store.get_scec(c.origin)
             if stored is not None:
                 anchor = stored.prompt
-                if c.kind == "correction":  # it holds that run's answer: a leak, not a gain
+                if c.kind in HOLDS_ORIGIN_ANSWER:  # a leak there, not a gain
                     skip = stored.hash
                 else:
                     out[stored.hash] = decode_scec(stored.body)

@@ -116,7 +116,8 @@ TEXT_TEMPLATES = ("Summarise this in two sentences:", "Rewrite this paragraph in
 PROSE_MIN, PROSE_MAX = 200, 800
 NOT_PROSE = re.compile(r"```|>>>|https?:|www\.|[<>{}|\\$]|::|\.\. |pip install|"
                        r"licen[cs]e|copyright|warrant|redistribut|\bpermission\b", re.I)
-BULLET = re.compile(r"\s*([#*>+|!:\[-]|\d+[.)]\s|={3,}|-{3,}|~{3,})")
+# a line that starts a heading, list item, quote, table row, badge, rst field or rule
+BULLET = re.compile(r"\s*([#>|!:]|\[!|[*+-]\s|\d+[.)]\s|={3,}|-{3,}|~{3,})")
 # inline markup kept as its text: [text](url), [text][ref], `code`, **bold**, *emphasis*
 MARKUP = ((re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),
           (re.compile(r"\[([^\]]+)\]\[[^\]]*\]"), r"\1"),

@@ -7,9 +7,10 @@ what each kind is made of); nothing is downloaded. The same installation, sizes 
 seed give the same files.
 
     .venv/bin/python scripts/draft_corpus.py --out /tmp/corpus
+    files=(/tmp/corpus/train/*.jsonl)
     .venv/bin/peerd draft train --model smollm2 --out head.safetensors \\
-        --prompts /tmp/corpus/train/*.jsonl --holdout 8 ...
-    .venv/bin/peerd draft measure --model smollm2 --prompts /tmp/corpus/held-out/*.jsonl
+        "${files[@]/#/--prompts=}" --holdout 8 ...
+    .venv/bin/peerd draft measure --model smollm2 /tmp/corpus/held-out/*.jsonl --tree
 
 Kinds: chat, instruction, text (summarise / rewrite / list / explain a paragraph),
 word-problem, code-completion (a stub continued raw), code-stub (a stub pasted as a

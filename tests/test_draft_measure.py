@@ -64,7 +64,7 @@ def test_peerd_draft_measure_reports_k_per_kind(tmp_path: Path, tiny: Path,
         files.append(path)
     data = tmp_path / "answers.pt"
     args = ["draft", "measure", "--model", str(tiny), "--head", str(head_file),
-            "--prompts", f"chat={files[0]}", "--prompts", str(files[1]),  # kind = the stem
+            "--prompts", f"chat={files[0]}", str(files[1]),  # an argument: kind = its stem
             "--gamma", "2", "--gamma", "3", "--tree", "--max-new-tokens", "12",
             "--data", str(data), "--threads", "1"]
     run = CliRunner().invoke
@@ -101,6 +101,8 @@ def test_peerd_draft_measure_refuses_bad_input(tmp_path: Path, tiny: Path, head_
               "--max-new-tokens", "8", "--threads", "1"]
     r = run(main, [*common, "--prompts", f"chat={tmp_path / 'missing.jsonl'}"])
     assert r.exit_code == 1 and "no such file" in r.output
+    r = run(main, common)
+    assert r.exit_code == 1 and "give the held-out prompt files" in r.output
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     r = run(main, [*common, "--prompts", str(broken)])

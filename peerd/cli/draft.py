@@ -182,9 +182,11 @@ def kind_file(value: str) -> tuple[str, Path]:
 @click.option("--head", "head_file", metavar="FILE",
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The EAGLE head to measure [the one shipped for the model].")
-@click.option("--prompts", "prompt_files", multiple=True, required=True,
+@click.argument("files", nargs=-1, metavar="[[KIND=]FILE]...")
+@click.option("--prompts", "prompt_files", multiple=True,
               metavar="[KIND=]FILE", help="Held-out prompts of one kind, JSONL as `peerd "
-              "draft train` reads them (repeatable); without KIND= the file's stem is the kind.")
+              "draft train` reads them (repeatable, or as arguments); without KIND= the "
+              "file's stem is the kind.")
 @click.option("--gamma", "gammas", multiple=True, type=click.IntRange(1, 16),
               metavar="N", help="Draft tokens per round, a tree's depth (repeatable) [2 4 6].")
 @click.option("--tree", is_flag=True, help="Also replay token trees (EAGLE-2, with the "
@@ -201,7 +203,8 @@ def kind_file(value: str) -> tuple[str, Path]:
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
               help="torch threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def draft_measure(spec: str, head_file: Path | None, prompt_files: tuple[str, ...],
+def draft_measure(spec: str, head_file: Path | None, files: tuple[str, ...],
+                  prompt_files: tuple[str, ...],
                   gammas: tuple[int, ...], tree: bool, tree_nodes: int, max_new_tokens: int,
                   data: Path | None, limit: int | None, threads: int, as_json: bool) -> None:
     """Measure a draft head per kind of prompt: the target's greedy answers to held-out
@@ -211,10 +214,12 @@ def draft_measure(spec: str, head_file: Path | None, prompt_files: tuple[str, ..
     from peerd.inference.speculative.drafters import DraftError
     from peerd.inference.speculative.eagle_heldout import measure_kinds
 
+    if not files and not prompt_files:
+        fail("give the held-out prompt files: [KIND=]FILE... or --prompts [KIND=]FILE")
     try:
-        kinds = dict(kind_file(v) for v in prompt_files)
+        kinds = dict(kind_file(v) for v in (*prompt_files, *files))
     except click.BadParameter as exc:
-        fail(f"--prompts {exc.message}")
+        fail(f"prompts: {exc.message}")
     try:
         report = measure_kinds(spec, kinds, head_file, gammas=gammas or (2, 4, 6), tree=tree,
                                tree_nodes=tree_nodes, max_new_tokens=max_new_tokens,

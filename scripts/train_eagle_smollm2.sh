@@ -17,6 +17,9 @@
 # the METADATA (READMEs: prose and markdown) of the packages scripts/setup installs,
 # a wider count than the training answers `peerd draft train` picks from.
 # Extra arguments go to both `peerd draft train` runs (--threads 4, say).
+# A broader corpus of many kinds of prompt, with a held-out file per kind, comes from
+# scripts/draft_corpus.py, and `peerd draft measure` reports held-out k per kind
+# (docs/dsd.md, "Training corpus"); the next retraining of the shipped head uses them.
 #   scripts/train_eagle_smollm2.sh --vocab-only   only sets the shipped head's vocabulary
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

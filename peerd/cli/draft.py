@@ -1,5 +1,6 @@
-"""`peerd draft`: drafters for speculative decoding (train an EAGLE head, set its draft
-vocabulary). torch and the inference wing are imported inside the commands."""
+"""`peerd draft`: drafters for speculative decoding (train an EAGLE head, measure it per
+kind of prompt, set its draft vocabulary). torch and the inference wing are imported
+inside the commands."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ DRAFT_PROMPTS = Path(__file__).parents[1] / "data" / "draft_prompts.jsonl"
 
 @click.group()
 def draft() -> None:
-    """Drafters for speculative decoding: train an EAGLE draft head, set its draft
-    vocabulary."""
+    """Drafters for speculative decoding: train an EAGLE draft head, measure it per kind
+    of prompt, set its draft vocabulary."""
 
 
 @draft.command("train")
@@ -161,3 +162,90 @@ def draft_vocab(spec: str, head_file: Path, text_files: tuple[Path, ...], size: 
     emit(report, as_json, lambda r: console.print(
         f"{r['head']}: drafts over {r['size']} of {r['vocab_size']} tokens, covering "
         f"{100 * r['coverage']:.2f}% of the {r['tokens']} counted", highlight=False))
+
+
+def kind_file(value: str) -> tuple[str, Path]:
+    """KIND=FILE, or FILE (its stem is the kind: held-out/chat.jsonl is "chat")."""
+    kind, eq, name = value.partition("=")
+    path = Path(name if eq else value)
+    kind = kind if eq else path.stem
+    if not kind:
+        raise click.BadParameter(f"{value!r}: want KIND=FILE or FILE")
+    if not path.is_file():
+        raise click.BadParameter(f"{path}: no such file")
+    return kind, path
+
+
+@draft.command("measure")
+@click.option("--model", "spec", required=True, metavar="SPEC",
+              help="The target: smollm2, a .gguf file, a model directory or a cached repo id.")
+@click.option("--head", "head_file", metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The EAGLE head to measure [the one shipped for the model].")
+@click.argument("files", nargs=-1, metavar="[[KIND=]FILE]...")
+@click.option("--prompts", "prompt_files", multiple=True,
+              metavar="[KIND=]FILE", help="Held-out prompts of one kind, JSONL as `peerd "
+              "draft train` reads them (repeatable, or as arguments); without KIND= the "
+              "file's stem is the kind.")
+@click.option("--gamma", "gammas", multiple=True, type=click.IntRange(1, 16),
+              metavar="N", help="Draft tokens per round, a tree's depth (repeatable) [2 4 6].")
+@click.option("--tree", is_flag=True, help="Also replay token trees (EAGLE-2, with the "
+              "prompt-lookup branches), γ deep.")
+@click.option("--tree-nodes", default=16, show_default=True, type=click.IntRange(1, 64),
+              help="Scored candidates a tree keeps.")
+@click.option("--max-new-tokens", default=160, show_default=True, type=click.IntRange(8, 2048),
+              help="Length of the target's answers.")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Keep the generated answers here, and reuse them when it exists (a "
+                   "`peerd draft train --data` file serves too).")
+@click.option("--limit", type=click.IntRange(1), metavar="N",
+              help="At most the first N prompts of each file [all].")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
+              help="torch threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def draft_measure(spec: str, head_file: Path | None, files: tuple[str, ...],
+                  prompt_files: tuple[str, ...],
+                  gammas: tuple[int, ...], tree: bool, tree_nodes: int, max_new_tokens: int,
+                  data: Path | None, limit: int | None, threads: int, as_json: bool) -> None:
+    """Measure a draft head per kind of prompt: the target's greedy answers to held-out
+    prompts (generated once, kept with --data), and the tokens a speculative round
+    would commit on them (k), for the head as a chain (and a tree) and prompt lookup."""
+    from peerd.inference.model.source import ModelError
+    from peerd.inference.speculative.drafters import DraftError
+    from peerd.inference.speculative.eagle_heldout import measure_kinds
+
+    if not files and not prompt_files:
+        fail("give the held-out prompt files: [KIND=]FILE... or --prompts [KIND=]FILE")
+    try:
+        kinds = dict(kind_file(v) for v in (*prompt_files, *files))
+    except click.BadParameter as exc:
+        fail(f"prompts: {exc.message}")
+    try:
+        report = measure_kinds(spec, kinds, head_file, gammas=gammas or (2, 4, 6), tree=tree,
+                               tree_nodes=tree_nodes, max_new_tokens=max_new_tokens,
+                               data=data, limit=limit, threads=threads, progress=not as_json)
+    except (ModelError, DraftError, ValueError, OSError) as exc:
+        fail(str(exc))
+
+    def render(r: dict[str, Any]) -> None:
+        t = Table(title="held-out k (tokens per round, greedy) by kind of prompt")
+        t.add_column("kind")
+        t.add_column("prompts", justify="right")
+        for config in r["k"]:
+            name, gamma = config.split("@")
+            label = {"eagle-chain": "chain", "eagle-tree": "tree"}.get(name, name)
+            t.add_column(f"{label} {'d' if label == 'tree' else 'γ'}{gamma}", justify="right")
+        for kind in [*r["kinds"], "all"]:
+            n = (r["kinds"][kind]["prompts"] if kind != "all"
+                 else sum(v["prompts"] for v in r["kinds"].values()))
+            t.add_row(escape(kind), str(n), *(f"{r['k'][c][kind]['tokens_per_round']:.2f}"
+                                              for c in r["k"]), end_section=kind != "all"
+                      and kind == list(r["kinds"])[-1])
+        console.print(t)
+        made = r["answers"]
+        console.print(f"{r['head']} drafting for {r['model_id']}; answers of up to "
+                      f"{r['max_new_tokens']} tokens: {made['generated']} generated, "
+                      f"{made['reused']} reused ({r['data_s']:.0f} s); total "
+                      f"{r['total_s']:.0f} s", highlight=False)
+
+    emit(report, as_json, render)

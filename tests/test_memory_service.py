@@ -25,7 +25,7 @@ from libp2p.peer.id import ID
 
 from peerd.api.app import create_app
 from peerd.inference.slot import ModelOptions, ModelSlot
-from peerd.memory.admissions import refusal_key
+from peerd.memory.admissions import quotes, refusal_key
 from peerd.memory.controller import ControllerSettings, admission_stats
 from peerd.memory.item import Record, sign_item
 from peerd.memory.scec import Task, scec_hash
@@ -324,10 +324,16 @@ async def test_a_correction_is_not_judged_on_the_run_whose_answer_it_holds(
                                  "correction", origin=origin)
         await c.done.wait()
         assert (c.state, c.reason, c.tasks) == ("refused", "no_tasks", 0)
+        # nor an example: the run passed, but a replay without notes need not, and the
+        # example would then "help" by the answer it holds
         c = await memory.propose("Question: What is 2 + 2?\nAnswer: 4", "solo", "example",
                                  origin=origin)
         await c.done.wait()
-        assert c.tasks == 1  # an example is judged on the run it came from
+        assert (c.state, c.reason, c.tasks) == ("refused", "no_tasks", 0)
+        c = await memory.propose("Count on from the larger number.", "solo", "rule",
+                                 origin=origin)
+        await c.done.wait()
+        assert c.tasks == 1  # a rule holding no answer is judged on the run it came from
 
 
 async def test_a_proven_item_is_abstracted_on_its_own_once_per_domain(tmp_path: Path,
@@ -371,23 +377,37 @@ async def test_a_proven_item_is_abstracted_on_its_own_once_per_domain(tmp_path: 
 
 async def test_a_note_holding_its_runs_answer_is_never_judged_on_that_run(
         tmp_path: Path, tiny: Path) -> None:
-    """A worked example or a correction holds the answer of the run it came from: a
-    model copying it would "gain" there. Both are judged on the other runs only; a rule
-    from the same run is judged on it first."""
+    """A worked example or a correction holds the answer of the run it came from, and a
+    note quoting a question may hold its answer: a model copying it would "gain" there.
+    Such a note is judged on the other questions' runs only; a rule from the same run
+    that quotes no question is judged on it first."""
+    questions = ["What is 12 plus 30?", "What is 13 plus 30?", "What is 14 plus 30?",
+                 "What is 15 plus 30?"]
     async with peer(tmp_path, tiny) as (_, memory):
-        runs = []
-        for p in PROMPTS:
-            _, scec, _ = await memory.solve(Task(p, "7", "exact", "math"), memory=False,
+        runs: dict[str, list[str]] = {}
+        for q, ref in [(questions[0], "42"), (questions[0], "41"), *(
+                (q, "0") for q in questions[1:])]:  # the first question asked twice
+            _, scec, _ = await memory.solve(Task(q, ref, "exact", "math"), memory=False,
                                             params=PARAMS)
-            runs.append(scec_hash(scec))
-        origin = runs[0]
+            runs.setdefault(q, []).append(scec_hash(scec))
+        origin, again = runs[questions[0]]
+        others = {h for q in questions[1:] for h in runs[q]}
         desk = memory.desk()
-        for kind, judged_on_origin in (("example", False), ("correction", False),
-                                       ("rule", True)):
-            c = await desk.submit(f"Question: {PROMPTS[0]}\nAnswer: 7 ({kind})", "math",
-                                  kind, origin=origin)
+        quoting = f"Question: {questions[0]}\nAnswer: 42"
+        for text, kind, judged_on_origin in (
+                (quoting, "example", False), (quoting, "correction", False),
+                (f"For '{questions[0]}' add the tens first.", "rule", False),
+                ("Add the tens first, then the ones.", "rule", True)):
+            c = await desk.submit(text, "math", kind, origin=origin)
             tasks = [scec_hash(t) for t in await desk._tasks(c)]
-            assert (origin in tasks) == judged_on_origin, (kind, tasks)
-            assert tasks and set(tasks) <= set(runs)
+            assert tasks and set(tasks) <= {origin, again} | others, (kind, tasks)
             if judged_on_origin:
                 assert tasks[0] == origin
+            else:  # neither that run nor the question's other run
+                assert set(tasks) <= others, (text, kind, tasks)
+
+
+def test_a_note_quotes_a_question_whitespace_aside_and_not_a_greeting() -> None:
+    assert quotes("Question: What is  12 plus\n30?\nAnswer: 42", "What is 12 plus 30?")
+    assert not quotes("Add the tens first.", "What is 12 plus 30?")
+    assert not quotes("Hi there, add the tens.", "Hi")  # too short to say anything

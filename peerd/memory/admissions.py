@@ -59,6 +59,17 @@ MIN_TASK_SIMILARITY = 0.3  # a task further from the candidate says nothing abou
 # A worked example's run passed, but a replay without notes need not (the notes it had
 # then are not those recalled now): its gain there would be the copied answer.
 HOLDS_ORIGIN_ANSWER = frozenset({"example", "correction"})
+# Runs fetched beyond the tasks wanted, so that skipping the runs a candidate quotes (a
+# question asked many times) still leaves enough to judge it on.
+TASK_SLACK = 16
+QUOTED_MIN_CHARS = 8  # a shorter prompt ("Hi") inside a note is no sign of its answer
+
+
+def quotes(text: str, prompt: str) -> bool:
+    """Whether `text` quotes the question `prompt` (whitespace aside): a note that holds
+    a question may hold its answer too, so it is not judged on that question's runs."""
+    question = " ".join(prompt.split())
+    return len(question) >= QUOTED_MIN_CHARS and question in " ".join(text.split())
 
 Sign = Callable[[str, str, str, str, str], tuple[MemoryItem, SignedItem]]  # text, domain,
 # kind, origin, parent -> a new item of ours
@@ -273,11 +284,13 @@ class Admissions:
             return ""
 
     async def _tasks(self, c: Candidate) -> list[ScecMsg]:
-        """The SCECs to replay c on: the run it came from first (not for a worked
-        example or a correction distilled from it: each holds that run's answer, and a
-        model that copies it "gains" there by the leak, not by what the note teaches),
-        then the runs nearest that run's prompt (nearest its own text when it came from
-        none we hold) in its domain, each at least `task_similarity` close."""
+        """The SCECs to replay c on: the run it came from first, then the runs nearest
+        that run's prompt (nearest its own text when it came from none we hold) in its
+        domain, each at least `task_similarity` close. Never a run whose answer c may
+        hold, where a model that copies it "gains" by the leak, not by what the note
+        teaches: the run a worked example or a correction was distilled from, and any
+        run whose question c quotes (another run of the same question, the origin of an
+        item fetched from a peer)."""
         out: dict[str, ScecMsg] = {}
         anchor = c.text
         skip = ""
@@ -285,15 +298,17 @@ class Admissions:
             stored = await self.store.get_scec(c.origin)
             if stored is not None:
                 anchor = stored.prompt
-                if c.kind in HOLDS_ORIGIN_ANSWER:  # a leak there, not a gain
+                if c.kind in HOLDS_ORIGIN_ANSWER or quotes(c.text, stored.prompt):
                     skip = stored.hash
                 else:
                     out[stored.hash] = decode_scec(stored.body)
         vector = (await self.store.embed([anchor]))[0]
-        for stored, sim in await self.store.similar_scecs(vector, self.tasks + 1, c.domain):
+        for stored, sim in await self.store.similar_scecs(vector, self.tasks + TASK_SLACK,
+                                                          c.domain):
             if len(out) >= self.tasks:
                 break
-            if sim >= self.task_similarity and stored.hash not in out and stored.hash != skip:
+            if sim >= self.task_similarity and stored.hash not in out \
+                    and stored.hash != skip and not quotes(c.text, stored.prompt):
                 try:
                     out[stored.hash] = decode_scec(stored.body)
                 except WireError:

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from peerd.api.errors import ApiError, read_json
-from peerd.api.openai_request import ApiRequest, parse, speculative_options
+from peerd.api.openai_request import ApiRequest, notes_for, parse, speculative_options
 from peerd.api.recall import Note, Recall
 from peerd.events import EventBus
 from peerd.inference.face import (
@@ -107,18 +107,12 @@ async def _with_memory(recall: Recall | None, req: ApiRequest
     memory's own replays put them (peerd/memory/prompting.py), and the notes."""
     if req.memory is None:
         return req, None
-    if recall is None:
-        raise ApiError(400, "this peer keeps no memory to draw on; drop 'memory'",
-                       param="memory")
     users = [i for i, m in enumerate(req.messages) if m["role"] == "user"]
     if req.chat and not users:
         raise ApiError(400, "'memory' needs a user message to draw notes for",
                        param="memory")
     text = req.messages[users[-1]]["content"] if req.chat else req.prompt
-    try:
-        notes = await recall.notes(text, req.memory.k, req.memory.domain)
-    except ModelUnavailable as exc:
-        raise ApiError(503, str(exc), "service_unavailable") from None
+    notes = await notes_for(recall, req.memory, text)
     texts = [n.text for n in notes]
     if req.chat:
         messages = [dict(m) for m in req.messages]

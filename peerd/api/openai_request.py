@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from peerd.api.errors import ApiError
+from peerd.api.recall import Note, Recall
+from peerd.inference.face import ModelUnavailable
 from peerd.inference.options import (
     MAX_COMPLETION_LOGPROBS,
     MAX_GAMMA,
@@ -114,6 +116,19 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
     return ApiRequest(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
                       stops, stream, include_usage, body.get("speculative"),
                       _logprobs(body, chat=chat), parse_memory(body.get("memory")))
+
+
+async def notes_for(recall: Recall | None, ask: MemoryAsk, text: str) -> list[Note]:
+    """The memory's notes for `text`, as `ask` asks: what a request's `memory` option
+    gives (chat, completions, tasks, plans). ApiError 400 on a peer that keeps no
+    memory, 503 while it is opening."""
+    if recall is None:
+        raise ApiError(400, "this peer keeps no memory to draw on; drop 'memory'",
+                       param="memory")
+    try:
+        return await recall.notes(text, ask.k, ask.domain)
+    except ModelUnavailable as exc:
+        raise ApiError(503, str(exc), "service_unavailable") from None
 
 
 def parse_memory(raw: Any) -> MemoryAsk | None:

@@ -32,10 +32,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from peerd.api.errors import ApiError, answering, json_object, read_json
-from peerd.api.openai_request import parse_memory
+from peerd.api.openai_request import notes_for, parse_memory
 from peerd.api.recall import Note, Recall
 from peerd.api.tasks import scoring
-from peerd.inference.face import ModelUnavailable
 from peerd.plans.planner import MODES, Budget
 from peerd.plans.planning import MAX_GOAL_CHARS, CannotPlan, LivePlan, PlanSpec
 from peerd.plans.scored import PLANS_DOMAIN
@@ -82,13 +81,7 @@ async def with_memory(recall: Recall | None, body: dict[str, Any], spec: PlanSpe
     ask = parse_memory(body.get("memory"))
     if ask is None:
         return spec, None
-    if recall is None:
-        raise ApiError(400, "this peer keeps no memory to draw on; drop 'memory'",
-                       param="memory")
-    try:
-        notes = await recall.notes(spec.goal, ask.k, ask.domain)
-    except ModelUnavailable as exc:
-        raise ApiError(503, str(exc), "service_unavailable") from None
+    notes = await notes_for(recall, ask, spec.goal)
     return replace(spec, memory=tuple(n.text for n in notes),
                    memory_ids=tuple(n.id for n in notes)), notes
 

@@ -36,9 +36,8 @@ from starlette.routing import Route
 from peerd.agents.record import TaskSpec
 from peerd.agents.requester import NoWorkers
 from peerd.api.errors import ApiError, json_object, read_json
-from peerd.api.openai_request import parse_memory
+from peerd.api.openai_request import notes_for, parse_memory
 from peerd.api.recall import Note, Recall
-from peerd.inference.face import ModelUnavailable
 from peerd.memory.prompting import with_notes
 from peerd.memory.scoring import SCORERS
 from peerd.rl.tasks import final_number
@@ -145,13 +144,7 @@ async def with_memory(recall: Recall | None, body: Any, spec: TaskSpec
     ask = parse_memory(body.get("memory"))
     if ask is None:
         return spec, None
-    if recall is None:
-        raise ApiError(400, "this peer keeps no memory to draw on; drop 'memory'",
-                       param="memory")
-    try:
-        notes = await recall.notes(spec.question, ask.k, ask.domain)
-    except ModelUnavailable as exc:
-        raise ApiError(503, str(exc), "service_unavailable") from None
+    notes = await notes_for(recall, ask, spec.question)
     question = with_notes(spec.question, [n.text for n in notes])
     if len(question) > MAX_QUESTION_CHARS:
         raise ApiError(400, f"the question with its notes is over {MAX_QUESTION_CHARS} "

@@ -279,6 +279,8 @@ class Plans(Service):
                     wall_s=trio.current_time() - planner.started), spec.memory_ids)
         except (WireError, ModelUnavailable) as exc:
             log.warning("plan %s: its run is not kept by the memory: %s", planner.id, exc)
+        except Exception:  # our bug, or a memory closing under us: the plan stands
+            log.exception("plan %s: keeping its run failed", planner.id)
 
     def _record(self, live: LivePlan) -> dict[str, Any]:
         record = live.planner.record(trio.current_time())

@@ -14,8 +14,15 @@ What the rest of the peer calls:
   baseline); Symphony's scored tasks and RL runs hand theirs to `observe` (api/recall.py's
   `ScoredRuns`), an RL rollout without moving anything;
 - `propose(text, domain, kind)`: a candidate for admission;
-- `consolidate()`: merge, prune and evict now.
+- `consolidate()`: merge, prune and evict now;
+- `abstract(item, domain)` / `abstract_due()`: an item rewritten as a general insight,
+  on request or by the service's own round (abstraction.py's rule).
 Every decision is a line in the store's log, an event (`memory.*`) and a counter.
+
+One module, past the usual size: it is the wiring of the parts above to one store, one
+desk, one model and one nursery, and each rule it applies lives in a pure module of its
+own (controller.py, abstraction.py, admission.py, learning.py). The next piece to move
+out, if it grows, is the learning job's and the abstraction round's scheduling.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ run and counted as an offence; its slots go out again.
 
 One module, past the usual size: the producers, the check and the steps all move the
 same state (slots handed out, groups waiting, orders held, the version); the pure
-rules are out (slots.py, buffer.py, grpo.py, progress.py).
+rules are out (slots.py, intake.py, buffer.py, grpo.py, progress.py).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import trio
 
 from peerd.rl.buffer import ReplayBuffer
 from peerd.rl.grpo import GrpoLoss, group_advantages, is_degenerate
+from peerd.rl.intake import group_fault
 from peerd.rl.progress import NoSamplers, Progress, judge, judge_deviations, to_check
 from peerd.rl.run import RunSpec
 from peerd.rl.samplers import SamplerPool
@@ -291,7 +292,9 @@ class Trainer:
     def _arrived(self, peer: str, slot: int, rollouts: list[Rollout]) -> str | None:
         """Score a slot's group and offer it to the buffer: None, or why it was not
         admitted (then its slot goes out again)."""
-        why = self._malformed(peer, slot, rollouts)
+        why = group_fault(rollouts, peer=peer, size=self.spec.group,
+                          max_tokens=self.spec.max_tokens, version=self.version,
+                          prompt_ids=self.prompt_ids(slot))
         if why:
             self._refuse([slot], "malformed", peer, why)
             return "malformed"
@@ -312,28 +315,6 @@ class Trainer:
         self.sampler_of[gid] = peer
         self._wake()
         return None
-
-
-    def _malformed(self, peer: str, slot: int, rollouts: list[Rollout]) -> str:
-        if len(rollouts) != self.spec.group:
-            return f"{len(rollouts)} completions for a group of {self.spec.group}"
-        versions = {r.version for r in rollouts}
-        if len(versions) != 1:
-            return "one group, several versions"
-        (version,) = versions
-        if version > self.version:
-            return f"version {version} is newer than the trainer's {self.version}"
-        want = self.prompt_ids(slot)
-        for r in rollouts:
-            if r.sampler != peer:
-                return f"a rollout of {r.sampler[:16]} relayed by {peer[:16]}"
-            if list(r.prompt_ids) != want:
-                return "prompt ids are not the trainer's tokenisation of the prompt"
-            if not r.completion_ids or len(r.completion_ids) > self.spec.max_tokens:
-                return f"{len(r.completion_ids)} completion tokens (1..{self.spec.max_tokens})"
-            if len(r.behaviour_logprobs) != len(r.completion_ids):
-                return "one behaviour log-prob a token is required"
-        return ""
 
     def _refuse(self, slots: list[int], reason: str, peer: str, detail: str = "",
                 *, counted: bool = False) -> None:

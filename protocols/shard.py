@@ -285,3 +285,32 @@ def check_route(route: tuple[Hop, ...], num_layers: int) -> None:
         at = hop.end
     if at != num_layers:
         raise WireError(f"route ends at layer {at}, the model has {num_layers}")
+
+
+def check_forward(msg: Forward, *, session: str, last_step: int, dtype: str,
+                  hidden_size: int, cached: int, max_length: int) -> None:
+    """WireError unless `msg` may follow on the stream of session `session`, whose last
+    step was `last_step`, agreed on `dtype` and `max_length`, and whose cache holds
+    `cached` positions of hidden size `hidden_size`."""
+    if msg.session != session:
+        raise WireError(f"FORWARD for unknown session {msg.session!r:.40} on session "
+                        f"{session}'s stream")
+    if msg.step <= last_step:
+        raise WireError(f"FORWARD step {msg.step} after step {last_step}")
+    h = msg.hidden
+    h.check(rank=3)
+    if h.dtype != dtype:
+        raise WireError(f"hidden states in {h.dtype}, the session agreed on {dtype}")
+    if h.shape[0] != 1 or h.shape[2] != hidden_size or h.shape[1] < 1:
+        raise WireError(f"hidden states of shape {list(h.shape)}; expected "
+                        f"[1, T>=1, {hidden_size}]")
+    if not -1 <= msg.keep <= cached:
+        raise WireError(f"keep={msg.keep} but the session holds {cached} positions")
+    expected = cached if msg.keep < 0 else msg.keep
+    if msg.start_pos != expected:
+        raise WireError(f"start_pos {msg.start_pos} but the cache will hold {expected} "
+                        "positions: positions must be contiguous")
+    tree_depths(msg.tree, h.shape[1])
+    if msg.start_pos + h.shape[1] > max_length:
+        raise WireError(f"positions up to {msg.start_pos + h.shape[1]} exceed the session's"
+                        f" max_length {max_length}")

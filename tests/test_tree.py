@@ -3,6 +3,7 @@ parent lists, and greedy / adaptive verification along a tree."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -12,7 +13,7 @@ import torch
 from peerd.inference.speculative.acceptance import TokenClasses, verify_greedy, verify_tree
 from peerd.inference.speculative.tree import TokenTree, TreeBuilder, attention_mask, chain_prefix
 from protocols.errors import WireError
-from protocols.shard import MAX_TREE_POSITIONS, tree_depths
+from protocols.shard import MAX_TREE_POSITIONS, Forward, WireTensor, check_forward, tree_depths
 
 V = 10
 
@@ -195,3 +196,44 @@ def test_adaptive_tree_takes_the_longest_accepted_path() -> None:
     assert sorted(asked) == [-1, 0, 1, 2]  # the root and the accepted nodes, once each
     greedy = verify_tree(tree, lambda n: rows[n])
     assert greedy.path == [0] and greedy.token == 2  # greedy keeps the target's own path
+
+
+# ---- what a FORWARD may be on a session's stream (protocols/shard.check_forward) ------
+
+
+def _forward(**change: object) -> Forward:
+    positions = 2
+    hidden = WireTensor("float32", (1, positions, 4), b"\0" * (positions * 4 * 4))
+    base = Forward(session="s1", step=3, start_pos=5, keep=-1, hidden=hidden)
+    return dataclasses.replace(base, **change)  # type: ignore[arg-type]
+
+
+def _check(msg: Forward, **kw: object) -> None:
+    args: dict[str, object] = {"session": "s1", "last_step": 2, "dtype": "float32",
+                               "hidden_size": 4, "cached": 5, "max_length": 16}
+    args.update(kw)
+    check_forward(msg, **args)  # type: ignore[arg-type]
+
+
+def test_a_forward_that_follows_its_session_passes() -> None:
+    _check(_forward())
+    _check(_forward(keep=3, start_pos=3))  # rolls the cache back to 3 positions first
+    _check(_forward(tree=(-1, 0)))
+
+
+@pytest.mark.parametrize(("change", "kw", "words"), [
+    ({"session": "s2"}, {}, "unknown session"),
+    ({"step": 2}, {}, "after step 2"),
+    ({"hidden": WireTensor("float32", (1, 2, 4), b"\0")}, {}, "needs 32 bytes"),
+    ({}, {"dtype": "bfloat16"}, "the session agreed on bfloat16"),
+    ({}, {"hidden_size": 8}, "expected [1, T>=1, 8]"),
+    ({"keep": 6}, {}, "keep=6 but the session holds 5"),
+    ({"start_pos": 4}, {}, "must be contiguous"),
+    ({"tree": (-1, 1)}, {}, "parent must be an earlier position"),
+    ({}, {"max_length": 6}, "exceed the session's max_length 6"),
+])
+def test_a_forward_out_of_its_session_is_a_wire_error(change: dict[str, object],
+                                                      kw: dict[str, object], words: str) -> None:
+    with pytest.raises(WireError) as exc:
+        _check(_forward(**change), **kw)
+    assert words in str(exc.value)

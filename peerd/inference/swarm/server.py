@@ -24,12 +24,9 @@ which holds that version for the session until it closes, or refuses it; a serve
 with no gate refuses every tagged OPEN (UNVERSIONED) and admits every plain one.
 
 One module, past the usual size: a session's life (open, forward, relay, return,
-close, eviction) moves one set of state; the rules that stand alone are out
-(lending.py: what is lent to whom; peerd/turns.py: the compute's order; streams.py:
-the handshake).
-
-One module past 450 lines, knowingly: admission, chaining to the next hop and the
-forward loop share one session's state and its refusal paths; the chaining
+close, eviction) moves one set of state and its refusal paths; the rules that stand
+alone are out (lending.py: what is lent to whom; peerd/turns.py: the compute's order;
+streams.py: the handshake; protocols/shard.py: what a FORWARD may be). The chaining
 (`_chain` and its relay of refusals) is the part that could move out next.
 """
 
@@ -84,8 +81,8 @@ from protocols.shard import (
     Opened,
     PolicyTag,
     Result,
+    check_forward,
     check_route,
-    tree_depths,
 )
 from protocols.spec import ErrorReply, SessionStream
 
@@ -404,7 +401,9 @@ class ShardServer:
                 if msg.session != s.id:
                     raise WireError(f"CLOSE for unknown session {msg.session!r:.40}")
                 return
-            self._check_forward(s, msg)
+            check_forward(msg, session=s.id, last_step=s.step, dtype=s.open.dtype,
+                          hidden_size=self.block.hidden_size,
+                          cached=self.block.cache_len(s.cache), max_length=s.open.max_length)
             try:
                 self.lending.grow(s, msg.start_pos + msg.hidden.shape[1])
             except OverShare as exc:  # its entry peer is over its share: this session goes
@@ -454,31 +453,6 @@ class ShardServer:
                     await self._report(s, msg.step, nxt, "unreachable",
                                        f"{self.node.peer_id} could not forward to {nxt}")
                 return
-
-    def _check_forward(self, s: _Session, msg: Forward) -> None:
-        if msg.session != s.id:
-            raise WireError(f"FORWARD for unknown session {msg.session!r:.40} on session "
-                            f"{s.id}'s stream")
-        if msg.step <= s.step:
-            raise WireError(f"FORWARD step {msg.step} after step {s.step}")
-        h = msg.hidden
-        h.check(rank=3)
-        if h.dtype != s.open.dtype:
-            raise WireError(f"hidden states in {h.dtype}, the session agreed on {s.open.dtype}")
-        if h.shape[0] != 1 or h.shape[2] != self.block.hidden_size or h.shape[1] < 1:
-            raise WireError(f"hidden states of shape {list(h.shape)}; expected "
-                            f"[1, T>=1, {self.block.hidden_size}]")
-        have = self.block.cache_len(s.cache)
-        if not -1 <= msg.keep <= have:
-            raise WireError(f"keep={msg.keep} but the session holds {have} positions")
-        expected = have if msg.keep < 0 else msg.keep
-        if msg.start_pos != expected:
-            raise WireError(f"start_pos {msg.start_pos} but the cache will hold {expected} "
-                            "positions: positions must be contiguous")
-        tree_depths(msg.tree, h.shape[1])
-        if msg.start_pos + h.shape[1] > s.open.max_length:
-            raise WireError(f"positions up to {msg.start_pos + h.shape[1]} exceed the session's"
-                            f" max_length {s.open.max_length}")
 
     async def _forward(self, s: _Session, msg: Forward) -> Any:
         """The forward through this peer's span, in turns at the compute charged to the

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Echo benchmark: sync against async RL on a real testnet, one wall-clock budget each.
 
-A testnet of 2 sampler peers (`python -m testnet up --peers 2 --model M --rollout`,
-1 torch thread each) at --latency-ms per link, and a trainer: a third daemon started
+A testnet of --samplers sampler peers (`python -m testnet up --peers 2 --model M
+--rollout`, 1 torch thread each) at --latency-ms per link, or with --stages S, that many
+pipelines of S shard peers each (peer i serves stage i mod S; a stage-0 peer is a
+pipeline sampler, the others its rollout shards), and a trainer: a third daemon started
 without a model, bootstrapped to them (its links to the samplers go through their
 latency proxies). For each mode the trainer runs `POST /v1/rl/runs` (GRPO on --task,
 --update) for --budget-s seconds of training from the run's first step, then stops it
@@ -57,6 +59,11 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["sync", "async"])
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--samplers", type=int, default=2, help="samplers (pipelines with "
+                    "--stages)")
+    ap.add_argument("--stages", type=int, default=1,
+                    help="shard peers a sampler: 1 serves the whole model, 2 or more "
+                         "make each sampler a pipeline of that many peers")
     ap.add_argument("--update", default="lora", choices=["full", "lora"])
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -81,14 +88,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-rl-"))
     if args.heldout:
         result["heldout_before"] = heldout(args, None)
-    base = free_base_port(3)
-    peers = launcher.up(2, work / "testnet", base, args.latency_ms, model=args.model,
-                        torch_threads=1, peer_args=["--rollout"], settle_s=5.0,
-                        model_timeout_s=600.0)
+    n = args.samplers * args.stages
+    base = free_base_port(n + 1)
+    peers = launcher.up(n, work / "testnet", base, args.latency_ms, model=args.model,
+                        stages=args.stages, torch_threads=1, peer_args=["--rollout"],
+                        settle_s=5.0, model_timeout_s=600.0)
     trainer = None
     try:
         trainer = start_trainer(work / "trainer", base + 50, peers[0])
-        wait_samplers(trainer, 2)
+        wait_samplers(trainer, args.samplers)
         for i, mode in enumerate(args.modes):
             if i:  # a sampler takes up a new run once the last has been quiet 30 s
                 time.sleep(32)
@@ -179,7 +187,7 @@ def sampler_status(peers: list[launcher.PeerInfo]) -> list[dict[str, Any]]:
 def run_mode(args: argparse.Namespace, mode: str, trainer: Any,
              peers: list[launcher.PeerInfo]) -> dict[str, Any]:
     run_id = f"bench-{mode}"
-    body = {"model": args.model, "task": args.task, "mode": mode, "samplers": 2,
+    body = {"model": args.model, "task": args.task, "mode": mode, "samplers": args.samplers,
             "group": args.group, "batch": args.batch, "steps": 1_000_000,
             "staleness": args.staleness, "update": args.update, "lora_rank": args.lora_rank,
             "lr": args.lr, "max_tokens": args.max_tokens, "seed": args.seed,
@@ -209,8 +217,9 @@ def run_mode(args: argparse.Namespace, mode: str, trainer: Any,
     lines = [json.loads(x) for x in Path(run["dir"], "metrics.jsonl").read_text().splitlines()]
     in_budget = [x for x in lines if x["elapsed_s"] <= run["elapsed_s"]]
     samples = len(in_budget) * args.batch * args.group
-    sampler_idle = [(a["rollout"]["idle_s"] - b["rollout"]["idle_s"]) / wall
-                    for a, b in zip(after, before, strict=True)]
+    sampler_idle = [(a["rollout"]["idle_s"] - b["rollout"]["idle_s"]) / wall  # a
+                    for a, b in zip(after, before, strict=True)  # pipeline's shards: none
+                    if "idle_s" in a["rollout"]]
     pulls = [a["weights"]["pulled"].get("seconds", 0.0)
              - b["weights"]["pulled"].get("seconds", 0.0)
              for a, b in zip(after, before, strict=True)]

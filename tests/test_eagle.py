@@ -611,3 +611,24 @@ def test_long_work_reports_progress_in_a_log(capsys: pytest.CaptureFixture[str])
     with progress_bar(False) as bar:  # --json: nothing at all
         bar.update(bar.add_task("training", total=5, info=""), advance=5)
     assert capsys.readouterr().err == ""
+
+
+def test_draft_train_leaves_out_prompts_too_long(tmp_path: Path, tiny: Path) -> None:
+    """A pasted file of thousands of tokens would pad its whole generation batch to its
+    length: such prompts are left out, and counted."""
+    from click.testing import CliRunner
+
+    from peerd.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": p.text} for p in PROMPTS[:4]] + [{"prompt": "word " * 600}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = CliRunner().invoke(main, [
+        "draft", "train", "--model", str(tiny), "--prompts", str(prompts), "--holdout", "1",
+        "--max-new-tokens", "8", "--threads", "1", "--steps", "1", "--json",
+        "--max-prompt-tokens", "200", "--out", str(tmp_path / "a.safetensors")])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["prompts_too_long"] == 1 and report["max_prompt_tokens"] == 200
+    assert report["train_examples"] + report["held_out_examples"] == 4
+    assert report["answers"] == {"generated": 4, "reused": 0}

@@ -43,6 +43,9 @@ def draft() -> None:
               help="Length of the target's answers trained on.")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Keep the generated answers here, and reuse them when it exists.")
+@click.option("--max-prompt-tokens", type=click.IntRange(1), metavar="N",
+              help="Leave out prompts longer than N tokens (a batch pads to its "
+                   "longest) [1024].")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1),
               help="torch threads.")
 @click.option("--vocab-size", default=DRAFT_VOCAB_SIZE, show_default=True,
@@ -63,20 +66,25 @@ def draft() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int,
                 per_file: int | None, holdout: int, max_new_tokens: int, data: Path | None,
-                threads: int, vocab_size: int, init: Path | None, unroll: int, lr: float,
-                batch_size: int, as_json: bool) -> None:
+                max_prompt_tokens: int | None, threads: int, vocab_size: int, init: Path | None,
+                unroll: int, lr: float, batch_size: int, as_json: bool) -> None:
     """Train an EAGLE draft head on the target's own greedy answers (CPU, minutes), and
     measure its acceptance on held-out prompts against prompt lookup."""
     from peerd.inference.model.source import ModelError
     from peerd.inference.speculative.drafters import DraftError
-    from peerd.inference.speculative.eagle_train import TrainConfig, train_eagle
+    from peerd.inference.speculative.eagle_train import (
+        MAX_PROMPT_TOKENS,
+        TrainConfig,
+        train_eagle,
+    )
 
     files = list(prompt_files) or [DRAFT_PROMPTS]
     cfg = TrainConfig(steps=steps, unroll=unroll, lr=lr, batch_size=batch_size)
     try:
         report = train_eagle(spec, out, files, cfg, per_file=per_file, holdout=holdout,
                              max_new_tokens=max_new_tokens, data=data, threads=threads,
-                             vocab_size=vocab_size, init=init)
+                             vocab_size=vocab_size, init=init,
+                             max_prompt_tokens=max_prompt_tokens or MAX_PROMPT_TOKENS)
     except (ModelError, DraftError, ValueError, OSError) as exc:
         fail(str(exc))
 

@@ -59,6 +59,11 @@ from peerd.inference.speculative.eagle_file import load_eagle, save_eagle, train
 from peerd.inference.speculative.eagle_measure import compare
 from peerd.inference.speculative.vocab import DRAFT_VOCAB_SIZE, count_tokens, coverage, pick
 
+# Prompts longer than this are left out of training: every answer of a generation
+# batch is padded to its longest prompt, so one pasted file of thousands of tokens
+# costs its whole batch minutes (and a training batch as much memory), for one answer.
+MAX_PROMPT_TOKENS = 1024
+
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
@@ -320,6 +325,7 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
                 max_new_tokens: int = 160, gen_batch: int = 32, threads: int | None = 2,
                 data: Path | None = None, gammas: Sequence[int] = (3, 5, 8),
                 vocab_size: int = DRAFT_VOCAB_SIZE, init: Path | None = None,
+                max_prompt_tokens: int | None = MAX_PROMPT_TOKENS,
                 progress: bool = True) -> dict[str, Any]:
     """Generate the data (with `data`: reuse the answers it holds, add the new ones), train
     a new head (or fine-tune the head file `init`, which must be for this target),
@@ -341,6 +347,13 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
     train_prompts, held_prompts = split_prompts(prompts, per_file, holdout, cfg.seed)
 
     tokenizer = load_tokenizer(source)
+    long = 0
+    if max_prompt_tokens is not None:  # a batch is padded to its longest prompt
+        limit = max_prompt_tokens
+        kept = [[p for p in ps if len(prompt_ids(tokenizer, p)) <= limit]
+                for ps in (train_prompts, held_prompts)]
+        long = len(train_prompts) + len(held_prompts) - len(kept[0]) - len(kept[1])
+        train_prompts, held_prompts = kept
     examples, made = answer(lambda: reference_model(source), tokenizer,
                             train_prompts + held_prompts, max_new_tokens, gen_batch, data,
                             head.model_id, progress)
@@ -373,6 +386,8 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         "prompts": {p.stem: str(p) for p in prompts}, "train_examples": len(train_set),
         "train_tokens": sum(len(e.tokens) - e.prompt_len for e in train_set),
         "held_out_examples": len(held_set), "answers": made,
+        "prompts_too_long": long,  # over max_prompt_tokens: left out
+        "max_prompt_tokens": max_prompt_tokens,
         "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__},
         "max_new_tokens": max_new_tokens, "final_losses": final,
         "init": lineage,  # what it was fine-tuned from, with that head's own record

@@ -21,6 +21,7 @@ from peerd.inference.speculative.eagle import (
     EagleDrafter,
     EagleHead,
     EagleSession,
+    cpu_bf16_fast,
 )
 from peerd.inference.speculative.eagle_data import (
     Example,
@@ -498,7 +499,7 @@ def test_a_draft_vocabulary_loss_is_the_loss_over_those_columns(
         vocab = torch.tensor(sorted(set(targets.tolist()[::2]) | {0, 1}))  # [K]
         _, stats = unrolled_loss(eagle, head, batch, 1, 1.0, 0.0, vocab=vocab)
         pred = unrolled(eagle, batch.features, head.embed_tokens(batch.next_ids), 1)[0]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_fast()):
             logits = F.linear(head.norm(pred[m]), head.lm_head.weight[vocab]).float()
         inside = torch.isin(targets, vocab)  # [M]
         column = torch.searchsorted(vocab, targets[inside])

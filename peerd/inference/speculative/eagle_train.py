@@ -44,7 +44,7 @@ from rich.progress import (
 
 from peerd.inference.model.head import Head
 from peerd.inference.model.source import load_config, load_tokenizer, reference_model, resolve
-from peerd.inference.speculative.eagle import EagleConfig, EagleHead
+from peerd.inference.speculative.eagle import EagleConfig, EagleHead, cpu_bf16_fast
 from peerd.inference.speculative.eagle_data import (
     Example,
     Prompt,
@@ -134,13 +134,16 @@ def unroll_mask(S: int, depth: int) -> torch.Tensor:
 
 
 def unrolled(eagle: EagleHead, features: torch.Tensor, embeds: torch.Tensor, depth: int,
-             bf16: bool = True) -> list[torch.Tensor]:
+             bf16: bool | None = None) -> list[torch.Tensor]:
     """The head's predictions [B, S, H] at draft depths 1..depth for every slot, drafts
     starting from true `features` [B, S, H], with the true tokens' `embeds` [B, S, H].
 
     Copy d of the S slots runs against a KV cache holding copies 0..d-1 (a slot's keys
     and values depend on its input alone, and gradients flow through the cache), so
-    each depth costs one pass; `unroll_mask` says which cached slots a draft slot sees."""
+    each depth costs one pass; `unroll_mask` says which cached slots a draft slot sees.
+    The head runs under bfloat16 autocast where the CPU multiplies it natively (`bf16`
+    None: `cpu_bf16_fast()`), in float32 otherwise."""
+    bf16 = cpu_bf16_fast() if bf16 is None else bf16
     S = features.shape[1]
     mask = unroll_mask(S, depth)[None, None]  # [1, 1, D*S, D*S]
     positions = torch.arange(S)[None]  # [1, S]: copy d of slot j is at position j
@@ -189,7 +192,7 @@ def unrolled_loss(eagle: EagleHead, head: Head, batch: Batch, unroll: int, ce_we
         ids = batch.target_ids[m]  # [M] token ids
         if column is not None:
             ids = column[ids]  # [M] logit columns
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16_fast()):
             logits = F.linear(p, weight).float()  # [M, K]
         ce = F.cross_entropy(logits, ids, ignore_index=-100)
         total = total + (reg + ce_weight * ce) / unroll

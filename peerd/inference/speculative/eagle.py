@@ -53,10 +53,10 @@ TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
 
 @functools.cache
 def cpu_bf16_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX). There a
-    bfloat16 lm_head call runs several times faster than float32; elsewhere (AVX2 only:
-    most AMD and consumer Intel CPUs) torch emulates bfloat16 and a training step ran
-    about 50 times slower than in float32 (bench/README.md)."""
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere
+    (AVX2 only: most AMD and consumer Intel CPUs) torch emulates bfloat16, and a
+    product of many rows (training's) runs many times slower than in float32
+    (bench/README.md)."""
     cpu = torch.cpu
     return any(bool(getattr(cpu, name, lambda: False)())
                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -173,17 +173,18 @@ class EagleDrafter:
 class DraftLogits:
     """The target's final norm and lm_head, for drafting, over a draft vocabulary (see
     vocab.py: its rows of lm_head only) plus, per session, the rows of the context's
-    tokens outside it (`rows`). On a float32 CPU head whose CPU multiplies bfloat16
-    natively (`cpu_bf16_fast`) the rows are kept in bfloat16 (SmolLM2's whole matrix:
-    56 MB more): one lm_head call is most of a draft step, and in bfloat16 it runs
-    several times faster there (measured in bench/README.md); elsewhere they stay in
-    float32. A draft only has to be a good guess; verification always uses the
-    target's own precision and whole vocabulary."""
+    tokens outside it (`rows`). On a float32 CPU head the rows are kept in bfloat16
+    (SmolLM2's whole matrix: 56 MB more): one lm_head call is most of a draft step,
+    and in bfloat16 it runs several times faster on a CPU with AVX-512 BF16 (measured
+    in bench/README.md). A draft scores few rows at a time (a chain 1, a tree's depth
+    4), where the call is bound by reading the matrix: even emulated (AVX2 only) it is
+    as fast as float32 there, or faster. A draft only has to be a good guess;
+    verification always uses the target's own precision and whole vocabulary."""
 
     def __init__(self, head: Head, vocab: Sequence[int] | None = None) -> None:
         self.head = head
         self.dtype = (torch.bfloat16 if head.device.type == "cpu"
-                      and head.dtype == torch.float32 and cpu_bf16_fast() else head.dtype)
+                      and head.dtype == torch.float32 else head.dtype)
         weight = head.lm_head.weight.detach()  # [V, H]
         self.member: torch.Tensor | None = None  # [V] bool: in the draft vocabulary
         self.ids: torch.Tensor | None = None  # [K]: the draft vocabulary's token ids

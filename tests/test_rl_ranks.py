@@ -212,8 +212,7 @@ async def test_a_run_with_two_ranks_fails_clearly_checkpoints_resumes_and_leaves
         group = group_of(again)
         assert all(gone(pid) for pid in [group.proc.pid, *group.pids])
         # the samplers follow the group's versions: the last one reaches them (a pull
-        # that failed, as one did under load, is tried again on the next re-announcement,
-        # every 10 s: a few of those)
+        # that failed, as one did under load, is tried again: follow.py)
         await wait_for(lambda: sampler.sampler.policy.version == out["version"], 40.0,
                        "the sampler at the run's last version")
     assert leftovers(tmp_path) == []  # the broken group's included

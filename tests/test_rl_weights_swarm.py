@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import trio
 from libp2p.peer.id import ID
 
 from peerd.node import Node
+from peerd.rl.follow import Follower
 from peerd.rl.manifest import layer_names
 from peerd.rl.weights import WeightStore, WeightsUnavailable
 from protocols.codec import encode
@@ -177,6 +181,65 @@ async def test_a_shard_pulls_only_its_layers(tmp_path: Path) -> None:
         await sw.s1.pull(RUN, 1)
         assert sw.s1.pull_stats[-1].chunks == len(manifest.chunk_sizes()) - len(mine)
         assert sw.s1.status()["weights"]["held"] == [f"{RUN}@1"]
+
+
+class RecordingPolicy:
+    """What the Follower needs of a whole-model policy: its version, its layers, its
+    parameters' dtypes, and `apply` (recorded here)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.version = 0
+        self.block = types.SimpleNamespace(start=0, end=4, num_layers=4)
+        self.head = object()
+        self._dtypes = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+        self.applied: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def parameters(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return self._dtypes
+
+    async def apply(self, version: int, *, full: dict[str, torch.Tensor] | None = None,
+                    deltas: dict[str, torch.Tensor] | None = None) -> None:
+        assert full is not None and deltas is None
+        self.applied.append((version, full))
+        self.version = version
+
+
+async def test_a_failed_pull_is_tried_again_without_a_newer_version(tmp_path: Path
+                                                                    ) -> None:
+    """Re-announcements of a version already heard run no hook: a sampler whose one
+    pull of the trainer's last version failed must try again by itself, or it stays
+    behind for good once the run ends (as a slow test saw under load)."""
+    tensors = weights(tiny_llama(4))
+    async with weights_swarm(tmp_path) as sw:
+        policy = RecordingPolicy(tensors)
+        follower = Follower(sw.s1, policy)  # type: ignore[arg-type]
+        follower.take_up(RUN, sw.trainer.node.peer_id)
+        real_pull, failures = sw.s1.pull, []
+
+        async def flaky_pull(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+            if len(failures) < 2:  # the first two attempts find no holder
+                failures.append(args)
+                raise WeightsUnavailable("no holder gave version 1 (asked 1)")
+            return await real_pull(*args, **kwargs)
+
+        sw.s1.pull = flaky_pull  # type: ignore[method-assign]
+        await sw.trainer.publish(RUN, MODEL, 1, "full", tensors)
+        await wait_for(lambda: policy.version == 1, what="the follower at version 1")
+        assert len(failures) == 2 and [v for v, _ in policy.applied] == [1]
+        assert_same(policy.applied[0][1], tensors)
+        # a newer version that supersedes a failing one is pulled, the failed one not
+        failures.clear()
+        await sw.trainer.publish(RUN, MODEL, 2, "full", tensors)
+        await sw.trainer.publish(RUN, MODEL, 3, "full", tensors)
+        await wait_for(lambda: policy.version == 3, what="the follower at version 3")
+        assert [v for v, _ in policy.applied][-1] == 3
+        # leaving the run stops the retries
+        failures.clear()
+        follower.leave()
+        await sw.trainer.publish(RUN, MODEL, 4, "full", tensors)
+        await announced(sw.s1, 4)
+        await trio.sleep(1.5)
+        assert policy.version == 3 and failures == []
 
 
 async def test_lora_versions_and_old_versions_dropped(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ The glue between the weights service (weights.py: manifests, chunks, announcemen
 and the sampler's policy (policy.py: versions applied atomically between
 generations). A request for a newer version than ours pulls it first (sync mode's
 sequential pull: `catch_up`); an announcement of a newer version of the run we
-follow is pulled at once, in the background (async mode's pull when we lag), so the
-next request usually finds it applied.
+follow is pulled at once, in the background (async mode's pull when we lag; a pull
+that fails is tried again), so the next request usually finds it applied.
 
 A peer holding a slice of the layers pulls only the tensors of its slice (and the
 head's when it holds the head: manifest.layer_names); a whole-model peer pulls all.
@@ -23,13 +23,15 @@ import trio
 
 from peerd.rl.manifest import layer_names, lora_deltas
 from peerd.rl.versions import VersionedWeights
-from peerd.rl.weights import WeightStore
+from peerd.rl.weights import WeightStore, WeightsUnavailable
 from protocols.weights import VersionAnnounce
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 0.5  # a failed pull's first retry; doubling to the re-announce period
 
 
 class Follower:
@@ -61,8 +63,25 @@ class Follower:
         self.run_id = None
 
     async def _announced(self, announce: VersionAnnounce) -> None:
-        if announce.run_id == self.run_id and announce.version > self.policy.version:
-            await self._take(announce.run_id, announce.version, [announce.author])
+        """Pull an announced version we lack; a pull that fails (no holder answered in
+        time, chunks no holder gave intact) is tried again, backing off to the
+        re-announce period, until it lands, a newer version supersedes it (its own
+        announcement pulls that) or we leave the run. Re-announcements of a version
+        already heard run no hook, so without this a sampler whose one pull failed
+        would stay behind until the trainer's next version, silently."""
+        delay = RETRY_FIRST_S
+        while announce.run_id == self.run_id and announce.version > self.policy.version:
+            latest = self.weights.latest(announce.run_id)
+            if latest is not None and latest.version > announce.version:
+                return
+            try:
+                await self._take(announce.run_id, announce.version, [announce.author])
+                return
+            except WeightsUnavailable as exc:
+                log.warning("pulling version %d of %s failed (%s); again in %.1f s",
+                            announce.version, announce.run_id, exc, delay)
+            await trio.sleep(delay)
+            delay = min(2 * delay, max(RETRY_FIRST_S, self.weights.announce_s))
 
     async def _take(self, run_id: str, version: int, hints: list[str]) -> None:
         async with self._lock:

@@ -115,6 +115,11 @@ async def test_external_tools_run_for_another_peer_and_survive_a_crash(
         again = await ta.call("add", {"a": 1, "b": 1}, peer=b.peer_id)
         assert isinstance(again, ToolResult) and again.value == {"result": 2}, again
         assert tb.status()["mcp_servers"]["mcp0"]["crashes"] == 1
+        # the restart listed the broken tool again: still counted once, and named
+        assert metric(b, 'peerd_mcp_tools_refused_total{server="mcp0"} 1.0')
+        assert sum("'broken' not offered" in r.message for r in caplog.records) == 1
+        refused = tb.status()["mcp_servers"]["mcp0"]["refused"]
+        assert list(refused) == ["broken"] and "not valid JSON Schema" in refused["broken"]
 
 
 async def test_servers_that_exit_or_never_answer_are_given_up(

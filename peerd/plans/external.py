@@ -4,9 +4,9 @@
 runs in that service's nursery): it starts the command (shlex-split, no shell) with the
 official SDK's stdio client, initializes one `ClientSession` within `ready_s`, lists
 the server's tools and offers each to the swarm (mcp_tools.py: schemas checked, a
-broken one refused alone and counted, names prefixed on collision). Every call of
-those tools goes to the server through that one session, under the tool's capacity
-(the Toolbox's limiter) and `deadline_s`.
+broken one refused alone and counted once, however often the server restarts; names
+prefixed on collision). Every call of those tools goes to the server through that one
+session, under the tool's capacity (the Toolbox's limiter) and `deadline_s`.
 
 Failure handling:
 - the server exits (its stdout closes): its tools are withdrawn from the ledger at
@@ -114,12 +114,14 @@ class ExternalServer:
         self.state = "starting"  # starting | up | down | restarting | given up
         self.name = ""  # the server's own name, once it has said it
         self.exported: dict[str, str] = {}  # our name -> the server's name
+        self.refused: dict[str, str] = {}  # a tool not offered -> why (kept over restarts)
         self.crashes = 0
         self._session: ClientSession | None = None
 
     def status(self) -> dict[str, Any]:
         return {"command": self.command, "state": self.state, "name": self.name,
-                "tools": sorted(self.exported), "crashes": self.crashes}
+                "tools": sorted(self.exported), "refused": dict(sorted(self.refused.items())),
+                "crashes": self.crashes}
 
     # ---- supervision ----------------------------------------------------------------
 
@@ -263,6 +265,12 @@ class ExternalServer:
             self._refused(name, why)
 
     def _refused(self, name: str, why: str) -> None:
+        """Counted and logged once per tool and reason: a restart lists the same broken
+        tool again, and the counter counts broken tools, not restarts."""
+        if self.refused.get(name) == why:
+            return
+        if len(self.refused) < MAX_LISTED:
+            self.refused[name] = why
         self.metrics.refused.labels(self.label).inc()
         log.warning("MCP server %s: tool %r not offered: %s", self.label, name[:80], why)
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 0.5  # a failed pull's first retry; doubling to the re-announce period
+RETRY_FOR_S = 300.0  # then given up until the next version (a trainer gone for good)
 
 
 class Follower:
@@ -68,8 +69,9 @@ class Follower:
         re-announce period, until it lands, a newer version supersedes it (its own
         announcement pulls that) or we leave the run. Re-announcements of a version
         already heard run no hook, so without this a sampler whose one pull failed
-        would stay behind until the trainer's next version, silently."""
-        delay = RETRY_FIRST_S
+        would stay behind until the trainer's next version, silently. After
+        RETRY_FOR_S it is given up (a sync request's catch_up still pulls)."""
+        delay, give_up = RETRY_FIRST_S, trio.current_time() + RETRY_FOR_S
         while announce.run_id == self.run_id and announce.version > self.policy.version:
             latest = self.weights.latest(announce.run_id)
             if latest is not None and latest.version > announce.version:
@@ -78,6 +80,10 @@ class Follower:
                 await self._take(announce.run_id, announce.version, [announce.author])
                 return
             except WeightsUnavailable as exc:
+                if trio.current_time() + delay > give_up:
+                    log.warning("pulling version %d of %s failed (%s); given up after "
+                                "%.0f s", announce.version, announce.run_id, exc, RETRY_FOR_S)
+                    return
                 log.warning("pulling version %d of %s failed (%s); again in %.1f s",
                             announce.version, announce.run_id, exc, delay)
             await trio.sleep(delay)

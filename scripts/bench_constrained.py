@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from peerd.inference.model.source import load_tokenizer, resolve
+from peerd.machine import describe
 from peerd.plans.automaton import StrFrame
 from peerd.plans.builtins import CalculatorArgs, MemorySearchArgs, ReadFileArgs
 from peerd.plans.constrain import GrammarConstraint, Vocab
@@ -110,8 +110,7 @@ def main() -> None:
         "vocab_size": vocab.size, "allowed_tokens": sum(t is not None for t in vocab.texts),
         "plain_string_tokens": int((vocab.plain >= 0).sum()),
         "tokenizer_load_s": round(load_s, 2), "vocab_build_s": round(vocab_s, 2),
-        "torch_threads": args.torch_threads, "machine": platform.machine(),
-        "python": platform.python_version(), "masks": table,
+        "torch_threads": args.torch_threads, "machine": describe(), "masks": table,
     }
     print(f"SmolLM2 vocabulary: {vocab.size} tokens, {result['allowed_tokens']} usable "
           f"under a constraint; vocabulary built in {vocab_s:.2f} s")

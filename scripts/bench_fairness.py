@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,8 +36,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from peerd.machine import describe  # noqa: E402
 from testnet import launcher, procs  # noqa: E402
-from testnet.plan import machine_cores  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=170)
 
@@ -240,7 +239,7 @@ def report(rows: list[Row], args: argparse.Namespace, wall_s: float) -> None:
                     "vs_undisturbed": round(ratio, 3), "same_text": same})
     console.print(table)
     result = {"benchmark": "fairness", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": {"cores": machine_cores(), "python": platform.python_version()},
+              "machine": describe(),
               "tokens": args.tokens, "flood_positions": args.flood_positions,
               "prompts": PROMPTS, "wall_s": round(wall_s, 1), "rows": out}
     args.out.parent.mkdir(parents=True, exist_ok=True)

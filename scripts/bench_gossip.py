@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
@@ -30,6 +29,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from peerd.machine import describe  # noqa: E402
 from testnet import launcher  # noqa: E402
 
 console = Console()
@@ -143,8 +143,7 @@ def main() -> int:
     args.out.write_text(json.dumps({
         "benchmark": "gossip",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": describe(),
         "changes_per_size": args.changes,
         "results": rows,
     }, indent=2))

@@ -31,7 +31,6 @@ import argparse
 import ast
 import hashlib
 import json
-import platform
 import random
 import sys
 import sysconfig
@@ -55,6 +54,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 
 from peerd.embedding import Embedder, make_embedder  # noqa: E402
+from peerd.machine import describe as machine  # noqa: E402
 from peerd.memory import index as index_module  # noqa: E402
 from peerd.memory.index import IndexMeta  # noqa: E402
 from peerd.memory.item import ItemStats, Record, sign_item  # noqa: E402
@@ -69,12 +69,6 @@ def write_result(section: str, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"wrote {path.relative_to(ROOT)}")
-
-
-def machine() -> dict[str, Any]:
-    import os
-    return {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "platform": platform.platform()}
 
 
 # --- retrieval ---------------------------------------------------------------------

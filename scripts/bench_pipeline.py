@@ -29,7 +29,6 @@ import gc
 import itertools
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -46,8 +45,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from peerd.machine import cores as machine_cores  # noqa: E402
+from peerd.machine import describe as machine  # noqa: E402
 from testnet import launcher  # noqa: E402
-from testnet.plan import machine_cores  # noqa: E402
 from testnet.state import RunState, TestnetError  # noqa: E402
 
 # Piped output (a log, a report) gets the whole table rather than 80 columns of it.
@@ -222,17 +222,6 @@ def links_with_latency(entry: str, route: list[dict[str, Any]]) -> int:
     those cross the latency proxy; a peer talking to itself does not."""
     chain = [entry, *(hop["peer_id"] for hop in route), entry]
     return sum(a != b for a, b in itertools.pairwise(chain))
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    return {"cpu": cpu, "cores": machine_cores(), "memory_gib": round(
-        psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-        "torch": torch.__version__, "platform": platform.platform()}  # fmt: skip
 
 
 def row(run: Run, ref: Run, hops: int | None) -> dict[str, Any]:

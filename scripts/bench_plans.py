@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -74,6 +72,8 @@ from bench_plans_schedule import (  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from peerd.machine import describe  # noqa: E402
+
 console = Console(width=160)
 RESULTS = ROOT / "bench" / "results"
 SHARED_NOTE = ("2 CPU cores shared with other helpers' builds, tests and benchmarks "
@@ -88,8 +88,7 @@ def write_result(section: str, result: dict[str, Any], out: Path | None) -> None
 
 
 def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "note": SHARED_NOTE}
+    return describe() | {"note": SHARED_NOTE}
 
 
 # --- schedule ------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from peerd.machine import describe  # noqa: E402
 from testnet import launcher  # noqa: E402
 from testnet.state import free_base_port  # noqa: E402
 
@@ -84,7 +85,7 @@ def main() -> None:
         return
 
     result: dict[str, Any] = {"settings": vars(args) | {"out": str(args.out)},
-                              "machine": {"cpus": os.cpu_count()}, "modes": {}}
+                              "machine": describe(), "modes": {}}
     work = Path(tempfile.mkdtemp(prefix="bench-rl-"))
     if args.heldout:
         result["heldout_before"] = heldout(args, None)
@@ -261,7 +262,7 @@ def sync_only(args: argparse.Namespace) -> None:
     out = args.out if args.out != ROOT / "bench/results/rl.json" else \
         ROOT / "bench/results/rl_weight_sync.json"
     result = {"settings": vars(args) | {"out": str(out)},
-              "machine": {"cpus": os.cpu_count(), "loadavg_before": os.getloadavg()},
+              "machine": describe() | {"loadavg_before": os.getloadavg()},
               "weight_sync_loopback": sync_timing(args, Path(tempfile.mkdtemp(
                   prefix="bench-rl-sync-")))}
     result["machine"]["loadavg_after"] = os.getloadavg()

@@ -39,6 +39,7 @@ from peerd.inference.model.head import Head  # noqa: E402
 from peerd.inference.model.shard import ShardBlock  # noqa: E402
 from peerd.inference.model.source import load_config, load_tokenizer, resolve  # noqa: E402
 from peerd.inference.runtime import eos_ids  # noqa: E402
+from peerd.machine import describe  # noqa: E402
 from peerd.rl.learner import Learner, TokenBatch  # noqa: E402
 from peerd.rl.policy import LocalPolicy  # noqa: E402
 from peerd.rl.run import RunSpec  # noqa: E402
@@ -68,7 +69,8 @@ def main() -> None:
     prompts = [chat_prompt_ids(tokenizer, p.prompt) for p in problems]
     learner = Learner.load(args.model)
     result: dict[str, Any] = {"settings": vars(args) | {"out": str(args.out)},
-                              "tolerance": tolerances, "honest": {}, "lies": {}}
+                              "machine": describe(), "tolerance": tolerances, "honest": {},
+                              "lies": {}}
     rollouts: dict[str, list[tuple[list[int], list[int], list[float]]]] = {}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from peerd.agents.answers import normalise_number  # noqa: E402
+from peerd.machine import describe  # noqa: E402
 from testnet import launcher  # noqa: E402
 from testnet.state import free_base_port  # noqa: E402
 
@@ -332,8 +332,7 @@ def main() -> int:
         "requester": "peer0 (also serves the model; takes the last seat as a reserve)",
         "single_worker": "seat 0 of each task (first elected, greedy, example set 0)",
         "vote_3": "weighted vote over seats 0-2 of each task, with the task's weights",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_1min": load},
+        "machine": describe() | {"load_1min": load},
         "testnet_up_s": round(up_s, 1),
         "summary": summary,
         "tasks": [{"set": o.item.set, "question": o.item.question, "gold": o.item.gold,

@@ -12,6 +12,13 @@ seed give the same files.
         "${files[@]/#/--prompts=}" --holdout 8 ...
     .venv/bin/peerd draft measure --model smollm2 /tmp/corpus/held-out/*.jsonl --tree
 
+`--self-instruct N` adds up to N requests the target writes itself (draft_corpus_sources.
+self_instruct), shown examples of peerd's own everyday questions and instructions: the
+chat and instruction kinds' third source beside BFCL's requests, which are mostly about
+what a tool would look up, and the shipped draft prompts, which the held-out files may
+not use. The replies are sampled (seeded), so the same installation and seed write the
+same requests.
+
 Kinds: chat, instruction, text (summarise / rewrite / list / explain a paragraph),
 word-problem, code-completion (a stub continued raw), code-stub (a stub pasted as a
 chat request), code-request (a function asked for in words). Each row is
@@ -47,6 +54,7 @@ from code_prompts import Function, stub_files
 from draft_corpus_sources import (
     KINDS,
     Candidate,
+    Generate,
     bfcl_requests,
     code_candidates,
     draft_prompts,
@@ -54,6 +62,7 @@ from draft_corpus_sources import (
     harvest,
     read_jsonl,
     readme_paragraphs,
+    self_instruct,
     shipped_gsm8k,
     shipped_stubs,
     text_requests,
@@ -300,17 +309,70 @@ def manifest(corpus: Corpus, paths: dict[str, dict[str, str]], checks: dict[str,
     }
 
 
+# ---- prompts the target writes itself -----------------------------------------------------
+
+def self_instruct_seeds(roots: Roots) -> list[str]:
+    """What the writer is shown: peerd's own everyday questions and instructions (its
+    draft prompts, code requests aside)."""
+    return [c.text for c in draft_prompts(roots.draft_prompts)
+            if c.kind in ("chat", "instruction")]
+
+
+def model_writer(spec: str, *, seed: int, threads: int = 2, max_new_tokens: int = 48,
+                 temperature: float = 0.8, top_p: float = 0.95) -> Generate:
+    """The target as self-instruct's writer: each prompt under the chat template, one
+    sampled reply each (torch seeded once here, so the same installation writes the
+    same replies in the same order), a batch left-padded."""
+    import torch
+
+    from peerd.inference.model.source import load_tokenizer, reference_model, resolve
+    from peerd.inference.speculative.eagle_data import chat_ids
+
+    torch.set_num_threads(threads)
+    source = resolve(spec)
+    model, tokenizer = reference_model(source), load_tokenizer(source)
+    eos = model.generation_config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        min(eos) if isinstance(eos, list) else eos)
+    torch.manual_seed(seed)
+
+    def write(prompts: Sequence[str]) -> list[str]:
+        ids = [chat_ids(tokenizer, p) for p in prompts]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # [B, P]
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention,
+                                 max_new_tokens=max_new_tokens, do_sample=True,
+                                 temperature=temperature, top_p=top_p,
+                                 pad_token_id=pad)  # [B, P + M]
+        return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+    return write
+
+
 def make(out: Path, roots: Roots, *, seed: int = 0, train: dict[str, int] | None = None,
          held_out: int = 40, ngram: int = NGRAM, extra: Sequence[Candidate] = (),
-         log: Any = None) -> dict[str, Any]:
+         log: Any = None, writer: Generate | None = None,
+         self_instructed: int = 0) -> dict[str, Any]:
     """Gather, build, write and check the corpus under `out`; returns the manifest
-    (also written to out/manifest.json). `extra`: more candidates (self-instruct's)."""
+    (also written to out/manifest.json). `extra`: more candidates; with a `writer`,
+    up to `self_instructed` requests it writes itself are added to them."""
     sizes = {kind: 500 for kind in KINDS} | (train or {})
     reserved = Reserved(reserved_sets(roots), ngram)
-    corpus = build([*gather(roots, seed, log), *extra], sizes, held_out, seed, reserved)
+    written: list[Candidate] = []
+    if writer is not None and self_instructed > 0:
+        if log is not None:
+            log(f"the model writes up to {self_instructed} requests")
+        written = self_instruct(writer, self_instruct_seeds(roots), self_instructed, seed,
+                                max_calls=4 * -(-self_instructed // 8))
+    corpus = build([*gather(roots, seed, log), *extra, *written], sizes, held_out, seed,
+                   reserved)
     paths = write(out, corpus)
     checks = check(out, paths, reserved)
     result = manifest(corpus, paths, checks, seed, sizes, held_out, ngram, roots)
+    result["self_instruct"] = {"asked": self_instructed if writer is not None else 0,
+                               "written": len(written)}
     (out / "manifest.json").write_text(json.dumps(result, indent=1) + "\n")
     if not checks["ok"]:
         raise SystemExit(f"the written corpus fails its checks: {checks}")
@@ -353,6 +415,11 @@ def main() -> int:
     ap.add_argument("--ngram", type=int, default=NGRAM, metavar="N",
                     help=f"a run of N normalised words shared with a reserved prompt "
                          f"excludes a prompt [{NGRAM}]")
+    ap.add_argument("--self-instruct", type=int, default=0, metavar="N",
+                    help="add up to N requests the model writes itself [0]")
+    ap.add_argument("--model", default="smollm2", metavar="SPEC",
+                    help="the model that writes them [smollm2]")
+    ap.add_argument("--threads", type=int, default=2, help="its torch threads [2]")
     ap.add_argument("--json", action="store_true", help="print the manifest as JSON")
     args = ap.parse_args()
     sizes = {kind: args.train for kind in KINDS}
@@ -362,8 +429,11 @@ def main() -> int:
             ap.error(f"--size {item}: want KIND=N, KIND one of {', '.join(KINDS)}")
         sizes[kind] = int(n)
     log = None if args.json else (lambda msg: print(msg, file=sys.stderr))
+    writer = (model_writer(args.model, seed=args.seed, threads=args.threads)
+              if args.self_instruct > 0 else None)
     m = make(args.out, Roots.installed(), seed=args.seed, train=sizes,
-             held_out=args.held_out, ngram=args.ngram, log=log)
+             held_out=args.held_out, ngram=args.ngram, log=log, writer=writer,
+             self_instructed=args.self_instruct)
     if args.json:
         print(json.dumps(m, indent=1))
     else:

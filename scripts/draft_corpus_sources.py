@@ -296,7 +296,7 @@ def shipped_gsm8k(path: Path) -> set[str]:
     return set(questions[:SHIPPED_GSM8K])
 
 
-# ---- prompts the model writes itself (not run by the script) -------------------------------
+# ---- prompts the model writes itself (draft_corpus.py --self-instruct) -------------------
 
 Generate = Callable[[Sequence[str]], Sequence[str]]  # prompts -> the model's replies
 SELF_INSTRUCT = ("Here are some requests people send to an AI assistant:\n\n{examples}\n\n"

@@ -10,10 +10,10 @@ oversubscribe them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from peerd.config import DTYPES
+from peerd.machine import cores as machine_cores
 from testnet.state import TestnetError
 
 Layers = tuple[int, int]  # decoder layers [start, end)
@@ -48,14 +48,6 @@ def stage_layers(num_layers: int, stages: int) -> list[Layers]:
         out.append((start, end))
         start = end
     return out
-
-
-def machine_cores() -> int:
-    """Cores this process may run on (the affinity mask, where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def default_torch_threads(peers: int, cores: int | None = None) -> int:

@@ -19,7 +19,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import draft_corpus_sources  # noqa: E402
 from code_prompts import functions, stub_files  # noqa: E402
-from draft_corpus import KINDS, Reserved, Roots, make, reserved_sets  # noqa: E402
+from draft_corpus import (  # noqa: E402
+    KINDS,
+    Reserved,
+    Roots,
+    make,
+    model_writer,
+    reserved_sets,
+    self_instruct_seeds,
+)
 from draft_corpus_sources import (  # noqa: E402
     base_verb,
     is_question,
@@ -269,3 +277,44 @@ def test_self_instruct_keeps_new_requests_only() -> None:
     assert {c.kind for c in made} == {"chat", "instruction"}
     assert all(c.source == "self-instruct" for c in made)
     assert asked and all(sum(s in a for s in seeds) == 4 for a in asked)
+
+
+def test_the_corpus_takes_requests_the_model_writes(tmp_path: Path) -> None:
+    roots = write_sources(tmp_path / "src")
+    replies = iter(["1. Why do onions make people cry when they are cut?",
+                    "Plan a picnic menu for six people with one vegetarian.",
+                    MIXED_CHAT,  # a copy of a reporting prompt: left out all the same
+                    "Why do onions make people cry when they are cut?"])  # a repeat
+
+    def writer(prompts: Sequence[str]) -> list[str]:  # a stand-in for the model
+        return [next(replies, "ok") for _ in prompts]
+
+    sizes = {kind: 6 for kind in KINDS} | {"code-completion": 2, "code-stub": 2}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(draft_corpus_sources, "SHIPPED_STUB_DRAWS", ((2, 1), (2, 1)))
+        mp.setattr(draft_corpus_sources, "SHIPPED_GSM8K", 6)
+        m = make(tmp_path / "out", roots, seed=3, train=sizes, held_out=2, writer=writer,
+                 self_instructed=3)
+    assert m["self_instruct"] == {"asked": 3, "written": 3}
+    assert m["excluded"].get("mixed", 0) >= 1 and m["checks"]["ok"]
+    rows = [r for rows in all_rows(tmp_path / "out").values() for r in rows
+            if r["source"] == "self-instruct"]
+    assert sorted((r["kind"], r["prompt"]) for r in rows) == [
+        ("chat", "Why do onions make people cry when they are cut?"),
+        ("instruction", "Plan a picnic menu for six people with one vegetarian.")]
+    # the writer is shown peerd's everyday prompts, never code requests
+    seeds = self_instruct_seeds(roots)
+    assert seeds and not any("python" in t.lower() for t in seeds)
+
+
+def test_the_model_writes_the_same_requests_from_the_same_seed(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.models import tiny_llama_dir
+
+    model = str(tiny_llama_dir(tmp_path_factory))
+    asks = ["Write one new request.", "Write one new request, on another subject."]
+    first = model_writer(model, seed=5, threads=1, max_new_tokens=6)(asks)
+    again = model_writer(model, seed=5, threads=1, max_new_tokens=6)(asks)
+    other = model_writer(model, seed=6, threads=1, max_new_tokens=6)(asks)
+    assert len(first) == 2 and all(isinstance(t, str) for t in first)
+    assert first == again and other != first

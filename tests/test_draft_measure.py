@@ -81,6 +81,9 @@ def test_peerd_draft_measure_reports_k_per_kind(tmp_path: Path, tiny: Path,
             assert a["rounds"] > 0 and 1.0 <= a["tokens_per_round"] <= gamma + 1, (config, kind)
         assert parts["all"]["rounds"] == parts["chat"]["rounds"] + parts["code"]["rounds"]
     assert report["kinds"]["chat"]["prompts"] == 3 and report["kinds"]["code"]["prompts"] == 3
+    # the figures name the machine they came from
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    assert isinstance(report["machine"]["bf16_native"], bool)
     assert read_answers(data)[0]["max_new_tokens"] == 12
     # again: the answers are reused, the figures the same; the table names every kind
     r = run(main, args)

@@ -27,6 +27,7 @@ from peerd.inference.speculative.eagle_measure import by_kind
 from peerd.inference.speculative.eagle_train import answer, progress_bar
 from peerd.inference.speculative.gamma import TREE_NODES
 from peerd.inference.speculative.ngram import NgramDrafter
+from peerd.machine import describe
 
 
 def kind_prompts(kinds: Mapping[str, Path], limit: int | None = None) -> list[Prompt]:
@@ -80,6 +81,6 @@ def measure_kinds(spec: str, kinds: Mapping[str, Path], head_file: Path | None =
                 for kind, f in kinds.items()}
     return {"model_id": head.model_id, "head": str(path), "max_new_tokens": max_new_tokens,
             "gammas": list(gammas), "tree_nodes": tree_nodes if tree else None,
-            "answers": made, "kinds": per_kind, "k": k,
+            "answers": made, "kinds": per_kind, "k": k, "machine": describe(),
             "data_s": round(answered_s, 1),
             "total_s": round(time.monotonic() - began, 1)}

@@ -58,6 +58,7 @@ from peerd.inference.speculative.eagle_data import (
 from peerd.inference.speculative.eagle_file import load_eagle, save_eagle, training_record
 from peerd.inference.speculative.eagle_measure import compare
 from peerd.inference.speculative.vocab import DRAFT_VOCAB_SIZE, count_tokens, coverage, pick
+from peerd.machine import describe
 
 # Prompts longer than this are left out of training: every answer of a generation
 # batch is padded to its longest prompt, so one pasted file of thousands of tokens
@@ -395,6 +396,7 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
         "max_new_tokens": max_new_tokens, "final_losses": final,
         "init": lineage,  # what it was fine-tuned from, with that head's own record
         "data_s": round(generated_s, 1), "train_s": round(trained_s, 1),
+        "machine": describe(),  # what the seconds above ran on
     }
     save_eagle(eagle, head, out, extra=summary, vocab=vocab, vocab_info=vocab_info)
     summary["draft_vocab"] = {"size": len(vocab), **vocab_info}

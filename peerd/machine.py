@@ -6,6 +6,7 @@ little without the CPU it came from (bench/README.md).
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from pathlib import Path
@@ -42,13 +43,24 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+@functools.cache
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere
+    (AVX2 only: most AMD and consumer Intel CPUs) torch emulates bfloat16, and a
+    product of many rows (training's) runs many times slower than in float32
+    (bench/README.md)."""
+    import torch
+
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, name, lambda: False)())
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def describe() -> dict[str, Any]:
     """The host: CPU, cores, memory, whether it multiplies bfloat16 natively, and the
     Python, torch and OS it ran."""
     import psutil
     import torch
-
-    from peerd.inference.speculative.eagle import cpu_bf16_fast
 
     info = cpuinfo()
     flags = set(info.get("flags", "").split())

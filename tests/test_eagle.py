@@ -21,7 +21,6 @@ from peerd.inference.speculative.eagle import (
     EagleDrafter,
     EagleHead,
     EagleSession,
-    cpu_bf16_fast,
 )
 from peerd.inference.speculative.eagle_data import (
     Example,
@@ -45,6 +44,7 @@ from peerd.inference.speculative.eagle_train import (
     unrolled_loss,
 )
 from peerd.inference.speculative.tree import DepthBudget, TokenTree
+from peerd.machine import cpu_bf16_fast
 from tests.models import tiny_llama_dir
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -24,7 +24,6 @@ Head files: eagle_file.py.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,17 +48,6 @@ from peerd.inference.speculative.tree import DepthBudget, NodeBudget, TokenTree,
 from peerd.inference.speculative.vocab import VocabError, validate
 
 TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
-
-
-@functools.cache
-def cpu_bf16_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX). Elsewhere
-    (AVX2 only: most AMD and consumer Intel CPUs) torch emulates bfloat16, and a
-    product of many rows (training's) runs many times slower than in float32
-    (bench/README.md)."""
-    cpu = torch.cpu
-    return any(bool(getattr(cpu, name, lambda: False)())
-               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 @dataclass(frozen=True, slots=True)

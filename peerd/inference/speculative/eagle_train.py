@@ -44,7 +44,7 @@ from rich.progress import (
 
 from peerd.inference.model.head import Head
 from peerd.inference.model.source import load_config, load_tokenizer, reference_model, resolve
-from peerd.inference.speculative.eagle import EagleConfig, EagleHead, cpu_bf16_fast
+from peerd.inference.speculative.eagle import EagleConfig, EagleHead
 from peerd.inference.speculative.eagle_data import (
     Example,
     Prompt,
@@ -58,7 +58,7 @@ from peerd.inference.speculative.eagle_data import (
 from peerd.inference.speculative.eagle_file import load_eagle, save_eagle, training_record
 from peerd.inference.speculative.eagle_measure import compare
 from peerd.inference.speculative.vocab import DRAFT_VOCAB_SIZE, count_tokens, coverage, pick
-from peerd.machine import describe
+from peerd.machine import cpu_bf16_fast, describe
 
 # Prompts longer than this are left out of training: every answer of a generation
 # batch is padded to its longest prompt, so one pasted file of thousands of tokens

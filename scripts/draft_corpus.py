@@ -318,15 +318,15 @@ def self_instruct_seeds(roots: Roots) -> list[str]:
             if c.kind in ("chat", "instruction")]
 
 
-def model_writer(spec: str, *, seed: int, threads: int = 2, max_new_tokens: int = 48,
+def model_writer(spec: str, *, seed: int, threads: int = 2, max_new_tokens: int = 32,
                  temperature: float = 0.8, top_p: float = 0.95) -> Generate:
-    """The target as self-instruct's writer: each prompt under the chat template, one
-    sampled reply each (torch seeded once here, so the same installation writes the
-    same replies in the same order), a batch left-padded."""
+    """The target as self-instruct's writer: each prompt continued raw (no chat
+    template: the prompt is a list to go on with), one sampled continuation each (torch
+    seeded once here, so the same installation writes the same replies in the same
+    order), a batch left-padded."""
     import torch
 
     from peerd.inference.model.source import load_tokenizer, reference_model, resolve
-    from peerd.inference.speculative.eagle_data import chat_ids
 
     torch.set_num_threads(threads)
     source = resolve(spec)
@@ -337,7 +337,7 @@ def model_writer(spec: str, *, seed: int, threads: int = 2, max_new_tokens: int 
     torch.manual_seed(seed)
 
     def write(prompts: Sequence[str]) -> list[str]:
-        ids = [chat_ids(tokenizer, p) for p in prompts]
+        ids = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # [B, P]
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])

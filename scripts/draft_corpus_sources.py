@@ -299,8 +299,11 @@ def shipped_gsm8k(path: Path) -> set[str]:
 # ---- prompts the model writes itself (draft_corpus.py --self-instruct) -------------------
 
 Generate = Callable[[Sequence[str]], Sequence[str]]  # prompts -> the model's replies
-SELF_INSTRUCT = ("Here are some requests people send to an AI assistant:\n\n{examples}\n\n"
-                 "Write one new request, on another subject. Reply with the request alone.")
+# A list for the model to continue, raw (no chat template): asked under the chat
+# template to "write one new request", SmolLM2-135M answers as the assistant ("I'm ready
+# to help...", 16 of 16 in a check), while it continues a numbered list with a request
+# of its own (15 of 16)
+SELF_INSTRUCT = "Questions and requests people send to an AI assistant:\n{examples}\n{next}."
 
 
 def self_instruct(generate: Generate, seeds: Sequence[str], n: int, seed: int = 0,
@@ -317,8 +320,8 @@ def self_instruct(generate: Generate, seeds: Sequence[str], n: int, seed: int = 
         if len(made) >= n or len(seeds) < shots:
             break
         asks = [SELF_INSTRUCT.format(examples="\n".join(
-            f"{i + 1}. {s}" for i, s in enumerate(rng.sample(list(seeds), shots))))
-            for _ in range(batch)]
+            f"{i + 1}. {s}" for i, s in enumerate(rng.sample(list(seeds), shots))),
+            next=shots + 1) for _ in range(batch)]
         for reply in generate(asks):
             line = next((x for x in reply.strip().splitlines() if x.strip()), "")
             text = re.sub(r"^\s*(\d+[.)]|[-*])\s*", "", line).strip().strip('"').strip()

@@ -362,10 +362,18 @@ def make(out: Path, roots: Roots, *, seed: int = 0, train: dict[str, int] | None
     reserved = Reserved(reserved_sets(roots), ngram)
     written: list[Candidate] = []
     if writer is not None and self_instructed > 0:
-        if log is not None:
-            log(f"the model writes up to {self_instructed} requests")
-        written = self_instruct(writer, self_instruct_seeds(roots), self_instructed, seed,
-                                max_calls=4 * -(-self_instructed // 8))
+        calls = 4 * -(-self_instructed // 8)
+        if log is None:
+            written = self_instruct(writer, self_instruct_seeds(roots), self_instructed,
+                                    seed, max_calls=calls)
+        else:
+            from rich.progress import Progress
+
+            with Progress(transient=False) as bar:
+                task = bar.add_task("the model writes requests", total=self_instructed)
+                written = self_instruct(writer, self_instruct_seeds(roots), self_instructed,
+                                        seed, max_calls=calls,
+                                        progress=lambda n: bar.update(task, completed=n))
     corpus = build([*gather(roots, seed, log), *extra, *written], sizes, held_out, seed,
                    reserved)
     paths = write(out, corpus)

@@ -307,12 +307,14 @@ SELF_INSTRUCT = "Questions and requests people send to an AI assistant:\n{exampl
 
 
 def self_instruct(generate: Generate, seeds: Sequence[str], n: int, seed: int = 0,
-                  batch: int = 8, shots: int = 4, max_calls: int = 50) -> list[Candidate]:
+                  batch: int = 8, shots: int = 4, max_calls: int = 50,
+                  progress: Callable[[int], None] | None = None) -> list[Candidate]:
     """Up to `n` requests the model writes itself (self-instruct): `generate` gets a
     batch of prompts, each showing `shots` of `seeds`, and returns one reply each; the
     reply's first line, cleaned, is a new request unless it repeats a seed or an
     earlier one. Kinds as for BFCL's requests; the corpus' exclusions apply to them as
-    to any other source (pass them to draft_corpus.build as `extra`)."""
+    to any other source (pass them to draft_corpus.build as `extra`). `progress` is
+    told how many there are after each batch."""
     rng = random.Random(f"{seed}:self-instruct")
     known = {" ".join(words(s)) for s in seeds}
     made: list[Candidate] = []
@@ -331,4 +333,6 @@ def self_instruct(generate: Generate, seeds: Sequence[str], n: int, seed: int = 
             known.add(key)
             made.append(Candidate("chat" if is_question(text) else "instruction",
                                   "self-instruct", text, key))
+        if progress is not None:
+            progress(len(made))
     return made

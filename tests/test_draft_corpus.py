@@ -271,7 +271,9 @@ def test_self_instruct_keeps_new_requests_only() -> None:
                             f'"{seeds[0]}"', "ok", "Write a haiku about the autumn rain.\n"
                             "And more text after it."]) for _ in prompts]
 
-    made = self_instruct(generate, seeds, n=2, seed=1, batch=4)
+    told: list[int] = []
+    made = self_instruct(generate, seeds, n=2, seed=1, batch=4, progress=told.append)
+    assert told and told == sorted(told) and told[-1] == 2  # counted after every batch
     assert sorted(c.text for c in made) == ["How do I repot a cactus without hurting my hands?",
                                             "Write a haiku about the autumn rain."]
     assert {c.kind for c in made} == {"chat", "instruction"}
@@ -294,7 +296,7 @@ def test_the_corpus_takes_requests_the_model_writes(tmp_path: Path) -> None:
         mp.setattr(draft_corpus_sources, "SHIPPED_STUB_DRAWS", ((2, 1), (2, 1)))
         mp.setattr(draft_corpus_sources, "SHIPPED_GSM8K", 6)
         m = make(tmp_path / "out", roots, seed=3, train=sizes, held_out=2, writer=writer,
-                 self_instructed=3)
+                 self_instructed=3, log=lambda msg: None)  # logged: through the bar
     assert m["self_instruct"] == {"asked": 3, "written": 3}
     assert m["excluded"].get("mixed", 0) >= 1 and m["checks"]["ok"]
     rows = [r for rows in all_rows(tmp_path / "out").values() for r in rows

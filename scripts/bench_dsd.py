@@ -1,7 +1,8 @@
 """DSD benchmark: speculative decoding across a 3-peer SmolLM2 pipeline.
 
-A 3-process testnet (one stage per peer, 1 torch thread each unless --torch-threads
-says otherwise, the request entering at peer0, which serves stage 0 and drafts) at 0,
+A 3-process testnet (one stage per peer, as many torch threads each as the machine has
+cores unless --torch-threads says otherwise: a request's stages run one after
+another, so each may use every core in turn, as on a machine of its own; the request entering at peer0, which serves stage 0 and drafts) at 0,
 10, 20 and 50 ms per link. For each latency and each decoding config (plain, prompt
 lookup + greedy, EAGLE + greedy, EAGLE + adaptive, ...) it measures, client side,
 tokens/s over the same prompts; from each response's `peerd` object it takes the
@@ -73,6 +74,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_pipeline import links_with_latency, machine  # noqa: E402
 from code_prompts import code_request  # noqa: E402
 
+from peerd.machine import cores  # noqa: E402
 from testnet import launcher  # noqa: E402
 from testnet.state import TestnetError  # noqa: E402
 
@@ -405,8 +407,9 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="the peers' compute dtype [float32]")
     ap.add_argument("--torch-threads", type=int, metavar="N",
-                    help="torch threads per speed-run peer [2 cores split: 1]; the stages "
-                    "of one request run one after another, so each may use every core")
+                    help="torch threads per speed-run peer [every core: the stages of one "
+                    "request run one after another, so each may use every core, as on a "
+                    "machine of its own]")
     ap.add_argument("--no-shard-passes", action="store_true",
                     help="skip measuring a stage's pass cost by positions")
     ap.add_argument("--base-port", type=int, default=18300)
@@ -416,7 +419,7 @@ def main() -> int:
     if args.quick:
         args.speed_prompts = min(args.speed_prompts, 4)
         args.quality_configs, args.no_shard_passes = [], True
-    speed_threads = args.torch_threads or max(1, 2 // PEERS)  # the 2 cores split
+    speed_threads = args.torch_threads or cores()
     for configs in (args.configs, args.quality_configs):
         if configs and "plain" not in configs:
             configs.insert(0, "plain")

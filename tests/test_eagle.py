@@ -633,3 +633,36 @@ def test_draft_train_leaves_out_prompts_too_long(tmp_path: Path, tiny: Path) -> 
     assert report["prompts_too_long"] == 1 and report["max_prompt_tokens"] == 200
     assert report["train_examples"] + report["held_out_examples"] == 4
     assert report["answers"] == {"generated": 4, "reused": 0}
+
+
+def test_draft_rows_take_the_fastest_form_and_keep_the_drafts(
+        head: Head, trained: EagleHead, examples: list[Example],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from peerd.inference.speculative import draft_logits
+
+    # where the CPU multiplies bfloat16 natively, bfloat16; elsewhere int8 (fbgemm)
+    monkeypatch.setattr(draft_logits, "cpu_bf16_fast", lambda: True)
+    assert draft_logits.draft_form(head) == "bfloat16"
+    monkeypatch.setattr(draft_logits, "cpu_bf16_fast", lambda: False)
+    if not draft_logits.int8_kernels():
+        pytest.skip("this torch has no int8 CPU kernels")
+    assert draft_logits.draft_form(head) == "int8"
+    e = examples[0]
+    vocab = list(range(0, head.vocab_size, 2))
+    forms = {form: EagleDrafter(head, trained, vocab=vocab) for form in ("int8", "float32")}
+    for form, d in forms.items():
+        d.logits = draft_logits.DraftLogits(head, vocab, form=form)
+        assert d.logits.form == form and d.logits.size == len(vocab)
+    sessions = {form: d.start() for form, d in forms.items()}
+    for s in sessions.values():
+        s.extend(e.tokens[:e.prompt_len + 1].tolist(), e.features[:e.prompt_len])
+    # int8 rows: the same columns (context rows appended), logits within quantisation
+    got = {form: s._logits(s.pending) for form, s in sessions.items()}
+    (q, q_ids), (f, f_ids) = got["int8"], got["float32"]
+    assert q_ids is not None and f_ids is not None and torch.equal(q_ids, f_ids)
+    err = (q - f).abs().max() / f.abs().max()
+    assert err < 0.05, err
+    assert int(q.argmax()) == int(f.argmax())
+    # and the drafts are nearly always the same tokens
+    trees = {form: s.propose_tree(4, 12) for form, s in sessions.items()}
+    assert trees["int8"].tokens[:4] == trees["float32"].tokens[:4]

@@ -41,11 +41,11 @@ from transformers.models.llama.modeling_llama import (
 
 from peerd.inference.model.head import Head
 from peerd.inference.options import SamplingParams
+from peerd.inference.speculative.draft_logits import DraftLogits, Rows
 from peerd.inference.speculative.drafters import Draft, DraftBuilder, DraftError
 from peerd.inference.speculative.gamma import TREE_NODES
 from peerd.inference.speculative.ngram import LOOKUP_BRANCHES, LOOKUP_SCORE, lookups
 from peerd.inference.speculative.tree import DepthBudget, NodeBudget, TokenTree, TreeBuilder
-from peerd.inference.speculative.vocab import VocabError, validate
 
 TREE_WIDTH = 4  # nodes expanded per depth, and children taken from each
 
@@ -158,74 +158,6 @@ class EagleDrafter:
         return EagleSession(self.head, self.eagle, self.logits)
 
 
-class DraftLogits:
-    """The target's final norm and lm_head, for drafting, over a draft vocabulary (see
-    vocab.py: its rows of lm_head only) plus, per session, the rows of the context's
-    tokens outside it (`rows`). On a float32 CPU head the rows are kept in bfloat16
-    (SmolLM2's whole matrix: 56 MB more): one lm_head call is most of a draft step,
-    and in bfloat16 it runs several times faster on a CPU with AVX-512 BF16 (measured
-    in bench/README.md). A draft scores few rows at a time (a chain 1, a tree's depth
-    4), where the call is bound by reading the matrix: even emulated (AVX2 only) it is
-    as fast as float32 there, or faster. A draft only has to be a good guess;
-    verification always uses the target's own precision and whole vocabulary."""
-
-    def __init__(self, head: Head, vocab: Sequence[int] | None = None) -> None:
-        self.head = head
-        self.dtype = (torch.bfloat16 if head.device.type == "cpu"
-                      and head.dtype == torch.float32 else head.dtype)
-        weight = head.lm_head.weight.detach()  # [V, H]
-        self.member: torch.Tensor | None = None  # [V] bool: in the draft vocabulary
-        self.ids: torch.Tensor | None = None  # [K]: the draft vocabulary's token ids
-        if vocab is not None and len(vocab) < head.vocab_size:
-            try:
-                validate(vocab, head.vocab_size)
-            except VocabError as exc:
-                raise DraftError(str(exc)) from exc
-            self.ids = torch.tensor(sorted(vocab), dtype=torch.long, device=head.device)
-            self.member = torch.zeros(head.vocab_size, dtype=torch.bool, device=head.device)
-            self.member[self.ids] = True
-            weight = weight[self.ids]  # [K, H]
-        self.weight = weight.to(self.dtype)  # [K, H]; lm_head itself when nothing changes
-
-    @property
-    def size(self) -> int:
-        return int(self.weight.shape[0])
-
-    def outside(self, tokens: Sequence[int]) -> list[int]:
-        """Those of `tokens` that the draft vocabulary leaves out."""
-        if self.member is None or not tokens:
-            return []
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.member.device)
-        return [int(t) for t in ids[~self.member[ids]].tolist()]
-
-    def rows(self, tokens: Sequence[int]) -> torch.Tensor:
-        """lm_head rows [n, H] of `tokens`, in the drafting dtype."""
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.head.device)
-        return self.head.lm_head.weight.detach()[ids].to(self.dtype)
-
-    def columns(self, extra: Sequence[int]) -> torch.Tensor | None:
-        """The token id of each logit column when `extra` tokens' rows are appended
-        [K + m]; None when the columns are the whole vocabulary in order."""
-        if self.ids is None and not extra:
-            return None
-        base = self.ids if self.ids is not None else torch.arange(self.size,
-                                                                  device=self.head.device)
-        return torch.cat([base, torch.tensor(list(extra), dtype=torch.long,
-                                             device=base.device)])  # [K + m]
-
-    @torch.inference_mode()
-    def __call__(self, features: torch.Tensor,
-                 extra_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """features [B, T, H] -> logits [B, T, K (+ m)] float32: a column per draft
-        vocabulary id, then one per row of `extra_rows` [m, H] (see `columns`)."""
-        x = self.head.norm(features.to(self.head.dtype)).to(self.dtype)  # [B, T, H]
-        logits = nn.functional.linear(x, self.weight).float()  # [B, T, K]
-        if extra_rows is None:
-            return logits
-        more = nn.functional.linear(x, extra_rows).float()  # [B, T, m]
-        return torch.cat([logits, more], dim=-1)  # [B, T, K + m]
-
-
 class EagleSession:
     """One request's draft state: the head's KV cache over the committed slots and the
     head's prediction for the last committed position."""
@@ -243,7 +175,7 @@ class EagleSession:
         # the context's tokens outside the draft vocabulary, and their lm_head rows [m, H]:
         # an answer often repeats a rare token of its prompt (a code identifier, a name)
         self.extra: list[int] = []
-        self.extra_rows: torch.Tensor | None = None
+        self.extra_rows: Rows | None = None
         self.columns = logits.columns(())  # [K (+ m)] token id per logit column, or None
 
     @torch.inference_mode()
@@ -263,10 +195,8 @@ class EagleSession:
         self.tokens.extend(tokens)
         new = [t for t in dict.fromkeys(self.logits.outside(tokens)) if t not in self.extra]
         if new:
-            rows = self.logits.rows(new)  # [len(new), H]
             self.extra += new
-            self.extra_rows = (rows if self.extra_rows is None
-                               else torch.cat([self.extra_rows, rows]))  # [m, H]
+            self.extra_rows = self.logits.rows(self.extra)  # m rows, rarely grown
             self.columns = self.logits.columns(self.extra)
         if n == 0:
             return

@@ -1,13 +1,13 @@
 """DSD benchmark: speculative decoding across a 3-peer SmolLM2 pipeline.
 
 A 3-process testnet (one stage per peer, as many torch threads each as the machine has
-cores unless --torch-threads says otherwise: a request's stages run one after
-another, so each may use every core in turn, as on a machine of its own; the request entering at peer0, which serves stage 0 and drafts) at 0,
-10, 20 and 50 ms per link. For each latency and each decoding config (plain, prompt
-lookup + greedy, EAGLE + greedy, EAGLE + adaptive, ...) it measures, client side,
-tokens/s over the same prompts; from each response's `peerd` object it takes the
-rounds, the tokens committed per round (k: accepted drafts + the target's own token),
-drafting and pipeline time.
+cores unless --torch-threads says otherwise: a request's stages run one after another,
+so each may use every core in turn, as on a machine of its own; the request entering at
+peer0, which serves stage 0 and drafts) at 0, 10, 20 and 50 ms per link. For each
+latency and each decoding config (plain, prompt lookup + greedy, EAGLE + greedy, EAGLE +
+adaptive, ...) it measures, client side, tokens/s over the same prompts; from each
+response's `peerd` object it takes the rounds, the tokens committed per round (k:
+accepted drafts + the target's own token), drafting and pipeline time.
 
 Prompts: GSM8K test questions (bench/data/gsm8k/test.jsonl, MIT licence, (c)
 2021 OpenAI) as chat messages asking for step-by-step reasoning; HumanEval tasks

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,28 @@ def make_host(config: Config, key_pair: KeyPair) -> Any:
 
 
 
+def keep_rpcs_whole(pubsub: Pubsub) -> None:
+    """Let no two RPCs to a peer interleave on the wire.
+
+    py-libp2p 0.8.1 writes to a peer's gossip stream from several tasks (the peer's
+    sending loop, answers to IWANT, the flush of messages held for a new peer), and
+    yamux writes a message longer than a frame (64 KiB) or than the send window as
+    several frames, taking its stream lock one frame at a time. Two such writes at once
+    interleave their frames, the far end cannot parse the stream and drops it, and from
+    then on hears nothing we publish. One lock per stream keeps each RPC whole: every
+    write but the stream's first (its hello, before any other task holds the stream)
+    goes through `write_msg`, which we wrap on this instance.
+    """
+    inner = pubsub.write_msg
+    locks: weakref.WeakKeyDictionary[Any, trio.Lock] = weakref.WeakKeyDictionary()
+
+    async def write_msg(stream: Any, rpc_msg: Any) -> bool:
+        async with locks.setdefault(stream, trio.Lock()):
+            return bool(await inner(stream, rpc_msg))
+
+    pubsub.write_msg = write_msg
+
+
 def make_pubsub(host: Any) -> tuple[Pubsub, GossipSub]:
     router = GossipSub(
         GOSSIP_PROTOCOLS, degree=6, degree_low=4, degree_high=12,
@@ -148,6 +171,7 @@ def make_pubsub(host: Any) -> tuple[Pubsub, GossipSub]:
         max_messages_per_topic_per_second=100.0,
     )
     pubsub = Pubsub(host, router, strict_signing=True)
+    keep_rpcs_whole(pubsub)
     # Pubsub's stream handler runs in the host's nursery and raises once the Pubsub
     # service has stopped (a peer's RPC arriving during shutdown): guard it so it
     # cannot end host.run() (LIBP2P_NOTES.md trap 1).

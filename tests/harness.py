@@ -41,7 +41,7 @@ from trio_typing import TaskStatus
 
 from peerd.config import Config
 from peerd.events import Event
-from peerd.host import GOSSIP_PROTOCOLS, make_host
+from peerd.host import GOSSIP_PROTOCOLS, keep_rpcs_whole, make_host
 from peerd.identity import ensure_data_dir, load_or_create_key
 from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.ledger.book import Ledger, sign_entry
@@ -351,7 +351,10 @@ async def rogue_host(
         if pubsub:
             router = GossipSub(GOSSIP_PROTOCOLS, degree=6, degree_low=4, degree_high=12,
                                heartbeat_interval=1)
+            # RPCs kept whole as peerd's are: py-libp2p's own can interleave a large
+            # publish with another write and break its stream to the node.
             rogue.pubsub = Pubsub(host, router, strict_signing=True)
+            keep_rpcs_whole(rogue.pubsub)
             await stack.enter_async_context(background_trio_service(rogue.pubsub))
             await stack.enter_async_context(background_trio_service(router))
             await rogue.pubsub.wait_until_ready()

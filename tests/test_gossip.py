@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 
 import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
 
 from peerd.datadir import LEDGER_DB
 from peerd.node import Node
@@ -139,3 +141,28 @@ def stored_peers(node: Node) -> set[str]:
         return {row[0] for row in con.execute("SELECT peer_id FROM entries")}
     finally:
         con.close()
+
+
+async def test_rpcs_written_at_once_reach_the_peer_whole(tmp_path: Path) -> None:
+    # RPCs of several yamux frames each, written to b's gossip stream by several tasks
+    # at once (py-libp2p's pubsub does this: its sending loop beside IWANT answers).
+    # Interleaved, b could not parse the stream and would drop it, hearing nothing
+    # more from a on gossip.
+    async with swarm(2, tmp_path, heartbeat_s=30.0) as (a, b):
+        await wait_for(lambda: converged([a, b]), 10)
+        stream = a.pubsub.peers[ID.from_base58(b.peer_id)]
+        sent: list[bool] = []
+
+        async def write_big(i: int) -> None:
+            msg = rpc_pb2.Message(from_id=a.host.get_id().to_bytes(), data=bytes([i]) * 150_000,
+                                  seqno=i.to_bytes(8, "big"), topicIDs=["nobody-listens"])
+            sent.append(await a.pubsub.write_msg(stream, rpc_pb2.RPC(publish=[msg])))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(write_big, i)
+        assert sent == [True] * 6
+        await advertise(a, ["after-big-rpcs"])
+        await wait_for(lambda: has_entry(b, a.peer_id, skills=("after-big-rpcs",)), 10,
+                       "b still hears a on gossip")
+        assert events(b, "ledger.accepted", peer_id=a.peer_id, changed=True, via="gossip")

@@ -18,10 +18,11 @@ the base model's, with a paired 95% interval. Then weight sync alone on loopback
 samplers pulling one version from the trainer, all in one process): the full model and
 a LoRA update.
 
-Prints a table and writes bench/results/rl.json (+ rl_reward.png). Not a test: no
-thresholds. Targets (the issue): async >= 1.6x the samples/s of sync; reward a step in
-async within noise of sync; held-out accuracy after >= before + 10 points; weight sync
-of a LoRA update < 0.2 s and of the full 135M model < 5 s on loopback.
+Prints a table and writes bench/results/rl.json (+ rl_reward.png; with --out X.json,
+X_reward.png). Not a test: no thresholds. Targets (the issue): async >= 1.6x the
+samples/s of sync; reward a step in async within noise of sync; held-out accuracy after
+>= before + 10 points; weight sync of a LoRA update < 0.2 s and of the full 135M model
+< 5 s on loopback.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def main() -> None:
         result["weight_sync_loopback"] = sync_timing(args, work)
     from peerd.rl.plot import plot_runs
 
-    png = args.out.with_name("rl_reward.png")
+    png = args.out.with_name(f"{args.out.stem}_reward.png")  # rl.json: rl_reward.png
     plot_runs({m: Path(f["dir"]) / "metrics.jsonl" for m, f in result["modes"].items()},
               png, title=f"GRPO on {args.task}, {args.update}, {args.latency_ms:g} ms a link")
     result["plot"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)

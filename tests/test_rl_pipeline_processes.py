@@ -2,7 +2,8 @@
 --layers A:B --rollout` daemons (the entry holds layer 0 and samples; the other is a
 rollout shard), and a trainer daemon without a model running sync GRPO through the
 real CLI. Every rollout the trainer trained came through the pipeline and passed its
-log-prob check; both daemons end at the run's last version.
+log-prob check; both daemons end holding the run's last version, and at the one before
+(a pipeline applies a version between generations: no generation asked for the last).
 
 Slow: three daemons on a shared 2-core machine. The timeouts catch hangs; they time
 nothing.
@@ -67,9 +68,12 @@ def test_sync_grpo_through_a_two_process_pipeline_sampler(tmp_path: Path) -> Non
                 assert run["state"] == "done" and run["step"] == STEPS, run
                 assert run["staleness"] == {"0": STEPS * 2 * 4}, run
                 assert run["samplers"] == [entry.peer_id] and not run["dropped"], run
-                wait_for(lambda: rollout(entry)["version"] == STEPS
-                         and rollout(shard)["shard"]["version"] == STEPS, 30.0,
-                         "the pipeline at the last version", (shard, entry))
+                wait_for(lambda: all(f"{RUN}@{STEPS} (part)" in
+                                     d.get("/status")["weights"]["held"]
+                                     for d in (entry, shard)), 30.0,
+                         "the pipeline to fetch the last version", (shard, entry))
+                assert rollout(entry)["version"] == STEPS - 1
+                assert rollout(shard)["shard"]["version"] == STEPS - 1
                 assert rollout(entry)["pipeline"]["generations"] >= STEPS
                 assert rollout(shard)["shard"]["admitted"] > 0
                 assert rollout(shard)["shard"]["following"] == RUN

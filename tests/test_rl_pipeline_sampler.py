@@ -32,6 +32,7 @@ from peerd.inference.model.source import resolve
 from peerd.inference.slot import ModelOptions
 from peerd.inference.swarm.pipeline import PipelineFailure
 from peerd.inference.swarm.routing import NoRoute, Route, Span
+from peerd.inference.swarm.server import Refused
 from peerd.node import Node
 from peerd.rl.pipeline_policy import NO_PIPELINE, PipelinePolicy
 from peerd.rl.policy import Generation, LocalPolicy
@@ -41,6 +42,7 @@ from peerd.rl.weights import WeightStore
 from peerd.rpc import Busy
 from peerd.streams import OpenRefused, open_session
 from protocols.rollout import FEATURE_PIPELINE_SAMPLER, FEATURE_ROLLOUT, FEATURE_ROLLOUT_SHARD
+from protocols.shard import BEHIND as SHARD_BEHIND
 from protocols.shard import (
     FEATURE_TAGGED_ONLY,
     FOLLOWING,
@@ -122,6 +124,30 @@ def assert_same(got: Generation, want: Generation) -> None:
                                   atol=LOGPROB_ATOL)
 
 
+async def ask_for(sw: Swarm, version: int) -> None:
+    """Ask each hop for a session tagged `version`, as the entry's next generation
+    would (the entry's own gate directly, the shard over the wire): each refuses
+    (BEHIND) and moves to it, from the tensors it fetched when it was announced."""
+    tag = PolicyTag(RUN, version, sw.trainer.peer_id)
+    part = f"{RUN}@{version} (part)"
+    for peer in (sw.entry, sw.shard):
+        store = peer.node.service(WeightStore)
+        await wait_for(lambda store=store: part in store.status()["weights"]["held"],
+                       what=f"a peer to fetch version {version}")
+    with pytest.raises(Refused) as refused:
+        await sw.entry.gate.admit(tag, lambda: None)
+    assert refused.value.code == SHARD_BEHIND
+    route = sw.policy.route()
+    assert isinstance(route, Route)
+    hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
+    entry = sw.entry.node
+    opening = Open(session=f"ask-for-{version}", model_id=sw.model_id, route=hops, hop=1,
+                   entry_peer=entry.peer_id, max_length=64, dtype="float32", policy=tag)
+    with pytest.raises(OpenRefused) as refused_there:
+        await open_session(entry.new_stream, sw.shard.node.peer_id, SHARD, opening)
+    assert refused_there.value.code == SHARD_BEHIND, refused_there.value
+
+
 async def test_pipeline_rollouts_equal_the_whole_models_before_and_after_a_version(
         tmp_path: Path, tiny: Path) -> None:
     async with pipeline_swarm(tmp_path, tiny) as sw:
@@ -139,17 +165,20 @@ async def test_pipeline_rollouts_equal_the_whole_models_before_and_after_a_versi
 
         update = new_version(ref, 1)
         await sw.store.publish(RUN, sw.model_id, 1, "full", update)
-        await wait_for(lambda: sw.policy.version == sw.shard.gate.weights.version == 1,
-                       what="both peers at version 1")
+        # each peer fetches only its own tensors, and applies them between generations
+        shard_store = sw.shard.node.service(WeightStore)
+        entry_store = sw.entry.node.service(WeightStore)
+        await wait_for(lambda: shard_store.status()["weights"]["held"] == [f"{RUN}@1 (part)"]
+                       and entry_store.status()["weights"]["held"] == [f"{RUN}@1 (part)"],
+                       what="both peers to fetch their part of version 1")
+        assert sw.policy.version == sw.shard.gate.weights.version == 0
         await ref.apply(1, full=update)
         after = await sw.policy.generate_many(PROMPTS, **SETTINGS)
         assert_same(after, await ref.generate_many(PROMPTS, **SETTINGS))
         assert [c.ids for g in after.groups for c in g] != [c.ids for g in before.groups
                                                              for c in g]
-        # each peer pulled only its own tensors
-        shard_store = sw.shard.node.service(WeightStore)
-        assert shard_store.status()["weights"]["held"] == [f"{RUN}@1 (part)"]
-        assert sw.shard.status()["rollout"]["shard"]["version"] == 1
+        assert sw.policy.version == sw.shard.status()["rollout"]["shard"]["version"] == 1
+        assert sw.shard.gate.refused["behind"] >= 1  # asked for 1, it applied what it held
 
 
 async def test_a_shard_that_is_behind_refuses_then_serves_after_its_pull(
@@ -169,6 +198,52 @@ async def test_a_shard_that_is_behind_refuses_then_serves_after_its_pull(
         assert sw.shard.gate.weights.version == 1
 
 
+async def test_a_generation_under_way_ends_at_its_version_and_the_next_takes_the_new(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Async mode's case: the trainer publishes while the pipeline samples. Both peers
+    fetch the version and wait: the generation's later completions are admitted at its
+    version, none is refused and started again; the next generation takes the new one."""
+    async with pipeline_swarm(tmp_path, tiny) as sw:
+        ref = reference(tiny)
+        sw.policy.take_up(RUN, sw.trainer.peer_id)
+        await sw.policy.generate_many(PROMPTS[:1], **SETTINGS | {"n": 1})  # both follow
+        retries = dict(sw.policy.retries)
+        sw.policy.parallel = 1  # one completion at a time: no session open between two
+        pipeline = sw.policy.generator.pipeline
+        real_open, opened, go_on = pipeline.open, [0], trio.Event()
+
+        async def open_second_after_the_publish(*args: Any, **kwargs: Any) -> Any:
+            opened[0] += 1
+            if opened[0] == 2:
+                await go_on.wait()
+            return await real_open(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "open", open_second_after_the_publish)
+        got: list[Generation] = []
+        update = new_version(ref, 5)
+        async with trio.open_nursery() as nursery:
+            async def generate() -> None:
+                got.append(await sw.policy.generate_many(PROMPTS, **SETTINGS))
+
+            nursery.start_soon(generate)
+            await wait_for(lambda: opened[0] == 2, what="the first completion done")
+            await sw.store.publish(RUN, sw.model_id, 1, "full", update)
+            for peer in (sw.entry, sw.shard):
+                store = peer.node.service(WeightStore)
+                await wait_for(lambda store=store: f"{RUN}@1 (part)" in
+                               store.status()["weights"]["held"], what="version 1 fetched")
+            await trio.sleep(0.3)  # (an apply of its own would have begun by now)
+            assert sw.policy.version == sw.shard.gate.weights.version == 0
+            go_on.set()
+        assert got[0].version == 0 and sw.policy.retries == retries  # nothing again
+        assert_same(got[0], await ref.generate_many(PROMPTS, **SETTINGS))
+        await ref.apply(1, full=update)
+        after = await sw.policy.generate_many(PROMPTS, **SETTINGS)
+        assert after.version == 1
+        assert_same(after, await ref.generate_many(PROMPTS, **SETTINGS))
+        assert sw.shard.gate.weights.version == 1
+
+
 async def test_a_tagged_session_never_sees_a_version_change(tmp_path: Path,
                                                             tiny: Path) -> None:
     async with pipeline_swarm(tmp_path, tiny) as sw:
@@ -185,7 +260,9 @@ async def test_a_tagged_session_never_sees_a_version_change(tmp_path: Path,
         update = new_version(ref, 3)
         await sw.store.publish(RUN, sw.model_id, 1, "full", update)
         shard = sw.shard.gate.weights
-        await wait_for(lambda: shard.applying, what="the shard's apply to wait")
+        await ask_for(sw, 1)  # both hops start their apply; it waits for the session
+        await wait_for(lambda: shard.applying and sw.policy.weights.applying,
+                       what="both applies to wait")
         await trio.sleep(0.3)
         assert shard.version == 0 and sw.policy.version == 0  # held by the session
         out = await session.step(generator.embed(ids[4:]), 4)
@@ -203,6 +280,7 @@ async def test_a_tagged_session_never_sees_a_version_change(tmp_path: Path,
                                                 policy=PolicyTag(RUN, 1, sw.trainer.peer_id))
         await session.step(generator.embed(ids[:4]), 0)
         await sw.store.publish(RUN, sw.model_id, 2, "full", new_version(ref, 4))
+        await ask_for(sw, 2)
         await wait_for(lambda: shard.version == sw.policy.version == 2,
                        what="the apply after revoking")
         with pytest.raises(PipelineFailure) as failed:
@@ -282,8 +360,11 @@ async def test_a_trainer_trains_with_a_pipeline_sampler(tmp_path: Path, tiny: Pa
         assert out["last"]["verify_max_dev"] <= spec.verify_tolerance
         assert not out["dropped"]
         assert entry.sampler.policy.generations > 0 and shard.gate.admitted > 0
-        await wait_for(lambda: entry.sampler.policy.version == shard.gate.weights.version
-                       == 3, what="the pipeline at the last version")
+        # the last version is fetched; a generation would apply it (none comes)
+        await wait_for(lambda: "pipe@3 (part)" in
+                       shard.node.service(WeightStore).status()["weights"]["held"],
+                       what="the shard to fetch the last version")
+        assert entry.sampler.policy.version == shard.gate.weights.version == 2
 
 
 async def test_a_tagged_session_is_refused_by_a_shard_that_does_not_hold_versions(

@@ -8,6 +8,16 @@ sequential pull: `catch_up`); an announcement of a newer version of the run we
 follow is pulled at once, in the background (async mode's pull when we lag; a pull
 that fails is tried again), so the next request usually finds it applied.
 
+A whole-model sampler applies what it pulled (`apply_announced`; its apply waits for
+the generation in hand). The peers of a pipeline only fetch it, and apply it from
+the chunks they hold when asked: the entry at the start of its next generation
+(pipeline_policy.py), a shard when a session asks for that version (shard_gate.py:
+BEHIND, then `catch_up`). So the pipeline moves between generations, as a whole
+model does. A peer applying on its own refuses the rest of a generation begun at the
+older version (a session cannot be admitted while an apply waits), the generation
+starts again at the new one, and in async mode what was sampled while the trainer
+trained is thrown away (bench/README.md, "Echo with a pipeline sampler").
+
 A peer holding a slice of the layers pulls only the tensors of its slice (and the
 head's when it holds the head: manifest.layer_names); a whole-model peer pulls all.
 A full version replaces the named tensors; a LoRA version's adapters become deltas on
@@ -36,9 +46,11 @@ RETRY_FOR_S = 300.0  # then given up until the next version (a trainer gone for 
 
 
 class Follower:
-    def __init__(self, weights: WeightStore, policy: VersionedWeights) -> None:
+    def __init__(self, weights: WeightStore, policy: VersionedWeights, *,
+                 apply_announced: bool = True) -> None:
         self.weights = weights
         self.policy = policy
+        self.apply_announced = apply_announced  # else announced versions are only fetched
         self.run_id: str | None = None
         self.trainer = ""  # of the run we follow
         self._lock = trio.Lock()  # one pull-and-apply at a time
@@ -64,20 +76,24 @@ class Follower:
         self.run_id = None
 
     async def _announced(self, announce: VersionAnnounce) -> None:
-        """Pull an announced version we lack; a pull that fails (no holder answered in
-        time, chunks no holder gave intact) is tried again, backing off to the
-        re-announce period, until it lands, a newer version supersedes it (its own
-        announcement pulls that) or we leave the run. Re-announcements of a version
-        already heard run no hook, so without this a sampler whose one pull failed
-        would stay behind until the trainer's next version, silently. After
-        RETRY_FOR_S it is given up (a sync request's catch_up still pulls)."""
+        """Pull an announced version we lack (and apply it, unless `apply_announced` is
+        off); a pull that fails (no holder answered in time, chunks no holder gave
+        intact) is tried again, backing off to the re-announce period, until it lands,
+        a newer version supersedes it (its own announcement pulls that) or we leave the
+        run. Re-announcements of a version already heard run no hook, so without this a
+        sampler whose one pull failed would stay behind until the trainer's next
+        version, silently. After RETRY_FOR_S it is given up (a sync request's catch_up
+        still pulls)."""
         delay, give_up = RETRY_FIRST_S, trio.current_time() + RETRY_FOR_S
         while announce.run_id == self.run_id and announce.version > self.policy.version:
             latest = self.weights.latest(announce.run_id)
             if latest is not None and latest.version > announce.version:
                 return
             try:
-                await self._take(announce.run_id, announce.version, [announce.author])
+                if self.apply_announced:
+                    await self._take(announce.run_id, announce.version, [announce.author])
+                else:  # (tensors not kept: the chunks are, and catch_up reads them)
+                    await self._pull(announce.run_id, announce.version, [announce.author])
                 return
             except WeightsUnavailable as exc:
                 if trio.current_time() + delay > give_up:

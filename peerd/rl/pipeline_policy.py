@@ -2,8 +2,10 @@
 slice of the layers), other `--rollout` peers the rest, and every hop of every
 session holds one version of the run.
 
-A generation holds the entry's own version (its head and layers: versions.py) from
-its first forward to its last token, and opens each completion's pipeline session
+A generation first takes the newest version announced (fetched meanwhile: the
+pipeline's peers apply versions only between generations, follow.py), then holds the
+entry's own version (its head and layers: versions.py) from its first forward to its
+last token, and opens each completion's pipeline session
 tagged with it (run, version, trainer: protocols/shard.py, PolicyTag). Every hop
 admits the tag only at exactly that version and keeps it until the session closes
 (shard_gate.py), so every token of a completion, and so every rollout's version tag,
@@ -66,6 +68,7 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.2  # after a hop said BEHIND (it is pulling) or we caught up
 DEADLINE_S = 60.0  # a generation that cannot find a route at one version gives up
+NEWEST_WAIT_S = 10.0  # for the newest version's pull (already under way, mostly)
 NO_PIPELINE = "no_pipeline"  # its refusal then: a failure the trainer counts, not "busy"
 # Completions decoded at once, each its own session: a token costs a trip through the
 # chain's links, so one at a time leaves every hop idle for most of it.
@@ -145,6 +148,8 @@ class PipelinePolicy:
         deadline = trio.current_time() + self.deadline_s
         last, code = "", ""
         while trio.current_time() < deadline:
+            if at_version is None:
+                await self._newest(run_id, trainer)
             try:
                 async with self.weights.hold() as version:
                     if at_version is not None and at_version != version:
@@ -173,6 +178,17 @@ class PipelinePolicy:
                        f"{last}", reason=BEHIND)
         raise Busy(f"no pipeline of rollout shards within {self.deadline_s:.0f} s: {last}",
                    reason=NO_PIPELINE)
+
+    async def _newest(self, run_id: str, trainer: str) -> None:
+        """Apply the newest version announced, before a generation holds ours: the
+        pipeline's peers fetch versions as they are announced and apply them only
+        between generations (follow.py). One that cannot be had now: generate at ours
+        (the request's oldest acceptable version was caught up to already)."""
+        with trio.move_on_after(NEWEST_WAIT_S):
+            try:
+                await self.follower.catch_up(run_id, self.weights.version, trainer)
+            except Exception as exc:
+                log.info("could not take the newest version of %s: %s", run_id, exc)
 
     def route(self) -> Route | NoRoute:
         """The cheapest chain of rollout shards, not banned now."""

@@ -96,7 +96,8 @@ class Rollouts(Service):
 
         entry = runtime.block.start == 0
         weights = VersionedWeights(runtime.block, runtime.head if entry else None)
-        follower = Follower(self.weights, weights)
+        # announced versions are fetched, and applied between generations (follow.py)
+        follower = Follower(self.weights, weights, apply_announced=False)
         self.gate = ShardGate(weights, follower, on_change=self.ledger.refresh)
         if entry:
             policy = PipelinePolicy(weights, follower, self.gate, runtime.generator)

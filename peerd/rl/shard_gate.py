@@ -10,7 +10,9 @@ server asks `ShardGate.admit` at every OPEN (protocols/shard.py, PolicyTag):
   until it closes: an apply waits for it (and revokes it after a while: the server
   then ends the session, FAILED "revoked", before any weight changes);
 - an older tag than ours, or one while an apply waits: AHEAD; a newer one: BEHIND,
-  and we start pulling it at once (the sampler asks again shortly);
+  and we start pulling it at once (the sampler asks again shortly). A shard behind
+  the entry fetches announced versions without applying them (follow.py), so this
+  is how its pipeline moves: the pull finds the chunks held and applies;
 - another run's tag: OTHER_RUN, until the run we follow has been quiet RUN_IDLE_S
   with no session open; then we go back to version 0 and take the new run;
 - an untagged (plain) OPEN while we follow a run: FOLLOWING. Our weights are the

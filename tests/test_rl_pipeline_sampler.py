@@ -317,6 +317,31 @@ async def test_a_following_shard_refuses_plain_sessions_and_plain_routes_avoid_i
                        what="plain routing through the shards again")
 
 
+async def test_a_new_runs_sessions_arriving_together_leave_the_old_run_once(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new run's first completions open their sessions at once on shards that follow
+    a quiet old run: one session takes each shard back to version 0, the others find
+    it done, and the generation goes through without a retry."""
+    async with pipeline_swarm(tmp_path, tiny) as sw:
+        sw.policy.take_up(RUN, sw.trainer.peer_id)
+        await sw.policy.generate_many(PROMPTS[:1], **SETTINGS | {"n": 1})  # both follow
+        resets, real_reset = [0], sw.shard.gate.weights.reset
+
+        async def counted() -> None:  # slow, as copying back a real model's base is
+            resets[0] += 1
+            await trio.sleep(0.3)
+            await real_reset()
+
+        monkeypatch.setattr(sw.shard.gate.weights, "reset", counted)
+        monkeypatch.setattr("peerd.rl.shard_gate.RUN_IDLE_S", 0.0)
+        retries = dict(sw.policy.retries)
+        sw.policy.take_up("run-b", sw.trainer.peer_id)
+        got = await sw.policy.generate_many(PROMPTS, **SETTINGS)  # 6 sessions at once
+        assert got.version == 0 and sw.policy.retries == retries
+        assert sw.shard.gate.following == sw.entry.gate.following == "run-b"
+        assert resets[0] == 1
+
+
 async def test_a_bad_tag_is_refused_and_the_shard_keeps_serving(tmp_path: Path,
                                                                 tiny: Path) -> None:
     async with pipeline_swarm(tmp_path, tiny) as sw:

@@ -96,6 +96,7 @@ class ShardGate:
         self.admitted = 0
         self._last_request = time.monotonic()  # of the run we follow
         self._pulling = False
+        self._leaving = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -123,7 +124,11 @@ class ShardGate:
         Refused with the verdict's code. `revoke()` ends the session (versions.py)."""
         verdict = self._verdict(tag)
         if verdict.leave:
-            await self.leave()
+            # A new run's first sessions come together: one leaves the old run; the
+            # rest find it left (a second reset would wait for the first's session).
+            async with self._leaving:
+                if self._verdict(tag).leave:
+                    await self.leave()
             verdict = self._verdict(tag)
         if tag is not None and self.following in (None, tag.run_id):
             self.touch()

@@ -319,12 +319,49 @@ def test_tree_budget_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> 
     probes = [n for n in tail if n is not None and n > 0]
     assert probes and all(n == budget.probe for n in probes)
     assert len(probes) >= len(tail) // (PROBE_EVERY + 1) - 1
-    # and once the head hits, trees come back
-    for _ in range(PROBE_EVERY + 1):
+    # and once the head hits, trees come back (the first probe restores the head's
+    # calibration, the second finds a tree that pays)
+    for _ in range(2 * (PROBE_EVERY + 1)):
         if budget.drafting():
             n = budget.choose([0.95] * 16)
             budget.observe(n, 0.95 * n, n, 50.0 + 2.0 * n)
     assert budget.drafting() and budget.choose([0.95] * 16) > 0
+
+
+def test_tree_budget_counts_the_drafting_against_a_plain_round() -> None:
+    """The tree is grown before its size is chosen, so its nodes go if they pay for
+    their share of the pass; whether the next round grows one at all also counts the
+    growing. A hesitant head (its best candidate a 20% chance) on a fast link (a 72 ms
+    plain round, 4.5 ms a node, 18 ms of drafting) has its session decode plain; a
+    confident head, a head that drafts for free or a slow link keep it drafting."""
+
+    def measured(fixed_ms: float, draft_ms: float) -> TreeBudget:
+        budget = TreeBudget()
+        for n in (4, 8, 12, 6, 10):  # the head right as it says
+            budget.observe(n, 1.0, 1, fixed_ms + 4.5 * n, draft_ms=draft_ms)
+        a, b = budget.fit.cost()
+        assert a == pytest.approx(fixed_ms) and b == pytest.approx(4.5)
+        return budget
+
+    def after(probs: list[float], fixed_ms: float, draft_ms: float) -> tuple[int, bool]:
+        budget = measured(fixed_ms, draft_ms)
+        return budget.choose(probs), budget.drafting()
+
+    hesitant = [0.2, 0.08, 0.05, 0.03, 0.02, 0.02, 0.01, 0.01]
+    n, drafting = after(hesitant, 72.0, 18.0)
+    assert n > 0 and not drafting  # this tree goes (it is grown); the next rounds are plain
+    assert after(hesitant, 72.0, 0.0)[1]
+    assert after(hesitant, 250.0, 18.0)[1]
+    confident = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    assert after(confident, 72.0, 18.0)[1]
+    # one hesitant round among confident ones does not stop drafting; a run of them does
+    budget = measured(72.0, 18.0)
+    for probs in (confident, confident, hesitant):
+        budget.choose(probs)
+        assert budget.drafting()
+    for _ in range(10):
+        budget.choose(hesitant)
+    assert not budget.drafting()
 
 
 # ---- the speculative option ---------------------------------------------------------------

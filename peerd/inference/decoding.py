@@ -275,8 +275,9 @@ class Decoding:
         round_ms = (time.perf_counter() - t_round) * 1e3
         self.gamma.observe(draft.depth(), len(verdict.path), round_ms)
         if proposal.grown:
-            self.budget.observe(len(draft), *draft.estimated(verdict.path), round_ms,
-                                committed=len(verdict.path) + 1)
+            self.budget.observe(len(draft), *draft.estimated(verdict.path),
+                                round_ms - draft_ms, committed=len(verdict.path) + 1,
+                                draft_ms=draft_ms)
 
     async def commit(self, tokens: list[int], scored: list[TokenLogprob]) -> None:
         """Hand the round's tokens to the caller in order, until the request ends: an

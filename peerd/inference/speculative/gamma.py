@@ -93,11 +93,6 @@ class CostFit:
     def empty(self) -> bool:
         return self._n == 0
 
-    @property
-    def total_ms(self) -> float:
-        """Decayed Σ of the round times observed."""
-        return self._st
-
     def cost(self) -> tuple[float, float]:
         """(a, b) in ms, from the rounds seen so far (observe at least one first)."""
         mean_x, mean_t = self._sx / self._n, self._st / self._n
@@ -162,10 +157,20 @@ class GammaController:
 @dataclass
 class TreeBudget:
     """Per-session tree shape. Size: how many of the head's candidates a tree keeps;
-    `fixed` set: always that many; else best_tree_size from observed rounds. When no
-    candidate pays for its position the following rounds do not draft at all
-    (`drafting()`: growing a tree costs head time even if none of it is sent), until
-    a probe of `probe` nodes every PROBE_EVERY rounds.
+    `fixed` set: always that many; else best_tree_size from observed rounds (the fit is
+    of the round without its drafting: a plain round costs its intercept a, since the
+    tree is grown before its size is chosen). Whether to grow trees at all also counts
+    the growing, d ms a round (decayed mean): a round of n nodes that commits
+    1 + calibration · Σ p_i tokens beats plain rounds by
+
+        edge = (1 + calibration · Σ p_i) · a / (a + b·n + d),
+
+    and when the decayed edge falls below 1 (or no candidate pays for its node) the
+    following rounds do not draft at all (`drafting()`), until a probe of at least
+    `probe` nodes every PROBE_EVERY rounds (whose edge starts the average again).
+    Where the link is fast and the head unsure (chat on a LAN: a round of 12 nodes and
+    18 ms of drafting must commit 2 tokens to beat a 72 ms plain round) the session
+    decodes plain; where a round's fixed cost is high it keeps drafting.
 
     Depth (`deeper`): a level of the head costs drafting time, not pipeline positions
     (the candidates it adds are paid for only if `choose` keeps them), so the head
@@ -180,18 +185,20 @@ class TreeBudget:
     fixed: int | None = None
     max_nodes: int = MAX_TREE_NODES
     probe: int = 4
-    fit: CostFit = field(default_factory=CostFit)  # rounds that drafted, on nodes sent
+    fit: CostFit = field(default_factory=CostFit)  # rounds that drafted, less drafting
     _accepted: float = 0.0  # decayed Σ accepted and Σ predicted, for the calibration
     _expected: float = 0.0
-    _committed: float = 0.0  # decayed Σ committed tokens (as fit's Σ round ms): rate r
+    _committed: float = 0.0  # decayed Σ committed tokens and Σ whole round ms: rate r
+    _round_ms: float = 0.0
+    _draft_ms: float = 0.0  # decayed mean ms of drafting a round
+    _edge: float | None = None  # decayed edge of a drafted round over a plain one
     _idle: int = 0  # rounds since a tree found nothing worth sending (0: drafting)
     _probing: bool = False
 
     @property
     def rate(self) -> float:
         """Committed tokens per ms over the rounds that drafted (0 until one is seen)."""
-        total = self.fit.total_ms
-        return self._committed / total if total > 0 else 0.0
+        return self._committed / self._round_ms if self._round_ms > 0 else 0.0
 
     def deeper(self, best: Sequence[float], level_ms: float) -> bool:
         """Whether the head grows another level, after one that added candidates with
@@ -226,22 +233,31 @@ class TreeBudget:
             return min(TREE_NODES, len(probs))
         fixed_ms, per_node_ms = self.fit.cost()
         n = best_tree_size(probs, fixed_ms, per_node_ms, self.calibration)
-        if self._probing:
-            self._probing, n = False, max(n, min(self.probe, len(probs)))
-        elif n == 0:
-            self._idle = 1
+        probing, self._probing = self._probing, False
+        if probing:
+            n = max(n, min(self.probe, len(probs)))
+        edge = (1 + self.calibration * sum(probs[:n])) * fixed_ms / (
+            fixed_ms + per_node_ms * n + self._draft_ms)
+        # (after the plain rounds before a probe, the probe's edge is the news)
+        self._edge = edge if self._edge is None or probing else (
+            (1 - DECAY) * self._edge + DECAY * edge)
+        if n == 0 or self._edge < 1:
+            self._idle = 1  # (this tree is grown already: it goes anyway)
         return n
 
     def observe(self, sent: int, predicted: float, accepted: int, round_ms: float,
-                committed: int | None = None) -> None:
+                committed: int | None = None, draft_ms: float = 0.0) -> None:
         """A round that drafted sent `sent` draft positions in all, of which head
         candidates predicted to commit `predicted` tokens, accepted `accepted`; it
-        committed `committed` tokens in all (default accepted + 1) and took
-        `round_ms`."""
+        committed `committed` tokens in all (default accepted + 1), spent `draft_ms`
+        growing the tree and `round_ms` on the rest (the pass, verification)."""
         keep = 1 - DECAY
         if predicted > 0:
             self._accepted = keep * self._accepted + accepted
             self._expected = keep * self._expected + predicted
         self._committed = keep * self._committed + (
             accepted + 1 if committed is None else committed)
+        self._round_ms = keep * self._round_ms + round_ms + draft_ms
+        self._draft_ms = draft_ms if self.fit.empty else (
+            keep * self._draft_ms + DECAY * draft_ms)
         self.fit.observe(sent, round_ms)

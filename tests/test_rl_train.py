@@ -357,6 +357,13 @@ async def test_a_run_keeps_scecs_in_the_memory_without_moving_its_baseline(
             # what the scorer gives on a replay of the same output
             assert scec.score == number(scec.output, "7")
         assert memory.baseline.snapshot() == {}  # nothing moved
+        # the cap is the run's, not each start's: resumed, it keeps nothing more
+        again = await finished(training, spec(tiny, task, run_id="kept", group=2, batch=2,
+                                              steps=5, memory_scecs=4, resume=True,
+                                              out=str(run.dir)))
+        assert again.to_json()["step"] == 5
+        assert again.to_json()["memory_scecs"] == {"kept": 4, "failed": 0}
+        assert len(await store.similar_scecs(vector, 10, "seven")) == 4
 
 
 async def test_a_run_on_a_peer_without_a_memory_keeps_nothing(

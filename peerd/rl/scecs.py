@@ -101,3 +101,17 @@ class ScecKeeper:
 
     def to_json(self) -> dict[str, int]:
         return {"kept": self.kept, "failed": self.failed}
+
+    def state(self) -> dict[str, int]:
+        """What a checkpoint keeps: a resumed run goes on counting against its cap."""
+        return {"offered": self.offered, **self.to_json()}
+
+    def restore(self, state: object) -> None:
+        """The counts a checkpoint kept (state()); anything else counts from zero."""
+        if not isinstance(state, dict):
+            return
+        counts = {k: v for k, v in state.items() if k in ("offered", "kept", "failed")
+                  and type(v) is int and v >= 0}
+        if len(counts) == 3:
+            self.offered, self.kept, self.failed = (
+                counts["offered"], counts["kept"], counts["failed"])

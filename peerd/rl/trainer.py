@@ -117,6 +117,8 @@ class Trainer:
             p.verify_s = state.get("verify_s", 0.0)
             p.refused_steps = int(state.get("refused_steps", 0))
             p.started -= float(state.get("elapsed_s", 0.0))  # wall time goes on too
+        if self.scecs is not None and state:  # the run's cap counts across a resume
+            self.scecs.restore(state.get("memory_scecs", {}))
         self.buffer = (ReplayBuffer.from_json(state["buffer"], **self._buffer_args())
                        if state and "buffer" in state else ReplayBuffer(**self._buffer_args()))
         self.waiting: dict[int, str] = {}  # slot -> the group id of its rollouts, waiting
@@ -530,7 +532,8 @@ class Trainer:
                 "train_s": p.train_s, "sync_s": p.sync_s, "trainer_idle_s": p.trainer_idle_s,
                 "verify_s": p.verify_s, "refused_steps": p.refused_steps,
                 "elapsed_s": time.time() - p.started,
-                "spec": self.spec.to_json()}
+                "spec": self.spec.to_json(),
+                **({} if self.scecs is None else {"memory_scecs": self.scecs.state()})}
 
     def to_json(self) -> dict[str, Any]:
         out = self.progress.to_json()

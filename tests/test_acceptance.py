@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from peerd.inference.speculative.acceptance import (
     verify_sample,
 )
 from peerd.inference.speculative.gamma import (
+    MAX_PROBE_EVERY,
     PROBE_EVERY,
     TREE_NODES,
     GammaController,
@@ -302,14 +305,16 @@ def test_tree_budget_grows_a_level_while_its_candidates_pay_for_its_time() -> No
 
 def test_tree_budget_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> None:
     """Compute-bound, a head whose candidates are all long shots: after the first
-    rounds it stops growing trees (plain rounds), and every PROBE_EVERY rounds grows
-    one and sends a few nodes, to notice a head that starts hitting."""
+    rounds it stops growing trees (plain rounds), and after PROBE_EVERY rounds grows
+    one and sends a few nodes, to notice a head that starts hitting; each probe that
+    does not pay doubles the wait for the next."""
     budget = TreeBudget()
     probs = [0.05] * 16
     rounds: list[int | None] = []  # nodes sent; None: no tree grown
     for _ in range(60):
         if not budget.drafting():
             rounds.append(None)
+            budget.observe_plain(50.0)
             continue
         n = budget.choose(probs)
         rounds.append(n)
@@ -318,13 +323,17 @@ def test_tree_budget_stops_drafting_when_it_does_not_pay_but_keeps_probing() -> 
     assert tail.count(None) >= len(tail) * 3 // 4
     probes = [n for n in tail if n is not None and n > 0]
     assert probes and all(n == budget.probe for n in probes)
-    assert len(probes) >= len(tail) // (PROBE_EVERY + 1) - 1
-    # and once the head hits, trees come back (the first probe restores the head's
-    # calibration, the second finds a tree that pays)
-    for _ in range(2 * (PROBE_EVERY + 1)):
+    drafted = [i for i, n in enumerate(rounds) if n is not None]
+    waits = [b - a - 1 for a, b in pairwise(drafted) if b - a > 1]
+    assert waits[:3] == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1, 4 * PROBE_EVERY - 1], rounds
+    # and once the head hits, trees come back (the next probe restores the head's
+    # calibration, the one after finds a tree that pays)
+    for _ in range(2 * MAX_PROBE_EVERY + 2):
         if budget.drafting():
             n = budget.choose([0.95] * 16)
             budget.observe(n, 0.95 * n, n, 50.0 + 2.0 * n)
+        else:
+            budget.observe_plain(50.0)
     assert budget.drafting() and budget.choose([0.95] * 16) > 0
 
 
@@ -337,6 +346,7 @@ def test_tree_budget_counts_the_drafting_against_a_plain_round() -> None:
 
     def measured(fixed_ms: float, draft_ms: float) -> TreeBudget:
         budget = TreeBudget()
+        budget.observe_plain(fixed_ms)  # no jump: a plain round costs the intercept
         for n in (4, 8, 12, 6, 10):  # the head right as it says
             budget.observe(n, 1.0, 1, fixed_ms + 4.5 * n, draft_ms=draft_ms)
         a, b = budget.fit.cost()
@@ -352,6 +362,25 @@ def test_tree_budget_counts_the_drafting_against_a_plain_round() -> None:
     assert n > 0 and not drafting  # this tree goes (it is grown); the next rounds are plain
     assert after(hesitant, 72.0, 0.0)[1]
     assert after(hesitant, 250.0, 18.0)[1]
+    # a tree's pass costs a jump over a plain one (here 40 ms: a 120 ms intercept, 80 ms
+    # plain rounds); before a plain round is measured the session decodes one
+    def jumped(plain_ms: float) -> TreeBudget:
+        budget = TreeBudget()
+        assert not budget.drafting() and not budget.drafting()
+        budget.observe_plain(80.0)
+        assert budget.drafting()
+        for n in (4, 8, 12, 6, 10):
+            budget.observe(n, 1.0, 1, 120.0 + 4.5 * n, draft_ms=18.0)
+        budget.plain_ms = plain_ms
+        return budget
+
+    fair = [0.4, 0.2, 0.1, 0.05, 0.05, 0.03, 0.02, 0.01]  # worth it against 120 ms
+    budget = jumped(80.0)
+    assert budget.choose(fair) > 0 and not budget.drafting()
+    budget = jumped(120.0)  # (were a plain round the fit's intercept)
+    assert budget.choose(fair) > 0 and budget.drafting()
+    assert TreeBudget(fixed=4).drafting()  # a fixed size drafts from the first round
+
     confident = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
     assert after(confident, 72.0, 18.0)[1]
     # one hesitant round among confident ones does not stop drafting; a run of them does

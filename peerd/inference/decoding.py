@@ -104,6 +104,9 @@ class Decoding:
 
         self.history = list(request.prompt_ids)  # committed tokens
         self.told = 0  # history[:told] has been given to the drafter
+        # features of history[told:] (all but the last one's), for the drafter when it
+        # next drafts: rounds that decode plain do not feed it (`tell`)
+        self.untold: list[torch.Tensor] = []
         self.fed = 0  # positions whose features the drafter has
         # features of committed positions 0..fed-1 in order, pooled with the session for
         # the next request's drafter (only while drafting)
@@ -135,11 +138,13 @@ class Decoding:
         """A session for the next round, whose caches the round fills from position 0:
         the whole history is (re)played, except, with reuse_prefix and before the
         drafter was told anything, the prefix a pooled session's caches already hold."""
-        reuse = self.reuse_prefix and self.told == 0
+        reuse = self.reuse_prefix and self.told == 0 and not self.untold
         self.session, self.fresh = await self.generator.open(
             self.max_length, self.stats, self.history, self.route, reuse=reuse,
             drafting=self.drafting is not None)
         self.route = None  # a later session routes again: a failure has changed the bans
+        if self.budget.plain_ms is None:
+            self.budget.plain_ms = self.generator.plain_round(self.session.peers)
         self.kv = 0
         self.inherited = None
         if reuse and not self.fresh:
@@ -170,20 +175,22 @@ class Decoding:
             self.observe(proposal, verdict, draft_ms, result.wall_ms, t_round)
         await self.commit(verdict.committed(proposal.tree), scored)
         if self.drafting is not None and not self.finished:
-            await self.generator.in_thread(self.drafting.extend, self.history[self.told:],
-                                           features)
-            self.told = len(self.history)
+            self.untold.append(features)
 
     async def propose(self) -> Proposal:
-        """The drafter drafts after the last committed token once it knows them all
-        (not in the prompt's pass), as far as the request and the session have room."""
+        """The drafter drafts after the last committed token once every committed token
+        has its features (not in the prompt's pass, nor in a reused prefix's first), as
+        far as the request and the session have room; it is told what it lacks first."""
         room = min(self.params.max_tokens - self.stats.completion_tokens - 1,
                    self.max_length - len(self.history))
-        if self.drafting is None or self.kv == 0 or self.told != len(self.history) \
+        if self.drafting is None or self.kv == 0 or self.fed < len(self.history) - 1 \
                 or room <= 0:
             return NO_DRAFT
         if self.tree_drafting is None:
             depth = min(self.gamma.next(), room)
+            if depth <= 0:
+                return NO_DRAFT
+            await self.tell(self.drafting)
             chain = await self.generator.in_thread(self.drafting.propose, depth, self.params,
                                                    self.rng)
             return Proposal(TokenTree.chain(chain.tokens), chain.probs)
@@ -193,11 +200,20 @@ class Decoding:
         depth = min(TREE_DEPTH if levels else self.gamma.next(), room)
         if depth <= 0 or not self.budget.drafting():
             return NO_DRAFT
+        await self.tell(self.tree_drafting)
         tree = await self.generator.in_thread(
             self.tree_drafting.propose_tree, depth, self.budget.choose,
             self.budget.deeper if levels else None)
         # every position this FORWARD writes must fit the session
         return Proposal(tree.head(self.max_length - len(self.history)), grown=True)
+
+    async def tell(self, drafting: DraftSession) -> None:
+        """Give the drafter the committed tokens it lacks, with their features."""
+        if self.told == len(self.history):
+            return
+        features = torch.cat(self.untold) if len(self.untold) > 1 else self.untold[0]
+        await self.generator.in_thread(drafting.extend, self.history[self.told:], features)
+        self.told, self.untold = len(self.history), []
 
     async def forward(self, pending: list[int], draft: TokenTree) -> StepResult | None:
         """The pending tokens and the draft through the pipeline in one pass; None when
@@ -278,6 +294,10 @@ class Decoding:
             self.budget.observe(len(draft), *draft.estimated(verdict.path),
                                 round_ms - draft_ms, committed=len(verdict.path) + 1,
                                 draft_ms=draft_ms)
+        elif not len(draft):
+            self.budget.observe_plain(round_ms)
+        if not len(draft) and self.session is not None:  # what a later tree must beat here
+            self.generator.plain_round(self.session.peers, self.budget.plain_ms)
 
     async def commit(self, tokens: list[int], scored: list[TokenLogprob]) -> None:
         """Hand the round's tokens to the caller in order, until the request ends: an

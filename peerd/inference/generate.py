@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,6 +62,7 @@ from protocols.shard import FEATURE_TAGGED_ONLY
 log = logging.getLogger(__name__)
 
 MAX_FAILURES = 6  # per request: re-routes before giving up
+PLAIN_ROUTES = 64  # routes whose plain round time a generator remembers
 # What the entry's own work (embeddings, lm_head, drafting) is charged at the compute:
 # little next to a shard's positions x layers, so it goes first among our turns.
 ENTRY_COST = 1
@@ -140,6 +142,20 @@ class Generator:
         self.prompt_cache = prompt_cache
         self.warm_margin = warm_margin  # how much dearer a route keeping a warm prefix may be
         self.bans = BanList()
+        # route (its peers) -> a plain decoding round's ms there, as last measured
+        self._plain_rounds: OrderedDict[tuple[str, ...], float] = OrderedDict()
+
+    def plain_round(self, peers: Sequence[str], ms: float | None = None) -> float | None:
+        """A plain decoding round's time on the route through `peers`: with `ms`,
+        remember it (the newest routes only); the last figure (None: never measured),
+        the estimate a speculative request starts from (gamma.TreeBudget)."""
+        key = tuple(peers)
+        if ms is not None:
+            self._plain_rounds[key] = ms
+            self._plain_rounds.move_to_end(key)
+            while len(self._plain_rounds) > PLAIN_ROUTES:
+                self._plain_rounds.popitem(last=False)
+        return self._plain_rounds.get(key)
 
     def servers(self) -> list[Server]:
         """Who serves which layers of our model, from the ledger and our RTT probes;

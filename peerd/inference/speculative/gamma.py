@@ -37,6 +37,7 @@ TREE_NODES = 16  # ... before anything is measured
 TREE_DEPTH = 8  # an auto tree's depth: its lookup branches' length, the head's deepest
 DECAY = 0.3  # weight of the newest round in every estimate
 PROBE_EVERY = 8  # when drafting does not pay, still draft every this many rounds
+MAX_PROBE_EVERY = 32  # ... doubling after each probe that did not pay, up to this
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -59,17 +60,20 @@ def best_gamma(alpha: float, fixed_ms: float, per_token_ms: float,
 
 
 def best_tree_size(probs: Sequence[float], fixed_ms: float, per_node_ms: float,
-                   calibration: float = 1.0, min_nodes: int = 0) -> int:
+                   calibration: float = 1.0, min_nodes: int = 0,
+                   plain_ms: float | None = None) -> int:
     """argmax over n in min_nodes..len(probs) of (1 + calibration·Σ_{i<n} probs[i]) /
     (fixed_ms + per_node_ms·n), with `probs` the candidates' estimated chances of being
-    accepted, likeliest first; ties → smaller."""
+    accepted, likeliest first; n = 0 (a plain round) costs `plain_ms` where given;
+    ties → smaller."""
     best, best_rate, value = min_nodes, -1.0, 1.0
     for n in range(len(probs) + 1):
         if n > 0:
             value += calibration * probs[n - 1]
         if n < min_nodes:
             continue
-        rate = value / max(fixed_ms + per_node_ms * n, 1e-6)
+        cost = plain_ms if n == 0 and plain_ms is not None else fixed_ms + per_node_ms * n
+        rate = value / max(cost, 1e-6)
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = n, rate
     return best
@@ -157,17 +161,24 @@ class GammaController:
 @dataclass
 class TreeBudget:
     """Per-session tree shape. Size: how many of the head's candidates a tree keeps;
-    `fixed` set: always that many; else best_tree_size from observed rounds (the fit is
-    of the round without its drafting: a plain round costs its intercept a, since the
-    tree is grown before its size is chosen). Whether to grow trees at all also counts
-    the growing, d ms a round (decayed mean): a round of n nodes that commits
+    `fixed` set: always that many; else best_tree_size from observed rounds: T(n) =
+    a + b·n fitted on the rounds that sent a tree, without their drafting (the tree is
+    grown before its size is chosen), and a plain round's time t measured apart (a
+    pass of one position costs less than a's extrapolation says: on a CPU a tree's
+    products, mask and logits cost a jump of their own; 72 ms against an intercept of
+    120 on the bench's pipeline). Until this session has decoded a plain round, its
+    generator's last figure for the route is the estimate (`plain_ms`), or none: then
+    the first decoding round is plain. Whether to grow trees at all also counts the
+    growing, d ms a round (decayed mean): a round of n nodes that commits
     1 + calibration · Σ p_i tokens beats plain rounds by
 
-        edge = (1 + calibration · Σ p_i) · a / (a + b·n + d),
+        edge = (1 + calibration · Σ p_i) · t / (a + b·n + d),
 
     and when the decayed edge falls below 1 (or no candidate pays for its node) the
     following rounds do not draft at all (`drafting()`), until a probe of at least
-    `probe` nodes every PROBE_EVERY rounds (whose edge starts the average again).
+    `probe` nodes after PROBE_EVERY rounds (whose edge starts the average again; a probe
+    that does not pay doubles the wait, up to MAX_PROBE_EVERY: on a fast link a probe
+    costs a tree's jump and its drafting, more than a plain round, for nothing).
     Where the link is fast and the head unsure (chat on a LAN: a round of 12 nodes and
     18 ms of drafting must commit 2 tokens to beat a 72 ms plain round) the session
     decodes plain; where a round's fixed cost is high it keeps drafting.
@@ -190,9 +201,11 @@ class TreeBudget:
     _expected: float = 0.0
     _committed: float = 0.0  # decayed Σ committed tokens and Σ whole round ms: rate r
     _round_ms: float = 0.0
-    _draft_ms: float = 0.0  # decayed mean ms of drafting a round
+    _draft_ms: float | None = None  # decayed mean ms of drafting a round
     _edge: float | None = None  # decayed edge of a drafted round over a plain one
+    plain_ms: float | None = None  # t: a plain round's time (decayed), or an estimate
     _idle: int = 0  # rounds since a tree found nothing worth sending (0: drafting)
+    _wait: int = PROBE_EVERY  # idle rounds before the next probe
     _probing: bool = False
 
     @property
@@ -215,10 +228,12 @@ class TreeBudget:
 
     def drafting(self) -> bool:
         """Whether to grow a tree this round (else a plain round)."""
+        if self.fixed is None and self.plain_ms is None:
+            return False  # a plain round first: what a tree must beat
         if self._idle == 0:
             return True
         self._idle += 1
-        if self._idle > PROBE_EVERY:
+        if self._idle > self._wait:
             self._idle, self._probing = 0, True
             return True
         return False
@@ -232,17 +247,23 @@ class TreeBudget:
         if self.fit.empty:
             return min(TREE_NODES, len(probs))
         fixed_ms, per_node_ms = self.fit.cost()
-        n = best_tree_size(probs, fixed_ms, per_node_ms, self.calibration)
+        plain_ms = fixed_ms if self.plain_ms is None else self.plain_ms
+        n = best_tree_size(probs, fixed_ms, per_node_ms, self.calibration,
+                           plain_ms=plain_ms)
         probing, self._probing = self._probing, False
         if probing:
             n = max(n, min(self.probe, len(probs)))
-        edge = (1 + self.calibration * sum(probs[:n])) * fixed_ms / (
-            fixed_ms + per_node_ms * n + self._draft_ms)
+        edge = (1 + self.calibration * sum(probs[:n])) * plain_ms / (
+            (fixed_ms + per_node_ms * n if n else plain_ms) + (self._draft_ms or 0.0))
         # (after the plain rounds before a probe, the probe's edge is the news)
         self._edge = edge if self._edge is None or probing else (
             (1 - DECAY) * self._edge + DECAY * edge)
         if n == 0 or self._edge < 1:
             self._idle = 1  # (this tree is grown already: it goes anyway)
+            if probing:
+                self._wait = min(2 * self._wait, MAX_PROBE_EVERY)
+        elif probing:
+            self._wait = PROBE_EVERY
         return n
 
     def observe(self, sent: int, predicted: float, accepted: int, round_ms: float,
@@ -258,6 +279,14 @@ class TreeBudget:
         self._committed = keep * self._committed + (
             accepted + 1 if committed is None else committed)
         self._round_ms = keep * self._round_ms + round_ms + draft_ms
-        self._draft_ms = draft_ms if self.fit.empty else (
+        self._draft_ms = draft_ms if self._draft_ms is None else (
             keep * self._draft_ms + DECAY * draft_ms)
-        self.fit.observe(sent, round_ms)
+        if sent > 0:
+            self.fit.observe(sent, round_ms)
+        else:  # a tree that sent nothing: a plain round, but for its drafting
+            self.observe_plain(round_ms)
+
+    def observe_plain(self, round_ms: float) -> None:
+        """A round that sent no draft took `round_ms` (drafting aside)."""
+        self.plain_ms = round_ms if self.plain_ms is None else (
+            (1 - DECAY) * self.plain_ms + DECAY * round_ms)

@@ -168,20 +168,20 @@ class TreeBudget:
     products, mask and logits cost a jump of their own; 72 ms against an intercept of
     120 on the bench's pipeline). Until this session has decoded a plain round, its
     generator's last figure for the route is the estimate (`plain_ms`), or none: then
-    the first decoding round is plain. Whether to grow trees at all also counts the
-    growing, d ms a round (decayed mean): a round of n nodes that commits
-    1 + calibration · Σ p_i tokens beats plain rounds by
+    the first decoding round is plain.
 
-        edge = (1 + calibration · Σ p_i) · t / (a + b·n + d),
-
-    and when the decayed edge falls below 1 (or no candidate pays for its node) the
-    following rounds do not draft at all (`drafting()`), until a probe of at least
-    `probe` nodes after PROBE_EVERY rounds (whose edge starts the average again; a probe
-    that does not pay doubles the wait, up to MAX_PROBE_EVERY: on a fast link a probe
-    costs a tree's jump and its drafting, more than a plain round, for nothing).
-    Where the link is fast and the head unsure (chat on a LAN: a round of 12 nodes and
-    18 ms of drafting must commit 2 tokens to beat a 72 ms plain round) the session
-    decodes plain; where a round's fixed cost is high it keeps drafting.
+    Whether to grow trees at all is measured: the rounds that drafted commit r tokens
+    per ms of their whole time, drafting included (decayed), plain rounds 1 per t ms.
+    When r · t < 1 (or no candidate pays for its node) the following rounds do not
+    draft at all (`drafting()`), until a probe of at least `probe` nodes after
+    PROBE_EVERY rounds, whose own rate starts the average again; a probe that does not
+    pay doubles the wait, up to MAX_PROBE_EVERY (on a fast link a probe costs a tree's
+    jump and its drafting, more than a plain round, for nothing). Measured, not
+    predicted: the head's estimates do not cover the tree's prompt-lookup branches,
+    which carry much of what word problems and code commit. Where the link is fast and
+    the head unsure (chat on a LAN: a round of 12 nodes and 18 ms of drafting must
+    commit 2 tokens to beat a 72 ms plain round) the session decodes plain; where a
+    round's fixed cost is high it keeps drafting.
 
     Depth (`deeper`): a level of the head costs drafting time, not pipeline positions
     (the candidates it adds are paid for only if `choose` keeps them), so the head
@@ -202,11 +202,11 @@ class TreeBudget:
     _committed: float = 0.0  # decayed Σ committed tokens and Σ whole round ms: rate r
     _round_ms: float = 0.0
     _draft_ms: float | None = None  # decayed mean ms of drafting a round
-    _edge: float | None = None  # decayed edge of a drafted round over a plain one
     plain_ms: float | None = None  # t: a plain round's time (decayed), or an estimate
     _idle: int = 0  # rounds since a tree found nothing worth sending (0: drafting)
     _wait: int = PROBE_EVERY  # idle rounds before the next probe
-    _probing: bool = False
+    _probing: bool = False  # the next tree is a probe
+    _probe: bool = False  # the tree in hand is one
 
     @property
     def rate(self) -> float:
@@ -250,20 +250,11 @@ class TreeBudget:
         plain_ms = fixed_ms if self.plain_ms is None else self.plain_ms
         n = best_tree_size(probs, fixed_ms, per_node_ms, self.calibration,
                            plain_ms=plain_ms)
-        probing, self._probing = self._probing, False
-        if probing:
+        self._probe, self._probing = self._probing, False
+        if self._probe:
             n = max(n, min(self.probe, len(probs)))
-        edge = (1 + self.calibration * sum(probs[:n])) * plain_ms / (
-            (fixed_ms + per_node_ms * n if n else plain_ms) + (self._draft_ms or 0.0))
-        # (after the plain rounds before a probe, the probe's edge is the news)
-        self._edge = edge if self._edge is None or probing else (
-            (1 - DECAY) * self._edge + DECAY * edge)
-        if n == 0 or self._edge < 1:
-            self._idle = 1  # (this tree is grown already: it goes anyway)
-            if probing:
-                self._wait = min(2 * self._wait, MAX_PROBE_EVERY)
-        elif probing:
-            self._wait = PROBE_EVERY
+        elif n == 0:
+            self._idle = 1  # nothing worth its node: plain rounds from the next one
         return n
 
     def observe(self, sent: int, predicted: float, accepted: int, round_ms: float,
@@ -276,6 +267,8 @@ class TreeBudget:
         if predicted > 0:
             self._accepted = keep * self._accepted + accepted
             self._expected = keep * self._expected + predicted
+        if self._probe:  # after the plain rounds before it, the probe is the news
+            self._committed = self._round_ms = 0.0
         self._committed = keep * self._committed + (
             accepted + 1 if committed is None else committed)
         self._round_ms = keep * self._round_ms + round_ms + draft_ms
@@ -285,6 +278,17 @@ class TreeBudget:
             self.fit.observe(sent, round_ms)
         else:  # a tree that sent nothing: a plain round, but for its drafting
             self.observe_plain(round_ms)
+        probe, self._probe = self._probe, False
+        plain_ms = self.plain_ms if self.plain_ms is not None or self.fit.empty \
+            else self.fit.cost()[0]
+        if self.fixed is not None or plain_ms is None:
+            return
+        if self.rate * plain_ms < 1:  # plain rounds commit more a ms
+            self._idle = max(self._idle, 1)
+            if probe:
+                self._wait = min(2 * self._wait, MAX_PROBE_EVERY)
+        elif probe:
+            self._wait = PROBE_EVERY
 
     def observe_plain(self, round_ms: float) -> None:
         """A round that sent no draft took `round_ms` (drafting aside)."""

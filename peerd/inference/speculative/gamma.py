@@ -38,6 +38,7 @@ TREE_DEPTH = 8  # an auto tree's depth: its lookup branches' length, the head's 
 DECAY = 0.3  # weight of the newest round in every estimate
 PROBE_EVERY = 8  # when drafting does not pay, still draft every this many rounds
 MAX_PROBE_EVERY = 32  # ... doubling after each probe that did not pay, up to this
+JUDGE_AFTER = 3  # drafted rounds in a row before their rate is held against plain's
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -172,11 +173,12 @@ class TreeBudget:
 
     Whether to grow trees at all is measured: the rounds that drafted commit r tokens
     per ms of their whole time, drafting included (decayed), plain rounds 1 per t ms.
-    When r · t < 1 (or no candidate pays for its node) the following rounds do not
-    draft at all (`drafting()`), until a probe of at least `probe` nodes after
-    PROBE_EVERY rounds, whose own rate starts the average again; a probe that does not
-    pay doubles the wait, up to MAX_PROBE_EVERY (on a fast link a probe costs a tree's
-    jump and its drafting, more than a plain round, for nothing). Measured, not
+    When, after JUDGE_AFTER drafted rounds in a row (one round's tokens are too noisy
+    to judge by), r · t < 1 (a tree that sent nothing cost its drafting for one token)
+    the following rounds do not draft at all (`drafting()`), until a probe after PROBE_EVERY rounds:
+    JUDGE_AFTER rounds of trees (the first of at least `probe` nodes) whose own rate
+    starts the average again; a probe that does not pay doubles the wait, up to MAX_PROBE_EVERY
+    (on a fast link a tree costs a jump and its drafting, more than a plain round). Measured, not
     predicted: the head's estimates do not cover the tree's prompt-lookup branches,
     which carry much of what word problems and code commit. Where the link is fast and
     the head unsure (chat on a LAN: a round of 12 nodes and 18 ms of drafting must
@@ -197,16 +199,20 @@ class TreeBudget:
     max_nodes: int = MAX_TREE_NODES
     probe: int = 4
     fit: CostFit = field(default_factory=CostFit)  # rounds that drafted, less drafting
-    _accepted: float = 0.0  # decayed Σ accepted and Σ predicted, for the calibration
-    _expected: float = 0.0
+    # decayed Σ accepted and Σ predicted, for the calibration, from a prior of one
+    # token as predicted (so that one round that missed does not make it 0.1)
+    _accepted: float = 1.0
+    _expected: float = 1.0
     _committed: float = 0.0  # decayed Σ committed tokens and Σ whole round ms: rate r
     _round_ms: float = 0.0
     _draft_ms: float | None = None  # decayed mean ms of drafting a round
     plain_ms: float | None = None  # t: a plain round's time (decayed), or an estimate
-    _idle: int = 0  # rounds since a tree found nothing worth sending (0: drafting)
+    _idle: int = 0  # plain rounds since drafting stopped paying (0: drafting)
     _wait: int = PROBE_EVERY  # idle rounds before the next probe
     _probing: bool = False  # the next tree is a probe
     _probe: bool = False  # the tree in hand is one
+    _streak: int = 0  # rounds drafted in a row (since the session began or a probe)
+    _from_probe: bool = False  # ... and the streak began with a probe, not yet judged
 
     @property
     def rate(self) -> float:
@@ -221,7 +227,7 @@ class TreeBudget:
 
     @property
     def calibration(self) -> float:
-        """Observed accepted / predicted (1 until something is measured), within [0.1, 3]."""
+        """Observed accepted / predicted (1 before anything is), within [0.1, 3]."""
         if self._expected <= 0:
             return 1.0
         return min(max(self._accepted / self._expected, 0.1), 3.0)
@@ -253,8 +259,6 @@ class TreeBudget:
         self._probe, self._probing = self._probing, False
         if self._probe:
             n = max(n, min(self.probe, len(probs)))
-        elif n == 0:
-            self._idle = 1  # nothing worth its node: plain rounds from the next one
         return n
 
     def observe(self, sent: int, predicted: float, accepted: int, round_ms: float,
@@ -269,6 +273,9 @@ class TreeBudget:
             self._expected = keep * self._expected + predicted
         if self._probe:  # after the plain rounds before it, the probe is the news
             self._committed = self._round_ms = 0.0
+            self._streak, self._from_probe = 0, True
+        self._probe = False
+        self._streak += 1
         self._committed = keep * self._committed + (
             accepted + 1 if committed is None else committed)
         self._round_ms = keep * self._round_ms + round_ms + draft_ms
@@ -278,17 +285,16 @@ class TreeBudget:
             self.fit.observe(sent, round_ms)
         else:  # a tree that sent nothing: a plain round, but for its drafting
             self.observe_plain(round_ms)
-        probe, self._probe = self._probe, False
         plain_ms = self.plain_ms if self.plain_ms is not None or self.fit.empty \
             else self.fit.cost()[0]
-        if self.fixed is not None or plain_ms is None:
+        if self.fixed is not None or plain_ms is None or self._streak < JUDGE_AFTER:
             return
-        if self.rate * plain_ms < 1:  # plain rounds commit more a ms
+        pays = self.rate * plain_ms >= 1  # else plain rounds commit more a ms
+        if self._from_probe:
+            self._wait = PROBE_EVERY if pays else min(2 * self._wait, MAX_PROBE_EVERY)
+            self._from_probe = False
+        if not pays:
             self._idle = max(self._idle, 1)
-            if probe:
-                self._wait = min(2 * self._wait, MAX_PROBE_EVERY)
-        elif probe:
-            self._wait = PROBE_EVERY
 
     def observe_plain(self, round_ms: float) -> None:
         """A round that sent no draft took `round_ms` (drafting aside)."""

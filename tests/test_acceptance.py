@@ -362,6 +362,7 @@ def test_tree_budget_counts_the_drafting_against_a_plain_round() -> None:
     assert drafts(3, 72.0, 48.0, 18.0)
     assert drafts(2, 250.0, 48.0, 18.0)  # 2 tokens in 361 ms against 1 in 250
     assert drafts(2, 72.0, 0.0, 0.0)  # 2 tokens in 117 ms
+    assert drafts(2, 72.0, 16.0, 18.0)  # 2 tokens in 151 ms: barely worse, drafts on
     assert TreeBudget(fixed=4).drafting()  # a fixed size drafts from the first round
     # one round is too few to judge by: a slow start among good rounds drafts on
     budget = TreeBudget()

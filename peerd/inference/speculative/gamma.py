@@ -39,6 +39,10 @@ DECAY = 0.3  # weight of the newest round in every estimate
 PROBE_EVERY = 8  # when drafting does not pay, still draft every this many rounds
 MAX_PROBE_EVERY = 32  # ... doubling after each probe that did not pay, up to this
 JUDGE_AFTER = 3  # drafted rounds in a row before their rate is held against plain's
+# Drafting stops only where the rounds that drafted commit clearly less a ms than plain
+# rounds (r·t under this): a few rounds' tokens are noisy, and stopping wrongly costs
+# more (plain rounds until the next probe) than drafting on where it barely pays.
+STOP_BELOW = 0.9
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -174,16 +178,17 @@ class TreeBudget:
     Whether to grow trees at all is measured: the rounds that drafted commit r tokens
     per ms of their whole time, drafting included (decayed), plain rounds 1 per t ms.
     When, after JUDGE_AFTER drafted rounds in a row (one round's tokens are too noisy
-    to judge by), r · t < 1 (a tree that sent nothing cost its drafting for one token)
-    the following rounds do not draft at all (`drafting()`), until a probe after PROBE_EVERY rounds:
-    JUDGE_AFTER rounds of trees (the first of at least `probe` nodes) whose own rate
-    starts the average again; a probe that does not pay doubles the wait, up to MAX_PROBE_EVERY
-    (on a fast link a tree costs a jump and its drafting, more than a plain round). Measured, not
-    predicted: the head's estimates do not cover the tree's prompt-lookup branches,
-    which carry much of what word problems and code commit. Where the link is fast and
-    the head unsure (chat on a LAN: a round of 12 nodes and 18 ms of drafting must
-    commit 2 tokens to beat a 72 ms plain round) the session decodes plain; where a
-    round's fixed cost is high it keeps drafting.
+    to judge by), r · t < STOP_BELOW (a tree that sent nothing cost its drafting for
+    one token), the following rounds do not draft at all (`drafting()`), until a
+    probe after PROBE_EVERY rounds: JUDGE_AFTER rounds of trees (the first of at least
+    `probe` nodes) whose own rate starts the average again; a probe that does not pay
+    doubles the wait, up to MAX_PROBE_EVERY (on a fast link a tree costs a jump and its
+    drafting, more than a plain round). Measured, not predicted: the head's estimates
+    do not cover the tree's prompt-lookup branches, which carry much of what word
+    problems and code commit. Where the link is fast and the head unsure (chat on a
+    LAN: a round of 12 nodes and 18 ms of drafting must commit 2 tokens to beat a
+    72 ms plain round) the session decodes plain; where a round's fixed cost is high
+    it keeps drafting.
 
     Depth (`deeper`): a level of the head costs drafting time, not pipeline positions
     (the candidates it adds are paid for only if `choose` keeps them), so the head
@@ -289,7 +294,7 @@ class TreeBudget:
             else self.fit.cost()[0]
         if self.fixed is not None or plain_ms is None or self._streak < JUDGE_AFTER:
             return
-        pays = self.rate * plain_ms >= 1  # else plain rounds commit more a ms
+        pays = self.rate * plain_ms >= STOP_BELOW  # else plain rounds commit more a ms
         if self._from_probe:
             self._wait = PROBE_EVERY if pays else min(2 * self._wait, MAX_PROBE_EVERY)
             self._from_probe = False

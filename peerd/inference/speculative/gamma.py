@@ -203,7 +203,7 @@ class TreeBudget:
     fixed: int | None = None
     max_nodes: int = MAX_TREE_NODES
     probe: int = 4
-    fit: CostFit = field(default_factory=CostFit)  # rounds that drafted, less drafting
+    fit: CostFit = field(default_factory=CostFit)  # rounds that sent a tree, less drafting
     # decayed Σ accepted and Σ predicted, for the calibration, from a prior of one
     # token as predicted (so that one round that missed does not make it 0.1)
     _accepted: float = 1.0

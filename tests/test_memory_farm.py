@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
 from peerd.agents.election import WorkFailed
-from peerd.agents.reputation import PRIOR
+from peerd.agents.reputation import NO_SHOW_S, PRIOR
 from peerd.agents.sealing import seal
 from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.memory.admission import judge
@@ -170,10 +171,15 @@ async def test_a_liar_is_outvoted_by_a_third_peer_and_counted(tmp_path: Path, ti
         assert q.node.peer_id not in req.node.offences
         assert req.farm.caught.recent(liar.node.peer_id, req.farm.clock())
         # what the job saw outlives a restart: the book is read back from the data dir
-        again = Farm(req.node, req._face, req._ledger_entries,
-                     book_path=req.farm.book_path).book.own()
-        assert again == pytest.approx(req.farm.book.own())
-        assert again[liar.node.peer_id] < PRIOR < again[q.node.peer_id]
+        again = Farm(req.node, req._face, req._ledger_entries, book_path=req.farm.book_path)
+        assert again.book.own() == pytest.approx(req.farm.book.own())
+        assert again.book.own()[liar.node.peer_id] < PRIOR < again.book.own()[q.node.peer_id]
+        # ... and so does who was caught lately, until NO_SHOW_S has passed
+        assert again.caught.recent(liar.node.peer_id, again.clock())
+        assert not again.caught.recent(q.node.peer_id, again.clock())
+        later = Farm(req.node, req._face, req._ledger_entries, book_path=req.farm.book_path,
+                     clock=lambda: time.time() + NO_SHOW_S)
+        assert not later.caught.recent(liar.node.peer_id, later.clock())
 
 
 async def test_with_two_replayers_a_liar_leaves_the_candidate_unverified(

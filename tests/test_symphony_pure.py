@@ -323,6 +323,19 @@ def test_a_no_show_is_remembered_for_a_while_or_until_it_delivers() -> None:
     assert not shows.recent("p0", 1.0) and shows.recent("p1", 1.0)
 
 
+def test_no_shows_read_back_from_a_file_keep_only_what_is_not_over_and_well_formed(
+        ) -> None:
+    shows = reputation.NoShows()
+    shows.missed("old", 100.0)
+    shows.missed("new", 500.0)
+    data = {**shows.to_json(), "bad": "soon", "flag": True, "inf": float("inf"), "7": 600}
+    back = reputation.NoShows.from_json(data, now=100.0 + reputation.NO_SHOW_S)
+    assert back.to_json() == {"new": 500.0, "7": 600.0}
+    assert back.recent("new", 501.0) and not back.recent("old", 501.0)
+    for damaged in (None, [], "x", {"p": None}):
+        assert reputation.NoShows.from_json(damaged, now=0.0).to_json() == {}
+
+
 async def test_run_election_waits_for_expected_bids_on_a_fake_clock(
         autojump_clock: trio.testing.MockClock) -> None:
     send, recv = trio.open_memory_channel[Candidate](16)

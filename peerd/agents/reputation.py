@@ -132,6 +132,22 @@ class NoShows:
         at = self._at.get(peer)
         return at is not None and now - at < NO_SHOW_S
 
+    def to_json(self) -> dict[str, float]:
+        """For a file: meaningful across a restart only with a wall clock's times."""
+        return dict(self._at)
+
+    @classmethod
+    def from_json(cls, data: Any, now: float) -> NoShows:
+        """Tolerant, as ReputationBook.from_json; entries already over are left out."""
+        shows = cls()
+        if isinstance(data, dict):
+            rows = [(at, peer) for peer, at in data.items() if isinstance(peer, str)
+                    and isinstance(at, int | float) and not isinstance(at, bool)
+                    and math.isfinite(at) and now - at < NO_SHOW_S]
+            for at, peer in sorted(rows)[-MAX_NO_SHOWS:]:
+                shows._at[peer] = float(at)
+        return shows
+
 
 def _report(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):

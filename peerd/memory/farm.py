@@ -19,8 +19,8 @@ seated with `fill_seats` (a peer that fails or misses its deadline is replaced b
 next). Their verified results are settled by farming.settle; what happens when they
 do not agree is in `Farm.replay`. A peer caught with a false result is an offence
 (`false_replay`), scores 0 in this peer's replay reputation, and ranks last for a
-while. The reputation book is kept in the memory's directory, so a restart does not
-forgive a liar; who was caught lately (the ranking last) is not.
+while. The reputation book and who was caught lately (wall-clock times) are kept in the
+memory's directory, so a restart forgives neither.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from protocols.memory_replay import (
 
 REPLAYERS = 2  # results that must agree
 REPLAY_REPUTATION_FILE = "replay_reputation.json"  # in the memory's directory
+CAUGHT_FILE = "replay_caught.json"  # beside it: peer -> when it was last caught (wall clock)
 DEADLINE_S = REPLAY.timeout_s - REPLAY_MARGIN_S  # one replaying peer's time for a job
 NO_SHOWS = frozenset({"deadline", "unreachable"})  # as Symphony's requester counts them
 
@@ -78,7 +79,7 @@ class Farm:
     def __init__(self, node: Node, model: Callable[[], LanguageModel],
                  entries: Callable[[], list[LedgerEntry]], *, wanted: int = REPLAYERS,
                  deadline_s: float = DEADLINE_S, book_path: Path | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.node = node
         self.model = model
         self.entries = entries
@@ -88,7 +89,9 @@ class Farm:
         self.book_path = book_path  # where the book outlives a restart (None: it does not)
         self.book = ReputationBook.from_json(  # what our jobs saw of each replayer
             node.peer_id, None if book_path is None else read_json(book_path))
-        self.caught = NoShows()  # replayers caught with a false result: ranked last
+        self.caught_path = None if book_path is None else book_path.with_name(CAUGHT_FILE)
+        self.caught = NoShows.from_json(  # replayers caught with a false result: ranked last
+            None if self.caught_path is None else read_json(self.caught_path), clock())
         self.counts: Counter[str] = Counter()
 
     def register(self) -> None:
@@ -193,6 +196,8 @@ class Farm:
         self._account(settled.by, settled.offenders, job.job_id)
         if self.book_path is not None:
             await trio.to_thread.run_sync(keep_json, self.book_path, self.book.to_json())
+        if self.caught_path is not None and (settled.by or settled.offenders):
+            await trio.to_thread.run_sync(keep_json, self.caught_path, self.caught.to_json())
         if verdict is not None:
             return Farmed(local=verdict, asked=tuple(asked), offenders=settled.offenders,
                           message=f"replayed here after {len(results)} farmed results "

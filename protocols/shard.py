@@ -23,7 +23,7 @@ held on an entry's account that it did not open). A 1.0.0 peer that dials a 2.0.
 one gets an ERROR of code VERSION; a 2.0.0 peer that dials a 1.0.0 one is answered
 "na" by multistream-select and reports a FAILED of code VERSION.
 
-FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H]
+FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H] (one row)
 and `keep`: the KV length every shard truncates its cache to before appending.
 Speculative decoding rides its rollback on the next FORWARD this way, with no extra
 round trip. Tensors travel as raw little-endian bytes + dtype + shape, never pickle.
@@ -35,6 +35,13 @@ to the whole cache, its ancestors and itself; its KV lands in cache slot
 start_pos + j, so the next FORWARD's `keep` must cut the cache back to a prefix
 whose slots are a chain (the entry peer's job: it orders the tree so that the
 likeliest branch comes first).
+
+An OPEN may carry `rows` > 1 (a peer that takes it lists FEATURE_ROWS in its ledger
+entry): the session then decodes that many sequences side by side, all at the same
+positions, every FORWARD a tensor [rows, T, H] (a chain: a token tree is one row's).
+Each hop holds rows x positions of KV for it and computes the rows as one batch; an
+RL pipeline sampler decodes a prompt's completions this way, each of its steps one
+pass for all of them. `rows` is left off the wire when 1: what peers before it speak.
 
 An OPEN may carry a `PolicyTag` (an RL run and a policy version: peerd/rl's pipeline
 samplers): every hop must be at exactly that version of that run and keep it until
@@ -58,6 +65,7 @@ from protocols.errors import WireError
 from protocols.spec import ErrorReply, SessionStream
 
 MAX_ROUTE_HOPS = 64
+MAX_ROWS = 64  # sequences in one session (OPEN.rows)
 MAX_TREE_POSITIONS = 1024  # a tree is a draft: a few dozen positions; its mask is T x T
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -75,6 +83,8 @@ RETIRED_IDS = ("/peerd/shard/1.0.0", "/peerd/shard-return/1.0.0")
 # in LedgerEntry.features of a peer that now takes tagged sessions only: plain
 # inference routes around it
 FEATURE_TAGGED_ONLY = "shard.tagged_only"
+# in LedgerEntry.features of a peer whose shard server takes OPEN.rows > 1
+FEATURE_ROWS = "shard.rows"
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as protocols.rollout's
 MAX_PEER_ID_CHARS = 128
 
@@ -131,7 +141,8 @@ class PolicyTag(Message):
 @dataclass(frozen=True, slots=True)
 class Open(Message):
     KIND = "shard.open"
-    OPTIONAL = frozenset({"policy"})  # an untagged OPEN is what tag-less peers speak
+    # an untagged OPEN of one row is what peers before tags and rows speak
+    OPTIONAL = frozenset({"policy", "rows"})
     session: str  # chosen by the entry peer, unique per generation
     model_id: str
     route: tuple[Hop, ...]  # the whole chain, first hop first
@@ -140,6 +151,7 @@ class Open(Message):
     max_length: int  # positions the session may reach (KV cache budget)
     dtype: str  # wire dtype of hidden states
     policy: PolicyTag | None = None  # an RL policy version every hop must hold throughout
+    rows: int = 1  # sequences decoded side by side, at the same positions (1..MAX_ROWS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +174,7 @@ class Forward(Message):
     step: int  # increases by one per FORWARD in a session
     start_pos: int
     keep: int  # truncate KV to this length first; -1 = keep everything
-    hidden: WireTensor  # [1, T, H]
+    hidden: WireTensor  # [rows, T, H]
     timings: tuple[HopTiming, ...] = ()  # compute time of the hops before this one
     # parent of each of the T positions: an index < j into this FORWARD, or -1 for
     # the last cached position; () is a chain (position j's parent is j - 1)
@@ -288,10 +300,10 @@ def check_route(route: tuple[Hop, ...], num_layers: int) -> None:
 
 
 def check_forward(msg: Forward, *, session: str, last_step: int, dtype: str,
-                  hidden_size: int, cached: int, max_length: int) -> None:
+                  hidden_size: int, cached: int, max_length: int, rows: int = 1) -> None:
     """WireError unless `msg` may follow on the stream of session `session`, whose last
-    step was `last_step`, agreed on `dtype` and `max_length`, and whose cache holds
-    `cached` positions of hidden size `hidden_size`."""
+    step was `last_step`, agreed on `dtype`, `max_length` and `rows`, and whose cache
+    holds `cached` positions of hidden size `hidden_size`."""
     if msg.session != session:
         raise WireError(f"FORWARD for unknown session {msg.session!r:.40} on session "
                         f"{session}'s stream")
@@ -301,9 +313,11 @@ def check_forward(msg: Forward, *, session: str, last_step: int, dtype: str,
     h.check(rank=3)
     if h.dtype != dtype:
         raise WireError(f"hidden states in {h.dtype}, the session agreed on {dtype}")
-    if h.shape[0] != 1 or h.shape[2] != hidden_size or h.shape[1] < 1:
+    if h.shape[0] != rows or h.shape[2] != hidden_size or h.shape[1] < 1:
         raise WireError(f"hidden states of shape {list(h.shape)}; expected "
-                        f"[1, T>=1, {hidden_size}]")
+                        f"[{rows}, T>=1, {hidden_size}]")
+    if msg.tree and rows != 1:
+        raise WireError(f"a token tree in a session of {rows} rows: a tree is one row's")
     if not -1 <= msg.keep <= cached:
         raise WireError(f"keep={msg.keep} but the session holds {cached} positions")
     expected = cached if msg.keep < 0 else msg.keep

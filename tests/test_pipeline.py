@@ -109,6 +109,45 @@ async def test_split_matches_single_process(tmp_path: Path, tiny: Path,
         assert diff < LOGIT_ATOL
 
 
+async def test_a_session_of_several_rows_computes_each_row_as_alone(tmp_path: Path,
+                                                                    tiny: Path) -> None:
+    """OPEN.rows = 3 over a 2-way split: each step runs the three rows as one batch and
+    every row's hidden states are those of a one-row session on the same tokens (float
+    rounding); every hop charges three rows' KV; the session is never pooled."""
+    rows = [[5, 17, 33, 101], [7, 250, 12, 64], [3, 99, 5, 5]]
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4)]) as (_, runtimes):
+        entry, shard = runtimes[1], runtimes[0]
+        pipeline = entry.generator.pipeline
+        route = entry.generator.route()
+        assert isinstance(route, Route)
+
+        async def run(tokens: list[list[int]], n_rows: int) -> torch.Tensor:
+            session = await pipeline.open(route, 16, rows=n_rows)
+            outs = []
+            for pos, chunk in ((0, [r[:3] for r in tokens]), (3, [r[3:] for r in tokens])):
+                with torch.inference_mode():
+                    hidden = entry.head.embed(torch.tensor(chunk))  # [rows, T, H]
+                outs.append((await session.step(hidden, pos)).hidden)
+            if n_rows > 1:
+                held = shard.server.lending.lent[session.id]
+                assert held.kv_per_position == n_rows * shard.block.kv_bytes_per_position()
+                await pipeline.release(session)  # not pooled: closed
+                assert not pipeline.pooled and session.done.is_set()
+            else:
+                await session.close()
+            return torch.cat(outs, 1)  # [rows, 4, H]
+
+        together = await run(rows, 3)
+        assert together.shape == (3, 4, entry.head.hidden_size)
+        for i, row in enumerate(rows):
+            alone = await run([row], 1)
+            assert torch.allclose(together[i], alone[0], atol=1e-5), i
+        session = await pipeline.open(route, 16, rows=3)
+        with pytest.raises(ValueError, match="rows"):  # the entry's own check
+            await session.step(torch.zeros(1, 2, entry.head.hidden_size), 0)
+        await session.close()
+
+
 async def test_failed_shard_is_rerouted_and_replayed(tmp_path: Path, tiny: Path,
                                                      reference: torch.nn.Module) -> None:
     """Two replicas of [2, 4): the serving one fails mid-generation; the request

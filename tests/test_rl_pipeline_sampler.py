@@ -44,6 +44,7 @@ from peerd.streams import OpenRefused, open_session
 from protocols.rollout import FEATURE_PIPELINE_SAMPLER, FEATURE_ROLLOUT, FEATURE_ROLLOUT_SHARD
 from protocols.shard import BEHIND as SHARD_BEHIND
 from protocols.shard import (
+    FEATURE_ROWS,
     FEATURE_TAGGED_ONLY,
     FOLLOWING,
     REVOKED,
@@ -57,9 +58,10 @@ from tests.harness import connect_nodes, gossip, rejections, serve_model, swarm,
 from tests.models import tiny_llama_dir
 from tests.rl_swarm import add_sampler, rl_pipeline_swarm, seven_task
 
-# float32 everywhere, the same modules; the pipeline decodes each completion alone
-# where LocalPolicy decodes a request's prompts of one length as a batch, so kernels
-# sum in other orders: float rounding, as in tests/test_rl_policy.py
+# float32 everywhere, the same modules and batches (a prompt length's rows together);
+# the pipeline prefills every row where LocalPolicy prefills a prompt once, and keeps
+# ended rows in the batch where LocalPolicy drops them, so kernels sum in other orders:
+# float rounding, as in tests/test_rl_policy.py
 LOGPROB_ATOL = 1e-4
 RUN = "run-p"
 PROMPTS = [[1, 17, 42, 99, 7, 250, 3], [5, 6, 7]]
@@ -160,8 +162,9 @@ async def test_pipeline_rollouts_equal_the_whole_models_before_and_after_a_versi
         before = await sw.policy.generate_many(PROMPTS, **SETTINGS)
         assert_same(before, await ref.generate_many(PROMPTS, **SETTINGS))
         assert sw.shard.gate.following == RUN  # taken up at the first tagged session
-        # the completions were decoded at once, each in its own session, the same tokens
+        # a prompt's completions decoded as the rows of one session, the same tokens
         assert sw.policy.status()["peak_in_flight"] > 1
+        assert sw.policy.status()["peak_rows"] == SETTINGS["n"]
 
         update = new_version(ref, 1)
         await sw.store.publish(RUN, sw.model_id, 1, "full", update)
@@ -179,6 +182,41 @@ async def test_pipeline_rollouts_equal_the_whole_models_before_and_after_a_versi
                                                              for c in g]
         assert sw.policy.version == sw.shard.status()["rollout"]["shard"]["version"] == 1
         assert sw.shard.gate.refused["behind"] >= 1  # asked for 1, it applied what it held
+
+
+async def test_rows_that_end_early_ride_along_and_a_hop_without_rows_gets_one_a_session(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row that meets EOS rides to its batch's end unread: the completions are still
+    LocalPolicy's, some shorter than the others. Through a hop that does not list
+    FEATURE_ROWS (a peer before rows) each completion is a session of its own, and
+    the tokens are the same again."""
+    async with pipeline_swarm(tmp_path, tiny) as sw:
+        ref = reference(tiny)
+        sw.policy.take_up(RUN, sw.trainer.peer_id)
+        plain = await ref.generate_many(PROMPTS, **SETTINGS)
+        # an EOS that ends the first completion at its third token, and not every other
+        stop = plain.groups[0][0].ids[2]
+        settings = SETTINGS | {"eos_ids": {stop}}
+        want = await ref.generate_many(PROMPTS, **settings)
+        lengths = [len(c.ids) for g in want.groups for c in g]
+        assert lengths[0] == 3 and max(lengths) == SETTINGS["max_tokens"], lengths
+        assert_same(await sw.policy.generate_many(PROMPTS, **settings), want)
+        assert sw.policy.status()["peak_rows"] == SETTINGS["n"]
+
+        real = sw.shard.entry_fields
+
+        def before_rows() -> Any:
+            fields = real()
+            fields["features"] = tuple(f for f in fields["features"] if f != FEATURE_ROWS)
+            return fields
+
+        monkeypatch.setattr(sw.shard, "entry_fields", before_rows)
+        gossip(sw.shard.node).refresh()
+        await wait_for(lambda: not sw.policy._rows_taken(),
+                       what="the entry to see a hop without rows")
+        sw.policy.peak_rows = 0
+        assert_same(await sw.policy.generate_many(PROMPTS, **settings), want)
+        assert sw.policy.status()["peak_rows"] == 1
 
 
 async def test_a_shard_that_is_behind_refuses_then_serves_after_its_pull(
@@ -336,7 +374,7 @@ async def test_a_new_runs_sessions_arriving_together_leave_the_old_run_once(
         monkeypatch.setattr("peerd.rl.shard_gate.RUN_IDLE_S", 0.0)
         retries = dict(sw.policy.retries)
         sw.policy.take_up("run-b", sw.trainer.peer_id)
-        got = await sw.policy.generate_many(PROMPTS, **SETTINGS)  # 6 sessions at once
+        got = await sw.policy.generate_many(PROMPTS, **SETTINGS)  # 2 sessions at once
         assert got.version == 0 and sw.policy.retries == retries
         assert sw.shard.gate.following == sw.entry.gate.following == "run-b"
         assert resets[0] == 1

@@ -74,6 +74,8 @@ BAD_FORWARDS = {
     "unknown session": (lambda s, h: Forward("not-this-session", 1, 0, -1, hidden_of((1, 3, h))),
                         "unknown session"),
     "wrong shape": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h + 1))), "shape"),
+    "two rows in a session of one": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((2, 3, h))),
+                                     "expected [1, T>=1"),
     "wrong dtype": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h), torch.float16)),
                     "float16"),
     "start_pos beyond the cache": (lambda s, h: Forward(s.id, 1, 7, -1, hidden_of((1, 3, h))),
@@ -140,6 +142,37 @@ async def test_open_with_a_bad_route_is_refused(tmp_path: Path, tiny: Path,
         reply = decode(await read_frame(stream, SHARD.max_control_bytes), ErrorReply)
         assert reply.code == "malformed" and words in reply.message
         assert not shard.server.sessions
+        fresh = await entry.generator.pipeline.open(via(shard), 64)
+        await good_step(fresh, entry)
+        await fresh.close()
+
+
+@pytest.mark.parametrize("rows", [0, 65, -1])
+async def test_open_with_rows_out_of_range_is_refused(tmp_path: Path, tiny: Path,
+                                                      rows: int) -> None:
+    async with shard_and_entry(tmp_path, tiny) as (shard, entry):
+        hops = (Hop(shard.node.peer_id, 0, 4),)
+        stream = await entry.node.new_stream(shard.node.peer_id, SHARD.id)
+        await write_frame(stream, encode(Open(session="r" * 16, model_id=shard.model_id,
+                                              route=hops, hop=0, entry_peer=entry.node.peer_id,
+                                              max_length=64, dtype="float32", rows=rows)),
+                          SHARD.max_control_bytes)
+        reply = decode(await read_frame(stream, SHARD.max_control_bytes), ErrorReply)
+        assert reply.code == "malformed" and f"rows {rows} outside" in reply.message
+        assert not shard.server.sessions
+        fresh = await entry.generator.pipeline.open(via(shard), 64)
+        await good_step(fresh, entry)
+        await fresh.close()
+
+
+async def test_a_tree_in_a_session_of_several_rows_is_refused(tmp_path: Path,
+                                                              tiny: Path) -> None:
+    async with shard_and_entry(tmp_path, tiny) as (shard, entry):
+        session = await entry.generator.pipeline.open(via(shard), 64, rows=2)
+        h = entry.head.hidden_size
+        reply = await refused(session, Forward(session.id, 1, 0, -1, hidden_of((2, 3, h)),
+                                               tree=(-1, 0, 0)))
+        assert reply.code == "malformed" and "a tree is one row's" in reply.message
         fresh = await entry.generator.pipeline.open(via(shard), 64)
         await good_step(fresh, entry)
         await fresh.close()

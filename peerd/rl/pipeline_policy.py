@@ -22,14 +22,18 @@ route around it. Past `deadline_s` the generation fails as "behind" (as a sample
 that cannot catch up does) or "no_pipeline"; the trainer counts either against the
 sampler, and drops one that keeps failing.
 
-Completions are decoded each in its own session (a FORWARD carries one row), up to
-`parallel` of them at once so that the links' latency overlaps (each hop's session cap
-and KV budget bound it too), with the same random stream and the same behaviour
-log-probs rule as
-LocalPolicy (policy.py: `choose`, `completion_seed`), computed at the entry from the
-last hop's final hidden states. So a pipeline sampler produces LocalPolicy's tokens
-and log-probs at the same version and seed, to float rounding (LocalPolicy decodes a
-request's prompts of one length as one batch, kernels sum in other orders).
+Completions are decoded in sessions of several rows where every hop of the route
+lists FEATURE_ROWS (protocols/shard.py): the rows of LocalPolicy's batches
+(`batch_rows`: prompts of one token length, at most `max_rows` rows), each row its
+prompt, then its own tokens, all at the same positions, so a step is one pass for the
+whole batch. A row that ends (EOS, max_tokens) rides along to the batch's end, its
+outputs unread. Through a hop without FEATURE_ROWS each completion is a session of
+its own. Up to `parallel` sessions run at once so that the links' latency overlaps
+(each hop's session cap and KV budget bound it too). The random streams and the
+behaviour log-probs are LocalPolicy's (policy.py: `choose`, `completion_seed`),
+computed at the entry from the last hop's final hidden states. So a pipeline sampler
+produces LocalPolicy's tokens and log-probs at the same version and seed, to float
+rounding (kernels sum in other orders).
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ from peerd.inference.swarm.pipeline import PipelineFailure, PipelineSession
 from peerd.inference.swarm.routing import BanList, NoRoute, Route, find_route, servers_by_model
 from peerd.rl.follow import Follower
 from peerd.rl.policy import (
+    MAX_ROWS,
     Completion,
     Generation,
     VersionMismatch,
+    batch_rows,
     check_generation,
     choose,
     completion_seed,
@@ -58,8 +64,9 @@ from peerd.rl.shard_gate import ShardGate
 from peerd.rl.versions import PolicyError, VersionedWeights
 from peerd.rpc import Busy
 from protocols.rollout import BEHIND, FEATURE_ROLLOUT_SHARD
-from protocols.shard import AHEAD, REVOKED, PolicyTag
+from protocols.shard import AHEAD, FEATURE_ROWS, REVOKED, PolicyTag
 from protocols.shard import BEHIND as SHARD_BEHIND
+from protocols.shard import MAX_ROWS as MAX_SESSION_ROWS
 
 if TYPE_CHECKING:
     from peerd.inference.generate import Generator
@@ -70,8 +77,8 @@ RETRY_S = 0.2  # after a hop said BEHIND (it is pulling) or we caught up
 DEADLINE_S = 60.0  # a generation that cannot find a route at one version gives up
 NEWEST_WAIT_S = 10.0  # for the newest version's pull (already under way, mostly)
 NO_PIPELINE = "no_pipeline"  # its refusal then: a failure the trainer counts, not "busy"
-# Completions decoded at once, each its own session: a token costs a trip through the
-# chain's links, so one at a time leaves every hop idle for most of it.
+# Sessions decoded at once: a token costs a trip through the chain's links, so one at
+# a time leaves every hop idle for most of it.
 PARALLEL = 8
 
 
@@ -88,9 +95,11 @@ class PipelinePolicy:
 
     def __init__(self, weights: VersionedWeights, follower: Follower, gate: ShardGate,
                  generator: Generator, *, deadline_s: float = DEADLINE_S,
-                 parallel: int = PARALLEL) -> None:
+                 parallel: int = PARALLEL, max_rows: int = MAX_ROWS) -> None:
         if parallel < 1:
-            raise ValueError(f"parallel {parallel}: at least 1 completion at a time")
+            raise ValueError(f"parallel {parallel}: at least 1 session at a time")
+        if not 1 <= max_rows <= MAX_SESSION_ROWS:
+            raise ValueError(f"max_rows {max_rows}: 1..{MAX_SESSION_ROWS} rows a session")
         if weights.head is None:
             raise PolicyError("a pipeline sampler's entry needs the head")
         self.weights = weights
@@ -100,7 +109,9 @@ class PipelinePolicy:
         self.head = weights.head
         self.deadline_s = deadline_s
         self.parallel = parallel
+        self.max_rows = max_rows  # rows a session, where the route's hops take rows
         self.in_flight = self.peak_in_flight = 0  # completions being decoded, for status
+        self.peak_rows = 0  # the most rows a session of ours has had, for status
         self.bans = BanList()
         self.generations = 0
         self.retries: dict[str, int] = {}  # by refusal code, for status
@@ -155,12 +166,17 @@ class PipelinePolicy:
                     if at_version is not None and at_version != version:
                         raise VersionMismatch(version, at_version)
                     tag = PolicyTag(run_id=run_id, version=version, trainer=trainer)
-                    groups = await self._complete_all(
-                        tag, [(list(ids), [completion_seed(*streams[i], g) for g in range(n)])
-                              for i, ids in enumerate(prompts)],
+                    batches = batch_rows([len(p) for p in prompts], n,
+                                         self.max_rows if self._rows_taken() else 1)
+                    done = await self._complete_all(
+                        tag, [[(list(prompts[i]), completion_seed(*streams[i], g))
+                               for i, g in rows] for rows in batches],
                         temperature, top_p, max_tokens, eos)
+                    found = {row: c for rows, cs in zip(batches, done, strict=True)
+                             for row, c in zip(rows, cs, strict=True)}
                     self.generations += 1
-                    return Generation(version, groups)
+                    return Generation(version, [[found[i, g] for g in range(n)]
+                                                for i in range(len(prompts))])
             except _Again as again:  # (the hold is let go: our own apply may go first)
                 last, code = str(again), again.code
                 self.retries[again.code] = self.retries.get(again.code, 0) + 1
@@ -200,83 +216,107 @@ class PipelinePolicy:
         return find_route(servers, self.weights.block.num_layers,
                           self.bans.banned(time.monotonic()))
 
-    async def _complete_all(self, tag: PolicyTag, asked: list[tuple[list[int], list[int]]],
+    def _rows_taken(self) -> bool:
+        """Does every hop of the route now take sessions of several rows? (A route that
+        changes before the OPEN to a hop that does not refuses it, and the generation
+        starts again.)"""
+        route = self.route()
+        if isinstance(route, NoRoute):
+            return False
+        features = {e.peer_id: e.features for e in self.generator.ledger.entries()}
+        return all(FEATURE_ROWS in features.get(s.peer_id, ()) for s in route.spans)
+
+    async def _complete_all(self, tag: PolicyTag, batches: list[list[tuple[list[int], int]]],
                             temperature: float, top_p: float, max_tokens: int,
                             eos: frozenset[int]) -> list[list[Completion]]:
-        """Every (prompt, its completions' seeds) of `asked` decoded, `parallel` at a
-        time; the first failure (_Again, or our bug) ends the others and is raised."""
-        out: list[list[Completion | None]] = [[None] * len(seeds) for _, seeds in asked]
+        """Every batch of (prompt, completion seed) rows (prompts of one length) decoded,
+        a session each, `parallel` at a time; the first failure (_Again, or our bug)
+        ends the others and is raised."""
+        out: list[list[Completion]] = [[] for _ in batches]
         failed: list[Exception] = []
         limiter = trio.CapacityLimiter(self.parallel)
 
-        async def one(i: int, g: int, cancel: trio.CancelScope) -> None:
-            prompt, seeds = asked[i]
+        async def one(b: int, cancel: trio.CancelScope) -> None:
             async with limiter:
-                self.in_flight += 1
+                self.in_flight += len(batches[b])
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 try:
-                    out[i][g] = await self._complete(tag, prompt, seeds[g], temperature,
-                                                     top_p, max_tokens, eos)
+                    out[b] = await self._complete(tag, batches[b], temperature, top_p,
+                                                  max_tokens, eos)
                 except Exception as exc:  # the generation's: raised once all have ended
                     failed.append(exc)
                     cancel.cancel()
                 finally:
-                    self.in_flight -= 1
+                    self.in_flight -= len(batches[b])
 
         async with trio.open_nursery() as nursery:
-            for i, (_, seeds) in enumerate(asked):
-                for g in range(len(seeds)):
-                    nursery.start_soon(one, i, g, nursery.cancel_scope)
+            for b in range(len(batches)):
+                nursery.start_soon(one, b, nursery.cancel_scope)
         if failed:
             raise failed[0]
-        return [[c for c in group if c is not None] for group in out]
+        return out
 
-    async def _complete(self, tag: PolicyTag, prompt: list[int], seed: int,
+    async def _complete(self, tag: PolicyTag, rows: list[tuple[list[int], int]],
                         temperature: float, top_p: float, max_tokens: int,
-                        eos: frozenset[int]) -> Completion:
-        """One completion through a session tagged `tag`; _Again when it cannot."""
+                        eos: frozenset[int]) -> list[Completion]:
+        """The completions of `rows` (prompts of one length, each row's seed) through one
+        session tagged `tag`; _Again when it cannot."""
         route = self.route()
         if isinstance(route, NoRoute):
             raise _Again("no_route", f"no rollout shard serves layers {route.describe()}")
         generator = self.generator
+        length = len(rows[0][0])
         try:
             session = await generator.pipeline.open(
-                route, len(prompt) + max_tokens, generator.wire_dtype, policy=tag)
+                route, length + max_tokens, generator.wire_dtype, policy=tag, rows=len(rows))
         except PipelineFailure as failure:
             raise self._failed(failure) from None
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        ids: list[int] = []
-        lps: list[float] = []
+        self.peak_rows = max(self.peak_rows, len(rows))
+        gens = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in rows]
+        ids: list[list[int]] = [[] for _ in rows]
+        lps: list[list[float]] = [[] for _ in rows]
+        live = list(range(len(rows)))  # rows not yet ended
         try:
-            tokens, pos = prompt, 0  # the prompt, then each new token
+            tokens, pos = [prompt for prompt, _ in rows], 0  # the prompts, then a token a row
             while True:
-                token, lp = await self._step(session, tokens, pos, gen, temperature, top_p)
-                pos += len(tokens)
-                ids.append(token)
-                lps.append(lp)
-                if token in eos or len(ids) >= max_tokens:
-                    return Completion(tuple(ids), tuple(lps))
-                tokens = [token]
+                picked = await self._step(session, tokens, pos, [gens[r] for r in live],
+                                          live, temperature, top_p)
+                pos += len(tokens[0])
+                for r, (token, lp) in zip(live, picked, strict=True):
+                    ids[r].append(token)
+                    lps[r].append(lp)
+                live = [r for r in live if ids[r][-1] not in eos and len(ids[r]) < max_tokens]
+                if not live:
+                    return [Completion(tuple(i), tuple(lp)) for i, lp in zip(ids, lps,
+                                                                             strict=True)]
+                tokens = [[row[-1]] for row in ids]  # an ended row rides along, unread
         except PipelineFailure as failure:
             raise self._failed(failure) from None
         finally:
             with trio.CancelScope(shield=True):
                 await session.close()
 
-    async def _step(self, session: PipelineSession, tokens: list[int], start_pos: int,
-                    gen: torch.Generator, temperature: float, top_p: float
-                    ) -> tuple[int, float]:
-        """Run `tokens` at `start_pos` through the route; the next token and its
+    async def _step(self, session: PipelineSession, tokens: list[list[int]], start_pos: int,
+                    gens: list[torch.Generator], live: list[int], temperature: float,
+                    top_p: float) -> list[tuple[int, float]]:
+        """Run every row's `tokens` (of one length) at `start_pos` through the route; the
+        next token of each `live` row (drawn with its generator in `gens`) and its
         behaviour log-prob."""
-        hidden = await self.generator.in_thread(self.generator.embed, tokens)  # [1, T, H]
-        result = await session.step(hidden, start_pos)
+        head = self.head
 
-        def pick() -> tuple[int, float]:
-            logits = self.head.logits(result.hidden[:, -1:])[:, 0]  # [1, V]
-            chosen, lps = choose(logits.cpu(), temperature, top_p, [gen])
-            return chosen[0], lps[0]
+        def embed() -> torch.Tensor:
+            with torch.inference_mode():
+                return head.embed(torch.tensor(tokens, dtype=torch.long))  # [B, T, H]
 
-        picked: tuple[int, float] = await self.generator.in_thread(pick)
+        result = await session.step(await self.generator.in_thread(embed), start_pos)
+
+        def pick() -> list[tuple[int, float]]:
+            with torch.inference_mode():
+                logits = head.logits(result.hidden[live, -1:])[:, 0]  # [live, V]
+            chosen, lps = choose(logits.cpu(), temperature, top_p, gens)
+            return list(zip(chosen, lps, strict=True))
+
+        picked: list[tuple[int, float]] = await self.generator.in_thread(pick)
         return picked
 
     def _failed(self, failure: PipelineFailure) -> _Again:
@@ -291,4 +331,4 @@ class PipelinePolicy:
 
     def status(self) -> dict[str, Any]:
         return {"generations": self.generations, "retries": dict(self.retries),
-                "peak_in_flight": self.peak_in_flight}
+                "peak_in_flight": self.peak_in_flight, "peak_rows": self.peak_rows}

@@ -10,7 +10,8 @@ A peer holding only some layers is a pipeline shard of the run (shard_gate.py: i
 shard sessions hold the run's versions, its layers follow the run, pulling only
 their slice); the one holding layer 0 also samples through the pipeline
 (pipeline_policy.py), pulling the head too. Their ledger entry lists
-FEATURE_ROLLOUT_SHARD, and FEATURE_TAGGED_ONLY while they follow a run.
+FEATURE_ROLLOUT_SHARD and FEATURE_ROWS (their sessions take several rows), and
+FEATURE_TAGGED_ONLY while they follow a run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from peerd.rl.metrics import SamplerCollector
 from peerd.rl.weights import WeightStore
 from peerd.service import EntryFields, Service
 from protocols.rollout import FEATURE_PIPELINE_SAMPLER, FEATURE_ROLLOUT_SHARD
-from protocols.shard import FEATURE_TAGGED_ONLY
+from protocols.shard import FEATURE_ROWS, FEATURE_TAGGED_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Rollouts(Service):
         if self.sampler is not None:
             features = tuple(self.sampler.entry_fields().get("features", ()))
         if self.gate is not None:
-            features += (FEATURE_ROLLOUT_SHARD,)
+            features += (FEATURE_ROLLOUT_SHARD, FEATURE_ROWS)  # its pipeline batches rows
             if self.gate.following is not None:
                 features += (FEATURE_TAGGED_ONLY,)
         return {"features": features} if features else {}

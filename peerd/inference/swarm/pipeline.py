@@ -141,6 +141,7 @@ class PipelineSession:
     done: trio.Event = field(default_factory=trio.Event)
     step_no: int = 0
     max_length: int = 0
+    rows: int = 1  # sequences decoded side by side (OPEN.rows): every step [rows, T, H]
     held: int = 0  # positions the route's caches hold (the user keeps it up to date)
     # committed token ids whose KV fills the caches' first positions, as the last
     # request left them: a pooled session's reusable prefix (the user keeps it)
@@ -159,6 +160,9 @@ class PipelineSession:
         through the whole route; the last hop's output."""
         if self.done.is_set():
             raise PipelineFailure(None, "closed", "session is closed")
+        if hidden.dim() != 3 or hidden.shape[0] != self.rows:
+            raise ValueError(f"hidden states of shape {list(hidden.shape)} in a session of "
+                             f"{self.rows} rows")
         self.step_no += 1
         msg = Forward(session=self.id, step=self.step_no, start_pos=start_pos, keep=keep,
                       hidden=to_wire(hidden, self.dtype), tree=tuple(tree))
@@ -177,6 +181,9 @@ class PipelineSession:
                     if reply.session != self.id or reply.step > self.step_no:
                         raise WireError(f"result for session {reply.session} step {reply.step}")
                     if reply.step == self.step_no:
+                        if reply.hidden.shape != msg.hidden.shape:
+                            raise WireError(f"result of shape {list(reply.hidden.shape)} for "
+                                            f"a step of {list(msg.hidden.shape)}")
                         result = reply
             except Exception as exc:
                 error = exc
@@ -272,8 +279,9 @@ class Pipeline:
         return best
 
     async def release(self, s: PipelineSession) -> None:
-        """A request is done with `s`: keep it for the next one on its route, or close it."""
-        if s.done.is_set() or s.failed.is_set():
+        """A request is done with `s`: keep it for the next one on its route, or close it
+        (a session of several rows is never pooled: requests decode one)."""
+        if s.done.is_set() or s.failed.is_set() or s.rows != 1:
             await s.close()
             return
         s.idle_since = time.monotonic()
@@ -316,12 +324,13 @@ class Pipeline:
         return s
 
     async def open(self, route: Route, max_length: int, dtype: str = "float32",
-                   policy: PolicyTag | None = None) -> PipelineSession:
+                   policy: PolicyTag | None = None, rows: int = 1) -> PipelineSession:
         """A session on `route`, once every hop has admitted it and the last hop's return
         stream is in; with `policy`, every hop holds that RL policy version until it
         closes, or the OPEN fails (protocols/shard.py). Never pool a tagged session: a
-        plain request must not be given it."""
-        s = await self._send_open(route, max_length, dtype, policy)
+        plain request must not be given it. `rows` > 1: that many sequences side by
+        side (only through peers that list FEATURE_ROWS)."""
+        s = await self._send_open(route, max_length, dtype, policy, rows)
         try:
             # one deadline for the whole chain: the first hop's answer, the refusals the
             # chain relays, the last hop's return stream
@@ -343,15 +352,16 @@ class Pipeline:
         return s
 
     async def _send_open(self, route: Route, max_length: int, dtype: str,
-                         policy: PolicyTag | None) -> PipelineSession:
+                         policy: PolicyTag | None, rows: int = 1) -> PipelineSession:
         """A new session, registered here, its OPEN written to the first hop."""
         hops = tuple(Hop(s.peer_id, s.start, s.end) for s in route.spans)
-        s = PipelineSession(self, secrets.token_hex(16), hops, dtype, max_length=max_length)
+        s = PipelineSession(self, secrets.token_hex(16), hops, dtype, max_length=max_length,
+                            rows=rows)
         self.sessions[s.id] = s
         first = hops[0].peer_id
         request = Open(session=s.id, model_id=self.model_id, route=hops, hop=0,
                        entry_peer=self.node.peer_id, max_length=max_length, dtype=dtype,
-                       policy=policy)
+                       policy=policy, rows=rows)
         try:
             with trio.fail_after(SHARD.open_timeout_s):
                 s.first = await send_opening(self.node.new_stream_eager, first, SHARD, request)

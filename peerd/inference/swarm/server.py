@@ -32,6 +32,7 @@ streams.py: the handshake; protocols/shard.py: what a FORWARD may be). The chain
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -67,6 +68,7 @@ from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
 from protocols.shard import (
     DTYPES,
+    MAX_ROWS,
     RETIRED_IDS,
     REVOKED,
     SHARD,
@@ -252,6 +254,8 @@ class ShardServer:
             raise WireError(f"wire dtype {req.dtype!r} not one of {sorted(DTYPES)}")
         if not 1 <= req.max_length <= self.limits.max_length:
             raise WireError(f"max_length {req.max_length} outside 1..{self.limits.max_length}")
+        if not 1 <= req.rows <= MAX_ROWS:
+            raise WireError(f"rows {req.rows} outside 1..{MAX_ROWS}")
         if req.session in self.sessions or not 8 <= len(req.session) <= 128:
             raise WireError("session id reused or not 8..128 characters")
         if req.policy is not None:
@@ -261,7 +265,8 @@ class ShardServer:
         except Exception:
             raise WireError(f"entry peer {req.entry_peer!r:.60} is not a peer id") from None
         span = (hop.start, hop.end)
-        session = _Session(req.session, req, span, b.new_cache(), b.kv_bytes_per_position(span),
+        session = _Session(req.session, req, span, b.new_cache(),
+                           b.kv_bytes_per_position(span) * req.rows,  # every row's KV
                            is_last=req.hop == len(req.route) - 1)
         session.hold = await self._admit(req, session)
         try:
@@ -325,10 +330,7 @@ class ShardServer:
         """Whom this hop dials for the session, on which protocol, with what opening."""
         if req.hop == len(req.route) - 1:
             return req.entry_peer, SHARD_RETURN, Opened(req.session)
-        opening = Open(session=req.session, model_id=req.model_id, route=req.route,
-                       hop=req.hop + 1, entry_peer=req.entry_peer, max_length=req.max_length,
-                       dtype=req.dtype, policy=req.policy)
-        return req.route[req.hop + 1].peer_id, SHARD, opening
+        return req.route[req.hop + 1].peer_id, SHARD, dataclasses.replace(req, hop=req.hop + 1)
 
     async def _connect_downstream(self, req: Open,
                                   connected: Callable[[Any], None] | None = None) -> Any:
@@ -403,7 +405,8 @@ class ShardServer:
                 return
             check_forward(msg, session=s.id, last_step=s.step, dtype=s.open.dtype,
                           hidden_size=self.block.hidden_size,
-                          cached=self.block.cache_len(s.cache), max_length=s.open.max_length)
+                          cached=self.block.cache_len(s.cache), max_length=s.open.max_length,
+                          rows=s.open.rows)
             try:
                 self.lending.grow(s, msg.start_pos + msg.hidden.shape[1])
             except OverShare as exc:  # its entry peer is over its share: this session goes
@@ -462,15 +465,17 @@ class ShardServer:
         2048 positions again and again) in many, letting the other peers' steps in
         between. Layers run in separate turns compute exactly what they compute in one;
         a chain of more positions than the budget goes in chunks of it, which in float32
-        moves the last bits of a long prompt's results. A token tree is never chunked."""
-        positions = msg.hidden.shape[1]
+        moves the last bits of a long prompt's results. A token tree is never chunked.
+        A session of several rows counts rows x positions."""
+        rows, positions = msg.hidden.shape[0], msg.hidden.shape[1]
         budget = self.limits.compute_turn_budget
-        cuts = [0, positions] if msg.tree else [*range(0, positions, budget), positions]
-        decoded: list[Any] = []  # the FORWARD's hidden states [1, T, H], once decoded
-        done: list[Any] = []  # each chunk's output [1, b - a, H]
+        chunk = max(1, budget // rows)  # positions of every row a turn may take
+        cuts = [0, positions] if msg.tree else [*range(0, positions, chunk), positions]
+        decoded: list[Any] = []  # the FORWARD's hidden states [rows, T, H], once decoded
+        done: list[Any] = []  # each chunk's output [rows, b - a, H]
 
         for a, b in itertools.pairwise(cuts):
-            per_turn = max(1, budget // (b - a))  # layers a turn of this chunk may run
+            per_turn = max(1, budget // ((b - a) * rows))  # layers a turn of it may run
             layers = range(*s.span)
             groups = [layers[i:i + per_turn] for i in range(0, len(layers), per_turn)]
 
@@ -485,14 +490,14 @@ class ShardServer:
 
             step: Any = None  # ShardBlock's Step, between its first and last layers
             for group in groups:
-                async with self.compute.take(s.holder, (b - a) * len(group)):
+                async with self.compute.take(s.holder, rows * (b - a) * len(group)):
                     if step is None:
                         step = await compute.run(begin)
                     else:
                         await compute.run(self.block.run, step, group)
             assert step is not None
             done.append(step.x)
-        return done[0] if len(done) == 1 else await compute.run(torch.cat, done, 1)  # [1, T, H]
+        return done[0] if len(done) == 1 else await compute.run(torch.cat, done, 1)  # [B, T, H]
 
     async def _report(self, s: _Session, step: int, culprit: str, code: str,
                       message: str) -> None:

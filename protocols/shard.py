@@ -41,7 +41,11 @@ entry): the session then decodes that many sequences side by side, all at the sa
 positions, every FORWARD a tensor [rows, T, H] (a chain: a token tree is one row's).
 Each hop holds rows x positions of KV for it and computes the rows as one batch; an
 RL pipeline sampler decodes a prompt's completions this way, each of its steps one
-pass for all of them. `rows` is left off the wire when 1: what peers before it speak.
+pass for all of them. The session's first FORWARD may carry fewer rows, with `source`:
+the row of it that each session row starts from (rows sharing a prompt: each prompt
+is computed once), and every hop gives session row r the KV of row source[r] once it
+has computed them; the RESULT carries the FORWARD's rows. `rows` and `source` are
+left off the wire when 1 and empty: what peers before them speak.
 
 An OPEN may carry a `PolicyTag` (an RL run and a policy version: peerd/rl's pipeline
 samplers): every hop must be at exactly that version of that run and keep it until
@@ -169,7 +173,8 @@ class HopTiming(Message):
 @dataclass(frozen=True, slots=True)
 class Forward(Message):
     KIND = "shard.forward"
-    OPTIONAL = frozenset({"tree"})  # a chain's FORWARD is what tree-less peers speak
+    # a chain's FORWARD, one row a session row, is what peers before trees and rows speak
+    OPTIONAL = frozenset({"tree", "source"})
     session: str
     step: int  # increases by one per FORWARD in a session
     start_pos: int
@@ -179,6 +184,9 @@ class Forward(Message):
     # parent of each of the T positions: an index < j into this FORWARD, or -1 for
     # the last cached position; () is a chain (position j's parent is j - 1)
     tree: tuple[int, ...] = ()
+    # a first FORWARD of fewer rows than the session: the row of it each session row
+    # starts from; () when it carries every row
+    source: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +321,18 @@ def check_forward(msg: Forward, *, session: str, last_step: int, dtype: str,
     h.check(rank=3)
     if h.dtype != dtype:
         raise WireError(f"hidden states in {h.dtype}, the session agreed on {dtype}")
-    if h.shape[0] != rows or h.shape[2] != hidden_size or h.shape[1] < 1:
+    given = rows
+    if msg.source:
+        given = h.shape[0]
+        if cached or msg.start_pos or len(msg.source) != rows or not 1 <= given <= rows:
+            raise WireError(f"source of {len(msg.source)} rows from {given} at start_pos "
+                            f"{msg.start_pos}: a first FORWARD of at most the session's "
+                            f"{rows} rows gives each of them a row")
+        if not all(0 <= r < given for r in msg.source):
+            raise WireError(f"source rows outside the FORWARD's {given}")
+    if h.shape[0] != given or h.shape[2] != hidden_size or h.shape[1] < 1:
         raise WireError(f"hidden states of shape {list(h.shape)}; expected "
-                        f"[{rows}, T>=1, {hidden_size}]")
+                        f"[{given}, T>=1, {hidden_size}]")
     if msg.tree and rows != 1:
         raise WireError(f"a token tree in a session of {rows} rows: a tree is one row's")
     if not -1 <= msg.keep <= cached:

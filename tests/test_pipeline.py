@@ -142,6 +142,24 @@ async def test_a_session_of_several_rows_computes_each_row_as_alone(tmp_path: Pa
         for i, row in enumerate(rows):
             alone = await run([row], 1)
             assert torch.allclose(together[i], alone[0], atol=1e-5), i
+        # rows 0 and 2 share a prompt: the first step carries it once (`source`), each
+        # hop computes it once and copies its KV, then the rows go their own ways
+        forked = [[*rows[0][:3], 9], rows[1], [*rows[0][:3], 11]]
+        session = await pipeline.open(route, 16, rows=3)
+        with torch.inference_mode():
+            first = entry.head.embed(torch.tensor([rows[0][:3], rows[1][:3]]))
+            then = entry.head.embed(torch.tensor([[r[3]] for r in forked]))
+        out = (await session.step(first, 0, source=(0, 1, 0))).hidden
+        assert out.shape == (2, 3, entry.head.hidden_size)  # the FORWARD's rows
+        last = (await session.step(then, 3)).hidden  # [3, 1, H]
+        held = shard.server.sessions[session.id]
+        assert shard.block.cache_len(held.cache) == 4
+        await session.close()
+        for i, row in enumerate(forked):
+            alone = await run([row], 1)
+            assert torch.allclose(out[[0, 1, 0][i]], alone[0, :3], atol=1e-5), i
+            assert torch.allclose(last[i, 0], alone[0, 3], atol=1e-5), i
+
         session = await pipeline.open(route, 16, rows=3)
         with pytest.raises(ValueError, match="rows"):  # the entry's own check
             await session.step(torch.zeros(1, 2, entry.head.hidden_size), 0)

@@ -76,6 +76,11 @@ BAD_FORWARDS = {
     "wrong shape": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h + 1))), "shape"),
     "two rows in a session of one": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((2, 3, h))),
                                      "expected [1, T>=1"),
+    "a source row outside the FORWARD": (
+        lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h)), source=(1,)), "outside"),
+    "a source for more rows than the session's": (
+        lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h)), source=(0, 0)),
+        "gives each of them a row"),
     "wrong dtype": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h), torch.float16)),
                     "float16"),
     "start_pos beyond the cache": (lambda s, h: Forward(s.id, 1, 7, -1, hidden_of((1, 3, h))),

@@ -276,11 +276,16 @@ class PipelinePolicy:
         ids: list[list[int]] = [[] for _ in rows]
         lps: list[list[float]] = [[] for _ in rows]
         live = list(range(len(rows)))  # rows not yet ended
+        # the first step carries each prompt once; every row starts from its prompt's
+        prompts = list(dict.fromkeys(tuple(prompt) for prompt, _ in rows))
+        source = [prompts.index(tuple(prompt)) for prompt, _ in rows]
         try:
-            tokens, pos = [prompt for prompt, _ in rows], 0  # the prompts, then a token a row
+            tokens, pos = [list(p) for p in prompts], 0  # the prompts, then a token a row
             while True:
                 picked = await self._step(session, tokens, pos, [gens[r] for r in live],
-                                          live, temperature, top_p)
+                                          [source[r] for r in live] if pos == 0 else live,
+                                          temperature, top_p,
+                                          source if pos == 0 and len(prompts) < len(rows) else [])
                 pos += len(tokens[0])
                 for r, (token, lp) in zip(live, picked, strict=True):
                     ids[r].append(token)
@@ -297,22 +302,24 @@ class PipelinePolicy:
                 await session.close()
 
     async def _step(self, session: PipelineSession, tokens: list[list[int]], start_pos: int,
-                    gens: list[torch.Generator], live: list[int], temperature: float,
-                    top_p: float) -> list[tuple[int, float]]:
-        """Run every row's `tokens` (of one length) at `start_pos` through the route; the
-        next token of each `live` row (drawn with its generator in `gens`) and its
-        behaviour log-prob."""
+                    gens: list[torch.Generator], read: list[int], temperature: float,
+                    top_p: float, source: list[int]) -> list[tuple[int, float]]:
+        """Run `tokens` (rows of one length; with `source`, the first step's prompts,
+        which session row r starts from source[r]) at `start_pos` through the route;
+        for each output row of `read` in turn, the next token (drawn with its generator
+        in `gens`) and its behaviour log-prob."""
         head = self.head
 
         def embed() -> torch.Tensor:
             with torch.inference_mode():
                 return head.embed(torch.tensor(tokens, dtype=torch.long))  # [B, T, H]
 
-        result = await session.step(await self.generator.in_thread(embed), start_pos)
+        result = await session.step(await self.generator.in_thread(embed), start_pos,
+                                    source=source)
 
         def pick() -> list[tuple[int, float]]:
             with torch.inference_mode():
-                logits = head.logits(result.hidden[live, -1:])[:, 0]  # [live, V]
+                logits = head.logits(result.hidden[read, -1:])[:, 0]  # [len(read), V]
             chosen, lps = choose(logits.cpu(), temperature, top_p, gens)
             return list(zip(chosen, lps, strict=True))
 

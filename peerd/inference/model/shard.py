@@ -142,6 +142,11 @@ class ShardBlock(nn.Module):
         if keep < have:
             cache.kv.crop(keep - have)  # negative: remove that many from the end
 
+    def fork(self, cache: ShardCache, source: Sequence[int]) -> None:
+        """Cache row r becomes a copy of row source[r] (rows that share a prompt)."""
+        index = torch.tensor(list(source), dtype=torch.long, device=self.device)
+        cache.kv.batch_select_indices(index)
+
     # ---- compute -----------------------------------------------------------------------
 
     @torch.inference_mode()

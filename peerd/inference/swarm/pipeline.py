@@ -155,17 +155,20 @@ class PipelineSession:
         return [h.peer_id for h in self.route]
 
     async def step(self, hidden: Any, start_pos: int, keep: int = -1,
-                   tree: Sequence[int] = ()) -> StepResult:
+                   tree: Sequence[int] = (), source: Sequence[int] = ()) -> StepResult:
         """Run positions start_pos.. (a chain, or a token `tree`: protocols.shard)
-        through the whole route; the last hop's output."""
+        through the whole route; the last hop's output. `source`: a first step of fewer
+        rows than the session's, the row each session row starts from."""
         if self.done.is_set():
             raise PipelineFailure(None, "closed", "session is closed")
-        if hidden.dim() != 3 or hidden.shape[0] != self.rows:
-            raise ValueError(f"hidden states of shape {list(hidden.shape)} in a session of "
-                             f"{self.rows} rows")
+        if hidden.dim() != 3 or (len(source) if source else hidden.shape[0]) != self.rows:
+            raise ValueError(f"hidden states of shape {list(hidden.shape)}"
+                             f"{f' for {len(source)} rows' if source else ''} in a session "
+                             f"of {self.rows} rows")
         self.step_no += 1
         msg = Forward(session=self.id, step=self.step_no, start_pos=start_pos, keep=keep,
-                      hidden=to_wire(hidden, self.dtype), tree=tuple(tree))
+                      hidden=to_wire(hidden, self.dtype), tree=tuple(tree),
+                      source=tuple(source))
         t0 = time.perf_counter()
         result: Result | None = None
         error: BaseException | None = None

@@ -115,6 +115,7 @@ class Block(Protocol):
     def run(self, step: Any, layers: range) -> None: ...
     def cache_len(self, cache: Any) -> int: ...
     def kv_bytes_per_position(self, span: tuple[int, int] | None = None) -> int: ...
+    def fork(self, cache: Any, source: Sequence[int]) -> None: ...
 
 
 class Refused(Exception):
@@ -438,8 +439,7 @@ class ShardServer:
                 reply: Forward | Result = Result(session=s.id, step=msg.step, hidden=out,
                                                  timings=timings)
             else:
-                reply = Forward(session=s.id, step=msg.step, start_pos=msg.start_pos,
-                                keep=msg.keep, hidden=out, timings=timings, tree=msg.tree)
+                reply = dataclasses.replace(msg, hidden=out, timings=timings)
             downstream = SHARD_RETURN if s.is_last else SHARD
             try:
                 with trio.fail_after(downstream.step_timeout_s):
@@ -497,6 +497,8 @@ class ShardServer:
                         await compute.run(self.block.run, step, group)
             assert step is not None
             done.append(step.x)
+        if msg.source:  # each session row takes its prompt's KV
+            await compute.run(self.block.fork, s.cache, msg.source)
         return done[0] if len(done) == 1 else await compute.run(torch.cat, done, 1)  # [B, T, H]
 
     async def _report(self, s: _Session, step: int, culprit: str, code: str,

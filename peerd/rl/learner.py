@@ -360,10 +360,11 @@ def _token_logprobs(module: nn.Module, batch: TokenBatch,
                     temperature: float) -> torch.Tensor:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, not {temperature}")
-    logits = module(input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask).logits  # [B, L, V]
-    rows = torch.arange(batch.size, device=logits.device)[:, None]  # [B, 1]
-    picked = logits[rows, batch.positions].float() / temperature  # [B, T, V]
+    # logits only where a completion token is read (the model's own lm_head and any
+    # final scaling, on [B, T] positions, not [B, L]: a prompt's logits are never used)
+    logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    logits_to_keep=batch.positions).logits  # [B, T, V]
+    picked = logits.float() / temperature  # [B, T, V]
     # log softmax at one token: its logit minus the logsumexp (no second [B, T, V] tensor)
     chosen = picked.gather(-1, batch.completion_ids[..., None]).squeeze(-1)  # [B, T]
     out: torch.Tensor = (chosen - torch.logsumexp(picked, dim=-1)) * batch.completion_mask

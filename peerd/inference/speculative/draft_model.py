@@ -43,7 +43,7 @@ class ModelSession:
     def _logits(self, ids: list[int]) -> torch.Tensor:
         """Feed `ids` after the cache; the last position's logits [V]."""
         out = self.model(input_ids=torch.tensor([ids], dtype=torch.long), cache=self.cache,
-                         use_cache=True)
+                         use_cache=True, logits_to_keep=1)  # the last position's only
         logits: torch.Tensor = out.logits[0, -1].float()  # [V]
         return logits
 

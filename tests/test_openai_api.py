@@ -245,6 +245,45 @@ def test_a_seed_makes_sampling_repeatable(swarm: Swarm) -> None:
     assert sample(1234) == first
 
 
+def test_n_choices_each_draw_as_a_request_of_their_own(swarm: Swarm) -> None:
+    """n = 3 with seed 7: choice i is what n = 1 with seed 7 + i answers; the prompt is
+    counted once in the usage, every choice's tokens; `peerd` lists each choice's
+    route. Streamed, the choices' chunks interleave by index and add up to the same
+    texts, then one chunk of no choices carries the usage. Greedy choices agree."""
+    client = swarm.client()
+    ask: dict[str, Any] = {"model": swarm.model_id, "messages": HELLO, "max_tokens": 10,
+                           "temperature": 1.0, "seed": 7}
+    alone = [client.chat.completions.create(**{**ask, "seed": 7 + i}) for i in range(3)]
+    many = client.chat.completions.create(**ask, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    texts = [c.message.content for c in many.choices]
+    assert texts == [r.choices[0].message.content for r in alone]
+    assert len(set(texts)) > 1  # (sampled: the seeds differ, and so do the answers)
+    assert many.usage is not None and all(r.usage is not None for r in alone)
+    assert many.usage.prompt_tokens == alone[0].usage.prompt_tokens  # type: ignore[union-attr]
+    assert many.usage.completion_tokens == sum(
+        r.usage.completion_tokens for r in alone)  # type: ignore[union-attr]
+    peerd = many.model_extra["peerd"]  # type: ignore[index]
+    assert len(peerd["choices"]) == 3 and all(c["route"] for c in peerd["choices"])
+
+    chunks = list(client.chat.completions.create(
+        **ask, n=3, stream=True, stream_options={"include_usage": True}))
+    streamed = ["", "", ""]
+    finished = set()
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                finished.add(choice.index)
+    assert streamed == texts and finished == {0, 1, 2}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+
+    greedy = client.completions.create(model=swarm.model_id, prompt="The quick brown fox",
+                                       max_tokens=6, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text
+
+
 def test_a_stop_string_cuts_the_text_before_it(swarm: Swarm) -> None:
     client = swarm.client()
     free = client.completions.create(model=swarm.model_id, prompt="The quick brown fox",
@@ -359,7 +398,10 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("max_tokens=x", {**GOOD_CHAT, "max_tokens": "x"}, "max_tokens"),
     ("temperature=5", {**GOOD_CHAT, "temperature": 5}, "temperature"),
     ("top_p=0", {**GOOD_CHAT, "top_p": 0}, "top_p"),
-    ("n=2", {**GOOD_CHAT, "n": 2}, "n"),
+    ("n=0", {**GOOD_CHAT, "n": 0}, "n"),
+    ("n=9", {**GOOD_CHAT, "n": 9}, "n"),
+    ("n=true", {**GOOD_CHAT, "n": True}, "n"),
+    ("n='2'", {**GOOD_CHAT, "n": "2"}, "n"),
     ("no messages", {"max_tokens": 4}, "messages"),
     ("empty messages", {**GOOD_CHAT, "messages": []}, "messages"),
     ("bad role", {**GOOD_CHAT, "messages": [{"role": "wizard", "content": "hi"}]},

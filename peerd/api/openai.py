@@ -80,7 +80,7 @@ def routes(models: ModelSlot) -> list[Route]:
             req = parse(body, chat=chat)
             model = _model(models, req.model)
             req, notes = await _with_memory(models.recall, req)
-            prepared = await _prepare(model, req)
+            prepared = _choices(await _prepare(model, req), req.n)
         except ApiError as exc:
             return exc.response()
         if req.stream:
@@ -88,11 +88,22 @@ def routes(models: ModelSlot) -> list[Route]:
                                              notes, models.node.events),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        try:
-            done = await _run(model, req, prepared, None, models.node.events)
-        except ApiError as exc:
-            return exc.response()
-        return JSONResponse(_final(model, req, done, notes))
+        done: list[Completion | None] = [None] * len(prepared)
+        failed: list[ApiError] = []
+
+        async def one(i: int, cancel: trio.CancelScope) -> None:
+            try:
+                done[i] = await _run(model, req, prepared[i], None, models.node.events)
+            except ApiError as exc:
+                failed.append(exc)
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prepared)):
+                nursery.start_soon(one, i, nursery.cancel_scope)
+        if failed:
+            return failed[0].response()
+        return JSONResponse(_final(model, req, [d for d in done if d is not None], notes))
 
     return [
         Route("/v1/models", list_models),
@@ -145,6 +156,14 @@ async def _prepare(model: LanguageModel, req: ApiRequest) -> GenerationRequest:
     except SwarmUnavailable as exc:
         raise ApiError(503, str(exc), "service_unavailable", code=exc.code,
                        retry_after_s=exc.retry_after_s) from None
+
+
+def _choices(prepared: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The request of each of `n` choices: choice i draws with the seed + i (a seed
+    given), else with a seed of its own; so choice 0 is what n = 1 would answer."""
+    params = prepared.params
+    return [prepared if i == 0 else replace(prepared, params=replace(
+        params, seed=None if params.seed is None else params.seed + i)) for i in range(n)]
 
 
 async def _run(model: LanguageModel, req: ApiRequest, prepared: GenerationRequest,
@@ -200,8 +219,8 @@ def _logprobs_json(model: LanguageModel, entries: Sequence[TokenLogprob], *, cha
             "text_offset": offsets}
 
 
-async def _send_quietly(send: trio.MemorySendChannel[tuple[str, Any]],
-                        item: tuple[str, Any]) -> None:
+async def _send_quietly(send: trio.MemorySendChannel[tuple[int, str, Any]],
+                        item: tuple[int, str, Any]) -> None:
     try:
         await send.send(item)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -214,98 +233,121 @@ def _ids(req: ApiRequest) -> tuple[str, str, str]:
     return "cmpl-" + secrets.token_hex(12), "text_completion", "text_completion"
 
 
-def _usage(stats: GenerationStats) -> dict[str, Any]:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+def _usage(stats: Sequence[GenerationStats]) -> dict[str, Any]:
+    """The prompt counted once (as OpenAI counts it for n choices), every choice's
+    completion tokens."""
+    prompt = stats[0].prompt_tokens
+    completion = sum(s.completion_tokens for s in stats)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
             # as OpenAI reports its prompt caching: prompt tokens not computed again
-            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": stats[0].cached_tokens}}
 
 
-def _peerd(stats: GenerationStats, notes: list[Note] | None) -> dict[str, Any]:
-    out = stats.to_json()
+def _peerd(stats: Sequence[GenerationStats], notes: list[Note] | None) -> dict[str, Any]:
+    """One choice's route and timings; of several, a list of them under "choices"."""
+    out = stats[0].to_json() if len(stats) == 1 else {"choices": [s.to_json() for s in stats]}
     if notes is not None:
         out["memory"] = [n.to_json() for n in notes]
     return out
 
 
-def _final(model: LanguageModel, req: ApiRequest, done: Completion,
+def _final(model: LanguageModel, req: ApiRequest, done: Sequence[Completion],
            notes: list[Note] | None = None) -> dict[str, Any]:
     cid, obj, _ = _ids(req)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason,
-                              "logprobs": None if req.logprobs is None else _logprobs_json(
-                                  model, done.logprobs, chat=req.chat)}
-    if req.chat:
-        choice["message"] = {"role": "assistant", "content": done.text}
-    else:
-        choice["text"] = done.text
+    choices = []
+    for i, d in enumerate(done):
+        choice: dict[str, Any] = {"index": i, "finish_reason": d.finish_reason,
+                                  "logprobs": None if req.logprobs is None else
+                                  _logprobs_json(model, d.logprobs, chat=req.chat)}
+        if req.chat:
+            choice["message"] = {"role": "assistant", "content": d.text}
+        else:
+            choice["text"] = d.text
+        choices.append(choice)
+    stats = [d.stats for d in done]
     return {"id": cid, "object": obj, "created": int(time.time()), "model": model.model_id,
-            "choices": [choice], "usage": _usage(done.stats),
-            "peerd": _peerd(done.stats, notes)}
+            "choices": choices, "usage": _usage(stats), "peerd": _peerd(stats, notes)}
 
 
 async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
-                  prepared: GenerationRequest, notes: list[Note] | None,
+                  prepared: Sequence[GenerationRequest], notes: list[Note] | None,
                   events: EventBus) -> AsyncIterator[str]:
-    """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Generation runs in the
-    node's nursery and hands text over a channel, so a client that disconnects stops it."""
+    """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Each choice's
+    generation runs in the node's nursery and hands text over a channel, so a client
+    that disconnects stops them; the chunks of several choices interleave, each naming
+    its `index`. One choice: its last chunk carries the finish reason, `peerd` and the
+    usage asked for. Several: each its own last chunk with its `peerd`, then one chunk
+    of no choices with the usage (as OpenAI sends it)."""
     cid, _, chunk_obj = _ids(req)
     created = int(time.time())
-    send, recv = trio.open_memory_channel[tuple[str, Any]](64)
+    send, recv = trio.open_memory_channel[tuple[int, str, Any]](64)
+    offsets = [0] * len(prepared)  # characters each choice reported (the legacy text_offset)
 
-    offset = 0  # characters of the tokens reported so far (the legacy text_offset)
-
-    def chunk(delta: dict[str, Any] | str | None, finish: str | None = None,
+    def chunk(index: int, delta: dict[str, Any] | str | None, finish: str | None = None,
               logprobs: Sequence[TokenLogprob] | None = None, **extra: Any) -> str:
-        nonlocal offset
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}
         if logprobs is not None and req.logprobs is not None:
             choice["logprobs"] = found = _logprobs_json(model, logprobs, chat=req.chat,
-                                                        offset=offset)
+                                                        offset=offsets[index])
             if found.get("tokens"):
-                offset = found["text_offset"][-1] + len(found["tokens"][-1])
+                offsets[index] = found["text_offset"][-1] + len(found["tokens"][-1])
         if req.chat:
             choice["delta"] = delta if isinstance(delta, dict) else (
                 {"content": delta} if delta else {})
         else:
             choice["text"] = delta if isinstance(delta, str) else ""
-        body = {"id": cid, "object": chunk_obj, "created": created, "model": model.model_id,
-                "choices": [choice], **extra}
-        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+        return body(choices=[choice], **extra)
 
-    async def produce() -> None:
+    def body(**fields: Any) -> str:
+        out = {"id": cid, "object": chunk_obj, "created": created, "model": model.model_id,
+               **fields}
+        return f"data: {json.dumps(out, separators=(',', ':'))}\n\n"
+
+    async def produce(index: int, send: trio.MemorySendChannel[tuple[int, str, Any]]
+                      ) -> None:
         async with send:
             async def emit(delta: str, logprobs: Sequence[TokenLogprob]) -> bool:
                 try:
-                    await send.send(("text", (delta, logprobs)))
+                    await send.send((index, "text", (delta, logprobs)))
                     return True
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return False
 
             try:
-                done = await _run(model, req, prepared, emit, events)
-                await send.send(("done", done.stats))
+                done = await _run(model, req, prepared[index], emit, events)
+                await send.send((index, "done", done.stats))
             except ApiError as exc:
-                await _send_quietly(send, ("error", exc))
+                await _send_quietly(send, (index, "error", exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:  # runs in the node's nursery: must never escape
                 log.exception("streamed generation failed")
-                await _send_quietly(send, ("error", ApiError(
+                await _send_quietly(send, (index, "error", ApiError(
                     500, "generation failed on this peer; see its log", "server_error")))
 
-    nursery.start_soon(produce)
+    async with send:
+        for i in range(len(prepared)):
+            nursery.start_soon(produce, i, send.clone())
+    finished: list[GenerationStats] = []
     async with recv:
         if req.chat:
-            yield chunk({"role": "assistant", "content": ""})
-        async for kind, value in recv:
+            for i in range(len(prepared)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+        async for index, kind, value in recv:
             if kind == "text":
                 delta, logprobs = value
-                yield chunk(delta, logprobs=logprobs)
-            elif kind == "error":
+                yield chunk(index, delta, logprobs=logprobs)
+            elif kind == "error":  # (the others stop as the channel closes)
                 yield f"data: {json.dumps({'error': value.body()})}\n\n"
+                break
             else:
-                extra: dict[str, Any] = {"peerd": _peerd(value, notes)}
-                if req.include_usage:
-                    extra["usage"] = _usage(value)
-                yield chunk(None, value.finish_reason, **extra)
+                finished.append(value)
+                extra: dict[str, Any] = {"peerd": _peerd([value], notes)}
+                if req.include_usage and len(prepared) == 1:
+                    extra["usage"] = _usage([value])
+                yield chunk(index, None, value.finish_reason, **extra)
+        else:
+            if req.include_usage and len(prepared) > 1:
+                yield body(choices=[], usage=_usage(finished))
         yield "data: [DONE]\n\n"

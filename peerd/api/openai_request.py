@@ -21,6 +21,7 @@ from protocols.memory import DOMAIN
 
 MAX_PROMPT_CHARS = 200_000
 MAX_MEMORY_K = 32
+MAX_N = 8  # choices a request may ask for: each is a generation of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,7 @@ class ApiRequest:
     speculative: Any = None  # the raw "speculative" object; _prepare resolves it
     logprobs: int | None = None  # None: none reported; else alternatives per token
     memory: MemoryAsk | None = None  # notes from the peer's memory before the prompt
+    n: int = 1  # choices, each generated on its own (choice i draws with seed + i)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +108,10 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
         raise ApiError(400, f"'stop' takes up to 4 non-empty strings of at most "
                        f"{MAX_STOP_CHARS} characters", param="stop")
     n = body.get("n", 1)
-    if n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+    if n is None:
+        n = 1
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise ApiError(400, f"'n' must be an integer from 1 to {MAX_N}", param="n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", param="stream")
@@ -115,7 +119,7 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     return ApiRequest(chat, model, messages, prompt, max_tokens, temperature, top_p, seed,
                       stops, stream, include_usage, body.get("speculative"),
-                      _logprobs(body, chat=chat), parse_memory(body.get("memory")))
+                      _logprobs(body, chat=chat), parse_memory(body.get("memory")), n)
 
 
 async def notes_for(recall: Recall | None, ask: MemoryAsk, text: str) -> list[Note]:

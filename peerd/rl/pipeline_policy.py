@@ -280,13 +280,11 @@ class PipelinePolicy:
         prompts = list(dict.fromkeys(tuple(prompt) for prompt, _ in rows))
         source = [prompts.index(tuple(prompt)) for prompt, _ in rows]
         try:
-            tokens, pos = [list(p) for p in prompts], 0  # the prompts, then a token a row
+            picked = await self._step(session, [list(p) for p in prompts], 0, gens, source,
+                                      temperature, top_p,
+                                      source if len(prompts) < len(rows) else [])
+            pos = length
             while True:
-                picked = await self._step(session, tokens, pos, [gens[r] for r in live],
-                                          [source[r] for r in live] if pos == 0 else live,
-                                          temperature, top_p,
-                                          source if pos == 0 and len(prompts) < len(rows) else [])
-                pos += len(tokens[0])
                 for r, (token, lp) in zip(live, picked, strict=True):
                     ids[r].append(token)
                     lps[r].append(lp)
@@ -294,7 +292,10 @@ class PipelinePolicy:
                 if not live:
                     return [Completion(tuple(i), tuple(lp)) for i, lp in zip(ids, lps,
                                                                              strict=True)]
-                tokens = [[row[-1]] for row in ids]  # an ended row rides along, unread
+                # every row's last token; an ended row rides along, unread
+                picked = await self._step(session, [[row[-1]] for row in ids], pos,
+                                          [gens[r] for r in live], live, temperature, top_p, [])
+                pos += 1
         except PipelineFailure as failure:
             raise self._failed(failure) from None
         finally:

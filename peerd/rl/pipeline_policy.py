@@ -319,8 +319,10 @@ class PipelinePolicy:
                                     source=source)
 
         def pick() -> list[tuple[int, float]]:
+            need = list(dict.fromkeys(read))  # each output row's logits once
             with torch.inference_mode():
-                logits = head.logits(result.hidden[read, -1:])[:, 0]  # [len(read), V]
+                logits = head.logits(result.hidden[need, -1:])[:, 0]  # [len(need), V]
+            logits = logits[[need.index(r) for r in read]]  # [len(read), V]
             chosen, lps = choose(logits.cpu(), temperature, top_p, gens)
             return list(zip(chosen, lps, strict=True))
 

@@ -64,11 +64,15 @@ console = Console(width=160)
 RESULTS = ROOT / "bench" / "results"
 
 
-def write_result(section: str, result: dict[str, Any]) -> None:
-    path = RESULTS / f"memory_{section}.json"
+def write_result(section: str, result: dict[str, Any], path: Path | None = None) -> None:
+    """The result as JSON: at `path`, or bench/results/memory_<section>.json (the
+    accuracy of a task other than add: memory_accuracy_<task>.json)."""
+    if path is None:
+        task = result.get("task", "add") if section == "accuracy" else "add"
+        path = RESULTS / f"memory_{section}{'' if task == 'add' else '_' + task}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {path.relative_to(ROOT)}")
+    console.print(f"wrote {path}")
 
 
 # --- retrieval ---------------------------------------------------------------------
@@ -285,13 +289,15 @@ SECTIONS: dict[str, tuple[Callable[[Any], None], Callable[[argparse.Namespace],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
+    parser.add_argument("--out", type=Path, help="where the JSON goes (default: "
+                        "bench/results/memory_<section>.json)")
     sub = parser.add_subparsers(dest="section", required=True)
     for add, _ in SECTIONS.values():
         add(sub)
     args = parser.parse_args()
     result = SECTIONS[args.section][1](args)
     result.setdefault("machine", machine())
-    write_result(args.section, result)
+    write_result(args.section, result, args.out)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ Defaults were chosen before any result was seen and are not tuned on held-out qu
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ import trio
 from bench_memory_peer import (
     MAX_TOKENS,
     Answered,
+    Answers,
     accuracy_cell,
     answer,
     difference_cell,
@@ -62,6 +66,64 @@ console = Console(width=160)
 N_TRAIN = {"add": 200, "gsm8k": 60}
 N_EVAL = {"add": 300, "gsm8k": 100}
 PRECHECKED = ("duplicate", "refused_before", "queue_full")  # refused before any replay
+
+
+LEARNED = "learned.json"  # under --keep: the finished learning phase
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What the benchmark keeps of a candidate the learning stream proposed."""
+
+    text: str
+    domain: str
+    kind: str
+    origin: str
+    reason: str
+    created: float
+    decided: float
+
+    @classmethod
+    def of(cls, c: Candidate) -> Proposal:
+        return cls(c.text, c.domain, c.kind, c.origin, c.reason, c.created, c.decided)
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The options a kept learning phase was run with (a resume must match them)."""
+    return {"task": args.task, "n_train": args.n_train, "k": args.k,
+            "max_tokens": args.max_tokens, "control_every": args.control_every,
+            "seed": args.seed}
+
+
+@dataclass
+class Learned:
+    """The learning phase's record under --keep: the job's counts, its seconds and every
+    candidate proposed (the memory itself is the peer's, in the same directory)."""
+
+    job: dict[str, Any]
+    seconds: float
+    proposals: list[Proposal]
+    settings: dict[str, Any]
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"job": self.job, "seconds": self.seconds,
+                                   "settings": self.settings,
+                                   "proposals": [asdict(p) for p in self.proposals]}))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, args: argparse.Namespace) -> Learned | None:
+        """The kept learning phase; None when there is none; SystemExit when it was run
+        with other options."""
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        if raw["settings"] != settings_of(args):
+            raise SystemExit(f"{path} was learnt with {raw['settings']}, not "
+                             f"{settings_of(args)}: use another --keep directory")
+        return cls(raw["job"], raw["seconds"], [Proposal(**p) for p in raw["proposals"]],
+                   raw["settings"])
 
 
 class RecordingMemory(Memory):
@@ -94,12 +156,20 @@ def add_accuracy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="every this many training runs, one without memory")
     p.add_argument("--seed", type=int, default=26, help="which training questions")
     p.add_argument("--device", default="auto", help="the model's device (auto: cpu here)")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="keep the peer, its memory and every answer in DIR (default: a "
+                        "temporary directory); run again with the same DIR and options "
+                        "to resume: a finished learning phase is not run again, nor an "
+                        "answered question")
 
 
 def run_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     args.n_train = args.n_train or N_TRAIN[args.task]
     args.n_eval = args.n_eval or N_EVAL[args.task]
     args.max_tokens = args.max_tokens or MAX_TOKENS[args.task]
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        return trio.run(_accuracy, args, args.keep)
     with tempfile.TemporaryDirectory() as tmp:
         return trio.run(_accuracy, args, Path(tmp))
 
@@ -117,17 +187,28 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await node.start(memory)
         sedm = memory.live_store()
 
-        # 1. SEDM learns, through the service's own loop and admission desk.
-        spec = LearnSpec(task=args.task, n=args.n_train, seed=args.seed, k=args.k,
-                         max_tokens=args.max_tokens, control_every=args.control_every)
-        job, learn_s = await learn_reporting(memory, spec, domain)
-        console.print(f"learnt from {job.runs} runs in {learn_s:.0f} s: {job.proposed} "
-                      f"candidates, {job.admitted} admitted, refused {job.refused}")
+        # 1. SEDM learns, through the service's own loop and admission desk (once: a
+        # resumed run takes the learning it finished from its record).
+        learned = Learned.load(tmp / LEARNED, args)
+        if learned is None:
+            spec = LearnSpec(task=args.task, n=args.n_train, seed=args.seed, k=args.k,
+                             max_tokens=args.max_tokens, control_every=args.control_every)
+            job, learn_s = await learn_reporting(memory, spec, domain)
+            learned = Learned(job.to_json(), learn_s,
+                              [Proposal.of(c) for c in memory.proposals], settings_of(args))
+            learned.save(tmp / LEARNED)
+        else:
+            console.print(f"learning taken from {tmp / LEARNED}")
+        job = learned.job
+        console.print(f"learnt from {job['runs']} runs in {learned.seconds:.0f} s: "
+                      f"{job['proposed']} candidates, {job['admitted']} admitted, refused "
+                      f"{job['refused']}")
 
         # 2. Add-everything: the same candidates, each stored at weight 1.
+        shutil.rmtree(tmp / "add_everything", ignore_errors=True)  # built again: it is quick
         everything = await MemoryStore.open(tmp / "add_everything", make_embedder("minilm"))
         try:
-            for c in memory.proposals:
+            for c in learned.proposals:
                 item, signed = sign_item(node.key_pair.private_key, node.peer_id, c.text,
                                          c.domain, c.kind, origin=c.origin)
                 weight_one = admission_stats(1.0, time.time(), settings)
@@ -146,10 +227,11 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                                                         domain)]
 
             arms: list[Answered] = []
+            answers = Answers(tmp / "answers.jsonl")
             for arm, recall in (("none", none), ("add-everything", add_all),
                                 ("SEDM", with_sedm)):
                 arms.append(await answer(face, arm, heldout, domain, recall,
-                                         args.max_tokens))
+                                         args.max_tokens, answers))
                 console.print(f"{arm}: {accuracy_cell(arms[-1])}")
             items = {"none": 0, "add-everything": await everything.count(),
                      "SEDM": await sedm.count()}
@@ -166,15 +248,15 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                      "text": d.detail.get("text", "")}
                     for d in await sedm.decisions(10_000, "admitted")]
 
-    judged = [c for c in memory.proposals if c.reason not in PRECHECKED and c.decided]
+    judged = [c for c in learned.proposals if c.reason not in PRECHECKED and c.decided]
     decide_s = [c.decided - c.created for c in judged]
     admission = {
-        "runs": job.runs, "passed": job.passed, "with_memory": job.with_memory,
-        "proposed": job.proposed, "admitted": job.admitted, "refused": job.refused,
+        "runs": job["runs"], "passed": job["passed"], "with_memory": job["with_memory"],
+        "proposed": job["proposed"], "admitted": job["admitted"], "refused": job["refused"],
         "replayed": len(judged),
         "seconds_per_admission_decision": statistics.fmean(decide_s) if decide_s else None,
         "seconds_per_admission_decision_p95": quantile(decide_s, 0.95),
-        "learn_seconds": learn_s, "decisions": stats["decisions"],
+        "learn_seconds": learned.seconds, "decisions": stats["decisions"],
         "baseline": stats["baseline"]}
     none_arm, everything_arm, sedm_arm = arms
     differences = [paired(sedm_arm, none_arm), paired(sedm_arm, everything_arm),

@@ -11,6 +11,8 @@ weight or baseline.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -120,6 +122,7 @@ class Answered:
     given: list[int] = field(default_factory=list)  # items in each prompt
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    reused: int = 0  # answers not decoded again (Answers)
 
     @property
     def n(self) -> int:
@@ -136,7 +139,7 @@ class Answered:
                 "accuracy": self.right / n, "ci95": [lo, hi],
                 "mean_prompt_tokens": sum(self.prompt_tokens) / n,
                 "mean_items_given": sum(self.given) / n,
-                "seconds_per_question": self.seconds / n}
+                "seconds_per_question": self.seconds / n, "reused": self.reused}
 
     def to_json(self) -> dict[str, Any]:
         return {**self.summary(), "per_question": [
@@ -145,21 +148,78 @@ class Answered:
                                   self.outputs, strict=True)]}
 
 
+@dataclass
+class Answers:
+    """What `answer` keeps between arms and between runs: greedy answers by their
+    prompt (the question and the item texts given), so a question given the same texts
+    in another arm (an arm with nothing to give it is the no-memory prompt) is not
+    answered twice, on this machine the same answer; and, with a `journal`, every
+    answer as a JSONL line, so a run killed part way resumes where it stopped."""
+
+    journal: Path | None = None
+    by_prompt: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_arm: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.journal is None or not self.journal.exists():
+            return
+        for line in self.journal.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                self._keep(row)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the kill: answered again
+
+    @staticmethod
+    def key(question: str, given: Sequence[str]) -> str:
+        return json.dumps([question, list(given)])
+
+    def _keep(self, row: dict[str, Any]) -> None:
+        self.by_prompt[self.key(row["question"], row["given"])] = row
+        self.by_arm[(row["arm"], row["index"])] = row
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._keep(row)
+        if self.journal is not None:
+            with self.journal.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
 async def answer(face: LanguageModel, arm: str, problems: Sequence[Problem], domain: str,
-                 recall: Recall, max_tokens: int) -> Answered:
+                 recall: Recall, max_tokens: int, answers: Answers | None = None
+                 ) -> Answered:
     """Each problem answered greedily with the texts `recall` gives it, scored by the
-    number scorer (right: its final number is the answer's)."""
+    number scorer (right: its final number is the answer's). With `answers`: what this
+    arm answered before (a resumed run) is taken from it, and a prompt already answered
+    (by any arm) is not decoded again; `reused` counts those. seconds: the decoding
+    time of every answer, reused ones at what they took when they were decoded."""
     out = Answered(arm)
+    answers = answers if answers is not None else Answers()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    began = time.perf_counter()
-    for p in problems:
-        given = await recall(p.prompt)
-        o = await run_task(face, Task(p.prompt, p.answer, "number", domain), given, params)
-        out.correct.append(o.score >= 1.0)
-        out.prompt_tokens.append(o.prompt_tokens)
-        out.given.append(len(given))
-        out.outputs.append(o.output)
-    out.seconds = time.perf_counter() - began
+    for index, p in enumerate(problems):
+        row = answers.by_arm.get((arm, index))
+        if row is None or row["question"] != p.prompt:
+            given = await recall(p.prompt)
+            row = answers.by_prompt.get(Answers.key(p.prompt, given))
+            if row is None:
+                o = await run_task(face, Task(p.prompt, p.answer, "number", domain), given,
+                                   params)
+                row = {"correct": o.score >= 1.0, "prompt_tokens": o.prompt_tokens,
+                       "output": o.output, "latency_s": o.latency_s}
+            else:
+                out.reused += 1
+            row = {**row, "arm": arm, "index": index, "question": p.prompt,
+                   "given": list(given)}
+            answers.add(row)
+        else:
+            out.reused += 1
+        out.correct.append(bool(row["correct"]))
+        out.prompt_tokens.append(int(row["prompt_tokens"]))
+        out.given.append(len(row["given"]))
+        out.outputs.append(str(row["output"]))
+        out.seconds += float(row["latency_s"])
     return out
 
 

@@ -154,7 +154,9 @@ class Answers:
     prompt (the question and the item texts given), so a question given the same texts
     in another arm (an arm with nothing to give it is the no-memory prompt) is not
     answered twice, on this machine the same answer; and, with a `journal`, every
-    answer as a JSONL line, so a run killed part way resumes where it stopped."""
+    answer as a JSONL line, so a run killed part way resumes where it stopped, and
+    another benchmark asking the same questions of the same model with as many tokens
+    takes its answers (transfer's no-memory arm: accuracy's on GSM8K)."""
 
     journal: Path | None = None
     by_prompt: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -171,11 +173,12 @@ class Answers:
                 continue  # a line cut short by the kill: answered again
 
     @staticmethod
-    def key(question: str, given: Sequence[str]) -> str:
-        return json.dumps([question, list(given)])
+    def key(model: str, max_tokens: int, question: str, given: Sequence[str]) -> str:
+        return json.dumps([model, max_tokens, question, list(given)])
 
     def _keep(self, row: dict[str, Any]) -> None:
-        self.by_prompt[self.key(row["question"], row["given"])] = row
+        self.by_prompt[self.key(row["model"], row["max_tokens"], row["question"],
+                                row["given"])] = row
         self.by_arm[(row["arm"], row["index"])] = row
 
     def add(self, row: dict[str, Any]) -> None:
@@ -200,9 +203,11 @@ async def answer(face: LanguageModel, arm: str, problems: Sequence[Problem], dom
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     for index, p in enumerate(problems):
         row = answers.by_arm.get((arm, index))
-        if row is None or row["question"] != p.prompt:
+        if row is None or (row["model"], row["max_tokens"], row["question"]) != (
+                face.model_id, max_tokens, p.prompt):
             given = await recall(p.prompt)
-            row = answers.by_prompt.get(Answers.key(p.prompt, given))
+            row = answers.by_prompt.get(Answers.key(face.model_id, max_tokens, p.prompt,
+                                                    given))
             if row is None:
                 o = await run_task(face, Task(p.prompt, p.answer, "number", domain), given,
                                    params)
@@ -210,8 +215,8 @@ async def answer(face: LanguageModel, arm: str, problems: Sequence[Problem], dom
                        "output": o.output, "latency_s": o.latency_s}
             else:
                 out.reused += 1
-            row = {**row, "arm": arm, "index": index, "question": p.prompt,
-                   "given": list(given)}
+            row = {**row, "arm": arm, "index": index, "model": face.model_id,
+                   "max_tokens": max_tokens, "question": p.prompt, "given": list(given)}
             answers.add(row)
         else:
             out.reused += 1

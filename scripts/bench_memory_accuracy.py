@@ -179,6 +179,8 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     task = load_task(args.task, seed=args.seed)
     domain = domain_of(task.name)
     heldout = task.heldout(args.n_eval)
+    if not (tmp / LEARNED).exists():  # a learning phase cut short starts again, afresh
+        shutil.rmtree(tmp / "peer", ignore_errors=True)
     async with open_peer(tmp / "peer") as (node, ledger):
         slot = await load_model(node, ledger, "smollm2", dtype="float32", device=args.device)
         face = slot.face()

@@ -40,8 +40,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ from bench_memory_accuracy import N_EVAL, N_TRAIN
 from bench_memory_peer import (
     MAX_TOKENS,
     Answered,
+    Answers,
     accuracy_cell,
     answer,
     difference_cell,
@@ -75,6 +79,43 @@ console = Console(width=160)
 TASKS = ("add", "gsm8k")
 N_TARGET_TRAIN = {"add": 100, "gsm8k": 40}
 NONE, INSIGHTS, RAW = "none", "insights", "raw source items"
+PHASES = "phases.json"  # under --keep: each finished phase's record
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The options the phases depend on (a resume must match them)."""
+    return {k: getattr(args, k) for k in (
+        "source", "target", "n_train", "n_target_train", "abstract", "k",
+        "source_max_tokens", "target_max_tokens", "control_every", "task_similarity",
+        "seed")}
+
+
+@dataclass
+class Phases:
+    """Under --keep: the record of each finished phase (the memory itself is the
+    peer's, in the same directory), written atomically as each phase ends."""
+
+    path: Path
+    settings: dict[str, Any]
+    done: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: Path, settings: dict[str, Any]) -> Phases:
+        """The record at `path` (empty when there is none); SystemExit when it was
+        made with other options."""
+        if not path.exists():
+            return cls(path, settings, {})
+        raw = json.loads(path.read_text())
+        if raw["settings"] != settings:
+            raise SystemExit(f"{path} was made with {raw['settings']}, not {settings}: use "
+                             "another --keep directory")
+        return cls(path, settings, raw["done"])
+
+    def finish(self, phase: str, record: Any) -> None:
+        self.done[phase] = record
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "done": self.done}))
+        tmp.replace(self.path)
 
 
 def add_transfer(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,6 +145,16 @@ def add_transfer(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="how close a target run must be to an insight to replay it on")
     p.add_argument("--seed", type=int, default=26, help="which training questions")
     p.add_argument("--device", default="auto", help="the model's device (auto: cpu here)")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="keep the peer, its memory, each finished phase and every answer "
+                        "in DIR (default: a temporary directory); run again with the same "
+                        "DIR and options to resume: a finished phase is not run again, "
+                        "nor an answered question (a kill during the target runs or the "
+                        "abstraction runs that phase again, beside the part it kept)")
+    p.add_argument("--answers", type=Path, metavar="FILE",
+                   help="take held-out answers from (and add this run's to) this JSONL "
+                        "journal: an accuracy run's (its --keep DIR/answers.jsonl) holds "
+                        "the no-memory answers to the same GSM8K questions")
 
 
 def run_transfer(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,6 +165,9 @@ def run_transfer(args: argparse.Namespace) -> dict[str, Any]:
     args.n_eval = args.n_eval or N_EVAL[args.target]
     args.source_max_tokens = args.source_max_tokens or MAX_TOKENS[args.source]
     args.target_max_tokens = args.target_max_tokens or MAX_TOKENS[args.target]
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        return trio.run(_transfer, args, args.keep)
     with tempfile.TemporaryDirectory() as tmp:
         return trio.run(_transfer, args, Path(tmp))
 
@@ -171,6 +225,8 @@ async def _transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     target_task = load_task(args.target, seed=args.seed)
     target = domain_of(target_task.name)
     heldout = target_task.heldout(args.n_eval)
+    if "source_learning" not in Phases.open(tmp / PHASES, settings_of(args)).done:
+        shutil.rmtree(tmp / "peer", ignore_errors=True)  # learning cut short: afresh
     async with open_peer(tmp / "peer") as (node, ledger):
         slot = await load_model(node, ledger, "smollm2", dtype="float32", device=args.device)
         face = slot.face()
@@ -179,31 +235,49 @@ async def _transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await node.start(memory)
         store = memory.live_store()
 
+        phases = Phases.open(tmp / PHASES, settings_of(args))
+
         # 1. The source domain learns, through the service's own loop and desk.
-        spec = LearnSpec(task=args.source, n=args.n_train, seed=args.seed, k=args.k,
-                         max_tokens=args.source_max_tokens, control_every=args.control_every)
-        job, learn_s = await learn_reporting(memory, spec, source)
+        if "source_learning" not in phases.done:
+            spec = LearnSpec(task=args.source, n=args.n_train, seed=args.seed, k=args.k,
+                             max_tokens=args.source_max_tokens,
+                             control_every=args.control_every)
+            job, learn_s = await learn_reporting(memory, spec, source)
+            phases.finish("source_learning", {
+                "runs": job.runs, "passed": job.passed, "with_memory": job.with_memory,
+                "proposed": job.proposed, "admitted": job.admitted,
+                "refused": job.refused, "held_at_end": len(await store.records(source)),
+                "seconds": learn_s})
+        source_learning = phases.done["source_learning"]
         held = await store.records(source)
-        console.print(f"source {source}: {job.runs} runs in {learn_s:.0f} s, {job.admitted} "
-                      f"admitted, refused {job.refused or 'none'}; {len(held)} held")
+        console.print(f"source {source}: {source_learning['runs']} runs in "
+                      f"{source_learning['seconds']:.0f} s, {source_learning['admitted']} "
+                      f"admitted, refused {source_learning['refused'] or 'none'}; "
+                      f"{len(held)} held")
 
         # 2. Target runs without memory: the SCECs an insight is replayed on.
-        target_runs = await _target_runs(memory, args, target)
+        if "target_runs" not in phases.done:
+            phases.finish("target_runs", await _target_runs(memory, args, target))
+        target_runs = phases.done["target_runs"]
         console.print(f"target {target}: {target_runs['runs']} runs without memory, "
                       f"{target_runs['passed']} right ({target_runs['seconds']:.0f} s)")
 
         # 3. Abstraction of the best held items, each judged in the target domain.
-        now = time.time()
-        weighed = sorted(((r, effective_weight(r.stats, now, settings)) for r in held),
-                         key=lambda rw: (-rw[1], rw[0].item.id))
-        parents = weighed[:args.abstract] if args.abstract > 0 else weighed
-        insights = await _abstract(memory, parents, target)
+        if "insights" not in phases.done:
+            now = time.time()
+            weighed = sorted(((r, effective_weight(r.stats, now, settings)) for r in held),
+                             key=lambda rw: (-rw[1], rw[0].item.id))
+            parents = weighed[:args.abstract] if args.abstract > 0 else weighed
+            phases.finish("insights", {
+                "parents": [r.item.id for r, _ in parents],
+                "rows": await _abstract(memory, parents, target)})
+        insights = phases.done["insights"]["rows"]
         admitted = sum(r["state"] == "admitted" for r in insights)
         in_target = await store.count(target)
 
         # 4. Held-out target questions, three ways; nothing recorded.
-        parent_ids = {r.item.id for r, _ in parents}
-        others = {r.item.id for r in await store.records(source)} - parent_ids
+        parent_ids = set(phases.done["insights"]["parents"])
+        others = {r.item.id for r in held} - parent_ids
         asked = 0
 
         async def none(text: str) -> list[str]:
@@ -225,7 +299,8 @@ async def _transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             return [r.item.text for r, _ in await store.search(vector, args.k, source,
                                                                 exclude=others)]
 
-        items = {NONE: 0, INSIGHTS: in_target, RAW: len(parents)}
+        items = {NONE: 0, INSIGHTS: in_target, RAW: len(parent_ids)}
+        answers = Answers(args.answers or tmp / "answers.jsonl")
         current = NONE
 
         def status() -> str:
@@ -241,7 +316,7 @@ async def _transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             current, asked = arm, 0
             async with progress(status):
                 arms.append(await answer(face, arm, heldout, target, recall,
-                                         args.target_max_tokens))
+                                         args.target_max_tokens, answers))
             console.print(f"{arm}: {accuracy_cell(arms[-1])}")
         stats = await memory.stats()
         model_id = face.model_id
@@ -249,10 +324,6 @@ async def _transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     none_arm, insight_arm, raw_arm = arms
     differences = [paired(insight_arm, none_arm), paired(raw_arm, none_arm),
                    paired(insight_arm, raw_arm)]
-    source_learning = {"runs": job.runs, "passed": job.passed,
-                       "with_memory": job.with_memory, "proposed": job.proposed,
-                       "admitted": job.admitted, "refused": job.refused,
-                       "held_at_end": len(held), "seconds": learn_s}
     print_transfer(args, source, target, arms, items, insights, differences,
                    source_learning)
     return {"section": "transfer", "source": args.source, "target": args.target,

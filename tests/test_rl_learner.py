@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from peerd.inference.model.source import reference_model, resolve
-from peerd.rl.learner import Learner, TokenBatch, with_check, with_reference
+from peerd.rl.learner import (
+    Learner,
+    TokenBatch,
+    shared_prompts,
+    with_check,
+    with_reference,
+)
 from peerd.rl.progress import mean_abs
 from tests.models import tiny_llama_dir
 
@@ -118,6 +124,68 @@ def test_logprobs_match_each_sequence_alone(tiny: Path, temperature: float) -> N
     # a different temperature gives different log-probs: the test can see it
     other = learner.score(batch(), temperature=temperature * 2)
     assert not torch.allclose(other[0, :4], scored[0, :4], atol=1e-3)
+
+
+# GRPO's shape: groups of completions of one prompt. Prompts 0 and 2 have one length (two
+# groups of it), prompt 1 another; completions of 1 to 5 tokens, so a group's longest is
+# shorter than the batch's and one row has a single token (no pass from the cache).
+GROUPED_PROMPTS = [[5, 17, 42], [5, 17, 42], [7, 8], [9, 10, 11], [9, 10, 11], [7, 8],
+                   [5, 17, 42]]
+GROUPED_COMPLETIONS = [[20, 21, 22, 23], [20, 24], [30], [40, 41, 42, 43, 44], [45],
+                       [31, 32], [25, 26, 27]]
+GROUPED_ADVANTAGES = [1.0, -0.5, 0.25, -1.0, 0.75, -0.25, 0.5]
+
+
+def grouped() -> TokenBatch:
+    return TokenBatch.from_sequences(GROUPED_PROMPTS, GROUPED_COMPLETIONS,
+                                     [[-1.0] * len(c) for c in GROUPED_COMPLETIONS],
+                                     GROUPED_ADVANTAGES)
+
+
+def test_shared_prompts_group_rows_by_prompt() -> None:
+    groups = shared_prompts(grouped())
+    assert groups is not None
+    found = {tuple(int(r) for r in g.rows): (g.prompts.tolist(), g.which.tolist())
+             for g in groups}
+    assert found[(2, 5)] == ([[7, 8]], [0, 0])
+    (prompts, which), = [v for k, v in found.items() if k == (0, 1, 3, 4, 6)]
+    rows = [GROUPED_PROMPTS[r] for r in (0, 1, 3, 4, 6)]
+    assert [prompts[w] for w in which] == rows and len(prompts) == 2
+    assert shared_prompts(batch()) is None  # no two rows share a prompt: one pass
+
+
+@pytest.mark.parametrize("update", ["full", "lora"])
+def test_shared_prompts_give_each_sequence_alone(tiny: Path, update: str) -> None:
+    learner = Learner.load(str(tiny), update=update)  # type: ignore[arg-type]
+    model = learner.model
+    got = learner.logprobs(grouped(), temperature=0.7)
+    scored = learner.score(grouped(), temperature=0.7)
+    with torch.no_grad():
+        for b, (p, c) in enumerate(zip(GROUPED_PROMPTS, GROUPED_COMPLETIONS, strict=True)):
+            logits = model(input_ids=torch.tensor([[*p, *c]])).logits[0] / 0.7
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            expected = torch.stack([logp[len(p) - 1 + t, tok] for t, tok in enumerate(c)])
+            torch.testing.assert_close(got[b, :len(c)].detach(), expected, atol=ATOL, rtol=0)
+            torch.testing.assert_close(scored[b, :len(c)], expected, atol=ATOL, rtol=0)
+            assert (got[b, len(c):] == 0).all()
+
+
+@pytest.mark.parametrize("update", ["full", "lora"])
+def test_shared_prompts_give_the_gradient_of_each_sequence_alone(tiny: Path,
+                                                                 update: str) -> None:
+    """A step on the grouped batch in one pass (prompts computed once, their KV read by
+    every row of the group) equals the step accumulated one row at a time (no prompt
+    shared): the gradient through a shared prompt is the sum over its rows."""
+    whole = sgd(Learner.load(str(tiny), update=update))  # type: ignore[arg-type]
+    rows = sgd(Learner.load(str(tiny), update=update))  # type: ignore[arg-type]
+    before = params(whole)
+    s1 = whole.step(grouped(), token_loss, micro_batch=None, max_grad_norm=1e9)
+    s2 = rows.step(grouped(), token_loss, micro_batch=1, max_grad_norm=1e9)
+    assert s1.loss == pytest.approx(s2.loss, abs=1e-6)
+    after_whole, after_rows = params(whole), params(rows)
+    assert max(float((after_whole[n] - before[n]).abs().max()) for n in before) > 1e-3
+    for name in before:
+        torch.testing.assert_close(after_rows[name], after_whole[name], atol=1e-6, rtol=1e-5)
 
 
 def test_logprobs_refuse_zero_temperature(tiny: Path) -> None:

@@ -5,7 +5,7 @@ The 6 completions have 4, 1, 2, 3, 2 and 6 tokens, so the ranks hold 8 and 10 to
 rank that normalised by its own tokens and let DDP average would move the weights by
 another amount, which the comparison sees. Rows 0 and 2 share a prompt, as rows 1 and 3
 do (a GRPO group's completions): each rank's first micro-batch of 2 computes its prompt
-once (the learner's shared prompts), through DDP, and so does the one process. The
+once (logprobs.py's shared prompts), through DDP, and so does the one process. The
 optimiser is SGD at lr 1 (the step is minus the gradient, so equal weights are equal
 gradients: Adam's first step, lr * sign(g), would hide a scale error), then one AdamW
 step as the trainer runs it.

@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from peerd.inference.model.source import reference_model, resolve
-from peerd.rl.learner import (
-    Learner,
-    TokenBatch,
-    shared_prompts,
-    with_check,
-    with_reference,
-)
+from peerd.rl.learner import Learner, TokenBatch, with_check, with_reference
+from peerd.rl.logprobs import shared_prompts
 from peerd.rl.progress import mean_abs
 from tests.models import tiny_llama_dir
 

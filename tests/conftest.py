@@ -16,15 +16,21 @@ import pytest
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+# Converted model metadata (gguf_cache) is kept inside the checkout (.cache/, ignored by
+# git), not in the user's cache: the suite reads nothing from outside the repository.
+# Set here for fixtures of any scope and the peer processes they start; tests keep it.
+_CACHE = str(Path(_ROOT) / ".cache")
+os.environ["PEERD_CACHE_DIR"] = _CACHE
 
 
 @pytest.fixture(autouse=True)
 def _hermetic_peerd_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A developer's PEERD_* variables (PEERD_HOME above all) must not leak into tests;
-    a test that wants one sets it with monkeypatch."""
+    a test that wants one sets it with monkeypatch. PEERD_CACHE_DIR stays the suite's."""
     for name in list(os.environ):
         if name.startswith("PEERD_"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("PEERD_CACHE_DIR", _CACHE)
     yield
 
 

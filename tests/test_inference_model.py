@@ -299,8 +299,31 @@ def smollm2() -> ModelSource:
 
 @pytest.fixture(scope="module")
 def smollm2_ref(smollm2: ModelSource) -> Any:
-    """The whole model as transformers loads the GGUF: the yardstick (seconds to load)."""
-    return reference_model(smollm2)
+    """The whole model as transformers' own GGUF loader reads it (parsing the metadata
+    again: seconds): the yardstick for peerd's reader, which `reference_model` and
+    every shard use."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2.path), gguf_file=smollm2.gguf_file, dtype=torch.float32)
+    model.train(False)
+    return model
+
+
+@needs_smollm2
+def test_the_reference_model_is_transformers_gguf_model(smollm2: ModelSource,
+                                                        smollm2_ref: Any) -> None:
+    mine = reference_model(smollm2)
+    assert type(mine) is type(smollm2_ref) and not mine.training
+    assert mine.lm_head.weight is mine.model.embed_tokens.weight  # tied, as SmolLM2 is
+    want = smollm2_ref.state_dict()
+    have = mine.state_dict()
+    assert set(have) == set(want)
+    for name, tensor in want.items():
+        assert have[name].dtype == torch.float32 and torch.equal(have[name], tensor), name
+    buffers = dict(smollm2_ref.named_buffers())
+    for name, buffer in mine.named_buffers():  # rotary frequencies: not in a checkpoint
+        assert torch.equal(buffer, buffers[name]), name
 
 
 @needs_smollm2

@@ -202,13 +202,15 @@ def load_config(source: ModelSource) -> PretrainedConfig:
 
 @functools.lru_cache(maxsize=8)
 def _load_config(source: ModelSource) -> PretrainedConfig:
-    # Reading a GGUF config parses the whole metadata (the vocabulary included):
-    # seconds for SmolLM2, so a head and a shard in one process share it.
+    # A GGUF's config comes from its metadata converted once per machine (gguf_cache);
+    # a head and a shard in one process share the copy read here.
     from transformers import AutoConfig
 
     config: PretrainedConfig
     if source.gguf_file is not None:
-        config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file)
+        from peerd.inference.model import gguf_cache
+
+        config = gguf_cache.load(source.gguf_path, AutoConfig.from_pretrained)
     else:
         _check_model_type(source.path / "config.json")
         config = AutoConfig.from_pretrained(str(source.path))
@@ -235,21 +237,42 @@ def num_layers(source: ModelSource) -> int:
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-        str(source.path), gguf_file=source.gguf_file)
+    tokenizer: PreTrainedTokenizerBase
+    if source.gguf_file is not None:
+        from peerd.inference.model import gguf_cache
+
+        tokenizer = gguf_cache.load(source.gguf_path, AutoTokenizer.from_pretrained)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     return tokenizer
 
 
 def reference_model(source: ModelSource, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """The whole model as plain transformers loads it (eval mode): the yardstick that
-    tests and benchmarks hold the sharded pipeline against. float32 unless told."""
+    """The whole model as plain transformers builds it (eval mode): the yardstick that
+    tests and benchmarks hold the sharded pipeline against. float32 unless told.
+
+    A GGUF's tensors are read by `weights.read_tensors` (what transformers' own GGUF
+    loader gives, tensor for tensor: tested) into transformers' model class, so its
+    metadata is not parsed again (gguf_cache)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    load_config(source)  # refuse unsupported architectures with our message
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        str(source.path), gguf_file=source.gguf_file, dtype=dtype or torch.float32)
+    config = load_config(source)  # refuses unsupported architectures with our message
+    dtype = dtype or torch.float32
+    model: PreTrainedModel
+    if source.gguf_file is None:
+        model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype)
+    else:
+        from peerd.inference.model.weights import read_tensors
+
+        with torch.device("meta"):  # the class and its parameter names, no memory
+            skeleton = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        names = [name for name in skeleton.state_dict() if name not in tied]
+        state = read_tensors(source, config, names, dtype=dtype)
+        model = type(skeleton).from_pretrained(None, config=config, state_dict=state,
+                                               dtype=dtype)
     model.to(device)  # type: ignore[arg-type]  # transformers wraps `to` untidily
     model.train(False)  # eval mode (`eval` itself is untyped in transformers)
     return model

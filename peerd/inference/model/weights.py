@@ -5,8 +5,9 @@ not in time, not in memory. Both formats allow it:
 
     safetensors  `safe_open` maps the file; `get_tensor(name)` reads one tensor. With
                  several files, model.safetensors.index.json says which holds what.
-    GGUF         `GGUFReader` maps the file; `dequantize(t.data, t.tensor_type)` touches
-                 only that tensor's bytes.
+    GGUF         the file is memory-mapped (its tensor table parsed once per machine:
+                 gguf_cache); `dequantize(t.data, t.tensor_type)` touches only that
+                 tensor's bytes.
 
 Names in and out are transformers' names ("model.layers.10.self_attn.q_proj.weight").
 For GGUF they are mapped to llama.cpp's ("blk.10.attn_q.weight") with gguf-py's own
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from peerd.inference.model import gguf_cache
 from peerd.inference.model.source import ModelError, ModelSource
 
 
@@ -86,7 +88,9 @@ def _read_gguf(path: Path, config: Any, names: Sequence[str]) -> dict[str, torch
     from gguf.quants import dequantize
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    arch_name, by_name = _gguf_reader(str(path))
+    arch_name, by_name = gguf_cache.tensor_table(str(path))
+    if arch_name is None:
+        raise ModelError(f"{path}: no general.architecture in the GGUF metadata")
     name_map = _gguf_name_map(arch_name, int(config.num_hidden_layers))
     # transformers builds its processor from the GGUF-parsed config; for Llama it reads
     # num_attention_heads and num_key_value_heads, which the HF config holds under the
@@ -107,22 +111,6 @@ def _read_gguf(path: Path, config: Any, names: Sequence[str]) -> dict[str, torch
         # only those (an embedding matrix copied twice is a needless peak on big vocabs)
         out[name] = torch.from_numpy(np.require(weights, requirements=["C", "W"]))
     return out
-
-
-@functools.lru_cache(maxsize=4)
-def _gguf_reader(path: str) -> tuple[str, dict[str, Any]]:
-    """(gguf architecture, {tensor name: ReaderTensor}) for a GGUF file, parsed once per
-    process: the metadata (the whole vocabulary) takes seconds, and a head and a shard
-    in one process read the same file. Tensor data stays memory-mapped: pages are read
-    only when a tensor is dequantised."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        raise ModelError(f"{path}: no general.architecture in the GGUF metadata")
-    arch_name = str(field.contents())
-    return arch_name, {t.name: t for t in reader.tensors}
 
 
 @functools.lru_cache(maxsize=8)

@@ -112,7 +112,8 @@ def embed_cached(embedder: Embedder, texts: list[str]) -> np.ndarray:
     path = Path(tempfile.gettempdir()) / f"peerd_bench_memory_{key}.npy"
     if path.is_file():
         console.print(f"real embeddings from the cache {path}")
-        return np.load(path)
+        cached: np.ndarray = np.load(path)
+        return cached
     t0 = time.perf_counter()
     vectors = embedder.embed(texts)
     console.print(f"embedded {len(texts)} real texts with {embedder.name} in "
@@ -143,12 +144,14 @@ def measure(store: ItemStore, matrix: np.ndarray, domains: np.ndarray, queries: 
     exact_all = np.argsort(-(queries @ matrix.T), axis=1)[:, :k]  # [Q, k]
     ids = np.array([r.item.id for r in store.records()])  # label order = insertion order
     out: dict[str, Any] = {}
-    for domain in sorted(set(query_domains)):  # warm: a small domain's first search loads it
-        store.search(queries[0], k, domain=domain)
+    for name in sorted(set(query_domains)):  # warm: a small domain's first search loads it
+        store.search(queries[0], k, domain=name)
     for mode in ("all", "domain"):
-        store_s, index_s, hits = [], [], 0
+        store_s: list[float] = []
+        index_s: list[float] = []
+        hits = 0
         for qi, q in enumerate(queries):
-            domain = query_domains[qi] if mode == "domain" else None
+            domain: str | None = query_domains[qi] if mode == "domain" else None
             if domain is None:
                 exact = set(ids[exact_all[qi]])
             else:

@@ -201,10 +201,10 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             learned.save(tmp / LEARNED)
         else:
             console.print(f"learning taken from {tmp / LEARNED}")
-        job = learned.job
-        console.print(f"learnt from {job['runs']} runs in {learned.seconds:.0f} s: "
-                      f"{job['proposed']} candidates, {job['admitted']} admitted, refused "
-                      f"{job['refused']}")
+        summary = learned.job
+        console.print(f"learnt from {summary['runs']} runs in {learned.seconds:.0f} s: "
+                      f"{summary['proposed']} candidates, {summary['admitted']} admitted, "
+                      f"refused {summary['refused']}")
 
         # 2. Add-everything: the same candidates, each stored at weight 1.
         shutil.rmtree(tmp / "add_everything", ignore_errors=True)  # built again: it is quick
@@ -253,8 +253,9 @@ async def _accuracy(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     judged = [c for c in learned.proposals if c.reason not in PRECHECKED and c.decided]
     decide_s = [c.decided - c.created for c in judged]
     admission = {
-        "runs": job["runs"], "passed": job["passed"], "with_memory": job["with_memory"],
-        "proposed": job["proposed"], "admitted": job["admitted"], "refused": job["refused"],
+        "runs": summary["runs"], "passed": summary["passed"],
+        "with_memory": summary["with_memory"], "proposed": summary["proposed"],
+        "admitted": summary["admitted"], "refused": summary["refused"],
         "replayed": len(judged),
         "seconds_per_admission_decision": statistics.fmean(decide_s) if decide_s else None,
         "seconds_per_admission_decision_p95": quantile(decide_s, 0.95),

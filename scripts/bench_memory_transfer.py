@@ -205,6 +205,9 @@ async def _abstract(memory: Memory, parents: list[tuple[Record, float]], domain:
         except ValueError as exc:  # the model wrote no usable tip: nothing to judge
             row.update(state="refused", reason="unusable", insight=None, utility=None,
                        tasks=0, message=str(exc))
+        except KeyError:  # consolidation merged or pruned it since it was listed
+            row.update(state="gone", reason="consolidated", insight=None, utility=None,
+                       tasks=0)
         else:
             await c.done.wait()
             j = c.to_json()
@@ -249,6 +252,9 @@ async def _transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "refused": job.refused, "held_at_end": len(await store.records(source)),
                 "seconds": learn_s})
         source_learning = phases.done["source_learning"]
+        # What the controller's next consolidation drops (an item its uses made harmful, a
+        # twin) goes now, not while the items below are abstracted one by one.
+        await memory.consolidate()
         held = await store.records(source)
         console.print(f"source {source}: {source_learning['runs']} runs in "
                       f"{source_learning['seconds']:.0f} s, {source_learning['admitted']} "

@@ -50,8 +50,9 @@ async def peer(tmp_path: Path, tiny: Path, **options: Any
                ) -> AsyncIterator[tuple[httpx.AsyncClient, Memory]]:
     async with swarm(1, tmp_path, connect="none") as (node,):
         slot = ModelSlot(node, gossip(node), ModelOptions(str(tiny), torch_threads=1))
+        options.setdefault("task_similarity", 0.0)
         memory = Memory(node, slot, tmp_path / "data", embedder="hashing", settings=LOOSE,
-                        task_similarity=0.0, **options)
+                        **options)
         slot.recall = memory
         await node.start(slot, memory)
         await slot.settled.wait()
@@ -334,6 +335,27 @@ async def test_a_correction_is_not_judged_on_the_run_whose_answer_it_holds(
                                  origin=origin)
         await c.done.wait()
         assert c.tasks == 1  # a rule holding no answer is judged on the run it came from
+
+
+async def test_a_candidate_with_nothing_to_be_judged_on_is_told_why(tmp_path: Path,
+                                                                    tiny: Path) -> None:
+    async with peer(tmp_path, tiny, task_similarity=0.9) as (api, memory):
+        async def why(text: str, kind: str = "rule", origin: str = "") -> str:
+            c = await memory.propose(text, "solo", kind, origin=origin)
+            await c.done.wait()
+            assert (c.state, c.reason, c.tasks) == ("refused", "no_tasks", 0)
+            log = (await api.get("/v1/memory/log", params={"action": "refused"})).json()
+            message: str = next(row for row in log if row["item_id"] == c.id)["message"]
+            return message
+
+        assert "no scored run in domain 'solo'" in await why("Carry the one.")
+        _, scec, _ = await memory.solve(Task("What is 2 + 2?", "4", "number", "solo"),
+                                        memory=False, params=PARAMS)
+        unlike = await why("Paris is the capital of France.")
+        assert "is at least 0.90 similar to it (the nearest: 0." in unlike, unlike
+        held = await why("Question: What is 2 + 2?\nCorrect answer: 4", "correction",
+                         scec_hash(scec))
+        assert "holds the answer it states" in held, held
 
 
 async def test_a_proven_item_is_abstracted_on_its_own_once_per_domain(tmp_path: Path,

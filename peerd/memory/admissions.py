@@ -196,11 +196,10 @@ class Admissions:
                     await self._refuse(c, "error", f"{type(exc).__name__}: {exc}")
 
     async def _decide(self, c: Candidate) -> None:
-        tasks = await self._tasks(c)
+        tasks, unsuitable = await self._tasks(c)
         c.tasks = len(tasks)
         if not tasks:
-            await self._refuse(c, "no_tasks", f"no scored run in domain {c.domain!r} to "
-                               "replay it on: run tasks there first (peerd memory learn)")
+            await self._refuse(c, "no_tasks", unsuitable)
             return
         face: LanguageModel | None = None
         unavailable: ModelUnavailable | None = None
@@ -283,14 +282,14 @@ class Admissions:
         except ModelUnavailable:
             return ""
 
-    async def _tasks(self, c: Candidate) -> list[ScecMsg]:
+    async def _tasks(self, c: Candidate) -> tuple[list[ScecMsg], str]:
         """The SCECs to replay c on: the run it came from first, then the runs nearest
         that run's prompt (nearest its own text when it came from none we hold) in its
         domain, each at least `task_similarity` close. Never a run whose answer c may
         hold, where a model that copies it "gains" by the leak, not by what the note
         teaches: the run a worked example or a correction was distilled from, and any
         run whose question c quotes (another run of the same question, the origin of an
-        item fetched from a peer)."""
+        item fetched from a peer). With none, what the user should know: why not."""
         out: dict[str, ScecMsg] = {}
         anchor = c.text
         skip = ""
@@ -303,8 +302,8 @@ class Admissions:
                 else:
                     out[stored.hash] = decode_scec(stored.body)
         vector = (await self.store.embed([anchor]))[0]
-        for stored, sim in await self.store.similar_scecs(vector, self.tasks + TASK_SLACK,
-                                                          c.domain):
+        near = await self.store.similar_scecs(vector, self.tasks + TASK_SLACK, c.domain)
+        for stored, sim in near:
             if len(out) >= self.tasks:
                 break
             if sim >= self.task_similarity and stored.hash not in out \
@@ -313,7 +312,21 @@ class Admissions:
                     out[stored.hash] = decode_scec(stored.body)
                 except WireError:
                     log.warning("memory: SCEC %s in the store does not decode", stored.hash)
-        return list(out.values())
+        if out:
+            return list(out.values()), ""
+        if not near:
+            return [], (f"no scored run in domain {c.domain!r} to replay it on: run tasks "
+                        "there first (peerd memory learn)")
+        unlike = [sim for stored, sim in near if stored.hash != skip
+                  and not quotes(c.text, stored.prompt)]
+        if not unlike:
+            return [], (f"every scored run in domain {c.domain!r} near it holds the answer "
+                        "it states, so a replay would measure the leak: run other tasks "
+                        "like it there first")
+        return [], (f"no scored run in domain {c.domain!r} is at least "
+                    f"{self.task_similarity:.2f} similar to it (the nearest: "
+                    f"{max(unlike):.2f}), and it would be judged on tasks unlike its own: "
+                    "run similar tasks there first")
 
     async def _refuse(self, c: Candidate, reason: str, message: str) -> None:
         await self._decided(c, "refused", message, reason=reason)

@@ -71,10 +71,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_pipeline import links_with_latency, machine  # noqa: E402
+from bench_pipeline import links_with_latency  # noqa: E402
 from code_prompts import code_request  # noqa: E402
 
 from peerd.machine import cores  # noqa: E402
+from peerd.machine import describe as machine  # noqa: E402
 from testnet import launcher  # noqa: E402
 from testnet.state import TestnetError  # noqa: E402
 
@@ -321,7 +322,7 @@ def flat_verify_speedup(row: dict[str, Any], plain: dict[str, Any]) -> float:
     plain_round = plain["pipeline_ms_per_round"]
     plain_compute = plain_round - plain["network_ms_per_token"]  # k = 1
     flat_round = row["network_ms_per_token"] * k + plain_compute + row["draft_ms_per_round"]
-    return round(k * plain_round / flat_round, 3)
+    return round(float(k * plain_round / flat_round), 3)
 
 
 def decode_tps(results: list[Result]) -> float:
@@ -329,7 +330,7 @@ def decode_tps(results: list[Result]) -> float:
     drafting at the entry, as the entry peer timed them."""
     busy_ms = sum(r.peerd["pipeline_ms"] + r.peerd["head_ms"] + r.peerd.get("draft_ms", 0.0)
                   for r in results)
-    return sum(r.tokens for r in results) / (busy_ms / 1e3)
+    return float(sum(r.tokens for r in results) / (busy_ms / 1e3))
 
 
 def quality(cell: Cell) -> dict[str, Any]:

@@ -202,7 +202,8 @@ def main() -> None:
             if n:
                 console.print(f"{n} greedy peer(s) joined; letting them take what they can")
                 time.sleep(SETTLE_S)
-            ids = {r.get("peer_id") for r in greedy_reports(args.run_dir, n)} - {None}
+            ids = {str(r["peer_id"]) for r in greedy_reports(args.run_dir, n)
+                   if r.get("peer_id")}
             with console.status(f"honest requests with {n} greedy peer(s)"):
                 rows.append(measure(Row(n), entry, peers, args.tokens, args.run_dir, ids))
             console.print(f"{n} greedy: {rows[-1].tokens_per_s:.2f} tokens/s")

@@ -83,8 +83,8 @@ def run_one(n: int, changes: int, base_port: int, run_dir: Path, rng: random.Ran
                 return all(holds(led) for led in snap)
 
             poll(everywhere, 60, "a change to reach every peer")
-            arrivals = [holds(led)["received_at"] for p, led in zip(peers, snap, strict=True)
-                        if p is not target]
+            arrivals = [got["received_at"] for p, led in zip(peers, snap, strict=True)
+                        if p is not target and (got := holds(led)) is not None]
             propagation_ms.append((max(arrivals) - t0) * 1e3)
 
         procs = [psutil.Process(p.pid) for p in peers]

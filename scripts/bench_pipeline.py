@@ -119,15 +119,16 @@ def reference(prompts: list[str], max_tokens: int, threads: int) -> Run:
 
     def generate(prompt: str, n: int) -> tuple[int, float, str]:
         messages = [{"role": "user", "content": prompt}]
-        enc = tokenizer.apply_chat_template(
+        enc: Any = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=n, eos_token_id=eos)
+            out = model.generate(  # type: ignore[operator]
+                **enc, do_sample=False, max_new_tokens=n, eos_token_id=eos)
         took = time.perf_counter() - t0
         new = out[0, enc["input_ids"].shape[1] :].tolist()  # [completion tokens]
-        return len(new), took, tokenizer.decode(new, skip_special_tokens=True)
+        return len(new), took, str(tokenizer.decode(new, skip_special_tokens=True))
 
     generate(prompts[0], 4)  # warm-up: first-call allocations are not decoding speed
     run.load.append(os.getloadavg()[0])

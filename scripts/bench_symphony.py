@@ -35,6 +35,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ SKILLS = ("arithmetic word problems", "grade school math")
 GSM8K = ROOT / "bench" / "data" / "gsm8k" / "test.jsonl"
 TIE_EPSILON = 1e-9  # as peerd.agents.voting
 
-TEMPLATES = [  # (question, answer) with a, b, c drawn small
+TEMPLATES: list[tuple[str, Callable[[int, int, int], int]]] = [  # (question, answer)
+    # with a, b, c drawn small
     ("Tom has {a} apples. He buys {b} more apples and then gives {c} apples to a friend. "
      "How many apples does Tom have now?", lambda a, b, c: a + b - c),
     ("A box holds {a} pencils. Sara buys {b} boxes and loses {c} pencils. How many "
@@ -87,12 +89,12 @@ class Outcome:
     error: str = ""
 
     def votes(self, seats: int | None = None) -> list[dict[str, Any]]:
-        votes = self.result.get("votes", [])
+        votes: list[dict[str, Any]] = self.result.get("votes", [])
         return votes if seats is None else votes[:seats]
 
 
 def gsm8k(n: int) -> list[Item]:
-    items = []
+    items: list[Item] = []
     with GSM8K.open() as f:
         for line in f:
             if len(items) >= n:
@@ -105,7 +107,7 @@ def gsm8k(n: int) -> list[Item]:
 
 def arithmetic(n: int, seed: int) -> list[Item]:
     rng = random.Random(seed)
-    items = []
+    items: list[Item] = []
     while len(items) < n:
         template, answer = TEMPLATES[len(items) % len(TEMPLATES)]
         a, b, c = rng.randint(2, 12), rng.randint(2, 9), rng.randint(1, 10)

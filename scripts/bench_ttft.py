@@ -33,8 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_pipeline import machine  # noqa: E402
-
+from peerd.machine import describe as machine  # noqa: E402
 from testnet import launcher  # noqa: E402
 from testnet.state import TestnetError  # noqa: E402
 
@@ -87,7 +86,7 @@ def run_latency(latency: float, cold: int, warm: int, base_port: int, run_dir: P
 
 def summary(runs: list[dict[str, Any]], latency: float) -> dict[str, Any]:
     def med(key: str) -> float:
-        return round(statistics.median(r[key] for r in runs), 1)
+        return round(float(statistics.median(r[key] for r in runs)), 1)
 
     limit = round(statistics.median(LINKS * latency + r["compute_ms"] + r["head_ms"]
                                     for r in runs), 1)

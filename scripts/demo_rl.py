@@ -38,7 +38,7 @@ def demo_rl(console: Console, run_dir: Path, base_port: int, steps: int = 10) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # "Writing model shards" is noise here
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # "Writing model shards" is noise here
     with console.status("building a tiny random Llama (4 layers, 384 tokens)"):
         tiny = tiny_llama_dir(run_dir)
     task = seven_task(run_dir)

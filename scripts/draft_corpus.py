@@ -342,11 +342,11 @@ def model_writer(spec: str, *, seed: int, threads: int = 2, max_new_tokens: int 
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # [B, P]
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention,
-                                 max_new_tokens=max_new_tokens, do_sample=True,
-                                 temperature=temperature, top_p=top_p,
-                                 pad_token_id=pad)  # [B, P + M]
-        return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+            out = model.generate(  # type: ignore[operator]
+                input_ids=input_ids, attention_mask=attention,
+                max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                top_p=top_p, pad_token_id=pad)  # [B, P + M]
+        return [str(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out]
 
     return write
 

@@ -100,14 +100,17 @@ def test_a_conversion_loads_as_transformers_parses_the_gguf() -> None:
 def test_a_file_is_converted_once_then_again_when_it_changes(
         root: Path, tmp_path: Path, fake_convert: list[Path]) -> None:
     path = _gguf(tmp_path)
+    assert not gguf_cache.is_converted(path)
     entry = gguf_cache.converted(path)
     assert entry.parent == root / "gguf" and fake_convert == [path]
+    assert gguf_cache.is_converted(path)
     gguf_cache._converted.cache_clear()  # another process: the entry on disk serves it
     assert gguf_cache.converted(path) == entry and fake_convert == [path]
     assert not [p for p in entry.parent.iterdir() if p != entry]  # no work dir left
 
     stat = path.stat()  # the file replaced: a new modification time
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert not gguf_cache.is_converted(path)
     gguf_cache._converted.cache_clear()
     assert gguf_cache.converted(path) != entry and len(fake_convert) == 2
 

@@ -21,6 +21,7 @@ import trio
 
 from peerd import compute
 from peerd.inference.generate import Generator
+from peerd.inference.model import gguf_cache
 from peerd.inference.model.head import Head
 from peerd.inference.model.shard import ShardBlock, set_torch_threads
 from peerd.inference.model.source import ModelSource, load_config, load_tokenizer, resolve
@@ -103,6 +104,10 @@ class ModelRuntime:
                                 cpu_count=os.cpu_count() or 0, accelerator=props.name)
         progress(f"resolving {options.spec}")
         source = await _loading(resolve, options.spec)
+        if source.gguf_file is not None and not await _loading(gguf_cache.is_converted,
+                                                               source.gguf_path):
+            progress(f"reading {source.gguf_file}'s metadata (once on this machine: "
+                     "seconds)")
         config = await _loading(load_config, source)
         num_layers = int(config.num_hidden_layers)
         layers = options.layers or await cls._place(node, ledger, source.model_id, num_layers,

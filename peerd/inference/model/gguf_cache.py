@@ -73,6 +73,12 @@ def converted(gguf_path: Path) -> Path:
     return _converted(str(gguf_path.resolve()))
 
 
+def is_converted(gguf_path: Path) -> bool:
+    """Whether this machine holds `gguf_path`'s conversion (a load will take no seconds
+    parsing)."""
+    return _complete(cache_root() / "gguf" / _key(gguf_path.resolve()))
+
+
 def load(gguf_path: Path, loader: Callable[[Path], T]) -> T:
     """`loader(entry)` on `gguf_path`'s converted directory; an entry that cannot be
     loaded (a disk fault, a hand edit) is converted afresh, once."""

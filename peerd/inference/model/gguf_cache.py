@@ -1,10 +1,9 @@
 """A GGUF file's metadata, parsed once per machine instead of once per process.
 
 Reading a GGUF's config, tokenizer or tensor table parses its whole metadata, the
-vocabulary included: for SmolLM2 about 7 s (config) + 5 s (tokenizer) + 4 s (tensor
-table) on this project's 2-core machine, paid again by every peer, trainer and test
-process that loads the file. The tensors themselves are cheap (memory-mapped, only the
-bytes a shard needs are dequantised).
+vocabulary included: seconds each, even for SmolLM2, paid again by every peer, trainer
+and test process that loads the file (bench/README.md, "Loading a model"). The tensors
+themselves are cheap (memory-mapped, only the bytes a shard needs are dequantised).
 
 So the first load converts the metadata into plain files, in one directory per GGUF
 file under the cache root:

@@ -108,11 +108,19 @@ def test_a_file_is_converted_once_then_again_when_it_changes(
     assert gguf_cache.converted(path) == entry and fake_convert == [path]
     assert not [p for p in entry.parent.iterdir() if p != entry]  # no work dir left
 
+    (tmp_path / "elsewhere").mkdir()  # the same file name in another directory
+    other = gguf_cache.converted(_gguf(tmp_path / "elsewhere"))
+    assert other != entry and len(fake_convert) == 2
+
     stat = path.stat()  # the file replaced: a new modification time
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert not gguf_cache.is_converted(path)
     gguf_cache._converted.cache_clear()
-    assert gguf_cache.converted(path) != entry and len(fake_convert) == 2
+    renewed = gguf_cache.converted(path)
+    assert renewed != entry and len(fake_convert) == 3
+    # the path's older entry went; the other path's stayed
+    assert sorted(p.name for p in root.joinpath("gguf").iterdir()) == sorted(
+        [renewed.name, other.name])
 
 
 def test_an_entry_left_incomplete_or_unreadable_is_converted_again(

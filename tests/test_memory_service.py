@@ -12,6 +12,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -356,6 +357,15 @@ async def test_a_candidate_with_nothing_to_be_judged_on_is_told_why(tmp_path: Pa
         held = await why("Question: What is 2 + 2?\nCorrect answer: 4", "correction",
                          scec_hash(scec))
         assert "holds the answer it states" in held, held
+
+        # the run close enough (any run, at similarity 0) damaged in the store
+        memory.desk().task_similarity = 0.0
+        with contextlib.closing(sqlite3.connect(memory.live_store().store.db_path)) as db, db:
+            db.execute("UPDATE scecs SET body = ? WHERE hash = ?",
+                       (b"\xff not msgpack", scec_hash(scec)))
+        damaged = await why("Paris is the capital of France.")
+        assert "the 1 scored run(s) in domain 'solo' similar enough" in damaged, damaged
+        assert "do not decode" in damaged
 
 
 async def test_a_proven_item_is_abstracted_on_its_own_once_per_domain(tmp_path: Path,

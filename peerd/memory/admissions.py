@@ -303,6 +303,7 @@ class Admissions:
                     out[stored.hash] = decode_scec(stored.body)
         vector = (await self.store.embed([anchor]))[0]
         near = await self.store.similar_scecs(vector, self.tasks + TASK_SLACK, c.domain)
+        undecodable = 0
         for stored, sim in near:
             if len(out) >= self.tasks:
                 break
@@ -311,12 +312,17 @@ class Admissions:
                 try:
                     out[stored.hash] = decode_scec(stored.body)
                 except WireError:
+                    undecodable += 1
                     log.warning("memory: SCEC %s in the store does not decode", stored.hash)
         if out:
             return list(out.values()), ""
         if not near:
             return [], (f"no scored run in domain {c.domain!r} to replay it on: run tasks "
                         "there first (peerd memory learn)")
+        if undecodable:
+            return [], (f"the {undecodable} scored run(s) in domain {c.domain!r} similar "
+                        "enough to judge it on do not decode (a damaged store: see the "
+                        "peer's log); run similar tasks there again")
         unlike = [sim for stored, sim in near if stored.hash != skip
                   and not quotes(c.text, stored.prompt)]
         if not unlike:

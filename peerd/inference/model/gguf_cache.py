@@ -14,13 +14,14 @@ file under the cache root:
                                     offset, numpy dtype and shape}}: gguf-py's reader
                                     table, enough to memory-map each tensor again
 
-The directory is named by a hash of the file's absolute path, size and modification
-time and of the transformers / gguf versions and this format's version: a file
-replaced, or a library upgraded, is converted afresh; nothing is ever read from an
-entry that does not match. An entry is written into a private directory and renamed
-into place, so concurrent processes each see a whole entry or none (the loser of a
-race discards its own). An unreadable entry is converted again; an unwritable cache
-root converts into a directory of this process's own.
+The directory is named by the file's absolute path (hashed) and a hash of its size and
+modification time and of the transformers / gguf versions and this format's version: a
+file replaced, or a library upgraded, is converted afresh and its path's older entry
+removed; nothing is ever read from an entry that does not match. An entry is written
+into a private directory and renamed into place, so concurrent processes each see a
+whole entry or none (the loser of a race discards its own). An unreadable entry is
+converted again; an unwritable cache root converts into a directory of this process's
+own.
 
 The root: $PEERD_CACHE_DIR, else $XDG_CACHE_HOME/peerd, else ~/.cache/peerd.
 """
@@ -37,6 +38,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,21 +121,35 @@ def _converted(path: str) -> Path:
         except OSError:  # another process renamed its entry into place first
             if not _complete(entry):
                 raise
+        _drop_stale(entry, Path(path))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return entry
 
 
 def _key(path: Path) -> str:
+    """"<stem>-<the path's hash>-<the file's and libraries' hash>": entries of one path
+    share everything up to the last dash, so a new one can replace the old."""
     import gguf
     import transformers
 
     stat = path.stat()
     gguf_version = getattr(gguf, "__version__", None) or _dist_version("gguf")
-    ident = json.dumps([FORMAT, str(path), stat.st_size, stat.st_mtime_ns,
-                        transformers.__version__, gguf_version])
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    return f"{path.stem}-{digest}"
+    ident = json.dumps([FORMAT, stat.st_size, stat.st_mtime_ns, transformers.__version__,
+                        gguf_version])
+    return f"{_path_prefix(path)}{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def _path_prefix(path: Path) -> str:
+    return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-"
+
+
+def _drop_stale(entry: Path, path: Path) -> None:
+    """Remove the entries this path had before (an older file, older libraries)."""
+    prefix = _path_prefix(path)
+    for old in entry.parent.glob(f"{glob_escape(prefix)}*"):
+        if old != entry and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _dist_version(name: str) -> str:

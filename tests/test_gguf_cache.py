@@ -123,6 +123,21 @@ def test_a_file_is_converted_once_then_again_when_it_changes(
         [renewed.name, other.name])
 
 
+def test_two_library_versions_keep_an_entry_each(root: Path, tmp_path: Path,
+                                                 fake_convert: list[Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    path = _gguf(tmp_path)
+    entry = gguf_cache.converted(path)
+    monkeypatch.setattr(transformers, "__version__", "0.0.0-another-environment")
+    gguf_cache._converted.cache_clear()
+    assert not gguf_cache.is_converted(path)
+    another = gguf_cache.converted(path)
+    assert another != entry and len(fake_convert) == 2
+    assert entry.is_dir() and another.is_dir()  # neither converts over the other
+
+
 def test_an_entry_left_incomplete_or_unreadable_is_converted_again(
         root: Path, tmp_path: Path, fake_convert: list[Path]) -> None:
     path = _gguf(tmp_path)

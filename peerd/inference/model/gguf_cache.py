@@ -14,10 +14,10 @@ file under the cache root:
                                     offset, numpy dtype and shape}}: gguf-py's reader
                                     table, enough to memory-map each tensor again
 
-The directory is named by the file's absolute path (hashed) and a hash of its size and
-modification time and of the transformers / gguf versions and this format's version: a
-file replaced, or a library upgraded, is converted afresh and its path's older entry
-removed; nothing is ever read from an entry that does not match. An entry is written
+The directory is named by a hash of the file's absolute path, the transformers / gguf
+versions and this format's version, and a hash of the file's size and modification
+time: a file replaced, or a library upgraded, is converted afresh (a replaced file's
+older entry is removed); nothing is ever read from an entry that does not match. An entry is written
 into a private directory and renamed into place, so concurrent processes each see a
 whole entry or none (the loser of a race discards its own). An unreadable entry is
 converted again; an unwritable cache root converts into a directory of this process's
@@ -128,20 +128,23 @@ def _converted(path: str) -> Path:
 
 
 def _key(path: Path) -> str:
-    """"<stem>-<the path's hash>-<the file's and libraries' hash>": entries of one path
-    share everything up to the last dash, so a new one can replace the old."""
-    import gguf
-    import transformers
-
+    """"<stem>-<the path's and libraries' hash>-<the file's size and mtime hash>": the
+    entries of one file under the same libraries share all but the last part, so a newer
+    file's entry replaces the older one. Libraries are in the shared part: two
+    environments with different transformers versions keep an entry each instead of
+    converting over each other."""
     stat = path.stat()
-    gguf_version = getattr(gguf, "__version__", None) or _dist_version("gguf")
-    ident = json.dumps([FORMAT, stat.st_size, stat.st_mtime_ns, transformers.__version__,
-                        gguf_version])
+    ident = json.dumps([stat.st_size, stat.st_mtime_ns])
     return f"{_path_prefix(path)}{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
 def _path_prefix(path: Path) -> str:
-    return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}-"
+    import gguf
+    import transformers
+
+    gguf_version = getattr(gguf, "__version__", None) or _dist_version("gguf")
+    ident = json.dumps([FORMAT, str(path), transformers.__version__, gguf_version])
+    return f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}-"
 
 
 def _drop_stale(entry: Path, path: Path) -> None:

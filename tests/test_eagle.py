@@ -21,6 +21,7 @@ from peerd.inference.speculative.eagle import (
     EagleDrafter,
     EagleHead,
     EagleSession,
+    grow,
 )
 from peerd.inference.speculative.eagle_data import (
     Example,
@@ -220,6 +221,50 @@ def test_proposing_changes_nothing_committed(head: Head, trained: EagleHead,
     torch.testing.assert_close(a.probs.sum(-1), torch.ones(4))
     assert all(float(a.probs[i, t]) > 0 for i, t in enumerate(a.tokens))
     assert s.propose(5, GREEDY, torch.Generator()) == first
+
+
+def test_a_grown_head_drafts_as_its_origin_until_trained_then_as_its_unroll(
+        tmp_path: Path, head: Head, trained: EagleHead, examples: list[Example]) -> None:
+    deep = grow(trained, 3)
+    assert deep.config.num_layers == 3 and len(deep.upper) == 2
+    assert trained.config.num_layers == 1 and len(trained.upper) == 0  # not changed
+    e = examples[0]
+    a = session(head, trained, e, e.prompt_len + 1)
+    b = session(head, deep, e, e.prompt_len + 1)
+    assert a.pending is not None and b.pending is not None
+    torch.testing.assert_close(a.pending, b.pending, atol=1e-6, rtol=1e-6)
+    assert a.propose(6, GREEDY, torch.Generator()) == b.propose(6, GREEDY, torch.Generator())
+    assert a.propose_tree(4) == b.propose_tree(4)
+    # training moves every layer, the added ones' inner weights included (their zero
+    # output projections let gradient through from the second step on)
+    before = {k: v.clone() for k, v in deep.state_dict().items()}
+    train_head(deep, head, examples, replace(CFG, steps=3))
+    after = deep.state_dict()
+    for name in ("upper.0.self_attn.q_proj.weight", "upper.1.mlp.up_proj.weight",
+                 "upper.1.mlp.down_proj.weight", "layer.mlp.down_proj.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    # its parallel unroll (training) is what drafting does, through every layer
+    batch = make_batch([e])
+    embeds = head.embed_tokens(batch.next_ids)  # [1, S, H]
+    with torch.no_grad():
+        preds = unrolled(deep.eval(), batch.features, embeds, 2, bf16=False)  # 2 x [1, S, H]
+    c = e.prompt_len + 2
+    s = session(head, deep, e, c + 2)
+    assert s.pending is not None
+    torch.testing.assert_close(s.pending[0, 0], preds[0][0, c], atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        nxt = deep.extend(s.pending, embeds[:, c + 1:c + 2], s.cache)  # [1, 1, H]
+    torch.testing.assert_close(nxt[0, 0], preds[1][0, c + 1], atol=1e-4, rtol=1e-4)
+    # a file keeps the layers: loaded, it drafts the same
+    path = tmp_path / "deep.safetensors"
+    save_eagle(deep, head, path)
+    loaded = load_eagle(path, head)
+    assert loaded.eagle.config.num_layers == 3
+    x, y = session(head, deep, e, c + 2), loaded.start()
+    y.extend(e.tokens[:c + 2].tolist(), e.features[:c + 1])
+    assert x.propose(5, GREEDY, torch.Generator()) == y.propose(5, GREEDY, torch.Generator())
+    with pytest.raises(ValueError, match="cannot grow a head of 3 layers to 2"):
+        grow(deep, 2)
 
 
 def test_a_tree_holds_the_heads_best_chain_and_changes_nothing_committed(
@@ -548,6 +593,16 @@ def test_peerd_draft_train_trains_then_fine_tunes_a_head(
         assert "training" in b.metadata()
     assert "fc.weight" in moved  # fine-tuned from the first head, not left as it was
     load_eagle(tuned, head)
+    # --layers grows the head it starts from; a fine-tune cannot take layers away
+    deep = tmp_path / "deep.safetensors"
+    r = run(main, [*common, "--out", str(deep), "--steps", "2", "--init", str(tuned),
+                   "--layers", "2"])
+    assert r.exit_code == 0, r.output
+    assert load_eagle(deep, head).eagle.config.num_layers == 2
+    r = run(main, [*common, "--out", str(tmp_path / "x.safetensors"), "--steps", "1",
+                   "--init", str(deep), "--layers", "1"])
+    assert r.exit_code == 1 and "a fine-tune can add layers, not remove them" in r.output
+    assert not (tmp_path / "x.safetensors").exists()
     # bad input: a head for another model is refused before any work, nothing written
     other = tiny_llama_dir(tmp_path_factory, seed=1)
     broken = tmp_path / "c.safetensors"
@@ -656,8 +711,10 @@ def test_draft_rows_take_the_fastest_form_and_keep_the_drafts(
     sessions = {form: d.start() for form, d in forms.items()}
     for s in sessions.values():
         s.extend(e.tokens[:e.prompt_len + 1].tolist(), e.features[:e.prompt_len])
+        assert s.pending is not None
     # int8 rows: the same columns (context rows appended), logits within quantisation
-    got = {form: s._logits(s.pending) for form, s in sessions.items()}
+    got = {form: s._logits(s.pending) for form, s in sessions.items()
+           if s.pending is not None}
     (q, q_ids), (f, f_ids) = got["int8"], got["float32"]
     assert q_ids is not None and f_ids is not None and torch.equal(q_ids, f_ids)
     err = (q - f).abs().max() / f.abs().max()

@@ -61,13 +61,17 @@ def draft() -> None:
                                 "depth costs a step).")
 @click.option("--lr", default=1e-3, show_default=True,
               type=click.FloatRange(0, 1, min_open=True), help="Peak learning rate.")
+@click.option("--layers", type=click.IntRange(1, 8), metavar="N",
+              help="Decoder layers of the head; with --init, the fine-tuned head grows to "
+                   "N, each added layer starting as the identity [1; --init: its own].")
 @click.option("--batch-size", default=8, show_default=True,
               type=click.IntRange(1), help="Answers per step.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int,
                 per_file: int | None, holdout: int, max_new_tokens: int, data: Path | None,
                 max_prompt_tokens: int | None, threads: int, vocab_size: int, init: Path | None,
-                unroll: int, lr: float, batch_size: int, as_json: bool) -> None:
+                unroll: int, lr: float, layers: int | None, batch_size: int,
+                as_json: bool) -> None:
     """Train an EAGLE draft head on the target's own greedy answers (CPU, minutes), and
     measure its acceptance on held-out prompts against prompt lookup."""
     from peerd.inference.model.source import ModelError
@@ -84,7 +88,8 @@ def draft_train(spec: str, out: Path, prompt_files: tuple[Path, ...], steps: int
         report = train_eagle(spec, out, files, cfg, per_file=per_file, holdout=holdout,
                              max_new_tokens=max_new_tokens, data=data, threads=threads,
                              vocab_size=vocab_size, init=init,
-                             max_prompt_tokens=max_prompt_tokens or MAX_PROMPT_TOKENS)
+                             max_prompt_tokens=max_prompt_tokens or MAX_PROMPT_TOKENS,
+                             layers=layers)
     except (ModelError, DraftError, ValueError, OSError) as exc:
         fail(str(exc))
 

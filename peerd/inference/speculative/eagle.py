@@ -1,4 +1,4 @@
-"""EAGLE: a one-layer draft head that extrapolates the target's own features.
+"""EAGLE: a small draft head that extrapolates the target's own features.
 
 The pipeline hands the entry peer the target's final-layer feature f_q (the last
 shard's output, before the final norm) for every position q it runs. EAGLE (Li et al.,
@@ -12,7 +12,8 @@ decoder layer per draft token, against the whole model per pipeline round.
     input                    f_q, e(x_{q+1})    f̂_{q+1}, e(x̂_{q+2})
     output                   f̂_{q+1}           f̂_{q+2}
 
-The head owns fc (2H -> H), one Llama decoder layer with its rotary embedding, and an
+The head owns fc (2H -> H), one Llama decoder layer (EAGLE's; `num_layers` stacks more)
+with its rotary embedding, and an
 RMSNorm on its feature input; it borrows the embeddings, the final norm and lm_head
 from the target's `Head`. Why the extra norm: SmolLM2's pre-norm features have norms
 ~600 with single dimensions past 4000, its embeddings norms ~3; and the target's
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -56,13 +57,14 @@ class EagleConfig:
     defaults are SmolLM2-135M's."""
 
     hidden_size: int = 576  # the target's H: features, embeddings and output are H wide
-    intermediate_size: int = 1536  # MLP width of the one decoder layer
+    intermediate_size: int = 1536  # MLP width of its decoder layers
     num_attention_heads: int = 9
     num_key_value_heads: int = 3
     head_dim: int = 64
     rms_norm_eps: float = 1e-5
     rope_theta: float = 100000.0  # plain RoPE whatever the target's scaling: the head is
     max_position_embeddings: int = 8192  # trained with it, and only sees its own slots
+    num_layers: int = 1  # decoder layers after fc; EAGLE's is 1 (`grow` adds more)
 
     @classmethod
     def from_target(cls, config: Any) -> EagleConfig:
@@ -78,11 +80,11 @@ class EagleConfig:
             max_position_embeddings=int(config.max_position_embeddings))
 
     def layer_config(self) -> LlamaConfig:
-        """The transformers config of the one decoder layer (and of its DynamicCache)."""
+        """The transformers config of the decoder layers (and of their DynamicCache)."""
         config = LlamaConfig(
             vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None,  # none
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=1, num_attention_heads=self.num_attention_heads,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
             rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
@@ -91,7 +93,7 @@ class EagleConfig:
 
 
 class EagleHead(nn.Module):
-    """fc(concat(norm(f), e)) -> one decoder layer -> predicted next feature."""
+    """fc(concat(norm(f), e)) -> decoder layer(s) -> predicted next feature."""
 
     def __init__(self, config: EagleConfig) -> None:
         super().__init__()
@@ -101,6 +103,9 @@ class EagleHead(nn.Module):
         self.feature_norm = LlamaRMSNorm(H, eps=config.rms_norm_eps)
         self.fc = nn.Linear(2 * H, H, bias=True)
         self.layer = LlamaDecoderLayer(self.layer_config, layer_idx=0)
+        # layers 1.. of a deeper head (`layer` keeps its name: one-layer files load as is)
+        self.upper = nn.ModuleList(LlamaDecoderLayer(self.layer_config, layer_idx=i)
+                                   for i in range(1, config.num_layers))
         self.rotary_emb = LlamaRotaryEmbedding(config=self.layer_config)
 
     def forward(self, features: torch.Tensor, embeds: torch.Tensor,
@@ -112,10 +117,11 @@ class EagleHead(nn.Module):
         f = self.feature_norm(features.to(embeds.dtype))  # [B, T, H]
         x = self.fc(torch.cat([f, embeds], dim=-1))  # [B, T, 2H] -> [B, T, H]
         cos_sin = self.rotary_emb(x, position_ids=position_ids)  # 2 x [B|1, T, head_dim]
-        out: torch.Tensor = self.layer(x, attention_mask=attention_mask,
-                                       position_ids=position_ids, cache=cache,
-                                       use_cache=cache is not None,
-                                       position_embeddings=cos_sin)  # [B, T, H]
+        out: torch.Tensor = x
+        for layer in (self.layer, *self.upper):
+            out = layer(out, attention_mask=attention_mask, position_ids=position_ids,
+                        cache=cache, use_cache=cache is not None,
+                        position_embeddings=cos_sin)  # [B, T, H]
         return out
 
     def new_cache(self) -> DynamicCache:
@@ -134,6 +140,24 @@ class EagleHead(nn.Module):
                                   position_ids=position_ids, layer_idx=0)
         out: torch.Tensor = self(features, embeds, position_ids, mask, cache)  # [1, T, H]
         return out
+
+
+def grow(eagle: EagleHead, num_layers: int) -> EagleHead:
+    """`eagle` with decoder layers added on top, up to `num_layers`, each starting as
+    the identity (its attention and MLP output projections zero, so its residual adds
+    nothing): the grown head drafts exactly as `eagle` did until fine-tuning moves it."""
+    if num_layers < eagle.config.num_layers:
+        raise ValueError(f"cannot grow a head of {eagle.config.num_layers} layers to "
+                         f"{num_layers}")
+    grown = EagleHead(replace(eagle.config, num_layers=num_layers))
+    grown.load_state_dict(eagle.state_dict(), strict=False)  # the new layers' keys missing
+    with torch.no_grad():
+        for layer in list(grown.upper)[eagle.config.num_layers - 1:]:
+            assert isinstance(layer, LlamaDecoderLayer)
+            for output in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                assert isinstance(output, nn.Linear)
+                output.weight.zero_()
+    return grown.to(next(eagle.parameters()))
 
 
 # ---- drafting ---------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def load_eagle(path: Path, head: Head, name: str = "eagle") -> EagleDrafter:
         raise DraftError(f"{path} is not a peerd EAGLE head: {exc}") from exc
     eagle.to(head.device)
     if head.dtype == torch.bfloat16:  # the weights only: RoPE frequencies stay float32
-        for module in (eagle.feature_norm, eagle.fc, eagle.layer):
+        for module in (eagle.feature_norm, eagle.fc, eagle.layer, eagle.upper):
             module.to(torch.bfloat16)
     ids = None if vocab is None else [int(t) for t in vocab.tolist()]
     try:

@@ -44,7 +44,7 @@ from rich.progress import (
 
 from peerd.inference.model.head import Head
 from peerd.inference.model.source import load_config, load_tokenizer, reference_model, resolve
-from peerd.inference.speculative.eagle import EagleConfig, EagleHead
+from peerd.inference.speculative.eagle import EagleConfig, EagleHead, grow
 from peerd.inference.speculative.eagle_data import (
     Example,
     Prompt,
@@ -330,11 +330,13 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
                 data: Path | None = None, gammas: Sequence[int] = (3, 5, 8),
                 vocab_size: int = DRAFT_VOCAB_SIZE, init: Path | None = None,
                 max_prompt_tokens: int | None = MAX_PROMPT_TOKENS,
-                progress: bool = True) -> dict[str, Any]:
+                layers: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Generate the data (with `data`: reuse the answers it holds, add the new ones), train
     a new head (or fine-tune the head file `init`, which must be for this target),
     pick a draft vocabulary of `vocab_size` ids from the training answers, measure on
-    the held-out prompts, save the head to `out`; returns a report."""
+    the held-out prompts, save the head to `out`; returns a report. `layers`: the new
+    head's decoder layers, or those `init`'s head is grown to (`eagle.grow`) [1 / as
+    `init`'s]."""
     cfg = cfg or TrainConfig()
     began = time.monotonic()
     if threads is not None:
@@ -348,6 +350,10 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
     if init is not None:
         start = load_eagle(init, head)
         lineage = {"path": str(init), "training": training_record(init)}
+        if layers is not None and layers < start.eagle.config.num_layers:
+            raise ValueError(f"{init} has {start.eagle.config.num_layers} decoder layers: "
+                             f"a fine-tune can add layers, not remove them (--layers "
+                             f"{start.eagle.config.num_layers} or more)")
     train_prompts, held_prompts = split_prompts(prompts, per_file, holdout, cfg.seed)
 
     tokenizer = load_tokenizer(source)
@@ -371,8 +377,11 @@ def train_eagle(spec: str, out: Path, prompts: Sequence[Path], cfg: TrainConfig 
     vocab_info = {"counted": "the training answers",
                   "held_out_coverage": round(coverage(vocab, held_answers), 4)}
 
-    eagle = (EagleHead(EagleConfig.from_target(load_config(source))) if start is None
-             else start.eagle)
+    if start is None:
+        config = EagleConfig.from_target(load_config(source))
+        eagle = EagleHead(replace(config, num_layers=layers or 1))
+    else:
+        eagle = grow(start.eagle, layers or start.eagle.config.num_layers)
     with progress_bar(progress) as bar:
         task = bar.add_task("training", total=cfg.steps, info="")
 

@@ -39,7 +39,8 @@ def fake_convert(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         calls.append(path)
         (into / "config.json").write_text(json.dumps({"source": path.name}))
         (into / gguf_cache.TENSORS).write_text(json.dumps(
-            {"format": gguf_cache.FORMAT, "architecture": "llama", "tensors": {}}))
+            {"format": gguf_cache.FORMAT, "source": gguf_cache.source_record(path),
+             "architecture": "llama", "tensors": {}}))
 
     monkeypatch.setattr(gguf_cache, "_convert", convert)
     return calls
@@ -192,3 +193,43 @@ def test_the_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert gguf_cache.cache_root() == tmp_path / ".cache" / "peerd"
+
+
+def test_peerd_cache_lists_and_clears_entries(root: Path, tmp_path: Path,
+                                              fake_convert: list[Path]) -> None:
+    from click.testing import CliRunner
+
+    from peerd.cli import main
+
+    run = CliRunner().invoke
+    r = run(main, ["cache", "list"])
+    assert r.exit_code == 0 and "is empty" in r.output
+    a, b, c = (_gguf(tmp_path, f"{n}.gguf") for n in "abc")
+    kept = {p: gguf_cache.converted(p).name for p in (a, b, c)}
+    os.utime(b, ns=(1, 1))  # changed since: its entry is outdated
+    c.unlink()  # gone: its entry is orphaned
+    (root / "gguf" / "d-0-1").mkdir()  # a conversion killed before it was whole
+    (root / "gguf" / ".e-0-1.x").mkdir()  # a conversion under way
+    r = run(main, ["cache", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    listed = json.loads(r.stdout)
+    assert listed["root"] == str(root) and listed["bytes"] > 0
+    states = {e["name"]: e["state"] for e in listed["entries"]}
+    assert states == {kept[a]: "current", kept[b]: "outdated", kept[c]: "orphaned",
+                      "d-0-1": "partial", ".e-0-1.x": "converting"}
+    assert {e["source"] for e in listed["entries"]} == {str(a), str(b), str(c), None}
+    r = run(main, ["cache", "list"])
+    assert r.exit_code == 0 and "3 no load will read again" in r.output
+    r = run(main, ["cache", "clear", "--stale", "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(r.stdout)["removed"]) == sorted([kept[b], kept[c], "d-0-1"])
+    assert {e.name for e in gguf_cache.entries()} == {kept[a], ".e-0-1.x"}
+    gguf_cache._converted.cache_clear()
+    assert gguf_cache.converted(a).name == kept[a] and fake_convert.count(a) == 1
+    r = run(main, ["cache", "clear"])  # all but a conversion under way
+    assert r.exit_code == 0 and "removed 1 entries" in r.output
+    assert gguf_cache.converted(a).name == kept[a] and fake_convert.count(a) == 2
+    for name in ("..", ".", "", "../gguf", "nothing-here"):
+        with pytest.raises(ValueError, match="not an entry of the model cache"):
+            gguf_cache.remove([name])
+    assert (root / "gguf" / ".e-0-1.x").is_dir()

@@ -20,6 +20,7 @@ import click
 
 from peerd import __version__
 from peerd.cli.admin import advertise, events, id_, ledger, peers, status
+from peerd.cli.cache import cache
 from peerd.cli.client import fail
 from peerd.cli.draft import draft
 from peerd.cli.generate import chat, generate
@@ -36,7 +37,7 @@ COMMANDS: tuple[click.Command, ...] = (
     start,
     id_, status, peers, ledger, events, advertise,
     generate, chat, shards,
-    draft,
+    draft, cache,
     task,
     rl,
     memory,

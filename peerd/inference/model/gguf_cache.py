@@ -24,11 +24,13 @@ converted again; an unwritable cache root converts into a directory of this proc
 own.
 
 The root: $PEERD_CACHE_DIR, else $XDG_CACHE_HOME/peerd, else ~/.cache/peerd.
+`peerd cache list` shows the entries (`entries`), `peerd cache clear` removes them.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import json
@@ -36,6 +38,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from glob import escape as glob_escape
@@ -47,6 +50,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what an entry holds changes
+CONVERTING_S = 3600.0  # a private directory this young may be a conversion under way
 TENSORS = "tensors.json"
 T = TypeVar("T")
 
@@ -98,6 +102,8 @@ def load(gguf_path: Path, loader: Callable[[Path], T]) -> T:
 def _converted(path: str) -> Path:
     entry = cache_root() / "gguf" / _key(Path(path))
     if _complete(entry):
+        with contextlib.suppress(OSError):  # `peerd cache list` shows when it was used
+            os.utime(entry)
         return entry
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -187,12 +193,76 @@ def _convert(path: Path, into: Path) -> None:
     field = reader.fields.get("general.architecture")
     table = {
         "format": FORMAT,
+        "source": source_record(path),
         "architecture": None if field is None else str(field.contents()),
         "tensors": {t.name: {"type": int(t.tensor_type), "offset": int(t.data_offset),
                              "dtype": t.data.dtype.str, "shape": list(t.data.shape)}
                     for t in reader.tensors},
     }
     (into / TENSORS).write_text(json.dumps(table))  # last: marks the entry whole
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One converted file in the cache, as `peerd cache list` shows it."""
+
+    name: str
+    source: str | None  # the GGUF it was converted from (None: an entry that predates it)
+    state: str  # current | outdated (its file changed) | orphaned (its file is gone) |
+    # converting (a process is writing it) | partial (a conversion that was killed)
+    bytes: int
+    used: float  # when a process last converted or read it (unix seconds)
+
+
+def entries(root: Path | None = None) -> list[Entry]:
+    """The cache's entries, oldest use first; a leftover of a crashed conversion too."""
+    base = (root or cache_root()) / "gguf"
+    found = []
+    for entry in sorted(base.iterdir()) if base.is_dir() else []:
+        if not entry.is_dir():
+            continue
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        source, state = None, "partial"
+        if entry.name.startswith("."):  # a conversion's private directory
+            if time.time() - entry.stat().st_mtime < CONVERTING_S:
+                state = "converting"
+        elif _complete(entry):
+            src = json.loads((entry / TENSORS).read_text()).get("source") or {}
+            source = src.get("path") if isinstance(src, dict) else None
+            state = _state(entry, source)
+        found.append(Entry(entry.name, source, state, size, entry.stat().st_mtime))
+    return sorted(found, key=lambda e: e.used)
+
+
+def _state(entry: Path, source: str | None) -> str:
+    if source is None:
+        return "current"  # cannot tell: only a load of its file will
+    path = Path(source)
+    try:
+        return "current" if _key(path) == entry.name else "outdated"
+    except OSError:
+        return "orphaned"
+
+
+def remove(names: list[str], root: Path | None = None) -> int:
+    """Remove these entries (a process that reads one later converts its file again: a
+    running peer has read its entry already); returns the bytes freed."""
+    base = (root or cache_root()) / "gguf"
+    freed = 0
+    for name in names:
+        entry = base / name
+        if name in ("", ".", "..") or Path(name).name != name or not entry.is_dir():
+            raise ValueError(f"{name!r} is not an entry of the model cache {base}")
+        freed += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        shutil.rmtree(entry, ignore_errors=True)
+    _converted.cache_clear()
+    return freed
+
+
+def source_record(path: Path) -> dict[str, Any]:
+    """What tensors.json records of the file it was converted from."""
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 @functools.lru_cache(maxsize=4)

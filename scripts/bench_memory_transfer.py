@@ -251,11 +251,12 @@ async def _transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "proposed": job.proposed, "admitted": job.admitted,
                 "refused": job.refused, "held_at_end": len(await store.records(source)),
                 "seconds": learn_s})
-        source_learning = phases.done["source_learning"]
         # What the controller's next consolidation drops (an item its uses made harmful, a
         # twin) goes now, not while the items below are abstracted one by one.
         await memory.consolidate()
         held = await store.records(source)
+        source_learning = {**phases.done["source_learning"],
+                           "held_after_consolidation": len(held)}
         console.print(f"source {source}: {source_learning['runs']} runs in "
                       f"{source_learning['seconds']:.0f} s, {source_learning['admitted']} "
                       f"admitted, refused {source_learning['refused'] or 'none'}; "
@@ -381,7 +382,8 @@ def print_transfer(args: argparse.Namespace, source: str, target: str,
         console.print(f"{d['first']} - {d['second']}: {difference_cell(d)}")
     console.print(f"source {source}: {learning['runs']} runs ({learning['passed']} right), "
                   f"{learning['proposed']} candidates, {learning['admitted']} admitted, "
-                  f"{learning['held_at_end']} held at the end")
+                  f"{learning['held_at_end']} held at the end, "
+                  f"{learning['held_after_consolidation']} after consolidation")
     found = Table(title=f"insights abstracted from {source} items, judged on {target} runs")
     for col in ("parent weight", "insight", "verdict", "Δscore", "Δprompt tokens",
                 "utility", "tasks"):

@@ -8,8 +8,9 @@ connectivity (dialing towards `target_peers`), the welcome of each new connectio
 RTT probes and peerstore clean-up. Systems plug in as services (service.py) started in
 that nursery with `Node.start`; leaving the context cancels them and closes the host.
 
-Three hooks let services take part without the kernel knowing them: `add_dial_source`
-(whom to dial: the ledger's addresses), `on_connect` (what to do with a new
+Four hooks let services take part without the kernel knowing them: `add_dial_source`
+(whom to dial: the ledger's addresses), `keep_connected` (whom to stay connected to
+beyond `target_peers`: the peers a model's routes cross), `on_connect` (what to do with a new
 connection: the ledger pulls a snapshot) and `on_disconnect` (a peer's last connection
 closed: the tools' dispatcher ends the calls in flight there at once).
 
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 S = TypeVar("S", bound=Service)
 DialSource = Callable[[], Iterable[tuple[str, Sequence[str]]]]  # -> (peer id, addrs)
+KeepSource = Callable[[], Iterable[str]]  # -> peer ids, most wanted first
 ConnectHook = Callable[[str], Awaitable[None]]  # (peer id); must not raise
 DisconnectHook = Callable[[str], None]  # (peer id); runs in the swarm's notification
 
@@ -66,6 +68,7 @@ PING_TIMEOUT_S = 3.0
 PING_INTERVAL_S = 8.0  # under the 10 s after which the remote idles a ping stream out
 WELCOME_INTERVAL_S = 30.0  # don't welcome the same peer again sooner (a flapping link)
 MAX_DIAL_BACKOFF_S = 60.0
+MAX_KEPT = 16  # connections kept beyond target_peers for the services' `keep_connected`
 MAX_OFFENDERS_TRACKED = 4096
 CONNECT_SETTLE_S = 0.5
 
@@ -88,6 +91,7 @@ class Node:
         self.rtt_ms: dict[str, float] = {}
         self.services: list[Service] = []  # started (or starting), in order
         self._dial_sources: list[DialSource] = []
+        self._keep_sources: list[KeepSource] = []
         self._connect_hooks: list[ConnectHook] = []
         self._disconnect_hooks: list[DisconnectHook] = []
         self._welcomed_at: dict[str, float] = {}
@@ -124,6 +128,13 @@ class Node:
     def add_dial_source(self, source: DialSource) -> None:
         """Peers worth dialing, and where (asked each time connections run short)."""
         self._dial_sources.append(source)
+
+    def keep_connected(self, source: KeepSource) -> None:
+        """Peers to stay connected to whatever `target_peers` says (the first MAX_KEPT
+        of all sources together), dialed at the addresses the dial sources give; e.g.
+        the peers a request's route may cross, so that its first request through them
+        does not wait for a connection and routing knows their RTT."""
+        self._keep_sources.append(source)
 
     def on_connect(self, hook: ConnectHook) -> None:
         """Run `hook(peer_id)` for each new connection, one hook at a time, before the
@@ -269,7 +280,8 @@ class Node:
     async def _fill_connections(self) -> None:
         connected = set(self.connected_peers())
         want = self.config.target_peers - len(connected)
-        if want <= 0:
+        kept = self._kept()
+        if want <= 0 and not kept - connected:
             return
         now = trio.current_time()
         candidates: list[tuple[str, Sequence[str]]] = [
@@ -288,9 +300,20 @@ class Node:
                 continue
             seen.add(pid)
             chosen.append((pid, addrs))
+        dial = [c for c in chosen if c[0] in kept]
+        dial += [c for c in chosen if c[0] not in kept][:max(0, want - len(dial))]
         async with trio.open_nursery() as nursery:
-            for pid, addrs in chosen[:want]:
+            for pid, addrs in dial:
                 nursery.start_soon(self._dial, pid, addrs)
+
+    def _kept(self) -> set[str]:
+        kept: dict[str, None] = {}
+        for source in self._keep_sources:
+            try:
+                kept.update((pid, None) for pid in source() if pid != self.peer_id)
+            except Exception:
+                log.warning("a keep-connected source failed", exc_info=True)
+        return set(list(kept)[:MAX_KEPT])
 
     async def _dial(self, pid: str, addrs: Sequence[str]) -> None:
         for addr in addrs:

@@ -166,3 +166,20 @@ async def test_rpcs_written_at_once_reach_the_peer_whole(tmp_path: Path) -> None
         await wait_for(lambda: has_entry(b, a.peer_id, skills=("after-big-rpcs",)), 10,
                        "b still hears a on gossip")
         assert events(b, "ledger.accepted", peer_id=a.peer_id, changed=True, via="gossip")
+
+
+async def test_a_kept_peer_is_dialed_beyond_target_peers(tmp_path: Path) -> None:
+    # a line with target_peers=1 stays a line (above), except for the peers a service
+    # asks to keep: n0 is connected to n2 once the ledger tells n0 where n2 is
+    async with swarm(3, tmp_path, heartbeat_s=1.0, ttl_heartbeats=10,
+                     target_peers=1) as (n0, n1, n2):
+        def broken() -> list[str]:
+            raise RuntimeError("a source that fails is skipped")
+
+        n0.keep_connected(broken)
+        n0.keep_connected(lambda: [n0.peer_id, n2.peer_id])  # itself: ignored
+        await wait_for(lambda: converged([n0, n1, n2]), 20, "every ledger holds all 3")
+        await wait_for(lambda: is_connected(n0.host, n2.peer_id), 15, "n0 keeps n2")
+        assert sorted(n0.connected_peers()) == sorted([n1.peer_id, n2.peer_id])
+        await trio.sleep(2.5)  # another round of the connectivity loop: nothing more
+        assert len(n0.connected_peers()) == 2

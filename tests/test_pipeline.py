@@ -20,7 +20,7 @@ from peerd.inference.swarm.pipeline import Pipeline, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
 from protocols.shard import Hop
-from tests.harness import book, serve_model, swarm, wait_for
+from tests.harness import book, is_connected, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
 LOGIT_ATOL = 1e-4  # float32 everywhere: the chain must match one process this closely
@@ -90,7 +90,7 @@ async def test_split_matches_single_process(tmp_path: Path, tiny: Path,
         entry = runtimes[-1]  # the entry serves the last span: the route starts elsewhere
         tokens, info = await generate(entry, PROMPT)
         assert tokens == expected
-        assert [hop["layers"] for hop in info["route"]] == [list(s) for s in splits]  # type: ignore[index, union-attr]
+        assert [hop["layers"] for hop in info["route"]] == [list(s) for s in splits]  # type: ignore[index, union-attr, attr-defined]
 
         # Per-position logits of the prompt through the pipeline vs one process.
         route = entry.generator.route()
@@ -183,7 +183,7 @@ async def test_failed_shard_is_rerouted_and_replayed(tmp_path: Path, tiny: Path,
 
         async def fail_after_five(produced: int) -> None:
             if produced == 5:
-                victim.block.begin = broken  # type: ignore[method-assign]
+                victim.block.begin = broken  # type: ignore[method-assign, assignment]
 
         tokens, info = await generate(entry, PROMPT, 12, fail_after_five)
         assert tokens == expected
@@ -288,6 +288,25 @@ async def test_entry_alone_with_the_whole_model(tmp_path: Path, tiny: Path,
         with trio.fail_after(30):
             tokens, _ = await generate(runtimes[0], PROMPT)
     assert tokens == reference_tokens(reference, PROMPT, NEW_TOKENS)
+
+
+async def test_model_peers_stay_connected_beyond_target_peers(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module) -> None:
+    """With target_peers=1 a line n0 - n1 - n2 stays a line, but n0 and n2 serve the
+    two halves of one model: each keeps a connection to the other, so the first
+    request does not wait for one, and its route is priced with a measured RTT."""
+    async with swarm(3, tmp_path, connect="line", heartbeat_s=1.0,
+                     target_peers=1) as (n0, n1, n2):
+        first = await serve_model(n0, ModelOptions(str(tiny), layers=(0, 2)))
+        await serve_model(n2, ModelOptions(str(tiny), layers=(2, 4)))
+        await wait_for(lambda: is_connected(n0.host, n2.peer_id), 20,
+                       "the halves' peers to connect")
+        assert n1.peer_id in n0.connected_peers()  # the line's own link stays
+        await wait_for(lambda: n2.peer_id in n0.rtt_ms, 20, "an RTT probe of n2")
+        with trio.fail_after(30):
+            tokens, info = await generate(first, PROMPT)
+        assert tokens == reference_tokens(reference, PROMPT, NEW_TOKENS)
+        assert [hop["layers"] for hop in info["route"]] == [[0, 2], [2, 4]]  # type: ignore[index, union-attr, attr-defined]
 
 
 async def test_a_peer_without_layers_takes_the_least_served_window(

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from peerd.inference.swarm.routing import BanList, NoRoute, Route, Server, coverage_gaps, find_route
+from peerd.inference.swarm.routing import (
+    BanList,
+    NoRoute,
+    Route,
+    Server,
+    coverage_gaps,
+    find_route,
+    route_peers,
+)
 from protocols.errors import WireError
 from protocols.shard import Hop, check_route
 
@@ -92,3 +100,18 @@ def test_check_route_refuses_skips_and_overlaps() -> None:
         check_route((Hop("a", 0, 2),), 4)
     with pytest.raises(WireError, match="empty"):
         check_route((Hop("a", 0, 0), Hop("b", 0, 4)), 4)
+
+
+
+def test_route_peers_are_the_models_other_servers_nearest_first() -> None:
+    servers = [Server("me", 10, 20), Server("z-next", 20, 30), Server("a-far", 30, 40),
+               Server("m-before", 5, 10), Server("b-first", 0, 5), Server("c-both", 0, 12),
+               Server("a-far", 18, 25),  # a peer's second span: its nearest one counts
+               Server("me", 0, 10)]
+    # serving layer 20 (our next hop) or layer 9 (the hop before us), then layer 0
+    assert route_peers(servers, "me", (10, 20)) == [
+        "a-far", "c-both", "m-before", "z-next", "b-first"]
+    # a first span: nobody before it; then the rest by peer id
+    assert route_peers(servers, "me", (0, 5)) == [
+        "c-both", "m-before", "b-first", "a-far", "z-next"]
+    assert route_peers([Server("me", 0, 4)], "me", (0, 4)) == []

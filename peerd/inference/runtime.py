@@ -31,7 +31,7 @@ from peerd.inference.speculative.acceptance import TokenClasses
 from peerd.inference.speculative.catalog import DrafterCatalog
 from peerd.inference.swarm.pipeline import Pipeline
 from peerd.inference.swarm.placement import choose_layers, window_size
-from peerd.inference.swarm.routing import servers_by_model
+from peerd.inference.swarm.routing import route_peers, servers_by_model
 from peerd.inference.swarm.server import ShardServer
 from peerd.ledger.book import Ledger
 from peerd.node import Node
@@ -131,6 +131,9 @@ class ModelRuntime:
         server.register()
         pipeline = Pipeline(node, source.model_id)
         pipeline.register()
+        node.keep_connected(lambda: route_peers(
+            servers_by_model(ledger.entries()).get(source.model_id, []), node.peer_id,
+            (start, end)))
         drafters = DrafterCatalog(head, tokenizer, device=device, dtype=dtype)
         generator = Generator(node, ledger, pipeline, head, model_id=source.model_id,
                               num_layers=num_layers, eos_ids=eos_ids(tokenizer, config),

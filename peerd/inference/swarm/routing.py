@@ -83,6 +83,26 @@ def servers_by_model(entries: Iterable[LedgerEntry],
     return out
 
 
+def route_peers(servers: Iterable[Server], me: str, span: tuple[int, int]) -> list[str]:
+    """The peers a route of this model may cross, for our node to stay connected to
+    (Node.keep_connected), nearest first: those serving the layer after our span or the
+    layer before it (our own sessions' next hop, and the hop that sends to us), then
+    those serving layer 0 (a request we take starts there), then the rest; ties by
+    peer id."""
+    start, end = span
+
+    def serves(s: Server, layer: int) -> bool:
+        return s.start <= layer < s.end
+
+    rank: dict[str, int] = {}
+    for s in servers:
+        if s.peer_id == me:
+            continue
+        r = 0 if serves(s, end) or serves(s, start - 1) else 1 if serves(s, 0) else 2
+        rank[s.peer_id] = min(r, rank.get(s.peer_id, r))
+    return sorted(rank, key=lambda pid: (rank[pid], pid))
+
+
 def coverage_gaps(servers: Iterable[Server], num_layers: int) -> list[tuple[int, int]]:
     covered = [False] * num_layers
     for s in servers:

@@ -269,6 +269,79 @@ def test_capabilities_is_post_only(pair: tuple[Daemon, Daemon]) -> None:
     assert a.request("GET", "/capabilities").status_code == 405
 
 
+@pytest.mark.parametrize("path", ["/capabilities", "/v1/chat/completions", "/v1/completions",
+                                  "/v1/tasks", "/v1/plans", "/v1/memory", "/v1/rl/runs",
+                                  "/v1/tools/call"])
+def test_a_lone_surrogate_is_a_400_on_every_endpoint_that_reads_a_body(
+        pair: tuple[Daemon, Daemon], path: str) -> None:
+    """JSON lets a string hold half a UTF-16 pair ("\\ud800"); Python parses it into a str
+    that no tokenizer, signature or store can encode: it was a 500, and /capabilities
+    kept it as our skills, so every later re-signing of our entry failed."""
+    a, _ = pair
+    skills_before = a.get("/status")["skills"]
+    text = "a@b"  # "@" becomes the lone surrogate's escape once the body is JSON
+    body = {"/capabilities": {"skills": [text]},
+            "/v1/chat/completions": {"model": text,
+                                     "messages": [{"role": "user", "content": text}]},
+            "/v1/completions": {"model": text, "prompt": text},
+            "/v1/tasks": {"question": text}, "/v1/plans": {"goal": text},
+            "/v1/memory": {"text": text}, "/v1/rl/runs": {"model": text},
+            "/v1/tools/call": {"tool": "calculator", "arguments": {"expression": text}}}[path]
+    content = json.dumps(body).replace("@", "\\ud800").encode()
+    r = a.request("POST", path, content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "surrogate" in error["message"]
+    assert a.get("/status")["skills"] == skills_before
+    # a character outside the BMP, escaped as its (whole) pair, is text like any other
+    r = a.request("POST", "/capabilities", content=b'{"skills": ["\\ud83d\\ude00"]}',
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["skills"] == ["\U0001f600"], r.text
+    assert a.request("POST", "/capabilities", json={"skills": skills_before}).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/no-such-path", 404), ("GET", "/v1/tasks/..%2F..%2Fetc", 404),
+    ("GET", "/v1/models/some-model", 404), ("POST", "/v1/models", 405),
+    ("GET", "/v1/chat/completions", 405), ("DELETE", "/status", 405),
+    ("DELETE", "/v1/plans", 405), ("GET", "/mcp", 405)])
+def test_an_unknown_path_or_method_is_a_json_error(pair: tuple[Daemon, Daemon], method: str,
+                                                   path: str, status: int) -> None:
+    """Starlette answers these itself in plain text; a client reads `error` from JSON.
+    /mcp is stateless: it has no stream to open on a GET (which held the connection
+    open, silent, until the client gave up)."""
+    a, _ = pair
+    r = a.request(method, path)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    if status == 405:
+        allow = r.headers["allow"].split(", ")
+        assert allow and all(m in error["message"] for m in allow)
+        assert path != "/v1/plans" or {"GET", "POST"} <= set(allow)  # two routes
+    else:
+        assert "README" in error["message"]
+    assert a.request("GET", "/health", token=None).status_code == 200
+
+
+async def test_a_client_that_leaves_mid_body_is_an_api_error() -> None:
+    """Not an exception out of the endpoint (logged as a crash of the ASGI app)."""
+    from starlette.requests import Request
+
+    from peerd.api.errors import ApiError, read_json
+
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"skills": [', "more_body": True},
+        {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(ApiError, match="left"):
+        await read_json(request)
+
+
 # ---- events and metrics ----------------------------------------------------------------
 
 

@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from peerd.api import webui
@@ -104,7 +105,7 @@ def create_app(node: Node, token: str) -> ASGIApp:
         Route("/events", events),
         *webui.routes(),
         *(route for service in node.services for route in service.routes()),
-    ])
+    ], exception_handlers={HTTPException: _routing_error})
 
     def on_reject(reason: str, path: str) -> None:
         # /mcp (plans/mcp_endpoint.py) apart: MCP clients are other programs than the CLI
@@ -112,6 +113,29 @@ def create_app(node: Node, token: str) -> ASGIApp:
         node.metrics.rejections.labels("mcp_unauthorized" if mcp else "api_unauthorized").inc()
 
     return BearerAuth(app, token, on_reject)
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """What Starlette's router answers in plain text (no such path, a method the path
+    does not take), in our shape."""
+    assert isinstance(exc, HTTPException)
+    path = f"{request.url.path!r:.120}"
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        message = f"no endpoint {path} here; the README's API section lists them"
+    elif exc.status_code == 405:
+        # every route of the path, not only the first (GET and POST may be two routes)
+        allow = sorted({m for route in request.app.router.routes
+                        if route.matches(request.scope)[0] == Match.PARTIAL
+                        for m in getattr(route, "methods", None) or ()})
+        headers["Allow"] = ", ".join(allow)
+        message = f"{path} takes {' or '.join(allow)}, not {request.method}"
+    else:
+        message = exc.detail
+    response = ApiError(exc.status_code, message,
+                        code="not_found" if exc.status_code == 404 else None).response()
+    response.headers.update(headers)
+    return response
 
 
 async def _sse(node: Node, replay: int, types: set[str]) -> AsyncIterator[str]:

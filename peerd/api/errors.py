@@ -1,6 +1,7 @@
 """Errors of the local API in OpenAI's shape, and reading a request body with caps on
 its size and on how deeply its JSON nests (Python's parser recurses: a body of 50,000
-`[` would otherwise end in a RecursionError, a 500)."""
+`[` would otherwise end in a RecursionError, a 500), and refusing the lone surrogates
+JSON allows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 MAX_BODY_BYTES = 1 << 20
@@ -72,16 +73,29 @@ def answering(endpoint: Endpoint) -> Endpoint:
 async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
     """The request body as JSON, read with a size cap; ApiError(413/400) otherwise."""
     raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > max_bytes:
-            raise ApiError(413, f"request body over {max_bytes} bytes")
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_bytes:
+                raise ApiError(413, f"request body over {max_bytes} bytes")
+    except ClientDisconnect:  # nobody reads the answer; not a crash of ours to log
+        raise ApiError(400, "the client left before sending the whole body") from None
     if json_depth(raw) > MAX_JSON_DEPTH:
         raise ApiError(400, f"request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(raw or b"null")
+        body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    try:
+        # JSON takes "\ud800" alone (and the parser passes raw surrogate bytes); Python
+        # makes a str of it that no tokenizer, signature or store can encode. A whole
+        # pair ("\ud83d\ude00") is one character: it encodes.
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                       "escape outside a pair), which is not text: send the character "
+                       "itself, or both halves of its pair") from None
+    return body
 
 
 def json_depth(raw: bytes) -> int:

@@ -105,7 +105,8 @@ class McpEndpoint(Service):
             await trio.sleep_forever()
 
     def routes(self) -> Sequence[BaseRoute]:
-        return [Route(PATH, StreamableHTTPASGIApp(self.manager))]
+        # stateless: no stream to open on a GET (the SDK's held the connection, silent)
+        return [Route(PATH, StreamableHTTPASGIApp(self.manager), methods=["POST", "DELETE"])]
 
     # ---- the handlers ---------------------------------------------------------------
 

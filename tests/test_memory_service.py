@@ -249,6 +249,10 @@ BAD: list[tuple[str, str, Any, int, str | None]] = [
     ("POST", "/v1/memory", {"text": "x", "kind": "gossip"}, 400, "kind"),
     ("POST", "/v1/memory", {"text": "x", "origin": "abc"}, 400, "origin"),
     ("POST", "/v1/memory", {"text": "x", "wait": "yes"}, 400, "wait"),
+    # a misspelt field was dropped: the item went to the default domain
+    ("POST", "/v1/memory", {"text": "x", "domian": "arithmetic"}, 400, "domian"),
+    ("POST", "/v1/memory/items/" + "0" * 64 + "/abstract", {"domain": "x", "wiat": True},
+     400, "wiat"),
     ("GET", "/v1/memory/search", None, 400, "q"),
     ("GET", "/v1/memory/search?q=x&k=99", None, 400, "k"),
     ("GET", "/v1/memory/search?q=x&k=two", None, 400, "k"),
@@ -262,6 +266,7 @@ BAD: list[tuple[str, str, Any, int, str | None]] = [
     ("POST", "/v1/memory/learn/stop", None, 409, None),
     ("POST", "/v1/memory/learn", {"n": 0}, 400, "n"),
     ("POST", "/v1/memory/learn", {"task": "nonsense"}, 400, "task"),
+    ("POST", "/v1/memory/learn", {"task": "x" * 300 + ".jsonl"}, 400, "task"),  # ENAMETOOLONG
     ("POST", "/v1/memory/learn", {"bogus": 1}, 400, "bogus"),
     ("POST", "/v1/memory/learn", {"k": True}, 400, "k"),
     ("POST", "/v1/chat/completions", {"model": "m", "messages": [

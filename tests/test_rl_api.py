@@ -73,6 +73,7 @@ def bad_bodies(tiny: Path, task: Path) -> list[tuple[Any, str]]:
         ({**ok, "mode": "turbo"}, "mode"), ({**ok, "update": "qlora"}, "update"),
         ({**ok, "aggregation": "max"}, "aggregation"),
         ({**ok, "run_id": "../../etc"}, "run_id"), ({**ok, "model": "  "}, "model"),
+        ({**ok, "out": "/tmp/a\0b"}, "out"),  # no such path: it was a 500
         # what the run needs must be here: the model SPEC and the task
         ({**ok, "model": "no/such-model-here"}, "model"),
         ({**ok, "model": str(tiny / "nope")}, "model"),

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from peerd.api.errors import ApiError, answering, read_json
+from peerd.api.errors import ApiError, answering, json_object, read_json
 from peerd.inference.face import ModelUnavailable
 from peerd.memory.item import Record
 from protocols.errors import WireError
@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from peerd.memory.service import Memory
 
 MAX_BODY_BYTES = 64 * 1024
+ADD_FIELDS = frozenset({"text", "domain", "kind", "origin", "wait"})
+ABSTRACT_FIELDS = frozenset({"domain", "wait"})
 MAX_IMPORT_BYTES = 64 * 2**20
 MAX_K = 32
 WAIT_S = 600.0
@@ -69,7 +71,7 @@ def routes(memory: Memory) -> list[BaseRoute]:
 
     async def add(request: Request) -> Response:
         store_ready()
-        body = await _body(request)
+        body = json_object(await _body(request), ADD_FIELDS)
         text = _str(body, "text", required=True, max_len=4000)
         domain = _domain(body.get("domain", "general"))
         kind = body.get("kind", "example")
@@ -130,7 +132,7 @@ def routes(memory: Memory) -> list[BaseRoute]:
         item_id = request.path_params["item_id"]
         if not ITEM_ID.fullmatch(item_id):
             raise ApiError(400, "an item id is 64 hex digits", param="id")
-        body = await _body(request)
+        body = json_object(await _body(request), ABSTRACT_FIELDS)
         domain = _domain(body.get("domain"))
         wait = _wait(body)
         try:

@@ -302,7 +302,7 @@ class Memory(Service):
         self._face()
         try:
             task = await trio.to_thread.run_sync(lambda: load_task(spec.task, seed=spec.seed))
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # OSError: e.g. a file name too long
             raise SpecError("task", str(exc)) from None
         job = LearnJob(spec, spec.domain or domain_of(task.name))
         self.learning = job

@@ -156,6 +156,8 @@ class RunSpec:
                             "own rows of a step's batch")
         if self.run_id and not RUN_ID.match(self.run_id):
             raise SpecError("run_id", "1-64 characters of letters, digits, '.', '_', '-'")
+        if "\0" in self.out:  # no path holds one: the run dir's mkdir raised ValueError
+            raise SpecError("out", "a path cannot hold a NUL character")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -590,6 +591,35 @@ def test_a_client_leaving_mid_stream_frees_its_session(swarm: Swarm) -> None:
                                                 max_tokens=4, temperature=0)
     assert r2.choices[0].finish_reason in ("stop", "length")
     assert swarm.a.alive() and swarm.b.alive()
+
+
+def test_a_client_leaving_before_the_answer_frees_its_sessions(swarm: Swarm) -> None:
+    """The same without streaming: the request's choices stop generating when its
+    connection closes (they went on to the last token, for nobody)."""
+    body = json.dumps({"model": swarm.model_id, "messages": HELLO, "max_tokens": 8000,
+                       "temperature": 0, "n": 2}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: peerd\r\n"
+            f"Authorization: Bearer {swarm.a.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def generating() -> bool:
+        state = model_state(swarm.a)
+        return bool(state["sessions"] > state["pooled_sessions"])
+
+    with socket.create_connection(("127.0.0.1", swarm.a.api_port), timeout=10) as sock:
+        sock.sendall(head + body)
+        wait_for(generating, 10.0, "the request's choices to start", (swarm.a, swarm.b))
+
+    def only_pooled() -> bool:
+        pooled = model_state(swarm.a)["pooled_sessions"]
+        return bool(model_state(swarm.a)["sessions"] == model_state(swarm.b)["sessions"]
+                    == pooled)
+
+    wait_for(only_pooled, 10.0, "the abandoned request's sessions to close",
+             (swarm.a, swarm.b))
+    r = swarm.client().chat.completions.create(model=swarm.model_id, messages=HELLO,
+                                               max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_status_metrics_and_the_cli_show_who_holds_what(swarm: Swarm) -> None:

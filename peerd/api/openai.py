@@ -98,9 +98,12 @@ def routes(models: ModelSlot) -> list[Route]:
                 failed.append(exc)
                 cancel.cancel()
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(prepared)):
-                nursery.start_soon(one, i, nursery.cancel_scope)
+        async with trio.open_nursery() as watching:
+            watching.start_soon(_until_left, request, watching.cancel_scope, failed)
+            async with trio.open_nursery() as nursery:
+                for i in range(len(prepared)):
+                    nursery.start_soon(one, i, nursery.cancel_scope)
+            watching.cancel_scope.cancel()
         if failed:
             return failed[0].response()
         return JSONResponse(_final(model, req, [d for d in done if d is not None], notes))
@@ -110,6 +113,17 @@ def routes(models: ModelSlot) -> list[Route]:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
+
+
+async def _until_left(request: Request, cancel: trio.CancelScope,
+                      failed: list[ApiError]) -> None:
+    """Cancel `cancel` (the choices' generation) once the client has closed the
+    connection: the server says so on `receive`, the body having been read. Without
+    it, an abandoned request went on to its last token, for nobody."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    failed.append(ApiError(400, "the client left before the answer"))
+    cancel.cancel()
 
 
 async def _with_memory(recall: Recall | None, req: ApiRequest

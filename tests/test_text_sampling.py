@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from peerd.inference.options import SamplingParams
-from peerd.inference.sampling import make_generator, next_token
+from peerd.inference.sampling import distribution, make_generator, next_token
 from peerd.inference.text import BYTE_LEVEL, TextStream, token_bytes, token_text
 
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "END", 7: "E", 8: "ND!"}
@@ -78,6 +78,21 @@ def test_top_p_keeps_only_the_nucleus() -> None:
     g = make_generator(p)
     seen = {next_token(logits, p, g) for _ in range(300)}
     assert seen == {0, 1}
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [
+    (1e-30, 1.0), (1e-40, 1.0), (5e-324, 1.0), (1.0, 1e-300), (2.0, 5e-324)])
+def test_a_tiny_temperature_or_top_p_is_as_good_as_greedy(temperature: float,
+                                                          top_p: float) -> None:
+    """The API takes any temperature in (0, 2] and top_p in (0, 1]; in float32 a tiny
+    one rounds to 0 or makes logits / T overflow: the distribution was NaN, and
+    torch.multinomial raised (a 500)."""
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0]) * 30
+    p = SamplingParams(temperature=temperature, top_p=top_p, seed=0)
+    probs = distribution(logits, p)
+    assert torch.isfinite(probs).all() and int(probs.argmax()) == 1, probs
+    assert float(probs.sum()) == pytest.approx(1.0)
+    assert next_token(logits, p, make_generator(p)) == 1
 
 
 @pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"temperature": -1}, {"top_p": 0},

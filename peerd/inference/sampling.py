@@ -11,6 +11,10 @@ import torch
 from peerd.inference.options import SamplingParams
 from peerd.inference.request import TokenLogprob
 
+# Below it logits / T overflows float32, or T itself rounds to 0: NaN probabilities.
+# Sampling this cold is greedy in all but name.
+MIN_TEMPERATURE = 1e-6
+
 
 def make_generator(params: SamplingParams) -> torch.Generator:
     g = torch.Generator(device="cpu")
@@ -21,11 +25,14 @@ def make_generator(params: SamplingParams) -> torch.Generator:
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [V] -> the distribution sampling draws from [V] float32 (temperature > 0):
     softmax at the temperature, cut to the nucleus and renormalised."""
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [V]
+    temperature = max(params.temperature, MIN_TEMPERATURE)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [V]
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)  # [V], [V]
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token:
+        # a top_p below float32's least positive number compares as 0)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # [V] bool
+        keep[0] = True
         sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)  # [V]
         probs = probs / probs.sum()

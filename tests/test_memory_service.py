@@ -292,6 +292,22 @@ async def test_bad_input_is_refused_in_words_and_the_peer_keeps_serving(
             assert error["param"] == param, (method, path, body, error)
         bad_import = await api.post("/v1/memory/import", content=b"\xff\xfe")
         assert bad_import.status_code == 400
+        # a line of our own with a count SQLite cannot hold (it was a 500, and the lines
+        # after it were never read): reported by number, the rest restored
+        me = memory.node.peer_id
+        lines = []
+        for text, uses in (("Count twice.", 2**63), ("Count once.", 1)):
+            _, signed = sign_item(memory.node.key_pair.private_key, me, text, "chat", "rule")
+            lines.append(json.dumps({
+                "body": base64.b64encode(signed.body).decode(),
+                "sig": base64.b64encode(signed.sig).decode(),
+                "stats": {"weight": 1.0, "admitted_utility": 0.1, "uses": uses,
+                          "delta_sum": 0.0, "last_used": 0.0, "admitted_at": 0.0}}))
+        r = await api.post("/v1/memory/import", content="\n".join(lines).encode())
+        assert r.status_code == 200, r.text
+        summary = r.json()
+        assert (summary["restored"], summary["bad"]) == (1, 1), summary
+        assert summary["bad_lines"][0]["line"] == 1 and "uses" in summary["bad_lines"][0]["error"]
         big = await api.post("/v1/memory", content=b"{" + b"[" * 100 + b"}")
         assert big.status_code == 400
         assert (await api.get("/v1/memory/stats")).status_code == 200

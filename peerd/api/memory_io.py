@@ -52,8 +52,9 @@ def _stats(raw: Any) -> ItemStats:
             raise ValueError(f"stats.{name}: a finite number")
         nums[name] = float(v)
     uses = raw.get("uses")
-    if not isinstance(uses, int) or isinstance(uses, bool) or uses < 0:
-        raise ValueError("stats.uses: a count")
+    # (SQLite keeps a signed 64-bit integer: a larger one raised OverflowError there)
+    if not isinstance(uses, int) or isinstance(uses, bool) or not 0 <= uses < 2**63:
+        raise ValueError("stats.uses: a count below 2**63")
     source = raw.get("source", "local")
     if not isinstance(source, str) or len(source) > 128:
         raise ValueError("stats.source: a string")

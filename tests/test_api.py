@@ -210,8 +210,9 @@ def test_new_skills_reach_the_other_peer(pair: tuple[Daemon, Daemon]) -> None:
     b"{not json", b"\xff\xfe\x00", b"", b"null", b"[]", b'"skills"', b"{}",
     b'{"skills": "x"}', b'{"skills": [1]}', b'{"skills": [""]}', b'{"skills": {"a": 1}}',
     json.dumps({"skills": ["s"] * 65}).encode(), json.dumps({"skills": ["s" * 201]}).encode(),
+    b'{"skills": ["a"], "skils": ["b"]}',
 ], ids=["broken", "not-utf8", "empty", "null", "list", "string", "no-skills", "str-skills",
-        "int-skill", "empty-skill", "dict-skills", "too-many", "too-long"])
+        "int-skill", "empty-skill", "dict-skills", "too-many", "too-long", "unknown-field"])
 def test_bad_capabilities_are_refused_and_the_daemon_keeps_serving(
         pair: tuple[Daemon, Daemon], body: bytes) -> None:
     a, _ = pair
@@ -222,6 +223,8 @@ def test_bad_capabilities_are_refused_and_the_daemon_keeps_serving(
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["message"]
+    if body.startswith(b"{") and b"skil" in body:
+        assert error["param"] in ("skills", "skils"), error  # names what to change
     assert a.request("GET", "/health", token=None).status_code == 200
     assert a.get("/status")["skills"] == skills_before
 

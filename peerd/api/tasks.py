@@ -180,14 +180,15 @@ def routes(symphony: Symphony) -> list[Route]:
     async def capabilities(request: Request) -> Response:
         try:
             body = await read_json(request, MAX_SKILLS_BODY_BYTES)
+            skills = json_object(body, {"skills"}).get("skills")
         except ApiError as exc:
             return exc.response()
-        skills = body.get("skills") if isinstance(body, dict) else None
         if (not isinstance(skills, list) or len(skills) > MAX_SKILLS
                 or not all(isinstance(s, str) and 0 < len(s) <= MAX_SKILL_CHARS
                            for s in skills)):
             return ApiError(400, f'"skills" must be a list of at most {MAX_SKILLS} non-empty '
-                            f"strings of at most {MAX_SKILL_CHARS} characters").response()
+                            f"strings of at most {MAX_SKILL_CHARS} characters",
+                            param="skills").response()
         entry = symphony.set_skills(skills)
         return JSONResponse({"peer_id": symphony.node.peer_id, "seq": entry.seq,
                              "skills": list(entry.skills)})

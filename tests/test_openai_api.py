@@ -452,6 +452,20 @@ def test_a_bad_parameter_is_a_400_naming_it(swarm: Swarm, body: dict[str, Any],
     assert error["param"] == param
 
 
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"max_tokens": 4, "max_completion_tokens": None}, 4),
+    ({"max_tokens": None, "max_completion_tokens": 3}, 3),
+    ({"max_tokens": 9, "max_completion_tokens": 2}, 2), ({"max_tokens": None}, 256), ({}, 256)])
+def test_a_null_max_completion_tokens_leaves_max_tokens_in_force(fields: dict[str, Any],
+                                                                 expected: int) -> None:
+    """Clients that send every field send the one they leave unset as null: with
+    max_tokens 4 and max_completion_tokens null, the answer ran to 256 tokens."""
+    from peerd.api.openai_request import parse
+
+    req = parse({"model": "m", "messages": HELLO, **fields}, chat=True)
+    assert req.max_tokens == expected
+
+
 def test_a_completion_without_a_prompt_is_a_400(swarm: Swarm) -> None:
     r = swarm.a.request("POST", "/v1/completions", json={"model": swarm.model_id})
     assert openai_error(r, 400)["param"] == "prompt"

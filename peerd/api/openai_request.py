@@ -84,7 +84,8 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
     if size > MAX_PROMPT_CHARS:
         raise ApiError(400, f"the prompt is over {MAX_PROMPT_CHARS} characters")
     default_max = 256 if chat else 16
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
+    max_tokens = body.get("max_completion_tokens")  # OpenAI's newer name wins
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     max_tokens = default_max if max_tokens is None else max_tokens
     if not _is_int(max_tokens) or not 1 <= max_tokens <= 8192:
         raise ApiError(400, "'max_tokens' must be an integer in 1..8192", param="max_tokens")

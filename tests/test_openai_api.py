@@ -466,6 +466,20 @@ def test_a_null_max_completion_tokens_leaves_max_tokens_in_force(fields: dict[st
     assert req.max_tokens == expected
 
 
+def test_null_is_the_default_of_every_optional_openai_field() -> None:
+    """OpenAI documents them as "... or null": a client may send each unset one so."""
+    from peerd.api.openai_request import parse
+
+    nulls = dict.fromkeys(["max_tokens", "max_completion_tokens", "temperature", "top_p",
+                           "n", "seed", "stop", "stream", "stream_options", "logprobs",
+                           "top_logprobs"])
+    req = parse({"model": "m", "messages": HELLO, **nulls}, chat=True)
+    assert (req.max_tokens, req.temperature, req.top_p, req.n, req.seed, req.stop,
+            req.stream, req.include_usage, req.logprobs) == \
+        (256, 1.0, 1.0, 1, None, (), False, False, None)
+    assert parse({"model": "m", "prompt": "hi", **nulls}, chat=False).max_tokens == 16
+
+
 def test_a_completion_without_a_prompt_is_a_400(swarm: Swarm) -> None:
     r = swarm.a.request("POST", "/v1/completions", json={"model": swarm.model_id})
     assert openai_error(r, 400)["param"] == "prompt"

@@ -113,7 +113,8 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
         n = 1
     if not _is_int(n) or not 1 <= n <= MAX_N:
         raise ApiError(400, f"'n' must be an integer from 1 to {MAX_N}", param="n")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", param="stream")
     options = body.get("stream_options") or {}

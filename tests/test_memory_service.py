@@ -314,6 +314,29 @@ async def test_bad_input_is_refused_in_words_and_the_peer_keeps_serving(
         await wait_for(lambda: memory.ready.is_set())
 
 
+async def test_a_client_that_leaves_mid_import_is_an_api_error() -> None:
+    """Not an exception out of the endpoint (logged as a crash of the ASGI app)."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+    from starlette.routing import Route
+
+    from peerd.api.memory import routes
+
+    (route,) = [r for r in routes(SimpleNamespace(store=object()))  # type: ignore[arg-type]
+                if isinstance(r, Route) and r.path == "/v1/memory/import"]
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"body": "', "more_body": True},
+        {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    r = await route.endpoint(Request({"type": "http", "method": "POST", "headers": []},
+                                     receive))
+    assert r.status_code == 400 and b"left" in r.body
+
+
 async def test_the_store_stays_under_its_cap_after_every_admission(tmp_path: Path,
                                                                    tiny: Path) -> None:
     async with peer(tmp_path, tiny) as (api, memory):

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import trio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -196,10 +196,13 @@ def routes(memory: Memory) -> list[BaseRoute]:
     async def import_(request: Request) -> Response:
         store_ready()
         raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_IMPORT_BYTES:
-                raise ApiError(413, f"an import over {MAX_IMPORT_BYTES} bytes: split it")
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_IMPORT_BYTES:
+                    raise ApiError(413, f"an import over {MAX_IMPORT_BYTES} bytes: split it")
+        except ClientDisconnect:  # nobody reads the answer; not a crash of ours to log
+            raise ApiError(400, "the client left before sending the whole import") from None
         try:
             summary = await import_lines(memory, raw.decode().splitlines())
         except UnicodeDecodeError:

@@ -224,7 +224,8 @@ def test_proposing_changes_nothing_committed(head: Head, trained: EagleHead,
 
 
 def test_a_grown_head_drafts_as_its_origin_until_trained_then_as_its_unroll(
-        tmp_path: Path, head: Head, trained: EagleHead, examples: list[Example]) -> None:
+        tmp_path: Path, tiny: Path, head: Head, trained: EagleHead,
+        examples: list[Example]) -> None:
     deep = grow(trained, 3)
     assert deep.config.num_layers == 3 and len(deep.upper) == 2
     assert trained.config.num_layers == 1 and len(trained.upper) == 0  # not changed
@@ -263,6 +264,9 @@ def test_a_grown_head_drafts_as_its_origin_until_trained_then_as_its_unroll(
     x, y = session(head, deep, e, c + 2), loaded.start()
     y.extend(e.tokens[:c + 2].tolist(), e.features[:c + 1])
     assert x.propose(5, GREEDY, torch.Generator()) == y.propose(5, GREEDY, torch.Generator())
+    # for a bfloat16 target every layer's weights are bfloat16 (the rotary table stays)
+    half = load_eagle(path, Head(resolve(str(tiny)), dtype=torch.bfloat16)).eagle
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="cannot grow a head of 3 layers to 2"):
         grow(deep, 2)
 

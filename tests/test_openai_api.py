@@ -413,6 +413,15 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("logprobs not a bool", {**GOOD_CHAT, "logprobs": "yes"}, "logprobs"),
     ("top_logprobs 21", {**GOOD_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("top_logprobs without logprobs", {**GOOD_CHAT, "top_logprobs": 2}, "top_logprobs"),
+    # what peerd does not do: refused, not silently ignored
+    ("tools", {**GOOD_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "tools"),
+    ("json mode", {**GOOD_CHAT, "response_format": {"type": "json_object"}},
+     "response_format"),
+    ("a logit bias", {**GOOD_CHAT, "logit_bias": {"5": 100}}, "logit_bias"),
+    ("a penalty", {**GOOD_CHAT, "presence_penalty": 0.5}, "presence_penalty"),
+    ("echo", {**GOOD_CHAT, "echo": True}, "echo"), ("best_of", {**GOOD_CHAT, "best_of": 3},
+                                                     "best_of"),
     # DSD: peerd's "speculative" extension
     ("speculative not an object", {**GOOD_CHAT, "speculative": "eagle"}, "speculative"),
     ("speculative unknown key", {**GOOD_CHAT, "speculative": {"drafts": "ngram"}},
@@ -464,6 +473,17 @@ def test_a_null_max_completion_tokens_leaves_max_tokens_in_force(fields: dict[st
 
     req = parse({"model": "m", "messages": HELLO, **fields}, chat=True)
     assert req.max_tokens == expected
+
+
+def test_what_peerd_does_not_do_is_taken_at_its_neutral_value() -> None:
+    """Clients that send every field send these so: nothing to refuse."""
+    from peerd.api.openai_request import parse
+
+    neutral: dict[str, Any] = {
+        "tools": [], "functions": None, "response_format": {"type": "text"}, "logit_bias": {},
+        "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False, "best_of": 1,
+        "suffix": ""}
+    assert parse({"model": "m", "messages": HELLO, **neutral}, chat=True).max_tokens == 256
 
 
 def test_null_is_the_default_of_every_optional_openai_field() -> None:

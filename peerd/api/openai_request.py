@@ -22,6 +22,15 @@ from protocols.memory import DOMAIN
 MAX_PROMPT_CHARS = 200_000
 MAX_MEMORY_K = 32
 MAX_N = 8  # choices a request may ask for: each is a generation of its own
+# OpenAI parameters peerd does not implement, by what they ask for. Sent at their
+# neutral value (what clients that send every field send) they are nothing to refuse;
+# any other value would get an answer that silently ignores it.
+UNSUPPORTED = {"tools": "function calling", "functions": "function calling",
+               "response_format": "a response format", "logit_bias": "logit biases",
+               "presence_penalty": "repetition penalties",
+               "frequency_penalty": "repetition penalties", "echo": "echoing the prompt",
+               "best_of": "best-of sampling (ask for n choices instead)",
+               "suffix": "a suffix"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,9 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required (see GET /v1/models)", param="model")
+    for name, what in UNSUPPORTED.items():
+        if not _neutral(name, body.get(name)):
+            raise ApiError(400, f"peerd does not do {what}: drop '{name}'", param=name)
     messages: list[dict[str, str]] = []
     prompt = ""
     if chat:
@@ -210,6 +222,15 @@ def _content(content: Any, i: int) -> str:
         if all(isinstance(p, str) for p in parts) and len(parts) == len(content):
             return "".join(parts)  # type: ignore[arg-type]
     raise ApiError(400, f"messages[{i}].content must be text", param="messages")
+
+
+def _neutral(name: str, v: Any) -> bool:
+    """Whether an UNSUPPORTED parameter's value asks for nothing."""
+    if v is None or v == [] or v == {} or v == "" or v == {"type": "text"}:
+        return True
+    if name in ("presence_penalty", "frequency_penalty"):
+        return isinstance(v, int | float) and not isinstance(v, bool) and v == 0
+    return (name == "echo" and v is False) or (name == "best_of" and _is_int(v) and v == 1)
 
 
 def _is_int(v: Any) -> bool:

@@ -413,6 +413,8 @@ BAD_CHAT: list[tuple[str, dict[str, Any], str | None]] = [
     ("logprobs not a bool", {**GOOD_CHAT, "logprobs": "yes"}, "logprobs"),
     ("top_logprobs 21", {**GOOD_CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("top_logprobs without logprobs", {**GOOD_CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("a misspelt parameter", {**GOOD_CHAT, "max_token": 2}, "max_token"),
+    ("another server's extension", {**GOOD_CHAT, "top_k": 5}, "top_k"),
     # what peerd does not do: refused, not silently ignored
     ("tools", {**GOOD_CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
@@ -476,13 +478,15 @@ def test_a_null_max_completion_tokens_leaves_max_tokens_in_force(fields: dict[st
 
 
 def test_what_peerd_does_not_do_is_taken_at_its_neutral_value() -> None:
-    """Clients that send every field send these so: nothing to refuse."""
+    """Clients that send every field send these so: nothing to refuse; nor in who asks
+    or where OpenAI would store it."""
     from peerd.api.openai_request import parse
 
     neutral: dict[str, Any] = {
         "tools": [], "functions": None, "response_format": {"type": "text"}, "logit_bias": {},
         "presence_penalty": 0, "frequency_penalty": 0.0, "echo": False, "best_of": 1,
-        "suffix": ""}
+        "suffix": "", "user": "u-1", "metadata": {"a": "b"}, "store": False,
+        "tool_choice": "none", "parallel_tool_calls": True, "service_tier": "auto"}
     assert parse({"model": "m", "messages": HELLO, **neutral}, chat=True).max_tokens == 256
 
 

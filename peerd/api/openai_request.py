@@ -31,6 +31,16 @@ UNSUPPORTED = {"tools": "function calling", "functions": "function calling",
                "frequency_penalty": "repetition penalties", "echo": "echoing the prompt",
                "best_of": "best-of sampling (ask for n choices instead)",
                "suffix": "a suffix"}
+# What either endpoint reads, and OpenAI's parameters that change nothing here (who
+# asks, storage, service tiers, options of what is refused above). Any other name is a
+# 400, as OpenAI answers an unrecognised one: a misspelt "max_token" was dropped.
+FIELDS = frozenset({
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "seed", "stop", "n", "stream", "stream_options", "logprobs", "top_logprobs",
+    "speculative", "memory", *UNSUPPORTED,
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "tool_choice",
+    "function_call", "modalities", "audio", "prediction", "reasoning_effort", "verbosity",
+    "prompt_cache_key", "safety_identifier", "web_search_options"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +77,10 @@ def parse(body: Any, *, chat: bool) -> ApiRequest:
     """Validate an OpenAI request body; ApiError(400) names the bad parameter."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r:.80}: OpenAI's, 'speculative' "
+                       "and 'memory' are taken (README, the local API)", param=unknown[0])
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' is required (see GET /v1/models)", param="model")

@@ -280,8 +280,10 @@ async def test_a_lying_holder_is_counted_and_the_pull_completes_elsewhere(tmp_pa
         held.manifest_bytes = encode(lying)
         for h, data in sw.s1.chunks.items():
             sw.s1.chunks[h] = bytes([data[0] ^ 0xFF]) + data[1:]
-        # the manifest: s1 is asked before the trainer; the chunks: s1 gets the first batch
-        got = await sw.s2.pull(RUN, 1)
+        # the manifest: s1 is asked before the trainer; the chunks: s1 gets the first batch.
+        # s1 as a hint too: on a loaded machine its Have can age out of the holders (3
+        # announce periods) before the pull starts, and the trainer would be asked alone
+        got = await sw.s2.pull(RUN, 1, hints=[sw.s1.node.peer_id])
         assert_same(got, tensors)
         liar = sw.s1.node.peer_id
         offences = sw.s2.node.offences[liar]

@@ -314,8 +314,10 @@ async def test_bad_input_is_refused_in_words_and_the_peer_keeps_serving(
         await wait_for(lambda: memory.ready.is_set())
 
 
-async def test_a_client_that_leaves_mid_import_is_an_api_error() -> None:
-    """Not an exception out of the endpoint (logged as a crash of the ASGI app)."""
+async def test_a_client_that_leaves_mid_import_is_an_api_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not an exception out of the endpoint (logged as a crash of the ASGI app); and an
+    import over the cap is a 413."""
     from types import SimpleNamespace
 
     from starlette.requests import Request
@@ -334,7 +336,15 @@ async def test_a_client_that_leaves_mid_import_is_an_api_error() -> None:
 
     r = await route.endpoint(Request({"type": "http", "method": "POST", "headers": []},
                                      receive))
-    assert r.status_code == 400 and b"left" in r.body
+    assert r.status_code == 400 and b"left before sending the whole import" in r.body
+
+    from peerd.api import memory as memory_api
+
+    monkeypatch.setattr(memory_api, "MAX_IMPORT_BYTES", 1000)
+    messages[:] = [{"type": "http.request", "body": b"x" * 1001, "more_body": False}]
+    r = await route.endpoint(Request({"type": "http", "method": "POST", "headers": []},
+                                     receive))
+    assert r.status_code == 413 and b"split it" in r.body
 
 
 async def test_the_store_stays_under_its_cap_after_every_admission(tmp_path: Path,

@@ -70,16 +70,24 @@ def answering(endpoint: Endpoint) -> Endpoint:
     return answer
 
 
-async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The request body as JSON, read with a size cap; ApiError(413/400) otherwise."""
+async def read_body(request: Request, max_bytes: int, too_big: str = "",
+                    what: str = "body") -> bytes:
+    """The request body, read with a size cap: ApiError 413 (`too_big`, or saying the
+    cap) past it, 400 when the client leaves before the end."""
     raw = b""
     try:
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > max_bytes:
-                raise ApiError(413, f"request body over {max_bytes} bytes")
+                raise ApiError(413, too_big or f"request body over {max_bytes} bytes")
     except ClientDisconnect:  # nobody reads the answer; not a crash of ours to log
-        raise ApiError(400, "the client left before sending the whole body") from None
+        raise ApiError(400, f"the client left before sending the whole {what}") from None
+    return raw
+
+
+async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The request body as JSON, read with a size cap; ApiError(413/400) otherwise."""
+    raw = await read_body(request, max_bytes)
     if json_depth(raw) > MAX_JSON_DEPTH:
         raise ApiError(400, f"request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
     try:

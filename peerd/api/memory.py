@@ -28,11 +28,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import trio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from peerd.api.errors import ApiError, answering, json_object, read_json
+from peerd.api.errors import ApiError, answering, json_object, read_body, read_json
 from peerd.inference.face import ModelUnavailable
 from peerd.memory.item import Record
 from protocols.errors import WireError
@@ -195,14 +195,8 @@ def routes(memory: Memory) -> list[BaseRoute]:
 
     async def import_(request: Request) -> Response:
         store_ready()
-        raw = b""
-        try:
-            async for chunk in request.stream():
-                raw += chunk
-                if len(raw) > MAX_IMPORT_BYTES:
-                    raise ApiError(413, f"an import over {MAX_IMPORT_BYTES} bytes: split it")
-        except ClientDisconnect:  # nobody reads the answer; not a crash of ours to log
-            raise ApiError(400, "the client left before sending the whole import") from None
+        raw = await read_body(request, MAX_IMPORT_BYTES,
+                              f"an import over {MAX_IMPORT_BYTES} bytes: split it", "import")
         try:
             summary = await import_lines(memory, raw.decode().splitlines())
         except UnicodeDecodeError:

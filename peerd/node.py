@@ -16,6 +16,10 @@ closed: the tools' dispatcher ends the calls in flight there at once).
 
 Leaving the context hangs up every connection and listener before the host stops
 (host.hang_up), so peers see the node leave at once, as they see a process that died.
+
+One module past the usual size: it is one thing, the kernel's loops around one host,
+sharing its bookkeeping (connections, dial back-off, RTTs, offences); what a system
+does lives in its service.
 """
 
 from __future__ import annotations

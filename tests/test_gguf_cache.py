@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,6 +210,9 @@ def test_peerd_cache_lists_and_clears_entries(root: Path, tmp_path: Path,
     os.utime(b, ns=(1, 1))  # changed since: its entry is outdated
     c.unlink()  # gone: its entry is orphaned
     (root / "gguf" / "d-0-1").mkdir()  # a conversion killed before it was whole
+    # a's file as it is, converted by an environment with another transformers version
+    other = root / "gguf" / kept[a].replace(kept[a].split("-")[-2], "0" * 8)
+    shutil.copytree(root / "gguf" / kept[a], other)
     (root / "gguf" / ".e-0-1.x").mkdir()  # a conversion under way
     r = run(main, ["cache", "list", "--json"])
     assert r.exit_code == 0, r.output
@@ -216,18 +220,19 @@ def test_peerd_cache_lists_and_clears_entries(root: Path, tmp_path: Path,
     assert listed["root"] == str(root) and listed["bytes"] > 0
     states = {e["name"]: e["state"] for e in listed["entries"]}
     assert states == {kept[a]: "current", kept[b]: "outdated", kept[c]: "orphaned",
-                      "d-0-1": "partial", ".e-0-1.x": "converting"}
+                      "d-0-1": "partial", ".e-0-1.x": "converting",
+                      other.name: "other-libraries"}
     assert {e["source"] for e in listed["entries"]} == {str(a), str(b), str(c), None}
     r = run(main, ["cache", "list"])
     assert r.exit_code == 0 and "3 no load will read again" in r.output
     r = run(main, ["cache", "clear", "--stale", "--json"])
     assert r.exit_code == 0, r.output
     assert sorted(json.loads(r.stdout)["removed"]) == sorted([kept[b], kept[c], "d-0-1"])
-    assert {e.name for e in gguf_cache.entries()} == {kept[a], ".e-0-1.x"}
+    assert {e.name for e in gguf_cache.entries()} == {kept[a], ".e-0-1.x", other.name}
     gguf_cache._converted.cache_clear()
     assert gguf_cache.converted(a).name == kept[a] and fake_convert.count(a) == 1
     r = run(main, ["cache", "clear"])  # all but a conversion under way
-    assert r.exit_code == 0 and "removed 1 entries" in r.output
+    assert r.exit_code == 0 and "removed 2 entries" in r.output
     assert gguf_cache.converted(a).name == kept[a] and fake_convert.count(a) == 2
     for name in ("..", ".", "", "../gguf", "nothing-here"):
         with pytest.raises(ValueError, match="not an entry of the model cache"):

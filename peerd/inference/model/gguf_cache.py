@@ -139,9 +139,13 @@ def _key(path: Path) -> str:
     file's entry replaces the older one. Libraries are in the shared part: two
     environments with different transformers versions keep an entry each instead of
     converting over each other."""
+    return f"{_path_prefix(path)}{_file_hash(path)}"
+
+
+def _file_hash(path: Path) -> str:
     stat = path.stat()
     ident = json.dumps([stat.st_size, stat.st_mtime_ns])
-    return f"{_path_prefix(path)}{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
 def _path_prefix(path: Path) -> str:
@@ -208,8 +212,9 @@ class Entry:
 
     name: str
     source: str | None  # the GGUF it was converted from (None: an entry that predates it)
-    state: str  # current | outdated (its file changed) | orphaned (its file is gone) |
-    # converting (a process is writing it) | partial (a conversion that was killed)
+    state: str  # current | other-libraries (another environment's: its file as it is, its
+    # transformers or gguf not ours) | outdated (its file changed) | orphaned (its file is
+    # gone) | converting (a process is writing it) | partial (a conversion was killed)
     bytes: int
     used: float  # when a process last converted or read it (unix seconds)
 
@@ -239,7 +244,10 @@ def _state(entry: Path, source: str | None) -> str:
         return "current"  # cannot tell: only a load of its file will
     path = Path(source)
     try:
-        return "current" if _key(path) == entry.name else "outdated"
+        if entry.name == _key(path):
+            return "current"
+        # the file as it is now, converted under other transformers / gguf versions
+        return "other-libraries" if entry.name.endswith(_file_hash(path)) else "outdated"
     except OSError:
         return "orphaned"
 

@@ -148,6 +148,15 @@ def test_models_lists_the_tiny_model(swarm: Swarm) -> None:
     assert models.data[0].owned_by == "peerd"
     # A swarm that covers only part of a model does not offer it.
     assert swarm.client(swarm.partial).models.list().data == []
+    # retrieve: the listed model, and a 404 in OpenAI's shape for any other
+    model = swarm.client().models.retrieve(swarm.model_id)
+    assert model.id == swarm.model_id and model.owned_by == "peerd"
+    for other in ("gpt-4o", "org/some-model"):
+        with pytest.raises(openai.NotFoundError) as caught:
+            swarm.client().models.retrieve(other)
+        assert caught.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        swarm.client(swarm.partial).models.retrieve(swarm.model_id)
 
 
 def test_chat_matches_single_process_transformers(swarm: Swarm, reference: Reference) -> None:

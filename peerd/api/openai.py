@@ -57,7 +57,8 @@ def model_layers(entries: Sequence[LedgerEntry], model_id: str) -> int:
 
 
 def routes(models: ModelSlot) -> list[Route]:
-    async def list_models(request: Request) -> Response:
+    def served() -> list[dict[str, Any]]:
+        """The models the swarm serves whole (some route covers every layer)."""
         data = []
         entries = models.ledger.book.entries()
         for model_id, servers in sorted(servers_by_model(entries).items()):
@@ -66,7 +67,19 @@ def routes(models: ModelSlot) -> list[Route]:
                 data.append({"id": model_id, "object": "model", "created": 0,
                              "owned_by": "peerd", "peerd": {"num_layers": layers,
                                                              "servers": len(servers)}})
-        return JSONResponse({"object": "list", "data": data})
+        return data
+
+    async def list_models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": served()})
+
+    async def get_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        for model in served():
+            if model["id"] == model_id:
+                return JSONResponse(model)
+        return ApiError(404, f"model {model_id!r:.200} is not served by this swarm (see "
+                             "GET /v1/models)", param="model",
+                        code="model_not_found").response()
 
     async def chat_completions(request: Request) -> Response:
         return await _complete(request, chat=True)
@@ -110,6 +123,7 @@ def routes(models: ModelSlot) -> list[Route]:
 
     return [
         Route("/v1/models", list_models),
+        Route("/v1/models/{model_id:path}", get_model),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]

@@ -189,8 +189,9 @@ def test_prompt_cache_computes_only_the_new_turn(swarm: Swarm, reference: Refere
         client = swarm.client(daemon)
         first = client.chat.completions.create(model=swarm.model_id, messages=HELLO,
                                                max_tokens=8, temperature=0)
-        turn = [*HELLO, {"role": "assistant", "content": first.choices[0].message.content},
-                {"role": "user", "content": "And of Italy?"}]
+        turn: list[Any] = [*HELLO, {"role": "assistant",
+                                    "content": first.choices[0].message.content},
+                           {"role": "user", "content": "And of Italy?"}]
         ids = reference.chat_ids(turn)
         _, text = reference.greedy(ids, 8)
         r = client.chat.completions.create(model=swarm.model_id, messages=turn, max_tokens=8,
@@ -200,6 +201,7 @@ def test_prompt_cache_computes_only_the_new_turn(swarm: Swarm, reference: Refere
         details = r.usage.prompt_tokens_details
         assert details is not None
         if reuses:
+            assert details.cached_tokens is not None
             assert len(reference.chat_ids(HELLO)) <= details.cached_tokens < len(ids)
         else:
             assert details.cached_tokens == 0
@@ -644,7 +646,8 @@ def test_a_client_leaving_mid_stream_frees_its_session(swarm: Swarm) -> None:
 
     def only_pooled() -> bool:  # A is the only entry peer: B holds A's sessions alone
         pooled = model_state(swarm.a)["pooled_sessions"]
-        return model_state(swarm.a)["sessions"] == model_state(swarm.b)["sessions"] == pooled
+        return bool(model_state(swarm.a)["sessions"] == model_state(swarm.b)["sessions"]
+                    == pooled)
 
     wait_for(only_pooled, 10.0, "the abandoned stream's sessions to close",
              (swarm.a, swarm.b))

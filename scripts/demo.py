@@ -6,8 +6,11 @@ peer, its layers spread over all three), once decoded plainly and once with
 speculative decoding (DSD: the entry peer drafts with the shipped EAGLE head and the
 pipeline verifies every draft in one pass), over links with injected latency. Then a
 task goes to workers elected by beacon, each answering with a chain of thought, and
-the answer is settled by a reputation-weighted vote (Symphony). Then the memory learns
-from a few scored runs, every candidate admitted or refused by replay (SEDM). Then the
+the answer is settled by a reputation-weighted vote (Symphony). Then a goal is reached
+with a plan over the swarm's typed tools, each step written by the model under the
+tools' grammar and each call run by a peer that offers the tool (Gradientsys). Then the
+memory learns from a few scored runs, every candidate admitted or refused by replay
+(SEDM). Then the
 testnet shuts down cleanly, and a small one of its own shows RL post-training with the swarm
 as samplers (Echo): a few GRPO steps in async mode, with each step's policy version
 and the staleness of its rollouts. Run through `scripts/demo`.
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from demo_memory import demo_memory  # noqa: E402
+from demo_plan import demo_plan  # noqa: E402
 from demo_rl import demo_rl  # noqa: E402
 from demo_task import demo_task  # noqa: E402
 
@@ -230,6 +234,8 @@ def main() -> int:
                     help="latency injected on every peer-to-peer link")
     ap.add_argument("--base-port", type=int, default=launcher.DEFAULT_BASE_PORT)
     ap.add_argument("--run-dir", type=Path, default=ROOT / "testnet" / ".run" / "demo")
+    ap.add_argument("--plan-steps", type=int, default=2,
+                    help="steps of the plan step's budget (0: skip the plan step)")
     ap.add_argument("--memory-runs", type=int, default=3,
                     help="scored runs the memory learns from (0: skip the memory step)")
     ap.add_argument("--rl-steps", type=int, default=10,
@@ -252,6 +258,10 @@ def main() -> int:
         console.rule("[bold]Symphony: a task for workers elected by beacon, settled by vote")
         if not demo_task(peers, console, max_tokens=64):
             return 1
+        if args.plan_steps > 0:
+            console.rule("[bold]Gradientsys: a plan over the swarm's typed tools")
+            if not demo_plan(console, peers[0], args.plan_steps):
+                return 1
         if args.memory_runs > 0:
             console.rule("[bold]SEDM: a memory that keeps only what a replay shows helps")
             if not demo_memory(console, peers[0], args.memory_runs):

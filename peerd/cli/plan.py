@@ -135,6 +135,10 @@ def _events(c: Client, plan_id: str) -> Iterator[dict[str, Any]]:
              f"plan show {plan_id}` shows where it got to")
 
 
+def _attempts(n: int) -> str:
+    return "1 attempt" if n == 1 else f"{n} attempts"
+
+
 def _peer(peer: str, names: dict[str, str]) -> str:
     return escape(names.get(peer) or peer[-8:]) if peer else "-"
 
@@ -147,8 +151,8 @@ def _show(e: dict[str, Any], names: dict[str, str]) -> None:
             f"{b['tokens']} tokens, {b['wall_s']:g} s, {b['calls']} calls): "
             f"{escape(e['goal'])}", highlight=False)
     elif kind == "plan.thought":
-        out(f"\n[bold cyan]step {e['step']}[/] [dim]({e['tokens']} tokens, "
-            f"{e['elapsed_s']:.2f} s)[/] {escape(e['text'])}", highlight=False)
+        out(f"\n[bold cyan]step {e['step']}[/] [dim]({e['tokens']} tokens; "
+            f"{e['elapsed_s']:.2f} s into the plan)[/] {escape(e['text'])}", highlight=False)
     elif kind == "plan.call":
         out(f"  [yellow]→ {e['call_id']}[/] {escape(e['tool'])} "
             f"{escape(json.dumps(e['arguments'], ensure_ascii=False))}", highlight=False)
@@ -158,7 +162,7 @@ def _show(e: dict[str, Any], names: dict[str, str]) -> None:
     elif kind == "plan.result":
         mark = "[green]✓" if e["ok"] else "[red]✗"
         out(f"  {mark} {e['call_id']}[/] {escape(e['tool'])} on {_peer(e['peer'], names)} "
-            f"[dim]({e['elapsed_s']:.2f} s, {e['attempts']} attempts)[/] "
+            f"[dim]({e['elapsed_s']:.2f} s, {_attempts(e['attempts'])})[/] "
             f"{escape(e['observation'][:OBSERVATION_CHARS])}", highlight=False)
     elif kind == "plan.replan":
         out(f"  [magenta]↺ replan:[/] {escape(e['reason'])}", highlight=False)

@@ -341,8 +341,8 @@ class Generator:
                                      seconds=banned_for, reason=failure.code)
         if failures >= MAX_FAILURES:
             if failure.code in SATURATED:
-                raise Saturated(f"the swarm is saturated: {failures} tries met peers busy "
-                                f"with other peers' work; last: {failure}",
+                raise Saturated(f"the swarm is saturated: {failures} tries found its peers "
+                                f"busy; last: {failure}",
                                 self._retry_after()) from failure
             raise GenerationFailed(f"gave up after {failures} pipeline failures; last: "
                                    f"{failure}") from failure

@@ -51,8 +51,8 @@ class Refused(Exception):
 
 class SwarmUnavailable(Exception):
     """The swarm cannot serve the request end to end now: `code` is "missing_layers"
-    (nobody serves some layers), "saturated" (the peers that do are busy with other
-    peers' work within their fair shares: try again in `retry_after_s`) or
+    (nobody serves some layers), "saturated" (the peers that do have no room now, their
+    capacity shared fairly among the peers asking: try again in `retry_after_s`) or
     "pipeline_failed" (every route tried failed)."""
 
     def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:

@@ -87,8 +87,9 @@ SATURATED = frozenset({"overloaded", "evicted"})
 
 
 class Saturated(GenerationFailed):
-    """Every route goes through peers busy with other peers' work (within their fair
-    shares): try again in `retry_after_s`."""
+    """Every route goes through peers that refused or evicted our sessions for want of
+    room (their capacity is taken, shared fairly among the peers asking, us among
+    them): try again in `retry_after_s`."""
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
@@ -356,7 +357,7 @@ class Generator:
                 find_route(self.servers(), self.num_layers,
                            self.bans.banned(now) - saturated), NoRoute):
             return Saturated(f"the swarm is saturated: every route to {self.model_id} goes "
-                             "through peers busy with other peers' work", self._retry_after())
+                             "through peers that are busy now", self._retry_after())
         return NoCoverage(self.model_id, found)
 
     def _retry_after(self) -> float:

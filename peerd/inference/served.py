@@ -2,8 +2,8 @@
 template, its generator (the swarm's pipeline behind our head) and its limits.
 
 It turns the generator's own errors into the face's: `NoCoverage` into
-SwarmUnavailable("missing_layers"), `Saturated` (every route through peers busy with
-others' shares) into SwarmUnavailable("saturated") with a retry delay,
+SwarmUnavailable("missing_layers"), `Saturated` (every route through peers with no
+room now) into SwarmUnavailable("saturated") with a retry delay,
 `GenerationFailed` into SwarmUnavailable("pipeline_failed"), `DraftError` and a prompt
 longer than a session holds into Refused. Tokenising and the chat template run in a
 worker thread.

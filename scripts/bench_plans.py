@@ -33,11 +33,13 @@ prints a table and writes bench/results/plans_<section>.json. Not a test: no thr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,22 +158,47 @@ async def bfcl_run(args: argparse.Namespace) -> dict[str, Any]:
             out["model"] = slot.to_json()
             constrained = constraint_support(face)
             out["constrained"] = "available" if callable(constrained) else constrained
+            texts: dict[str, dict[str, list[str]]] = {}
             for arm in args.arms:
-                if arm == "constrained" and not callable(constrained):
+                if arm != "unconstrained" and not callable(constrained):
                     console.print(f"[yellow]constrained: {constrained}; that arm is skipped")
                     continue
-                maker = constrained if arm == "constrained" and callable(constrained) else None
+                maker = constrained if arm != "unconstrained" and callable(constrained) else None
                 for category, qs in questions.items():
                     began = time.perf_counter()
-                    done = await answer_all(face, qs, arm, args.max_tokens, maker,
-                                            progress=lambda s: console.print(s) if args.verbose
-                                            else None)
+                    with forced_drafts(arm != "constrained-plain"):
+                        done = await answer_all(face, qs, arm, args.max_tokens, maker,
+                                                progress=lambda s: console.print(s)
+                                                if args.verbose else None)
                     summary = done.summary()
                     out["arms"].setdefault(arm, {})[category] = summary
+                    texts.setdefault(arm, {})[category] = done.texts
                     console.print(f"{arm} {category}: {summary['correct']}/{summary['n']} "
                                   f"right, {summary['parsed']} parsed "
                                   f"({time.perf_counter() - began:.0f} s)")
+            if "constrained" in texts and "constrained-plain" in texts:
+                out["same_as_plain"] = {
+                    c: sum(a == b for a, b in zip(t, texts["constrained-plain"][c],
+                                                  strict=True))
+                    for c, t in texts["constrained"].items()}
     return out
+
+
+@contextlib.contextmanager
+def forced_drafts(on: bool) -> Iterator[None]:
+    """The constrained-plain arm: greedy decoding under the grammar as it was before
+    forced-text drafts (every token its own pass), for their figures' baseline."""
+    from peerd.plans.constrain import GrammarConstraint
+
+    if on:
+        yield
+        return
+    forced = GrammarConstraint.forced
+    GrammarConstraint.forced = lambda self, limit: []  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        GrammarConstraint.forced = forced  # type: ignore[method-assign]
 
 
 def bfcl(args: argparse.Namespace) -> None:
@@ -183,23 +210,28 @@ def bfcl(args: argparse.Namespace) -> None:
     table = Table(title=f"BFCL single-turn (python), SmolLM2-135M-Instruct, greedy, "
                   f"{args.n or 'all'} per category (seed {args.seed}); not GAIA")
     for col in ("arm", "category", "n", "parse rate", "AST accuracy", "95% CI",
-                "tokens", "prompt tokens", "s / question"):
+                "tokens", "passes", "prompt tokens", "s / question"):
         table.add_column(col, justify="left" if col in ("arm", "category") else "right")
     for arm, cats in got["arms"].items():
         for category, s in cats.items():
             table.add_row(arm, category, str(s["n"]), f"{s['parse_rate']:.0%}",
                           f"{s['accuracy']:.1%}",
                           f"{s['ci95'][0]:.0%}-{s['ci95'][1]:.0%}",
-                          f"{s['mean_tokens']:.0f}", f"{s['mean_prompt_tokens']:.0f}",
+                          f"{s['mean_tokens']:.0f}", f"{s['mean_passes']:.0f}",
+                          f"{s['mean_prompt_tokens']:.0f}",
                           f"{s['seconds_per_question']:.1f}")
     console.print(table)
     if got["constrained"] != "available":
         console.print(f"constrained: {got['constrained']}")
+    for category, same in got.get("same_as_plain", {}).items():
+        console.print(f"{category}: {same} of {got['arms']['constrained'][category]['n']} "
+                      "constrained answers are the constrained-plain arm's, word for word")
     result = {"section": "bfcl", "machine": machine() | {"torch_threads": args.threads},
               "settings": {"n_per_category": args.n, "seed": args.seed,
                            "categories": {c: CATEGORIES[c] for c in args.categories},
                            "max_tokens": args.max_tokens, "model": args.model,
-                           "decoding": "greedy, plain (no draft)",
+                           "decoding": "greedy; no drafter (constrained: the grammar's "
+                                       "forced text drafted, constrained-plain: none)",
                            "prompt": "BFCL's classic plaintext system prompt, JSON return "
                                      "format, JSON function docs with its Python hint",
                            "scorer": "bfcl_eval ast_checker (Language.PYTHON)",
@@ -325,7 +357,8 @@ def main() -> None:
     b.add_argument("--categories", nargs="+", default=list(CATEGORIES),
                    choices=list(CATEGORIES))
     b.add_argument("--arms", nargs="+", default=["unconstrained", "constrained"],
-                   choices=["unconstrained", "constrained"])
+                   choices=["unconstrained", "constrained", "constrained-plain"],
+                   help="constrained-plain: the grammar without forced-text drafts")
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--model", default="smollm2")
     b.add_argument("--threads", type=int, default=2)

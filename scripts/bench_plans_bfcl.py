@@ -237,6 +237,8 @@ class Arm:
     tokens: list[int] = field(default_factory=list)
     prompt_tokens: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    passes: list[int] = field(default_factory=list)  # forward passes (the prompt's too)
+    texts: list[str] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     examples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -252,6 +254,8 @@ class Arm:
                 "mean_tokens": sum(self.tokens) / max(n, 1),
                 "mean_prompt_tokens": sum(self.prompt_tokens) / max(n, 1),
                 "seconds_per_question": sum(self.seconds) / max(n, 1),
+                "mean_passes": sum(self.passes) / max(n, 1),
+                "tokens_per_pass": sum(self.tokens) / max(sum(self.passes), 1),
                 "errors": dict(self.errors.most_common()), "examples": self.examples[:3]}
 
 
@@ -294,6 +298,8 @@ async def answer_all(face: Any, questions: Sequence[Question], arm: str, max_tok
                 column.append(False)
             out.tokens.append(0)
             out.prompt_tokens.append(0)
+            out.passes.append(0)
+            out.texts.append("")
             out.seconds.append(time.perf_counter() - began)
             continue
         if constraint_of is None:
@@ -303,6 +309,8 @@ async def answer_all(face: Any, questions: Sequence[Question], arm: str, max_tok
         out.seconds.append(time.perf_counter() - began)
         out.tokens.append(done.stats.completion_tokens)
         out.prompt_tokens.append(done.stats.prompt_tokens)
+        out.passes.append(done.stats.steps)
+        out.texts.append(done.text)
         calls = parse_calls(done.text)
         out.parsed.append(calls is not None)
         verdict = check(q, calls) if calls is not None else {

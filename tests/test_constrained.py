@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from peerd.plans.grammar import JsonGrammar, StepGrammar
 from tests.harness import serve_model, swarm
 from tests.models import tiny_llama_dir
 from tests.test_grammar import PERSON, TOOLS
+from tests.test_inference_model import needs_smollm2
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,24 +126,74 @@ def test_a_random_model_sampling_at_temperature_one_always_writes_a_valid_step(
 
 async def test_the_generation_loop_decodes_plain_under_the_mask(tmp_path: Path, tiny: Path,
                                                                 vocab: Vocab) -> None:
-    grammar = StepGrammar.for_tools(TOOLS)
+    """A drafter asked for does not draft; greedy decoding drafts the forced text
+    instead, and writes what a plain loop under the mask writes."""
+    grammar = StepGrammar.for_tools(TOOLS[:1])  # one tool: its name is forced too
+    model = reference_model(resolve(str(tiny)))
     async with swarm(1, tmp_path) as (node,):
         runtime = await serve_model(node, _options(tiny))
         generator = runtime.generator
-        for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0)):
-            params = SamplingParams(max_tokens=48, temperature=temperature, seed=seed)
-            # a drafter is asked for: a constrained request decodes plain all the same
-            request = await generator.prepare([5, 17, 33], params,
-                                              SpeculativeOptions(draft="ngram"))
+        for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0), (3, 0.0)):
+            params = SamplingParams(max_tokens=48 + 8 * seed, temperature=temperature,
+                                    seed=seed)
+            prompt = [5, 17, 33, seed]
+            request = await generator.prepare(prompt, params, SpeculativeOptions(draft="ngram"))
             constraint = GrammarConstraint(grammar, vocab)
             tokens: list[int] = []
             stats = await generator.generate(request, collector(tokens), constraint=constraint)
-            assert stats.draft == "none" and all(r.drafted == 0 for r in stats.rounds)
-            assert stats.finish_reason == "stop" and len(tokens) <= 48
+            assert stats.finish_reason == "stop" and len(tokens) <= params.max_tokens
             assert constraint.finished
             grammar.check(constraint.text)
             text = runtime.tokenizer.decode(tokens)
             assert text == constraint.text
+            if temperature:
+                assert stats.draft == "none" and all(r.drafted == 0 for r in stats.rounds)
+                continue
+            assert stats.draft == "grammar" and any(r.drafted for r in stats.rounds)
+            want, n = sample_under(model, vocab, grammar, prompt, params)
+            assert (text, len(tokens)) == (want, n)  # greedy: the plain loop's output
+
+
+@needs_smollm2
+async def test_smollm2_takes_the_forced_text_in_fewer_passes(tmp_path: Path) -> None:
+    """On a real model the forced text's drafts are accepted: a planner's step under
+    one tool's grammar takes fewer passes than tokens (a key and the punctuation
+    around it come several tokens a pass), and the step is the one decoding without
+    them writes."""
+    from peerd.inference.served import ServedModel
+    from peerd.inference.slot import ModelOptions
+    from peerd.plans.builtins import CalculatorArgs
+    from peerd.plans.planner import Transcript
+    from peerd.plans.thinker import messages_of
+
+    @dataclass(frozen=True)
+    class Tool:
+        name: str
+        description: str
+        input_schema: dict[str, Any]
+
+    calculator = Tool("calculator", "Evaluate an arithmetic expression.",
+                      CalculatorArgs.model_json_schema())
+    async with swarm(1, tmp_path) as (node,):
+        face = ServedModel(await serve_model(node, ModelOptions("smollm2", torch_threads=2)))
+        transcript = Transcript("What is 23 * 47? Use the calculator.", (calculator,), (), (),
+                                max_tokens=64, step=1)
+        request = await face.prepare_chat(messages_of(transcript),
+                                          SamplingParams(max_tokens=64, temperature=0.0))
+        grammar = StepGrammar.for_tools([calculator])
+        vocab = Vocab.from_tokenizer(face.tokenizer)
+        texts, passes = [], []
+        for forcing in (True, False):
+            constraint = GrammarConstraint(grammar, vocab)
+            if not forcing:
+                constraint.forced = lambda limit: []  # type: ignore[method-assign]
+            done = await face.complete(request, constraint=constraint)
+            texts.append(done.text)
+            passes.append(done.stats.steps)
+        print("passes with and without forced drafts:", passes, texts[0])
+        assert texts[0] == texts[1]
+        assert passes[1] == done.stats.completion_tokens  # one pass a token without
+        assert passes[0] <= passes[1] - 3, passes
 
 
 def collector(tokens: list[int]) -> Callable[[int], Awaitable[bool]]:

@@ -205,6 +205,27 @@ def test_a_step_calls_offered_tools_with_typed_arguments() -> None:
         StepGrammar.for_tools([TOOLS[0], TOOLS[0]])
 
 
+def test_the_forced_text_is_what_no_choice_can_change() -> None:
+    """State.forced: the characters that must come next, up to the first choice."""
+    one = StepGrammar.for_tools(TOOLS[:1])
+    at = one.start()
+    assert at.forced(64) == '{"thought":"'
+    assert at.forced(3) == '{"t'  # at most the limit
+    at = at.advance('{"thought":"Sum."')  # then calls or an answer: ',"' before the choice
+    assert at.forced(64) == ',"'
+    # a lone tool's name is forced too, up to its arguments' free value
+    assert at.advance(',"c').forced(64) == 'alls":[{"tool":"calculator","arguments":{"expression":"'
+    assert StepGrammar.for_tools(TOOLS).start().advance(
+        '{"thought":"","calls":[{"tool":"').forced(64) == ""  # three tools: a choice
+    assert at.advance(',"answer":"42"').forced(64) == "}"
+    assert at.advance(',"answer":"42"}').forced(64) == ""  # complete: nothing more
+    # every forced prefix is alive, and a different character there is refused
+    text = '{"thought":"Sum.","c'
+    forced = one.start().advance(text).forced(64)
+    for i, c in enumerate(forced):
+        assert one.start().advance(text + forced[:i] + ("x" if c != "x" else "y")).dead
+
+
 def test_without_tools_a_step_is_an_answer() -> None:
     grammar = StepGrammar.for_tools([])
     assert grammar.accepts('{"thought":"","answer":""}')

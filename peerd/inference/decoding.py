@@ -72,11 +72,15 @@ class Decoding:
         self.generator = generator
         self.request = request
         self.params = request.params
-        # a constraint decodes plain: each token is chosen under the mask of the state
-        # its predecessors left, which a draft would have to be re-verified against
+        # under a constraint no drafter drafts (its tokens would have to be re-verified
+        # against the mask of the state each predecessor leaves); greedy decoding drafts
+        # the text the constraint forces instead (`forcing`: a key's name, the
+        # punctuation between values), verified under each position's own mask, so
+        # its output is the plain output
         self.constraint = constraint
         self.mode = request.verify if constraint is None else (
             "greedy" if self.params.temperature == 0.0 else "sample")
+        self.forcing = constraint is not None and self.mode == "greedy"
         self.on_token = on_token
         self.reuse_prefix = reuse_prefix
         self.logprobs = logprobs
@@ -85,7 +89,8 @@ class Decoding:
         drafter = request.drafter if constraint is None else None
         self.stats = GenerationStats(
             prompt_tokens=len(request.prompt_ids), verify=self.mode,
-            draft=request.speculative.draft if constraint is None else "none")
+            draft=request.speculative.draft if constraint is None
+            else "grammar" if self.forcing else "none")
         self.rng = make_generator(self.params)
         self.gamma = GammaController(fixed=request.speculative.gamma)
         self.budget = TreeBudget()
@@ -97,8 +102,9 @@ class Decoding:
         self.stats.tree = self.tree_drafting is not None
         # drafts may run up to MAX_GAMMA positions past the last committed token (a
         # tree: its candidates and lookup branches)
-        slack = 0 if drafter is None else MAX_GAMMA if self.tree_drafting is None else (
-            MAX_TREE_NODES + LOOKUP_BRANCHES * MAX_GAMMA)
+        slack = (MAX_GAMMA if self.forcing else 0) if drafter is None else \
+            MAX_GAMMA if self.tree_drafting is None else (
+                MAX_TREE_NODES + LOOKUP_BRANCHES * MAX_GAMMA)
         self.max_length = min(len(request.prompt_ids) + self.params.max_tokens + slack,
                               generator.max_session_length)
 
@@ -183,6 +189,10 @@ class Decoding:
         far as the request and the session have room; it is told what it lacks first."""
         room = min(self.params.max_tokens - self.stats.completion_tokens - 1,
                    self.max_length - len(self.history))
+        if self.forcing:  # the prompt's pass too: the forced text needs no features
+            assert self.constraint is not None
+            forced = self.constraint.forced(min(MAX_GAMMA, room)) if room > 0 else []
+            return Proposal(TokenTree.chain(forced)) if forced else NO_DRAFT
         if self.drafting is None or self.kv == 0 or self.fed < len(self.history) - 1 \
                 or room <= 0:
             return NO_DRAFT
@@ -355,7 +365,7 @@ class Decoding:
             # lm_head call, which costs about what one row does; other nodes on demand.
             first = pending + draft.first_chain()
             rows = head.logits(hidden[:, pending - 1:first, :])[0]  # [1 + chain, V]
-            choosing = self._masked(rows)  # [1 + chain, V]
+            choosing = self._masked(rows, draft.tokens)  # [1 + chain, V]
             scored: dict[int, torch.Tensor] = {}  # nodes off that chain, once each
 
             def logits_at(node: int) -> torch.Tensor:  # the target's logits after a node [V]
@@ -376,14 +386,24 @@ class Decoding:
                                   for n in (-1, *verdict.path)])  # [k + 1, V]
             return verdict, token_logprobs(chosen, verdict.committed(draft), top)
 
-    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [n, V] with the tokens the constraint refuses at -inf (n is 1: a
-        constrained request has no draft); as they are without a constraint."""
+    def _masked(self, logits: torch.Tensor, chain: list[int] | tuple[()] = ()
+                ) -> torch.Tensor:
+        """logits [n, V] with the tokens the constraint refuses at -inf, row i under the
+        state after chain[:i] (a constrained request's draft is a chain of forced
+        tokens, which the constraint allows); as they are without a constraint."""
         if self.constraint is None:
             return logits
         remaining = self.params.max_tokens - self.stats.completion_tokens
-        mask = self.constraint.allowed_mask(remaining).to(logits.device)  # [V'] bool
+        constraint = self.constraint
+        masks = []
+        for i in range(logits.shape[0]):
+            if i:
+                if i == 1:
+                    constraint = constraint.fork()
+                constraint.advance(chain[i - 1])
+            masks.append(constraint.allowed_mask(remaining - i))  # [V'] bool
+        mask = torch.stack(masks).to(logits.device)  # [n, V']
         size = logits.shape[-1]
-        if mask.shape[0] < size:  # the head's rows past the tokenizer's: never allowed
-            mask = torch.cat([mask, mask.new_zeros(size - mask.shape[0])])
-        return logits.masked_fill(~mask[:size], float("-inf"))  # [n, V]
+        if mask.shape[1] < size:  # the head's rows past the tokenizer's: never allowed
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], size - mask.shape[1])], 1)
+        return logits.masked_fill(~mask[:, :size], float("-inf"))  # [n, V]

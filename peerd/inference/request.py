@@ -27,8 +27,9 @@ OnToken = Callable[[int], Awaitable[bool]]
 
 class TokenConstraint(Protocol):
     """What a constrained generation may write (peerd/plans/constrain.py builds one from
-    a grammar): the mask applies before sampling; decoding is plain (no draft) and
-    stops once the constraint is finished."""
+    a grammar): the mask applies before sampling; decoding stops once the constraint
+    is finished. No drafter drafts under it; greedy decoding drafts the tokens the
+    constraint forces (`forced`), verified under each position's mask (`fork`)."""
 
     def allowed_mask(self, remaining_tokens: int) -> torch.Tensor:
         """[V] bool: the tokens that may come next, `remaining_tokens` (this one
@@ -42,6 +43,14 @@ class TokenConstraint(Protocol):
     @property
     def finished(self) -> bool:
         """Nothing more may be written: generation ends."""
+        ...
+
+    def forced(self, limit: int) -> list[int]:
+        """At most `limit` tokens spelling text that must come next (maybe none)."""
+        ...
+
+    def fork(self) -> TokenConstraint:
+        """A copy to advance without moving this one."""
         ...
 
 

@@ -469,3 +469,20 @@ class State:
     def shortest(self) -> int:
         """Fewest characters that complete the value (0 when complete; -1 when dead)."""
         return min((sum(f.shortest() for f in stack) for stack in self.stacks), default=-1)
+
+    def forced(self, limit: int) -> str:
+        """The characters that must come next, at most `limit`: as long as the value
+        may not end and only one character may follow (a key's name, the punctuation
+        between keys, a lone tool's name)."""
+        out: list[str] = []
+        state = self
+        while len(out) < limit and not state.complete:
+            chars = state.next_chars()  # a superset: each is tried
+            if chars is None:
+                break
+            alive = [(c, after) for c in chars if not (after := state.step(c)).dead]
+            if len(alive) != 1:
+                break
+            c, state = alive[0]
+            out.append(c)
+        return "".join(out)

@@ -45,6 +45,7 @@ __all__ = ["GrammarConstraint", "TokenConstraint", "Vocab", "step_constraint"]
 
 FAR = 1 << 30  # the cost of a token that is not allowed
 CACHED_WALKS = 4096  # per vocabulary
+FORCED_CHARS_A_TOKEN = 8  # forced text looked at per drafted token
 
 
 class _Trie:
@@ -223,6 +224,32 @@ class GrammarConstraint:
             # holds whole: end rather than loop
             allowed[list(self.vocab.eos)] = True
         return allowed
+
+    def forced(self, limit: int) -> list[int]:
+        """At most `limit` tokens spelling the text the grammar forces next (State.forced),
+        the longest token at each point: a draft that costs no model, which greedy
+        verification under the mask accepts where the model would write it so."""
+        text = self.state.forced(limit * FORCED_CHARS_A_TOKEN)
+        ids: list[int] = []
+        i = 0
+        while i < len(text) and len(ids) < limit:
+            node, j, best = self.vocab.trie, i, None
+            while j < len(text) and text[j] in node.children:
+                node = node.children[text[j]]
+                j += 1
+                if node.ids:
+                    best = (j, node.ids[0])
+            if best is None:
+                break
+            i, token = best
+            ids.append(token)
+        return ids
+
+    def fork(self) -> GrammarConstraint:
+        """A copy that advances on its own (states are immutable: nothing is copied)."""
+        other = GrammarConstraint(self.grammar, self.vocab)
+        other.state, other.text, other.ended = self.state, self.text, self.ended
+        return other
 
     def advance(self, token_id: int) -> None:
         """Take a token the mask allowed; ValueError for one it did not."""

@@ -187,6 +187,7 @@ async def test_the_constrained_arm_hands_each_question_its_grammar(
     class Stats:
         completion_tokens: int = 7
         prompt_tokens: int = 100
+        steps: int = 8
 
     @dataclass
     class Done:

@@ -44,7 +44,7 @@ from peerd.rl.sampler import RolloutSampler
 from peerd.rl.types import Rollout
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, RemoteError
-from protocols.framing import frame
+from protocols.framing import encode_uvarint, frame
 from protocols.rollout import (
     FEATURE_ROLLOUT,
     ROLLOUT,
@@ -184,7 +184,8 @@ async def test_bad_requests_get_a_clear_error_and_the_sampler_keeps_serving(
             (frame(encode(request(group=0))), "malformed"),
             (frame(encode(request(prompts=("x",) * 64, group=64))), "oversized"),
             (frame(encode(request(temperature=float("inf")))), "malformed"),
-            (frame(b"x" * (ROLLOUT.max_request_bytes + 1)), "oversized"),
+            # the length alone refuses it (2 MB written would wait on the muxer's window)
+            (encode_uvarint(ROLLOUT.max_request_bytes + 1) + b"x" * 64, "oversized"),
         ]
         for raw, code in cases:
             assert error_code(await rogue.exchange(node, ROLLOUT.id, raw)) == code, code

@@ -35,7 +35,12 @@ def demo_plan(console: Console, peer: launcher.PeerInfo, steps: int, goal: str =
                   highlight=False)
     result = subprocess.run([sys.executable, "-m", "peerd.cli", *args],
                             stdin=subprocess.DEVNULL, check=False)
-    if result.returncode == 1:  # the plan ran and ended in words (its reason, above)
-        console.print("[dim]every step parsed and every call was typed; knowing when the "
-                      "goal is reached is beyond SmolLM2-135M[/]")
-    return result.returncode in (0, 1)
+    if result.returncode == 0:
+        return True
+    # exit 1: the plan ended without an answer (its reason is above), or the CLI failed
+    latest = launcher.api_request(peer, "GET", "/v1/plans")[:1]
+    if not latest or latest[0]["goal"] != goal or latest[0]["status"] != "failed":
+        return False
+    console.print("[dim]every step parsed and every call was typed; knowing when the "
+                  "goal is reached is beyond SmolLM2-135M[/]")
+    return True

@@ -342,3 +342,12 @@ async def test_a_peer_that_bids_on_everything_and_never_answers_loses_its_seats(
         assert record.fallbacks == [] and record.answer == "42"
         assert len(asked) == 1
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("window", [0.0, -1.0, 10.5, float("inf"), float("nan")])
+def test_a_task_spec_refuses_a_bid_window_no_worker_would_bid_in(window: float) -> None:
+    """Workers refuse a beacon whose window is past the protocol's limit (in silence:
+    the requester would see only "no peer bid"), so the spec refuses it first."""
+    with pytest.raises(ValueError, match="bid_window_s"):
+        TaskSpec("What is 2 + 2?", bid_window_s=window)
+    assert TaskSpec("What is 2 + 2?", bid_window_s=10.0).bid_window_s == 10.0

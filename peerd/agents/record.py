@@ -4,11 +4,12 @@ each worker's vote, and the record `GET /v1/tasks/{id}` shows while it runs and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from peerd.agents.election import Candidate, Fallback
-from protocols.beacon import MAX_REQUIREMENT_CHARS
+from protocols.beacon import MAX_BID_WINDOW_S, MAX_REQUIREMENT_CHARS
 from protocols.task import TaskRequest
 
 
@@ -34,6 +35,13 @@ class TaskSpec:
     prompt: str = ""  # the question before the memory's notes went in ("" -> question)
     memory: tuple[str, ...] = ()  # the notes' texts, in prompt order
     memory_ids: tuple[str, ...] = ()  # their ids, one each
+
+    def __post_init__(self) -> None:
+        # the API says this to a user; an in-process caller learns it here, not from
+        # every worker refusing the beacon in silence ("no peer bid")
+        if not (math.isfinite(self.bid_window_s) and 0 < self.bid_window_s <= MAX_BID_WINDOW_S):
+            raise ValueError(f"bid_window_s must be in (0, {MAX_BID_WINDOW_S:g}] s: workers "
+                             f"refuse a beacon with a longer window; got {self.bid_window_s}")
 
     @property
     def effective_requirement(self) -> str:

@@ -173,7 +173,7 @@ async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path,
                 truth = str(100 + 7 * i + 23 * i)
                 record = await service.run_task(TaskSpec(
                     question, workers=5, requirement="arithmetic", answer_format="number",
-                    deadline_s=10.0, bid_window_s=10.0))  # closes once all five bid
+                    deadline_s=10.0, bid_window_s=5.0))
                 assert liar_id in record.elected
                 assert record.answer == truth, f"task {i}: {record.to_json()}"
                 shown = {v["peer_id"]: v["measured"] for v in record.to_json()["votes"]}

@@ -156,6 +156,7 @@ async def test_the_generation_loop_decodes_plain_under_the_mask(tmp_path: Path, 
             assert (text, len(tokens)) == (want, n)  # greedy: the plain loop's output
 
 
+@pytest.mark.slow  # loads SmolLM2: not beside the other in-process tests
 @needs_smollm2
 async def test_smollm2_takes_the_forced_text_in_fewer_passes(tmp_path: Path) -> None:
     """On a real model the forced text's drafts are accepted: a planner's step under

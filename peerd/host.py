@@ -19,6 +19,7 @@ from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.config import ConnectionConfig
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 HANG_UP_S = 2.0  # closing every connection on the way out, at most
+# A peer that takes in none of a Noise packet (at most 64 KiB) for this long has
+# stopped reading its socket: the connection is closed (see `whole_writes`).
+WRITE_STALL_S = 20.0
 
 
 class ConnectionNotifee:
@@ -117,9 +121,58 @@ def count_insecure_handshakes(host: Any, on_attempt: Callable[[str], None]) -> N
     upgrader.upgrade_security = upgrade_security
 
 
+def whole_writes(noise: Any) -> None:
+    """Make every write to a connection secured by `noise` (a NoiseTransport) whole,
+    whatever cancels the task that writes.
+
+    py-libp2p 0.8.1 encrypts a message (taking the session's next nonce), then takes
+    the socket's lock and sends it, in the writer's own task. A deadline that fires
+    between the two leaves a nonce that never reaches the wire, and one that fires
+    during the send leaves half a packet there; either way the far end fails to
+    decrypt everything after it and closes the connection, with every stream on it:
+    an RTT probe that timed out under load took a peer's bids and answers down with
+    it. So a write begins only if its task is not cancelled already, and then runs
+    shielded to its end. A shielded send could wait forever on a peer that stopped
+    reading: each packet gets WRITE_STALL_S, after which the connection is closed.
+    """
+    for side in ("secure_inbound", "secure_outbound"):
+        secure = getattr(noise, side)
+
+        async def secured(*args: Any, _secure: Any = secure) -> Any:
+            session = await _secure(*args)
+            _make_writes_whole(session)
+            return session
+
+        setattr(noise, side, secured)
+
+
+def _make_writes_whole(session: Any) -> None:
+    packets = session.conn.read_writer  # SecureSession -> Noise messages -> packets
+    send_packet = packets.write_msg
+    write = session.write
+
+    async def write_packet(packet: bytes) -> None:
+        with trio.move_on_after(WRITE_STALL_S) as stalled:
+            await send_packet(packet)
+        if stalled.cancelled_caught:
+            with contextlib.suppress(Exception):
+                await packets.close()
+            raise ConnectionClosedError(
+                f"the peer took in nothing for {WRITE_STALL_S:.0f} s", transport="tcp")
+
+    async def whole_write(data: bytes) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with trio.CancelScope(shield=True):
+            await write(data)
+
+    packets.write_msg = write_packet
+    session.write = whole_write
+
+
 def make_host(config: Config, key_pair: KeyPair) -> Any:
-    """TCP + Noise only + yamux only (LIBP2P_NOTES.md trap 4)."""
+    """TCP + Noise only + yamux only (LIBP2P_NOTES.md trap 4), writes kept whole."""
     noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    whole_writes(noise)
     announce = [multiaddr.Multiaddr(a) for a in config.announce] or None
     # Our connectivity loop keeps `target_peers` connections from the ledger; py-libp2p's
     # own auto-connector (aiming at ~200 peerstore peers) would race it with duplicate

@@ -70,7 +70,7 @@ def stream_handler(
     async def handler(stream: Any) -> None:
         peer = remote_peer(stream)
         token = object()
-        entered = False
+        entered = cut = False
         try:
             if not limiter.try_enter(peer, token):
                 raise Busy(f"too many concurrent {spec.id} streams")
@@ -88,6 +88,7 @@ def stream_handler(
             on_offence(peer, exc.reason, str(exc))
             await _reply_error(stream, exc.reason, str(exc))
         except trio.TooSlowError:
+            cut = True  # perhaps in the middle of our reply
             on_offence(peer, "timeout", f"{spec.id} exchange exceeded {spec.timeout_s} s")
         except STREAM_FAILURES as exc:
             log.debug("%s stream from %s failed: %r", spec.id, peer, exc)
@@ -97,7 +98,7 @@ def stream_handler(
         finally:
             if entered:
                 limiter.leave(peer, token)
-            await close_stream(stream)
+            await close_stream(stream, abort=cut)
 
     return handler
 

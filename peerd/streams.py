@@ -8,6 +8,7 @@ deadline, size cap and strict decoding are written once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -58,17 +59,29 @@ async def send_quietly(stream: Any, msg: Message, max_size: int) -> None:
             pass
 
 
-async def close_stream(stream: Any) -> None:
-    with trio.move_on_after(1.0) as scope:
-        try:
-            await stream.close()
-        except Exception:
-            scope.cancel()
-    if scope.cancelled_caught:
-        try:
-            await stream.reset()
-        except Exception:
-            pass
+async def close_stream(stream: Any, *, abort: bool = False) -> None:
+    """Close `stream` within about a second (a reset if the close fails), whatever
+    cancels the caller: it is shielded.
+
+    From a cancelled scope (the caller's deadline passed, its nursery was cancelled),
+    or with `abort`, the stream is reset instead: a frame may have been cut part-way
+    (a write of over 64 KiB goes out in several muxer frames), and a close would hand
+    the far end a truncated frame to count against us as malformed, or leave it
+    waiting out its own deadline for the rest."""
+    cut = abort or trio.current_effective_deadline() == -math.inf
+    with trio.CancelScope(shield=True):
+        if not cut:
+            with trio.move_on_after(1.0):
+                try:
+                    await stream.close()
+                    return
+                except Exception:
+                    pass
+        with trio.move_on_after(1.0):
+            try:
+                await stream.reset()
+            except Exception:
+                pass
 
 
 # ---- opening a session stream ----------------------------------------------------------

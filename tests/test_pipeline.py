@@ -327,3 +327,36 @@ async def test_a_peer_without_layers_takes_the_least_served_window(
                        "the first peer to see the newcomer's shard")
         tokens, _ = await generate(first, PROMPT)
     assert tokens == reference_tokens(reference, PROMPT, NEW_TOKENS)
+
+
+async def test_a_forward_cut_by_a_cancel_resets_the_stream_and_blames_no_one(
+        tmp_path: Path, tiny: Path) -> None:
+    """A request cancelled (its client left) while its FORWARD was part-way onto the
+    wire: the entry resets the stream instead of writing a CLOSE after the cut frame,
+    which the first hop would read as garbage and count against an honest entry."""
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4)]) as (_, runtimes):
+        entry, first_hop = runtimes[1], runtimes[0]
+        pipeline = entry.generator.pipeline
+        route = entry.generator.route()
+        assert isinstance(route, Route)
+        session = await pipeline.open(route, 16)
+        assert session.peers[0] == first_hop.node.peer_id
+        with torch.inference_mode():
+            hidden = entry.head.embed(torch.tensor([[5, 17, 33, 101]]))  # [1, 4, H]
+        write = session.first.write
+
+        async def cut_write(data: bytes) -> None:
+            await write(data[:len(data) // 2])  # half the frame goes out
+            cancel.cancel()
+            await trio.lowlevel.checkpoint()
+
+        session.first.write = cut_write
+        with trio.CancelScope() as cancel:
+            await session.step(hidden, 0)
+        assert session.writing
+        await session.close()
+        server = first_hop.server
+        await wait_for(lambda: session.id not in server.sessions, 10,
+                       "the first hop to drop the session")
+        assert not first_hop.node.offences.get(entry.node.peer_id), \
+            dict(first_hop.node.offences[entry.node.peer_id])

@@ -139,6 +139,9 @@ class PipelineSession:
     watching: bool = False  # a task reads `first` (Pipeline.start): nothing else may
     watch: trio.CancelScope = field(default_factory=trio.CancelScope)  # that task's
     done: trio.Event = field(default_factory=trio.Event)
+    # a FORWARD is being written to `first`: a cancel now leaves it cut part-way, and
+    # the stream can then only be reset (a CLOSE after it would read as garbage)
+    writing: bool = False
     step_no: int = 0
     max_length: int = 0
     rows: int = 1  # sequences decoded side by side (OPEN.rows): every step [rows, T, H]
@@ -176,7 +179,9 @@ class PipelineSession:
         async def exchange(cancel: trio.CancelScope) -> None:
             nonlocal result, error
             try:
+                self.writing = True
                 await write_frame(self.first, encode(msg), SHARD.max_data_bytes)
+                self.writing = False
                 await self.returned.wait()  # (a cold session's comes with its first RESULT)
                 while result is None:
                     raw = await read_frame(self.return_stream, SHARD_RETURN.max_data_bytes)
@@ -243,12 +248,12 @@ class PipelineSession:
 
     async def close(self) -> None:
         self.watch.cancel()
-        if self.first is not None and not self.done.is_set():
+        if self.first is not None and not self.done.is_set() and not self.writing:
             await send_quietly(self.first, Close(self.id), SHARD.max_control_bytes)
         self.done.set()
         self.pipeline.sessions.pop(self.id, None)
         if self.first is not None:
-            await close_stream(self.first)
+            await close_stream(self.first, abort=self.writing)
 
 
 class Pipeline:

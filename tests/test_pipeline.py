@@ -16,7 +16,7 @@ from peerd.inference.model.source import reference_model, resolve
 from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.slot import ModelOptions
-from peerd.inference.swarm.pipeline import Pipeline, PipelineSession
+from peerd.inference.swarm.pipeline import Pipeline, PipelineFailure, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
 from protocols.shard import Hop
@@ -360,3 +360,38 @@ async def test_a_forward_cut_by_a_cancel_resets_the_stream_and_blames_no_one(
                        "the first hop to drop the session")
         assert not first_hop.node.offences.get(entry.node.peer_id), \
             dict(first_hop.node.offences[entry.node.peer_id])
+
+
+async def test_a_hop_cut_mid_forward_resets_downstream_and_blames_no_one(
+        tmp_path: Path, tiny: Path) -> None:
+    """A middle hop whose session is evicted while its FORWARD to the next hop is
+    part-way onto the wire resets that stream: the next hop counts nothing against it
+    (a CLOSE after the cut frame read as garbage, before), and the entry learns the
+    step failed."""
+    async with model_swarm(tmp_path, tiny, [(0, 1), (1, 2), (2, 4)]) as (_, runtimes):
+        first, second, entry = runtimes
+        route = entry.generator.route()
+        assert isinstance(route, Route)
+        pipeline = entry.generator.pipeline
+        session = await pipeline.open(route, 16)
+        assert session.peers[:2] == [first.node.peer_id, second.node.peer_id]
+        with torch.inference_mode():
+            hidden = entry.head.embed(torch.tensor([[5, 17, 33, 101]]))  # [1, 4, H]
+        await session.step(hidden[:, :2], 0)  # the session is open all along the route
+        held = first.server.sessions[session.id]
+        write = held.downstream.write
+
+        async def cut_write(data: bytes) -> None:
+            await write(data[:len(data) // 2])  # half the frame goes out
+            held.scope.cancel()  # as an eviction does
+            await trio.lowlevel.checkpoint()
+
+        held.downstream.write = cut_write
+        with pytest.raises(PipelineFailure):
+            await session.step(hidden[:, 2:], 2)
+        assert held.writing
+        await wait_for(lambda: session.id not in second.server.sessions, 10,
+                       "the second hop to drop the session")
+        assert not second.node.offences.get(first.node.peer_id), \
+            dict(second.node.offences[first.node.peer_id])
+        await session.close()

@@ -145,6 +145,9 @@ class _Session:
     cache: Any
     kv_per_position: int
     downstream: Any = None  # stream to the next hop, or the return stream to the entry
+    # a frame is being written downstream: a cancel (eviction, the step's deadline) now
+    # leaves it cut part-way, and the stream can only be reset, with no CLOSE after it
+    writing: bool = False
     connected: trio.Event = field(default_factory=trio.Event)  # downstream is set
     answered: trio.Event = field(default_factory=trio.Event)  # its answer is in (or failed)
     refused: bool = False  # a refusal came from downstream (relayed upstream)
@@ -444,7 +447,9 @@ class ShardServer:
             try:
                 with trio.fail_after(downstream.step_timeout_s):
                     await s.connected.wait()  # (a failed connection ends the session)
+                    s.writing = True
                     await write_frame(s.downstream, encode(reply), downstream.max_data_bytes)
+                    s.writing = False
             except STREAM_FAILURES_OR_TIMEOUT as exc:
                 with trio.move_on_after(ANSWER_GRACE_S):  # a refusal on its way ends it
                     await s.answered.wait()
@@ -570,9 +575,9 @@ class ShardServer:
         if self.sessions.pop(s.id, None) is None:
             return
         if s.downstream is not None:
-            if not s.is_last:
+            if not s.is_last and not s.writing:
                 await send_quietly(s.downstream, Close(s.id), SHARD.max_control_bytes)
-            await close_stream(s.downstream)
+            await close_stream(s.downstream, abort=s.writing)
         self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
 
 

@@ -139,14 +139,12 @@ async def open_session(dial: Dial, peer_id: str, spec: SessionStream, opening: M
             answer = await read_answer(stream, peer_id, spec, accept)
     except trio.TooSlowError:
         if stream is not None:
-            with trio.CancelScope(shield=True):  # close_stream is bounded (about 1 s)
-                await close_stream(stream)
+            await close_stream(stream)
         raise Unreachable(peer_id, f"{peer_id} did not answer within "
                           f"{spec.open_timeout_s} s") from None
     except BaseException:
         if stream is not None:
-            with trio.CancelScope(shield=True):
-                await close_stream(stream)
+            await close_stream(stream)
         raise
     return stream, answer
 
@@ -161,9 +159,11 @@ async def send_opening(dial: Dial, peer_id: str, spec: SessionStream, opening: M
     try:
         await write_frame(stream, encode(opening), spec.max_control_bytes)
     except STREAM_FAILURES as exc:
-        with trio.CancelScope(shield=True):
-            await close_stream(stream)
+        await close_stream(stream)
         raise Unreachable(peer_id, f"{peer_id} broke the stream: {exc!r:.200}") from None
+    except BaseException:  # cancelled, perhaps mid-write: the caller never gets the stream
+        await close_stream(stream, abort=True)
+        raise
     return stream
 
 

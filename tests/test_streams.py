@@ -184,6 +184,29 @@ async def test_a_broken_stream_is_unreachable() -> None:
         await open_session(dial, PEER, SHARD, OPEN)
 
 
+async def test_an_opening_cut_by_a_cancel_resets_its_stream() -> None:
+    """The caller never gets the stream, so it is ended here; reset, not closed, as
+    the opening may be on the wire part-way."""
+    ended: list[str] = []
+
+    class Stalled:
+        async def write(self, data: bytes) -> None:
+            await trio.sleep_forever()
+
+        async def close(self) -> None:
+            ended.append("close")
+
+        async def reset(self) -> None:
+            ended.append("reset")
+
+    async def dial(peer_id: str, protocol: str) -> Any:
+        return Stalled()
+
+    with trio.move_on_after(0.1):
+        await open_session(dial, PEER, SHARD, OPEN)
+    assert ended == ["reset"]
+
+
 async def test_a_silent_peer_is_unreachable_at_the_declared_deadline(
         nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
     far = Scripted(nursery, silent)

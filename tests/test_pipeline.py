@@ -354,7 +354,8 @@ async def test_a_forward_cut_by_a_cancel_resets_the_stream_and_blames_no_one(
         with trio.CancelScope() as cancel:
             await session.step(hidden, 0)
         assert session.writing
-        await session.close()
+        await pipeline.release(session)  # a cut session is never pooled
+        assert not pipeline.pooled and session.done.is_set()
         server = first_hop.server
         await wait_for(lambda: session.id not in server.sessions, 10,
                        "the first hop to drop the session")

@@ -289,7 +289,7 @@ class Pipeline:
     async def release(self, s: PipelineSession) -> None:
         """A request is done with `s`: keep it for the next one on its route, or close it
         (a session of several rows is never pooled: requests decode one)."""
-        if s.done.is_set() or s.failed.is_set() or s.rows != 1:
+        if s.done.is_set() or s.failed.is_set() or s.writing or s.rows != 1:
             await s.close()
             return
         s.idle_since = time.monotonic()

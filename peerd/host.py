@@ -131,9 +131,10 @@ def whole_writes(noise: Any) -> None:
     during the send leaves half a packet there; either way the far end fails to
     decrypt everything after it and closes the connection, with every stream on it:
     an RTT probe that timed out under load took a peer's bids and answers down with
-    it. So a write begins only if its task is not cancelled already, and then runs
-    shielded to its end. A shielded send could wait forever on a peer that stopped
-    reading: each packet gets WRITE_STALL_S, after which the connection is closed.
+    it. So each packet's send is shielded (`_make_writes_whole`). A shielded send
+    could wait forever on a peer that stopped reading: each packet gets WRITE_STALL_S,
+    after which the connection is closed. The guard costs a cancel scope a packet:
+    bench/README, "Whole writes".
     """
     for side in ("secure_inbound", "secure_outbound"):
         secure = getattr(noise, side)
@@ -147,12 +148,17 @@ def whole_writes(noise: Any) -> None:
 
 
 def _make_writes_whole(session: Any) -> None:
+    """Shield each Noise packet's send, from before the first await after its message
+    is encrypted (the packet writer is awaited straight after) to its last byte. A
+    message of several packets (over 64 KiB) is written whole too: nothing between
+    its packets can deliver a cancel."""
     packets = session.conn.read_writer  # SecureSession -> Noise messages -> packets
     send_packet = packets.write_msg
-    write = session.write
 
-    async def write_packet(packet: bytes) -> None:
-        with trio.move_on_after(WRITE_STALL_S) as stalled:
+    async def whole_packet(packet: bytes) -> None:
+        # one scope a packet (a scope costs microseconds, on every write)
+        with trio.CancelScope(shield=True,
+                              deadline=trio.current_time() + WRITE_STALL_S) as stalled:
             await send_packet(packet)
         if stalled.cancelled_caught:
             with contextlib.suppress(Exception):
@@ -160,13 +166,7 @@ def _make_writes_whole(session: Any) -> None:
             raise ConnectionClosedError(
                 f"the peer took in nothing for {WRITE_STALL_S:.0f} s", transport="tcp")
 
-    async def whole_write(data: bytes) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        with trio.CancelScope(shield=True):
-            await write(data)
-
-    packets.write_msg = write_packet
-    session.write = whole_write
+    packets.write_msg = whole_packet
 
 
 def make_host(config: Config, key_pair: KeyPair) -> Any:

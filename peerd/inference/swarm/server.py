@@ -353,8 +353,7 @@ class ShardServer:
                 await read_answer(stream, target, spec, accept=lambda a: a.session == req.session)
         except BaseException as exc:
             if connected is None and stream is not None:
-                with trio.CancelScope(shield=True):
-                    await close_stream(stream)
+                await close_stream(stream)  # (shielded itself)
             refusal = self._refusal(target, spec, exc)
             if refusal is None:
                 raise

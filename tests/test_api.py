@@ -257,6 +257,28 @@ def test_json_depth_counts_brackets_outside_strings() -> None:
     assert json_depth(b"[" * 100_000) == 100_000
 
 
+def test_json_depth_reads_an_unclosed_string_to_the_end() -> None:
+    from peerd.api.errors import json_depth
+
+    assert json_depth(b'["abc') == json_depth(b'["a\\"[[') == json_depth(b'["a\\') == 1
+    assert json_depth(b'{"a": "[", "b": [["') == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/capabilities"])
+def test_an_unclosed_string_of_escaped_quotes_is_refused_at_once(
+        pair: tuple[Daemon, Daemon], path: str) -> None:
+    """The depth check's string pattern backtracked to the end of the body from every
+    escaped quote of an unclosed string: a body under the endpoint's cap held the event
+    loop (the API, gossip, heartbeats) for minutes to an hour. The client gives up
+    after 10 s."""
+    a, _ = pair
+    cap = 1 << 20 if path.startswith("/v1") else 64 * 1024
+    body = b'"' + b'\\"' * ((cap - 2) // 2)
+    r = a.request("POST", path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
+    assert a.request("GET", "/health", token=None).status_code == 200
+
+
 def test_an_oversized_body_is_refused(pair: tuple[Daemon, Daemon]) -> None:
     a, _ = pair
     big = json.dumps({"skills": ["s"], "pad": "x" * 100_000}).encode()

@@ -19,7 +19,10 @@ from starlette.responses import JSONResponse, Response
 MAX_BODY_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects; the deepest body we take needs 4
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# a string, or one left open (it runs to the end): every match attempt that starts at a
+# quote succeeds, so `sub` stays linear (an unclosed string made it quadratic: each
+# escaped quote after it started an attempt that scanned to the end)
+_STRING = re.compile(rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*(?:"|\\?\Z)')
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 # an opening bracket steps 2, a closing one 0: after k brackets, depth = their sum - k
 _STEPS = bytes.maketrans(b"[]{}", b"\x02\x00\x02\x00")
@@ -74,7 +77,7 @@ async def read_body(request: Request, max_bytes: int, too_big: str = "",
                     what: str = "body") -> bytes:
     """The request body, read with a size cap: ApiError 413 (`too_big`, or saying the
     cap) past it, 400 when the client leaves before the end."""
-    raw = b""
+    raw = bytearray()  # appended in place: `bytes +=` copies the whole body a chunk
     try:
         async for chunk in request.stream():
             raw += chunk
@@ -82,7 +85,7 @@ async def read_body(request: Request, max_bytes: int, too_big: str = "",
                 raise ApiError(413, too_big or f"request body over {max_bytes} bytes")
     except ClientDisconnect:  # nobody reads the answer; not a crash of ours to log
         raise ApiError(400, f"the client left before sending the whole {what}") from None
-    return raw
+    return bytes(raw)
 
 
 async def read_json(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:

@@ -12,9 +12,11 @@ snapshot over the `/peerd/ledger-sync/1.0.0` stream protocol.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from protocols.codec import Message
+from protocols.errors import WireError
 from protocols.spec import RequestResponse
 from protocols.tool import ToolBrief
 
@@ -22,6 +24,10 @@ TOPIC = "peerd/ledger/1"
 
 MAX_ENTRY_BYTES = 64 * 1024  # one signed entry; gossip RPCs are capped at 1 MiB
 MAX_SNAPSHOT_ENTRIES = 4096
+# What one peer's book holds at most: peer ids cost nothing to make, so without a cap
+# anyone could fill a book (and its SQLite file) with entries of made-up peers
+MAX_BOOK_ENTRIES = MAX_SNAPSHOT_ENTRIES
+MAX_BOOK_BYTES = 64 << 20  # of signed bodies; an honest entry is a few KiB
 MAX_CLOCK_SKEW_S = 60.0  # a timestamp further in the future than this is refused
 MIN_TTL_S = 0.1
 MAX_TTL_S = 24 * 3600.0
@@ -91,6 +97,30 @@ class LedgerEntry(Message):
     @property
     def expires_at(self) -> float:
         return self.timestamp + self.ttl_s
+
+    def check(self) -> None:
+        """WireError (malformed) for numbers no honest peer signs: a NaN or an infinity
+        anywhere (every reader, the API's JSON first, would choke on it), a negative
+        count, a ttl out of range, a reputation outside [0, 1]."""
+        if not (MIN_TTL_S <= self.ttl_s <= MAX_TTL_S) or not math.isfinite(self.timestamp):
+            raise WireError(f"entry of {self.peer_id}: ttl {self.ttl_s} out of range")
+        counts = {"seq": self.seq, "memory_bytes": self.hardware.memory_bytes,
+                  "cpu_count": self.hardware.cpu_count, "sessions": self.load.sessions,
+                  "queue": self.load.queue, "weights_http_port": self.weights_http_port}
+        counts |= {f"layers of {m.model_id!r:.40}": min(m.layer_start, m.layer_end,
+                                                        m.num_layers) for m in self.models}
+        for what, n in counts.items():
+            if n < 0:
+                raise WireError(f"entry of {self.peer_id}: negative {what}")
+        rates = {"cpu_percent": self.load.cpu_percent,
+                 **{f"tokens_per_s of {m.model_id!r:.40}": m.tokens_per_s for m in self.models}}
+        for what, x in rates.items():
+            if not (math.isfinite(x) and x >= 0):
+                raise WireError(f"entry of {self.peer_id}: {what} is {x}")
+        for peer, score in self.reputation.items():
+            if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+                raise WireError(f"entry of {self.peer_id}: reputation {score} of "
+                                f"{peer!r:.60} outside [0, 1]")
 
 
 @dataclass(frozen=True, slots=True)

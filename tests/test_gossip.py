@@ -4,6 +4,7 @@ warm restart."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import trio
@@ -183,3 +184,38 @@ async def test_a_kept_peer_is_dialed_beyond_target_peers(tmp_path: Path) -> None
         assert sorted(n0.connected_peers()) == sorted([n1.peer_id, n2.peer_id])
         await trio.sleep(2.5)  # another round of the connectivity loop: nothing more
         assert len(n0.connected_peers()) == 2
+
+
+async def test_a_flood_of_made_up_peers_fills_the_book_to_its_cap_and_no_further(
+        tmp_path: Path) -> None:
+    """Peer ids cost nothing: b re-serves entries of 300 made-up peers (signed by fresh
+    keys, as anyone can). a's book, and its SQLite file, stop at the cap, and keep a's
+    own entry and that of b, the peer it is connected to."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    from peerd.ledger.book import sign_entry
+    from protocols.ledger import LedgerEntry
+
+    cap = 40
+    async with swarm(2, tmp_path, heartbeat_s=30.0, connect="none") as (a, b):
+        book(a).max_entries = cap
+        now = time.time()
+        for i in range(300):
+            kp = create_new_key_pair()
+            fake = LedgerEntry(peer_id=str(ID.from_pubkey(kp.public_key)), seq=1,
+                               timestamp=now, ttl_s=3600.0, name=f"fake-{i}")
+            book(b).offer(sign_entry(fake, kp.private_key), now)
+        assert len(book(b)) == 301
+        await connect(a, b)
+        await wait_for(lambda: has_entry(a, b.peer_id) and len(book(a)) == cap, 10,
+                       "a pulls b's snapshot into a full book")
+        held = {e.peer_id for e in book(a).entries()}
+        assert {a.peer_id, b.peer_id} <= held
+        assert events(a, "ledger.evicted")
+        await wait_for(lambda: stored_peers(a) == {e.peer_id for e in book(a).entries()},
+                       10, "the file holds what the book holds")
+        # b is kept, and a still hears it: its next entry replaces the old one
+        await advertise(b, ["still-heard"])
+        await wait_for(lambda: has_entry(a, b.peer_id, skills=("still-heard",)), 10,
+                       "a hears b's change in a full book")
+        assert len(book(a)) == cap

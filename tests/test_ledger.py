@@ -9,6 +9,7 @@ import dataclasses
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -32,7 +33,10 @@ from protocols.ledger import (
     MAX_ENTRY_BYTES,
     MAX_TTL_S,
     MIN_TTL_S,
+    Hardware,
     LedgerEntry,
+    Load,
+    ModelServed,
     SignedEntry,
 )
 
@@ -56,7 +60,7 @@ def signed(kp: KeyPair, seq: int = 1, **kw: object) -> SignedEntry:
 def reason_of(ledger: Ledger, s: SignedEntry, now: float = T0) -> str:
     with pytest.raises(LedgerReject) as err:
         ledger.offer(s, now)
-    return err.value.reason
+    return str(err.value.reason)
 
 
 @pytest.fixture
@@ -160,6 +164,33 @@ def test_non_finite_timestamp_is_malformed(alice: KeyPair, ts: float) -> None:
 
 def test_negative_seq_is_malformed(alice: KeyPair) -> None:
     assert reason_of(Ledger(), signed(alice, seq=-1)) == "malformed"
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("fields", [
+    {"reputation": {"peer": NAN}}, {"reputation": {"peer": 1.5}},
+    {"reputation": {"peer": -INF}}, {"load": Load(cpu_percent=INF)},
+    {"load": Load(cpu_percent=NAN)}, {"load": Load(queue=-1)},
+    {"hardware": Hardware(memory_bytes=-5)},
+    {"models": (ModelServed("m", 0, 4, "float32", tokens_per_s=NAN),)},
+    {"models": (ModelServed("m", -1, 4, "float32"),)}, {"weights_http_port": -1},
+], ids=["rep-nan", "rep-1.5", "rep-inf", "cpu-inf", "cpu-nan", "queue", "memory",
+        "tok-nan", "layer", "port"])
+def test_numbers_no_honest_peer_signs_are_malformed(alice: KeyPair,
+                                                     fields: dict[str, Any]) -> None:
+    """A NaN in a peer's entry was held and re-served, and made every peer's GET
+    /ledger a 500 (JSON has no NaN) for as long as the entry lived."""
+    assert reason_of(Ledger(), signed(alice, **fields)) == "malformed"
+
+
+def test_a_reputation_that_is_not_a_number_is_malformed(alice: KeyPair) -> None:
+    body = encode(entry(alice)).replace(b"\xaareputation\x80",
+                                        b"\xaareputation\x81\xa1p\xa1x")
+    assert body != encode(entry(alice))
+    s = SignedEntry(body=body, sig=alice.private_key.sign(body))
+    assert reason_of(Ledger(), s) == "malformed"
 
 
 def test_ledger_reject_is_a_peer_error() -> None:
@@ -272,6 +303,62 @@ def test_remove(alice: KeyPair) -> None:
     ledger.remove(pid(alice))
     ledger.remove(pid(alice))  # idempotent
     assert pid(alice) not in ledger and ledger.get(pid(alice)) is None
+
+
+# ---- a full book -----------------------------------------------------------------
+
+
+def keys(n: int) -> list[KeyPair]:
+    return [create_new_key_pair() for _ in range(n)]
+
+
+def test_a_full_book_evicts_the_peer_heard_from_least_recently() -> None:
+    a, b, c, d = keys(4)
+    ledger = Ledger(max_entries=3)
+    for i, kp in enumerate((a, b, c)):
+        ledger.offer(signed(kp), T0 + i)
+    ledger.offer(signed(a, seq=2), T0 + 3)  # a heard from again: b is now the oldest
+    outcome = ledger.offer(signed(d), T0 + 4)
+    assert isinstance(outcome, Accepted)
+    assert [e.peer_id for e in outcome.evicted] == [pid(b)]
+    assert sorted(e.peer_id for e in ledger.entries()) == sorted(map(pid, (a, c, d)))
+    # a newer entry of a held peer evicts no one
+    assert isinstance(done := ledger.offer(signed(c, seq=2), T0 + 5), Accepted)
+    assert done.evicted == () and len(ledger) == 3
+
+
+def test_a_full_book_never_evicts_a_kept_peer_and_refuses_when_only_those_remain() -> None:
+    a, b, c, d = keys(4)
+    ledger = Ledger(max_entries=2)
+    ledger.offer(signed(a), T0)
+    ledger.offer(signed(b), T0 + 1)
+    keep = {pid(a)}
+    outcome = ledger.offer(signed(c), T0 + 2, keep)
+    assert isinstance(outcome, Accepted) and [e.peer_id for e in outcome.evicted] == [pid(b)]
+    keep.add(pid(c))
+    assert not ledger.has_room(pid(d), 100, keep)
+    with pytest.raises(LedgerReject) as err:
+        ledger.offer(signed(d), T0 + 3, keep)
+    assert err.value.reason == "book_full"
+    assert {e.peer_id for e in ledger.entries()} == {pid(a), pid(c)}
+    assert ledger.has_room(pid(a), 10_000, keep)  # a held peer's newer entry fits
+    assert isinstance(ledger.offer(signed(a, seq=2), T0 + 4, keep), Accepted)
+
+
+def test_the_book_caps_the_bytes_of_its_entries() -> None:
+    a, b, c = keys(3)
+    one = len(signed(a, name="x" * 1000).body)
+    ledger = Ledger(max_entries=100, max_bytes=2 * one + 10)
+    ledger.offer(signed(a, name="x" * 1000), T0)
+    ledger.offer(signed(b, name="x" * 1000), T0 + 1)
+    outcome = ledger.offer(signed(c, name="x" * 1000), T0 + 2)
+    assert isinstance(outcome, Accepted) and [e.peer_id for e in outcome.evicted] == [pid(a)]
+    # a held peer whose entry grows past the cap makes room too
+    grown = ledger.offer(signed(c, seq=2, name="x" * 1500), T0 + 3)
+    assert isinstance(grown, Accepted) and [e.peer_id for e in grown.evicted] == [pid(b)]
+    assert len(ledger) == 1
+    ledger.expire(T0 + 10 * TTL)
+    assert len(ledger) == 0 and ledger.has_room(pid(a), 2 * one, ())
 
 
 # ---- LedgerStore ----------------------------------------------------------------
@@ -387,3 +474,16 @@ def test_unopenable_path_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(LedgerStoreError) as err:
         LedgerStore(db)
     assert str(db) in str(err.value)
+
+
+def test_rows_past_the_cap_are_dropped_on_load(tmp_path: Path) -> None:
+    """A file written under a larger cap (or before there was one) loads as a full book;
+    the rows that did not fit leave the file."""
+    kps = keys(5)
+    saved_store(tmp_path / "l.db", *(signed(kp) for kp in kps))
+    store = LedgerStore(tmp_path / "l.db")
+    ledger = Ledger(max_entries=3)
+    assert store.load_into(ledger, T0) == 3
+    rows = {r[0] for r in store._db.execute("SELECT peer_id FROM entries")}
+    assert rows == {e.peer_id for e in ledger.entries()} and len(rows) == 3
+    store.close()

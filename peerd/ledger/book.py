@@ -10,12 +10,19 @@ Rules:
   the same seq again is a harmless duplicate (gossip and sync overlap);
 - an entry is void after `timestamp + ttl_s`; an expired entry is refused and
   live entries are dropped when they pass it;
-- a timestamp further than MAX_CLOCK_SKEW_S in the future is refused.
+- a timestamp further than MAX_CLOCK_SKEW_S in the future is refused;
+- the book holds at most `max_entries` entries and `max_bytes` of signed bodies (peer
+  ids cost nothing to make). An entry of a new peer that does not fit evicts the
+  entries heard from least recently, except those the caller keeps (`keep`: ourselves
+  and the peers we are connected to, whose existence a live connection proves); when
+  only kept entries are left, it is refused ("book_full", not an offence: the sender
+  may be honest).
 """
 
 from __future__ import annotations
 
-import math
+from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass
 
 from libp2p.crypto.keys import PrivateKey
@@ -24,10 +31,10 @@ from libp2p.peer.id import ID
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.ledger import (
+    MAX_BOOK_BYTES,
+    MAX_BOOK_ENTRIES,
     MAX_CLOCK_SKEW_S,
     MAX_ENTRY_BYTES,
-    MAX_TTL_S,
-    MIN_TTL_S,
     LedgerEntry,
     SignedEntry,
 )
@@ -42,6 +49,7 @@ class Accepted:
     entry: LedgerEntry
     signed: SignedEntry
     previous: LedgerEntry | None
+    evicted: tuple[LedgerEntry, ...] = ()  # made room for it (a new peer, a full book)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,19 +95,23 @@ def verify_entry(signed: SignedEntry) -> LedgerEntry:
         ok = False
     if not ok:
         raise LedgerReject(f"bad signature on entry of {entry.peer_id}", reason="bad_signature")
-    if not (MIN_TTL_S <= entry.ttl_s <= MAX_TTL_S) or not math.isfinite(entry.timestamp):
-        raise LedgerReject(f"entry of {entry.peer_id}: ttl {entry.ttl_s} out of range",
-                           reason="malformed")
-    if entry.seq < 0:
-        raise LedgerReject(f"entry of {entry.peer_id}: negative seq", reason="malformed")
+    try:
+        entry.check()
+    except WireError as exc:
+        raise LedgerReject(str(exc), reason="malformed") from None
     return entry
 
 
 class Ledger:
-    """Live, verified entries by peer id (our own included)."""
+    """Live, verified entries by peer id (our own included), at most `max_entries` of
+    them and `max_bytes` of signed bodies."""
 
-    def __init__(self) -> None:
-        self._held: dict[str, _Held] = {}
+    def __init__(self, max_entries: int = MAX_BOOK_ENTRIES,
+                 max_bytes: int = MAX_BOOK_BYTES) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        # least recently heard from first: an accepted newer entry moves to the end
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._held)
@@ -107,8 +119,9 @@ class Ledger:
     def __contains__(self, peer_id: str) -> bool:
         return peer_id in self._held
 
-    def offer(self, signed: SignedEntry, now: float) -> Outcome:
-        """Verify and merge one entry. Raises LedgerReject with the reason."""
+    def offer(self, signed: SignedEntry, now: float, keep: Container[str] = ()) -> Outcome:
+        """Verify and merge one entry; an entry of a new peer may evict others, never
+        those in `keep` (see the module's rules). Raises LedgerReject with the reason."""
         entry = verify_entry(signed)
         if entry.timestamp > now + MAX_CLOCK_SKEW_S:
             raise LedgerReject(
@@ -128,17 +141,56 @@ class Ledger:
         if entry.expires_at <= now:
             raise LedgerReject(f"entry of {entry.peer_id} expired {now - entry.expires_at:.1f} s"
                                " ago", reason="expired")
+        grows = len(signed.body) - (len(held.signed.body) if held else 0)
+        victims = self._room(entry.peer_id, held is None, grows, keep)
+        if victims is None:
+            raise LedgerReject(f"the book is full ({len(self)} entries, {self._bytes} bytes) "
+                               f"of peers we keep; {entry.peer_id} left out", reason="book_full")
+        evicted = tuple(self._drop(pid).entry for pid in victims)
+        if held is not None:
+            self._drop(entry.peer_id)
         self._held[entry.peer_id] = _Held(entry, signed, now)
-        return Accepted(entry, signed, held.entry if held else None)
+        self._bytes += len(signed.body)
+        return Accepted(entry, signed, held.entry if held else None, evicted)
+
+    def has_room(self, peer_id: str, size: int, keep: Container[str] = ()) -> bool:
+        """Whether an entry of `size` bytes by `peer_id` would fit (evicting what `offer`
+        would evict)."""
+        held = self._held.get(peer_id)
+        grows = size - (len(held.signed.body) if held else 0)
+        return self._room(peer_id, held is None, grows, keep) is not None
+
+    def _room(self, peer_id: str, new: bool, grows: int, keep: Container[str]
+              ) -> list[str] | None:
+        """The peers to evict, least recently heard from first, so that an entry of
+        `peer_id` (`new` to the book, `grows` bytes more than its old one) fits; None
+        when it cannot fit without evicting a kept one."""
+        count, size = len(self._held) + new, self._bytes + grows
+        victims: list[str] = []
+        for pid in self._held:
+            if count <= self.max_entries and size <= self.max_bytes:
+                break
+            if pid == peer_id or pid in keep:
+                continue
+            victims.append(pid)
+            count -= 1
+            size -= len(self._held[pid].signed.body)
+        return victims if count <= self.max_entries and size <= self.max_bytes else None
+
+    def _drop(self, peer_id: str) -> _Held:
+        held = self._held.pop(peer_id)
+        self._bytes -= len(held.signed.body)
+        return held
 
     def expire(self, now: float) -> list[LedgerEntry]:
         gone = [h.entry for h in self._held.values() if h.entry.expires_at <= now]
         for e in gone:
-            del self._held[e.peer_id]
+            self._drop(e.peer_id)
         return gone
 
     def remove(self, peer_id: str) -> None:
-        self._held.pop(peer_id, None)
+        if peer_id in self._held:
+            self._drop(peer_id)
 
     def get(self, peer_id: str) -> LedgerEntry | None:
         held = self._held.get(peer_id)

@@ -123,21 +123,32 @@ class LedgerGossip(Service):
 
     # ---- merging ------------------------------------------------------------------
 
-    def _merge(self, signed: SignedEntry, *, source: str, origin: str) -> bool:
+    def _keep(self) -> set[str]:
+        """The entries a full book never evicts: ours, and those of the peers we are
+        connected to (a live connection proves the peer exists)."""
+        return {self.node.peer_id, *self.node.connected_peers()}
+
+    def _merge(self, signed: SignedEntry, *, source: str, origin: str,
+               keep: set[str] | None = None) -> bool:
         """Offer one entry to the book; True when it was new. Never raises PeerError."""
         try:
-            outcome = self.book.offer(signed, time.time())
+            outcome = self.book.offer(signed, time.time(),
+                                      self._keep() if keep is None else keep)
         except LedgerReject as exc:
-            if exc.reason in ("stale_seq", "expired"):
+            if exc.reason in ("stale_seq", "expired", "book_full"):
                 # A snapshot (or a gossip copy that raced ours) may honestly carry an
                 # older entry of a third peer; the gossip validator catches replays.
-                self.node.metrics.rejections.labels("late_copy").inc()
+                # A full book is no one's fault.
+                self.node.metrics.rejections.labels(
+                    "book_full" if exc.reason == "book_full" else "late_copy").inc()
             else:
                 self._reject(source, exc.reason, str(exc), origin)
             return False
         if not isinstance(outcome, Accepted):
             return False
         entry = outcome.entry
+        for gone in outcome.evicted:
+            self._forget(gone, "ledger.evicted")
         self._dirty.add(entry.peer_id)
         self._removed.discard(entry.peer_id)
         self.node.metrics.ledger_entries.set(len(self.book))
@@ -256,6 +267,9 @@ class LedgerGossip(Service):
                 self._reject(publisher, "expired", f"entry of {entry.peer_id} expired",
                              "gossip", offence=not own)
                 return False
+            if not self.book.has_room(entry.peer_id, len(signed.body), self._keep()):
+                self.node.metrics.rejections.labels("book_full").inc()
+                return False  # not passed on either: no one's fault
             return True
         except PeerError as exc:
             self.node.offence(str(forwarder), exc.reason, str(exc))
@@ -290,11 +304,14 @@ class LedgerGossip(Service):
         while True:
             await trio.sleep(min(1.0, self.node.config.heartbeat_s / 4))
             for entry in self.book.expire(time.time()):
-                self._removed.add(entry.peer_id)
-                self._dirty.discard(entry.peer_id)
-                self.node.events.publish("ledger.expired", peer_id=entry.peer_id,
-                                         name=entry.name)
+                self._forget(entry, "ledger.expired")
             self.node.metrics.ledger_entries.set(len(self.book))
+
+    def _forget(self, entry: LedgerEntry, event: str) -> None:
+        """An entry left the book (expired, or evicted from a full one): out of the store."""
+        self._removed.add(entry.peer_id)
+        self._dirty.discard(entry.peer_id)
+        self.node.events.publish(event, peer_id=entry.peer_id, name=entry.name)
 
     # ---- sync ---------------------------------------------------------------------
 
@@ -322,8 +339,9 @@ class LedgerGossip(Service):
             log.debug("ledger sync from %s failed: %r", pid, exc)
             return
         self.node.metrics.messages.labels("in", "ledger.sync").inc()
+        keep = self._keep()
         for signed in response.entries:
-            self._merge(signed, source=pid, origin="sync")
+            self._merge(signed, source=pid, origin="sync", keep=keep)
 
     async def _serve_sync(self, peer: str, request: SyncRequest) -> SyncResponse:
         self.node.metrics.messages.labels("out", "ledger.sync").inc()

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from peerd.datadir import connect_private_db
-from peerd.ledger.book import Ledger, LedgerReject
+from peerd.ledger.book import Accepted, Ledger, LedgerReject
 from protocols.ledger import LedgerEntry, SignedEntry
 
 
@@ -43,7 +43,8 @@ class LedgerStore:
 
     def load_into(self, ledger: Ledger, now: float,
                   on_reject: Callable[[str], None] | None = None) -> int:
-        """Re-verify every stored entry; expired or tampered rows are dropped."""
+        """Re-verify every stored entry; expired or tampered rows are dropped, and so
+        are rows the book has no room for (a file written under a larger cap)."""
         try:
             rows = self._db.execute("SELECT peer_id, body, sig FROM entries").fetchall()
         except sqlite3.DatabaseError as exc:
@@ -55,8 +56,11 @@ class LedgerStore:
                 if not isinstance(body, bytes) or not isinstance(sig, bytes):
                     raise LedgerReject(f"stored row of {peer_id!r:.60} is not a signed entry",
                                        reason="malformed")
-                ledger.offer(SignedEntry(body=body, sig=sig), now)
+                outcome = ledger.offer(SignedEntry(body=body, sig=sig), now)
                 loaded += 1
+                if isinstance(outcome, Accepted) and outcome.evicted:
+                    self.delete(e.peer_id for e in outcome.evicted)
+                    loaded -= len(outcome.evicted)
             except LedgerReject as exc:
                 if on_reject is not None and exc.reason != "expired":
                     on_reject(exc.reason)

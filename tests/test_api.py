@@ -211,8 +211,13 @@ def test_new_skills_reach_the_other_peer(pair: tuple[Daemon, Daemon]) -> None:
     b'{"skills": "x"}', b'{"skills": [1]}', b'{"skills": [""]}', b'{"skills": {"a": 1}}',
     json.dumps({"skills": ["s"] * 65}).encode(), json.dumps({"skills": ["s" * 201]}).encode(),
     b'{"skills": ["a"], "skils": ["b"]}',
+    # 64 skills of 200 four-byte characters: 51 KB in our entry, which could not be
+    # signed; the request was a 500, the skills stayed, and the next heartbeat's
+    # re-signing ended the gossip service, and the daemon with it
+    json.dumps({"skills": ["\U0001F600" * 200] * 64}, ensure_ascii=False).encode(),
 ], ids=["broken", "not-utf8", "empty", "null", "list", "string", "no-skills", "str-skills",
-        "int-skill", "empty-skill", "dict-skills", "too-many", "too-long", "unknown-field"])
+        "int-skill", "empty-skill", "dict-skills", "too-many", "too-long", "unknown-field",
+        "too-many-bytes"])
 def test_bad_capabilities_are_refused_and_the_daemon_keeps_serving(
         pair: tuple[Daemon, Daemon], body: bytes) -> None:
     a, _ = pair

@@ -10,9 +10,11 @@ from pathlib import Path
 import trio
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
+from trio_typing import TaskStatus
 
 from peerd.datadir import LEDGER_DB
 from peerd.node import Node
+from peerd.service import EntryFields, Service
 from tests.harness import (
     advertise,
     book,
@@ -219,3 +221,41 @@ async def test_a_flood_of_made_up_peers_fills_the_book_to_its_cap_and_no_further
         await wait_for(lambda: has_entry(a, b.peer_id, skills=("still-heard",)), 10,
                        "a hears b's change in a full book")
         assert len(book(a)) == cap
+
+
+async def test_an_entry_too_large_to_sign_leaves_the_last_one_and_the_service_running(
+        tmp_path: Path) -> None:
+    """A service whose fields push our entry past 64 KiB: the re-signing fails, the last
+    entry stands, and the heartbeat (which re-signs) keeps the gossip service up; it
+    ended it, and the daemon with it. Without its reputation reports an entry is signed
+    at a size that would not fit with them."""
+    import pytest
+
+    from peerd.ledger.book import EntryTooLarge
+    from protocols.ledger import MAX_ENTRY_BYTES
+
+    async with swarm(2, tmp_path, heartbeat_s=0.2, ttl_heartbeats=50) as (a, b):
+        await wait_for(lambda: converged([a, b]), 10)
+        before = book(a).get(a.peer_id)
+        assert before is not None
+        with pytest.raises(EntryTooLarge):
+            await advertise(a, ["x" * 1000] * (MAX_ENTRY_BYTES // 1000 + 1))
+        assert book(a).get(a.peer_id) == before
+        await trio.sleep(0.6)  # three heartbeats, each failing to re-sign
+        await advertise(a, ["fits"])
+        await wait_for(lambda: has_entry(b, a.peer_id, skills=("fits",)), 10,
+                       "a's gossip service still runs")
+
+        class Reporter(Service):
+            name = "reporter"
+
+            async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+                task_status.started()
+
+            def entry_fields(self) -> EntryFields:
+                return {"reputation": {f"peer-{i:05d}": 0.5 for i in range(2000)}}
+
+        await a.start(Reporter())
+        entry = await advertise(a, ["y" * 1000] * 40)
+        assert entry.reputation == {} and len(entry.skills) == 40

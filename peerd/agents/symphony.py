@@ -57,9 +57,14 @@ class Symphony(Service):
         self.scored: ScoredRuns | None = None
 
     def set_skills(self, skills: Sequence[str]) -> LedgerEntry:
-        """Change our advertised skills; the new entry goes out on gossip at once."""
-        self.skills = tuple(skills)
-        return self.ledger.refresh()
+        """Change our advertised skills; the new entry goes out on gossip at once.
+        EntryTooLarge (ledger/book.py) when they do not fit in it: the old ones stay."""
+        before, self.skills = self.skills, tuple(skills)
+        try:
+            return self.ledger.refresh()
+        except ValueError:
+            self.skills = before
+            raise
 
     async def run_task(self, spec: TaskSpec) -> TaskRecord:
         return await self.requester.run_task(spec, self.scored)

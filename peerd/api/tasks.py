@@ -38,6 +38,7 @@ from peerd.agents.requester import NoWorkers
 from peerd.api.errors import ApiError, json_object, read_json
 from peerd.api.openai_request import notes_for, parse_memory
 from peerd.api.recall import Note, Recall
+from peerd.ledger.book import EntryTooLarge
 from peerd.memory.prompting import with_notes
 from peerd.memory.scoring import SCORERS
 from peerd.rl.tasks import final_number
@@ -52,6 +53,7 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_SKILLS_BODY_BYTES = 64 * 1024
 MAX_SKILLS = 64
 MAX_SKILL_CHARS = 200
+MAX_SKILLS_BYTES = 8 * 1024  # all of them, UTF-8: they travel in our ledger entry
 MAX_REFERENCE_CHARS = 500  # an expected answer: a number, a choice, a short text
 FIELDS = {"question", "workers", "requirement", "deadline_s", "answer_format", "max_tokens",
           "bid_window_s", "memory", "reference", "scorer", "domain"}
@@ -189,7 +191,16 @@ def routes(symphony: Symphony) -> list[Route]:
             return ApiError(400, f'"skills" must be a list of at most {MAX_SKILLS} non-empty '
                             f"strings of at most {MAX_SKILL_CHARS} characters",
                             param="skills").response()
-        entry = symphony.set_skills(skills)
+        size = sum(len(s.encode()) for s in skills)
+        if size > MAX_SKILLS_BYTES:
+            return ApiError(400, f"the skills come to {size} bytes of UTF-8; at most "
+                            f"{MAX_SKILLS_BYTES} travel in the ledger entry: send fewer "
+                            "or shorter ones", param="skills").response()
+        try:
+            entry = symphony.set_skills(skills)
+        except EntryTooLarge as exc:
+            return ApiError(400, f"{exc} with these skills: send fewer or shorter ones "
+                            "(the old skills stay)", param="skills").response()
         return JSONResponse({"peer_id": symphony.node.peer_id, "seq": entry.seq,
                              "skills": list(entry.skills)})
 

@@ -67,10 +67,15 @@ class _Held:
     received_at: float
 
 
+class EntryTooLarge(ValueError):
+    """Our own entry would be over MAX_ENTRY_BYTES: no peer would take it."""
+
+
 def sign_entry(entry: LedgerEntry, key: PrivateKey) -> SignedEntry:
     body = encode(entry)
     if len(body) > MAX_ENTRY_BYTES:
-        raise ValueError(f"our own ledger entry is {len(body)} bytes, over {MAX_ENTRY_BYTES}")
+        raise EntryTooLarge(f"our own ledger entry is {len(body)} bytes, over "
+                            f"{MAX_ENTRY_BYTES}")
     return SignedEntry(body=body, sig=key.sign(body))
 
 

@@ -33,7 +33,14 @@ from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskSta
 from peerd import __version__
 from peerd.api.ledger import routes
 from peerd.datadir import LEDGER_DB
-from peerd.ledger.book import Accepted, Ledger, LedgerReject, sign_entry, verify_entry
+from peerd.ledger.book import (
+    Accepted,
+    EntryTooLarge,
+    Ledger,
+    LedgerReject,
+    sign_entry,
+    verify_entry,
+)
 from peerd.ledger.store import LedgerStore
 from peerd.node import Node
 from peerd.rpc import call, stream_handler
@@ -70,9 +77,17 @@ class LedgerGossip(Service):
     # ---- our own entry -------------------------------------------------------------
 
     def refresh(self) -> LedgerEntry:
-        """Re-sign our entry from what every service says now and gossip it at once."""
+        """Re-sign our entry from what every service says now and gossip it at once.
+        An entry over MAX_ENTRY_BYTES goes out without our reputation reports (the part
+        others can best do without); if it is still too large, EntryTooLarge, and the
+        last entry stands."""
         entry = self._own_entry()
-        signed = sign_entry(entry, self.node.key_pair.private_key)
+        try:
+            signed = sign_entry(entry, self.node.key_pair.private_key)
+        except EntryTooLarge as exc:
+            log.warning("%s: signing it without our reputation reports", exc)
+            entry = replace(entry, reputation={})
+            signed = sign_entry(entry, self.node.key_pair.private_key)
         self._merge(signed, source=self.node.peer_id, origin="self")
         self._publish_now.set()
         return entry
@@ -283,7 +298,10 @@ class LedgerGossip(Service):
         while True:
             entry = self.book.get(self.node.peer_id)
             if entry is None or time.time() - entry.timestamp >= heartbeat_s:
-                self.refresh()
+                try:
+                    self.refresh()
+                except EntryTooLarge:  # our bug (a service's fields): keep serving
+                    log.exception("our ledger entry cannot be re-signed")
             if self._publish_now.is_set():
                 self._publish_now = trio.Event()
                 await self._publish_own()

@@ -347,6 +347,35 @@ async def test_a_client_that_leaves_mid_import_is_an_api_error(
     assert r.status_code == 413 and b"split it" in r.body
 
 
+async def test_an_import_line_with_a_lone_surrogate_is_reported_not_a_500(
+        tmp_path: Path, tiny: Path) -> None:
+    """JSON takes "\\ud800" alone: a line whose id is one was refused with a message
+    echoing the id, and the answer could not encode it (a 500, the good lines' fate
+    unreported). The line is reported, escaped; the others are imported."""
+    async with peer(tmp_path, tiny) as (api, memory):
+        me = memory.node.peer_id
+        lines = []
+        for text, extra in (("Count to three.", {"id": "\ud800" * 20}),
+                            ("Count to four.", {}),
+                            ("Count to five.", {"stats_source": "\udfff"})):
+            _, signed = sign_item(memory.node.key_pair.private_key, me, text, "chat", "rule")
+            stats = {"weight": 1.0, "admitted_utility": 0.1, "uses": 1, "delta_sum": 0.0,
+                     "last_used": 0.0, "admitted_at": 0.0,
+                     "source": extra.get("stats_source", "local")}
+            row = {"body": base64.b64encode(signed.body).decode(),
+                   "sig": base64.b64encode(signed.sig).decode(), "stats": stats}
+            if "id" in extra:
+                row["id"] = extra["id"]
+            lines.append(json.dumps(row))  # ASCII: the surrogates as \ud800 escapes
+        r = await api.post("/v1/memory/import", content="\n".join(lines).encode())
+        assert r.status_code == 200, r.text
+        summary = r.json()
+        assert (summary["restored"], summary["bad"]) == (1, 2), summary
+        assert [b["line"] for b in summary["bad_lines"]] == [1, 3]
+        assert "\\ud800" in summary["bad_lines"][0]["error"]  # escaped, not the character
+        assert (await api.get("/v1/memory/stats")).json()["items"] == 1
+
+
 async def test_the_store_stays_under_its_cap_after_every_admission(tmp_path: Path,
                                                                    tiny: Path) -> None:
     async with peer(tmp_path, tiny) as (api, memory):

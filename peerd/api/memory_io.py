@@ -61,6 +61,13 @@ def _stats(raw: Any) -> ItemStats:
     return ItemStats(uses=uses, source=source, **nums)
 
 
+def _text(message: str) -> str:
+    """An error's message as the answer can carry it: it may echo a line's values, and a
+    JSON line may hold a lone surrogate ("\\ud800"), which no UTF-8 answer encodes: such
+    a character is written as its escape."""
+    return message[:300].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 async def import_lines(memory: Memory, lines: Sequence[str]) -> dict[str, Any]:
     store = memory.live_store()
     restored = queued = known = failed = 0
@@ -93,6 +100,6 @@ async def import_lines(memory: Memory, lines: Sequence[str]) -> dict[str, Any]:
                 RecursionError) as exc:
             failed += 1
             if len(bad) < MAX_REPORTED:
-                bad.append({"line": lineno, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                bad.append({"line": lineno, "error": _text(f"{type(exc).__name__}: {exc}")})
     return {"restored": restored, "queued_for_admission": queued, "already_here": known,
             "bad": failed, "bad_lines": bad}

@@ -380,6 +380,41 @@ def test_the_decision_log_and_refusal_memory_are_capped(tmp_path: Path,
     assert open_store(tmp_path).refusal("k4") is not None  # persisted
 
 
+def test_scecs_are_trimmed_to_the_newest_of_each_domain_sparing_origins(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every RL run and scored task adds SCECs: a domain keeps its newest SCECS_KEPT
+    (trimmed every TRIM_EVERY new ones), and any older one an item names as its origin;
+    other domains are left alone."""
+    monkeypatch.setattr(journal, "SCECS_KEPT", 10)
+    monkeypatch.setattr(journal, "TRIM_EVERY", 4)
+    store = open_store(tmp_path)
+    prompts = [f"Question {i}: what is {i} + {i}?" for i in range(60)]
+    vectors = store.embedder.embed(prompts)
+    hashes = [f"{i:064x}" for i in range(60)]
+    assert store.put_scec("f" * 64, "code", b"c", "sort a list", vectors[0])
+    # an item distilled from the second run, kept as the runs go on
+    item, signed = sign_item(KEY.private_key, AUTHOR, "double it", "arithmetic", "example",
+                             origin=hashes[1], created=1.0)
+    store.put(Record(item, signed, ItemStats(weight=0.1, admitted_utility=0.1)),
+              store.embedder.embed([item.text])[0])
+    most = 0
+    for h, p, v in zip(hashes, prompts, vectors, strict=True):
+        assert store.put_scec(h, "arithmetic", p.encode(), p, v)
+        most = max(most, store.runs_by_domain()["arithmetic"])
+        assert store.similar_scecs(v, 1, "arithmetic")[0][0].hash == h  # the cache holds
+    assert most < 10 + 1 + 4  # the newest 10, the item's origin, and the 3 since a trim
+    store.trim_scecs()
+    assert store.runs_by_domain() == {"arithmetic": 10 + 1, "code": 1}
+    kept = {h for h in hashes if store.get_scec(h) is not None}
+    assert kept == {hashes[1], *hashes[-10:]}  # the newest, and the one an item names
+    near = store.similar_scecs(vectors[-1], 20, "arithmetic")
+    assert {s.hash for s, _ in near} <= kept and near[0][0].hash == hashes[-1]
+    store.close()
+    again = open_store(tmp_path)
+    assert again.runs_by_domain() == {"arithmetic": 11, "code": 1}
+    again.close()
+
+
 async def test_async_face_does_not_block_the_loop(tmp_path: Path) -> None:
     memory = await MemoryStore.open(tmp_path, HashingEmbedder(DIM))
     rng = np.random.default_rng(5)

@@ -5,6 +5,7 @@ every decision about an item. A mixin of `ItemStore`, sharing its connection and
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -17,9 +18,17 @@ import numpy.typing as npt
 
 from peerd.embedding import Embedder
 from peerd.memory.tables import Decision, StoredScec, Transaction, Vector, vector_of
-from protocols.memory import DOMAIN, SCEC_HASH
+from protocols.codec import decode
+from protocols.errors import WireError
+from protocols.memory import DOMAIN, SCEC_HASH, MemoryItemMsg
+
+log = logging.getLogger(__name__)
 
 SCEC_SEARCH_CAP = 10_000  # the newest SCECs of a domain that similar_scecs compares
+# The SCECs a domain keeps: its newest (those similar_scecs compares), and any an item
+# names as its origin. Every RL run and scored task adds some: trimmed every TRIM_EVERY
+# new ones, as the decision log is.
+SCECS_KEPT = SCEC_SEARCH_CAP
 # The decision log keeps its newest entries: a peer judging candidates for months would
 # otherwise grow it without bound. Trimmed every TRIM_EVERY writes, by sequence number.
 DECISIONS_KEPT = 200_000
@@ -76,7 +85,35 @@ class Journal:
                 hashes, matrix = cached
                 self._scec_cache[domain] = ([*hashes, scec_hash][-SCEC_SEARCH_CAP:],
                                             np.vstack([matrix, vector])[-SCEC_SEARCH_CAP:])
+            assert cur.lastrowid is not None
+            if cur.lastrowid % TRIM_EVERY == 0:
+                self.trim_scecs()
             return True
+
+    def trim_scecs(self) -> int:
+        """Let go of every domain's SCECs past its newest SCECS_KEPT, but for those an
+        item names as its origin; how many went."""
+        with self._lock, self._tx():
+            over = self._db.execute("SELECT domain FROM scecs GROUP BY domain HAVING "
+                                    "COUNT(*) > ?", (SCECS_KEPT,)).fetchall()
+            if not over:
+                return 0
+            try:
+                origins = {decode(body, MemoryItemMsg).origin
+                           for (body,) in self._db.execute("SELECT body FROM items")}
+            except WireError as exc:  # an item we cannot read may name any of them
+                log.warning("memory: SCECs not trimmed: an item does not decode: %s", exc)
+                return 0
+            gone = 0
+            for (domain,) in over:
+                old = self._db.execute(
+                    "SELECT hash FROM scecs WHERE domain = ? ORDER BY created DESC, "
+                    "rowid DESC LIMIT -1 OFFSET ?", (domain, SCECS_KEPT)).fetchall()
+                drop = [(h,) for (h,) in old if h not in origins]
+                self._db.executemany("DELETE FROM scecs WHERE hash = ?", drop)
+                gone += len(drop)
+                self._scec_cache.pop(domain, None)  # loaded again from what is left
+            return gone
 
     def get_scec(self, scec_hash: str) -> StoredScec | None:
         with self._lock:

@@ -295,6 +295,11 @@ class Node:
                 candidates.extend(source())
             except Exception:
                 log.warning("a dial source failed", exc_info=True)
+        # a peer no source offers any more (gone from the book) is not tried again: its
+        # back-off goes with it, or the map would keep every peer that ever failed
+        offered = {pid for pid, _ in candidates}
+        for pid in [p for p in self._dial_backoff if p not in offered]:
+            del self._dial_backoff[pid]
         seen: set[str] = set()
         chosen = []
         for pid, addrs in candidates:

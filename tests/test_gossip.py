@@ -259,3 +259,19 @@ async def test_an_entry_too_large_to_sign_leaves_the_last_one_and_the_service_ru
         await a.start(Reporter())
         entry = await advertise(a, ["y" * 1000] * 40)
         assert entry.reputation == {} and len(entry.skills) == 40
+
+
+async def test_the_dial_back_off_forgets_peers_no_source_offers_any_more(
+        tmp_path: Path) -> None:
+    """Every peer that failed a dial kept an entry in the back-off map for good (with a
+    flood of made-up ledger entries, hundreds of thousands a day)."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    gone = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(6)]
+    offered = {pid: [f"/ip4/127.0.0.1/tcp/1/p2p/{pid}"] for pid in gone}
+    async with open_test_node(tmp_path / "n", target_peers=4) as node:
+        node.add_dial_source(lambda: list(offered.items()))
+        await wait_for(lambda: set(node._dial_backoff) == set(gone), 30,
+                       "every unreachable peer backed off")
+        offered.clear()
+        await wait_for(lambda: not node._dial_backoff, 15, "the back-off map empties")

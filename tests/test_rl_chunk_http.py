@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 
 import pytest
 import trio
@@ -132,3 +133,25 @@ def test_the_port_setting_and_its_ledger_field() -> None:
     assert b"weights_http_port" not in encode(entry)
     with_port = dataclasses.replace(entry, weights_http_port=8123)
     assert decode(encode(with_port), LedgerEntry).weights_http_port == 8123
+
+
+async def test_the_client_closes_idle_connections_of_every_holder() -> None:
+    """An address used once kept its idle connections (sockets the server had closed
+    after its own timeout) until the same address was used again: for a holder that
+    left, for good."""
+    servers = [ChunkServer({NAME: DATA}.get, SPEC) for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(s.run, "127.0.0.1", 0) for s in servers]
+        client = ChunkClient(SPEC)
+        sizes = {NAME: len(DATA)}
+        for port in ports[:2]:
+            assert await client.fetch("p", ("127.0.0.1", port), [NAME], sizes) == (DATA,)
+        assert set(client._idle) == {("127.0.0.1", p) for p in ports[:2]}
+        client.down["left"] = time.monotonic()  # its back-off is over
+        await trio.sleep(client.keep_idle_s)
+        assert await client.fetch("p", ("127.0.0.1", ports[2]), [NAME], sizes) == (DATA,)
+        assert set(client._idle) == {("127.0.0.1", ports[2])}
+        assert "left" not in client.down
+        await client.aclose()
+        for s in servers:
+            s.close()

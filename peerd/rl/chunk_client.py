@@ -206,11 +206,27 @@ class ChunkClient:
         return _Connection(stream, h11.Connection(h11.CLIENT))
 
     def _keep(self, address: Address, conn: _Connection) -> None:
+        now = time.monotonic()
+        self._sweep(now)
         idle = self._idle.setdefault(address, [])
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         idle.append(conn)
         while len(idle) > _KEEP_IDLE:
             idle.pop(0).stream.socket.close()
+
+    def _sweep(self, now: float) -> None:
+        """Close the idle connections of every holder that are past keeping, and forget
+        holders whose channel may be retried: an address used once (a holder that left)
+        kept its sockets, half closed by the server, for good."""
+        for address in list(self._idle):
+            idle = self._idle[address]
+            for conn in [c for c in idle if now - c.idle_since >= self.keep_idle_s]:
+                idle.remove(conn)
+                conn.stream.socket.close()
+            if not idle:
+                del self._idle[address]
+        for peer in [p for p, until in self.down.items() if now >= until]:
+            del self.down[peer]
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}

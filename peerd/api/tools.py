@@ -16,8 +16,9 @@ attempt's, default 30), "max_attempts" (1..10, default 3)}: the calls at once ac
 peers offering each tool (plans/dispatch.py), 200 with every call's end in order:
     {"results": [{"ok", "tool", "call_id", "peer", "attempts": [...], "elapsed_s",
                   "result" | "error": {"code", "message", "by", "peers"}}]}
-Errors of the request itself (a bad body, a tool nobody offers, an unknown peer) use
-OpenAI's error shape.
+Errors of the request itself (a bad body, arguments over 64 KiB of JSON or not plain
+JSON, a tool nobody offers, an unknown peer) use OpenAI's error shape; in a batch they
+name the call ("calls[3].arguments").
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from peerd.api.errors import ApiError, answering, json_object, read_json
-from peerd.plans.caller import ToolFailure
+from peerd.plans.caller import ToolFailure, not_json
 from peerd.plans.dispatch import Call
 from peerd.plans.retry import RetryPolicy
+from peerd.plans.schema import canonical_json
 from peerd.plans.service import NoOffer
 from protocols.tool import MAX_ARGUMENTS_BYTES, MAX_DEADLINE_S, NAME
 
@@ -43,26 +45,43 @@ FIELDS = {"tool", "arguments", "peer", "deadline_s"}
 MAX_BODY_BYTES = MAX_ARGUMENTS_BYTES + 4096
 
 
-def parse_call(body: Any) -> tuple[str, dict[str, Any], str | None, float]:
-    """(tool, arguments, peer, deadline_s) of a POST /v1/tools/call body; ApiError(400)."""
+def parse_call(body: Any, where: str = "") -> tuple[str, dict[str, Any], str | None, float]:
+    """(tool, arguments, peer, deadline_s) of a POST /v1/tools/call body; ApiError(400).
+    `where`: the call's place in a batch ("calls[3]."), which the errors name."""
     body = json_object(body, FIELDS)
     tool = body.get("tool")
     if not isinstance(tool, str) or not NAME.fullmatch(tool):
-        raise ApiError(400, "'tool' must be a tool's name (`peerd tools` lists them)",
-                       param="tool")
-    arguments = body.get("arguments", {})
-    if not isinstance(arguments, dict):
-        raise ApiError(400, "'arguments' must be a JSON object of the tool's arguments",
-                       param="arguments")
+        raise ApiError(400, f"'{where}tool' must be a tool's name (`peerd tools` lists "
+                       "them)", param=f"{where}tool")
+    param = f"{where}arguments"
+    arguments = _arguments(body.get("arguments", {}), param)
     peer = body.get("peer")
     if peer is not None and (not isinstance(peer, str) or not 0 < len(peer) <= 128):
         raise ApiError(400, "'peer' must be a peer id or name", param="peer")
     deadline = body.get("deadline_s", 30.0)
+    # the range test first: math.isfinite overflows on a huge JSON integer
     if isinstance(deadline, bool) or not isinstance(deadline, int | float) \
-            or not math.isfinite(deadline) or not 0 < deadline <= MAX_DEADLINE_S:
+            or not 0 < deadline <= MAX_DEADLINE_S or not math.isfinite(deadline):
         raise ApiError(400, f"'deadline_s' must be a number of seconds in (0, "
                        f"{MAX_DEADLINE_S:g}]", param="deadline_s")
     return tool, arguments, peer, float(deadline)
+
+
+def _arguments(arguments: Any, param: str) -> dict[str, Any]:
+    """A call's arguments as they may be sent: a JSON object, plain JSON (json.loads
+    takes NaN), within the wire's cap (caller.call_tool refuses the rest)."""
+    if not isinstance(arguments, dict):
+        raise ApiError(400, f"'{param}' must be a JSON object of the tool's arguments",
+                       param=param)
+    problem = not_json(arguments)
+    if problem:
+        raise ApiError(400, f"'{param}' must be plain JSON (finite numbers): {problem}",
+                       param=param)
+    size = len(canonical_json(arguments))
+    if size > MAX_ARGUMENTS_BYTES:
+        raise ApiError(400, f"'{param}' is {size} bytes of JSON; at most "
+                       f"{MAX_ARGUMENTS_BYTES}", param=param)
+    return arguments
 
 
 MAX_BATCH = 64
@@ -77,10 +96,11 @@ def parse_batch(body: Any) -> tuple[list[Call], RetryPolicy]:
         raise ApiError(400, f"'calls' must be a list of 1..{MAX_BATCH} calls "
                        '{"tool", "arguments"}', param="calls")
     calls = []
-    for item in raw:
+    for i, item in enumerate(raw):
         if not isinstance(item, dict) or set(item) - {"tool", "arguments"}:
-            raise ApiError(400, 'each call is {"tool", "arguments"}', param="calls")
-        tool, arguments, _, _ = parse_call(item)
+            raise ApiError(400, f'calls[{i}]: each call is {{"tool", "arguments"}}',
+                           param=f"calls[{i}]")
+        tool, arguments, _, _ = parse_call(item, f"calls[{i}].")
         calls.append(Call(tool, arguments))
     _, _, _, deadline = parse_call({"tool": "t", "deadline_s": body.get("deadline_s", 30.0)})
     attempts = body.get("max_attempts", 3)

@@ -10,10 +10,15 @@ named); anything else is counted against that peer as an offence.
 (what we saw: unreachable, timeout, refused, malformed, forged). A stream that ends
 without an answer because the peer's connection is closing (it left mid-call) is
 `unreachable`, not an offence.
+
+A peer's word travels on as JSON (the API's answers, the planner's observations, the
+plan store), so a schema or a result that is not plain JSON (a NaN, bytes, a key that
+is not a string: msgpack carries all three) is malformed, counted like any other lie.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +82,16 @@ def new_call_id() -> str:
     return uuid.uuid4().hex
 
 
+def not_json(value: Any) -> str:
+    """Why `value` is not plain JSON ("" when it is): a value the JSON it writes reads
+    back as, with finite numbers, string keys and no bytes."""
+    try:
+        same = json.loads(canonical_json(value)) == value
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"{exc}"[:200] or type(exc).__name__
+    return "" if same else "a key that is not a string"
+
+
 async def call_tool(node: Node, peer: str, tool: str, schema: str, arguments: dict[str, Any],
                     *, deadline_s: float, call_id: str | None = None) -> Outcome:
     """Call `tool` on `peer` with `arguments`, validated against the schema `schema`
@@ -87,9 +102,12 @@ async def call_tool(node: Node, peer: str, tool: str, schema: str, arguments: di
         call_id=call_id, tool=tool, schema=schema, arguments=arguments, deadline_s=deadline_s))
     try:
         request.check()
-        size = len(canonical_json(arguments))
-    except (PeerError, TypeError) as exc:
+    except PeerError as exc:
         raise ValueError(f"not a call to send: {exc}") from None
+    problem = not_json(arguments)
+    if problem:
+        raise ValueError(f"not a call to send: the arguments are not plain JSON ({problem})")
+    size = len(canonical_json(arguments))
     if size > wire.MAX_ARGUMENTS_BYTES:
         raise ValueError(f"arguments are {size} bytes of JSON; at most "
                          f"{wire.MAX_ARGUMENTS_BYTES}")
@@ -115,6 +133,10 @@ async def call_tool(node: Node, peer: str, tool: str, schema: str, arguments: di
         node.offence(peer, "tool_forged", problem)
         return failed(FORGED, problem)
     if result.outcome == wire.OK:
+        problem = not_json(result.result)
+        if problem:
+            node.offence(peer, f"tool_{MALFORMED}", f"a result that is not JSON: {problem}")
+            return failed(MALFORMED, f"the result is not plain JSON ({problem})")
         return ToolResult(peer, tool, call_id, result.result, result.elapsed_s)
     return ToolFailure(peer, tool, call_id, result.outcome, result.message, "callee",
                        result.schema)
@@ -134,15 +156,21 @@ def _not_ours(result: CallResult, peer: str, caller: str, call_id: str, tool: st
 async def list_tools(node: Node, peer: str, timeout_s: float = LIST_TIMEOUT_S
                      ) -> list[ToolSpec] | ToolFailure:
     """`peer`'s tools in full; every spec's schema hash is recomputed here, and a peer
-    whose hashes do not match its schemas is answered as malformed."""
+    whose schemas are not plain JSON, or whose hashes do not match them, is answered as
+    malformed (none of its tools is taken)."""
     reply = await _exchange(node, peer, ToolRequest(method=wire.LIST), timeout_s)
     if isinstance(reply, tuple):
         return ToolFailure(peer, "", "", *reply, "caller")
     for spec in reply.tools:
-        if schema_hash(spec.name, spec.input_schema, spec.output_schema) != spec.schema:
-            node.offence(peer, "malformed", f"tool {spec.name!r:.80}: schema hash mismatch")
-            return ToolFailure(peer, spec.name, "", MALFORMED, f"the peer's schema hash of "
-                               f"{spec.name!r:.80} does not match its schemas", "caller")
+        problem = not_json([spec.input_schema, spec.output_schema])
+        if problem:
+            problem = f"its schemas are not plain JSON ({problem})"
+        elif schema_hash(spec.name, spec.input_schema, spec.output_schema) != spec.schema:
+            problem = "its schema hash does not match its schemas"
+        if problem:
+            node.offence(peer, "malformed", f"tool {spec.name!r:.80}: {problem}")
+            return ToolFailure(peer, spec.name, "", MALFORMED, f"the peer's tool "
+                               f"{spec.name!r:.80}: {problem}", "caller")
     return list(reply.tools[:wire.MAX_TOOLS])
 
 

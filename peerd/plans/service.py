@@ -250,8 +250,13 @@ class Tools(Service):
             return [o for _, o, _ in self.offers(tool)]
 
         async def call_one(offer: Offer, call: Call, deadline_s: float) -> Outcome:
-            return await self._call_one(offer, call.tool, call.arguments, deadline_s,
-                                        call_id=call.call_id, held=True)
+            try:
+                return await self._call_one(offer, call.tool, call.arguments, deadline_s,
+                                            call_id=call.call_id, held=True)
+            except ValueError as exc:  # arguments call_tool will not send (over the
+                # wire's cap, not plain JSON): that call's failure, not the batch's
+                return ToolFailure(offer.peer, call.tool, call.call_id,
+                                   wire.INVALID_ARGUMENTS, str(exc)[:300], "caller")
 
         def counted(call: Call, attempt: Attempt) -> None:
             tool = call.tool[:64]

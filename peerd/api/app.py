@@ -4,13 +4,16 @@ metrics, events) and every service's.
 Only `/health` is open; everything else needs `Authorization: Bearer <token>`, the
 token kept in the data dir (0600); a GET or HEAD may carry the web view's cookie
 instead (`/ui`, webui.py). Bad requests get a JSON error that says what to do;
-nothing a client sends can take the daemon down.
+nothing a client sends can take the daemon down, and a bug of ours met by a request is
+logged and answered as a JSON 500, in the same shape. An event stream (`/events`,
+`event_stream`) answers a HEAD with its headers alone.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
@@ -24,6 +27,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from peerd.api import webui
 from peerd.api.errors import ApiError
 from peerd.node import Node
+
+log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health"}
 SSE_KEEPALIVE_S = 15.0
@@ -95,8 +100,7 @@ def create_app(node: Node, token: str) -> ASGIApp:
         except ValueError:
             return error(400, "replay must be an integer")
         types = {t for t in request.query_params.get("types", "").split(",") if t}
-        return StreamingResponse(_sse(node, replay, types), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return event_stream(request, _sse(node, replay, types))
 
     app = Starlette(routes=[
         Route("/health", health),
@@ -105,7 +109,7 @@ def create_app(node: Node, token: str) -> ASGIApp:
         Route("/events", events),
         *webui.routes(),
         *(route for service in node.services for route in service.routes()),
-    ], exception_handlers={HTTPException: _routing_error})
+    ], exception_handlers={HTTPException: _routing_error, Exception: _crashed})
 
     def on_reject(reason: str, path: str) -> None:
         # /mcp (plans/mcp_endpoint.py) apart: MCP clients are other programs than the CLI
@@ -136,6 +140,29 @@ async def _routing_error(request: Request, exc: Exception) -> Response:
                         code="not_found" if exc.status_code == 404 else None).response()
     response.headers.update(headers)
     return response
+
+
+async def _crashed(request: Request, exc: Exception) -> Response:
+    """Starlette's plain-text 500, in our shape: what escaped an endpoint is our bug.
+    Starlette raises it again after this answer, and the server (api/server.py) logs its
+    traceback; this line says which request met it."""
+    log.error("a request failed (our bug): %s %.120s: %s: %.300s", request.method,
+              request.url.path, type(exc).__name__, exc)
+    return ApiError(500, f"the peer failed on this request ({type(exc).__name__}); its "
+                    "log has the details", "server_error").response()
+
+
+def event_stream(request: Request, stream: AsyncIterator[str]) -> Response:
+    """Server-Sent Events of `stream`; a HEAD gets the headers alone, at once (the
+    stream would run, unread, until the client closed the connection)."""
+    return StreamingResponse(_nothing() if request.method == "HEAD" else stream,
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def _nothing() -> AsyncIterator[str]:
+    return
+    yield
 
 
 async def _sse(node: Node, replay: int, types: set[str]) -> AsyncIterator[str]:

@@ -11,11 +11,13 @@ scored plan's record adds "reference", "scorer", "domain", "score" and "scec" (i
 run's hash in the memory, null when none kept it; plans/scored.py). 400 for a bad body
 (an unknown field, an empty goal, a budget out of range, a tool nobody offers, a
 reference the scorer cannot read, `memory` on a peer that keeps none), 503 on a peer
-without a model to plan with.
+without a model to plan with, 429 (with Retry-After) while the peer runs as many plans
+as it takes at once (planning.MAX_RUNNING).
 `GET /v1/plans`: recent plans, newest first: [{"id", "goal", "status", "created"}].
 `GET /v1/plans/{id}`: the plan's record (docs/plans.md).
 `GET /v1/plans/{id}/events`: Server-Sent Events of the plan, from its first event, then
-live, ending after `plan.answer` or `plan.failed` (the same lines as `/events`).
+live, ending after `plan.answer` or `plan.failed` (the same lines as `/events`); a HEAD
+gets the headers alone.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from peerd.api.app import event_stream
 from peerd.api.errors import ApiError, answering, json_object, read_json
 from peerd.api.openai_request import notes_for, parse_memory
 from peerd.api.recall import Note, Recall
@@ -97,8 +100,9 @@ def _budget(raw: Any, default: Budget) -> Budget:
     for name, (lo, hi) in Budget.LIMITS.items():
         v = raw.get(name, values[name])
         whole = name != "wall_s"
+        # the range test first: math.isfinite overflows on a huge JSON integer
         if isinstance(v, bool) or not isinstance(v, int | float) or (whole and not
-                isinstance(v, int)) or not math.isfinite(v) or not lo <= v <= hi:
+                isinstance(v, int)) or not lo <= v <= hi or not math.isfinite(v):
             kind = "an integer" if whole else "a number of seconds"
             raise ApiError(400, f"'budget.{name}' must be {kind} in {lo}..{hi}",
                            param=f"budget.{name}")
@@ -114,9 +118,9 @@ def routes(plans: Plans) -> list[Route]:
         try:
             plan_id = await plans.start(spec)
         except CannotPlan as exc:
-            code = "no_model" if exc.status == 503 else None
-            raise ApiError(exc.status, str(exc), "service_unavailable" if exc.status == 503
-                           else "invalid_request_error", param=exc.param, code=code) from None
+            type_, code = _KINDS.get(exc.status, _KINDS[400])
+            raise ApiError(exc.status, str(exc), type_, param=exc.param, code=code,
+                           retry_after_s=exc.retry_after_s) from None
         out: dict[str, Any] = {"id": plan_id, "status": "running"}
         if notes is not None:
             out["memory"] = [n.to_json() for n in notes]
@@ -135,8 +139,7 @@ def routes(plans: Plans) -> list[Route]:
         plan = plans.events(request.path_params["plan_id"])
         if plan is None:
             return _not_found()
-        return StreamingResponse(_sse(plan), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return event_stream(request, _sse(plan))
 
     return [
         Route("/v1/plans", create, methods=["POST"]),
@@ -144,6 +147,11 @@ def routes(plans: Plans) -> list[Route]:
         Route("/v1/plans/{plan_id}", show),
         Route("/v1/plans/{plan_id}/events", events),
     ]
+
+
+# a refusal's (type, code) by its status
+_KINDS = {400: ("invalid_request_error", None), 503: ("service_unavailable", "no_model"),
+          429: ("rate_limit_error", "too_many_plans")}
 
 
 def _not_found() -> Response:

@@ -2,14 +2,15 @@
 background, its record and its events out (Gradientsys, issue 27).
 
 `start(spec)` checks what can be refused at once (a peer with no model to plan with, a
-tool nobody offers), fetches the offered tools' full schemas, and runs the plan
-(run.py) in the service's nursery: the thinker is the swarm's model through the
-inference face (thinker.py), its calls go out through `Tools.dispatch`, in parallel,
-within each peer's capacity, with retry elsewhere. Every plan event is published on the
-peer's `/events`, kept with the plan for `GET /v1/plans/{id}/events`, and counted on
-/metrics (plans/metrics.py). Records live in SQLite in the data dir (records.py),
-written at the start and the end of each plan; a plan that was running when the daemon
-stopped is marked failed "interrupted" when it starts again.
+tool nobody offers, MAX_RUNNING plans running already), fetches the offered tools' full
+schemas, and runs the plan (run.py) in the service's nursery: the thinker is the
+swarm's model through the inference face (thinker.py), its calls go out through
+`Tools.dispatch`, in parallel, within each peer's capacity, with retry elsewhere. Every
+plan event is published on the peer's `/events`, kept with the plan for
+`GET /v1/plans/{id}/events`, and counted on /metrics (plans/metrics.py). Records live in
+SQLite in the data dir (records.py), written at the start and the end of each plan; a
+plan that was running when the daemon stopped is marked failed "interrupted" when it
+starts again.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_RUNNING = 16  # plans this peer runs at once (as Symphony's requester its tasks)
+BUSY_RETRY_S = 5.0  # what a plan refused for MAX_RUNNING is told to wait
 KEPT_LIVE = 64  # finished plans whose events stay in memory (the rest: from the store)
 KEEP_S = 30.0  # the memory's time to keep a scored plan's run (an SQLite write, an embedding)
 MAX_GOAL_CHARS = 2000
@@ -61,11 +64,13 @@ MAX_GOAL_CHARS = 2000
 
 class CannotPlan(Exception):
     """A plan cannot be made here as asked; `status` is the HTTP status (400: the
-    request, 503: this peer has no model to plan with now)."""
+    request, 429: this peer runs as many plans as it takes, try again in
+    `retry_after_s`; 503: this peer has no model to plan with now)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.retry_after_s = status, param, retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +114,11 @@ class Plans(Service):
                  thinker: Callable[[], Thinker] | None = None,
                  make_constraint: MakeConstraint | None = None,
                  budget: Budget | None = None, policy: RetryPolicy = DEFAULT_POLICY,
-                 async_wait_s: float = ASYNC_WAIT_S, keep: int = KEEP) -> None:
+                 async_wait_s: float = ASYNC_WAIT_S, keep: int = KEEP,
+                 max_running: int = MAX_RUNNING) -> None:
         self.node, self.tools, self.data_dir = node, tools, data_dir
+        self.max_running = max_running
+        self._starting = 0  # plans past the cap's check, fetching their tools' schemas
         self.model, self.make_thinker = model, thinker
         self.make_constraint = make_constraint
         self.budget = budget or Budget()  # a plan's, where its request names none
@@ -121,8 +129,7 @@ class Plans(Service):
         self.recall: Recall | None = None
         self.scored: ScoredRuns | None = None
         self.store: PlanStore | None = None
-        self.metrics = PlanMetrics(node.metrics.registry, lambda: sum(
-            not p.done for p in self.live.values()))
+        self.metrics = PlanMetrics(node.metrics.registry, self.running)
         self._nursery: trio.Nursery | None = None
 
     # ---- the service ----------------------------------------------------------------
@@ -151,7 +158,10 @@ class Plans(Service):
         return routes(self)
 
     def status(self) -> dict[str, Any]:
-        return {"plans": {"running": sum(not p.done for p in self.live.values())}}
+        return {"plans": {"running": self.running()}}
+
+    def running(self) -> int:
+        return sum(not p.done for p in self.live.values())
 
     # ---- plans ----------------------------------------------------------------------
 
@@ -174,8 +184,16 @@ class Plans(Service):
         """Start a plan; its id. CannotPlan for what can be refused at once."""
         if self._nursery is None or self.store is None:
             raise CannotPlan(503, "the planner is not running yet; try again shortly")
+        if self.running() + self._starting >= self.max_running:
+            raise CannotPlan(429, f"this peer runs {self.max_running} plans at once, its "
+                             "most; try again when one has ended (GET /v1/plans lists "
+                             "them)", retry_after_s=BUSY_RETRY_S)
         thinker = self.thinker(spec.constrained)
-        specs = await self.tools.specs(spec.tools)
+        self._starting += 1  # counted while its tools are fetched: no overshoot meanwhile
+        try:
+            specs = await self.tools.specs(spec.tools)
+        finally:
+            self._starting -= 1
         missing = [n for n in spec.tools or () if n not in specs]
         if missing:
             raise CannotPlan(400, f"no live peer offers a tool {missing[0]!r:.80} (or its "

@@ -14,7 +14,8 @@ for another peer's whole backlog. Turns are not preempted: a job, once started, 
 its end.
 
 `DeficitRoundRobin` is the rule, without I/O or clock; `Turns` hands one turn at a time
-out in its order to trio tasks and counts who got what.
+out in its order to trio tasks and counts who got what: per peer for at most `max_peers`
+peers (remote peers name themselves, or are named, by the thousand), the rest added up.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
 import trio
+
+# Peers whose turns are counted one by one; the others' figures are added up together.
+MAX_PEERS = 256
 
 
 @dataclass(eq=False, slots=True)
@@ -188,16 +192,28 @@ class Turns:
     A waiter cancelled before its turn leaves its queue and never holds; a holder that
     is cancelled or raises gives the turn back, and the next waiter gets it at once.
     `clock` is trio.current_time unless a test passes another.
+
+    Counted per peer, for at most `max_peers` peers: past it, a peer new to the compute
+    takes the place of the idle peer that took the least, whose figures go to `other()`.
+    So the costliest peers and the newest one keep their own, and the totals count every
+    turn. A peer with a turn held or queued keeps its figures until it is done (the map
+    passes `max_peers` by at most the peers busy at once). The order of service is the
+    `DeficitRoundRobin`'s, which keeps nothing of a peer without queued jobs: counting
+    is all that is folded.
     """
 
     def __init__(self, quantum: int, quanta: dict[str, int] | None = None, *,
-                 clock: Callable[[], float] = trio.current_time) -> None:
+                 clock: Callable[[], float] = trio.current_time,
+                 max_peers: int = MAX_PEERS) -> None:
         self.order = DeficitRoundRobin(quantum, quanta)
+        self.max_peers = max_peers
         self._clock = clock
         self._waiters: dict[Job, _Waiter] = {}
         self._holder: Job | None = None
         self._granted_at = 0.0  # when the holder was given its turn
         self._stats: dict[str, TurnStats] = {}
+        self._other = TurnStats()  # the peers folded out of _stats, added up
+        self._busy: dict[str, int] = {}  # take() blocks under way (queued or held), by peer
 
     @property
     def waiting(self) -> int:
@@ -214,40 +230,64 @@ class Turns:
         """Wait for `peer_id`'s turn for a job of `cost`, and hold it for the block."""
         job = self.order.push(peer_id, cost)
         self._waiters[job] = waiter = _Waiter(self._clock())
-        stats = self._stats.setdefault(peer_id, TurnStats())
-        if self._holder is None:  # free, so nobody else waits: the turn is ours
-            self._hand_on()
+        self._busy[peer_id] = self._busy.get(peer_id, 0) + 1
+        stats = self._stats.get(peer_id)
+        if stats is None:
+            stats = self._stats[peer_id] = TurnStats()
+            self._fold()
         try:
-            await waiter.granted.wait()
-        except BaseException:
-            stats.cancelled += 1
-            if self._holder is job:  # granted, but cancelled before we woke to it
+            if self._holder is None:  # free, so nobody else waits: the turn is ours
                 self._hand_on()
-            else:
-                self.order.cancel(job)
-                del self._waiters[job]
-            raise
-        granted_at = self._granted_at
-        stats.turns += 1
-        stats.cost += cost
-        stats.waited_s += granted_at - waiter.since
-        try:
-            yield
+            try:
+                await waiter.granted.wait()
+            except BaseException:
+                stats.cancelled += 1
+                if self._holder is job:  # granted, but cancelled before we woke to it
+                    self._hand_on()
+                else:
+                    self.order.cancel(job)
+                    del self._waiters[job]
+                raise
+            granted_at = self._granted_at
+            stats.turns += 1
+            stats.cost += cost
+            stats.waited_s += granted_at - waiter.since
+            try:
+                yield
+            finally:
+                assert self._holder is job, "a turn given back by a task that does not hold it"
+                stats.held_s += self._clock() - granted_at
+                self._hand_on()
         finally:
-            assert self._holder is job, "a turn given back by a task that does not hold it"
-            stats.held_s += self._clock() - granted_at
-            self._hand_on()
+            self._busy[peer_id] -= 1
+            if not self._busy[peer_id]:
+                del self._busy[peer_id]
+                self._fold()
 
     def stats(self) -> dict[str, TurnStats]:
-        """A snapshot per peer that has asked for a turn."""
+        """A snapshot per peer counted one by one (at most `max_peers` of them, and those
+        busy now)."""
         return {peer: replace(s, queued=self.order.queued(peer))
                 for peer, s in self._stats.items()}
 
+    def other(self) -> TurnStats:
+        """What the peers no longer counted one by one got, added up (none queued)."""
+        return replace(self._other)
+
     def totals(self) -> TurnStats:
-        total = TurnStats()
+        total = self.other()
         for s in self.stats().values():
             total.add(s)
         return total
+
+    def _fold(self) -> None:
+        """Past `max_peers`, add the idle peers that took the least to `other`."""
+        while len(self._stats) > self.max_peers:
+            idle = [peer for peer in self._stats if peer not in self._busy]
+            if not idle:
+                return
+            least = min(idle, key=lambda p: (self._stats[p].cost, self._stats[p].turns))
+            self._other.add(self._stats.pop(least))
 
     def _hand_on(self) -> None:
         job = self.order.pop()

@@ -19,7 +19,11 @@ ends the session, so every refusal reaches the entry peer over the chain and nam
 the hop that refused. The return stream opens with OPENED, and RESULTs follow it
 without waiting for the entry's OPENED in answer; an entry that does not know the
 session answers ERROR, and the chain's session ends as on a refusal (no session is
-held on an entry's account that it did not open). A 1.0.0 peer that dials a 2.0.0
+held on an entry's account that it did not open). The first hop takes an OPEN only
+from the entry peer it names, a later hop only from the route's hop before it (else
+ERROR, code IMPERSONATION). A FAILED may blame only the hop that sends it or one after
+it on the route: whoever relays or receives one that names anyone else blames its
+sender instead, and reads a code not in CODES as OTHER. A 1.0.0 peer that dials a 2.0.0
 one gets an ERROR of code VERSION; a 2.0.0 peer that dials a 1.0.0 one is answered
 "na" by multistream-select and reports a FAILED of code VERSION.
 
@@ -65,7 +69,7 @@ import re
 from dataclasses import dataclass
 
 from protocols.codec import Message
-from protocols.errors import WireError
+from protocols.errors import FrameTooLarge, UnsupportedVersion, WireError, WrongMessageType
 from protocols.spec import ErrorReply, SessionStream
 
 MAX_ROUTE_HOPS = 64
@@ -91,6 +95,32 @@ FEATURE_TAGGED_ONLY = "shard.tagged_only"
 FEATURE_ROWS = "shard.rows"
 RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as protocols.rollout's
 MAX_PEER_ID_CHARS = 128
+MAX_SESSION_CHARS = 128
+MAX_MESSAGE_CHARS = 4096  # a FAILED's message (hops send at most 1000)
+# ERROR code: an OPEN that names as its entry (at the first hop) or as the hop before
+# this one (at a later hop) a peer other than the one that opened the stream
+IMPERSONATION = "impersonation"
+# The codes a FAILED or a shard ERROR carries. A code is a label that the entry keeps
+# (in its bans, metrics, status), so a code not among these (a newer peer's, or
+# anything a hop makes up) is read as OTHER: `known_code`.
+CODES = frozenset({
+    "unreachable", "overloaded", "evicted", "internal", BEHIND, AHEAD, REVOKED, OTHER_RUN,
+    FOLLOWING, UNVERSIONED, VERSION, IMPERSONATION, WireError.reason, FrameTooLarge.reason,
+    WrongMessageType.reason, UnsupportedVersion.reason})
+OTHER = "other"
+
+
+def known_code(code: str) -> str:
+    """`code` if it is one of CODES, else OTHER."""
+    return code if code in CODES else OTHER
+
+
+def check_peer_id(peer_id: str, what: str) -> None:
+    """WireError unless `peer_id` could be a peer id by its length (1..MAX_PEER_ID_CHARS
+    characters); whether it parses is the caller's to check, where it matters."""
+    if not 0 < len(peer_id) <= MAX_PEER_ID_CHARS:
+        raise WireError(f"{what} is not a peer id: {len(peer_id)} characters, at most "
+                        f"{MAX_PEER_ID_CHARS}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +187,15 @@ class Open(Message):
     policy: PolicyTag | None = None  # an RL policy version every hop must hold throughout
     rows: int = 1  # sequences decoded side by side, at the same positions (1..MAX_ROWS)
 
+    def check(self) -> None:
+        """WireError unless its peer ids and its tag are well-formed (the route's layers,
+        and whether this peer is the hop it names, are the server's to check)."""
+        check_peer_id(self.entry_peer, "the entry peer")
+        for i, hop in enumerate(self.route):
+            check_peer_id(hop.peer_id, f"route hop {i}")
+        if self.policy is not None:
+            self.policy.check()
+
 
 @dataclass(frozen=True, slots=True)
 class Opened(Message):
@@ -207,9 +246,20 @@ class Failed(Message):
     KIND = "shard.failed"
     session: str
     step: int
-    peer_id: str  # the peer at fault: the reporter itself, or its next hop
-    code: str  # "bad_request" | "unreachable" | "overloaded" | "internal" | ...
+    peer_id: str  # the peer at fault: the reporter itself, or a hop after it
+    code: str  # one of CODES ("unreachable", "overloaded", "internal", ...); else OTHER
     message: str
+
+    def check(self) -> None:
+        """WireError unless its fields are within their lengths. The code is not checked:
+        one not known here is read as OTHER (`known_code`). Whom it may blame is the
+        receiver's to check: the reporter itself or a hop after it on the route."""
+        if len(self.session) > MAX_SESSION_CHARS:
+            raise WireError(f"FAILED for a session id of {len(self.session)} characters")
+        check_peer_id(self.peer_id, "the FAILED's peer at fault")
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            raise WireError(f"FAILED message of {len(self.message)} characters, at most "
+                            f"{MAX_MESSAGE_CHARS}")
 
 
 @dataclass(frozen=True, slots=True)

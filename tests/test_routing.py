@@ -115,3 +115,30 @@ def test_route_peers_are_the_models_other_servers_nearest_first() -> None:
     assert route_peers(servers, "me", (0, 5)) == [
         "c-both", "m-before", "b-first", "a-far", "z-next"]
     assert route_peers([Server("me", 0, 4)], "me", (0, 4)) == []
+
+
+def test_ban_list_forgets_bans_once_over_and_strikes_after_a_quiet_time() -> None:
+    """A ban that has run out stops counting at once; its strikes (the back-off) are
+    kept through `quiet_s` after it, then forgotten: the list holds no peer forever."""
+    bans = BanList(base_s=5, max_s=30, quiet_s=100)
+    for i in range(50):
+        bans.ban(f"p{i}", now=0, why="x" * 10)
+    assert len(bans.banned(4)) == 50 and len(bans) == 50
+    assert bans.banned(6) == frozenset() and bans.remaining("p0", 6) == 0.0
+    assert bans.ban("p0", now=10, why="again") == 10  # struck again soon: backs off
+    assert bans.banned(11) == {"p0"} and bans.why("p0") == "again"
+    assert bans.banned(110) == frozenset() and len(bans) == 1  # p1.. quiet since 5
+    assert bans.banned(130) == frozenset() and len(bans) == 0  # p0 quiet since 20
+    assert bans.why("p0") is None
+    assert bans.ban("p0", now=130) == 5  # a clean slate
+
+
+def test_ban_list_holds_at_most_max_peers() -> None:
+    """Past `max_peers` the list drops the peers whose bans ended first (over ones
+    before running ones): culprits by the thousand cannot grow it."""
+    bans = BanList(base_s=5, max_s=30, quiet_s=3600, max_peers=8)
+    for i in range(1000):
+        bans.ban(f"p{i}", now=float(i))
+        assert len(bans) <= 8
+    assert bans.banned(999.5) == {f"p{i}" for i in range(995, 1000)}
+    assert bans.ban("p999", now=1000) == 10  # the newest keep their strikes

@@ -369,11 +369,14 @@ async def test_the_last_hop_opens_the_return_stream_to_the_entry(nursery: trio.N
 
 @pytest.mark.parametrize(("listener", "culprit", "code"), [
     (answer(FULL), NEXT, "overloaded"),  # FAILED names the peer at fault
+    # ...a hop of the route: anyone else named is the first hop's fault (it relayed it),
+    # and a code nobody declared is "other"
+    (answer(dataclasses.replace(FULL, peer_id=SELF, code="x" * 500)), FIRST, "other"),
     (answer(BAD_OPEN), FIRST, "malformed"),
     (answer(Opened("another-session")), FIRST, "unreachable"),
     (raw(b"\x01\xc1"), FIRST, "unreachable"),
     (hang_up, FIRST, "unreachable"),
-], ids=["failed", "error", "wrong session", "garbage", "hang up"])
+], ids=["failed", "failed off the route", "error", "wrong session", "garbage", "hang up"])
 async def test_the_entry_blames_the_first_hop_or_whom_a_failed_names(
         nursery: trio.Nursery, listener: Listener, culprit: str, code: str) -> None:
     from peerd.inference.swarm.pipeline import Pipeline, PipelineFailure
@@ -382,6 +385,6 @@ async def test_the_entry_blames_the_first_hop_or_whom_a_failed_names(
     far = Scripted(nursery, listener)
     pipeline = Pipeline(FakeNode(far.dial), "m")  # type: ignore[arg-type]
     with pytest.raises(PipelineFailure) as err:
-        await pipeline.open(Route((Span(FIRST, 0, 4, 0.0),), 0.0), 64)
+        await pipeline.open(Route((Span(FIRST, 0, 2, 0.0), Span(NEXT, 2, 4, 0.0)), 0.0), 64)
     assert (err.value.culprit, err.value.code) == (culprit, code)
     assert far.dialled == [(FIRST, SHARD.id)] and not pipeline.sessions

@@ -350,3 +350,43 @@ async def test_counters_under_a_flood(autojump_clock: trio.testing.MockClock) ->
     assert total.cost == honest.cost + greedy.cost
     assert total.held_s == pytest.approx(honest.held_s + greedy.held_s)
     assert total.waited_s == pytest.approx(honest.waited_s + greedy.waited_s)
+
+
+async def test_stats_keep_the_costliest_peers_and_the_newest_and_add_up_the_rest(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Past `max_peers`, a peer new to the compute takes the place of the one that took
+    the least, idle now, whose figures go to `other()`: the map stays bounded however
+    many peers come and go, and the totals still count every turn."""
+    turns = Turns(quantum=1, max_peers=2)
+    costs = [5, 1, 7, 3, 9, 2]
+    for i, cost in enumerate(costs):
+        async with turns.take(f"p{i}", cost):
+            await trio.sleep(1)
+        assert len(turns.stats()) <= 2
+    assert set(turns.stats()) == {"p4", "p5"}  # the costliest, and the newest
+    other = turns.other()
+    assert (other.turns, other.cost, other.held_s) == (4, 5 + 1 + 7 + 3, 4.0)
+    total = turns.totals()
+    assert (total.turns, total.cost, total.held_s) == (6, sum(costs), 6.0)
+
+
+async def test_a_peer_waiting_or_holding_keeps_its_stats_until_it_is_done(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A peer with a turn held or queued is never folded away (its figures would be
+    lost): the map may pass `max_peers` by the peers busy at once, and comes back
+    under it as they finish."""
+    turns = Turns(quantum=1, max_peers=2)
+
+    async def job(peer: str, cost: int) -> None:
+        async with turns.take(peer, cost):
+            await trio.sleep(cost)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):  # one holds, four wait: all busy
+            nursery.start_soon(job, f"p{i}", i + 1)
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(turns.stats()) == 5 and turns.waiting == 4
+    assert len(turns.stats()) <= 2
+    total = turns.totals()
+    assert (total.turns, total.cost, total.held_s) == (5, 15, 15.0)
+    assert total.waited_s == 1 + 3 + 6 + 10  # each waited for those before it

@@ -114,7 +114,9 @@ class PipelinePolicy:
         self.peak_rows = 0  # the most rows a session of ours has had, for status
         self.bans = BanList()
         self.generations = 0
-        self.retries: dict[str, int] = {}  # by refusal code, for status
+        # by refusal code, for status: "no_route" or a PipelineFailure's, which is one of
+        # a known few or "other" whatever a hop sent (pipeline.py), so the map stays small
+        self.retries: dict[str, int] = {}
 
     # what the sampler reads of a policy
     @property

@@ -15,6 +15,10 @@ report from a hop ("I could not reach my next hop"), or a refusal of the session
 relayed up the chain, naming the hop that refused; an ERROR from the first hop; a
 route peer we are no longer connected to, a route peer that does not answer a ping.
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
+A hop names only itself or a hop after it: a report that names anyone else (a peer
+off the route, one before it) blames its sender, the first hop for what it relays.
+Codes from the wire are read through protocols.shard.known_code: a failure's code is
+one of a known few, or "other".
 
 Past 450 lines because `start`, `open` and the pool share the session's return-stream
 bookkeeping; the pool is the piece to split off if it grows.
@@ -22,6 +26,7 @@ bookkeeping; the pool is the piece to split off if it grows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -55,6 +60,8 @@ from protocols.codec import decode, encode
 from protocols.errors import PeerError, WireError
 from protocols.framing import read_frame, write_frame
 from protocols.shard import (
+    CODES,
+    OTHER,
     RETIRED_IDS,
     SHARD,
     SHARD_RETURN,
@@ -68,6 +75,7 @@ from protocols.shard import (
     Opened,
     PolicyTag,
     Result,
+    known_code,
     step_deadline_s,
 )
 from protocols.spec import ErrorReply
@@ -85,6 +93,9 @@ PROBE_TIMEOUT_S = 2.0
 POOL_IDLE_S = 30.0
 POOL_PER_ROUTE = 2
 LENGTH_STEP = 256  # session lengths round up to this, so a session fits later requests
+# the codes of a failure found here, beside those a hop sends (protocols.shard.CODES)
+LOCAL_CODES = frozenset({"closed", "timeout", "failed"})
+MAX_REPORTS = 4  # FAILEDs kept a session (the first is the one that counts)
 
 
 def pooled_length(max_length: int) -> int:
@@ -104,12 +115,14 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class PipelineFailure(Exception):
-    """A session could not be opened or a step failed; `culprit` is the peer at fault."""
+    """A session could not be opened or a step failed; `culprit` is the peer at fault.
+    `code` is one of protocols.shard.CODES or LOCAL_CODES, else OTHER: the callers keep
+    it (bans, metrics, status), and a hop's refusal may say anything."""
 
     def __init__(self, culprit: str | None, code: str, message: str) -> None:
         super().__init__(message)
         self.culprit = culprit
-        self.code = code
+        self.code = code if code in CODES or code in LOCAL_CODES else OTHER
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +169,24 @@ class PipelineSession:
     @property
     def peers(self) -> list[str]:
         return [h.peer_id for h in self.route]
+
+    def report(self, failed: Failed, reporter: str, relayed: bool) -> None:
+        """Keep a hop's FAILED (a step then fails with it), blaming only whom `reporter`
+        may blame: itself or its next hop when it reports straight to us (over the
+        return protocol), any hop of the route when it is the first hop relaying a
+        refusal from further down (the hops in between checked it); anyone else named
+        is `reporter`'s own fault. WireError if it is malformed."""
+        failed.check()
+        if relayed:
+            may = set(self.peers)
+        else:
+            after = [self.route[i + 1].peer_id for i, h in enumerate(self.route[:-1])
+                     if h.peer_id == reporter]
+            may = {reporter, *after}
+        culprit = failed.peer_id if failed.peer_id in may else reporter
+        if len(self.reports) < MAX_REPORTS:
+            self.reports.append(dataclasses.replace(failed, peer_id=culprit,
+                                                    code=known_code(failed.code)))
 
     async def step(self, hidden: Any, start_pos: int, keep: int = -1,
                    tree: Sequence[int] = (), source: Sequence[int] = ()) -> StepResult:
@@ -228,7 +259,7 @@ class PipelineSession:
         refusal = None if self.watching else await self._first_hop_refusal()
         if refusal is not None:  # the first hop refused what we sent: our own bug
             return PipelineFailure(None, refusal.code, f"{self.route[0].peer_id} refused the "
-                                   f"step: {refusal.message}")
+                                   f"step: {refusal.message:.1000}")
         node = self.pipeline.node
         for pid in self.peers:
             if not await node_reachable(node, pid):
@@ -403,14 +434,19 @@ class Pipeline:
                 # its last word on a FORWARD (our bug, or its own failure, which it
                 # reports too): the step fails as the chain ends, and is diagnosed then
                 s.refusal = PipelineFailure(None, msg.code, f"{first} refused the step: "
-                                            f"{msg.message}")
+                                            f"{msg.message:.1000}")
                 return
-            s.reports.append(msg)  # a refusal relayed from further down
+            s.report(msg, first, relayed=True)  # a refusal relayed from further down
         except OpenRefused as exc:
             if isinstance(exc.reply, Failed):  # names the hop that could not open
-                s.reports.append(exc.reply)
+                try:
+                    s.report(exc.reply, first, relayed=True)
+                except WireError as bad:
+                    s.refusal = PipelineFailure(first, bad.reason, f"{first} refused with "
+                                                f"a malformed FAILED: {bad}")
             else:
-                s.refusal = PipelineFailure(first, exc.code, f"{first} refused: {exc.message}")
+                s.refusal = PipelineFailure(first, exc.code,
+                                            f"{first} refused: {exc.message:.1000}")
         except Unsupported as exc:
             s.refusal = PipelineFailure(first, VERSION, str(exc))
         except OpenFailed as exc:
@@ -441,7 +477,7 @@ class Pipeline:
             if isinstance(msg, Failed):
                 if peer not in s.peers:
                     raise WireError("failure report from a peer outside the route")
-                s.reports.append(msg)
+                s.report(msg, peer, relayed=False)
                 s.failed.set()
                 return
             if peer != s.route[-1].peer_id or s.return_stream is not None:

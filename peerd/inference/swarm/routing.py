@@ -161,37 +161,63 @@ def find_route(servers: Iterable[Server], num_layers: int,
     return Route(tuple(spans), best[num_layers])
 
 
+@dataclass(slots=True)
+class _Ban:
+    until: float  # when the last ban ends
+    strikes: int  # bans in a row, none more than `quiet_s` after the one before ended
+    why: str  # the last failure's code
+
+
 @dataclass
 class BanList:
     """Peers that failed recently, banned with exponential back-off (sans-I/O: the
-    caller passes the time)."""
+    caller passes the time).
+
+    A peer is remembered from its first ban until `quiet_s` after its last one ended:
+    a ban that has run out no longer counts, but its strikes keep the back-off going
+    for a peer that fails again soon; after a quiet time it starts from a clean slate.
+    At most `max_peers` peers are remembered, those whose bans ended first going first
+    (the caller bans only peers on a route it took, but a swarm is large)."""
 
     base_s: float = 5.0
     max_s: float = 300.0
-    _until: dict[str, float] = field(default_factory=dict)
-    _strikes: dict[str, int] = field(default_factory=dict)
-    _why: dict[str, str] = field(default_factory=dict)  # the failure's code
+    quiet_s: float = 3600.0
+    max_peers: int = 1024
+    _bans: dict[str, _Ban] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        """Peers remembered: banned now, or banned within `quiet_s`."""
+        return len(self._bans)
 
     def ban(self, peer_id: str, now: float, why: str = "failed") -> float:
-        strikes = self._strikes.get(peer_id, 0) + 1
-        self._strikes[peer_id] = strikes
+        self._prune(now)
+        last = self._bans.pop(peer_id, None)  # (re-inserted last: the newest)
+        strikes = (last.strikes if last else 0) + 1
         duration = float(min(self.max_s, self.base_s * 2.0 ** (strikes - 1)))
-        self._until[peer_id] = now + duration
-        self._why[peer_id] = why
+        self._bans[peer_id] = _Ban(now + duration, strikes, why)
+        while len(self._bans) > self.max_peers:
+            first = min(self._bans, key=lambda p: self._bans[p].until)
+            del self._bans[first]
         return duration
 
     def banned(self, now: float) -> frozenset[str]:
-        return frozenset(p for p, t in self._until.items() if t > now)
+        self._prune(now)
+        return frozenset(p for p, b in self._bans.items() if b.until > now)
 
     def why(self, peer_id: str) -> str | None:
-        return self._why.get(peer_id)
+        ban = self._bans.get(peer_id)
+        return ban.why if ban else None
 
     def remaining(self, peer_id: str, now: float) -> float:
         """Seconds until `peer_id` may be tried again (0 when it may now)."""
-        return max(0.0, self._until.get(peer_id, now) - now)
+        ban = self._bans.get(peer_id)
+        return max(0.0, ban.until - now) if ban else 0.0
 
     def forgive(self, peer_id: str) -> None:
         """A peer that served well again starts from a clean slate."""
-        self._until.pop(peer_id, None)
-        self._strikes.pop(peer_id, None)
-        self._why.pop(peer_id, None)
+        self._bans.pop(peer_id, None)
+
+    def _prune(self, now: float) -> None:
+        quiet = [p for p, b in self._bans.items() if b.until + self.quiet_s <= now]
+        for p in quiet:
+            del self._bans[p]

@@ -68,6 +68,7 @@ from protocols.errors import PeerError, WireError
 from protocols.framing import StreamClosed, read_frame, write_frame
 from protocols.shard import (
     DTYPES,
+    IMPERSONATION,
     MAX_ROWS,
     RETIRED_IDS,
     REVOKED,
@@ -85,6 +86,7 @@ from protocols.shard import (
     Result,
     check_forward,
     check_route,
+    known_code,
 )
 from protocols.spec import ErrorReply, SessionStream
 
@@ -212,7 +214,7 @@ class ShardServer:
             with trio.fail_after(SHARD.open_timeout_s):
                 raw = await read_frame(stream, SHARD.max_control_bytes)
                 request = decode(raw, Open)
-                session = await self._open(request)
+                session = await self._open(request, upstream)
             with session.scope:  # cancelled when the session is evicted or refused
                 await write_frame(stream, encode(Opened(session=session.id)),
                                   SHARD.max_control_bytes)
@@ -241,7 +243,7 @@ class ShardServer:
                 await self._drop(session)
             await close_stream(stream)
 
-    async def _open(self, req: Open) -> _Session:
+    async def _open(self, req: Open, upstream: str) -> _Session:
         b = self.block
         if req.model_id != b.model_id:
             raise WireError(f"this peer serves {b.model_id!r}, not {req.model_id!r}")
@@ -262,12 +264,21 @@ class ShardServer:
             raise WireError(f"rows {req.rows} outside 1..{MAX_ROWS}")
         if req.session in self.sessions or not 8 <= len(req.session) <= 128:
             raise WireError("session id reused or not 8..128 characters")
-        if req.policy is not None:
-            req.policy.check()
+        req.check()
         try:
             ID.from_base58(req.entry_peer)
         except Exception:
             raise WireError(f"entry peer {req.entry_peer!r:.60} is not a peer id") from None
+        # The session is charged, and its turns counted, to its entry peer: the first
+        # hop hears it from the entry itself, a later hop from the hop before it, which
+        # passes the entry's name on. (A later hop cannot tell whether that hop passed
+        # it on honestly: the last hop's return stream, which the entry refuses for a
+        # session it did not open, ends such a session along the chain.)
+        opener = req.entry_peer if req.hop == 0 else req.route[req.hop - 1].peer_id
+        if upstream != opener:
+            raise PeerError(f"{upstream} opened a session as {opener} (route hop "
+                            f"{req.hop}'s {'entry' if req.hop == 0 else 'previous hop'})",
+                            reason=IMPERSONATION)
         span = (hop.start, hop.end)
         session = _Session(req.session, req, span, b.new_cache(),
                            b.kv_bytes_per_position(span) * req.rows,  # every row's KV
@@ -354,18 +365,19 @@ class ShardServer:
         except BaseException as exc:
             if connected is None and stream is not None:
                 await close_stream(stream)  # (shielded itself)
-            refusal = self._refusal(target, spec, exc)
+            refusal = self._refusal(req, target, spec, exc)
             if refusal is None:
                 raise
             raise refusal from None
         return stream
 
-    def _refusal(self, target: str, spec: SessionStream, exc: BaseException) -> Refused | None:
+    def _refusal(self, req: Open, target: str, spec: SessionStream,
+                 exc: BaseException) -> Refused | None:
         """What this hop reports upstream when its next stream did not open (None: not a
         failure of the opening; our own bug, or a cancellation)."""
         if isinstance(exc, OpenRefused):
             if isinstance(exc.reply, Failed):  # a refusal further down: pass it on
-                return Refused(exc.code, exc.message, exc.reply.peer_id)
+                return self._relayed(req, target, exc.reply)
             return Refused("unreachable", f"{target} refused the session: {exc.message}")
         why = f"{self.node.peer_id} could not open the session on {target}"
         if isinstance(exc, Unsupported):  # its peerd speaks another version: its fault
@@ -392,7 +404,20 @@ class ShardServer:
                               f"there: {exc}") from None
             if isinstance(msg, ErrorReply):
                 return
-            raise Refused(msg.code, msg.message, msg.peer_id)
+            raise self._relayed(s.open, target, msg)
+
+    @staticmethod
+    def _relayed(req: Open, target: str, failed: Failed) -> Refused:
+        """A refusal from `target`, the next hop, to pass upstream: it may name only a hop
+        after this one (the one that refused), else `target` is at fault, having made the
+        name up or passed it on; a code not known here goes on as OTHER."""
+        try:
+            failed.check()
+        except WireError as exc:
+            return Refused("unreachable", f"{target} sent a malformed refusal: {exc}", target)
+        further = {hop.peer_id for hop in req.route[req.hop + 1:]}
+        culprit = failed.peer_id if failed.peer_id in further else target
+        return Refused(known_code(failed.code), failed.message, culprit)
 
     async def _serve(self, s: _Session, stream: Any, upstream: str) -> None:
         while True:
@@ -508,7 +533,8 @@ class ShardServer:
     async def _report(self, s: _Session, step: int, culprit: str, code: str,
                       message: str) -> None:
         """Tell the entry peer which peer broke the session, over the return protocol."""
-        report = Failed(session=s.id, step=step, peer_id=culprit, code=code, message=message)
+        report = Failed(session=s.id, step=step, peer_id=culprit, code=code,
+                        message=message[:1000])
         try:
             with trio.fail_after(REPORT_TIMEOUT_S):
                 stream = await self.node.new_stream_eager(s.open.entry_peer, SHARD_RETURN.id)
@@ -546,11 +572,14 @@ class ShardServer:
         peer), and the compute's turns (by peer: turns, cost served, time waited, queued)."""
         turns = self.compute.stats()
         busiest = sorted(turns, key=lambda p: -turns[p].cost)[:MAX_SHOWN_PEERS]
+        other = self.compute.other()  # the peers the compute no longer counts one by one
         return {**self.lending.held(), "compute": {
             "waiting": self.compute.waiting, "busy": self.compute.busy,
             "peers": {p: {"turns": turns[p].turns, "cost": turns[p].cost,
                           "waited_s": round(turns[p].waited_s, 3), "queued": turns[p].queued}
-                      for p in busiest}}}
+                      for p in busiest},
+            "other": {"turns": other.turns, "cost": other.cost,
+                      "waited_s": round(other.waited_s, 3)}}}
 
     def _publish_lent(self) -> None:
         """The shares on /metrics: `peerd_lent{resource, peer}` for the peers holding

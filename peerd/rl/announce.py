@@ -10,13 +10,20 @@ on when their signature checks; older versions than the newest we know are dropp
 quietly (honest late copies are common). A `Have` must be published by its holder
 (pubsub's strict signing authenticates the publisher); holders are soft state,
 forgotten three re-announce periods after they were last heard.
+
+What a remote peer can make us remember is bounded. A version's holders are capped
+(MAX_HOLDERS_PER_VERSION, `admit_holder`): anyone can relay Haves signed by fresh keys,
+so the stale leave as each one comes, a newcomer pushes out the stalest, and never a
+holder we are connected to. A followed run unheard for FOLLOW_IDLE_S (no announcement
+by its trainer, no request naming it) is forgotten (`idle`), unless we author it: its
+trainer is gone, and a request that names it again follows it again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import trio
@@ -31,29 +38,58 @@ from protocols.weights import MAX_GOSSIP_BYTES, TOPIC, Have, SignedAnnounce, Ver
 log = logging.getLogger(__name__)
 
 MAX_HOLDERS_TRACKED = 256  # versions whose holders we remember
+MAX_HOLDERS_PER_VERSION = 64  # a pull asks a handful at a time; more only cost memory
+# A run's trainer re-announces every announce_s while it lives, so a run unheard this
+# long has none; long, because forgetting the run we follow costs a fresh pull.
+FOLLOW_IDLE_S = 600.0
 AnnounceHook = Callable[[VersionAnnounce], Awaitable[None]]
 
 
 class Announcements:
     def __init__(self, node: Node, announce_s: float,
-                 on_have: Callable[[Have], None] = lambda have: None) -> None:
+                 on_have: Callable[[Have], None] = lambda have: None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.node = node
         self.announce_s = announce_s
         self.on_have = on_have  # a holder heard of a run we follow
+        self.clock = clock
         self.following: dict[str, str | None] = {}  # run -> trainer (None: first heard)
+        self.heard: dict[str, float] = {}  # followed run -> last heard of (clock)
         self.announced: dict[str, tuple[VersionAnnounce, SignedAnnounce]] = {}  # newest
         self.hooks: list[AnnounceHook] = []
         self._holders: dict[bytes, dict[str, float]] = {}  # manifest hash -> peer -> seen
 
     def follow(self, run_id: str, trainer: str | None = None) -> None:
         self.following[run_id] = trainer
+        self.heard[run_id] = self.clock()
+
+    def touch(self, run_id: str) -> None:
+        """`run_id` was heard of (asked for, pulled): not idle. Follows nothing new."""
+        if run_id in self.following:
+            self.heard[run_id] = self.clock()
+
+    def forget(self, run_id: str) -> None:
+        """Follow `run_id` no more; forget its announcements."""
+        self.following.pop(run_id, None)
+        self.heard.pop(run_id, None)
+        self.announced.pop(run_id, None)
+
+    def idle(self, idle_s: float) -> list[str]:
+        """The followed runs not heard of for `idle_s`, but those we author."""
+        cutoff = self.clock() - idle_s
+        return [run for run in self.following
+                if self.heard.get(run, cutoff) <= cutoff and not self._authored(run)]
+
+    def _authored(self, run_id: str) -> bool:
+        got = self.announced.get(run_id)
+        return got is not None and got[0].author == self.node.peer_id
 
     def latest(self, run_id: str) -> VersionAnnounce | None:
         got = self.announced.get(run_id)
         return got[0] if got else None
 
     def holders(self, manifest_hash: bytes) -> list[str]:
-        cutoff = time.monotonic() - 3 * self.announce_s
+        cutoff = self.clock() - 3 * self.announce_s
         return [p for p, seen in self._holders.get(manifest_hash, {}).items() if seen >= cutoff]
 
     def verify(self, signed: SignedAnnounce) -> VersionAnnounce:
@@ -118,10 +154,13 @@ class Announcements:
     def _heard_have(self, have: Have) -> None:
         if have.holder == self.node.peer_id or have.run_id not in self.following:
             return
-        self._holders.setdefault(have.manifest_hash, {})[have.holder] = time.monotonic()
+        holders = self._holders[have.manifest_hash] = admit_holder(
+            self._holders.get(have.manifest_hash, {}), have.holder, self.clock(),
+            3 * self.announce_s, MAX_HOLDERS_PER_VERSION, self.node.link_up)
         while len(self._holders) > MAX_HOLDERS_TRACKED:
             del self._holders[next(iter(self._holders))]
-        self.on_have(have)
+        if have.holder in holders:  # (no room: not one a pull should ask either)
+            self.on_have(have)
 
     def _heard_announce(self, signed: SignedAnnounce, nursery: trio.Nursery) -> None:
         announce = self.verify(signed)
@@ -130,6 +169,7 @@ class Announcements:
             return
         if self.following[run] is None:
             self.following[run] = announce.author  # the first author heard
+        self.touch(run)  # by its trainer (verify), re-announcements too: the run lives
         newest = self.latest(run)
         if newest is not None and announce.version <= newest.version:
             return
@@ -145,3 +185,21 @@ class Announcements:
         except Exception:
             log.exception("a weights announcement hook failed (%s v%d)", announce.run_id,
                           announce.version)
+
+
+def admit_holder(holders: Mapping[str, float], holder: str, now: float, max_age_s: float,
+                 cap: int, kept: Callable[[str], bool]) -> dict[str, float]:
+    """A version's holders (peer -> last heard) once `holder` is heard at `now`: those
+    heard within `max_age_s`, at most `cap`. A newcomer takes the place of the stalest
+    holder not `kept` (one we are connected to, which a stranger minting keys cannot
+    push out), and finds no room when every one is."""
+    cutoff = now - max_age_s
+    fresh = {p: seen for p, seen in holders.items() if seen >= cutoff}
+    if holder not in fresh and len(fresh) >= cap:
+        stalest = [p for _, p in sorted((seen, p) for p, seen in fresh.items())]
+        victim = next((p for p in stalest if not kept(p)), None)
+        if victim is None:
+            return fresh
+        del fresh[victim]
+    fresh[holder] = now
+    return fresh

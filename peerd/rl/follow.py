@@ -18,6 +18,13 @@ older version (a session cannot be admitted while an apply waits), the generatio
 starts again at the new one, and in async mode what was sampled while the trainer
 trained is thrown away (bench/README.md, "Echo with a pipeline sampler").
 
+One run at a time, whoever names it: any peer may send a request naming a fresh run
+(and be that run's trainer), so the runs we follow stay few. Taking up a run leaves
+the one before: it stays followed (its versions held and served) until the new run's
+manifest has verified, and is forgotten then; a run none of whose manifests ever
+verified is forgotten at once. A run unheard of for long is forgotten by the weights
+service (announce.py), and followed again when a request names it.
+
 A peer holding a slice of the layers pulls only the tensors of its slice (and the
 head's when it holds the head: manifest.layer_names); a whole-model peer pulls all.
 A full version replaces the named tensors; a LoRA version's adapters become deltas on
@@ -53,6 +60,7 @@ class Follower:
         self.apply_announced = apply_announced  # else announced versions are only fetched
         self.run_id: str | None = None
         self.trainer = ""  # of the run we follow
+        self.left: str | None = None  # the run before, kept until run_id's manifest verifies
         self._lock = trio.Lock()  # one pull-and-apply at a time
         weights.on_announce(self._announced)
 
@@ -65,15 +73,41 @@ class Follower:
         await self._take(run_id, target, [trainer])
 
     def take_up(self, run_id: str, trainer: str) -> None:
-        """Follow `run_id`, whose versions `trainer` authors (from version 0)."""
-        if self.run_id != run_id:
-            self.weights.follow(run_id, trainer)
-            self.run_id = run_id
-            self.trainer = trainer
+        """Follow `run_id`, whose versions `trainer` authors (from version 0), and leave
+        the run we followed."""
+        if self.run_id == run_id and run_id in self.weights.runs.following:
+            self.weights.touch(run_id)
+            return
+        if self.run_id not in (None, run_id):
+            self.leave()
+        if self.left == run_id:
+            self.left = None  # back to the run we left: it is ours again
+        self.weights.follow(run_id, trainer)
+        self.run_id = run_id
+        self.trainer = trainer
+        self._settle()
 
     def leave(self) -> None:
-        """The policy went back to version 0: follow no run until asked again."""
-        self.run_id = None
+        """The policy went back to version 0: follow no run until asked again. The run
+        left stays followed until the next one's manifest verifies if one of its own
+        ever did (and the run left before it is forgotten); if none did, it is
+        forgotten now."""
+        run, self.run_id = self.run_id, None
+        if run is None:
+            return
+        if not self.weights.holds(run):
+            self.weights.unfollow(run)
+            return
+        if self.left is not None:
+            self.weights.unfollow(self.left)
+        self.left = run
+
+    def _settle(self) -> None:
+        """Forget the run left once the one we follow has a manifest that verified."""
+        if self.left is not None and self.run_id is not None and \
+                self.weights.holds(self.run_id):
+            self.weights.unfollow(self.left)
+            self.left = None
 
     async def _announced(self, announce: VersionAnnounce) -> None:
         """Pull an announced version we lack (and apply it, unless `apply_announced` is
@@ -129,12 +163,15 @@ class Follower:
         """The version's tensors this policy holds: all of them for a whole model; for a
         slice, the manifest first (a pull of no tensors), then its slice's tensors."""
         block, head = self.policy.block, self.policy.head is not None
-        if block.start == 0 and block.end == block.num_layers and head:
-            return await self.weights.pull(run_id, version, hints=hints)
-        await self.weights.pull(run_id, version, names=(), hints=hints)
-        manifest = self.weights.manifest(run_id, version)
-        if manifest is None:
-            raise RuntimeError(f"the manifest of version {version} of {run_id} not held")
-        names = layer_names([t.name for t in manifest.tensors], block.start, block.end,
-                            block.num_layers, head=head)
-        return await self.weights.pull(run_id, version, names=names, hints=hints)
+        try:
+            if block.start == 0 and block.end == block.num_layers and head:
+                return await self.weights.pull(run_id, version, hints=hints)
+            await self.weights.pull(run_id, version, names=(), hints=hints)
+            manifest = self.weights.manifest(run_id, version)
+            if manifest is None:
+                raise RuntimeError(f"the manifest of version {version} of {run_id} not held")
+            names = layer_names([t.name for t in manifest.tensors], block.start, block.end,
+                                block.num_layers, head=head)
+            return await self.weights.pull(run_id, version, names=names, hints=hints)
+        finally:  # a manifest that verified keeps its version held, the chunks or not
+            self._settle()

@@ -16,9 +16,11 @@ Whom to follow, and the gossip of announcements and holders: announce.py.
 
 Memory: manifests and chunks live in memory, the newest `keep_versions` versions of
 each run (a pull in progress keeps its own); a chunk goes when no kept version names
-it. Holders re-announce their newest version every `announce_s` (soft state: a
-holder not heard for three periods is forgotten), and the trainer its newest
-announcement, so peers that join late learn both.
+it. A run we stop following (`unfollow`: a sampler moved on; or nobody announced or
+asked for it for `follow_idle_s`) takes its versions with it. Holders re-announce
+their newest version every `announce_s` (soft state: a holder not heard for three
+periods is forgotten), and the trainer its newest announcement, so peers that join
+late learn both.
 
 One module, past the usual size: publishing, pulling and serving share the store's
 state (chunks held, pulls in progress and the holders they wait for) and its locks;
@@ -41,7 +43,7 @@ from trio_typing import TaskStatus
 
 from peerd.agents.sealing import seal
 from peerd.node import Node
-from peerd.rl.announce import AnnounceHook, Announcements
+from peerd.rl.announce import FOLLOW_IDLE_S, AnnounceHook, Announcements
 from peerd.rl.chunk_client import ChunkFetcher
 from peerd.rl.chunk_http import ChunkServer, serve_beside
 from peerd.rl.chunks import ChunkPlan
@@ -117,10 +119,12 @@ class WeightStore(Service):
     def __init__(self, node: Node, *, keep_versions: int = 3, parallel: int = 8,
                  per_holder: int = 2, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  announce_s: float = 10.0, ledger: LedgerGossip | None = None,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, follow_idle_s: float = FOLLOW_IDLE_S
+                 ) -> None:
         """`http_port`: serve our chunks over HTTP on the libp2p listen host at this port
         (0: any free one; None: not at all). `ledger`: where holders' ports are read (and
-        ours advertised); without it, chunks travel over libp2p only."""
+        ours advertised); without it, chunks travel over libp2p only. `follow_idle_s`: a
+        run we do not author, unheard of this long, is unfollowed."""
         self.node = node
         self.ledger = ledger
         self.http_port = http_port
@@ -131,6 +135,7 @@ class WeightStore(Service):
         self.per_holder = per_holder
         self.chunk_bytes = chunk_bytes
         self.announce_s = announce_s
+        self.follow_idle_s = follow_idle_s
         self.chunks: dict[bytes, bytes] = {}  # each one's SHA-256 checked as it came in
         self.held: dict[bytes, Held] = {}  # by manifest hash
         self.runs = Announcements(node, announce_s, self._heard_have)
@@ -152,6 +157,20 @@ class WeightStore(Service):
     def follow(self, run_id: str, trainer: str | None = None) -> None:
         """Act on announcements of `run_id` by `trainer` (None: the first author heard)."""
         self.runs.follow(run_id, trainer)
+
+    def touch(self, run_id: str) -> None:
+        """A followed run was asked for: it is not idle."""
+        self.runs.touch(run_id)
+
+    def unfollow(self, run_id: str) -> None:
+        """Forget `run_id`: its announcements and the versions of it we hold (one being
+        pulled goes when its pull ends)."""
+        self.runs.forget(run_id)
+        self._drop_old(run_id)
+
+    def holds(self, run_id: str) -> bool:
+        """A version of `run_id` is held: we published it or its manifest verified."""
+        return any(h.announce.run_id == run_id for h in self.held.values())
 
     def on_announce(self, hook: AnnounceHook) -> None:
         """Run `hook(announce)` for each new version of a followed run (in this service's
@@ -190,7 +209,8 @@ class WeightStore(Service):
                                    author=self.node.peer_id, timestamp=time.time())
         body, sig = seal(announce, self.node.key_pair.private_key)
         signed = SignedAnnounce(body=body, sig=sig)
-        self.runs.following.setdefault(run_id, self.node.peer_id)
+        if run_id not in self.runs.following:
+            self.runs.follow(run_id, self.node.peer_id)
         self.chunks.update(chunks)
         self._hold(Held(announce, signed, manifest, manifest_bytes, complete=True))
         self.runs.announced[run_id] = (announce, signed)
@@ -205,6 +225,7 @@ class WeightStore(Service):
         """The tensors `names` (default: all) of `version` of the followed `run_id`,
         fetched from its holders (`hints`: more peers to ask) unless held already.
         Raises WeightsUnavailable, or trio.TooSlowError past `timeout_s`."""
+        self.runs.touch(run_id)
         lock = self._locks.setdefault((run_id, version), trio.Lock())
         try:
             with trio.fail_after(timeout_s):
@@ -402,11 +423,12 @@ class WeightStore(Service):
         self._drop_old(held.announce.run_id)
 
     def _drop_old(self, run_id: str) -> None:
-        """Keep the newest `keep_versions` versions of `run_id` (and those being pulled);
-        drop the chunks no kept version names."""
+        """Keep the newest `keep_versions` versions of `run_id` (none once we follow it
+        no more), and those being pulled; drop the chunks no kept version names."""
+        keep = self.keep_versions if run_id in self.runs.following else 0
         mine = sorted((h for h in self.held.values() if h.announce.run_id == run_id),
                       key=lambda h: h.announce.version, reverse=True)
-        dropped = [h for h in mine[self.keep_versions:]
+        dropped = [h for h in mine[keep:]
                    if h.announce.manifest_hash not in self._pinned]
         if not dropped:
             return
@@ -458,9 +480,13 @@ class WeightStore(Service):
 
     async def _reannounce(self) -> None:
         """Soft state: our newest authored announcement and newest held version of
-        each run, every `announce_s`."""
+        each run, every `announce_s`; runs idle past `follow_idle_s` unfollowed."""
         while True:
             await trio.sleep(self.announce_s)
+            for run in self.runs.idle(self.follow_idle_s):
+                log.info("unfollowing run %s: not heard of for %.0f s", run,
+                         self.follow_idle_s)
+                self.unfollow(run)
             for run in list(self.runs.following):
                 got = self.runs.announced.get(run)
                 if got is not None and got[0].author == self.node.peer_id:

@@ -1,0 +1,188 @@
+"""What a remote peer can make a sampler remember is bounded.
+
+A sampler follows the run a request names (follow.py), and any peer may send one: a
+peer naming fresh run ids, whose versions it never serves, leaves the sampler
+following one run at a time (two while a run left is kept for the next one's first
+manifest), and a legitimate second run is still taken up after the first. A run
+unheard for the idle limit is forgotten, but never one we author. Holders of a version
+(announce.py) are capped per version, stale ones leave as new ones come, and a holder
+we are connected to is never pushed out by newcomers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peerd.inference.model.head import Head
+from peerd.inference.model.shard import ShardBlock
+from peerd.inference.model.source import ModelSource, load_config, load_tokenizer, resolve
+from peerd.inference.runtime import eos_ids
+from peerd.node import Node
+from peerd.rl.announce import MAX_HOLDERS_PER_VERSION, Announcements, admit_holder
+from peerd.rl.follow import Follower
+from peerd.rl.policy import LocalPolicy
+from peerd.rl.rollouts import SamplerVersion, request_rollouts
+from peerd.rl.sampler import RolloutSampler
+from peerd.rl.weights import WeightStore
+from protocols.rollout import RolloutRequest
+from protocols.weights import Have
+from tests.harness import swarm, wait_for
+from tests.models import tiny_llama_dir
+
+MODEL_RUN = "norm-only"  # what the trainer publishes: one small tensor, a full version
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> ModelSource:
+    return resolve(str(tiny_llama_dir(tmp_path_factory)))
+
+
+def request(run_id: str, version: int) -> RolloutRequest:
+    return RolloutRequest(run_id=run_id, prompts=("Say a number.",), group=1,
+                          temperature=1.0, top_p=1.0, max_tokens=2, seed=3,
+                          version=version, mode="sync")
+
+
+@contextlib.asynccontextmanager
+async def sampler_trainer_and_stranger(tmp_path: Path, tiny: ModelSource
+                                       ) -> AsyncIterator[tuple[RolloutSampler, WeightStore,
+                                                                WeightStore, Node]]:
+    """A sampler wired as `peerd start --rollout` wires it (rollout_service.py), a
+    trainer running the weights service, and a stranger that serves no weights, both
+    connected to the sampler."""
+    async with swarm(3, tmp_path, connect="star") as (node, trainer, stranger):
+        tokenizer = load_tokenizer(tiny)
+        policy = LocalPolicy(ShardBlock(tiny, 0, 4), Head(tiny))
+        store, trainer_store = WeightStore(node), WeightStore(trainer)
+        follower = Follower(store, policy)
+        sampler = RolloutSampler(node, policy, tokenizer, eos_ids(tokenizer, load_config(tiny)),
+                                 catch_up=follower.catch_up, on_switch=follower.leave)
+        await node.start(store, sampler)
+        await trainer.start(trainer_store)
+        yield sampler, store, trainer_store, stranger
+
+
+async def publish_version(trainer: WeightStore, sampler: RolloutSampler, run_id: str,
+                          version: int) -> None:
+    """A full version naming only the final norm (a real tensor of the policy's)."""
+    import torch
+
+    shape, dtype = sampler.policy.parameters()["model.norm.weight"]  # type: ignore[attr-defined]
+    await trainer.publish(run_id, MODEL_RUN, version, "full",
+                          {"model.norm.weight": torch.full(shape, 1.0 + version, dtype=dtype)})
+
+
+async def test_fresh_run_ids_from_a_peer_leave_one_run_followed(
+        tmp_path: Path, tiny: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("peerd.rl.sampler.RUN_IDLE_S", 0.3)
+    async with sampler_trainer_and_stranger(tmp_path, tiny) as (sampler, store, trainer,
+                                                                stranger):
+        me = sampler.node.peer_id
+        await publish_version(trainer, sampler, "one", 1)
+        got = await request_rollouts(trainer.node, me, request("one", 1))
+        assert {r.version for r in got} == {1}
+        assert set(store.runs.following) == {"one"}
+        await trio.sleep(0.4)  # run "one" goes quiet: the next run may take the sampler
+        for i in range(12):  # a stranger names runs whose versions nobody serves
+            with pytest.raises(SamplerVersion):
+                await request_rollouts(stranger, me, request(f"made-up-{i}", 1))
+            # "one" (whose manifest verified) is kept until the next run's verifies
+            assert set(store.runs.following) == {"one", f"made-up-{i}"}
+        assert sampler.policy.version == 0
+        # the trainer's next run still takes the sampler up; only it stays followed
+        await publish_version(trainer, sampler, "two", 1)
+        got = await request_rollouts(trainer.node, me, request("two", 1))
+        assert {r.version for r in got} == {1} and sampler.run_id == "two"
+        assert set(store.runs.following) == {"two"}
+        assert {h.announce.run_id for h in store.held.values()} == {"two"}
+        assert len(store.status()["weights"]["following"]) == 1
+
+
+async def test_a_run_unheard_for_the_idle_limit_is_forgotten(tmp_path: Path) -> None:
+    async with swarm(2, tmp_path, connect="line") as (trainer_node, node):
+        trainer = WeightStore(trainer_node, announce_s=0.2, follow_idle_s=2.0)
+        store = WeightStore(node, announce_s=0.2, follow_idle_s=2.0)
+        await trainer_node.start(trainer)
+        await node.start(store)
+        import torch
+
+        await trainer.publish("live", MODEL_RUN, 1, "full", {"w": torch.ones(4)})
+        store.follow("live", trainer_node.peer_id)  # its trainer re-announces: kept
+        store.follow("ghost", trainer_node.peer_id)  # nobody announces it: forgotten
+        await wait_for(lambda: store.latest("live") is not None, what="live announced")
+        await wait_for(lambda: "ghost" not in store.runs.following, what="ghost forgotten")
+        await trio.sleep(2.5)  # past the idle limit since the trainer's publish
+        assert set(store.runs.following) == {"live"}
+        assert set(trainer.runs.following) == {"live"}  # our own run: never forgotten
+
+
+# ---- the holders of a version --------------------------------------------------------
+
+
+def fresh_ids(n: int) -> list[str]:
+    return [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(n)]
+
+
+def have(holder: str, manifest_hash: bytes = b"h" * 32) -> Have:
+    return Have(run_id="run-1", version=1, manifest_hash=manifest_hash, holder=holder,
+                complete=True, timestamp=0.0)
+
+
+def test_admit_holder_keeps_the_freshest_and_those_kept() -> None:
+    kept = {"k0", "k1"}
+    holders: dict[str, float] = {}
+    for i, peer in enumerate(["k0", "k1", *(f"p{j}" for j in range(10))]):
+        holders = admit_holder(holders, peer, now=float(i), max_age_s=100.0, cap=4,
+                               kept=kept.__contains__)
+        assert len(holders) <= 4
+    assert holders.keys() == {"k0", "k1", "p8", "p9"}
+    # all kept: a newcomer finds no room; a known holder is refreshed in place
+    full = admit_holder({"k0": 0.0, "k1": 1.0}, "p", now=2.0, max_age_s=100.0, cap=2,
+                        kept=kept.__contains__)
+    assert full == {"k0": 0.0, "k1": 1.0}
+    assert admit_holder(full, "k0", now=3.0, max_age_s=100.0, cap=2,
+                        kept=kept.__contains__) == {"k0": 3.0, "k1": 1.0}
+    # the stale leave whoever arrives, kept or not
+    assert admit_holder({"k0": 0.0, "p": 15.0}, "q", now=20.0, max_age_s=10.0, cap=2,
+                        kept=kept.__contains__) == {"p": 15.0, "q": 20.0}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_holders_per_version_are_capped_and_expire(tmp_path: Path) -> None:
+    async with swarm(2, tmp_path, connect="line") as (node, neighbour):
+        clock = FakeClock()
+        runs = Announcements(node, announce_s=10.0, clock=clock)
+        runs.follow("run-1")
+        key = b"h" * 32
+        runs._heard_have(have(neighbour.peer_id))  # connected to us
+        strangers = fresh_ids(3 * MAX_HOLDERS_PER_VERSION)
+        for peer in strangers:  # relayed Haves from fresh keys
+            clock.now += 0.01
+            runs._heard_have(have(peer))
+            assert len(runs._holders[key]) <= MAX_HOLDERS_PER_VERSION
+        held = runs.holders(key)
+        assert len(held) == MAX_HOLDERS_PER_VERSION and neighbour.peer_id in held
+        assert set(held) - {neighbour.peer_id} == set(strangers[1 - MAX_HOLDERS_PER_VERSION:])
+        # past the age, what was heard is dropped as the next Have comes in
+        clock.now += 3 * runs.announce_s + 1
+        assert runs.holders(key) == []
+        late = fresh_ids(1)[0]
+        runs._heard_have(have(late))
+        assert runs._holders[key] == {late: clock.now}

@@ -376,6 +376,45 @@ async def test_an_import_line_with_a_lone_surrogate_is_reported_not_a_500(
         assert (await api.get("/v1/memory/stats")).json()["items"] == 1
 
 
+async def test_two_learning_jobs_asked_at_once_start_one(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The busy check and the job's start had an await between them (loading the task):
+    two requests at once both started, and the second job replaced the first, which
+    /v1/memory/learn/stop could no longer reach. One starts; the other is a 409."""
+    import peerd.rl.tasks as tasks
+
+    load = tasks.load_task
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)  # (a worker thread) the window a second request lands in
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "load_task", slow_load)
+    async with peer(tmp_path, tiny) as (api, memory):
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await api.post("/v1/memory/learn", json={
+                "task": "add", "n": 200, "max_tokens": 4}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            nursery.start_soon(ask)
+        assert sorted(a.status_code for a in answers) == [202, 409], \
+            [a.text for a in answers]
+        refused = next(a for a in answers if a.status_code == 409).json()["error"]
+        assert refused["code"] == "busy" and "learning job is running" in refused["message"]
+        started = next(a for a in answers if a.status_code == 202).json()
+        assert memory.learning is not None
+        assert memory.learning.started == started["started"]  # the one that runs
+        assert (await api.post("/v1/memory/learn/stop")).status_code == 202
+        job = memory.learning
+        await wait_for(lambda: job.state != "running", 120)
+        assert job.state == "stopped"
+        assert (await api.post("/v1/memory/learn", json={"task": "add", "n": 1,
+                                                         "max_tokens": 4})).status_code == 202
+
+
 async def test_the_store_stays_under_its_cap_after_every_admission(tmp_path: Path,
                                                                    tiny: Path) -> None:
     async with peer(tmp_path, tiny) as (api, memory):

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trio
 
 from peerd.api.app import create_app
 from peerd.rl.training import Training
@@ -181,3 +183,38 @@ async def test_unknown_ids_are_404_and_a_missing_token_401(tmp_path: Path) -> No
         text = (await client.get("/metrics")).text
         assert "# TYPE peerd_rl_rollouts_refused_total counter" in text
         assert "# TYPE peerd_rl_trained_staleness histogram" in text
+
+
+async def test_two_runs_asked_at_once_start_one(tmp_path: Path, tiny: Path, task: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The busy check and the run's start had an await between them (preparing its
+    dir): two requests at once both started a learner. One starts; the other is a 409."""
+    import peerd.rl.training as training_module
+
+    prepare = training_module._prepare_dir
+
+    def slow_prepare(*args: Any) -> None:
+        time.sleep(0.3)  # (a worker thread) the window a second request lands in
+        prepare(*args)
+
+    monkeypatch.setattr(training_module, "_prepare_dir", slow_prepare)
+    ok = {"model": str(tiny), "task": str(task), "sampler_wait_s": 600.0}
+    async with api(tmp_path) as (client, training):
+        answers: dict[str, httpx.Response] = {}
+
+        async def ask(run_id: str) -> None:
+            answers[run_id] = await client.post("/v1/rl/runs", json={**ok, "run_id": run_id})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "one")
+            nursery.start_soon(ask, "two")
+        assert sorted(a.status_code for a in answers.values()) == [202, 409], \
+            {k: a.text for k, a in answers.items()}
+        (started,) = [k for k, a in answers.items() if a.status_code == 202]
+        (other,) = set(answers) - {started}
+        error = refused(answers[other], 409, None)
+        assert error["code"] == "run_refused" and f"{started!r} is still going" in \
+            error["message"]
+        assert list(training.runs) == [started]
+        assert not (tmp_path / "data" / "rl" / other).exists()
+

@@ -126,6 +126,7 @@ class Memory(Service):
         self.diffusion: Diffusion | None = None
         self.ready = trio.Event()
         self.learning: LearnJob | None = None
+        self._learn_starting = False  # a learn() between its check and its job
         self._nursery: trio.Nursery | None = None
         r = node.metrics.registry
         self.decisions = Counter("peerd_memory_decisions", "Memory decisions by action and "
@@ -296,18 +297,26 @@ class Memory(Service):
         load."""
         from peerd.rl.tasks import load_task
 
-        if self.learning is not None and self.learning.state == "running":
+        if self._learn_starting or (self.learning is not None
+                                    and self.learning.state == "running"):
             raise RuntimeError("a learning job is running here; wait for it "
                                "(GET /v1/memory/learn)")
         self._face()
+        # taken before the first await: a second request arriving while this one loads
+        # its task is refused, and the job stop_learning sees is the one that runs
+        self._learn_starting = True
         try:
-            task = await trio.to_thread.run_sync(lambda: load_task(spec.task, seed=spec.seed))
-        except (ValueError, OSError) as exc:  # OSError: e.g. a file name too long
-            raise SpecError("task", str(exc)) from None
-        job = LearnJob(spec, spec.domain or domain_of(task.name))
-        self.learning = job
-        assert self._nursery is not None
-        self._nursery.start_soon(self._learn, job)
+            try:
+                task = await trio.to_thread.run_sync(
+                    lambda: load_task(spec.task, seed=spec.seed))
+            except (ValueError, OSError) as exc:  # OSError: e.g. a file name too long
+                raise SpecError("task", str(exc)) from None
+            job = LearnJob(spec, spec.domain or domain_of(task.name))
+            self.learning = job
+            assert self._nursery is not None
+            self._nursery.start_soon(self._learn, job)
+        finally:
+            self._learn_starting = False
         return job
 
     async def _learn(self, job: LearnJob) -> None:

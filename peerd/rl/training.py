@@ -103,6 +103,7 @@ class Training(Service):
         self.weights = weights
         self.root = data_dir / "rl"
         self.runs: dict[str, Run] = {}
+        self._starting: str | None = None  # the run id of a start in progress
         # the peer's memory, which keeps a run's groups as SCECs (scecs.py; the daemon
         # hands it over)
         self.scored: ScoredRuns | None = None
@@ -128,18 +129,25 @@ class Training(Service):
         """Accept a run (RunRefused says why not) and start it in the background."""
         if self._nursery is None:
             raise RunRefused("the RL service is not running yet; try again shortly")
-        busy = [r for r in self.runs.values() if r.state not in ENDED]
-        if busy:  # one learner at a time: it is the whole machine's compute
-            raise RunRefused(f"run {busy[0].spec.run_id!r} is still going on this peer; "
-                             "one run at a time (see `peerd rl status`)")
         run_id = spec.run_id or (Path(spec.out).name if spec.out and spec.resume else "")
         run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        run_dir = Path(spec.out) if spec.out else self.root / run_id
-        spec = RunSpec(**{**spec.to_json(), "run_id": run_id, "out": str(run_dir)})
-        await trio.to_thread.run_sync(_prepare_dir, run_dir, spec)
-        run = Run(spec, run_dir)
-        self.runs[run_id] = run
-        self._nursery.start_soon(self._go, run)
+        going = self._starting or next(
+            (r.spec.run_id for r in self.runs.values() if r.state not in ENDED), None)
+        if going is not None:  # one learner at a time: it is the whole machine's compute
+            raise RunRefused(f"run {going!r} is still going on this peer; "
+                             "one run at a time (see `peerd rl status`)")
+        # the slot is taken before the first await: a second request arriving while
+        # this one prepares its dir is refused, not started beside it
+        self._starting = run_id
+        try:
+            run_dir = Path(spec.out) if spec.out else self.root / run_id
+            spec = RunSpec(**{**spec.to_json(), "run_id": run_id, "out": str(run_dir)})
+            await trio.to_thread.run_sync(_prepare_dir, run_dir, spec)
+            run = Run(spec, run_dir)
+            self.runs[run_id] = run
+            self._nursery.start_soon(self._go, run)
+        finally:
+            self._starting = None
         return run
 
     async def _go(self, run: Run) -> None:

@@ -9,6 +9,7 @@ model says "7" now and then; GRPO makes it say "7" more.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,30 @@ async def test_a_sampler_that_never_answers_is_timed_out_and_dropped(
         with trio.fail_after(30):
             await run.ended.wait()
         assert run.state == "stopped"
+
+
+async def test_a_run_forgets_trained_slots(tmp_path: Path, tiny: Path, task: Path) -> None:
+    """What the trainer keeps by slot is of the slots still to train, at most a step's
+    slots for each step it may run ahead and the one in hand (it was every slot of the
+    run)."""
+    batch, ahead, steps = 4, 1, 10
+    async with rl_swarm(tmp_path, tiny) as (training, _):
+        run = await training.start_run(spec(tiny, task, run_id="light", batch=batch,
+                                            steps=steps, mode="async", staleness=ahead))
+        sizes: Counter[str] = Counter()
+        with trio.fail_after(180):
+            while not run.ended.is_set():
+                t = run.trainer
+                if t is not None:
+                    for name, kept in (("problems", t._problems),
+                                       ("prompt_ids", t._prompt_ids),
+                                       ("attempts", t.attempts),
+                                       ("sampler_of", t.sampler_of)):
+                        sizes[name] = max(sizes[name], len(kept))
+                await trio.sleep(0.005)
+        assert run.state == "done", run.to_json()
+        print("most kept", dict(sizes))
+        assert sizes["problems"] >= batch and max(sizes.values()) <= batch * (ahead + 2)
 
 
 async def test_a_run_keeps_scecs_in_the_memory_without_moving_its_baseline(

@@ -121,9 +121,11 @@ class Trainer:
             self.scecs.restore(state.get("memory_scecs", {}))
         self.buffer = (ReplayBuffer.from_json(state["buffer"], **self._buffer_args())
                        if state and "buffer" in state else ReplayBuffer(**self._buffer_args()))
+        # By slot or group, of the slots not yet trained only (_forget_trained): every
+        # slot below the current step's is trained, none of it is out or comes back.
         self.waiting: dict[int, str] = {}  # slot -> the group id of its rollouts, waiting
         self.attempts: Counter[int] = Counter()  # slot -> times its rollouts arrived
-        self.sampler_of: dict[str, str] = {}  # group id -> the sampler that made it
+        self.sampler_of: dict[str, str] = {}  # group id (in the buffer) -> its sampler
         self.push = spec.mode == "async"  # samplers push their rollouts (Echo's async)
         self.orders: dict[str, _Order] = {}  # sampler -> the order it holds
         self.stopping = False
@@ -428,6 +430,7 @@ class Trainer:
             mine = [g[0].group_id for g in groups if g[0].sampler == peer]
             for gid in mine:
                 self.buffer.discard(gid, "verification")
+                self.sampler_of.pop(gid, None)
             self._refuse([_slot(g) for g in mine], "verification", peer, why, counted=True)
         return liars
 
@@ -483,12 +486,14 @@ class Trainer:
         for g in groups:
             slot = _slot(g[0].group_id)
             self.waiting.pop(slot, None)
+            self.sampler_of.pop(g[0].group_id, None)
             if self.scecs is not None:  # verified (an honest sampler's), degenerate or not
                 self.scecs.offer(self.problem(slot), self.seed(slot), g)
         train_s = time.monotonic() - t0
         trained_at = self.version
         self.version += 1
         self.slots.advance()
+        self._forget_trained()
         step = self.slots.step
         t1 = time.monotonic()
         saved = await self.checkpoint_if_due(step)
@@ -516,6 +521,15 @@ class Trainer:
         self.emit("rl.step", **line)
         self._wake()
         return saved
+
+    def _forget_trained(self) -> None:
+        """Let go of what is kept by slot for the slots now trained: the step cannot
+        have moved past a slot still out, and a trained slot is never handed out again
+        (slots.py), so nothing asks for them (a resume starts at its step, afresh)."""
+        first = self.slots.current().start
+        for by_slot in (self._problems, self._prompt_ids, self.attempts):
+            for slot in [s for s in by_slot if s < first]:
+                del by_slot[slot]
 
     async def checkpoint_if_due(self, step: int) -> int:
         if step % self.spec.checkpoint_every == 0 or step >= self.spec.steps:

@@ -160,18 +160,26 @@ def test_two_gloo_ranks_train_score_and_checkpoint_as_one_process(tmp_path: Path
 
 
 def group_of(run: Run) -> RankedPolicy:
+    """The ranks' group of a run that is training (an ended run lets go of it)."""
     assert run.trainer is not None
     policy = run.trainer.learner
     assert isinstance(policy, RankedPolicy)
     return policy
 
 
-async def ended(training: Training, spec: RunSpec, state: str = "done") -> Run:
+async def ended(training: Training, spec: RunSpec, state: str = "done"
+                ) -> tuple[Run, RankedPolicy | None]:
+    """The run once it has ended in `state`, and its ranks' group as it trained (None
+    when it never trained)."""
     run = await training.start_run(spec)
+    group = None
     with trio.fail_after(120):
-        await run.ended.wait()
+        while not run.ended.is_set():
+            if group is None and run.trainer is not None and run.trainer.learner is not None:
+                group = group_of(run)
+            await trio.sleep(0.01)
     assert run.state == state, run.to_json()
-    return run
+    return run, group
 
 
 @pytest.mark.slow
@@ -186,13 +194,13 @@ async def test_a_run_with_two_ranks_fails_clearly_checkpoints_resumes_and_leaves
         weights.write_bytes(b"not safetensors")
     async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
         # the group cannot start: the run fails saying why; the peer goes on
-        failed = await ended(training, RunSpec(**{
+        failed, _ = await ended(training, RunSpec(**{
             **settings, "model": str(broken), "run_id": "broken", "steps": 1}), "failed")
         # rank 0's answer, or (when torchrun ends the group first) a rank's last words
         assert failed.error.startswith("GroupError: ") and "rank" in failed.error
         assert "SafetensorError" in failed.error, failed.error
-        first = await ended(training, RunSpec(**settings, steps=2))
-        group = group_of(first)
+        first, group = await ended(training, RunSpec(**settings, steps=2))
+        assert group is not None
         assert first.to_json()["version"] == 2 and len(checkpoints(first.dir)) == 1
         assert all(gone(pid) for pid in [group.proc.pid, *group.pids])
         assert (first.dir / "ranks" / "rank1.log").is_file()
@@ -200,6 +208,7 @@ async def test_a_run_with_two_ranks_fails_clearly_checkpoints_resumes_and_leaves
         again = await training.start_run(RunSpec(
             **settings, steps=50, resume=True, out=str(first.dir)))
         await wait_for(lambda: again.to_json()["step"] >= 3, timeout_s=90)
+        group = group_of(again)
         again.stop()
         with trio.fail_after(60):
             await again.ended.wait()
@@ -209,7 +218,7 @@ async def test_a_run_with_two_ranks_fails_clearly_checkpoints_resumes_and_leaves
                  (first.dir / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, out["step"] + 1))  # on from step 2, none lost
         assert checkpoints(first.dir)[-1].name == f"step-{out['step']:08d}"
-        group = group_of(again)
+        assert again.trainer is not None and again.trainer.learner is None  # let go of
         assert all(gone(pid) for pid in [group.proc.pid, *group.pids])
         # the samplers follow the group's versions: the last one reaches them (a pull
         # that failed, as one did under load, is tried again: follow.py)

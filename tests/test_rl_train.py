@@ -8,14 +8,19 @@ model says "7" now and then; GRPO makes it say "7" more.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
+import peerd.rl.training as training_module
+from peerd.api.app import create_app
 from peerd.rl.policy import Generation
 from peerd.rl.rollouts import push_rollouts
 from peerd.rl.run import RunSpec
@@ -328,19 +333,23 @@ async def test_a_sampler_that_never_answers_is_timed_out_and_dropped(
         assert run.state == "stopped"
 
 
-async def test_a_run_forgets_trained_slots(tmp_path: Path, tiny: Path, task: Path) -> None:
+async def test_a_run_forgets_trained_slots_and_an_ended_run_lets_go_of_its_model(
+        tmp_path: Path, tiny: Path, task: Path) -> None:
     """What the trainer keeps by slot is of the slots still to train, at most a step's
     slots for each step it may run ahead and the one in hand (it was every slot of the
-    run)."""
+    run); once a run ends its learner (the model, the optimiser state) is let go, and
+    GET and /metrics still give its counts."""
     batch, ahead, steps = 4, 1, 10
     async with rl_swarm(tmp_path, tiny) as (training, _):
         run = await training.start_run(spec(tiny, task, run_id="light", batch=batch,
                                             steps=steps, mode="async", staleness=ahead))
         sizes: Counter[str] = Counter()
+        learner: weakref.ref[Any] | None = None
         with trio.fail_after(180):
             while not run.ended.is_set():
                 t = run.trainer
-                if t is not None:
+                if t is not None and t.learner is not None:
+                    learner = learner or weakref.ref(t.learner.learner)
                     for name, kept in (("problems", t._problems),
                                        ("prompt_ids", t._prompt_ids),
                                        ("attempts", t.attempts),
@@ -350,6 +359,30 @@ async def test_a_run_forgets_trained_slots(tmp_path: Path, tiny: Path, task: Pat
         assert run.state == "done", run.to_json()
         print("most kept", dict(sizes))
         assert sizes["problems"] >= batch and max(sizes.values()) <= batch * (ahead + 2)
+        assert learner is not None
+        gc.collect()
+        assert learner() is None  # nothing holds the model once the run has ended
+        app = create_app(training.node, "t0ken")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://peerd",
+                                     headers={"Authorization": "Bearer t0ken"}) as client:
+            got = (await client.get("/v1/rl/runs/light")).json()
+            assert (got["state"], got["step"], got["version"]) == ("done", steps, steps)
+            assert sum(got["staleness"].values()) == steps * batch * 8
+            metrics = (await client.get("/metrics")).text
+            assert f'peerd_rl_steps_total{{run="light"}} {float(steps)}' in metrics
+
+
+async def test_only_the_newest_ended_runs_are_kept(tmp_path: Path, tiny: Path, task: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(training_module, "KEEP_ENDED", 2)
+    async with rl_swarm(tmp_path, tiny, samplers=1) as (training, _):
+        for run_id in ("a", "b", "c", "d"):
+            await finished(training, spec(tiny, task, run_id=run_id, steps=1, batch=1))
+        assert list(training.runs) == ["c", "d"]
+        await finished(training, spec(tiny, task, run_id="c", steps=2, batch=1,
+                                      out=str(training.root / "c"), resume=True))
+        assert list(training.runs) == ["d", "c"]  # a run of an id kept: now the newest
 
 
 async def test_a_run_keeps_scecs_in_the_memory_without_moving_its_baseline(

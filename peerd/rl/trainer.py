@@ -531,6 +531,23 @@ class Trainer:
             for slot in [s for s in by_slot if s < first]:
                 del by_slot[slot]
 
+    def release(self) -> None:
+        """The run has ended: let go of what only training needs (the policy, whose
+        learner holds the model, its optimiser state and the reference model; the
+        callbacks that hold the policy; what is kept by slot), keeping the counts that
+        to_json and /metrics read."""
+        self.stopping = True
+        self.learner = None
+        self.publish = self.checkpoint = _ended
+        self.sample = _ended
+        self.tokenize = self.detokenize = _ended
+        self.waiting.clear()
+        self.attempts.clear()
+        self.sampler_of.clear()
+        self.orders.clear()
+        self._problems.clear()
+        self._prompt_ids.clear()
+
     async def checkpoint_if_due(self, step: int) -> int:
         if step % self.spec.checkpoint_every == 0 or step >= self.spec.steps:
             await self.checkpoint(step, self.version, self.state())
@@ -562,6 +579,10 @@ class Trainer:
         if self.scecs is not None:
             out["memory_scecs"] = self.scecs.to_json()
         return out
+
+
+def _ended(*_args: Any) -> Any:
+    raise RuntimeError("the run has ended: its trainer holds no policy")
 
 
 def _slot(group_id: str) -> int:

@@ -5,7 +5,8 @@ finds the samplers in the ledger (samplers.py), and trains by GRPO (trainer.py),
 publishing each new version through the weights service (weights.py) for the
 samplers to pull. Its dir holds the checkpoints, `metrics.jsonl` (a line a step),
 `run.json` (the settings) and, at the end, `summary.json` and `reward.png`. Progress
-goes to `/events` (`rl.*`) and `/metrics`.
+goes to `/events` (`rl.*`) and `/metrics`. An ended run lets go of its policy (the
+model, the optimiser state); its counts stay, for the newest KEEP_ENDED ended runs.
 
 In async mode the samplers push their rollouts (`/peerd/rollout-push/1.0.0`): this
 service serves the push for every run and hands each push to its run's trainer.
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENDED = ("done", "failed", "stopped")
+KEEP_ENDED = 16  # ended runs whose summaries GET /v1/rl/runs still shows
 
 
 class Run:
@@ -102,7 +104,7 @@ class Training(Service):
         self.ledger = ledger
         self.weights = weights
         self.root = data_dir / "rl"
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[str, Run] = {}  # the one going, and the newest that ended
         self._starting: str | None = None  # the run id of a start in progress
         # the peer's memory, which keeps a run's groups as SCECs (scecs.py; the daemon
         # hands it over)
@@ -144,11 +146,18 @@ class Training(Service):
             spec = RunSpec(**{**spec.to_json(), "run_id": run_id, "out": str(run_dir)})
             await trio.to_thread.run_sync(_prepare_dir, run_dir, spec)
             run = Run(spec, run_dir)
+            self.runs.pop(run_id, None)  # a run of that id that ended: now the newest
             self.runs[run_id] = run
             self._nursery.start_soon(self._go, run)
         finally:
             self._starting = None
         return run
+
+    def _forget_ended(self) -> None:
+        """Keep the newest KEEP_ENDED ended runs (their summaries), the oldest go."""
+        ended = [rid for rid, r in self.runs.items() if r.state in ENDED]
+        for rid in ended[:max(0, len(ended) - KEEP_ENDED)]:
+            del self.runs[rid]
 
     async def _go(self, run: Run) -> None:
         try:
@@ -167,7 +176,10 @@ class Training(Service):
             cause = _leaf(exc)
             run.fail(f"{type(cause).__name__}: {cause}")
         finally:
+            if run.trainer is not None:  # ended: the counts stay, the model goes
+                run.trainer.release()
             run.ended.set()
+            self._forget_ended()
             self.node.events.publish("rl.ended", run_id=run.spec.run_id, state=run.state,
                                      error=run.error)
 

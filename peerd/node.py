@@ -232,7 +232,7 @@ class Node:
         """Count input refused from `peer` (metrics, events, per-peer tally)."""
         self.tally(peer, reason)
         self.metrics.rejections.labels(reason).inc()
-        log.info("refused input from %s: %s (%s)", peer, reason, detail)
+        log.info("refused input from %s: %s (%.1000s)", peer, reason, detail)
         self.events.publish("peer.offence", peer_id=peer, reason=reason, detail=detail[:300])
 
     def tally(self, peer: str, reason: str) -> None:

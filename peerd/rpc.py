@@ -125,8 +125,8 @@ async def call(
             except StreamClosed:
                 raise WireError(f"{spec.id}: peer closed the stream without a reply") from None
             reply = decode(raw, spec.response, ErrorReply)
-            if isinstance(reply, ErrorReply):
-                raise RemoteError(reply.code, reply.message)
+            if isinstance(reply, ErrorReply):  # the peer's words, quoted briefly
+                raise RemoteError(reply.code[:64], reply.message[:1000])
             return reply
         finally:
             await close_stream(stream)

@@ -35,6 +35,10 @@ class Message:
     # fields added to a request after it shipped: left off the wire while they hold
     # their default, so a peer that does not know them still accepts the message
     OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+    # the most items a list or map field may hold, checked before any item is: a peer's
+    # frame of a million tiny items would otherwise hold the event loop for seconds
+    # while each is type-checked, only for a later rule to refuse the count
+    MAX_ITEMS: ClassVar[Mapping[str, int]] = {}
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -54,7 +58,7 @@ class Message:
             raise WireError(f"{cls.__name__}: expected a map, got {type(obj).__name__}")
         if cls.KIND:
             if obj.get("t") != cls.KIND:
-                raise WrongMessageType(f"expected message {cls.KIND!r}, got {obj.get('t')!r}")
+                raise WrongMessageType(f"expected message {cls.KIND!r}, got {obj.get('t')!r:.60}")
             version = obj.get("v")
             if not isinstance(version, int) or isinstance(version, bool):
                 raise WireError(f"{cls.KIND}: missing or bad version field")
@@ -67,7 +71,13 @@ class Message:
         if cls.STRICT:
             extra = set(obj) - known - {"t", "v"}
             if extra:
-                raise WireError(f"{cls.__name__}: unknown fields {sorted(map(str, extra))}")
+                names = sorted(f"{k!s:.40}" for k in extra)
+                more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+                raise WireError(f"{cls.__name__}: unknown fields {names[:5]}{more}")
+        for name, most in cls.MAX_ITEMS.items():
+            items = obj.get(name)
+            if isinstance(items, list | tuple | Mapping) and len(items) > most:
+                raise WireError(f"{cls.__name__}.{name}: {len(items)} items (at most {most})")
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if f.name in obj:
@@ -185,4 +195,4 @@ def decode(data: bytes, *expected: type[Message]) -> Message:
         if kind == cls.KIND:
             return cls.from_wire(obj)
     names = ", ".join(repr(c.KIND) for c in expected)
-    raise WrongMessageType(f"unexpected message type {kind!r}; expected one of {names}")
+    raise WrongMessageType(f"unexpected message type {kind!r:.60}; expected one of {names}")

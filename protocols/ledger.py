@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from protocols.codec import Message
 from protocols.errors import WireError
 from protocols.spec import RequestResponse
-from protocols.tool import ToolBrief
+from protocols.tool import MAX_TOOLS, ToolBrief
 
 TOPIC = "peerd/ledger/1"
 
@@ -28,6 +28,15 @@ MAX_SNAPSHOT_ENTRIES = 4096
 # anyone could fill a book (and its SQLite file) with entries of made-up peers
 MAX_BOOK_ENTRIES = MAX_SNAPSHOT_ENTRIES
 MAX_BOOK_BYTES = 64 << 20  # of signed bodies; an honest entry is a few KiB
+# What one entry may list; a peer trims its own to these (ledger/gossip.py)
+MAX_ADDRS = 32
+MAX_ADDR_CHARS = 256
+MAX_MODELS = 8
+MAX_LAYERS = 1024  # of a model
+MAX_SKILLS = 64
+MAX_FEATURES = 64
+MAX_REPUTATION = 256  # reports; agents/reputation.py publishes at most this many
+MAX_INT = 2**63 - 1  # SQLite's INTEGER, and any sane count
 MAX_CLOCK_SKEW_S = 60.0  # a timestamp further in the future than this is refused
 MIN_TTL_S = 0.1
 MAX_TTL_S = 24 * 3600.0
@@ -99,26 +108,42 @@ class LedgerEntry(Message):
         return self.timestamp + self.ttl_s
 
     def check(self) -> None:
-        """WireError (malformed) for numbers no honest peer signs: a NaN or an infinity
-        anywhere (every reader, the API's JSON first, would choke on it), a negative
-        count, a ttl out of range, a reputation outside [0, 1]."""
+        """WireError (malformed) for what no honest peer signs: a NaN or an infinity
+        anywhere (every reader, the API's JSON first, would choke on it), a count that
+        is negative or past 2**63 (SQLite's INTEGER: the store would fail on it), a ttl
+        out of range, a reputation outside [0, 1], a layer span that is not one, lists
+        longer than any peer's (each costs its readers: addresses are dialled one by
+        one, spans routed over)."""
         if not (MIN_TTL_S <= self.ttl_s <= MAX_TTL_S) or not math.isfinite(self.timestamp):
             raise WireError(f"entry of {self.peer_id}: ttl {self.ttl_s} out of range")
+        lists = {"addrs": (self.addrs, MAX_ADDRS), "models": (self.models, MAX_MODELS),
+                 "skills": (self.skills, MAX_SKILLS), "features": (self.features, MAX_FEATURES),
+                 "reputation": (self.reputation, MAX_REPUTATION),
+                 "tools": (self.tools, MAX_TOOLS)}
+        for what, (items, most) in lists.items():
+            if len(items) > most:
+                raise WireError(f"entry of {self.peer_id}: {len(items)} {what} (at most {most})")
+        if any(len(a) > MAX_ADDR_CHARS for a in self.addrs):
+            raise WireError(f"entry of {self.peer_id}: an address over {MAX_ADDR_CHARS} "
+                            "characters")
         counts = {"seq": self.seq, "memory_bytes": self.hardware.memory_bytes,
                   "cpu_count": self.hardware.cpu_count, "sessions": self.load.sessions,
                   "queue": self.load.queue, "weights_http_port": self.weights_http_port}
-        counts |= {f"layers of {m.model_id!r:.40}": min(m.layer_start, m.layer_end,
-                                                        m.num_layers) for m in self.models}
         for what, n in counts.items():
-            if n < 0:
-                raise WireError(f"entry of {self.peer_id}: negative {what}")
+            if not 0 <= n <= MAX_INT:
+                raise WireError(f"entry of {self.peer_id}: {what} {n} out of range")
+        for m in self.models:
+            whole = m.num_layers or MAX_LAYERS  # 0: not said (an older peer)
+            if not (0 <= m.layer_start < m.layer_end <= whole <= MAX_LAYERS):
+                raise WireError(f"entry of {self.peer_id}: layers [{m.layer_start}, "
+                                f"{m.layer_end}) of {m.num_layers} of {m.model_id!r:.40}")
         rates = {"cpu_percent": self.load.cpu_percent,
                  **{f"tokens_per_s of {m.model_id!r:.40}": m.tokens_per_s for m in self.models}}
         for what, x in rates.items():
             if not (math.isfinite(x) and x >= 0):
                 raise WireError(f"entry of {self.peer_id}: {what} is {x}")
         for peer, score in self.reputation.items():
-            if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+            if not (math.isfinite(score) and 0.0 <= score <= 1.0) or len(peer) > 128:
                 raise WireError(f"entry of {self.peer_id}: reputation {score} of "
                                 f"{peer!r:.60} outside [0, 1]")
 
@@ -140,6 +165,7 @@ class SyncRequest(Message):
 @dataclass(frozen=True, slots=True)
 class SyncResponse(Message):
     KIND = "ledger.sync.resp"
+    MAX_ITEMS = {"entries": MAX_SNAPSHOT_ENTRIES}
     entries: tuple[SignedEntry, ...]
 
 

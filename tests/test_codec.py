@@ -142,6 +142,23 @@ def test_request_refuses_unknown_fields() -> None:
         decode(packb(wire_map(SIGNED, note="hi")), SignedEntry)
 
 
+def test_errors_quote_a_peers_values_briefly() -> None:
+    """The errors echo what the peer sent, and they are logged and sent back: a 1 MB
+    message type or a thousand unknown field names made a line of megabytes."""
+    huge = "x" * 1_000_000
+    for raw in (packb({"t": huge, "v": 1}), packb({**wire_map(SIGNED), "t": huge})):
+        with pytest.raises(WrongMessageType) as err:
+            decode(raw, SignedEntry)
+        assert len(str(err.value)) < 200
+    with pytest.raises(WireError) as err2:
+        decode(packb({**wire_map(SIGNED), **{f"f{i}" + "y" * 1000: 1 for i in range(1000)}}),
+               SignedEntry)
+    assert "unknown fields" in str(err2.value) and len(str(err2.value)) < 400
+    with pytest.raises(WrongMessageType) as err3:
+        SignedEntry.from_wire({**wire_map(SIGNED), "t": huge})
+    assert len(str(err3.value)) < 200
+
+
 def test_request_refuses_missing_fields() -> None:
     obj = wire_map(SIGNED)
     del obj["sig"]

@@ -239,7 +239,7 @@ async def test_an_entry_too_large_to_sign_leaves_the_last_one_and_the_service_ru
         before = book(a).get(a.peer_id)
         assert before is not None
         with pytest.raises(EntryTooLarge):
-            await advertise(a, ["x" * 1000] * (MAX_ENTRY_BYTES // 1000 + 1))
+            await advertise(a, ["x" * 1100] * (MAX_ENTRY_BYTES // 1100 + 1))
         assert book(a).get(a.peer_id) == before
         await trio.sleep(0.6)  # three heartbeats, each failing to re-sign
         await advertise(a, ["fits"])
@@ -254,7 +254,7 @@ async def test_an_entry_too_large_to_sign_leaves_the_last_one_and_the_service_ru
                 task_status.started()
 
             def entry_fields(self) -> EntryFields:
-                return {"reputation": {f"peer-{i:05d}": 0.5 for i in range(2000)}}
+                return {"reputation": {f"{i:03d}".ljust(128, "p"): 0.5 for i in range(256)}}
 
         await a.start(Reporter())
         entry = await advertise(a, ["y" * 1000] * 40)

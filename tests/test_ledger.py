@@ -176,13 +176,53 @@ NAN, INF = float("nan"), float("inf")
     {"hardware": Hardware(memory_bytes=-5)},
     {"models": (ModelServed("m", 0, 4, "float32", tokens_per_s=NAN),)},
     {"models": (ModelServed("m", -1, 4, "float32"),)}, {"weights_http_port": -1},
+    # past SQLite's INTEGER: the store's write failed, which ended the gossip service
+    # and the daemon, on every peer that heard it
+    {"seq": 2**64 - 1}, {"hardware": Hardware(memory_bytes=2**63)},
+    {"models": (ModelServed("m", 0, 10**9, "float32", num_layers=10**9),)},
+    {"models": (ModelServed("m", 4, 4, "float32"),)},
+    {"models": (ModelServed("m", 0, 40, "float32", num_layers=30),)},
+    {"models": tuple(ModelServed(f"m{i}", 0, 4, "float32") for i in range(9))},
+    {"addrs": tuple(f"/ip4/10.0.0.{i}/tcp/1" for i in range(33))},
+    {"addrs": ("/dns4/" + "a" * 300 + "/tcp/1",)}, {"skills": ("s",) * 65},
+    {"reputation": {f"p{i}": 0.5 for i in range(257)}}, {"reputation": {"p" * 129: 0.5}},
 ], ids=["rep-nan", "rep-1.5", "rep-inf", "cpu-inf", "cpu-nan", "queue", "memory",
-        "tok-nan", "layer", "port"])
+        "tok-nan", "layer", "port", "seq-2**64", "memory-2**63", "layers-1e9", "empty-span",
+        "span-past-model", "9-models", "33-addrs", "long-addr", "65-skills", "257-reports",
+        "long-reporter"])
 def test_numbers_no_honest_peer_signs_are_malformed(alice: KeyPair,
                                                      fields: dict[str, Any]) -> None:
     """A NaN in a peer's entry was held and re-served, and made every peer's GET
     /ledger a 500 (JSON has no NaN) for as long as the entry lived."""
     assert reason_of(Ledger(), signed(alice, **fields)) == "malformed"
+
+
+def test_an_entry_at_every_bound_is_taken(alice: KeyPair) -> None:
+    from protocols.ledger import MAX_ADDRS, MAX_LAYERS, MAX_MODELS, MAX_REPUTATION, MAX_SKILLS
+
+    Ledger().offer(signed(
+        alice, seq=2**63 - 1, addrs=tuple(f"/ip4/10.0.0.{i}/tcp/1" for i in range(MAX_ADDRS)),
+        models=tuple(ModelServed(f"m{i}", 0, MAX_LAYERS, "float32", num_layers=MAX_LAYERS)
+                     for i in range(MAX_MODELS)),
+        skills=("s",) * MAX_SKILLS, reputation={f"p{i}": 1.0 for i in range(MAX_REPUTATION)}),
+        T0)
+
+
+def test_a_snapshot_past_its_count_is_refused_before_any_entry_is_read() -> None:
+    """Each item of a list is type-checked in Python: half a million empty entries in a
+    16 MiB snapshot held the event loop for seconds before anything counted them."""
+    from protocols.codec import decode, packb
+    from protocols.errors import WireError
+    from protocols.ledger import MAX_SNAPSHOT_ENTRIES, SyncResponse
+
+    raw = packb({"t": SyncResponse.KIND, "v": 1,
+                 "entries": [{"t": "ledger.signed", "v": 1, "body": b"", "sig": b""}]
+                 * (MAX_SNAPSHOT_ENTRIES + 1)})
+    with pytest.raises(WireError, match="items"):
+        decode(raw, SyncResponse)
+    ok = packb({"t": SyncResponse.KIND, "v": 1,
+                "entries": [{"t": "ledger.signed", "v": 1, "body": b"", "sig": b""}] * 3})
+    assert len(decode(ok, SyncResponse).entries) == 3
 
 
 def test_a_reputation_that_is_not_a_number_is_malformed(alice: KeyPair) -> None:

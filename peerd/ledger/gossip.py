@@ -83,6 +83,10 @@ class LedgerGossip(Service):
         last entry stands."""
         entry = self._own_entry()
         try:
+            entry.check()
+        except WireError as exc:  # no peer would take it: our bug (a service's fields)
+            raise ValueError(f"our own ledger entry is invalid: {exc}") from None
+        try:
             signed = sign_entry(entry, self.node.key_pair.private_key)
         except EntryTooLarge as exc:
             log.warning("%s: signing it without our reputation reports", exc)
@@ -102,7 +106,8 @@ class LedgerGossip(Service):
             timestamp=time.time(),
             ttl_s=node.config.ttl_s,
             name=node.name,
-            addrs=tuple(node.addrs()),
+            addrs=tuple(a for a in node.addrs() if len(a) <= wire.MAX_ADDR_CHARS
+                        )[:wire.MAX_ADDRS],
             hardware=fields.get("hardware") or Hardware(
                 device="cpu", memory_bytes=int(psutil.virtual_memory().available),
                 cpu_count=os.cpu_count() or 0),
@@ -300,7 +305,7 @@ class LedgerGossip(Service):
             if entry is None or time.time() - entry.timestamp >= heartbeat_s:
                 try:
                     self.refresh()
-                except EntryTooLarge:  # our bug (a service's fields): keep serving
+                except ValueError:  # our bug (a service's fields): keep serving
                     log.exception("our ledger entry cannot be re-signed")
             if self._publish_now.is_set():
                 self._publish_now = trio.Event()
@@ -383,7 +388,10 @@ class LedgerGossip(Service):
         while True:
             await trio.sleep(FLUSH_INTERVAL_S)
             if self._dirty or self._removed:
-                await trio.to_thread.run_sync(self._write, *self._take_changes())
+                try:
+                    await trio.to_thread.run_sync(self._write, *self._take_changes())
+                except Exception:  # the store is a cache of the book: serve on without it
+                    log.exception("writing the ledger to %s failed", self.store.path)
 
     def _take_changes(self) -> tuple[list[tuple[LedgerEntry, SignedEntry]], set[str]]:
         """Changed entries since the last flush, collected on the event loop."""

@@ -148,3 +148,28 @@ async def test_the_calculator_writes_every_result_into_the_chain(tmp_path: Path)
         # confidence: the likelihood of the model's own tokens (the answer is marked)
         assert solution.confidence == pytest.approx(likelihood(chosen), rel=1e-4)
     assert 0.0 < solution.confidence <= 1.0
+
+
+def test_answers_are_read_from_long_runs_of_whitespace_at_once() -> None:
+    """The patterns read other peers' text. `\\s*(?:is)?\\s*` and the three `\\s*` of the
+    leading-choice pattern backtracked over every split of a run of spaces that is not
+    followed by what they look for: a thousand spaces took seconds (cubic), on the event
+    loop. A regex holds the GIL, so the check runs in a process of its own, given 30 s
+    (the old patterns took minutes on these)."""
+    import json
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json
+        from peerd.agents.answers import extract, normalise_choice
+        got = extract("answer" + " " * 60_000 + "so 9", "number")
+        print(json.dumps([normalise_choice(" " * 2500 + "1 or B"),
+                          extract("answer" + " " * 20_000 + "is: 7", "number").answer,
+                          got.answer, got.explicit,
+                          extract("\\n" * 20_000 + "#### 5", "number").answer,
+                          normalise_choice("the answer : (c)")]))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert json.loads(out.stdout) == ["B", "7", "9", False, "5", "C"]

@@ -20,17 +20,20 @@ from decimal import Decimal, InvalidOperation
 MAX_NORMALISED_CHARS = 200
 
 # "Answer: 42", "Final answer: 42", "The answer is 42", "#### 42" (GSM8K's own marker).
+# These read other peers' text: no two runs of spaces a pattern may split between them
+# (`\s*(?:is)?\s*` backtracked over every split of a long run of spaces: seconds on
+# the event loop for one chain of thought).
 _MARKED = re.compile(
-    r"(?:final\s+answer|answer)\s*(?:is)?\s*[:\uff1a=]\s*(?P<a>[^\n]*)"
+    r"(?:final\s+answer|answer)\s*(?:is\s*)?[:\uff1a=]\s*(?P<a>[^\n]*)"
     r"|the\s+(?:final\s+)?answer\s+is\s*(?P<b>[^\n]*)"
-    r"|^\s*####\s*(?P<c>[^\n]*)",
+    r"|^[ \t]*####\s*(?P<c>[^\n]*)",
     re.IGNORECASE | re.MULTILINE,
 )
 _NUMBER = re.compile(
     r"(?P<neg>-)?\$?\s?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
     r"(?:\s*/\s*(?P<den>\d+))?"
 )
-_CHOICE_LEADING = re.compile(r"^\s*(?:the\s+)?(?:option|choice|answer)?\s*[:\-]?\s*"
+_CHOICE_LEADING = re.compile(r"^\s*(?:the\s+)?(?:(?:option|choice|answer)\s*)?(?:[:\-]\s*)?"
                              r"\(?(?P<l>[A-Ja-j])\)?(?![A-Za-z0-9])")
 _CHOICE_PAREN = re.compile(r"\((?P<l>[A-Ja-j])\)")
 _CHOICE_BARE = re.compile(r"(?<![A-Za-z])(?P<l>[A-J])(?![A-Za-z])")

@@ -110,7 +110,7 @@ PROMPT_SETS: dict[str, tuple[tuple[int, ...], ...]] = {
     "choice": ((0,),),
     "text": ((0,),),
 }
-_ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:\uff1a]\s*\S[^\n]*\n", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"answer\s*(?:is\s*)?[:\uff1a]\s*\S[^\n]*\n", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)

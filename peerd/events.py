@@ -8,6 +8,7 @@ history lets a new subscriber see what just happened.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -29,7 +30,35 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "ts": self.ts, **self.data}
+        """The event as plain JSON values: what a publisher put in `data` may have come
+        from a peer (a NaN, bytes, a lone surrogate), and one event that `json.dumps`
+        refused ended every subscriber's stream, and every replay while it was in the
+        history."""
+        return {"id": self.id, "type": self.type, "ts": self.ts, **json_safe(self.data)}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as strict JSON can carry it: NaN and infinities as null, bytes as hex,
+    text that cannot be UTF-8 escaped, tuples as lists, keys as text, anything else as
+    its (short) str."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            value.encode()
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, bytes | bytearray):
+        return bytes(value[:1024]).hex()
+    if isinstance(value, dict):
+        return {json_safe(k if isinstance(k, str) else str(k)): json_safe(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    return json_safe(str(value)[:300])
 
 
 class _Subscriber:

@@ -325,15 +325,18 @@ class Node:
         return set(list(kept)[:MAX_KEPT])
 
     async def _dial(self, pid: str, addrs: Sequence[str]) -> None:
-        for addr in addrs:
-            try:
-                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-                with trio.fail_after(DIAL_TIMEOUT_S):
-                    await self.host.connect(info)
-                self._dial_backoff.pop(pid, None)
-                return
-            except Exception as exc:
-                log.debug("dial %s at %s failed: %r", pid, addr, exc)
+        # one deadline for all of a peer's addresses too: the round waits for its
+        # dials, and a peer may list many that drop packets
+        with trio.move_on_after(2 * DIAL_TIMEOUT_S):
+            for addr in addrs:
+                try:
+                    info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+                    with trio.fail_after(DIAL_TIMEOUT_S):
+                        await self.host.connect(info)
+                    self._dial_backoff.pop(pid, None)
+                    return
+                except Exception as exc:
+                    log.debug("dial %s at %s failed: %r", pid, addr, exc)
         _, delay = self._dial_backoff.get(pid, (0.0, 0.5))
         delay = min(delay * 2, MAX_DIAL_BACKOFF_S)
         self._dial_backoff[pid] = (trio.current_time() + delay, delay)

@@ -40,3 +40,36 @@ async def test_replay_and_a_subscriber_that_fell_behind() -> None:
         assert (await it.__anext__()).data == {"seq": 105}  # the oldest kept
         assert sub.dropped == 0
     assert not bus._subscribers  # leaving the block unsubscribes
+
+
+async def test_every_event_reaches_the_stream_as_strict_json() -> None:
+    """An event whose data came from a peer (a NaN, bytes, a tuple key, a lone
+    surrogate): json.dumps refused it inside every subscriber's stream at once, and in
+    every replay while it was in the history; a NaN went out as the bare word NaN,
+    which is not JSON."""
+    import json
+    from types import SimpleNamespace
+
+    from peerd.api.app import _sse
+
+    def strict(text: str) -> object:
+        def refuse(word: str) -> None:
+            raise ValueError(word)
+        return json.loads(text, parse_constant=refuse)
+
+    bus = EventBus()
+    bus.publish("odd", nan=float("nan"), inf=[float("-inf")], raw=b"\x00\xff",
+                keyed={(1, 2): "x", 3: "y"}, text="a\ud800b", items=("a", 1))
+    bus.publish("plain", n=1)
+    stream = _sse(SimpleNamespace(events=bus), replay=2, types=set())  # type: ignore[arg-type]
+    assert (await stream.__anext__()).startswith(":")
+    got = []
+    for _ in range(2):
+        chunk = await stream.__anext__()
+        got.append(strict(chunk.split("data: ", 1)[1]))
+    await stream.aclose()
+    odd, plain = got
+    assert isinstance(odd, dict) and isinstance(plain, dict)
+    assert odd["nan"] is None and odd["inf"] == [None] and odd["raw"] == "00ff"
+    assert odd["keyed"] == {"(1, 2)": "x", "3": "y"} and odd["items"] == ["a", 1]
+    assert odd["text"] == "a\\ud800b" and plain["n"] == 1

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
@@ -275,3 +277,30 @@ async def test_the_dial_back_off_forgets_peers_no_source_offers_any_more(
                        "every unreachable peer backed off")
         offered.clear()
         await wait_for(lambda: not node._dial_backoff, 15, "the back-off map empties")
+
+
+async def test_a_peer_listing_many_silent_addresses_costs_one_dial_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each address was tried for its own deadline, one after the other, and the
+    connectivity round waits for its dials: a peer listing addresses that accept and
+    then say nothing held every new connection back for minutes."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    import peerd.node as node_module
+
+    monkeypatch.setattr(node_module, "DIAL_TIMEOUT_S", 0.3)
+    held: list[trio.SocketStream] = []
+
+    async def silent(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    pid = str(ID.from_pubkey(create_new_key_pair().public_key))
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), silent, 0)
+        port = listeners[0].socket.getsockname()[1]
+        async with open_test_node(tmp_path / "n", target_peers=4) as node:
+            node.add_dial_source(lambda: [(pid, [f"/ip4/127.0.0.1/tcp/{port}/p2p/{pid}"] * 12)])
+            await wait_for(lambda: pid in node._dial_backoff, 15, "the dial gives up")
+            assert 1 <= len(held) <= 3  # tried for 2 deadlines, not 12
+        nursery.cancel_scope.cancel()

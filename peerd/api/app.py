@@ -179,7 +179,8 @@ async def _sse(node: Node, replay: int, types: set[str]) -> AsyncIterator[str]:
             if types and event.type not in types:
                 continue
             yield (f"id: {event.id}\nevent: {event.type}\n"
-                   f"data: {json.dumps(event.to_json(), separators=(',', ':'))}\n\n")
+                   f"data: {json.dumps(event.to_json(), separators=(',', ':'), allow_nan=False)}"
+                   "\n\n")
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
-from peerd.agents.reputation import view
+from peerd.agents.reputation import views
 from peerd.agents.sealing import seal
 from peerd.api.recall import Recall
 from peerd.inference.face import LanguageModel
@@ -222,21 +222,24 @@ class Tools(Service):
     def offers(self, tool: str | None = None) -> list[tuple[str, Offer, str]]:
         """(tool, offer, peer name) for every live ledger entry's tools."""
         out = []
-        entries = self.ledger.book.entries()
-        # Symphony's reputation view: ours is what our own entry publishes
-        reports = {e.peer_id: e.reputation for e in entries}
+        book = self.ledger.book.entries()
+        entries = [e for e in book if any(tool is None or b.name == tool for b in e.tools)]
+        # Symphony's reputation view of the peers offering: ours is what our own entry
+        # publishes; the views are taken together in one walk of every entry's reports
+        # (one view per entry walked them all: a full book took seconds on the loop)
+        reports = {e.peer_id: e.reputation for e in book}
         own = reports.get(self.node.peer_id, {})
+        standing = views([e.peer_id for e in entries], self.node.peer_id, own, reports)
         now = trio.current_time()
         for entry in entries:
             rtt = 0.0 if entry.peer_id == self.node.peer_id else \
                 self.node.rtt_ms.get(entry.peer_id)
-            standing = view(entry.peer_id, self.node.peer_id, own, reports)
             suspect = self.suspects.suspected(entry.peer_id, entry.seq, now)
             for brief in entry.tools:
                 if tool is None or brief.name == tool:
                     offer = Offer(entry.peer_id, brief.schema, brief.capacity,
-                                  self.slots.held(entry.peer_id, brief.name), rtt, standing,
-                                  suspect)
+                                  self.slots.held(entry.peer_id, brief.name), rtt,
+                                  standing[entry.peer_id], suspect)
                     out.append((brief.name, offer, entry.name))
         return out
 

@@ -27,7 +27,8 @@ the request, so that one peer can be trainer and sampler at once (a stream handl
 per id) and a pushed batch never reaches a sampler's request handler.
 
 Caps bound the work one request asks for (prompts x group x max_tokens) and so the
-size of its answer; every field is checked before anything runs.
+size of its answer; every field is checked before anything runs, and every list's
+length (MAX_ITEMS) before the codec reads its items.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def _check_version(version: int) -> None:
 @dataclass(frozen=True, slots=True)
 class RolloutRequest(Message):
     KIND = "rollout.req"
+    MAX_ITEMS = {"prompts": MAX_PROMPTS, "seeds": MAX_PROMPTS}
     run_id: str
     prompts: tuple[str, ...]  # user-message texts; the sampler applies the chat template
     group: int  # G: completions per prompt
@@ -160,6 +162,8 @@ class RolloutMsg(Message):
     """One completion, as its sampler signs it (see SignedRollout)."""
 
     KIND = "rollout"
+    MAX_ITEMS = {"prompt_ids": MAX_PROMPT_TOKENS, "completion_ids": MAX_TOKENS,
+                 "behaviour_logprobs": MAX_TOKENS}
     run_id: str
     seed: int  # the prompt's: the request's `seeds[prompt_index]`, else its `seed`
     prompt_index: int  # the prompt's index in its request
@@ -218,6 +222,7 @@ class RolloutBatch(Message):
     """The answer to a RolloutRequest: G completions of each prompt."""
 
     KIND = "rollout.batch"
+    MAX_ITEMS = {"rollouts": MAX_ROLLOUTS}
     rollouts: tuple[SignedRollout, ...]
 
     def check(self) -> None:
@@ -229,6 +234,7 @@ class RolloutPush(Message):
     """Rollouts a sampler made on its own, pushed to the run's trainer."""
 
     KIND = "rollout.push"
+    MAX_ITEMS = {"rollouts": MAX_ROLLOUTS}
     run_id: str
     rollouts: tuple[SignedRollout, ...]
 
@@ -244,6 +250,7 @@ class PushAck(Message):
     """What the trainer did with a push: admitted, and refused by reason."""
 
     KIND = "rollout.ack"
+    MAX_ITEMS = {"refused": MAX_REASONS}
     admitted: int
     refused: dict[str, int]
 

@@ -173,8 +173,11 @@ def test_tampered_forged_and_misattributed_rollouts_are_refused() -> None:
     # another key signs a rollout in our name
     forged = sign_rollout(rollout_msg(me), other.private_key)
     assert reason_of(forged) == "bad_signature"
-    # a peer relays our honest rollout as its answer
-    assert reason_of(honest, sampler=other_id) == "impersonation"
+    # a peer relays our honest rollout as its answer: not signed by the peer it came
+    # from, which is checked before its body is read
+    assert reason_of(honest, sampler=other_id) == "bad_signature"
+    # a peer signs a rollout naming us as its sampler, and sends it
+    assert reason_of(forged, sampler=other_id) == "impersonation"
     # the wrong run
     assert reason_of(honest, run_id="run-2") == "wrong_rollout"
     # ids outside the trainer's vocabulary
@@ -182,8 +185,14 @@ def test_tampered_forged_and_misattributed_rollouts_are_refused() -> None:
     # a sampler id that embeds no key
     nokey = sign_rollout(rollout_msg("not-a-peer-id"), kp.private_key)
     assert reason_of(nokey) == "bad_peer_id"
-    # garbage in the body
+    # garbage in the body: malformed once signed by the peer it came from; not even
+    # decoded when it is not
     assert reason_of(SignedRollout(body=b"\xc1garbage", sig=honest.sig)) == "malformed"
+    assert reason_of(SignedRollout(body=b"\xc1garbage", sig=honest.sig),
+                     sampler=me) == "bad_signature"
+    assert reason_of(SignedRollout(body=b"\xc1garbage",
+                                   sig=kp.private_key.sign(b"\xc1garbage")),
+                     sampler=me) == "malformed"
 
 
 @pytest.mark.parametrize("change", [
@@ -212,3 +221,43 @@ def test_rollout_fields_are_what_the_overview_names() -> None:
     # the wire message carries every field of the trainer's Rollout but its reward
     wire = {f.name for f in dataclasses.fields(RolloutMsg)}
     assert {f.name for f in dataclasses.fields(Rollout)} - {"reward"} <= wire
+
+
+# ---- list bounds, before any item is read -------------------------------------------------
+
+
+def _over(cls: type[Any], wire: dict[str, Any], name: str, item: Any, n: int) -> Any:
+    """Decode `wire` with its list (or map) `name` holding `n` copies of `item`."""
+    from protocols.codec import packb
+
+    items: Any = {f"r{i}": item for i in range(n)} if isinstance(wire[name], dict) \
+        else [item] * n
+    return decode(packb({**wire, name: items}), cls)
+
+
+TINY = {"t": SignedRollout.KIND, "v": 1, "body": b"", "sig": b""}  # well typed, 14 bytes
+LISTS = [  # (message, field, a well-typed item, the most items an honest peer sends)
+    (RolloutPush(run_id="r", rollouts=()), "rollouts", TINY, "MAX_ROLLOUTS"),
+    (RolloutBatch(rollouts=()), "rollouts", TINY, "MAX_ROLLOUTS"),
+    (request(), "prompts", "x", "MAX_PROMPTS"),
+    (request(seeds=(1,)), "seeds", 1, "MAX_PROMPTS"),
+    (PushAck(admitted=0, refused={"x": 1}), "refused", 1, "MAX_REASONS"),
+    (rollout_msg("p"), "prompt_ids", 1, "MAX_PROMPT_TOKENS"),
+    (rollout_msg("p"), "completion_ids", 1, "MAX_TOKENS"),
+    (rollout_msg("p"), "behaviour_logprobs", -0.5, "MAX_TOKENS"),
+]
+
+
+@pytest.mark.parametrize(("msg", "name", "item", "bound"), LISTS,
+                         ids=[f"{type(m).__name__}.{f}" for m, f, _, _ in LISTS])
+def test_lists_past_their_bound_are_refused_before_any_item_is_read(
+        msg: Any, name: str, item: Any, bound: str) -> None:
+    """The codec type-checks each item in Python: a 16 MiB push of a million tiny
+    rollouts held the event loop for seconds before check() counted them."""
+    import protocols.rollout
+
+    most = getattr(protocols.rollout, bound)
+    wire = msg.to_wire()
+    with pytest.raises(WireError, match="items"):
+        _over(type(msg), wire, name, item, most + 1)
+    assert len(getattr(_over(type(msg), wire, name, item, most), name)) == most

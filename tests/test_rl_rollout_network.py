@@ -4,7 +4,8 @@ A trainer node asks a sampler node for rollouts: G completions per prompt, signe
 verified, log-probs recomputed with transformers' reference model (LOGPROB_ATOL),
 seeded determinism, sync-mode version refusals. Bad input (garbage, oversized,
 malformed, too much work, a queue full) gets a clear error and the sampler keeps
-serving. The async push: verified per rollout, refused by reason, relays refused."""
+serving. The async push: verified per rollout (off the event loop), refused by reason,
+relays refused, one offence a bad push; a push nobody expects is refused unread."""
 
 from __future__ import annotations
 
@@ -253,7 +254,7 @@ async def test_async_push_is_verified_and_acked_by_reason(tmp_path: Path,
             pushed.append((peer, rollouts))
             return {"admitted": len(rollouts) - 1, "stale": 1}  # the buffer's verdict
 
-        serve_pushes(trainer, on_push)
+        serve_pushes(trainer, on_push, expects=lambda peer, run: None)
         signed = await sampler.produce(request(mode="async", version=0))
         ack = await push_rollouts(node, trainer.peer_id, "run-1", signed)
         assert (ack.admitted, ack.refused) == (5, {"stale": 1})
@@ -272,7 +273,8 @@ async def test_async_push_is_verified_and_acked_by_reason(tmp_path: Path,
         raw = frame(encode(RolloutPush(run_id="run-1", rollouts=tuple(signed[:2]))))
         reply = await rogue.exchange(trainer, ROLLOUT_PUSH.id, raw)
         assert reply is not None
-        assert decode(reply, type(ack)).refused == {"impersonation": 2}
+        # (checked against the pusher's key before the body is read: not its signature)
+        assert decode(reply, type(ack)).refused == {"bad_signature": 2}
         # garbage and an empty push: an error, and the trainer keeps taking pushes
         assert error_code(await rogue.exchange(trainer, ROLLOUT_PUSH.id, frame(b"\x00"))) \
             == "malformed"
@@ -281,6 +283,52 @@ async def test_async_push_is_verified_and_acked_by_reason(tmp_path: Path,
         ack = await push_rollouts(node, trainer.peer_id, "run-1", signed[:1])
         assert ack.admitted == 0 and ack.refused == {"stale": 1}
         assert len(pushed) == 3  # the refused-in-full pushes never reached the buffer
+
+
+async def test_a_junk_push_is_refused_whole_before_any_rollout_is_read(
+        tmp_path: Path, tiny: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 junk rollouts (6 MB): from a peer nobody expects, refused at once, nothing
+    verified; from one expected, each signature is checked before its body is read, in
+    a worker thread, and the push counts one offence, not 256. An honest push lands."""
+    import threading
+
+    import peerd.rl.rollouts as rollouts
+
+    checked: list[str] = []
+    real = rollouts.verified
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        checked.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rollouts, "verified", counted)
+    async with trainer_and_sampler(tmp_path, tiny) as (trainer, node, sampler):
+        expected: set[tuple[str, str]] = set()
+        pushed: list[list[Rollout]] = []
+
+        def on_push(peer: str, got: list[Rollout]) -> dict[str, int]:
+            pushed.append(got)
+            return {"admitted": len(got)}
+
+        serve_pushes(trainer, on_push, expects=lambda peer, run: None if (peer, run) in
+                     expected else "unasked")
+        junk = [SignedRollout(body=b"\xc1" * 24_000, sig=b"\x00" * 64)] * 256
+        ack = await push_rollouts(node, trainer.peer_id, "run-1", junk)
+        assert (ack.admitted, ack.refused) == (0, {"unasked": 256})
+        assert checked == [] and not trainer.offences.get(node.peer_id)
+
+        expected.add((node.peer_id, "run-1"))
+        ack = await push_rollouts(node, trainer.peer_id, "run-1", junk)
+        assert (ack.admitted, ack.refused) == (0, {"bad_signature": 256})  # not "malformed"
+        assert dict(trainer.offences[node.peer_id]) == {"bad_signature": 1}
+        assert rejections(trainer)["bad_signature"] == 1
+        assert len(checked) == 256 and threading.main_thread().name not in checked
+        assert pushed == []
+
+        signed = await sampler.produce(request(mode="async", version=0))
+        ack = await push_rollouts(node, trainer.peer_id, "run-1", signed)
+        assert (ack.admitted, ack.refused) == (6, {})
+        assert [r.sampler for r in pushed[0]] == [node.peer_id] * 6
 
 
 async def test_a_peer_serving_the_model_becomes_a_sampler(tmp_path: Path, tiny: ModelSource

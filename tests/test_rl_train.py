@@ -26,7 +26,7 @@ from peerd.rl.rollouts import push_rollouts
 from peerd.rl.run import RunSpec
 from peerd.rl.tasks import Task
 from peerd.rl.training import Run, Training
-from protocols.rollout import RolloutRequest
+from protocols.rollout import RolloutRequest, SignedRollout
 from tests.harness import events, wait_for
 from tests.models import tiny_llama_dir
 from tests.rl_swarm import lie, rl_swarm, seven_task
@@ -247,23 +247,46 @@ async def test_a_sampler_on_old_weights_that_says_it_is_current_is_caught(
         assert out["step"] == 4
 
 
-async def test_pushes_nobody_ordered_are_refused_by_reason(tmp_path: Path, tiny: Path,
-                                                           task: Path) -> None:
+async def test_pushes_nobody_ordered_are_refused_by_reason(
+        tmp_path: Path, tiny: Path, task: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any rollout is read, honest or junk (256 of 24 kB with bad
+    signatures: each was decoded and counted an offence), and not an offence: a late
+    push of an order that timed out is honest."""
+    import peerd.rl.rollouts as rollouts
+
+    pushed: set[bytes] = set()  # the bodies pushed (the run's own requests verify theirs)
+    checked: list[object] = []
+    real = rollouts.verified
+
+    def counted(signed: SignedRollout, **kw: Any) -> Any:
+        if signed.body in pushed:
+            checked.append(signed)
+        return real(signed, **kw)
+
+    monkeypatch.setattr(rollouts, "verified", counted)
+    junk = [SignedRollout(body=b"\x00" * 24_000, sig=b"\x00" * 64)] * 256
     async with rl_swarm(tmp_path, tiny, samplers=1) as (training, (sampler,)):
         node, trainer = sampler.node, training.node.peer_id
         order = RolloutRequest(run_id="r", prompts=("Say a number (0)",), group=8,
                                temperature=1.0, top_p=1.0, max_tokens=3, seed=1, version=0,
                                mode="async")
         made = await sampler.sampler.produce(order, trainer)
+        pushed.update(s.body for s in [*made, *junk])
         ack = await push_rollouts(node, trainer, "r", made)  # no such run here
         assert (ack.admitted, ack.refused) == (0, {"no_such_run": 8})
+        ack = await push_rollouts(node, trainer, "r", junk)
+        assert (ack.admitted, ack.refused) == (0, {"no_such_run": 256})
         run = await training.start_run(spec(tiny, task, run_id="r", steps=2))
         await wait_for(lambda: run.trainer is not None)
         ack = await push_rollouts(node, trainer, "r", made)  # a sync run orders nothing
         assert (ack.admitted, ack.refused) == (0, {"unasked": 8})
+        ack = await push_rollouts(node, trainer, "r", junk)
+        assert (ack.admitted, ack.refused) == (0, {"unasked": 256})
+        assert checked == [] and not training.node.offences.get(node.peer_id)
         with trio.fail_after(60):
             await run.ended.wait()
-        assert run.state == "done" and run.to_json()["refused"].get("unasked") == 8
+        # (groups refused, times the group size)
+        assert run.state == "done" and run.to_json()["refused"].get("unasked") == 2 * 8
 
 
 async def test_a_stopped_run_checkpoints_where_it_stopped_and_resumes_there(

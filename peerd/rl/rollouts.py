@@ -6,21 +6,33 @@ Torch-free: the trainer's side (`request_rollouts`, `serve_pushes`) needs no mod
 size, its signature against the public key in the sampler's peer id, its fields, and,
 where the caller knows them, that it is the run's, from the peer that answered or
 pushed it. A rollout that fails raises PeerError (its reason is a metric label); the
-caller counts it against the peer that sent it.
+caller counts it against the peer that sent it. When the sampler is known (the peer
+that answered or pushed), the signature is checked against its key before the body is
+decoded: a rollout not signed by it costs one signature check, not a decoding.
+
+A push is taken in order of cost: the cheap questions first (is there such a run here,
+did it order rollouts from this peer: `expects`), refused whole and unread when the
+answer is no; then the signatures and bodies, in a worker thread so that the event
+loop keeps serving while a 16 MiB push is checked. A push with bad rollouts counts
+one offence against its pusher (an honest sampler signs none), however many it held.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from libp2p.crypto.keys import PrivateKey
+import trio
+from libp2p.crypto.keys import PrivateKey, PublicKey
+from libp2p.peer.id import ID
 
 from peerd.agents.sealing import seal, unseal
 from peerd.node import Node
 from peerd.rl.types import Rollout
 from peerd.rpc import call, stream_handler
+from protocols.codec import decode
 from protocols.errors import PeerError, RemoteError, WireError
 from protocols.rollout import (
     AHEAD,
@@ -43,6 +55,9 @@ log = logging.getLogger(__name__)
 
 # (pushing peer, its verified rollouts) -> counts by outcome: "admitted", or a reason
 OnPush = Callable[[str, list[Rollout]], dict[str, int]]
+# (pushing peer, the push's run id) -> None when such a push is wanted now, else why it
+# is refused (a PushAck reason: "no_such_run", "unasked"), before a rollout is read
+Expects = Callable[[str, str], str | None]
 
 
 class SamplerVersion(RemoteError):
@@ -75,17 +90,42 @@ def verified(signed: SignedRollout, *, run_id: str | None = None, sampler: str |
     signed.check()
     if len(signed.body) > MAX_ROLLOUT_BYTES:  # (check() says so too; before any decoding)
         raise WireError("rollout body too large", reason="oversized")
-    msg = unseal(signed.body, signed.sig, RolloutMsg, lambda m: m.sampler)
+    if sampler is None:
+        msg = unseal(signed.body, signed.sig, RolloutMsg, lambda m: m.sampler)
+    else:  # the signer must be the peer it came from: check that before decoding
+        if not _signed_by(sampler, signed.body, signed.sig):
+            raise PeerError(f"a rollout from {sampler:.60} not signed by its key",
+                            reason="bad_signature")
+        msg = decode(signed.body, RolloutMsg)
+        if msg.sampler != sampler:  # signed by the peer that sent it, in another's name
+            raise PeerError(f"a rollout naming sampler {msg.sampler!r:.60} came from "
+                            f"{sampler}, who signed it", reason="impersonation")
     msg.check()
-    if sampler is not None and msg.sampler != sampler:
-        raise PeerError(f"a rollout signed by {msg.sampler} came from {sampler}",
-                        reason="impersonation")
     if run_id is not None and msg.run_id != run_id:
         raise WrongRollout(f"a rollout of run {msg.run_id!r}, not {run_id!r}")
     if vocab_size is not None and any(t >= vocab_size for t in (*msg.prompt_ids,
                                                                 *msg.completion_ids)):
         raise WireError(f"a token id outside the vocabulary of {vocab_size}")
     return msg
+
+
+@functools.lru_cache(maxsize=64)
+def _public_key(peer_id: str) -> PublicKey | None:
+    try:
+        return ID.from_base58(peer_id).extract_public_key()
+    except Exception:
+        return None
+
+
+def _signed_by(peer_id: str, body: bytes, sig: bytes) -> bool:
+    """`sig` is `peer_id`'s over `body`. Raises PeerError when the id embeds no key."""
+    pub = _public_key(peer_id)
+    if pub is None:
+        raise PeerError(f"peer id {peer_id!r:.60} embeds no public key", reason="bad_peer_id")
+    try:
+        return bool(pub.verify(body, sig))
+    except Exception:
+        return False
 
 
 def to_rollout(msg: RolloutMsg) -> Rollout:
@@ -110,8 +150,9 @@ async def request_rollouts(node: Node, peer_id: str, request: RolloutRequest, *,
         batch: RolloutBatch = await call(node.host, peer_id, ROLLOUT, request, timeout_s,
                                          dial=node.new_stream)
         batch.check()
-        msgs = [verified(s, run_id=request.run_id, sampler=peer_id, vocab_size=vocab_size)
-                for s in batch.rollouts]
+        msgs = await trio.to_thread.run_sync(  # (decoding up to 16 MiB: off the event loop)
+            lambda: [verified(s, run_id=request.run_id, sampler=peer_id,
+                              vocab_size=vocab_size) for s in batch.rollouts])
         _check_answer(request, msgs)
     except RemoteError as exc:
         versions = versions_of(exc.message) if exc.code in (BEHIND, AHEAD) else None
@@ -169,24 +210,43 @@ async def push_rollouts(node: Node, trainer: str, run_id: str,
     return ack
 
 
-def serve_pushes(node: Node, on_push: OnPush) -> None:
-    """The trainer's side of the push: each rollout is verified (signed by the pushing
-    peer, of the push's run) before `on_push` sees it; a bad one is refused by reason
-    and counted against the pusher, the good ones of the same push still go in."""
+def serve_pushes(node: Node, on_push: OnPush, *, expects: Expects) -> None:
+    """The trainer's side of the push. A push `expects` refuses is answered at once,
+    unread. Otherwise each rollout is verified (signed by the pushing peer, of the
+    push's run; in a worker thread) before `on_push` sees it; a bad one is refused by
+    reason, the good ones of the same push still go in, and a push with any bad one
+    counts one offence against the pusher."""
 
     async def handle(peer: str, push: RolloutPush) -> PushAck:
         push.check()
-        good: list[Rollout] = []
-        refused: Counter[str] = Counter()
-        for signed in push.rollouts:
-            try:
-                good.append(verify_rollout(signed, run_id=push.run_id, sampler=peer))
-            except PeerError as exc:
-                refused[exc.reason] += 1
-                node.offence(peer, exc.reason, f"pushed rollout: {exc}")
+        unwanted = expects(peer, push.run_id)
+        if unwanted is not None:  # no such run, no order: no rollout of it is read
+            return PushAck(admitted=0, refused={unwanted: len(push.rollouts)})
+        good, refused, first = await trio.to_thread.run_sync(_verify_push, peer, push)
+        if first is not None:
+            node.offence(peer, first.reason,
+                         f"a push of {len(push.rollouts)} rollouts, {refused.total()} bad "
+                         f"({', '.join(f'{k}: {v}' for k, v in refused.items())}); the "
+                         f"first: {first}")
         outcome: dict[str, int] = on_push(peer, good) if good else {}
         admitted = int(outcome.get("admitted", 0))
         refused.update({k: int(v) for k, v in outcome.items() if k != "admitted" and v})
         return PushAck(admitted=admitted, refused=dict(refused))
 
     node.set_stream_handler(ROLLOUT_PUSH.id, stream_handler(ROLLOUT_PUSH, handle, node.offence))
+
+
+def _verify_push(peer: str, push: RolloutPush
+                 ) -> tuple[list[Rollout], Counter[str], PeerError | None]:
+    """(worker thread) The push's good rollouts, the bad ones counted by reason, and
+    the first bad one's error."""
+    good: list[Rollout] = []
+    refused: Counter[str] = Counter()
+    first: PeerError | None = None
+    for signed in push.rollouts:
+        try:
+            good.append(to_rollout(verified(signed, run_id=push.run_id, sampler=peer)))
+        except PeerError as exc:
+            refused[exc.reason] += 1
+            first = first or exc
+    return good, refused, first

@@ -9,7 +9,9 @@ goes to `/events` (`rl.*`) and `/metrics`. An ended run lets go of its policy (t
 model, the optimiser state); its counts stay, for the newest KEEP_ENDED ended runs.
 
 In async mode the samplers push their rollouts (`/peerd/rollout-push/1.0.0`): this
-service serves the push for every run and hands each push to its run's trainer.
+service serves the push for every run and hands each push to its run's trainer. A push
+for no run going here, or from a peer that holds no order of it, is refused before any
+of its rollouts is read (`_expects`).
 
 A trainer peer needs no model of its own (`peerd start` without --model will do): the
 learner is separate from any model it serves.
@@ -113,12 +115,25 @@ class Training(Service):
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        serve_pushes(self.node, self._pushed)
+        serve_pushes(self.node, self._pushed, expects=self._expects)
         self.node.metrics.registry.register(TrainingCollector(self))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    def _expects(self, peer: str, run_id: str) -> str | None:
+        """Why a push from `peer` for `run_id` is refused unread, or None: the cheap
+        checks, before its rollouts are verified (a late push of an order that timed
+        out is honest: refused, not an offence, as the trainer refuses it)."""
+        run = self.runs.get(run_id)
+        if run is None or run.trainer is None or run.state in ENDED:
+            return "no_such_run"
+        order = run.trainer.orders.get(peer)
+        if order is None or order.done.is_set():
+            run.trainer.progress.refused["unasked"] += 1
+            return "unasked"
+        return None
 
     def _pushed(self, peer: str, rollouts: list[Rollout]) -> dict[str, int]:
         """Rollouts pushed by a sampler (async mode), to the run they are for."""

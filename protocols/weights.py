@@ -60,6 +60,9 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_TOTAL_BYTES = 1 << 40  # a manifest describing more than 1 TiB is a lie
 MAX_MANIFEST_BYTES = 8 * 1024 * 1024
+# chunk hashes a manifest can name and still travel (each is 34 bytes of msgpack): the
+# bound on one tensor's list, however large the model (its chunk count is the sizes')
+MAX_CHUNKS = MAX_MANIFEST_BYTES // (HASH_BYTES + 2)
 MAX_GOSSIP_BYTES = 2048  # a signed announcement or a Have
 MAX_CLOCK_SKEW_S = 60.0  # an announcement dated further in the future is refused
 MAX_HASHES_PER_REQUEST = 64
@@ -104,6 +107,7 @@ class TensorEntry(Message):
     """One tensor of a version: its bytes are the concatenation of its chunks, every
     chunk `chunk_bytes` long but the last."""
 
+    MAX_ITEMS = {"shape": MAX_DIMS, "chunks": MAX_CHUNKS}
     name: str  # Hugging Face name of the whole model, or `M.lora_A` / `M.lora_B`
     dtype: str  # a key of ITEMSIZE
     shape: tuple[int, ...]
@@ -116,6 +120,7 @@ class Manifest(Message):
     """A published policy version. Its identity is `manifest_hash(manifest)`."""
 
     KIND = "weights.manifest"
+    MAX_ITEMS = {"tensors": MAX_TENSORS}
     run_id: str
     model_id: str
     version: int  # 0 is the base model as loaded
@@ -285,6 +290,7 @@ class ManifestReply(Message):
 @dataclass(frozen=True, slots=True)
 class ChunkRequest(Message):
     KIND = "weights.chunks.req"
+    MAX_ITEMS = {"hashes": MAX_HASHES_PER_REQUEST}
     hashes: tuple[bytes, ...]
 
     def check(self) -> None:
@@ -297,6 +303,7 @@ class ChunkRequest(Message):
 @dataclass(frozen=True, slots=True)
 class ChunkReply(Message):
     KIND = "weights.chunks.reply"
+    MAX_ITEMS = {"data": MAX_HASHES_PER_REQUEST}  # one an asked hash
     data: tuple[bytes, ...]  # data[i]: the chunk named hashes[i], or b"" when not held
 
 

@@ -279,3 +279,60 @@ def test_requests_refuse_what_no_honest_peer_sends() -> None:
                    {"kind": "half"}, {"run_id": "x" * 65}, {"version": -1}):
         with pytest.raises(BadAnnounce):
             dataclasses.replace(ok, **fields).check(100.0)  # type: ignore[arg-type]
+
+
+# ---- list bounds, before any item is read ------------------------------------------------
+
+
+def _over(msg: Message, path: tuple[str, ...], item: object, n: int) -> Message:
+    """Decode `msg` with the list at `path` (a field, or `tensors`' first entry's
+    field) holding `n` copies of `item`."""
+    from protocols.codec import packb
+
+    wire = msg.to_wire()
+    at = wire
+    for key in path[:-1]:
+        at = at[key][0] if key == "tensors" else at[key]
+    at[path[-1]] = [item] * n
+    return decode(packb(wire), type(msg))
+
+
+ONE = Manifest(run_id="r", model_id="m", version=0, kind="full", chunk_bytes=KIB,
+               tensors=(TensorEntry(name="x", dtype="float16", shape=(2,), nbytes=4,
+                                    chunks=(H,)),))
+ENTRY = ONE.tensors[0].to_wire()
+LISTS = [  # (message, where its list is, a well-typed item, the most an honest peer sends)
+    (ChunkRequest(hashes=(H,)), ("hashes",), H, "MAX_HASHES_PER_REQUEST"),
+    (ChunkReply(data=(b"",)), ("data",), b"", "MAX_HASHES_PER_REQUEST"),
+    (ONE, ("tensors",), ENTRY, "MAX_TENSORS"),
+    (ONE, ("tensors", "shape"), 1, "MAX_DIMS"),
+    (ONE, ("tensors", "chunks"), b"", "MAX_CHUNKS"),
+]
+
+
+@pytest.mark.parametrize(("msg", "path", "item", "bound"), LISTS,
+                         ids=[".".join((type(m).__name__, *p)) for m, p, _, _ in LISTS])
+def test_lists_past_their_bound_are_refused_before_any_item_is_read(
+        msg: Message, path: tuple[str, ...], item: object, bound: str) -> None:
+    import protocols.weights
+
+    most = getattr(protocols.weights, bound)
+    with pytest.raises(WireError, match="items"):
+        _over(msg, path, item, most + 1)
+    _over(msg, path, item, most)
+
+
+def test_the_chunk_bound_is_every_hash_a_manifest_that_travels_can_name() -> None:
+    """A large model's manifest lists many chunks: the bound is what fits in the largest
+    manifest a holder serves (MAX_MANIFEST_BYTES), so no honest one is refused."""
+    from protocols.weights import MAX_CHUNKS, MAX_MANIFEST_BYTES
+
+    n = MAX_CHUNKS - 8  # room for the rest of the manifest
+    big = Manifest(run_id="r", model_id="m", version=0, kind="full", chunk_bytes=KIB,
+                   tensors=(TensorEntry(name="embed", dtype="float32", shape=(n * KIB // 4,),
+                                        nbytes=n * KIB, chunks=(H,) * n),))
+    raw = encode(big)
+    assert len(raw) <= MAX_MANIFEST_BYTES < len(raw) + 9 * (len(H) + 2)
+    got = decode(raw, Manifest)
+    got.check()
+    assert len(got.tensors[0].chunks) == n

@@ -6,7 +6,9 @@ following one run at a time (two while a run left is kept for the next one's fir
 manifest), and a legitimate second run is still taken up after the first. A run
 unheard for the idle limit is forgotten, but never one we author. Holders of a version
 (announce.py) are capped per version, stale ones leave as new ones come, and a holder
-we are connected to is never pushed out by newcomers.
+we are connected to is never pushed out by newcomers. Holders are kept only for the
+versions the run's trainer announced: Haves naming made-up manifest hashes cannot push
+a real version's holders out, and a pull's plan (chunks.py) takes a bounded number.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -23,19 +26,26 @@ from libp2p.peer.id import ID
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from peerd.agents.sealing import seal
 from peerd.inference.model.head import Head
 from peerd.inference.model.shard import ShardBlock
 from peerd.inference.model.source import ModelSource, load_config, load_tokenizer, resolve
 from peerd.inference.runtime import eos_ids
 from peerd.node import Node
-from peerd.rl.announce import MAX_HOLDERS_PER_VERSION, Announcements, admit_holder
+from peerd.rl.announce import (
+    MAX_EARLY_HASHES,
+    MAX_HOLDERS_PER_VERSION,
+    MAX_VERSIONS_KNOWN,
+    Announcements,
+    admit_holder,
+)
 from peerd.rl.follow import Follower
 from peerd.rl.policy import LocalPolicy
 from peerd.rl.rollouts import SamplerVersion, request_rollouts
 from peerd.rl.sampler import RolloutSampler
 from peerd.rl.weights import WeightStore
 from protocols.rollout import RolloutRequest
-from protocols.weights import Have
+from protocols.weights import Have, SignedAnnounce, VersionAnnounce
 from tests.harness import swarm, wait_for
 from tests.models import tiny_llama_dir
 
@@ -157,6 +167,17 @@ def test_admit_holder_keeps_the_freshest_and_those_kept() -> None:
                         kept=kept.__contains__) == {"p": 15.0, "q": 20.0}
 
 
+def announce(runs: Announcements, trainer: Node, version: int = 1,
+             manifest_hash: bytes = b"h" * 32) -> None:
+    """`trainer` announces `version` of run-1 and `runs` hears it on gossip."""
+    body, sig = seal(VersionAnnounce(run_id="run-1", model_id="m", version=version,
+                                     kind="full", manifest_hash=manifest_hash,
+                                     author=trainer.peer_id, timestamp=0.0),
+                     trainer.key_pair.private_key)
+    nursery: Any = None  # no hooks: nothing starts
+    runs._heard_announce(SignedAnnounce(body=body, sig=sig), nursery)
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -171,6 +192,7 @@ async def test_holders_per_version_are_capped_and_expire(tmp_path: Path) -> None
         runs = Announcements(node, announce_s=10.0, clock=clock)
         runs.follow("run-1")
         key = b"h" * 32
+        announce(runs, neighbour)
         runs._heard_have(have(neighbour.peer_id))  # connected to us
         strangers = fresh_ids(3 * MAX_HOLDERS_PER_VERSION)
         for peer in strangers:  # relayed Haves from fresh keys
@@ -186,3 +208,45 @@ async def test_holders_per_version_are_capped_and_expire(tmp_path: Path) -> None
         late = fresh_ids(1)[0]
         runs._heard_have(have(late))
         assert runs._holders[key] == {late: clock.now}
+
+
+async def test_haves_of_made_up_versions_leave_a_known_versions_holders(tmp_path: Path
+                                                                       ) -> None:
+    """Holders are kept by manifest hash: a peer naming hundreds of hashes the trainer
+    never announced pushed the real version's holders out (256 versions were kept, the
+    oldest heard going first). Now they are held apart, a few, and drop out first."""
+    async with swarm(3, tmp_path, connect="line") as (node, trainer, holder):
+        runs = Announcements(node, announce_s=10.0, clock=FakeClock())
+        runs.follow("run-1", trainer.peer_id)
+        key = b"k" * 32
+        announce(runs, trainer, manifest_hash=key)
+        runs._heard_have(have(holder.peer_id, key))
+        assert runs.holders(key) == [holder.peer_id]
+        stranger = fresh_ids(1)[0]
+        for i in range(1024):
+            runs._heard_have(have(stranger, i.to_bytes(32, "big")))
+        assert runs.holders(key) == [holder.peer_id]
+        assert set(runs._holders) == {key} and len(runs._early) <= MAX_EARLY_HASHES
+        # another run's version, or a hash the trainer did not sign, counts for nothing
+        assert runs.holders((1023).to_bytes(32, "big")) == []
+
+
+async def test_a_have_heard_before_its_announcement_counts_once_announced(
+        tmp_path: Path) -> None:
+    async with swarm(3, tmp_path, connect="line") as (node, trainer, holder):
+        runs = Announcements(node, announce_s=10.0, clock=FakeClock())
+        runs.follow("run-1", trainer.peer_id)
+        keys = [bytes([i]) * 32 for i in range(MAX_VERSIONS_KNOWN + 1)]
+        runs._heard_have(have(holder.peer_id, keys[0]))  # gossip overtook the announcement
+        assert runs.holders(keys[0]) == []
+        announce(runs, trainer, 1, keys[0])
+        assert runs.holders(keys[0]) == [holder.peer_id]
+        # the newest versions the trainer announced are known; older ones leave, with
+        # their holders
+        for v, key in enumerate(keys[1:], start=2):
+            announce(runs, trainer, v, key)
+            runs._heard_have(have(holder.peer_id, key))
+        assert runs.holders(keys[0]) == [] and keys[0] not in runs._holders
+        assert all(runs.holders(key) == [holder.peer_id] for key in keys[1:])
+        runs.forget("run-1")
+        assert runs._holders == {} and runs.versions == {}

@@ -51,3 +51,29 @@ def test_batches_respect_the_byte_budget_and_the_parallel_cap() -> None:
     assert first and second and len(first[1]) == len(second[1]) == 2
     assert p.next() is None  # two in flight at most
     assert p.stuck() == []  # not stuck: batches are in flight
+
+
+def test_holders_joining_a_pull_are_bounded() -> None:
+    """Each Have admitted mid-pull added its holder for the rest of the pull; a version's
+    holders are capped, but fresh keys take the place of the stalest, so the plan grew
+    with every one. It takes `max_holders` besides the author; a newcomer takes a failed
+    holder's place while few have failed, and a failed holder does not come back."""
+    p = plan(200, ["A", "T"], max_holders=4, per_holder=1, batch_chunks=1)
+    for i in range(1000):
+        p.add_holder(f"fresh{i}")
+    assert p.holders == ["A", "T", "fresh0", "fresh1", "fresh2"]
+    for i in range(1000):  # each one fails its batch at once; a newcomer comes
+        job = p.next()
+        if job is None:
+            break
+        p.fail(*job)
+        p.add_holder(f"late{i}")
+        assert len(p.holders) <= 5 and "T" in p.holders
+    assert p.next() is None and len(p.failed) <= 2 * 4 + 1
+    for peer in sorted(p.failed):
+        p.add_holder(peer)
+        assert p.holders.count(peer) <= 1 and peer not in p.holders[5:]
+    assert all(peer in p.failed for peer in p.holders)
+    # the author joins past the cap
+    assert plan(1, ["A", "B", "C", "D", "E", "T"], max_holders=4).holders \
+        == ["A", "B", "C", "D", "T"]

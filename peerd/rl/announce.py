@@ -11,7 +11,12 @@ quietly (honest late copies are common). A `Have` must be published by its holde
 (pubsub's strict signing authenticates the publisher); holders are soft state,
 forgotten three re-announce periods after they were last heard.
 
-What a remote peer can make us remember is bounded. A version's holders are capped
+What a remote peer can make us remember is bounded. Holders are kept only for the
+versions a followed run's trainer announced (its newest MAX_VERSIONS_KNOWN, `know`):
+anyone can name a manifest hash in a Have, and made-up ones used to push the real
+version's holders out. A Have of a hash not announced (yet: gossip can overtake the
+announcement) is held apart, for MAX_EARLY_HASHES hashes at most, and counts once its
+announcement comes. A version's holders are capped
 (MAX_HOLDERS_PER_VERSION, `admit_holder`): anyone can relay Haves signed by fresh keys,
 so the stale leave as each one comes, a newcomer pushes out the stalest, and never a
 holder we are connected to. A followed run unheard for FOLLOW_IDLE_S (no announcement
@@ -37,8 +42,9 @@ from protocols.weights import MAX_GOSSIP_BYTES, TOPIC, Have, SignedAnnounce, Ver
 
 log = logging.getLogger(__name__)
 
-MAX_HOLDERS_TRACKED = 256  # versions whose holders we remember
+MAX_VERSIONS_KNOWN = 8  # a followed run's newest announced versions, whose holders we keep
 MAX_HOLDERS_PER_VERSION = 64  # a pull asks a handful at a time; more only cost memory
+MAX_EARLY_HASHES = 16  # hashes named in Haves before their announcement, held apart
 # A run's trainer re-announces every announce_s while it lives, so a run unheard this
 # long has none; long, because forgetting the run we follow costs a fresh pull.
 FOLLOW_IDLE_S = 600.0
@@ -57,7 +63,11 @@ class Announcements:
         self.heard: dict[str, float] = {}  # followed run -> last heard of (clock)
         self.announced: dict[str, tuple[VersionAnnounce, SignedAnnounce]] = {}  # newest
         self.hooks: list[AnnounceHook] = []
-        self._holders: dict[bytes, dict[str, float]] = {}  # manifest hash -> peer -> seen
+        # followed run -> the manifest hashes its trainer announced -> their versions
+        self.versions: dict[str, dict[bytes, int]] = {}
+        self._holders: dict[bytes, dict[str, float]] = {}  # known hash -> peer -> seen
+        # a hash not announced (yet) -> (the run its Haves name, peer -> seen)
+        self._early: dict[bytes, tuple[str, dict[str, float]]] = {}
 
     def follow(self, run_id: str, trainer: str | None = None) -> None:
         self.following[run_id] = trainer
@@ -69,10 +79,30 @@ class Announcements:
             self.heard[run_id] = self.clock()
 
     def forget(self, run_id: str) -> None:
-        """Follow `run_id` no more; forget its announcements."""
+        """Follow `run_id` no more; forget its announcements and its holders."""
         self.following.pop(run_id, None)
         self.heard.pop(run_id, None)
         self.announced.pop(run_id, None)
+        for key in self.versions.pop(run_id, {}):
+            self._holders.pop(key, None)
+        for key in [k for k, (run, _) in self._early.items() if run == run_id]:
+            del self._early[key]
+
+    def know(self, announce: VersionAnnounce) -> None:
+        """`announce` verified (signed by its run's trainer): its holders are kept, among
+        the run's newest MAX_VERSIONS_KNOWN versions; those heard of early count now."""
+        run, key = announce.run_id, announce.manifest_hash
+        if run not in self.following:
+            return
+        known = self.versions.setdefault(run, {})
+        known[key] = announce.version
+        if len(known) > MAX_VERSIONS_KNOWN:
+            oldest = min(known, key=known.__getitem__)
+            del known[oldest]
+            self._holders.pop(oldest, None)
+        early = self._early.pop(key, None)
+        if key in known and early is not None and early[0] == run:
+            self._holders.setdefault(key, early[1])
 
     def idle(self, idle_s: float) -> list[str]:
         """The followed runs not heard of for `idle_s`, but those we author."""
@@ -154,11 +184,18 @@ class Announcements:
     def _heard_have(self, have: Have) -> None:
         if have.holder == self.node.peer_id or have.run_id not in self.following:
             return
-        holders = self._holders[have.manifest_hash] = admit_holder(
-            self._holders.get(have.manifest_hash, {}), have.holder, self.clock(),
-            3 * self.announce_s, MAX_HOLDERS_PER_VERSION, self.node.link_up)
-        while len(self._holders) > MAX_HOLDERS_TRACKED:
-            del self._holders[next(iter(self._holders))]
+        key = have.manifest_hash
+        if key not in self.versions.get(have.run_id, {}):  # not announced (yet)
+            run, early = self._early.pop(key, (have.run_id, {}))
+            self._early[key] = (have.run_id, admit_holder(
+                early if run == have.run_id else {}, have.holder, self.clock(),
+                3 * self.announce_s, MAX_HOLDERS_PER_VERSION, self.node.link_up))
+            while len(self._early) > MAX_EARLY_HASHES:  # the least recently heard go
+                del self._early[next(iter(self._early))]
+            return
+        holders = self._holders[key] = admit_holder(
+            self._holders.get(key, {}), have.holder, self.clock(), 3 * self.announce_s,
+            MAX_HOLDERS_PER_VERSION, self.node.link_up)
         if have.holder in holders:  # (no room: not one a pull should ask either)
             self.on_have(have)
 
@@ -170,6 +207,7 @@ class Announcements:
         if self.following[run] is None:
             self.following[run] = announce.author  # the first author heard
         self.touch(run)  # by its trainer (verify), re-announcements too: the run lives
+        self.know(announce)
         newest = self.latest(run)
         if newest is not None and announce.version <= newest.version:
             return

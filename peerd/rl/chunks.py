@@ -11,7 +11,12 @@ what came of each. The rules:
   not asked again in this pull; its chunks go back to the queue;
 - the plan is stuck when chunks remain that no usable holder has yet been asked for
   and nothing is in flight: the pull fails, naming them.
-New holders (a `Have` heard mid-pull) join with `add_holder`.
+New holders (a `Have` heard mid-pull) join with `add_holder`, at most `max_holders`
+besides the author: a version's holders are capped (announce.py), but fresh keys take
+the stalest one's place there, so without a cap here the plan grew with every Have for
+as long as the pull ran. When full, a newcomer takes a failed holder's place (never to
+be asked again anyway) while fewer than `max_holders` have failed; a failed holder does
+not rejoin.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ class ChunkPlan:
     def __init__(self, sizes: Mapping[bytes, int], holders: Iterable[str], *,
                  author: str | None, rng: random.Random | None = None,
                  max_in_flight: int = 8, per_holder: int = 2,
-                 batch_bytes: int = 4 * 1024 * 1024, batch_chunks: int = 64) -> None:
+                 batch_bytes: int = 4 * 1024 * 1024, batch_chunks: int = 64,
+                 max_holders: int = 64) -> None:
         self.rng = rng or random.Random()
         self.sizes = dict(sizes)  # the chunks to fetch -> their lengths
         self.pending = list(self.sizes)
@@ -42,12 +48,21 @@ class ChunkPlan:
         self.per_holder = per_holder
         self.batch_bytes = batch_bytes
         self.batch_chunks = batch_chunks
+        self.max_holders = max_holders  # besides the author
         for h in holders:
             self.add_holder(h)
 
     def add_holder(self, peer: str) -> None:
-        if peer not in self.holders:
-            self.holders.append(peer)
+        if peer in self.holders or peer in self.failed:
+            return
+        if peer != self.author and len(self.holders) - (self.author in self.holders) \
+                >= self.max_holders:
+            gone = next((p for p in self.holders if p in self.failed and p != self.author),
+                        None)
+            if gone is None or len(self.failed) >= self.max_holders:
+                return  # full of holders still worth asking, or too many have failed
+            self.holders.remove(gone)  # (it stays in `failed`: not asked again)
+        self.holders.append(peer)
 
     @property
     def finished(self) -> bool:

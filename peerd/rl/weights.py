@@ -43,7 +43,12 @@ from trio_typing import TaskStatus
 
 from peerd.agents.sealing import seal
 from peerd.node import Node
-from peerd.rl.announce import FOLLOW_IDLE_S, AnnounceHook, Announcements
+from peerd.rl.announce import (
+    FOLLOW_IDLE_S,
+    MAX_HOLDERS_PER_VERSION,
+    AnnounceHook,
+    Announcements,
+)
 from peerd.rl.chunk_client import ChunkFetcher
 from peerd.rl.chunk_http import ChunkServer, serve_beside
 from peerd.rl.chunks import ChunkPlan
@@ -214,6 +219,7 @@ class WeightStore(Service):
         self.chunks.update(chunks)
         self._hold(Held(announce, signed, manifest, manifest_bytes, complete=True))
         self.runs.announced[run_id] = (announce, signed)
+        self.runs.know(announce)
         await self.runs.publish(signed)
         return manifest
 
@@ -267,7 +273,8 @@ class WeightStore(Service):
                              author=held.announce.author, max_in_flight=self.parallel,
                              per_holder=self.per_holder,
                              batch_bytes=min(4 * held.manifest.chunk_bytes,
-                                             MAX_REPLY_DATA_BYTES))
+                                             MAX_REPLY_DATA_BYTES),
+                             max_holders=MAX_HOLDERS_PER_VERSION + len(hints))
             self._pulls[key] = plan
             try:
                 await self._fetch_chunks(key, plan, sources)
@@ -332,6 +339,7 @@ class WeightStore(Service):
                             exc_info=True)
                 continue
             self.held[held.announce.manifest_hash] = held  # kept: the pull pins it
+            self.runs.know(held.announce)  # its trainer signed it: its holders count
             return held
         raise WeightsUnavailable(f"no holder gave version {version} of {run_id} "
                                  f"(asked {len(candidates)})")

@@ -31,6 +31,11 @@ FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H]
 and `keep`: the KV length every shard truncates its cache to before appending.
 Speculative decoding rides its rollback on the next FORWARD this way, with no extra
 round trip. Tensors travel as raw little-endian bytes + dtype + shape, never pickle.
+Hidden states are finite: a hop refuses a FORWARD whose are not (malformed: its
+sender's fault) and the entry a RESULT (the last hop's); a hop whose own compute gives
+an infinity (float16 overflows) sends it no further and reports itself (FAILED,
+internal). Each hop appends its compute time (`timings`, one per hop, a time it could
+have measured), checked the same way.
 
 A FORWARD may carry a token tree instead of a chain (`tree`, the parent of each of
 its T positions): speculative decoding verifies several candidate continuations in
@@ -75,6 +80,11 @@ from protocols.spec import ErrorReply, SessionStream
 MAX_ROUTE_HOPS = 64
 MAX_ROWS = 64  # sequences in one session (OPEN.rows)
 MAX_TREE_POSITIONS = 1024  # a tree is a draft: a few dozen positions; its mask is T x T
+MAX_TENSOR_RANK = 8  # hidden states are [rows, T, H]
+# a hop's compute time for one step, at most: a day, longer than an entry waits for any
+# step a frame can carry (step_deadline_s), so a number past it (or not a number) was
+# never measured
+MAX_COMPUTE_MS = 24 * 3600 * 1e3
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -127,6 +137,7 @@ def check_peer_id(peer_id: str, what: str) -> None:
 class WireTensor(Message):
     """A dense tensor: row-major little-endian bytes."""
 
+    MAX_ITEMS = {"shape": MAX_TENSOR_RANK}
     dtype: str
     shape: tuple[int, ...]
     data: bytes
@@ -177,6 +188,7 @@ class Open(Message):
     KIND = "shard.open"
     # an untagged OPEN of one row is what peers before tags and rows speak
     OPTIONAL = frozenset({"policy", "rows"})
+    MAX_ITEMS = {"route": MAX_ROUTE_HOPS}
     session: str  # chosen by the entry peer, unique per generation
     model_id: str
     route: tuple[Hop, ...]  # the whole chain, first hop first
@@ -205,8 +217,19 @@ class Opened(Message):
 
 @dataclass(frozen=True, slots=True)
 class HopTiming(Message):
+    """How long hop `peer_id` computed a step (each hop appends its own)."""
+
     peer_id: str
     compute_ms: float
+
+    def check(self) -> None:
+        """WireError unless it is a time a hop could have measured (0..MAX_COMPUTE_MS ms:
+        the entry adds them up into the request's figures, which a NaN breaks) of a peer
+        id's length."""
+        if not 0.0 <= self.compute_ms <= MAX_COMPUTE_MS:  # (False for NaN)
+            raise WireError(f"hop timing of {self.compute_ms!r} ms compute, not within "
+                            f"0..{MAX_COMPUTE_MS:.0f}")
+        check_peer_id(self.peer_id, "a hop timing's peer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +237,10 @@ class Forward(Message):
     KIND = "shard.forward"
     # a chain's FORWARD, one row a session row, is what peers before trees and rows speak
     OPTIONAL = frozenset({"tree", "source"})
+    # counted before an item is read: a tree is refused past MAX_TREE_POSITIONS anyway
+    # (a draft's positions), a source gives each of a session's rows one, and each hop
+    # before the receiver sent one timing. (Positions ride in `hidden`'s bytes.)
+    MAX_ITEMS = {"tree": MAX_TREE_POSITIONS, "source": MAX_ROWS, "timings": MAX_ROUTE_HOPS}
     session: str
     step: int  # increases by one per FORWARD in a session
     start_pos: int
@@ -233,6 +260,7 @@ class Result(Message):
     """From the last hop to the entry peer."""
 
     KIND = "shard.result"
+    MAX_ITEMS = {"timings": MAX_ROUTE_HOPS}
     session: str
     step: int
     hidden: WireTensor
@@ -339,6 +367,15 @@ def tree_depths(tree: tuple[int, ...], positions: int) -> list[int]:
     return depths
 
 
+def check_timings(timings: tuple[HopTiming, ...], hops: int) -> None:
+    """WireError unless `timings` are one well-formed timing for each of the `hops` hops
+    that computed the step before it reached here (every hop appends its own)."""
+    if len(timings) != hops:
+        raise WireError(f"{len(timings)} hop timings after {hops} hops")
+    for timing in timings:
+        timing.check()
+
+
 def check_route(route: tuple[Hop, ...], num_layers: int) -> None:
     """The route must cover [0, num_layers) with contiguous, non-empty spans."""
     if not route:
@@ -358,10 +395,13 @@ def check_route(route: tuple[Hop, ...], num_layers: int) -> None:
 
 
 def check_forward(msg: Forward, *, session: str, last_step: int, dtype: str,
-                  hidden_size: int, cached: int, max_length: int, rows: int = 1) -> None:
+                  hidden_size: int, cached: int, max_length: int, rows: int = 1,
+                  hop: int = 0) -> None:
     """WireError unless `msg` may follow on the stream of session `session`, whose last
     step was `last_step`, agreed on `dtype`, `max_length` and `rows`, and whose cache
-    holds `cached` positions of hidden size `hidden_size`."""
+    holds `cached` positions of hidden size `hidden_size`, at route hop `hop` (whose
+    hops before it sent a timing each). Whether its hidden states are finite is the
+    receiver's to check, where it decodes them."""
     if msg.session != session:
         raise WireError(f"FORWARD for unknown session {msg.session!r:.40} on session "
                         f"{session}'s stream")
@@ -392,6 +432,7 @@ def check_forward(msg: Forward, *, session: str, last_step: int, dtype: str,
         raise WireError(f"start_pos {msg.start_pos} but the cache will hold {expected} "
                         "positions: positions must be contiguous")
     tree_depths(msg.tree, h.shape[1])
+    check_timings(msg.timings, hop)
     if msg.start_pos + h.shape[1] > max_length:
         raise WireError(f"positions up to {msg.start_pos + h.shape[1]} exceed the session's"
                         f" max_length {max_length}")

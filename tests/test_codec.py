@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import msgpack
 import pytest
@@ -19,6 +20,11 @@ from protocols.ledger import (
     SyncResponse,
 )
 from protocols.shard import (
+    MAX_COMPUTE_MS,
+    MAX_ROUTE_HOPS,
+    MAX_ROWS,
+    MAX_TENSOR_RANK,
+    MAX_TREE_POSITIONS,
     SHARD,
     STEP_S_PER_POSITION,
     Close,
@@ -316,3 +322,72 @@ def test_a_shard_steps_deadline_grows_with_its_positions() -> None:
     assert step_deadline_s(1) == pytest.approx(SHARD.step_timeout_s + STEP_S_PER_POSITION)
     assert step_deadline_s(4000) == pytest.approx(SHARD.step_timeout_s + 200.0)
     assert step_deadline_s(0) == SHARD.step_timeout_s
+
+
+LISTS_PAST_THEIR_COUNT = {
+    # a tree is a draft (MAX_TREE_POSITIONS), a source a row of the session each
+    # (MAX_ROWS), timings one a hop, a route its hops (MAX_ROUTE_HOPS)
+    "tree": (Forward, "tree", MAX_TREE_POSITIONS),
+    "source": (Forward, "source", MAX_ROWS),
+    "forward timings": (Forward, "timings", MAX_ROUTE_HOPS),
+    "result timings": (Result, "timings", MAX_ROUTE_HOPS),
+    "route": (Open, "route", MAX_ROUTE_HOPS),
+}
+
+
+def _shard_message(cls: type[Message], field: str, items: int) -> bytes:
+    """A shard message whose list `field` holds `items` cheap items."""
+    hidden = WireTensor(dtype="float32", shape=(1, 1, 2), data=b"\0" * 8)
+    hop, timing = Hop(PEER, 0, 1), HopTiming(PEER, 1.0)
+    base: Message
+    if cls is Open:
+        base = Open(session="s" * 16, model_id="m", route=(hop,), hop=0, entry_peer=PEER,
+                    max_length=8, dtype="float32")
+    elif cls is Result:
+        base = Result(session="s", step=1, hidden=hidden, timings=(timing,))
+    else:
+        base = Forward(session="s", step=1, start_pos=0, keep=-1, hidden=hidden)
+    item = {"route": hop.to_wire(), "timings": timing.to_wire()}.get(field, 0)
+    return packb({**base.to_wire(), field: [item] * items})
+
+
+@pytest.mark.parametrize("case", list(LISTS_PAST_THEIR_COUNT))
+def test_a_shard_list_past_its_count_is_refused_before_any_item_is_read(
+        case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FORWARD whose tree was 2M zero bytes took 2.6 s to type-check, item by item,
+    before the tree's own rule refused it (the 32 MiB frame allows ~44 s); every list
+    a shard message carries has a count no honest peer exceeds, checked first."""
+    import protocols.codec as codec
+
+    cls, field, most = LISTS_PAST_THEIR_COUNT[case]
+    at_bound: Message = decode(_shard_message(cls, field, most), cls)
+    assert len(getattr(at_bound, field)) == most  # at the bound: taken
+    checked: list[str] = []
+    real = codec._check
+
+    def counting(tp: object, value: object, where: str) -> object:
+        checked.append(where)
+        return real(tp, value, where)
+
+    monkeypatch.setattr(codec, "_check", counting)
+    with pytest.raises(WireError, match=rf"{cls.__name__}\.{field}: {most + 1} items"):
+        decode(_shard_message(cls, field, most + 1), cls)
+    assert not checked  # refused before any field, let alone an item, was read
+
+
+def test_a_tensor_of_too_many_dimensions_is_refused_before_they_are_read() -> None:
+    raw = packb({"t": Result.KIND, "v": 1, "session": "s", "step": 1, "timings": [],
+                 "hidden": {"dtype": "float32", "shape": [0] * (MAX_TENSOR_RANK + 1),
+                            "data": b""}})
+    with pytest.raises(WireError, match=rf"WireTensor\.shape: {MAX_TENSOR_RANK + 1} items"):
+        decode(raw, Result)
+
+
+@pytest.mark.parametrize("ms", [math.nan, math.inf, -math.inf, -1.0, MAX_COMPUTE_MS * 2])
+def test_a_hop_timing_no_honest_hop_measures_is_malformed(ms: float) -> None:
+    with pytest.raises(WireError, match="compute"):
+        HopTiming(PEER, ms).check()
+    HopTiming(PEER, 0.0).check()
+    HopTiming(PEER, MAX_COMPUTE_MS).check()
+    with pytest.raises(WireError, match="peer id"):
+        HopTiming("x" * 1000, 1.0).check()

@@ -4,22 +4,31 @@ transformers: a tiny random Llama split 1, 2 and 3 ways; fault tolerance; bad in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import trio
 
+from peerd.inference.generate import NoCoverage
 from peerd.inference.model.source import reference_model, resolve
+from peerd.inference.model.tensors import to_wire
 from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.slot import ModelOptions
 from peerd.inference.swarm.pipeline import Pipeline, PipelineFailure, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
-from protocols.shard import Hop
+from protocols.codec import decode, encode
+from protocols.errors import WireError
+from protocols.framing import frame
+from protocols.shard import Forward, Hop, HopTiming, Result
 from tests.harness import book, is_connected, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
@@ -194,8 +203,6 @@ async def test_failed_shard_is_rerouted_and_replayed(tmp_path: Path, tiny: Path,
 
 
 async def test_no_coverage_names_the_missing_layers(tmp_path: Path, tiny: Path) -> None:
-    from peerd.inference.generate import NoCoverage
-
     async with model_swarm(tmp_path, tiny, [(0, 1), (3, 4)]) as (_, runtimes):
         with pytest.raises(NoCoverage, match=r"\[1, 3\)"):
             await generate(runtimes[0], PROMPT)
@@ -396,3 +403,152 @@ async def test_a_hop_cut_mid_forward_resets_downstream_and_blames_no_one(
         assert not second.node.offences.get(first.node.peer_id), \
             dict(second.node.offences[first.node.peer_id])
         await session.close()
+
+
+def unframed(data: bytes) -> bytes | None:
+    """The body of `data` if it is one whole frame (as write_frame writes it)."""
+    length, shift = 0, 0
+    for i, byte in enumerate(data[:10]):
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            body = data[i + 1:]
+            return body if len(body) == length else None
+    return None
+
+
+Lie = Callable[[Any], Any]  # a FORWARD or RESULT -> what the liar sends instead
+
+
+def lie_downstream(liar: ModelRuntime, lie: Lie, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, `liar`'s shard server sends down each chain it opens what `lie`
+    makes of every FORWARD or RESULT: a hop that lies past every check of its own."""
+    connected = liar.server._connected
+
+    def lying(s: Any, stream: Any) -> None:
+        write = stream.write
+
+        async def lying_write(data: bytes) -> None:
+            body = unframed(data)
+            if body is not None:
+                try:
+                    data = frame(encode(lie(decode(body, Forward, Result))))
+                except WireError:  # (a CLOSE)
+                    pass
+            await write(data)
+
+        stream.write = lying_write
+        connected(s, stream)
+
+    monkeypatch.setattr(liar.server, "_connected", lying)
+
+
+def nan_hidden(msg: Any) -> Any:
+    h = msg.hidden
+    return dataclasses.replace(msg, hidden=to_wire(torch.full(h.shape, math.nan)))
+
+
+LIES: dict[str, Lie] = {
+    "NaN hidden states": nan_hidden,
+    "an infinite compute time": lambda m: dataclasses.replace(m, timings=(
+        *m.timings[:-1], HopTiming(m.timings[-1].peer_id, math.inf))),
+    "a timing of a hop not on the route": lambda m: dataclasses.replace(
+        m, timings=(*m.timings, m.timings[-1])),
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+async def test_a_last_hop_returning_what_no_model_computes_is_banned_and_routed_around(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch, lie: str) -> None:
+    """A RESULT's NaN hidden states made sampling raise (a 500, and the hop, never
+    blamed, failed every request it served) or greedy decoding emit garbage; a NaN or
+    infinite compute time reached the request's stats (a non-streamed answer was a
+    500: JSON has no NaN). The entry refuses such a RESULT: the last hop is blamed
+    (malformed: counted, banned), the request replays on a replica with the same
+    tokens, and with no replica left it fails as the swarm not covering the model
+    (the API's 503), never with garbage."""
+    expected = reference_tokens(reference, PROMPT, NEW_TOKENS)
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4)]) as (_, runtimes):
+        entry = runtimes[0]
+        route = entry.generator.route()
+        assert isinstance(route, Route)
+        liar = next(r for r in runtimes if r.node.peer_id == route.spans[-1].peer_id)
+        honest = next(r for r in runtimes[1:] if r is not liar)
+        lie_downstream(liar, LIES[lie], monkeypatch)
+        tokens, info = await generate(entry, PROMPT)
+        assert tokens == expected
+        assert info["reroutes"] == 1
+        assert info["route"][-1]["peer_id"] == honest.node.peer_id  # type: ignore[index]
+        json.dumps(info, allow_nan=False)  # what the API answers
+        failures = [e.data for e in entry.node.events.recent() if e.type == "inference.failure"]
+        assert [(f["culprit"], f["code"]) for f in failures] == [(liar.node.peer_id,
+                                                                  "malformed")]
+        assert entry.node.offences[liar.node.peer_id]["malformed"] == 1
+        assert liar.node.peer_id in entry.generator.bans.banned(time.monotonic())
+
+        # the replica lies too (on a new session: the pooled one is closed)
+        pipeline = entry.generator.pipeline
+        for idle in list(pipeline.pool.values()):
+            for session in list(idle):
+                await session.close()
+        pipeline.pool.clear()
+        lie_downstream(honest, LIES[lie], monkeypatch)
+        with pytest.raises(NoCoverage, match=r"\[2, 4\)"):
+            await generate(entry, PROMPT)
+        assert honest.node.peer_id in entry.generator.bans.banned(time.monotonic())
+
+
+async def test_a_middle_hops_non_finite_hidden_states_stop_at_the_next_hop(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN from the first of two hops: the next hop refuses it (malformed, counted
+    against the first hop) instead of computing NaN from it, which the entry would
+    blame on that honest last hop; the step fails, blaming no hop the entry cannot
+    tell apart (it hears only from the last), and the next hop keeps serving."""
+    async with model_swarm(tmp_path, tiny, [(0, 4), (0, 2), (2, 4)]) as (_, runtimes):
+        entry, first, second = runtimes
+        pipeline = entry.generator.pipeline
+        route = Route((Span(first.node.peer_id, 0, 2, 0.0),
+                       Span(second.node.peer_id, 2, 4, 0.0)), 0.0)
+        lie_downstream(first, nan_hidden, monkeypatch)
+        session = await pipeline.open(route, 16)
+        with torch.inference_mode():
+            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
+        with pytest.raises(PipelineFailure) as failed:
+            await session.step(hidden, 0)
+        await session.close()
+        assert failed.value.culprit != second.node.peer_id, failed.value
+        assert second.node.offences[first.node.peer_id]["malformed"] == 1
+        await wait_for(lambda: session.id not in second.server.sessions, 10,
+                       "the next hop to drop the session")
+        fresh = await pipeline.open(Route((Span(entry.node.peer_id, 0, 2, 0.0),
+                                           Span(second.node.peer_id, 2, 4, 0.0)), 0.0), 16)
+        assert (await fresh.step(hidden, 0)).hidden.isfinite().all()
+        await fresh.close()
+
+
+async def test_a_hop_whose_own_output_overflows_reports_itself(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hop whose compute gives an infinity (float16 overflows at 65504) sends it no
+    further: it reports itself to the entry (internal, banned like any failing hop)
+    instead of passing it on for its next hop to count as an offence."""
+    async with model_swarm(tmp_path, tiny, [(0, 4), (0, 2), (2, 4)]) as (_, runtimes):
+        entry, first, second = runtimes
+        route = Route((Span(first.node.peer_id, 0, 2, 0.0),
+                       Span(second.node.peer_id, 2, 4, 0.0)), 0.0)
+        forward = first.server._forward
+
+        async def overflowing(s: Any, msg: Forward) -> torch.Tensor:
+            out: torch.Tensor = await forward(s, msg)  # [1, T, H]
+            return out.clone().index_fill_(2, torch.tensor([0]), math.inf)
+
+        monkeypatch.setattr(first.server, "_forward", overflowing)
+        session = await entry.generator.pipeline.open(route, 16)
+        with torch.inference_mode():
+            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
+        with pytest.raises(PipelineFailure) as failed:
+            await session.step(hidden, 0)
+        await session.close()
+        assert (failed.value.culprit, failed.value.code) == (first.node.peer_id, "internal")
+        assert "finite" in str(failed.value)
+        assert not second.node.offences.get(first.node.peer_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from peerd.inference.swarm.pipeline import PipelineSession
 from peerd.inference.swarm.routing import Route, Span
 from protocols.codec import decode, encode
 from protocols.framing import encode_uvarint, read_frame, write_frame
-from protocols.shard import SHARD, Forward, Hop, Open
+from protocols.shard import SHARD, Forward, Hop, HopTiming, Open
 from protocols.spec import ErrorReply
 from tests.harness import book, gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
@@ -93,6 +94,12 @@ BAD_FORWARDS = {
         lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h)), tree=(-1, 0)), "tree of 2"),
     "past max_length": (lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 70, h))),
                         "max_length"),
+    "hidden states that are not finite": (
+        lambda s, h: Forward(s.id, 1, 0, -1, to_wire(torch.full((1, 3, h), math.nan))),
+        "not finite"),
+    "timings from hops before the first": (
+        lambda s, h: Forward(s.id, 1, 0, -1, hidden_of((1, 3, h)),
+                             timings=(HopTiming(s.route[0].peer_id, 1.0),)), "timings"),
     "bytes that lie about their shape": (
         lambda s, h: Forward(s.id, 1, 0, -1, to_wire(torch.zeros(1, 3, h)).__class__(
             "float32", (1, 3, h), b"\0" * 12)), "bytes"),

@@ -17,6 +17,11 @@ route peer we are no longer connected to, a route peer that does not answer a pi
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
 A hop names only itself or a hop after it: a report that names anyone else (a peer
 off the route, one before it) blames its sender, the first hop for what it relays.
+A RESULT that is not what a route computes (another shape or dtype, hidden states that
+are not finite, other than one timing a hop could have measured for each hop) is the
+last hop's fault, as anything else it sends that the protocol does not allow: it is
+counted against it and blamed (malformed). (Each hop refuses non-finite hidden states
+from the hop before it, so the last hop's input was finite.)
 Codes from the wire are read through protocols.shard.known_code: a failure's code is
 one of a known few, or "other".
 
@@ -75,6 +80,7 @@ from protocols.shard import (
     Opened,
     PolicyTag,
     Result,
+    check_timings,
     known_code,
     step_deadline_s,
 )
@@ -205,10 +211,11 @@ class PipelineSession:
                       source=tuple(source))
         t0 = time.perf_counter()
         result: Result | None = None
+        returned: Any = None  # its hidden states, checked
         error: BaseException | None = None
 
         async def exchange(cancel: trio.CancelScope) -> None:
-            nonlocal result, error
+            nonlocal result, returned, error
             try:
                 self.writing = True
                 await write_frame(self.first, encode(msg), SHARD.max_data_bytes)
@@ -220,9 +227,7 @@ class PipelineSession:
                     if reply.session != self.id or reply.step > self.step_no:
                         raise WireError(f"result for session {reply.session} step {reply.step}")
                     if reply.step == self.step_no:
-                        if reply.hidden.shape != msg.hidden.shape:
-                            raise WireError(f"result of shape {list(reply.hidden.shape)} for "
-                                            f"a step of {list(msg.hidden.shape)}")
+                        returned = self._returned(reply, msg)
                         result = reply
             except Exception as exc:
                 error = exc
@@ -238,11 +243,28 @@ class PipelineSession:
                 nursery.start_soon(exchange, nursery.cancel_scope)
                 nursery.start_soon(watch, nursery.cancel_scope)
         if result is not None:
-            hidden_out = from_wire(result.hidden, dtype=hidden.dtype)
-            return StepResult(hidden_out, result.timings, (time.perf_counter() - t0) * 1e3)
+            return StepResult(returned.to(hidden.dtype), result.timings,
+                              (time.perf_counter() - t0) * 1e3)
         if deadline.cancelled_caught:
             error = trio.TooSlowError(f"step took over {limit_s:.0f} s")
         raise await self._diagnose(error)
+
+    def _returned(self, reply: Result, sent: Forward) -> Any:
+        """The hidden states of the RESULT for `sent` [rows, T, H]; WireError unless the
+        route could have computed them: the FORWARD's shape in the session's dtype, every
+        element finite (a NaN made sampling raise, and greedy decoding emit garbage), and
+        one timing, a time a hop could have measured, for each hop (the request's figures
+        add them up)."""
+        h = reply.hidden
+        h.check(rank=3)
+        if h.shape != sent.hidden.shape or h.dtype != self.dtype:
+            raise WireError(f"result of {h.dtype}{list(h.shape)} for a step of "
+                            f"{self.dtype}{list(sent.hidden.shape)}")
+        check_timings(reply.timings, len(self.route))
+        out = from_wire(h)
+        if not bool(out.isfinite().all()):
+            raise WireError("result hidden states that are not finite")
+        return out
 
     async def _diagnose(self, error: BaseException | None) -> PipelineFailure:
         """Who broke the chain? A hop's report, a lost connection, a failed ping."""
@@ -264,8 +286,10 @@ class PipelineSession:
         for pid in self.peers:
             if not await node_reachable(node, pid):
                 return PipelineFailure(pid, "unreachable", f"{pid} is unreachable ({detail})")
-        if isinstance(error, PeerError):
-            return PipelineFailure(self.route[-1].peer_id, error.reason, detail)
+        if isinstance(error, PeerError):  # what the return stream carried: the last hop's
+            last = self.route[-1].peer_id
+            node.offence(last, error.reason, f"shard-return: {error}")
+            return PipelineFailure(last, error.reason, detail)
         return PipelineFailure(None, "failed", f"pipeline step failed ({detail})")
 
     async def _first_hop_refusal(self) -> ErrorReply | None:

@@ -12,11 +12,12 @@ compute (`_chain`); the next hop's answer is read when it comes, and a refusal f
 it, or from further down, is relayed upstream and ends the session here.
 
 Whatever an upstream peer sends that breaks the rules (a FORWARD for another
-session, a wrong shape or dtype, positions out of range, an oversized frame, a
-route that skips layers) is refused with an error reply and counted against it; the
-session ends and the peer keeps serving every other session. When the next hop
-cannot be reached, this peer reports it to the entry peer (FAILED over the return
-protocol) so the entry can ban it and re-route.
+session, a wrong shape or dtype, hidden states that are not finite, positions out of
+range, an oversized frame, a route that skips layers) is refused with an error reply
+and counted against it; the session ends and the peer keeps serving every other
+session. When the next hop cannot be reached, this peer reports it to the entry peer
+(FAILED over the return protocol) so the entry can ban it and re-route; so does a peer
+whose own compute gives hidden states that are not finite (an overflow), naming itself.
 
 An OPEN tagged with an RL policy version (protocols/shard.py, PolicyTag) is admitted
 only by the server's `gate` (set by an RL pipeline shard: peerd/rl/shard_gate.py),
@@ -46,7 +47,7 @@ from libp2p.peer.id import ID
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from peerd import compute
-from peerd.inference.model.tensors import from_wire, to_wire
+from peerd.inference.model.tensors import TORCH_DTYPES, from_wire, to_wire
 from peerd.inference.slot import ShardLimits
 from peerd.inference.swarm.lending import Eviction, Lending, OverShare
 from peerd.node import Node
@@ -434,7 +435,7 @@ class ShardServer:
             check_forward(msg, session=s.id, last_step=s.step, dtype=s.open.dtype,
                           hidden_size=self.block.hidden_size,
                           cached=self.block.cache_len(s.cache), max_length=s.open.max_length,
-                          rows=s.open.rows)
+                          rows=s.open.rows, hop=s.open.hop)
             try:
                 self.lending.grow(s, msg.start_pos + msg.hidden.shape[1])
             except OverShare as exc:  # its entry peer is over its share: this session goes
@@ -448,6 +449,8 @@ class ShardServer:
             s.busy = True
             try:
                 hidden = await self._forward(s, msg)
+            except PeerError:  # what the sender sent (hidden states not finite): its offence
+                raise
             except Exception as exc:  # our failure, not the sender's: own up to the entry
                 log.exception("session %s: forward failed on this peer", s.id)
                 await self._report(s, msg.step, self.node.peer_id, "internal",
@@ -461,7 +464,14 @@ class ShardServer:
                                compute_ms=round((time.perf_counter() - t0) * 1e3, 3))
             s.step = msg.step
             timings = (*msg.timings, timing)
-            out = to_wire(hidden, s.open.dtype)
+            sent = hidden.to(TORCH_DTYPES[s.open.dtype])  # [B, T, H] in the wire's dtype
+            if not bool(torch.isfinite(sent).all()):  # an overflow (float16's range, say):
+                # ours, so we own up to it rather than pass it on to be refused
+                await self._report(s, msg.step, self.node.peer_id, "internal",
+                                   f"{self.node.peer_id} computed hidden states that are "
+                                   f"not finite in {s.open.dtype} (an overflow?)")
+                return
+            out = to_wire(sent)
             if s.is_last:
                 reply: Forward | Result = Result(session=s.id, step=msg.step, hidden=out,
                                                  timings=timings)
@@ -510,7 +520,10 @@ class ShardServer:
 
             def begin(a: int = a, b: int = b, first: range = groups[0]) -> Any:
                 if not decoded:
-                    decoded.append(from_wire(msg.hidden, dtype=self.block.dtype))
+                    x = from_wire(msg.hidden)  # [rows, T, H], as sent
+                    if not bool(torch.isfinite(x).all()):  # (NaN poisons every later hop)
+                        raise WireError("hidden states that are not finite")
+                    decoded.append(x.to(self.block.dtype))
                 keep = None if msg.keep < 0 or a > 0 else msg.keep
                 step = self.block.begin(decoded[0][:, a:b], msg.start_pos + a, s.cache, keep,
                                         span=s.span, tree=msg.tree)

@@ -12,8 +12,10 @@ from peerd.inference.swarm.routing import (
     coverage_gaps,
     find_route,
     route_peers,
+    servers_by_model,
 )
 from protocols.errors import WireError
+from protocols.ledger import LedgerEntry, ModelServed
 from protocols.shard import Hop, check_route
 
 
@@ -142,3 +144,18 @@ def test_ban_list_holds_at_most_max_peers() -> None:
         assert len(bans) <= 8
     assert bans.banned(999.5) == {f"p{i}" for i in range(995, 1000)}
     assert bans.ban("p999", now=1000) == 10  # the newest keep their strikes
+
+
+def test_a_span_listed_again_is_one_server() -> None:
+    """Each server is an edge find_route tries from every layer boundary: a peer that
+    lists one span of a model eight times (all its entry may hold) or in two entries
+    is still one server of that span, the first listing's; other spans and models
+    stay."""
+    spans = [ModelServed("m", 0, 2, "float32", tokens_per_s=float(i)) for i in range(6)]
+    spans += [ModelServed("m", 2, 4, "float32"), ModelServed("n", 0, 2, "float32")]
+    entry = LedgerEntry(peer_id="a", seq=1, timestamp=0.0, ttl_s=60.0, models=tuple(spans))
+    other = LedgerEntry(peer_id="b", seq=1, timestamp=0.0, ttl_s=60.0, models=tuple(spans[:1]))
+    servers = servers_by_model([entry, other, entry], {"a": 3.0})
+    assert [(s.peer_id, s.start, s.end, s.tokens_per_s, s.rtt_ms) for s in servers["m"]] == [
+        ("a", 0, 2, 0.0, 3.0), ("a", 2, 4, 0.0, 3.0), ("b", 0, 2, 0.0, None)]
+    assert [(s.peer_id, s.start, s.end) for s in servers["n"]] == [("a", 0, 2)]

@@ -73,10 +73,17 @@ class NoRoute:
 
 def servers_by_model(entries: Iterable[LedgerEntry],
                      rtt_ms: Mapping[str, float] | None = None) -> dict[str, list[Server]]:
-    """model id -> the spans the ledger advertises for it, with our measured RTTs."""
+    """model id -> the spans the ledger advertises for it, with our measured RTTs; a
+    span a peer lists again is one server (the first listing): find_route tries each
+    server from every layer boundary."""
     out: dict[str, list[Server]] = {}
+    seen: set[tuple[str, str, int, int]] = set()
     for e in entries:
         for m in e.models:
+            key = (m.model_id, e.peer_id, m.layer_start, m.layer_end)
+            if key in seen:
+                continue
+            seen.add(key)
             rtt = None if rtt_ms is None else rtt_ms.get(e.peer_id)
             out.setdefault(m.model_id, []).append(
                 Server(e.peer_id, m.layer_start, m.layer_end, m.tokens_per_s, rtt, m.dtype))

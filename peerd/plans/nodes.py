@@ -9,13 +9,19 @@ value, anyOf and oneOf, allOf of one schema, local $ref. Anything else (pattern,
 format, prefixItems, not, if/then, ...) is either ignored within a known type or
 becomes "any JSON value", bounded; the result is validated against the schema
 afterwards in any case. Pure: no torch, no I/O.
+
+The grammar is a graph, not a tree: a subschema is compiled once per depth and shared
+by every use there (recursion is unrolled to MAX_DEPTH, a shared node per level), and
+an anyOf holds its branches' anyOfs merged. Its size, as `grammar_size` counts it,
+grows with the schema's text and is capped at MAX_NODES: past it the schema is any
+JSON value (a peer's tool is refused before that: plans/service.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +32,7 @@ ANY_MEMBERS = 8  # members of such an object or array
 INT_DIGITS = 15  # digits of an unbounded integer (exact in a double)
 NUMBER_DIGITS = (12, 6, 2)  # integer part, fraction, exponent
 MAX_DEPTH = 12  # $ref and nesting, beyond which values are scalars
+MAX_NODES = 100_000  # of one schema's grammar, as `grammar_size` counts it
 
 
 def dump(value: Any) -> str:
@@ -197,58 +204,120 @@ def any_value(depth: int = ANY_DEPTH) -> Node:
 
 def compile_schema(schema: Any, root: Any = None, *, string_cap: int = STRING_CAP,
                    depth: int = 0) -> Node:
-    """`schema` as a node; `root`: the document its local $refs point into."""
-    root = schema if root is None else root
+    """`schema` as a node; `root`: the document its local $refs point into. A schema
+    whose grammar would pass MAX_NODES nodes is any bounded value instead (validated
+    afterwards all the same); where a tool can be refused, `grammar_size` says so first."""
+    try:
+        return _Compiler(schema if root is None else root, string_cap).compile(schema, depth)
+    except GrammarTooLarge:
+        return any_value()
 
-    def sub(s: Any) -> Node:
-        return compile_schema(s, root, string_cap=string_cap, depth=depth + 1)
 
-    if depth > MAX_DEPTH or not isinstance(schema, dict) or not schema:
-        return any_value(0 if depth > MAX_DEPTH else ANY_DEPTH)
-    if "const" in schema:
-        return Literal((dump(schema["const"]),))
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return Literal(tuple(dict.fromkeys(dump(v) for v in schema["enum"])))
-    ref = schema.get("$ref")
-    if isinstance(ref, str):
-        target = _resolve(root, ref)
-        return sub(target) if target is not None else any_value()
-    for key in ("anyOf", "oneOf"):  # oneOf's exclusivity is left to the validator
-        if isinstance(schema.get(key), list) and schema[key]:
-            return AnyOf(tuple(sub(s) for s in schema[key]))
-    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) == 1:
-        return sub(schema["allOf"][0])
-    kind = schema.get("type")
-    if isinstance(kind, list) and kind:
-        return AnyOf(tuple(sub({**schema, "type": k}) for k in dict.fromkeys(kind)))
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else None
-    if kind == "string":
-        shortest = _int(schema.get("minLength"), 0)
-        return String(shortest, max(shortest, _int(schema.get("maxLength"), string_cap)))
-    if kind == "integer":
-        return _integer(schema)
-    if kind == "number":
-        low = _num(schema, "minimum", "exclusiveMinimum")
-        high = _num(schema, "maximum", "exclusiveMaximum", upper=True)
-        if low is None and high is None:
-            return Number()
-        # bounded: no exponent, the integer part no longer than the bounds' (the
-        # validator judges the rest)
-        most = max(len(str(abs(b))) for b in (low, high) if b is not None)
-        return Number(negative=low is None or low < 0, int_digits=most, exp_digits=0)
-    if kind == "boolean":
-        return Literal(("true", "false"))
-    if kind == "null":
-        return Literal(("null",))
-    if kind == "array":
-        items = schema.get("items")
-        fewest = _int(schema.get("minItems"), 0)
-        return Array(sub(items) if isinstance(items, dict) else any_value(ANY_DEPTH - 1),
-                     fewest, max(fewest, _int(schema.get("maxItems"), ARRAY_CAP)))
-    if kind == "object":
-        return _object(schema, sub)
-    return any_value()
+def grammar_size(schema: Any, *, string_cap: int = STRING_CAP) -> int:
+    """The size of `schema`'s grammar, as its compile counts it: each subschema compiled
+    (once per depth), each reference to one (a property, an item, a branch, a $ref),
+    each branch gathered into an anyOf; GrammarTooLarge past MAX_NODES."""
+    compiler = _Compiler(schema, string_cap)
+    compiler.compile(schema, 0)
+    return compiler.size
+
+
+class GrammarTooLarge(ValueError):
+    """A schema whose grammar passes MAX_NODES (counted as `grammar_size` does)."""
+
+
+class _Compiler:
+    """One schema's compile. Each subschema is compiled once per depth and its node
+    shared by every use at that depth ($refs to one definition, above all), and an
+    anyOf's branches that are anyOfs are merged into it, each node once (the automaton
+    starts an anyOf as all its branches' starts: the same set). Copied at every use
+    and nested, a grammar grew as the product of the anyOfs it went through: an anyOf
+    of k references to itself was k**6 nodes by MAX_DEPTH, started k**6 ways. Shared
+    and merged, it grows with the schema's text, which `size` caps all the same."""
+
+    def __init__(self, root: Any, string_cap: int, max_nodes: int = MAX_NODES) -> None:
+        self.root, self.string_cap, self.max_nodes = root, string_cap, max_nodes
+        self.size = 0  # subschemas compiled, subschemas referred to, branches gathered
+        # (id of a subschema, depth) -> (the subschema, held so that its id stays its
+        # own while we compile: a `type` list's variants are made here, then dropped)
+        self._done: dict[tuple[int, int], tuple[Any, Node]] = {}
+
+    def compile(self, schema: Any, depth: int) -> Node:
+        if depth > MAX_DEPTH or not isinstance(schema, dict) or not schema:
+            return any_value(0 if depth > MAX_DEPTH else ANY_DEPTH)
+        done = self._done.get((id(schema), depth))
+        if done is not None:
+            return done[1]
+        self._grow(1)
+        node = self._compile(schema, depth)
+        self._done[id(schema), depth] = (schema, node)
+        return node
+
+    def _grow(self, by: int) -> None:
+        self.size += by
+        if self.size > self.max_nodes:
+            raise GrammarTooLarge(f"its grammar passes {self.max_nodes} nodes (anyOfs "
+                                  "multiplied through $refs?)")
+
+    def _any_of(self, nodes: Iterable[Node]) -> AnyOf:
+        gathered: list[Node] = []
+        for node in nodes:
+            branches = node.branches if isinstance(node, AnyOf) else (node,)
+            self._grow(len(branches))  # before they are copied: each may be many
+            gathered += branches
+        return AnyOf(tuple(dict.fromkeys(gathered)))  # nodes hash by identity (eq=False)
+
+    def _compile(self, schema: dict[str, Any], depth: int) -> Node:
+        def sub(s: Any) -> Node:
+            self._grow(1)
+            return self.compile(s, depth + 1)
+
+        if "const" in schema:
+            return Literal((dump(schema["const"]),))
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return Literal(tuple(dict.fromkeys(dump(v) for v in schema["enum"])))
+        ref = schema.get("$ref")
+        if isinstance(ref, str):
+            target = _resolve(self.root, ref)
+            return sub(target) if target is not None else any_value()
+        for key in ("anyOf", "oneOf"):  # oneOf's exclusivity is left to the validator
+            if isinstance(schema.get(key), list) and schema[key]:
+                return self._any_of(sub(s) for s in schema[key])
+        if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) == 1:
+            return sub(schema["allOf"][0])
+        kind = schema.get("type")
+        if isinstance(kind, list) and kind:
+            return self._any_of(sub({**schema, "type": k}) for k in dict.fromkeys(kind))
+        if kind is None:
+            kind = "object" if "properties" in schema else \
+                "array" if "items" in schema else None
+        if kind == "string":
+            shortest = _int(schema.get("minLength"), 0)
+            return String(shortest, max(shortest, _int(schema.get("maxLength"),
+                                                       self.string_cap)))
+        if kind == "integer":
+            return _integer(schema)
+        if kind == "number":
+            low = _num(schema, "minimum", "exclusiveMinimum")
+            high = _num(schema, "maximum", "exclusiveMaximum", upper=True)
+            if low is None and high is None:
+                return Number()
+            # bounded: no exponent, the integer part no longer than the bounds' (the
+            # validator judges the rest)
+            most = max(len(str(abs(b))) for b in (low, high) if b is not None)
+            return Number(negative=low is None or low < 0, int_digits=most, exp_digits=0)
+        if kind == "boolean":
+            return Literal(("true", "false"))
+        if kind == "null":
+            return Literal(("null",))
+        if kind == "array":
+            items = schema.get("items")
+            fewest = _int(schema.get("minItems"), 0)
+            return Array(sub(items) if isinstance(items, dict) else any_value(ANY_DEPTH - 1),
+                         fewest, max(fewest, _int(schema.get("maxItems"), ARRAY_CAP)))
+        if kind == "object":
+            return _object(schema, sub)
+        return any_value()
 
 
 def _object(schema: dict[str, Any], sub: Any) -> Node:

@@ -65,6 +65,7 @@ from peerd.plans.dispatch import (
 )
 from peerd.plans.external import DEFAULT_SETTINGS, ExternalServer, McpMetrics, McpSettings
 from peerd.plans.metrics import DispatchMetrics, ToolMetrics
+from peerd.plans.nodes import GrammarTooLarge, grammar_size
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
 from peerd.plans.schema import BadTool, Invalid, SchemaCheck, SchemaInvalid
 from peerd.plans.suspects import SUSPECT_S, Suspects
@@ -310,7 +311,7 @@ class Tools(Service):
         specs = await list_tools(self.node, peer)
         if not isinstance(specs, ToolFailure):
             for spec in specs:
-                self._remember(spec)
+                self._remember(spec, peer)
         return specs
 
     async def call(self, tool: str, arguments: dict[str, Any], *, peer: str | None = None,
@@ -395,13 +396,22 @@ class Tools(Service):
                 return tool.spec()
         return self._specs.get(schema)
 
-    def _remember(self, spec: ToolSpec) -> None:
+    def _remember(self, spec: ToolSpec, peer: str) -> None:
+        """Keep `peer`'s tool `spec` for plans and calls, unless its inputSchema is no
+        JSON Schema, or one whose grammar passes MAX_NODES (nodes.py): that one is
+        counted against `peer`, for an honest schema's is far below it."""
         if spec.schema in self._checks:
             return
         try:
             check = SchemaCheck(spec.input_schema, f"{spec.name}: inputSchema")
         except SchemaInvalid as exc:
             log.info("a peer's tool %r has a schema we cannot use: %s", spec.name, exc)
+            return
+        try:
+            grammar_size(spec.input_schema)
+        except GrammarTooLarge as exc:
+            self.node.offence(peer, "tool_schema", f"tool {spec.name!r:.80}: inputSchema: "
+                              f"{exc}")
             return
         if len(self._checks) >= MAX_CACHED_SCHEMAS:
             oldest = next(iter(self._checks))

@@ -137,8 +137,9 @@ class ModelThinker:
         request = await model.prepare_chat(messages_of(transcript), params)
         constraint = None
         if self.make_constraint is not None:  # off the loop: a first vocabulary takes ~1 s
-            constraint = await trio.to_thread.run_sync(self.make_constraint, model,
-                                                       transcript.tools)
+            # a plan cancelled meanwhile leaves at once; the thread's work is dropped
+            constraint = await trio.to_thread.run_sync(  # type: ignore[call-arg]
+                self.make_constraint, model, transcript.tools, abandon_on_cancel=True)
         done = await model.complete(request, constraint=constraint)
         return StepText(done.text, done.stats.completion_tokens,
                         constrained=self.make_constraint is not None)

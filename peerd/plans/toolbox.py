@@ -17,7 +17,8 @@ from collections.abc import Iterable
 
 import trio
 
-from peerd.plans.schema import Invalid, canonical_json
+from peerd.plans.nodes import GrammarTooLarge, grammar_size
+from peerd.plans.schema import BadTool, Invalid, canonical_json
 from peerd.plans.tool import Tool, ToolError, dump
 from protocols import tool as wire
 from protocols.tool import CallResult, ToolCall
@@ -56,9 +57,14 @@ class Toolbox:
 
     def register(self, tool: Tool) -> None:
         """Offer `tool` (a tool of the same name is replaced; its calls in flight finish
-        under the old capacity's count)."""
+        under the old capacity's count). BadTool for an inputSchema whose grammar passes
+        MAX_NODES: every planner would refuse it, and count it against us."""
         if tool.name not in self.tools and len(self.tools) >= wire.MAX_TOOLS:
             raise ValueError(f"a peer offers at most {wire.MAX_TOOLS} tools")
+        try:
+            grammar_size(tool.input_schema)
+        except GrammarTooLarge as exc:
+            raise BadTool(f"{tool.name}: inputSchema: {exc}") from None
         self.tools[tool.name] = tool
         self.capacity[tool.name] = Capacity(tool.capacity)
 

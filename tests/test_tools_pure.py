@@ -355,3 +355,23 @@ def test_the_choice_prefers_free_capacity_then_the_nearest() -> None:
     assert [o.peer for o in rank(offers)] == ["self", "near2", "near", "far", "unmeasured",
                                               "full"]
     assert rank([]) == []
+
+
+def test_a_peers_schema_that_cannot_be_checked_is_refused_or_checks_nothing() -> None:
+    """Schemas a peer may offer that jsonschema cannot follow: references that loop
+    without reading the value (a RecursionError from every call's check: a 500),
+    references off the document (another file, a URL) and nesting past the recursion
+    limit (a RecursionError while the offer was remembered)."""
+    looping = {"type": "object", "properties": {"x": {"$ref": "#/$defs/A"}},
+               "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}] * 3}}}
+    with pytest.raises(Invalid, match="references loop"):
+        SchemaCheck(looping)({"x": 1})
+    with pytest.raises(SchemaInvalid, match="only references within"):
+        SchemaCheck({"type": "object", "properties": {"x": {"$ref": "https://e.com/s"}}})
+    deep: dict[str, Any] = {}
+    cur = deep
+    for _ in range(900):
+        cur["items"] = {}
+        cur = cur["items"]
+    with pytest.raises(SchemaInvalid, match="nests too deeply"):
+        SchemaCheck({"type": "object", "properties": {"x": deep}})

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 import jsonschema
 import pydantic
 from jsonschema.exceptions import SchemaError
+from referencing.exceptions import Unresolvable
 
 from protocols.tool import MAX_SCHEMA_BYTES
 
@@ -73,17 +75,39 @@ def check_schema(schema: Any, what: str) -> dict[str, Any]:
         size = len(canonical_json(schema))
     except (TypeError, ValueError) as exc:
         raise SchemaInvalid(f"{what} is not JSON: {exc}") from None
+    except RecursionError:
+        raise SchemaInvalid(f"{what} nests too deeply to be read") from None
     if size > MAX_SCHEMA_BYTES:
         raise SchemaInvalid(f"{what} is {size} bytes of JSON; at most {MAX_SCHEMA_BYTES}")
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
+    except RecursionError:
+        raise SchemaInvalid(f"{what} nests too deeply to be checked") from None
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "the top"
         raise SchemaInvalid(f"{what} is not valid JSON Schema (at {where}): "
                             f"{exc.message}") from None
     if schema.get("type") != "object":
         raise SchemaInvalid(f'{what} must describe an object ("type": "object")')
+    outside = next(_refs_outside(schema), None)
+    if outside is not None:
+        raise SchemaInvalid(f'{what} refers to {outside!r:.80}: only references within '
+                            'the schema ("#/...") can be followed')
     return schema
+
+
+def _refs_outside(value: Any) -> Iterator[str]:
+    """Every "$ref" of `value` that points off the document (a URL, another file)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            ref = v.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                yield ref
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 class Check(Protocol, Generic[T_co]):
@@ -126,7 +150,14 @@ class SchemaCheck:
         self._validator = jsonschema.validators.validator_for(self.schema)(self.schema)
 
     def __call__(self, value: Any) -> dict[str, Any]:
-        errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+        try:
+            errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))
+        except RecursionError:  # a peer's schema whose references loop: no value passes
+            raise Invalid(["the schema's references loop without reading the value, so "
+                           "nothing can be checked against it"]) from None
+        except Unresolvable as exc:  # (check_schema refuses references off the document)
+            raise Invalid([f"the schema refers to what it does not hold: {exc!s:.200}"]
+                          ) from None
         if errors:
             problems = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
                         for e in errors[:MAX_PROBLEMS]]

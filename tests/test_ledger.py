@@ -527,3 +527,13 @@ def test_rows_past_the_cap_are_dropped_on_load(tmp_path: Path) -> None:
     rows = {r[0] for r in store._db.execute("SELECT peer_id FROM entries")}
     assert rows == {e.peer_id for e in ledger.entries()} and len(rows) == 3
     store.close()
+
+
+def test_a_store_that_cannot_delete_still_loads(tmp_path: Path, alice: KeyPair) -> None:
+    """Rows the book refuses are deleted on load; a full or read-only disk made that
+    delete raise out of the warm start, and the daemon did not start."""
+    saved_store(tmp_path / "l.db", signed(alice, ttl=TTL))
+    store = LedgerStore(tmp_path / "l.db")
+    store._db.execute("PRAGMA query_only=ON")
+    assert store.load_into(Ledger(), T0 + 2 * TTL) == 0  # expired: its delete fails
+    store.close()

@@ -552,3 +552,27 @@ async def test_a_hop_whose_own_output_overflows_reports_itself(
         assert (failed.value.culprit, failed.value.code) == (first.node.peer_id, "internal")
         assert "finite" in str(failed.value)
         assert not second.node.offences.get(first.node.peer_id)
+
+
+async def test_a_model_deeper_than_a_ledger_entry_may_say_fails_to_load_in_words(
+        tiny: Path, tmp_path: Path) -> None:
+    """A config of 1025 decoder layers loaded, then our ledger entry (which says the
+    model's depth) failed its own check: the error escaped the model slot after it had
+    started, and ended the daemon."""
+    import shutil
+
+    from peerd.inference.slot import ModelSlot
+    from tests.harness import advertise, gossip, has_entry
+
+    deep = tmp_path / "deep"
+    shutil.copytree(tiny, deep)
+    config = json.loads((deep / "config.json").read_text())
+    (deep / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1025}))
+    async with swarm(2, tmp_path, heartbeat_s=0.3) as (a, b):
+        slot = ModelSlot(a, gossip(a), ModelOptions(str(deep)))
+        await a.start(slot)
+        await slot.settled.wait()
+        assert slot.state == "failed" and "1025 decoder layers" in (slot.error or "")
+        await advertise(a, ["still-here"])
+        await wait_for(lambda: has_entry(b, a.peer_id, skills=("still-here",)), 10,
+                       "a's ledger service still runs")

@@ -225,6 +225,11 @@ def test_the_book_publishes_recent_scores_and_survives_a_damaged_file() -> None:
     assert "p0" not in published and f"p{reputation.MAX_PUBLISHED + 9}" in published
     again = ReputationBook.from_json("me", {**book.to_json(), "x": "junk", "me": [1, 1, 1]})
     assert again.own() == book.own()
+    # numbers a damaged file may hold: 1e400 reads as inf, and int(inf) overflowed,
+    # which stopped the daemon at start
+    damaged = {**book.to_json(), "big": [0.5, float("inf"), 1.0], "nan": [0.5, 1, float("nan")],
+               "neg": [0.5, -3, 1.0]}
+    assert ReputationBook.from_json("me", damaged).own() == book.own()
 
 
 # ---- election -----------------------------------------------------------------------

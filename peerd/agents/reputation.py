@@ -103,11 +103,12 @@ class ReputationBook:
         records: dict[str, Record] = {}
         if isinstance(data, dict):
             for peer, row in data.items():
-                try:
+                try:  # (a number like 1e400 reads as inf, and int(inf) overflows)
                     score, tasks, updated = float(row[0]), int(row[1]), float(row[2])
-                except (TypeError, ValueError, IndexError, KeyError):
+                except (TypeError, ValueError, IndexError, KeyError, OverflowError):
                     continue
-                if isinstance(peer, str) and 0.0 <= score <= 1.0 and peer != owner:
+                if isinstance(peer, str) and 0.0 <= score <= 1.0 and peer != owner \
+                        and tasks >= 0 and math.isfinite(updated):
                     records[peer] = Record(score, tasks, updated)
         return cls(owner, records)
 

@@ -36,7 +36,7 @@ from peerd.inference.swarm.server import ShardServer
 from peerd.ledger.book import Ledger
 from peerd.node import Node
 from peerd.turns import Turns
-from protocols.ledger import Hardware, ModelServed
+from protocols.ledger import MAX_LAYERS, Hardware, ModelServed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,6 +110,10 @@ class ModelRuntime:
                      "seconds)")
         config = await _loading(load_config, source)
         num_layers = int(config.num_hidden_layers)
+        if not 0 < num_layers <= MAX_LAYERS:
+            raise ValueError(f"{source.model_id} has {num_layers} decoder layers; a peer "
+                             f"serves models of 1 to {MAX_LAYERS} (what a ledger entry may "
+                             "say)")
         layers = options.layers or await cls._place(node, ledger, source.model_id, num_layers,
                                                     config, dtype)
         start, end = layers

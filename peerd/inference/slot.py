@@ -116,7 +116,7 @@ class ModelSlot(Service):
             self.node.events.publish("model.failed", spec=self.options.spec, error=self.error)
             return
         r = self.runtime
-        self.ledger.refresh()  # the layers we serve, at once
+        self.ledger.republish()  # the layers we serve, at once
         step(f"serving layers [{r.block.start}, {r.block.end}) at {r.tokens_per_s:.1f} "
              "tokens/s")
         self.node.events.publish("model.ready", model_id=r.model_id,

@@ -96,6 +96,15 @@ class LedgerGossip(Service):
         self._publish_now.set()
         return entry
 
+    def republish(self) -> None:
+        """`refresh`, for a service that changed its fields and has nothing to undo if
+        they do not make a valid entry: that is logged (our bug), the last entry stands,
+        and the service goes on."""
+        try:
+            self.refresh()
+        except ValueError:
+            log.exception("our ledger entry cannot be re-signed")
+
     def _own_entry(self) -> LedgerEntry:
         fields = self._service_fields()
         self._seq = max(self._seq + 1, int(time.time() * 1000))
@@ -303,10 +312,7 @@ class LedgerGossip(Service):
         while True:
             entry = self.book.get(self.node.peer_id)
             if entry is None or time.time() - entry.timestamp >= heartbeat_s:
-                try:
-                    self.refresh()
-                except ValueError:  # our bug (a service's fields): keep serving
-                    log.exception("our ledger entry cannot be re-signed")
+                self.republish()
             if self._publish_now.is_set():
                 self._publish_now = trio.Event()
                 await self._publish_own()

@@ -6,6 +6,7 @@ service writes changed entries to it off the event loop.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from peerd.datadir import connect_private_db
 from peerd.ledger.book import Accepted, Ledger, LedgerReject
 from protocols.ledger import LedgerEntry, SignedEntry
+
+log = logging.getLogger(__name__)
 
 
 class LedgerStoreError(RuntimeError):
@@ -59,13 +62,21 @@ class LedgerStore:
                 outcome = ledger.offer(SignedEntry(body=body, sig=sig), now)
                 loaded += 1
                 if isinstance(outcome, Accepted) and outcome.evicted:
-                    self.delete(e.peer_id for e in outcome.evicted)
+                    self._forget(e.peer_id for e in outcome.evicted)
                     loaded -= len(outcome.evicted)
             except LedgerReject as exc:
                 if on_reject is not None and exc.reason != "expired":
                     on_reject(exc.reason)
-                self.delete([peer_id])
+                self._forget([peer_id])
         return loaded
+
+    def _forget(self, peer_ids: Iterable[str]) -> None:
+        """Delete rows the book did not take, if the disk lets us: they are checked
+        again at the next start (a full disk must not stop this one)."""
+        try:
+            self.delete(peer_ids)
+        except sqlite3.Error as exc:
+            log.warning("ledger database %s: rows not deleted (%s)", self.path, exc)
 
     def save(self, items: Iterable[tuple[LedgerEntry, SignedEntry]]) -> None:
         rows = [(e.peer_id, e.seq, s.body, s.sig, e.expires_at) for e, s in items]

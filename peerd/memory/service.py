@@ -448,10 +448,13 @@ class Memory(Service):
     def _load_baseline(self) -> Baseline:
         try:
             raw = json.loads((self.dir / BASELINE_FILE).read_text())
-            return Baseline.restore({d: (float(m), int(n)) for d, (m, n) in raw.items()})
+            kept = {d: (float(m), int(n)) for d, (m, n) in raw.items()}
+            if not all(math.isfinite(m) and n >= 0 for m, n in kept.values()):
+                raise ValueError("a mean that is not a number, or a negative count")
+            return Baseline.restore(kept)
         except FileNotFoundError:
             return Baseline()
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
             log.warning("memory: %s unreadable (%s); the no-memory baseline starts afresh",
                         BASELINE_FILE, exc)
             return Baseline()

@@ -162,7 +162,7 @@ class Tools(Service):
         """Offer one more tool (BadTool if its definition is refused); the new entry goes
         out on gossip at once."""
         self.toolbox.register(tool)
-        self.ledger.refresh()
+        self.ledger.republish()
 
     # ---- external MCP servers' tools (external.ToolHost) ----------------------------
 
@@ -177,13 +177,13 @@ class Tools(Service):
                 self.toolbox.register(tool)
             except (BadTool, ValueError) as exc:
                 refused.append((tool.name, str(exc)))
-        self.ledger.refresh()
+        self.ledger.republish()
         return refused
 
     def withdraw(self, names: Sequence[str]) -> None:
         for name in names:
             self.toolbox.withdraw(name)
-        self.ledger.refresh()
+        self.ledger.republish()
 
     # ---- serving --------------------------------------------------------------------
 

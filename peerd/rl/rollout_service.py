@@ -82,7 +82,7 @@ class Rollouts(Service):
                 runtime.server.gate = self.gate  # tagged sessions from now on
             if self.sampler is not None:
                 await nursery.start(self.sampler.run)
-            self.ledger.refresh()  # the rollout features, at once
+            self.ledger.republish()  # the rollout features, at once
             self.node.events.publish("rollout.ready", model_id=runtime.model_id,
                                      layers=[block.start, block.end])
 

@@ -522,7 +522,7 @@ class WeightStore(Service):
                     await nursery.start(serve_beside, self.http_server, node.config.listen,
                                         self.http_port)
                     if self.ledger is not None:
-                        self.ledger.refresh()  # our port, for pullers to find
+                        self.ledger.republish()  # our port, for pullers to find
                 nursery.start_soon(self.runs.intake, subscription)
                 nursery.start_soon(self._reannounce)
                 task_status.started()

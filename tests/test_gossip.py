@@ -269,7 +269,7 @@ async def test_the_dial_back_off_forgets_peers_no_source_offers_any_more(
     flood of made-up ledger entries, hundreds of thousands a day)."""
     from libp2p.crypto.ed25519 import create_new_key_pair
 
-    gone = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(6)]
+    gone = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(3)]
     offered = {pid: [f"/ip4/127.0.0.1/tcp/1/p2p/{pid}"] for pid in gone}
     async with open_test_node(tmp_path / "n", target_peers=4) as node:
         node.add_dial_source(lambda: list(offered.items()))

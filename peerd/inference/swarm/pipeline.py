@@ -366,14 +366,31 @@ class Pipeline:
     async def _sweep_pool(self) -> None:
         while True:
             await trio.sleep(POOL_IDLE_S / 4)
-            now = time.monotonic()
-            for route, idle in list(self.pool.items()):
-                for s in [s for s in idle if now - s.idle_since > POOL_IDLE_S or
-                          s.done.is_set()]:
-                    idle.remove(s)
-                    await s.close()
-                if not idle:
-                    self.pool.pop(route, None)
+            try:
+                await self._sweep_once()
+            except Exception:  # our bug: this round's sessions may leak, the node goes on
+                log.exception("pipeline: sweeping the pool of idle sessions failed")
+
+    async def _sweep_once(self) -> None:
+        """Close the sessions idle past POOL_IDLE_S (or ended). Every one leaves the pool
+        before the first close: a close awaits its first hop, and meanwhile `take` must
+        not hand out a session this round is about to close (nor `release`, past the
+        cap, close one twice)."""
+        now = time.monotonic()
+        stale: list[PipelineSession] = []
+        for route, idle in list(self.pool.items()):
+            kept: list[PipelineSession] = []
+            for s in idle:
+                (stale if now - s.idle_since > POOL_IDLE_S or s.done.is_set()
+                 else kept).append(s)
+            idle[:] = kept
+            if not idle:
+                del self.pool[route]
+        for s in stale:
+            try:
+                await s.close()
+            except Exception:  # the others are out of the pool too: close them all
+                log.exception("pipeline: closing idle session %s failed", s.id)
 
     async def start(self, route: Route, max_length: int, dtype: str = "float32",
                     policy: PolicyTag | None = None) -> PipelineSession:

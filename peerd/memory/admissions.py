@@ -6,9 +6,11 @@ refused at once, with its reason), then queued. One worker judges the queue in o
 it picks the tasks to replay (the SCEC the candidate came from, then the SCECs nearest
 its text in its domain), replays each without and with it (admission.judge) on this
 peer's model, and admits it when the utility is a gain. Every candidate ends admitted
-or refused with a reason, logged in the store's decision log and published as an event;
-none is dropped silently. A peer's item is admitted only by this replay, never on the
-author's word: its outcome goes back to the diffusion's record of its author.
+or refused with a reason, logged in the store's decision log (in the peer's log when the
+store takes no writes) and published as an event; none is dropped silently. A store
+that fails every write (a full disk) refuses each candidate (reason "error") and the
+desk goes on. A peer's item is admitted only by this replay, never on the author's
+word: its outcome goes back to the diffusion's record of its author.
 
 One worker, so replays never compete with each other for the model; the model serves
 other requests between them. With a farm (farm.py) the replays may run on other peers
@@ -193,7 +195,10 @@ class Admissions:
             except Exception as exc:  # our bug, or the store: this one fails, the desk goes on
                 log.exception("memory: judging candidate %s failed", c.id)
                 if c.state == "judging":
-                    await self._refuse(c, "error", f"{type(exc).__name__}: {exc}")
+                    try:  # the store that failed may fail again (on_decided reads it)
+                        await self._refuse(c, "error", f"{type(exc).__name__}: {exc}")
+                    except Exception:
+                        log.exception("memory: refusing candidate %s failed", c.id)
 
     async def _decide(self, c: Candidate) -> None:
         tasks, unsuitable = await self._tasks(c)
@@ -341,13 +346,19 @@ class Admissions:
                        reason: str = "") -> None:
         c.state, c.reason, c.decided = state, reason or state, time.time()
         u = c.utility
-        await self.store.log(state, c.item_id or c.id, None if u is None else u.total,
-                             {"reason": c.reason, "message": message, "domain": c.domain,
-                              "kind": c.kind, "source": c.source, "tasks": c.tasks,
-                              "text": c.text[:200],
-                              **({"replayed_by": list(c.replayed_by),
-                                  "farmed_to": list(c.farmed_to)} if c.farmed_to else {})})
         try:  # done: the decision and all that follows from it (eviction, announcing)
+            try:
+                await self.store.log(state, c.item_id or c.id, None if u is None else u.total,
+                                     {"reason": c.reason, "message": message,
+                                      "domain": c.domain, "kind": c.kind, "source": c.source,
+                                      "tasks": c.tasks, "text": c.text[:200],
+                                      **({"replayed_by": list(c.replayed_by),
+                                          "farmed_to": list(c.farmed_to)}
+                                         if c.farmed_to else {})})
+            except Exception:  # a store that takes no writes (disk full, read-only): the
+                # decision stands and is published; only its line in the store is lost
+                log.exception("memory: the decision on %s (%s, %s) is not in the store's "
+                              "log", c.id, state, c.reason)
             await self.on_decided(c)
         finally:
             c.done.set()

@@ -69,7 +69,8 @@ class ScecKeeper:
         self.domain = domain
         self.offered = 0  # counts against the cap
         self.kept = 0
-        self.failed = 0  # out of bounds, dropped on a full queue, or refused by the memory
+        self.failed = 0  # out of bounds, dropped on a full queue, refused by the memory
+        # or failed in it (its store, its embedder)
         self._send, self._recv = trio.open_memory_channel[ScecMsg](QUEUE)
 
     def offer(self, problem: Problem, seed: int, group: Group) -> None:
@@ -98,6 +99,11 @@ class ScecKeeper:
                     self.failed += 1
                     log.warning("run %s: the memory did not keep an SCEC: %s",
                                 self.spec.run_id, exc)
+                except Exception:  # the store (a full disk), the embedder, our bug: the
+                    # memory's failure is the memory's, never the training run's
+                    self.failed += 1
+                    log.warning("run %s: the memory failed to keep an SCEC",
+                                self.spec.run_id, exc_info=True)
 
     def to_json(self) -> dict[str, int]:
         return {"kept": self.kept, "failed": self.failed}

@@ -565,3 +565,17 @@ def test_a_note_quotes_a_question_whitespace_aside_and_not_a_greeting() -> None:
     assert quotes("Question: What is  12 plus\n30?\nAnswer: 42", "What is 12 plus 30?")
     assert not quotes("Add the tens first.", "What is 12 plus 30?")
     assert not quotes("Hi there, add the tens.", "Hi")  # too short to say anything
+
+
+@pytest.mark.parametrize("text", ['{"chat": [1e400, 2]}', '{"chat": [0.5, 1e400]}',
+                                  '{"chat": [NaN, 2]}', '{"chat": [0.5, -2]}'])
+def test_a_damaged_baseline_file_starts_afresh(tmp_path: Path, text: str) -> None:
+    """1e400 reads as inf and int(inf) overflowed, which stopped the daemon at start; a
+    NaN mean would have poisoned every later comparison with the baseline."""
+    from types import SimpleNamespace
+
+    from peerd.memory.service import BASELINE_FILE
+
+    (tmp_path / BASELINE_FILE).write_text(text)
+    baseline = Memory._load_baseline(SimpleNamespace(dir=tmp_path))  # type: ignore[arg-type]
+    assert baseline.snapshot() == {}

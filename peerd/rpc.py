@@ -61,6 +61,16 @@ class _PeerLimiter:
             del self.active[peer]
 
 
+REQUEST_READ_S = 10.0  # for a request's first bytes, and a small one whole
+REQUEST_READ_RATE = 1 << 20  # bytes a second a larger request is given beyond that
+
+
+def request_read_s(spec: RequestResponse) -> float:
+    """How long a handler waits for its request: 10 s, plus a second a MiB of the
+    protocol's largest request (a slow link may carry a large one)."""
+    return REQUEST_READ_S + spec.max_request_bytes / REQUEST_READ_RATE
+
+
 def stream_handler(
     spec: RequestResponse, handle: Handler, on_offence: OffenceHook
 ) -> Callable[[Any], Awaitable[None]]:
@@ -76,7 +86,11 @@ def stream_handler(
                 raise Busy(f"too many concurrent {spec.id} streams")
             entered = True
             with trio.fail_after(spec.timeout_s):
-                raw = await read_frame(stream, spec.max_request_bytes)
+                # the request whole within a short time of its own: a peer that opens
+                # streams and sends nothing would hold their slots for the whole
+                # exchange's deadline (15 minutes of a sampler's, for a rollout)
+                with trio.fail_after(min(spec.timeout_s, request_read_s(spec))):
+                    raw = await read_frame(stream, spec.max_request_bytes)
                 request = decode(raw, spec.request)
                 response = await handle(peer, request)
                 await write_frame(stream, encode(response), spec.max_response_bytes)

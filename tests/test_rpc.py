@@ -92,3 +92,31 @@ async def test_a_stream_is_reset_when_asked_or_when_closing_fails(stream: Any,
                                                                  abort: bool) -> None:
     await close_stream(stream, abort=abort)
     assert stream.ended == ["reset"]
+
+
+async def test_streams_that_send_no_request_give_their_slots_back_soon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that opened streams and sent nothing held their slots for the exchange's
+    whole deadline: for a rollout, a sampler's for 15 minutes, with two peer ids."""
+    import peerd.rpc as rpc
+    from protocols.errors import RemoteError
+
+    monkeypatch.setattr(rpc, "REQUEST_READ_S", 0.5, raising=False)
+    spec = RequestResponse(id="/peerd/test-quiet/1.0.0", request=SyncRequest,
+                           response=SyncResponse, max_request_bytes=64,
+                           max_response_bytes=1024, timeout_s=60.0, max_concurrent_per_peer=2)
+    async with swarm(2, tmp_path, target_peers=1) as (a, b):
+        async def answer(peer: str, request: SyncRequest) -> SyncResponse:
+            return SyncResponse(entries=())
+
+        b.set_stream_handler(spec.id, stream_handler(spec, answer, b.offence))
+        quiet = [await a.host.new_stream(ID.from_base58(b.peer_id), [spec.id])
+                 for _ in range(2)]
+        await trio.sleep(0.1)
+        with pytest.raises(RemoteError, match="busy"):
+            await call(a.host, b.peer_id, spec, SyncRequest())
+        await wait_for(lambda: b.offences.get(a.peer_id, {}).get("timeout", 0) == 2, 10,
+                       "b to give up on the two quiet streams")
+        assert await call(a.host, b.peer_id, spec, SyncRequest()) == SyncResponse(entries=())
+        for s in quiet:
+            await close_stream(s, abort=True)

@@ -22,18 +22,21 @@ from libp2p.peer.id import ID
 from peerd.agents.election import WorkFailed
 from peerd.agents.reputation import NO_SHOW_S, PRIOR
 from peerd.agents.sealing import seal
+from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.inference.slot import ModelOptions, ModelSlot
 from peerd.memory.admission import judge
 from peerd.memory.admissions import Candidate
-from peerd.memory.farm import Farm
+from peerd.memory.farm import FILL_ROUNDS, Farm
 from peerd.memory.farming import replayers
 from peerd.memory.scec import decode_scec, encode_scec, scec_hash
 from peerd.memory.service import Memory
 from peerd.node import Node
 from protocols.codec import decode, encode
 from protocols.framing import encode_uvarint, frame
+from protocols.ledger import LedgerEntry, ModelServed
 from protocols.memory import ScecMsg
 from protocols.memory_replay import (
+    FEATURE_REPLAY,
     REPLAY,
     ArmReplay,
     ReplayJob,
@@ -291,3 +294,48 @@ async def test_a_result_with_a_bad_signature_or_for_another_job_is_refused_and_c
         # an honest answer from the same peer is taken
         rogue.answer(REPLAY.id, frame(encode(SignedReplayResult(*seal(ours, key)))))
         assert await req.farm._ask(rogue.peer_id, job, ["0" * 64]) == ours
+
+
+class StallingFarm(Farm):
+    """A replaying peer that takes every job and never answers (not a mock of the
+    network: a misbehaving peer, over the real protocol)."""
+
+    async def _serve(self, peer: str, job: ReplayJob) -> SignedReplayResult:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+def replaying_entry(peer: str, model: str) -> LedgerEntry:
+    return LedgerEntry(peer_id=peer, seq=1, timestamp=time.time(), ttl_s=60.0,
+                       features=(FEATURE_REPLAY,),
+                       models=(ModelServed(model, 0, 2, "float32", num_layers=2),))
+
+
+def no_model() -> LanguageModel:
+    raise ModelUnavailable("no model here")
+
+
+async def test_replayers_that_take_the_job_and_never_answer_cost_a_bounded_time(
+        tmp_path: Path) -> None:
+    """Five replayers take the job and never answer: the job is given up after
+    FILL_ROUNDS deadlines (two seats, two rounds: four peers asked, not all five one
+    deadline after another), and those that stalled rank last for the next job."""
+    async with swarm(6, tmp_path, connect="star") as nodes:
+        requester, stalling = nodes[0], nodes[1:]
+        for node in stalling:
+            StallingFarm(node, no_model, lambda: []).register()
+        entries = [replaying_entry(n.peer_id, "m") for n in stalling]
+        farm = Farm(requester, no_model, lambda: entries, deadline_s=0.5)
+        scec = ScecMsg(prompt="What is 1 + 2?", domain="chat", model="m", version="",
+                       max_tokens=8, temperature=0.0, top_p=1.0, seed=1, stop=(),
+                       memory=(), memory_ids=(), answer="3", scorer="exact", output="3",
+                       score=1.0, prompt_tokens=10, latency_s=0.1)
+        got = await farm.replay("Be brief.", [scec], nothing, "m", None)
+        assert got.reason == "unverified" and got.by == ()
+        assert len(got.asked) == FILL_ROUNDS * 2 < len(stalling)
+        assert all(farm.no_shows.recent(p, farm.clock()) for p in got.asked)
+        assert farm.counts["jobs_asked"] == len(got.asked)
+        # the one never asked now ranks first: the no-shows are demoted
+        fresh = {n.peer_id for n in stalling} - set(got.asked)
+        again = await farm.replay("Be brief.", [scec], nothing, "m", None)
+        assert fresh <= set(again.asked[:2])

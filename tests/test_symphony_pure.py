@@ -415,6 +415,28 @@ async def test_a_seat_stays_empty_when_no_bidder_is_left(
     assert fallbacks == [Fallback(0, "a", "error", None)]
 
 
+async def test_fill_seats_stops_seating_stallers_at_its_overall_bound(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Every bidder takes the seat and never answers: within 25 s of 10 s deadlines the
+    seat sees two full deadlines and a third worker for the 5 s left (half a deadline,
+    MIN_TURN), then stays empty; no fourth is seated."""
+    e = election(wanted=1)
+    for i in range(6):
+        e.offer(Candidate(f"staller{i}", 0.9 - i / 10))
+
+    async def work(seat: int, c: Candidate) -> str:
+        await trio.sleep(3600)
+        return "never"
+
+    t0 = trio.current_time()
+    results, fallbacks = await fill_seats(e, e.elect(), work, 10.0, within_s=25.0)
+    assert trio.current_time() - t0 == pytest.approx(25.0)
+    assert results[0].worker is None
+    assert results[0].tried == ["staller0", "staller1", "staller2"]
+    assert [(f.reason, f.replacement) for f in fallbacks] == [
+        ("deadline", "staller1"), ("deadline", "staller2"), ("deadline", None)]
+
+
 # ---- Byzantine: one confident liar among honest workers -----------------------------
 
 

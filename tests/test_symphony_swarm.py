@@ -12,7 +12,7 @@ import trio
 
 from peerd.agents.record import TaskSpec
 from peerd.agents.reputation import ReputationBook
-from peerd.agents.requester import NoWorkers
+from peerd.agents.requester import FILL_ROUNDS, NoWorkers
 from peerd.agents.symphony import Symphony
 from peerd.datadir import REPUTATION_FILE
 from protocols.task import TaskRequest
@@ -112,6 +112,36 @@ async def test_a_late_worker_is_replaced_by_the_next_bidder(tmp_path: Path) -> N
             saved = json.loads((requester.config.data_dir / REPUTATION_FILE).read_text())
             assert ReputationBook.from_json(requester.peer_id, saved).own() == \
                 service.requester.book.own()
+
+
+async def test_workers_that_take_a_seat_and_never_answer_hold_a_task_a_bounded_time(
+        tmp_path: Path) -> None:
+    """Three bidders take the seat and never answer: the task gives up after
+    FILL_ROUNDS deadlines (two of them tried, not all three and the spare one after
+    another), and the next task ranks those two last."""
+    async with swarm(5, tmp_path, connect="star") as nodes:
+        requester, *stalling, spare = nodes
+        solvers = [None, *[FakeSolver(delay_s=3600.0) for _ in stalling], FakeSolver()]
+        async with symphonies(nodes, solvers,
+                              skills=[[], *[[SKILL] for _ in stalling], ["poetry"]]) \
+                as (service, *_):
+            await ready_to_elect(requester, [*stalling, spare])
+            spec = TaskSpec("What is 1 + 2?", workers=1, requirement=SKILL,
+                            answer_format="number", deadline_s=0.5, bid_window_s=5.0)
+            with pytest.raises(NoWorkers):
+                await service.run_task(spec)
+            (first,) = service.requester.records.values()
+            tried = [f.peer_id for f in first.fallbacks]
+            assert len(tried) == FILL_ROUNDS < len(stalling)
+            assert {f.reason for f in first.fallbacks} == {"deadline"}
+            assert set(tried) < {n.peer_id for n in stalling}
+            assert first.fallbacks[-1].replacement is None and first.votes == []
+            # the one not tried is seated first now, then the spare, not a no-show
+            (fresh,) = {n.peer_id for n in stalling} - set(tried)
+            record = await service.run_task(spec)
+            assert record.elected == [fresh]
+            assert [v.peer_id for v in record.votes] == [spare.peer_id]
+            assert record.answer == "3"
 
 
 async def test_the_requester_works_on_its_own_beacon_only_when_nobody_else_can(

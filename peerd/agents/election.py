@@ -27,6 +27,7 @@ is every seat) — a peer never works on its own beacon while others can.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -34,6 +35,7 @@ from typing import Generic, TypeVar
 import trio
 
 LOAD_PENALTY = 0.25
+MIN_TURN = 0.5  # fill_seats: the least share of a deadline a replacement is seated for
 
 T = TypeVar("T")
 Reputation = Callable[[str], float]
@@ -186,26 +188,32 @@ Work = Callable[[int, Candidate], Awaitable[T]]
 async def fill_seats(election: Election, seats: list[Candidate], work: Work[T],
                      deadline_s: float,
                      on_fallback: Callable[[Fallback], None] = lambda f: None,
+                     *, within_s: float = math.inf,
                      ) -> tuple[list[SeatResult[T]], list[Fallback]]:
     """Run `work(seat, worker)` for every seat at once, each worker within
     `deadline_s`. A worker that misses it or raises WorkFailed is dropped and the
-    next bidder takes its seat (with a fresh deadline), until one delivers or no
-    bidder is left."""
+    next bidder takes its seat (with a fresh deadline), until one delivers, no bidder
+    is left, or `within_s` from the start has passed: past it no worker is waited for,
+    so bidders that take a seat and never answer cannot hold the caller one deadline
+    after another. A replacement is seated only while at least MIN_TURN of a deadline
+    is left (less would judge it on time it never had)."""
     results = [SeatResult[T](seat=i) for i in range(len(seats))]
     fallbacks: list[Fallback] = []
+    ends_at = trio.current_time() + within_s
 
     async def staff(i: int, worker: Candidate | None) -> None:
         while worker is not None:
             results[i].tried.append(worker.peer_id)
             reason = "deadline"
-            with trio.move_on_after(deadline_s):
+            with trio.move_on_at(min(trio.current_time() + deadline_s, ends_at)):
                 try:
                     results[i].result = await work(i, worker)
                     results[i].worker = worker
                     return
                 except WorkFailed as exc:
                     reason = exc.reason
-            nxt = election.replacement()
+            left = ends_at - trio.current_time()
+            nxt = election.replacement() if left >= MIN_TURN * deadline_s else None
             fallback = Fallback(i, worker.peer_id, reason, nxt.peer_id if nxt else None)
             fallbacks.append(fallback)
             on_fallback(fallback)

@@ -71,6 +71,9 @@ MAX_CLOSED = 4096  # recently closed task ids: a late bid is not an offence
 MAX_RUNNING = 16  # tasks this peer requests at once
 MEASURE_TIMEOUT_S = 120.0  # measuring a chain (local work); past it, the task votes on claims
 NO_SHOWS = frozenset({"deadline", "unreachable"})  # a seat left without answer or refusal
+# the seats are filled within this many worker deadlines, replacements included: bidders
+# that take a seat and never answer cannot hold the task (and a MAX_RUNNING slot) longer
+FILL_ROUNDS = 2
 
 
 @dataclass(slots=True)
@@ -195,8 +198,9 @@ class Requester:
                                             replacement=f.replacement)
 
                     if not return_early:
-                        results, _ = await fill_seats(election, seats, work, spec.deadline_s,
-                                                      on_fallback)
+                        results, _ = await fill_seats(
+                            election, seats, work, spec.deadline_s, on_fallback,
+                            within_s=FILL_ROUNDS * spec.deadline_s)
                         record.solve_ms = (time.perf_counter() - t1) * 1e3
                     nursery.cancel_scope.cancel()  # the bid collector
                 answered = time.perf_counter()

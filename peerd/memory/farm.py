@@ -16,8 +16,10 @@ read from the ledger (farming.replayers) and ranked by Symphony's election rule
 round answers a free-text requirement with skill matches and task seats, while a
 replay needs one fact every entry states (it serves the model). The two best are
 seated with `fill_seats` (a peer that fails or misses its deadline is replaced by the
-next). Their verified results are settled by farming.settle; what happens when they
-do not agree is in `Farm.replay`. A peer caught with a false result is an offence
+next, within FILL_ROUNDS deadlines in all; one that took the job and never answered
+ranks last for a while, as a no-show does in Symphony's requester). Their verified
+results are settled by farming.settle; what happens when they do not agree is in
+`Farm.replay`. A peer caught with a false result is an offence
 (`false_replay`), scores 0 in this peer's replay reputation, and ranks last for a
 while. The reputation book and who was caught lately (wall-clock times) are kept in the
 memory's directory, so a restart forgives neither.
@@ -61,6 +63,10 @@ REPLAY_REPUTATION_FILE = "replay_reputation.json"  # in the memory's directory
 CAUGHT_FILE = "replay_caught.json"  # beside it: peer -> when it was last caught (wall clock)
 DEADLINE_S = REPLAY.timeout_s - REPLAY_MARGIN_S  # one replaying peer's time for a job
 NO_SHOWS = frozenset({"deadline", "unreachable"})  # as Symphony's requester counts them
+# a job's seats are filled within this many replayer deadlines, replacements included
+# (the tiebreaker, when one is asked, gets one more): replayers that take a job and
+# never answer cannot hold the admission desk one deadline after another
+FILL_ROUNDS = 2
 
 LocalJudge = Callable[[Sequence[ScecMsg]], Awaitable[Verdict]]  # our model's judge
 
@@ -92,6 +98,7 @@ class Farm:
         self.caught_path = None if book_path is None else book_path.with_name(CAUGHT_FILE)
         self.caught = NoShows.from_json(  # replayers caught with a false result: ranked last
             None if self.caught_path is None else read_json(self.caught_path), clock())
+        self.no_shows = NoShows()  # replayers that left a job of ours unanswered: ranked last
         self.counts: Counter[str] = Counter()
 
     def register(self) -> None:
@@ -158,7 +165,8 @@ class Farm:
                             closes_at=-math.inf, deadline_s=self.deadline_s,
                             reputation=lambda p: view(p, self.node.peer_id, self.book.own(),
                                                       reports),
-                            demoted=lambda p: self.caught.recent(p, self.clock()))
+                            demoted=lambda p: (self.caught.recent(p, self.clock())
+                                               or self.no_shows.recent(p, self.clock())))
         for c in replayers(entries, model, self.node.peer_id, self.node.rtt_ms):
             election.offer(c)
         results: dict[str, ReplayResult] = {}
@@ -167,22 +175,32 @@ class Farm:
         async def work(seat: int, c: Candidate) -> ReplayResult:
             asked.append(c.peer_id)
             results[c.peer_id] = await self._ask(c.peer_id, job, hashes)
+            self.no_shows.delivered(c.peer_id)
             return results[c.peer_id]
 
+        def no_show(peer: str) -> None:  # silent or gone; a refusal in words costs nothing
+            self.book.observe(peer, agreed=False, punctual=False, now=time.time())
+            self.no_shows.missed(peer, self.clock())
+
         seats = election.elect()
-        _, fallbacks = await fill_seats(election, seats, work, self.deadline_s)
-        for f in fallbacks:  # silent or gone; a refusal in words (busy, ...) costs nothing
+        _, fallbacks = await fill_seats(election, seats, work, self.deadline_s,
+                                        within_s=FILL_ROUNDS * self.deadline_s)
+        for f in fallbacks:
             if f.reason in NO_SHOWS:
-                self.book.observe(f.peer_id, agreed=False, punctual=False, now=time.time())
+                no_show(f.peer_id)
         settled = settle(hashes, results)
         if not settled.accepted and local is None and len(results) >= 2:
             tiebreaker = election.replacement()
             if tiebreaker is not None:
+                reason = "deadline"
                 with trio.move_on_after(self.deadline_s):
                     try:
                         await work(0, tiebreaker)
-                    except WorkFailed:
-                        pass
+                        reason = ""
+                    except WorkFailed as exc:
+                        reason = exc.reason
+                if reason in NO_SHOWS:
+                    no_show(tiebreaker.peer_id)
                 settled = settle(hashes, results)
         verdict: Verdict | None = None
         if not settled.accepted and local is not None:

@@ -4,7 +4,8 @@ A two-peer swarm splits the model [0, 2) + [2, 4). The official `openai` client 
 to it unchanged, and its greedy output is held against single-process transformers
 for the same prompt ids. Errors come in OpenAI's shape; a swarm that cannot cover the
 model, and a peer without a model, answer 503 saying why; a client that leaves in the
-middle of a stream costs the daemon nothing.
+middle of a stream, or stops reading it, costs the daemon nothing and cannot stall its
+shutdown.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
 import torch
+import trio
+import trio.testing
 from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixture)
     Daemon,
     daemon_logs_on_failure,
@@ -34,7 +38,12 @@ from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixtu
 from models import tiny_llama_dir
 from openai.types.chat import ChatCompletionMessageParam
 
+from peerd.api.openai import _stream
+from peerd.api.openai_request import parse
+from peerd.api.server import TEST_STALL_ENV, client_stall_s
+from peerd.inference.face import Completion
 from peerd.inference.model.source import load_tokenizer, reference_model, resolve
+from peerd.inference.request import GenerationStats
 
 READY_TIMEOUT_S = 60.0  # model load + ledger gossip on a loaded CI box
 HELLO: list[ChatCompletionMessageParam] = [
@@ -699,3 +708,74 @@ def test_status_metrics_and_the_cli_show_who_holds_what(swarm: Swarm) -> None:
     done = run_cli("status", "--data-dir", str(swarm.b.data_dir), env={"COLUMNS": "250"})
     assert done.returncode == 0, done.stderr
     assert "lent to peers" in done.stdout and "sessions" in done.stdout
+
+
+# ---- a client that stops reading ----------------------------------------------------------
+
+
+class EndlessModel:
+    """Streams "x" until told the client has gone; then says how many it handed over."""
+
+    model_id = "endless"
+
+    def __init__(self) -> None:
+        self.pieces = 0
+        self.ended = trio.Event()
+
+    async def complete(self, request: Any, *, on_text: Any, logprobs: Any) -> Completion:
+        while await on_text("x", []):
+            self.pieces += 1
+        self.ended.set()
+        return Completion("x" * self.pieces, GenerationStats(finish_reason="length"))
+
+
+async def test_a_stream_nobody_reads_stops_its_generation(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The generation hands text over a bounded channel; a response that stops taking it
+    (its client reads nothing) must not hold the generation, and its sessions on every
+    peer of the route, for as long as the client holds its connection."""
+    model = EndlessModel()
+    req = parse({"model": "endless", "messages": HELLO, "stream": True}, chat=True)
+    async with trio.open_nursery() as nursery:
+        chunks = _stream(nursery, cast(Any, model), req, [cast(Any, None)], None,
+                         cast(Any, SimpleNamespace(publish=lambda *a, **k: None)))
+        assert "assistant" in await chunks.__anext__()
+        assert '"x"' in await chunks.__anext__()  # then the client reads no more
+        with trio.move_on_after(client_stall_s() * 2):
+            await model.ended.wait()
+        assert model.ended.is_set(), "the generation waits for a client that reads nothing"
+        assert model.pieces < 100  # (the channel's 64 and no more)
+        await chunks.aclose()
+
+
+def test_a_client_that_stops_reading_neither_holds_sessions_nor_stops_shutdown(
+        tiny: Path, tmp_path: Path) -> None:
+    """A streaming client that never reads: once its socket buffers fill, the response
+    waits on it; within the client-stall bound (shortened here) the generation ends and
+    the daemon stops on SIGTERM, the client still connected. (Log-probabilities make
+    each chunk large, so the buffers fill long before 8000 tokens.)"""
+    d = start_daemon(tmp_path / "d", "--name", "stall", *model_flags(tiny, "0:4"),
+                     "--no-prompt-cache", env={TEST_STALL_ENV: "3"})
+    with running(d):
+        wait_for(lambda: model_state(d)["state"] == "ready", READY_TIMEOUT_S,
+                 "the model to load", (d,))
+        model_id = model_state(d)["model_id"]
+        body = json.dumps({"model": model_id, "messages": HELLO, "max_tokens": 8000,
+                           "temperature": 0, "stream": True, "logprobs": True,
+                           "top_logprobs": 20}).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: peerd\r\n"
+                f"Authorization: Bearer {d.token}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+        def generating() -> bool:
+            state = model_state(d)
+            return bool(state["sessions"] > state["pooled_sessions"])
+
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+            sock.connect(("127.0.0.1", d.api_port))
+            sock.sendall(head + body)  # and never reads
+            wait_for(generating, 30.0, "the stream to start generating", (d,))
+            wait_for(lambda: not generating(), 60.0,
+                     "the unread stream's generation to end", (d,))
+            assert d.stop() == 0  # (raises if it does not exit within the harness's bound)

@@ -26,6 +26,7 @@ from starlette.routing import Route
 from peerd.api.errors import ApiError, read_json
 from peerd.api.openai_request import ApiRequest, notes_for, parse, speculative_options
 from peerd.api.recall import Note, Recall
+from peerd.api.server import client_stall_s
 from peerd.events import EventBus
 from peerd.inference.face import (
     Completion,
@@ -247,12 +248,19 @@ def _logprobs_json(model: LanguageModel, entries: Sequence[TokenLogprob], *, cha
             "text_offset": offsets}
 
 
-async def _send_quietly(send: trio.MemorySendChannel[tuple[int, str, Any]],
-                        item: tuple[int, str, Any]) -> None:
-    try:
-        await send.send(item)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+async def _hand_over(send: trio.MemorySendChannel[tuple[int, str, Any]],
+                     item: tuple[int, str, Any]) -> bool:
+    """Give the response an item; False if the client has left: it disconnected, or
+    it has read nothing for `client_stall_s()` (the channel stayed full), which would
+    otherwise hold the generation and its sessions on every peer of the route for as
+    long as the client holds its connection."""
+    with trio.move_on_after(client_stall_s()):
+        try:
+            await send.send(item)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+    return False
 
 
 def _ids(req: ApiRequest) -> tuple[str, str, str]:
@@ -303,10 +311,11 @@ async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
                   events: EventBus) -> AsyncIterator[str]:
     """SSE chunks in OpenAI's format, ending with `data: [DONE]`. Each choice's
     generation runs in the node's nursery and hands text over a channel, so a client
-    that disconnects stops them; the chunks of several choices interleave, each naming
-    its `index`. One choice: its last chunk carries the finish reason, `peerd` and the
-    usage asked for. Several: each its own last chunk with its `peerd`, then one chunk
-    of no choices with the usage (as OpenAI sends it)."""
+    that disconnects, or reads nothing for `client_stall_s()`, stops them; the chunks
+    of several choices interleave, each naming its `index`. One choice: its last chunk
+    carries the finish reason, `peerd` and the usage asked for. Several: each its own
+    last chunk with its `peerd`, then one chunk of no choices with the usage (as OpenAI
+    sends it)."""
     cid, _, chunk_obj = _ids(req)
     created = int(time.time())
     send, recv = trio.open_memory_channel[tuple[int, str, Any]](64)
@@ -332,27 +341,32 @@ async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
                **fields}
         return f"data: {json.dumps(out, separators=(',', ':'))}\n\n"
 
+    left = False  # a choice found the client gone: the stream ends without [DONE]
+
     async def produce(index: int, send: trio.MemorySendChannel[tuple[int, str, Any]]
                       ) -> None:
+        nonlocal left
         async with send:
             async def emit(delta: str, logprobs: Sequence[TokenLogprob]) -> bool:
-                try:
-                    await send.send((index, "text", (delta, logprobs)))
-                    return True
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return False
+                nonlocal left
+                if left or not await _hand_over(send, (index, "text", (delta, logprobs))):
+                    left = True  # the generation stops, as on a disconnect
+                return not left
 
             try:
                 done = await _run(model, req, prepared[index], emit, events)
-                await send.send((index, "done", done.stats))
+                if not left and not await _hand_over(send, (index, "done", done.stats)):
+                    left = True
             except ApiError as exc:
-                await _send_quietly(send, (index, "error", exc))
+                if not left:
+                    await _hand_over(send, (index, "error", exc))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:  # runs in the node's nursery: must never escape
                 log.exception("streamed generation failed")
-                await _send_quietly(send, (index, "error", ApiError(
-                    500, "generation failed on this peer; see its log", "server_error")))
+                if not left:
+                    await _hand_over(send, (index, "error", ApiError(
+                        500, "generation failed on this peer; see its log", "server_error")))
 
     async with send:
         for i in range(len(prepared)):
@@ -376,6 +390,8 @@ async def _stream(nursery: trio.Nursery, model: LanguageModel, req: ApiRequest,
                     extra["usage"] = _usage([value])
                 yield chunk(index, None, value.finish_reason, **extra)
         else:
+            if left:  # (a client back from its stall must not take this as the whole)
+                return
             if req.include_usage and len(prepared) > 1:
                 yield body(choices=[], usage=_usage(finished))
         yield "data: [DONE]\n\n"

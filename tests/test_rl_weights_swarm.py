@@ -21,9 +21,11 @@ import trio
 from libp2p.peer.id import ID
 
 from peerd.node import Node
+from peerd.rl import weights as weights_module
 from peerd.rl.follow import Follower
 from peerd.rl.manifest import layer_names
-from peerd.rl.weights import WeightStore, WeightsUnavailable
+from peerd.rl.weights import MANIFEST_HOLDERS, WeightStore, WeightsUnavailable
+from peerd.rpc import Busy, stream_handler
 from protocols.codec import encode
 from protocols.errors import RemoteError
 from protocols.framing import encode_uvarint, frame
@@ -266,6 +268,11 @@ async def test_lora_versions_and_old_versions_dropped(tmp_path: Path) -> None:
 # ---- lies --------------------------------------------------------------------------
 
 
+async def refuse_manifest(peer: str, request: ManifestRequest) -> ManifestReply:
+    raise Busy("not now")
+
+
+
 async def test_a_lying_holder_is_counted_and_the_pull_completes_elsewhere(tmp_path: Path
                                                                            ) -> None:
     tensors = weights(tiny_llama(4))
@@ -280,13 +287,22 @@ async def test_a_lying_holder_is_counted_and_the_pull_completes_elsewhere(tmp_pa
         held.manifest_bytes = encode(lying)
         for h, data in sw.s1.chunks.items():
             sw.s1.chunks[h] = bytes([data[0] ^ 0xFF]) + data[1:]
-        # the manifest: s1 is asked before the trainer; the chunks: s1 gets the first batch.
-        # s1 as a hint too: on a loaded machine its Have can age out of the holders (3
-        # announce periods) before the pull starts, and the trainer would be asked alone
-        got = await sw.s2.pull(RUN, 1, hints=[sw.s1.node.peer_id])
-        assert_same(got, tensors)
+        # the manifest: the trainer is asked first; while it refuses, s1 (a hint: on a
+        # loaded machine its Have can age out of the holders, 3 announce periods, before
+        # the pull starts) is asked, and its manifest is caught
+        trainer_node = sw.trainer.node
+        trainer_node.set_stream_handler(MANIFEST.id, stream_handler(
+            MANIFEST, refuse_manifest, trainer_node.offence))
+        with pytest.raises(WeightsUnavailable):
+            await sw.s2.pull(RUN, 1, hints=[sw.s1.node.peer_id])
         liar = sw.s1.node.peer_id
         offences = sw.s2.node.offences[liar]
+        assert offences["bad_announce"] == 1, dict(offences)
+        # the trainer serves the manifest again; the chunks: s1 gets the first batch
+        trainer_node.set_stream_handler(MANIFEST.id, stream_handler(
+            MANIFEST, sw.trainer._serve_manifest, trainer_node.offence))
+        got = await sw.s2.pull(RUN, 1, hints=[liar])
+        assert_same(got, tensors)
         assert offences["bad_announce"] == 1, dict(offences)
         # counted once per batch it answered: up to per_holder (2) may have been in flight
         # when the first came back; it is never asked again
@@ -400,3 +416,68 @@ async def test_the_sync_timing_helper_runs_on_a_few_megabytes(tmp_path: Path) ->
     # every byte each sampler fetched was served by the trainer or the other sampler
     assert timing.trainer_uploaded + timing.samplers_uploaded == 2 * timing.nbytes
     assert timing.http_bytes == 2 * timing.nbytes  # the chunks went over HTTP
+
+
+# ---- holders that stall ------------------------------------------------------------
+
+
+async def test_holders_that_stall_the_manifest_cost_a_bounded_number_of_asks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six peers announce Have for a version and never answer MANIFEST: the trainer is
+    asked first and serves the pull; while it refuses, at most MANIFEST_HOLDERS of the
+    stalling holders are asked per pull, and none of them twice."""
+    monkeypatch.setattr(weights_module, "HOLDER_MANIFEST_TIMEOUT_S", 1.0)
+    asked: list[str] = []  # the manifests the sampler asked for, of whom
+    real_call = weights_module.call
+
+    async def recording_call(host: Any, peer: str, spec: Any, *args: Any, **kw: Any
+                             ) -> Any:
+        if spec is MANIFEST:
+            asked.append(peer)
+        return await real_call(host, peer, spec, *args, **kw)
+
+    async def stall(peer: str, request: ManifestRequest) -> ManifestReply:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(weights_module, "call", recording_call)
+    async with swarm(8, tmp_path, connect="star") as nodes:
+        sampler_node, trainer_node, *stalling = nodes
+        sampler, trainer = WeightStore(sampler_node), WeightStore(trainer_node)
+        await sampler_node.start(sampler)
+        await trainer_node.start(trainer)
+        sampler.follow(RUN, trainer_node.peer_id)
+        stallers = {n.peer_id for n in stalling}
+        for node in stalling:
+            node.set_stream_handler(MANIFEST.id, stream_handler(MANIFEST, stall,
+                                                                node.offence))
+        await wait_for(lambda: trainer_node.peer_id in topic_peers(sampler_node),
+                       what="the sampler hears the trainer")
+        tensors = weights(tiny_llama(5))
+        manifest = await trainer.publish(RUN, MODEL, 1, "full", tensors)
+        key = digest(encode(manifest))
+        await announced(sampler, 1)
+        for node in stalling:
+            sampler.runs._heard_have(Have(run_id=RUN, version=1, manifest_hash=key,
+                                          holder=node.peer_id, complete=True,
+                                          timestamp=time.time()))
+        assert set(sampler.holders(key)) == stallers
+        # the trainer refuses: it is asked first, then a few holders, none of them twice
+        trainer_node.set_stream_handler(MANIFEST.id, stream_handler(
+            MANIFEST, refuse_manifest, trainer_node.offence))
+        for holders_asked in (MANIFEST_HOLDERS, len(stalling) - MANIFEST_HOLDERS, 0):
+            asked.clear()
+            with pytest.raises(WeightsUnavailable):
+                await sampler.pull(RUN, 1, timeout_s=20.0)
+            assert asked[0] == trainer_node.peer_id
+            assert len(asked[1:]) == holders_asked and set(asked[1:]) <= stallers
+        assert set(sampler._manifest_failed[RUN]) == stallers
+        # the trainer serves again: it alone is asked
+        trainer_node.set_stream_handler(MANIFEST.id, stream_handler(
+            MANIFEST, trainer._serve_manifest, trainer_node.offence))
+        asked.clear()
+        got = await sampler.pull(RUN, 1, timeout_s=20.0)
+        assert_same(got, tensors)
+        assert asked == [trainer_node.peer_id]
+        assert sampler.pull_stats[-1].sources == {trainer_node.peer_id:
+                                                  len(manifest.chunk_sizes())}

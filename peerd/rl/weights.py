@@ -2,8 +2,9 @@
 
 The trainer `publish`es a version: its manifest and chunks (manifest.py) are stored
 here and a signed `VersionAnnounce` goes out on gossip (protocols/weights.py). A
-sampler `pull`s a version: the manifest from any holder (checked against the
-trainer's signed hash, so the holder need not be trusted), then the chunks it lacks,
+sampler `pull`s a version: the manifest from the trainer or the hints, else from a
+few holders (checked against the trainer's signed hash, so the holder need not be
+trusted; one that failed us is not asked again for that run), then the chunks it lacks,
 in parallel batches from every holder it knows (chunks.py spreads them, the trainer
 last), each checked against its SHA-256; a holder that sends a bad chunk is counted
 as an offence and its chunks are fetched from another. What a peer fetched it serves
@@ -87,6 +88,12 @@ log = logging.getLogger(__name__)
 
 FEATURE = "weights"  # in our ledger entry: we serve /peerd/weights
 PULL_TIMEOUT_S = 600.0
+# a manifest is asked of the run's trainer and the hints first, then of at most this many
+# self-declared holders, each within HOLDER_MANIFEST_TIMEOUT_S: holders that announce
+# Have and stall cannot spend the pull's time before the trainer is asked
+MANIFEST_HOLDERS = 3
+HOLDER_MANIFEST_TIMEOUT_S = 3.0
+MAX_MANIFEST_FAILED = 256  # per run: holders that failed us a manifest, not asked again
 # a holder we could not get an answer from: not an offence, ask another
 _NO_ANSWER: tuple[type[Exception], ...] = (RemoteError, ConnectionError,
                                            *STREAM_FAILURES_OR_TIMEOUT)
@@ -148,6 +155,8 @@ class WeightStore(Service):
         self._pinned: Counter[bytes] = Counter()  # versions being pulled: kept
         self._wake: dict[bytes, trio.Event] = {}
         self._locks: dict[tuple[str, int], trio.Lock] = {}
+        # run -> holders that failed us a manifest of it (no answer, a bad one): skipped
+        self._manifest_failed: dict[str, dict[str, None]] = {}
         self.pull_stats: deque[PullStat] = deque(maxlen=32)
         # "chunks", "bytes" (over either channel), "http_chunks", "http_bytes", "manifests"
         self.served: Counter[str] = Counter()
@@ -171,6 +180,7 @@ class WeightStore(Service):
         """Forget `run_id`: its announcements and the versions of it we hold (one being
         pulled goes when its pull ends)."""
         self.runs.forget(run_id)
+        self._manifest_failed.pop(run_id, None)
         self._drop_old(run_id)
 
     def holds(self, run_id: str) -> bool:
@@ -311,32 +321,49 @@ class WeightStore(Service):
                 return held
         return None
 
+    def _manifest_failed_by(self, run_id: str, peer: str, first: Mapping[str, None]) -> None:
+        """Remember a self-declared holder that failed us a manifest of `run_id` (the
+        trainer and the hints are asked again next time: they are not self-declared)."""
+        if peer in first or run_id not in self.runs.following:
+            return
+        failed = self._manifest_failed.setdefault(run_id, {})
+        failed[peer] = None
+        while len(failed) > MAX_MANIFEST_FAILED:
+            del failed[next(iter(failed))]
+
     async def _fetch_manifest(self, run_id: str, version: int, hints: list[str]) -> Held:
         if run_id not in self.runs.following:
             raise WeightsUnavailable(f"not following run {run_id!r}")
         known = self.runs.announced.get(run_id)
         want = known[0].manifest_hash if known and known[0].version == version else b""
         trainer = self.runs.following[run_id] or (known[0].author if known else None)
-        peers = self.holders(want) if want else []
+        failed = self._manifest_failed.setdefault(run_id, {})
+        first = dict.fromkeys([*([trainer] if trainer else []), *hints])
+        peers = [p for p in (self.holders(want) if want else [])
+                 if p not in first and p not in failed]
         random.shuffle(peers)
-        candidates = [*peers, *hints, *([trainer] if trainer else [])]
+        candidates = [*first, *peers[:MANIFEST_HOLDERS]]
         request = ManifestRequest(run_id=run_id, version=version, manifest_hash=want)
-        for peer in dict.fromkeys(candidates):
+        for peer in candidates:
+            timeout_s = MANIFEST.timeout_s if peer in first else HOLDER_MANIFEST_TIMEOUT_S
             try:
                 reply: ManifestReply = await call(self.node.host, peer, MANIFEST, request,
-                                                  dial=self.node.new_stream)
+                                                  timeout_s, dial=self.node.new_stream)
                 if reply.announce is None:
                     continue  # not held there
                 held = self._check_manifest(reply, run_id, version, want)
             except PeerError as exc:
                 self.node.offence(peer, exc.reason, f"weights manifest: {exc}")
+                self._manifest_failed_by(run_id, peer, first)
                 continue
             except _NO_ANSWER as exc:
                 log.debug("manifest of %s v%d from %s failed: %r", run_id, version, peer, exc)
+                self._manifest_failed_by(run_id, peer, first)
                 continue
             except Exception:  # a dial fails in many ways; log it loudly in case it is ours
                 log.warning("manifest of %s v%d from %s failed", run_id, version, peer,
                             exc_info=True)
+                self._manifest_failed_by(run_id, peer, first)
                 continue
             self.held[held.announce.manifest_hash] = held  # kept: the pull pins it
             self.runs.know(held.announce)  # its trainer signed it: its holders count

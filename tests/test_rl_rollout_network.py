@@ -43,6 +43,7 @@ from peerd.rl.rollouts import (
 )
 from peerd.rl.sampler import RolloutSampler
 from peerd.rl.types import Rollout
+from peerd.rpc import call
 from protocols.codec import decode, encode
 from protocols.errors import PeerError, RemoteError
 from protocols.framing import encode_uvarint, frame
@@ -59,6 +60,7 @@ from protocols.rollout import (
 from tests.harness import (
     dial,
     error_code,
+    events,
     gossip,
     rejections,
     rogue_host,
@@ -342,3 +344,33 @@ async def test_a_peer_serving_the_model_becomes_a_sampler(tmp_path: Path, tiny: 
         await node.start(RolloutSampler.from_runtime(node, runtime))
         got = await request_rollouts(trainer, node.peer_id, request(prompts=("hi",), group=2))
         assert len(got) == 2 and {r.sampler for r in got} == {node.peer_id}
+
+
+async def test_a_pushed_order_that_stalls_gives_up_its_turn(
+        tmp_path: Path, tiny: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An order whose generation never finishes (a pipeline route that stopped
+    answering) is dropped after the sampler's order bound: the turn is free again and
+    the next request is served."""
+    async with trainer_and_sampler(tmp_path, tiny, order_timeout_s=1.0) \
+            as (trainer, node, sampler):
+        generate_many = sampler.policy.generate_many
+        stalled = trio.Event()
+
+        async def stall(*args: Any, **kw: Any) -> Any:
+            stalled.set()
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(sampler.policy, "generate_many", stall)
+        reply = await call(trainer.host, node.peer_id, ROLLOUT,
+                           request(prompts=("ok?",), group=1, max_tokens=3, mode="async",
+                                   push=True), dial=trainer.new_stream)
+        assert reply.rollouts == ()  # taken: made and pushed later
+        with trio.fail_after(10):
+            await stalled.wait()
+        assert sampler._turn.locked()
+        await wait_for(lambda: events(node, "rollout.push_failed"), 10,
+                       "the stalled order given up")
+        assert not sampler._turn.locked() and sampler._orders == 0
+        monkeypatch.setattr(sampler.policy, "generate_many", generate_many)
+        with trio.fail_after(30):
+            await still_serves(trainer, node)

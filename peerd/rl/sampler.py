@@ -11,7 +11,9 @@ wired by the daemon, follow.py), else refuses with code BEHIND naming both versi
 Once it has taken a run's version it serves that run only (OTHER_RUN for another)
 until that run has been quiet for RUN_IDLE_S; then it goes back to version 0 for the
 next.
-`produce` + `push_rollouts` (rollouts.py) are the async push.
+`produce` + `push_rollouts` (rollouts.py) are the async push; a pushed order is made
+within `order_timeout_s` (ROLLOUT.timeout_s: what a requested batch gets), else it is
+dropped and the turn goes to the next request.
 
 The compute is the whole CPU, so one request generates at a time; up to `max_queued`
 more wait their turn, and beyond that a request is refused "busy" (not an offence).
@@ -109,8 +111,12 @@ class RolloutSampler(Service):
                  catch_up: CatchUp | None = None,
                  on_switch: Callable[[], None] | None = None,
                  take_up: Callable[[str, str], None] | None = None,
-                 features: tuple[str, ...] = ()) -> None:
+                 features: tuple[str, ...] = (),
+                 order_timeout_s: float = ROLLOUT.timeout_s) -> None:
         self.node = node
+        # a pushed order is made within what a requested batch is given (the trainer has
+        # gone elsewhere by then): a slow route cannot hold `_turn` from the next
+        self.order_timeout_s = order_timeout_s
         self.catch_up = catch_up
         self.take_up = take_up  # (run id, trainer): a request of that run is being served
         self.features = (FEATURE_ROLLOUT, *features)
@@ -184,7 +190,8 @@ class RolloutSampler(Service):
 
     async def _push(self, peer: str, request: RolloutRequest) -> None:
         try:
-            signed = await self.produce(request, peer)
+            with trio.fail_after(self.order_timeout_s):
+                signed = await self.produce(request, peer)
             ack = await push_rollouts(self.node, peer, request.run_id, signed)
         except Exception as exc:  # the trainer's order times out and goes elsewhere
             log.warning("pushed order for %s failed: %s", request.run_id, exc)

@@ -238,6 +238,11 @@ def test_a_peers_tool_whose_grammar_explodes_is_refused_and_counted(tmp_path: Pa
     tools._remember(spec, "liar")
     assert tools.spec_of(spec.schema) is None  # left out of every plan and call
     assert node.offences["liar"]["tool_schema"] == 1
+    # not fetched (specs() skips it) nor counted again while the refusal stands: every
+    # plan start asked the peer again and counted the same offence again
+    assert tools.refused(spec.schema)
+    tools._remember(spec, "liar")
+    assert node.offences["liar"]["tool_schema"] == 1
     fine = ToolSpec("echo", "", TREE, out, schema_hash("echo", TREE, out))
     tools._remember(fine, "honest")
     assert tools.spec_of(fine.schema) == fine and "honest" not in node.offences

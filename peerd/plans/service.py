@@ -86,6 +86,9 @@ log = logging.getLogger(__name__)
 MAX_TRIES = 3  # offers tried for one call when the caller named no peer
 RETRY_ON = (wire.BUSY, UNREACHABLE, TIMEOUT)
 MAX_CACHED_SCHEMAS = 256
+# a schema refused (no JSON Schema, a grammar past its cap) is not fetched again for so
+# long: every plan start asked its peer again and counted the same offence again
+REFUSED_SCHEMA_S = 600.0
 DEFAULT_DEADLINE_S = 30.0
 
 
@@ -124,6 +127,7 @@ class Tools(Service):
         self.rng = random.Random()
         self._checks: dict[str, SchemaCheck] = {}  # schema hash -> its inputSchema's check
         self._specs: dict[str, ToolSpec] = {}  # schema hash -> the tool's full contract
+        self._refused: dict[str, float] = {}  # schema hash -> when we refused it
         # external MCP servers, re-exported (external.py), in this service's nursery
         self.mcp_metrics = McpMetrics(node.metrics.registry)
         self.external = [ExternalServer(f"mcp{i}", command, self, self.mcp_metrics,
@@ -290,7 +294,8 @@ class Tools(Service):
                 holders.setdefault(offer.schema, []).append(offer.peer)
         chosen = {name: min(tally, key=lambda h: (-tally[h], h))
                   for name, tally in by_name.items()}
-        missing = sorted({h for h in chosen.values() if self.spec_of(h) is None})
+        missing = sorted({h for h in chosen.values()
+                          if self.spec_of(h) is None and not self.refused(h)})
         if missing:
             own = self.node.peer_id
             async with trio.open_nursery() as nursery:
@@ -396,22 +401,34 @@ class Tools(Service):
                 return tool.spec()
         return self._specs.get(schema)
 
+    def refused(self, schema: str) -> bool:
+        """Whether we refused the tool contract of this hash lately (REFUSED_SCHEMA_S)."""
+        at = self._refused.get(schema)
+        return at is not None and time.monotonic() - at < REFUSED_SCHEMA_S
+
+    def _refuse(self, schema: str) -> None:
+        self._refused[schema] = time.monotonic()
+        while len(self._refused) > MAX_CACHED_SCHEMAS:
+            del self._refused[next(iter(self._refused))]
+
     def _remember(self, spec: ToolSpec, peer: str) -> None:
         """Keep `peer`'s tool `spec` for plans and calls, unless its inputSchema is no
         JSON Schema, or one whose grammar passes MAX_NODES (nodes.py): that one is
         counted against `peer`, for an honest schema's is far below it."""
-        if spec.schema in self._checks:
+        if spec.schema in self._checks or self.refused(spec.schema):
             return
         try:
             check = SchemaCheck(spec.input_schema, f"{spec.name}: inputSchema")
         except SchemaInvalid as exc:
             log.info("a peer's tool %r has a schema we cannot use: %s", spec.name, exc)
+            self._refuse(spec.schema)
             return
         try:
             grammar_size(spec.input_schema)
         except GrammarTooLarge as exc:
             self.node.offence(peer, "tool_schema", f"tool {spec.name!r:.80}: inputSchema: "
                               f"{exc}")
+            self._refuse(spec.schema)
             return
         if len(self._checks) >= MAX_CACHED_SCHEMAS:
             oldest = next(iter(self._checks))

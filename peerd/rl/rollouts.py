@@ -19,16 +19,14 @@ one offence against its pusher (an honest sampler signs none), however many it h
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import trio
-from libp2p.crypto.keys import PrivateKey, PublicKey
-from libp2p.peer.id import ID
+from libp2p.crypto.keys import PrivateKey
 
-from peerd.agents.sealing import seal, unseal
+from peerd.agents.sealing import check_signature, seal, unseal
 from peerd.node import Node
 from peerd.rl.types import Rollout
 from peerd.rpc import call, stream_handler
@@ -93,9 +91,7 @@ def verified(signed: SignedRollout, *, run_id: str | None = None, sampler: str |
     if sampler is None:
         msg = unseal(signed.body, signed.sig, RolloutMsg, lambda m: m.sampler)
     else:  # the signer must be the peer it came from: check that before decoding
-        if not _signed_by(sampler, signed.body, signed.sig):
-            raise PeerError(f"a rollout from {sampler:.60} not signed by its key",
-                            reason="bad_signature")
+        check_signature(sampler, signed.body, signed.sig, "a rollout")
         msg = decode(signed.body, RolloutMsg)
         if msg.sampler != sampler:  # signed by the peer that sent it, in another's name
             raise PeerError(f"a rollout naming sampler {msg.sampler!r:.60} came from "
@@ -107,25 +103,6 @@ def verified(signed: SignedRollout, *, run_id: str | None = None, sampler: str |
                                                                 *msg.completion_ids)):
         raise WireError(f"a token id outside the vocabulary of {vocab_size}")
     return msg
-
-
-@functools.lru_cache(maxsize=64)
-def _public_key(peer_id: str) -> PublicKey | None:
-    try:
-        return ID.from_base58(peer_id).extract_public_key()
-    except Exception:
-        return None
-
-
-def _signed_by(peer_id: str, body: bytes, sig: bytes) -> bool:
-    """`sig` is `peer_id`'s over `body`. Raises PeerError when the id embeds no key."""
-    pub = _public_key(peer_id)
-    if pub is None:
-        raise PeerError(f"peer id {peer_id!r:.60} embeds no public key", reason="bad_peer_id")
-    try:
-        return bool(pub.verify(body, sig))
-    except Exception:
-        return False
 
 
 def to_rollout(msg: RolloutMsg) -> Rollout:

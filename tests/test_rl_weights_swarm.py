@@ -468,7 +468,7 @@ async def test_holders_that_stall_the_manifest_cost_a_bounded_number_of_asks(
         for holders_asked in (MANIFEST_HOLDERS, len(stalling) - MANIFEST_HOLDERS, 0):
             asked.clear()
             with pytest.raises(WeightsUnavailable):
-                await sampler.pull(RUN, 1, timeout_s=20.0)
+                await sampler.pull(RUN, 1, timeout_s=60.0)
             assert asked[0] == trainer_node.peer_id
             assert len(asked[1:]) == holders_asked and set(asked[1:]) <= stallers
         assert set(sampler._manifest_failed[RUN]) == stallers
@@ -476,7 +476,7 @@ async def test_holders_that_stall_the_manifest_cost_a_bounded_number_of_asks(
         trainer_node.set_stream_handler(MANIFEST.id, stream_handler(
             MANIFEST, trainer._serve_manifest, trainer_node.offence))
         asked.clear()
-        got = await sampler.pull(RUN, 1, timeout_s=20.0)
+        got = await sampler.pull(RUN, 1, timeout_s=60.0)
         assert_same(got, tensors)
         assert asked == [trainer_node.peer_id]
         assert sampler.pull_stats[-1].sources == {trainer_node.peer_id:

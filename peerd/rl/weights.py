@@ -278,7 +278,11 @@ class WeightStore(Service):
         sources: Counter[str] = Counter()
         if sizes:
             await self.runs.publish(self._have(held))  # serve what we fetch as it comes in
-            peers = [*self.holders(key), *hints, held.announce.author]
+            # (a self-declared holder that failed us this run's manifest is not asked
+            # for its chunks either: it would cost a stall a batch)
+            failed = self._manifest_failed.get(run_id, {})
+            peers = [*(p for p in self.holders(key) if p not in failed), *hints,
+                     held.announce.author]
             plan = ChunkPlan(sizes, [p for p in peers if p != self.node.peer_id],
                              author=held.announce.author, max_in_flight=self.parallel,
                              per_holder=self.per_holder,

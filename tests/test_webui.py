@@ -416,6 +416,44 @@ async def test_a_real_plan_appears_live_step_by_step(tmp_path: Path) -> None:
             assert note == (False,)  # the planner's API answers
 
 
+STALE_MERGE = """
+const pid = arguments[0], peer = arguments[1];
+onPlanEvent({type: "plan.created", plan: pid, goal: "What is 6 * 7?", mode: "sync", ts: 1});
+onPlanEvent({type: "plan.thought", plan: pid, step: 1, text: "use the calculator"});
+onPlanEvent({type: "plan.call", plan: pid, step: 1, call_id: "c1", tool: "calculator",
+             arguments: {expression: "6 * 7"}});
+onPlanEvent({type: "plan.result", plan: pid, step: 1, call_id: "c1", tool: "calculator",
+             peer: peer, ok: true, code: "ok", elapsed_s: 0.1, attempts: 1,
+             observation: '{"call": "c1", "result": 42}'});
+onPlanEvent({type: "plan.answer", plan: pid, step: 2, text: "42", ts: 2});
+// the plan as GET /v1/plans/ID answered it before the result: its reply came last
+mergePlanRecord({id: pid, goal: "What is 6 * 7?", mode: "sync", status: "running",
+  created: 1, finished: null, answer: null, reason: null,
+  steps: [{step: 1, thought: "use the calculator", parsed: true, calls: [
+    {call_id: "c1", tool: "calculator", arguments: {expression: "6 * 7"}, peer: "",
+     ok: null, code: "", elapsed_s: 0, attempts: 0, observation: ""}]}]});
+"""
+
+
+@needs_browser
+async def test_a_snapshot_read_before_live_events_does_not_undo_them(tmp_path: Path) -> None:
+    """The page reads a plan over the API (GET /v1/plans/ID) while its events stream in;
+    a reply that left the daemon before the call's result and arrives after it must not
+    take the result's peer and observation, or the plan's answer, back off the page."""
+    async with swarm(1, tmp_path) as (node,), api(node) as url, browser() as driver:
+        await off_loop(lambda: driver.get(f"{url}/ui?token={TOKEN}"))
+        await until(driver, "the page's plans section", lambda d: d.find_elements(
+            "id", "plan-list"))
+        await off_loop(lambda: driver.execute_script(STALE_MERGE, "p-stale", node.peer_id))
+        plan = '.plan[data-plan="p-stale"]'
+        call = await until(driver, "the call with its result", lambda d: (
+            found := texts(d, f"{plan} .call")) and found)
+        assert "42" in call[0] and "ok" in call[0]
+        assert node.peer_id[-8:] in call[0], call  # the page shows a peer by its last 8
+        assert attribute(driver, plan, "data-status") == "answered"
+        assert texts(driver, f"{plan} .answer") == ["answer: 42"]
+
+
 @needs_browser
 async def test_page_without_a_token_says_how_to_open_it(tmp_path: Path) -> None:
     async with swarm(1, tmp_path) as (node,), api(node) as url, browser() as driver:

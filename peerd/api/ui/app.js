@@ -288,18 +288,27 @@ function onPlanEvent(ev) {
   trim(state.plans, KEEP_PLANS);
 }
 
+const given = (v) => v !== null && v !== undefined && v !== "";
+const ended = (status) => status === "answered" || status === "failed";
+
+// A record read over the API may have left the daemon before events the stream has
+// already shown (its reply can come last): it fills in what the page lacks and never
+// takes back a plan's end or a call's result.
 function mergePlanRecord(rec) {
   const plan = state.plans.get(rec.id) || newPlan(rec.id);
+  const planEnded = ended(plan.status);
   for (const k of ["goal", "mode", "status", "created", "finished", "budget", "used",
                    "answer", "reason"]) {
-    if (rec[k] !== undefined && rec[k] !== null) plan[k] = rec[k];
+    if (planEnded && k === "status") continue;
+    if (given(rec[k])) plan[k] = rec[k];
   }
   for (const s of rec.steps || []) {
     const step = planStep(plan, s.step);
     if (s.thought) step.thought = s.thought;
     for (const c of s.calls || []) {
       const call = planCall(step, c.call_id);
-      for (const [k, v] of Object.entries(c)) if (v !== null && v !== undefined) call[k] = v;
+      if (given(call.ok) && !given(c.ok)) continue; // its result is already here
+      for (const [k, v] of Object.entries(c)) if (given(v)) call[k] = v;
     }
   }
   state.plans.set(rec.id, plan);

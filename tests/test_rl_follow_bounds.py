@@ -136,6 +136,42 @@ async def test_a_run_unheard_for_the_idle_limit_is_forgotten(tmp_path: Path) -> 
         assert set(trainer.runs.following) == {"live"}  # our own run: never forgotten
 
 
+async def test_a_run_of_ours_that_ended_keeps_its_last_version_then_goes(tmp_path: Path
+                                                                         ) -> None:
+    """A trainer that runs one run after another does not keep every ended run's
+    versions (a full version of SmolLM2 is 540 MB): an ended run keeps its newest one
+    while samplers may still pull it, and goes once nobody asks for it."""
+    import torch
+
+    async with swarm(1, tmp_path) as (node,):
+        trainer = WeightStore(node, announce_s=0.2, follow_idle_s=1.5)
+        await node.start(trainer)
+
+        def versions(run: str) -> list[int]:
+            return sorted(h.announce.version for h in trainer.held.values()
+                          if h.announce.run_id == run)
+
+        for v in (1, 2, 3):
+            await trainer.publish("ended", MODEL_RUN, v, "full", {"w": torch.full((4,), float(v))})
+            await trainer.publish("resumed", MODEL_RUN, v, "full", {"w": torch.ones(4) * v})
+            await trainer.publish("live", MODEL_RUN, v, "full", {"w": torch.zeros(4) + v})
+        trainer.retire("ended")
+        trainer.retire("resumed")
+        assert versions("ended") == [3] and versions("live") == [1, 2, 3]
+        assert versions("resumed") == [3]
+        await trainer.publish("resumed", MODEL_RUN, 4, "full", {"w": torch.ones(4) * 4})
+        await trio.sleep(0.8)
+        trainer.touch("ended")  # a lagging sampler asked for it: it stays a while more
+        await trio.sleep(1.0)
+        assert "ended" in trainer.runs.following and versions("ended") == [3]
+        await wait_for(lambda: "ended" not in trainer.runs.following, what="ended forgotten")
+        assert versions("ended") == [] and set(trainer.runs.following) == {"live", "resumed"}
+        named = {c for h in trainer.held.values() for t in h.manifest.tensors
+                 for c in t.chunks}
+        assert set(trainer.chunks) == named
+        assert versions("resumed") == [3, 4] and versions("live") == [1, 2, 3]
+
+
 # ---- the holders of a version --------------------------------------------------------
 
 

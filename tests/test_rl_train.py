@@ -360,8 +360,9 @@ async def test_a_run_forgets_trained_slots_and_an_ended_run_lets_go_of_its_model
         tmp_path: Path, tiny: Path, task: Path) -> None:
     """What the trainer keeps by slot is of the slots still to train, at most a step's
     slots for each step it may run ahead and the one in hand (it was every slot of the
-    run); once a run ends its learner (the model, the optimiser state) is let go, and
-    GET and /metrics still give its counts."""
+    run); once a run ends its learner (the model, the optimiser state) is let go, its
+    weight store keeps its last version only, and GET and /metrics still give its
+    counts."""
     batch, ahead, steps = 4, 1, 10
     async with rl_swarm(tmp_path, tiny) as (training, _):
         run = await training.start_run(spec(tiny, task, run_id="light", batch=batch,
@@ -385,6 +386,9 @@ async def test_a_run_forgets_trained_slots_and_an_ended_run_lets_go_of_its_model
         assert learner is not None
         gc.collect()
         assert learner() is None  # nothing holds the model once the run has ended
+        # nor more than its last version in the weight store (WeightStore.retire)
+        assert [h.announce.version for h in training.weights.held.values()
+                if h.announce.run_id == "light"] == [steps]
         app = create_app(training.node, "t0ken")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://peerd",

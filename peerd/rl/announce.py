@@ -20,8 +20,9 @@ announcement comes. A version's holders are capped
 (MAX_HOLDERS_PER_VERSION, `admit_holder`): anyone can relay Haves signed by fresh keys,
 so the stale leave as each one comes, a newcomer pushes out the stalest, and never a
 holder we are connected to. A followed run unheard for FOLLOW_IDLE_S (no announcement
-by its trainer, no request naming it) is forgotten (`idle`), unless we author it: its
-trainer is gone, and a request that names it again follows it again.
+by its trainer, no request naming it) is forgotten (`idle`), unless we author it and
+train it still: its trainer is gone, and a request that names it again follows it
+again. A run of ours that ended (`retired`) goes the same way once nobody asks for it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Announcements:
         self.following: dict[str, str | None] = {}  # run -> trainer (None: first heard)
         self.heard: dict[str, float] = {}  # followed run -> last heard of (clock)
         self.announced: dict[str, tuple[VersionAnnounce, SignedAnnounce]] = {}  # newest
+        self.retired: set[str] = set()  # runs we author that ended (`idle` may take them)
         self.hooks: list[AnnounceHook] = []
         # followed run -> the manifest hashes its trainer announced -> their versions
         self.versions: dict[str, dict[bytes, int]] = {}
@@ -82,6 +84,7 @@ class Announcements:
         """Follow `run_id` no more; forget its announcements and its holders."""
         self.following.pop(run_id, None)
         self.heard.pop(run_id, None)
+        self.retired.discard(run_id)
         self.announced.pop(run_id, None)
         for key in self.versions.pop(run_id, {}):
             self._holders.pop(key, None)
@@ -105,10 +108,12 @@ class Announcements:
             self._holders.setdefault(key, early[1])
 
     def idle(self, idle_s: float) -> list[str]:
-        """The followed runs not heard of for `idle_s`, but those we author."""
+        """The followed runs not heard of for `idle_s`, but those we author and
+        train still."""
         cutoff = self.clock() - idle_s
         return [run for run in self.following
-                if self.heard.get(run, cutoff) <= cutoff and not self._authored(run)]
+                if self.heard.get(run, cutoff) <= cutoff
+                and (run in self.retired or not self._authored(run))]
 
     def _authored(self, run_id: str) -> bool:
         got = self.announced.get(run_id)

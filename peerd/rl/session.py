@@ -140,6 +140,7 @@ async def _train(node: Node, ledger: LedgerGossip, weights: WeightStore, run: Ru
     try:
         await trainer.run()
     finally:
+        weights.retire(spec.run_id)
         await trio.to_thread.run_sync(_finish, run, trainer)
 
 

@@ -16,12 +16,12 @@ whose ledger entry advertises a port is asked there first, over libp2p when that
 Whom to follow, and the gossip of announcements and holders: announce.py.
 
 Memory: manifests and chunks live in memory, the newest `keep_versions` versions of
-each run (a pull in progress keeps its own); a chunk goes when no kept version names
-it. A run we stop following (`unfollow`: a sampler moved on; or nobody announced or
-asked for it for `follow_idle_s`) takes its versions with it. Holders re-announce
-their newest version every `announce_s` (soft state: a holder not heard for three
-periods is forgotten), and the trainer its newest announcement, so peers that join
-late learn both.
+each run (a pull in progress keeps its own; one once a run of ours ended: `retire`);
+a chunk goes when no kept version names it. A run we stop following (`unfollow`: a
+sampler moved on; or nobody announced or asked for it for `follow_idle_s`) takes its
+versions with it. Holders re-announce their newest version every `announce_s` (soft
+state: a holder not heard for three periods is forgotten), and the trainer its newest
+announcement, so peers that join late learn both.
 
 One module, past the usual size: publishing, pulling and serving share the store's
 state (chunks held, pulls in progress and the holders they wait for) and its locks;
@@ -183,6 +183,16 @@ class WeightStore(Service):
         self._manifest_failed.pop(run_id, None)
         self._drop_old(run_id)
 
+    def retire(self, run_id: str) -> None:
+        """Our run `run_id` ended: keep its newest version only (a sampler that lags
+        may still pull it), and let the run go once nobody has asked for it for
+        `follow_idle_s`. Publishing a version of it again (`--resume`) takes it back."""
+        if run_id not in self.runs.following:
+            return
+        self.runs.retired.add(run_id)
+        self.runs.touch(run_id)
+        self._drop_old(run_id)
+
     def holds(self, run_id: str) -> bool:
         """A version of `run_id` is held: we published it or its manifest verified."""
         return any(h.announce.run_id == run_id for h in self.held.values())
@@ -226,6 +236,7 @@ class WeightStore(Service):
         signed = SignedAnnounce(body=body, sig=sig)
         if run_id not in self.runs.following:
             self.runs.follow(run_id, self.node.peer_id)
+        self.runs.retired.discard(run_id)
         self.chunks.update(chunks)
         self._hold(Held(announce, signed, manifest, manifest_bytes, complete=True))
         self.runs.announced[run_id] = (announce, signed)
@@ -462,9 +473,11 @@ class WeightStore(Service):
         self._drop_old(held.announce.run_id)
 
     def _drop_old(self, run_id: str) -> None:
-        """Keep the newest `keep_versions` versions of `run_id` (none once we follow it
-        no more), and those being pulled; drop the chunks no kept version names."""
-        keep = self.keep_versions if run_id in self.runs.following else 0
+        """Keep the newest `keep_versions` versions of `run_id` (one once it is
+        retired, none once we follow it no more), and those being pulled; drop the
+        chunks no kept version names."""
+        keep = 0 if run_id not in self.runs.following else (
+            1 if run_id in self.runs.retired else self.keep_versions)
         mine = sorted((h for h in self.held.values() if h.announce.run_id == run_id),
                       key=lambda h: h.announce.version, reverse=True)
         dropped = [h for h in mine[keep:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections import Counter
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ import trio.testing
 
 from peerd.agents import answers, reputation, voting
 from peerd.agents.election import (
+    MAX_BIDS,
     Candidate,
     Election,
     Fallback,
@@ -286,6 +288,33 @@ def test_own_bid_is_a_reserve_for_seats_others_cannot_fill() -> None:
     alone.offer(Candidate("me", 0.0))
     alone.offer(Candidate("a", 0.5))
     assert [c.peer_id for c in alone.elect()] == ["a", "me"]
+
+
+def test_a_flood_of_bids_is_capped_by_rank_and_each_reputation_read_once() -> None:
+    """Any peer may bid: an election keeps MAX_BIDS bids, the best ranked, and never
+    drops a seated one; a good bid that comes after the flood still takes a seat; each
+    bidder's reputation is read once however often the election ranks."""
+    asked: Counter[str] = Counter()
+    dropped: list[str] = []
+
+    def reputation(peer: str) -> float:
+        asked[peer] += 1
+        return 0.9 if peer.startswith("good") else PRIOR
+
+    e = Election("t", "me", 2, expected_bidders=0, closes_at=1.0, deadline_s=10.0,
+                 reputation=reputation, on_drop=dropped.append)
+    for i in range(MAX_BIDS):
+        assert e.offer(Candidate(f"sybil-{i}", 1.0)) == "accepted"
+    seated = {c.peer_id for c in e.elect()}
+    assert e.offer(Candidate("sybil-late", 0.5)) == "full" and dropped == ["sybil-late"]
+    assert e.offer(Candidate("good-late", 0.8)) == "accepted"  # ranks above every sybil
+    assert len(e.bids) == MAX_BIDS and len(dropped) == 2 and dropped[1] not in seated
+    assert seated <= set(e.bids)
+    for _ in range(3):
+        e.ranking()
+    assert e.replacement().peer_id == "good-late"  # type: ignore[union-attr]
+    assert max(asked.values()) == 1  # (a dropped bid forgets its look-up)
+    assert len(e._known) <= MAX_BIDS + 1
 
 
 def test_replacements_come_in_rank_order_late_bids_included_then_run_out() -> None:

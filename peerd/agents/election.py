@@ -19,6 +19,12 @@ A bidder the requester holds a recent no-show against (`demoted`: it left a seat
 ours unanswered, reputation.NoShows) ranks after every other bidder, whatever it
 claims: it takes a seat only when the others cannot fill them.
 
+An election holds at most MAX_BIDS bids (any peer may bid, and each bid costs the
+ranking): past it a bid takes the place of the lowest-ranked bid not seated yet, or
+is turned away if it ranks no higher (`on_drop` hears whose bid left, so the caller
+can forget it too). Each bidder's reputation is looked up once an election, however
+often it is ranked.
+
 The requester's own bid is a reserve: it never displaces another bidder, and takes a
 seat only when the other bidders cannot fill them (with no other capable peer, that
 is every seat) — a peer never works on its own beacon while others can.
@@ -35,6 +41,7 @@ from typing import Generic, TypeVar
 import trio
 
 LOAD_PENALTY = 0.25
+MAX_BIDS = 256  # an election's bids, at most: far more than any task seats
 MIN_TURN = 0.5  # fill_seats: the least share of a deadline a replacement is seated for
 
 T = TypeVar("T")
@@ -57,13 +64,16 @@ def rank_score(c: Candidate, reputation: float, deadline_s: float) -> float:
             / (1.0 + LOAD_PENALTY * max(0, c.load)) / (1.0 + latency))
 
 
+def rank_key(c: Candidate, reputation: Reputation, deadline_s: float, salt: str
+             ) -> tuple[float, str]:
+    """Lower ranks first: the rank, negated, then the tie-break hash."""
+    tie = hashlib.sha256(f"{salt}\0{c.peer_id}".encode()).hexdigest()
+    return (-rank_score(c, reputation(c.peer_id), deadline_s), tie)
+
+
 def rank(candidates: Iterable[Candidate], reputation: Reputation, deadline_s: float,
          salt: str) -> list[Candidate]:
-    def key(c: Candidate) -> tuple[float, str]:
-        tie = hashlib.sha256(f"{salt}\0{c.peer_id}".encode()).hexdigest()
-        return (-rank_score(c, reputation(c.peer_id), deadline_s), tie)
-
-    return sorted(candidates, key=key)
+    return sorted(candidates, key=lambda c: rank_key(c, reputation, deadline_s, salt))
 
 
 class Election:
@@ -71,27 +81,52 @@ class Election:
 
     def __init__(self, task_id: str, requester: str, wanted: int, *, expected_bidders: int,
                  closes_at: float, deadline_s: float, reputation: Reputation,
-                 demoted: Callable[[str], bool] = lambda peer: False) -> None:
+                 demoted: Callable[[str], bool] = lambda peer: False,
+                 on_drop: Callable[[str], object] = lambda peer: None) -> None:
         self.task_id = task_id
         self.requester = requester
         self.wanted = wanted
         self.expected_bidders = expected_bidders
         self.closes_at = closes_at
         self.deadline_s = deadline_s
-        self.reputation = reputation
+        self._reputation = reputation
+        self._known: dict[str, float] = {}  # reputation, looked up once a bidder
         self.demoted = demoted
+        self.on_drop = on_drop
         self.bids: dict[str, Candidate] = {}  # other peers' bids, by peer id
         self.reserve: Candidate | None = None  # the requester's own bid
         self.used: set[str] = set()  # seated now or before
         self.held = False
 
+    def reputation(self, peer: str) -> float:
+        got = self._known.get(peer)
+        if got is None:
+            got = self._known[peer] = self._reputation(peer)
+        return got
+
+    def _key(self, c: Candidate) -> tuple[bool, tuple[float, str]]:
+        return (self.demoted(c.peer_id),
+                rank_key(c, self.reputation, self.deadline_s, self.task_id))
+
     def offer(self, c: Candidate) -> str:
-        """Take a bid: "accepted", "reserve" (our own) or "duplicate"."""
+        """Take a bid: "accepted", "reserve" (our own), "duplicate", or "full" (MAX_BIDS
+        bids, each ranked at least as high; `on_drop` hears it). An accepted bid past
+        MAX_BIDS takes the place of the lowest-ranked one not seated (`on_drop`)."""
         if c.peer_id == self.requester:
             self.reserve = c
             return "reserve"
         if c.peer_id in self.bids:
             return "duplicate"
+        if len(self.bids) >= MAX_BIDS:
+            free = [b for b in self.bids.values() if b.peer_id not in self.used]
+            worst = max(free, key=self._key, default=None)
+            if worst is None or self._key(c) >= self._key(worst):
+                self._known.pop(c.peer_id, None)
+                self.on_drop(c.peer_id)
+                return "full"
+            del self.bids[worst.peer_id]
+            self._known.pop(worst.peer_id, None)
+            self.on_drop(worst.peer_id)
         self.bids[c.peer_id] = c
         return "accepted"
 
@@ -108,8 +143,7 @@ class Election:
         """Every bidder not used yet, best first, the demoted after the others; the
         reserve last."""
         free = [c for c in self.bids.values() if c.peer_id not in self.used]
-        order = sorted(rank(free, self.reputation, self.deadline_s, self.task_id),
-                       key=lambda c: self.demoted(c.peer_id))  # stable: rank order within
+        order = sorted(free, key=self._key)  # the demoted after the others, each by rank
         if self.reserve is not None and self.reserve.peer_id not in self.used:
             order.append(self.reserve)
         return order

@@ -161,7 +161,8 @@ class Requester:
                             expected_bidders=self._expected_bidders(),
                             closes_at=trio.current_time() + spec.bid_window_s,
                             deadline_s=spec.deadline_s, reputation=reputation,
-                            demoted=lambda p: self.no_shows.recent(p, time.monotonic()))
+                            demoted=lambda p: self.no_shows.recent(p, time.monotonic()),
+                            on_drop=lambda p: record.bids.pop(p, None))
         send, recv = trio.open_memory_channel[Candidate](64)
         self._open[record.id] = _Open(record, send)
         results: list[SeatResult[Vote]] = []

@@ -244,7 +244,8 @@ def mean(xs: list[float]) -> float:
 def heldout(args: argparse.Namespace, run_dir: Path | None) -> Any:
     import torch
 
-    from peerd.rl.evaluate import evaluate, latest_checkpoint, load_policy
+    from peerd.rl.checkpoint import latest_checkpoint
+    from peerd.rl.evaluate import evaluate, load_policy
     from peerd.rl.tasks import load_task
 
     torch.set_num_threads(os.cpu_count() or 1)

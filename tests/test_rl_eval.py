@@ -19,7 +19,6 @@ from peerd.rl.evaluate import (
     EvalResult,
     compare,
     evaluate,
-    latest_checkpoint,
     load_policy,
     newcombe_paired,
     newcombe_unpaired,
@@ -177,7 +176,7 @@ def test_a_checkpoint_changes_the_policy_evaluated(tiny: Path, seven: Path, tmp_
     learner = Learner.load(str(tiny), update=update, lr=0.05)  # type: ignore[arg-type]
     say_seven(learner, base.tokenizer, task, 15)
     checkpoint.save(tmp_path, step=3, version=3, learner=learner, state={})
-    trained = load_policy(str(tiny), latest_checkpoint(tmp_path))
+    trained = load_policy(str(tiny), checkpoint.latest_checkpoint(tmp_path))
     assert (trained.step, trained.version, trained.update) == (3, 3, update)
     # the policy evaluated is the learner's: its weights, LoRA merged into the base
     merged, _ = learner.export("full")
@@ -200,9 +199,9 @@ def test_a_checkpoint_of_another_model_is_refused(tiny: Path, tmp_path: Path,
     other = tiny_llama_dir(tmp_path_factory, layers=3)
     checkpoint.save(tmp_path, step=1, version=1, learner=Learner.load(str(other)), state={})
     with pytest.raises(ValueError, match="does not fit this model"):
-        load_policy(str(tiny), latest_checkpoint(tmp_path))
+        load_policy(str(tiny), checkpoint.latest_checkpoint(tmp_path))
     with pytest.raises(ValueError, match="no checkpoint"):
-        latest_checkpoint(tmp_path / "nothing")
+        checkpoint.latest_checkpoint(tmp_path / "nothing")
 
 
 # ---- the command -----------------------------------------------------------------------

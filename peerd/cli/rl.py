@@ -186,7 +186,7 @@ def eval_(model: str, task: str, run_dir: Path | None, checkpoint_dir: Path | No
         if count > size:
             fail(f"-n {count}: task {task!r} has {size} held-out questions", 2)
         if run_dir is not None:
-            from peerd.rl.evaluate import latest_checkpoint
+            from peerd.rl.checkpoint import latest_checkpoint
 
             checkpoint_dir = latest_checkpoint(run_dir)
     except ValueError as exc:

@@ -91,12 +91,13 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               help="Seconds an external MCP server has for one call [30].")
 def start(config_file: Path | None, **flags: Any) -> None:
     """Run a peer in the foreground until SIGINT or SIGTERM."""
-    from peerd.daemon import StartupError, run
-
     try:
         config = load_config(flags, config_file=config_file)
     except ConfigError as exc:
         fail(str(exc), 2)
+    # After the settings are read: a wrong one is told in a fraction of a second, not
+    # after the seconds that importing the whole daemon takes
+    from peerd.daemon import StartupError, run
 
     def announce(info: dict[str, Any]) -> None:
         console.print(f"[bold green]peerd {__version__}[/] peer [bold]{info['name']}[/]")

@@ -121,6 +121,15 @@ def checkpoints(run_dir: Path | str) -> list[Path]:
     return _complete(Path(run_dir) / "checkpoints")
 
 
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run dir; ValueError naming what is missing."""
+    found = checkpoints(run_dir)
+    if not found:
+        raise ValueError(f"{run_dir}: no checkpoint under {run_dir / 'checkpoints'} (is it a "
+                         "run dir of `peerd rl train`, and did the run save one?)")
+    return found[-1]
+
+
 # ---- writing ---------------------------------------------------------------------------
 
 

@@ -308,17 +308,6 @@ class LoadedPolicy:
     update: str | None  # "full" or "lora"
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run dir; ValueError naming what is missing."""
-    from peerd.rl.checkpoint import checkpoints
-
-    found = checkpoints(run_dir)
-    if not found:
-        raise ValueError(f"{run_dir}: no checkpoint under {run_dir / 'checkpoints'} (is it a "
-                         "run dir of `peerd rl train`, and did the run save one?)")
-    return found[-1]
-
-
 def load_policy(spec: str, checkpoint_dir: Path | None = None, *,
                 device: str = "cpu") -> LoadedPolicy:
     """The base model SPEC (float32), with a checkpoint's trained tensors applied: every

@@ -14,7 +14,8 @@ import codecs
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -752,30 +753,47 @@ def test_a_client_that_stops_reading_neither_holds_sessions_nor_stops_shutdown(
         tiny: Path, tmp_path: Path) -> None:
     """A streaming client that never reads: once its socket buffers fill, the response
     waits on it; within the client-stall bound (shortened here) the generation ends and
-    the daemon stops on SIGTERM, the client still connected. (Log-probabilities make
-    each chunk large, so the buffers fill long before 8000 tokens.)"""
+    the daemon stops on SIGTERM, the client still connected."""
     d = start_daemon(tmp_path / "d", "--name", "stall", *model_flags(tiny, "0:4"),
                      "--no-prompt-cache", env={TEST_STALL_ENV: "3"})
-    with running(d):
-        wait_for(lambda: model_state(d)["state"] == "ready", READY_TIMEOUT_S,
-                 "the model to load", (d,))
-        model_id = model_state(d)["model_id"]
-        body = json.dumps({"model": model_id, "messages": HELLO, "max_tokens": 8000,
-                           "temperature": 0, "stream": True, "logprobs": True,
-                           "top_logprobs": 20}).encode()
-        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: peerd\r\n"
-                f"Authorization: Bearer {d.token}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with running(d), unread_stream(d) as generating:
+        wait_for(lambda: not generating(), 60.0, "the unread stream's generation to end",
+                 (d,))
+        assert d.stop() == 0  # (raises if it does not exit within the harness's bound)
 
-        def generating() -> bool:
-            state = model_state(d)
-            return bool(state["sessions"] > state["pooled_sessions"])
 
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
-            sock.connect(("127.0.0.1", d.api_port))
-            sock.sendall(head + body)  # and never reads
-            wait_for(generating, 30.0, "the stream to start generating", (d,))
-            wait_for(lambda: not generating(), 60.0,
-                     "the unread stream's generation to end", (d,))
-            assert d.stop() == 0  # (raises if it does not exit within the harness's bound)
+def test_a_signal_stops_the_daemon_at_once_while_a_client_holds_a_write(
+        tiny: Path, tmp_path: Path) -> None:
+    """The stall bound left at its default (30 s): a response blocked on a client that
+    does not read must not hold the daemon's shutdown for it."""
+    d = start_daemon(tmp_path / "d", "--name", "held", *model_flags(tiny, "0:4"),
+                     "--no-prompt-cache")
+    with running(d), unread_stream(d):
+        time.sleep(1.0)  # the client's window shut, the daemon's buffer full
+        assert d.stop() == 0  # within the harness's bound (5 s), not after 30
+
+
+@contextlib.contextmanager
+def unread_stream(d: Daemon) -> Iterator[Callable[[], bool]]:
+    """A streaming chat request to the ready daemon `d` from a client that never reads
+    (log-probabilities make each chunk large, so the buffers fill long before 8000
+    tokens); yields once it is generating, a check of whether it still is."""
+    wait_for(lambda: model_state(d)["state"] == "ready", READY_TIMEOUT_S, "the model to load",
+             (d,))
+    body = json.dumps({"model": model_state(d)["model_id"], "messages": HELLO,
+                       "max_tokens": 8000, "temperature": 0, "stream": True,
+                       "logprobs": True, "top_logprobs": 20}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: peerd\r\n"
+            f"Authorization: Bearer {d.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+
+    def generating() -> bool:
+        state = model_state(d)
+        return bool(state["sessions"] > state["pooled_sessions"])
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+        sock.connect(("127.0.0.1", d.api_port))
+        sock.sendall(head + body)  # and never reads
+        wait_for(generating, 30.0, "the stream to start generating", (d,))
+        yield generating

@@ -164,9 +164,32 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(_canonical(obj), use_bin_type=True)  # type: ignore[no-any-return]
 
 
+# msgpack makes each 1-byte map or array a Python container of 60-70 bytes: a frame of
+# nothing else took 72 times its size in memory (16 MiB: 1.2 GB, and a second of CPU).
+# A frame may hold one container per BYTES_A_CONTAINER bytes, beyond a floor; honest
+# frames hold at most one per 15 bytes (the densest over the suite's protocols, a small
+# rollout batch), the large ones one per 26 or more (a ledger snapshot).
+CONTAINERS_FLOOR = 1024
+BYTES_A_CONTAINER = 8
+
+
 def unpackb(data: bytes) -> Any:
+    budget = CONTAINERS_FLOOR + len(data) // BYTES_A_CONTAINER
+    count = 0
+
+    def counted(container: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > budget:
+            raise WireError(f"more than {budget} maps and arrays in a frame of "
+                            f"{len(data)} bytes")
+        return container
+
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               list_hook=counted, object_hook=counted)
+    except WireError:
+        raise
     except Exception as exc:  # msgpack raises a zoo of types for garbage
         raise WireError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
 

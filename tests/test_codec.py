@@ -292,6 +292,24 @@ def test_malformed_msgpack_is_a_wire_error(data: bytes) -> None:
     assert err.value.reason == "malformed"
 
 
+@pytest.mark.parametrize("item", [b"\x80", b"\x90", b"\x91\x90", b"\x81\x00\x90"],
+                         ids=["maps", "arrays", "nested arrays", "maps of arrays"])
+def test_a_frame_of_tiny_containers_is_refused_before_they_are_all_built(item: bytes) -> None:
+    n = 2**20 // len(item)
+    flood = b"\xdd" + n.to_bytes(4, "big") + item * n
+    with pytest.raises(WireError, match="maps and arrays") as err:
+        unpackb(flood)
+    assert err.value.reason == "malformed"
+
+
+def test_frames_as_dense_as_honest_ones_decode() -> None:
+    # a tool's JSON schema is the densest honest data: a map every 14 bytes or so
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"}
+                                               for i in range(5000)}}
+    assert unpackb(packb(schema)) == schema
+    assert unpackb(packb([[]] * 1000)) == [[]] * 1000  # small frames: a floor of containers
+
+
 @pytest.mark.parametrize("obj", [[1, 2], 3, "t", None, b"bytes"])
 def test_non_map_message_is_a_wire_error(obj: object) -> None:
     with pytest.raises(WireError, match="map"):

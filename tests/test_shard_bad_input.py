@@ -137,6 +137,22 @@ async def test_oversized_frame_is_refused_before_it_is_read(tmp_path: Path, tiny
         await fresh.close()
 
 
+async def test_a_frame_of_empty_maps_is_refused_before_they_are_built(tmp_path: Path,
+                                                                     tiny: Path) -> None:
+    """A 4 MiB frame of nothing but 1-byte maps: decoded whole it would be 4 million
+    Python dicts (about 300 MB) before any field was checked."""
+    n = 4 * 2**20
+    flood = b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n
+    async with shard_and_entry(tmp_path, tiny) as (shard, entry):
+        session = await entry.generator.pipeline.open(via(shard), 64)
+        reply = await refused(session, encode_uvarint(len(flood)) + flood)
+        assert reply.code == "malformed" and "maps and arrays" in reply.message, reply
+        assert shard.node.offences[entry.node.peer_id]["malformed"] == 1
+        fresh = await entry.generator.pipeline.open(via(shard), 64)
+        await good_step(fresh, entry)
+        await fresh.close()
+
+
 @pytest.mark.parametrize(("route", "words"), [
     ((Hop("SELF", 0, 2), Hop("SELF", 3, 4)), "skips or repeats layers"),
     ((Hop("SELF", 0, 2),), "ends at layer 2"),

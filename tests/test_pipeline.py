@@ -503,8 +503,9 @@ async def test_a_middle_hops_non_finite_hidden_states_stop_at_the_next_hop(
         tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN from the first of two hops: the next hop refuses it (malformed, counted
     against the first hop) instead of computing NaN from it, which the entry would
-    blame on that honest last hop; the step fails, blaming no hop the entry cannot
-    tell apart (it hears only from the last), and the next hop keeps serving."""
+    blame on that honest last hop alone; the next hop tells the entry, which cannot
+    tell which of the two lies and blames the first with the last as its witness; the
+    next hop keeps serving."""
     async with model_swarm(tmp_path, tiny, [(0, 4), (0, 2), (2, 4)]) as (_, runtimes):
         entry, first, second = runtimes
         pipeline = entry.generator.pipeline
@@ -517,7 +518,8 @@ async def test_a_middle_hops_non_finite_hidden_states_stop_at_the_next_hop(
         with pytest.raises(PipelineFailure) as failed:
             await session.step(hidden, 0)
         await session.close()
-        assert failed.value.culprit != second.node.peer_id, failed.value
+        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
+            first.node.peer_id, second.node.peer_id, "malformed"), failed.value
         assert second.node.offences[first.node.peer_id]["malformed"] == 1
         await wait_for(lambda: session.id not in second.server.sessions, 10,
                        "the next hop to drop the session")
@@ -525,6 +527,33 @@ async def test_a_middle_hops_non_finite_hidden_states_stop_at_the_next_hop(
                                            Span(second.node.peer_id, 2, 4, 0.0)), 0.0), 16)
         assert (await fresh.step(hidden, 0)).hidden.isfinite().all()
         await fresh.close()
+
+
+async def test_a_middle_hop_that_lies_is_banned_with_its_witness_and_routed_around(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A middle hop sending NaN down the chain: the next hop's refusal would go back
+    through the liar, which swallowed it, so every try failed with nobody blamed and
+    the request failed. Now the next hop tells the entry: the liar and its witness are
+    banned, and the request replays on the other replicas with the same tokens."""
+    expected = reference_tokens(reference, PROMPT, NEW_TOKENS)
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 3), (2, 3), (3, 4), (3, 4)]) as (
+            _, runtimes):
+        entry = runtimes[0]
+        route = entry.generator.route()
+        assert isinstance(route, Route) and len(route.spans) == 3
+        liar, witness = (next(r for r in runtimes if r.node.peer_id == span.peer_id)
+                         for span in route.spans[1:])
+        lie_downstream(liar, nan_hidden, monkeypatch)
+        tokens, info = await generate(entry, PROMPT)
+        assert tokens == expected
+        assert info["reroutes"] == 1
+        failures = [e.data for e in entry.node.events.recent() if e.type == "inference.failure"]
+        assert [(f["culprit"], f["witness"], f["code"]) for f in failures] == [
+            (liar.node.peer_id, witness.node.peer_id, "malformed")]
+        banned = entry.generator.bans.banned(time.monotonic())
+        assert {liar.node.peer_id, witness.node.peer_id} <= banned
+        assert not {s["peer_id"] for s in info["route"][1:]} & banned  # type: ignore[index]
 
 
 async def test_a_hop_whose_own_output_overflows_reports_itself(

@@ -335,11 +335,13 @@ class Generator:
     def blame(self, failure: PipelineFailure, failures: int) -> None:
         log.info("pipeline failure (%s): %s", failure.code, failure)
         self.node.events.publish("inference.failure", culprit=failure.culprit,
-                                 code=failure.code, detail=str(failure)[:300])
-        if failure.culprit is not None and failure.culprit != self.node.peer_id:
-            banned_for = self.bans.ban(failure.culprit, time.monotonic(), failure.code)
-            self.node.events.publish("inference.ban", peer_id=failure.culprit,
-                                     seconds=banned_for, reason=failure.code)
+                                 witness=failure.witness, code=failure.code,
+                                 detail=str(failure)[:300])
+        for peer in failure.at_fault:
+            if peer != self.node.peer_id:
+                banned_for = self.bans.ban(peer, time.monotonic(), failure.code)
+                self.node.events.publish("inference.ban", peer_id=peer, seconds=banned_for,
+                                         reason=failure.code)
         if failures >= MAX_FAILURES:
             if failure.code in SATURATED:
                 raise Saturated(f"the swarm is saturated: {failures} tries found its peers "

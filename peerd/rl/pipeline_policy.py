@@ -336,8 +336,9 @@ class PipelinePolicy:
         (BEHIND, AHEAD, REVOKED), or around the hop at fault (banned a while)."""
         if failure.code not in (SHARD_BEHIND, AHEAD, REVOKED):
             node = self.generator.node
-            if failure.culprit is not None and failure.culprit != node.peer_id:
-                self.bans.ban(failure.culprit, time.monotonic(), failure.code)
+            for peer in failure.at_fault:
+                if peer != node.peer_id:
+                    self.bans.ban(peer, time.monotonic(), failure.code)
             log.info("pipeline sample failed (%s): %s", failure.code, failure)
         return _Again(failure.code, f"{failure.code}: {failure}")
 

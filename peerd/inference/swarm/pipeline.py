@@ -15,8 +15,10 @@ report from a hop ("I could not reach my next hop"), or a refusal of the session
 relayed up the chain, naming the hop that refused; an ERROR from the first hop; a
 route peer we are no longer connected to, a route peer that does not answer a ping.
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
-A hop names only itself or a hop after it: a report that names anyone else (a peer
-off the route, one before it) blames its sender, the first hop for what it relays.
+A hop names itself or a hop after it; a report that names anyone else (a peer off the
+route) blames its sender, the first hop for what it relays. A hop that refused what the
+hop before it sent names that hop as a witness: both are blamed, since one of the two
+lies (`PipelineFailure.witness`).
 A RESULT that is not what a route computes (another shape or dtype, hidden states that
 are not finite, other than one timing a hop could have measured for each hop) is the
 last hop's fault, as anything else it sends that the protocol does not allow: it is
@@ -31,7 +33,6 @@ bookkeeping; the pool is the piece to split off if it grows.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import secrets
@@ -123,12 +124,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class PipelineFailure(Exception):
     """A session could not be opened or a step failed; `culprit` is the peer at fault.
     `code` is one of protocols.shard.CODES or LOCAL_CODES, else OTHER: the callers keep
-    it (bans, metrics, status), and a hop's refusal may say anything."""
+    it (bans, metrics, status), and a hop's refusal may say anything. `witness`: the
+    hop whose word alone blames `culprit`, the hop before it (`PipelineSession.report`):
+    one of the two lies, and the entry cannot tell which, so both are at fault."""
 
-    def __init__(self, culprit: str | None, code: str, message: str) -> None:
+    def __init__(self, culprit: str | None, code: str, message: str,
+                 witness: str | None = None) -> None:
         super().__init__(message)
         self.culprit = culprit
         self.code = code if code in CODES or code in LOCAL_CODES else OTHER
+        self.witness = witness
+
+    @property
+    def at_fault(self) -> tuple[str, ...]:
+        """The peers to ban for this failure: the culprit, and a witness against it."""
+        return tuple(p for p in (self.culprit, self.witness) if p is not None)
+
+    def detailed(self, detail: str) -> PipelineFailure:
+        return PipelineFailure(self.culprit, self.code, f"{self} ({detail})", self.witness)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +165,7 @@ class PipelineSession:
     returned: trio.Event = field(default_factory=trio.Event)
     return_stream: Any = None
     failed: trio.Event = field(default_factory=trio.Event)
-    reports: list[Failed] = field(default_factory=list)
+    reports: list[PipelineFailure] = field(default_factory=list)  # what hops told us
     admitted: trio.Event = field(default_factory=trio.Event)  # the first hop's OPENED
     refusal: PipelineFailure | None = None  # an ERROR from the first hop, as a failure
     watching: bool = False  # a task reads `first` (Pipeline.start): nothing else may
@@ -181,18 +194,29 @@ class PipelineSession:
         may blame: itself or its next hop when it reports straight to us (over the
         return protocol), any hop of the route when it is the first hop relaying a
         refusal from further down (the hops in between checked it); anyone else named
-        is `reporter`'s own fault. WireError if it is malformed."""
+        is `reporter`'s own fault. A hop that reports the hop before it (what it sent
+        was refused: the refusal would go back through that hop, which could swallow
+        it) blames it as a witness: one of the two lies, so both are at fault, and a
+        liar can neither fail requests unblamed nor get an honest hop banned alone.
+        WireError if it is malformed."""
         failed.check()
+        witness = None
         if relayed:
-            may = set(self.peers)
+            culprit = failed.peer_id if failed.peer_id in self.peers else reporter
         else:
-            after = [self.route[i + 1].peer_id for i, h in enumerate(self.route[:-1])
-                     if h.peer_id == reporter]
-            may = {reporter, *after}
-        culprit = failed.peer_id if failed.peer_id in may else reporter
+            peers = self.peers
+            at = peers.index(reporter) if reporter in peers else -1
+            before, after = (peers[at - 1] if at > 0 else None,
+                             peers[at + 1] if 0 <= at < len(peers) - 1 else None)
+            if failed.peer_id in (reporter, after):
+                culprit = failed.peer_id
+            elif failed.peer_id == before:
+                culprit, witness = before, reporter
+            else:
+                culprit = reporter
         if len(self.reports) < MAX_REPORTS:
-            self.reports.append(dataclasses.replace(failed, peer_id=culprit,
-                                                    code=known_code(failed.code)))
+            self.reports.append(PipelineFailure(culprit, known_code(failed.code),
+                                                failed.message, witness))
 
     async def step(self, hidden: Any, start_pos: int, keep: int = -1,
                    tree: Sequence[int] = (), source: Sequence[int] = ()) -> StepResult:
@@ -274,8 +298,7 @@ class PipelineSession:
                 await self.failed.wait()
         detail = f"{type(error).__name__}: {error}" if error else "a hop reported a failure"
         if self.reports:
-            r = self.reports[0]
-            return PipelineFailure(r.peer_id, r.code, f"{r.message} ({detail})")
+            return self.reports[0].detailed(detail)
         if self.refusal is not None:
             return self.refusal
         refusal = None if self.watching else await self._first_hop_refusal()
@@ -423,8 +446,7 @@ class Pipeline:
         except BaseException:
             await s.close()
             raise
-        failure = s.refusal or (PipelineFailure(s.reports[0].peer_id, s.reports[0].code,
-                                                s.reports[0].message) if s.reports else None)
+        failure = s.refusal or (s.reports[0] if s.reports else None)
         if failure is not None or not s.returned.is_set():
             await s.close()
             raise failure or PipelineFailure(s.route[0].peer_id, "unreachable",

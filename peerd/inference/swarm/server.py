@@ -229,6 +229,12 @@ class ShardServer:
             await send_quietly(stream, refusal, SHARD.max_control_bytes)
         except PeerError as exc:
             self.node.offence(upstream, exc.reason, f"shard: {exc}")
+            if session is not None and session.open.hop > 0:
+                # the hop before us, whose refusal it would be to pass on: the entry
+                # hears it from us (and cannot tell which of us two lies: pipeline.py)
+                await self._report(session, session.step + 1, upstream, exc.reason,
+                                   f"{self.node.peer_id} refused what {upstream} sent "
+                                   f"it: {exc}")
             await send_quietly(stream, ErrorReply(code=exc.reason, message=str(exc)[:1000]),
                                SHARD.max_control_bytes)
         except trio.TooSlowError:

@@ -13,6 +13,7 @@ a model; torch and transformers load only when a model does.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
+from peerd import compute
 from peerd.api.openai import routes
 from peerd.api.recall import Recall
 from peerd.inference.face import LanguageModel, ModelUnavailable
@@ -105,7 +107,11 @@ class ModelSlot(Service):
             self.progress(phase)
 
         try:
-            from peerd.inference.runtime import ModelRuntime  # torch: only when needed
+            # torch and transformers: only when needed, and imported off the event loop
+            # (seconds during which the peer would neither gossip nor answer)
+            await compute.run(importlib.import_module, "peerd.inference.runtime",
+                              abandon_on_cancel=True)
+            from peerd.inference.runtime import ModelRuntime
 
             self.runtime = await ModelRuntime.start(self.node, self.ledger.book, self.options,
                                                     step)

@@ -441,7 +441,9 @@ async def test_holders_that_stall_the_manifest_cost_a_bounded_number_of_asks(
         raise AssertionError("unreachable")
 
     monkeypatch.setattr(weights_module, "call", recording_call)
-    async with swarm(8, tmp_path, connect="star") as nodes:
+    # (ledger heartbeats of 10 s: eight peers republishing every second kept one of the
+    # two cores busy with gossip, and the test took 28-45 s and failed once in four)
+    async with swarm(8, tmp_path, connect="star", heartbeat_s=10.0) as nodes:
         sampler_node, trainer_node, *stalling = nodes
         sampler, trainer = WeightStore(sampler_node), WeightStore(trainer_node)
         await sampler_node.start(sampler)

@@ -320,7 +320,7 @@ async def test_replayers_that_take_the_job_and_never_answer_cost_a_bounded_time(
     """Five replayers take the job and never answer: the job is given up after
     FILL_ROUNDS deadlines (two seats, two rounds: four peers asked, not all five one
     deadline after another), and those that stalled rank last for the next job."""
-    async with swarm(6, tmp_path, connect="star") as nodes:
+    async with swarm(6, tmp_path, connect="star", heartbeat_s=3.0) as nodes:
         requester, stalling = nodes[0], nodes[1:]
         for node in stalling:
             StallingFarm(node, no_model, lambda: []).register()

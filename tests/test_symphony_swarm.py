@@ -119,7 +119,7 @@ async def test_workers_that_take_a_seat_and_never_answer_hold_a_task_a_bounded_t
     """Three bidders take the seat and never answer: the task gives up after
     FILL_ROUNDS deadlines (two of them tried, not all three and the spare one after
     another), and the next task ranks those two last."""
-    async with swarm(5, tmp_path, connect="star") as nodes:
+    async with swarm(5, tmp_path, connect="star", heartbeat_s=3.0) as nodes:
         requester, *stalling, spare = nodes
         solvers = [None, *[FakeSolver(delay_s=3600.0) for _ in stalling], FakeSolver()]
         async with symphonies(nodes, solvers,
@@ -185,7 +185,7 @@ def liars_chains_surest(request: TaskRequest, cot: str) -> float:
 @pytest.mark.parametrize("measures", [False, True], ids=["claimed", "measured"])
 async def test_byzantine_liar_is_outvoted_then_no_longer_elected(tmp_path: Path,
                                                                  measures: bool) -> None:
-    async with swarm(6, tmp_path, connect="star") as nodes:
+    async with swarm(6, tmp_path, connect="star", heartbeat_s=3.0) as nodes:
         requester, *workers = nodes
         honest = [FakeSolver(confidence=c) for c in (0.2, 0.4, 0.5, 0.3)]
         lying = FakeSolver(answer=liar, confidence=1.0)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import trio
+from libp2p.host.ping import ID as PING_PROTOCOL_ID
 
 from peerd.inference.generate import NoCoverage
 from peerd.inference.model.source import reference_model, resolve
@@ -554,6 +555,35 @@ async def test_a_middle_hop_that_lies_is_banned_with_its_witness_and_routed_arou
         banned = entry.generator.bans.banned(time.monotonic())
         assert {liar.node.peer_id, witness.node.peer_id} <= banned
         assert not {s["peer_id"] for s in info["route"][1:]} & banned  # type: ignore[index]
+
+
+@pytest.mark.parametrize("next_hop_up", [True, False], ids=["up", "gone"])
+async def test_a_hop_that_says_its_next_hop_is_unreachable_is_checked(
+        tmp_path: Path, tiny: Path, next_hop_up: bool) -> None:
+    """The first of two hops cannot write to the next and reports it unreachable: the
+    entry pings that hop. One that answers was reachable, so the reporter (its link, or
+    its lie) is blamed, not the hop it named; one that does not answer is blamed."""
+    async with model_swarm(tmp_path, tiny, [(0, 4), (0, 2), (2, 4)]) as (_, runtimes):
+        entry, first, second = runtimes
+        route = Route((Span(first.node.peer_id, 0, 2, 0.0),
+                       Span(second.node.peer_id, 2, 4, 0.0)), 0.0)
+        session = await entry.generator.pipeline.open(route, 16)
+
+        async def down(data: bytes) -> None:
+            raise trio.BrokenResourceError("the link to the next hop is down")
+
+        for s in first.server.sessions.values():  # the session's link to the next hop
+            s.downstream.write = down
+        if not next_hop_up:  # a hop that hangs: it answers no ping either
+            second.node.host.remove_stream_handler(PING_PROTOCOL_ID)
+        with torch.inference_mode():
+            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
+        with pytest.raises(PipelineFailure) as failed:
+            await session.step(hidden, 0)
+        await session.close()
+        blamed = first if next_hop_up else second
+        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
+            blamed.node.peer_id, None, "unreachable"), failed.value
 
 
 async def test_a_hop_whose_own_output_overflows_reports_itself(

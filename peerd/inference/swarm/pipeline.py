@@ -15,10 +15,12 @@ report from a hop ("I could not reach my next hop"), or a refusal of the session
 relayed up the chain, naming the hop that refused; an ERROR from the first hop; a
 route peer we are no longer connected to, a route peer that does not answer a ping.
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
-A hop names itself or a hop after it; a report that names anyone else (a peer off the
-route) blames its sender, the first hop for what it relays. A hop that refused what the
-hop before it sent names that hop as a witness: both are blamed, since one of the two
-lies (`PipelineFailure.witness`).
+A hop names itself or a hop beside it; a report that names anyone else (a peer off the
+route) blames its sender, the first hop for what it relays. A report against a hop
+beside the reporter is its word alone (`PipelineFailure.witness`): that the next hop
+could not be reached is checked with a ping from here (a hop that answers was
+reachable: the reporter is blamed instead); anything else, what the hop before sent
+refused, leaves both blamed, since one of the two lies.
 A RESULT that is not what a route computes (another shape or dtype, hidden states that
 are not finite, other than one timing a hop could have measured for each hop) is the
 last hop's fault, as anything else it sends that the protocol does not allow: it is
@@ -125,8 +127,8 @@ class PipelineFailure(Exception):
     """A session could not be opened or a step failed; `culprit` is the peer at fault.
     `code` is one of protocols.shard.CODES or LOCAL_CODES, else OTHER: the callers keep
     it (bans, metrics, status), and a hop's refusal may say anything. `witness`: the
-    hop whose word alone blames `culprit`, the hop before it (`PipelineSession.report`):
-    one of the two lies, and the entry cannot tell which, so both are at fault."""
+    hop whose word alone blames `culprit`, a hop beside it (`PipelineSession.report`,
+    `settled`): unless the entry could check it, both are at fault."""
 
     def __init__(self, culprit: str | None, code: str, message: str,
                  witness: str | None = None) -> None:
@@ -194,11 +196,11 @@ class PipelineSession:
         may blame: itself or its next hop when it reports straight to us (over the
         return protocol), any hop of the route when it is the first hop relaying a
         refusal from further down (the hops in between checked it); anyone else named
-        is `reporter`'s own fault. A hop that reports the hop before it (what it sent
-        was refused: the refusal would go back through that hop, which could swallow
-        it) blames it as a witness: one of the two lies, so both are at fault, and a
-        liar can neither fail requests unblamed nor get an honest hop banned alone.
-        WireError if it is malformed."""
+        is `reporter`'s own fault. A hop that reports a hop beside it (its next hop
+        unreachable; what the hop before sent refused, a refusal that would go back
+        through that hop, which could swallow it) blames it as a witness (`settled`
+        weighs it): a liar can neither fail requests unblamed nor get an honest hop
+        banned alone. WireError if it is malformed."""
         failed.check()
         witness = None
         if relayed:
@@ -208,10 +210,10 @@ class PipelineSession:
             at = peers.index(reporter) if reporter in peers else -1
             before, after = (peers[at - 1] if at > 0 else None,
                              peers[at + 1] if 0 <= at < len(peers) - 1 else None)
-            if failed.peer_id in (reporter, after):
-                culprit = failed.peer_id
-            elif failed.peer_id == before:
-                culprit, witness = before, reporter
+            if failed.peer_id == reporter:
+                culprit = reporter
+            elif failed.peer_id in (before, after):  # its word alone: see `settled`
+                culprit, witness = failed.peer_id, reporter
             else:
                 culprit = reporter
         if len(self.reports) < MAX_REPORTS:
@@ -298,7 +300,7 @@ class PipelineSession:
                 await self.failed.wait()
         detail = f"{type(error).__name__}: {error}" if error else "a hop reported a failure"
         if self.reports:
-            return self.reports[0].detailed(detail)
+            return await self.settled(self.reports[0].detailed(detail))
         if self.refusal is not None:
             return self.refusal
         refusal = None if self.watching else await self._first_hop_refusal()
@@ -314,6 +316,18 @@ class PipelineSession:
             node.offence(last, error.reason, f"shard-return: {error}")
             return PipelineFailure(last, error.reason, detail)
         return PipelineFailure(None, "failed", f"pipeline step failed ({detail})")
+
+    async def settled(self, failure: PipelineFailure) -> PipelineFailure:
+        """A hop's word against a hop beside it, weighed: that it could not reach it is
+        checked (a ping from here; a hop that answers was reachable, so the one that
+        could not reach it, or says so falsely, is at fault instead; one that does not
+        is at fault alone); anything else leaves both at fault."""
+        if failure.witness is None or failure.culprit is None or failure.code != "unreachable":
+            return failure
+        if await node_reachable(self.pipeline.node, failure.culprit):
+            return PipelineFailure(failure.witness, failure.code,
+                                   f"{failure}; but {failure.culprit} answers us")
+        return PipelineFailure(failure.culprit, failure.code, str(failure))
 
     async def _first_hop_refusal(self) -> ErrorReply | None:
         with trio.move_on_after(0.2):
@@ -446,7 +460,7 @@ class Pipeline:
         except BaseException:
             await s.close()
             raise
-        failure = s.refusal or (s.reports[0] if s.reports else None)
+        failure = s.refusal or (await s.settled(s.reports[0]) if s.reports else None)
         if failure is not None or not s.returned.is_set():
             await s.close()
             raise failure or PipelineFailure(s.route[0].peer_id, "unreachable",

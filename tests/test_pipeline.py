@@ -561,8 +561,9 @@ async def test_a_middle_hop_that_lies_is_banned_with_its_witness_and_routed_arou
 async def test_a_hop_that_says_its_next_hop_is_unreachable_is_checked(
         tmp_path: Path, tiny: Path, next_hop_up: bool) -> None:
     """The first of two hops cannot write to the next and reports it unreachable: the
-    entry pings that hop. One that answers was reachable, so the reporter (its link, or
-    its lie) is blamed, not the hop it named; one that does not answer is blamed."""
+    entry pings that hop. One that does not answer is blamed alone; one that answers is
+    blamed with the reporter as its witness (the reporter lies, or the next hop took
+    the session and stalled it: the entry cannot tell)."""
     async with model_swarm(tmp_path, tiny, [(0, 4), (0, 2), (2, 4)]) as (_, runtimes):
         entry, first, second = runtimes
         route = Route((Span(first.node.peer_id, 0, 2, 0.0),
@@ -581,9 +582,9 @@ async def test_a_hop_that_says_its_next_hop_is_unreachable_is_checked(
         with pytest.raises(PipelineFailure) as failed:
             await session.step(hidden, 0)
         await session.close()
-        blamed = first if next_hop_up else second
+        witness = first.node.peer_id if next_hop_up else None
         assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
-            blamed.node.peer_id, None, "unreachable"), failed.value
+            second.node.peer_id, witness, "unreachable"), failed.value
 
 
 async def test_a_hop_whose_own_output_overflows_reports_itself(

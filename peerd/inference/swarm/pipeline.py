@@ -17,10 +17,9 @@ route peer we are no longer connected to, a route peer that does not answer a pi
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
 A hop names itself or a hop beside it; a report that names anyone else (a peer off the
 route) blames its sender, the first hop for what it relays. A report against a hop
-beside the reporter is its word alone (`PipelineFailure.witness`): that the next hop
-could not be reached is checked with a ping from here (a hop that answers was
-reachable: the reporter is blamed instead); anything else, what the hop before sent
-refused, leaves both blamed, since one of the two lies.
+beside the reporter is its word alone (`PipelineFailure.witness`), and both are blamed,
+since one of the two lies (or the named hop stalled the session), unless the entry can
+tell: a next hop said to be unreachable that does not answer our ping is blamed alone.
 A RESULT that is not what a route computes (another shape or dtype, hidden states that
 are not finite, other than one timing a hop could have measured for each hop) is the
 last hop's fault, as anything else it sends that the protocol does not allow: it is
@@ -319,14 +318,13 @@ class PipelineSession:
 
     async def settled(self, failure: PipelineFailure) -> PipelineFailure:
         """A hop's word against a hop beside it, weighed: that it could not reach it is
-        checked (a ping from here; a hop that answers was reachable, so the one that
-        could not reach it, or says so falsely, is at fault instead; one that does not
-        is at fault alone); anything else leaves both at fault."""
+        checked with a ping from here. A hop that does not answer is at fault alone; one
+        that answers leaves both at fault (the reporter lies, or the hop it names took
+        the session and stalled it), as anything else a hop says of its neighbour."""
         if failure.witness is None or failure.culprit is None or failure.code != "unreachable":
             return failure
         if await node_reachable(self.pipeline.node, failure.culprit):
-            return PipelineFailure(failure.witness, failure.code,
-                                   f"{failure}; but {failure.culprit} answers us")
+            return failure
         return PipelineFailure(failure.culprit, failure.code, str(failure))
 
     async def _first_hop_refusal(self) -> ErrorReply | None:

@@ -103,7 +103,7 @@ def sever(listening: list[tuple[str, int]]) -> int:
         try:
             if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
                 continue
-            sock = socket.socket(fileno=os.dup(fd))  # a duplicate: closing it closes ours
+            sock = socket.socket(fileno=os.dup(fd))  # a duplicate: closing it leaves ours open
         except OSError:
             continue
         with sock:

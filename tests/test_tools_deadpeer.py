@@ -19,7 +19,11 @@ from peerd.plans.service import Tools
 from peerd.plans.tool import typed_tool
 from tests.harness import connect_nodes, gossip, open_test_node, swarm, wait_for
 
-HEARTBEAT_S = 5.0  # entries live 15 s: the dead peer's is still in the ledger after
+# No heartbeat within the test: entries go out when refreshed and live 3 minutes, so the
+# dead peer's is still in the ledger after it died, and no newer entry of it is heard
+# after its calls failed (which would end the suspicion, as the sign of a peer that is
+# back: a loaded run's C republished every 5 s)
+HEARTBEAT_S = 60.0
 
 
 class Wait(BaseModel):
@@ -39,6 +43,12 @@ def offering(node: Node, peers: list[Node]) -> bool:
     book = gossip(node).book
     return all((e := book.get(p.peer_id)) is not None and [t.name for t in e.tools]
                == ["slow"] for p in peers)
+
+
+def latest(node: Node, peer: Node) -> bool:
+    """`node` holds `peer`'s newest entry."""
+    theirs, ours = gossip(node).book.get(peer.peer_id), gossip(peer).book.get(peer.peer_id)
+    return theirs is not None and ours is not None and theirs.seq == ours.seq
 
 
 async def test_a_peer_that_dies_mid_call_is_routed_around_at_once(tmp_path: Path) -> None:
@@ -78,7 +88,10 @@ async def test_a_peer_that_dies_mid_call_is_routed_around_at_once(tmp_path: Path
             c = victim[0]
             gossip(a).refresh()
             gossip(b).refresh()
-            await wait_for(lambda: offering(a, [a, b, c]), what="every `slow` in A's ledger")
+            # ...and C's latest entry: one heard after its calls failed would end the
+            # suspicion, as the sign of a peer that is back
+            await wait_for(lambda: offering(a, [a, b, c]) and latest(a, c),
+                           what="every `slow` in A's ledger, C's latest entry")
             for peer in (b, c):  # the schema cached, as a planner has it
                 assert isinstance(await ta.tools_of(peer.peer_id), list)
             first: list[Dispatched] = []

@@ -159,6 +159,11 @@ class Node:
     def connected_peers(self) -> list[str]:
         return sorted(str(p) for p in self.host.get_network().connections)
 
+    def welcomed_at(self, peer_id: str) -> float | None:
+        """When (trio's clock) the connection the connect hooks last ran for came up;
+        None if they never ran for `peer_id`."""
+        return self._welcomed_at.get(peer_id)
+
     def link_up(self, peer_id: str) -> bool:
         """A connection to `peer_id` is up (always, to ourselves): false when there is
         none or each one is closing (host.closing), which yamux knows before the swarm

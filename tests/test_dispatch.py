@@ -225,7 +225,8 @@ async def test_a_peer_that_leaves_mid_call_ends_its_attempts_at_once(
 
 def test_a_suspect_is_remembered_for_a_while_then_forgiven() -> None:
     """The pure rule on a fake clock: unreachable or silent marks a peer for hold_s;
-    its newer ledger entry (seq) or a reconnection clears it; nothing else marks."""
+    its newer ledger entry (seq) or a connection made since clears it; nothing else
+    marks."""
     s = Suspects(hold_s=30.0)
     assert SUSPECT_S == 30.0 and not s.suspected("a", 5, 0.0)
     for code in (wire.BUSY, wire.DEADLINE, wire.TOOL_ERROR, wire.OK):
@@ -237,9 +238,11 @@ def test_a_suspect_is_remembered_for_a_while_then_forgiven() -> None:
     assert s.failed("b", TIMEOUT, 7, 0.0)
     assert s.suspected("b", 7, 10.0) and s.suspected("b", 6, 10.0)  # an older entry
     assert not s.suspected("b", 8, 10.0)  # its entry refreshed since: it is back
-    assert s.failed("c", TIMEOUT, 0, 0.0)  # no entry known: any entry is newer
-    s.clear("c")  # it connected again
-    assert not s.suspected("c", 0, 1.0)
+    assert s.failed("c", TIMEOUT, 0, 5.0)  # no entry known: any entry is newer
+    s.clear("c", 4.0)  # a connection from before it failed (its hook ran late)
+    assert s.suspected("c", 0, 6.0)
+    s.clear("c", 6.0)  # it connected again
+    assert not s.suspected("c", 0, 7.0)
     off = Suspects(hold_s=0.0)
     assert not off.failed("a", UNREACHABLE, 1, 0.0) and not off.suspected("a", 1, 0.0)
     with pytest.raises(ValueError):

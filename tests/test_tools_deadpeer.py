@@ -20,9 +20,9 @@ from peerd.plans.tool import typed_tool
 from tests.harness import connect_nodes, gossip, open_test_node, swarm, wait_for
 
 # No heartbeat within the test: entries go out when refreshed and live 3 minutes, so the
-# dead peer's is still in the ledger after it died, and no newer entry of it is heard
-# after its calls failed (which would end the suspicion, as the sign of a peer that is
-# back: a loaded run's C republished every 5 s)
+# dead peer's is still in the ledger after it died, and no entry of it that it signed
+# before it died is heard after its calls failed (a newer entry ends a suspicion, as the
+# sign of a peer that is back)
 HEARTBEAT_S = 60.0
 
 

@@ -207,10 +207,12 @@ class Tools(Service):
     # ---- peers that left -------------------------------------------------------------
 
     async def _reconnected(self, peer: str) -> None:
-        """A peer connected (the hook runs a moment later): back, if still connected
-        (a dying peer's listener can take a last dial as it shuts down)."""
-        if self.node.link_up(peer):
-            self.suspects.clear(peer)
+        """A peer connected (the hook runs a moment later, after the other services'
+        hooks): back, if still connected (a dying peer's listener can take a last dial
+        as it shuts down) and connected after it failed."""
+        connected_at = self.node.welcomed_at(peer)
+        if self.node.link_up(peer) and connected_at is not None:
+            self.suspects.clear(peer, connected_at)
 
     def _failed(self, peer: str, code: str) -> None:
         """An attempt at `peer` ended `code`: suspect the peer if it says it is gone."""

@@ -7,8 +7,9 @@ attempt ended `unreachable` (no stream, or its connection closed mid-call) or `t
 (silent past the deadline and its margin) is suspected for `hold_s`: its offers rank
 after every other peer's with a free slot (choice.rank), never excluded, since it may be
 the only one offering a tool. The suspicion ends early when the peer shows it is back:
-it connects again (Tools hears the node's connection), or its ledger entry is refreshed
-with a newer seq than it had when it failed (only the peer itself can sign one).
+it connects again after it failed (Tools hears the node's connection; the hook of an
+older connection, run late, says nothing), or its ledger entry is refreshed with a newer
+seq than it had when it failed (only the peer itself can sign one).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ MAX_SUSPECTS = 4096  # remembered at once; the oldest forgotten first
 
 @dataclass(frozen=True, slots=True)
 class _Mark:
+    at: float  # the clock's time the peer failed
     until: float  # the clock's time the suspicion ends
     seq: int  # the peer's ledger entry's seq when it failed (0: none known)
 
@@ -46,12 +48,15 @@ class Suspects:
         self._marks.pop(peer, None)  # re-inserted: the newest last
         if len(self._marks) >= MAX_SUSPECTS:
             del self._marks[next(iter(self._marks))]
-        self._marks[peer] = _Mark(now + self.hold_s, seq)
+        self._marks[peer] = _Mark(now, now + self.hold_s, seq)
         return True
 
-    def clear(self, peer: str) -> None:
-        """`peer` is back (it connected again)."""
-        self._marks.pop(peer, None)
+    def clear(self, peer: str, connected_at: float) -> None:
+        """`peer` connected at `connected_at` (the clock's time): back, if that was after
+        it failed."""
+        mark = self._marks.get(peer)
+        if mark is not None and connected_at > mark.at:
+            del self._marks[peer]
 
     def suspected(self, peer: str, seq: int, now: float) -> bool:
         """Whether `peer`, whose ledger entry has `seq` now, is still suspected."""

@@ -26,6 +26,7 @@ from peerd.inference.slot import ModelOptions
 from peerd.inference.swarm.pipeline import Pipeline, PipelineFailure, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
+from peerd.streams import OpenFailed
 from protocols.codec import decode, encode
 from protocols.errors import WireError
 from protocols.framing import frame
@@ -582,6 +583,35 @@ async def test_a_hop_that_says_its_next_hop_is_unreachable_is_checked(
         with pytest.raises(PipelineFailure) as failed:
             await session.step(hidden, 0)
         await session.close()
+        witness = first.node.peer_id if next_hop_up else None
+        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
+            second.node.peer_id, witness, "unreachable"), failed.value
+
+
+@pytest.mark.parametrize("next_hop_up", [True, False], ids=["up", "gone"])
+async def test_a_hop_that_cannot_open_the_session_on_its_next_hop_is_checked(
+        tmp_path: Path, tiny: Path, next_hop_up: bool) -> None:
+    """At OPEN, the first of two hops cannot dial the next and refuses the session as
+    its own failure, relayed to the entry. That is its word about its next hop, as
+    when a FORWARD cannot be written: a next hop that answers no ping from the entry is
+    blamed alone (it had banned the honest reporter, and each replica before a dead
+    hop in turn); one that answers is blamed with the reporter as its witness."""
+    async with model_swarm(tmp_path, tiny, [(0, 4), (0, 2), (2, 4)]) as (_, runtimes):
+        entry, first, second = runtimes
+        route = Route((Span(first.node.peer_id, 0, 2, 0.0),
+                       Span(second.node.peer_id, 2, 4, 0.0)), 0.0)
+        dial = first.node.new_stream_eager
+
+        async def cut(peer_id: str, protocol: str) -> Any:
+            if peer_id == second.node.peer_id:
+                raise OpenFailed(peer_id, f"no route to {peer_id}")
+            return await dial(peer_id, protocol)
+
+        first.node.new_stream_eager = cut  # type: ignore[method-assign]
+        if not next_hop_up:  # a hop that hangs: it answers no ping either
+            second.node.host.remove_stream_handler(PING_PROTOCOL_ID)
+        with pytest.raises(PipelineFailure) as failed:
+            await entry.generator.pipeline.open(route, 16)
         witness = first.node.peer_id if next_hop_up else None
         assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
             second.node.peer_id, witness, "unreachable"), failed.value

@@ -199,13 +199,21 @@ class PipelineSession:
         unreachable; what the hop before sent refused, a refusal that would go back
         through that hop, which could swallow it) blames it as a witness (`settled`
         weighs it): a liar can neither fail requests unblamed nor get an honest hop
-        banned alone. WireError if it is malformed."""
+        banned alone. A relayed refusal in which a hop other than the last says it is
+        "unreachable" itself (it could not open the session on its next hop, or that
+        hop answered what it may not) is the same word about its next hop. WireError if
+        it is malformed."""
         failed.check()
         witness = None
+        peers = self.peers
         if relayed:
-            culprit = failed.peer_id if failed.peer_id in self.peers else reporter
+            culprit = failed.peer_id if failed.peer_id in peers else reporter
+            at = peers.index(culprit) if culprit == failed.peer_id else -1
+            if failed.code == "unreachable" and 0 <= at < len(peers) - 1:
+                # a hop that could not open the session on its next hop: its word
+                # about that hop, weighed as when it cannot forward to it
+                culprit, witness = peers[at + 1], culprit
         else:
-            peers = self.peers
             at = peers.index(reporter) if reporter in peers else -1
             before, after = (peers[at - 1] if at > 0 else None,
                              peers[at + 1] if 0 <= at < len(peers) - 1 else None)

@@ -225,26 +225,29 @@ async def test_a_peer_that_leaves_mid_call_ends_its_attempts_at_once(
 
 def test_a_suspect_is_remembered_for_a_while_then_forgiven() -> None:
     """The pure rule on a fake clock: unreachable or silent marks a peer for hold_s;
-    its newer ledger entry (seq) or a connection made since clears it; nothing else
-    marks."""
+    a ledger entry it signed after it failed, or a connection made since, clears it;
+    nothing else marks. (Clock times 0-200; unix times 1000 on.)"""
     s = Suspects(hold_s=30.0)
-    assert SUSPECT_S == 30.0 and not s.suspected("a", 5, 0.0)
+    assert SUSPECT_S == 30.0 and not s.suspected("a", 990.0, 0.0)
     for code in (wire.BUSY, wire.DEADLINE, wire.TOOL_ERROR, wire.OK):
-        assert not s.failed("a", code, 5, 0.0) and not s.suspected("a", 5, 0.0)
-    assert s.failed("a", UNREACHABLE, 5, 100.0)
-    assert s.suspected("a", 5, 100.0) and s.suspected("a", 5, 129.9)
-    assert not s.suspected("a", 5, 130.0)  # the hold is over
-    assert not s.suspected("a", 5, 100.0)  # and forgotten
-    assert s.failed("b", TIMEOUT, 7, 0.0)
-    assert s.suspected("b", 7, 10.0) and s.suspected("b", 6, 10.0)  # an older entry
-    assert not s.suspected("b", 8, 10.0)  # its entry refreshed since: it is back
-    assert s.failed("c", TIMEOUT, 0, 5.0)  # no entry known: any entry is newer
+        assert not s.failed("a", code, 0.0, 1000.0) and not s.suspected("a", 990.0, 0.0)
+    assert s.failed("a", UNREACHABLE, 100.0, 1100.0)
+    assert s.suspected("a", 1095.0, 100.0) and s.suspected("a", 1095.0, 129.9)
+    assert not s.suspected("a", 1095.0, 130.0)  # the hold is over
+    assert not s.suspected("a", 1095.0, 100.0)  # and forgotten
+    assert s.failed("b", TIMEOUT, 0.0, 1000.0)
+    assert s.suspected("b", 995.0, 10.0)  # the entry it had when it failed
+    # an entry it signed before it died, heard only now (a newer seq than the one we
+    # held when it failed): no news of it
+    assert s.suspected("b", 999.9, 10.0)
+    assert not s.suspected("b", 1009.0, 10.0)  # one signed since: it is back
+    assert s.failed("c", TIMEOUT, 5.0, 1005.0)
     s.clear("c", 4.0)  # a connection from before it failed (its hook ran late)
-    assert s.suspected("c", 0, 6.0)
+    assert s.suspected("c", 1000.0, 6.0)
     s.clear("c", 6.0)  # it connected again
-    assert not s.suspected("c", 0, 7.0)
+    assert not s.suspected("c", 1000.0, 7.0)
     off = Suspects(hold_s=0.0)
-    assert not off.failed("a", UNREACHABLE, 1, 0.0) and not off.suspected("a", 1, 0.0)
+    assert not off.failed("a", UNREACHABLE, 1.0, 1000.0) and not off.suspected("a", 0, 1.0)
     with pytest.raises(ValueError):
         Suspects(hold_s=-1.0)
 

@@ -218,9 +218,7 @@ class Tools(Service):
         """An attempt at `peer` ended `code`: suspect the peer if it says it is gone."""
         if peer == self.node.peer_id:
             return
-        entry = self.ledger.book.get(peer)
-        if self.suspects.failed(peer, code, entry.seq if entry is not None else 0,
-                                trio.current_time()):
+        if self.suspects.failed(peer, code, trio.current_time(), time.time()):
             log.info("peer %s failed as %s: ranked last for %g s", peer[-8:], code,
                      self.suspects.hold_s)
 
@@ -241,7 +239,7 @@ class Tools(Service):
         for entry in entries:
             rtt = 0.0 if entry.peer_id == self.node.peer_id else \
                 self.node.rtt_ms.get(entry.peer_id)
-            suspect = self.suspects.suspected(entry.peer_id, entry.seq, now)
+            suspect = self.suspects.suspected(entry.peer_id, entry.timestamp, now)
             for brief in entry.tools:
                 if tool is None or brief.name == tool:
                     offer = Offer(entry.peer_id, brief.schema, brief.capacity,

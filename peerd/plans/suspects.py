@@ -8,8 +8,11 @@ attempt ended `unreachable` (no stream, or its connection closed mid-call) or `t
 after every other peer's with a free slot (choice.rank), never excluded, since it may be
 the only one offering a tool. The suspicion ends early when the peer shows it is back:
 it connects again after it failed (Tools hears the node's connection; the hook of an
-older connection, run late, says nothing), or its ledger entry is refreshed with a newer
-seq than it had when it failed (only the peer itself can sign one).
+older connection, run late, says nothing), or we hold a ledger entry of it signed after
+it failed (only the peer itself can sign one; an entry it signed before it died, heard
+late, says nothing). Signed "after" is by the peer's clock against ours: a clock behind
+ours delays the news until the next connection or the hold's end, one ahead (the book
+takes at most a minute) may let an old entry clear it; either costs at most `hold_s`.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ MAX_SUSPECTS = 4096  # remembered at once; the oldest forgotten first
 class _Mark:
     at: float  # the clock's time the peer failed
     until: float  # the clock's time the suspicion ends
-    seq: int  # the peer's ledger entry's seq when it failed (0: none known)
+    wall: float  # unix time it failed: an entry signed later says it is back
 
 
 class Suspects:
@@ -40,15 +43,15 @@ class Suspects:
         self.hold_s = hold_s
         self._marks: dict[str, _Mark] = {}
 
-    def failed(self, peer: str, code: str, seq: int, now: float) -> bool:
-        """An attempt at `peer` ended `code`; suspect it if that says it is not there.
-        `seq`: its ledger entry's seq now (0 if none). True when it is suspected."""
+    def failed(self, peer: str, code: str, now: float, wall: float) -> bool:
+        """An attempt at `peer` ended `code` at `now` (the clock's time; `wall`: unix
+        time); suspect it if that says it is not there. True when it is suspected."""
         if code not in SUSPECTED_ON or self.hold_s == 0:
             return False
         self._marks.pop(peer, None)  # re-inserted: the newest last
         if len(self._marks) >= MAX_SUSPECTS:
             del self._marks[next(iter(self._marks))]
-        self._marks[peer] = _Mark(now, now + self.hold_s, seq)
+        self._marks[peer] = _Mark(now, now + self.hold_s, wall)
         return True
 
     def clear(self, peer: str, connected_at: float) -> None:
@@ -58,12 +61,13 @@ class Suspects:
         if mark is not None and connected_at > mark.at:
             del self._marks[peer]
 
-    def suspected(self, peer: str, seq: int, now: float) -> bool:
-        """Whether `peer`, whose ledger entry has `seq` now, is still suspected."""
+    def suspected(self, peer: str, signed_at: float, now: float) -> bool:
+        """Whether `peer`, whose ledger entry we hold was signed at `signed_at` (its
+        timestamp, unix time), is still suspected."""
         mark = self._marks.get(peer)
         if mark is None:
             return False
-        if now >= mark.until or seq > mark.seq:
+        if now >= mark.until or signed_at > mark.wall:
             del self._marks[peer]
             return False
         return True

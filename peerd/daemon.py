@@ -41,8 +41,8 @@ from peerd.ledger.gossip import LedgerGossip
 from peerd.ledger.store import LedgerStoreError
 from peerd.memory.service import Memory
 from peerd.node import Node, open_node
-from peerd.plans.external import McpSettings
 from peerd.plans.mcp_endpoint import McpEndpoint, PlanAnswer, PlanFn
+from peerd.plans.mcp_settings import McpSettings
 from peerd.plans.planner import ToolSpecLike
 from peerd.plans.planning import Plans
 from peerd.plans.service import Tools

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-import trio.testing
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,5 +45,7 @@ class LoopbackStream:
 
 
 def loopback_pair(peer_id: str) -> tuple[LoopbackStream, LoopbackStream]:
+    import trio.testing  # (here: it imports pytest, which a daemon has no use for)
+
     a, b = trio.testing.memory_stream_pair()
     return LoopbackStream(a, peer_id), LoopbackStream(b, peer_id)

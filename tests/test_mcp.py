@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -170,8 +171,10 @@ async def test_mcp_endpoint_serves_the_swarm_tools(tmp_path: Path) -> None:
     async with with_arith(tmp_path) as (a, b, ta, _):
         endpoint = McpEndpoint(ta)
         await a.start(endpoint)
+        assert endpoint.server is None  # the SDK is loaded when /mcp is first asked for
         async with api(a) as url:
             async with mcp_client(url) as session:
+                assert endpoint.server is not None
                 listed = {t.name: t for t in (await session.list_tools()).tools}
                 assert ARITH_TOOLS | {"calculator"} <= set(listed), sorted(listed)
                 assert "plan" not in listed
@@ -228,6 +231,39 @@ async def test_mcp_endpoint_serves_the_swarm_tools(tmp_path: Path) -> None:
             assert metric(a, 'peerd_rejections_total{reason="mcp_unauthorized"} 2.0')
             assert metric(a, 'peerd_mcp_calls_total{outcome="ok"} 3.0')
             assert metric(a, 'peerd_mcp_calls_total{outcome="plan_failed"} 1.0')
+
+
+async def test_an_sdk_that_fails_to_load_is_a_503_and_the_api_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: McpEndpoint) -> None:
+        raise ImportError("No module named 'mcp.server'")
+
+    monkeypatch.setattr(McpEndpoint, "_load", broken)
+    async with swarm(1, tmp_path) as (a,):
+        tools = Tools(a, gossip(a))
+        await a.start(tools, McpEndpoint(tools))
+        async with api(a) as url, httpx2.AsyncClient(
+                headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            for _ in range(2):  # and again: the load is not retried on every request
+                got = await http.post(url, json={"jsonrpc": "2.0", "id": 1,
+                                                 "method": "tools/list"},
+                                      headers={"Accept": "application/json, text/event-stream"})
+                assert got.status_code == 503, got.text
+                assert got.json()["error"]["code"] == "mcp_unavailable"
+                assert "log" in got.json()["error"]["message"]
+            health = await http.get(url.removesuffix("/mcp") + "/health")
+            assert health.status_code == 200
+
+
+def test_a_daemon_nobody_speaks_mcp_to_does_not_import_the_sdk() -> None:
+    """The SDK takes about a second to import: a daemon without `--mcp` loads it when
+    `/mcp` is first asked for, not as it starts (nor torch, before a model)."""
+    heavy = ("mcp", "mcp_types", "torch", "transformers", "pytest")
+    code = ("import sys, peerd.daemon, peerd.cli.start; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 # ---- the pure parts ---------------------------------------------------------------

@@ -28,7 +28,6 @@ import logging
 import os
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
@@ -38,10 +37,10 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
-from prometheus_client import CollectorRegistry, Counter
 from trio_typing import TaskStatus
 
 from peerd.plans import mcp_tools
+from peerd.plans.mcp_settings import DEFAULT_SETTINGS, McpMetrics, McpSettings
 from peerd.plans.schema import BadTool
 from peerd.plans.tool import Tool, ToolError
 
@@ -54,20 +53,6 @@ STDERR_DRAIN_S = 1.0  # after the session ends, for the server's last lines
 MAX_LISTED = 256  # tools read from one server's listing (a peer offers at most 64)
 
 
-@dataclass(frozen=True, slots=True)
-class McpSettings:
-    capacity: int = 4  # calls of each of the server's tools at once
-    deadline_s: float = 30.0  # one call, on top of the caller's own deadline
-    ready_s: float = 10.0  # the initialize reply and the tool listing
-    max_restarts: int = 5  # crashes in a row before the server is given up
-    backoff_s: float = 0.5  # before the first restart; doubled each time, to backoff_cap_s
-    backoff_cap_s: float = 30.0
-    stable_s: float = 60.0  # up this long: the crash count starts again
-
-
-DEFAULT_SETTINGS = McpSettings()
-
-
 class ToolHost(Protocol):
     """Where the tools go: the Tools service."""
 
@@ -78,18 +63,6 @@ class ToolHost(Protocol):
         ...
 
     def withdraw(self, names: Sequence[str]) -> None: ...
-
-
-class McpMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.refused = Counter("peerd_mcp_tools_refused", "External MCP tools not "
-                               "re-exported (a broken schema, a name), by server",
-                               ["server"], registry=registry)
-        self.restarts = Counter("peerd_mcp_restarts", "External MCP servers restarted "
-                                "after a crash, by server", ["server"], registry=registry)
-        self.given_up = Counter("peerd_mcp_given_up", "External MCP servers given up "
-                                "(never ready, not startable, too many crashes)",
-                                ["server"], registry=registry)
 
 
 class Ended(Exception):

@@ -16,44 +16,40 @@ answer and the plan's id; without one it is not listed.
 
 The SDK's own HTTP runner starts uvicorn (asyncio only); here its session manager and
 ASGI app run inside peerd's hypercorn trio server, the manager's task group in this
-service's lifetime.
+service's lifetime. The SDK (mcp_server.py) is imported, off the event loop, when
+`/mcp` is first asked for: it takes about a second, which every daemon's start paid
+whether anyone spoke MCP to it or not. That first request waits for it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import mcp_types as types
 import trio
-from mcp.server.lowlevel import Server
-from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, StreamableHTTPSessionManager
 from prometheus_client import Counter
 from starlette.routing import Route
 from trio_typing import TaskStatus
 
-from peerd import __version__
-from peerd.plans.caller import ToolFailure
-from peerd.plans.dispatch import Call
-from peerd.plans.planning import CannotPlan
+from peerd.api.errors import ApiError
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
-from peerd.plans.schema import Invalid, SchemaCheck
 from peerd.service import Service
 from protocols.tool import MAX_ARGUMENTS_BYTES
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
+    from starlette.types import Receive, Scope, Send
 
+    from peerd.plans.mcp_server import McpServer
     from peerd.plans.service import Tools
 
 log = logging.getLogger(__name__)
 
 PATH = "/mcp"
 MAX_BODY_BYTES = MAX_ARGUMENTS_BYTES + 16384
-MAX_GOAL_CHARS = 4000
+LOAD_S = 60.0  # the first request's wait for the SDK to import (about 1 s; a loaded CPU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,19 +60,6 @@ class PlanAnswer:
 
 
 PlanFn = Callable[[str], Awaitable[PlanAnswer]]  # goal -> the planner's answer
-
-PLAN_INPUT = SchemaCheck({
-    "type": "object", "additionalProperties": False, "required": ["goal"],
-    "properties": {"goal": {"type": "string", "minLength": 1, "maxLength": MAX_GOAL_CHARS,
-                            "description": "what to achieve, in words"}}})
-PLAN_OUTPUT: dict[str, Any] = {
-    "type": "object", "required": ["answer", "plan_id"],
-    "properties": {"answer": {"type": "string"},
-                   "plan_id": {"type": "string", "description": "GET /v1/plans/{id}"}}}
-PLAN_TOOL = types.Tool(
-    name="plan", description="Plan and run a goal over the swarm's tools (ReAct with the "
-    "swarm's model); the answer and the plan's id.", input_schema=PLAN_INPUT.schema,
-    output_schema=PLAN_OUTPUT)
 
 
 class McpEndpoint(Service):
@@ -89,81 +72,50 @@ class McpEndpoint(Service):
         self.policy = policy
         self.calls = Counter("peerd_mcp_calls", "Tool calls made through /mcp, by outcome",
                              ["outcome"], registry=tools.node.metrics.registry)
-        self.server: Server[Any] = Server("peerd", version=__version__,
-                                          on_list_tools=self._list_tools,
-                                          on_call_tool=self._call_tool)
-        # stateless: every request stands alone, so the tool list is always the ledger's;
-        # JSON answers, not SSE; no DNS-rebinding check: the bearer token is the guard
-        self.manager = StreamableHTTPSessionManager(self.server, stateless=True,
-                                                    json_response=True,
-                                                    max_request_body_size=MAX_BODY_BYTES)
+        self.server: McpServer | None = None  # once the SDK is loaded and running
+        self._wanted = trio.Event()  # /mcp was asked for: load the SDK
+        self._loaded = trio.Event()  # loaded and running, or failed to (`server` None)
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        async with self.manager.run():
-            task_status.started()
+        task_status.started()
+        await self._wanted.wait()
+        try:
+            server = await trio.to_thread.run_sync(self._load)
+        except Exception:  # our bug, or a broken install: /mcp answers 503, nothing else
+            log.exception("the MCP SDK failed to load: /mcp is unavailable")
+            self._loaded.set()
+            return
+        async with server.manager.run():
+            self.server = server
+            self._loaded.set()
             await trio.sleep_forever()
+
+    def _load(self) -> McpServer:
+        from peerd.plans.mcp_server import McpServer  # (the SDK: mcp_server.py)
+        return McpServer(self, MAX_BODY_BYTES)
 
     def routes(self) -> Sequence[BaseRoute]:
         # stateless: no stream to open on a GET (the SDK's held the connection, silent)
-        return [Route(PATH, StreamableHTTPASGIApp(self.manager), methods=["POST", "DELETE"])]
-
-    # ---- the handlers ---------------------------------------------------------------
-
-    async def _list_tools(self, ctx: Any, params: types.PaginatedRequestParams | None
-                          ) -> types.ListToolsResult:
-        specs = list((await self.tools.specs()).values())
-        listed = [types.Tool(name=s.name, description=s.description or None,
-                             input_schema=s.input_schema, output_schema=s.output_schema)
-                  for s in specs if not (self.plan is not None and s.name == PLAN_TOOL.name)]
-        if self.plan is not None:
-            listed.append(PLAN_TOOL)
-        return types.ListToolsResult(tools=listed)
-
-    async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams
-                         ) -> types.CallToolResult:
-        arguments = params.arguments or {}
-        if self.plan is not None and params.name == PLAN_TOOL.name:
-            return await self._plan(arguments)
-        listed = (await self.tools.specs([params.name])).get(params.name)  # as tools/list
-        schema = listed.schema if listed is not None else ""  # showed it: its peers first
-        (done,) = await self.tools.dispatch([Call(params.name, arguments, schema=schema)],
-                                            self.policy)
-        self.calls.labels(done.code).inc()
-        if isinstance(done.outcome, ToolFailure) or done.outcome is None:
-            by = done.outcome.by if done.outcome is not None else "caller"
-            return error(f"{done.code} ({by}): {done.message}")
-        return answer(done.outcome.value)
-
-    async def _plan(self, arguments: dict[str, Any]) -> types.CallToolResult:
-        assert self.plan is not None
-        try:
-            goal = PLAN_INPUT(arguments)["goal"]
-        except Invalid as exc:
-            self.calls.labels("invalid_arguments").inc()
-            return error(f"invalid_arguments (caller): arguments of plan: {exc}")
-        try:
-            planned = await self.plan(goal)
-        except CannotPlan as exc:  # no model here, the planner not up yet: in its words
-            self.calls.labels("refused").inc()
-            return error(f"refused (callee): {exc}")
-        except Exception as exc:  # the planner's bug: say so, keep serving
-            log.exception("plan over /mcp failed")
-            self.calls.labels("tool_error").inc()
-            return error(f"tool_error (callee): the planner failed ({type(exc).__name__})")
-        if not planned.ok:
-            self.calls.labels("plan_failed").inc()
-            return error(f"plan_failed (callee): {planned.answer} (plan {planned.plan_id})")
-        self.calls.labels("ok").inc()
-        return answer({"answer": planned.answer, "plan_id": planned.plan_id})
+        return [Route(PATH, _Lazy(self), methods=["POST", "DELETE"])]
 
 
-def answer(value: dict[str, Any]) -> types.CallToolResult:
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=json.dumps(value, ensure_ascii=False))],
-        structured_content=value)
+class _Lazy:
+    """The ASGI app of `/mcp`: the SDK's, once the endpoint has loaded it."""
 
+    def __init__(self, endpoint: McpEndpoint) -> None:
+        self.endpoint = endpoint
 
-def error(message: str) -> types.CallToolResult:
-    return types.CallToolResult(content=[types.TextContent(type="text", text=message)],
-                                is_error=True)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ep = self.endpoint
+        ep._wanted.set()
+        with trio.move_on_after(LOAD_S):
+            await ep._loaded.wait()
+        if ep.server is None:
+            why = ("the MCP server failed to load; the peer's log says why"
+                   if ep._loaded.is_set() else "the MCP server is still loading; try again")
+            await ApiError(503, why, "server_error", code="mcp_unavailable",
+                           retry_after_s=None if ep._loaded.is_set() else 1.0
+                           ).response()(scope, receive, send)
+            return
+        await ep.server.app(scope, receive, send)

@@ -63,7 +63,7 @@ from peerd.plans.dispatch import (
     dispatch,
     left_mid_call,
 )
-from peerd.plans.external import DEFAULT_SETTINGS, ExternalServer, McpMetrics, McpSettings
+from peerd.plans.mcp_settings import DEFAULT_SETTINGS, McpMetrics, McpSettings
 from peerd.plans.metrics import DispatchMetrics, ToolMetrics
 from peerd.plans.nodes import GrammarTooLarge, grammar_size
 from peerd.plans.retry import DEFAULT_POLICY, RetryPolicy
@@ -80,6 +80,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from starlette.routing import BaseRoute
+
+    from peerd.plans.external import ExternalServer
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +132,11 @@ class Tools(Service):
         self._refused: dict[str, float] = {}  # schema hash -> when we refused it
         # external MCP servers, re-exported (external.py), in this service's nursery
         self.mcp_metrics = McpMetrics(node.metrics.registry)
-        self.external = [ExternalServer(f"mcp{i}", command, self, self.mcp_metrics,
-                                        mcp_settings) for i, command in enumerate(mcp)]
+        self.external: list[ExternalServer] = []
+        if mcp:  # (the SDK is imported only for them: mcp_settings.py)
+            from peerd.plans.external import ExternalServer
+            self.external = [ExternalServer(f"mcp{i}", command, self, self.mcp_metrics,
+                                            mcp_settings) for i, command in enumerate(mcp)]
 
     # ---- the service ----------------------------------------------------------------
 

@@ -1,10 +1,10 @@
-"""The shard pipeline on the wire: `/peerd/shard/2.0.0` and `/peerd/shard-return/2.0.0`,
+"""The shard pipeline on the wire: `/peerd/shard/3.0.0` and `/peerd/shard-return/3.0.0`,
 declared below as `SHARD` and `SHARD_RETURN` (messages, size caps, deadlines).
 
 A session is a chain of persistent streams: the entry peer (which holds the
 embeddings and lm_head) opens a stream to the first shard with OPEN; every shard
 opens the next hop's stream itself (the route travels in OPEN); the last shard
-returns hidden states straight to the entry peer over `/peerd/shard-return/2.0.0`.
+returns hidden states straight to the entry peer over `/peerd/shard-return/3.0.0`.
 That is N+1 hops per step, not the 2N of a star.
 
 Opening costs no round trip of its own (2.0.0; 1.0.0 waited for each answer): the
@@ -21,11 +21,15 @@ without waiting for the entry's OPENED in answer; an entry that does not know th
 session answers ERROR, and the chain's session ends as on a refusal (no session is
 held on an entry's account that it did not open). The first hop takes an OPEN only
 from the entry peer it names, a later hop only from the route's hop before it (else
-ERROR, code IMPERSONATION). A FAILED may blame only the hop that sends it or one after
-it on the route: whoever relays or receives one that names anyone else blames its
-sender instead, and reads a code not in CODES as OTHER. A 1.0.0 peer that dials a 2.0.0
-one gets an ERROR of code VERSION; a 2.0.0 peer that dials a 1.0.0 one is answered
-"na" by multistream-select and reports a FAILED of code VERSION.
+ERROR, code IMPERSONATION). A FAILED is signed by the hop that says it (`by`, 3.0.0):
+a hop relays one only if its signature checks, it is for the session, and its author
+is a hop after this one; one that does not check is its sender's fault (this hop
+refuses the session naming its next hop, malformed). A FAILED may blame only its
+author or a hop beside its author on the route: the entry blames the author for one
+that names anyone else, and reads a code not in CODES as OTHER. A peer of an older
+version that dials a 3.0.0 one gets an ERROR of code VERSION; a 3.0.0 peer that dials
+an older one is answered "na" by multistream-select and reports a FAILED of code
+VERSION.
 
 FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H] (one row)
 and `keep`: the KV length every shard truncates its cache to before appending.
@@ -69,11 +73,12 @@ plain sessions are what peers before it speak.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
 
-from protocols.codec import Message
+from protocols.codec import Message, encode
 from protocols.errors import FrameTooLarge, UnsupportedVersion, WireError, WrongMessageType
 from protocols.spec import ErrorReply, SessionStream
 
@@ -96,8 +101,9 @@ OTHER_RUN = "other_run"  # this hop's weights follow another run
 FOLLOWING = "following"  # an untagged session: this hop's weights are an RL run's
 UNVERSIONED = "unversioned"  # a tagged session: this hop does not follow runs' versions
 VERSION = "version"  # a peer that speaks another version of these protocols
-# what peers before 2.0.0 dial: answered with an ERROR of code VERSION
-RETIRED_IDS = ("/peerd/shard/1.0.0", "/peerd/shard-return/1.0.0")
+# what peers before 3.0.0 dial: answered with an ERROR of code VERSION
+RETIRED_IDS = ("/peerd/shard/1.0.0", "/peerd/shard/2.0.0")
+RETIRED_RETURN_IDS = ("/peerd/shard-return/1.0.0", "/peerd/shard-return/2.0.0")
 # in LedgerEntry.features of a peer that now takes tagged sessions only: plain
 # inference routes around it
 FEATURE_TAGGED_ONLY = "shard.tagged_only"
@@ -107,6 +113,7 @@ RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # as protocols.rollout's
 MAX_PEER_ID_CHARS = 128
 MAX_SESSION_CHARS = 128
 MAX_MESSAGE_CHARS = 4096  # a FAILED's message (hops send at most 1000)
+MAX_SIGNATURE_BYTES = 128  # a FAILED's signature (ed25519: 64)
 # ERROR code: an OPEN that names as its entry (at the first hop) or as the hop before
 # this one (at a later hop) a peer other than the one that opened the stream
 IMPERSONATION = "impersonation"
@@ -116,7 +123,8 @@ IMPERSONATION = "impersonation"
 CODES = frozenset({
     "unreachable", "overloaded", "evicted", "internal", BEHIND, AHEAD, REVOKED, OTHER_RUN,
     FOLLOWING, UNVERSIONED, VERSION, IMPERSONATION, WireError.reason, FrameTooLarge.reason,
-    WrongMessageType.reason, UnsupportedVersion.reason})
+    WrongMessageType.reason, UnsupportedVersion.reason,
+    "bad_signature", "bad_peer_id"})  # (a FAILED relayed whose signature does not check)
 OTHER = "other"
 
 
@@ -269,25 +277,39 @@ class Result(Message):
 
 @dataclass(frozen=True, slots=True)
 class Failed(Message):
-    """A hop could not process `step` (or reach the next hop); sent to the entry peer."""
+    """A hop could not process `step` (or hold the session, or reach its next hop), in
+    the words of the hop that says so (`by`) and signed by it: the hops that relay it
+    to the entry pass it on as it is, after checking the signature, so no hop can put a
+    refusal in another's mouth, and the entry knows whose word it weighs."""
 
     KIND = "shard.failed"
     session: str
-    step: int
-    peer_id: str  # the peer at fault: the reporter itself, or a hop after it
+    step: int  # -1: the session was refused before any step
+    peer_id: str  # the peer at fault, in `by`'s words: `by` itself, or a hop beside it
     code: str  # one of CODES ("unreachable", "overloaded", "internal", ...); else OTHER
     message: str
+    by: str  # the hop that says it
+    sig: bytes  # `by`'s ed25519 signature over `signed_bytes()`
+
+    def signed_bytes(self) -> bytes:
+        """What `sig` signs: the message's canonical bytes with `sig` empty."""
+        return encode(dataclasses.replace(self, sig=b""))
 
     def check(self) -> None:
         """WireError unless its fields are within their lengths. The code is not checked:
-        one not known here is read as OTHER (`known_code`). Whom it may blame is the
-        receiver's to check: the reporter itself or a hop after it on the route."""
+        one not known here is read as OTHER (`known_code`); nor is the signature (the
+        receiver checks it against `by`'s key), nor whom it may blame (the entry: `by`
+        itself or a hop beside it on the route)."""
         if len(self.session) > MAX_SESSION_CHARS:
             raise WireError(f"FAILED for a session id of {len(self.session)} characters")
         check_peer_id(self.peer_id, "the FAILED's peer at fault")
+        check_peer_id(self.by, "the FAILED's author")
         if len(self.message) > MAX_MESSAGE_CHARS:
             raise WireError(f"FAILED message of {len(self.message)} characters, at most "
                             f"{MAX_MESSAGE_CHARS}")
+        if len(self.sig) > MAX_SIGNATURE_BYTES:
+            raise WireError(f"FAILED signature of {len(self.sig)} bytes, at most "
+                            f"{MAX_SIGNATURE_BYTES}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +319,7 @@ class Close(Message):
 
 
 SHARD = SessionStream(
-    id="/peerd/shard/2.0.0",
+    id="/peerd/shard/3.0.0",
     opens=(Open,),
     opened=Opened,  # this hop admitted the session (the hops after it may yet refuse)
     # FAILED: this hop or one further down cannot hold the session (capacity, an
@@ -332,7 +354,7 @@ def step_deadline_s(positions: int) -> float:
 
 
 SHARD_RETURN = SessionStream(
-    id="/peerd/shard-return/2.0.0",
+    id="/peerd/shard-return/3.0.0",
     # OPENED: the last hop's return stream for the session, answered with OPENED (or
     # ERROR: no such session here), RESULTs following without waiting for the answer;
     # FAILED: any hop's report that the session broke (a one-way notice, no answer)

@@ -79,7 +79,8 @@ MESSAGES: list[Message] = [
             timings=(HopTiming(PEER, 1.5),), tree=(-1, 0)),
     Result(session="s" * 16, step=2, hidden=WireTensor("float32", (1, 1, 1), b"\0" * 4),
            timings=(HopTiming(PEER, 1.5), HopTiming(PEER, 0.25))),
-    Failed(session="s" * 16, step=2, peer_id=PEER, code="unreachable", message="gone"),
+    Failed(session="s" * 16, step=2, peer_id=PEER, code="unreachable", message="gone",
+           by=PEER, sig=b"\1" * 64),
     Close(session="s" * 16),
 ]
 

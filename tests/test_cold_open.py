@@ -1,4 +1,4 @@
-"""A cold pipeline session on /peerd/shard/2.0.0, over real in-process hosts: its OPEN
+"""A cold pipeline session on /peerd/shard/3.0.0, over real in-process hosts: its OPEN
 travels with the first FORWARD and no hop waits for any answer (the first step
 completes with every OPENED held back), streams open without multistream round
 trips; a refusal from the last hop reaches the entry naming it; a peer of another
@@ -27,7 +27,16 @@ from peerd.inference.swarm.routing import Route, Span
 from peerd.node import Node
 from protocols import framing
 from protocols.codec import decode, encode, unpackb
-from protocols.shard import RETIRED_IDS, SHARD, SHARD_RETURN, Failed, Hop, Open, Opened
+from protocols.shard import (
+    RETIRED_IDS,
+    RETIRED_RETURN_IDS,
+    SHARD,
+    SHARD_RETURN,
+    Failed,
+    Hop,
+    Open,
+    Opened,
+)
 from protocols.spec import ErrorReply
 from tests.harness import book, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
@@ -155,18 +164,18 @@ async def test_a_refusal_from_the_last_hop_reaches_the_entry_naming_it(
 async def test_a_peer_of_another_version_is_named(tmp_path: Path, tiny: Path) -> None:
     """The middle hop speaks only an older version: multistream-select answers "na" to
     its upstream's eager opening, which reports code "version" naming it. An older
-    peer that dials us for 1.0.0 is answered an ERROR of code "version"."""
+    peer that dials us for a retired version is answered an ERROR of code "version"."""
     async with chain(tmp_path, tiny) as runtimes:
         entry, middle, last = runtimes
-        middle.node.host.remove_stream_handler(SHARD.id)  # as a 1.0.0 peer
+        middle.node.host.remove_stream_handler(SHARD.id)  # as a peer of an older version
         session = await entry.generator.pipeline.start(route_of(runtimes), 64)
         with trio.fail_after(30), pytest.raises(PipelineFailure) as err:
             await session.step(embed(entry), 0)
         assert (err.value.culprit, err.value.code) == (middle.node.peer_id, "version")
-        assert "does not speak /peerd/shard/2.0.0" in str(err.value)
+        assert f"does not speak {SHARD.id}" in str(err.value)
         await session.close()
 
-        for retired in RETIRED_IDS:
+        for retired in (*RETIRED_IDS, *RETIRED_RETURN_IDS):
             stream = await entry.node.new_stream(last.node.peer_id, retired)
             reply = decode(await framing.read_frame(stream, SHARD.max_control_bytes),
                            ErrorReply)

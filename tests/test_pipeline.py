@@ -23,6 +23,7 @@ from peerd.inference.model.tensors import to_wire
 from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.slot import ModelOptions
+from peerd.inference.swarm import server as server_module
 from peerd.inference.swarm.pipeline import Pipeline, PipelineFailure, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
@@ -30,7 +31,7 @@ from peerd.streams import OpenFailed
 from protocols.codec import decode, encode
 from protocols.errors import WireError
 from protocols.framing import frame
-from protocols.shard import Forward, Hop, HopTiming, Result
+from protocols.shard import Failed, Forward, Hop, HopTiming, Result
 from tests.harness import book, is_connected, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
@@ -615,6 +616,31 @@ async def test_a_hop_that_cannot_open_the_session_on_its_next_hop_is_checked(
         witness = first.node.peer_id if next_hop_up else None
         assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
             second.node.peer_id, witness, "unreachable"), failed.value
+
+
+async def test_a_hop_that_forges_a_later_hops_refusal_is_blamed_with_its_witness(
+        tmp_path: Path, tiny: Path) -> None:
+    """The middle of three hops refuses the session in the last hop's name (it cannot
+    sign as the last hop). Before refusals were signed, the entry banned the honest last
+    hop alone, on the word of whoever relayed it, and the liar went on unblamed. Now the
+    first hop finds the signature false and refuses the session naming the liar: the
+    entry blames it, the first hop as its witness, and never the last hop."""
+    async with model_swarm(tmp_path, tiny, [(0, 4), (0, 1), (1, 3), (3, 4)]) as (_, runtimes):
+        entry, first, middle, last = runtimes
+        route = Route((Span(first.node.peer_id, 0, 1, 0.0), Span(middle.node.peer_id, 1, 3, 0.0),
+                       Span(last.node.peer_id, 3, 4, 0.0)), 0.0)
+
+        async def forge(req: Any, connected: Any = None) -> Any:
+            raise server_module.Refused("overloaded", "no room", relayed=Failed(
+                session=req.session, step=-1, peer_id=last.node.peer_id, code="overloaded",
+                message="no room", by=last.node.peer_id, sig=b"\0" * 64))
+
+        middle.server._connect_downstream = forge  # type: ignore[method-assign]
+        with pytest.raises(PipelineFailure) as failed:
+            await entry.generator.pipeline.open(route, 16)
+        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
+            middle.node.peer_id, first.node.peer_id, "bad_signature"), failed.value
+        assert last.node.peer_id not in failed.value.at_fault
 
 
 async def test_a_hop_whose_own_output_overflows_reports_itself(

@@ -1,4 +1,4 @@
-"""Bad input on /peerd/shard/2.0.0, over real in-process hosts: each is refused with a
+"""Bad input on /peerd/shard/3.0.0, over real in-process hosts: each is refused with a
 clear error and counted, and the shard keeps serving its other sessions. Also: a full
 shard refuses OPEN and the router goes to a replica."""
 

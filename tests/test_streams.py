@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.network.stream.exceptions import StreamClosed as NetStreamClosed
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
 
 from peerd.loopback import LoopbackStream, loopback_pair
@@ -115,7 +117,8 @@ async def test_an_accepted_opening_returns_the_open_stream(nursery: trio.Nursery
 
 
 @pytest.mark.parametrize("refusal", [
-    Failed(session="", step=-1, peer_id="12D3KooWNextHop", code="overloaded", message="full"),
+    Failed(session="", step=-1, peer_id="12D3KooWNextHop", code="overloaded", message="full",
+           by="12D3KooWNextHop", sig=b"\0" * 64),
     ErrorReply(code="malformed", message="route skips layers"),
 ])
 async def test_a_refusal_is_raised_with_its_reply_and_the_stream_closed(
@@ -316,10 +319,21 @@ async def test_a_loopback_write_to_a_gone_peer_is_a_stream_failure() -> None:
 
 # ---- both callers keep their blame ------------------------------------------------------
 
-FIRST = "12D3KooWFirstHop"
-NEXT = "12D3KooWNextHop"
-SELF = "12D3KooWSelf"
-FULL = Failed(session="", step=-1, peer_id=NEXT, code="overloaded", message="no room")
+def key_and_id() -> tuple[Any, str]:
+    key_pair = create_new_key_pair()
+    return key_pair.private_key, ID.from_pubkey(key_pair.public_key).to_base58()
+
+
+(_, FIRST), (NEXT_KEY, NEXT), (_, SELF) = (key_and_id() for _ in range(3))
+
+
+def signed(failed: Failed, key: Any = None) -> Failed:
+    """`failed` signed with `key` (NEXT's by default)."""
+    return dataclasses.replace(failed, sig=(key or NEXT_KEY).sign(failed.signed_bytes()))
+
+
+FULL = signed(Failed(session=SESSION, step=-1, peer_id=NEXT, code="overloaded",
+                     message="no room", by=NEXT, sig=b""))
 BAD_OPEN = ErrorReply(code="malformed", message="route skips layers")
 
 
@@ -331,16 +345,23 @@ class FakeNode:
 
 
 @pytest.mark.parametrize(("listener", "code", "words"), [
-    (answer(FULL), "overloaded", "no room"),  # a refusal further down keeps its code
-    (answer(BAD_OPEN), "unreachable", "refused the session: route skips layers"),
+    (answer(FULL), "overloaded", "no room"),  # a refusal further down, passed on as it is
+    (answer(BAD_OPEN), "malformed", "refused the session: route skips layers"),
     (answer(Opened("another-session")), "unreachable", "another opening"),
     (raw(b"\x01\xc1"), "unreachable", "malformed msgpack"),
     (hang_up, "unreachable", "without an answer"),
-], ids=["failed", "error", "wrong session", "garbage", "hang up"])
+    # a refusal that does not check is the next hop's own, whoever it claims wrote it
+    (answer(dataclasses.replace(FULL, message="tampered")), "bad_signature", "does not check"),
+    (answer(signed(dataclasses.replace(FULL, session="s" * 20))), "malformed",
+     "for session"),
+    (answer(signed(dataclasses.replace(FULL, by=SELF))), "malformed", "not a hop after"),
+], ids=["failed", "error", "wrong session", "garbage", "hang up", "forged", "replayed",
+        "said by us"])
 async def test_a_hop_reports_what_its_next_hop_did_as_a_refusal(
         nursery: trio.Nursery, listener: Listener, code: str, words: str) -> None:
     """ShardServer._handle turns Refused into a FAILED upstream; no PeerError escapes
-    to be counted against the upstream peer."""
+    to be counted against the upstream peer. A refusal from further down goes on as
+    it came (signed by its author); anything else names the next hop."""
     from peerd.inference.swarm.server import Refused, ShardServer
 
     far = Scripted(nursery, listener)
@@ -350,6 +371,10 @@ async def test_a_hop_reports_what_its_next_hop_did_as_a_refusal(
     with pytest.raises(Refused) as err:
         await server._connect_downstream(req)
     assert err.value.code == code and words in str(err.value)
+    if code == "overloaded":
+        assert (err.value.relayed, err.value.culprit) == (FULL, None)
+    else:
+        assert (err.value.relayed, err.value.culprit) == (None, NEXT)
     assert far.dialled == [(NEXT, SHARD.id)]
 
 
@@ -367,24 +392,34 @@ async def test_the_last_hop_opens_the_return_stream_to_the_entry(nursery: trio.N
     await stream.close()
 
 
-@pytest.mark.parametrize(("listener", "culprit", "code"), [
-    (answer(FULL), NEXT, "overloaded"),  # FAILED names the peer at fault
-    # ...a hop of the route: anyone else named is the first hop's fault (it relayed it),
-    # and a code nobody declared is "other"
-    (answer(dataclasses.replace(FULL, peer_id=SELF, code="x" * 500)), FIRST, "other"),
-    (answer(BAD_OPEN), FIRST, "malformed"),
-    (answer(Opened("another-session")), FIRST, "unreachable"),
-    (raw(b"\x01\xc1"), FIRST, "unreachable"),
-    (hang_up, FIRST, "unreachable"),
-], ids=["failed", "failed off the route", "error", "wrong session", "garbage", "hang up"])
+@pytest.mark.parametrize(("listener", "culprit", "witness", "code"), [
+    (answer(FULL), NEXT, None, "overloaded"),  # FAILED names the peer at fault: its author
+    # ...or a hop beside its author, as a witness: one of the two lies
+    (answer(signed(dataclasses.replace(FULL, peer_id=FIRST, code="malformed"))), FIRST, NEXT,
+     "malformed"),
+    # anyone else named is its author's fault, and a code nobody declared is "other"
+    (answer(signed(dataclasses.replace(FULL, peer_id=SELF, code="x" * 500))), NEXT, None,
+     "other"),
+    # one that does not check is the first hop's (each hop relays only what checks)
+    (answer(dataclasses.replace(FULL, peer_id=FIRST)), FIRST, None, "bad_signature"),
+    (answer(signed(dataclasses.replace(FULL, by=SELF))), FIRST, None, "malformed"),
+    (answer(BAD_OPEN), FIRST, None, "malformed"),
+    (answer(Opened("another-session")), FIRST, None, "unreachable"),
+    (raw(b"\x01\xc1"), FIRST, None, "unreachable"),
+    (hang_up, FIRST, None, "unreachable"),
+], ids=["failed", "failed against a neighbour", "failed off the route", "forged",
+        "said off the route", "error", "wrong session", "garbage", "hang up"])
 async def test_the_entry_blames_the_first_hop_or_whom_a_failed_names(
-        nursery: trio.Nursery, listener: Listener, culprit: str, code: str) -> None:
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, listener: Listener,
+        culprit: str, witness: str | None, code: str) -> None:
+    from peerd.inference.swarm import pipeline as module
     from peerd.inference.swarm.pipeline import Pipeline, PipelineFailure
     from peerd.inference.swarm.routing import Route, Span
 
+    monkeypatch.setattr(module.secrets, "token_hex", lambda n: SESSION)  # (FULL's)
     far = Scripted(nursery, listener)
     pipeline = Pipeline(FakeNode(far.dial), "m")  # type: ignore[arg-type]
     with pytest.raises(PipelineFailure) as err:
         await pipeline.open(Route((Span(FIRST, 0, 2, 0.0), Span(NEXT, 2, 4, 0.0)), 0.0), 64)
-    assert (err.value.culprit, err.value.code) == (culprit, code)
+    assert (err.value.culprit, err.value.witness, err.value.code) == (culprit, witness, code)
     assert far.dialled == [(FIRST, SHARD.id)] and not pipeline.sessions

@@ -2,7 +2,7 @@
 
 `Pipeline.start(route)` sends OPEN to the first hop and returns at once: the first
 `step` follows it on the same stream, the hops chain the session on among themselves
-as they forward it, and the last hop dials back here on `/peerd/shard-return/2.0.0`
+as they forward it, and the last hop dials back here on `/peerd/shard-return/3.0.0`
 with the first RESULT, so a cold session costs one pass through the chain
 (protocols/shard.py). `Pipeline.open(route)` waits instead until every hop has
 admitted the session and the return stream is in (one pass too), for a caller that
@@ -15,9 +15,12 @@ report from a hop ("I could not reach my next hop"), or a refusal of the session
 relayed up the chain, naming the hop that refused; an ERROR from the first hop; a
 route peer we are no longer connected to, a route peer that does not answer a ping.
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
-A hop names itself or a hop beside it; a report that names anyone else (a peer off the
-route) blames its sender, the first hop for what it relays. A report against a hop
-beside the reporter is its word alone (`PipelineFailure.witness`), and both are blamed,
+Every FAILED is signed by the hop that says it (`by`), relayed up the chain or sent
+straight here: it is that hop's word, whoever carried it. A hop names itself or a hop
+beside it; a report that names anyone else blames its author, and one that does not
+check (signature, session, an author off the route) blames whoever sent it (the first
+hop, for what it relays: each hop relays only what checks). A report against a hop
+beside its author is its word alone (`PipelineFailure.witness`), and both are blamed,
 since one of the two lies (or the named hop stalled the session), unless the entry can
 tell: a next hop said to be unreachable that does not answer our ping is blamed alone.
 A RESULT that is not what a route computes (another shape or dtype, hidden states that
@@ -46,6 +49,7 @@ import trio
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.peer.id import ID
 
+from peerd.agents.sealing import check_signature
 from peerd.host import ping_once
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
@@ -69,7 +73,7 @@ from protocols.framing import read_frame, write_frame
 from protocols.shard import (
     CODES,
     OTHER,
-    RETIRED_IDS,
+    RETIRED_RETURN_IDS,
     SHARD,
     SHARD_RETURN,
     VERSION,
@@ -190,39 +194,32 @@ class PipelineSession:
     def peers(self) -> list[str]:
         return [h.peer_id for h in self.route]
 
-    def report(self, failed: Failed, reporter: str, relayed: bool) -> None:
-        """Keep a hop's FAILED (a step then fails with it), blaming only whom `reporter`
-        may blame: itself or its next hop when it reports straight to us (over the
-        return protocol), any hop of the route when it is the first hop relaying a
-        refusal from further down (the hops in between checked it); anyone else named
-        is `reporter`'s own fault. A hop that reports a hop beside it (its next hop
-        unreachable; what the hop before sent refused, a refusal that would go back
-        through that hop, which could swallow it) blames it as a witness (`settled`
-        weighs it): a liar can neither fail requests unblamed nor get an honest hop
-        banned alone. A relayed refusal in which a hop other than the last says it is
-        "unreachable" itself (it could not open the session on its next hop, or that
-        hop answered what it may not) is the same word about its next hop. WireError if
-        it is malformed."""
+    def report(self, failed: Failed, sender: str, relayed: bool) -> None:
+        """Keep a hop's FAILED (a step then fails with it), weighed as its author's word
+        (`by`, whose signature it carries). `sender` sent it: its author, straight to us
+        over the return protocol, or the first hop relaying it up the chain (each hop
+        relays only what checks). The author may blame itself or a hop beside it;
+        anyone else named is its own fault. One that blames a hop beside it (its next
+        hop unreachable, or refusing its OPEN; what the hop before sent refused, a
+        refusal that would go back through that hop, which could swallow it) is a
+        witness (`settled` weighs it): a liar can neither fail requests unblamed nor get
+        an honest hop banned alone. PeerError if it does not check: `sender`'s fault."""
         failed.check()
-        witness = None
+        if failed.session != self.id:
+            raise WireError(f"a FAILED for session {failed.session!r:.40}")
         peers = self.peers
-        if relayed:
-            culprit = failed.peer_id if failed.peer_id in peers else reporter
-            at = peers.index(culprit) if culprit == failed.peer_id else -1
-            if failed.code == "unreachable" and 0 <= at < len(peers) - 1:
-                # a hop that could not open the session on its next hop: its word
-                # about that hop, weighed as when it cannot forward to it
-                culprit, witness = peers[at + 1], culprit
+        if failed.by not in peers or (not relayed and failed.by != sender):
+            raise WireError(f"a FAILED said by {failed.by:.60}, sent by {sender}")
+        check_signature(failed.by, failed.signed_bytes(), failed.sig, "a FAILED")
+        reporter, witness = failed.by, None
+        at = peers.index(reporter)
+        beside = {peers[i] for i in (at - 1, at + 1) if 0 <= i < len(peers)}
+        if failed.peer_id == reporter:
+            culprit = reporter
+        elif failed.peer_id in beside:  # its word alone: see `settled`
+            culprit, witness = failed.peer_id, reporter
         else:
-            at = peers.index(reporter) if reporter in peers else -1
-            before, after = (peers[at - 1] if at > 0 else None,
-                             peers[at + 1] if 0 <= at < len(peers) - 1 else None)
-            if failed.peer_id == reporter:
-                culprit = reporter
-            elif failed.peer_id in (before, after):  # its word alone: see `settled`
-                culprit, witness = failed.peer_id, reporter
-            else:
-                culprit = reporter
+            culprit = reporter
         if len(self.reports) < MAX_REPORTS:
             self.reports.append(PipelineFailure(culprit, known_code(failed.code),
                                                 failed.message, witness))
@@ -365,7 +362,8 @@ class Pipeline:
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD_RETURN.id, self._handle_return)
-        self.node.set_stream_handler(RETIRED_IDS[1], retired)
+        for retired_id in RETIRED_RETURN_IDS:
+            self.node.set_stream_handler(retired_id, retired)
         self.node.nursery.start_soon(self._sweep_pool)
 
     # ---- the pool of idle sessions ---------------------------------------------------
@@ -524,7 +522,7 @@ class Pipeline:
             if isinstance(exc.reply, Failed):  # names the hop that could not open
                 try:
                     s.report(exc.reply, first, relayed=True)
-                except WireError as bad:
+                except PeerError as bad:
                     s.refusal = PipelineFailure(first, bad.reason, f"{first} refused with "
                                                 f"a malformed FAILED: {bad}")
             else:

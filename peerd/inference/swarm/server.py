@@ -1,6 +1,6 @@
 """The shard server: runs this peer's decoder layers for pipeline sessions.
 
-A session arrives as a stream on `/peerd/shard/2.0.0` that opens with OPEN and then
+A session arrives as a stream on `/peerd/shard/3.0.0` that opens with OPEN and then
 carries FORWARDs until CLOSE or EOF. For each session this peer opens the next hop's
 stream itself (the route is in OPEN), or, as the last hop, a return stream to the
 entry peer; every FORWARD it computes goes on down the chain, so a step costs N+1
@@ -9,7 +9,9 @@ hops. A session's KV cache lives here until CLOSE, EOF, idle ttl or a refusal.
 Nothing waits for an answer (protocols/shard.py): once this peer has admitted a
 session it answers OPENED and opens the next stream beside the first FORWARD's
 compute (`_chain`); the next hop's answer is read when it comes, and a refusal from
-it, or from further down, is relayed upstream and ends the session here.
+it, or from further down, is relayed upstream and ends the session here: as it is,
+signed by the hop that refused, once its signature checks (one that does not is the
+next hop's fault, which this peer says in a refusal of its own, signed by it).
 
 Whatever an upstream peer sends that breaks the rules (a FORWARD for another
 session, a wrong shape or dtype, hidden states that are not finite, positions out of
@@ -47,6 +49,7 @@ from libp2p.peer.id import ID
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from peerd import compute
+from peerd.agents.sealing import check_signature
 from peerd.inference.model.tensors import TORCH_DTYPES, from_wire, to_wire
 from peerd.inference.slot import ShardLimits
 from peerd.inference.swarm.lending import Eviction, Lending, OverShare
@@ -123,12 +126,15 @@ class Block(Protocol):
 
 class Refused(Exception):
     """OPEN refused for capacity or versions (not misbehaviour): not an offence.
-    `culprit`: the hop that refused, when it is further down the route (None: us)."""
+    `culprit`: whom this peer blames, when not itself (its next hop); `relayed`: a
+    refusal from further down, checked, to pass on as it is."""
 
-    def __init__(self, code: str, message: str, culprit: str | None = None) -> None:
+    def __init__(self, code: str, message: str, culprit: str | None = None,
+                 relayed: Failed | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.culprit = culprit
+        self.relayed = relayed
 
 
 class Gate(Protocol):
@@ -198,11 +204,12 @@ class ShardServer:
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD.id, self._handle)
-        self.node.set_stream_handler(RETIRED_IDS[0], self._retired)
+        for retired_id in RETIRED_IDS:
+            self.node.set_stream_handler(retired_id, self._retired)
         self.node.metrics.registry.register(_TurnsCollector(self.compute))
 
     async def _retired(self, stream: Any) -> None:
-        """A peer before 2.0.0 opening a session: say why not, clearly."""
+        """A peer before 3.0.0 opening a session: say why not, clearly."""
         await retired(stream)
 
     # ---- one session's stream ------------------------------------------------------
@@ -211,6 +218,7 @@ class ShardServer:
         """Stream handler: never raises (LIBP2P_NOTES.md trap 1)."""
         upstream = remote_peer(stream)
         session: _Session | None = None
+        request: Open | None = None
         try:
             with trio.fail_after(SHARD.open_timeout_s):
                 raw = await read_frame(stream, SHARD.max_control_bytes)
@@ -224,9 +232,8 @@ class ShardServer:
         except StreamClosed:
             pass
         except Refused as exc:
-            refusal = Failed(session="", step=-1, peer_id=exc.culprit or self.node.peer_id,
-                             code=exc.code, message=str(exc)[:1000])
-            await send_quietly(stream, refusal, SHARD.max_control_bytes)
+            await send_quietly(stream, self._refusal_of(exc, request.session if request
+                                                        else ""), SHARD.max_control_bytes)
         except PeerError as exc:
             self.node.offence(upstream, exc.reason, f"shard: {exc}")
             if session is not None and session.open.hop > 0:
@@ -334,9 +341,8 @@ class ShardServer:
             except Refused as exc:
                 s.refused = True
                 s.answered.set()
-                refusal = Failed(session=s.id, step=-1, peer_id=exc.culprit or self.node.peer_id,
-                                 code=exc.code, message=str(exc)[:1000])
-                await send_quietly(upstream, refusal, SHARD.max_control_bytes)
+                await send_quietly(upstream, self._refusal_of(exc, s.id),
+                                   SHARD.max_control_bytes)
                 s.scope.cancel()
             except Exception:  # our bug: end the session, keep serving
                 log.exception("session %s: its next stream failed", s.id)
@@ -381,18 +387,23 @@ class ShardServer:
     def _refusal(self, req: Open, target: str, spec: SessionStream,
                  exc: BaseException) -> Refused | None:
         """What this hop reports upstream when its next stream did not open (None: not a
-        failure of the opening; our own bug, or a cancellation)."""
-        if isinstance(exc, OpenRefused):
-            if isinstance(exc.reply, Failed):  # a refusal further down: pass it on
-                return self._relayed(req, target, exc.reply)
-            return Refused("unreachable", f"{target} refused the session: {exc.message}")
+        failure of the opening; our own bug, or a cancellation). It names its next hop
+        (the entry weighs that word: pipeline.py); the last hop, which cannot reach the
+        entry itself, names itself."""
+        if isinstance(exc, OpenRefused) and isinstance(exc.reply, Failed):
+            return self._relayed(req, target, exc.reply)  # a refusal further down
+        at = None if target == req.entry_peer else target
         why = f"{self.node.peer_id} could not open the session on {target}"
-        if isinstance(exc, Unsupported):  # its peerd speaks another version: its fault
-            return Refused(VERSION, f"{why}: {exc}", target)
+        if isinstance(exc, OpenRefused):  # its ERROR: our OPEN broke its rules, it says
+            return Refused(known_code(exc.code), f"{target} refused the session: "
+                           f"{exc.message}", at)
+        if isinstance(exc, Unsupported):  # its peerd speaks another version
+            return Refused(VERSION, f"{why}: {exc}", at)
         if isinstance(exc, OpenFailed):
-            return Refused("unreachable", f"{why}: {exc}")
+            return Refused("unreachable", f"{why}: {exc}", at)
         if isinstance(exc, trio.TooSlowError):
-            return Refused("unreachable", f"{why}: no answer within {spec.open_timeout_s} s")
+            return Refused("unreachable", f"{why}: no answer within {spec.open_timeout_s} s",
+                           at)
         return None
 
     async def _watch_downstream(self, s: _Session, target: str, spec: SessionStream) -> None:
@@ -407,24 +418,46 @@ class ShardServer:
             except STREAM_FAILURES:
                 return
             except PeerError as exc:
-                raise Refused("unreachable", f"{target} sent what {spec.id} does not allow "
-                              f"there: {exc}") from None
+                raise Refused(exc.reason, f"{target} sent what {spec.id} does not allow "
+                              f"there: {exc}", None if target == s.open.entry_peer
+                              else target) from None
             if isinstance(msg, ErrorReply):
                 return
             raise self._relayed(s.open, target, msg)
 
     @staticmethod
     def _relayed(req: Open, target: str, failed: Failed) -> Refused:
-        """A refusal from `target`, the next hop, to pass upstream: it may name only a hop
-        after this one (the one that refused), else `target` is at fault, having made the
-        name up or passed it on; a code not known here goes on as OTHER."""
+        """A refusal from `target`, the next hop, to pass upstream as it is: signed by a
+        hop after this one, for this session. One that is not is `target`'s fault (it
+        made it up, or passed it on unchecked): this hop refuses the session naming it.
+        Whom the refusal blames is the entry's to weigh."""
+        further = {hop.peer_id for hop in req.route[req.hop + 1:]}
         try:
             failed.check()
-        except WireError as exc:
-            return Refused("unreachable", f"{target} sent a malformed refusal: {exc}", target)
-        further = {hop.peer_id for hop in req.route[req.hop + 1:]}
-        culprit = failed.peer_id if failed.peer_id in further else target
-        return Refused(known_code(failed.code), failed.message, culprit)
+            if failed.session != req.session:
+                raise WireError(f"a FAILED for session {failed.session!r:.40}")
+            if failed.by not in further:
+                raise WireError(f"a FAILED said by {failed.by:.60}, not a hop after this one")
+            check_signature(failed.by, failed.signed_bytes(), failed.sig, "a FAILED")
+        except PeerError as exc:
+            return Refused(exc.reason, f"{target} relayed a refusal that does not check: "
+                           f"{exc}", None if target == req.entry_peer else target)
+        return Refused(known_code(failed.code), failed.message, relayed=failed)
+
+    def _refusal_of(self, exc: Refused, session: str) -> Failed:
+        """The FAILED this hop sends upstream for `exc`: one relayed as it came, or its
+        own, signed."""
+        if exc.relayed is not None:
+            return exc.relayed
+        return self._failed(session, -1, exc.culprit or self.node.peer_id, exc.code, str(exc))
+
+    def _failed(self, session: str, step: int, culprit: str, code: str,
+                message: str) -> Failed:
+        """A FAILED in this peer's words, signed (protocols/shard.py)."""
+        unsigned = Failed(session=session, step=step, peer_id=culprit, code=code,
+                          message=message[:1000], by=self.node.peer_id, sig=b"")
+        return dataclasses.replace(unsigned, sig=self.node.key_pair.private_key.sign(
+            unsigned.signed_bytes()))
 
     async def _serve(self, s: _Session, stream: Any, upstream: str) -> None:
         while True:
@@ -552,8 +585,7 @@ class ShardServer:
     async def _report(self, s: _Session, step: int, culprit: str, code: str,
                       message: str) -> None:
         """Tell the entry peer which peer broke the session, over the return protocol."""
-        report = Failed(session=s.id, step=step, peer_id=culprit, code=code,
-                        message=message[:1000])
+        report = self._failed(s.id, step, culprit, code, message)
         try:
             with trio.fail_after(REPORT_TIMEOUT_S):
                 stream = await self.node.new_stream_eager(s.open.entry_peer, SHARD_RETURN.id)

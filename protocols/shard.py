@@ -14,9 +14,10 @@ hop's stream (or the return stream) as soon as it has admitted the session, whil
 it computes. Answers come back beside the traffic, never waited for: a hop answers
 OPENED once it admitted the session, or a refusal (FAILED, naming the hop at fault;
 ERROR: the OPEN broke the rules) and closes; a refusal its next hop sends it, it
-relays upstream as a FAILED (an ERROR from the next hop is this hop's own fault) and
-ends the session, so every refusal reaches the entry peer over the chain and names
-the hop that refused. The return stream opens with OPENED, and RESULTs follow it
+relays upstream as a FAILED (for an ERROR from the next hop, or no answer, a FAILED
+of its own naming the next hop: one of the two is at fault) and ends the session, so
+every refusal reaches the entry peer over the chain, in the words of the hop that
+refused. The return stream opens with OPENED, and RESULTs follow it
 without waiting for the entry's OPENED in answer; an entry that does not know the
 session answers ERROR, and the chain's session ends as on a refusal (no session is
 held on an entry's account that it did not open). The first hop takes an OPEN only

@@ -370,6 +370,11 @@ SHARD_RETURN = SessionStream(
     step_timeout_s=SHARD.step_timeout_s,  # a RESULT ends a SHARD step
 )
 
+# in LedgerEntry.features of a peer whose shard server speaks these versions: routes
+# cross only such peers (a swarm upgraded a peer at a time routes around the others
+# rather than failing on them)
+FEATURE_SESSIONS = SHARD.id
+
 
 def tree_depths(tree: tuple[int, ...], positions: int) -> list[int]:
     """Depth of each of a FORWARD's `positions` below the cache (0: a child of the last

@@ -16,7 +16,7 @@ from peerd.inference.swarm.routing import (
 )
 from protocols.errors import WireError
 from protocols.ledger import LedgerEntry, ModelServed
-from protocols.shard import Hop, check_route
+from protocols.shard import FEATURE_SESSIONS, Hop, check_route
 
 
 def route_of(result: Route | NoRoute) -> list[tuple[str, int, int]]:
@@ -153,9 +153,15 @@ def test_a_span_listed_again_is_one_server() -> None:
     stay."""
     spans = [ModelServed("m", 0, 2, "float32", tokens_per_s=float(i)) for i in range(6)]
     spans += [ModelServed("m", 2, 4, "float32"), ModelServed("n", 0, 2, "float32")]
-    entry = LedgerEntry(peer_id="a", seq=1, timestamp=0.0, ttl_s=60.0, models=tuple(spans))
-    other = LedgerEntry(peer_id="b", seq=1, timestamp=0.0, ttl_s=60.0, models=tuple(spans[:1]))
-    servers = servers_by_model([entry, other, entry], {"a": 3.0})
+    entry = LedgerEntry(peer_id="a", seq=1, timestamp=0.0, ttl_s=60.0, models=tuple(spans),
+                        features=(FEATURE_SESSIONS,))
+    other = LedgerEntry(peer_id="b", seq=1, timestamp=0.0, ttl_s=60.0, models=tuple(spans[:1]),
+                        features=(FEATURE_SESSIONS,))
+    # a peer of another version of the shard protocol (it does not list ours) serves
+    # nothing to us: a session through it would fail
+    older = LedgerEntry(peer_id="c", seq=1, timestamp=0.0, ttl_s=60.0, models=tuple(spans),
+                        features=("/peerd/shard/2.0.0",))
+    servers = servers_by_model([entry, other, older, entry], {"a": 3.0})
     assert [(s.peer_id, s.start, s.end, s.tokens_per_s, s.rtt_ms) for s in servers["m"]] == [
         ("a", 0, 2, 0.0, 3.0), ("a", 2, 4, 0.0, 3.0), ("b", 0, 2, 0.0, None)]
     assert [(s.peer_id, s.start, s.end) for s in servers["n"]] == [("a", 0, 2)]

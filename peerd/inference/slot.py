@@ -29,6 +29,7 @@ from peerd.inference.face import LanguageModel, ModelUnavailable
 from peerd.inference.options import SpeculativeOptions
 from peerd.service import EntryFields, Service
 from protocols.ledger import Load
+from protocols.shard import FEATURE_SESSIONS
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -156,7 +157,8 @@ class ModelSlot(Service):
             return {}
         turns = r.server.compute  # the queue: turns waited for, and the one held
         fields: EntryFields = {"models": (r.served,), "load": Load(
-            sessions=len(r.server.sessions), queue=turns.waiting + int(turns.busy))}
+            sessions=len(r.server.sessions), queue=turns.waiting + int(turns.busy)),
+            "features": (FEATURE_SESSIONS,)}
         if r.hardware is not None:
             fields["hardware"] = r.hardware
         return fields

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from protocols.ledger import LedgerEntry
+from protocols.shard import FEATURE_SESSIONS
 
 DEFAULT_MS_PER_LAYER = 2.0  # for a peer that has not measured its throughput yet
 DEFAULT_RTT_MS = 5.0  # for a peer we have not probed yet
@@ -75,10 +76,13 @@ def servers_by_model(entries: Iterable[LedgerEntry],
                      rtt_ms: Mapping[str, float] | None = None) -> dict[str, list[Server]]:
     """model id -> the spans the ledger advertises for it, with our measured RTTs; a
     span a peer lists again is one server (the first listing): find_route tries each
-    server from every layer boundary."""
+    server from every layer boundary. Only peers that speak our version of the shard
+    protocol (FEATURE_SESSIONS) serve: a session through any other would fail."""
     out: dict[str, list[Server]] = {}
     seen: set[tuple[str, str, int, int]] = set()
     for e in entries:
+        if FEATURE_SESSIONS not in e.features:
+            continue
         for m in e.models:
             key = (m.model_id, e.peer_id, m.layer_start, m.layer_end)
             if key in seen:

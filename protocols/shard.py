@@ -70,6 +70,10 @@ untagged OPEN (FOLLOWING). A hop that must move on while a tagged session is ope
 ends the session (FAILED, code REVOKED) before its weights change, so no step of a
 tagged session ever runs on two versions. The tag is left off the wire when absent:
 plain sessions are what peers before it speak.
+
+Past 450 lines because it is one protocol, both streams of it: the messages, their
+caps and the checks of what a FORWARD or a route may be, which every hop and the
+entry apply alike; a second protocol would be a second module.
 """
 
 from __future__ import annotations

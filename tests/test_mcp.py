@@ -32,7 +32,7 @@ from peerd.plans.caller import ToolFailure, ToolResult
 from peerd.plans.external import McpSettings, StderrLines
 from peerd.plans.mcp_endpoint import McpEndpoint
 from peerd.plans.planner import Budget
-from peerd.plans.planning import Plans
+from peerd.plans.planning import MAX_GOAL_CHARS, Plans
 from peerd.plans.service import Tools
 from peerd.plans.thinker import ScriptedThinker
 from peerd.plans.tool import ToolError
@@ -219,6 +219,9 @@ async def test_mcp_endpoint_serves_the_swarm_tools(tmp_path: Path) -> None:
                 assert failed.is_error and "budget_steps" in str(failed.content[0])
                 bad = await session.call_tool("plan", {"goal": ""})
                 assert bad.is_error and "invalid_arguments" in str(bad.content[0])
+                # the limit of POST /v1/plans, not a looser one of its own
+                long = await session.call_tool("plan", {"goal": "x" * (MAX_GOAL_CHARS + 1)})
+                assert long.is_error and "invalid_arguments" in str(long.content[0])
 
             # without a token or with a wrong one: 401, counted
             async with httpx2.AsyncClient() as http:

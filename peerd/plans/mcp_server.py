@@ -17,15 +17,13 @@ from mcp.server.streamable_http_manager import StreamableHTTPASGIApp, Streamable
 from peerd import __version__
 from peerd.plans.caller import ToolFailure
 from peerd.plans.dispatch import Call
-from peerd.plans.planning import CannotPlan
+from peerd.plans.planning import MAX_GOAL_CHARS, CannotPlan
 from peerd.plans.schema import Invalid, SchemaCheck
 
 if TYPE_CHECKING:
     from peerd.plans.mcp_endpoint import McpEndpoint
 
 log = logging.getLogger(__name__)
-
-MAX_GOAL_CHARS = 4000
 
 PLAN_INPUT = SchemaCheck({
     "type": "object", "additionalProperties": False, "required": ["goal"],

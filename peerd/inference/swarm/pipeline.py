@@ -49,11 +49,10 @@ import trio
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.peer.id import ID
 
-from peerd.agents.sealing import check_signature
 from peerd.host import ping_once
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
-from peerd.inference.swarm.server import retired
+from peerd.inference.swarm.server import check_failed, retired
 from peerd.node import Node
 from peerd.streams import (
     STREAM_FAILURES,
@@ -204,13 +203,9 @@ class PipelineSession:
         refusal that would go back through that hop, which could swallow it) is a
         witness (`settled` weighs it): a liar can neither fail requests unblamed nor get
         an honest hop banned alone. PeerError if it does not check: `sender`'s fault."""
-        failed.check()
-        if failed.session != self.id:
-            raise WireError(f"a FAILED for session {failed.session!r:.40}")
         peers = self.peers
-        if failed.by not in peers or (not relayed and failed.by != sender):
-            raise WireError(f"a FAILED said by {failed.by:.60}, sent by {sender}")
-        check_signature(failed.by, failed.signed_bytes(), failed.sig, "a FAILED")
+        check_failed(failed, self.id, peers if relayed else {sender} & set(peers),
+                     "a hop of the route" if relayed else f"its sender {sender}")
         reporter, witness = failed.by, None
         at = peers.index(reporter)
         beside = {peers[i] for i in (at - 1, at + 1) if 0 <= i < len(peers)}

@@ -39,7 +39,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -433,12 +433,7 @@ class ShardServer:
         Whom the refusal blames is the entry's to weigh."""
         further = {hop.peer_id for hop in req.route[req.hop + 1:]}
         try:
-            failed.check()
-            if failed.session != req.session:
-                raise WireError(f"a FAILED for session {failed.session!r:.40}")
-            if failed.by not in further:
-                raise WireError(f"a FAILED said by {failed.by:.60}, not a hop after this one")
-            check_signature(failed.by, failed.signed_bytes(), failed.sig, "a FAILED")
+            check_failed(failed, req.session, further, "a hop after this one")
         except PeerError as exc:
             return Refused(exc.reason, f"{target} relayed a refusal that does not check: "
                            f"{exc}", None if target == req.entry_peer else target)
@@ -658,6 +653,17 @@ class ShardServer:
                 await send_quietly(s.downstream, Close(s.id), SHARD.max_control_bytes)
             await close_stream(s.downstream, abort=s.writing)
         self.node.events.publish("shard.session.closed", session=s.id, last_step=s.step)
+
+
+def check_failed(failed: Failed, session: str, authors: Collection[str], whose: str) -> None:
+    """PeerError unless `failed` is well formed, for `session`, and said and signed by
+    one of `authors` (`whose` names them in the error)."""
+    failed.check()
+    if failed.session != session:
+        raise WireError(f"a FAILED for session {failed.session!r:.40}")
+    if failed.by not in authors:
+        raise WireError(f"a FAILED said by {failed.by:.60}, not {whose}")
+    check_signature(failed.by, failed.signed_bytes(), failed.sig, "a FAILED")
 
 
 async def retired(stream: Any) -> None:

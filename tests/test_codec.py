@@ -34,6 +34,8 @@ from protocols.shard import (
     HopTiming,
     Open,
     Opened,
+    Progress,
+    ProgressReply,
     Result,
     WireTensor,
     step_deadline_s,
@@ -82,6 +84,12 @@ MESSAGES: list[Message] = [
     Failed(session="s" * 16, step=2, peer_id=PEER, code="unreachable", message="gone",
            by=PEER, sig=b"\1" * 64),
     Close(session="s" * 16),
+    # asking a hop how far a session got (protocols.shard.SHARD_PROGRESS)
+    Progress(session="s" * 16),
+    ProgressReply(session="s" * 16, received=3, passed=2, passing=True),
+    ProgressReply(session="s" * 16, received=0, passed=-1, passing=False, failed=Failed(
+        session="s" * 16, step=-1, peer_id=PEER, code="overloaded", message="full", by=PEER,
+        sig=b"\1" * 64)),
 ]
 
 

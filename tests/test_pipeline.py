@@ -23,15 +23,17 @@ from peerd.inference.model.tensors import to_wire
 from peerd.inference.options import SamplingParams
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.slot import ModelOptions
+from peerd.inference.swarm import pipeline as pipeline_module
 from peerd.inference.swarm import server as server_module
 from peerd.inference.swarm.pipeline import Pipeline, PipelineFailure, PipelineSession
 from peerd.inference.swarm.routing import NoRoute, Route, Span
 from peerd.node import Node
+from peerd.rpc import stream_handler
 from peerd.streams import OpenFailed
 from protocols.codec import decode, encode
 from protocols.errors import WireError
 from protocols.framing import frame
-from protocols.shard import Failed, Forward, Hop, HopTiming, Result
+from protocols.shard import SHARD_PROGRESS, Failed, Forward, Hop, HopTiming, Result
 from tests.harness import book, is_connected, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 
@@ -692,3 +694,100 @@ async def test_a_model_deeper_than_a_ledger_entry_may_say_fails_to_load_in_words
         await advertise(a, ["still-here"])
         await wait_for(lambda: has_entry(b, a.peer_id, skills=("still-here",)), 10,
                        "a's ledger service still runs")
+
+
+HOLDS: dict[str, str] = {
+    # how the middle hop answers the entry's question (how far did the step get?)
+    "says it holds it": "holds",
+    "says it passed it on": "lies",
+    "does not answer": "silent",
+}
+
+
+@pytest.mark.parametrize("answer", list(HOLDS))
+async def test_a_hop_that_holds_steps_is_found_by_asking_the_hops_and_routed_around(
+        tmp_path: Path, tiny: Path, reference: torch.nn.Module,
+        monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """A middle hop takes each FORWARD in and never passes it on. Every hop answered
+    pings and nobody said a word, so each try stalled to its deadline with nobody
+    blamed, and the request failed: one peer could fail every request routed through
+    it. Now the entry asks each hop how far the step got: the hop that holds it is
+    blamed alone; one that claims it passed it on is blamed with the next hop, which
+    says it never got it (the entry cannot tell which lies); one that does not answer
+    is blamed alone. The request replays around them with the same tokens."""
+    expected = reference_tokens(reference, PROMPT, NEW_TOKENS)
+    monkeypatch.setattr(pipeline_module, "step_deadline_s", lambda positions: 5.0)
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 3), (2, 3), (3, 4), (3, 4)]) as (
+            _, runtimes):
+        entry = runtimes[0]
+        route = entry.generator.route()
+        assert isinstance(route, Route) and len(route.spans) == 3
+        liar, after = (next(r for r in runtimes if r.node.peer_id == span.peer_id)
+                       for span in route.spans[1:])
+
+        async def hold(s: Any, msg: Forward) -> Any:
+            await trio.sleep_forever()
+
+        monkeypatch.setattr(liar.server, "_forward", hold)
+        book = liar.server.progress
+        if HOLDS[answer] == "lies":
+            honest = book.answer
+
+            def claim(peer: str, req: Any) -> Any:
+                said = honest(peer, req)
+                return dataclasses.replace(said, passed=said.received)
+
+            monkeypatch.setattr(book, "answer", claim)
+        elif HOLDS[answer] == "silent":
+            async def silent(peer: str, req: Any) -> Any:
+                await trio.sleep_forever()
+
+            liar.node.set_stream_handler(SHARD_PROGRESS.id, stream_handler(
+                SHARD_PROGRESS, silent, liar.node.offence))
+        tokens, info = await generate(entry, PROMPT)
+        assert tokens == expected
+        assert info["reroutes"] == 1
+        failures = [e.data for e in entry.node.events.recent() if e.type == "inference.failure"]
+        blamed = ((after.node.peer_id, liar.node.peer_id) if HOLDS[answer] == "lies"
+                  else (liar.node.peer_id, None))
+        assert [(f["culprit"], f["witness"], f["code"]) for f in failures] == [
+            (*blamed, "stalled")], failures
+        banned = entry.generator.bans.banned(time.monotonic())
+        assert {p for p in blamed if p} <= banned
+        assert not {s["peer_id"] for s in info["route"][1:]} & banned  # type: ignore[index]
+
+
+async def test_a_refusal_a_hop_swallows_reaches_the_entry_from_the_hop_that_sent_it(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last of three hops refuses the session (overloaded); the middle hop keeps
+    the refusal from the entry and says nothing. The step stalled to its deadline with
+    nobody blamed. Now the entry asks each hop how far the step got, and the last hop
+    answers with the refusal it sent: the entry weighs it as if it had come."""
+    monkeypatch.setattr(pipeline_module, "step_deadline_s", lambda positions: 5.0)
+    async with model_swarm(tmp_path, tiny, [(0, 4), (0, 1), (1, 3), (3, 4)]) as (_, runtimes):
+        entry, first, middle, last = runtimes
+        route = Route((Span(first.node.peer_id, 0, 1, 0.0), Span(middle.node.peer_id, 1, 3, 0.0),
+                       Span(last.node.peer_id, 3, 4, 0.0)), 0.0)
+
+        class Full:
+            async def admit(self, tag: Any, revoke: Any) -> Any:
+                raise server_module.Refused("overloaded", f"{last.node.peer_id} is full")
+
+        last.server.gate = Full()
+        server = middle.server
+
+        async def swallow(s: Any, upstream: Any) -> None:
+            try:
+                await server._connect_downstream(s.open, lambda st: server._connected(s, st))
+            except server_module.Refused:
+                await trio.sleep_forever()  # holds the session, tells nobody
+
+        monkeypatch.setattr(server, "_chain", swallow)
+        session = await entry.generator.pipeline.start(route, 16)
+        with torch.inference_mode():
+            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
+        with pytest.raises(PipelineFailure) as failed:
+            await session.step(hidden, 0)
+        await session.close()
+        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
+            last.node.peer_id, None, "overloaded"), failed.value

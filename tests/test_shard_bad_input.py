@@ -1,6 +1,7 @@
-"""Bad input on /peerd/shard/3.0.0, over real in-process hosts: each is refused with a
-clear error and counted, and the shard keeps serving its other sessions. Also: a full
-shard refuses OPEN and the router goes to a replica."""
+"""Bad input on /peerd/shard/3.0.0 and /peerd/shard-progress/1.0.0, over real
+in-process hosts: each is refused with a clear error and counted, and the shard keeps
+serving its other sessions. Also: a full shard refuses OPEN and the router goes to a
+replica."""
 
 from __future__ import annotations
 
@@ -19,9 +20,20 @@ from peerd.inference.runtime import ModelRuntime
 from peerd.inference.slot import ModelOptions, ShardLimits
 from peerd.inference.swarm.pipeline import PipelineSession
 from peerd.inference.swarm.routing import Route, Span
+from peerd.rpc import call
 from protocols.codec import decode, encode
+from protocols.errors import RemoteError
 from protocols.framing import encode_uvarint, read_frame, write_frame
-from protocols.shard import SHARD, Forward, Hop, HopTiming, Open
+from protocols.shard import (
+    SHARD,
+    SHARD_PROGRESS,
+    Forward,
+    Hop,
+    HopTiming,
+    Open,
+    Opened,
+    Progress,
+)
 from protocols.spec import ErrorReply
 from tests.harness import book, gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
@@ -234,3 +246,26 @@ async def test_a_full_shard_refuses_open_and_the_router_goes_elsewhere(tmp_path:
         failure = [e for e in entry.node.events.recent() if e.type == "inference.failure"]
         assert failure and failure[0].data["code"] == "overloaded"
         await holder.close()
+
+
+async def test_the_progress_probe_answers_only_the_entry_and_refuses_garbage(
+        tmp_path: Path, tiny: Path) -> None:
+    """`/peerd/shard-progress`: the entry hears how far its session got; any other peer
+    hears "never had it" (a session id tells a guesser nothing); a request that is not
+    one is refused, counted, and the shard goes on serving."""
+    async with shard_and_entry(tmp_path, tiny) as (shard, entry):
+        session = await entry.generator.pipeline.open(via(shard), 64)
+        await good_step(session, entry)
+        asker, other = entry.node, shard.node
+        said = await call(asker.host, other.peer_id, SHARD_PROGRESS, Progress(session.id),
+                          dial=asker.new_stream)
+        assert (said.received, said.passed, said.passing, said.failed) == (1, 1, False, None)
+        stranger = await call(other.host, other.peer_id, SHARD_PROGRESS, Progress(session.id),
+                              dial=other.new_stream)
+        assert (stranger.received, stranger.passed) == (-1, -1)
+        with pytest.raises(RemoteError, match="wrong_type"):
+            await call(asker.host, other.peer_id, dataclasses.replace(
+                SHARD_PROGRESS, request=Opened), Opened(session.id), dial=asker.new_stream)
+        assert other.offences[asker.peer_id]["wrong_type"] == 1
+        await good_step(session, entry, pos=3)
+        await session.close()

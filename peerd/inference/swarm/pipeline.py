@@ -13,7 +13,9 @@ last: N+1 hops per step.
 When a step fails, the session finds out who is at fault, in this order: a FAILED
 report from a hop ("I could not reach my next hop"), or a refusal of the session
 relayed up the chain, naming the hop that refused; an ERROR from the first hop; a
-route peer we are no longer connected to, a route peer that does not answer a ping.
+route peer we are no longer connected to, a route peer that does not answer a ping;
+else (a stall, or a stream that broke with no word) where the step stopped, from how
+far each hop says it got (`located`: stalls.py).
 `PipelineFailure.culprit` names it (or None) so generation can ban it, re-route and replay.
 Every FAILED is signed by the hop that says it (`by`), relayed up the chain or sent
 straight here: it is that hop's word, whoever carried it. A hop names itself or a hop
@@ -53,7 +55,9 @@ from peerd.host import ping_once
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
 from peerd.inference.swarm.server import check_failed, retired
+from peerd.inference.swarm.stalls import Told, locate_stall
 from peerd.node import Node
+from peerd.rpc import call
 from peerd.streams import (
     STREAM_FAILURES,
     STREAM_FAILURES_OR_TIMEOUT,
@@ -74,6 +78,7 @@ from protocols.shard import (
     OTHER,
     RETIRED_RETURN_IDS,
     SHARD,
+    SHARD_PROGRESS,
     SHARD_RETURN,
     VERSION,
     Close,
@@ -84,6 +89,8 @@ from protocols.shard import (
     Open,
     Opened,
     PolicyTag,
+    Progress,
+    ProgressReply,
     Result,
     check_timings,
     known_code,
@@ -94,8 +101,10 @@ from protocols.spec import ErrorReply
 log = logging.getLogger(__name__)
 
 UNKNOWN_SESSION = "unknown_session"  # the ERROR code of a return stream for no session here
+STALLED = "stalled"  # the code of a failure found by asking the hops how far it got
 REPORT_GRACE_S = 0.5  # after a broken stream, how long to wait for a hop's FAILED report
 PROBE_TIMEOUT_S = 2.0
+PROGRESS_TIMEOUT_S = 3.0  # for a hop's answer to how far a session got there
 # A finished request's session stays open this long for the next request on the same
 # route: opening one costs no round trip of its own, but the hops' KV caches of the
 # last request can be reused (a shared prefix). The next request's first FORWARD
@@ -105,7 +114,7 @@ POOL_IDLE_S = 30.0
 POOL_PER_ROUTE = 2
 LENGTH_STEP = 256  # session lengths round up to this, so a session fits later requests
 # the codes of a failure found here, beside those a hop sends (protocols.shard.CODES)
-LOCAL_CODES = frozenset({"closed", "timeout", "failed"})
+LOCAL_CODES = frozenset({"closed", "timeout", "failed", STALLED})
 MAX_REPORTS = 4  # FAILEDs kept a session (the first is the one that counts)
 
 
@@ -203,6 +212,13 @@ class PipelineSession:
         refusal that would go back through that hop, which could swallow it) is a
         witness (`settled` weighs it): a liar can neither fail requests unblamed nor get
         an honest hop banned alone. PeerError if it does not check: `sender`'s fault."""
+        weighed = self.weigh(failed, sender, relayed)
+        if len(self.reports) < MAX_REPORTS:
+            self.reports.append(weighed)
+
+    def weigh(self, failed: Failed, sender: str, relayed: bool) -> PipelineFailure:
+        """A hop's FAILED as its author's word (`report`); PeerError if it does not
+        check."""
         peers = self.peers
         check_failed(failed, self.id, peers if relayed else {sender} & set(peers),
                      "a hop of the route" if relayed else f"its sender {sender}")
@@ -215,9 +231,7 @@ class PipelineSession:
             culprit, witness = failed.peer_id, reporter
         else:
             culprit = reporter
-        if len(self.reports) < MAX_REPORTS:
-            self.reports.append(PipelineFailure(culprit, known_code(failed.code),
-                                                failed.message, witness))
+        return PipelineFailure(culprit, known_code(failed.code), failed.message, witness)
 
     async def step(self, hidden: Any, start_pos: int, keep: int = -1,
                    tree: Sequence[int] = (), source: Sequence[int] = ()) -> StepResult:
@@ -314,7 +328,41 @@ class PipelineSession:
             last = self.route[-1].peer_id
             node.offence(last, error.reason, f"shard-return: {error}")
             return PipelineFailure(last, error.reason, detail)
+        if error is None or isinstance(error, STREAM_FAILURES_OR_TIMEOUT):
+            return (await self.located(self.step_no)).detailed(detail)
         return PipelineFailure(None, "failed", f"pipeline step failed ({detail})")
+
+    async def located(self, step: int) -> PipelineFailure:
+        """Where step `step` (0: the OPEN) stopped, every hop answering a ping and none
+        saying why: from how far each hop says it got (stalls.py)."""
+        node = self.pipeline.node
+        answers: list[ProgressReply | None] = [None] * len(self.route)
+
+        async def ask(i: int, peer: str) -> None:
+            try:
+                reply = await call(node.host, peer, SHARD_PROGRESS, Progress(self.id),
+                                   PROGRESS_TIMEOUT_S, dial=node.new_stream)
+                reply.check()
+                if reply.session != self.id:
+                    raise WireError(f"progress of session {reply.session!r:.40}")
+                answers[i] = reply
+            except PeerError as exc:
+                node.offence(peer, exc.reason, f"{SHARD_PROGRESS.id}: {exc}")
+            except Exception as exc:  # no answer (a timeout, an error reply, a reset)
+                log.info("session %s: %s did not say how far it got: %r", self.id, peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, peer in enumerate(self.peers):
+                nursery.start_soon(ask, i, peer)
+        found = locate_stall(self.peers, step, not self.writing, answers,
+                             self.admitted.is_set())
+        if isinstance(found, Told):
+            try:
+                return await self.settled(self.weigh(found.failed, found.sender, True))
+            except PeerError as exc:
+                return PipelineFailure(found.sender, exc.reason, f"{found.sender} told of "
+                                       f"a FAILED that does not check: {exc}")
+        return PipelineFailure(found.culprit, STALLED, found.why, found.witness)
 
     async def settled(self, failure: PipelineFailure) -> PipelineFailure:
         """A hop's word against a hop beside it, weighed: that it could not reach it is
@@ -453,9 +501,10 @@ class Pipeline:
             with trio.fail_after(SHARD.open_timeout_s):
                 await self._watch(s, True)
         except trio.TooSlowError:
+            stalled = (await s.located(0)).detailed(
+                f"opening the session took over {SHARD.open_timeout_s} s")
             await s.close()
-            raise PipelineFailure(None, "timeout", f"opening the session took over "
-                                  f"{SHARD.open_timeout_s} s") from None
+            raise stalled from None
         except BaseException:
             await s.close()
             raise

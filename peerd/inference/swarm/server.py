@@ -53,7 +53,9 @@ from peerd.agents.sealing import check_signature
 from peerd.inference.model.tensors import TORCH_DTYPES, from_wire, to_wire
 from peerd.inference.slot import ShardLimits
 from peerd.inference.swarm.lending import Eviction, Lending, OverShare
+from peerd.inference.swarm.progress import HopProgress, ProgressBook
 from peerd.node import Node
+from peerd.rpc import stream_handler
 from peerd.streams import (
     STREAM_FAILURES,
     STREAM_FAILURES_OR_TIMEOUT,
@@ -77,6 +79,7 @@ from protocols.shard import (
     RETIRED_IDS,
     REVOKED,
     SHARD,
+    SHARD_PROGRESS,
     SHARD_RETURN,
     UNVERSIONED,
     VERSION,
@@ -87,6 +90,8 @@ from protocols.shard import (
     Open,
     Opened,
     PolicyTag,
+    Progress,
+    ProgressReply,
     Result,
     check_forward,
     check_route,
@@ -171,6 +176,8 @@ class _Session:
     forwards: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # cancelled: evicted
     hold: Any = None  # the gate's hold on our weights' version (tagged sessions)
+    # how far it got here, for its entry to ask (progress.py); set once admitted
+    progress: HopProgress = field(default_factory=lambda: HopProgress(""))
 
     @property
     def holder(self) -> str:
@@ -201,12 +208,18 @@ class ShardServer:
                                headroom=self.limits.kv_headroom_positions)
         self._labelled: dict[str, set[str]] = {}  # peers with a /metrics gauge, by resource
         self.gate: Gate | None = None  # tagged sessions: the RL shard's (shard_gate.py)
+        self.progress = ProgressBook()  # what the entries may ask of their sessions
 
     def register(self) -> None:
         self.node.set_stream_handler(SHARD.id, self._handle)
+        self.node.set_stream_handler(SHARD_PROGRESS.id, stream_handler(
+            SHARD_PROGRESS, self._serve_progress, self.node.offence))
         for retired_id in RETIRED_IDS:
             self.node.set_stream_handler(retired_id, self._retired)
         self.node.metrics.registry.register(_TurnsCollector(self.compute))
+
+    async def _serve_progress(self, peer: str, req: Progress) -> ProgressReply:
+        return self.progress.answer(peer, req)
 
     async def _retired(self, stream: Any) -> None:
         """A peer before 3.0.0 opening a session: say why not, clearly."""
@@ -232,8 +245,10 @@ class ShardServer:
         except StreamClosed:
             pass
         except Refused as exc:
-            await send_quietly(stream, self._refusal_of(exc, request.session if request
-                                                        else ""), SHARD.max_control_bytes)
+            assert request is not None  # (a Refused comes after the OPEN is read)
+            refusal = self._refusal_of(exc, request.session)
+            self.progress.refused(request.session, request.entry_peer, refusal)
+            await send_quietly(stream, refusal, SHARD.max_control_bytes)
         except PeerError as exc:
             self.node.offence(upstream, exc.reason, f"shard: {exc}")
             if session is not None and session.open.hop > 0:
@@ -306,6 +321,7 @@ class ShardServer:
             self._over_share(exc)
             raise Refused("overloaded", f"{self.node.peer_id} is saturated: {exc}") from None
         self.sessions[session.id] = session
+        session.progress = self.progress.open(session.id, req.entry_peer)
         self._publish_lent()
         self.node.events.publish("shard.session.opened", session=session.id,
                                  entry=req.entry_peer, layers=list(span))
@@ -335,14 +351,17 @@ class ShardServer:
         with s.watch:
             try:
                 target, spec, _ = self._next_stream(s.open)
+                s.progress.dialing = True
                 await self._connect_downstream(s.open, lambda stream: self._connected(s, stream))
                 s.answered.set()
                 await self._watch_downstream(s, target, spec)
             except Refused as exc:
                 s.refused = True
                 s.answered.set()
-                await send_quietly(upstream, self._refusal_of(exc, s.id),
-                                   SHARD.max_control_bytes)
+                s.progress.dialing = False
+                refusal = self._refusal_of(exc, s.id)
+                s.progress.tell(refusal)
+                await send_quietly(upstream, refusal, SHARD.max_control_bytes)
                 s.scope.cancel()
             except Exception:  # our bug: end the session, keep serving
                 log.exception("session %s: its next stream failed", s.id)
@@ -352,6 +371,8 @@ class ShardServer:
     @staticmethod
     def _connected(s: _Session, stream: Any) -> None:
         s.downstream = stream
+        s.progress.dialing = False
+        s.progress.passed = max(s.progress.passed, 0)  # the OPEN went on
         s.connected.set()
 
     def _next_stream(self, req: Open) -> tuple[str, SessionStream, Open | Opened]:
@@ -470,6 +491,7 @@ class ShardServer:
                           hidden_size=self.block.hidden_size,
                           cached=self.block.cache_len(s.cache), max_length=s.open.max_length,
                           rows=s.open.rows, hop=s.open.hop)
+            s.progress.received = msg.step
             try:
                 self.lending.grow(s, msg.start_pos + msg.hidden.shape[1])
             except OverShare as exc:  # its entry peer is over its share: this session goes
@@ -514,10 +536,13 @@ class ShardServer:
             downstream = SHARD_RETURN if s.is_last else SHARD
             try:
                 with trio.fail_after(downstream.step_timeout_s):
+                    s.progress.writing = True
                     await s.connected.wait()  # (a failed connection ends the session)
                     s.writing = True
                     await write_frame(s.downstream, encode(reply), downstream.max_data_bytes)
                     s.writing = False
+                s.progress.writing = False
+                s.progress.passed = msg.step
             except STREAM_FAILURES_OR_TIMEOUT as exc:
                 with trio.move_on_after(ANSWER_GRACE_S):  # a refusal on its way ends it
                     await s.answered.wait()
@@ -581,6 +606,7 @@ class ShardServer:
                       message: str) -> None:
         """Tell the entry peer which peer broke the session, over the return protocol."""
         report = self._failed(s.id, step, culprit, code, message)
+        s.progress.tell(report)
         try:
             with trio.fail_after(REPORT_TIMEOUT_S):
                 stream = await self.node.new_stream_eager(s.open.entry_peer, SHARD_RETURN.id)
@@ -648,6 +674,7 @@ class ShardServer:
         self._publish_lent()
         if self.sessions.pop(s.id, None) is None:
             return
+        self.progress.end(s.id)
         if s.downstream is not None:
             if not s.is_last and not s.writing:
                 await send_quietly(s.downstream, Close(s.id), SHARD.max_control_bytes)

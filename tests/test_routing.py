@@ -165,3 +165,29 @@ def test_a_span_listed_again_is_one_server() -> None:
     assert [(s.peer_id, s.start, s.end, s.tokens_per_s, s.rtt_ms) for s in servers["m"]] == [
         ("a", 0, 2, 0.0, 3.0), ("a", 2, 4, 0.0, 3.0), ("b", 0, 2, 0.0, None)]
     assert [(s.peer_id, s.start, s.end) for s in servers["n"]] == [("a", 0, 2)]
+
+
+def test_the_bans_are_listed_with_why_and_how_long_the_longest_first() -> None:
+    """What `peerd status` shows as the peers routed around."""
+    bans = BanList(base_s=5, max_s=30)
+    bans.ban("a", 0.0, "stalled")
+    bans.ban("b", 1.0, "unreachable")
+    assert bans.listed(2.0) == [
+        {"peer_id": "b", "why": "unreachable", "remaining_s": 4.0, "strikes": 1},
+        {"peer_id": "a", "why": "stalled", "remaining_s": 3.0, "strikes": 1}]
+    bans.ban("b", 7.0, "unreachable")  # its second ban in a row: 10 s
+    assert bans.listed(8.0) == [
+        {"peer_id": "b", "why": "unreachable", "remaining_s": 9.0, "strikes": 2}]
+    assert bans.listed(20.0) == []
+
+
+def test_peerd_status_shows_the_peers_routed_around() -> None:
+    from rich.console import Console
+
+    from peerd.cli.admin import routed_around_table
+
+    console = Console(record=True, width=120)
+    console.print(routed_around_table([{"peer_id": "12D3KooWLiar", "why": "stalled",
+                                        "remaining_s": 9.4, "strikes": 2}]))
+    text = console.export_text()
+    assert "12D3KooWLiar" in text and "stalled" in text and "9 s" in text

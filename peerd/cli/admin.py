@@ -51,8 +51,22 @@ def status(data_dir: Path | None, api: str | None, token: str | None, as_json: b
         console.print(t)
         if d.get("lent"):
             console.print(lent_table(d["lent"], names=_peer_names(d)))
+        if d.get("routed_around"):
+            console.print(routed_around_table(d["routed_around"]))
 
     emit(s, as_json, render)
+
+
+def routed_around_table(banned: list[dict[str, Any]]) -> Table:
+    """The peers this peer's requests route around now: each failed one (the code
+    says how: `stalled`, `unreachable`, `malformed`...) and is banned a while, longer
+    the more often it fails."""
+    t = Table(title="routed around (failed our requests)")
+    for col in ("peer", "why", "for", "bans in a row"):
+        t.add_column(col)
+    for row in banned:
+        t.add_row(row["peer_id"], row["why"], f"{row['remaining_s']:.0f} s", str(row["strikes"]))
+    return t
 
 
 def _peer_names(status: dict[str, Any]) -> dict[str, str]:

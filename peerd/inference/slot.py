@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -170,6 +171,8 @@ class ModelSlot(Service):
         out: dict[str, Any] = {"model": self.to_json()}
         if self.runtime is not None:
             out["lent"] = self.runtime.server.lent()  # who holds what of this peer
+            # the peers our requests route around now, and why (a failure they caused)
+            out["routed_around"] = self.runtime.generator.bans.listed(time.monotonic())
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import heapq
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocols.ledger import LedgerEntry
 from protocols.shard import FEATURE_SESSIONS
@@ -223,6 +224,15 @@ class BanList:
         """Seconds until `peer_id` may be tried again (0 when it may now)."""
         ban = self._bans.get(peer_id)
         return max(0.0, ban.until - now) if ban else 0.0
+
+    def listed(self, now: float) -> list[dict[str, Any]]:
+        """The peers banned now, the longest still to wait first: why (the last
+        failure's code), the seconds left, and the bans in a row."""
+        self._prune(now)
+        banned = sorted(((p, b) for p, b in self._bans.items() if b.until > now),
+                        key=lambda pb: -pb[1].until)
+        return [{"peer_id": p, "why": b.why, "remaining_s": round(b.until - now, 1),
+                 "strikes": b.strikes} for p, b in banned]
 
     def forgive(self, peer_id: str) -> None:
         """A peer that served well again starts from a clean slate."""

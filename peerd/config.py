@@ -106,6 +106,11 @@ class Config:
     # output would part. None (the default): on for a route that is float32 on the wire
     # and on every hop, off elsewhere (peerd/inference/swarm/warm.py); True/False: always.
     prompt_cache: bool | None = None
+    # The share of requests after which the entry audits its route: it replays a prefix
+    # of the request through the route and through the route with each hop's layers
+    # computed by another peer (or itself), and bans a hop whose output disagrees
+    # (peerd/inference/swarm/audit.py); 0: never.
+    audit_rate: float = 0.05
     # Sample RL rollouts for trainers (peerd rl train): this peer's model generates
     # completions with their behaviour log-probs and takes the trainer's new policy
     # versions (peerd/rl/); with --layers, as a shard of a pipeline sampler (the peer
@@ -188,7 +193,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "compute_turn_budget": (1, 1 << 17), "weights_http_port": (-1, 65535),
     "mcp_capacity": (1, MAX_TOOL_CAPACITY), "mcp_deadline_s": (0.1, 60),
     "mcp_ready_s": (0.1, 600), "mcp_restarts": (0, 100), "tool_suspect_s": (0, 3600),
-    "memory_abstract_every_s": (0, 30 * 86_400),
+    "memory_abstract_every_s": (0, 30 * 86_400), "audit_rate": (0, 1),
 }
 _CHOICES = {"log_level": LOG_LEVELS, "device": DEVICES, "dtype": DTYPES,
             "skill_matcher": SKILL_MATCHERS, "memory_embedder": MEMORY_EMBEDDERS,
@@ -218,7 +223,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             raise ConfigError(name, source, f"expected a path, got {value!r}")
         return Path(value).expanduser() if str(value) else None
     if name in ("heartbeat_s", "mcp_deadline_s", "mcp_ready_s", "tool_suspect_s",
-                "memory_abstract_every_s"):
+                "memory_abstract_every_s", "audit_rate"):
         if isinstance(value, bool):  # float(True) would quietly mean 1 s
             raise ConfigError(name, source, f"expected a number, got {value!r}")
         try:

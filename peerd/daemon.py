@@ -135,7 +135,7 @@ def model_options(config: Config) -> ModelOptions | None:
     return ModelOptions(spec=config.model, layers=config.layer_range, device=config.device,
                         dtype=config.dtype, torch_threads=config.torch_threads, limits=limits,
                         speculative=SpeculativeOptions.parse_flag(config.speculative),
-                        prompt_cache=config.prompt_cache)
+                        prompt_cache=config.prompt_cache, audit_rate=config.audit_rate)
 
 
 def step_constraint(model: LanguageModel, tools: Sequence[ToolSpecLike]) -> TokenConstraint:

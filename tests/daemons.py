@@ -38,6 +38,9 @@ PORT_CLASH = ("already in use", "not available")
 # Settings from the developer's shell must not leak into the daemons under test.
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if not k.startswith("PEERD_") and k not in ("COLUMNS", "LINES")}
+# no audits of routes in the background (their passes, sessions and bans at random)
+# unless a test asks for them: tests/test_audit.py audits on purpose
+CLEAN_ENV["PEERD_AUDIT_RATE"] = "0"
 
 
 class DaemonError(AssertionError):

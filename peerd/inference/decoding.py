@@ -341,6 +341,7 @@ class Decoding:
                 session.features = (torch.cat(self.collected)[:self.kv] if self.collected
                                     else self.inherited)
                 await self.generator.pipeline.release(session)
+                self.generator.audits.after(session.route, self.history)
             else:
                 await session.close()
 

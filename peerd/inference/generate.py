@@ -30,6 +30,7 @@ from peerd.inference.sampling import token_logprobs
 from peerd.inference.speculative.acceptance import TokenClasses
 from peerd.inference.speculative.catalog import DrafterCatalog
 from peerd.inference.speculative.drafters import Drafter, DraftError, DraftSession
+from peerd.inference.swarm.audit import Audits
 from peerd.inference.swarm.pipeline import (
     Pipeline,
     PipelineFailure,
@@ -124,7 +125,7 @@ class Generator:
                  token_classes: Callable[[], TokenClasses] | None = None,
                  default_speculative: SpeculativeOptions | None = None,
                  max_session_length: int = 8192, prompt_cache: bool | None = None,
-                 warm_margin: WarmMargin = WARM_MARGIN) -> None:
+                 warm_margin: WarmMargin = WARM_MARGIN, audit_rate: float = 0.0) -> None:
         self.node = node
         self.ledger = ledger  # who serves which layers
         self.pipeline = pipeline
@@ -143,6 +144,7 @@ class Generator:
         self.prompt_cache = prompt_cache
         self.warm_margin = warm_margin  # how much dearer a route keeping a warm prefix may be
         self.bans = BanList()
+        self.audits = Audits(self, audit_rate)  # of the routes our requests took
         # route (its peers) -> a plain decoding round's ms there, as last measured
         self._plain_rounds: OrderedDict[tuple[str, ...], float] = OrderedDict()
 

@@ -146,7 +146,8 @@ class ModelRuntime:
                               token_classes=token_classes_of(tokenizer, head.vocab_size),
                               default_speculative=options.speculative,
                               max_session_length=options.limits.max_length,
-                              prompt_cache=options.prompt_cache)
+                              prompt_cache=options.prompt_cache,
+                              audit_rate=options.audit_rate)
         if options.speculative.enabled:
             progress(f"loading the drafter ({options.speculative.draft})")
             await generator.drafter(options.speculative)

@@ -66,6 +66,7 @@ class ModelOptions:
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
     # API requests reuse a pooled session's prompt prefix; None: where it is safe (float32)
     prompt_cache: bool | None = None
+    audit_rate: float = 0.0  # the share of requests whose route is audited (audit.py)
 
 
 class ModelSlot(Service):
@@ -173,6 +174,7 @@ class ModelSlot(Service):
             out["lent"] = self.runtime.server.lent()  # who holds what of this peer
             # the peers our requests route around now, and why (a failure they caused)
             out["routed_around"] = self.runtime.generator.bans.listed(time.monotonic())
+            out["audits"] = self.runtime.generator.audits.status()
         return out
 
     def to_json(self) -> dict[str, Any]:

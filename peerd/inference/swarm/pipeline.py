@@ -102,6 +102,7 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_SESSION = "unknown_session"  # the ERROR code of a return stream for no session here
 STALLED = "stalled"  # the code of a failure found by asking the hops how far it got
+WRONG_OUTPUT = "wrong_output"  # a hop whose compute an audit found wrong (audit.py)
 REPORT_GRACE_S = 0.5  # after a broken stream, how long to wait for a hop's FAILED report
 PROBE_TIMEOUT_S = 2.0
 PROGRESS_TIMEOUT_S = 3.0  # for a hop's answer to how far a session got there
@@ -114,7 +115,7 @@ POOL_IDLE_S = 30.0
 POOL_PER_ROUTE = 2
 LENGTH_STEP = 256  # session lengths round up to this, so a session fits later requests
 # the codes of a failure found here, beside those a hop sends (protocols.shard.CODES)
-LOCAL_CODES = frozenset({"closed", "timeout", "failed", STALLED})
+LOCAL_CODES = frozenset({"closed", "timeout", "failed", STALLED, WRONG_OUTPUT})
 MAX_REPORTS = 4  # FAILEDs kept a session (the first is the one that counts)
 
 

@@ -1,0 +1,237 @@
+"""Audits: does each hop of a route compute what its layers compute? (the entry's side)
+
+The checks on a RESULT (shape, dtype, finite, one timing a hop) catch what no model
+computes. A hop that sends well-formed, finite, wrong hidden states passes them: noise,
+zeros, or its input passed on uncomputed (a peer that takes routes for compute it does
+not do). Every request through it answers garbage, and nobody is blamed.
+
+So after a request, at `--audit-rate` (one audit at a time, in the background), the
+entry replays the first AUDIT_POSITIONS tokens of it through the same route, twice,
+and through the route with one hop's layers computed by someone else, for each hop
+that another peer serves in the same dtype (the entry itself first, where it serves
+them: it trusts its own compute). An audit is a prefill like any replay after a
+failover: a hop cannot tell it from a request. Then (`judge`, `noise_source`: pure):
+
+- the route must agree with itself (a hop computes the same for the same input): if
+  it does not, the hop whose replacement makes it agree is at fault alone; none, or
+  several: inconclusive;
+- each hop's version of its layers against the others': a version that disagrees
+  with the entry's own is at fault alone; else a strict majority of three or more
+  versions blames the rest, alone; two that disagree are both at fault (one of them
+  lies, and the entry cannot tell which: as with a hop's word against its neighbour,
+  pipeline.py). A version at fault is banned; one proven wrong (by the entry's own or
+  a majority) is also counted an offence (`wrong_output`).
+
+Agreement: the final hidden states at every position within `tolerance` of each other
+(relative L2 distance): TOLERANCE_F32 when the wire and every hop compute in float32,
+TOLERANCE_16 otherwise. Honest hops differ by far less (summation orders, kernels;
+bench/README.md, "Audits"); a lie that moves the output by less passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from peerd.inference.swarm.pipeline import WRONG_OUTPUT, PipelineFailure
+from peerd.inference.swarm.routing import Route, Server, Span
+from protocols.shard import Hop
+
+if TYPE_CHECKING:
+    from peerd.inference.generate import Generator
+
+log = logging.getLogger(__name__)
+
+AUDIT_POSITIONS = 32  # tokens of the request an audit replays
+MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
+TOLERANCE_F32 = 1e-3
+TOLERANCE_16 = 5e-2
+OUTCOMES = ("agreed", "blamed", "disputed", "inconclusive", "failed", "unauditable")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    at_fault: tuple[str, ...]
+    proven: bool  # by the entry's own compute or a majority: each alone; else a dispute
+    why: str
+
+
+def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest relative L2 distance between a's and b's hidden states at a
+    position ([1, T, H] each)."""
+    a, b = a.float(), b.float()
+    scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-6)
+    return float(((a - b).norm(dim=-1) / scale).max())
+
+
+def tolerance(dtypes: Sequence[str]) -> float:
+    """How far honest versions may differ: float32 everywhere, or anything less."""
+    return TOLERANCE_F32 if all(d == "float32" for d in dtypes) else TOLERANCE_16
+
+
+def judge(peers: Sequence[str], agree: Sequence[Sequence[bool]],
+          trusted: str | None = None) -> Verdict | None:
+    """Versions of one hop's layers, by the peers that computed them (`peers[0]`: the
+    route's hop); `agree[i][j]`: versions i and j agree. None when all agree."""
+    n = len(peers)
+    if all(agree[0][j] for j in range(1, n)):
+        return None
+    if trusted is not None and trusted in peers:
+        t = peers.index(trusted)
+        wrong = tuple(peers[i] for i in range(n) if i != t and not agree[i][t])
+        return Verdict(wrong, True, f"{', '.join(wrong)} disagreed with the entry's own "
+                       "compute of the same layers")
+    for i in range(n):
+        group = [j for j in range(n) if agree[i][j]]
+        if 2 * len(group) > n:
+            wrong = tuple(peers[j] for j in range(n) if j not in group)
+            return Verdict(wrong, True, f"{', '.join(wrong)} disagreed with "
+                           f"{len(group)} of {n} versions of the same layers")
+    return Verdict(tuple(peers), False, f"{' and '.join(peers)} computed the same layers "
+                   "differently (one of them lies)")
+
+
+def noise_source(reproducible: dict[str, bool]) -> str | None:
+    """The route did not agree with itself; `reproducible[hop]`: it did with that hop's
+    layers computed by someone else. The one such hop, or None."""
+    fixes = [hop for hop, fixed in reproducible.items() if fixed]
+    return fixes[0] if len(fixes) == 1 else None
+
+
+def alternatives(servers: Sequence[Server], route: Route, i: int, me: str,
+                 banned: frozenset[str]) -> list[str]:
+    """Peers other than hop i's that serve all of its layers in its dtype, the entry
+    first: at most MAX_ALTERNATIVES."""
+    span = route.spans[i]
+    dtype = next((s.dtype for s in servers if s.peer_id == span.peer_id
+                  and s.start <= span.start and span.end <= s.end), "")
+    on_route = {s.peer_id for s in route.spans}
+    found = [s.peer_id for s in servers
+             if s.start <= span.start and span.end <= s.end and s.dtype == dtype
+             and (s.peer_id == me or (s.peer_id not in banned and s.peer_id not in on_route))]
+    found = sorted(set(found), key=lambda p: (p != me, found.index(p)))
+    return [p for p in found if p != span.peer_id][:MAX_ALTERNATIVES]
+
+
+def swapped(route: Route, i: int, peer: str) -> Route:
+    spans = list(route.spans)
+    spans[i] = Span(peer, spans[i].start, spans[i].end, spans[i].cost_ms)
+    return Route(tuple(spans), route.cost_ms)
+
+
+class Audits:
+    """The entry's audits of the routes its requests took (`after` a request)."""
+
+    def __init__(self, generator: Generator, rate: float,
+                 draw: Callable[[], float] = random.random) -> None:
+        self.generator = generator
+        self.rate = rate
+        self.draw = draw
+        self.busy = False
+        self.counts: Counter[str] = Counter()
+
+    def after(self, hops: Sequence[Hop], tokens: Sequence[int]) -> None:
+        """A request on the route through `hops` ended well: audit it, at `rate`, unless
+        one is running or the route is ours alone."""
+        me = self.generator.node.peer_id
+        route = Route(tuple(Span(h.peer_id, h.start, h.end, 0.0) for h in hops), 0.0)
+        if (self.busy or self.rate <= 0 or len(tokens) < 2
+                or all(s.peer_id == me for s in route.spans) or self.draw() >= self.rate):
+            return
+        self.busy = True
+        self.generator.node.nursery.start_soon(self._audit, route,
+                                               tuple(tokens[:AUDIT_POSITIONS]))
+
+    async def _audit(self, route: Route, tokens: tuple[int, ...]) -> None:
+        try:
+            await self.audit(route, tokens)
+        except Exception:  # our bug: the audit is lost, the node goes on
+            log.exception("auditing a route failed")
+            self.counts["failed"] += 1
+        finally:
+            self.busy = False
+
+    async def audit(self, route: Route, tokens: Sequence[int]) -> str:
+        """Audit `route` on `tokens` now; the outcome (one of OUTCOMES), published as an
+        `inference.audit` event, its verdict blamed."""
+        g = self.generator
+        me = g.node.peer_id
+        servers = g.servers()
+        banned = g.bans.banned(time.monotonic())
+        hops = {i: alternatives(servers, route, i, me, banned)
+                for i, s in enumerate(route.spans) if s.peer_id != me}
+        hops = {i: alts for i, alts in hops.items() if alts}
+        peers = [s.peer_id for s in route.spans]
+        if not hops:
+            return self._publish("unauditable", peers, "no other peer serves any hop's "
+                                 "layers in its dtype")
+        dtypes = [g.wire_dtype, *(s.dtype for s in servers if s.peer_id in peers)]
+        tol = tolerance(dtypes)
+        hidden = await g.in_thread(g.embed, list(tokens))  # [1, T, H]
+        try:
+            base = await self._run(route, hidden)
+            again = await self._run(route, hidden)
+            if deviation(base, again) > tol:
+                reproducible = {}
+                for i, alts in hops.items():
+                    r = swapped(route, i, alts[0])
+                    a, b = await self._run(r, hidden), await self._run(r, hidden)
+                    reproducible[peers[i]] = deviation(a, b) <= tol
+                source = noise_source(reproducible)
+                if source is None:
+                    return self._publish("inconclusive", peers, "the route computed the "
+                                         "same tokens differently each time")
+                return self._blame(Verdict((source,), True, f"{source} computed the same "
+                                           "input differently each time"), peers)
+            for i, alts in hops.items():
+                versions = [(peers[i], base)]
+                for alt in alts:
+                    versions.append((alt, await self._run(swapped(route, i, alt), hidden)))
+                agree = [[deviation(x, y) <= tol for _, y in versions] for _, x in versions]
+                verdict = judge([p for p, _ in versions], agree, trusted=me)
+                if verdict is not None:
+                    return self._blame(verdict, peers)
+        except PipelineFailure as failure:  # a pass failed: blamed as any
+            g.blame(failure, 1)
+            return self._publish("failed", peers, str(failure))
+        return self._publish("agreed", peers, f"{len(hops)} hop(s) agreed with another "
+                             "peer's compute of their layers")
+
+    async def _run(self, route: Route, hidden: torch.Tensor) -> torch.Tensor:
+        g = self.generator
+        session = await g.pipeline.open(route, hidden.shape[1], g.wire_dtype)
+        try:
+            out: torch.Tensor = (await session.step(hidden, 0)).hidden
+            return out
+        finally:
+            await session.close()
+
+    def _blame(self, verdict: Verdict, peers: list[str]) -> str:
+        g = self.generator
+        if verdict.proven:
+            for peer in verdict.at_fault:
+                g.node.offence(peer, WRONG_OUTPUT, verdict.why)
+                g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1)
+            return self._publish("blamed", peers, verdict.why, verdict.at_fault)
+        first, *others = verdict.at_fault
+        g.blame(PipelineFailure(first, WRONG_OUTPUT, verdict.why,
+                                others[0] if others else None), 1)
+        return self._publish("disputed", peers, verdict.why, verdict.at_fault)
+
+    def _publish(self, outcome: str, route: list[str], why: str,
+                 at_fault: tuple[str, ...] = ()) -> str:
+        log.info("audit of %s: %s (%s)", route, outcome, why)
+        self.counts[outcome] += 1
+        self.generator.node.events.publish("inference.audit", outcome=outcome, route=route,
+                                           at_fault=list(at_fault), detail=why[:300])
+        return outcome
+
+    def status(self) -> dict[str, Any]:
+        return {"rate": self.rate, **{o: self.counts[o] for o in OUTCOMES}}

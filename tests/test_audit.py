@@ -1,0 +1,175 @@
+"""Audits of a route's compute (peerd/inference/swarm/audit.py): the rules (pure), and
+hops that send well-formed, finite, wrong hidden states over real in-process hosts."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from peerd.inference.model.tensors import from_wire, to_wire
+from peerd.inference.runtime import ModelRuntime
+from peerd.inference.swarm.audit import (
+    TOLERANCE_16,
+    TOLERANCE_F32,
+    Verdict,
+    alternatives,
+    deviation,
+    judge,
+    noise_source,
+    tolerance,
+)
+from peerd.inference.swarm.routing import Route, Server, Span
+from tests.harness import wait_for
+from tests.models import tiny_llama_dir
+from tests.test_pipeline import PROMPT, generate, lie_downstream, model_swarm
+
+# ---- the rules ------------------------------------------------------------------------
+
+T, F = True, False
+
+
+def test_versions_that_all_agree_blame_no_one() -> None:
+    assert judge(["a", "b", "c"], [[T, T, T], [T, T, T], [T, T, T]]) is None
+
+
+def test_a_majority_blames_the_minority_alone() -> None:
+    assert judge(["a", "b", "c"], [[T, F, F], [F, T, T], [F, T, T]]) == Verdict(
+        ("a",), True, "a disagreed with 2 of 3 versions of the same layers")
+    assert judge(["a", "b", "c"], [[T, T, F], [T, T, F], [F, F, T]]).at_fault == ("c",)
+
+
+def test_the_entrys_own_compute_settles_it_even_against_one() -> None:
+    verdict = judge(["a", "me"], [[T, F], [F, T]], trusted="me")
+    assert verdict == Verdict(("a",), True, "a disagreed with the entry's own compute of "
+                              "the same layers")
+    # the entry is trusted over a majority, too
+    assert judge(["a", "b", "me"], [[T, T, F], [T, T, F], [F, F, T]],
+                 trusted="me").at_fault == ("a", "b")  # type: ignore[union-attr]
+
+
+def test_two_versions_that_disagree_are_both_at_fault() -> None:
+    verdict = judge(["a", "b"], [[T, F], [F, T]])
+    assert verdict is not None and verdict.at_fault == ("a", "b") and not verdict.proven
+    # three that all disagree: no majority
+    assert not judge(["a", "b", "c"], [[T, F, F], [F, T, F], [F, F, T]]).proven  # type: ignore[union-attr]
+
+
+def test_the_noise_is_the_one_hop_whose_replacement_makes_the_route_agree() -> None:
+    assert noise_source({"a": False, "b": True, "c": False}) == "b"
+    assert noise_source({"a": False, "b": False}) is None
+    assert noise_source({"a": True, "b": True}) is None
+
+
+def test_alternatives_serve_the_whole_span_in_its_dtype_the_entry_first() -> None:
+    servers = [Server("me", 0, 4, dtype="float32"), Server("a", 0, 2, dtype="float32"),
+               Server("b", 2, 4, dtype="float32"), Server("c", 1, 4, dtype="float32"),
+               Server("d", 2, 3, dtype="float32"), Server("e", 2, 4, dtype="bfloat16"),
+               Server("f", 2, 4, dtype="float32")]
+    route = Route((Span("a", 0, 2, 0.0), Span("b", 2, 4, 0.0)), 0.0)
+    assert alternatives(servers, route, 1, "me", frozenset()) == ["me", "c"]
+    assert alternatives(servers, route, 1, "x", frozenset({"c", "me"})) == ["f"]
+    assert alternatives(servers, route, 0, "x", frozenset({"me"})) == []  # a's span: none else
+
+
+def test_agreement_is_a_relative_distance_within_the_dtypes_tolerance() -> None:
+    a = torch.randn(1, 5, 16)
+    assert deviation(a, a) == 0.0
+    assert deviation(a, a * 1.5) == pytest.approx(1 / 3, rel=1e-4)
+    assert tolerance(["float32", "float32"]) == TOLERANCE_F32
+    assert tolerance(["float32", "bfloat16"]) == TOLERANCE_16
+
+
+# ---- over real hosts ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_dir(tmp_path_factory)
+
+
+def scaled(msg: Any) -> Any:
+    """Hidden states off by a tenth: finite, the right shape, wrong."""
+    return dataclasses.replace(msg, hidden=to_wire(from_wire(msg.hidden) * 1.1))
+
+
+def noisy(msg: Any) -> Any:
+    """Hidden states plus fresh noise each time."""
+    h = from_wire(msg.hidden)
+    return dataclasses.replace(msg, hidden=to_wire(h + 0.3 * h.std() * torch.randn_like(h)))
+
+
+def events(runtime: ModelRuntime, kind: str) -> list[dict[str, Any]]:
+    return [e.data for e in runtime.node.events.recent() if e.type == kind]
+
+
+@pytest.mark.parametrize("lie", [scaled, noisy], ids=["scaled", "noisy"])
+async def test_an_audit_blames_a_hop_whose_output_the_other_versions_outvote(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, lie: Any) -> None:
+    """The last hop sends finite hidden states of the right shape that no model
+    computes: every check on a RESULT passed them, and the request answered garbage.
+    The audit computes the hop's layers on its two replicas too: they agree, the liar
+    does not, and it alone is banned and counted; the honest replicas are not."""
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4), (2, 4)]) as (_, runtimes):
+        entry, liar, *honest = runtimes
+        route = Route((Span(entry.node.peer_id, 0, 2, 0.0), Span(liar.node.peer_id, 2, 4, 0.0)),
+                      0.0)
+        audits = entry.generator.audits
+        assert await audits.audit(route, PROMPT) == "agreed"  # before it lies
+        lie_downstream(liar, lie, monkeypatch)
+        assert await audits.audit(route, PROMPT) == "blamed"
+        assert events(entry, "inference.audit")[-1]["at_fault"] == [liar.node.peer_id]
+        assert entry.node.offences[liar.node.peer_id]["wrong_output"] == 1
+        banned = entry.generator.bans.banned(time.monotonic())
+        assert liar.node.peer_id in banned and not {r.node.peer_id for r in honest} & banned
+        assert audits.status()["blamed"] == 1 and audits.status()["agreed"] == 1
+
+
+async def test_two_versions_that_disagree_are_both_banned_unless_one_is_the_entrys(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one replica, the entry cannot tell which of the two lies: both are banned
+    (neither counted). Where the entry serves the layers itself, its own compute
+    settles it: the liar alone."""
+    async with model_swarm(tmp_path, tiny, [(0, 4), (0, 2), (2, 4), (2, 4)]) as (_, runtimes):
+        entry, first, liar, honest = runtimes
+        lie_downstream(liar, scaled, monkeypatch)
+        route = Route((Span(first.node.peer_id, 0, 2, 0.0), Span(liar.node.peer_id, 2, 4, 0.0)),
+                      0.0)
+        me = entry.node.peer_id
+        assert await entry.generator.audits.audit(route, PROMPT) == "blamed"  # by the entry's
+        assert events(entry, "inference.audit")[-1]["at_fault"] == [liar.node.peer_id]
+        assert honest.node.peer_id not in entry.generator.bans.banned(time.monotonic())
+
+        # the same from a peer that does not serve those layers: first's own audits
+        other = first.generator
+        route = Route((Span(first.node.peer_id, 0, 2, 0.0), Span(liar.node.peer_id, 2, 4, 0.0)),
+                      0.0)
+        monkeypatch.setattr(other, "servers", lambda: [
+            s for s in type(other).servers(other) if s.peer_id != me])
+        assert await other.audits.audit(route, PROMPT) == "disputed"
+        assert {liar.node.peer_id, honest.node.peer_id} <= other.bans.banned(time.monotonic())
+        assert not first.node.offences.get(honest.node.peer_id)
+
+
+async def test_requests_are_audited_at_the_rate_and_route_around_what_an_audit_found(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At --audit-rate 1 every request's route is audited after it ends: a request
+    through a lying last hop answers what it answers, its audit bans the liar, and the
+    next request goes around it."""
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4), (2, 4)]) as (_, runtimes):
+        entry = runtimes[0]
+        audits = entry.generator.audits
+        audits.rate = 1.0
+        route = entry.generator.route()
+        assert isinstance(route, Route)
+        liar = next(r for r in runtimes if r.node.peer_id == route.spans[-1].peer_id)
+        lie_downstream(liar, scaled, monkeypatch)
+        await generate(entry, PROMPT)
+        await wait_for(lambda: bool(events(entry, "inference.audit")), 30, "the audit")
+        assert events(entry, "inference.audit")[0]["at_fault"] == [liar.node.peer_id]
+        _, info = await generate(entry, PROMPT)
+        assert liar.node.peer_id not in {s["peer_id"] for s in info["route"]}  # type: ignore[union-attr]

@@ -6,11 +6,12 @@ zeros, or its input passed on uncomputed (a peer that takes routes for compute i
 not do). Every request through it answers garbage, and nobody is blamed.
 
 So after a request, at `--audit-rate` (one audit at a time, in the background), the
-entry replays the first AUDIT_POSITIONS tokens of it through the same route, twice,
-and through the route with one hop's layers computed by someone else, for each hop
-that another peer serves in the same dtype (the entry itself first, where it serves
-them: it trusts its own compute). An audit is a prefill like any replay after a
-failover: a hop cannot tell it from a request. Then (`judge`, `noise_source`: pure):
+entry replays it (its prompt and answer, the first AUDIT_POSITIONS tokens) through the
+same route, twice, and through the route with one hop's layers computed by someone
+else, for each hop that another peer serves in the same dtype (the entry itself
+first, where it serves them: it trusts its own compute). An audit is a prefill of a
+request's history like any replay after a failover: a hop cannot tell it from one
+while it computes. Then (`judge`, `noise_source`: pure):
 
 - the route must agree with itself (a hop computes the same for the same input): if
   it does not, the hop whose replacement makes it agree is at fault alone; none, or
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AUDIT_POSITIONS = 32  # tokens of the request an audit replays
+AUDIT_POSITIONS = 256  # of a request's tokens an audit replays, at most
 MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
 TOLERANCE_F32 = 1e-3
 TOLERANCE_16 = 5e-2

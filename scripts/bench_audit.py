@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Audits of a route's compute, measured: how far honest versions of a hop's layers
+are apart, and how often lies of several sizes are caught (peerd/inference/swarm/audit.py).
+
+One process, SmolLM2-135M split as a 3-hop route ([0, 10), [10, 20), [20, 30)), the
+embeddings of a chat request (the mixed DSD prompt set and GSM8K test questions, a
+chat message each, in the model's chat template) passed through it in float32 and
+in bfloat16 (every hop and the wire). The audit compares the route's final hidden
+states with a version of one hop's layers computed by someone else; its rule is the
+largest relative L2 distance at a position (`deviation`) within `tolerance`.
+
+Honest versions of a hop: its layers computed in one go on 2 threads (as the route),
+against in chunks of 8 positions on 1 thread (a peer whose compute turns cut the
+prefill, another thread count: other summation orders), for each of the three hops.
+Lies, by the middle hop: its output scaled by 1 + e; plus noise of s times its
+spread; one of its 10 layers skipped; its input passed on uncomputed. Caught = the
+route's output deviates from the honest one by more than the tolerance.
+
+Prints a table and writes bench/results/audit.json. Not a test: no thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from peerd.inference.model.head import Head  # noqa: E402
+from peerd.inference.model.shard import ShardBlock  # noqa: E402
+from peerd.inference.model.source import load_config, load_tokenizer, resolve  # noqa: E402
+from peerd.inference.swarm.audit import AUDIT_POSITIONS, deviation, tolerance  # noqa: E402
+from peerd.machine import describe  # noqa: E402
+from peerd.rl.sampler import chat_prompt_ids  # noqa: E402
+
+console = Console()
+SPANS = [(0, 10), (10, 20), (20, 30)]
+LIAR = 1  # the middle hop
+
+Span = Callable[[torch.Tensor], torch.Tensor]
+
+
+def run_span(block: ShardBlock, x: torch.Tensor, span: tuple[int, int], chunk: int = 0,
+             threads: int = 2, skip: int | None = None) -> torch.Tensor:
+    """Layers `span` on x [1, T, H] (`chunk` positions at a time; without layer `skip`)."""
+    torch.set_num_threads(threads)
+    cache = block.new_cache()
+    cuts = [0, x.shape[1]] if not chunk else [*range(0, x.shape[1], chunk), x.shape[1]]
+    out = []
+    with torch.inference_mode():
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            step = block.begin(x[:, a:b], a, cache, span=span)
+            block.run(step, range(span[0], span[1]) if skip is None
+                      else range(span[0], span[0]) if span[1] - span[0] == 1
+                      else [i for i in range(*span) if i != skip])  # type: ignore[arg-type]
+            out.append(step.x)
+    torch.set_num_threads(2)
+    return torch.cat(out, 1)
+
+
+def through(block: ShardBlock, x: torch.Tensor, versions: dict[int, Span]) -> torch.Tensor:
+    """The route's output, hop k computed by versions[k] where given."""
+    for k, span in enumerate(SPANS):
+        x = versions[k](x) if k in versions else run_span(block, x, span)
+        x = x.to(block.dtype)  # the wire carries the route's dtype
+    return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--gsm8k", type=int, default=2, help="GSM8K test questions (the first N)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/audit.json")
+    args = ap.parse_args()
+    source = resolve(args.model)
+    tokenizer = load_tokenizer(source)
+    config = load_config(source)
+    assert int(config.num_hidden_layers) == SPANS[-1][1]
+    texts = [json.loads(line)["text"] for line in
+             (ROOT / "bench/data/mixed/prompts.jsonl").read_text().splitlines()]
+    texts += [json.loads(line)["question"] for line in
+              (ROOT / "bench/data/gsm8k/test.jsonl").read_text().splitlines()[:args.gsm8k]]
+    prompts = [chat_prompt_ids(tokenizer, t)[:AUDIT_POSITIONS] for t in texts]
+    head = Head(source)
+    lies: dict[str, Callable[[ShardBlock, torch.Tensor], torch.Tensor]] = {
+        "scaled by 1.001": lambda b, x: run_span(b, x, SPANS[LIAR]) * 1.001,
+        "scaled by 1.01": lambda b, x: run_span(b, x, SPANS[LIAR]) * 1.01,
+        "scaled by 1.1": lambda b, x: run_span(b, x, SPANS[LIAR]) * 1.1,
+        "noise 0.01 of its spread": lambda b, x: _noisy(run_span(b, x, SPANS[LIAR]), 0.01),
+        "noise 0.1 of its spread": lambda b, x: _noisy(run_span(b, x, SPANS[LIAR]), 0.1),
+        "one layer skipped": lambda b, x: run_span(b, x, SPANS[LIAR], skip=SPANS[LIAR][1] - 1),
+        "input passed on": lambda b, x: x,
+    }
+    result: dict[str, Any] = {"settings": {"model": args.model, "prompts": len(prompts),
+                                           "positions": AUDIT_POSITIONS, "spans": SPANS},
+                              "machine": describe(), "honest": {}, "lies": {}}
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        tol = tolerance([name])
+        block = ShardBlock(source, 0, SPANS[-1][1], dtype=dtype)
+        honest: list[float] = []
+        caught: dict[str, list[float]] = {lie: [] for lie in lies}
+        for ids in prompts:
+            with torch.inference_mode():
+                x = head.embed(torch.tensor([ids])).to(dtype)
+            base = through(block, x, {})
+            for k, span in enumerate(SPANS):
+                other = through(block, x, {k: lambda h, s=span: run_span(block, h, s, chunk=8,
+                                                                          threads=1)})
+                honest.append(deviation(base, other))
+            for lie, make in lies.items():
+                caught[lie].append(deviation(through(block, x, {LIAR: lambda h, m=make: m(
+                    block, h)}), base))
+        honest.sort()
+        result["honest"][name] = {
+            "tolerance": tol, "versions": len(honest),
+            "median": statistics.median(honest), "p99": honest[int(0.99 * (len(honest) - 1))],
+            "max": honest[-1], "over_tolerance": sum(d > tol for d in honest)}
+        result["lies"][name] = {lie: {"caught": sum(d > tol for d in devs), "of": len(devs),
+                                      "median_deviation": statistics.median(devs)}
+                                for lie, devs in caught.items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    show(result)
+
+
+def _noisy(h: torch.Tensor, s: float) -> torch.Tensor:
+    return h + s * h.float().std().to(h.dtype) * torch.randn_like(h)
+
+
+def show(result: dict[str, Any]) -> None:
+    t = Table(title="honest versions of a hop's layers (chunked, another thread count)")
+    for col in ("dtype", "tolerance", "versions", "median", "p99", "max", "over tolerance"):
+        t.add_column(col)
+    for name, h in result["honest"].items():
+        t.add_row(name, f"{h['tolerance']:g}", str(h["versions"]), f"{h['median']:.2e}",
+                  f"{h['p99']:.2e}", f"{h['max']:.2e}", str(h["over_tolerance"]))
+    console.print(t)
+    t = Table(title="lies by the middle hop: caught / prompts (median deviation)")
+    t.add_column("lie")
+    for name in result["lies"]:
+        t.add_column(name)
+    for lie in next(iter(result["lies"].values())):
+        t.add_row(lie, *(f"{r[lie]['caught']}/{r[lie]['of']} ({r[lie]['median_deviation']:.2e})"
+                         for r in (result["lies"][n] for n in result["lies"])))
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,8 @@ Prints a table and writes bench/results/audit.json. Not a test: no thresholds.
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import statistics
 import sys
@@ -59,11 +61,13 @@ def run_span(block: ShardBlock, x: torch.Tensor, span: tuple[int, int], chunk: i
     cuts = [0, x.shape[1]] if not chunk else [*range(0, x.shape[1], chunk), x.shape[1]]
     out = []
     with torch.inference_mode():
-        for a, b in zip(cuts, cuts[1:], strict=False):
+        for a, b in itertools.pairwise(cuts):
             step = block.begin(x[:, a:b], a, cache, span=span)
-            block.run(step, range(span[0], span[1]) if skip is None
-                      else range(span[0], span[0]) if span[1] - span[0] == 1
-                      else [i for i in range(*span) if i != skip])  # type: ignore[arg-type]
+            if skip is None:
+                block.run(step, range(*span))
+            else:
+                block.run(step, range(span[0], skip))
+                block.run(step, range(skip + 1, span[1]))
             out.append(step.x)
     torch.set_num_threads(2)
     return torch.cat(out, 1)
@@ -80,6 +84,7 @@ def through(block: ShardBlock, x: torch.Tensor, versions: dict[int, Span]) -> to
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--mixed", type=int, default=40, help="prompts of the mixed set (first N)")
     ap.add_argument("--gsm8k", type=int, default=2, help="GSM8K test questions (the first N)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/audit.json")
     args = ap.parse_args()
@@ -88,7 +93,7 @@ def main() -> None:
     config = load_config(source)
     assert int(config.num_hidden_layers) == SPANS[-1][1]
     texts = [json.loads(line)["text"] for line in
-             (ROOT / "bench/data/mixed/prompts.jsonl").read_text().splitlines()]
+             (ROOT / "bench/data/mixed/prompts.jsonl").read_text().splitlines()[:args.mixed]]
     texts += [json.loads(line)["question"] for line in
               (ROOT / "bench/data/gsm8k/test.jsonl").read_text().splitlines()[:args.gsm8k]]
     prompts = [chat_prompt_ids(tokenizer, t)[:AUDIT_POSITIONS] for t in texts]
@@ -117,12 +122,12 @@ def main() -> None:
                 x = head.embed(torch.tensor([ids])).to(dtype)
             base = through(block, x, {})
             for k, span in enumerate(SPANS):
-                other = through(block, x, {k: lambda h, s=span: run_span(block, h, s, chunk=8,
-                                                                          threads=1)})
+                other = through(block, x, {k: functools.partial(
+                    run_span, block, span=span, chunk=8, threads=1)})
                 honest.append(deviation(base, other))
             for lie, make in lies.items():
-                caught[lie].append(deviation(through(block, x, {LIAR: lambda h, m=make: m(
-                    block, h)}), base))
+                caught[lie].append(deviation(through(block, x, {LIAR: functools.partial(
+                    make, block)}), base))
         honest.sort()
         result["honest"][name] = {
             "tolerance": tol, "versions": len(honest),

@@ -21,6 +21,7 @@ from peerd.inference.swarm.audit import (
     deviation,
     judge,
     noise_source,
+    swapped,
     tolerance,
 )
 from peerd.inference.swarm.routing import Route, Server, Span
@@ -74,6 +75,10 @@ def test_alternatives_serve_the_whole_span_in_its_dtype_the_entry_first() -> Non
     assert alternatives(servers, route, 1, "me", frozenset()) == ["me", "c"]
     assert alternatives(servers, route, 1, "x", frozenset({"c", "me"})) == ["f"]
     assert alternatives(servers, route, 0, "x", frozenset({"me"})) == []  # a's span: none else
+    # a peer elsewhere on the route computes hop i's layers only beside it, as one span
+    route = Route((Span("me", 0, 1, 0.0), Span("c", 1, 2, 0.0), Span("b", 2, 4, 0.0)), 0.0)
+    assert alternatives(servers, route, 2, "me", frozenset()) == ["c", "f"]  # not me
+    assert swapped(route, 2, "c") == Route((Span("me", 0, 1, 0.0), Span("c", 1, 4, 0.0)), 0.0)
 
 
 def test_agreement_is_a_relative_distance_within_the_dtypes_tolerance() -> None:

@@ -109,22 +109,31 @@ def noise_source(reproducible: dict[str, bool]) -> str | None:
 def alternatives(servers: Sequence[Server], route: Route, i: int, me: str,
                  banned: frozenset[str]) -> list[str]:
     """Peers other than hop i's that serve all of its layers in its dtype, the entry
-    first: at most MAX_ALTERNATIVES."""
+    first: at most MAX_ALTERNATIVES. A peer elsewhere on the route can be one only
+    beside hop i (its span and hop i's become one: a route crosses a peer once)."""
     span = route.spans[i]
     dtype = next((s.dtype for s in servers if s.peer_id == span.peer_id
                   and s.start <= span.start and span.end <= s.end), "")
-    on_route = {s.peer_id for s in route.spans}
+    beside = {route.spans[j].peer_id for j in (i - 1, i + 1) if 0 <= j < len(route.spans)}
+    elsewhere = {s.peer_id for s in route.spans} - beside
     found = [s.peer_id for s in servers
              if s.start <= span.start and span.end <= s.end and s.dtype == dtype
-             and (s.peer_id == me or (s.peer_id not in banned and s.peer_id not in on_route))]
+             and s.peer_id not in elsewhere and (s.peer_id == me or s.peer_id not in banned)]
     found = sorted(set(found), key=lambda p: (p != me, found.index(p)))
     return [p for p in found if p != span.peer_id][:MAX_ALTERNATIVES]
 
 
 def swapped(route: Route, i: int, peer: str) -> Route:
+    """`route` with hop i's layers computed by `peer` (one span with its own beside)."""
     spans = list(route.spans)
     spans[i] = Span(peer, spans[i].start, spans[i].end, spans[i].cost_ms)
-    return Route(tuple(spans), route.cost_ms)
+    merged: list[Span] = []
+    for span in spans:
+        if merged and merged[-1].peer_id == span.peer_id:
+            last = merged.pop()
+            span = Span(span.peer_id, last.start, span.end, last.cost_ms + span.cost_ms)
+        merged.append(span)
+    return Route(tuple(merged), route.cost_ms)
 
 
 class Audits:

@@ -716,7 +716,8 @@ async def test_a_hop_that_holds_steps_is_found_by_asking_the_hops_and_routed_aro
     says it never got it (the entry cannot tell which lies); one that does not answer
     is blamed alone. The request replays around them with the same tokens."""
     expected = reference_tokens(reference, PROMPT, NEW_TOKENS)
-    monkeypatch.setattr(pipeline_module, "step_deadline_s", lambda positions: 5.0)
+    monkeypatch.setattr(pipeline_module, "step_deadline_s", lambda positions: 3.0)
+    monkeypatch.setattr(pipeline_module, "PROGRESS_TIMEOUT_S", 1.0)
     async with model_swarm(tmp_path, tiny, [(0, 2), (2, 3), (2, 3), (3, 4), (3, 4)]) as (
             _, runtimes):
         entry = runtimes[0]

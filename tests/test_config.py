@@ -140,6 +140,18 @@ def test_the_tool_suspicion_is_seconds_from_the_environment(tmp_path: Path) -> N
     assert err.setting == "tool_suspect_s" and err.source == "PEERD_TOOL_SUSPECT_S"
 
 
+def test_the_audit_rate_is_a_share_and_reaches_the_model(tmp_path: Path) -> None:
+    from peerd.daemon import model_options
+
+    home = {"PEERD_HOME": str(tmp_path), "PEERD_MODEL": "smollm2"}
+    assert load_config(environ=home).audit_rate == 0.05
+    options = model_options(load_config({"audit_rate": 0.25}, environ=home))
+    assert options is not None and options.audit_rate == 0.25
+    for bad in ("1.5", "-0.1", "nan", "often"):
+        err = config_error(environ={**home, "PEERD_AUDIT_RATE": bad})
+        assert err.setting == "audit_rate" and err.source == "PEERD_AUDIT_RATE"
+
+
 def test_prompt_cache_is_a_switch_from_any_source(tmp_path: Path) -> None:
     home = {"PEERD_HOME": str(tmp_path), "PEERD_MODEL": "smollm2"}
     # unset: on where reuse is safe, which the route decides (tests/test_prompt_cache.py)

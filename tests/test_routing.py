@@ -191,3 +191,11 @@ def test_peerd_status_shows_the_peers_routed_around() -> None:
                                         "remaining_s": 9.4, "strikes": 2}]))
     text = console.export_text()
     assert "12D3KooWLiar" in text and "stalled" in text and "9 s" in text
+
+
+def test_peerd_status_says_how_the_audits_came_out() -> None:
+    from peerd.cli.admin import audits_line
+
+    assert audits_line({"rate": 0.05, "agreed": 3, "blamed": 1, "disputed": 0}) == (
+        "[bold]audits[/] of routes after 5% of requests: 3 agreed, 1 blamed")
+    assert audits_line({"rate": 0.0}).endswith("none yet")

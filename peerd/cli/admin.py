@@ -53,8 +53,19 @@ def status(data_dir: Path | None, api: str | None, token: str | None, as_json: b
             console.print(lent_table(d["lent"], names=_peer_names(d)))
         if d.get("routed_around"):
             console.print(routed_around_table(d["routed_around"]))
+        if d.get("audits"):
+            console.print(audits_line(d["audits"]))
 
     emit(s, as_json, render)
+
+
+def audits_line(audits: dict[str, Any]) -> str:
+    """How this peer's audits of its requests' routes came out (audit.py)."""
+    counts = ", ".join(f"{audits[k]} {k}" for k in ("agreed", "blamed", "disputed",
+                                                     "inconclusive", "failed", "unauditable")
+                       if audits.get(k))
+    return (f"[bold]audits[/] of routes after {audits['rate']:.0%} of requests: "
+            f"{counts or 'none yet'}")
 
 
 def routed_around_table(banned: list[dict[str, Any]]) -> Table:

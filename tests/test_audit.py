@@ -131,6 +131,8 @@ async def test_an_audit_blames_a_hop_whose_output_the_other_versions_outvote(
         assert entry.node.offences[liar.node.peer_id]["wrong_output"] == 1
         banned = entry.generator.bans.banned(time.monotonic())
         assert liar.node.peer_id in banned and not {r.node.peer_id for r in honest} & banned
+        # proven wrong: routed around for the longest a ban lasts, at once
+        assert entry.generator.bans.remaining(liar.node.peer_id, time.monotonic()) > 250
         assert audits.status()["blamed"] == 1 and audits.status()["agreed"] == 1
 
 

@@ -199,3 +199,9 @@ def test_peerd_status_says_how_the_audits_came_out() -> None:
     assert audits_line({"rate": 0.05, "agreed": 3, "blamed": 1, "disputed": 0}) == (
         "[bold]audits[/] of routes after 5% of requests: 3 agreed, 1 blamed")
     assert audits_line({"rate": 0.0}).endswith("none yet")
+
+
+def test_a_ban_lasts_at_least_what_the_caller_says() -> None:
+    bans = BanList(base_s=5, max_s=300)
+    assert bans.ban("a", 0.0, "wrong_output", at_least_s=300) == 300
+    assert bans.ban("b", 0.0, "stalled") == 5

@@ -334,14 +334,14 @@ class Generator:
             return session, True
         raise GenerationFailed(f"could not open a pipeline session in {MAX_FAILURES} tries")
 
-    def blame(self, failure: PipelineFailure, failures: int) -> None:
+    def blame(self, failure: PipelineFailure, failures: int, at_least_s: float = 0.0) -> None:
         log.info("pipeline failure (%s): %s", failure.code, failure)
         self.node.events.publish("inference.failure", culprit=failure.culprit,
                                  witness=failure.witness, code=failure.code,
                                  detail=str(failure)[:300])
         for peer in failure.at_fault:
             if peer != self.node.peer_id:
-                banned_for = self.bans.ban(peer, time.monotonic(), failure.code)
+                banned_for = self.bans.ban(peer, time.monotonic(), failure.code, at_least_s)
                 self.node.events.publish("inference.ban", peer_id=peer, seconds=banned_for,
                                          reason=failure.code)
         if failures >= MAX_FAILURES:

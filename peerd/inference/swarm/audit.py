@@ -21,7 +21,8 @@ while it computes. Then (`judge`, `noise_source`: pure):
   versions blames the rest, alone; two that disagree are both at fault (one of them
   lies, and the entry cannot tell which: as with a hop's word against its neighbour,
   pipeline.py). A version at fault is banned; one proven wrong (by the entry's own or
-  a majority) is also counted an offence (`wrong_output`).
+  a majority) is also counted an offence (`wrong_output`) and banned for the longest a
+  ban lasts (5 minutes) at once.
 
 Agreement: the final hidden states at every position within `tolerance` of each other
 (relative L2 distance): TOLERANCE_F32 when the wire and every hop compute in float32,
@@ -226,9 +227,10 @@ class Audits:
     def _blame(self, verdict: Verdict, peers: list[str]) -> str:
         g = self.generator
         if verdict.proven:
-            for peer in verdict.at_fault:
+            for peer in verdict.at_fault:  # proven: the longest ban at once
                 g.node.offence(peer, WRONG_OUTPUT, verdict.why)
-                g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1)
+                g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1,
+                        at_least_s=g.bans.max_s)
             return self._publish("blamed", peers, verdict.why, verdict.at_fault)
         first, *others = verdict.at_fault
         g.blame(PipelineFailure(first, WRONG_OUTPUT, verdict.why,

@@ -201,11 +201,14 @@ class BanList:
         """Peers remembered: banned now, or banned within `quiet_s`."""
         return len(self._bans)
 
-    def ban(self, peer_id: str, now: float, why: str = "failed") -> float:
+    def ban(self, peer_id: str, now: float, why: str = "failed",
+            at_least_s: float = 0.0) -> float:
+        """Ban `peer_id` (for longer the more bans in a row, and at least `at_least_s`);
+        the seconds it is banned for."""
         self._prune(now)
         last = self._bans.pop(peer_id, None)  # (re-inserted last: the newest)
         strikes = (last.strikes if last else 0) + 1
-        duration = float(min(self.max_s, self.base_s * 2.0 ** (strikes - 1)))
+        duration = max(at_least_s, float(min(self.max_s, self.base_s * 2.0 ** (strikes - 1))))
         self._bans[peer_id] = _Ban(now + duration, strikes, why)
         while len(self._bans) > self.max_peers:
             first = min(self._bans, key=lambda p: self._bans[p].until)

@@ -385,7 +385,6 @@ SHARD_RETURN = SessionStream(
 )
 
 
-
 @dataclass(frozen=True, slots=True)
 class Progress(Message):
     """The entry asks a hop of its session how far the session got there."""

@@ -462,6 +462,21 @@ LIES: dict[str, Lie] = {
 }
 
 
+def later_hops(entry: ModelRuntime, runtimes: Sequence[ModelRuntime]
+               ) -> tuple[ModelRuntime, ModelRuntime]:
+    """The second and third hops of the entry's route (three hops, the entry first)."""
+    route = entry.generator.route()
+    assert isinstance(route, Route) and len(route.spans) == 3
+    second, third = (next(r for r in runtimes if r.node.peer_id == span.peer_id)
+                     for span in route.spans[1:])
+    return second, third
+
+
+def failures(runtime: ModelRuntime) -> list[dict[str, Any]]:
+    """The pipeline failures `runtime` blamed, as its events say them."""
+    return [e.data for e in runtime.node.events.recent() if e.type == "inference.failure"]
+
+
 @pytest.mark.parametrize("lie", list(LIES))
 async def test_a_last_hop_returning_what_no_model_computes_is_banned_and_routed_around(
         tmp_path: Path, tiny: Path, reference: torch.nn.Module,
@@ -486,9 +501,8 @@ async def test_a_last_hop_returning_what_no_model_computes_is_banned_and_routed_
         assert info["reroutes"] == 1
         assert info["route"][-1]["peer_id"] == honest.node.peer_id  # type: ignore[index]
         json.dumps(info, allow_nan=False)  # what the API answers
-        failures = [e.data for e in entry.node.events.recent() if e.type == "inference.failure"]
-        assert [(f["culprit"], f["code"]) for f in failures] == [(liar.node.peer_id,
-                                                                  "malformed")]
+        assert [(f["culprit"], f["code"]) for f in failures(entry)] == [(liar.node.peer_id,
+                                                                         "malformed")]
         assert entry.node.offences[liar.node.peer_id]["malformed"] == 1
         assert liar.node.peer_id in entry.generator.bans.banned(time.monotonic())
 
@@ -545,16 +559,12 @@ async def test_a_middle_hop_that_lies_is_banned_with_its_witness_and_routed_arou
     async with model_swarm(tmp_path, tiny, [(0, 2), (2, 3), (2, 3), (3, 4), (3, 4)]) as (
             _, runtimes):
         entry = runtimes[0]
-        route = entry.generator.route()
-        assert isinstance(route, Route) and len(route.spans) == 3
-        liar, witness = (next(r for r in runtimes if r.node.peer_id == span.peer_id)
-                         for span in route.spans[1:])
+        liar, witness = later_hops(entry, runtimes)
         lie_downstream(liar, nan_hidden, monkeypatch)
         tokens, info = await generate(entry, PROMPT)
         assert tokens == expected
         assert info["reroutes"] == 1
-        failures = [e.data for e in entry.node.events.recent() if e.type == "inference.failure"]
-        assert [(f["culprit"], f["witness"], f["code"]) for f in failures] == [
+        assert [(f["culprit"], f["witness"], f["code"]) for f in failures(entry)] == [
             (liar.node.peer_id, witness.node.peer_id, "malformed")]
         banned = entry.generator.bans.banned(time.monotonic())
         assert {liar.node.peer_id, witness.node.peer_id} <= banned
@@ -721,10 +731,7 @@ async def test_a_hop_that_holds_steps_is_found_by_asking_the_hops_and_routed_aro
     async with model_swarm(tmp_path, tiny, [(0, 2), (2, 3), (2, 3), (3, 4), (3, 4)]) as (
             _, runtimes):
         entry = runtimes[0]
-        route = entry.generator.route()
-        assert isinstance(route, Route) and len(route.spans) == 3
-        liar, after = (next(r for r in runtimes if r.node.peer_id == span.peer_id)
-                       for span in route.spans[1:])
+        liar, after = later_hops(entry, runtimes)
 
         async def hold(s: Any, msg: Forward) -> Any:
             await trio.sleep_forever()
@@ -748,11 +755,10 @@ async def test_a_hop_that_holds_steps_is_found_by_asking_the_hops_and_routed_aro
         tokens, info = await generate(entry, PROMPT)
         assert tokens == expected
         assert info["reroutes"] == 1
-        failures = [e.data for e in entry.node.events.recent() if e.type == "inference.failure"]
         blamed = ((after.node.peer_id, liar.node.peer_id) if HOLDS[answer] == "lies"
                   else (liar.node.peer_id, None))
-        assert [(f["culprit"], f["witness"], f["code"]) for f in failures] == [
-            (*blamed, "stalled")], failures
+        assert [(f["culprit"], f["witness"], f["code"]) for f in failures(entry)] == [
+            (*blamed, "stalled")], failures(entry)
         banned = entry.generator.bans.banned(time.monotonic())
         assert {p for p in blamed if p} <= banned
         assert not {s["peer_id"] for s in info["route"][1:]} & banned  # type: ignore[index]

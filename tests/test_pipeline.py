@@ -472,6 +472,16 @@ def later_hops(entry: ModelRuntime, runtimes: Sequence[ModelRuntime]
     return second, third
 
 
+async def failed_step(entry: ModelRuntime, session: PipelineSession) -> PipelineFailure:
+    """The failure of a step of PROMPT on `session` (which it closes)."""
+    with torch.inference_mode():
+        hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
+    with pytest.raises(PipelineFailure) as failed:
+        await session.step(hidden, 0)
+    await session.close()
+    return failed.value
+
+
 def failures(runtime: ModelRuntime) -> list[dict[str, Any]]:
     """The pipeline failures `runtime` blamed, as its events say them."""
     return [e.data for e in runtime.node.events.recent() if e.type == "inference.failure"]
@@ -532,18 +542,16 @@ async def test_a_middle_hops_non_finite_hidden_states_stop_at_the_next_hop(
                        Span(second.node.peer_id, 2, 4, 0.0)), 0.0)
         lie_downstream(first, nan_hidden, monkeypatch)
         session = await pipeline.open(route, 16)
-        with torch.inference_mode():
-            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
-        with pytest.raises(PipelineFailure) as failed:
-            await session.step(hidden, 0)
-        await session.close()
-        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
-            first.node.peer_id, second.node.peer_id, "malformed"), failed.value
+        failed = await failed_step(entry, session)
+        assert (failed.culprit, failed.witness, failed.code) == (
+            first.node.peer_id, second.node.peer_id, "malformed"), failed
         assert second.node.offences[first.node.peer_id]["malformed"] == 1
         await wait_for(lambda: session.id not in second.server.sessions, 10,
                        "the next hop to drop the session")
         fresh = await pipeline.open(Route((Span(entry.node.peer_id, 0, 2, 0.0),
                                            Span(second.node.peer_id, 2, 4, 0.0)), 0.0), 16)
+        with torch.inference_mode():
+            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
         assert (await fresh.step(hidden, 0)).hidden.isfinite().all()
         await fresh.close()
 
@@ -591,14 +599,10 @@ async def test_a_hop_that_says_its_next_hop_is_unreachable_is_checked(
             s.downstream.write = down
         if not next_hop_up:  # a hop that hangs: it answers no ping either
             second.node.host.remove_stream_handler(PING_PROTOCOL_ID)
-        with torch.inference_mode():
-            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
-        with pytest.raises(PipelineFailure) as failed:
-            await session.step(hidden, 0)
-        await session.close()
+        failed = await failed_step(entry, session)
         witness = first.node.peer_id if next_hop_up else None
-        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
-            second.node.peer_id, witness, "unreachable"), failed.value
+        assert (failed.culprit, failed.witness, failed.code) == (
+            second.node.peer_id, witness, "unreachable"), failed
 
 
 @pytest.mark.parametrize("next_hop_up", [True, False], ids=["up", "gone"])
@@ -672,13 +676,9 @@ async def test_a_hop_whose_own_output_overflows_reports_itself(
 
         monkeypatch.setattr(first.server, "_forward", overflowing)
         session = await entry.generator.pipeline.open(route, 16)
-        with torch.inference_mode():
-            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
-        with pytest.raises(PipelineFailure) as failed:
-            await session.step(hidden, 0)
-        await session.close()
-        assert (failed.value.culprit, failed.value.code) == (first.node.peer_id, "internal")
-        assert "finite" in str(failed.value)
+        failed = await failed_step(entry, session)
+        assert (failed.culprit, failed.code) == (first.node.peer_id, "internal")
+        assert "finite" in str(failed)
         assert not second.node.offences.get(first.node.peer_id)
 
 
@@ -791,10 +791,6 @@ async def test_a_refusal_a_hop_swallows_reaches_the_entry_from_the_hop_that_sent
 
         monkeypatch.setattr(server, "_chain", swallow)
         session = await entry.generator.pipeline.start(route, 16)
-        with torch.inference_mode():
-            hidden = entry.head.embed(torch.tensor([PROMPT]))  # [1, T, H]
-        with pytest.raises(PipelineFailure) as failed:
-            await session.step(hidden, 0)
-        await session.close()
-        assert (failed.value.culprit, failed.value.witness, failed.value.code) == (
-            last.node.peer_id, None, "overloaded"), failed.value
+        failed = await failed_step(entry, session)
+        assert (failed.culprit, failed.witness, failed.code) == (
+            last.node.peer_id, None, "overloaded"), failed

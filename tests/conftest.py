@@ -35,11 +35,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(autouse=True)
 def _hermetic_peerd_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A developer's PEERD_* variables (PEERD_HOME above all) must not leak into tests;
-    a test that wants one sets it with monkeypatch. PEERD_CACHE_DIR stays the suite's."""
+    a test that wants one sets it with monkeypatch. PEERD_CACHE_DIR stays the suite's,
+    and PEERD_AUDIT_RATE is 0."""
     for name in list(os.environ):
         if name.startswith("PEERD_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("PEERD_CACHE_DIR", _CACHE)
+    # the peers a test starts (testnets, daemons) audit no routes in the background:
+    # an audit's passes and sessions, at random, would move what tests count (sessions
+    # open on a replica, say). tests/test_audit.py audits on purpose.
+    monkeypatch.setenv("PEERD_AUDIT_RATE", "0")
     yield
 
 

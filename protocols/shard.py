@@ -32,15 +32,8 @@ version that dials a 3.0.0 one gets an ERROR of code VERSION; a 3.0.0 peer that 
 an older one is answered "na" by multistream-select and reports a FAILED of code
 VERSION.
 
-A chain that stalls (no RESULT by the step's deadline, no refusal, every hop answering
-pings) or breaks with no word is asked where: `/peerd/shard-progress/1.0.0`, a request
-from the entry to each hop, answered with how far the session got there (the last step
-taken in, the last passed on whole, whether it is passing one on now that its next hop
-does not take) and the FAILED it sent for the session, if any. A hop answers for a
-session only to its entry, and for the last PROGRESS_KEPT sessions that ended there
-too. The entry finds where the step stopped (peerd/inference/swarm/stalls.py): a hop
-that holds it, or two hops whose words disagree; a hop that does not answer is where
-it stopped. So a hop can no longer stall sessions unblamed, nor swallow a refusal.
+A chain that stalls, or breaks with no word, is asked where by the entry, hop by hop:
+`/peerd/shard-progress/1.0.0` (protocols/shard_progress.py).
 
 FORWARD carries the positions `start_pos .. start_pos+T-1` as a tensor [1, T, H] (one row)
 and `keep`: the KV length every shard truncates its cache to before appending.
@@ -95,7 +88,7 @@ from dataclasses import dataclass
 
 from protocols.codec import Message, encode
 from protocols.errors import FrameTooLarge, UnsupportedVersion, WireError, WrongMessageType
-from protocols.spec import ErrorReply, RequestResponse, SessionStream
+from protocols.spec import ErrorReply, SessionStream
 
 MAX_ROUTE_HOPS = 64
 MAX_ROWS = 64  # sequences in one session (OPEN.rows)
@@ -385,61 +378,11 @@ SHARD_RETURN = SessionStream(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Progress(Message):
-    """The entry asks a hop of its session how far the session got there."""
-
-    KIND = "shard.progress"
-    session: str
-
-
-@dataclass(frozen=True, slots=True)
-class ProgressReply(Message):
-    """How far session `session` got at the hop that answers, in its words. Steps are
-    counted as the entry numbers them: 0 is the OPEN, n >= 1 the FORWARD of step n (the
-    last hop passes a step on as its RESULT, the OPEN as its return stream)."""
-
-    KIND = "shard.progress.reply"
-    OPTIONAL = frozenset({"failed"})
-    session: str
-    received: int  # the last step this hop took in (-1: it never had the session)
-    passed: int  # the last step it passed on whole to its next hop (-1: none)
-    # it is passing `received` on now and its next hop does not take it (the dial, or a
-    # write that waits on the next hop to read)
-    passing: bool
-    # the refusal or report this hop sent for the session (its own, or one it relayed
-    # up the chain as it came): a chain that swallowed it does not keep it from the entry
-    failed: Failed | None = None
-
-    def check(self) -> None:
-        """WireError unless its counts could be true of one hop: -1 <= passed <=
-        received (nobody passes on what it did not take in)."""
-        if not -1 <= self.passed <= self.received < 2**63:
-            raise WireError(f"progress of {self.received} steps taken in, {self.passed} "
-                            "passed on")
-        if len(self.session) > MAX_SESSION_CHARS:
-            raise WireError(f"progress of a session id of {len(self.session)} characters")
-        if self.failed is not None:
-            self.failed.check()
-
-
-SHARD_PROGRESS = RequestResponse(
-    id="/peerd/shard-progress/1.0.0",
-    request=Progress,
-    response=ProgressReply,
-    max_request_bytes=1024,
-    max_response_bytes=SHARD.max_control_bytes,  # a FAILED is a control frame
-    timeout_s=5.0,
-    max_concurrent=64,
-    max_concurrent_per_peer=8,
-)
-PROGRESS_KEPT = 1024  # ended sessions a hop still answers for, the latest
-
-# in LedgerEntry.features of a peer whose shard server speaks these versions, the
-# progress probe included (its newest protocol): routes cross only such peers (a swarm
-# upgraded a peer at a time routes around the others rather than failing on them, or
-# stalling with nobody to ask where)
-FEATURE_SESSIONS = SHARD_PROGRESS.id
+# in LedgerEntry.features of a peer whose shard server speaks these versions, and the
+# progress probe (protocols/shard_progress.py, which says it): routes cross only such
+# peers (a swarm upgraded a peer at a time routes around the others rather than failing
+# on them, or stalling with nobody to ask where)
+FEATURE_SESSIONS = "/peerd/shard-progress/1.0.0"
 
 
 def tree_depths(tree: tuple[int, ...], positions: int) -> list[int]:

@@ -34,12 +34,11 @@ from protocols.shard import (
     HopTiming,
     Open,
     Opened,
-    Progress,
-    ProgressReply,
     Result,
     WireTensor,
     step_deadline_s,
 )
+from protocols.shard_progress import Progress, ProgressReply
 from protocols.spec import ErrorReply
 
 PEER = "12D3KooWExamplePeerIdThatIsNotCheckedByTheCodec"
@@ -84,7 +83,7 @@ MESSAGES: list[Message] = [
     Failed(session="s" * 16, step=2, peer_id=PEER, code="unreachable", message="gone",
            by=PEER, sig=b"\1" * 64),
     Close(session="s" * 16),
-    # asking a hop how far a session got (protocols.shard.SHARD_PROGRESS)
+    # asking a hop how far a session got (protocols.shard_progress.SHARD_PROGRESS)
     Progress(session="s" * 16),
     ProgressReply(session="s" * 16, received=3, passed=2, passing=True),
     ProgressReply(session="s" * 16, received=0, passed=-1, passing=False, failed=Failed(

@@ -33,7 +33,8 @@ from peerd.streams import OpenFailed
 from protocols.codec import decode, encode
 from protocols.errors import WireError
 from protocols.framing import frame
-from protocols.shard import SHARD_PROGRESS, Failed, Forward, Hop, HopTiming, Result
+from protocols.shard import Failed, Forward, Hop, HopTiming, Result
+from protocols.shard_progress import SHARD_PROGRESS
 from tests.harness import book, is_connected, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir
 

@@ -24,16 +24,8 @@ from peerd.rpc import call
 from protocols.codec import decode, encode
 from protocols.errors import RemoteError
 from protocols.framing import encode_uvarint, read_frame, write_frame
-from protocols.shard import (
-    SHARD,
-    SHARD_PROGRESS,
-    Forward,
-    Hop,
-    HopTiming,
-    Open,
-    Opened,
-    Progress,
-)
+from protocols.shard import SHARD, Forward, Hop, HopTiming, Open, Opened
+from protocols.shard_progress import SHARD_PROGRESS, Progress
 from protocols.spec import ErrorReply
 from tests.harness import book, gossip, serve_model, swarm, wait_for
 from tests.models import tiny_llama_dir

@@ -9,7 +9,8 @@ from peerd.inference.swarm.progress import ProgressBook
 from peerd.inference.swarm.stalls import Stall, Told, locate_stall
 from protocols.codec import decode, encode
 from protocols.errors import WireError
-from protocols.shard import Failed, Progress, ProgressReply
+from protocols.shard import FEATURE_SESSIONS, Failed
+from protocols.shard_progress import SHARD_PROGRESS, Progress, ProgressReply
 
 PEERS = ["A", "B", "C"]
 STEP = 5
@@ -88,6 +89,10 @@ def test_an_open_the_first_hop_admitted_and_never_answered_is_its_fault() -> Non
     assert locate_stall(PEERS, 0, True, answers, admitted=False) == Stall(
         "A", "A admitted the session but never answered the OPEN")
     assert locate_stall(PEERS, 0, True, answers, admitted=True).culprit == "C"
+
+
+def test_routes_cross_only_peers_that_answer_the_probe() -> None:
+    assert SHARD_PROGRESS.id == FEATURE_SESSIONS
 
 
 def test_progress_replies_that_no_hop_could_give_do_not_check() -> None:

@@ -31,7 +31,6 @@ from protocols.errors import PeerError
 from protocols.framing import StreamClosed, encode_uvarint, read_frame, write_frame
 from protocols.shard import (
     SHARD,
-    SHARD_PROGRESS,
     SHARD_RETURN,
     Close,
     Failed,
@@ -254,7 +253,6 @@ def test_the_shard_protocols_declare_every_shard_message() -> None:
     for spec in (SHARD, SHARD_RETURN):
         declared |= {*spec.opens, spec.opened, *spec.refusals, *spec.dialer_sends,
                      *spec.listener_sends}
-    declared |= {SHARD_PROGRESS.request, SHARD_PROGRESS.response}
     kinds = {cls for cls in vars(shard).values()
              if isinstance(cls, type) and issubclass(cls, Message) and cls.KIND}
     assert kinds <= declared, kinds - declared

@@ -33,8 +33,10 @@ from the hop before it, so the last hop's input was finite.)
 Codes from the wire are read through protocols.shard.known_code: a failure's code is
 one of a known few, or "other".
 
-Past 450 lines because `start`, `open` and the pool share the session's return-stream
-bookkeeping; the pool is the piece to split off if it grows.
+Past 450 lines because `start`, `open`, the diagnosis of a failed step and the pool
+share the session's state (its streams, reports, refusal); the rules of the diagnosis
+are out (stalls.py: where a step stopped), and the pool is the piece to split off if
+it grows.
 """
 
 from __future__ import annotations
@@ -55,9 +57,8 @@ from peerd.host import ping_once
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.swarm.routing import Route
 from peerd.inference.swarm.server import check_failed, retired
-from peerd.inference.swarm.stalls import Told, locate_stall
+from peerd.inference.swarm.stalls import Told, ask_hops, locate_stall
 from peerd.node import Node
-from peerd.rpc import call
 from peerd.streams import (
     STREAM_FAILURES,
     STREAM_FAILURES_OR_TIMEOUT,
@@ -78,7 +79,6 @@ from protocols.shard import (
     OTHER,
     RETIRED_RETURN_IDS,
     SHARD,
-    SHARD_PROGRESS,
     SHARD_RETURN,
     VERSION,
     Close,
@@ -89,8 +89,6 @@ from protocols.shard import (
     Open,
     Opened,
     PolicyTag,
-    Progress,
-    ProgressReply,
     Result,
     check_timings,
     known_code,
@@ -336,25 +334,7 @@ class PipelineSession:
     async def located(self, step: int) -> PipelineFailure:
         """Where step `step` (0: the OPEN) stopped, every hop answering a ping and none
         saying why: from how far each hop says it got (stalls.py)."""
-        node = self.pipeline.node
-        answers: list[ProgressReply | None] = [None] * len(self.route)
-
-        async def ask(i: int, peer: str) -> None:
-            try:
-                reply = await call(node.host, peer, SHARD_PROGRESS, Progress(self.id),
-                                   PROGRESS_TIMEOUT_S, dial=node.new_stream)
-                reply.check()
-                if reply.session != self.id:
-                    raise WireError(f"progress of session {reply.session!r:.40}")
-                answers[i] = reply
-            except PeerError as exc:
-                node.offence(peer, exc.reason, f"{SHARD_PROGRESS.id}: {exc}")
-            except Exception as exc:  # no answer (a timeout, an error reply, a reset)
-                log.info("session %s: %s did not say how far it got: %r", self.id, peer, exc)
-
-        async with trio.open_nursery() as nursery:
-            for i, peer in enumerate(self.peers):
-                nursery.start_soon(ask, i, peer)
+        answers = await ask_hops(self.pipeline.node, self.peers, self.id, PROGRESS_TIMEOUT_S)
         found = locate_stall(self.peers, step, not self.writing, answers,
                              self.admitted.is_set())
         if isinstance(found, Told):

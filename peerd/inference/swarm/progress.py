@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from protocols.shard import PROGRESS_KEPT, Failed, Progress, ProgressReply
+from protocols.shard import Failed
+from protocols.shard_progress import PROGRESS_KEPT, Progress, ProgressReply
 
 
 @dataclass(slots=True)

@@ -29,7 +29,8 @@ with no gate refuses every tagged OPEN (UNVERSIONED) and admits every plain one.
 One module, past the usual size: a session's life (open, forward, relay, return,
 close, eviction) moves one set of state and its refusal paths; the rules that stand
 alone are out (lending.py: what is lent to whom; peerd/turns.py: the compute's order;
-streams.py: the handshake; protocols/shard.py: what a FORWARD may be). The chaining
+streams.py: the handshake; protocols/shard.py: what a FORWARD may be; progress.py: how
+far each session got, which its entry may ask). The chaining
 (`_chain` and its relay of refusals) is the part that could move out next.
 """
 
@@ -79,7 +80,6 @@ from protocols.shard import (
     RETIRED_IDS,
     REVOKED,
     SHARD,
-    SHARD_PROGRESS,
     SHARD_RETURN,
     UNVERSIONED,
     VERSION,
@@ -90,13 +90,12 @@ from protocols.shard import (
     Open,
     Opened,
     PolicyTag,
-    Progress,
-    ProgressReply,
     Result,
     check_forward,
     check_route,
     known_code,
 )
+from protocols.shard_progress import SHARD_PROGRESS, Progress, ProgressReply
 from protocols.spec import ErrorReply, SessionStream
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Where a pipeline step stopped, read from what each hop says of it (pure).
+"""Where a pipeline step stopped, read from what each hop says of it (`ask_hops`; the
+rule, `locate_stall`, is pure).
 
 A step that stalls (no RESULT by its deadline, no refusal, every hop answering pings)
 or breaks with no word from anyone had no one to blame: a hop that took a step in and
@@ -29,10 +30,19 @@ deadline (a CPU that slow) is blamed too: the entry routes around it for a while
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from protocols.shard import Failed, ProgressReply
+import trio
+
+from peerd.node import Node
+from peerd.rpc import call
+from protocols.errors import PeerError, WireError
+from protocols.shard import Failed
+from protocols.shard_progress import SHARD_PROGRESS, Progress, ProgressReply
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +102,29 @@ def locate_stall(peers: Sequence[str], step: int, sent_whole: bool,
                      witness=peer)
     last = peers[-1]
     return Stall(last, f"every hop passed step {step} on; it never came back from {last}")
+
+
+async def ask_hops(node: Node, peers: Sequence[str], session: str,
+                   timeout_s: float) -> list[ProgressReply | None]:
+    """What each of `peers` says of how far `session` got there (all asked at once,
+    each within `timeout_s`); None for one that did not answer, or answered what does
+    not check (counted against it)."""
+    answers: list[ProgressReply | None] = [None] * len(peers)
+
+    async def ask(i: int, peer: str) -> None:
+        try:
+            reply = await call(node.host, peer, SHARD_PROGRESS, Progress(session), timeout_s,
+                               dial=node.new_stream)
+            reply.check()
+            if reply.session != session:
+                raise WireError(f"progress of session {reply.session!r:.40}")
+            answers[i] = reply
+        except PeerError as exc:
+            node.offence(peer, exc.reason, f"{SHARD_PROGRESS.id}: {exc}")
+        except Exception as exc:  # no answer (a timeout, an error reply, a reset)
+            log.info("session %s: %s did not say how far it got: %r", session, peer, exc)
+
+    async with trio.open_nursery() as nursery:
+        for i, peer in enumerate(peers):
+            nursery.start_soon(ask, i, peer)
+    return answers

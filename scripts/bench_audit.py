@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
 """Audits of a route's compute, measured: how far honest versions of a hop's layers
-are apart, and how often lies of several sizes are caught (peerd/inference/swarm/audit.py).
+are apart, how far what a route served while decoding is from its replay, and how
+often lies of several sizes are caught (peerd/inference/swarm/audit.py).
 
 One process, SmolLM2-135M split as a 3-hop route ([0, 10), [10, 20), [20, 30)), the
 embeddings of a chat request (the mixed DSD prompt set and GSM8K test questions, a
 chat message each, in the model's chat template) passed through it in float32 and
 in bfloat16 (every hop and the wire). The audit compares the route's final hidden
-states with a version of one hop's layers computed by someone else; its rule is the
-largest relative L2 distance at a position (`deviation`) within `tolerance`.
+states with a version of one hop's layers computed by someone else, and with what
+the route returned while the request decoded; its rule is the largest relative L2
+distance at a position (`deviation`) within `tolerance`.
 
 Honest versions of a hop: its layers computed in one go on 2 threads (as the route),
 against in chunks of 8 positions on 1 thread (a peer whose compute turns cut the
 prefill, another thread count: other summation orders), for each of the three hops.
+Honest serving: the request decoded greedily (--answer tokens) as a pipeline runs it,
+the prompt in one pass and then one position a pass, each hop on its own KV cache;
+what the route returned at every position against a replay of prompt and answer in
+one pass.
 Lies, by the middle hop: its output scaled by 1 + e; plus noise of s times its
-spread; one of its 10 layers skipped; its input passed on uncomputed. Caught = the
-route's output deviates from the honest one by more than the tolerance.
+spread; one of its 10 layers skipped; its input passed on uncomputed; on every pass
+(caught by the versions), and on the passes after the first only (the answer's
+positions: caught by what the route served). Caught = the route's output deviates
+from the honest one by more than the tolerance.
 
 Prints a table and writes bench/results/audit.json. Not a test: no thresholds.
 """
@@ -42,7 +50,7 @@ from rich.table import Table  # noqa: E402
 from peerd.inference.model.head import Head  # noqa: E402
 from peerd.inference.model.shard import ShardBlock  # noqa: E402
 from peerd.inference.model.source import load_config, load_tokenizer, resolve  # noqa: E402
-from peerd.inference.swarm.audit import AUDIT_POSITIONS, deviation, tolerance  # noqa: E402
+from peerd.inference.swarm.audit import deviation, tolerance  # noqa: E402
 from peerd.machine import describe  # noqa: E402
 from peerd.rl.sampler import chat_prompt_ids  # noqa: E402
 
@@ -81,11 +89,36 @@ def through(block: ShardBlock, x: torch.Tensor, versions: dict[int, Span]) -> to
     return x
 
 
+def decode(block: ShardBlock, head: Head, x: torch.Tensor, n: int
+           ) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding of n tokens after the prompt x [1, T, H], as a pipeline runs it:
+    the prompt in one pass, then a position a pass, each hop on its own cache. The
+    answer, and what the route returned at each position it ran [1, T + n - 1, H]."""
+    caches = [block.new_cache() for _ in SPANS]
+    answer: list[int] = []
+    served = []
+    pos = 0
+    with torch.inference_mode():
+        while True:
+            h = x
+            for k, span in enumerate(SPANS):
+                step = block.begin(h, pos, caches[k], span=span)
+                block.run(step, range(*span))
+                h = step.x.to(block.dtype)
+            served.append(h)
+            pos += x.shape[1]
+            answer.append(int(head.logits(h[:, -1:])[0, -1].argmax()))
+            if len(answer) == n:
+                return answer, torch.cat(served, 1)
+            x = head.embed(torch.tensor([answer[-1:]])).to(block.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--mixed", type=int, default=40, help="prompts of the mixed set (first N)")
     ap.add_argument("--gsm8k", type=int, default=2, help="GSM8K test questions (the first N)")
+    ap.add_argument("--answer", type=int, default=64, help="tokens decoded a request")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/audit.json")
     args = ap.parse_args()
     source = resolve(args.model)
@@ -96,7 +129,7 @@ def main() -> None:
              (ROOT / "bench/data/mixed/prompts.jsonl").read_text().splitlines()[:args.mixed]]
     texts += [json.loads(line)["question"] for line in
               (ROOT / "bench/data/gsm8k/test.jsonl").read_text().splitlines()[:args.gsm8k]]
-    prompts = [chat_prompt_ids(tokenizer, t)[:AUDIT_POSITIONS] for t in texts]
+    prompts = [chat_prompt_ids(tokenizer, t) for t in texts]
     head = Head(source)
     lies: dict[str, Callable[[ShardBlock, torch.Tensor], torch.Tensor]] = {
         "scaled by 1.001": lambda b, x: run_span(b, x, SPANS[LIAR]) * 1.001,
@@ -108,15 +141,18 @@ def main() -> None:
         "input passed on": lambda b, x: x,
     }
     result: dict[str, Any] = {"settings": {"model": args.model, "prompts": len(prompts),
-                                           "positions": AUDIT_POSITIONS, "spans": SPANS},
-                              "machine": describe(), "honest": {}, "lies": {}}
+                                           "answer_tokens": args.answer, "spans": SPANS},
+                              "machine": describe(), "honest": {}, "served": {}, "lies": {},
+                              "lies_after_the_first_pass": {}}
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         tol = tolerance([name])
         block = ShardBlock(source, 0, SPANS[-1][1], dtype=dtype)
         honest: list[float] = []
+        served: list[float] = []
         caught: dict[str, list[float]] = {lie: [] for lie in lies}
+        later: dict[str, list[float]] = {lie: [] for lie in lies}
         for ids in prompts:
             with torch.inference_mode():
                 x = head.embed(torch.tensor([ids])).to(dtype)
@@ -128,17 +164,44 @@ def main() -> None:
             for lie, make in lies.items():
                 caught[lie].append(deviation(through(block, x, {LIAR: functools.partial(
                     make, block)}), base))
-        honest.sort()
-        result["honest"][name] = {
-            "tolerance": tol, "versions": len(honest),
-            "median": statistics.median(honest), "p99": honest[int(0.99 * (len(honest) - 1))],
-            "max": honest[-1], "over_tolerance": sum(d > tol for d in honest)}
-        result["lies"][name] = {lie: {"caught": sum(d > tol for d in devs), "of": len(devs),
-                                      "median_deviation": statistics.median(devs)}
-                                for lie, devs in caught.items()}
+            # what the route served while decoding, against a replay of the request
+            answer, returned = decode(block, head, x, args.answer)
+            with torch.inference_mode():
+                x = head.embed(torch.tensor([ids + answer[:-1]])).to(dtype)
+            replay = through(block, x, {})
+            served.append(deviation(returned, replay))
+            # a liar on the passes after the first only, the answer's positions (the
+            # route's output as one prefill computes it, the liar's output replaced
+            # from the prompt's end on), against the honest replay
+            for lie, make in lies.items():
+                later[lie].append(deviation(through(block, x, {LIAR: functools.partial(
+                    after_prompt, block, make, len(ids))}), replay))
+        result["honest"][name] = spread(honest, tol)
+        result["served"][name] = spread(served, tol)
+        result["lies"][name] = caught_of(caught, tol)
+        result["lies_after_the_first_pass"][name] = caught_of(later, tol)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     show(result)
+
+
+def after_prompt(block: ShardBlock, make: Callable[[ShardBlock, torch.Tensor], torch.Tensor],
+                 cut: int, x: torch.Tensor) -> torch.Tensor:
+    """The middle hop honest up to position `cut`, `make`'s lie from there on."""
+    out = run_span(block, x, SPANS[LIAR])
+    return torch.cat([out[:, :cut], make(block, x)[:, cut:]], 1)
+
+
+def spread(devs: list[float], tol: float) -> dict[str, Any]:
+    devs = sorted(devs)
+    return {"tolerance": tol, "versions": len(devs), "median": statistics.median(devs),
+            "p99": devs[int(0.99 * (len(devs) - 1))], "max": devs[-1],
+            "over_tolerance": sum(d > tol for d in devs)}
+
+
+def caught_of(devs: dict[str, list[float]], tol: float) -> dict[str, Any]:
+    return {lie: {"caught": sum(d > tol for d in ds), "of": len(ds),
+                  "median_deviation": statistics.median(ds)} for lie, ds in devs.items()}
 
 
 def _noisy(h: torch.Tensor, s: float) -> torch.Tensor:
@@ -146,21 +209,30 @@ def _noisy(h: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def show(result: dict[str, Any]) -> None:
-    t = Table(title="honest versions of a hop's layers (chunked, another thread count)")
-    for col in ("dtype", "tolerance", "versions", "median", "p99", "max", "over tolerance"):
-        t.add_column(col)
-    for name, h in result["honest"].items():
-        t.add_row(name, f"{h['tolerance']:g}", str(h["versions"]), f"{h['median']:.2e}",
-                  f"{h['p99']:.2e}", f"{h['max']:.2e}", str(h["over_tolerance"]))
-    console.print(t)
-    t = Table(title="lies by the middle hop: caught / prompts (median deviation)")
-    t.add_column("lie")
-    for name in result["lies"]:
-        t.add_column(name)
-    for lie in next(iter(result["lies"].values())):
-        t.add_row(lie, *(f"{r[lie]['caught']}/{r[lie]['of']} ({r[lie]['median_deviation']:.2e})"
-                         for r in (result["lies"][n] for n in result["lies"])))
-    console.print(t)
+    for key, title in (("honest", "honest versions of a hop's layers (chunked, another "
+                        "thread count)"),
+                       ("served", "honest serving: what the route returned while decoding, "
+                        "against a replay")):
+        t = Table(title=title)
+        for col in ("dtype", "tolerance", "requests" if key == "served" else "versions",
+                    "median", "p99", "max", "over tolerance"):
+            t.add_column(col)
+        for name, h in result[key].items():
+            t.add_row(name, f"{h['tolerance']:g}", str(h["versions"]), f"{h['median']:.2e}",
+                      f"{h['p99']:.2e}", f"{h['max']:.2e}", str(h["over_tolerance"]))
+        console.print(t)
+    for key, title in (("lies", "lies by the middle hop on every pass"),
+                       ("lies_after_the_first_pass", "lies by the middle hop after a "
+                        "session's first pass (caught by what it served)")):
+        t = Table(title=f"{title}: caught / requests (median deviation)")
+        t.add_column("lie")
+        for name in result[key]:
+            t.add_column(name)
+        for lie in next(iter(result[key].values())):
+            t.add_row(lie, *(f"{r[lie]['caught']}/{r[lie]['of']} "
+                             f"({r[lie]['median_deviation']:.2e})"
+                             for r in result[key].values()))
+        console.print(t)
 
 
 if __name__ == "__main__":

@@ -12,21 +12,26 @@ import pytest
 import torch
 
 from peerd.inference.model.tensors import from_wire, to_wire
+from peerd.inference.options import SamplingParams, SpeculativeOptions
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.swarm.audit import (
     TOLERANCE_16,
     TOLERANCE_F32,
+    Keeper,
     Verdict,
     alternatives,
     deviation,
     judge,
     noise_source,
+    served_verdict,
     swapped,
     tolerance,
 )
 from peerd.inference.swarm.routing import Route, Server, Span
+from protocols.shard import Forward, Result
 from tests.harness import wait_for
 from tests.models import tiny_llama_dir
+from tests.test_dsd import untrained_eagle
 from tests.test_pipeline import PROMPT, generate, lie_downstream, model_swarm
 
 # ---- the rules ------------------------------------------------------------------------
@@ -79,6 +84,30 @@ def test_alternatives_serve_the_whole_span_in_its_dtype_the_entry_first() -> Non
     route = Route((Span("me", 0, 1, 0.0), Span("c", 1, 2, 0.0), Span("b", 2, 4, 0.0)), 0.0)
     assert alternatives(servers, route, 2, "me", frozenset()) == ["c", "f"]  # not me
     assert swapped(route, 2, "c") == Route((Span("me", 0, 1, 0.0), Span("c", 1, 4, 0.0)), 0.0)
+
+
+def test_what_a_route_served_wrongly_is_its_one_other_hops_or_all_of_theirs() -> None:
+    verdict = served_verdict(["me", "a"], "me", 3, 40)
+    assert verdict.at_fault == ("a",) and verdict.proven
+    assert "3 of the 40 positions" in verdict.why
+    verdict = served_verdict(["me", "a", "b"], "me", 1, 40)
+    assert verdict.at_fault == ("a", "b") and not verdict.proven
+    assert served_verdict(["a", "b", "c"], "me", 1, 2).at_fault == ("a", "b", "c")
+
+
+def test_a_keeper_keeps_each_positions_latest_row_from_the_last_session() -> None:
+    kept = Keeper()
+    assert kept.served() is None
+    rows = torch.arange(12.0).reshape(4, 3)
+    kept.keep(0, rows[:3])
+    kept.keep(2, rows[3:] * 10)  # position 2 again (a round's path sent again)
+    served = kept.served()
+    assert served is not None and served.positions == (0, 1, 2)
+    assert torch.equal(served.hidden, torch.stack([rows[0], rows[1], rows[3] * 10]))
+    rows.zero_()  # a copy is kept, not a view of the pass's tensor
+    assert served.hidden.sum() > 0
+    kept.forget()
+    assert kept.served() is None
 
 
 def test_agreement_is_a_relative_distance_within_the_dtypes_tolerance() -> None:
@@ -180,3 +209,98 @@ async def test_requests_are_audited_at_the_rate_and_route_around_what_an_audit_f
         assert events(entry, "inference.audit")[0]["at_fault"] == [liar.node.peer_id]
         _, info = await generate(entry, PROMPT)
         assert liar.node.peer_id not in {s["peer_id"] for s in info["route"]}  # type: ignore[union-attr]
+
+
+def after_the_first_pass(lie: Any) -> Any:
+    """`lie` on a session's later passes only (a decoding step, a draft's tree), honest
+    on its first (a request's prompt, a failover's replay, an audit's replay)."""
+    def lying(msg: Any) -> Any:
+        later = msg.start_pos > 0 if isinstance(msg, Forward) else (
+            isinstance(msg, Result) and msg.step > 1)  # steps count from 1
+        return lie(msg) if later else msg
+    return lying
+
+
+async def wait_audited(runtime: ModelRuntime, n: int) -> dict[str, Any]:
+    """The n-th audit's event, once it is out (audits run in the background)."""
+    await wait_for(lambda: len(events(runtime, "inference.audit")) >= n
+                   and not runtime.generator.audits.busy, 30, "the audit")
+    return events(runtime, "inference.audit")[n - 1]
+
+
+async def test_a_hop_that_lies_only_after_a_sessions_first_pass_is_found_by_what_it_served(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A last hop honest on every prefill from position 0 (which is all a replay is)
+    and lying on every later pass: a replay of the request agrees with its replicas'
+    compute, but not with what the route returned while the request decoded. The
+    route's only hop besides the entry is proven wrong; the next request goes around."""
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4)]) as (_, runtimes):
+        entry = runtimes[0]
+        route = entry.generator.route()
+        assert isinstance(route, Route)
+        liar = next(r for r in runtimes if r.node.peer_id == route.spans[-1].peer_id)
+        lie_downstream(liar, after_the_first_pass(scaled), monkeypatch)
+        audits = entry.generator.audits
+        audits.rate = 1.0
+        tokens, _ = await generate(entry, PROMPT)
+        event = await wait_audited(entry, 1)
+        assert event["outcome"] == "blamed" and event["at_fault"] == [liar.node.peer_id], event
+        assert "served what it does not compute" in event["detail"]
+        assert entry.node.offences[liar.node.peer_id]["wrong_output"] == 1
+        # a replay alone (what an audit was before it kept what the route served) is
+        # computed honestly: it agrees with the other replica
+        assert await audits.audit(route, PROMPT + tokens) == "agreed"
+        _, info = await generate(entry, PROMPT)
+        assert liar.node.peer_id not in {s["peer_id"] for s in info["route"]}  # type: ignore[union-attr]
+
+
+async def test_a_route_that_served_wrongly_bans_each_hop_but_the_entry(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hops besides the entry, the middle one lying on later passes only, and no
+    replicas: the entry saw only the last hop's output, so both are banned, neither
+    counted an offence."""
+    async with model_swarm(tmp_path, tiny, [(0, 1), (1, 3), (3, 4)]) as (_, runtimes):
+        entry, liar, last = runtimes
+        lie_downstream(liar, after_the_first_pass(scaled), monkeypatch)
+        entry.generator.audits.rate = 1.0
+        await generate(entry, PROMPT)
+        event = await wait_audited(entry, 1)
+        assert event["outcome"] == "disputed", event
+        assert set(event["at_fault"]) == {liar.node.peer_id, last.node.peer_id}
+        assert {liar.node.peer_id, last.node.peer_id} <= entry.generator.bans.banned(
+            time.monotonic())
+        assert not entry.node.offences.get(last.node.peer_id)
+
+
+async def test_honest_routes_serve_what_they_compute_plain_drafting_and_sampled(
+        tmp_path: Path, tiny: Path) -> None:
+    """Audited at rate 1, honest requests of every kind (plain greedy; token trees and
+    chains drafted by a head, with a pooled prefix reused; sampled) agree with their
+    replays: a position computed alone, in a tree or in a prefill is within the
+    tolerance, and nobody is blamed."""
+    async with model_swarm(tmp_path, tiny, [(0, 1), (1, 3), (3, 4)]) as (_, runtimes):
+        entry = runtimes[0]
+        g = entry.generator
+        g.audits.rate = 1.0
+        head = untrained_eagle(entry, tmp_path / "eagle.safetensors")
+        kinds: list[tuple[SamplingParams, SpeculativeOptions | None]] = [
+            (SamplingParams(max_tokens=24), None),
+            (SamplingParams(max_tokens=24), SpeculativeOptions(f"eagle:{head}", "greedy",
+                                                               None, True)),
+            (SamplingParams(max_tokens=24), SpeculativeOptions("ngram", "greedy", 4, False)),
+            (SamplingParams(max_tokens=24, temperature=1.0, seed=3), None),
+            (SamplingParams(max_tokens=24, temperature=0.8, seed=5),
+             SpeculativeOptions(f"eagle:{head}", "sample", 3, False)),
+        ]
+        for n, (params, spec) in enumerate(kinds, 1):
+            request = await g.prepare(PROMPT * 2, params, spec)
+
+            async def collect(token: int) -> bool:
+                return True
+
+            await g.generate(request, collect)
+            event = await wait_audited(entry, n)
+            assert event["outcome"] == "agreed", event
+            assert "as it computes them" in event["detail"]
+        assert g.audits.status()["agreed"] == len(kinds)
+        assert not g.bans.banned(time.monotonic())

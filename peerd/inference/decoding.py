@@ -127,6 +127,8 @@ class Decoding:
         self.fresh = True  # the session was opened for this request (not taken from the pool)
         self.failures = 0
         self.finished = False
+        # what the route returns, when this request is drawn for an audit (audit.py)
+        self.kept = generator.audits.keeper()
 
     async def run(self) -> GenerationStats:
         t_start = time.perf_counter()
@@ -149,6 +151,8 @@ class Decoding:
             self.max_length, self.stats, self.history, self.route, reuse=reuse,
             drafting=self.drafting is not None)
         self.route = None  # a later session routes again: a failure has changed the bans
+        if self.kept is not None:
+            self.kept.forget()
         if self.budget.plain_ms is None:
             self.budget.plain_ms = self.generator.plain_round(self.session.peers)
         self.kv = 0
@@ -288,6 +292,8 @@ class Decoding:
             features = torch.cat([self.reused[self.fed:self.kv], features])  # [n, H]
         if self.drafting is not None:
             self.collected.append(features)
+        if self.kept is not None:
+            self.kept.keep(self.kv, hidden[0, slots])
         self.kv += pending + chain_prefix(verdict.path)
         self.fed = ran_to
         return features
@@ -341,7 +347,7 @@ class Decoding:
                 session.features = (torch.cat(self.collected)[:self.kv] if self.collected
                                     else self.inherited)
                 await self.generator.pipeline.release(session)
-                self.generator.audits.after(session.route, self.history)
+                self.generator.audits.after(session.route, self.history, self.kept)
             else:
                 await session.close()
 

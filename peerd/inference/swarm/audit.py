@@ -5,13 +5,14 @@ computes. A hop that sends well-formed, finite, wrong hidden states passes them:
 zeros, or its input passed on uncomputed (a peer that takes routes for compute it does
 not do). Every request through it answers garbage, and nobody is blamed.
 
-So after a request, at `--audit-rate` (one audit at a time, in the background), the
-entry replays it (its prompt and answer, the first AUDIT_POSITIONS tokens) through the
-same route, twice, and through the route with one hop's layers computed by someone
-else, for each hop that another peer serves in the same dtype (the entry itself
-first, where it serves them: it trusts its own compute). An audit is a prefill of a
-request's history like any replay after a failover: a hop cannot tell it from one
-while it computes. Then (`judge`, `noise_source`: pure):
+So a request is drawn for an audit as it starts, at `--audit-rate` (`keeper`): while
+it decodes, the entry keeps what its route returned at each position (`Served`: the
+final hidden states, as the pass that computed the position returned them). After it
+ends (one audit at a time, in the background), the entry replays its history (prompt
+and answer) through the same route, twice, and through the route with one hop's
+layers computed by someone else, for each hop that another peer serves in the same
+dtype (the entry itself first, where it serves them: it trusts its own compute).
+Then (`judge`, `noise_source`, `served_verdict`: pure):
 
 - the route must agree with itself (a hop computes the same for the same input): if
   it does not, the hop whose replacement makes it agree is at fault alone; none, or
@@ -20,14 +21,24 @@ while it computes. Then (`judge`, `noise_source`: pure):
   with the entry's own is at fault alone; else a strict majority of three or more
   versions blames the rest, alone; two that disagree are both at fault (one of them
   lies, and the entry cannot tell which: as with a hop's word against its neighbour,
-  pipeline.py). A version at fault is banned; one proven wrong (by the entry's own or
-  a majority) is also counted an offence (`wrong_output`) and banned for the longest a
-  ban lasts (5 minutes) at once.
+  pipeline.py);
+- what the route served in the request against what it computes on the replay: a
+  replay is a prefill from position 0, which a hop can tell from a request's later
+  passes (a decoding step, a draft's tree) and compute honestly while it lies on those.
+  Where the two differ, a hop of the route lied while it served: the route's one hop
+  that is not the entry is at fault alone; several: all of them (the entry saw only
+  the last hop's output).
+
+A version at fault is banned; one proven wrong (by the entry's own compute, a majority,
+or as the route's only other hop) is also counted an offence (`wrong_output`) and
+banned for the longest a ban lasts (5 minutes) at once.
 
 Agreement: the final hidden states at every position within `tolerance` of each other
 (relative L2 distance): TOLERANCE_F32 when the wire and every hop compute in float32,
-TOLERANCE_16 otherwise. Honest hops differ by far less (summation orders, kernels;
-bench/README.md, "Audits"); a lie that moves the output by less passes.
+TOLERANCE_16 otherwise. Honest hops differ by far less (summation orders, kernels, a
+position computed alone or in a prefill; bench/README.md, "Audits"); a lie that moves
+the output by less passes. An audit replays the whole request: a prefill of it per
+version, a few in all, where the request took a pass per round.
 """
 
 from __future__ import annotations
@@ -51,7 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AUDIT_POSITIONS = 256  # of a request's tokens an audit replays, at most
 MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
 TOLERANCE_F32 = 1e-3
 TOLERANCE_16 = 5e-2
@@ -65,12 +75,51 @@ class Verdict:
     why: str
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a request's route returned: the final hidden states [n, H] at `positions`,
+    each as the pass of the request that computed it returned it."""
+
+    positions: tuple[int, ...]
+    hidden: torch.Tensor
+
+
+class Keeper:
+    """What the route of a request drawn for an audit returns, kept while it decodes
+    (decoding.py): every position's latest, from the session it ends on."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def keep(self, start: int, rows: torch.Tensor) -> None:
+        """The route returned rows [n, H] for positions start, start + 1, ..."""
+        for i in range(rows.shape[0]):
+            self.rows[start + i] = rows[i].clone()
+
+    def forget(self) -> None:
+        """A new session: what the last one returned is not the new route's."""
+        self.rows.clear()
+
+    def served(self) -> Served | None:
+        if not self.rows:
+            return None
+        positions = tuple(sorted(self.rows))
+        return Served(positions, torch.stack([self.rows[p] for p in positions]))
+
+
+def deviations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The relative L2 distance between a's and b's hidden states at each position
+    ([..., H] each, alike)."""
+    a, b = a.float(), b.float()
+    scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-6)
+    out: torch.Tensor = (a - b).norm(dim=-1) / scale
+    return out
+
+
 def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest relative L2 distance between a's and b's hidden states at a
     position ([1, T, H] each)."""
-    a, b = a.float(), b.float()
-    scale = torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-6)
-    return float(((a - b).norm(dim=-1) / scale).max())
+    return float(deviations(a, b).max())
 
 
 def tolerance(dtypes: Sequence[str]) -> float:
@@ -105,6 +154,19 @@ def noise_source(reproducible: dict[str, bool]) -> str | None:
     layers computed by someone else. The one such hop, or None."""
     fixes = [hop for hop, fixed in reproducible.items() if fixed]
     return fixes[0] if len(fixes) == 1 else None
+
+
+def served_verdict(peers: Sequence[str], me: str, off: int, of: int) -> Verdict:
+    """The route through `peers` returned, at `off` of the `of` positions it served a
+    request, what its hops do not compute on a replay: one of its hops that is not the
+    entry lied while serving. The only one is proven; of several, the entry saw only
+    the last one's output, and all are at fault."""
+    others = tuple(dict.fromkeys(p for p in peers if p != me))
+    why = (f"the route returned, at {off} of the {of} positions it served a request, "
+           "hidden states that its hops do not compute on a replay")
+    return Verdict(others, len(others) == 1,
+                   f"{others[0]} served what it does not compute ({why})"
+                   if len(others) == 1 else f"one of {', '.join(others)} lied: {why}")
 
 
 def alternatives(servers: Sequence[Server], route: Route, i: int, me: str,
@@ -148,30 +210,40 @@ class Audits:
         self.busy = False
         self.counts: Counter[str] = Counter()
 
-    def after(self, hops: Sequence[Hop], tokens: Sequence[int]) -> None:
-        """A request on the route through `hops` ended well: audit it, at `rate`, unless
-        one is running or the route is ours alone."""
+    def keeper(self) -> Keeper | None:
+        """A request starts: a Keeper of what its route returns when it is drawn for an
+        audit (at `rate`), else None. Drawn now, so that no pass of it can be told from
+        an audited request's."""
+        return Keeper() if self.rate > 0 and self.draw() < self.rate else None
+
+    def after(self, hops: Sequence[Hop], tokens: Sequence[int], kept: Keeper | None) -> None:
+        """A request on the route through `hops` ended well: audit it if it was drawn
+        (`kept` what its route returned), unless one is running or the route is ours
+        alone."""
         me = self.generator.node.peer_id
         route = Route(tuple(Span(h.peer_id, h.start, h.end, 0.0) for h in hops), 0.0)
-        if (self.busy or self.rate <= 0 or len(tokens) < 2
-                or all(s.peer_id == me for s in route.spans) or self.draw() >= self.rate):
+        if (kept is None or self.busy or len(tokens) < 2
+                or all(s.peer_id == me for s in route.spans)):
             return
         self.busy = True
-        self.generator.node.nursery.start_soon(self._audit, route,
-                                               tuple(tokens[:AUDIT_POSITIONS]))
+        self.generator.node.nursery.start_soon(self._audit, route, tuple(tokens),
+                                               kept.served())
 
-    async def _audit(self, route: Route, tokens: tuple[int, ...]) -> None:
+    async def _audit(self, route: Route, tokens: tuple[int, ...], served: Served | None
+                     ) -> None:
         try:
-            await self.audit(route, tokens)
+            await self.audit(route, tokens, served)
         except Exception:  # our bug: the audit is lost, the node goes on
             log.exception("auditing a route failed")
             self.counts["failed"] += 1
         finally:
             self.busy = False
 
-    async def audit(self, route: Route, tokens: Sequence[int]) -> str:
-        """Audit `route` on `tokens` now; the outcome (one of OUTCOMES), published as an
-        `inference.audit` event, its verdict blamed."""
+    async def audit(self, route: Route, tokens: Sequence[int], served: Served | None = None
+                    ) -> str:
+        """Audit `route` on `tokens` now (and what it `served` a request of them); the
+        outcome (one of OUTCOMES), published as an `inference.audit` event, its verdict
+        blamed."""
         g = self.generator
         me = g.node.peer_id
         servers = g.servers()
@@ -180,7 +252,7 @@ class Audits:
                 for i, s in enumerate(route.spans) if s.peer_id != me}
         hops = {i: alts for i, alts in hops.items() if alts}
         peers = [s.peer_id for s in route.spans]
-        if not hops:
+        if not hops and served is None:
             return self._publish("unauditable", peers, "no other peer serves any hop's "
                                  "layers in its dtype")
         dtypes = [g.wire_dtype, *(s.dtype for s in servers if s.peer_id in peers)]
@@ -212,8 +284,14 @@ class Audits:
         except PipelineFailure as failure:  # a pass failed: blamed as any
             g.blame(failure, 1)
             return self._publish("failed", peers, str(failure))
-        return self._publish("agreed", peers, f"{len(hops)} hop(s) agreed with another "
-                             "peer's compute of their layers")
+        said = [f"{len(hops)} hop(s) agreed with another peer's compute of their layers"]
+        if served is not None:
+            at = [p for p in served.positions if p < base.shape[1]]
+            off = int((deviations(base[0, at], served.hidden[:len(at)]) > tol).sum())
+            if off:
+                return self._blame(served_verdict(peers, me, off, len(at)), peers)
+            said.append(f"the route served {len(at)} positions as it computes them")
+        return self._publish("agreed", peers, "; ".join(said))
 
     async def _run(self, route: Route, hidden: torch.Tensor) -> torch.Tensor:
         g = self.generator
@@ -235,6 +313,8 @@ class Audits:
         first, *others = verdict.at_fault
         g.blame(PipelineFailure(first, WRONG_OUTPUT, verdict.why,
                                 others[0] if others else None), 1)
+        for peer in others[1:]:  # a route's hops, all of them
+            g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1)
         return self._publish("disputed", peers, verdict.why, verdict.at_fault)
 
     def _publish(self, outcome: str, route: list[str], why: str,

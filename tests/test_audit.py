@@ -95,15 +95,15 @@ def test_what_a_route_served_wrongly_is_its_one_other_hops_or_all_of_theirs() ->
     assert served_verdict(["a", "b", "c"], "me", 1, 2).at_fault == ("a", "b", "c")
 
 
-def test_a_keeper_keeps_each_positions_latest_row_from_the_last_session() -> None:
+def test_a_keeper_keeps_every_row_the_last_session_returned() -> None:
     kept = Keeper()
     assert kept.served() is None
     rows = torch.arange(12.0).reshape(4, 3)
     kept.keep(0, rows[:3])
-    kept.keep(2, rows[3:] * 10)  # position 2 again (a round's path sent again)
+    kept.keep(2, rows[3:] * 10)  # position 2 again (a tree's path sent again as a chain)
     served = kept.served()
-    assert served is not None and served.positions == (0, 1, 2)
-    assert torch.equal(served.hidden, torch.stack([rows[0], rows[1], rows[3] * 10]))
+    assert served is not None and served.positions == (0, 1, 2, 2)
+    assert torch.equal(served.hidden, torch.cat([rows[:3], rows[3:] * 10]))
     rows.zero_()  # a copy is kept, not a view of the pass's tensor
     assert served.hidden.sum() > 0
     kept.forget()
@@ -211,13 +211,14 @@ async def test_requests_are_audited_at_the_rate_and_route_around_what_an_audit_f
         assert liar.node.peer_id not in {s["peer_id"] for s in info["route"]}  # type: ignore[union-attr]
 
 
-def after_the_first_pass(lie: Any) -> Any:
-    """`lie` on a session's later passes only (a decoding step, a draft's tree), honest
-    on its first (a request's prompt, a failover's replay, an audit's replay)."""
+def after_the_first_pass(lie: Any, wider_than: int = 0) -> Any:
+    """`lie` on a session's later passes only (a decoding step, a draft's tree; of more
+    than `wider_than` positions), honest on its first (a request's prompt, a
+    failover's replay, an audit's replay)."""
     def lying(msg: Any) -> Any:
         later = msg.start_pos > 0 if isinstance(msg, Forward) else (
             isinstance(msg, Result) and msg.step > 1)  # steps count from 1
-        return lie(msg) if later else msg
+        return lie(msg) if later and from_wire(msg.hidden).shape[1] > wider_than else msg
     return lying
 
 
@@ -228,28 +229,39 @@ async def wait_audited(runtime: ModelRuntime, n: int) -> dict[str, Any]:
     return events(runtime, "inference.audit")[n - 1]
 
 
+@pytest.mark.parametrize("drafting", [False, True], ids=["plain", "drafting"])
 async def test_a_hop_that_lies_only_after_a_sessions_first_pass_is_found_by_what_it_served(
-        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch, drafting: bool) -> None:
     """A last hop honest on every prefill from position 0 (which is all a replay is)
-    and lying on every later pass: a replay of the request agrees with its replicas'
-    compute, but not with what the route returned while the request decoded. The
-    route's only hop besides the entry is proven wrong; the next request goes around."""
+    and lying on every later pass (drafting: on the passes that verify a draft only):
+    a replay of the request agrees with its replicas' compute, but not with what the
+    route returned while the request decoded. The route's only hop besides the entry
+    is proven wrong; the next request goes around it."""
     async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4)]) as (_, runtimes):
         entry = runtimes[0]
-        route = entry.generator.route()
+        g = entry.generator
+        route = g.route()
         assert isinstance(route, Route)
         liar = next(r for r in runtimes if r.node.peer_id == route.spans[-1].peer_id)
-        lie_downstream(liar, after_the_first_pass(scaled), monkeypatch)
-        audits = entry.generator.audits
-        audits.rate = 1.0
-        tokens, _ = await generate(entry, PROMPT)
+        lie_downstream(liar, after_the_first_pass(scaled, 1 if drafting else 0), monkeypatch)
+        g.audits.rate = 1.0
+        spec = SpeculativeOptions("ngram", "greedy", 4, False) if drafting else None
+        request = await g.prepare(PROMPT * 3, SamplingParams(max_tokens=24), spec)
+        tokens: list[int] = []
+
+        async def collect(token: int) -> bool:
+            tokens.append(token)
+            return True
+
+        stats = await g.generate(request, collect)
+        assert not drafting or any(r.drafted for r in stats.rounds)
         event = await wait_audited(entry, 1)
         assert event["outcome"] == "blamed" and event["at_fault"] == [liar.node.peer_id], event
         assert "served what it does not compute" in event["detail"]
         assert entry.node.offences[liar.node.peer_id]["wrong_output"] == 1
         # a replay alone (what an audit was before it kept what the route served) is
         # computed honestly: it agrees with the other replica
-        assert await audits.audit(route, PROMPT + tokens) == "agreed"
+        assert await g.audits.audit(route, PROMPT * 3 + tokens) == "agreed"
         _, info = await generate(entry, PROMPT)
         assert liar.node.peer_id not in {s["peer_id"] for s in info["route"]}  # type: ignore[union-attr]
 

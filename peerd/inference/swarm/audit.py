@@ -77,8 +77,9 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """What a request's route returned: the final hidden states [n, H] at `positions`,
-    each as the pass of the request that computed it returned it."""
+    """What a request's route returned: the final hidden states [n, H] at `positions`
+    (a position again where a later pass computed it again), each as the pass of the
+    request that computed it returned it."""
 
     positions: tuple[int, ...]
     hidden: torch.Tensor
@@ -86,25 +87,27 @@ class Served:
 
 class Keeper:
     """What the route of a request drawn for an audit returns, kept while it decodes
-    (decoding.py): every position's latest, from the session it ends on."""
+    (decoding.py): every row the session it ends on returned for a committed position,
+    each time it did (a tree's path decides the next token, and is sent again as a
+    chain: a lie in either would decide what the request answers)."""
 
     def __init__(self) -> None:
-        self.rows: dict[int, torch.Tensor] = {}
+        self.positions: list[int] = []
+        self.rows: list[torch.Tensor] = []
 
     def keep(self, start: int, rows: torch.Tensor) -> None:
         """The route returned rows [n, H] for positions start, start + 1, ..."""
-        for i in range(rows.shape[0]):
-            self.rows[start + i] = rows[i].clone()
+        self.positions.extend(range(start, start + rows.shape[0]))
+        self.rows.append(rows.clone())
 
     def forget(self) -> None:
         """A new session: what the last one returned is not the new route's."""
-        self.rows.clear()
+        self.positions, self.rows = [], []
 
     def served(self) -> Served | None:
         if not self.rows:
             return None
-        positions = tuple(sorted(self.rows))
-        return Served(positions, torch.stack([self.rows[p] for p in positions]))
+        return Served(tuple(self.positions), torch.cat(self.rows))
 
 
 def deviations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -286,8 +289,9 @@ class Audits:
             return self._publish("failed", peers, str(failure))
         said = [f"{len(hops)} hop(s) agreed with another peer's compute of their layers"]
         if served is not None:
-            at = [p for p in served.positions if p < base.shape[1]]
-            off = int((deviations(base[0, at], served.hidden[:len(at)]) > tol).sum())
+            at = [i for i, p in enumerate(served.positions) if p < base.shape[1]]
+            rows = base[0, [served.positions[i] for i in at]]  # [n, H]
+            off = int((deviations(rows, served.hidden[at]) > tol).sum())
             if off:
                 return self._blame(served_verdict(peers, me, off, len(at)), peers)
             said.append(f"the route served {len(at)} positions as it computes them")

@@ -266,6 +266,25 @@ async def test_a_hop_that_lies_only_after_a_sessions_first_pass_is_found_by_what
         assert liar.node.peer_id not in {s["peer_id"] for s in info["route"]}  # type: ignore[union-attr]
 
 
+async def test_a_scored_chain_of_thought_is_audited_too(
+        tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """How a requester measures someone else's chain of thought (Generator.score) is a
+    request like any: drawn for an audit, what its route returned is checked; a last
+    hop that scaled it is outvoted by its two replicas."""
+    async with model_swarm(tmp_path, tiny, [(0, 2), (2, 4), (2, 4), (2, 4)]) as (_, runtimes):
+        entry = runtimes[0]
+        route = entry.generator.route()
+        assert isinstance(route, Route)
+        liar = next(r for r in runtimes if r.node.peer_id == route.spans[-1].peer_id)
+        entry.generator.audits.rate = 1.0
+        honest = await entry.generator.score(PROMPT, PROMPT[:6])
+        assert (await wait_audited(entry, 1))["outcome"] == "agreed"
+        lie_downstream(liar, scaled, monkeypatch)
+        assert await entry.generator.score(PROMPT[:8], PROMPT[:6]) != honest[:6]
+        event = await wait_audited(entry, 2)
+        assert event["outcome"] == "blamed" and event["at_fault"] == [liar.node.peer_id], event
+
+
 async def test_a_route_that_served_wrongly_bans_each_hop_but_the_entry(
         tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two hops besides the entry, the middle one lying on later passes only, and no

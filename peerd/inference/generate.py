@@ -263,8 +263,11 @@ class Generator:
         if not tokens:
             return []
         stats = GenerationStats(prompt_tokens=len(history))
+        kept = self.audits.keeper()  # what the route returns, when drawn for an audit
         for failures in range(1, MAX_FAILURES + 1):
             session, fresh = await self.open(len(history), stats, history)
+            if kept is not None:
+                kept.forget()
             kv = 0
             if not fresh:  # the logits that score tokens[0] come after the prompt's last
                 kv = min((await self.reuse(session, history, None))[0], len(prompt_ids) - 1)
@@ -273,6 +276,8 @@ class Generator:
                 hidden = await self.in_thread(self.embed, history[kv:])
                 result = await session.step(hidden, kv, keep=kv if session.held > kv else -1)
                 session.held = len(history)
+                if kept is not None:
+                    kept.keep(kv, result.hidden[0])
                 rows = result.hidden[:, len(prompt_ids) - 1 - kv:-1, :]  # [1, len(tokens), H]
                 scored: list[float] = await self.in_thread(self._logprobs, rows, tokens)
                 done = True
@@ -285,6 +290,7 @@ class Generator:
                     if done:
                         session.cached, session.features = tuple(history), None
                         await self.pipeline.release(session)
+                        self.audits.after(session.route, history, kept)
                     else:
                         await session.close()
         raise GenerationFailed(f"could not score in {MAX_FAILURES} tries")

@@ -106,9 +106,9 @@ class Config:
     # output would part. None (the default): on for a route that is float32 on the wire
     # and on every hop, off elsewhere (peerd/inference/swarm/warm.py); True/False: always.
     prompt_cache: bool | None = None
-    # The share of requests after which the entry audits its route: it replays a prefix
-    # of the request through the route and through the route with each hop's layers
-    # computed by another peer (or itself), and bans a hop whose output disagrees
+    # The share of requests whose route the entry audits: what the route returned
+    # against a replay of the request through it and through it with each hop's layers
+    # computed by another peer (or itself); a hop whose output disagrees is banned
     # (peerd/inference/swarm/audit.py); 0: never.
     audit_rate: float = 0.05
     # Sample RL rollouts for trainers (peerd rl train): this peer's model generates

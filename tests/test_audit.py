@@ -4,7 +4,9 @@ hops that send well-formed, finite, wrong hidden states over real in-process hos
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,21 @@ def test_a_keeper_keeps_every_row_the_last_session_returned() -> None:
     assert served.hidden.sum() > 0
     kept.forget()
     assert kept.served() is None
+
+
+def test_a_keeper_keeps_a_uniform_sample_of_a_long_requests_rows() -> None:
+    """Past its limit a keeper holds `limit` rows, each position about as likely."""
+    hits = Counter[int]()
+    for seed in range(300):
+        kept = Keeper(limit=8, rng=random.Random(seed))
+        for start in range(0, 40, 4):
+            kept.keep(start, torch.arange(start, start + 4.0).repeat(2, 1).T)  # [4, 2]
+        served = kept.served()
+        assert served is not None and len(served.positions) == 8
+        assert all(float(served.hidden[i, 0]) == p for i, p in enumerate(served.positions))
+        hits.update(served.positions)
+    assert set(hits) == set(range(40))  # every position is sometimes kept
+    assert max(hits.values()) < 2.5 * min(hits.values())  # 60 each, expected
 
 
 def test_agreement_is_a_relative_distance_within_the_dtypes_tolerance() -> None:

@@ -61,9 +61,9 @@ from peerd.inference.options import DRAFT_KINDS, MAX_GAMMA, VERIFY_MODES, spoken
               "off in bfloat16/float16, where greedy output would part from a fresh "
               "prefill's].")
 @click.option("--audit-rate", type=float, metavar="P",
-              help="The share of requests after which this peer audits their route: a "
-              "prefix replayed with each hop's layers computed by another peer too; a hop "
-              "whose output disagrees is routed around [0.05; 0: never].")
+              help="The share of requests whose route this peer audits: what the route "
+              "returned, against a replay with each hop's layers computed by another peer "
+              "too; a hop whose output disagrees is routed around [0.05; 0: never].")
 @click.option("--rollout", is_flag=True, default=None,
               help="Sample RL rollouts for trainers (`peerd rl train`) with this peer's model, "
               "which then follows the trainer's policy versions; needs --model (with "

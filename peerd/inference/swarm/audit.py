@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
+KEPT_ROWS = 1024  # rows of what a request's route returned kept for its audit, at most
 TOLERANCE_F32 = 1e-3
 TOLERANCE_16 = 5e-2
 OUTCOMES = ("agreed", "blamed", "disputed", "inconclusive", "failed", "unauditable")
@@ -87,27 +88,37 @@ class Served:
 
 class Keeper:
     """What the route of a request drawn for an audit returns, kept while it decodes
-    (decoding.py): every row the session it ends on returned for a committed position,
+    (decoding.py): the rows the session it ends on returned for committed positions,
     each time it did (a tree's path decides the next token, and is sent again as a
-    chain: a lie in either would decide what the request answers)."""
+    chain: a lie in either would decide what the request answers). At most `limit`,
+    a uniform sample of them past that (reservoir sampling): a lie at every step is
+    seen at once, one at a single position of a long request with odds limit / rows."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = KEPT_ROWS, rng: random.Random | None = None) -> None:
+        self.limit = limit
+        self.rng = rng or random.Random()
+        self.seen = 0
         self.positions: list[int] = []
         self.rows: list[torch.Tensor] = []
 
     def keep(self, start: int, rows: torch.Tensor) -> None:
         """The route returned rows [n, H] for positions start, start + 1, ..."""
-        self.positions.extend(range(start, start + rows.shape[0]))
-        self.rows.append(rows.clone())
+        for i in range(rows.shape[0]):
+            if len(self.rows) < self.limit:
+                self.positions.append(start + i)
+                self.rows.append(rows[i].clone())
+            elif (slot := self.rng.randrange(self.seen + 1)) < self.limit:
+                self.positions[slot], self.rows[slot] = start + i, rows[i].clone()
+            self.seen += 1
 
     def forget(self) -> None:
         """A new session: what the last one returned is not the new route's."""
-        self.positions, self.rows = [], []
+        self.seen, self.positions, self.rows = 0, [], []
 
     def served(self) -> Served | None:
         if not self.rows:
             return None
-        return Served(tuple(self.positions), torch.cat(self.rows))
+        return Served(tuple(self.positions), torch.stack(self.rows))
 
 
 def deviations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,18 @@ often lies of several sizes are caught (peerd/inference/swarm/audit.py).
 One process, SmolLM2-135M split as a 3-hop route ([0, 10), [10, 20), [20, 30)), the
 embeddings of a chat request (the mixed DSD prompt set and GSM8K test questions, a
 chat message each, in the model's chat template) passed through it in float32 and
-in bfloat16 (every hop and the wire). The audit compares the route's final hidden
+in bfloat16 and float16 (every hop and the wire). The audit compares the route's final hidden
 states with a version of one hop's layers computed by someone else, and with what
 the route returned while the request decoded; its rule is the largest relative L2
 distance at a position (`deviation`) within `tolerance`.
 
 Honest versions of a hop: its layers computed in one go on 2 threads (as the route),
 against in chunks of 8 positions on 1 thread (a peer whose compute turns cut the
-prefill, another thread count: other summation orders), for each of the three hops.
+prefill, another thread count: other summation orders), for each of the three hops;
+in 16 bits also against another kernel: the same 16-bit weights, computed in float32
+within a layer and rounded to 16 bits at each layer's end (as GPU kernels that
+accumulate in float32 and fuse operations round less often than PyTorch's CPU path,
+which rounds after every operation).
 Honest serving: the request decoded greedily (--answer tokens) as a pipeline runs it,
 the prompt in one pass and then one position a pass, each hop on its own KV cache;
 what the route returned at every position against a replay of prompt and answer in
@@ -89,6 +93,20 @@ def through(block: ShardBlock, x: torch.Tensor, versions: dict[int, Span]) -> to
     return x
 
 
+def kernel_span(block32: ShardBlock, dtype: torch.dtype, x: torch.Tensor,
+                span: tuple[int, int]) -> torch.Tensor:
+    """Layers `span` on x as another kernel computes them: `block32` (float32, its
+    weights rounded to `dtype`) within each layer, the output rounded to `dtype` at
+    each layer's end."""
+    cache = block32.new_cache()
+    with torch.inference_mode():
+        step = block32.begin(x.float(), 0, cache, span=span)
+        for i in range(*span):
+            block32.run(step, range(i, i + 1))
+            step.x = step.x.to(dtype).float()
+    return step.x.to(dtype)
+
+
 def decode(block: ShardBlock, head: Head, x: torch.Tensor, n: int
            ) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding of n tokens after the prompt x [1, T, H], as a pipeline runs it:
@@ -142,14 +160,21 @@ def main() -> None:
     }
     result: dict[str, Any] = {"settings": {"model": args.model, "prompts": len(prompts),
                                            "answer_tokens": args.answer, "spans": SPANS},
-                              "machine": describe(), "honest": {}, "served": {}, "lies": {},
-                              "lies_after_the_first_pass": {}}
+                              "machine": describe(), "honest": {}, "kernel": {}, "served": {},
+                              "lies": {}, "lies_after_the_first_pass": {}}
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = str(dtype).removeprefix("torch.")
         tol = tolerance([name])
         block = ShardBlock(source, 0, SPANS[-1][1], dtype=dtype)
+        block32 = None
+        if dtype != torch.float32:  # another kernel's: the same 16-bit weights
+            block32 = ShardBlock(source, 0, SPANS[-1][1], dtype=torch.float32)
+            with torch.no_grad():
+                for param in block32.parameters():
+                    param.copy_(param.to(dtype).float())
         honest: list[float] = []
+        kernel: list[float] = []
         served: list[float] = []
         caught: dict[str, list[float]] = {lie: [] for lie in lies}
         later: dict[str, list[float]] = {lie: [] for lie in lies}
@@ -161,6 +186,9 @@ def main() -> None:
                 other = through(block, x, {k: functools.partial(
                     run_span, block, span=span, chunk=8, threads=1)})
                 honest.append(deviation(base, other))
+                if block32 is not None:
+                    kernel.append(deviation(base, through(block, x, {k: functools.partial(
+                        kernel_span, block32, dtype, span=span)})))
             for lie, make in lies.items():
                 caught[lie].append(deviation(through(block, x, {LIAR: functools.partial(
                     make, block)}), base))
@@ -178,6 +206,8 @@ def main() -> None:
                     after_prompt, block, make, len(ids))}), replay))
         result["honest"][name] = spread(honest, tol)
         result["served"][name] = spread(served, tol)
+        if kernel:
+            result["kernel"][name] = spread(kernel, tol)
         result["lies"][name] = caught_of(caught, tol)
         result["lies_after_the_first_pass"][name] = caught_of(later, tol)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +241,8 @@ def _noisy(h: torch.Tensor, s: float) -> torch.Tensor:
 def show(result: dict[str, Any]) -> None:
     for key, title in (("honest", "honest versions of a hop's layers (chunked, another "
                         "thread count)"),
+                       ("kernel", "honest 16-bit versions: another kernel (float32 within "
+                        "a layer, rounded at its end)"),
                        ("served", "honest serving: what the route returned while decoding, "
                         "against a replay")):
         t = Table(title=title)

@@ -17,8 +17,7 @@ from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.options import SamplingParams, SpeculativeOptions
 from peerd.inference.runtime import ModelRuntime
 from peerd.inference.swarm.audit import (
-    TOLERANCE_16,
-    TOLERANCE_F32,
+    TOLERANCES,
     Keeper,
     Verdict,
     alternatives,
@@ -131,8 +130,11 @@ def test_agreement_is_a_relative_distance_within_the_dtypes_tolerance() -> None:
     a = torch.randn(1, 5, 16)
     assert deviation(a, a) == 0.0
     assert deviation(a, a * 1.5) == pytest.approx(1 / 3, rel=1e-4)
-    assert tolerance(["float32", "float32"]) == TOLERANCE_F32
-    assert tolerance(["float32", "bfloat16"]) == TOLERANCE_16
+    assert tolerance(["float32", "float32"]) == TOLERANCES["float32"] == 1e-3
+    # the loosest of the route's dtypes
+    assert tolerance(["float32", "float16"]) == TOLERANCES["float16"]
+    assert tolerance(["float16", "bfloat16", "float32"]) == TOLERANCES["bfloat16"]
+    assert tolerance(["float32", "float8"]) == TOLERANCES["bfloat16"]  # unknown: loose
 
 
 # ---- over real hosts ------------------------------------------------------------------

@@ -34,11 +34,12 @@ or as the route's only other hop) is also counted an offence (`wrong_output`) an
 banned for the longest a ban lasts (5 minutes) at once.
 
 Agreement: the final hidden states at every position within `tolerance` of each other
-(relative L2 distance): TOLERANCE_F32 when the wire and every hop compute in float32,
-TOLERANCE_16 otherwise. Honest hops differ by far less (summation orders, kernels, a
-position computed alone or in a prefill; bench/README.md, "Audits"); a lie that moves
-the output by less passes. An audit replays the whole request: a prefill of it per
-version, a few in all, where the request took a pass per round.
+(relative L2 distance), the loosest of the TOLERANCES of the wire's and the hops'
+dtypes. Honest hops differ by less (summation orders, a position computed alone or in
+a prefill, and in 16 bits kernels that round at other places; bench/README.md,
+"Audits"); a lie that moves the output by less passes. An audit replays the whole
+request: a prefill of it per version, a few in all, where the request took a pass a
+round.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ log = logging.getLogger(__name__)
 
 MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
 KEPT_ROWS = 1024  # rows of what a request's route returned kept for its audit, at most
-TOLERANCE_F32 = 1e-3
-TOLERANCE_16 = 5e-2
+# Honest versions differ by at most (bench/README.md, "Audits"): float32 3e-6; float16
+# 7e-3 and bfloat16 7e-2 where one kernel rounds at every operation and another at
+# each layer's end only (as GPU kernels accumulating in float32 do); x 2-5 of margin
+TOLERANCES = {"float32": 1e-3, "float16": 2.5e-2, "bfloat16": 0.15}
 OUTCOMES = ("agreed", "blamed", "disputed", "inconclusive", "failed", "unauditable")
 
 
@@ -137,8 +140,9 @@ def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tolerance(dtypes: Sequence[str]) -> float:
-    """How far honest versions may differ: float32 everywhere, or anything less."""
-    return TOLERANCE_F32 if all(d == "float32" for d in dtypes) else TOLERANCE_16
+    """How far honest versions of a route in `dtypes` (the wire's, the hops') may
+    differ: the loosest of theirs; a dtype not in TOLERANCES as bfloat16."""
+    return max(TOLERANCES.get(d, TOLERANCES["bfloat16"]) for d in dtypes)
 
 
 def judge(peers: Sequence[str], agree: Sequence[Sequence[bool]],

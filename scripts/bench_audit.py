@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
+from rich.progress import track  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from peerd.inference.model.head import Head  # noqa: E402
@@ -178,7 +179,7 @@ def main() -> None:
         served: list[float] = []
         caught: dict[str, list[float]] = {lie: [] for lie in lies}
         later: dict[str, list[float]] = {lie: [] for lie in lies}
-        for ids in prompts:
+        for ids in track(prompts, description=f"{name}: requests", console=console):
             with torch.inference_mode():
                 x = head.embed(torch.tensor([ids])).to(dtype)
             base = through(block, x, {})

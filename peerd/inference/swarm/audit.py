@@ -65,9 +65,9 @@ log = logging.getLogger(__name__)
 
 MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
 KEPT_ROWS = 1024  # rows of what a request's route returned kept for its audit, at most
-# Honest versions differ by at most (bench/README.md, "Audits"): float32 3e-6; float16
-# 7e-3 and bfloat16 7e-2 where one kernel rounds at every operation and another at
-# each layer's end only (as GPU kernels accumulating in float32 do); x 2-5 of margin
+# Honest versions differ by at most (bench/README.md, "Audits"): float32 3.3e-6;
+# float16 1.1e-2 and bfloat16 9.1e-2 where one kernel rounds after every operation and
+# another at each layer's end only (as GPU kernels accumulating in float32 do)
 TOLERANCES = {"float32": 1e-3, "float16": 2.5e-2, "bfloat16": 0.15}
 OUTCOMES = ("agreed", "blamed", "disputed", "inconclusive", "failed", "unauditable")
 

@@ -180,8 +180,12 @@ async def test_an_audit_blames_a_hop_whose_output_the_other_versions_outvote(
         banned = entry.generator.bans.banned(time.monotonic())
         assert liar.node.peer_id in banned and not {r.node.peer_id for r in honest} & banned
         # proven wrong: routed around for the longest a ban lasts, at once
-        assert entry.generator.bans.remaining(liar.node.peer_id, time.monotonic()) > 250
+        assert 250 < entry.generator.bans.remaining(liar.node.peer_id, time.monotonic()) <= 300
         assert audits.status()["blamed"] == 1 and audits.status()["agreed"] == 1
+        # proven wrong again (the ban over, say): routed around for a day
+        assert await audits.audit(route, PROMPT) == "blamed"
+        assert entry.node.offences[liar.node.peer_id]["wrong_output"] == 2
+        assert entry.generator.bans.remaining(liar.node.peer_id, time.monotonic()) > 23 * 3600
 
 
 async def test_two_versions_that_disagree_are_both_banned_unless_one_is_the_entrys(

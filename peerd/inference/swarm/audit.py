@@ -31,7 +31,7 @@ Then (`judge`, `noise_source`, `served_verdict`: pure):
 
 A version at fault is banned; one proven wrong (by the entry's own compute, a majority,
 or as the route's only other hop) is also counted an offence (`wrong_output`) and
-banned for the longest a ban lasts (5 minutes) at once.
+banned for the longest a ban lasts (5 minutes) at once; proven wrong again, for a day.
 
 Agreement: the final hidden states at every position within `tolerance` of each other
 (relative L2 distance), the loosest of the TOLERANCES of the wire's and the hops'
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
+PROVEN_AGAIN_BAN_S = 24 * 3600.0  # a peer proven wrong a second time is routed around
 KEPT_ROWS = 1024  # rows of what a request's route returned kept for its audit, at most
 # Honest versions differ by at most (bench/README.md, "Audits"): float32 3.3e-6;
 # float16 1.1e-2 and bfloat16 9.1e-2 where one kernel rounds after every operation and
@@ -324,10 +325,11 @@ class Audits:
     def _blame(self, verdict: Verdict, peers: list[str]) -> str:
         g = self.generator
         if verdict.proven:
-            for peer in verdict.at_fault:  # proven: the longest ban at once
+            for peer in verdict.at_fault:  # proven: the longest ban at once; again: a day
                 g.node.offence(peer, WRONG_OUTPUT, verdict.why)
+                again = g.node.offences[peer][WRONG_OUTPUT] > 1
                 g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1,
-                        at_least_s=g.bans.max_s)
+                        at_least_s=PROVEN_AGAIN_BAN_S if again else g.bans.max_s)
             return self._publish("blamed", peers, verdict.why, verdict.at_fault)
         first, *others = verdict.at_fault
         g.blame(PipelineFailure(first, WRONG_OUTPUT, verdict.why,

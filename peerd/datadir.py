@@ -5,6 +5,7 @@
     ledger.sqlite  the capability ledger, 0600
     tasks.db       finished Symphony tasks this peer requested, 0600
     reputation.json  Symphony's record of other peers as workers
+    proven.json    the peers our audits proved wrong, and their bans (swarm/proven.py)
     memory/replay_reputation.json  the memory's record of other peers as replayers
     daemon.json    while a daemon runs: pid, API URL, addresses
     lock           held (flock) by the running daemon: one daemon per data dir

@@ -16,8 +16,10 @@ import torch
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.options import SamplingParams, SpeculativeOptions
 from peerd.inference.runtime import ModelRuntime
+from peerd.inference.swarm import proven
 from peerd.inference.swarm.audit import (
     TOLERANCES,
+    Audits,
     Keeper,
     Verdict,
     alternatives,
@@ -28,7 +30,8 @@ from peerd.inference.swarm.audit import (
     swapped,
     tolerance,
 )
-from peerd.inference.swarm.routing import Route, Server, Span
+from peerd.inference.swarm.proven import AGAIN_BAN_S, FIRST_BAN_S, FORGET_S, ProvenBook
+from peerd.inference.swarm.routing import BanList, Route, Server, Span
 from protocols.shard import Forward, Result
 from tests.harness import wait_for
 from tests.models import tiny_llama_dir
@@ -137,6 +140,57 @@ def test_agreement_is_a_relative_distance_within_the_dtypes_tolerance() -> None:
     assert tolerance(["float32", "float8"]) == TOLERANCES["bfloat16"]  # unknown: loose
 
 
+def test_a_proof_bans_for_5_minutes_a_second_for_a_day_and_is_forgotten_after_30_days(
+) -> None:
+    book = ProvenBook()
+    assert book.prove("liar", 1000.0, "first") == FIRST_BAN_S == 300
+    assert book.banned(1000.0 + 299) == {"liar": (1.0, "first")}
+    assert book.banned(1000.0 + 300) == {}
+    assert book.prove("liar", 5000.0, "again") == AGAIN_BAN_S == 24 * 3600
+    assert book.proofs("liar") == 2
+    # long after its last proof, a peer starts again from its first ban
+    later = 5000.0 + FORGET_S
+    assert book.prove("liar", later, "once more") == FIRST_BAN_S
+    # a book keeps its newest proofs
+    small = ProvenBook(limit=2)
+    for i, peer in enumerate("abc"):
+        small.prove(peer, float(i), "x")
+    assert set(small.proven) == {"b", "c"}
+
+
+def test_the_book_outlives_a_restart_and_a_damaged_file_loses_only_its_bad_rows(
+        tmp_path: Path) -> None:
+    book = ProvenBook()
+    book.prove("liar", 100.0, "first")
+    book.prove("liar", 200.0, "again")
+    book.prove("once", 300.0, "first")
+    proven.save(tmp_path, book)
+    again = proven.load(tmp_path, 400.0)
+    assert again.proven == book.proven
+    assert set(again.banned(400.0)) == {"liar", "once"}
+    assert again.prove("liar", 500.0, "third") == AGAIN_BAN_S
+    # rows that are not proofs are left out; a ban no longer than a day from its proof,
+    # and no proof from the future, whatever the file says
+    rows = {"ok": {"proofs": 1, "last": 10.0, "until": 310.0, "why": "w"},
+            "long": {"proofs": 2, "last": 10.0, "until": 1e12, "why": "w"},
+            "future": {"proofs": 2, "last": 1e12, "until": 1e12, "why": "w"},
+            "zero": {"proofs": 0, "last": 10.0, "until": 310.0, "why": "w"},
+            "nan": {"proofs": 1, "last": float("nan"), "until": 310.0, "why": "w"},
+            "bool": {"proofs": True, "last": 10.0, "until": 310.0, "why": "w"},
+            "text": "not a proof", "": {"proofs": 1, "last": 10.0, "until": 310.0,
+                                        "why": "w"}}
+    read = ProvenBook.from_json({"proven": rows}, 20.0)
+    assert set(read.proven) == {"ok", "long", "future"}
+    assert read.proven["long"].until == 10.0 + AGAIN_BAN_S
+    assert read.proven["future"].last == 20.0
+    assert read.proven["future"].until == 20.0 + AGAIN_BAN_S
+    for damaged in ("{not json", "[1, 2]", '{"proven": 7}'):
+        (tmp_path / proven.PROVEN_FILE).write_text(damaged)
+        assert proven.load(tmp_path, 400.0).proven == {}
+    (tmp_path / proven.PROVEN_FILE).unlink()
+    assert proven.load(tmp_path, 400.0).proven == {}
+
+
 # ---- over real hosts ------------------------------------------------------------------
 
 
@@ -185,6 +239,13 @@ async def test_an_audit_blames_a_hop_whose_output_the_other_versions_outvote(
         # proven wrong again (the ban over, say): routed around for a day
         assert await audits.audit(route, PROMPT) == "blamed"
         assert entry.node.offences[liar.node.peer_id]["wrong_output"] == 2
+        assert entry.generator.bans.remaining(liar.node.peer_id, time.monotonic()) > 23 * 3600
+        # ... also after the entry restarts: a new generator's audits read the proofs
+        # from the data dir and ban the liar for what is left of its day, nobody else
+        entry.generator.bans = BanList()
+        restarted = Audits(entry.generator, 0.0)
+        assert restarted.proven.proofs(liar.node.peer_id) == 2
+        assert entry.generator.bans.banned(time.monotonic()) == {liar.node.peer_id}
         assert entry.generator.bans.remaining(liar.node.peer_id, time.monotonic()) > 23 * 3600
 
 

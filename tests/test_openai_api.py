@@ -45,6 +45,8 @@ from peerd.api.server import TEST_STALL_ENV, client_stall_s
 from peerd.inference.face import Completion
 from peerd.inference.model.source import load_tokenizer, reference_model, resolve
 from peerd.inference.request import GenerationStats
+from peerd.inference.swarm import proven
+from peerd.inference.swarm.proven import Proof, ProvenBook
 
 READY_TIMEOUT_S = 60.0  # model load + ledger gossip on a loaded CI box
 HELLO: list[ChatCompletionMessageParam] = [
@@ -64,6 +66,9 @@ class Swarm:
         d = daemon or self.a
         return openai.OpenAI(base_url=d.url + "/v1", api_key=d.token, max_retries=0,
                              timeout=60.0, **kwargs)
+
+
+LIAR = "12D3KooWLiarLiarLiarLiarLiarLiarLiarLiarLiarLiarLiarL"
 
 
 def model_flags(model: Path, layers: str) -> tuple[str, ...]:
@@ -93,6 +98,11 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Swar
         a = start_daemon(tmp / "a", "--name", "alpha", *model_flags(tiny, "0:2"),
                          "--no-prompt-cache")
         stack.enter_context(running(a))
+        # "cached" starts with a record of a peer its audits proved wrong twice (as a
+        # restart finds it: proven.py), whose day-long ban it must keep
+        (tmp / "cached").mkdir(mode=0o700)
+        proven.save(tmp / "cached", ProvenBook({LIAR: Proof(2, time.time() - 60, time.time()
+                                                            + 23.9 * 3600, "it lied")}))
         # The others start side by side: a daemon's start-up is mostly imports.
         with ThreadPoolExecutor(4) as pool:
             futures = [
@@ -711,6 +721,27 @@ def test_status_metrics_and_the_cli_show_who_holds_what(swarm: Swarm) -> None:
     done = run_cli("status", "--data-dir", str(swarm.b.data_dir), env={"COLUMNS": "250"})
     assert done.returncode == 0, done.stderr
     assert "lent to peers" in done.stdout and "sessions" in done.stdout
+
+
+def test_a_proof_outlives_a_restart_until_the_operator_forgives_its_peer(swarm: Swarm
+                                                                         ) -> None:
+    """A peer proven wrong twice before a restart is still routed around after it, for
+    what is left of its day; `peerd forgive` lets it back and forgets its proofs, and
+    says in words when there is nothing to forgive."""
+    d = swarm.cached
+    banned = {row["peer_id"]: row for row in d.get("/status")["routed_around"]}
+    assert set(banned) == {LIAR}
+    assert banned[LIAR]["why"] == "wrong_output" and banned[LIAR]["remaining_s"] > 23 * 3600
+    done = run_cli("forgive", LIAR, "--json", "--data-dir", str(d.data_dir))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"peer_id": LIAR, "was_routed_around": True,
+                                       "proofs_forgotten": 2}
+    assert d.get("/status")["routed_around"] == []
+    assert proven.load(d.data_dir, time.time()).proven == {}
+    again = run_cli("forgive", LIAR, "--data-dir", str(d.data_dir))
+    assert again.returncode != 0 and "is not routed around" in again.stderr, again.stderr
+    bare = run_cli("forgive", LIAR, "--data-dir", str(swarm.bare.data_dir))
+    assert bare.returncode != 0 and "serves no model" in bare.stderr, bare.stderr
 
 
 # ---- a client that stops reading ----------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from peerd import __version__
-from peerd.cli.admin import advertise, events, id_, ledger, peers, status
+from peerd.cli.admin import advertise, events, forgive, id_, ledger, peers, status
 from peerd.cli.cache import cache
 from peerd.cli.client import fail
 from peerd.cli.draft import draft
@@ -35,7 +35,7 @@ from peerd.cli.ui import ui
 
 COMMANDS: tuple[click.Command, ...] = (
     start,
-    id_, status, peers, ledger, events, advertise,
+    id_, status, peers, ledger, events, advertise, forgive,
     generate, chat, shards,
     draft, cache,
     task,

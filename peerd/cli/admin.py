@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 from rich.table import Table
@@ -187,3 +188,23 @@ def advertise(data_dir: Path | None, api: str | None, token: str | None, as_json
                                                   {"skills": list(skills)})
     emit(r, as_json, lambda d: console.print(
         f"advertising {', '.join(d['skills'])} (seq {d['seq']})", highlight=False))
+
+
+@click.command()
+@client_options
+@click.argument("peer_id")
+def forgive(data_dir: Path | None, api: str | None, token: str | None, as_json: bool,
+            peer_id: str) -> None:
+    """Let this peer's requests take PEER_ID again: its ban (`peerd status`, "routed
+    around") and any audit's proofs of wrong output against it are forgotten."""
+    r = make_client(data_dir, api, token).request(
+        "DELETE", f"/routed-around/{quote(peer_id, safe='')}")
+
+    def render(d: dict[str, Any]) -> None:
+        was = "no longer routed around" if d["was_routed_around"] else "was not routed around"
+        proofs = d["proofs_forgotten"]
+        console.print(f"{d['peer_id']} {was}" + (f"; {proofs} proof(s) of wrong output "
+                                                   "forgotten" if proofs else ""),
+                      highlight=False)
+
+    emit(r, as_json, render)

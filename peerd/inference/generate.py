@@ -358,6 +358,16 @@ class Generator:
             raise GenerationFailed(f"gave up after {failures} pipeline failures; last: "
                                    f"{failure}") from failure
 
+    async def forgive(self, peer_id: str) -> dict[str, Any]:
+        """An operator's word that `peer_id` may serve our requests again: its ban and
+        the audits' proofs against it forgotten. What there was to forget."""
+        was = self.bans.remaining(peer_id, time.monotonic()) > 0
+        self.bans.forgive(peer_id)
+        proofs = await self.audits.forgive(peer_id)
+        if was or proofs:
+            self.node.events.publish("inference.forgiven", peer_id=peer_id, proofs=proofs)
+        return {"peer_id": peer_id, "was_routed_around": was, "proofs_forgotten": proofs}
+
     def no_route(self, found: NoRoute) -> NoCoverage | Saturated:
         """Why there is no route now: nobody serves some layers (NoCoverage), or only
         peers that are saturated do (Saturated: they refused or evicted our sessions)."""

@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from trio_typing import TaskStatus  # trio-stubs (with libp2p) lack trio.TaskStatus
 
 from peerd import compute
+from peerd.api.errors import ApiError
 from peerd.api.openai import routes
 from peerd.api.recall import Recall
 from peerd.inference.face import LanguageModel, ModelUnavailable
@@ -166,7 +170,22 @@ class ModelSlot(Service):
         return fields
 
     def routes(self) -> Sequence[BaseRoute]:
-        return routes(self)
+        return [*routes(self),
+                Route("/routed-around/{peer_id}", self._forgive, methods=["DELETE"])]
+
+    async def _forgive(self, request: Request) -> Response:
+        """`peerd forgive`: our requests may take `peer_id` again (its ban, and any
+        proofs of wrong output against it, forgotten)."""
+        peer_id = request.path_params["peer_id"]
+        if self.runtime is None:
+            return ApiError(409, "this peer serves no model: its requests route around "
+                            "nobody", code="no_model").response()
+        out = await self.runtime.generator.forgive(peer_id)
+        if not out["was_routed_around"] and not out["proofs_forgotten"]:
+            return ApiError(404, f"{peer_id!r:.120} is not routed around and was never "
+                            "proven wrong here (see `peerd status`)", param="peer_id",
+                            code="not_routed_around").response()
+        return JSONResponse(out)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.to_json()}

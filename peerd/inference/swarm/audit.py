@@ -32,6 +32,7 @@ Then (`judge`, `noise_source`, `served_verdict`: pure):
 A version at fault is banned; one proven wrong (by the entry's own compute, a majority,
 or as the route's only other hop) is also counted an offence (`wrong_output`) and
 banned for the longest a ban lasts (5 minutes) at once; proven wrong again, for a day.
+Proofs and their bans outlive a restart of the entry (proven.py).
 
 Agreement: the final hidden states at every position within `tolerance` of each other
 (relative L2 distance), the loosest of the TOLERANCES of the wire's and the hops'
@@ -50,10 +51,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import trio
 
+from peerd.inference.swarm import proven
 from peerd.inference.swarm.pipeline import WRONG_OUTPUT, PipelineFailure
 from peerd.inference.swarm.routing import Route, Server, Span
 from protocols.shard import Hop
@@ -64,7 +68,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ALTERNATIVES = 2  # other versions of a hop's layers an audit computes
-PROVEN_AGAIN_BAN_S = 24 * 3600.0  # a peer proven wrong a second time is routed around
 KEPT_ROWS = 1024  # rows of what a request's route returned kept for its audit, at most
 # Honest versions differ by at most (bench/README.md, "Audits"): float32 3.3e-6;
 # float16 1.1e-2 and bfloat16 9.1e-2 where one kernel rounds after every operation and
@@ -228,6 +231,12 @@ class Audits:
         self.draw = draw
         self.busy = False
         self.counts: Counter[str] = Counter()
+        # the peers proven wrong, banned again for what is left of their bans
+        self.data_dir = Path(generator.node.config.data_dir)
+        self.proven = proven.load(self.data_dir, time.time())
+        for peer, (seconds, why) in self.proven.banned(time.time()).items():
+            generator.bans.ban(peer, time.monotonic(), WRONG_OUTPUT, at_least_s=seconds)
+            log.info("%s stays banned %.0f s more: proven wrong (%s)", peer, seconds, why)
 
     def keeper(self) -> Keeper | None:
         """A request starts: a Keeper of what its route returns when it is drawn for an
@@ -290,8 +299,8 @@ class Audits:
                 if source is None:
                     return self._publish("inconclusive", peers, "the route computed the "
                                          "same tokens differently each time")
-                return self._blame(Verdict((source,), True, f"{source} computed the same "
-                                           "input differently each time"), peers)
+                return await self._blame(Verdict((source,), True, f"{source} computed the "
+                                                 "same input differently each time"), peers)
             for i, alts in hops.items():
                 versions = [(peers[i], base)]
                 for alt in alts:
@@ -299,7 +308,7 @@ class Audits:
                 agree = [[deviation(x, y) <= tol for _, y in versions] for _, x in versions]
                 verdict = judge([p for p, _ in versions], agree, trusted=me)
                 if verdict is not None:
-                    return self._blame(verdict, peers)
+                    return await self._blame(verdict, peers)
         except PipelineFailure as failure:  # a pass failed: blamed as any
             g.blame(failure, 1)
             return self._publish("failed", peers, str(failure))
@@ -309,7 +318,7 @@ class Audits:
             rows = base[0, [served.positions[i] for i in at]]  # [n, H]
             off = int((deviations(rows, served.hidden[at]) > tol).sum())
             if off:
-                return self._blame(served_verdict(peers, me, off, len(at)), peers)
+                return await self._blame(served_verdict(peers, me, off, len(at)), peers)
             said.append(f"the route served {len(at)} positions as it computes them")
         return self._publish("agreed", peers, "; ".join(said))
 
@@ -322,14 +331,15 @@ class Audits:
         finally:
             await session.close()
 
-    def _blame(self, verdict: Verdict, peers: list[str]) -> str:
+    async def _blame(self, verdict: Verdict, peers: list[str]) -> str:
         g = self.generator
         if verdict.proven:
             for peer in verdict.at_fault:  # proven: the longest ban at once; again: a day
                 g.node.offence(peer, WRONG_OUTPUT, verdict.why)
-                again = g.node.offences[peer][WRONG_OUTPUT] > 1
+                seconds = self.proven.prove(peer, time.time(), verdict.why)
                 g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1,
-                        at_least_s=PROVEN_AGAIN_BAN_S if again else g.bans.max_s)
+                        at_least_s=seconds)
+            await trio.to_thread.run_sync(proven.save, self.data_dir, self.proven)
             return self._publish("blamed", peers, verdict.why, verdict.at_fault)
         first, *others = verdict.at_fault
         g.blame(PipelineFailure(first, WRONG_OUTPUT, verdict.why,
@@ -337,6 +347,13 @@ class Audits:
         for peer in others[1:]:  # a route's hops, all of them
             g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1)
         return self._publish("disputed", peers, verdict.why, verdict.at_fault)
+
+    async def forgive(self, peer: str) -> int:
+        """Forget `peer`'s proofs (an operator's word, `peerd forgive`): how many."""
+        proofs = self.proven.forget(peer)
+        if proofs:
+            await trio.to_thread.run_sync(proven.save, self.data_dir, self.proven)
+        return proofs
 
     def _publish(self, outcome: str, route: list[str], why: str,
                  at_fault: tuple[str, ...] = ()) -> str:

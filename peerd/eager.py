@@ -58,6 +58,10 @@ class EagerStream:
         data: bytes = await self._stream.read(n)
         return data
 
+    async def close_write(self) -> None:
+        """No more writes (the far end reads EOF); reads go on, as on any stream."""
+        await self._stream.close_write()
+
     async def close(self) -> None:
         await self._stream.close()
 

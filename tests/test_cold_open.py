@@ -3,7 +3,8 @@ travels with the first FORWARD and no hop waits for any answer (the first step
 completes with every OPENED held back), streams open without multistream round
 trips; a refusal from the last hop reaches the entry naming it; a peer of another
 version is named with code "version", and a 1.0.0 dialer is told why; a return stream
-for a session the entry never opened ends the session along the chain."""
+for a session the entry never opened ends the session along the chain; an eager stream
+half-closes as a negotiated one does."""
 
 from __future__ import annotations
 
@@ -159,6 +160,36 @@ async def test_a_refusal_from_the_last_hop_reaches_the_entry_naming_it(
                        5, "the refused session let go everywhere")
         await holder.step(embed(entry), 0)  # the other session goes on
         await holder.close()
+
+
+async def test_an_eager_stream_half_closes_as_a_negotiated_one_does(tmp_path: Path) -> None:
+    """A request/response exchange (rpc.call: write, close_write, read the reply) works
+    on an eager stream: the far end reads the request to its end, then answers."""
+    async with swarm(2, tmp_path, connect="star") as (a, b):
+        async def reverse(stream: Any) -> None:
+            data = await read_to_eof(stream)
+            await stream.write(data[::-1])
+            await stream.close()
+
+        b.set_stream_handler("/peerd/test-reverse/1.0.0", reverse)
+        with trio.fail_after(10):
+            stream = await a.new_stream_eager(b.peer_id, "/peerd/test-reverse/1.0.0")
+            await stream.write(b"hello, ")
+            await stream.write(b"world")
+            await stream.close_write()
+            got = await read_to_eof(stream)
+            await stream.close()
+        assert got == b"dlrow ,olleh"
+
+
+async def read_to_eof(stream: Any) -> bytes:
+    """What `stream` carries until its far end closes it for writing (StreamEOF, an
+    EOFError)."""
+    data = b""
+    with contextlib.suppress(EOFError):
+        while chunk := await stream.read(1024):
+            data += chunk
+    return data
 
 
 async def test_a_peer_of_another_version_is_named(tmp_path: Path, tiny: Path) -> None:

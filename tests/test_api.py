@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
 import stat
 import uuid
 from collections.abc import Iterator
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +353,33 @@ def test_an_unknown_path_or_method_is_a_json_error(pair: tuple[Daemon, Daemon], 
         assert path != "/v1/plans" or {"GET", "POST"} <= set(allow)  # two routes
     else:
         assert "README" in error["message"]
+    assert a.request("GET", "/health", token=None).status_code == 200
+
+
+@pytest.mark.parametrize(("raw", "status", "words"), [
+    (b"GET /status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431,
+     "send fewer or shorter headers"),
+    (b"NOT HTTP AT ALL\r\n\r\n", 400, "send a well-formed request"),
+    (b"POST /capabilities HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n", 400,
+     "send a well-formed request"),
+    (b"GET /status HTTP/1.1\r\nHost: x\r\nBad Header Name: 1\r\n\r\n", 400,
+     "send a well-formed request")], ids=["headers too large", "no request line",
+                                          "a length not a number", "a malformed header"])
+def test_a_request_that_is_not_http_is_answered_in_words(
+        pair: tuple[Daemon, Daemon], raw: bytes, status: int, words: str) -> None:
+    """h11 refuses these before the app sees them; hypercorn's own answers were an
+    empty 400 or 431. The daemon keeps serving."""
+    a, _ = pair
+    with socket.create_connection(("127.0.0.1", a.api_port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()), head
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert words in error["message"] and error["code"] == "bad_http", error
     assert a.request("GET", "/health", token=None).status_code == 200
 
 

@@ -13,20 +13,32 @@ however slowly, and an idle SSE stream (a keep-alive every 15 s) are never cut.
 On shutdown the daemon does not wait that long: once hypercorn's grace for in-flight
 responses is over, every connection still open on the API's port is shut down at the
 socket (`sever`), which fails a blocked write at once.
+
+A request that h11 cannot parse (a malformed request line or header, a Content-Length
+that is not a number, headers over its limit) never reaches the app: hypercorn answers
+it 400 or 431 with an empty body. `answer_in_words` gives those answers an error body in
+the API's shape (errors.py), saying what to change.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+from http import HTTPStatus
+from itertools import chain
 from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from starlette.types import ASGIApp
+
+from peerd.api.errors import ApiError
 
 CLIENT_STALL_S = 30.0  # a client that reads nothing this long has left
 # Test-only knob: PEERD_TEST_CLIENT_STALL_S shortens the bound, so a test of a stalled
@@ -70,8 +82,45 @@ def bind(host: str, port: int) -> tuple[HypercornConfig, Any]:
     return config, sockets
 
 
+def protocol_error(status: int) -> bytes:
+    """The body of hypercorn's answer to a request h11 could not parse (`status`, its
+    hint: 431 for headers over the limit, else 400)."""
+    if status == 431:
+        words = (f"the request line and headers come to over "
+                 f"{HypercornConfig.h11_max_incomplete_size} bytes: send fewer or shorter "
+                 "headers")
+    else:
+        words = ("the request is not HTTP/1.1 that this server can parse (its request line, "
+                 "a header, or its Content-Length or chunked body): send a well-formed "
+                 "request, as any HTTP client does")
+    return json.dumps({"error": ApiError(status, words, code="bad_http").body()}).encode()
+
+
+def answer_in_words() -> None:
+    """Make hypercorn's answers to unparseable requests carry `protocol_error`'s body
+    (its own have none). Once per process; a hypercorn without the method it replaces
+    keeps its own answers."""
+    if getattr(H11Protocol, "_peerd_words", False) or not hasattr(
+            H11Protocol, "_send_error_response"):
+        return
+
+    async def send_error_response(self: Any, status_code: int) -> None:
+        body = protocol_error(status_code)
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        await self._send_h11_event(h11.Response(
+            status_code=status_code, reason=HTTPStatus(status_code).phrase.encode(),
+            headers=list(chain(headers, self.config.response_headers("h11")))))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    H11Protocol._send_error_response = send_error_response
+    H11Protocol._peerd_words = True
+
+
 async def serve(app: ASGIApp, config: HypercornConfig, sockets: Any,
                 shutdown: trio.Event) -> None:
+    answer_in_words()
     listening = [sock.getsockname()[:2] for sock in sockets.insecure_sockets]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_sever_on_shutdown, listening, shutdown, config.graceful_timeout)

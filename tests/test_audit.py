@@ -164,7 +164,7 @@ def test_the_book_outlives_a_restart_and_a_damaged_file_loses_only_its_bad_rows(
     book.prove("liar", 100.0, "first")
     book.prove("liar", 200.0, "again")
     book.prove("once", 300.0, "first")
-    proven.save(tmp_path, book)
+    proven.save(tmp_path, book.to_json())
     again = proven.load(tmp_path, 400.0)
     assert again.proven == book.proven
     assert set(again.banned(400.0)) == {"liar", "once"}

@@ -101,8 +101,9 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Swar
         # "cached" starts with a record of a peer its audits proved wrong twice (as a
         # restart finds it: proven.py), whose day-long ban it must keep
         (tmp / "cached").mkdir(mode=0o700)
-        proven.save(tmp / "cached", ProvenBook({LIAR: Proof(2, time.time() - 60, time.time()
-                                                            + 23.9 * 3600, "it lied")}))
+        book = ProvenBook({LIAR: Proof(2, time.time() - 60, time.time() + 23.9 * 3600,
+                                       "it lied")})
+        proven.save(tmp / "cached", book.to_json())
         # The others start side by side: a daemon's start-up is mostly imports.
         with ThreadPoolExecutor(4) as pool:
             futures = [

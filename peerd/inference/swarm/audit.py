@@ -234,6 +234,7 @@ class Audits:
         # the peers proven wrong, banned again for what is left of their bans
         self.data_dir = Path(generator.node.config.data_dir)
         self.proven = proven.load(self.data_dir, time.time())
+        self._saving = trio.Lock()
         for peer, (seconds, why) in self.proven.banned(time.time()).items():
             generator.bans.ban(peer, time.monotonic(), WRONG_OUTPUT, at_least_s=seconds)
             log.info("%s stays banned %.0f s more: proven wrong (%s)", peer, seconds, why)
@@ -339,7 +340,7 @@ class Audits:
                 seconds = self.proven.prove(peer, time.time(), verdict.why)
                 g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1,
                         at_least_s=seconds)
-            await trio.to_thread.run_sync(proven.save, self.data_dir, self.proven)
+            await self._save_proofs()
             return self._publish("blamed", peers, verdict.why, verdict.at_fault)
         first, *others = verdict.at_fault
         g.blame(PipelineFailure(first, WRONG_OUTPUT, verdict.why,
@@ -352,8 +353,12 @@ class Audits:
         """Forget `peer`'s proofs (an operator's word, `peerd forgive`): how many."""
         proofs = self.proven.forget(peer)
         if proofs:
-            await trio.to_thread.run_sync(proven.save, self.data_dir, self.proven)
+            await self._save_proofs()
         return proofs
+
+    async def _save_proofs(self) -> None:
+        async with self._saving:  # one writer at a time, of the book as it is then
+            await trio.to_thread.run_sync(proven.save, self.data_dir, self.proven.to_json())
 
     def _publish(self, outcome: str, route: list[str], why: str,
                  at_fault: tuple[str, ...] = ()) -> str:

@@ -125,6 +125,7 @@ def load(data_dir: Path, now: float) -> ProvenBook:
     return ProvenBook.from_json(data, now)
 
 
-def save(data_dir: Path, book: ProvenBook) -> None:
-    """Written whole or not at all; a disk error is logged, never raised."""
-    keep_json(data_dir / PROVEN_FILE, book.to_json())
+def save(data_dir: Path, data: dict[str, Any]) -> None:
+    """A book's `to_json` written whole or not at all (one writer at a time: the file's
+    temporary copy has one name); a disk error is logged, never raised."""
+    keep_json(data_dir / PROVEN_FILE, data)

@@ -187,10 +187,14 @@ def test_peerd_status_shows_the_peers_routed_around() -> None:
     from peerd.cli.admin import routed_around_table
 
     console = Console(record=True, width=120)
-    console.print(routed_around_table([{"peer_id": "12D3KooWLiar", "why": "stalled",
-                                        "remaining_s": 9.4, "strikes": 2}]))
+    console.print(routed_around_table([
+        {"peer_id": "12D3KooWLiar", "why": "stalled", "remaining_s": 9.4, "strikes": 2},
+        {"peer_id": "12D3KooWSlow", "why": "overloaded", "remaining_s": 299.0, "strikes": 7},
+        {"peer_id": "12D3KooWBent", "why": "wrong_output", "remaining_s": 86000.0,
+         "strikes": 1}]))
     text = console.export_text()
     assert "12D3KooWLiar" in text and "stalled" in text and "9 s" in text
+    assert "5 min" in text and "23.9 h" in text and "peerd forgive PEER_ID" in text
 
 
 def test_peerd_status_says_how_the_audits_came_out() -> None:

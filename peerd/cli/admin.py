@@ -73,12 +73,20 @@ def routed_around_table(banned: list[dict[str, Any]]) -> Table:
     """The peers this peer's requests route around now: each failed one (the code
     says how: `stalled`, `unreachable`, `malformed`...) and is banned a while, longer
     the more often it fails."""
-    t = Table(title="routed around (failed our requests)")
+    t = Table(title="routed around (failed our requests)",
+              caption="`peerd forgive PEER_ID` lets one back")
     for col in ("peer", "why", "for", "bans in a row"):
         t.add_column(col)
     for row in banned:
-        t.add_row(row["peer_id"], row["why"], f"{row['remaining_s']:.0f} s", str(row["strikes"]))
+        t.add_row(row["peer_id"], row["why"], _for(row["remaining_s"]), str(row["strikes"]))
     return t
+
+
+def _for(seconds: float) -> str:
+    """A ban's time left, in the unit that reads best: 9 s, 5 min, 23.9 h."""
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
 def _peer_names(status: dict[str, Any]) -> dict[str, str]:

@@ -369,4 +369,5 @@ class Audits:
         return outcome
 
     def status(self) -> dict[str, Any]:
-        return {"rate": self.rate, **{o: self.counts[o] for o in OUTCOMES}}
+        return {"rate": self.rate, "running": self.busy,
+                **{o: self.counts[o] for o in OUTCOMES}}

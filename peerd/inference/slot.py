@@ -177,6 +177,9 @@ class ModelSlot(Service):
         """`peerd forgive`: our requests may take `peer_id` again (its ban, and any
         proofs of wrong output against it, forgotten)."""
         peer_id = request.path_params["peer_id"]
+        if self.state == "loading":
+            return ApiError(503, "the model is still loading: try again once `peerd status` "
+                            "says it is ready", "service_unavailable").response()
         if self.runtime is None:
             return ApiError(409, "this peer serves no model: its requests route around "
                             "nobody", code="no_model").response()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any, cast
+
 import pytest
 
 from peerd.inference.swarm.routing import (
@@ -209,3 +212,22 @@ def test_a_ban_lasts_at_least_what_the_caller_says() -> None:
     bans = BanList(base_s=5, max_s=300)
     assert bans.ban("a", 0.0, "wrong_output", at_least_s=300) == 300
     assert bans.ban("b", 0.0, "stalled") == 5
+
+
+@pytest.mark.parametrize(("options", "status", "words"), [
+    (None, 409, "serves no model"), ("loading", 503, "still loading")])
+async def test_forgive_before_a_model_is_ready_says_why_in_words(
+        options: str | None, status: int, words: str) -> None:
+    """`peerd forgive` on a peer that serves no model, or whose model still loads (a
+    ready one: tests/test_openai_api.py)."""
+    from starlette.requests import Request
+
+    from peerd.inference.slot import ModelOptions, ModelSlot
+
+    slot = ModelSlot(cast(Any, None), cast(Any, None),
+                     ModelOptions("smollm2") if options else None)
+    request = Request({"type": "http", "method": "DELETE", "path_params": {"peer_id": "x"},
+                       "headers": []})
+    reply = await slot._forgive(request)
+    assert reply.status_code == status
+    assert words in json.loads(bytes(reply.body))["error"]["message"]

@@ -206,6 +206,7 @@ def test_peerd_status_says_how_the_audits_came_out() -> None:
     assert audits_line({"rate": 0.05, "agreed": 3, "blamed": 1, "disputed": 0}) == (
         "[bold]audits[/] of routes after 5% of requests: 3 agreed, 1 blamed")
     assert audits_line({"rate": 0.0}).endswith("none yet")
+    assert audits_line({"rate": 1.0, "running": True}).endswith("none yet; one running")
 
 
 def test_a_ban_lasts_at_least_what_the_caller_says() -> None:

@@ -65,8 +65,9 @@ def audits_line(audits: dict[str, Any]) -> str:
     counts = ", ".join(f"{audits[k]} {k}" for k in ("agreed", "blamed", "disputed",
                                                      "inconclusive", "failed", "unauditable")
                        if audits.get(k))
+    running = "; one running" if audits.get("running") else ""
     return (f"[bold]audits[/] of routes after {audits['rate']:.0%} of requests: "
-            f"{counts or 'none yet'}")
+            f"{counts or 'none yet'}{running}")
 
 
 def routed_around_table(banned: list[dict[str, Any]]) -> Table:

@@ -18,7 +18,8 @@ from peerd.rl.policy import Completion, Generation
 from peerd.rl.rollout_service import Rollouts
 from peerd.rl.training import Training
 from peerd.rl.weights import WeightStore
-from tests.harness import connect_nodes, gossip, serve_model, swarm, wait_for
+from protocols.rollout import FEATURE_ROLLOUT
+from tests.harness import book, connect_nodes, gossip, serve_model, swarm, wait_for
 
 SEVEN = [{"prompt": f"Say a number ({i})", "answer": "7"} for i in range(200)]
 
@@ -41,6 +42,10 @@ async def rl_swarm(tmp_path: Path, tiny: Path, samplers: int = 2
         training = Training(trainer, gossip(trainer), weights, tmp_path / "trainer")
         await trainer.start(weights, training)
         rollouts = [await add_sampler(node, tiny) for node in others]
+        # a run asks the samplers in the trainer's ledger: one not there yet when a
+        # short run starts may never be asked (a liar never caught, a share never cut)
+        await wait_for(lambda: all(sampling(trainer, node) for node in others), 10,
+                       "the trainer's ledger to list every sampler")
         yield training, rollouts
 
 
@@ -58,7 +63,15 @@ async def rl_pipeline_swarm(tmp_path: Path, tiny: Path
         await trainer.start(weights, training)
         services = [await add_sampler(entry, tiny, (0, 2)),
                     await add_sampler(shard, tiny, (2, 4))]
+        await wait_for(lambda: sampling(trainer, entry), 10,
+                       "the trainer's ledger to list the pipeline sampler")
         yield training, services
+
+
+def sampling(trainer: Node, sampler: Node) -> bool:
+    """The trainer's ledger lists `sampler` serving a model with the rollout feature."""
+    entry = book(trainer).get(sampler.peer_id)
+    return entry is not None and FEATURE_ROLLOUT in entry.features and bool(entry.models)
 
 
 async def add_sampler(node: Node, tiny: Path, layers: tuple[int, int] | None = None

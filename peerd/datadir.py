@@ -5,7 +5,8 @@
     ledger.sqlite  the capability ledger, 0600
     tasks.db       finished Symphony tasks this peer requested, 0600
     reputation.json  Symphony's record of other peers as workers
-    proven.json    the peers our audits proved wrong, and their bans (swarm/proven.py)
+    proven.json    the peers our audits proved wrong, and their bans (peerd/proven.py)
+    rl/liars.json  the samplers our RL runs caught lying, and their bans
     memory/replay_reputation.json  the memory's record of other peers as replayers
     daemon.json    while a daemon runs: pid, API URL, addresses
     lock           held (flock) by the running daemon: one daemon per data dir

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
+from peerd import proven
 from peerd.inference.model.tensors import from_wire, to_wire
 from peerd.inference.options import SamplingParams, SpeculativeOptions
 from peerd.inference.runtime import ModelRuntime
-from peerd.inference.swarm import proven
 from peerd.inference.swarm.audit import (
     TOLERANCES,
     Audits,
@@ -30,8 +30,8 @@ from peerd.inference.swarm.audit import (
     swapped,
     tolerance,
 )
-from peerd.inference.swarm.proven import AGAIN_BAN_S, FIRST_BAN_S, FORGET_S, ProvenBook
 from peerd.inference.swarm.routing import BanList, Route, Server, Span
+from peerd.proven import AGAIN_BAN_S, FIRST_BAN_S, FORGET_S, ProvenBook
 from protocols.shard import Forward, Result
 from tests.harness import wait_for
 from tests.models import tiny_llama_dir
@@ -164,8 +164,8 @@ def test_the_book_outlives_a_restart_and_a_damaged_file_loses_only_its_bad_rows(
     book.prove("liar", 100.0, "first")
     book.prove("liar", 200.0, "again")
     book.prove("once", 300.0, "first")
-    proven.save(tmp_path, book.to_json())
-    again = proven.load(tmp_path, 400.0)
+    proven.save(tmp_path / proven.PROVEN_FILE, book.to_json())
+    again = proven.load(tmp_path / proven.PROVEN_FILE, 400.0)
     assert again.proven == book.proven
     assert set(again.banned(400.0)) == {"liar", "once"}
     assert again.prove("liar", 500.0, "third") == AGAIN_BAN_S
@@ -186,9 +186,9 @@ def test_the_book_outlives_a_restart_and_a_damaged_file_loses_only_its_bad_rows(
     assert read.proven["future"].until == 20.0 + AGAIN_BAN_S
     for damaged in ("{not json", "[1, 2]", '{"proven": 7}'):
         (tmp_path / proven.PROVEN_FILE).write_text(damaged)
-        assert proven.load(tmp_path, 400.0).proven == {}
+        assert proven.load(tmp_path / proven.PROVEN_FILE, 400.0).proven == {}
     (tmp_path / proven.PROVEN_FILE).unlink()
-    assert proven.load(tmp_path, 400.0).proven == {}
+    assert proven.load(tmp_path / proven.PROVEN_FILE, 400.0).proven == {}
 
 
 # ---- over real hosts ------------------------------------------------------------------

@@ -39,14 +39,14 @@ from daemons import (  # noqa: F401  (daemon_logs_on_failure is an autouse fixtu
 from models import tiny_llama_dir
 from openai.types.chat import ChatCompletionMessageParam
 
+from peerd import proven
 from peerd.api.openai import _stream
 from peerd.api.openai_request import parse
 from peerd.api.server import TEST_STALL_ENV, client_stall_s
 from peerd.inference.face import Completion
 from peerd.inference.model.source import load_tokenizer, reference_model, resolve
 from peerd.inference.request import GenerationStats
-from peerd.inference.swarm import proven
-from peerd.inference.swarm.proven import Proof, ProvenBook
+from peerd.proven import Proof, ProvenBook
 
 READY_TIMEOUT_S = 60.0  # model load + ledger gossip on a loaded CI box
 HELLO: list[ChatCompletionMessageParam] = [
@@ -103,7 +103,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Swar
         (tmp / "cached").mkdir(mode=0o700)
         book = ProvenBook({LIAR: Proof(2, time.time() - 60, time.time() + 23.9 * 3600,
                                        "it lied")})
-        proven.save(tmp / "cached", book.to_json())
+        proven.save(tmp / "cached" / proven.PROVEN_FILE, book.to_json())
         # The others start side by side: a daemon's start-up is mostly imports.
         with ThreadPoolExecutor(4) as pool:
             futures = [
@@ -738,7 +738,7 @@ def test_a_proof_outlives_a_restart_until_the_operator_forgives_its_peer(swarm: 
     assert json.loads(done.stdout) == {"peer_id": LIAR, "was_routed_around": True,
                                        "proofs_forgotten": 2}
     assert d.get("/status")["routed_around"] == []
-    assert proven.load(d.data_dir, time.time()).proven == {}
+    assert proven.load(d.data_dir / proven.PROVEN_FILE, time.time()).proven == {}
     again = run_cli("forgive", LIAR, "--data-dir", str(d.data_dir))
     assert again.returncode != 0 and "is not routed around" in again.stderr, again.stderr
     bare = run_cli("forgive", LIAR, "--data-dir", str(swarm.bare.data_dir))

@@ -58,10 +58,12 @@ from protocols.rollout import (
     SignedRollout,
 )
 from tests.harness import (
+    connect_nodes,
     dial,
     error_code,
     events,
     gossip,
+    open_test_node,
     rejections,
     rogue_host,
     swarm,
@@ -168,11 +170,18 @@ async def test_a_request_names_the_oldest_version_it_takes(tmp_path: Path,
         for mode in ("sync", "async"):
             got = await request_rollouts(trainer, node.peer_id, request(version=2, mode=mode))
             assert {r.version for r in got} == {3}
-        # a policy that follows a run serves no other
-        with pytest.raises(RemoteError) as other:
-            await request_rollouts(trainer, node.peer_id,
-                                   dataclasses.replace(request(version=0), run_id="run-2"))
-        assert other.value.code == "other_run"
+        # a policy that follows a run serves no other trainer's run while it is asked
+        async with open_test_node(tmp_path / "elsewhere") as elsewhere:
+            await connect_nodes(elsewhere, node)
+            with pytest.raises(RemoteError) as other:
+                await request_rollouts(elsewhere, node.peer_id,
+                                       dataclasses.replace(request(version=0), run_id="run-2"))
+            assert other.value.code == "other_run"
+            assert not node.offences.get(elsewhere.peer_id)
+        # ... but its own trainer's next run at once (a trainer runs one at a time)
+        got = await request_rollouts(trainer, node.peer_id,
+                                     dataclasses.replace(request(version=0), run_id="run-2"))
+        assert {r.version for r in got} == {0} and sampler.run_id == "run-2"
         assert not trainer.offences.get(node.peer_id) and not node.offences.get(trainer.peer_id)
 
 

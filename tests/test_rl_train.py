@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -21,11 +22,12 @@ import trio
 
 import peerd.rl.training as training_module
 from peerd.api.app import create_app
+from peerd.proven import AGAIN_BAN_S, ProofFile
 from peerd.rl.policy import Generation
 from peerd.rl.rollouts import push_rollouts
 from peerd.rl.run import RunSpec
 from peerd.rl.tasks import Task
-from peerd.rl.training import Run, Training
+from peerd.rl.training import LIARS_FILE, Run, Training
 from protocols.rollout import RolloutRequest, SignedRollout
 from tests.harness import events, wait_for
 from tests.models import tiny_llama_dir
@@ -136,6 +138,15 @@ async def test_a_lying_sampler_is_dropped_and_training_goes_on(tmp_path: Path, t
         assert training.node.offences[liar_id]["rl_lie"] == 1
         assert out["step"] == 3  # the honest sampler carried the run
         assert out["last"]["verify_max_dev"] <= run.spec.verify_tolerance  # the honest one
+        # no later run of this trainer asks it, for a day, nor does a restarted trainer
+        await wait_for(lambda: (training.root / LIARS_FILE).exists(), 5, "liars.json")
+        asked = liar.sampler.requests_served
+        later = (await finished(training, spec(tiny, task, run_id="later", steps=1))).to_json()
+        assert "earlier run" in later["dropped"][liar_id]
+        assert liar.sampler.requests_served == asked
+        restarted = ProofFile(training.root / LIARS_FILE, first_s=AGAIN_BAN_S).book
+        assert restarted.proofs(liar_id) == 1
+        assert restarted.banned(time.time())[liar_id][0] > 23 * 3600
 
 
 async def test_a_lie_in_groups_that_train_is_caught_by_the_training_forward(

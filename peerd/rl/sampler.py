@@ -122,6 +122,7 @@ class RolloutSampler(Service):
         self.features = (FEATURE_ROLLOUT, *features)
         self.on_switch = on_switch  # the policy went back to version 0 for another run
         self.run_id: str | None = None  # the run whose versions the policy follows
+        self.trainer: str | None = None  # the peer that asked for it last
         self._last_request = time.monotonic()  # of the run we follow
         self.policy = policy
         self.tokenizer = tokenizer
@@ -208,9 +209,9 @@ class RolloutSampler(Service):
         """This run's policy at the version asked for or newer (switching runs and
         catching up if need be), or Busy saying why not."""
         if self.run_id not in (None, request.run_id):
-            await self._switch(request.run_id)
+            await self._switch(request.run_id, peer)
         self._last_request = time.monotonic()
-        self.run_id = request.run_id
+        self.run_id, self.trainer = request.run_id, peer
         if self.take_up is not None:
             self.take_up(request.run_id, peer)
         if self.policy.version < request.version:
@@ -253,11 +254,13 @@ class RolloutSampler(Service):
         finally:
             self._waiting -= 1
 
-    async def _switch(self, run_id: str) -> None:
-        """Take up another run, from version 0, once the one we follow has not asked
-        for RUN_IDLE_S (it ended, or its trainer is gone); until then, OTHER_RUN."""
+    async def _switch(self, run_id: str, peer: str) -> None:
+        """Take up another run, from version 0: at once when the trainer of the one we
+        follow asks (a trainer runs one run at a time: its last one ended), else once
+        ours has not asked for RUN_IDLE_S (it ended, or its trainer is gone); until
+        then, OTHER_RUN."""
         idle = time.monotonic() - self._last_request
-        if self.policy.version and idle < RUN_IDLE_S:
+        if self.policy.version and idle < RUN_IDLE_S and not (peer and peer == self.trainer):
             raise OtherRun(f"this sampler's policy follows run {self.run_id!r}, which asked "
                            f"{idle:.0f} s ago; it takes another run after {RUN_IDLE_S:.0f} "
                            "s without a request")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -20,6 +21,7 @@ from peerd.inference.model.source import ModelSource, load_tokenizer, resolve
 from peerd.ledger.gossip import LedgerGossip
 from peerd.memory.learning import domain_of
 from peerd.node import Node
+from peerd.proven import ProofFile
 from peerd.rl.learner import Learner
 from peerd.rl.learner_policy import Policy
 from peerd.rl.plot import plot_runs
@@ -29,7 +31,7 @@ from peerd.rl.sampler import chat_prompt_ids
 from peerd.rl.samplers import SamplerPool
 from peerd.rl.scecs import ScecKeeper
 from peerd.rl.tasks import Problem, Task, load_task
-from peerd.rl.trainer import Trainer
+from peerd.rl.trainer import RL_LIE, Trainer
 from peerd.rl.types import Rollout
 from peerd.rl.weights import WeightStore
 from protocols.rollout import FEATURE_ROLLOUT, RolloutRequest
@@ -42,9 +44,11 @@ log = logging.getLogger(__name__)
 
 async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
                        run: Run, *, torch_threads: int = 0,
-                       scored: ScoredRuns | None = None) -> None:
+                       scored: ScoredRuns | None = None,
+                       liars: ProofFile | None = None) -> None:
     """Train `run`; with `scored` (the peer's memory), its groups' SCECs are kept there
-    (scecs.py)."""
+    (scecs.py); with `liars`, the samplers caught lying to this trainer's runs are not
+    asked while their bans last, and those this run catches are added."""
     spec = run.spec
     if torch_threads and spec.ranks == 1:  # `peerd start --torch-threads`: the
         from peerd.inference.model.shard import set_torch_threads  # learner's cores
@@ -59,7 +63,8 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
             lora_rank=spec.lora_rank, lora_alpha=int(spec.lora_alpha), lr=spec.lr,
             seed=spec.seed, reference=spec.kl > 0))
         policy: Policy | RankedPolicy = Policy(learner, spec.aggregation, keep=spec.staleness)
-        await _train(node, ledger, weights, run, task, source, tokenizer, policy, scored)
+        await _train(node, ledger, weights, run, task, source, tokenizer, policy, scored,
+                     liars)
         return
     # the peer's torch threads (all its cores when not set), shared by the ranks
     threads = max(1, (torch_threads or os.cpu_count() or 1) // spec.ranks)
@@ -69,7 +74,8 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
         # abandoned on cancel: close() below ends the group, which ends the wait
         await trio.to_thread.run_sync(policy.wait_ready,
                                       abandon_on_cancel=True)  # type: ignore[call-arg]
-        await _train(node, ledger, weights, run, task, source, tokenizer, policy, scored)
+        await _train(node, ledger, weights, run, task, source, tokenizer, policy, scored,
+                     liars)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(policy.close)
@@ -77,7 +83,7 @@ async def run_training(node: Node, ledger: LedgerGossip, weights: WeightStore,
 
 async def _train(node: Node, ledger: LedgerGossip, weights: WeightStore, run: Run,
                  task: Task, source: ModelSource, tokenizer: Any, policy: Policy | RankedPolicy,
-                 scored: ScoredRuns | None) -> None:
+                 scored: ScoredRuns | None, liars: ProofFile | None) -> None:
     spec = run.spec
     step = version = 0
     state: dict[str, Any] | None = None
@@ -89,6 +95,15 @@ async def _train(node: Node, ledger: LedgerGossip, weights: WeightStore, run: Ru
             # a version may have gone out after the last checkpoint: move past it
             version = max(version, int(state.get("published", version))) + 1
     pool = SamplerPool(ledger.book, source.model_id, FEATURE_ROLLOUT, node.peer_id)
+    for peer, (left, why) in (liars.book.banned(time.time()) if liars else {}).items():
+        pool.drop(peer, f"caught lying to an earlier run of this trainer ({why}); asked "
+                        f"again in {left / 3600:.1f} h")
+
+    def offence(peer: str, reason: str, detail: str) -> None:
+        node.offence(peer, reason, detail)
+        if reason == RL_LIE and liars is not None:  # no later run asks it while banned
+            liars.book.prove(peer, time.time(), detail)
+            node.nursery.start_soon(liars.save)
     # only async trains on older versions' rollouts, so only it keeps their tensors
     remember = policy.remember if spec.mode == "async" else (lambda v, t: None)
 
@@ -127,7 +142,7 @@ async def _train(node: Node, ledger: LedgerGossip, weights: WeightStore, run: Ru
     keeper = ScecKeeper(scored, spec, source.model_id, domain_of(task.name)) \
         if scored is not None and spec.memory_scecs > 0 else None
     trainer = Trainer(spec, task, policy, tokenize, detokenize, pool, sample, publish, save,
-                      run.dir, emit, node.offence, step=step, version=version, state=state,
+                      run.dir, emit, offence, step=step, version=version, state=state,
                       scecs=keeper)
     if version > 0:  # a resumed run: the samplers take the checkpoint's weights first
         await publish(version, policy)

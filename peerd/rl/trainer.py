@@ -62,6 +62,8 @@ from protocols.rollout import OTHER_RUN
 
 log = logging.getLogger(__name__)
 
+RL_LIE = "rl_lie"  # the offence of a sampler a check caught lying
+
 BUSY_CODES = frozenset({"busy", OTHER_RUN})  # a sampler's refusals that are no fault
 BUSY_RETRY_S = 2.0
 
@@ -426,7 +428,7 @@ class Trainer:
             why = (f"behaviour log-probs off by up to {worst[peer]:.4f} a token on average "
                    f"(tolerance {self.tolerance(peer)})")
             self.pool.drop(peer, why)
-            self.offence(peer, "rl_lie", why)
+            self.offence(peer, RL_LIE, why)
             mine = [g[0].group_id for g in groups if g[0].sampler == peer]
             for gid in mine:
                 self.buffer.discard(gid, "verification")

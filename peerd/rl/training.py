@@ -34,6 +34,7 @@ from peerd.api.recall import ScoredRuns
 from peerd.api.rl import RunRefused, routes
 from peerd.ledger.gossip import LedgerGossip
 from peerd.node import Node
+from peerd.proven import AGAIN_BAN_S, ProofFile
 from peerd.rl.metrics import TrainingCollector
 from peerd.rl.rollouts import serve_pushes
 from peerd.rl.run import RunSpec
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 ENDED = ("done", "failed", "stopped")
 KEEP_ENDED = 16  # ended runs whose summaries GET /v1/rl/runs still shows
+LIARS_FILE = "liars.json"  # in the data dir's rl/: samplers caught lying to our runs
 
 
 class Run:
@@ -106,6 +108,8 @@ class Training(Service):
         self.ledger = ledger
         self.weights = weights
         self.root = data_dir / "rl"
+        # samplers our runs caught lying, asked by no run for a day (peerd/proven.py)
+        self.liars = ProofFile(self.root / LIARS_FILE, first_s=AGAIN_BAN_S)
         self.runs: dict[str, Run] = {}  # the one going, and the newest that ended
         self._starting: str | None = None  # the run id of a start in progress
         # the peer's memory, which keeps a run's groups as SCECs (scecs.py; the daemon
@@ -180,7 +184,8 @@ class Training(Service):
             # first import takes seconds, which the event loop (and the API) must not
             session = await trio.to_thread.run_sync(_session_module)
             await session.run_training(self.node, self.ledger, self.weights, run,
-                                       torch_threads=self.torch_threads, scored=self.scored)
+                                       torch_threads=self.torch_threads, scored=self.scored,
+                                       liars=self.liars)
             run.state = "done" if run.trainer is None or run.trainer.progress.state == "done" \
                 else run.trainer.progress.state
         except trio.Cancelled:

@@ -32,7 +32,7 @@ Then (`judge`, `noise_source`, `served_verdict`: pure):
 A version at fault is banned; one proven wrong (by the entry's own compute, a majority,
 or as the route's only other hop) is also counted an offence (`wrong_output`) and
 banned for the longest a ban lasts (5 minutes) at once; proven wrong again, for a day.
-Proofs and their bans outlive a restart of the entry (proven.py).
+Proofs and their bans outlive a restart of the entry (peerd/proven.py).
 
 Agreement: the final hidden states at every position within `tolerance` of each other
 (relative L2 distance), the loosest of the TOLERANCES of the wire's and the hops'
@@ -55,11 +55,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import trio
 
-from peerd.inference.swarm import proven
 from peerd.inference.swarm.pipeline import WRONG_OUTPUT, PipelineFailure
 from peerd.inference.swarm.routing import Route, Server, Span
+from peerd.proven import PROVEN_FILE, ProofFile
 from protocols.shard import Hop
 
 if TYPE_CHECKING:
@@ -232,9 +231,9 @@ class Audits:
         self.busy = False
         self.counts: Counter[str] = Counter()
         # the peers proven wrong, banned again for what is left of their bans
-        self.data_dir = Path(generator.node.config.data_dir)
-        self.proven = proven.load(self.data_dir, time.time())
-        self._saving = trio.Lock()
+        self.proofs = ProofFile(Path(generator.node.config.data_dir) / PROVEN_FILE,
+                                first_s=generator.bans.max_s)
+        self.proven = self.proofs.book
         for peer, (seconds, why) in self.proven.banned(time.time()).items():
             generator.bans.ban(peer, time.monotonic(), WRONG_OUTPUT, at_least_s=seconds)
             log.info("%s stays banned %.0f s more: proven wrong (%s)", peer, seconds, why)
@@ -340,7 +339,7 @@ class Audits:
                 seconds = self.proven.prove(peer, time.time(), verdict.why)
                 g.blame(PipelineFailure(peer, WRONG_OUTPUT, verdict.why), 1,
                         at_least_s=seconds)
-            await self._save_proofs()
+            await self.proofs.save()
             return self._publish("blamed", peers, verdict.why, verdict.at_fault)
         first, *others = verdict.at_fault
         g.blame(PipelineFailure(first, WRONG_OUTPUT, verdict.why,
@@ -353,12 +352,8 @@ class Audits:
         """Forget `peer`'s proofs (an operator's word, `peerd forgive`): how many."""
         proofs = self.proven.forget(peer)
         if proofs:
-            await self._save_proofs()
+            await self.proofs.save()
         return proofs
-
-    async def _save_proofs(self) -> None:
-        async with self._saving:  # one writer at a time, of the book as it is then
-            await trio.to_thread.run_sync(proven.save, self.data_dir, self.proven.to_json())
 
     def _publish(self, outcome: str, route: list[str], why: str,
                  at_fault: tuple[str, ...] = ()) -> str:

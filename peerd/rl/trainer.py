@@ -24,7 +24,8 @@ tensors: LoRA adapters are small; a full update costs a model copy a version). T
 current version's groups that train are checked by the training forward itself (the
 fused check, learner.py): a lie found there drops the gradients before the optimiser
 steps, and the step waits for its slots again. A sampler that fails is dropped for the
-run and counted as an offence; its slots go out again.
+run and counted as an offence; its slots go out again (a liar is also kept from this
+trainer's later runs for a day: session.py).
 
 One module, past the usual size: the producers, the check and the steps all move the
 same state (slots handed out, groups waiting, orders held, the version); the pure
